@@ -1,0 +1,136 @@
+"""Configs of the model, its losses and training; presets with the paper's settings (section 5.3).
+
+Every choice the paper leaves open is a field here with our default (see ../shared/docs/cmath-model.md).
+A checkpoint stores these dataclasses as JSON, and everything downstream rebuilds the model from them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+MODALITIES = ("t", "a", "v")
+
+
+@dataclass
+class ModelConfig:
+    modalities: tuple[str, ...] = MODALITIES
+    feature_dims: dict[str, int] = field(default_factory=lambda: {"t": 1024, "a": 300, "v": 342})
+    num_classes: int = 7
+    num_speakers: int = 9
+    d: int = 128  # hidden size of every modality after reconstruction (paper: 500 IEMOCAP, 400 MELD)
+    heads: int = 8  # attention heads; d must be divisible by it
+    ffn_mult: int = 4  # FFN width = ffn_mult * d
+    dropout: float = 0.1
+    conv_kernel: int = 3  # k_m of Conv1D' / Conv1D'' (1-2), 'same' padding along the utterance axis
+    vf_hidden_mult: int = 1  # hidden width of MLP_mu / MLP_sigma (15) = vf_hidden_mult * d
+    sigma_eps: float = 1e-4  # sigma_m = softplus(.) + eps keeps the variance positive (15)
+    norm_eps: float = 1e-5
+    attn_mask_value: float = -1e4  # score of a masked key: finite and fp16-safe (no -inf / -1e9 overflow)
+    pos_max_period: float = 10000.0  # sinusoidal positions (6-7)
+    standardize: bool = True  # inputs standardised with train mean/std, stored as buffers in the graph
+    # Ablations of the paper's table 4.
+    modality_reconstruction: bool = True  # False = "w/o MR": a linear layer d_m -> d instead of Conv1D'/''
+    cross_modal: bool = True  # False = "w/o CMA-T": each modality only attends to itself, no gate
+    # Online variant (streaming): each utterance sees only itself and the past.
+    causal: bool = False
+
+    def __post_init__(self) -> None:
+        self.modalities = tuple(self.modalities)
+        if not self.modalities:
+            raise ValueError("modalities: expected a non-empty subset of ('t', 'a', 'v'), got ()")
+        unknown = [m for m in self.modalities if m not in MODALITIES]
+        if unknown or len(set(self.modalities)) != len(self.modalities):
+            raise ValueError(f"modalities: expected distinct names from {MODALITIES}, got {self.modalities}")
+        self.modalities = tuple(m for m in MODALITIES if m in self.modalities)  # canonical order t, a, v
+        missing = [m for m in self.modalities if m not in self.feature_dims]
+        if missing:
+            raise ValueError(f"feature_dims: expected a size for each modality {self.modalities}, missing {missing}")
+        self.feature_dims = {m: int(self.feature_dims[m]) for m in self.modalities}
+        if self.d % self.heads:
+            raise ValueError(f"heads: expected a divisor of d={self.d}, got {self.heads}")
+        if self.conv_kernel < 1:
+            raise ValueError(f"conv_kernel: expected >= 1, got {self.conv_kernel}")
+
+
+@dataclass
+class LossConfig:
+    gamma_mse: float = 1.0  # g1, low-level distillation L_mse (18)
+    gamma_kl: float = 1.0  # g2, high-level distillation L_kl (23)
+    use_reconstruction: bool = True  # L_re (3-4); only meaningful with modality_reconstruction
+    detach_teacher: bool = True  # the fused prediction Y^_x teaches Y^_m without receiving gradient from L_kl
+    class_weighted: bool = False  # inverse-frequency class weights in every cross-entropy
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    lr: float = 1e-3
+    batch_size: int = 8  # conversations per batch
+    weight_decay: float = 0.0
+    grad_clip: float = 5.0
+    patience: int = 8  # early stopping: epochs without a better validation weighted-F1
+    seed: int = 0
+    val_fraction: float = 0.2  # used only when the data has no official dev split
+    device: str = "cpu"
+
+
+@dataclass
+class Preset:
+    model: dict[str, Any]
+    loss: dict[str, Any]
+    train: dict[str, Any]
+
+
+PRESETS: dict[str, Preset] = {
+    # Our default for the embedded synthetic data: small and fast on a 2-core CPU.
+    "default": Preset(model={"d": 128, "heads": 4}, loss={}, train={}),
+    # Paper section 5.3. d=500 is not divisible by 8 heads, so IEMOCAP uses 5 heads (head size 100).
+    "iemocap": Preset(
+        model={"d": 500, "heads": 5},
+        loss={"gamma_mse": 1.0, "gamma_kl": 1.8},
+        train={"lr": 3e-3, "batch_size": 16, "val_fraction": 0.2},
+    ),
+    "meld": Preset(
+        model={"d": 400, "heads": 8},
+        loss={"gamma_mse": 1.0, "gamma_kl": 1.2},
+        train={"lr": 2e-4, "batch_size": 4},
+    ),
+}
+
+ABLATIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    # name: (model overrides, loss overrides)
+    "none": ({}, {}),
+    "wo_mr": ({"modality_reconstruction": False}, {"use_reconstruction": False}),
+    "wo_cmat": ({"cross_modal": False}, {}),
+    "wo_lld": ({}, {"gamma_mse": 0.0}),
+    "wo_hld": ({}, {"gamma_kl": 0.0}),
+    "wo_hd": ({}, {"gamma_mse": 0.0, "gamma_kl": 0.0}),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {name!r}")
+    return PRESETS[name]
+
+
+def get_ablation(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    if name not in ABLATIONS:
+        raise ValueError(f"ablation: expected one of {sorted(ABLATIONS)}, got {name!r}")
+    return ABLATIONS[name]
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    out = dataclasses.asdict(cfg)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Build a config dataclass from JSON; unknown keys are an error naming them (a foreign config)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown fields {unknown}; known fields are {sorted(names)}")
+    return cls(**data)

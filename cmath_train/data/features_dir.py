@@ -1,0 +1,106 @@
+"""cmath's own on-disk feature format, written by front-ends (cmath-prepare) and read by cmath-train.
+
+    FEATURES_DIR/meta.json     {"format": "cmath-features", "version": 1, label_names, feature_dims,
+                                num_speakers, splits, meta}
+    FEATURES_DIR/<split>.npz   feat_<m> (U, d_m) float32 for each modality m, speaker (U,) int64,
+                               label (U,) int64, length (C,) int64, id (C,) str — U utterances, C conversations
+
+No pickle anywhere: arrays are read with allow_pickle=False.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from cmath_runtime.errors import ArtifactError
+from cmath_runtime.files import atomic_write_bytes, atomic_write_json
+
+from .types import Dialogue, FeatureSet
+
+FORMAT, VERSION = "cmath-features", 1
+
+
+def save_features(fs: FeatureSet, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for split, dialogues in fs.splits.items():
+        arrays: dict[str, np.ndarray] = {
+            f"feat_{m}": _concat([d.features[m] for d in dialogues], (0, fs.feature_dims[m]), np.float32)
+            for m in fs.modalities
+        }
+        arrays["speaker"] = _concat([d.speakers for d in dialogues], (0,), np.int64)
+        arrays["label"] = _concat([d.labels for d in dialogues], (0,), np.int64)
+        arrays["length"] = np.array([len(d) for d in dialogues], np.int64)
+        arrays["id"] = np.array([d.id for d in dialogues], dtype=str)
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        atomic_write_bytes(out / f"{split}.npz", buf.getvalue())
+    atomic_write_json(
+        out / "meta.json",
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "label_names": list(fs.label_names),
+            "feature_dims": dict(fs.feature_dims),
+            "num_speakers": int(fs.num_speakers),
+            "splits": list(fs.splits),
+            "meta": fs.meta,
+        },
+    )
+    return out
+
+
+def load_features(path: str | Path) -> FeatureSet:
+    path = Path(path)
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        raise ArtifactError(path, "not a features directory: meta.json is missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(meta_path, f"not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ArtifactError(meta_path, f"expected format {FORMAT!r}, got {meta.get('format') if isinstance(meta, dict) else meta!r}")
+    dims = {m: int(v) for m, v in meta["feature_dims"].items()}
+    splits = {name: _read_split(path / f"{name}.npz", dims) for name in meta["splits"]}
+    return FeatureSet(list(meta["label_names"]), dims, int(meta["num_speakers"]), splits, meta.get("meta", {}))
+
+
+def _read_split(file: Path, dims: dict[str, int]) -> list[Dialogue]:
+    try:
+        with np.load(file, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise ArtifactError(file, "split file is missing") from None
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise ArtifactError(file, f"corrupt or truncated .npz ({e})") from None
+    for m, d in dims.items():
+        key = f"feat_{m}"
+        if key not in arrays:
+            raise ArtifactError(file, f"array {key!r} is missing")
+        if arrays[key].ndim != 2 or arrays[key].shape[1] != d:
+            raise ArtifactError(file, f"{key}: expected shape (utterances, {d}), got {arrays[key].shape}")
+    lengths = arrays["length"]
+    total = int(lengths.sum())
+    for key in ["speaker", "label", *(f"feat_{m}" for m in dims)]:
+        if len(arrays[key]) != total:
+            raise ArtifactError(file, f"{key}: expected {total} rows (sum of length), got {len(arrays[key])}")
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    return [
+        Dialogue(
+            id=str(arrays["id"][i]),
+            features={m: arrays[f"feat_{m}"][s:e] for m in dims},
+            speakers=arrays["speaker"][s:e].astype(np.int64),
+            labels=arrays["label"][s:e].astype(np.int64),
+        )
+        for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:]))
+    ]
+
+
+def _concat(parts: list[np.ndarray], empty_shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros(empty_shape, dtype)

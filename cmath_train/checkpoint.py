@@ -1,0 +1,136 @@
+"""Checkpoints carry their own recipe: model.safetensors + config.json, written atomically.
+
+config.json: {"format": "cmath-checkpoint", "version": 1, "model_name", "model", "loss", "train",
+              "label_names", "data", "versions", "selected": {epoch, metric, value}}
+Export and runtime rebuild the model from config.json + weights, never from defaults in code.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from cmath_runtime.errors import ArtifactError
+from cmath_runtime.files import atomic_write_bytes, atomic_write_json
+
+from .config import LossConfig, ModelConfig, TrainConfig, from_dict, to_dict
+from .registry import create_model
+
+FORMAT, VERSION = "cmath-checkpoint", 1
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+@dataclass
+class Checkpoint:
+    model: nn.Module
+    model_name: str
+    model_cfg: ModelConfig
+    loss_cfg: LossConfig
+    train_cfg: TrainConfig
+    label_names: list[str]
+    extra: dict[str, Any]  # data description, selection, versions
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import safetensors
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
+            "safetensors": safetensors.__version__}
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    model: nn.Module,
+    model_name: str,
+    model_cfg: ModelConfig,
+    loss_cfg: LossConfig,
+    train_cfg: TrainConfig,
+    label_names: list[str],
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    run_dir = Path(run_dir)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(run_dir / WEIGHTS, st_save(state))
+    atomic_write_json(
+        run_dir / CONFIG,
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "model_name": model_name,
+            "model": to_dict(model_cfg),
+            "loss": to_dict(loss_cfg),
+            "train": to_dict(train_cfg),
+            "label_names": list(label_names),
+            "versions": versions(),
+            **(extra or {}),
+        },
+    )
+    return run_dir
+
+
+def read_config(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / CONFIG
+    if not Path(run_dir).is_dir():
+        raise ArtifactError(run_dir, "not a run directory (it does not exist)")
+    if not path.is_file():
+        raise ArtifactError(run_dir, f"no checkpoint here: {CONFIG} is missing (train one with cmath-train)")
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(path, f"corrupt checkpoint config, not valid JSON ({e})") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+        got = cfg.get("format") if isinstance(cfg, dict) else type(cfg).__name__
+        raise ArtifactError(path, f"foreign file: expected format {FORMAT!r}, got {got!r}")
+    if cfg.get("version") != VERSION:
+        raise ArtifactError(path, f"unsupported checkpoint version {cfg.get('version')!r} (this cmath reads {VERSION})")
+    return cfg
+
+
+def load_checkpoint(run_dir: str | Path, map_location: str = "cpu") -> Checkpoint:
+    run_dir = Path(run_dir)
+    cfg = read_config(run_dir)
+    try:
+        model_cfg = from_dict(ModelConfig, cfg["model"])
+        loss_cfg = from_dict(LossConfig, cfg.get("loss", {}))
+        train_cfg = from_dict(TrainConfig, cfg.get("train", {}))
+        model = create_model(cfg.get("model_name", "cmath"), model_cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(run_dir / CONFIG, f"invalid model config: {e}") from None
+    weights = run_dir / WEIGHTS
+    if not weights.is_file():
+        raise ArtifactError(run_dir, f"no checkpoint here: {WEIGHTS} is missing")
+    try:
+        state = st_load(weights.read_bytes())
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise ArtifactError(weights, f"corrupt or truncated safetensors file ({e})") from None
+    _check_state(weights, model, state)
+    model.load_state_dict(state)
+    model.to(map_location).eval()
+    extra = {k: v for k, v in cfg.items() if k not in ("model", "loss", "train", "label_names")}
+    return Checkpoint(model, cfg.get("model_name", "cmath"), model_cfg, loss_cfg, train_cfg, list(cfg["label_names"]), extra)
+
+
+def _check_state(path: Path, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ArtifactError(
+            path, f"weights do not match config.json: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise ArtifactError(path, f"weights do not match config.json: {k} has shape {tuple(state[k].shape)}, "
+                                      f"config implies {tuple(v.shape)}")
+        if not torch.isfinite(state[k]).all():
+            raise ArtifactError(path, f"weights contain NaN/inf in {k}")

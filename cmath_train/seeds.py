@@ -1,0 +1,55 @@
+"""Several seeds of one recipe: each selected on validation, test reported as mean +- std over seeds."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cmath_runtime.files import atomic_write_json
+
+from .config import LossConfig, ModelConfig, TrainConfig
+from .data.types import FeatureSet
+from .train import train
+
+
+def train_seeds(fs: FeatureSet, model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainConfig,
+                out_dir: str | Path, seeds: int, model_name: str = "cmath", resume: bool = False,
+                progress: bool = True) -> dict[str, Any]:
+    out = Path(out_dir)
+    runs = []
+    for k in range(seeds):
+        cfg = dataclasses.replace(train_cfg, seed=train_cfg.seed + k)
+        if progress:
+            print(f"--- seed {cfg.seed} ({k + 1}/{seeds})")
+        runs.append((cfg.seed, train(fs, model_cfg, loss_cfg, cfg, out / f"seed_{cfg.seed}", model_name, resume, progress)))
+    summary = summarize(runs, fs.label_names)
+    # The run directory itself holds the seed with the best *validation* weighted-F1 (never picked on test).
+    best_seed = max(runs, key=lambda r: r[1]["validation"]["weighted_f1"])[0]
+    for name in ("model.safetensors", "config.json", "training_curves.png", "confusion_matrix.png"):
+        shutil.copy2(out / f"seed_{best_seed}" / name, out / name)
+    summary["selected_seed"] = best_seed
+    atomic_write_json(out / "metrics.json", summary)
+    return summary
+
+
+def summarize(runs: list[tuple[int, dict[str, Any]]], label_names: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {"seeds": [s for s, _ in runs], "per_seed": {str(s): _brief(m) for s, m in runs}}
+    for split in ("validation", "test"):
+        if all(split in m for _, m in runs):
+            block = {}
+            for key in ("accuracy", "weighted_f1", "macro_f1"):
+                vals = np.array([m[split][key] for _, m in runs])
+                block[key] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
+            block["per_class_f1"] = {n: float(np.mean([m[split]["per_class_f1"][n] for _, m in runs])) for n in label_names}
+            block["confusion_matrix"] = np.sum([m[split]["confusion_matrix"] for _, m in runs], axis=0).tolist()
+            out[split] = block
+    return out
+
+
+def _brief(m: dict[str, Any]) -> dict[str, Any]:
+    return {"selected_epoch": m["selected_epoch"],
+            **{split: {k: m[split][k] for k in ("accuracy", "weighted_f1")} for split in ("validation", "test") if split in m}}

@@ -1,0 +1,184 @@
+"""Training with honest validation-based model selection.
+
+Validation is the official dev split when the data has one, else a seeded fraction of train conversations.
+The checkpoint with the best validation weighted-F1 is kept; test is evaluated once, for that checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cmath_runtime.files import atomic_write_json
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import LossConfig, ModelConfig, TrainConfig, to_dict
+from .data.batching import Batch, batches, class_weights, feature_stats
+from .data.types import Dialogue, FeatureSet, split_validation
+from .losses import cmath_loss
+from .metrics import classification_metrics, plot_confusion, plot_curves
+from .registry import create_model
+
+RESUME_DIR = "last"
+
+
+@dataclass
+class Splits:
+    train: list[Dialogue]
+    val: list[Dialogue]
+    test: list[Dialogue]
+    val_source: str  # "dev" or "train fraction 0.2 (seed 0)"
+
+
+def make_splits(fs: FeatureSet, val_fraction: float, seed: int) -> Splits:
+    if "dev" in fs.splits and fs.splits["dev"]:
+        return Splits(fs.splits["train"], fs.splits["dev"], fs.splits.get("test", []), "dev")
+    train, val = split_validation(fs.splits["train"], val_fraction, seed)
+    return Splits(train, val, fs.splits.get("test", []), f"train fraction {val_fraction} (seed {seed})")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, dialogues: list[Dialogue], modalities: tuple[str, ...],
+            batch_size: int = 16, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """(y_true, y_pred) over every labelled real utterance, fused prediction Y^_x."""
+    model.eval()
+    trues, preds = [], []
+    for batch in batches(dialogues, modalities, batch_size, shuffle=False):
+        batch = batch.to(device)
+        out = model(batch.features, batch.speaker, batch.mask)
+        rows = batch.mask & (batch.labels >= 0)
+        trues.append(batch.labels[rows].cpu().numpy())
+        preds.append(out.logits.argmax(-1)[rows].cpu().numpy())
+    return np.concatenate(trues), np.concatenate(preds)
+
+
+def train_step(model: torch.nn.Module, batch: Batch, loss_cfg: LossConfig, optimizer: torch.optim.Optimizer,
+               grad_clip: float, weight: torch.Tensor | None) -> dict[str, float]:
+    model.train()
+    out = model(batch.features, batch.speaker, batch.mask)
+    terms = cmath_loss(out, batch.labels, batch.mask, loss_cfg, weight)
+    optimizer.zero_grad(set_to_none=True)
+    terms["total"].backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return {k: float(v.detach()) for k, v in terms.items()}
+
+
+def train(
+    fs: FeatureSet,
+    model_cfg: ModelConfig,
+    loss_cfg: LossConfig,
+    train_cfg: TrainConfig,
+    out_dir: str | Path,
+    model_name: str = "cmath",
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train, keep the best-on-validation checkpoint in out_dir, write metrics.json and plots; return metrics."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    splits = make_splits(fs, train_cfg.val_fraction, train_cfg.seed)
+    mods, device = model_cfg.modalities, train_cfg.device
+    seed_everything(train_cfg.seed)
+    model = create_model(model_name, model_cfg)
+    mean, std = feature_stats(splits.train, mods)
+    model.set_input_stats(mean, std)
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    weight = class_weights(splits.train, model_cfg.num_classes).to(device) if loss_cfg.class_weighted else None
+    extra = {"data": {**fs.meta, "modalities": list(mods), "validation": splits.val_source}}
+
+    state = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
+    if resume and (out / RESUME_DIR / "state.json").is_file():
+        state = _load_resume(out / RESUME_DIR, model, optimizer)
+        if progress:
+            print(f"resuming {out} after epoch {state['epoch']}")
+
+    start = time.perf_counter()
+    for epoch in range(state["epoch"] + 1, train_cfg.epochs + 1):
+        if state["bad_epochs"] >= train_cfg.patience:
+            break
+        seed_everything(train_cfg.seed * 1000 + epoch)  # resumable: each epoch's randomness depends on it alone
+        sums: dict[str, float] = {}
+        n_batches = (len(splits.train) + train_cfg.batch_size - 1) // train_cfg.batch_size
+        bar = tqdm(batches(splits.train, mods, train_cfg.batch_size, True, train_cfg.seed * 1000 + epoch),
+                   total=n_batches, desc=f"epoch {epoch}/{train_cfg.epochs}", disable=not progress, leave=False)
+        for batch in bar:
+            terms = train_step(model, batch.to(device), loss_cfg, optimizer, train_cfg.grad_clip, weight)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.set_postfix(loss=f"{terms['total']:.3f}")
+        y, p = predict(model, splits.val, mods, device=device)
+        val = classification_metrics(y, p, fs.label_names)
+        record = {"epoch": epoch, "train_loss": sums["total"] / n_batches, "train_ce_x": sums["ce_x"] / n_batches,
+                  **{f"train_{k}": v / n_batches for k, v in sums.items() if k not in ("total", "ce_x")},
+                  "val_accuracy": val["accuracy"], "val_weighted_f1": val["weighted_f1"],
+                  "seconds": time.perf_counter() - start}
+        state["history"].append(record)
+        improved = val["weighted_f1"] > state["best"]
+        if improved:
+            state.update(best=val["weighted_f1"], best_epoch=epoch, bad_epochs=0)
+            selected = {"selected": {"epoch": epoch, "metric": "validation weighted_f1", "value": val["weighted_f1"]}}
+            save_checkpoint(out, model, model_name, model_cfg, loss_cfg, train_cfg, fs.label_names, {**extra, **selected})
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch
+        _save_resume(out / RESUME_DIR, model, optimizer, state)
+        if progress:
+            tqdm.write(f"epoch {epoch:3d}  loss {record['train_loss']:.4f}  val acc {100 * val['accuracy']:.2f}  "
+                       f"val wF1 {100 * val['weighted_f1']:.2f}{'  *' if improved else ''}")
+
+    return evaluate_run(out, fs, splits, state["history"], device)
+
+
+def evaluate_run(out: Path, fs: FeatureSet, splits: Splits, history: list[dict], device: str) -> dict[str, Any]:
+    """Evaluate the selected checkpoint once on validation and test; write metrics.json and the plots."""
+    ckpt = load_checkpoint(out, map_location=device)
+    mods = ckpt.model_cfg.modalities
+    metrics: dict[str, Any] = {"selected_epoch": ckpt.extra["selected"]["epoch"], "validation_source": splits.val_source,
+                               "model": ckpt.model_name, "modalities": list(mods),
+                               "parameters": sum(p.numel() for p in ckpt.model.parameters()), "history": history}
+    for name, dialogues in (("validation", splits.val), ("test", splits.test)):
+        if dialogues:
+            metrics[name] = classification_metrics(*predict(ckpt.model, dialogues, mods, device=device), fs.label_names)
+    atomic_write_json(out / "metrics.json", metrics)
+    plot_curves(history, out / "training_curves.png")
+    split = "test" if "test" in metrics else "validation"
+    plot_confusion(metrics[split]["confusion_matrix"], fs.label_names, out / "confusion_matrix.png",
+                   f"{split} confusion (selected epoch {metrics['selected_epoch']})")
+    return metrics
+
+
+def _save_resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    from cmath_runtime.files import atomic_open
+
+    path.mkdir(parents=True, exist_ok=True)
+    with atomic_open(path / "training.pt", "wb") as f:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, f)
+    atomic_write_json(path / "state.json", state)
+
+
+def _load_resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    saved = torch.load(path / "training.pt", map_location="cpu", weights_only=True)  # restricted unpickler
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    return json.loads((path / "state.json").read_text())
+
+
+def config_summary(model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainConfig) -> dict[str, Any]:
+    return {"model": to_dict(model_cfg), "loss": to_dict(loss_cfg), "train": to_dict(train_cfg)}

@@ -1,0 +1,168 @@
+"""Context-free fine-tuning of the sentence encoder on the train split's utterance labels.
+
+Each utterance alone: the model's own pipeline output (the mean-pooled embedding, L2-normalised when the
+model has a Normalize module) -> a linear head -> cross-entropy. A unit vector has entries of size
+~1/sqrt(d), so the head sees sqrt(d) * embedding (unit RMS) when the pipeline normalises. AdamW with a small
+encoder learning rate, a larger one for the fresh head, linear warm-up then linear decay, gradient clipping.
+After every epoch the dev split (never test) is scored by weighted-F1 of the head; the best epoch's encoder
+weights are kept. Without a dev split every epoch is run and the last one is kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, f1_score
+from torch import nn
+from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+
+@dataclass
+class FinetuneOptions:
+    epochs: int = 0  # 0 = frozen encoder
+    lr: float = 3e-5  # encoder
+    head_lr: float = 1e-3  # the linear head, freshly initialised
+    batch_size: int = 16
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.1  # of all steps
+    grad_clip: float = 1.0
+    patience: int = 0  # stop after this many epochs without a better dev weighted-F1; 0 = run all epochs
+    seed: int = 0
+    eval_batch_size: int = 64
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    train_loss: float
+    train_seconds: float
+    dev_weighted_f1: float | None = None
+    dev_accuracy: float | None = None
+    eval_seconds: float | None = None
+
+
+@dataclass
+class FinetuneResult:
+    options: FinetuneOptions
+    selection: str
+    best_epoch: int
+    history: list[EpochLog] = field(default_factory=list)
+    num_train: int = 0
+    num_dev: int = 0
+
+    def to_meta(self) -> dict[str, Any]:
+        return {
+            "objective": "context-free utterance classification: pipeline embedding -> linear head -> cross-entropy",
+            "options": asdict(self.options),
+            "selection": self.selection,
+            "best_epoch": self.best_epoch,
+            "train_utterances": self.num_train,
+            "dev_utterances": self.num_dev,
+            "history": [asdict(h) for h in self.history],
+        }
+
+
+def finetune_encoder(
+    model: SentenceTransformer,
+    train_texts: Sequence[str],
+    train_labels: np.ndarray,
+    num_classes: int,
+    options: FinetuneOptions,
+    dev_texts: Sequence[str] | None = None,
+    dev_labels: np.ndarray | None = None,
+    log: Callable[[str], None] = print,
+) -> FinetuneResult:
+    """Fine-tune `model` in place; on return it holds the selected epoch's weights."""
+    if options.epochs < 1:
+        raise ValueError(f"epochs: expected >= 1, got {options.epochs}")
+    torch.manual_seed(options.seed)
+    rng = np.random.default_rng(options.seed)
+    device = next(model.parameters()).device
+    dim = int(model.get_embedding_dimension())
+    scale = math.sqrt(dim) if any(type(m).__name__ == "Normalize" for m in model) else 1.0
+    head = nn.Linear(dim, num_classes).to(device)
+    optimizer = torch.optim.AdamW(
+        [{"params": list(model.parameters()), "lr": options.lr}, {"params": list(head.parameters()), "lr": options.head_lr}],
+        weight_decay=options.weight_decay,
+    )
+    steps_per_epoch = math.ceil(len(train_texts) / options.batch_size)
+    total = steps_per_epoch * options.epochs
+    warmup = max(1, round(total * options.warmup_fraction))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
+    )
+    labels = torch.as_tensor(np.asarray(train_labels, np.int64))
+    has_dev = dev_texts is not None and dev_labels is not None and len(dev_texts) > 0
+    result = FinetuneResult(options, "dev weighted-F1" if has_dev else "last epoch (no dev split)", 0,
+                            num_train=len(train_texts), num_dev=len(dev_texts) if has_dev else 0)
+    best_f1, best_state, stale = -1.0, None, 0
+    for epoch in range(1, options.epochs + 1):
+        model.train()
+        head.train()
+        order = rng.permutation(len(train_texts))
+        start, loss_sum = time.perf_counter(), 0.0
+        bar = tqdm(range(0, len(order), options.batch_size), desc=f"fine-tune epoch {epoch}/{options.epochs}", unit="batch")
+        for i in bar:
+            idx = order[i : i + options.batch_size]
+            features = _to(model.preprocess([train_texts[j] for j in idx]), device)
+            logits = head(model(features)["sentence_embedding"] * scale)
+            loss = nn.functional.cross_entropy(logits, labels[idx].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_([*model.parameters(), *head.parameters()], options.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.item() * len(idx)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.close()
+        entry = EpochLog(epoch, loss_sum / len(order), time.perf_counter() - start)
+        if has_dev:
+            t0 = time.perf_counter()
+            pred = _predict(model, head, scale, dev_texts, options.eval_batch_size)
+            entry.dev_weighted_f1 = float(f1_score(dev_labels, pred, average="weighted"))
+            entry.dev_accuracy = float(accuracy_score(dev_labels, pred))
+            entry.eval_seconds = time.perf_counter() - t0
+        result.history.append(entry)
+        log(
+            f"epoch {epoch}: train loss {entry.train_loss:.4f}, {entry.train_seconds:.1f} s"
+            + (f"; dev weighted-F1 {100 * entry.dev_weighted_f1:.2f}, acc {100 * entry.dev_accuracy:.2f}, "
+               f"eval {entry.eval_seconds:.1f} s" if has_dev else "")
+        )
+        if not has_dev:
+            result.best_epoch = epoch
+            continue
+        if entry.dev_weighted_f1 > best_f1:
+            best_f1, result.best_epoch, stale = entry.dev_weighted_f1, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+            if options.patience and stale >= options.patience:
+                log(f"early stop: no better dev weighted-F1 for {stale} epochs")
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    log(f"selected epoch {result.best_epoch} ({result.selection})")
+    return result
+
+
+@torch.no_grad()
+def _predict(model: SentenceTransformer, head: nn.Linear, scale: float, texts: Sequence[str], batch_size: int) -> np.ndarray:
+    model.eval()
+    head.eval()
+    emb = model.encode(list(texts), batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
+    return head(emb.to(head.weight.device) * scale).argmax(-1).cpu().numpy()
+
+
+def _to(features: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}

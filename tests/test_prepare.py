@@ -282,3 +282,21 @@ def test_finetune_saves_a_reloadable_changed_encoder(tmp_path: Path, tiny_encode
     texts = [t for d in read_conversations(dev).dialogues for t in d.texts]
     feats = np.concatenate([d.features["t"] for d in load_features(out).splits["dev"]])
     np.testing.assert_allclose(reloaded.encode(texts), feats, atol=1e-5)
+
+
+def test_linear_probe_tunes_c_on_dev_and_scores_test() -> None:
+    from cmath_train.data.types import Dialogue, FeatureSet
+    from cmath_train.prepare.probe import linear_probe
+
+    rng = np.random.default_rng(0)
+
+    def split(n: int) -> list[Dialogue]:
+        y = rng.integers(0, 3, (n, 4))
+        return [Dialogue(str(i), {"t": (np.eye(3)[row] * 3 + rng.normal(size=(4, 3))).astype(np.float32)},
+                         np.zeros(4, np.int64), row) for i, row in enumerate(y)]
+
+    fs = FeatureSet(["a", "b", "c"], {"t": 3}, 2, {"train": split(30), "dev": split(10), "test": split(10)})
+    r = linear_probe(fs, cs=(0.01, 1.0))
+    assert r.selection == "dev" and set(r.by_c) == {0.01, 1.0} and r.test_weighted_f1 > 0.8
+    no_dev = FeatureSet(fs.label_names, fs.feature_dims, 2, {"train": fs.splits["train"], "test": fs.splits["test"]})
+    assert linear_probe(no_dev, cs=(1.0,)).selection == "20% of train conversations"

@@ -111,3 +111,22 @@ def meld_command(csv_dir: Path, out: Path, **kw: Any) -> None:
     if missing:
         raise click.ClickException(f"--csv-dir: expected {', '.join(MELD_FILES.values())}, missing {missing}")
     _run(files, out, _options("meld", CsvColumns(), kw))
+
+
+@main.command("probe")
+@click.argument("features_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--modality", default="t", show_default=True)
+def probe_command(features_dir: Path, modality: str) -> None:
+    """Context-free logistic regression on FEATURES_DIR: C tuned on dev, weighted-F1 on dev and test."""
+    from cmath_train.data.features_dir import load_features
+
+    from .probe import linear_probe
+
+    try:
+        r = linear_probe(load_features(features_dir), modality)
+    except CmathError as e:
+        raise click.ClickException(str(e)) from None
+    for c, f1 in r.by_c.items():
+        click.echo(f"C={c:g}: {r.selection} weighted-F1 {100 * f1:.2f}")
+    test = f"test weighted-F1 {100 * r.test_weighted_f1:.2f}, acc {100 * r.test_accuracy:.2f}" if r.test_weighted_f1 is not None else "no test split"
+    click.echo(f"best C={r.best_c:g}: {r.selection} weighted-F1 {100 * r.dev_weighted_f1:.2f}; {test}")

@@ -1,0 +1,128 @@
+"""A conversation that grows one utterance at a time, for agents: `add()` an utterance, read `.latest`.
+
+CMATH is bidirectional: every utterance attends to the whole conversation, future utterances included. So
+adding an utterance can change the emotions of earlier ones, and each read recomputes the whole conversation
+(once per change; results are cached until the next `add`). A streaming step graph for causal models, which
+would compute only the newest utterance, plugs in behind `_compute`.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import InputError
+from .validation import check_modality, check_speakers
+
+if TYPE_CHECKING:
+    from .model import EmotionModel, Prediction
+
+
+@dataclass(frozen=True)
+class Emotion:
+    """The emotion of one utterance."""
+
+    label: str
+    probs: dict[str, float]  # label name -> probability
+
+    @property
+    def confidence(self) -> float:
+        return self.probs[self.label]
+
+
+class Conversation:
+    """Utterances added one by one; emotions of the newest (`.latest`) and of all so far (`.labels()`, `.probs()`).
+
+    The model may be shared with other conversations and threads; one Conversation guards itself with a lock.
+    """
+
+    def __init__(self, model: EmotionModel) -> None:
+        self.model = model
+        self._speakers: list[int] = []
+        self._features: dict[str, list[np.ndarray]] = {m: [] for m in model.modalities}
+        self._result: Prediction | None = None
+        self._lock = threading.Lock()
+
+    def add(self, speaker: int, **features: Any) -> Conversation:
+        """Append one utterance: a speaker id and one feature vector per modality, e.g. add(0, t=..., a=..., v=...)."""
+        spec = self.model.manifest
+        n = len(self._speakers)
+        field = f"utterance {n}"
+        if n >= spec.max_len:
+            raise InputError(field, f"at most {spec.max_len} utterances (the artifact's max_len)", f"utterance {n + 1}",
+                             "Start a new Conversation with the most recent utterances.")
+        spk = int(check_speakers([speaker], spec, f"{field}: speaker")[0]) if _is_integer(speaker) else None
+        if spk is None:
+            raise InputError(f"{field}: speaker", f"an integer id in [0, {spec.num_speakers})", repr(speaker))
+        missing = [m for m in spec.modalities if m not in features]
+        extra = sorted(m for m in features if m not in spec.modalities)
+        if missing or extra:
+            what = "; ".join(s for s in (f"missing {missing}" if missing else "", f"extra {extra}" if extra else "") if s)
+            raise InputError(f"{field}: features", f"exactly the modalities {list(spec.modalities)}",
+                             f"{sorted(features)} ({what})")
+        rows = {}
+        for m in spec.modalities:
+            vec = np.asarray(features[m]) if not isinstance(features[m], (str, bytes)) else features[m]
+            if isinstance(vec, np.ndarray) and vec.ndim == 1:
+                vec = vec[None, :]  # one utterance: (d,) -> (1, d)
+            rows[m] = check_modality(vec, 1, spec.feature_dims[m], f"{field}: features[{m!r}]")
+        with self._lock:
+            self._speakers.append(spk)
+            for m in spec.modalities:
+                self._features[m].append(rows[m][0])
+            self._result = None
+        return self
+
+    def __len__(self) -> int:
+        return len(self._speakers)
+
+    @property
+    def speakers(self) -> np.ndarray:
+        return np.asarray(self._speakers, np.int64)
+
+    @property
+    def features(self) -> dict[str, np.ndarray]:
+        """{modality: (n, d_m) float32}; the batch API (`model.predict([conversation])`) accepts a Conversation."""
+        return {m: np.stack(rows) if rows else np.zeros((0, self.model.feature_dims[m]), np.float32)
+                for m, rows in self._features.items()}
+
+    @property
+    def latest(self) -> Emotion:
+        """The emotion of the newest utterance."""
+        result = self.prediction()
+        return self._emotion(result, len(result) - 1)
+
+    def labels(self) -> list[str]:
+        """The label of every utterance so far (earlier ones may change as the conversation goes on)."""
+        return list(self.prediction().labels)
+
+    def probs(self) -> np.ndarray:
+        """(n, num_classes) probabilities of every utterance so far; columns follow model.label_names."""
+        return self.prediction().probs.copy()
+
+    def emotions(self) -> list[Emotion]:
+        result = self.prediction()
+        return [self._emotion(result, i) for i in range(len(result))]
+
+    def prediction(self) -> Prediction:
+        """The model's output for the whole conversation so far (computed once per change)."""
+        with self._lock:
+            if not self._speakers:
+                raise InputError("conversation", "at least one utterance (call add() first)", "an empty conversation")
+            if self._result is None:
+                self._result = self._compute()
+            return self._result
+
+    def _compute(self) -> Prediction:
+        """How the emotions are computed: the whole conversation again (bidirectional model)."""
+        return self.model.predict([{"speakers": self.speakers, "features": self.features}])[0]
+
+    def _emotion(self, result: Prediction, i: int) -> Emotion:
+        return Emotion(result.labels[i], dict(zip(self.model.label_names, map(float, result.probs[i]))))
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)

@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny synthetic data, tiny configs and one tiny trained run per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tiny models gain nothing from intra-op threads, and spinning OpenMP threads crawl on a busy 2-core box.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+try:
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # the runtime's tests run without torch
+    pass
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+MELD_DIR = SHARED / "data" / "meld"
+TINY_DIMS = {"t": 24, "a": 12, "v": 16}
+
+
+@pytest.fixture(scope="session")
+def tiny_data():
+    from cmath_train.data.synthetic import SyntheticConfig, make_synthetic
+
+    return make_synthetic(SyntheticConfig(feature_dims=dict(TINY_DIMS), conversations={"train": 30, "test": 10},
+                                          max_len=20, seed=1))
+
+
+def tiny_model_config(**overrides):
+    from cmath_train.config import ModelConfig
+
+    base = {"feature_dims": dict(TINY_DIMS), "num_classes": 6, "num_speakers": 9, "d": 32, "heads": 4}
+    return ModelConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory) -> Path:
+    """A trained run directory (2 epochs, d=32, all three modalities)."""
+    from cmath_train.config import LossConfig, TrainConfig
+    from cmath_train.train import train
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    train(tiny_data, tiny_model_config(), LossConfig(), TrainConfig(epochs=2, batch_size=8, lr=3e-3), out, progress=False)
+    return out

@@ -1,0 +1,116 @@
+"""Training runs, honest selection, metrics/plots, checkpoints (round trip, atomic, clear errors), resume, CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cmath_runtime.errors import ArtifactError
+from cmath_train.checkpoint import load_checkpoint
+from cmath_train.cli import main as train_cli
+from cmath_train.config import LossConfig, TrainConfig
+from cmath_train.data.batching import collate
+from cmath_train.train import train
+from tests.conftest import tiny_model_config
+
+
+def test_run_directory_contents(tiny_run):
+    names = {p.name for p in tiny_run.iterdir()}
+    assert {"model.safetensors", "config.json", "metrics.json", "training_curves.png", "confusion_matrix.png"} <= names
+    assert not [n for n in names if n.endswith(".tmp")]  # atomic writes leave no temp files
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    for split in ("validation", "test"):
+        m = metrics[split]
+        assert {"accuracy", "weighted_f1", "macro_f1", "per_class_f1", "confusion_matrix"} <= set(m)
+        assert len(m["confusion_matrix"]) == 6 and sum(map(sum, m["confusion_matrix"])) == m["utterances"]
+    # selection is on validation: the selected epoch is the best validation epoch of the history
+    best = max(metrics["history"], key=lambda h: h["val_weighted_f1"])
+    assert metrics["selected_epoch"] == best["epoch"]
+    assert metrics["validation"]["weighted_f1"] == pytest.approx(best["val_weighted_f1"])
+    assert metrics["validation_source"].startswith("train fraction 0.2")
+    cfg = json.loads((tiny_run / "config.json").read_text())
+    assert cfg["label_names"] == ["sad", "angry", "neutral", "surprise", "content", "joy"]
+    assert cfg["versions"]["torch"] == torch.__version__
+
+
+def test_checkpoint_round_trip_is_bit_exact(tiny_run, tiny_data):
+    a, b = load_checkpoint(tiny_run), load_checkpoint(tiny_run)
+    batch = collate(tiny_data.splits["test"][:4], ("t", "a", "v"))
+    with torch.no_grad():
+        out_a = a.model(batch.features, batch.speaker, batch.mask)
+        out_b = b.model(batch.features, batch.speaker, batch.mask)
+    assert torch.equal(out_a.logits, out_b.logits) and torch.equal(out_a.embedding, out_b.embedding)
+    assert a.model_cfg == tiny_model_config()
+
+
+@pytest.fixture()
+def run_copy(tiny_run, tmp_path):
+    return shutil.copytree(tiny_run, tmp_path / "run")
+
+
+def test_corrupt_truncated_foreign_and_mismatched_checkpoints(run_copy):
+    weights = run_copy / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match=r"model.safetensors: corrupt or truncated safetensors"):
+        load_checkpoint(run_copy)
+    weights.write_bytes(data)
+    cfg_path = run_copy / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "model": {**cfg["model"], "d": 64}}))
+    with pytest.raises(ArtifactError, match="weights do not match config.json"):
+        load_checkpoint(run_copy)
+    cfg_path.write_text(json.dumps({"format": "ultralytics"}))
+    with pytest.raises(ArtifactError, match="foreign file: expected format 'cmath-checkpoint'"):
+        load_checkpoint(run_copy)
+    cfg_path.write_text("{not json")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        load_checkpoint(run_copy)
+    cfg_path.unlink()
+    with pytest.raises(ArtifactError, match="config.json is missing"):
+        load_checkpoint(run_copy)
+    with pytest.raises(ArtifactError, match="does not exist"):
+        load_checkpoint(run_copy / "nope")
+
+
+def test_training_is_reproducible_and_resumable(tiny_data, tmp_path):
+    cfg, loss = tiny_model_config(), LossConfig()
+    full = train(tiny_data, cfg, loss, TrainConfig(epochs=3, batch_size=8, lr=3e-3), tmp_path / "full", progress=False)
+    again = train(tiny_data, cfg, loss, TrainConfig(epochs=3, batch_size=8, lr=3e-3), tmp_path / "again", progress=False)
+    assert [h["train_loss"] for h in full["history"]] == [h["train_loss"] for h in again["history"]]
+    # interrupted after 2 epochs, then resumed to 3: the same history as the uninterrupted run
+    train(tiny_data, cfg, loss, TrainConfig(epochs=2, batch_size=8, lr=3e-3), tmp_path / "part", progress=False)
+    resumed = train(tiny_data, cfg, loss, TrainConfig(epochs=3, batch_size=8, lr=3e-3), tmp_path / "part",
+                    resume=True, progress=False)
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+    assert resumed["history"][2]["train_loss"] == pytest.approx(full["history"][2]["train_loss"], rel=1e-6)
+
+
+def test_early_stopping_with_patience(tiny_data, tmp_path):
+    m = train(tiny_data, tiny_model_config(), LossConfig(), TrainConfig(epochs=30, batch_size=8, lr=0.0, patience=2),
+              tmp_path, progress=False)
+    assert len(m["history"]) == 3  # lr 0 never improves after epoch 1: stops after patience=2 more epochs
+
+
+def test_cli_trains_with_options_and_seeds(tmp_path, monkeypatch):
+    import cmath_train.data as data_mod
+    from cmath_train.data.synthetic import SyntheticConfig, make_synthetic
+
+    small = make_synthetic(SyntheticConfig(feature_dims={"t": 8, "a": 6, "v": 4}, conversations={"train": 20, "test": 6}, max_len=10))
+    monkeypatch.setattr(data_mod, "load_data", lambda spec: small)
+    out = tmp_path / "cli"
+    res = CliRunner().invoke(train_cli, ["--modalities", "ta", "--epochs", "1", "--d", "16", "--seeds", "2",
+                                         "--batch-size", "4", "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "validation accuracy" in res.output and "+-" in res.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["seeds"] == [0, 1] and set(metrics["test"]["weighted_f1"]) == {"mean", "std"}
+    assert load_checkpoint(out).model_cfg.modalities == ("t", "a")
+    bad = CliRunner().invoke(train_cli, ["--modalities", "tx", "--out", str(tmp_path / "x")])
+    assert bad.exit_code != 0 and "expected letters from 'tav'" in bad.output
+    bad = CliRunner().invoke(train_cli, ["--preset", "nope", "--out", str(tmp_path / "x")])
+    assert bad.exit_code != 0 and "expected one of ['default', 'iemocap', 'meld']" in bad.output

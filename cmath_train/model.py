@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from cmath_runtime.errors import InputError
 
-from .config import ModelConfig
+from .config import LossConfig, ModelConfig
 from .layers import (
     MLP,
     AddNormFFN,
@@ -148,6 +148,13 @@ class CMATH(nn.Module):
             inputs=inputs,
             reconstructions=recons,
         )
+
+    def loss(self, out: CMATHOutput, labels: Tensor, mask: Tensor, cfg: LossConfig,
+             class_weight: Tensor | None = None) -> dict[str, Tensor]:
+        """L_all (24) and its terms; every registered model offers `loss` so training stays model-agnostic."""
+        from .losses import cmath_loss
+
+        return cmath_loss(out, labels, mask, cfg, class_weight)
 
     @torch.no_grad()
     def set_input_stats(self, mean: dict[str, Tensor], std: dict[str, Tensor]) -> None:

@@ -23,7 +23,6 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import LossConfig, ModelConfig, TrainConfig, to_dict
 from .data.batching import Batch, batches, class_weights, feature_stats
 from .data.types import Dialogue, FeatureSet, split_validation
-from .losses import cmath_loss
 from .metrics import classification_metrics, plot_confusion, plot_curves
 from .registry import create_model
 
@@ -70,7 +69,7 @@ def train_step(model: torch.nn.Module, batch: Batch, loss_cfg: LossConfig, optim
                grad_clip: float, weight: torch.Tensor | None) -> dict[str, float]:
     model.train()
     out = model(batch.features, batch.speaker, batch.mask)
-    terms = cmath_loss(out, batch.labels, batch.mask, loss_cfg, weight)
+    terms = model.loss(out, batch.labels, batch.mask, loss_cfg, weight)
     optimizer.zero_grad(set_to_none=True)
     terms["total"].backward()
     if grad_clip > 0:

@@ -37,6 +37,7 @@ class PrepareOptions:
     batch_size: int = 64  # embedding batch
     cache_dir: Path | None = DEFAULT_CACHE_DIR  # None = no embedding cache
     device: str = "cpu"
+    threads: int = 0  # torch intra-op threads; 0 = torch's default (1 is fastest on an oversubscribed CPU)
     finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
     source: str = "csv"  # what produced the files, recorded in meta ("csv", "meld")
 
@@ -56,6 +57,10 @@ def prepare_features(
     if "train" not in files or unknown:
         raise InputError("splits", f"a train file and optionally {SPLITS[1:]}", sorted(files))
     t_start = time.perf_counter()
+    if options.threads > 0:
+        import torch
+
+        torch.set_num_threads(options.threads)
 
     tables = {split: read_conversations(files[split], options.columns) for split in SPLITS if split in files}
     names = label_names(tables["train"])

@@ -3,7 +3,11 @@
 Each utterance alone: the model's own pipeline output (the mean-pooled embedding, L2-normalised when the
 model has a Normalize module) -> a linear head -> cross-entropy. A unit vector has entries of size
 ~1/sqrt(d), so the head sees sqrt(d) * embedding (unit RMS) when the pipeline normalises. AdamW with a small
-encoder learning rate, a larger one for the fresh head, linear warm-up then linear decay, gradient clipping.
+encoder learning rate, a larger one for the fresh head, linear warm-up then linear decay, gradient clipping;
+batches group texts of similar length (shuffled pools sorted by length) so a 2-core CPU pads little.
+By default the token embedding table (vocab x d, half of MiniLM's weights) stays fixed: most of its rows
+never occur in the train split, and skipping its dense AdamW update made a step ~1.5x faster on CPU;
+position/type embeddings and every transformer layer are trained.
 After every epoch the dev split (never test) is scored by weighted-F1 of the head; the best epoch's encoder
 weights are kept. Without a dev split every epoch is run and the last one is kept.
 """
@@ -30,7 +34,7 @@ if TYPE_CHECKING:
 @dataclass
 class FinetuneOptions:
     epochs: int = 0  # 0 = frozen encoder
-    lr: float = 3e-5  # encoder
+    lr: float = 5e-5  # encoder
     head_lr: float = 1e-3  # the linear head, freshly initialised
     batch_size: int = 16
     weight_decay: float = 0.01
@@ -39,6 +43,8 @@ class FinetuneOptions:
     patience: int = 0  # stop after this many epochs without a better dev weighted-F1; 0 = run all epochs
     seed: int = 0
     eval_batch_size: int = 64
+    bucket_batches: int = 50  # batches are formed within shuffled pools of this many batches sorted by length
+    freeze_word_embeddings: bool = True  # keep the (vocab x d) token embedding table fixed (see module doc)
 
 
 @dataclass
@@ -91,8 +97,13 @@ def finetune_encoder(
     dim = int(model.get_embedding_dimension())
     scale = math.sqrt(dim) if any(type(m).__name__ == "Normalize" for m in model) else 1.0
     head = nn.Linear(dim, num_classes).to(device)
+    if options.freeze_word_embeddings:
+        for module in model.modules():
+            if isinstance(module, nn.Embedding) and module.num_embeddings > 1000:
+                module.weight.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        [{"params": list(model.parameters()), "lr": options.lr}, {"params": list(head.parameters()), "lr": options.head_lr}],
+        [{"params": trainable, "lr": options.lr}, {"params": list(head.parameters()), "lr": options.head_lr}],
         weight_decay=options.weight_decay,
     )
     steps_per_epoch = math.ceil(len(train_texts) / options.batch_size)
@@ -102,6 +113,7 @@ def finetune_encoder(
         optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
     )
     labels = torch.as_tensor(np.asarray(train_labels, np.int64))
+    lengths = np.array([len(t) for t in train_texts])
     has_dev = dev_texts is not None and dev_labels is not None and len(dev_texts) > 0
     result = FinetuneResult(options, "dev weighted-F1" if has_dev else "last epoch (no dev split)", 0,
                             num_train=len(train_texts), num_dev=len(dev_texts) if has_dev else 0)
@@ -109,23 +121,22 @@ def finetune_encoder(
     for epoch in range(1, options.epochs + 1):
         model.train()
         head.train()
-        order = rng.permutation(len(train_texts))
+        batches = _length_bucketed_batches(lengths, options.batch_size, options.bucket_batches, rng)
         start, loss_sum = time.perf_counter(), 0.0
-        bar = tqdm(range(0, len(order), options.batch_size), desc=f"fine-tune epoch {epoch}/{options.epochs}", unit="batch")
-        for i in bar:
-            idx = order[i : i + options.batch_size]
+        bar = tqdm(batches, desc=f"fine-tune epoch {epoch}/{options.epochs}", unit="batch")
+        for idx in bar:
             features = _to(model.preprocess([train_texts[j] for j in idx]), device)
             logits = head(model(features)["sentence_embedding"] * scale)
             loss = nn.functional.cross_entropy(logits, labels[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_([*model.parameters(), *head.parameters()], options.grad_clip)
+            nn.utils.clip_grad_norm_([*trainable, *head.parameters()], options.grad_clip)
             optimizer.step()
             scheduler.step()
             loss_sum += loss.item() * len(idx)
             bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.close()
-        entry = EpochLog(epoch, loss_sum / len(order), time.perf_counter() - start)
+        entry = EpochLog(epoch, loss_sum / len(train_texts), time.perf_counter() - start)
         if has_dev:
             t0 = time.perf_counter()
             pred = _predict(model, head, scale, dev_texts, options.eval_batch_size)
@@ -154,6 +165,17 @@ def finetune_encoder(
     model.eval()
     log(f"selected epoch {result.best_epoch} ({result.selection})")
     return result
+
+
+def _length_bucketed_batches(lengths: np.ndarray, batch_size: int, pool: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffled batches of similar-length texts (less padding): sort shuffled pools by length, cut, shuffle batches."""
+    order = rng.permutation(len(lengths))
+    batches = []
+    for start in range(0, len(order), batch_size * max(1, pool)):
+        chunk = order[start : start + batch_size * max(1, pool)]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 @torch.no_grad()

@@ -38,6 +38,8 @@ def parse_modalities(text: str | None, available: tuple[str, ...]) -> tuple[str,
 @click.option("--patience", type=int, default=None, help="Early-stopping patience in epochs.")
 @click.option("--val-fraction", type=float, default=None, help="Validation fraction of train when there is no dev split.")
 @click.option("--class-weighted/--no-class-weighted", default=None, help="Inverse-frequency class weights in CE.")
+@click.option("--cdat", is_flag=True, help="CDaT: per utterance, the more confident modality teaches the less "
+              "confident one (any model; LossConfig.cdat*).")
 @click.option("--causal/--bidirectional", default=False, show_default=True, help="Online variant: each utterance sees only the past.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--seeds", type=int, default=1, show_default=True, help="Train this many seeds; report mean +- std.")
@@ -57,7 +59,7 @@ def main(**opts: object) -> None:
 def run(data: str, modalities: str | None, preset: str, model_name: str, ablation: str, epochs: int | None,
         lr: float | None, batch_size: int | None, hidden: int | None, dropout: float | None, patience: int | None,
         val_fraction: float | None, class_weighted: bool | None, causal: bool, seed: int, seeds: int, device: str,
-        out_dir: str | None, resume: bool, quiet: bool) -> dict:
+        out_dir: str | None, resume: bool, quiet: bool, cdat: bool = False) -> dict:
     from .data import load_data
     from .seeds import train_seeds
     from .train import train
@@ -74,12 +76,12 @@ def run(data: str, modalities: str | None, preset: str, model_name: str, ablatio
     model_cfg = ModelConfig(modalities=mods, feature_dims=fs.feature_dims, num_classes=len(fs.label_names),
                             num_speakers=fs.num_speakers, causal=causal,
                             **{**p.model, **model_over, **_given(d=hidden, dropout=dropout)})
-    loss_cfg = LossConfig(**{**p.loss, **loss_over, **_given(class_weighted=class_weighted)})
+    loss_cfg = LossConfig(**{**p.loss, **loss_over, **_given(class_weighted=class_weighted, cdat=cdat or None)})
     train_cfg = TrainConfig(**{**p.train, **_given(epochs=epochs, lr=lr, batch_size=batch_size, patience=patience,
                                                     val_fraction=val_fraction), "seed": seed, "device": device})
     out = Path(out_dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}")
     if not quiet:
-        click.echo(f"cmath-train: {model_name} on {data} ({''.join(mods)}), preset {preset}, ablation {ablation}, "
+        click.echo(f"cmath-train: {model_name}{' + CDaT' if cdat else ''} on {data} ({''.join(mods)}), preset {preset}, ablation {ablation}, "
                    f"{sum(len(v) for v in fs.splits.values())} conversations -> {out}")
     if seeds > 1:
         metrics = train_seeds(fs, model_cfg, loss_cfg, train_cfg, out, seeds, model_name, resume, not quiet)

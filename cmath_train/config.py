@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MODALITIES = ("t", "a", "v")
+CDAT_CONFIDENCES = ("true_class", "max_prob")
 
 
 @dataclass
@@ -35,6 +36,9 @@ class ModelConfig:
     cross_modal: bool = True  # False = "w/o CMA-T": each modality only attends to itself, no gate
     # Online variant (streaming): each utterance sees only itself and the past.
     causal: bool = False
+    # DMD baseline (models/dmd.py): hidden sizes of the graph-distillation edge networks (DMD code: 64 homo, 32 hetero).
+    dmd_gd_hidden_homo: int = 64
+    dmd_gd_hidden_hetero: int = 32
 
     def __post_init__(self) -> None:
         self.modalities = tuple(self.modalities)
@@ -61,6 +65,30 @@ class LossConfig:
     use_reconstruction: bool = True  # L_re (3-4); only meaningful with modality_reconstruction
     detach_teacher: bool = True  # the fused prediction Y^_x teaches Y^_m without receiving gradient from L_kl
     class_weighted: bool = False  # inverse-frequency class weights in every cross-entropy
+    # SDT baseline (models/sdt.py): L = CE_x + g_ce_m * sum_m CE_m + g_kl * sum_m KL_T + g_feat * sum_m MSE.
+    sdt_gamma_ce_m: float = 1.0  # hard labels teach each modality (SDT code: gamma_2 = 1)
+    sdt_gamma_kl: float = 1.0  # soft labels: KL(softmax(Y^_x / T) || softmax(Y^_m / T)) (SDT code: gamma_3 = 1)
+    sdt_temperature: float = 1.0  # T (SDT code: 1 on IEMOCAP, 8 on MELD)
+    sdt_gamma_feat: float = 0.0  # feature-level term ||H_x - H_m||^2; not in SDT's paper or public code, so off
+    # DMD baseline (models/dmd.py): L = L_task + g_dec * L_dec + g_gd * (L_homo + L_hetero)  (DMD code's weights).
+    dmd_gamma_dec: float = 0.1  # decoupling: reconstruction + cycle + g_mo * (margin + orthogonality)
+    dmd_gamma_margin_ort: float = 0.1  # g_mo inside L_dec
+    dmd_margin: float = 0.15  # hinge margin of the margin (triplet-like) loss on the common features
+    dmd_gamma_gd: float = 0.05  # each graph distillation unit
+    dmd_gd_repr: float = 10.0  # weight of the representation term in the heterogeneous unit (DMD: w_losses[1])
+    dmd_gd_reg: float = 10.0  # pull of the mean learned edge weights towards their prior (DMD: gd_reg)
+    # CDaT (losses.py, any model): per utterance, the more confident modality teaches the less confident one.
+    cdat: bool = False
+    cdat_weight: float = 1.0  # alpha: weight of the transfer term in the total
+    cdat_confidence: str = "true_class"  # "true_class": p_m(y) (ConfidNet's target); "max_prob": max_c p_m(c)
+    cdat_temperature: float = 1.0  # softening of the teacher and student distributions in the KL
+
+    def __post_init__(self) -> None:
+        if self.cdat_confidence not in CDAT_CONFIDENCES:
+            raise ValueError(f"cdat_confidence: expected one of {CDAT_CONFIDENCES}, got {self.cdat_confidence!r}")
+        if self.sdt_temperature <= 0 or self.cdat_temperature <= 0:
+            raise ValueError("sdt_temperature / cdat_temperature: expected > 0, got "
+                             f"{self.sdt_temperature} / {self.cdat_temperature}")
 
 
 @dataclass

@@ -1,9 +1,12 @@
 """CMATH's training objective (3-4, 18, 20-24), over real (unpadded, labelled) rows only.
 
 L_all = L_ce + L_re + g1 * L_mse + g2 * L_kl   (24)
+With LossConfig.cdat (any model): + alpha * L_cdat, the confidence-weighted cross-modal transfer below.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,4 +60,58 @@ def cmath_loss(
     mse = low_level_distillation(out, rows)
     kl = high_level_distillation(out, rows, cfg.detach_teacher)
     total = ce + re + cfg.gamma_mse * mse + cfg.gamma_kl * kl  # (24)
-    return {"total": total, "ce_x": ce_x, "ce_m": ce_m, "re": re, "mse": mse, "kl": kl}
+    terms = {"total": total, "ce_x": ce_x, "ce_m": ce_m, "re": re, "mse": mse, "kl": kl}
+    return add_cdat(terms, out, labels, mask, cfg)
+
+
+# --- CDaT: confidence-weighted cross-modal transfer, a training option for any model -----------------------
+#
+# CDaT (cross-modal dynamic transfer) estimates, per instance, how confident each modality is, and lets the more
+# confident modality teach the less confident one, weighted by the teacher's confidence ("the modality with lower
+# confidence follows the distribution of the modality with higher confidence"). Ours, model-agnostic: it needs only
+# `modality_logits` (m -> (B, N, C)), which every registered model outputs. Per utterance i and ordered pair m -> n:
+#   c_m,i = p_m,i(y_i)  (true-class probability, ConfidNet's target C*)   or   max_c p_m,i(c)  ("max_prob")
+#   w_{m->n},i = c_m,i * 1[c_m,i > c_n,i]                                 (direction and weight; no gradient)
+#   L_cdat = sum_{m != n} 1/|rows| sum_i w_{m->n},i * KL(p_m,i^T (detached) || p_n,i^T)
+# The paper transfers between low-level features with a PKT (cosine-kernel) divergence and learns confidence with
+# an auxiliary ConfidNet; we transfer between the modality predictions and read confidence off them directly (no
+# extra network, nothing changes at inference).
+
+
+def modality_confidence(out: Any, labels: Tensor, cfg: LossConfig) -> dict[str, Tensor]:
+    """m -> (B, N) confidence of modality m's own classifier in each utterance (no gradient)."""
+    conf = {}
+    for m, logits in out.modality_logits.items():
+        p = torch.softmax(logits.detach().float(), dim=-1)
+        if cfg.cdat_confidence == "true_class":
+            conf[m] = p.gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+        else:  # "max_prob"
+            conf[m] = p.amax(dim=-1)
+    return conf
+
+
+def cdat_weights(out: Any, labels: Tensor, cfg: LossConfig) -> dict[tuple[str, str], Tensor]:
+    """(teacher, student) -> (B, N) transfer weight w_{m->n}: the teacher's confidence where it is the more confident."""
+    conf = modality_confidence(out, labels, cfg)
+    return {(m, n): conf[m] * (conf[m] > conf[n]) for m in conf for n in conf if m != n}
+
+
+def cdat_transfer(out: Any, labels: Tensor, mask: Tensor, cfg: LossConfig) -> Tensor:
+    """L_cdat over real rows (labelled rows when the confidence needs the label); 0 with a single modality."""
+    rows = mask & (labels >= 0) if cfg.cdat_confidence == "true_class" else mask
+    t = cfg.cdat_temperature
+    log_p = {m: F.log_softmax(lg / t, dim=-1) for m, lg in out.modality_logits.items()}
+    total = torch.zeros((), device=labels.device)
+    for (m, n), w in cdat_weights(out, labels, cfg).items():
+        teacher = log_p[m].detach()
+        kl = (teacher.exp() * (teacher - log_p[n])).sum(-1)  # (B, N) KL(p_m || p_n)
+        total = total + masked_mean(w * kl, rows)
+    return total
+
+
+def add_cdat(terms: dict[str, Tensor], out: Any, labels: Tensor, mask: Tensor, cfg: LossConfig) -> dict[str, Tensor]:
+    """Every model's `loss` ends with this: with cfg.cdat, add the "cdat" term and alpha * L_cdat to the total."""
+    if cfg.cdat:
+        terms["cdat"] = cdat_transfer(out, labels, mask, cfg)
+        terms["total"] = terms["total"] + cfg.cdat_weight * terms["cdat"]
+    return terms

@@ -1,0 +1,146 @@
+"""The streaming path of `Conversation`: model.step.onnx computes only the newest utterance (causal models).
+
+The step graph (docs/artifact-format.md, export.json["step"]) takes the new utterance and the cached state and
+returns the new utterance's probs/embedding plus the new state rows. The state is plain numpy:
+
+* `position`: utterances seen so far,
+* `tail_{m}`: (k-1, d_m) standardised input rows the convolution still needs,
+* `past_key_{cs}` / `past_value_{cs}`: (max_len, d) preallocated K/V buffers, rows [:position] valid.
+
+A step costs O(n d + d^2) instead of recomputing the whole conversation. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import ArtifactError, InputError
+from .files import sha256_file
+
+if TYPE_CHECKING:
+    from .model import EmotionModel
+
+STATE_VERSION = 1
+_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # EmotionModel -> StepGraph
+_GRAPHS_LOCK = threading.Lock()
+
+
+class StepGraph:
+    """model.step.onnx on its own onnxruntime session (same provider family and threads as the model)."""
+
+    def __init__(self, model: EmotionModel, entry: dict[str, Any]) -> None:
+        import onnxruntime as ort
+
+        from .session import session_options
+
+        path = model.manifest.directory / entry["file"]
+        if not path.is_file():
+            raise ArtifactError(path, "the step graph listed in export.json is missing")
+        if sha256_file(path) != entry["sha256"]:
+            raise ArtifactError(path, "sha256 mismatch with export.json (corrupt or replaced; re-export it)")
+        providers = ["CPUExecutionProvider"] if model.backend == "cpu" else ["CUDAExecutionProvider",
+                                                                              "CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(path), session_options(model.threads), providers=providers)
+        self.sha256: str = entry["sha256"]
+        self.max_len: int = int(entry["max_len"])
+        self.state_spec: list[dict[str, Any]] = [s for s in entry["state"] if s["update"] != "increment"]
+        self.output_names: list[str] = [o["name"] for o in entry["outputs"]]
+
+    def empty_state(self) -> dict[str, np.ndarray]:
+        return {s["input"]: np.zeros(s["shape"], np.float32) for s in self.state_spec}
+
+    def run(self, buffers: dict[str, np.ndarray], position: int, speaker: int,
+            features: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """One utterance at `position`; updates `buffers` in place; returns probs (C,), embedding (d,)."""
+        if position >= self.max_len:
+            raise InputError(f"utterances[{position}]", f"at most {self.max_len} utterances (the step graph's cache "
+                                                        "capacity, max_len)", f"utterance {position + 1}",
+                             "Start a new Conversation with the most recent utterances.")
+        feeds: dict[str, np.ndarray] = {m: np.asarray(x, np.float32).reshape(1, -1) for m, x in features.items()}
+        feeds["speaker"] = np.array([speaker], np.int64)
+        feeds["position"] = np.array([position], np.int64)
+        for s in self.state_spec:
+            buf = buffers[s["input"]]
+            feeds[s["input"]] = buf[:position] if s["update"] == "append" else buf
+        out = dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+        for s in self.state_spec:
+            if s["update"] == "append":
+                buffers[s["input"]][position] = out[s["output"]][0]
+            else:
+                buffers[s["input"]] = out[s["output"]]
+        return out["probs"][0], out["embedding"][0]
+
+
+def step_graph(model: EmotionModel) -> StepGraph | None:
+    """The model's step graph (loaded once per model), or None when the artifact has none (bidirectional)."""
+    entry = model.manifest.raw.get("step")
+    if not entry:
+        return None
+    with _GRAPHS_LOCK:
+        if model not in _GRAPHS:
+            _GRAPHS[model] = StepGraph(model, entry)
+        return _GRAPHS[model]
+
+
+class Stream:
+    """The step state of one conversation plus the outputs computed so far."""
+
+    def __init__(self, graph: StepGraph) -> None:
+        self.graph = graph
+        self.position = 0
+        self.buffers = graph.empty_state()
+        self.probs: list[np.ndarray] = []
+        self.embedding: list[np.ndarray] = []
+
+    def catch_up(self, speakers: list[int], features: dict[str, list[np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        """Step through the utterances not seen yet; (probs (n, C), embedding (n, d)) of all so far."""
+        while self.position < len(speakers):
+            i = self.position
+            p, e = self.graph.run(self.buffers, i, speakers[i], {m: rows[i] for m, rows in features.items()})
+            self.probs.append(p)
+            self.embedding.append(e)
+            self.position += 1
+        return np.stack(self.probs), np.stack(self.embedding)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        n = self.position
+        out = {f"state.{k}": (v[:n] if k.startswith("past_") else v).copy() for k, v in self.buffers.items()}
+        out["state.position"] = np.asarray(n, np.int64)
+        out["state.sha256"] = np.asarray(self.graph.sha256)
+        if n:
+            out["state.probs"], out["state.embedding"] = np.stack(self.probs), np.stack(self.embedding)
+        return out
+
+    def load(self, state: dict[str, np.ndarray]) -> None:
+        if str(state.get("state.sha256", "")) != self.graph.sha256:
+            raise InputError("state['state.sha256']", f"the step graph of this model ({self.graph.sha256[:16]}...)",
+                             f"{str(state.get('state.sha256', 'none'))[:16]}...", "The state was saved with another model.")
+        n = int(state["state.position"])
+        if n > self.graph.max_len:
+            raise InputError("state['state.position']", f"<= {self.graph.max_len} (cache capacity)", n)
+        self.position = n
+        for k, buf in self.buffers.items():
+            saved = np.asarray(state[f"state.{k}"], np.float32)
+            if k.startswith("past_"):
+                buf[:n] = saved
+            else:
+                self.buffers[k] = saved.copy()
+        self.probs = list(np.asarray(state["state.probs"])) if n else []
+        self.embedding = list(np.asarray(state["state.embedding"])) if n else []
+
+
+def save_state(state: dict[str, np.ndarray], path: str | Path) -> None:
+    """Write a Conversation.state_dict() with np.savez (no pickle)."""
+    with open(path, "wb") as f:
+        np.savez(f, **state)
+
+
+def load_state(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a state written by save_state (allow_pickle=False)."""
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}

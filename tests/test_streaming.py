@@ -1,0 +1,187 @@
+"""Streaming (issue 7): the causal step equals the full forward row by row (torch, ONNX, runtime), state
+persistence, capacity, and the full path for artifacts without a step graph."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cmath_runtime.errors import InputError
+from tests.conftest import TINY_DIMS, tiny_model_config
+
+SUBSETS = ("t", "a", "v", "ta", "tv", "av", "tav")
+MAX_LEN = 200
+
+
+def _conversation(n: int, dims: dict[str, int], seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return ({m: rng.standard_normal((n, d)).astype(np.float32) for m, d in dims.items()},
+            rng.integers(0, 9, n).astype(np.int64))
+
+
+@pytest.mark.parametrize("mods", SUBSETS)
+def test_torch_step_equals_full_forward(mods: str) -> None:
+    from cmath_train.model import CMATH
+    from cmath_train.streaming import StepModule, StreamState, step
+
+    torch.manual_seed(len(mods))
+    net = CMATH(tiny_model_config(modalities=tuple(mods), causal=True)).eval()
+    module = StepModule(net, MAX_LEN)
+    for n in ((1, 200) if mods == "tav" else (1, 23)):
+        feats, spk = _conversation(n, {m: TINY_DIMS[m] for m in net.cfg.modalities}, n)
+        with torch.no_grad():
+            out = net({m: torch.from_numpy(x)[None] for m, x in feats.items()}, torch.from_numpy(spk)[None],
+                      torch.ones(1, n, dtype=torch.bool))
+        full = torch.softmax(out.logits, -1)[0]
+        state = StreamState.empty(module)
+        for i in range(n):
+            probs, emb, state = step(module, state, {m: torch.from_numpy(x[i]) for m, x in feats.items()}, int(spk[i]))
+            assert (probs - full[i]).abs().max() < 1e-4, (mods, n, i)
+            assert (emb - out.embedding[0, i]).abs().max() < 1e-4
+        assert state.position == n
+
+
+@pytest.mark.parametrize("overrides", [{"modality_reconstruction": False}, {"cross_modal": False}])
+def test_torch_step_ablations(overrides: dict) -> None:
+    from cmath_train.model import CMATH
+    from cmath_train.streaming import StepModule, StreamState, step
+
+    net = CMATH(tiny_model_config(causal=True, **overrides)).eval()
+    module, state = StepModule(net, 16), None
+    feats, spk = _conversation(9, TINY_DIMS, 3)
+    with torch.no_grad():
+        full = torch.softmax(net({m: torch.from_numpy(x)[None] for m, x in feats.items()}, torch.from_numpy(spk)[None],
+                                 torch.ones(1, 9, dtype=torch.bool)).logits, -1)[0]
+    state = StreamState.empty(module)
+    for i in range(9):
+        probs, _, state = step(module, state, {m: torch.from_numpy(x[i]) for m, x in feats.items()}, int(spk[i]))
+        assert (probs - full[i]).abs().max() < 1e-4
+
+
+def test_step_refuses_bidirectional_model() -> None:
+    from cmath_train.model import CMATH
+    from cmath_train.streaming import StepModule
+
+    with pytest.raises(InputError, match="causal"):
+        StepModule(CMATH(tiny_model_config()), 16)
+
+
+@pytest.fixture(scope="module")
+def causal_export(tiny_data, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny causal run (1 epoch), exported with its step graph (max_len 200); returns the export folder."""
+    from cmath_export import export_run
+    from cmath_train.config import LossConfig, TrainConfig
+    from cmath_train.train import train
+
+    run = tmp_path_factory.mktemp("causal_run")
+    train(tiny_data, tiny_model_config(causal=True), LossConfig(), TrainConfig(epochs=1, batch_size=8, lr=3e-3), run,
+          progress=False)
+    export_run(run, max_len=MAX_LEN)
+    return run / "export"
+
+
+@pytest.fixture(scope="module")
+def causal_model(causal_export: Path):
+    import cmath_runtime
+
+    return cmath_runtime.load(causal_export, backend="cpu", threads=1)
+
+
+def test_export_records_step_graph(causal_export: Path) -> None:
+    manifest = json.loads((causal_export / "export.json").read_text())
+    step = manifest["step"]
+    assert step["file"] == "model.step.onnx" and (causal_export / step["file"]).is_file()
+    assert step["max_len"] == MAX_LEN and step["parity"]["passed"] and step["parity"]["probs_max_abs"] < 1e-4
+    names = {s["input"] for s in step["state"]}
+    assert {"position", "tail_t", "past_key_tt", "past_value_ta"} <= names
+
+
+def test_step_graph_parity_200(causal_export: Path) -> None:
+    import onnxruntime as ort
+
+    from cmath_export.step_graph import run_step_graph
+
+    step = json.loads((causal_export / "export.json").read_text())["step"]
+    specs = ([], [type("S", (), {"name": o["name"]}) for o in step["outputs"]], step["state"])
+    feats, spk = _conversation(MAX_LEN, TINY_DIMS, 7)
+    full = ort.InferenceSession(str(causal_export / "model.onnx"), providers=["CPUExecutionProvider"])
+    ref_probs, ref_emb = full.run(["probs", "embedding"], {**{m: x[None] for m, x in feats.items()},
+                                                            "speaker": spk[None], "mask": np.ones((1, MAX_LEN), bool)})
+    sess = ort.InferenceSession(str(causal_export / "model.step.onnx"), providers=["CPUExecutionProvider"])
+    probs, emb = run_step_graph(sess, specs, MAX_LEN, feats, spk)
+    assert np.abs(probs - ref_probs[0]).max() < 1e-4
+    assert np.abs(emb - ref_emb[0]).max() < 1e-3
+
+
+def _add_all(conv, feats: dict[str, np.ndarray], spk: np.ndarray, start: int = 0, stop: int | None = None):
+    for i in range(start, len(spk) if stop is None else stop):
+        conv.add(int(spk[i]), **{m: x[i] for m, x in feats.items()})
+    return conv
+
+
+def test_runtime_conversation_step_path(causal_model) -> None:
+    from cmath_runtime import Conversation
+
+    feats, spk = _conversation(60, TINY_DIMS, 11)
+    conv = Conversation(causal_model)
+    assert conv.path == "step"
+    latest = []
+    for i in range(len(spk)):
+        _add_all(conv, feats, spk, i, i + 1)
+        latest.append(conv.latest.probs)
+    [full] = causal_model.predict([{"speakers": spk, "features": feats}])
+    assert np.abs(conv.probs() - full.probs).max() < 1e-4
+    got = np.array([[p[k] for k in causal_model.label_names] for p in latest])
+    assert np.abs(got - full.probs).max() < 1e-4
+
+
+def test_state_copy_save_resume(causal_model, tmp_path: Path) -> None:
+    from cmath_runtime import Conversation
+
+    feats, spk = _conversation(30, TINY_DIMS, 5)
+    whole = _add_all(Conversation(causal_model), feats, spk)
+    half = _add_all(Conversation(causal_model), feats, spk, 0, 12)
+    half.latest  # noqa: B018 (computes the first 12 on the step path)
+    copied = _add_all(half.copy(), feats, spk, 12)
+    half.save(tmp_path / "conv.npz")
+    resumed = _add_all(Conversation.load(causal_model, tmp_path / "conv.npz"), feats, spk, 12)
+    assert resumed.path == "step"
+    for other in (copied, resumed):
+        np.testing.assert_array_equal(other.probs(), whole.probs())
+    assert len(half) == 12  # the copy did not touch the original
+
+
+def test_capacity_error(causal_model) -> None:
+    from cmath_runtime import Conversation
+    from cmath_runtime.streaming import step_graph
+
+    feats, spk = _conversation(MAX_LEN, TINY_DIMS, 2)
+    conv = _add_all(Conversation(causal_model), feats, spk)
+    with pytest.raises(InputError) as e:
+        conv.add(0, **{m: x[0] for m, x in feats.items()})
+    assert e.value.field == f"utterances[{MAX_LEN}]"
+    graph = step_graph(causal_model)
+    with pytest.raises(InputError, match="capacity"):
+        graph.run(graph.empty_state(), MAX_LEN, 0, {m: x[0] for m, x in feats.items()})
+
+
+def test_no_step_graph_uses_full_path(causal_export: Path, tmp_path: Path) -> None:
+    import cmath_runtime
+    from cmath_runtime import Conversation
+
+    folder = tmp_path / "export"
+    shutil.copytree(causal_export, folder)
+    manifest = json.loads((folder / "export.json").read_text())
+    manifest["step"] = None  # what a bidirectional export writes
+    (folder / "export.json").write_text(json.dumps(manifest))
+    model = cmath_runtime.load(folder, backend="cpu", threads=1)
+    feats, spk = _conversation(5, TINY_DIMS, 1)
+    conv = _add_all(Conversation(model), feats, spk)
+    assert conv.path == "full" and conv.probs().shape == (5, 6)
+    resumed = Conversation.from_state(model, conv.state_dict())
+    np.testing.assert_array_equal(resumed.probs(), conv.probs())

@@ -2,18 +2,24 @@
 
 CMATH is bidirectional: every utterance attends to the whole conversation, future utterances included. So
 adding an utterance can change the emotions of earlier ones, and each read recomputes the whole conversation
-(once per change; results are cached until the next `add`). A streaming step graph for causal models, which
-would compute only the newest utterance, plugs in behind `_compute`.
+(once per change; results are cached until the next `add`): `.path == "full"`.
+
+A causal model exported with a step graph (model.step.onnx) computes only the new utterances, from cached
+attention keys/values (streaming.py): `.path == "step"`, exactly the full graph's rows, O(n d + d^2) per utterance.
+Its state is plain numpy: `state_dict()` / `Conversation.from_state(model, state)`, `save()` / `load()` (np.savez,
+no pickle) let an agent persist and resume a conversation.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import streaming
 from .errors import InputError
 from .validation import check_modality, check_speakers
 
@@ -45,6 +51,13 @@ class Conversation:
         self._features: dict[str, list[np.ndarray]] = {m: [] for m in model.modalities}
         self._result: Prediction | None = None
         self._lock = threading.Lock()
+        graph = streaming.step_graph(model)
+        self._stream = streaming.Stream(graph) if graph is not None else None
+
+    @property
+    def path(self) -> str:
+        """"step" (causal model with a step graph: only new utterances are computed) or "full" (recompute)."""
+        return "full" if self._stream is None else "step"
 
     def add(self, speaker: int, **features: Any) -> Conversation:
         """Append one utterance: a speaker id and one feature vector per modality, e.g. add(0, t=..., a=..., v=...)."""
@@ -117,8 +130,49 @@ class Conversation:
             return self._result
 
     def _compute(self) -> Prediction:
-        """How the emotions are computed: the whole conversation again (bidirectional model)."""
+        """How the emotions are computed: new utterances only (step path), else the whole conversation again."""
+        if self._stream is not None:
+            from .model import Prediction
+
+            probs, emb = self._stream.catch_up(self._speakers, self._features)
+            return Prediction([self.model.label_names[k] for k in probs.argmax(-1)], probs, emb)
         return self.model.predict([{"speakers": self.speakers, "features": self.features}])[0]
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Everything needed to resume: speakers, features and (step path) the cached state; numpy arrays only."""
+        with self._lock:
+            if self._stream is not None:
+                self._stream.catch_up(self._speakers, self._features)
+            out = {"speakers": self.speakers, **{f"features.{m}": x for m, x in self.features.items()}}
+            return {**out, **(self._stream.state_dict() if self._stream is not None else {})}
+
+    @classmethod
+    def from_state(cls, model: EmotionModel, state: dict[str, np.ndarray]) -> Conversation:
+        """A Conversation that continues exactly where the one that wrote `state` (state_dict()) stopped."""
+        conv = cls(model)
+        speakers = np.asarray(state["speakers"], np.int64).reshape(-1)
+        if len(speakers) > model.manifest.max_len:
+            raise InputError("state['speakers']", f"at most {model.manifest.max_len} utterances", len(speakers))
+        for m in model.modalities:
+            rows = np.asarray(state[f"features.{m}"], np.float32)
+            if rows.shape != (len(speakers), model.feature_dims[m]):
+                raise InputError(f"state['features.{m}']", f"shape {(len(speakers), model.feature_dims[m])}", rows.shape)
+            conv._features[m] = list(rows)
+        conv._speakers = [int(s) for s in speakers]
+        if conv._stream is not None and "state.position" in state:
+            conv._stream.load(state)
+        return conv
+
+    def copy(self) -> Conversation:
+        return Conversation.from_state(self.model, self.state_dict())
+
+    def save(self, path: str | Path) -> None:
+        """state_dict() to an .npz file (no pickle)."""
+        streaming.save_state(self.state_dict(), path)
+
+    @classmethod
+    def load(cls, model: EmotionModel, path: str | Path) -> Conversation:
+        return cls.from_state(model, streaming.load_state(path))
 
     def _emotion(self, result: Prediction, i: int) -> Emotion:
         return Emotion(result.labels[i], dict(zip(self.model.label_names, map(float, result.probs[i]))))

@@ -19,6 +19,7 @@ from .errors import ArtifactError
 from .files import sha256_file
 from .manifest import Manifest, read_manifest
 from .session import PRECISIONS, SessionInfo, create_session
+from .text import resolve_texts
 from .validation import CheckedConversation, check_conversations
 
 DEFAULT_BATCH_SIZE = 16
@@ -97,11 +98,12 @@ class EmotionModel:
         """Emotions of every utterance of every conversation, in input order.
 
         A conversation is a mapping (or object) with `speakers`: n integer ids and `features`: {modality: (n, d_m)
-        array}. Conversations of similar length are batched together (at most `batch_size` per onnxruntime call).
+        array}; with a text encoder in the artifact, a mapping may give `texts` (n strings) instead of features["t"].
+        Conversations of similar length are batched together (at most `batch_size` per onnxruntime call).
         """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
-        checked = check_conversations(conversations, self.manifest)
+        checked = check_conversations(resolve_texts(self, conversations), self.manifest)
         results: list[Prediction | None] = [None] * len(checked)
         for group in length_groups([len(c) for c in checked], min(batch_size, self.manifest.max_batch)):
             probs, emb = self.run_padded([checked[i] for i in group])

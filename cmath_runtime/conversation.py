@@ -61,6 +61,10 @@ class Conversation:
 
     def add(self, speaker: int, **features: Any) -> Conversation:
         """Append one utterance: a speaker id and one feature vector per modality, e.g. add(0, t=..., a=..., v=...)."""
+        if "text" in features:  # raw text instead of t=: embedded by the artifact's text encoder (text.py)
+            from .text import utterance_features
+
+            features = utterance_features(self.model, features.pop("text"), features, f"utterances[{len(self)}].text")
         spec = self.model.manifest
         n = len(self._speakers)
         field = f"utterance {n}"

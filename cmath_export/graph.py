@@ -1,0 +1,170 @@
+"""The mean-path graph: CMATH in eval mode as one ONNX function (features per modality, speaker, mask) -> probs, embedding.
+
+Exported with the dynamo exporter, traced at batch 2 x 16 utterances with both axes declared dynamic (tracing at
+batch 1 silently fixes the batch axis), with the exporter's graph optimisation on (constant folding, no
+leftover Identity/Transpose-of-weight nodes), weights inside the one file.
+
+The sinusoidal positions P (6-7) enter the graph as a (max_len, d) fp32 table computed here, looked up with a
+Gather, instead of Range -> Mul -> Sin/Cos: in fp16 the angle `position * frequency` would be rounded to 0.25 rad
+near position 300 (and the frequencies themselves to 1e-3), blurring the positions of long conversations;
+table entries in [-1, 1] lose at most 2.4e-4. Positions past max_len fail in the Gather instead of silently
+computing something the artifact was never checked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import unittest.mock
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import onnx
+import torch
+from torch import Tensor, nn
+
+from cmath_runtime.errors import ArtifactError
+from cmath_train.config import ModelConfig
+from cmath_train.layers import sinusoidal_positions
+
+BATCH, UTTERANCES = "batch", "utterances"
+TRACE_SHAPE = (2, 16)  # (batch, utterances) of the example inputs: both >= 2, so neither axis specialises
+PROTOBUF_LIMIT = 2**31 - 1
+ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64", onnx.TensorProto.BOOL: "bool",
+               onnx.TensorProto.FLOAT16: "float16"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy name: float32, int64, bool
+    shape: tuple[str | int, ...]  # "batch" / "utterances" are dynamic
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "shape": list(self.shape)}
+
+
+def io_specs(cfg: ModelConfig) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The graph's inputs and outputs, in order (docs/artifact-format.md)."""
+    inputs = [TensorSpec(m, "float32", (BATCH, UTTERANCES, cfg.feature_dims[m])) for m in cfg.modalities]
+    inputs += [TensorSpec("speaker", "int64", (BATCH, UTTERANCES)), TensorSpec("mask", "bool", (BATCH, UTTERANCES))]
+    outputs = [TensorSpec("probs", "float32", (BATCH, UTTERANCES, cfg.num_classes)),
+               TensorSpec("embedding", "float32", (BATCH, UTTERANCES, cfg.d))]
+    return inputs, outputs
+
+
+class MeanPathGraph(nn.Module):
+    """CMATH's deterministic eval path: H'_x = mu_x, no sampling, no losses, no reconstruction decoder."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.modalities: tuple[str, ...] = tuple(model.cfg.modalities)
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, Tensor]:
+        *features, speaker, mask = inputs  # (B, N, d_m) per modality, (B, N) int64, (B, N) bool
+        out = self.model(dict(zip(self.modalities, features)), speaker, mask, reconstruct=False)
+        return torch.softmax(out.logits, dim=-1), out.embedding  # (B, N, C), (B, N, d)
+
+
+def example_inputs(cfg: ModelConfig, shape: tuple[int, int] = TRACE_SHAPE) -> tuple[Tensor, ...]:
+    b, n = shape
+    gen = torch.Generator().manual_seed(0)
+    feats = tuple(torch.randn(b, n, cfg.feature_dims[m], generator=gen) for m in cfg.modalities)
+    mask = torch.ones(b, n, dtype=torch.bool)
+    mask[-1, n // 2:] = False  # one right-padded conversation, like real batches
+    speaker = torch.randint(0, cfg.num_speakers, (b, n), generator=gen) * mask
+    return (*feats, speaker, mask)
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter logs progress, 'torchvision is not installed' and axis-renaming notes: none concern users."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def tabulated_positions(cfg: ModelConfig, max_len: int) -> Iterator[list[int]]:
+    """While exporting, the model's sinusoidal_positions reads a precomputed table (see the module docstring).
+    Yields a list that counts the lookups, so the caller can tell the model really used it."""
+    from cmath_train import model as cmath_model
+
+    table = sinusoidal_positions(torch.arange(max_len), cfg.d, cfg.pos_max_period)  # (max_len, d) fp32
+    calls: list[int] = []
+
+    def lookup(positions: Tensor, d: int, max_period: float = cfg.pos_max_period) -> Tensor:
+        if d != cfg.d or max_period != cfg.pos_max_period or positions.dim() != 1:
+            return sinusoidal_positions(positions, d, max_period)
+        calls.append(1)
+        return torch.index_select(table, 0, positions)  # (N, d)
+
+    with unittest.mock.patch.object(cmath_model, "sinusoidal_positions", lookup):
+        yield calls
+
+
+def export_onnx(model: nn.Module, opset: int, max_len: int) -> onnx.ModelProto:
+    """Export the mean path of a CMATH model; inputs and outputs named and typed as io_specs(model.cfg) says."""
+    cfg: ModelConfig = model.cfg
+    inputs, outputs = io_specs(cfg)
+    graph = MeanPathGraph(model).eval()
+    batch, utterances = torch.export.Dim(BATCH), torch.export.Dim(UTTERANCES)
+    dynamic = tuple({0: batch, 1: utterances} for _ in inputs)
+    with _quiet_exporter(), torch.no_grad(), tabulated_positions(cfg, max_len) as lookups:
+        program = torch.onnx.export(graph, example_inputs(cfg), dynamo=True, dynamic_shapes=(dynamic,),
+                                    opset_version=opset, optimize=True, external_data=False, verbose=False)
+    if not lookups:
+        raise ArtifactError("model.onnx", "the model no longer computes positions with "
+                                          "cmath_train.layers.sinusoidal_positions; update cmath_export/graph.py")
+    ir_model = program.model
+    _rename_io(ir_model.graph, [s.name for s in inputs], [s.name for s in outputs])
+    size = sum(v.const_value.nbytes for v in ir_model.graph.initializers.values() if v.const_value is not None)
+    if size > PROTOBUF_LIMIT:
+        raise ArtifactError("model.onnx", f"weights take {size / 2**30:.1f} GiB, over protobuf's 2 GiB limit for "
+                                          "a single-file ONNX model; this exporter writes single files only")
+    import onnx_ir
+
+    proto = onnx_ir.serde.serialize_model(ir_model)
+    check_io(proto, inputs, outputs, "model.onnx")
+    return proto
+
+
+def _rename_io(graph, inputs: list[str], outputs: list[str]) -> None:  # noqa: ANN001 (onnx_ir.Graph)
+    """Give graph inputs/outputs the contract's names; internal values that already carry one (the speaker
+    lookup is called 'embedding' by the exporter) are renamed first, so every name stays unique."""
+    io_values = {id(v) for v in [*graph.inputs, *graph.outputs]}
+    wanted = set(inputs) | set(outputs)
+    for node in graph:
+        for value in node.outputs:
+            if value.name in wanted and id(value) not in io_values:
+                value.name = f"{value.name}__internal"
+    for value in graph.initializers.values():
+        if value.name in wanted:
+            raise ArtifactError("model.onnx", f"a weight is named {value.name!r}, like a graph input or output")
+    if len(graph.inputs) != len(inputs) or len(graph.outputs) != len(outputs):
+        raise ArtifactError("model.onnx", f"exported graph has {len(graph.inputs)} inputs and {len(graph.outputs)} "
+                                          f"outputs, expected {len(inputs)} and {len(outputs)}")
+    for value, name in zip([*graph.inputs, *graph.outputs], [*inputs, *outputs]):
+        value.name = name
+
+
+def _dims(value_info: onnx.ValueInfoProto) -> tuple[str | int, ...]:
+    return tuple(d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim)
+
+
+def check_io(proto: onnx.ModelProto, inputs: list[TensorSpec], outputs: list[TensorSpec], where: str) -> None:
+    """The graph's inputs/outputs are exactly the specs: names, order, dtypes, and batch/utterance axes dynamic."""
+    for kind, got, want in (("input", proto.graph.input, inputs), ("output", proto.graph.output, outputs)):
+        actual = [TensorSpec(v.name, ONNX_DTYPES.get(v.type.tensor_type.elem_type, str(v.type.tensor_type.elem_type)),
+                             _dims(v)) for v in got]
+        if actual != list(want):
+            raise ArtifactError(where, f"graph {kind}s {[s.to_json() for s in actual]} differ from the contract "
+                                       f"{[s.to_json() for s in want]}")

@@ -88,7 +88,7 @@ def plot_streaming(records: list[dict[str, Any]], path: str | Path, title: str =
             ax.plot(*zip(*rows), style, label=f"{p} ({'whole conversation' if p == 'full' else 'model.step.onnx'})")
     threads = {r["threads"] for r in records if r.get("benchmark") == "streaming"}
     ax.set(xlabel="history n (utterances, the new one included)", ylabel="latency of one new utterance, p50 (ms)",
-           yscale="log", title=title or f"streaming: step vs full recompute (onnxruntime CPU, threads {threads})")
+           yscale="log", title=title or f"streaming: step vs full recompute (onnxruntime CPU, threads {', '.join(map(str, sorted(threads)))})")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -105,6 +105,10 @@ def summary_text(metrics: dict, out: Path, seconds: float) -> str:
                              f"weighted-F1 {100 * m['weighted_f1']['mean']:.2f} +- {100 * m['weighted_f1']['std']:.2f}")
             else:
                 lines.append(f"{split:10s} accuracy {100 * m['accuracy']:.2f}  weighted-F1 {100 * m['weighted_f1']:.2f}")
+    for m, b in metrics.get("baseline_context_free", {}).items():
+        if b.get("test_weighted_f1") is not None:
+            lines.append(f"context-free logistic regression ({m}): test accuracy {100 * b['test_accuracy']:.2f}  "
+                         f"weighted-F1 {100 * b['test_weighted_f1']:.2f}")
     return "\n".join(lines)
 
 

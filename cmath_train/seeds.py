@@ -32,8 +32,21 @@ def train_seeds(fs: FeatureSet, model_cfg: ModelConfig, loss_cfg: LossConfig, tr
     for name in ("model.safetensors", "config.json", "training_curves.png", "confusion_matrix.png"):
         shutil.copy2(out / f"seed_{best_seed}" / name, out / name)
     summary["selected_seed"] = best_seed
+    summary["baseline_context_free"] = context_free_baseline(fs)
     atomic_write_json(out / "metrics.json", summary)
     return summary
+
+
+def context_free_baseline(fs: FeatureSet) -> dict[str, Any]:
+    """Logistic regression per utterance on the same features (no conversation context), C chosen on dev."""
+    from .prepare.probe import linear_probe
+
+    out = {}
+    for m in fs.modalities:
+        r = linear_probe(fs, m)
+        out[m] = {"C": r.best_c, "selection": r.selection, "validation_weighted_f1": r.dev_weighted_f1,
+                  "test_weighted_f1": r.test_weighted_f1, "test_accuracy": r.test_accuracy}
+    return out
 
 
 def summarize(runs: list[tuple[int, dict[str, Any]]], label_names: list[str]) -> dict[str, Any]:

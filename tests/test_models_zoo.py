@@ -241,22 +241,60 @@ def test_overfits_a_tiny_batch(name):
     assert (pred[mask] == labels[mask]).float().mean().item() == 1.0
 
 
-@pytest.mark.parametrize("name,cdat", [("sdt", True), ("dmd", False)])
-def test_training_and_checkpoint_round_trip(name, cdat, tiny_data, tmp_path):
-    cfg, loss_cfg = tiny_model_config(), LossConfig(cdat=cdat)
-    metrics = train(tiny_data, cfg, loss_cfg, TrainConfig(epochs=2, batch_size=8, lr=3e-3), tmp_path, model_name=name,
-                    progress=False)
+CDAT_IN_RUN = {"sdt": True, "dmd": False}  # one trained run per model; CDaT rides along in one of them
+
+
+@pytest.fixture(scope="module")
+def zoo_runs(tiny_data, tmp_path_factory):
+    """name -> (run dir, metrics) of a 2-epoch d=32 training run through cmath_train.train.train."""
+    runs = {}
+    for name, cdat in CDAT_IN_RUN.items():
+        out = tmp_path_factory.mktemp(f"run_{name}")
+        metrics = train(tiny_data, tiny_model_config(), LossConfig(cdat=cdat), TrainConfig(epochs=2, batch_size=8, lr=3e-3),
+                        out, model_name=name, progress=False)
+        runs[name] = (out, metrics)
+    return runs
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_training_and_checkpoint_round_trip(name, zoo_runs, tiny_data):
+    run, metrics = zoo_runs[name]
+    cfg, cdat = tiny_model_config(), CDAT_IN_RUN[name]
     assert metrics["model"] == name and ("train_cdat" in metrics["history"][0]) == cdat
-    saved = json.loads((tmp_path / "config.json").read_text())
+    saved = json.loads((run / "config.json").read_text())
     assert saved["model_name"] == name and saved["loss"]["cdat"] == cdat
-    ckpt = load_checkpoint(tmp_path)
+    ckpt = load_checkpoint(run)
     assert isinstance(ckpt.model, CLASSES[name]) and ckpt.model_name == name and ckpt.model_cfg == cfg
     assert not ckpt.model.training
     y, p = predict(ckpt.model, tiny_data.splits["test"], cfg.modalities)
     assert (y == p).mean() == pytest.approx(metrics["test"]["accuracy"])  # the same model that was evaluated
-    again = load_checkpoint(tmp_path).model
+    again = load_checkpoint(run).model
     feats, speaker, mask = make_inputs(cfg, [5, 3])
     assert torch.equal(ckpt.model(feats, speaker, mask).logits, again(feats, speaker, mask).logits)
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_exports_and_serves_through_the_runtime_with_fp32_parity(name, zoo_runs, tiny_data):
+    import numpy as np
+
+    import cmath_runtime
+    from cmath_export import export_run
+
+    run, _ = zoo_runs[name]
+    manifest = export_run(run)
+    assert manifest["model_name"] == name and json.loads((run / "export" / "export.json").read_text())["model_name"] == name
+    fp32 = manifest["parity"]["fp32"]
+    probs = next(o for o in fp32["outputs"] if o["name"] == "probs")
+    assert fp32["passed"] and probs["max_abs"] <= 1e-4 and fp32["padded_rows_finite"]
+    # the runtime serves it: same probabilities as PyTorch on a held-out conversation
+    served = cmath_runtime.load(run, backend="cpu", threads=1)
+    d = tiny_data.splits["test"][0]
+    [pred] = served.predict([{"speakers": d.speakers.tolist(), "features": dict(d.features)}])
+    ckpt = load_checkpoint(run)
+    with torch.no_grad():
+        ref = ckpt.model({m: torch.from_numpy(x[None]).float() for m, x in d.features.items()},
+                         torch.from_numpy(d.speakers[None]), torch.ones(1, len(d.speakers), dtype=torch.bool))
+    assert np.abs(pred.probs - ref.logits.softmax(-1)[0].numpy()).max() <= 1e-4
 
 
 def test_cli_trains_a_baseline_with_cdat(tmp_path, monkeypatch):
@@ -332,3 +370,30 @@ def test_cdat_is_added_to_any_models_total_with_its_weight():
     lp = {m: lg.log_softmax(-1) for m, lg in out.modality_logits.items()}
     ref = sum((w[(m, n)] * (lp[m].exp() * (lp[m] - lp[n])).sum(-1))[rows].mean() for (m, n) in w)
     assert terms["cdat"].item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+# --- comparison ---------------------------------------------------------------------------------------------
+
+def test_compare_models_writes_the_table(tmp_path, monkeypatch):
+    import cmath_train.data as data_mod
+    from benchmarks.compare_models import main as compare_cli
+    from cmath_train.data.synthetic import SyntheticConfig, make_synthetic
+
+    small = make_synthetic(SyntheticConfig(feature_dims={"t": 8, "a": 6, "v": 4}, conversations={"train": 12, "test": 4},
+                                           max_len=8))
+    monkeypatch.setattr(data_mod, "load_data", lambda spec: small)
+    out = tmp_path / "cmp"
+    res = CliRunner().invoke(compare_cli, ["--models", "sdt,dmd+cdat", "--seeds", "2", "--epochs", "1", "--d", "16",
+                                           "--modalities", "ta", "--latency-calls", "5", "--latency-backend", "eager", "--out",
+                                           str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "compare.json").read_text())
+    assert list(report["models"]) == ["sdt", "dmd+cdat"] and report["seeds"] == [0, 1]
+    dmd = report["models"]["dmd+cdat"]
+    assert dmd["model"] == "dmd" and dmd["cdat"] and set(dmd["test"]["accuracy"]) == {"mean", "std"}
+    assert dmd["parameters"] > 0 and dmd["latency"]["p50_ms"] > 0
+    assert json.loads((out / "dmd+cdat" / "seed_1" / "config.json").read_text())["loss"]["cdat"] is True
+    table = (out / "compare.md").read_text()
+    assert "| dmd+cdat |" in table and report["latency"]["backend"] in table and "NOT the exported runtime" in table
+    bad = CliRunner().invoke(compare_cli, ["--models", "mult", "--out", str(tmp_path / "x")])
+    assert bad.exit_code != 0 and "expected NAME or NAME+cdat" in bad.output

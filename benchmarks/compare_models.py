@@ -1,0 +1,291 @@
+"""Compare the registered models on one dataset: same data, splits, dev-based selection and seeds for each.
+
+    python -m benchmarks.compare_models [--data synthetic|FEATURES_DIR|PICKLE] [--modalities tav] [--seeds 3]
+                                        [--epochs 10] [--preset default] [--models cmath,sdt,dmd,cmath+cdat]
+                                        [--out runs/compare]
+
+Each entry is a registered model name, optionally with "+cdat" (CDaT's confidence-weighted transfer on top).
+Every entry is trained with cmath_train.seeds.train_seeds: seeds seed..seed+N-1, each seed selecting its epoch
+on validation (the official dev split, else the same seeded train fraction for every model), test evaluated once
+per seed. Writes OUT/compare.json and OUT/compare.md: test accuracy and weighted-F1 (mean +- std over seeds),
+parameters, and latency for one conversation of 50 utterances (batch 1). Latency is measured through the
+exported artifact (cmath_export.export_run, fp32 ONNX with its parity proof) with cmath_runtime on the CPU;
+with --latency-backend eager, or without cmath_export, it is PyTorch eager latency, and the table says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+LATENCY_SHAPE = (1, 50)  # (batch, utterances)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    key: str  # "cmath", "cmath+cdat", ...
+    model: str
+    cdat: bool
+
+    @classmethod
+    def parse(cls, key: str, known: list[str]) -> Entry:
+        name, _, extra = key.partition("+")
+        if name not in known or extra not in ("", "cdat"):
+            raise click.BadParameter(f"expected NAME or NAME+cdat with NAME one of {known}, got {key!r}")
+        return cls(key, name, extra == "cdat")
+
+
+def train_entries(fs: Any, entries: list[Entry], model_kw: dict[str, Any], loss_kw: dict[str, Any],
+                  train_kw: dict[str, Any], seeds: int, out: Path, resume: bool, progress: bool) -> dict[str, Any]:
+    from cmath_train.config import LossConfig, ModelConfig, TrainConfig
+    from cmath_train.seeds import train_seeds
+
+    results = {}
+    for entry in entries:
+        model_cfg = ModelConfig(**model_kw)
+        loss_cfg = LossConfig(**{**loss_kw, "cdat": entry.cdat})
+        train_cfg = TrainConfig(**train_kw)
+        click.echo(f"=== {entry.key}: {seeds} seed(s) -> {out / entry.key}")
+        start = time.perf_counter()
+        summary = train_seeds(fs, model_cfg, loss_cfg, train_cfg, out / entry.key, seeds, entry.model, resume, progress)
+        results[entry.key] = {"summary": summary, "train_seconds": time.perf_counter() - start}
+    return results
+
+
+# --- latency ------------------------------------------------------------------------------------------------
+
+def _latency_inputs(feature_dims: dict[str, int], num_speakers: int, seed: int = 0) -> tuple[dict, Any, Any]:
+    import numpy as np
+
+    b, n = LATENCY_SHAPE
+    rng = np.random.default_rng(seed)
+    feats = {m: rng.standard_normal((b, n, dim)).astype(np.float32) for m, dim in feature_dims.items()}
+    speaker = rng.integers(0, min(2, num_speakers), (b, n)).astype(np.int64)
+    return feats, speaker, np.ones((b, n), dtype=bool)
+
+
+def eager_callable(run_dir: Path) -> Callable[[], object]:
+    """The selected checkpoint in PyTorch eager mode (eval, no grad), on one conversation of 50 utterances."""
+    import torch
+
+    from cmath_train.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(run_dir)
+    feats, speaker, mask = _latency_inputs(ckpt.model_cfg.feature_dims, ckpt.model_cfg.num_speakers)
+    feats_t = {m: torch.from_numpy(x) for m, x in feats.items()}
+    speaker_t, mask_t = torch.from_numpy(speaker), torch.from_numpy(mask)
+
+    def call() -> object:
+        with torch.no_grad():
+            return ckpt.model(feats_t, speaker_t, mask_t).logits.softmax(-1)
+
+    return call
+
+
+def runtime_callable(run_dir: Path) -> tuple[Callable[[], object], dict[str, Any]] | None:
+    """Export with cmath_export.export_run (fp32, parity proven) and time cmath_runtime's predict on the CPU;
+    -> (the call, the export's fp32 parity numbers), or None when cmath_export is not available."""
+    try:
+        from cmath_export import export_run  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    import cmath_runtime
+
+    manifest = export_run(run_dir)  # writes RUN_DIR/export (docs/artifact-format.md); load() finds it from the run
+    model = cmath_runtime.load(run_dir, backend="cpu", threads=1)
+    feats, speaker, _ = _latency_inputs(dict(model.feature_dims), model.num_speakers)
+    conversation = {"speakers": speaker[0].tolist(), "features": {m: x[0] for m, x in feats.items()}}
+    fp32 = manifest["parity"]["fp32"]
+    parity = {"passed": fp32["passed"], **{f"{o['name']}_max_abs": o["max_abs"] for o in fp32["outputs"]}}
+    return (lambda: model.predict([conversation])), {"model_name": manifest["model_name"], "parity_fp32": parity}
+
+
+def measure_latency(run_dirs: dict[str, Path], calls: int = 100, backend: str = "auto", rounds: int = 5,
+                    warmup: int = 3) -> tuple[str, dict[str, dict[str, float]]]:
+    """Median and p90 milliseconds over `calls` calls per model, the models interleaved in `rounds` rounds so that
+    a change in the machine's load hits all of them alike. backend: "runtime" (export each run, time
+    cmath_runtime), "eager" (PyTorch), "auto" (runtime when cmath_export is available)."""
+    fns: dict[str, Callable[[], object]] = {}
+    exports: dict[str, dict[str, Any]] = {}
+    label = "cmath_runtime: exported fp32 ONNX on onnxruntime CPU, 1 thread"
+    if backend in ("auto", "runtime"):
+        for key, run in run_dirs.items():
+            got = runtime_callable(run)
+            if got is None:
+                if backend == "runtime":
+                    raise click.ClickException("--latency-backend runtime: cmath_export.export_run is not available")
+                break
+            fns[key], exports[key] = got
+    if len(fns) < len(run_dirs):
+        why = "as asked" if backend == "eager" else "cmath_export not available"
+        label = f"PyTorch eager CPU fp32, 1 thread ({why}; NOT the exported runtime)"
+        fns = {key: eager_callable(run) for key, run in run_dirs.items()}
+    times: dict[str, list[float]] = {key: [] for key in fns}
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            for _ in range(max(1, calls // rounds)):
+                start = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - start)
+    stats = {}
+    for key, secs in times.items():
+        ms = sorted(1e3 * s for s in secs)
+        stats[key] = {"p50_ms": statistics.median(ms), "p90_ms": ms[int(0.9 * (len(ms) - 1))], "calls": len(ms),
+                      **exports.get(key, {})}
+    return label, stats
+
+
+# --- report -------------------------------------------------------------------------------------------------
+
+def _pm(block: dict[str, float]) -> str:
+    return f"{100 * block['mean']:.2f} +- {100 * block['std']:.2f}"
+
+
+def build_report(entries: list[Entry], trained: dict[str, Any], latency: tuple[str, dict[str, dict[str, float]]],
+                 context: dict[str, Any]) -> dict[str, Any]:
+    backend, lat = latency
+    models = {}
+    for entry in entries:
+        summary = trained[entry.key]["summary"]
+        per_seed = summary["per_seed"]
+        models[entry.key] = {
+            "model": entry.model, "cdat": entry.cdat,
+            "test": {k: summary["test"][k] for k in ("accuracy", "weighted_f1", "macro_f1")} if "test" in summary else None,
+            "validation": {k: summary["validation"][k] for k in ("accuracy", "weighted_f1", "macro_f1")},
+            "parameters": context["parameters"][entry.key], "latency": lat[entry.key],
+            "selected_epochs": {s: per_seed[s]["selected_epoch"] for s in per_seed},
+            "per_seed": per_seed, "train_seconds": trained[entry.key]["train_seconds"],
+            "run_dir": str(context["out"] / entry.key),
+        }
+    return {"format": "cmath-compare", "version": 1, **{k: v for k, v in context.items() if k not in ("parameters", "out")},
+            "latency": {"backend": backend, "batch": LATENCY_SHAPE[0], "utterances": LATENCY_SHAPE[1]}, "models": models}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    split = "test" if all(m["test"] for m in report["models"].values()) else "validation"
+    lines = [
+        f"# Model comparison on {report['data']} ({report['modalities']})", "",
+        f"{len(report['seeds'])} seeds {report['seeds']}, at most {report['epochs']} epochs, preset "
+        f"`{report['preset']}`; each seed keeps its best-validation epoch (validation: {report['validation']}); "
+        f"{split} metrics are mean +- std over seeds (%).",
+        f"Latency: one conversation of {report['latency']['utterances']} utterances, batch "
+        f"{report['latency']['batch']}, median (p90) over interleaved calls, {report['latency']['backend']}.", "",
+    ]
+    exported = all("parity_fp32" in m["latency"] for m in report["models"].values())
+    head = f"| model | {split} accuracy | {split} weighted-F1 | parameters | latency ms, p50 (p90) |"
+    lines += [head + (" ONNX fp32 parity, max abs diff of probs |" if exported else ""),
+              "|---|---|---|---|---|" + ("---|" if exported else "")]
+    for key, m in report["models"].items():
+        block = m[split]
+        lat = m["latency"]
+        row = (f"| {key} | {_pm(block['accuracy'])} | {_pm(block['weighted_f1'])} | {m['parameters']:,} | "
+               f"{lat['p50_ms']:.2f} ({lat['p90_ms']:.2f}) |")
+        if exported:
+            par = lat["parity_fp32"]
+            row += f" {par['probs_max_abs']:.1e} {'passed' if par['passed'] else 'FAILED'} |"
+        lines.append(row)
+    lines += ["", f"Reproduce: `{report['command']}`", ""]
+    if report.get("notes"):
+        lines += [f"- {note}" for note in report["notes"]] + [""]
+    return "\n".join(lines)
+
+
+# --- CLI ----------------------------------------------------------------------------------------------------
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--data", default="synthetic", show_default=True, help="'synthetic', a features dir, or a .pkl pickle.")
+@click.option("--modalities", default=None, help="Subset of the data's modalities, e.g. 't'. Default: all.")
+@click.option("--preset", default="default", show_default=True, help="Model/loss/train preset shared by every model.")
+@click.option("--models", "model_list", default="cmath,sdt,dmd,cmath+cdat", show_default=True,
+              help="Comma-separated registered names, each optionally with +cdat.")
+@click.option("--seeds", type=int, default=3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="First seed.")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--d", "hidden", type=int, default=None, help="Hidden size (default from preset).")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--lr", type=float, default=None)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/compare", show_default=True)
+@click.option("--latency-calls", type=int, default=100, show_default=True, help="Timed calls per model.")
+@click.option("--latency-backend", type=click.Choice(["auto", "runtime", "eager"]), default="auto", show_default=True,
+              help="auto: export each selected run and time cmath_runtime when cmath_export is there, else eager.")
+@click.option("--resume", is_flag=True, help="Reuse finished seeds in --out and continue interrupted ones.")
+@click.option("--quiet", is_flag=True)
+def main(data: str, modalities: str | None, preset: str, model_list: str, seeds: int, seed: int, epochs: int,
+         hidden: int | None, batch_size: int | None, lr: float | None, out_dir: str, latency_calls: int,
+         latency_backend: str, resume: bool, quiet: bool) -> None:
+    """Train every model with the same data, splits, selection and seeds; write compare.json and compare.md."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    from cmath_runtime.files import atomic_write_bytes, atomic_write_json
+    from cmath_train.checkpoint import load_checkpoint
+    from cmath_train.cli import parse_modalities
+    from cmath_train.config import get_preset
+    from cmath_train.data import load_data
+    from cmath_train.registry import model_names
+
+    torch.set_num_threads(1)  # tiny models; spinning intra-op threads only slow a shared CPU down
+    entries = [Entry.parse(k.strip(), model_names()) for k in model_list.split(",") if k.strip()]
+    if seeds < 1 or epochs < 1 or not entries:
+        raise click.BadParameter("expected --seeds >= 1, --epochs >= 1 and at least one model")
+    p = get_preset(preset)
+    fs = load_data(data)
+    mods = parse_modalities(modalities, fs.modalities)
+    fs = fs.select(mods)
+    given = {k: v for k, v in {"d": hidden}.items() if v is not None}
+    model_kw = {"modalities": mods, "feature_dims": fs.feature_dims, "num_classes": len(fs.label_names),
+                "num_speakers": fs.num_speakers, **p.model, **given}
+    train_kw = {**p.train, **{k: v for k, v in {"batch_size": batch_size, "lr": lr}.items() if v is not None},
+                "epochs": epochs, "seed": seed}
+    out = Path(out_dir)
+    start = time.perf_counter()
+    trained = train_entries(fs, entries, model_kw, dict(p.loss), train_kw, seeds, out, resume, not quiet)
+    run_dirs = {e.key: out / e.key for e in entries}
+    params = {key: sum(t.numel() for t in load_checkpoint(run).model.parameters()) for key, run in run_dirs.items()}
+    click.echo("measuring latency ...")
+    latency = measure_latency(run_dirs, latency_calls, latency_backend)
+    notes = []
+    if len(mods) == 1 and any(e.cdat for e in entries):
+        notes.append("CDaT transfers between modalities: with a single modality it adds nothing (+cdat = plain).")
+    first = trained[entries[0].key]["summary"]
+    context = {"data": data, "modalities": "".join(mods), "preset": preset, "epochs": epochs,
+               "seeds": first["seeds"], "validation": _validation_source(out / entries[0].key),
+               "model_config": model_kw | {"modalities": list(mods)}, "train_config": train_kw,
+               "command": "python -m benchmarks.compare_models " + shlex.join(sys.argv[1:]),
+               "host": {"python": platform.python_version(), "torch": torch.__version__,
+                        "cpu_count": os.cpu_count()},
+               "total_seconds": time.perf_counter() - start, "notes": notes, "parameters": params, "out": out}
+    report = build_report(entries, trained, latency, context)
+    atomic_write_json(out / "compare.json", report)
+    text = markdown(report)
+    atomic_write_bytes(out / "compare.md", text.encode())
+    click.echo(text)
+
+
+def _validation_source(run_dir: Path) -> str:
+    import json
+
+    seed_dirs = sorted(run_dir.glob("seed_*"))
+    metrics = json.loads((seed_dirs[0] / "metrics.json").read_text()) if seed_dirs else {}
+    source = metrics.get("validation_source", "unknown")
+    if source == "dev":
+        return "the official dev split"
+    fraction = source.split("(")[0].strip()  # "train fraction 0.2"
+    return f"{fraction}, drawn with each seed, the same for every model"
+
+
+if __name__ == "__main__":
+    main()

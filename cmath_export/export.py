@@ -191,3 +191,19 @@ def _promote(staging: Path, out: Path, manifest: dict) -> None:
 
     promote(staging, out, manifest.get("text_encoder"))
     atomic_write_json(out / MANIFEST, manifest)
+    _share(out, manifest)
+
+
+def _share(out: Path, manifest: dict) -> None:
+    """Staged files are 0600 (mkstemp); artifacts are for other users (a Triton container) too: 0666 - umask."""
+    mode = 0o666 & ~_umask()
+    names = [MANIFEST, *(a["file"] for a in manifest["artifacts"].values())]
+    names += [manifest["step"]["file"]] if manifest.get("step") else []
+    for name in names:
+        os.chmod(out / name, mode)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,122 @@
+"""The contenders, each behind one small interface: `prepare(conversations)` returns a zero-argument call that
+computes that batch the way a caller would, and `probs(result)` turns its result into a (B, N, C) array.
+
+PyTorch eager and torch.compile run the original checkpoint (`load_checkpoint(run_dir).model`, eval mode =
+mean path) under torch.inference_mode on tensors made from the same numpy arrays; the runtime runs
+`cmath_runtime.EmotionModel.predict` on the conversations themselves, validation and padding included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .inputs import InputSpec, padded
+
+EAGER, COMPILE, ORT, ORT_CUDA, TENSORRT = "pytorch-eager", "torch-compile", "onnxruntime", "onnxruntime-cuda", "tensorrt"
+ALL = (f"{EAGER}:fp32", f"{COMPILE}:fp32", f"{ORT}:fp32", f"{ORT}:fp16", f"{ORT_CUDA}:fp32", f"{TENSORRT}:fp16")
+
+
+class Skipped(Exception):
+    """This contender cannot run here; the message says why (it becomes the record's note)."""
+
+
+@dataclass
+class Contender:
+    backend: str
+    precision: str
+    provider: str
+    prepare: Callable[[list[dict]], Callable[[], Any]]
+    probs: Callable[[Any], np.ndarray]
+    note: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def set_torch_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # already set, or parallel work already started
+        torch.set_num_interop_threads(1)
+
+
+def torch_model(run_dir: Path) -> tuple[Any, InputSpec, float]:
+    """The original PyTorch model of the run and the seconds it took to load."""
+    from cmath_train.checkpoint import load_checkpoint
+
+    start = time.perf_counter()
+    ckpt = load_checkpoint(run_dir)
+    cfg = ckpt.model_cfg
+    return ckpt.model.eval(), InputSpec(tuple(cfg.modalities), dict(cfg.feature_dims), cfg.num_speakers), (
+        time.perf_counter() - start)
+
+
+def torch_forward(model: Any) -> Callable[..., Any]:
+    import torch
+
+    def forward(features: dict[str, Any], speaker: Any, mask: Any) -> Any:
+        return torch.softmax(model(features, speaker, mask).logits, dim=-1)
+
+    return forward
+
+
+def torch_contender(backend: str, forward: Callable[..., Any], spec: InputSpec) -> Contender:
+    import torch
+
+    def prepare(convs: list[dict]) -> Callable[[], Any]:
+        feats, speaker, mask = padded(spec, convs)
+        args = ({m: torch.from_numpy(x) for m, x in feats.items()}, torch.from_numpy(speaker), torch.from_numpy(mask))
+
+        def call() -> np.ndarray:
+            with torch.inference_mode():
+                return forward(*args).numpy()
+
+        return call
+
+    return Contender(backend, "fp32", "cpu (torch)", prepare, np.asarray)
+
+
+def eager(model: Any, spec: InputSpec) -> Contender:
+    return torch_contender(EAGER, torch_forward(model), spec)
+
+
+def compiled(model: Any, spec: InputSpec) -> Contender:
+    """torch.compile(dynamic=True) of the same forward. It compiles on the first call (and recompiles for shapes
+    it specialised on, such as a length of 1): the benchmark times those first calls separately."""
+    import torch
+
+    return torch_contender(COMPILE, torch.compile(torch_forward(model), dynamic=True), spec)
+
+
+def runtime(export_dir: Path, backend: str, precision: str, threads: int) -> Contender:
+    """cmath_runtime on `backend` ("cpu", "cuda", "tensorrt"); Skipped when that backend or artifact is not here."""
+    import cmath_runtime
+    from cmath_runtime.session import PROVIDER, available_providers
+
+    name = {"cpu": ORT, "cuda": ORT_CUDA, "tensorrt": TENSORRT}[backend]
+    if backend != "cpu" and PROVIDER[backend] not in available_providers():
+        raise Skipped(f"{PROVIDER[backend]} is not in this onnxruntime ({', '.join(available_providers())}): needs "
+                      f"an NVIDIA GPU and onnxruntime-gpu{' with TensorRT' if backend == 'tensorrt' else ''}")
+    try:
+        model = cmath_runtime.load(export_dir, backend=backend, precision=precision, threads=threads)
+    except cmath_runtime.BackendUnavailableError as e:
+        raise Skipped(str(e)) from None
+    except cmath_runtime.ArtifactError as e:
+        if precision == "fp16" and "no fp16 artifact" in str(e):
+            raise Skipped(f"the export has no fp16 model: {e}") from None
+        raise
+
+    def prepare(convs: list[dict]) -> Callable[[], Any]:
+        return lambda: model.predict(convs, batch_size=len(convs))
+
+    def probs(preds: list[Any]) -> np.ndarray:
+        return np.stack([p.probs for p in preds])
+
+    return Contender(name, precision, model.providers[0], prepare, probs, model.note,
+                     {"load_s": model.load_seconds, "manifest": model.manifest})

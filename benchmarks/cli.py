@@ -1,0 +1,79 @@
+"""`cmath-bench RUN_DIR [--out DIR] [--quick]`: PyTorch eager, torch.compile and the runtime on one checkpoint."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from cmath_runtime.errors import CmathError
+
+from . import backends
+
+
+def ensure_export(run_dir: Path) -> Path:
+    """The run's export folder; exports the run (fp32 + fp16) with cmath_export when it has none yet."""
+    export_dir = run_dir / "export"
+    if (export_dir / "export.json").is_file():
+        return export_dir
+    try:
+        from cmath_export import export_run
+    except ImportError as e:
+        raise click.ClickException(f"{run_dir} has no export/export.json and cmath_export.export_run is not "
+                                   f"available ({e}); export the run first with `cmath-export {run_dir} --fp16`") from None
+    click.echo(f"exporting {run_dir} (fp32 + fp16) ...")
+    export_run(run_dir, fp16=True)
+    return export_dir
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where bench.json, bench.md and bench_latency.png go (default: RUN_DIR).")
+@click.option("--quick", is_flag=True, help="Few lengths and iterations (tests, CI).")
+@click.option("--threads", type=int, default=None, help="Threads for every contender (default: the cores available).")
+@click.option("--backends", "only", default=None,
+              help=f"Comma-separated subset of {', '.join(backends.ALL)} (default: all; GPU ones skip with a reason).")
+def main(run_dir: Path, out_dir: Path | None, quick: bool, threads: int | None, only: str | None) -> None:
+    """Benchmark a trained run: latency at batch 1 over conversation lengths, throughput at batch 16, load time and
+    peak memory, for PyTorch eager, torch.compile and cmath_runtime (onnxruntime fp32/fp16, CUDA, TensorRT)."""
+    from cmath_runtime.session import default_threads
+
+    from .report import write
+    from .runner import Plan, environment, run_benchmark
+
+    start = time.perf_counter()
+    contenders = backends.ALL
+    if only:
+        contenders = tuple(_contender_key(k.strip()) for k in only.split(",") if k.strip())
+    threads = threads or default_threads()
+    options = {"contenders": contenders, "threads": threads}
+    plan = Plan.quick(**options) if quick else Plan(**options)
+    try:
+        export_dir = ensure_export(run_dir)
+        env = environment(threads)
+        click.echo(f"cmath-bench {run_dir}: {threads} threads, load average {env['load_average']}")
+        records = run_benchmark(run_dir, export_dir, plan, log=click.echo)
+    except CmathError as e:
+        click.echo(f"cmath-bench: error: {e}", err=True)
+        sys.exit(2)
+    out = out_dir or run_dir
+    text = write(records, env, out, f"cmath-bench: {run_dir.name}{' (quick)' if quick else ''}")
+    from .streaming import extend_bench  # causal runs with a step graph: step vs full per new utterance
+
+    extend_bench(out, export_dir, threads, quick, log=click.echo)
+    click.echo(f"\nwrote {out / 'bench.json'}, bench.md, bench_latency.png in {time.perf_counter() - start:.0f} s\n")
+    click.echo(text)
+
+
+def _contender_key(name: str) -> str:
+    aliases = {"eager": f"{backends.EAGER}:fp32", "compile": f"{backends.COMPILE}:fp32", "ort": f"{backends.ORT}:fp32",
+               "ort-fp16": f"{backends.ORT}:fp16", "cuda": f"{backends.ORT_CUDA}:fp32",
+               "tensorrt": f"{backends.TENSORRT}:fp16"}
+    key = aliases.get(name, name)
+    if key not in backends.ALL:
+        raise click.BadParameter(f"expected names from {list(backends.ALL)} or {sorted(aliases)}, got {name!r}",
+                                 param_hint="--backends")
+    return key

@@ -1,0 +1,151 @@
+"""bench.json (the records), bench.md (tables: latency with speed-ups, throughput, load/memory, the bar) and
+bench_latency.png (p50 latency vs conversation length, one line per contender)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cmath_runtime.files import atomic_open, atomic_write_json
+
+# The speed bar (issue 5), checked on the onnxruntime fp32 path at batch 1: minimum speed-up vs PyTorch eager.
+BAR = {1: 2.5, 2: 2.5, 5: 2.5, 10: 2.5, 50: 1.5}
+
+
+def label(rec: dict[str, Any]) -> str:
+    return f"{rec['backend']} {rec['precision']}"
+
+
+def _contenders(records: list[dict]) -> list[str]:
+    seen: dict[str, None] = {}
+    for r in records:
+        if r["kind"] in ("latency", "throughput"):
+            seen[label(r)] = None
+    return list(seen)
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else (f"{x:.2f}" if x < 100 else f"{x:.0f}")
+
+
+def latency_table(records: list[dict]) -> str:
+    names = _contenders(records)
+    rows = {}
+    for r in records:
+        if r["kind"] == "latency":
+            speed = f" ({r['speedup_vs_eager']:.2f}x)" if r.get("speedup_vs_eager") and r["backend"] != "pytorch-eager" else ""
+            rows.setdefault(r["utterances"], {})[label(r)] = f"{_ms(r['p50_ms'])}{speed}"
+    head = "| utterances | " + " | ".join(f"{n} p50 ms" for n in names) + " |"
+    lines = [head, "|---:|" + "---:|" * len(names)]
+    for n in sorted(rows):
+        lines.append(f"| {n} | " + " | ".join(rows[n].get(name, "-") for name in names) + " |")
+    return "\n".join(lines)
+
+
+def detail_table(records: list[dict], kind: str) -> str:
+    lines = ["| backend | precision | batch | utterances | p50 ms | p90 ms | p99 ms | speed-up vs eager | utt/s | conv/s "
+             "| iterations |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in records:
+        if r["kind"] == kind:
+            sp = f"{r['speedup_vs_eager']:.2f}x" if r.get("speedup_vs_eager") else "-"
+            ups = f"{r['utterances_per_s']:.0f}" if "utterances_per_s" in r else "-"
+            cps = f"{r['conversations_per_s']:.1f}" if "conversations_per_s" in r else "-"
+            lines.append(f"| {r['backend']} | {r['precision']} | {r['batch']} | {r['utterances']} | {_ms(r['p50_ms'])} "
+                         f"| {_ms(r['p90_ms'])} | {_ms(r['p99_ms'])} | {sp} | {ups} | {cps} | {r['iterations']} |")
+    return "\n".join(lines)
+
+
+def contender_table(records: list[dict]) -> str:
+    lines = ["| backend | precision | provider | threads (torch / ort intra-op) | import s | load s | compile s "
+             "| peak RSS MiB | RSS growth MiB | max abs diff vs eager | torch imported | note |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    seen = set()
+    for r in records:
+        key = label(r)
+        if key in seen:
+            continue
+        seen.add(key)
+        th = r.get("threads") or {}
+        threads = f"{th.get('torch', '-')} / {th.get('ort_intra_op', '-')}" if th else "-"
+        diff = f"{r['max_abs_diff_vs_eager']:.1e}" if r.get("max_abs_diff_vs_eager") is not None else "-"
+        imported = "-" if "torch_imported" not in r else ("yes" if r["torch_imported"] else "no")
+        note = (r.get("note") or "").replace("|", "/")
+        lines.append(f"| {r['backend']} | {r['precision']} | {r.get('provider', '-')} | {threads} | {_num(r, 'import_s', 2)} "
+                     f"| {_num(r, 'load_s', 2)} | {_num(r, 'compile_s', 1)} | {_num(r, 'peak_rss_mb', 0)} "
+                     f"| {_num(r, 'rss_delta_mb', 0)} | {diff} | {imported} | {note} |")
+    return "\n".join(lines)
+
+
+def _num(rec: dict[str, Any], key: str, digits: int) -> str:
+    return "-" if rec.get(key) is None else f"{rec[key]:.{digits}f}"
+
+
+def bar_check(records: list[dict]) -> list[str]:
+    """The issue's bar on this run: onnxruntime fp32 vs eager (>= BAR[n]) and vs torch.compile (faster), batch 1."""
+    lat = {(r["backend"], r["precision"], r["utterances"]): r for r in records if r["kind"] == "latency"}
+    out = []
+    for n, need in BAR.items():
+        ort, eager = lat.get(("onnxruntime", "fp32", n)), lat.get(("pytorch-eager", "fp32", n))
+        if not ort or not eager:
+            continue
+        comp = lat.get(("torch-compile", "fp32", n))
+        ratio = eager["p50_ms"] / ort["p50_ms"]
+        vs_compile = comp["p50_ms"] / ort["p50_ms"] if comp else None
+        ok = ratio >= need and (vs_compile is None or vs_compile > 1)
+        out.append(f"- {n} utterances: onnxruntime fp32 {ort['p50_ms']:.2f} ms vs eager {eager['p50_ms']:.2f} ms = "
+                   f"**{ratio:.2f}x** (bar {need}x)" + (f", vs torch.compile {comp['p50_ms']:.2f} ms = {vs_compile:.2f}x"
+                                                      if comp else ", torch.compile not measured")
+                   + f": {'PASS' if ok else 'FAIL'}")
+    return out
+
+
+def markdown(records: list[dict], env: dict[str, Any], title: str) -> str:
+    parts = [f"# {title}", "",
+             f"{env['cpu']}, {env['cores']} cores, {env['threads']} threads for every contender (torch.set_num_threads "
+             f"and onnxruntime intra_op_num_threads); python {env['python']}, torch {env['torch']}, onnxruntime "
+             f"{env['onnxruntime']}; load average at start {env['load_average']}.", "",
+             "## Latency, batch 1 (p50 ms; speed-up vs PyTorch eager)", "", latency_table(records), ""]
+    bar = bar_check(records)
+    if bar:
+        parts += ["## The bar (onnxruntime fp32 vs PyTorch eager and torch.compile, batch 1, p50)", "", *bar, ""]
+    parts += ["## Throughput", "", detail_table(records, "throughput"), "",
+              "## Contenders (each in its own process): import and load time, peak memory (VmHWM) and its growth "
+              "over the bare interpreter, agreement with eager", "", contender_table(records), "",
+              "## Latency detail", "", detail_table(records, "latency"), ""]
+    return "\n".join(parts)
+
+
+def plot(records: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in _contenders(records):
+        pts = sorted((r["utterances"], r["p50_ms"], r["p90_ms"]) for r in records
+                     if r["kind"] == "latency" and label(r) == name)
+        if pts:
+            xs, p50, p90 = zip(*pts)
+            line, = ax.plot(xs, p50, marker="o", label=name)
+            ax.fill_between(xs, p50, p90, color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("utterances in the conversation (batch 1)")
+    ax.set_ylabel("latency ms (p50, band to p90)")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+
+
+def write(records: list[dict], env: dict[str, Any], out_dir: Path, title: str) -> str:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "bench.json", records)
+    text = markdown(records, env, title)
+    with atomic_open(out_dir / "bench.md", "w") as f:
+        f.write(text)
+    plot(records, out_dir / "bench_latency.png", title)
+    return text

@@ -1,0 +1,238 @@
+"""The benchmark run: one worker process per contender (import, load, peak memory of each), then latency at
+batch 1 and throughput at batch 16 on the same seeded inputs, interleaved shape by shape and round by round."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from . import backends
+from .timing import Budget, interleaved, percentiles_ms
+from .worker import REPLY
+
+LENGTHS = (1, 2, 5, 10, 20, 35, 50, 75, 110)  # utterances per conversation: MELD and IEMOCAP's range
+QUICK_LENGTHS = (1, 5, 20)
+THROUGHPUT_BATCH = 16
+PARITY_SHAPE = (2, 10)  # where every contender's probabilities are compared with PyTorch eager's
+
+
+@dataclass(frozen=True)
+class Plan:
+    lengths: tuple[int, ...] = LENGTHS
+    throughput_lengths: tuple[int, ...] = (10, 50)
+    throughput_batch: int = THROUGHPUT_BATCH
+    latency: Budget = Budget()
+    throughput: Budget = Budget(warmup=2, iterations=30, seconds=2.0, min_iterations=5)
+    contenders: tuple[str, ...] = backends.ALL
+    threads: int = 2
+
+    @classmethod
+    def quick(cls, **kw: Any) -> Plan:
+        fast = Budget(warmup=1, iterations=6, seconds=0.3, min_iterations=3, rounds=2)
+        return cls(lengths=QUICK_LENGTHS, throughput_lengths=(5,), latency=fast, throughput=fast, **kw)
+
+
+class WorkerError(Exception):
+    pass
+
+
+@dataclass
+class Worker:
+    """A contender's process (benchmarks.worker): one JSON request line in, one reply line out."""
+
+    key: str  # "backend:precision"
+    proc: subprocess.Popen
+    stderr: IO[str]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, key: str, job: dict[str, Any], env: dict[str, str]) -> Worker:
+        stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115  (lives as long as the worker; closed in stop())
+        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.worker", json.dumps(job)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
+                                cwd=Path(__file__).resolve().parents[1])
+        worker = cls(key, proc, stderr)
+        worker.info = worker.read()
+        return worker
+
+    def read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(REPLY):
+                return json.loads(line[len(REPLY):])
+        self.stderr.seek(0)
+        raise WorkerError(f"worker exited {self.proc.wait()}: {self.stderr.read().strip()[-400:]}")
+
+    def ask(self, **request: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        answer = self.read()
+        if "error" in answer:
+            raise WorkerError(answer["error"])
+        return answer
+
+    def timer(self, batch: int, length: int, warm: bool = False) -> Callable[[int, float | None], list[float]]:
+        return lambda count, seconds: self.ask(op="warmup" if warm else "time", batch=batch, length=length,
+                                               count=count, seconds=seconds)["times"]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None and self.proc.stdin is not None:
+            with contextlib.suppress(BrokenPipeError, OSError):
+                self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.stderr.close()
+
+
+def environment(threads: int) -> dict[str, Any]:
+    import numpy
+    import onnxruntime
+
+    try:
+        from importlib.metadata import version
+
+        torch_version = version("torch")
+    except Exception:  # noqa: BLE001
+        torch_version = "not installed"
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"python": platform.python_version(), "torch": torch_version, "onnxruntime": onnxruntime.__version__,
+            "numpy": numpy.__version__, "cpu": _cpu_name(), "cores": os.cpu_count(), "threads": threads,
+            "load_average": [round(x, 2) for x in load] if load else None, "platform": platform.platform()}
+
+
+def run_benchmark(run_dir: Path, export_dir: Path, plan: Plan, log: Callable[[str], None] = print) -> list[dict]:
+    """Every record of one benchmark run: latency (batch 1), throughput (batch 16), skipped or failed contenders."""
+    workers, records = [], []
+    manifest = json.loads((export_dir / "export.json").read_text())
+    common = {"model_d": manifest.get("d"), "modalities": "".join(manifest.get("modalities", []))}
+    try:
+        for key in plan.contenders:
+            worker, skipped = _start(key, run_dir, export_dir, plan, log)
+            if worker:
+                workers.append(worker)
+            else:
+                records.append(_record("skipped", key, None, None, {}, common, note=skipped))
+        records += _measure(workers, plan, common, log)
+        for w in workers:
+            w.info.update(w.ask(op="stats"))
+    finally:
+        for w in workers:
+            w.stop()
+    for rec in records:  # load time, memory and threads of each contender, on every one of its records
+        w = next((w for w in workers if w.key == f"{rec['backend']}:{rec['precision']}"), None)
+        if w:
+            rec.update({k: w.info[k] for k in ("import_s", "load_s", "peak_rss_mb", "torch_imported", "threads",
+                                               "provider") if k in w.info})
+            if w.info.get("peak_rss_mb") and w.info.get("base_rss_mb"):
+                rec["rss_delta_mb"] = w.info["peak_rss_mb"] - w.info["base_rss_mb"]
+            rec["note"] = "; ".join(x for x in (rec.get("note"), w.info.get("note")) if x)
+            rec.update({k: w.info[k] for k in ("compile_s", "max_abs_diff_vs_eager") if k in w.info})
+    return records
+
+
+def _start(key: str, run_dir: Path, export_dir: Path, plan: Plan,
+           log: Callable[[str], None]) -> tuple[Worker | None, str]:
+    backend, precision = key.split(":")
+    job = {"backend": backend, "precision": precision, "threads": plan.threads, "run_dir": str(run_dir),
+           "export_dir": str(export_dir)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(plan.threads), "MKL_NUM_THREADS": str(plan.threads)}
+    try:
+        worker = Worker.start(key, job, env)
+    except WorkerError as e:
+        log(f"  {key}: failed to start: {e}")
+        return None, f"failed to start: {e}"
+    if not worker.info.get("ready"):
+        worker.stop()
+        reason = worker.info.get("skipped") or worker.info.get("error", "unknown")
+        log(f"  skipped {key}: {reason}")
+        return None, reason
+    log(f"  {key}: import {worker.info['import_s']:.2f} s, load {worker.info['load_s']:.2f} s "
+        f"({worker.info['provider']}, threads {worker.info['threads']})")
+    return worker, ""
+
+
+def _measure(workers: list[Worker], plan: Plan, common: dict[str, Any], log: Callable[[str], None]) -> list[dict]:
+    records: list[dict] = []
+    failed: dict[str, str] = {}
+    shapes = [("latency", 1, n, plan.latency) for n in plan.lengths] + [
+        ("throughput", plan.throughput_batch, n, plan.throughput) for n in plan.throughput_lengths]
+    for i, (kind, batch, n, budget) in enumerate(shapes):
+        live = [w for w in workers if w.key not in failed]
+        warm = {w.key: w.timer(batch, n, warm=True) for w in live}
+        timings = interleaved({w.key: w.timer(batch, n) for w in live}, budget, warmups=warm)
+        failed.update(timings.errors)
+        for key, err in timings.errors.items():
+            log(f"  {key} failed at batch {batch} x {n}: {err}")
+            records.append(_record("failed", key, batch, n, {}, common, note=err))
+        eager_p50 = None
+        shape_records = []
+        for w in live:
+            if w.key in timings.errors:
+                continue
+            stats = percentiles_ms(timings.times[w.key])
+            rec = _record(kind, w.key, batch, n, stats, common, iterations=len(timings.times[w.key]),
+                          first_call_ms=timings.first[w.key][0] * 1e3)
+            if kind == "throughput":
+                rec.update(conversations_per_s=batch / (stats["p50_ms"] / 1e3),
+                           utterances_per_s=batch * n / (stats["p50_ms"] / 1e3))
+            if i == 0 and w.key.startswith(backends.COMPILE):
+                w.info["compile_s"] = timings.first[w.key][0]  # the first call: dynamo + inductor
+            eager_p50 = stats["p50_ms"] if w.key.startswith(backends.EAGER) else eager_p50
+            shape_records.append(rec)
+        for rec in shape_records:
+            rec["speedup_vs_eager"] = eager_p50 / rec["p50_ms"] if eager_p50 else None
+        records += shape_records
+        log(f"  {kind:10s} batch {batch:2d} x {n:3d}: " + "  ".join(
+            f"{r['backend']} {r['precision']} {r['p50_ms']:.2f} ms" for r in shape_records))
+    _parity(workers, failed, log)
+    return records
+
+
+def _parity(workers: list[Worker], failed: dict[str, str], log: Callable[[str], None]) -> None:
+    """Max |probs - eager probs| of every contender on one shared input (the same inputs really are used)."""
+    live = [w for w in workers if w.key not in failed]
+    eager = next((w for w in live if w.key.startswith(backends.EAGER)), None)
+    if eager is None:
+        return
+    batch, n = PARITY_SHAPE
+    ref = np.asarray(eager.ask(op="probs", batch=batch, length=n)["probs"])
+    for w in live:
+        try:
+            diff = float(np.abs(np.asarray(w.ask(op="probs", batch=batch, length=n)["probs"]) - ref).max())
+        except WorkerError as e:
+            log(f"  {w.key}: no parity check ({e})")
+            continue
+        w.info["max_abs_diff_vs_eager"] = diff
+
+
+def _record(kind: str, key: str, batch: int | None, n: int | None, stats: dict[str, float], common: dict[str, Any],
+            **extra: Any) -> dict[str, Any]:
+    backend, precision = key.split(":")
+    return {"kind": kind, "backend": backend, "precision": precision, "batch": batch, "utterances": n,
+            "p50_ms": stats.get("p50_ms"), "p90_ms": stats.get("p90_ms"), "p99_ms": stats.get("p99_ms"),
+            **{k: v for k, v in stats.items() if k not in ("p50_ms", "p90_ms", "p99_ms")}, **common, **extra}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

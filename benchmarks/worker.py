@@ -1,0 +1,110 @@
+"""One contender in its own interpreter, driven by the benchmark over stdin/stdout (one JSON line each way).
+
+A process per contender keeps their thread pools from fighting (torch's OpenMP and onnxruntime's spinning
+workers on a 2-core machine), shows what each costs to import and load in a fresh process, and its peak memory:
+native allocations (onnxruntime arenas, torch tensors) are invisible to tracemalloc, so it reads VmHWM (peak
+resident set) from /proc/self/status. The runtime's worker never imports torch.
+
+    python -m benchmarks.worker '{"backend": ..., "precision": ..., "threads": ..., "run_dir": ..., "export_dir": ...}'
+    requests:  {"op": "warmup" | "time", "batch": B, "length": N, "count": k, "seconds": s}  ->  {"times": [...]}
+               {"op": "probs", "batch": B, "length": N}  ->  {"probs": [...]}
+               {"op": "stats"}  ->  {"peak_rss_mb": ..., "torch_imported": ...}
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPLY = "REPLY "
+
+
+def vm(field: str) -> float | None:
+    """VmRSS / VmHWM of this process in MiB (None where /proc is not available)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def build(job: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
+    """Import, load (and for torch.compile: wrap) the contender; (contender, input spec, info)."""
+    backend, precision, threads = job["backend"], job["precision"], job["threads"]
+    info: dict[str, Any] = {"base_rss_mb": vm("VmRSS")}
+    start = time.perf_counter()
+    if backend in ("pytorch-eager", "torch-compile"):
+        import torch
+
+        from . import backends
+
+        info["import_s"] = time.perf_counter() - start
+        backends.set_torch_threads(threads)
+        model, spec, info["load_s"] = backends.torch_model(Path(job["run_dir"]))
+        contender = backends.eager(model, spec) if backend == "pytorch-eager" else backends.compiled(model, spec)
+        info["threads"] = {"torch": torch.get_num_threads(), "ort_intra_op": 0}
+    else:
+        import cmath_runtime
+
+        from . import backends  # imports torch only inside its torch functions, never here
+        from .inputs import InputSpec
+
+        cmath_runtime.load  # noqa: B018  (resolves the lazy attribute: the runtime's modules)
+        info["import_s"] = time.perf_counter() - start
+        which = {backends.ORT: "cpu", backends.ORT_CUDA: "cuda", backends.TENSORRT: "tensorrt"}[backend]
+        contender = backends.runtime(Path(job["export_dir"]), which, precision, threads)
+        info["load_s"] = contender.info.pop("load_s")  # includes importing onnxruntime
+        m = contender.info.pop("manifest")
+        spec = InputSpec(tuple(m.modalities), dict(m.feature_dims), m.num_speakers)
+        info["threads"] = {"torch": 0, "ort_intra_op": threads}
+    info.update(provider=contender.provider, note=contender.note, after_load_rss_mb=vm("VmRSS"))
+    return contender, spec, info
+
+
+def serve(job: dict[str, Any]) -> None:
+    from .inputs import conversations
+    from .timing import timed_calls
+
+    try:
+        contender, spec, info = build(job)
+    except Exception as e:  # reported to the parent, which records it and goes on without this contender
+        from .backends import Skipped
+
+        reply({"ready": False, "skipped" if isinstance(e, Skipped) else "error": f"{type(e).__name__}: {e}"[:600]})
+        return
+    reply({"ready": True, **info})
+    calls: dict[tuple[int, int], Any] = {}
+    for line in sys.stdin:
+        req = json.loads(line)
+        op = req["op"]
+        if op == "quit":
+            return
+        try:
+            if op == "stats":
+                reply({"peak_rss_mb": vm("VmHWM"), "torch_imported": "torch" in sys.modules})
+                continue
+            shape = (req["batch"], req["length"])
+            if shape not in calls:
+                calls[shape] = contender.prepare(conversations(spec, *shape))
+            if op == "probs":
+                reply({"probs": contender.probs(calls[shape]()).tolist()})
+            else:
+                deadline = time.perf_counter() + req["seconds"] if req.get("seconds") else None
+                reply({"times": timed_calls(calls[shape], req["count"], deadline)})
+        except Exception as e:  # e.g. torch.compile failing on a new shape
+            reply({"error": f"{type(e).__name__}: {e}"[:600]})
+
+
+def reply(obj: dict[str, Any]) -> None:
+    sys.stdout.write(REPLY + json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    serve(json.loads(sys.argv[1]))

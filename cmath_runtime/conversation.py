@@ -21,7 +21,7 @@ import numpy as np
 
 from . import streaming
 from .errors import InputError
-from .validation import check_modality, check_speakers
+from .validation import check_modality
 
 if TYPE_CHECKING:
     from .model import EmotionModel, Prediction
@@ -67,27 +67,27 @@ class Conversation:
             features = utterance_features(self.model, features.pop("text"), features, f"utterances[{len(self)}].text")
         spec = self.model.manifest
         n = len(self._speakers)
-        field = f"utterance {n}"
+        field = f"utterances[{n}]"
         if n >= spec.max_len:
             raise InputError(field, f"at most {spec.max_len} utterances (the artifact's max_len)", f"utterance {n + 1}",
                              "Start a new Conversation with the most recent utterances.")
-        spk = int(check_speakers([speaker], spec, f"{field}: speaker")[0]) if _is_integer(speaker) else None
-        if spk is None:
-            raise InputError(f"{field}: speaker", f"an integer id in [0, {spec.num_speakers})", repr(speaker))
+        if not _is_integer(speaker) or not 0 <= speaker < spec.num_speakers:
+            raise InputError(f"{field}.speaker", f"an integer id in [0, {spec.num_speakers})",
+                             int(speaker) if _is_integer(speaker) else repr(speaker))
         missing = [m for m in spec.modalities if m not in features]
         extra = sorted(m for m in features if m not in spec.modalities)
         if missing or extra:
             what = "; ".join(s for s in (f"missing {missing}" if missing else "", f"extra {extra}" if extra else "") if s)
-            raise InputError(f"{field}: features", f"exactly the modalities {list(spec.modalities)}",
+            raise InputError(f"{field}.features", f"exactly the modalities {list(spec.modalities)}",
                              f"{sorted(features)} ({what})")
         rows = {}
         for m in spec.modalities:
             vec = np.asarray(features[m]) if not isinstance(features[m], (str, bytes)) else features[m]
             if isinstance(vec, np.ndarray) and vec.ndim == 1:
                 vec = vec[None, :]  # one utterance: (d,) -> (1, d)
-            rows[m] = check_modality(vec, 1, spec.feature_dims[m], f"{field}: features[{m!r}]")
+            rows[m] = check_modality(vec, 1, spec.feature_dims[m], f"{field}.features[{m!r}]")
         with self._lock:
-            self._speakers.append(spk)
+            self._speakers.append(int(speaker))
             for m in spec.modalities:
                 self._features[m].append(rows[m][0])
             self._result = None

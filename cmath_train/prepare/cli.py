@@ -2,6 +2,7 @@
 
     cmath-prepare csv --train F [--dev F] --test F --out FEATURES_DIR [column options]
     cmath-prepare meld --csv-dir DIR --out FEATURES_DIR
+    cmath-prepare probe FEATURES_DIR      (context-free logistic-regression sanity number)
 """
 
 from __future__ import annotations

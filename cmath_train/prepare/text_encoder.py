@@ -141,6 +141,11 @@ class SentenceTransformerEncoder:
             "do_lower_case": bool(getattr(tokenizer, "do_lower_case", False)),
             "tokenizer_file": "tokenizer.json" if (self.model_dir / "tokenizer.json").is_file() else None,
             "tokenizer_sha256": _sha_or_none(self.model_dir / "tokenizer.json"),
+            "tokenizer_file_settings": _tokenizer_file_settings(self.model_dir / "tokenizer.json"),
+            "tokenizer_note": "sentence-transformers ignores the padding/truncation stored in tokenizer.json: it truncates "
+            "to max_seq_length and pads to the longest text of a batch (mean pooling ignores padding). A runtime using "
+            "the `tokenizers` library must call no_padding() (or keep the attention mask) and "
+            "enable_truncation(max_seq_length).",
             "weights_sha256": {
                 p.name: sha256_file(p) for p in sorted(self.model_dir.iterdir())
                 if p.suffix in (".safetensors", ".bin") and p.is_file()
@@ -168,6 +173,13 @@ def _is_bundled(path: Path) -> bool:
 def _architectures(transformer: Any) -> list[str]:
     config = getattr(getattr(transformer, "auto_model", None), "config", None)
     return list(getattr(config, "architectures", None) or [])
+
+
+def _tokenizer_file_settings(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    return {"truncation": spec.get("truncation"), "padding": spec.get("padding")}
 
 
 def _sha_or_none(path: Path) -> str | None:

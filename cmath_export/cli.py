@@ -41,6 +41,7 @@ def main(run_dir: str, fp16: bool, tensorrt: bool, opset: int | None, max_len: i
     """Export RUN_DIR (a cmath-train run) to model.onnx (+ --fp16, --tensorrt, --triton) and export.json.
 
     Every artifact's parity with PyTorch is measured on the run's validation rows before anything is written.
+    Exit codes: 1 parity failed (nothing written), 2 bad option / checkpoint / output folder, 3 no TensorRT or GPU.
     """
     from .export import ParityError, export_run
 

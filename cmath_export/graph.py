@@ -7,8 +7,8 @@ leftover Identity/Transpose-of-weight nodes), weights inside the one file.
 The sinusoidal positions P (6-7) enter the graph as a (max_len, d) fp32 table computed here, looked up with a
 Gather, instead of Range -> Mul -> Sin/Cos: in fp16 the angle `position * frequency` would be rounded to 0.25 rad
 near position 300 (and the frequencies themselves to 1e-3), blurring the positions of long conversations;
-table entries in [-1, 1] lose at most 2.4e-4. Positions past max_len fail in the Gather instead of silently
-computing something the artifact was never checked for.
+table entries in [-1, 1] lose at most 2.4e-4. Positions past max_len (the table has at least the 16 rows the
+trace needs) fail in the Gather instead of silently computing something the artifact was never checked for.
 """
 
 from __future__ import annotations
@@ -98,7 +98,8 @@ def tabulated_positions(cfg: ModelConfig, max_len: int) -> Iterator[list[int]]:
     Yields a list that counts the lookups, so the caller can tell the model really used it."""
     from cmath_train import model as cmath_model
 
-    table = sinusoidal_positions(torch.arange(max_len), cfg.d, cfg.pos_max_period)  # (max_len, d) fp32
+    rows = max(max_len, TRACE_SHAPE[1])  # the trace itself needs TRACE_SHAPE[1] positions, even for a tiny max_len
+    table = sinusoidal_positions(torch.arange(rows), cfg.d, cfg.pos_max_period)  # (rows, d) fp32
     calls: list[int] = []
 
     def lookup(positions: Tensor, d: int, max_period: float = cfg.pos_max_period) -> Tensor:

@@ -2,8 +2,9 @@
 
 `preflight()` runs before anything is exported, so a machine without TensorRT or an NVIDIA GPU gets one
 sentence saying what is missing and how to get it, and nothing is written. The engine is built with one
-optimisation profile over (batch, utterances) from (1, 1) to (--max-batch, --max-len), FP16 with --fp16, TF32 off
-(so fp32 engines match PyTorch's fp32 to the bound in parity.py).
+optimisation profile over (batch, utterances) from (1, 1) to (--max-batch, --max-len), FP16 with --fp16 (norms and
+softmax preferred in fp32), TF32 off (so fp32 engines match PyTorch's fp32 to the bound in parity.py).
+Not exercised on the CPU-only machines this was written on: tests/test_export.py runs it where a GPU is present.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def build_engine(onnx_path: Path, inputs: list[TensorSpec], fp16: bool, max_batc
         config.clear_flag(trt.BuilderFlag.TF32)
     if fp16:
         config.set_flag(trt.BuilderFlag.FP16)
+        _keep_fp32(trt, network, config)
     shapes = profile(max_batch, max_len)
     opt_profile = builder.create_optimization_profile()
     for spec in inputs:
@@ -86,6 +88,20 @@ def build_engine(onnx_path: Path, inputs: list[TensorSpec], fp16: bool, max_batc
     if plan is None:
         raise ArtifactError(onnx_path, "TensorRT failed to build an engine (see its log above)")
     return bytes(plan)
+
+
+def _keep_fp32(trt, network, config) -> None:  # noqa: ANN001 (tensorrt objects)
+    """Norms and softmax stay fp32 in an FP16 engine (TensorRT #2564/#3101: fp16 LayerNorm overflow); a
+    preference, not a constraint, so a build never fails over it. Parity is still measured on the engine."""
+    kinds = {getattr(trt.LayerType, k) for k in ("NORMALIZATION", "SOFTMAX") if hasattr(trt.LayerType, k)}
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type in kinds:
+            layer.precision = trt.float32
+            for j in range(layer.num_outputs):
+                layer.set_output_type(j, trt.float32)
+    if hasattr(trt.BuilderFlag, "PREFER_PRECISION_CONSTRAINTS"):
+        config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
 
 
 def engine_outputs(plan: bytes, batches: Sequence[Feeds]) -> tuple[list[dict[str, np.ndarray]], str]:

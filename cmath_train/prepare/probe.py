@@ -16,7 +16,7 @@ from sklearn.preprocessing import StandardScaler
 
 from cmath_train.data.types import Dialogue, FeatureSet, split_validation
 
-DEFAULT_CS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+DEFAULT_CS = (0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 
 
 @dataclass

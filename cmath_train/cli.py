@@ -35,6 +35,7 @@ def parse_modalities(text: str | None, available: tuple[str, ...]) -> tuple[str,
 @click.option("--batch-size", type=int, default=None, help="Conversations per batch (default from preset).")
 @click.option("--d", "hidden", type=int, default=None, help="Hidden size d (default from preset).")
 @click.option("--dropout", type=float, default=None)
+@click.option("--conv-kernel", type=int, default=None, help="Kernel k_m of the reconstruction convolutions (1-2).")
 @click.option("--patience", type=int, default=None, help="Early-stopping patience in epochs.")
 @click.option("--val-fraction", type=float, default=None, help="Validation fraction of train when there is no dev split.")
 @click.option("--class-weighted/--no-class-weighted", default=None, help="Inverse-frequency class weights in CE.")
@@ -57,7 +58,8 @@ def main(**opts: object) -> None:
 
 
 def run(data: str, modalities: str | None, preset: str, model_name: str, ablation: str, epochs: int | None,
-        lr: float | None, batch_size: int | None, hidden: int | None, dropout: float | None, patience: int | None,
+        lr: float | None, batch_size: int | None, hidden: int | None, dropout: float | None,
+        conv_kernel: int | None, patience: int | None,
         val_fraction: float | None, class_weighted: bool | None, causal: bool, seed: int, seeds: int, device: str,
         out_dir: str | None, resume: bool, quiet: bool, cdat: bool = False) -> dict:
     from .data import load_data
@@ -75,7 +77,7 @@ def run(data: str, modalities: str | None, preset: str, model_name: str, ablatio
     fs = fs.select(mods)
     model_cfg = ModelConfig(modalities=mods, feature_dims=fs.feature_dims, num_classes=len(fs.label_names),
                             num_speakers=fs.num_speakers, causal=causal,
-                            **{**p.model, **model_over, **_given(d=hidden, dropout=dropout)})
+                            **{**p.model, **model_over, **_given(d=hidden, dropout=dropout, conv_kernel=conv_kernel)})
     loss_cfg = LossConfig(**{**p.loss, **loss_over, **_given(class_weighted=class_weighted, cdat=cdat or None)})
     train_cfg = TrainConfig(**{**p.train, **_given(epochs=epochs, lr=lr, batch_size=batch_size, patience=patience,
                                                     val_fraction=val_fraction), "seed": seed, "device": device})

@@ -25,5 +25,7 @@ def load_data(spec: str) -> FeatureSet:
     if path.is_dir():
         from .features_dir import load_features
 
-        return load_features(path)
+        fs = load_features(path)
+        fs.meta.setdefault("path", str(path.resolve()))  # lets the exporter rebuild the validation split
+        return fs
     raise InputError("--data", "'synthetic', a .pkl feature pickle or a features directory", repr(spec))

@@ -1,11 +1,6 @@
 """cmath-prepare: a text front-end from conversation CSVs to cmath's feature format.
 
-csv_source (read + group + order rows) -> labels / speakers -> text_encoder (+ embedding_cache, optional
-finetune) -> build (FeatureSet, save_features) -> cli.
+csv_source (read + group + order rows, text_clean) -> labels / speakers -> text_encoder (+ embedding_cache,
+optional finetune) -> build (FeatureSet, save_features) -> cli; probe gives a context-free sanity number.
+Nothing is imported here, so `cmath_train.prepare.text_clean` and `.speakers` load without torch.
 """
-
-from .build import PrepareOptions, prepare_features
-from .csv_source import CsvColumns, read_conversations
-from .finetune import FinetuneOptions
-
-__all__ = ["CsvColumns", "FinetuneOptions", "PrepareOptions", "prepare_features", "read_conversations"]

@@ -1,7 +1,19 @@
-"""Text normalisation for live text, identical to cmath_train.prepare.text_clean (which imports torch via its package).
+"""Text normalisation applied to every text before it is embedded, in training (cmath-prepare) and at run time.
 
-A copy of `clean_text` (cmath-clean-text-v1) so the torch-free runtime embeds text exactly as cmath-prepare
-did before training; tests/test_text_encoder.py checks both give the same strings on MELD and edge cases.
+Conversation CSVs in the wild carry encoding damage: MELD's original release has C1 control characters
+where Windows-1252 punctuation was meant ("\\x92" for a right single quote, "\\x85" for an ellipsis) and
+re-exports of it show UTF-8 read as cp1252 ("â€™"). `clean_text` repairs these without ever failing:
+
+1. mojibake: when a string holds a likely lead character (Â..ô) and its cp1252/latin-1 bytes decode as
+   strict UTF-8 into plausible characters (Latin, Greek, Cyrillic, punctuation, currency, symbols, emoji),
+   the decoded string is used ("â€™" -> "’", "Ã©" -> "é", "ðŸ˜‚" -> "😂"); otherwise it is kept;
+2. C1 controls U+0080..U+009F become the cp1252 character of the same byte ("\\x92" -> "’"); the five
+   bytes cp1252 leaves undefined are dropped;
+3. Unicode NFC;
+4. other control characters are dropped, any run of whitespace becomes one space, ends are stripped.
+
+A later runtime that embeds live text must apply the same function (it is pure Python, no torch),
+see `TEXT_NORMALISATION` which is recorded in the features' meta.
 """
 
 from __future__ import annotations
@@ -26,6 +38,14 @@ def clean_text(s: str) -> str:
     s = unicodedata.normalize("NFC", s)
     s = "".join(ch for ch in s if ch.isspace() or unicodedata.category(ch) not in ("Cc", "Cf") or ch == "\u200d")
     return _SPACE.sub(" ", s).strip()
+
+
+def decode_bytes(raw: bytes) -> tuple[str, str]:
+    """File bytes as text and the encoding used: UTF-8 (BOM stripped) if valid, else cp1252 with latin-1 fallback."""
+    try:
+        return raw.decode("utf-8-sig"), "utf-8"
+    except UnicodeDecodeError:
+        return "".join(_byte_cp1252(b) for b in raw), "cp1252"
 
 
 def _repair_mojibake(s: str) -> str:

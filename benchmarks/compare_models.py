@@ -264,7 +264,8 @@ def main(data: str, modalities: str | None, preset: str, model_list: str, seeds:
     context = {"data": data, "modalities": "".join(mods), "preset": preset, "epochs": epochs,
                "seeds": first["seeds"], "validation": _validation_source(out / entries[0].key),
                "model_config": model_kw | {"modalities": list(mods)}, "train_config": train_kw,
-               "command": "python -m benchmarks.compare_models " + shlex.join(sys.argv[1:]),
+               "command": "python -m benchmarks.compare_models " + shlex.join(
+                   a for a in sys.argv[1:] if a not in ("--resume", "--quiet")),  # neither changes a number
                "host": {"python": platform.python_version(), "torch": torch.__version__,
                         "cpu_count": os.cpu_count()},
                "total_seconds": time.perf_counter() - start, "notes": notes, "parameters": params, "out": out}

@@ -129,7 +129,7 @@ def length_groups(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
 
 
 def load(path: str | Path, backend: str = "auto", precision: str = "fp32", threads: int | None = None,
-         verify: bool = True, cache_dir: str | Path | None = None) -> EmotionModel:
+         verify: bool = True, cache_dir: str | Path | None = None, spinning: bool = False) -> EmotionModel:
     """Load an exported model: `path` is export.json, its folder, or a run directory with export/.
 
     backend: "auto" (CUDA if it really works here, else CPU, with a warning), "cpu", "cuda" or "tensorrt"
@@ -138,6 +138,7 @@ def load(path: str | Path, backend: str = "auto", precision: str = "fp32", threa
     precision: "fp32" (model.onnx) or "fp16" (model.fp16.onnx; on the CPU provider this only rounds weights).
     threads: intra-op threads of the CPU provider (None: onnxruntime's default, one per physical core).
     verify: check each file's sha256 against export.json before loading it.
+    spinning: let idle onnxruntime threads spin (a little faster on an idle machine, much slower on a busy one).
     """
     start = time.perf_counter()
     if precision not in PRECISIONS:
@@ -155,5 +156,5 @@ def load(path: str | Path, backend: str = "auto", precision: str = "fp32", threa
             raise ArtifactError(artifact.path, f"sha256 mismatch: export.json says {artifact.sha256[:16]}..., the file "
                                                f"has {digest[:16]}... (corrupt, truncated or replaced; re-export it)")
     info = create_session(artifact.path, manifest, backend, precision, threads,
-                          Path(cache_dir) if cache_dir is not None else None)
+                          Path(cache_dir) if cache_dir is not None else None, spinning)
     return EmotionModel(manifest, info, precision, time.perf_counter() - start)

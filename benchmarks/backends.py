@@ -91,10 +91,14 @@ def compiled(model: Any, spec: InputSpec) -> Contender:
     it specialised on, such as a length of 1): the benchmark times those first calls separately."""
     import torch
 
+    with contextlib.suppress(ImportError, AttributeError):  # fewer recompiles: batch 1 is not special-cased
+        import torch.fx.experimental._config as fx_config
+
+        fx_config.backed_size_oblivious = True
     return torch_contender(COMPILE, torch.compile(torch_forward(model), dynamic=True), spec)
 
 
-def runtime(export_dir: Path, backend: str, precision: str, threads: int) -> Contender:
+def runtime(export_dir: Path, backend: str, precision: str, threads: int, spinning: bool = False) -> Contender:
     """cmath_runtime on `backend` ("cpu", "cuda", "tensorrt"); Skipped when that backend or artifact is not here."""
     import cmath_runtime
     from cmath_runtime.session import PROVIDER, available_providers
@@ -104,7 +108,8 @@ def runtime(export_dir: Path, backend: str, precision: str, threads: int) -> Con
         raise Skipped(f"{PROVIDER[backend]} is not in this onnxruntime ({', '.join(available_providers())}): needs "
                       f"an NVIDIA GPU and onnxruntime-gpu{' with TensorRT' if backend == 'tensorrt' else ''}")
     try:
-        model = cmath_runtime.load(export_dir, backend=backend, precision=precision, threads=threads)
+        model = cmath_runtime.load(export_dir, backend=backend, precision=precision, threads=threads,
+                                   spinning=spinning)
     except cmath_runtime.BackendUnavailableError as e:
         raise Skipped(str(e)) from None
     except cmath_runtime.ArtifactError as e:

@@ -36,7 +36,9 @@ def ensure_export(run_dir: Path) -> Path:
 @click.option("--threads", type=int, default=None, help="Threads for every contender (default: the cores available).")
 @click.option("--backends", "only", default=None,
               help=f"Comma-separated subset of {', '.join(backends.ALL)} (default: all; GPU ones skip with a reason).")
-def main(run_dir: Path, out_dir: Path | None, quick: bool, threads: int | None, only: str | None) -> None:
+@click.option("--spin/--no-spin", default=False, show_default=True,
+              help="Let idle threads spin (torch OpenMP default, onnxruntime allow_spinning=1) instead of sleeping.")
+def main(run_dir: Path, out_dir: Path | None, quick: bool, threads: int | None, only: str | None, spin: bool) -> None:
     """Benchmark a trained run: latency at batch 1 over conversation lengths, throughput at batch 16, load time and
     peak memory, for PyTorch eager, torch.compile and cmath_runtime (onnxruntime fp32/fp16, CUDA, TensorRT)."""
     from cmath_runtime.session import default_threads
@@ -49,12 +51,13 @@ def main(run_dir: Path, out_dir: Path | None, quick: bool, threads: int | None, 
     if only:
         contenders = tuple(_contender_key(k.strip()) for k in only.split(",") if k.strip())
     threads = threads or default_threads()
-    options = {"contenders": contenders, "threads": threads}
+    options = {"contenders": contenders, "threads": threads, "spinning": spin}
     plan = Plan.quick(**options) if quick else Plan(**options)
     try:
         export_dir = ensure_export(run_dir)
         env = environment(threads)
-        click.echo(f"cmath-bench {run_dir}: {threads} threads, load average {env['load_average']}")
+        click.echo(f"cmath-bench {run_dir}: {threads} threads ({'spinning' if spin else 'sleeping'} when idle), "
+                   f"load average {env['load_average']}")
         records = run_benchmark(run_dir, export_dir, plan, log=click.echo)
     except CmathError as e:
         click.echo(f"cmath-bench: error: {e}", err=True)

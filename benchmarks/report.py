@@ -66,7 +66,7 @@ def contender_table(records: list[dict]) -> str:
             continue
         seen.add(key)
         th = r.get("threads") or {}
-        threads = f"{th.get('torch', '-')} / {th.get('ort_intra_op', '-')}" if th else "-"
+        threads = f"{th.get('torch', '-')} / {th.get('ort_intra_op', '-')}, idle: {th.get('idle', '-')}" if th else "-"
         diff = f"{r['max_abs_diff_vs_eager']:.1e}" if r.get("max_abs_diff_vs_eager") is not None else "-"
         imported = "-" if "torch_imported" not in r else ("yes" if r["torch_imported"] else "no")
         note = (r.get("note") or "").replace("|", "/")

@@ -36,6 +36,7 @@ class Plan:
     throughput: Budget = Budget(warmup=2, iterations=30, seconds=2.0, min_iterations=5)
     contenders: tuple[str, ...] = backends.ALL
     threads: int = 2
+    spinning: bool = False  # idle threads sleep (torch: OMP_WAIT_POLICY=PASSIVE, onnxruntime: allow_spinning=0)
 
     @classmethod
     def quick(cls, **kw: Any) -> Plan:
@@ -148,9 +149,11 @@ def run_benchmark(run_dir: Path, export_dir: Path, plan: Plan, log: Callable[[st
 def _start(key: str, run_dir: Path, export_dir: Path, plan: Plan,
            log: Callable[[str], None]) -> tuple[Worker | None, str]:
     backend, precision = key.split(":")
-    job = {"backend": backend, "precision": precision, "threads": plan.threads, "run_dir": str(run_dir),
-           "export_dir": str(export_dir)}
+    job = {"backend": backend, "precision": precision, "threads": plan.threads, "spinning": plan.spinning,
+           "run_dir": str(run_dir), "export_dir": str(export_dir)}
     env = {**os.environ, "OMP_NUM_THREADS": str(plan.threads), "MKL_NUM_THREADS": str(plan.threads)}
+    if not plan.spinning:  # the same idle-thread policy for torch's OpenMP pool as for onnxruntime's
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     try:
         worker = Worker.start(key, job, env)
     except WorkerError as e:

@@ -48,7 +48,8 @@ def build(job: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
         backends.set_torch_threads(threads)
         model, spec, info["load_s"] = backends.torch_model(Path(job["run_dir"]))
         contender = backends.eager(model, spec) if backend == "pytorch-eager" else backends.compiled(model, spec)
-        info["threads"] = {"torch": torch.get_num_threads(), "ort_intra_op": 0}
+        info["threads"] = {"torch": torch.get_num_threads(), "ort_intra_op": 0,
+                           "idle": "spin" if job["spinning"] else "sleep (OMP_WAIT_POLICY=PASSIVE)"}
     else:
         import cmath_runtime
 
@@ -58,11 +59,12 @@ def build(job: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
         cmath_runtime.load  # noqa: B018  (resolves the lazy attribute: the runtime's modules)
         info["import_s"] = time.perf_counter() - start
         which = {backends.ORT: "cpu", backends.ORT_CUDA: "cuda", backends.TENSORRT: "tensorrt"}[backend]
-        contender = backends.runtime(Path(job["export_dir"]), which, precision, threads)
+        contender = backends.runtime(Path(job["export_dir"]), which, precision, threads, job["spinning"])
         info["load_s"] = contender.info.pop("load_s")  # includes importing onnxruntime
         m = contender.info.pop("manifest")
         spec = InputSpec(tuple(m.modalities), dict(m.feature_dims), m.num_speakers)
-        info["threads"] = {"torch": 0, "ort_intra_op": threads}
+        info["threads"] = {"torch": 0, "ort_intra_op": threads,
+                           "idle": "spin" if job["spinning"] else "sleep (allow_spinning=0)"}
     info.update(provider=contender.provider, note=contender.note, after_load_rss_mb=vm("VmRSS"))
     return contender, spec, info
 

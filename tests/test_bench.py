@@ -46,8 +46,9 @@ def test_quick_bench_writes_json_md_png(bench_out: tuple[Path, str]) -> None:
         assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
         assert r["speedup_vs_eager"] > 0 and r["iterations"] >= 3
         assert r["load_s"] > 0 and r["peak_rss_mb"] > 0
-        assert r["threads"] == ({"torch": 1, "ort_intra_op": 0} if r["backend"] == "pytorch-eager"
-                                else {"torch": 0, "ort_intra_op": 1})
+        assert {k: r["threads"][k] for k in ("torch", "ort_intra_op")} == (
+            {"torch": 1, "ort_intra_op": 0} if r["backend"] == "pytorch-eager" else {"torch": 0, "ort_intra_op": 1})
+        assert r["threads"]["idle"].startswith("sleep")
         assert r["max_abs_diff_vs_eager"] < (1e-4 if r["precision"] == "fp32" else 5e-2)
     lat = [r for r in measured if r["kind"] == "latency"]
     assert {r["utterances"] for r in lat} == {1, 5, 20} and {r["batch"] for r in lat} == {1}

@@ -116,6 +116,8 @@ def test_model_properties(model: cmath_runtime.EmotionModel, exported: Path) -> 
     assert model.modalities == ("t", "a", "v") and model.feature_dims == DIMS
     assert model.threads == 1 and model.precision == "fp32" and model.load_seconds > 0
     assert "backend='cpu'" in repr(model)
+    options = model._info.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"  # idle threads sleep
     for path in (exported, exported / "export.json", exported.parent):  # export folder, manifest, run directory
         assert cmath_runtime.load(path, backend="cpu").label_names == model.label_names
     assert model.predict([]) == []
@@ -369,6 +371,7 @@ def test_unavailable_backend_is_an_error(exported: Path, backend: str) -> None:
         cmath_runtime.load(exported, backend=backend)
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available provider names")
 def test_listed_but_unusable_gpu_provider(exported: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """onnxruntime-gpu on a machine without a GPU lists CUDA and silently runs on the CPU: explicit -> error,
     auto -> falls back and says so."""

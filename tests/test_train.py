@@ -113,4 +113,4 @@ def test_cli_trains_with_options_and_seeds(tmp_path, monkeypatch):
     bad = CliRunner().invoke(train_cli, ["--modalities", "tx", "--out", str(tmp_path / "x")])
     assert bad.exit_code != 0 and "expected letters from 'tav'" in bad.output
     bad = CliRunner().invoke(train_cli, ["--preset", "nope", "--out", str(tmp_path / "x")])
-    assert bad.exit_code != 0 and "expected one of ['default', 'iemocap', 'meld']" in bad.output
+    assert bad.exit_code != 0 and "expected one of ['default', 'iemocap', 'meld', 'meld_text']" in bad.output

@@ -4,6 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 RUN=${RUN:-runs/main}
-.venv/bin/cmath-train --preset meld --epochs "${EPOCHS:-12}" --out "$RUN"
+.venv/bin/cmath-train --preset meld --epochs "${EPOCHS:-8}" --out "$RUN"
 .venv/bin/cmath-export "$RUN" --fp16
 .venv/bin/cmath-bench "$RUN"

@@ -33,7 +33,7 @@ class Plan:
     throughput_lengths: tuple[int, ...] = (10, 50)
     throughput_batch: int = THROUGHPUT_BATCH
     latency: Budget = Budget()
-    throughput: Budget = Budget(warmup=2, iterations=30, seconds=2.0, min_iterations=5)
+    throughput: Budget = Budget(warmup=2, iterations=30, seconds=2.0, min_iterations=5, rounds=5)
     contenders: tuple[str, ...] = backends.ALL
     threads: int = 2
     spinning: bool = False  # idle threads sleep (torch: OMP_WAIT_POLICY=PASSIVE, onnxruntime: allow_spinning=0)
@@ -142,7 +142,8 @@ def run_benchmark(run_dir: Path, export_dir: Path, plan: Plan, log: Callable[[st
             if w.info.get("peak_rss_mb") and w.info.get("base_rss_mb"):
                 rec["rss_delta_mb"] = w.info["peak_rss_mb"] - w.info["base_rss_mb"]
             rec["note"] = "; ".join(x for x in (rec.get("note"), w.info.get("note")) if x)
-            rec.update({k: w.info[k] for k in ("compile_s", "max_abs_diff_vs_eager") if k in w.info})
+            rec.update({k: w.info[k] for k in ("compile_s", "compiled_graphs", "inductor_cache", "max_abs_diff_vs_eager")
+                        if k in w.info})
     return records
 
 

@@ -17,7 +17,7 @@ class Budget:
     iterations: int = 100
     seconds: float = 1.5
     min_iterations: int = 10
-    rounds: int = 4  # measurement split into rounds, interleaved across backends against machine-load drift
+    rounds: int = 10  # measurement split into rounds, interleaved across contenders against machine-load drift
 
 
 def timed_calls(fn: Callable[[], object], count: int, deadline: float | None = None) -> list[float]:

@@ -63,12 +63,15 @@ def run(data: str, modalities: str | None, preset: str, model_name: str, ablatio
         val_fraction: float | None, class_weighted: bool | None, causal: bool, seed: int, seeds: int, device: str,
         out_dir: str | None, resume: bool, quiet: bool, cdat: bool = False) -> dict:
     from .data import load_data
+    from .registry import model_names
     from .seeds import train_seeds
     from .train import train
 
     try:
         p = get_preset(preset)
         model_over, loss_over = get_ablation(ablation)
+        if model_name not in model_names():
+            raise ValueError(f"model: expected one of {model_names()}, got {model_name!r}")
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     t0 = time.perf_counter()

@@ -112,5 +112,7 @@ def test_cli_trains_with_options_and_seeds(tmp_path, monkeypatch):
     assert load_checkpoint(out).model_cfg.modalities == ("t", "a")
     bad = CliRunner().invoke(train_cli, ["--modalities", "tx", "--out", str(tmp_path / "x")])
     assert bad.exit_code != 0 and "expected letters from 'tav'" in bad.output
+    bad = CliRunner().invoke(train_cli, ["--model", "resnet", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "expected one of ['cmath', 'dmd', 'sdt'], got 'resnet'" in bad.output
     bad = CliRunner().invoke(train_cli, ["--preset", "nope", "--out", str(tmp_path / "x")])
     assert bad.exit_code != 0 and "expected one of ['default', 'iemocap', 'meld', 'meld_text']" in bad.output

@@ -124,7 +124,7 @@ PRESETS: dict[str, Preset] = {
     # dropout, and a linear layer instead of the reconstruction convolutions, which blur neighbouring utterances.
     "meld_text": Preset(
         model={"d": 128, "heads": 4, "dropout": 0.3, "modality_reconstruction": False},
-        loss={"gamma_mse": 1.0, "gamma_kl": 1.2, "use_reconstruction": False},
+        loss={"use_reconstruction": False},  # g1 = g2 = 1.0
         train={"lr": 5e-4, "batch_size": 8, "epochs": 12, "patience": 4},
     ),
     "meld": Preset(

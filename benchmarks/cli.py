@@ -67,6 +67,18 @@ def main(run_dir: Path, out_dir: Path | None, quick: bool, threads: int | None, 
     from .streaming import extend_bench  # causal runs with a step graph: step vs full per new utterance
 
     extend_bench(out, export_dir, threads, quick, log=click.echo)
+
+    # artifacts with a text encoder: raw text -> emotion, onnxruntime vs torch + sentence-transformers
+    from .text_path import report_text_path
+
+    text_path = report_text_path(run_dir, export_dir, threads, quick)
+    if text_path:
+        from cmath_runtime.files import atomic_write_json
+
+        atomic_write_json(out / "bench_text.json", text_path)
+        click.echo(f"raw text -> emotion per new utterance (encode + conversation so far), median: onnxruntime "
+                   f"{text_path['onnxruntime']['median_ms']:.1f} ms vs torch + sentence-transformers "
+                   f"{text_path['torch']['median_ms']:.1f} ms = {text_path['speedup']:.2f}x ({threads} threads)")
     click.echo(f"\nwrote {out / 'bench.json'}, bench.md, bench_latency.png in {time.perf_counter() - start:.0f} s\n")
     click.echo(text)
 

@@ -33,7 +33,7 @@ EDGE_CASES = (
 def meld_texts(n: int = 1000, csv_dir: Path = MELD_CSV_DIR, seed: int = 0) -> list[str]:
     """n texts: MELD utterances as training saw them (longest ones, mojibake-repaired ones, a random rest)
     plus EDGE_CASES and over-long texts made of whole dialogues (truncated at max_seq_length)."""
-    from cmath_train.prepare import read_conversations
+    from cmath_train.prepare.csv_source import read_conversations
 
     dialogues = [d for split in SPLIT_FILES.values() for d in read_conversations(csv_dir / split).dialogues]
     texts = [t for d in dialogues for t in d.texts]
@@ -74,7 +74,7 @@ def label_agreement(export_dir: Path, features_dir: Path, csv_dir: Path = MELD_C
                     limit: int | None = None) -> dict[str, Any]:
     """Labels from raw text (runtime) vs from the precomputed features, dialogue by dialogue."""
     import cmath_runtime
-    from cmath_train.prepare import read_conversations
+    from cmath_train.prepare.csv_source import read_conversations
 
     model = cmath_runtime.load(export_dir, backend="cpu", threads=1)
     z = np.load(features_dir / f"{split}.npz", allow_pickle=False)

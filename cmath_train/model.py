@@ -156,14 +156,19 @@ class CMATH(nn.Module):
 
         return cmath_loss(out, labels, mask, cfg, class_weight)
 
-    @torch.no_grad()
     def set_input_stats(self, mean: dict[str, Tensor], std: dict[str, Tensor]) -> None:
-        """Store the train split's per-feature mean/std (used only when cfg.standardize)."""
-        if not self.cfg.standardize:
-            return
-        for m in self.cfg.modalities:
-            self.standardize[m].mean.copy_(mean[m])
-            self.standardize[m].std.copy_(std[m].clamp_min(1e-6))
+        set_standardize_stats(self.standardize, self.cfg, mean, std)
+
+
+@torch.no_grad()
+def set_standardize_stats(standardize: nn.ModuleDict, cfg: ModelConfig, mean: dict[str, Tensor],
+                          std: dict[str, Tensor]) -> None:
+    """Store the train split's per-feature mean/std in each modality's Standardize (only when cfg.standardize)."""
+    if not cfg.standardize:
+        return
+    for m in cfg.modalities:
+        standardize[m].mean.copy_(mean[m])
+        standardize[m].std.copy_(std[m].clamp_min(1e-6))
 
 
 def check_inputs(cfg: ModelConfig, features: dict[str, Tensor], speaker: Tensor, mask: Tensor) -> None:

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from .. import model as cmath_model
 from ..config import ModelConfig
 from ..layers import MLP, AddNormFFN, Attention
-from ..model import Standardize, check_inputs
+from ..model import Standardize, check_inputs, set_standardize_stats
 
 
 class TransformerLayer(nn.Module):
@@ -64,10 +64,5 @@ class BaselineInputs(nn.Module):
         context = self.speaker_embedding(speaker) + p  # S + P
         return inputs, context
 
-    @torch.no_grad()
     def set_input_stats(self, mean: dict[str, Tensor], std: dict[str, Tensor]) -> None:
-        if not self.cfg.standardize:
-            return
-        for m in self.cfg.modalities:
-            self.standardize[m].mean.copy_(mean[m])
-            self.standardize[m].std.copy_(std[m].clamp_min(1e-6))
+        set_standardize_stats(self.standardize, self.cfg, mean, std)

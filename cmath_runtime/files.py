@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from .errors import ArtifactError
+
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
@@ -50,3 +52,21 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def read_tagged_json(path: str | os.PathLike, fmt: str, version: int, what: str) -> dict[str, Any]:
+    """A cmath JSON document (checkpoint config, export manifest, features meta): valid JSON, our format, our version.
+
+    Anything else is an ArtifactError naming the file: corrupt, foreign or from an unsupported version.
+    """
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(path, f"corrupt {what}, not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise ArtifactError(path, f"foreign file: expected format {fmt!r}, got {got!r}")
+    if doc.get("version") != version:
+        raise ArtifactError(path, f"unsupported {what} version {doc.get('version')!r} (this cmath reads {version})")
+    return doc

@@ -5,12 +5,12 @@ Missing, corrupt or foreign manifests are ArtifactErrors that name the file and 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ArtifactError
+from .files import read_tagged_json
 
 FORMAT, VERSION = "cmath-export", 1
 MANIFEST = "export.json"
@@ -75,15 +75,7 @@ def find_manifest(path: str | Path) -> Path:
 def read_manifest(path: str | Path) -> Manifest:
     """Read and check export.json; see find_manifest for the accepted paths."""
     file = find_manifest(path)
-    try:
-        raw = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(file, f"corrupt manifest, not valid JSON ({e})") from None
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        got = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
-        raise ArtifactError(file, f"foreign file: expected format {FORMAT!r}, got {got!r}")
-    if raw.get("version") != VERSION:
-        raise ArtifactError(file, f"unsupported manifest version {raw.get('version')!r} (this runtime reads {VERSION})")
+    raw = read_tagged_json(file, FORMAT, VERSION, "manifest")
     return _parse(file, raw)
 
 

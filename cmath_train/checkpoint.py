@@ -7,7 +7,6 @@ Export and runtime rebuild the model from config.json + weights, never from defa
 
 from __future__ import annotations
 
-import json
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from cmath_runtime.errors import ArtifactError
-from cmath_runtime.files import atomic_write_bytes, atomic_write_json
+from cmath_runtime.files import atomic_write_bytes, atomic_write_json, read_tagged_json
 
 from .config import LossConfig, ModelConfig, TrainConfig, from_dict, to_dict
 from .registry import create_model
@@ -84,16 +83,7 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
         raise ArtifactError(run_dir, "not a run directory (it does not exist)")
     if not path.is_file():
         raise ArtifactError(run_dir, f"no checkpoint here: {CONFIG} is missing (train one with cmath-train)")
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(path, f"corrupt checkpoint config, not valid JSON ({e})") from None
-    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
-        got = cfg.get("format") if isinstance(cfg, dict) else type(cfg).__name__
-        raise ArtifactError(path, f"foreign file: expected format {FORMAT!r}, got {got!r}")
-    if cfg.get("version") != VERSION:
-        raise ArtifactError(path, f"unsupported checkpoint version {cfg.get('version')!r} (this cmath reads {VERSION})")
-    return cfg
+    return read_tagged_json(path, FORMAT, VERSION, "checkpoint config")
 
 
 def load_checkpoint(run_dir: str | Path, map_location: str = "cpu") -> Checkpoint:

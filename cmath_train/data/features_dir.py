@@ -11,14 +11,13 @@ No pickle anywhere: arrays are read with allow_pickle=False.
 from __future__ import annotations
 
 import io
-import json
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from cmath_runtime.errors import ArtifactError
-from cmath_runtime.files import atomic_write_bytes, atomic_write_json
+from cmath_runtime.files import atomic_write_bytes, atomic_write_json, read_tagged_json
 
 from .types import Dialogue, FeatureSet
 
@@ -60,12 +59,7 @@ def load_features(path: str | Path) -> FeatureSet:
     meta_path = path / "meta.json"
     if not meta_path.is_file():
         raise ArtifactError(path, "not a features directory: meta.json is missing")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(meta_path, f"not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ArtifactError(meta_path, f"expected format {FORMAT!r}, got {meta.get('format') if isinstance(meta, dict) else meta!r}")
+    meta = read_tagged_json(meta_path, FORMAT, VERSION, "features meta")
     dims = {m: int(v) for m, v in meta["feature_dims"].items()}
     splits = {name: _read_split(path / f"{name}.npz", dims) for name in meta["splits"]}
     return FeatureSet(list(meta["label_names"]), dims, int(meta["num_speakers"]), splits, meta.get("meta", {}))

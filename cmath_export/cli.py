@@ -13,7 +13,7 @@ import click
 
 from cmath_runtime.errors import BackendUnavailableError, CmathError
 
-from .formats import DEFAULT_OPSET, OptionError, format_table
+from .formats import DEFAULT_OPSET, format_table
 
 
 def _list_formats(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -50,18 +50,9 @@ def main(run_dir: str, fp16: bool, tensorrt: bool, opset: int | None, max_len: i
     try:
         manifest = export_run(run_dir, out_dir, fp16=fp16, tensorrt=tensorrt, opset=opset, max_len=max_len,
                               max_batch=max_batch, triton=triton, log=say, text_encoder=not no_text_encoder)
-    except ParityError as e:
+    except CmathError as e:  # exit 1 parity failed, 3 no TensorRT/GPU, 2 anything else (option, checkpoint, folder)
         click.echo(f"cmath-export: error: {e}", err=True)
-        sys.exit(1)
-    except OptionError as e:
-        click.echo(f"cmath-export: error: {e}", err=True)
-        sys.exit(2)
-    except BackendUnavailableError as e:
-        click.echo(f"cmath-export: error: {e}", err=True)
-        sys.exit(3)
-    except CmathError as e:
-        click.echo(f"cmath-export: error: {e}", err=True)
-        sys.exit(2)
+        sys.exit(1 if isinstance(e, ParityError) else 3 if isinstance(e, BackendUnavailableError) else 2)
     if not quiet:
         files = ", ".join(f"{a['file']} ({a['bytes'] / 2**20:.1f} MiB)" for a in manifest["artifacts"].values())
         where = out_dir or f"{run_dir}/export"

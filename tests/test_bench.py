@@ -21,9 +21,6 @@ REQUIRED = ("kind", "backend", "precision", "batch", "utterances", "p50_ms", "p9
 @pytest.fixture(scope="module")
 def bench_out(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """`cmath-bench RUN --quick` on a copy of the tiny run without an export (the benchmark exports it)."""
-    cmath_export = pytest.importorskip("cmath_export")
-    if not hasattr(cmath_export, "export_run"):
-        pytest.skip("cmath_export.export_run is not available yet")
     run = tmp_path_factory.mktemp("bench_run")
     for name in ("config.json", "model.safetensors"):
         shutil.copy(tiny_run / name, run / name)

@@ -10,8 +10,9 @@ from pathlib import Path
 import click
 
 from cmath_runtime.errors import CmathError
+from cmath_runtime.files import atomic_write_json
 
-from .config import LossConfig, ModelConfig, TrainConfig, get_ablation, get_preset
+from .config import LossConfig, ModelConfig, Preset, TrainConfig, get_ablation, get_preset
 
 
 def parse_modalities(text: str | None, available: tuple[str, ...]) -> tuple[str, ...]:
@@ -27,7 +28,8 @@ def parse_modalities(text: str | None, available: tuple[str, ...]) -> tuple[str,
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--data", default="synthetic", show_default=True, help="'synthetic', a .pkl feature pickle, or a features dir.")
 @click.option("--modalities", default=None, help="Subset of the data's modalities, e.g. 'tav', 'ta', 't'. Default: all.")
-@click.option("--preset", default="default", show_default=True, help="default | iemocap | meld (paper settings) | meld_text.")
+@click.option("--preset", default=None, help="default | iemocap | meld (paper settings) | meld_text. "
+              "Default: a recipe chosen from the data (modalities, feature sizes, data size), printed with the reasons.")
 @click.option("--model", "model_name", default="cmath", show_default=True, help="Registered model name.")
 @click.option("--ablation", default="none", show_default=True, help="none | wo_mr | wo_cmat | wo_lld | wo_hld | wo_hd.")
 @click.option("--epochs", type=int, default=None, help="Max epochs (default from TrainConfig: 30).")
@@ -47,6 +49,11 @@ def parse_modalities(text: str | None, available: tuple[str, ...]) -> tuple[str,
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Run directory (default runs/<time>).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
+@click.option("--tune", "tune_trials", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Optuna search with this many trials on the validation split (never test), then the best "
+                   "trial retrained with --seeds. Search space: cmath_train/tune.py.")
+@click.option("--tune-timeout", type=click.FloatRange(min=1), default=None,
+              help="Time budget of the search in seconds (stops starting trials after it).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def main(**opts: object) -> None:
     """Train a model; keep the checkpoint with the best validation weighted-F1."""
@@ -57,18 +64,20 @@ def main(**opts: object) -> None:
         sys.exit(2)
 
 
-def run(data: str, modalities: str | None, preset: str, model_name: str, ablation: str, epochs: int | None,
+def run(data: str, modalities: str | None, preset: str | None, model_name: str, ablation: str, epochs: int | None,
         lr: float | None, batch_size: int | None, hidden: int | None, dropout: float | None,
         conv_kernel: int | None, patience: int | None,
         val_fraction: float | None, class_weighted: bool | None, causal: bool, seed: int, seeds: int, device: str,
-        out_dir: str | None, resume: bool, quiet: bool, cdat: bool = False) -> dict:
+        out_dir: str | None, resume: bool, quiet: bool, cdat: bool = False, tune_trials: int = 0,
+        tune_timeout: float | None = None) -> dict:
     from .data import load_data
+    from .recipe import choose_recipe
     from .registry import model_names
-    from .seeds import train_seeds
+    from .seeds import context_free_baseline, train_seeds
     from .train import train
 
     try:
-        p = get_preset(preset)
+        p = get_preset(preset) if preset is not None else None
         model_over, loss_over = get_ablation(ablation)
         if model_name not in model_names():
             raise ValueError(f"model: expected one of {model_names()}, got {model_name!r}")
@@ -78,6 +87,10 @@ def run(data: str, modalities: str | None, preset: str, model_name: str, ablatio
     fs = load_data(data)
     mods = parse_modalities(modalities, fs.modalities)
     fs = fs.select(mods)
+    recipe = None
+    if p is None:
+        recipe = choose_recipe(fs)
+        p = Preset(recipe.model, recipe.loss, recipe.train)
     model_cfg = ModelConfig(modalities=mods, feature_dims=fs.feature_dims, num_classes=len(fs.label_names),
                             num_speakers=fs.num_speakers, causal=causal,
                             **{**p.model, **model_over, **_given(d=hidden, dropout=dropout, conv_kernel=conv_kernel)})
@@ -85,13 +98,31 @@ def run(data: str, modalities: str | None, preset: str, model_name: str, ablatio
     train_cfg = TrainConfig(**{**p.train, **_given(epochs=epochs, lr=lr, batch_size=batch_size, patience=patience,
                                                     val_fraction=val_fraction), "seed": seed, "device": device})
     out = Path(out_dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}")
+    out.mkdir(parents=True, exist_ok=True)
+    recipe_name = preset if recipe is None else f"auto:{recipe.name}"
+    if recipe is not None:
+        click.echo(f"cmath-train: {recipe.describe()}")
+        atomic_write_json(out / "recipe.json", {"chosen_from_data": True, **recipe.to_json()})
+    else:
+        atomic_write_json(out / "recipe.json", {"chosen_from_data": False, "name": preset,
+                                                "reasons": [f"--preset {preset} given"]})
     if not quiet:
-        click.echo(f"cmath-train: {model_name}{' + CDaT' if cdat else ''} on {data} ({''.join(mods)}), preset {preset}, ablation {ablation}, "
-                   f"{sum(len(v) for v in fs.splits.values())} conversations -> {out}")
+        click.echo(f"cmath-train: {model_name}{' + CDaT' if cdat else ''} on {data} ({''.join(mods)}), recipe {recipe_name}, "
+                   f"ablation {ablation}, {sum(len(v) for v in fs.splits.values())} conversations -> {out}")
+    if tune_trials:
+        from .tune import tune
+
+        model_cfg, loss_cfg, train_cfg = tune(fs, model_cfg, loss_cfg, train_cfg, out / "tune", tune_trials,
+                                              tune_timeout, model_name, progress=not quiet)
+        click.echo(f"cmath-train: best trial retrained with {seeds} seed(s) (trials in {out / 'tune'})")
     if seeds > 1:
         metrics = train_seeds(fs, model_cfg, loss_cfg, train_cfg, out, seeds, model_name, resume, not quiet)
     else:
         metrics = train(fs, model_cfg, loss_cfg, train_cfg, out, model_name, resume, not quiet)
+    metrics["recipe"] = recipe_name
+    if "baseline_context_free" not in metrics:
+        metrics["baseline_context_free"] = context_free_baseline(fs, train_cfg.val_fraction, train_cfg.seed)
+    atomic_write_json(out / "metrics.json", metrics)
     click.echo(summary_text(metrics, out, time.perf_counter() - t0))
     return metrics
 
@@ -111,10 +142,27 @@ def summary_text(metrics: dict, out: Path, seconds: float) -> str:
             else:
                 lines.append(f"{split:10s} accuracy {100 * m['accuracy']:.2f}  weighted-F1 {100 * m['weighted_f1']:.2f}")
     for m, b in metrics.get("baseline_context_free", {}).items():
-        if b.get("test_weighted_f1") is not None:
-            lines.append(f"context-free logistic regression ({m}): test accuracy {100 * b['test_accuracy']:.2f}  "
-                         f"weighted-F1 {100 * b['test_weighted_f1']:.2f}")
+        test = (f"; test accuracy {100 * b['test_accuracy']:.2f}  weighted-F1 {100 * b['test_weighted_f1']:.2f}"
+                if b.get("test_weighted_f1") is not None else "")
+        lines.append(f"context-free logistic regression ({m}): validation weighted-F1 "
+                     f"{100 * b['validation_weighted_f1']:.2f}{test}")
+    lines.extend(baseline_warnings(metrics))
     return "\n".join(lines)
+
+
+def baseline_warnings(metrics: dict) -> list[str]:
+    """A warning when the selected model is below the context-free baseline on validation (the split it was chosen on)."""
+    val = metrics.get("validation", {}).get("weighted_f1")
+    if val is None:
+        return []
+    val = val["mean"] if isinstance(val, dict) else val
+    out = []
+    for m, b in metrics.get("baseline_context_free", {}).items():
+        if b.get("validation_weighted_f1") is not None and val < b["validation_weighted_f1"]:
+            out.append(f"WARNING: the selected model's validation weighted-F1 {100 * val:.2f} is below the context-free "
+                       f"logistic regression on {m!r} ({100 * b['validation_weighted_f1']:.2f}): conversation context "
+                       "does not help here as trained; try --tune N or another --preset")
+    return out
 
 
 if __name__ == "__main__":

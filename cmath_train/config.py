@@ -98,6 +98,7 @@ class TrainConfig:
     batch_size: int = 8  # conversations per batch
     weight_decay: float = 0.0
     grad_clip: float = 5.0
+    ema_decay: float = 0.0  # > 0: validate and keep an exponential moving average of the weights (per step)
     patience: int = 8  # early stopping: epochs without a better validation weighted-F1
     seed: int = 0
     val_fraction: float = 0.2  # used only when the data has no official dev split

@@ -32,18 +32,22 @@ def train_seeds(fs: FeatureSet, model_cfg: ModelConfig, loss_cfg: LossConfig, tr
     for name in ("model.safetensors", "config.json", "training_curves.png", "confusion_matrix.png"):
         shutil.copy2(out / f"seed_{best_seed}" / name, out / name)
     summary["selected_seed"] = best_seed
-    summary["baseline_context_free"] = context_free_baseline(fs)
+    summary["baseline_context_free"] = context_free_baseline(fs, train_cfg.val_fraction, train_cfg.seed)
     atomic_write_json(out / "metrics.json", summary)
     return summary
 
 
-def context_free_baseline(fs: FeatureSet) -> dict[str, Any]:
-    """Logistic regression per utterance on the same features (no conversation context), C chosen on dev."""
+def context_free_baseline(fs: FeatureSet, val_fraction: float = 0.2, seed: int = 0) -> dict[str, Any]:
+    """Logistic regression per utterance on the same features (no conversation context), C chosen on validation.
+
+    C is chosen on the split the model is selected on: the official dev split, else the same seeded fraction of
+    the train conversations (then the probe is refit on all of train: a baseline at least as strong as ours).
+    """
     from .prepare.probe import linear_probe
 
     out = {}
     for m in fs.modalities:
-        r = linear_probe(fs, m)
+        r = linear_probe(fs, m, val_fraction=val_fraction, seed=seed)
         out[m] = {"C": r.best_c, "selection": r.selection, "validation_weighted_f1": r.dev_weighted_f1,
                   "test_weighted_f1": r.test_weighted_f1, "test_accuracy": r.test_accuracy}
     return out

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from cmath_runtime.files import atomic_write_json
@@ -98,13 +99,15 @@ def train(
     mean, std = feature_stats(splits.train, mods)
     model.set_input_stats(mean, std)
     model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    # AdamW: decoupled weight decay (identical to Adam when weight_decay is 0).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    ema = make_ema(model, train_cfg.ema_decay)
     weight = class_weights(splits.train, model_cfg.num_classes).to(device) if loss_cfg.class_weighted else None
     extra = {"data": {**fs.meta, "modalities": list(mods), "validation": splits.val_source}}
 
     state = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
     if resume and (out / RESUME_DIR / "state.json").is_file():
-        state = _load_resume(out / RESUME_DIR, model, optimizer)
+        state = _load_resume(out / RESUME_DIR, model, optimizer, ema)
         if progress:
             print(f"resuming {out} after epoch {state['epoch']}")
 
@@ -119,10 +122,13 @@ def train(
                    total=n_batches, desc=f"epoch {epoch}/{train_cfg.epochs}", disable=not progress, leave=False)
         for batch in bar:
             terms = train_step(model, batch.to(device), loss_cfg, optimizer, train_cfg.grad_clip, weight)
+            if ema is not None:
+                ema.update_parameters(model)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.set_postfix(loss=f"{terms['total']:.3f}")
-        y, p = predict(model, splits.val, mods, device=device)
+        evaluated = model if ema is None else ema.module  # with EMA, the averaged weights are validated and kept
+        y, p = predict(evaluated, splits.val, mods, device=device)
         val = classification_metrics(y, p, fs.label_names)
         record = {"epoch": epoch, "train_loss": sums["total"] / n_batches, "train_ce_x": sums["ce_x"] / n_batches,
                   **{f"train_{k}": v / n_batches for k, v in sums.items() if k not in ("total", "ce_x")},
@@ -133,11 +139,11 @@ def train(
         if improved:
             state.update(best=val["weighted_f1"], best_epoch=epoch, bad_epochs=0)
             selected = {"selected": {"epoch": epoch, "metric": "validation weighted_f1", "value": val["weighted_f1"]}}
-            save_checkpoint(out, model, model_name, model_cfg, loss_cfg, train_cfg, fs.label_names, {**extra, **selected})
+            save_checkpoint(out, evaluated, model_name, model_cfg, loss_cfg, train_cfg, fs.label_names, {**extra, **selected})
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
-        _save_resume(out / RESUME_DIR, model, optimizer, state)
+        _save_resume(out / RESUME_DIR, model, optimizer, state, ema)
         if progress:
             tqdm.write(f"epoch {epoch:3d}  loss {record['train_loss']:.4f}  val acc {100 * val['accuracy']:.2f}  "
                        f"val wF1 {100 * val['weighted_f1']:.2f}{'  *' if improved else ''}")
@@ -163,19 +169,47 @@ def evaluate_run(out: Path, fs: FeatureSet, splits: Splits, history: list[dict],
     return metrics
 
 
-def _save_resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+def make_ema(model: torch.nn.Module, decay: float) -> AveragedModel | None:
+    """Exponential moving average of the weights (updated after every step), or None when decay is 0.
+
+    Averaging the weights along the trajectory smooths the epoch-to-epoch noise that early stopping on a small
+    validation split would otherwise pick up; buffers (the standardisation statistics) are copied, not averaged.
+    The effective decay after n updates is min(decay, (1 + n) / (10 + n)).
+    """
+    if decay <= 0:
+        return None
+    if not decay < 1:
+        raise ValueError(f"ema_decay: expected a number in [0, 1), got {decay}")
+    def avg_fn(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        # warm-up (TensorFlow's num_updates rule): early on the average follows the weights, so a short run
+        # (a small data set: few steps) is not dominated by the random initialisation
+        n = float(num_averaged)
+        d = min(decay, (1.0 + n) / (10.0 + n))
+        return d * averaged + (1.0 - d) * current
+
+    return AveragedModel(model, avg_fn=avg_fn, use_buffers=False)
+
+
+def _save_resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict,
+                 ema: AveragedModel | None = None) -> None:
     from cmath_runtime.files import atomic_open
 
     path.mkdir(parents=True, exist_ok=True)
+    saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    if ema is not None:
+        saved["ema"] = ema.state_dict()
     with atomic_open(path / "training.pt", "wb") as f:
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, f)
+        torch.save(saved, f)
     atomic_write_json(path / "state.json", state)
 
 
-def _load_resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def _load_resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 ema: AveragedModel | None = None) -> dict:
     saved = torch.load(path / "training.pt", map_location="cpu", weights_only=True)  # restricted unpickler
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
+    if ema is not None and "ema" in saved:
+        ema.load_state_dict(saved["ema"])
     return json.loads((path / "state.json").read_text())
 
 

@@ -300,4 +300,4 @@ def test_linear_probe_tunes_c_on_dev_and_scores_test() -> None:
     r = linear_probe(fs, cs=(0.01, 1.0))
     assert r.selection == "dev" and set(r.by_c) == {0.01, 1.0} and r.test_weighted_f1 > 0.8
     no_dev = FeatureSet(fs.label_names, fs.feature_dims, 2, {"train": fs.splits["train"], "test": fs.splits["test"]})
-    assert linear_probe(no_dev, cs=(1.0,)).selection == "20% of train conversations"
+    assert linear_probe(no_dev, cs=(1.0,)).selection == "20% of train conversations (seed 0)"

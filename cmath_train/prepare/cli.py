@@ -137,3 +137,7 @@ def probe_command(features_dir: Path, modality: str) -> None:
         click.echo(f"C={c:g}: {r.selection} weighted-F1 {100 * f1:.2f}")
     test = f"test weighted-F1 {100 * r.test_weighted_f1:.2f}, acc {100 * r.test_accuracy:.2f}" if r.test_weighted_f1 is not None else "no test split"
     click.echo(f"best C={r.best_c:g}: {r.selection} weighted-F1 {100 * r.dev_weighted_f1:.2f}; {test}")
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,7 @@
 
 Features are standardised with train mean/std; scikit-learn LogisticRegression (lbfgs, multinomial,
 class_weight none); C is chosen by weighted-F1 on dev (or, without dev, on a seeded 20% of the train
-conversations, then refit on all of train). Test is scored once, with the chosen C.
+conversations (`val_fraction`, `seed`), then refit on all of train). Test is scored once, with the chosen C.
 """
 
 from __future__ import annotations
@@ -30,13 +30,14 @@ class ProbeResult:
     by_c: dict[float, float] = field(default_factory=dict)  # C -> selection weighted-F1
 
 
-def linear_probe(fs: FeatureSet, modality: str = "t", cs: tuple[float, ...] = DEFAULT_CS, seed: int = 0) -> ProbeResult:
+def linear_probe(fs: FeatureSet, modality: str = "t", cs: tuple[float, ...] = DEFAULT_CS, seed: int = 0,
+                 val_fraction: float = 0.2) -> ProbeResult:
     train = fs.splits["train"]
     if "dev" in fs.splits:
         fit_on, select_on, selection = train, fs.splits["dev"], "dev"
     else:
-        fit_on, select_on = split_validation(train, 0.2, seed)
-        selection = "20% of train conversations"
+        fit_on, select_on = split_validation(train, val_fraction, seed)
+        selection = f"{100 * val_fraction:g}% of train conversations (seed {seed})"
     x, y = _flat(fit_on, modality)
     xs, ys = _flat(select_on, modality)
     scaler = StandardScaler().fit(x)

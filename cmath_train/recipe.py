@@ -1,0 +1,76 @@
+"""The recipe `cmath-train` uses when no `--preset` is given: chosen from the data, with the reasons.
+
+Chosen by validation only (never a test split): MELD's official dev split and dev/eval splits carved from MELD's
+train conversations, including a 25 % train subset that mimics a smaller data set; every run is listed in the
+README's accuracy section. The rules look only at what any data set has: which modalities, their feature sizes,
+and how many labelled training utterances.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .data.types import FeatureSet
+
+SMALL_DATA_UTTERANCES = 4000  # fewer labelled training utterances than this: the small-data variant
+SENTENCE_EMBEDDING_MAX_DIM = 1024  # a single modality up to this size is treated like a sentence embedding
+
+
+@dataclass
+class Recipe:
+    name: str
+    model: dict[str, Any]
+    loss: dict[str, Any]
+    train: dict[str, Any]
+    reasons: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)  # what the choice looked at
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return f"recipe {self.name!r} (chosen from the data): " + "; ".join(self.reasons)
+
+
+def data_profile(fs: FeatureSet) -> dict[str, Any]:
+    train = fs.splits.get("train", [])
+    return {
+        "modalities": list(fs.modalities),
+        "feature_dims": dict(fs.feature_dims),
+        "train_conversations": len(train),
+        "train_utterances": int(sum(int((d.labels >= 0).sum()) for d in train)),
+        "has_dev": bool(fs.splits.get("dev")),
+        "classes": len(fs.label_names),
+    }
+
+
+def choose_recipe(fs: FeatureSet) -> Recipe:
+    """The training recipe for this data (modalities present, feature sizes, data size) and why."""
+    p = data_profile(fs)
+    mods, n_utt = p["modalities"], p["train_utterances"]
+    # Common to every recipe: an exponential moving average of the weights is validated and kept (smooths the
+    # epoch-to-epoch noise that early stopping picks up on a small dev split), a small d, and decoupled weight decay.
+    model: dict[str, Any] = {"d": 128, "heads": 4}
+    loss: dict[str, Any] = {}
+    train: dict[str, Any] = {"lr": 5e-4, "batch_size": 8, "epochs": 30, "patience": 6, "ema_decay": 0.995}
+    reasons = ["weights averaged (EMA 0.995) and the average validated, so the selected epoch is not a noisy one"]
+    if len(mods) == 1:
+        name = "single"
+        model.update(dropout=0.3, modality_reconstruction=False)
+        loss.update(use_reconstruction=False)
+        reasons.append(f"one modality ({mods[0]!r}, {p['feature_dims'][mods[0]]}-d): a linear projection instead of the "
+                       "reconstruction convolutions (they mix neighbouring utterances' embeddings and L_re only "
+                       "reconstructs the input), dropout 0.3")
+    else:
+        name = "multimodal"
+        model.update(dropout=0.2)
+        reasons.append(f"{len(mods)} modalities: the paper's reconstruction and cross-modal fusion kept, dropout 0.2")
+    if n_utt < SMALL_DATA_UTTERANCES:
+        name += "_small"
+        model.update(dropout=max(model.get("dropout", 0.1), 0.4))
+        train.update(weight_decay=0.05)
+        reasons.append(f"{n_utt} labelled training utterances (< {SMALL_DATA_UTTERANCES}): dropout 0.4, weight decay 0.05")
+    else:
+        reasons.append(f"{n_utt} labelled training utterances")
+    return Recipe(name, model, loss, train, reasons, p)

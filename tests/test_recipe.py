@@ -1,0 +1,108 @@
+"""The recipe chosen from the data, `--tune`, and the context-free baseline (with its warning) in metrics.json."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from cmath_train.cli import baseline_warnings
+from cmath_train.cli import main as train_cli
+from cmath_train.recipe import SMALL_DATA_UTTERANCES, choose_recipe
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    from cmath_train.data.synthetic import SyntheticConfig, make_synthetic
+
+    return make_synthetic(SyntheticConfig(feature_dims={"t": 8, "a": 6, "v": 4}, conversations={"train": 20, "test": 6},
+                                          max_len=10))
+
+
+def test_recipe_depends_on_modalities_and_size(small_data, tiny_data):
+    one = choose_recipe(small_data.select(("t",)))
+    assert one.name == "single_small" and one.model["modality_reconstruction"] is False
+    assert one.loss["use_reconstruction"] is False and one.train["ema_decay"] > 0
+    assert any("one modality ('t', 8-d)" in r for r in one.reasons)
+    assert one.data["train_utterances"] < SMALL_DATA_UTTERANCES
+    multi = choose_recipe(small_data)
+    assert multi.name == "multimodal_small" and "modality_reconstruction" not in multi.model
+    big = small_data.select(("t",))
+    big.splits["train"] = big.splits["train"] * (SMALL_DATA_UTTERANCES // 100)  # many more training utterances
+    assert choose_recipe(big).name == "single"
+    assert "chosen from the data" in one.describe()
+
+
+@pytest.fixture()
+def fake_data(small_data, monkeypatch):
+    import cmath_train.data as data_mod
+
+    monkeypatch.setattr(data_mod, "load_data", lambda spec: small_data)
+    return small_data
+
+
+def test_cli_without_preset_uses_the_auto_recipe_and_reports_the_baseline(fake_data, tmp_path):
+    out = tmp_path / "auto"
+    res = CliRunner().invoke(train_cli, ["--modalities", "t", "--epochs", "1", "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "recipe 'single_small' (chosen from the data)" in res.output
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["chosen_from_data"] and recipe["name"] == "single_small" and recipe["reasons"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"]["modality_reconstruction"] is False and cfg["train"]["ema_decay"] == recipe["train"]["ema_decay"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["recipe"] == "auto:single_small"
+    base = metrics["baseline_context_free"]["t"]
+    assert 0 <= base["validation_weighted_f1"] <= 1 and 0 <= base["test_weighted_f1"] <= 1
+    assert "context-free logistic regression ('t')" not in res.output  # printed without quotes
+    assert "context-free logistic regression (t): validation weighted-F1" in res.output
+    # an explicit --preset overrides the auto recipe
+    res = CliRunner().invoke(train_cli, ["--preset", "default", "--epochs", "1", "--d", "16", "--out", str(tmp_path / "p"),
+                                         "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "p" / "recipe.json").read_text()) == {
+        "chosen_from_data": False, "name": "default", "reasons": ["--preset default given"]}
+
+
+def test_warning_when_below_the_baseline_on_validation():
+    metrics = {"validation": {"weighted_f1": {"mean": 0.30, "std": 0.01}},
+               "baseline_context_free": {"t": {"validation_weighted_f1": 0.32, "test_weighted_f1": 0.31}}}
+    (warning,) = baseline_warnings(metrics)
+    assert "WARNING" in warning and "30.00" in warning and "32.00" in warning
+    metrics["validation"]["weighted_f1"] = 0.33
+    assert baseline_warnings(metrics) == []
+    assert baseline_warnings({"validation": {"weighted_f1": 0.2}, "baseline_context_free": {}}) == []
+
+
+def test_tune_searches_on_validation_records_every_trial_and_retrains(fake_data, tmp_path):
+    pytest.importorskip("optuna")
+    out = tmp_path / "tuned"
+    res = CliRunner().invoke(train_cli, ["--modalities", "ta", "--epochs", "1", "--tune", "3", "--tune-timeout", "120",
+                                         "--seeds", "2", "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(x) for x in (out / "tune" / "trials.jsonl").read_text().splitlines()]
+    assert [r["trial"] for r in lines] == [0, 1, 2]
+    with open(out / "tune" / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and {"lr", "d", "dropout", "validation_weighted_f1"} <= set(rows[0])
+    best = json.loads((out / "tune" / "best.json").read_text())
+    assert best["validation_weighted_f1"] == max(r["validation_weighted_f1"] for r in lines)
+    for r in range(3):  # the trials never saw the test split
+        assert "test" not in json.loads((out / "tune" / f"trial_{r:03d}" / "metrics.json").read_text())
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"]["d"] == best["params"]["model"]["d"] and cfg["train"]["lr"] == best["params"]["train"]["lr"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["seeds"] == [0, 1] and "test" in metrics and "t" in metrics["baseline_context_free"]
+
+
+def test_search_space_kinds_are_checked():
+    from cmath_train.tune import suggest
+
+    class Trial:
+        def suggest_categorical(self, name, choices):
+            return choices[0]
+
+    with pytest.raises(ValueError, match=r"SEARCH_SPACE\['x'\]: expected kind"):
+        suggest(Trial(), {"x": ("model", "int", (1, 2))})

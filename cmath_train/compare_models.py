@@ -1,6 +1,6 @@
 """Compare the registered models on one dataset: same data, splits, dev-based selection and seeds for each.
 
-    python -m benchmarks.compare_models [--data synthetic|FEATURES_DIR|PICKLE] [--modalities tav] [--seeds 3]
+    python -m cmath_train.compare_models [--data synthetic|FEATURES_DIR|PICKLE] [--modalities tav] [--seeds 3]
                                         [--epochs 10] [--preset default] [--models cmath,sdt,dmd,cmath+cdat]
                                         [--out runs/compare]
 
@@ -264,7 +264,7 @@ def main(data: str, modalities: str | None, preset: str, model_list: str, seeds:
     context = {"data": data, "modalities": "".join(mods), "preset": preset, "epochs": epochs,
                "seeds": first["seeds"], "validation": _validation_source(out / entries[0].key),
                "model_config": model_kw | {"modalities": list(mods)}, "train_config": train_kw,
-               "command": "python -m benchmarks.compare_models " + shlex.join(
+               "command": "python -m cmath_train.compare_models " + shlex.join(
                    a for a in sys.argv[1:] if a not in ("--resume", "--quiet")),  # neither changes a number
                "host": {"python": platform.python_version(), "torch": torch.__version__,
                         "cpu_count": os.cpu_count()},

@@ -58,10 +58,11 @@ def choose_recipe(fs: FeatureSet) -> Recipe:
     if len(mods) == 1:
         name = "single"
         model.update(dropout=0.3, modality_reconstruction=False)
-        loss.update(use_reconstruction=False)
-        reasons.append(f"one modality ({mods[0]!r}, {p['feature_dims'][mods[0]]}-d): a linear projection instead of the "
-                       "reconstruction convolutions (they mix neighbouring utterances' embeddings and L_re only "
-                       "reconstructs the input), dropout 0.3")
+        loss.update(use_reconstruction=False, gamma_mse=0.0, gamma_kl=0.0)
+        reasons.append(f"one modality ({mods[0]!r}, {p['feature_dims'][mods[0]]}-d): no hierarchical distillation "
+                       "(g1 = g2 = 0: with one modality the 'fused' teacher is the student itself, L_mse only ties "
+                       "MLP_mu to the identity and collapses sigma), a linear projection instead of the "
+                       "reconstruction convolutions (they mix neighbouring utterances' embeddings), dropout 0.3")
     else:
         name = "multimodal"
         model.update(dropout=0.2)

@@ -174,7 +174,7 @@ def make_ema(model: torch.nn.Module, decay: float) -> AveragedModel | None:
 
     Averaging the weights along the trajectory smooths the epoch-to-epoch noise that early stopping on a small
     validation split would otherwise pick up; buffers (the standardisation statistics) are copied, not averaged.
-    The effective decay after n updates is min(decay, (1 + n) / (10 + n)).
+    The first update copies the weights; the one after n updates uses min(decay, (1 + n) / (10 + n)).
     """
     if decay <= 0:
         return None

@@ -116,3 +116,29 @@ def test_cli_trains_with_options_and_seeds(tmp_path, monkeypatch):
     assert bad.exit_code == 2 and "expected one of ['cmath', 'dmd', 'sdt'], got 'resnet'" in bad.output
     bad = CliRunner().invoke(train_cli, ["--preset", "nope", "--out", str(tmp_path / "x")])
     assert bad.exit_code != 0 and "expected one of ['default', 'iemocap', 'meld', 'meld_text']" in bad.output
+
+
+def test_ema_weights_are_validated_kept_and_resumed(tiny_data, tmp_path):
+    from cmath_train.train import make_ema
+
+    cfg, loss = tiny_model_config(), LossConfig()
+    tc = TrainConfig(epochs=3, batch_size=8, lr=3e-3, ema_decay=0.9)
+    full = train(tiny_data, cfg, loss, tc, tmp_path / "full", progress=False)
+    # interrupted after 2 epochs, then resumed: the averaged weights come back too, so validation is identical
+    train(tiny_data, cfg, loss, TrainConfig(epochs=2, batch_size=8, lr=3e-3, ema_decay=0.9), tmp_path / "part",
+          progress=False)
+    resumed = train(tiny_data, cfg, loss, tc, tmp_path / "part", resume=True, progress=False)
+    assert [h["val_weighted_f1"] for h in resumed["history"]] == pytest.approx([h["val_weighted_f1"] for h in full["history"]])
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["train"]["ema_decay"] == 0.9
+    # the warm-up: the first call copies; the next keeps (1 + 1) / (10 + 1) of the average, whatever the decay
+    model = torch.nn.Linear(2, 1)
+    ema = make_ema(model, 0.999)
+    with torch.no_grad():
+        old = model.weight.clone()
+        ema.update_parameters(model)  # the first call copies
+        model.weight.add_(1.0)
+        ema.update_parameters(model)
+    assert torch.allclose(ema.module.weight, 2 / 11 * old + 9 / 11 * model.weight)
+    assert make_ema(model, 0.0) is None
+    with pytest.raises(ValueError, match=r"ema_decay: expected a number in \[0, 1\), got 1.0"):
+        make_ema(model, 1.0)

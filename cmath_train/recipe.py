@@ -49,14 +49,15 @@ def choose_recipe(fs: FeatureSet) -> Recipe:
     """The training recipe for this data (modalities present, feature sizes, data size) and why."""
     p = data_profile(fs)
     mods, n_utt = p["modalities"], p["train_utterances"]
-    # Common to every recipe: an exponential moving average of the weights is validated and kept (smooths the
-    # epoch-to-epoch noise that early stopping picks up on a small dev split), a small d, and decoupled weight decay.
+    # Common to every recipe: an exponential moving average of the weights is validated and kept (it smooths the
+    # epoch-to-epoch noise that early stopping would pick up on a small dev split), and a small d.
     model: dict[str, Any] = {"d": 128, "heads": 4}
     loss: dict[str, Any] = {}
-    train: dict[str, Any] = {"lr": 5e-4, "batch_size": 8, "epochs": 30, "patience": 6, "ema_decay": 0.995}
+    train: dict[str, Any] = {"batch_size": 8, "epochs": 30, "ema_decay": 0.995}
     reasons = ["weights averaged (EMA 0.995) and the average validated, so the selected epoch is not a noisy one"]
     if len(mods) == 1:
         name = "single"
+        train.update(lr=5e-4, patience=6)
         model.update(dropout=0.3, modality_reconstruction=False)
         loss.update(use_reconstruction=False, gamma_mse=0.0, gamma_kl=0.0)
         reasons.append(f"one modality ({mods[0]!r}, {p['feature_dims'][mods[0]]}-d): no hierarchical distillation "
@@ -65,8 +66,10 @@ def choose_recipe(fs: FeatureSet) -> Recipe:
                        "reconstruction convolutions (they mix neighbouring utterances' embeddings), dropout 0.3")
     else:
         name = "multimodal"
-        model.update(dropout=0.2)
-        reasons.append(f"{len(mods)} modalities: the paper's reconstruction and cross-modal fusion kept, dropout 0.2")
+        train.update(lr=1e-3, patience=8)
+        reasons.append(f"{len(mods)} modalities: the full model (reconstruction, cross-modal fusion, distillation) with "
+                       "the `default` preset's settings (d 128, dropout 0.1, lr 1e-3); no real multimodal data here "
+                       "to tune anything else on")
     if n_utt < SMALL_DATA_UTTERANCES:
         name += "_small"
         model.update(dropout=max(model.get("dropout", 0.1), 0.4))

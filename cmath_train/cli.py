@@ -141,6 +141,11 @@ def summary_text(metrics: dict, out: Path, seconds: float) -> str:
                              f"weighted-F1 {100 * m['weighted_f1']['mean']:.2f} +- {100 * m['weighted_f1']['std']:.2f}")
             else:
                 lines.append(f"{split:10s} accuracy {100 * m['accuracy']:.2f}  weighted-F1 {100 * m['weighted_f1']:.2f}")
+    ens = metrics.get("seed_ensemble", {})
+    if "test" in ens or "validation" in ens:
+        parts = [f"{split} weighted-F1 {100 * ens[split]['weighted_f1']:.2f}" for split in ("validation", "test") if split in ens]
+        lines.append(f"ensemble of the {len(ens['seeds'])} seeds (averaged probabilities, not the exported model): "
+                     + "  ".join(parts))
     for m, b in metrics.get("baseline_context_free", {}).items():
         test = (f"; test accuracy {100 * b['test_accuracy']:.2f}  weighted-F1 {100 * b['test_weighted_f1']:.2f}"
                 if b.get("test_weighted_f1") is not None else "")

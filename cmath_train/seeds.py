@@ -32,9 +32,31 @@ def train_seeds(fs: FeatureSet, model_cfg: ModelConfig, loss_cfg: LossConfig, tr
     for name in ("model.safetensors", "config.json", "training_curves.png", "confusion_matrix.png"):
         shutil.copy2(out / f"seed_{best_seed}" / name, out / name)
     summary["selected_seed"] = best_seed
+    summary["seed_ensemble"] = seed_ensemble(fs, out, [s for s, _ in runs], train_cfg)
     summary["baseline_context_free"] = context_free_baseline(fs, train_cfg.val_fraction, train_cfg.seed)
     atomic_write_json(out / "metrics.json", summary)
     return summary
+
+
+def seed_ensemble(fs: FeatureSet, out: Path, seeds: list[int], train_cfg: TrainConfig) -> dict[str, Any]:
+    """The seeds' averaged class probabilities, scored on validation and test (a reference number: the run
+    directory's model stays the single best-validation seed, which is what gets exported)."""
+    from .checkpoint import load_checkpoint
+    from .metrics import classification_metrics
+    from .train import make_splits, predict_proba
+
+    splits = make_splits(fs, train_cfg.val_fraction, train_cfg.seed)
+    models = [load_checkpoint(out / f"seed_{s}", map_location=train_cfg.device) for s in seeds]
+    result: dict[str, Any] = {"seeds": seeds, "note": "mean of the seeds' probabilities; not the exported model"}
+    # without an official dev split each seed validated on its own train fraction: no common validation split
+    val = splits.val if splits.val_source == "dev" else []
+    for name, dialogues in (("validation", val), ("test", splits.test)):
+        if dialogues:
+            outs = [predict_proba(c.model, dialogues, c.model_cfg.modalities, device=train_cfg.device) for c in models]
+            y, p = outs[0][0], np.mean([o[1] for o in outs], axis=0)
+            m = classification_metrics(y, p.argmax(-1), fs.label_names)
+            result[name] = {k: m[k] for k in ("accuracy", "weighted_f1", "macro_f1")}
+    return result
 
 
 def context_free_baseline(fs: FeatureSet, val_fraction: float = 0.2, seed: int = 0) -> dict[str, Any]:

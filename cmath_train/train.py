@@ -51,19 +51,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@torch.no_grad()
 def predict(model: torch.nn.Module, dialogues: list[Dialogue], modalities: tuple[str, ...],
             batch_size: int = 16, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """(y_true, y_pred) over every labelled real utterance, fused prediction Y^_x."""
+    y, probs = predict_proba(model, dialogues, modalities, batch_size, device)
+    return y, probs.argmax(-1)
+
+
+@torch.no_grad()
+def predict_proba(model: torch.nn.Module, dialogues: list[Dialogue], modalities: tuple[str, ...],
+                  batch_size: int = 16, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """(y_true, class probabilities) over every labelled real utterance, fused prediction Y^_x."""
     model.eval()
-    trues, preds = [], []
+    trues, probs = [], []
     for batch in batches(dialogues, modalities, batch_size, shuffle=False):
         batch = batch.to(device)
         out = model(batch.features, batch.speaker, batch.mask)
         rows = batch.mask & (batch.labels >= 0)
         trues.append(batch.labels[rows].cpu().numpy())
-        preds.append(out.logits.argmax(-1)[rows].cpu().numpy())
-    return np.concatenate(trues), np.concatenate(preds)
+        probs.append(torch.softmax(out.logits.float(), -1)[rows].cpu().numpy())
+    return np.concatenate(trues), np.concatenate(probs)
 
 
 def train_step(model: torch.nn.Module, batch: Batch, loss_cfg: LossConfig, optimizer: torch.optim.Optimizer,

@@ -23,15 +23,15 @@ def small_data():
 
 def test_recipe_depends_on_modalities_and_size(small_data, tiny_data):
     one = choose_recipe(small_data.select(("t",)))
-    assert one.name == "single_small" and one.model["modality_reconstruction"] is False
-    assert one.loss["use_reconstruction"] is False and one.train["ema_decay"] > 0
+    assert one.name == "single" and one.model["modality_reconstruction"] is False
+    assert one.loss == {"use_reconstruction": False, "gamma_mse": 0.0, "gamma_kl": 0.0} and one.train["ema_decay"] > 0
     assert any("one modality ('t', 8-d)" in r for r in one.reasons)
-    assert one.data["train_utterances"] < SMALL_DATA_UTTERANCES
+    assert one.data["train_utterances"] < SMALL_DATA_UTTERANCES and "(small)" in one.reasons[-1]
     multi = choose_recipe(small_data)
-    assert multi.name == "multimodal_small" and "modality_reconstruction" not in multi.model
+    assert multi.name == "multimodal" and "modality_reconstruction" not in multi.model and multi.loss == {}
     big = small_data.select(("t",))
     big.splits["train"] = big.splits["train"] * (SMALL_DATA_UTTERANCES // 100)  # many more training utterances
-    assert choose_recipe(big).name == "single"
+    assert "(medium or large)" in choose_recipe(big).reasons[-1]
     assert "chosen from the data" in one.describe()
 
 
@@ -47,13 +47,13 @@ def test_cli_without_preset_uses_the_auto_recipe_and_reports_the_baseline(fake_d
     out = tmp_path / "auto"
     res = CliRunner().invoke(train_cli, ["--modalities", "t", "--epochs", "1", "--out", str(out), "--quiet"])
     assert res.exit_code == 0, res.output
-    assert "recipe 'single_small' (chosen from the data)" in res.output
+    assert "recipe 'single' (chosen from the data)" in res.output
     recipe = json.loads((out / "recipe.json").read_text())
-    assert recipe["chosen_from_data"] and recipe["name"] == "single_small" and recipe["reasons"]
+    assert recipe["chosen_from_data"] and recipe["name"] == "single" and recipe["reasons"]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model"]["modality_reconstruction"] is False and cfg["train"]["ema_decay"] == recipe["train"]["ema_decay"]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["recipe"] == "auto:single_small"
+    assert metrics["recipe"] == "auto:single"
     base = metrics["baseline_context_free"]["t"]
     assert 0 <= base["validation_weighted_f1"] <= 1 and 0 <= base["test_weighted_f1"] <= 1
     assert "context-free logistic regression ('t')" not in res.output  # printed without quotes

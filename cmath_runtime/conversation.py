@@ -51,7 +51,7 @@ class Conversation:
         self._features: dict[str, list[np.ndarray]] = {m: [] for m in model.modalities}
         self._result: Prediction | None = None
         self._lock = threading.Lock()
-        graph = streaming.step_graph(model)
+        graph = model.step_graph
         self._stream = streaming.Stream(graph) if graph is not None else None
 
     @property

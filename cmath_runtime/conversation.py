@@ -21,7 +21,7 @@ import numpy as np
 
 from . import streaming
 from .errors import InputError
-from .validation import check_modality
+from .validation import check_speaker, check_utterance
 
 if TYPE_CHECKING:
     from .model import EmotionModel, Prediction
@@ -71,21 +71,8 @@ class Conversation:
         if n >= spec.max_len:
             raise InputError(field, f"at most {spec.max_len} utterances (the artifact's max_len)", f"utterance {n + 1}",
                              "Start a new Conversation with the most recent utterances.")
-        if not _is_integer(speaker) or not 0 <= speaker < spec.num_speakers:
-            raise InputError(f"{field}.speaker", f"an integer id in [0, {spec.num_speakers})",
-                             int(speaker) if _is_integer(speaker) else repr(speaker))
-        missing = [m for m in spec.modalities if m not in features]
-        extra = sorted(m for m in features if m not in spec.modalities)
-        if missing or extra:
-            what = "; ".join(s for s in (f"missing {missing}" if missing else "", f"extra {extra}" if extra else "") if s)
-            raise InputError(f"{field}.features", f"exactly the modalities {list(spec.modalities)}",
-                             f"{sorted(features)} ({what})")
-        rows = {}
-        for m in spec.modalities:
-            vec = np.asarray(features[m]) if not isinstance(features[m], (str, bytes)) else features[m]
-            if isinstance(vec, np.ndarray) and vec.ndim == 1:
-                vec = vec[None, :]  # one utterance: (d,) -> (1, d)
-            rows[m] = check_modality(vec, 1, spec.feature_dims[m], f"{field}.features[{m!r}]")
+        speaker = check_speaker(speaker, spec, f"{field}.speaker")
+        rows = check_utterance(features, spec, f"{field}.features")
         with self._lock:
             self._speakers.append(int(speaker))
             for m in spec.modalities:
@@ -180,7 +167,3 @@ class Conversation:
 
     def _emotion(self, result: Prediction, i: int) -> Emotion:
         return Emotion(result.labels[i], dict(zip(self.model.label_names, map(float, result.probs[i]))))
-
-
-def _is_integer(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)

@@ -69,6 +69,31 @@ def check_speakers(speakers: Any, spec: Manifest, field: str) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
+def check_speaker(speaker: Any, spec: Manifest, field: str) -> int:
+    """One speaker id (Conversation.add): a Python or numpy integer in [0, num_speakers); bools are not ids."""
+    is_int = isinstance(speaker, (int, np.integer)) and not isinstance(speaker, (bool, np.bool_))
+    if not is_int or not 0 <= speaker < spec.num_speakers:
+        raise InputError(field, f"an integer id in [0, {spec.num_speakers})", int(speaker) if is_int else repr(speaker))
+    return int(speaker)
+
+
+def check_utterance(features: Any, spec: Manifest, field: str) -> dict[str, np.ndarray]:
+    """One utterance's features (Conversation.add): {modality: (d_m,) or (1, d_m)} -> {modality: (1, d_m) float32}."""
+    if isinstance(features, Mapping):
+        features = {m: _one_row(v) for m, v in features.items()}
+    return check_features(features, 1, spec, field)
+
+
+def _one_row(value: Any) -> Any:
+    if isinstance(value, (str, bytes)) or value is None:
+        return value
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError):
+        return value  # check_modality explains
+    return arr[None, :] if arr.ndim == 1 else arr
+
+
 def check_features(features: Any, n: int, spec: Manifest, field: str) -> dict[str, np.ndarray]:
     if not isinstance(features, Mapping):
         raise InputError(field, "a dict {modality: (utterances, feature_size) array}", _describe(features))

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .batching import pad_conversations
-from .errors import ArtifactError
+from .errors import ArtifactError, InputError
 from .files import sha256_file
 from .manifest import Manifest, read_manifest
 from .session import PRECISIONS, SessionInfo, create_session
 from .text import resolve_texts
-from .validation import CheckedConversation, check_conversations
+from .validation import CheckedConversation, check_conversations, nonfinite_output_error, nonfinite_rows
 
 if TYPE_CHECKING:
     from .streaming import StepGraph
@@ -139,8 +139,8 @@ class EmotionModel:
         array}; with a text encoder in the artifact, a mapping may give `texts` (n strings) instead of features["t"].
         Conversations of similar length are batched together (at most `batch_size` per onnxruntime call).
         """
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise InputError("batch_size", "a positive integer", repr(batch_size))
         checked = check_conversations(resolve_texts(self, conversations), self.manifest)
         results: list[Prediction | None] = [None] * len(checked)
         for group in length_groups([len(c) for c in checked], min(batch_size, self.manifest.max_batch)):
@@ -148,6 +148,10 @@ class EmotionModel:
             for row, i in enumerate(group):
                 n = len(checked[i])
                 p = probs[row, :n]
+                bad = nonfinite_rows(p, emb[row, :n])
+                if len(bad):  # never hand back a non-finite probability
+                    raise nonfinite_output_error(f"conversations[{i}].features", bad, checked[i].features,
+                                                 self.precision)
                 results[i] = Prediction([self.manifest.label_names[k] for k in p.argmax(-1)], p,
                                         emb[row, :n] if embeddings else None)
         return results  # type: ignore[return-value]

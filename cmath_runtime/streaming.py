@@ -12,7 +12,6 @@ A step costs O(n d + d^2) instead of recomputing the whole conversation. Nothing
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,7 +22,6 @@ from .files import sha256_file
 if TYPE_CHECKING:
     from .model import EmotionModel
 
-STATE_VERSION = 1
 
 
 class StepGraph:
@@ -128,15 +126,3 @@ class Stream:
                 self.buffers[k] = saved.copy()
         self.probs = list(np.asarray(state["state.probs"])) if n else []
         self.embedding = list(np.asarray(state["state.embedding"])) if n else []
-
-
-def save_state(state: dict[str, np.ndarray], path: str | Path) -> None:
-    """Write a Conversation.state_dict() with np.savez (no pickle)."""
-    with open(path, "wb") as f:
-        np.savez(f, **state)
-
-
-def load_state(path: str | Path) -> dict[str, np.ndarray]:
-    """Read a state written by save_state (allow_pickle=False)."""
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}

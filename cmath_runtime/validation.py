@@ -121,6 +121,36 @@ def check_modality(value: Any, n: int, dim: int, field: str) -> np.ndarray:
     return arr
 
 
+def nonfinite_rows(*outputs: np.ndarray) -> np.ndarray:
+    """Indices of the rows (leading axis) where any output holds NaN/inf."""
+    bad = np.zeros(len(outputs[0]), bool)
+    for out in outputs:
+        bad |= ~np.isfinite(out.reshape(len(out), -1)).all(axis=1)
+    return np.flatnonzero(bad)
+
+
+def nonfinite_output_error(field: str, rows: Any, features: dict[str, np.ndarray], precision: str,
+                           hint: str = "") -> InputError:
+    """The InputError for inputs the model cannot compute finitely: names the rows and the most extreme value.
+
+    Finite but extreme features (e.g. 1e30) overflow once standardised and pushed through attention and norms
+    (fp32: squares beyond 3.4e38; fp16 artifacts: standardised values beyond 65504); the runtime never hands such
+    outputs back."""
+    worst_m, worst_j, worst = "", 0, -1.0
+    for m, x in features.items():
+        if x.size:
+            mags = np.abs(x.astype(np.float64)).max(axis=1)
+            j = int(mags.argmax())
+            if mags[j] > worst:
+                worst_m, worst_j, worst = m, j, float(mags[j])
+    rows = [int(r) for r in rows]
+    shown = rows if len(rows) <= 10 else [*rows[:10], "..."]
+    return InputError(field, f"features this {precision} model computes finitely (standardised values well within "
+                             f"the {precision} range)",
+                      f"non-finite probabilities for utterances {shown}; the largest |feature| is {worst:.3g} "
+                      f"(utterance {worst_j}, modality {worst_m!r})", hint or "Check the features' scale.")
+
+
 def _as_array(value: Any, field: str) -> np.ndarray:
     if isinstance(value, (str, bytes)) or value is None:
         raise InputError(field, "a numeric array", _describe(value))

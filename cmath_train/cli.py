@@ -115,6 +115,7 @@ def run(data: str, modalities: str | None, preset: str | None, model_name: str, 
         model_cfg, loss_cfg, train_cfg = tune(fs, model_cfg, loss_cfg, train_cfg, out / "tune", tune_trials,
                                               tune_timeout, model_name, progress=not quiet)
         click.echo(f"cmath-train: best trial retrained with {seeds} seed(s) (trials in {out / 'tune'})")
+        recipe_name += f" + tune ({out / 'tune' / 'best.json'})"
     if seeds > 1:
         metrics = train_seeds(fs, model_cfg, loss_cfg, train_cfg, out, seeds, model_name, resume, not quiet)
     else:

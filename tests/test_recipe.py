@@ -95,6 +95,7 @@ def test_tune_searches_on_validation_records_every_trial_and_retrains(fake_data,
     assert cfg["model"]["d"] == best["params"]["model"]["d"] and cfg["train"]["lr"] == best["params"]["train"]["lr"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["seeds"] == [0, 1] and "test" in metrics and "t" in metrics["baseline_context_free"]
+    assert metrics["recipe"].startswith("auto:multimodal + tune (") and "best.json" in metrics["recipe"]
     ens = metrics["seed_ensemble"]  # no dev split in this data: the ensemble is scored on test only
     assert ens["seeds"] == [0, 1] and 0 <= ens["test"]["weighted_f1"] <= 1 and "validation" not in ens
     assert "ensemble of the 2 seeds" in res.output

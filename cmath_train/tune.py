@@ -50,10 +50,16 @@ def suggest(trial: Any, space: dict[str, tuple[str, str, Any]] = SEARCH_SPACE) -
 
 def apply(model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainConfig,
           params: dict[str, dict[str, Any]]) -> tuple[ModelConfig, LossConfig, TrainConfig]:
-    model = dataclasses.replace(model_cfg, **params.get("model", {}))
+    model = _replace(model_cfg, params.get("model", {}))
     if model.d % model.heads:  # keep the head count valid for every d in the space
         model = dataclasses.replace(model, heads=math.gcd(model.d, model.heads))
-    return model, dataclasses.replace(loss_cfg, **params.get("loss", {})), dataclasses.replace(train_cfg, **params.get("train", {}))
+    return model, _replace(loss_cfg, params.get("loss", {})), _replace(train_cfg, params.get("train", {}))
+
+
+def _replace(cfg: Any, values: dict[str, Any]) -> Any:
+    """cfg with the values of the fields it has (a model without distillation has no g1/g2: they are skipped)."""
+    names = {f.name for f in dataclasses.fields(cfg)}
+    return dataclasses.replace(cfg, **{k: v for k, v in values.items() if k in names})
 
 
 def tune(fs: FeatureSet, model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainConfig, out_dir: str | Path,

@@ -110,3 +110,19 @@ def test_search_space_kinds_are_checked():
 
     with pytest.raises(ValueError, match=r"SEARCH_SPACE\['x'\]: expected kind"):
         suggest(Trial(), {"x": ("model", "int", (1, 2))})
+
+
+def test_tune_apply_skips_fields_a_config_does_not_have():
+    import dataclasses
+
+    from cmath_train.config import TrainConfig
+    from cmath_train.tune import apply
+    from tests.conftest import tiny_model_config
+
+    @dataclasses.dataclass
+    class PlainLoss:  # a model whose loss has no distillation weights
+        class_weighted: bool = False
+
+    m, loss, t = apply(tiny_model_config(heads=4), PlainLoss(), TrainConfig(),
+                       {"model": {"d": 64, "dropout": 0.2}, "loss": {"gamma_mse": 0.5}, "train": {"lr": 1e-3}})
+    assert (m.d, m.dropout, m.heads, t.lr) == (64, 0.2, 4, 1e-3) and loss == PlainLoss()

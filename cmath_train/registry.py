@@ -32,4 +32,4 @@ def create_model(name: str, cfg: ModelConfig) -> nn.Module:
 
 
 def _load_builtin() -> None:
-    from . import model, models  # noqa: F401  (register "cmath"; "sdt", "dmd")
+    from . import models  # noqa: F401  (registers "cmath", "sdt", "dmd")

@@ -29,12 +29,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import LossConfig, ModelConfig
 from ..layers import GatedFusion, attention_mask
-from ..losses import add_cdat, cross_entropy, masked_mean
+from ..losses import add_cdat, cross_entropy, high_level_distillation, masked_mean
 from ..registry import register
 from .common import BaselineInputs, TransformerLayer
 
@@ -100,13 +99,7 @@ class SDT(nn.Module):
 
 def soft_label_distillation(out: SDTOutput, rows: Tensor, temperature: float, detach_teacher: bool) -> Tensor:
     """sum_m 1/n sum_i KL(softmax(Y^_x,i / T) || softmax(Y^_m,i / T))  (SDT's MaskedKLDivLoss, no T^2 factor)."""
-    teacher = out.logits.detach() if detach_teacher else out.logits
-    log_p_x = F.log_softmax(teacher / temperature, dim=-1)
-    terms = []
-    for logits_m in out.modality_logits.values():
-        kl = (log_p_x.exp() * (log_p_x - F.log_softmax(logits_m / temperature, dim=-1))).sum(-1)  # (B, N)
-        terms.append(masked_mean(kl, rows))
-    return sum(terms)
+    return high_level_distillation(out, rows, detach_teacher, temperature)
 
 
 def feature_distillation(out: SDTOutput, rows: Tensor, detach_teacher: bool) -> Tensor:

@@ -19,6 +19,7 @@ from cmath_train.layers import (
     sinusoidal_positions,
 )
 from cmath_train.model import CMATH
+from cmath_train.models.cmath import CMATHConfig
 from tests.conftest import TINY_DIMS, tiny_model_config
 
 SUBSETS = ["".join(s) for r in (1, 2, 3) for s in itertools.combinations("tav", r)]
@@ -188,7 +189,7 @@ def test_presets_use_the_paper_settings():
     assert PRESETS["meld"].model["d"] == 400 and PRESETS["meld"].train["lr"] == 2e-4
     assert PRESETS["iemocap"].model["d"] == 500 and PRESETS["iemocap"].loss["gamma_kl"] == 1.8
     for p in PRESETS.values():
-        ModelConfig(**p.model)  # heads divide d
+        CMATHConfig(**p.model)  # heads divide d
     with pytest.raises(ValueError, match="heads"):
         ModelConfig(d=500, heads=8)
 

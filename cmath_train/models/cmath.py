@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import LossConfig, ModelConfig
+from ..config import LossConfig, ModelConfig, coerce
 from ..layers import (
     MLP,
     AddNormFFN,
@@ -31,8 +31,34 @@ from ..layers import (
     attention_mask,
 )
 from ..losses import cmath_loss
-from ..registry import register
 from .common import Standardize, check_inputs, set_standardize_stats
+
+
+@dataclass
+class CMATHConfig(ModelConfig):
+    """CMATH's own fields (the shared ones are in config.ModelConfig)."""
+
+    conv_kernel: int = 3  # k_m of Conv1D' / Conv1D'' (1-2), 'same' padding (left-only when causal) over utterances
+    vf_hidden_mult: int = 1  # hidden width of MLP_mu / MLP_sigma (15) = vf_hidden_mult * d
+    sigma_eps: float = 1e-4  # sigma_m = softplus(.) + eps keeps the variance positive (15)
+    # Ablations of the paper's table 4.
+    modality_reconstruction: bool = True  # False = "w/o MR": a linear layer d_m -> d instead of Conv1D'/''
+    cross_modal: bool = True  # False = "w/o CMA-T": each modality only attends to itself, no gate
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.conv_kernel < 1:
+            raise ValueError(f"conv_kernel: expected >= 1, got {self.conv_kernel}")
+
+
+@dataclass
+class CMATHLossConfig(LossConfig):
+    """L_all = L_ce + L_re + g1 * L_mse + g2 * L_kl (24); the shared fields are in config.LossConfig."""
+
+    gamma_mse: float = 1.0  # g1, low-level distillation L_mse (18)
+    gamma_kl: float = 1.0  # g2, high-level distillation L_kl (23)
+    use_reconstruction: bool = True  # L_re (3-4); only meaningful with modality_reconstruction
+    detach_teacher: bool = True  # the fused prediction Y^_x teaches Y^_m without receiving gradient from L_kl
 
 
 @dataclass
@@ -73,7 +99,7 @@ class StepCache:
 class CMATransformer(nn.Module):
     """Cross-modality augmented transformer centred on one modality m (9-13)."""
 
-    def __init__(self, cfg: ModelConfig, n_aux: int) -> None:
+    def __init__(self, cfg: CMATHConfig, n_aux: int) -> None:
         super().__init__()
         d = cfg.d
         self.self_attn = Attention(d, cfg.heads, cfg.dropout, cfg.attn_mask_value)
@@ -100,7 +126,7 @@ class CMATransformer(nn.Module):
 class CMATH(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = coerce(CMATHConfig, cfg)
         mods, d = cfg.modalities, cfg.d
         n_aux = len(mods) - 1 if cfg.cross_modal else 0
         self.standardize = nn.ModuleDict({m: Standardize(cfg.feature_dims[m]) for m in mods})
@@ -198,12 +224,8 @@ class CMATH(nn.Module):
     def loss(self, out: CMATHOutput, labels: Tensor, mask: Tensor, cfg: LossConfig,
              class_weight: Tensor | None = None) -> dict[str, Tensor]:
         """L_all (24) and its terms; every registered model offers `loss` so training stays model-agnostic."""
-        return cmath_loss(out, labels, mask, cfg, class_weight)
+        return cmath_loss(out, labels, mask, coerce(CMATHLossConfig, cfg), class_weight)
 
     def set_input_stats(self, mean: dict[str, Tensor], std: dict[str, Tensor]) -> None:
         set_standardize_stats(self.standardize, self.cfg, mean, std)
 
-
-@register("cmath")
-def build_cmath(cfg: ModelConfig) -> CMATH:
-    return CMATH(cfg)

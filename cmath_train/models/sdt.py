@@ -31,11 +31,31 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..config import LossConfig, ModelConfig
+from ..config import LossConfig, ModelConfig, coerce
 from ..layers import GatedFusion, attention_mask
 from ..losses import add_cdat, cross_entropy, high_level_distillation, masked_mean
-from ..registry import register
 from .common import BaselineInputs, TransformerLayer
+
+
+@dataclass
+class SDTConfig(ModelConfig):
+    """SDT reads only the shared fields (config.ModelConfig)."""
+
+
+@dataclass
+class SDTLossConfig(LossConfig):
+    """L = CE_x + g_ce_m * sum_m CE_m + g_kl * sum_m KL_T + g_feat * sum_m MSE; shared fields in config.LossConfig."""
+
+    detach_teacher: bool = True  # the fused prediction teaches without receiving gradient (SDT lets it learn)
+    sdt_gamma_ce_m: float = 1.0  # hard labels teach each modality (SDT code: gamma_2 = 1)
+    sdt_gamma_kl: float = 1.0  # soft labels: KL(softmax(Y^_x / T) || softmax(Y^_m / T)) (SDT code: gamma_3 = 1)
+    sdt_temperature: float = 1.0  # T (SDT code: 1 on IEMOCAP, 8 on MELD)
+    sdt_gamma_feat: float = 0.0  # feature-level term ||H_x - H_m||^2; not in SDT's paper or public code, so off
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sdt_temperature <= 0:
+            raise ValueError(f"sdt_temperature: expected > 0, got {self.sdt_temperature}")
 
 
 @dataclass
@@ -60,7 +80,7 @@ class UnimodalGate(nn.Module):
 class SDT(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = coerce(SDTConfig, cfg)
         mods, d = cfg.modalities, cfg.d
         self.inputs = BaselineInputs(cfg)
         self.project = nn.ModuleDict({m: nn.Linear(cfg.feature_dims[m], d, bias=False) for m in mods})  # Conv1D k=1
@@ -91,7 +111,7 @@ class SDT(nn.Module):
 
     def loss(self, out: SDTOutput, labels: Tensor, mask: Tensor, cfg: LossConfig,
              class_weight: Tensor | None = None) -> dict[str, Tensor]:
-        return sdt_loss(out, labels, mask, cfg, class_weight)
+        return sdt_loss(out, labels, mask, coerce(SDTLossConfig, cfg), class_weight)
 
     def set_input_stats(self, mean: dict[str, Tensor], std: dict[str, Tensor]) -> None:
         self.inputs.set_input_stats(mean, std)
@@ -108,7 +128,7 @@ def feature_distillation(out: SDTOutput, rows: Tensor, detach_teacher: bool) -> 
     return sum(masked_mean((teacher - h_m) ** 2, rows) for h_m in out.modality_embeddings.values())
 
 
-def sdt_loss(out: SDTOutput, labels: Tensor, mask: Tensor, cfg: LossConfig,
+def sdt_loss(out: SDTOutput, labels: Tensor, mask: Tensor, cfg: SDTLossConfig,
              class_weight: Tensor | None = None) -> dict[str, Tensor]:
     rows = mask & (labels >= 0)
     ce_x = cross_entropy(out.logits, labels, rows, class_weight)  # task loss on the fused prediction
@@ -119,7 +139,3 @@ def sdt_loss(out: SDTOutput, labels: Tensor, mask: Tensor, cfg: LossConfig,
     terms = {"total": total, "ce_x": ce_x, "ce_m": ce_m, "kl": kl, "feat": feat}
     return add_cdat(terms, out, labels, mask, cfg)
 
-
-@register("sdt")
-def build_sdt(cfg: ModelConfig) -> SDT:
-    return SDT(cfg)

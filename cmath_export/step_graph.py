@@ -104,42 +104,49 @@ def _conversations(model: nn.Module, max_len: int) -> list[tuple[dict[str, np.nd
 
 
 def step_parity(step_path: Path, full_path: Path, entry: dict[str, Any], model: nn.Module) -> dict[str, Any]:
-    """Max |diff| of the step graph vs the full graph's rows on random conversations (onnxruntime CPU, fp32), run
-    through the runtime's own streaming code: each conversation alone, and all of them in one batch."""
-    import onnxruntime as ort
-
+    """The step graph vs the full graph's rows on random conversations (onnxruntime CPU, fp32), run through the
+    runtime's own streaming code (StepGraph.run_batch): each conversation alone, and all of them in one batch at
+    different positions. Compared with the one comparator (cmath_runtime.compare)."""
+    from cmath_runtime.compare import compare, max_abs
+    from cmath_runtime.session import open_session
     from cmath_runtime.streaming import StepGraph
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.log_severity_level = 3
-    graph = StepGraph.from_session(ort.InferenceSession(str(step_path), opts, providers=["CPUExecutionProvider"]),
+    names = [i["name"] for i in entry["inputs"]]
+    graph = StepGraph.from_session(open_session(step_path, "cpu", threads=1, inputs=names, what="step graph").session,
                                    entry)
-    full_sess = ort.InferenceSession(str(full_path), opts, providers=["CPUExecutionProvider"])
+    full_sess = open_session(full_path, "cpu", threads=1, what="model").session
     conversations = _conversations(model, graph.max_len)
-    reference = [full_sess.run(["probs", "embedding"], {**{m: x[None] for m, x in feats.items()},
-                                                        "speaker": speakers[None],
-                                                        "mask": np.ones((1, len(speakers)), bool)})
-                 for feats, speakers in conversations]
-    worst = {"probs": 0.0, "embedding": 0.0, "batched_probs": 0.0}
-    for (feats, speakers), (ref_probs, ref_emb) in zip(conversations, reference):
+    reference = []
+    for feats, speakers in conversations:
+        probs, emb = full_sess.run(["probs", "embedding"], {**{m: x[None] for m, x in feats.items()},
+                                                            "speaker": speakers[None],
+                                                            "mask": np.ones((1, len(speakers)), bool)})
+        reference.append({"probs": probs[0], "embedding": emb[0]})
+    alone = []
+    for feats, speakers in conversations:
         state = graph.empty_state()
-        for i in range(len(speakers)):
-            probs, emb = graph.run(state, i, int(speakers[i]), {m: x[i] for m, x in feats.items()})
-            worst["probs"] = max(worst["probs"], float(np.abs(probs - ref_probs[0, i]).max()))
-            worst["embedding"] = max(worst["embedding"], float(np.abs(emb - ref_emb[0, i]).max()))
+        rows = [graph.run(state, i, int(speakers[i]), {m: x[i] for m, x in feats.items()}) for i in range(len(speakers))]
+        alone.append({"probs": np.stack([p for p, _ in rows]), "embedding": np.stack([e for _, e in rows])})
+    batched = [{"probs": np.zeros_like(r["probs"]), "embedding": np.zeros_like(r["embedding"])} for r in reference]
     states = [graph.empty_state() for _ in conversations]  # all together: different positions in one call
     for i in range(max(len(s) for _, s in conversations)):
         live = [b for b, (_, s) in enumerate(conversations) if i < len(s)]
-        probs, _ = graph.run_batch([states[b] for b in live], [i] * len(live),
-                                   [int(conversations[b][1][i]) for b in live],
-                                   [{m: x[i] for m, x in conversations[b][0].items()} for b in live])
+        probs, emb = graph.run_batch([states[b] for b in live], [i] * len(live),
+                                     [int(conversations[b][1][i]) for b in live],
+                                     [{m: x[i] for m, x in conversations[b][0].items()} for b in live])
         for row, b in enumerate(live):
-            worst["batched_probs"] = max(worst["batched_probs"], float(np.abs(probs[row] - reference[b][0][0, i]).max()))
-    return {"reference": "model.onnx (onnxruntime CPU)", "data": "train mean + std * N(0, 1)",
-            "lengths": [len(s) for _, s in conversations], "probs_max_abs": worst["probs"],
-            "embedding_max_abs": worst["embedding"], "batched_probs_max_abs": worst["batched_probs"],
-            "tolerance": PARITY_BOUND, "passed": bool(max(worst["probs"], worst["batched_probs"]) <= PARITY_BOUND)}
+            batched[b]["probs"][i], batched[b]["embedding"][i] = probs[row], emb[row]
+    checks = {"probs": max_abs(PARITY_BOUND), "embedding": max_abs(None)}
+    common = {"reference_name": "model.onnx (onnxruntime CPU)", "runtime": "model.step.onnx (onnxruntime CPU)",
+              "data": "train mean + std * N(0, 1)"}
+    single = compare(reference, alone, checks, artifact="step", **common)
+    together = compare(reference, batched, checks, artifact="step (batched)", **common)
+    return {"reference": common["reference_name"], "data": common["data"],
+            "lengths": [len(s) for _, s in conversations], "probs_max_abs": single.output("probs").max_abs,
+            "embedding_max_abs": single.output("embedding").max_abs,
+            "batched_probs_max_abs": together.output("probs").max_abs, "tolerance": PARITY_BOUND,
+            "passed": single.passed and together.passed, "report": single.to_json(),
+            "batched_report": together.to_json(), "summary": f"{single.summary()}\n{together.summary()}"}
 
 
 def export_step(model: nn.Module, opset: int, max_len: int, staging: Path, say: Any = print) -> dict[str, Any]:
@@ -153,9 +160,7 @@ def export_step(model: nn.Module, opset: int, max_len: int, staging: Path, say: 
              "tail": step.tail, "attention": list(step.names),
              "inputs": [s.to_json() for s in inputs], "outputs": [s.to_json() for s in outputs], "state": state}
     parity = step_parity(path, staging / "model.onnx", entry, model)
-    say(f"[step] model.step.onnx vs model.onnx, conversations of {parity['lengths']} utterances: probs max |diff| "
-        f"{parity['probs_max_abs']:.3g}, embedding {parity['embedding_max_abs']:.3g} | "
-        f"{'PASSED' if parity['passed'] else 'FAILED'}")
+    say(parity.pop("summary"))
     if not parity["passed"]:
         raise ArtifactError(STEP_FILE, f"step graph parity failed: probs max |diff| {parity['probs_max_abs']:.3g} > "
                                        f"{PARITY_BOUND:g} against model.onnx")

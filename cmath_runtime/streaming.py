@@ -16,42 +16,37 @@ A step costs O(n d + d^2) instead of recomputing the whole conversation. Nothing
 
 from __future__ import annotations
 
-import threading
-import weakref
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import ArtifactError, InputError
 from .files import sha256_file
+from .validation import nonfinite_output_error, nonfinite_rows
 
 if TYPE_CHECKING:
     from .conversation import Conversation, Emotion
     from .model import EmotionModel
 
-STATE_VERSION = 1
-_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # EmotionModel -> StepGraph
-_GRAPHS_LOCK = threading.Lock()
 
 
 class StepGraph:
     """model.step.onnx on its own onnxruntime session (same provider family and threads as the model)."""
 
     def __init__(self, model: EmotionModel, entry: dict[str, Any]) -> None:
-        import onnxruntime as ort
+        from .session import open_session
 
-        from .session import session_options
-
-        path = model.manifest.directory / entry["file"]
+        path = model.manifest.file(entry["file"], "step.file")
         if not path.is_file():
             raise ArtifactError(path, "the step graph listed in export.json is missing")
-        if sha256_file(path) != entry["sha256"]:
+        if model.verify and sha256_file(path) != entry["sha256"]:
             raise ArtifactError(path, "sha256 mismatch with export.json (corrupt or replaced; re-export it)")
-        providers = ["CPUExecutionProvider"] if model.backend == "cpu" else ["CUDAExecutionProvider",
-                                                                              "CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(path), session_options(model.threads), providers=providers)
+        # Same provider family as the model: CPU stays CPU; a GPU model steps on CUDA (the step graph's growing
+        # cache axis has no TensorRT profile). open_session checks that the provider really came up.
+        backend = "cpu" if model.backend == "cpu" else "cuda"
+        names = [i["name"] for i in entry.get("inputs", [])] or None
+        self.session = open_session(path, backend, threads=model.threads, inputs=names, what="step graph").session
         self._setup(entry)
 
     @classmethod
@@ -132,15 +127,15 @@ class StepGraph:
         return out
 
 
+def load_step_graph(model: EmotionModel) -> StepGraph | None:
+    """The artifact's step graph, None when it has none (bidirectional); EmotionModel.step_graph loads it once."""
+    entry = model.manifest.step
+    return StepGraph(model, entry) if entry else None
+
+
 def step_graph(model: EmotionModel) -> StepGraph | None:
-    """The model's step graph (loaded once per model), or None when the artifact has none (bidirectional)."""
-    entry = model.manifest.raw.get("step")
-    if not entry:
-        return None
-    with _GRAPHS_LOCK:
-        if model not in _GRAPHS:
-            _GRAPHS[model] = StepGraph(model, entry)
-        return _GRAPHS[model]
+    """model.step_graph (kept for callers of the function)."""
+    return model.step_graph
 
 
 class Stream:
@@ -190,18 +185,6 @@ class Stream:
         self.embedding = list(np.asarray(state["state.embedding"])) if n else []
 
 
-def save_state(state: dict[str, np.ndarray], path: str | Path) -> None:
-    """Write a Conversation.state_dict() with np.savez (no pickle)."""
-    with open(path, "wb") as f:
-        np.savez(f, **state)
-
-
-def load_state(path: str | Path) -> dict[str, np.ndarray]:
-    """Read a state written by save_state (allow_pickle=False)."""
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
-
-
 def step_batch(conversations: Sequence[Conversation], utterances: Sequence[Mapping[str, Any]]) -> list[Emotion]:
     """Add one utterance to each of many conversations and return each one's newest emotion, in ONE step-graph
     call (servers batch concurrent conversations with this). utterances[i] is like Conversation.add's arguments,
@@ -230,7 +213,7 @@ def step_batch(conversations: Sequence[Conversation], utterances: Sequence[Mappi
             raise InputError(f"conversations[{i}]", "each conversation at most once per call", "a repeat")
         seen.add(id(conv))
     parsed = [_parse_utterance(conv, utt, i) for i, (conv, utt) in enumerate(zip(conversations, utterances))]
-    graph = step_graph(model)
+    graph = model.step_graph
     if graph is None:
         return [conv.add(speaker, **feats).latest for conv, (speaker, feats) in zip(conversations, parsed)]
 
@@ -243,15 +226,25 @@ def step_batch(conversations: Sequence[Conversation], utterances: Sequence[Mappi
             if conv._stream.position < len(conv._speakers):
                 conv._stream.catch_up(conv._speakers, conv._features)
             streams.append(conv._stream)
+        replaced = [s["input"] for s in graph.state_spec if s["update"] == "replace"]
+        before = [{k: stream.buffers[k] for k in replaced} for stream in streams]
         probs, emb = graph.run_batch([s.buffers for s in streams], [s.position for s in streams],
                                      [speaker for speaker, _ in parsed], [feats for _, feats in parsed],
                                      [f"utterances[{i}]" for i in range(len(parsed))])
+        bad = nonfinite_rows(probs, emb)
+        if len(bad):  # never hand out non-finite outputs: roll every conversation back (K/V rows past position
+            for stream, saved in zip(streams, before):  # are not part of the state), name the utterances
+                stream.buffers.update(saved)
+            i = int(bad[0])
+            raise nonfinite_output_error(f"utterances[{i}]", [0], {m: x[None] for m, x in parsed[i][1].items()},
+                                         model.precision, "No conversation was changed.")
         out = []
         for b, (conv, stream, (speaker, feats)) in enumerate(zip(conversations, streams, parsed)):
             conv._speakers.append(speaker)
             for m in model.modalities:
                 conv._features[m].append(feats[m])
             conv._result = None
+            conv._computed = len(conv._speakers)
             stream.probs.append(probs[b])
             stream.embedding.append(emb[b])
             stream.position += 1
@@ -264,37 +257,23 @@ def step_batch(conversations: Sequence[Conversation], utterances: Sequence[Mappi
 
 
 def _parse_utterance(conv: Conversation, utterance: Any, i: int) -> tuple[int, dict[str, np.ndarray]]:
-    """Validate utterances[i] as Conversation.add would, naming `utterances[i].field`: (speaker, m -> (d_m,))."""
-    from .validation import check_modality
+    """Validate utterances[i] as Conversation.add does, naming `utterances[i].field`: (speaker, m -> (d_m,))."""
+    from .validation import check_speaker, check_utterance
 
     field, spec = f"utterances[{i}]", conv.model.manifest
     if not isinstance(utterance, Mapping):
         raise InputError(field, "a dict with 'speaker' and one feature vector per modality (or 'text')",
                          type(utterance).__name__)
-    features = {k: v for k, v in utterance.items() if k != "speaker"}
     if "speaker" not in utterance:
         raise InputError(f"{field}.speaker", f"an integer id in [0, {spec.num_speakers})", "missing")
-    speaker = utterance["speaker"]
-    if not isinstance(speaker, (int, np.integer)) or isinstance(speaker, bool) or not 0 <= speaker < spec.num_speakers:
-        raise InputError(f"{field}.speaker", f"an integer id in [0, {spec.num_speakers})", repr(speaker))
+    speaker = check_speaker(utterance["speaker"], spec, f"{field}.speaker")
     if len(conv) >= spec.max_len:
         raise InputError(field, f"at most {spec.max_len} utterances per conversation (the artifact's max_len)",
                          f"utterance {len(conv) + 1}", "Start a new Conversation with the most recent utterances.")
+    features = {k: v for k, v in utterance.items() if k != "speaker"}
     if "text" in features:
         from .text import utterance_features
 
         features = utterance_features(conv.model, features.pop("text"), features, f"{field}.text")
-    missing = [m for m in spec.modalities if m not in features]
-    extra = sorted(m for m in features if m not in spec.modalities)
-    if missing or extra:
-        what = "; ".join(s for s in (f"missing {missing}" if missing else "", f"extra {extra}" if extra else "") if s)
-        raise InputError(f"{field}.features", f"exactly the modalities {list(spec.modalities)}",
-                         f"{sorted(features)} ({what})")
-    rows = {}
-    for m in spec.modalities:
-        vec = features[m]
-        if not isinstance(vec, (str, bytes)):
-            vec = np.asarray(vec)
-            vec = vec[None, :] if vec.ndim == 1 else vec
-        rows[m] = check_modality(vec, 1, spec.feature_dims[m], f"{field}.{m}")[0]
-    return int(speaker), rows
+    rows = check_utterance(features, spec, f"{field}.features")
+    return speaker, {m: x[0] for m, x in rows.items()}

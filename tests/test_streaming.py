@@ -226,8 +226,8 @@ def test_step_batch_validation_names_the_utterance(causal_model) -> None:
     convs = [Conversation(causal_model), Conversation(causal_model)]
     for bad, field in (({**good, "speaker": 99}, "utterances[1].speaker"),
                        ({k: v for k, v in good.items() if k != "a"}, "utterances[1].features"),
-                       ({**good, "t": np.full(TINY_DIMS["t"], np.nan, np.float32)}, "utterances[1].t"),
-                       ({**good, "v": np.zeros(3, np.float32)}, "utterances[1].v")):
+                       ({**good, "t": np.full(TINY_DIMS["t"], np.nan, np.float32)}, "utterances[1].features['t']"),
+                       ({**good, "v": np.zeros(3, np.float32)}, "utterances[1].features['v']")):
         with pytest.raises(InputError) as e:
             cmath_runtime.step_batch(convs, [good, bad])
         assert e.value.field == field

@@ -11,7 +11,7 @@ import click
 
 from cmath_runtime.errors import CmathError
 
-from .config import TrainConfig, get_ablation, get_preset
+from .config import TrainConfig, get_ablation
 
 
 def parse_modalities(text: str | None, available: tuple[str, ...]) -> tuple[str, ...]:
@@ -64,14 +64,15 @@ def run(data: str, modalities: str | None, preset: str, model_name: str, ablatio
         out_dir: str | None, resume: bool, quiet: bool, cdat: bool = False) -> dict:
     from .data import load_data
     from .registry import loss_config, model_config, model_names
+    from .registry import preset as model_preset
     from .seeds import train_seeds
     from .train import train
 
     try:
-        p = get_preset(preset)
         model_over, loss_over = get_ablation(ablation)
         if model_name not in model_names():
             raise ValueError(f"model: expected one of {model_names()}, got {model_name!r}")
+        p = model_preset(model_name, preset)  # the model's own published recipe when it has one (SDT)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     t0 = time.perf_counter()

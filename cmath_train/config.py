@@ -78,7 +78,7 @@ class TrainConfig:
     lr: float = 1e-3
     batch_size: int = 8  # conversations per batch
     weight_decay: float = 0.0
-    grad_clip: float = 5.0
+    grad_clip: float = 5.0  # max gradient L2 norm before each step: ours, not the paper's (it mentions no clipping)
     patience: int = 8  # early stopping: epochs without a better validation weighted-F1
     seed: int = 0
     val_fraction: float = 0.2  # used only when the data has no official dev split

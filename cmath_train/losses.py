@@ -43,9 +43,11 @@ def reconstruction_loss(out: Any, rows: Tensor) -> Tensor:
     return sum((masked_mean((out.inputs[m] - rec) ** 2, rows) for m, rec in out.reconstructions.items()), torch.zeros(()))
 
 
-def low_level_distillation(out: Any, rows: Tensor) -> Tensor:
-    """(18) L_mse = sum_m ||H'_x - H'_m||^2, teacher H'_x; ours: mean squared error over real rows and features."""
-    return sum(masked_mean((out.embedding - h_m) ** 2, rows) for h_m in out.modality_embeddings.values())
+def low_level_distillation(out: Any, rows: Tensor, detach_teacher: bool = True) -> Tensor:
+    """(18) L_mse = sum_m ||H'_x - H'_m||^2, teacher H'_x (no gradient when detach_teacher); ours: mean squared
+    error over real rows and features."""
+    teacher = out.embedding.detach() if detach_teacher else out.embedding
+    return sum(masked_mean((teacher - h_m) ** 2, rows) for h_m in out.modality_embeddings.values())
 
 
 def high_level_distillation(out: Any, rows: Tensor, detach_teacher: bool, temperature: float = 1.0) -> Tensor:
@@ -64,7 +66,7 @@ def cmath_loss(
     ce_m = sum(cross_entropy(lg, labels, rows, class_weight) for lg in out.modality_logits.values())  # (20)
     ce = ce_x + ce_m  # (22)
     re = reconstruction_loss(out, mask) if cfg.use_reconstruction else torch.zeros(())
-    mse = low_level_distillation(out, rows)
+    mse = low_level_distillation(out, rows, cfg.detach_mse_teacher)
     kl = high_level_distillation(out, rows, cfg.detach_teacher)
     total = ce + re + cfg.gamma_mse * mse + cfg.gamma_kl * kl  # (24)
     terms = {"total": total, "ce_x": ce_x, "ce_m": ce_m, "re": re, "mse": mse, "kl": kl}

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from .config import LossConfig, ModelConfig, field_names
+from .config import LossConfig, ModelConfig, Preset, field_names, get_preset
 from .models import cmath, dmd, sdt
 
 
@@ -27,18 +27,20 @@ class ModelEntry:
     model: type[nn.Module]  # built as model(config)
     config: type[ModelConfig]
     loss: type[LossConfig]
+    presets: dict[str, Preset]  # the model's own published recipes; override config.PRESETS of the same name
 
 
 _MODELS: dict[str, ModelEntry] = {}
 
 
-def register(name: str, model: type[nn.Module], config: type[ModelConfig], loss: type[LossConfig]) -> None:
-    _MODELS[name] = ModelEntry(model, config, loss)
+def register(name: str, model: type[nn.Module], config: type[ModelConfig], loss: type[LossConfig],
+             presets: dict[str, Preset] | None = None) -> None:
+    _MODELS[name] = ModelEntry(model, config, loss, dict(presets or {}))
 
 
-register("cmath", cmath.CMATH, cmath.CMATHConfig, cmath.CMATHLossConfig)
-register("sdt", sdt.SDT, sdt.SDTConfig, sdt.SDTLossConfig)
-register("dmd", dmd.DMD, dmd.DMDConfig, dmd.DMDLossConfig)
+register("cmath", cmath.CMATH, cmath.CMATHConfig, cmath.CMATHLossConfig)  # its presets: config.PRESETS (paper)
+register("sdt", sdt.SDT, sdt.SDTConfig, sdt.SDTLossConfig, sdt.PRESETS)
+register("dmd", dmd.DMD, dmd.DMDConfig, dmd.DMDLossConfig, dmd.PRESETS)
 
 
 def model_names() -> list[str]:
@@ -49,6 +51,13 @@ def entry(name: str) -> ModelEntry:
     if name not in _MODELS:
         raise ValueError(f"model: expected one of {sorted(_MODELS)}, got {name!r}")
     return _MODELS[name]
+
+
+def preset(model: str, name: str) -> Preset:
+    """The recipe `name` for `model`: the model's own published one when it has it (SDT's "meld"), else the
+    shared preset (config.PRESETS; fields the model does not have are dropped when its configs are built)."""
+    own = entry(model).presets
+    return own[name] if name in own else get_preset(name)
 
 
 def _build(cls: type, kind: str, cfg: Any, fields: dict[str, Any]) -> Any:

@@ -398,3 +398,19 @@ def test_compare_models_writes_the_table(tmp_path, monkeypatch):
     assert "| dmd+cdat |" in table and report["latency"]["backend"] in table and "NOT the exported runtime" in table
     bad = CliRunner().invoke(compare_cli, ["--models", "mult", "--out", str(tmp_path / "x")])
     assert bad.exit_code != 0 and "expected NAME or NAME+cdat" in bad.output
+
+
+def test_sdt_gets_its_published_recipe():
+    """SDT's own MELD/IEMOCAP recipes (its public code) replace CMATH's presets of the same name (issue 13)."""
+    from cmath_train.config import get_preset
+    from cmath_train.registry import loss_config, model_config, preset
+
+    meld, iemocap = preset("sdt", "meld"), preset("sdt", "iemocap")
+    loss = loss_config("sdt", **meld.loss)
+    assert loss.sdt_temperature == 8.0 and not loss.class_weighted
+    assert meld.train["lr"] == 5e-6 and meld.train["batch_size"] == 8 and meld.model["dropout"] == 0.5
+    assert loss_config("sdt", **iemocap.loss).class_weighted and iemocap.train["lr"] == 1e-4
+    assert model_config("sdt", feature_dims=dict(TINY_DIMS), **meld.model).d == 1024
+    assert preset("cmath", "meld") is get_preset("meld") and preset("dmd", "meld") is get_preset("meld")
+    # CMATH-only fields of a shared preset are dropped for a model that does not have them
+    assert not hasattr(model_config("sdt", **get_preset("meld_text").model), "modality_reconstruction")

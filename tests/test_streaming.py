@@ -63,6 +63,45 @@ def test_torch_step_ablations(overrides: dict) -> None:
         assert (probs - full[i]).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("kernel", [1, 2, 3, 5])
+def test_torch_step_every_conv_kernel(kernel: int) -> None:
+    """k = 1 has no conv tail (the step once used a linear layer it does not have); k > 1 carries k-1 rows."""
+    from cmath_train.model import CMATH
+    from cmath_train.streaming import StepModule, StreamState, step
+
+    torch.manual_seed(kernel)
+    net = CMATH(tiny_model_config(causal=True, conv_kernel=kernel)).eval()
+    module = StepModule(net, 16)
+    assert module.tail == kernel - 1
+    feats, spk = _conversation(9, TINY_DIMS, kernel)
+    with torch.no_grad():
+        out = net({m: torch.from_numpy(x)[None] for m, x in feats.items()}, torch.from_numpy(spk)[None],
+                  torch.ones(1, 9, dtype=torch.bool))
+    state = StreamState.empty(module)
+    for i in range(9):
+        probs, emb, state = step(module, state, {m: torch.from_numpy(x[i]) for m, x in feats.items()}, int(spk[i]))
+        assert (probs - out.logits[0, i].softmax(-1)).abs().max() < 1e-5
+        assert (emb - out.embedding[0, i]).abs().max() < 1e-5
+
+
+def test_step_graph_export_with_conv_kernel_1(tmp_path: Path) -> None:
+    """A causal --conv-kernel 1 model exports its step graph, and it equals the full graph (issue 13)."""
+    import onnx
+
+    from cmath_export.formats import DEFAULT_OPSET
+    from cmath_export.graph import export_onnx
+    from cmath_export.step_graph import export_step
+    from cmath_train.model import CMATH
+
+    torch.manual_seed(1)
+    net = CMATH(tiny_model_config(causal=True, conv_kernel=1, modalities=("t", "a"))).eval()
+    onnx.save(export_onnx(net, DEFAULT_OPSET, 32), str(tmp_path / "model.onnx"))
+    entry = export_step(net, DEFAULT_OPSET, 32, tmp_path, say=lambda _: None)
+    assert entry["tail"] == 0 and not any(s["input"].startswith("tail_") for s in entry["state"])
+    assert entry["parity"]["passed"] and entry["parity"]["probs_max_abs"] < 1e-5
+    assert entry["parity"]["batched_probs_max_abs"] < 1e-5
+
+
 def test_step_refuses_bidirectional_model() -> None:
     from cmath_train.model import CMATH
     from cmath_train.streaming import StepModule

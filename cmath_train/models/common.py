@@ -23,6 +23,15 @@ class Standardize(nn.Module):
         return (x - self.mean) / self.std
 
 
+def safe_std(mean: Tensor, std: Tensor) -> Tensor:
+    """The train std with 1 for (near-)constant features, as scikit-learn's StandardScaler does: a feature whose
+    std is within float32 rounding of its mean (std < 10 * eps * max(1, |mean|)) carries no information in train,
+    and dividing by that tiny std would multiply any difference at test time by ~1e6."""
+    eps = torch.finfo(torch.float32).eps
+    constant = std < 10 * eps * mean.abs().clamp_min(1.0)
+    return torch.where(constant, torch.ones_like(std), std)
+
+
 @torch.no_grad()
 def set_standardize_stats(standardize: nn.ModuleDict, cfg: ModelConfig, mean: dict[str, Tensor],
                           std: dict[str, Tensor]) -> None:
@@ -31,7 +40,7 @@ def set_standardize_stats(standardize: nn.ModuleDict, cfg: ModelConfig, mean: di
         return
     for m in cfg.modalities:
         standardize[m].mean.copy_(mean[m])
-        standardize[m].std.copy_(std[m].clamp_min(1e-6))
+        standardize[m].std.copy_(safe_std(mean[m], std[m]))
 
 
 def check_inputs(cfg: ModelConfig, features: dict[str, Tensor], speaker: Tensor, mask: Tensor) -> None:

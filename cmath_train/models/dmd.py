@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import LossConfig, ModelConfig, coerce
+from ..config import LossConfig, ModelConfig, Preset, coerce
 from ..layers import UtteranceConv, attention_mask
 from ..losses import add_cdat, cross_entropy, masked_mean
 from .common import BaselineInputs, ResidualMLP, TransformerLayer
@@ -84,6 +84,12 @@ class DMDLossConfig(LossConfig):
     dmd_gamma_gd: float = 0.05  # each graph distillation unit
     dmd_gd_repr: float = 10.0  # weight of the representation term in the heterogeneous unit (DMD: w_losses[1])
     dmd_gd_reg: float = 10.0  # pull of the mean learned edge weights towards their prior (DMD: gd_reg)
+
+
+# DMD's published recipe is for utterance-level sentiment regression (MOSI/MOSEI), not conversations: what
+# transfers are its loss weights, which are DMDLossConfig's defaults. No dataset presets of its own, so
+# `registry.preset("dmd", name)` falls back to the shared presets (their CMATH-only fields are dropped).
+PRESETS: dict[str, Preset] = {}
 
 
 @dataclass

@@ -97,7 +97,7 @@ def stream_path(manifest: Manifest, options: ServeOptions) -> str:
 
 def triton_idle_us(options: ServeOptions) -> int:
     """Triton's own sequence idle timeout: a little longer than ours, so a late step gets our clear message."""
-    return int((options.idle_timeout_s + max(5.0, 0.1 * options.idle_timeout_s)) * 1e6)
+    return int((options.idle_timeout_s + max(2.0, 0.1 * options.idle_timeout_s)) * 1e6)
 
 
 def _params(values: dict[str, object]) -> str:

@@ -183,6 +183,28 @@ def _stats(server: Any, model: str) -> tuple[int, int]:
     return s.inference_count, s.execution_count
 
 
+def direct_baseline(export_dir: Path, pool: list[dict], threads: int, rounds: int, log: Any) -> list[dict]:
+    """model.predict in this process, no server, at batch 1 and 16: what the server adds, measured alongside."""
+    import cmath_runtime
+
+    model = cmath_runtime.load(export_dir, backend="cpu", threads=threads or None)
+    convs = [{"speakers": a["speaker"][0], "features": {m: a[m][0] for m in model.modalities}} for a in pool]
+    out = []
+    for batch in (1, 16):
+        model.predict(convs[:batch], batch_size=batch)
+        times = []
+        for k in range(rounds):
+            group = [convs[(k * batch + j) % len(convs)] for j in range(batch)]
+            t0 = time.perf_counter()
+            model.predict(group, batch_size=batch)
+            times.append(time.perf_counter() - t0)
+        rec = {"benchmark": "direct_predict", "batch": batch, "utterances": len(convs[0]["speakers"]),
+               "conversations_per_s": batch * len(times) / sum(times), **percentiles_ms(times)}
+        out.append(rec)
+        log(f"direct predict batch {batch:>2}: {rec['conversations_per_s']:.1f} conversations/s (no server)")
+    return out
+
+
 def run(export_dir: Path, quick: bool = False, utterances: int = 20, stream_conversations: int = 64,
         stream_utterances: int = 50, threads: int = 0, queue_delay_us: int = 1000, seconds: float = 60.0,
         modes: tuple[str, ...] = ("batched", "serial", "recompute"), log: Any = print) -> list[dict]:
@@ -198,6 +220,7 @@ def run(export_dir: Path, quick: bool = False, utterances: int = 20, stream_conv
         stream_conversations, stream_utterances, seconds = min(stream_conversations, 8), min(stream_utterances, 5), 20
     pool = [_conversation_arrays(dims, spk, utterances, rng) for _ in range(32)]
     streams = [_conversation_arrays(dims, spk, stream_utterances, rng) for _ in range(stream_conversations)]
+    records += direct_baseline(export_dir, pool, threads, 3 if quick else 10, log)
     for mode in modes:
         server = start_server(export_dir, mode, threads, queue_delay_us, max(1024, stream_conversations))
         try:
@@ -236,7 +259,11 @@ def run(export_dir: Path, quick: bool = False, utterances: int = 20, stream_conv
 
 
 def markdown(records: list[dict], env: dict) -> str:
-    lines = [f"# cmath-serve load ({env['machine']}, {env['cores']} cores shared by server and client)", "",
+    lines = [f"# cmath-serve load ({env['machine']}, {env['cores']} cores shared by server and client; load average "
+             f"{env['loadavg_start']:.1f} at start, {env['loadavg_end']:.1f} at end)", "",
+             "Without a server, `model.predict` in one process (same time, same machine): " + ", ".join(
+                 f"batch {r['batch']}: {r['conversations_per_s']:.1f} conversations/s" for r in records
+                 if r["benchmark"] == "direct_predict") + ".", "",
              "## `cmath`: whole conversations, one per request", "",
              "| concurrency | utterances | conversations/s | p50 ms | p99 ms | answered / sent | errors | mean batch |",
              "|---|---|---|---|---|---|---|---|"]
@@ -305,11 +332,13 @@ def main() -> None:
     export = args.export_dir / "export" if (args.export_dir / "export" / "export.json").is_file() else args.export_dir
     out = args.out or export
     out.mkdir(parents=True, exist_ok=True)
+    load_start = os.getloadavg()[0]
     records = run(export, args.quick, args.utterances, args.stream_conversations, args.stream_utterances, args.threads,
                   args.queue_delay_us, args.seconds, tuple(args.modes.split(",")))
     env = {"machine": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
            "export": str(export), "threads": args.threads, "queue_delay_us": args.queue_delay_us,
-           "command": "python -m benchmarks.serve_load " + " ".join(sys.argv[1:])}
+           "command": "python -m benchmarks.serve_load " + " ".join(sys.argv[1:]),
+           "loadavg_start": load_start, "loadavg_end": os.getloadavg()[0]}
     from cmath_runtime.files import atomic_write_json
 
     atomic_write_json(out / "serve_load.json", {"environment": env, "records": records})

@@ -434,3 +434,20 @@ def test_store_limit_expiry_and_one_call_per_batch() -> None:
     out = step_conversations(Fake(), [Conv(), Conv(), Conv()], [{"speaker": 0}, {"speaker": -1}, {"speaker": 1}],
                              mode="recompute")
     assert Fake.calls == 1 and "speaker" in str(out[1]) and np.allclose(out[2], [0.25, 0.75])
+
+
+def test_serve_load_report(tmp_path: Path) -> None:
+    from benchmarks.serve_load import markdown, plot
+
+    base = {"p50_ms": 10.0, "p90_ms": 12.0, "p99_ms": 20.0, "mean_ms": 11.0, "min_ms": 9.0}
+    records = [{"benchmark": "direct_predict", "batch": 1, "utterances": 20, "conversations_per_s": 100.0, **base},
+               *({"benchmark": "serve_cmath", "concurrency": c, "utterances": 20, "conversations_per_s": 50.0 + c,
+                  "answered": 200, "sent": 200, "errors": 0, "mean_batch": c / 2, **base} for c in (1, 4, 16, 64)),
+               *({"benchmark": "serve_stream", "mode": m, "path": "step", "conversations": 64, "utterances": 50,
+                  "utterances_per_s": 80.0, "answered": 3200, "sent_planned": 3200, "errors": 0, "mean_batch": 20.0,
+                  "rss_idle_mib": 300.0, "rss_peak_mib": 460.0, "rss_per_conversation_mib": 2.5, **base}
+                 for m in ("batched", "serial", "recompute"))]
+    text = markdown(records, {"machine": "x86_64", "cores": 2, "loadavg_start": 1.0, "loadavg_end": 2.0})
+    assert "| 64 | 20 | 114.0 |" in text and "| serial | step | 64 x 50 | 80.0 |" in text and "batch 1: 100.0" in text
+    plot(records, tmp_path / "serve_load.png")
+    assert (tmp_path / "serve_load.png").stat().st_size > 1000

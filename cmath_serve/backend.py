@@ -4,11 +4,12 @@ Each `execute` gets the requests Triton batched together. Every request is check
 an error response carrying the runtime's message (field, expected, actual) and the others are still computed.
 Only the runtime's public API is used: `load`, `EmotionModel.predict`, `Conversation`.
 
-Tensors cross the stub through DLPack, never `Tensor.as_numpy()` / `Tensor(name, ndarray)`: nvidia-pytriton's
-stub is built against numpy 1.x, and under numpy 2 those read the dtype's item size as 0 (measured: an FP32
-input [1, 2, 3] came back as [1, 1, 1], outputs came back empty, and any BYTES input crashed the stub before
-the model code ran). DLPack is right under numpy 1 and 2, so the models have no BYTES tensors (no raw `text`
-input, no `label` output: the class order is the config parameter `label_names`).
+nvidia-pytriton's stub is built against numpy 1.x (the wheel pins numpy<2). Under numpy 2 its
+`Tensor.as_numpy()` / `Tensor(name, ndarray)` read the dtype's item size as 0 (measured: an FP32 input
+[1, 2, 3] came back as [1, 1, 1], outputs came back empty, and any BYTES input crashed the stub before the model
+code ran), so under numpy 2 tensors cross through DLPack instead; under numpy 1 the stub's own path is used
+(there, handing it DLPack outputs crashed the stub). Either way the models have no BYTES tensors (no raw `text`
+input, no `label` output: the class order is the config parameter `label_names`), so they work the same under both.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .conversations import ConversationStore, step_conversations
 from .errors import ConversationLimitError
 
 LOG = logging.getLogger("cmath_serve")
+NUMPY2 = int(np.__version__.split(".")[0]) >= 2
 ROWS_NOTE = "(conversations[i] is batch row i of the request; features[m] is input m, speakers is input 'speaker')"
 
 
@@ -47,7 +49,8 @@ class _Base:
         self.manifest = self.model.manifest
         self.max_batch = int(self.params.get("max_batch", "64"))
         self.pb = _pb()
-        _quiet_dlpack_capsules()
+        if NUMPY2:
+            _quiet_dlpack_capsules()
 
     def _error(self, error: Exception) -> Any:
         pb = self.pb
@@ -55,12 +58,15 @@ class _Base:
         return pb.InferenceResponse(output_tensors=[], error=pb.TritonError(str(error), code))
 
     def _input(self, request: Any, name: str) -> np.ndarray | None:
-        """A request tensor as an owned numpy array, read through DLPack (see module docstring)."""
+        """A request tensor as an owned numpy array (DLPack under numpy 2, see the module docstring)."""
         tensor = self.pb.get_input_tensor_by_name(request, name)
-        return None if tensor is None else np.array(np.from_dlpack(tensor), copy=True)
+        if tensor is None:
+            return None
+        return np.array(np.from_dlpack(tensor) if NUMPY2 else tensor.as_numpy(), copy=True)
 
     def _output(self, name: str, array: np.ndarray) -> Any:
-        return self.pb.Tensor.from_dlpack(name, np.ascontiguousarray(array))
+        array = np.ascontiguousarray(array)
+        return self.pb.Tensor.from_dlpack(name, array) if NUMPY2 else self.pb.Tensor(name, array)
 
     def finalize(self) -> None:
         self.model = None

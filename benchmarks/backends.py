@@ -17,10 +17,15 @@ from typing import Any
 
 import numpy as np
 
+from cmath_export.formats import bench_contenders
+
 from .inputs import InputSpec, padded
 
 EAGER, COMPILE, ORT, ORT_CUDA, TENSORRT = "pytorch-eager", "torch-compile", "onnxruntime", "onnxruntime-cuda", "tensorrt"
-ALL = (f"{EAGER}:fp32", f"{COMPILE}:fp32", f"{ORT}:fp32", f"{ORT}:fp16", f"{ORT_CUDA}:fp32", f"{TENSORRT}:fp16")
+RUNTIME_CONTENDER = {"cpu": ORT, "cuda": ORT_CUDA, "tensorrt": TENSORRT}  # cmath_runtime backend -> contender name
+# PyTorch, then every (artifact, runtime backend, precision) the export format table lists (cmath_export/formats.py).
+ALL = (f"{EAGER}:fp32", f"{COMPILE}:fp32",
+       *(f"{RUNTIME_CONTENDER[backend]}:{precision}" for _, backend, precision in bench_contenders()))
 
 
 class Skipped(Exception):

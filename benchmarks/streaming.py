@@ -99,8 +99,9 @@ def plot_streaming(records: list[dict[str, Any]], path: str | Path, title: str =
 def extend_bench(out_dir: Path, export_dir: Path, threads: int, quick: bool, log: Any = print) -> list[dict]:
     """cmath-bench hook: for an artifact with a step graph, append streaming records to bench.json and write
     bench_streaming.png; does nothing (returns []) otherwise."""
-    manifest = json.loads((Path(export_dir) / "export.json").read_text())
-    if not manifest.get("step"):
+    from cmath_runtime.manifest import read_manifest
+
+    if not read_manifest(export_dir).step:
         return []
     records = run_streaming(export_dir, threads, QUICK_LENGTHS if quick else LENGTHS,
                             QUICK_BUDGET if quick else BUDGET, log)

@@ -6,21 +6,26 @@ onnxruntime session, whose run() is thread-safe); every call keeps its data in l
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .batching import pad_conversations
-from .errors import ArtifactError
+from .errors import ArtifactError, InputError
 from .files import sha256_file
 from .manifest import Manifest, read_manifest
 from .session import PRECISIONS, SessionInfo, create_session
 from .text import resolve_texts
-from .validation import CheckedConversation, check_conversations
+from .validation import CheckedConversation, check_conversations, nonfinite_output_error, nonfinite_rows
+
+if TYPE_CHECKING:
+    from .streaming import StepGraph
+    from .text import TextEncoder
 
 DEFAULT_BATCH_SIZE = 16
 
@@ -42,13 +47,46 @@ class Prediction:
 
 
 class EmotionModel:
-    """An exported CMATH model on one onnxruntime session. Build it with `cmath_runtime.load()`."""
+    """An exported CMATH model on one onnxruntime session. Build it with `cmath_runtime.load()`.
 
-    def __init__(self, manifest: Manifest, info: SessionInfo, precision: str, load_seconds: float) -> None:
+    The model owns every graph of its artifact: the model itself (loaded now), and, loaded on first use, its
+    text encoder (`text_encoder`, for raw text) and its step graph (`step_graph`, for Conversation's step path).
+    """
+
+    def __init__(self, manifest: Manifest, info: SessionInfo, precision: str, load_seconds: float,
+                 verify: bool = True) -> None:
         self.manifest = manifest
         self.precision = precision
         self.load_seconds = load_seconds
+        self.verify = verify
         self._info = info
+        self._parts_lock = threading.Lock()
+        self._text_encoder: TextEncoder | None = None
+        self._step_graph: StepGraph | None = None
+        self._step_loaded = False
+
+    @property
+    def text_encoder(self) -> TextEncoder:
+        """The artifact's text encoder (loaded once, sha256-checked); InputError if the artifact has none."""
+        if self._text_encoder is None:
+            from .text import load_text_encoder
+
+            with self._parts_lock:
+                if self._text_encoder is None:
+                    self._text_encoder = load_text_encoder(self)
+        return self._text_encoder
+
+    @property
+    def step_graph(self) -> StepGraph | None:
+        """The artifact's step graph (causal models; loaded once), None when it has none."""
+        if not self._step_loaded:
+            from .streaming import load_step_graph
+
+            with self._parts_lock:
+                if not self._step_loaded:
+                    self._step_graph = load_step_graph(self)
+                    self._step_loaded = True
+        return self._step_graph
 
     @property
     def backend(self) -> str:
@@ -101,8 +139,8 @@ class EmotionModel:
         array}; with a text encoder in the artifact, a mapping may give `texts` (n strings) instead of features["t"].
         Conversations of similar length are batched together (at most `batch_size` per onnxruntime call).
         """
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise InputError("batch_size", "a positive integer", repr(batch_size))
         checked = check_conversations(resolve_texts(self, conversations), self.manifest)
         results: list[Prediction | None] = [None] * len(checked)
         for group in length_groups([len(c) for c in checked], min(batch_size, self.manifest.max_batch)):
@@ -110,6 +148,10 @@ class EmotionModel:
             for row, i in enumerate(group):
                 n = len(checked[i])
                 p = probs[row, :n]
+                bad = nonfinite_rows(p, emb[row, :n])
+                if len(bad):  # never hand back a non-finite probability
+                    raise nonfinite_output_error(f"conversations[{i}].features", bad, checked[i].features,
+                                                 self.precision)
                 results[i] = Prediction([self.manifest.label_names[k] for k in p.argmax(-1)], p,
                                         emb[row, :n] if embeddings else None)
         return results  # type: ignore[return-value]
@@ -144,9 +186,9 @@ def load(path: str | Path, backend: str = "auto", precision: str = "fp32", threa
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {list(PRECISIONS)}, got {precision!r}")
     manifest = read_manifest(path)
-    key = "fp32" if backend == "tensorrt" or precision == "fp32" else "fp16"  # TensorRT builds fp16 from fp32 ONNX
+    key = PRECISIONS[precision].artifact_key(backend)  # e.g. TensorRT builds its fp16 engine from the fp32 ONNX
     if key not in manifest.artifacts:
-        raise ArtifactError(manifest.path, f"no {key} artifact listed (re-export with `cmath-export RUN_DIR --fp16`)")
+        raise ArtifactError(manifest.path, f"no {key} artifact listed (re-export with `cmath-export RUN_DIR --{key}`)")
     artifact = manifest.artifacts[key]
     if not artifact.path.is_file():
         raise ArtifactError(artifact.path, f"the {key} model listed in {manifest.path.name} is missing")
@@ -157,4 +199,4 @@ def load(path: str | Path, backend: str = "auto", precision: str = "fp32", threa
                                                f"has {digest[:16]}... (corrupt, truncated or replaced; re-export it)")
     info = create_session(artifact.path, manifest, backend, precision, threads,
                           Path(cache_dir) if cache_dir is not None else None, spinning)
-    return EmotionModel(manifest, info, precision, time.perf_counter() - start)
+    return EmotionModel(manifest, info, precision, time.perf_counter() - start, verify)

@@ -451,3 +451,24 @@ def test_serve_load_report(tmp_path: Path) -> None:
     assert "| 64 | 20 | 114.0 |" in text and "| serial | step | 64 x 50 | 80.0 |" in text and "batch 1: 100.0" in text
     plot(records, tmp_path / "serve_load.png")
     assert (tmp_path / "serve_load.png").stat().st_size > 1000
+
+
+def test_cmath_serve_uses_only_the_runtimes_public_api() -> None:
+    """cmath_serve runs inside Triton's stub with the runtime only: no torch, no training or export code, and
+    from cmath_runtime only the public surface (the package, its errors and its manifest)."""
+    import ast
+
+    allowed = {"cmath_runtime", "cmath_runtime.errors", "cmath_runtime.manifest"}
+    bad = {}
+    for path in sorted((ROOT / "cmath_serve").glob("*.py")):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names.add(node.module or "")
+        hits = sorted(n for n in names if n.split(".")[0] in ("torch", "cmath_train", "cmath_export", "benchmarks")
+                      or (n.startswith("cmath_runtime") and n not in allowed))
+        if hits:
+            bad[path.name] = hits
+    assert not bad, bad

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import signal
 import sys
 from pathlib import Path
@@ -73,6 +74,10 @@ def main(export_dir: Path, host: str, http_port: int, grpc_port: int, metrics_po
                            instances=instances)
     try:
         options.check(manifest)
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ServeError(f"--host: expected an IP address (127.0.0.1, 0.0.0.0, ::1), got {host!r}.") from None
         chosen = {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port}
         taken = [p for p in chosen.values() if p]
         if len(set(taken)) != len(taken):

@@ -371,6 +371,8 @@ def test_cli_refuses_bad_arguments_with_one_clear_sentence(serve_export: Path, t
     r = run(str(serve_export), "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0",
             "--tritonserver", str(tmp_path / "tritonserver"))
     assert r.exit_code == 1 and "pip install 'cmath[serve]'" in r.output
+    r = run(str(serve_export), "--host", "my-laptop")
+    assert r.exit_code == 2 and "--host: expected an IP address" in r.output
     r = run(str(serve_export), "--max-batch", "100000")
     assert r.exit_code == 2 and "--max-batch: expected 1..64" in r.output
 

@@ -474,3 +474,39 @@ def test_cmath_serve_uses_only_the_runtimes_public_api() -> None:
         if hits:
             bad[path.name] = hits
     assert not bad, bad
+
+
+def test_batched_mode_makes_one_step_batch_call_and_isolates_a_bad_utterance(monkeypatch) -> None:
+    import cmath_runtime
+    from cmath_runtime.errors import InputError
+    from cmath_serve.conversations import step_conversations
+
+    calls = []
+
+    class Emotion:
+        probs = {"x": 0.5, "y": 0.5}
+
+        @property
+        def latest(self):
+            return self
+
+    class Conv(Emotion):
+        def add(self, speaker, **features):
+            if speaker < 0:
+                raise InputError("speaker", ">= 0", speaker)
+            return self
+
+    def step_batch(convs, utts):
+        calls.append(len(convs))
+        if any(u["speaker"] < 0 for u in utts):
+            raise InputError("utterances[1].speaker", ">= 0", -1)  # nothing changed: the runtime's promise
+        return [Emotion() for _ in convs]
+
+    monkeypatch.setattr(cmath_runtime, "step_batch", step_batch, raising=False)
+    model = type("M", (), {"label_names": ["x", "y"]})()
+    out = step_conversations(model, [Conv(), Conv(), Conv()], [{"speaker": 0}] * 3, mode="batched")
+    assert calls == [3] and all(np.allclose(o, [0.5, 0.5]) for o in out)
+    out = step_conversations(model, [Conv(), Conv()], [{"speaker": 0}, {"speaker": -1}], mode="batched")
+    assert calls == [3, 2] and np.allclose(out[0], [0.5, 0.5]) and isinstance(out[1], InputError)
+    step_conversations(model, [Conv(), Conv()], [{"speaker": 0}] * 2, mode="serial")
+    assert calls == [3, 2]  # serial never calls step_batch

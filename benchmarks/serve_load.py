@@ -307,7 +307,7 @@ def plot(records: list[dict], path: Path) -> None:
     if rows:
         x = np.arange(len(rows))
         b.bar(x, [r["utterances_per_s"] for r in rows], color="C2")
-        b.set_xticks(x, [f"{r['mode']}\np50 {r['p50_ms']:.0f} / p99 {r['p99_ms']:.0f} ms" for r in rows])
+        b.set_xticks(x, [f"{r['mode']}\np50 {r['p50_ms']:.0f} ms\np99 {r['p99_ms']:.0f} ms" for r in rows])
         b.set(ylabel="utterances/s", title=f"cmath_stream: {rows[0]['conversations']} conversations x "
                                            f"{rows[0]['utterances']} utterances")
     fig.tight_layout()

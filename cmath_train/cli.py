@@ -12,7 +12,7 @@ import click
 from cmath_runtime.errors import CmathError
 from cmath_runtime.files import atomic_write_json
 
-from .config import LossConfig, ModelConfig, Preset, TrainConfig, get_ablation, get_preset
+from .config import Preset, TrainConfig, get_ablation
 
 
 def parse_modalities(text: str | None, available: tuple[str, ...]) -> tuple[str, ...]:
@@ -72,15 +72,19 @@ def run(data: str, modalities: str | None, preset: str | None, model_name: str, 
         tune_timeout: float | None = None) -> dict:
     from .data import load_data
     from .recipe import choose_recipe
-    from .registry import model_names
+    from .registry import loss_config, model_config, model_names
+    from .registry import preset as model_preset
     from .seeds import context_free_baseline, train_seeds
     from .train import train
 
     try:
-        p = get_preset(preset) if preset is not None else None
         model_over, loss_over = get_ablation(ablation)
         if model_name not in model_names():
             raise ValueError(f"model: expected one of {model_names()}, got {model_name!r}")
+        if preset is None and model_name != "cmath":
+            preset = "default"  # the data-chosen recipe is validated for CMATH only; baselines: their default
+        # the model's own published recipe when it has one (SDT); None: CMATH's recipe is chosen from the data below
+        p = model_preset(model_name, preset) if preset is not None else None
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     t0 = time.perf_counter()
@@ -91,10 +95,10 @@ def run(data: str, modalities: str | None, preset: str | None, model_name: str, 
     if p is None:
         recipe = choose_recipe(fs)
         p = Preset(recipe.model, recipe.loss, recipe.train)
-    model_cfg = ModelConfig(modalities=mods, feature_dims=fs.feature_dims, num_classes=len(fs.label_names),
+    model_cfg = model_config(model_name, modalities=mods, feature_dims=fs.feature_dims, num_classes=len(fs.label_names),
                             num_speakers=fs.num_speakers, causal=causal,
                             **{**p.model, **model_over, **_given(d=hidden, dropout=dropout, conv_kernel=conv_kernel)})
-    loss_cfg = LossConfig(**{**p.loss, **loss_over, **_given(class_weighted=class_weighted, cdat=cdat or None)})
+    loss_cfg = loss_config(model_name, **{**p.loss, **loss_over, **_given(class_weighted=class_weighted, cdat=cdat or None)})
     train_cfg = TrainConfig(**{**p.train, **_given(epochs=epochs, lr=lr, batch_size=batch_size, patience=patience,
                                                     val_fraction=val_fraction), "seed": seed, "device": device})
     out = Path(out_dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}")

@@ -41,8 +41,10 @@ def parse_modalities(text: str | None, available: tuple[str, ...]) -> tuple[str,
 @click.option("--patience", type=click.IntRange(min=1), default=None, help="Early-stopping patience in epochs.")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None, help="Validation fraction of train when there is no dev split.")
 @click.option("--class-weighted/--no-class-weighted", default=None, help="Inverse-frequency class weights in CE.")
-@click.option("--cdat", is_flag=True, help="CDaT: per utterance, the more confident modality teaches the less "
-              "confident one (any model; LossConfig.cdat*).")
+@click.option("--confidence-kd", "--cdat", "cdat", is_flag=True,
+              help="Confidence-gated prediction-level KD: per utterance, the more confident modality's prediction "
+              "teaches the less confident one (any model; LossConfig.cdat*). Not the CDaT paper's feature-level "
+              "transfer; --cdat is a kept alias.")
 @click.option("--causal/--bidirectional", default=False, show_default=True, help="Online variant: each utterance sees only the past.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True, help="Train this many seeds; report mean +- std.")
@@ -111,8 +113,8 @@ def run(data: str, modalities: str | None, preset: str | None, model_name: str, 
         atomic_write_json(out / "recipe.json", {"chosen_from_data": False, "name": preset,
                                                 "reasons": [f"--preset {preset} given"]})
     if not quiet:
-        click.echo(f"cmath-train: {model_name}{' + CDaT' if cdat else ''} on {data} ({''.join(mods)}), recipe {recipe_name}, "
-                   f"ablation {ablation}, {sum(len(v) for v in fs.splits.values())} conversations -> {out}")
+        click.echo(f"cmath-train: {model_name}{' + confidence-KD' if cdat else ''} on {data} ({''.join(mods)}), "
+                   f"recipe {recipe_name}, ablation {ablation}, {sum(len(v) for v in fs.splits.values())} conversations -> {out}")
     if tune_trials:
         from .tune import tune
 

@@ -8,8 +8,9 @@ nvidia-pytriton's stub is built against numpy 1.x (the wheel pins numpy<2). Unde
 `Tensor.as_numpy()` / `Tensor(name, ndarray)` read the dtype's item size as 0 (measured: an FP32 input
 [1, 2, 3] came back as [1, 1, 1], outputs came back empty, and any BYTES input crashed the stub before the model
 code ran), so under numpy 2 tensors cross through DLPack instead; under numpy 1 the stub's own path is used
-(there, handing it DLPack outputs crashed the stub). Either way the models have no BYTES tensors (no raw `text`
-input, no `label` output: the class order is the config parameter `label_names`), so they work the same under both.
+(there, handing it DLPack outputs crashed the stub). BYTES tensors work under numpy 1 only: the optional raw `text`
+input (artifacts with a text encoder) is declared only then (repository.text_input says why not). There is no
+`label` output: the class order is the config parameter `label_names`.
 """
 
 from __future__ import annotations
@@ -64,6 +65,32 @@ class _Base:
             return None
         return np.array(np.from_dlpack(tensor) if NUMPY2 else tensor.as_numpy(), copy=True)
 
+    def _texts(self, request: Any, shape: tuple[int, ...]) -> np.ndarray | None:
+        """The optional `text` input (UTF-8 BYTES) as an object array of str, or None when the request has none."""
+        raw = self._input(request, "text")
+        if raw is None:
+            return None
+        if raw.shape != shape:
+            raise InputError("text", f"one string per utterance: shape {shape} like input 'speaker'", f"shape {raw.shape}")
+        out = np.empty(raw.shape, object)
+        for idx, value in np.ndenumerate(raw):
+            try:
+                out[idx] = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+            except UnicodeDecodeError as e:
+                raise InputError(f"text{list(idx)}", "UTF-8 text", f"invalid bytes ({e.reason} at {e.start})") from None
+        return out
+
+    def _features(self, request: Any, text: bool) -> dict[str, np.ndarray]:
+        """The feature inputs the request has; with raw text, `t` is replaced by `text` (never both)."""
+        feats = {m: self._input(request, m) for m in self.manifest.modalities}
+        if text and feats.get("t") is not None:
+            raise InputError("text", "either input 't' (features) or 'text' (raw text), not both", "both")
+        for m, x in feats.items():
+            if x is None and not (text and m == "t"):
+                hint = " or 'text' (raw text)" if self.params.get("text_input") == "on" and m == "t" else ""
+                raise InputError(m, f"input {m!r} (features){hint}", "neither")
+        return {m: x for m, x in feats.items() if x is not None}
+
     def _output(self, name: str, array: np.ndarray) -> Any:
         array = np.ascontiguousarray(array)
         return self.pb.Tensor.from_dlpack(name, array) if NUMPY2 else self.pb.Tensor(name, array)
@@ -117,8 +144,9 @@ class ClassifyModel(_Base):
     def _conversations(self, request: Any) -> list[dict[str, Any]]:
         """The request's rows as runtime conversations (right-padded rows cut at the end of their mask)."""
         speaker, mask = self._input(request, "speaker"), self._input(request, "mask")
-        feats = {m: self._input(request, m) for m in self.manifest.modalities}
         b, n = speaker.shape
+        texts = self._texts(request, (b, n))
+        feats = self._features(request, texts is not None)
         for name, x in [("mask", mask), *feats.items()]:
             if x.shape[:2] != (b, n):
                 raise InputError(name, f"(batch, utterances) = {(b, n)} like input 'speaker'", f"shape {x.shape}")
@@ -130,7 +158,10 @@ class ClassifyModel(_Base):
             if not mask[row, :k].all():
                 raise InputError(f"mask[{row}]", "True for the real utterances, then False (right-padded)",
                                  mask[row].astype(int).tolist())
-            out.append({"speakers": speaker[row, :k], "features": {m: x[row, :k] for m, x in feats.items()}})
+            conv = {"speakers": speaker[row, :k], "features": {m: x[row, :k] for m, x in feats.items()}}
+            if texts is not None:
+                conv["texts"] = list(texts[row, :k])
+            out.append(conv)
         return out
 
 
@@ -191,8 +222,10 @@ class StreamModel(_Base):
         if speaker.shape != (1, 1):
             raise InputError("speaker", "one utterance per request: shape (1, 1)", f"shape {speaker.shape}")
         utt: dict[str, Any] = {"speaker": int(speaker[0, 0])}
-        for m in self.manifest.modalities:
-            x = self._input(request, m)
+        texts = self._texts(request, (1, 1))
+        if texts is not None:
+            utt["text"] = texts[0, 0]
+        for m, x in self._features(request, texts is not None).items():
             if x.shape[0] != 1:
                 raise InputError(m, f"one utterance per request: shape (1, {self.manifest.feature_dims[m]})",
                                  f"shape {x.shape}")

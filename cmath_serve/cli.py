@@ -118,6 +118,7 @@ def main(export_dir: Path, host: str, http_port: int, grpc_port: int, metrics_po
                    f"  metrics  {server.metrics_url}\n"
                    f"  models   cmath (max batch {options.max_batch}, queue delay {queue_delay_us} us); "
                    f"cmath_stream ({stream}; at most {max_conversations} live, idle timeout {idle_timeout_s:g} s)\n"
+                   f"  text     raw `text` BYTES input {d['text_input']}\n"
                    f"  repo     {d['repository']}\n"
                    f"Ctrl-C or SIGTERM stops it (in-flight requests finish first).", )
         sys.stdout.flush()

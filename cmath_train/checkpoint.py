@@ -2,6 +2,9 @@
 
 config.json: {"format": "cmath-checkpoint", "version": 1, "model_name", "model", "loss", "train",
               "label_names", "data", "versions", "selected": {epoch, metric, value}}
+"model" and "loss" are the model's own configs (e.g. CMATHConfig / CMATHLossConfig, registry.py). Files
+written before each model had its own config carry every model's fields in one flat dict; the registry reads
+both (other models' fields are dropped), so the version stays 1.
 Export and runtime rebuild the model from config.json + weights, never from defaults in code.
 """
 
@@ -24,7 +27,7 @@ from cmath_runtime.errors import ArtifactError
 from cmath_runtime.files import atomic_write_bytes, atomic_write_json, read_tagged_json
 
 from .config import LossConfig, ModelConfig, TrainConfig, from_dict, to_dict
-from .registry import create_model
+from .registry import create_model, loss_config, model_config
 
 FORMAT, VERSION = "cmath-checkpoint", 1
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -61,6 +64,8 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
 ) -> Path:
     run_dir = Path(run_dir)
+    model_cfg = model_config(model_name, getattr(model, "cfg", model_cfg))  # what the model really read
+    loss_cfg = loss_config(model_name, loss_cfg)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     data = st_save(state)
     # Crash safety: config.json (the commit point) records the weights' sha256; the previous weights stay
@@ -118,10 +123,11 @@ def load_checkpoint(run_dir: str | Path, map_location: str = "cpu") -> Checkpoin
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
     try:
-        model_cfg = from_dict(ModelConfig, cfg["model"])
-        loss_cfg = from_dict(LossConfig, cfg.get("loss", {}))
+        name = cfg.get("model_name", "cmath")
+        model_cfg = model_config(name, **cfg["model"])
+        loss_cfg = loss_config(name, **cfg.get("loss", {}))
         train_cfg = from_dict(TrainConfig, cfg.get("train", {}))
-        model = create_model(cfg.get("model_name", "cmath"), model_cfg)
+        model = create_model(name, model_cfg)
     except (KeyError, TypeError, ValueError) as e:
         raise ArtifactError(run_dir / CONFIG, f"invalid model config: {e}") from None
     weights = run_dir / WEIGHTS

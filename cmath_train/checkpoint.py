@@ -145,7 +145,8 @@ def load_checkpoint(run_dir: str | Path, map_location: str = "cpu") -> Checkpoin
     try:
         state = st_load(raw)
     except (SafetensorError, ValueError, RuntimeError) as e:
-        raise ArtifactError(weights, f"corrupt or truncated safetensors file ({e})") from None
+        why = "does not match config.json's weights_sha256 (an interrupted save or a replaced file): " if replaced else ""
+        raise ArtifactError(weights, f"{why}corrupt or truncated safetensors file ({e})") from None
     _check_state(weights, model, state)
     if replaced:
         raise ArtifactError(weights, "does not match config.json's weights_sha256 (an interrupted save or a "

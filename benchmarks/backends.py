@@ -20,7 +20,12 @@ import numpy as np
 from .inputs import InputSpec, padded
 
 EAGER, COMPILE, ORT, ORT_CUDA, TENSORRT = "pytorch-eager", "torch-compile", "onnxruntime", "onnxruntime-cuda", "tensorrt"
-ALL = (f"{EAGER}:fp32", f"{COMPILE}:fp32", f"{ORT}:fp32", f"{ORT}:fp16", f"{ORT_CUDA}:fp32", f"{TENSORRT}:fp16")
+ORT_SPIN, OPENVINO = "onnxruntime-spin", "openvino"
+ALL = (f"{EAGER}:fp32", f"{COMPILE}:fp32", f"{ORT}:fp32", f"{ORT_SPIN}:fp32", f"{ORT}:fp16", f"{ORT}:int8",
+       f"{OPENVINO}:fp32", f"{OPENVINO}:bf16", f"{ORT_CUDA}:fp32", f"{TENSORRT}:fp16")
+# contender name -> (cmath_runtime backend, idle threads spin)
+RUNTIME = {ORT: ("cpu", False), ORT_SPIN: ("cpu", True), OPENVINO: ("openvino", False), ORT_CUDA: ("cuda", False),
+           TENSORRT: ("tensorrt", False)}
 
 
 class Skipped(Exception):
@@ -103,8 +108,13 @@ def runtime(export_dir: Path, backend: str, precision: str, threads: int, spinni
     import cmath_runtime
     from cmath_runtime.session import PROVIDER, available_providers
 
-    name = {"cpu": ORT, "cuda": ORT_CUDA, "tensorrt": TENSORRT}[backend]
-    if backend != "cpu" and PROVIDER[backend] not in available_providers():
+    name = {"cpu": ORT_SPIN if spinning else ORT, "cuda": ORT_CUDA, "tensorrt": TENSORRT, "openvino": OPENVINO}[backend]
+    if backend == "openvino":
+        from cmath_runtime.openvino_backend import available
+
+        if not available():
+            raise Skipped("openvino is not installed (pip install 'cmath[openvino]')")
+    elif backend != "cpu" and PROVIDER[backend] not in available_providers():
         raise Skipped(f"{PROVIDER[backend]} is not in this onnxruntime ({', '.join(available_providers())}): needs "
                       f"an NVIDIA GPU and onnxruntime-gpu{' with TensorRT' if backend == 'tensorrt' else ''}")
     try:
@@ -113,8 +123,8 @@ def runtime(export_dir: Path, backend: str, precision: str, threads: int, spinni
     except cmath_runtime.BackendUnavailableError as e:
         raise Skipped(str(e)) from None
     except cmath_runtime.ArtifactError as e:
-        if precision == "fp16" and "no fp16 artifact" in str(e):
-            raise Skipped(f"the export has no fp16 model: {e}") from None
+        if f"no {precision} artifact" in str(e):
+            raise Skipped(f"the export has no {precision} model: {e}") from None
         raise
 
     def prepare(convs: list[dict]) -> Callable[[], Any]:

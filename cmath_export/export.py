@@ -41,11 +41,11 @@ class ParityError(CmathError):
 
 def export_run(run_dir: str | Path, out_dir: str | Path | None = None, fp16: bool = False, tensorrt: bool = False,
                opset: int | None = None, max_len: int = 512, max_batch: int = 64, triton: str | Path | None = None,
-               log: Callable[[str], None] | None = None, text_encoder: bool = True) -> dict[str, Any]:
+               log: Callable[[str], None] | None = None, text_encoder: bool = True, int8: bool = False) -> dict[str, Any]:
     """Export a run; return the manifest written to OUT/export.json. Raises CmathError subclasses on failure."""
     say = log or (lambda _msg: None)
     run_dir = Path(run_dir)
-    opts = formats.validate(ExportOptions(fp16, tensorrt, opset, max_len, max_batch,
+    opts = formats.validate(ExportOptions(fp16, tensorrt, int8, opset, max_len, max_batch,
                                           None if triton is None else Path(triton),
                                           None if out_dir is None else Path(out_dir)))
     out = opts.out_dir or run_dir / DEFAULT_SUBDIR
@@ -135,6 +135,22 @@ def _export(ckpt: Checkpoint, run_dir: Path, opts: ExportOptions, staging: Path,
         _require(report, say)
         artifacts["fp16"] = artifact_entry(fp16_path, get_format("fp16"), "fp16")
 
+    if opts.int8:
+        from .quantize import SCHEME, quantize_int8
+
+        t1 = time.perf_counter()
+        q = quantize_int8(fp32)
+        onnx.checker.check_model(q, full_check=True)
+        check_io(q, inputs, outputs, "model.int8.onnx")
+        int8_path = staging / get_format("int8").file
+        atomic_write_bytes(int8_path, q.SerializeToString())
+        say(f"model.int8.onnx: quantized in {time.perf_counter() - t1:.1f} s")
+        reports["int8"] = parity.check_parity("int8", data, reference, lambda b: parity.onnx_outputs(str(int8_path), b),
+                                              parity.BOUNDS["int8"])
+        reports["int8"].notes.append(f"weight-int8 MatMuls (onnxruntime dynamic quantization: {SCHEME.to_json()})")
+        _require(reports["int8"], say)
+        artifacts["int8"] = artifact_entry(int8_path, get_format("int8"), "int8", scheme=SCHEME.to_json())
+
     extra_versions = {}
     if opts.tensorrt:
         from . import tensorrt as trt_build
@@ -160,6 +176,11 @@ def _export(ckpt: Checkpoint, run_dir: Path, opts: ExportOptions, staging: Path,
         from .step_graph import export_step
 
         step = export_step(ckpt.model, opts.opset, opts.max_len, staging, say)
+        if opts.int8:
+            from .quantize import export_step_int8
+
+            step["int8"], reports["step_int8"] = export_step_int8(step, staging, data, reference)
+            _require(reports["step_int8"], say)
     manifest = build_manifest(ckpt, run_dir, opts, inputs, outputs, artifacts,
                               {k: r.to_json() for k, r in reports.items()}, None, extra_versions)
     manifest["step"] = step
@@ -178,11 +199,13 @@ def _promote(staging: Path, out: Path, manifest: dict) -> None:
         os.unlink(out / MANIFEST)
     for entry in manifest["artifacts"].values():
         os.replace(staging / entry["file"], out / entry["file"])
-    if manifest.get("step"):
-        os.replace(staging / manifest["step"]["file"], out / manifest["step"]["file"])
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(out / "model.step.onnx")
+    step = manifest.get("step") or {}
+    for name, entry in (("model.step.onnx", step), ("model.step.int8.onnx", step.get("int8"))):
+        if entry:
+            os.replace(staging / entry["file"], out / entry["file"])
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(out / name)
     for fmt in formats.FORMATS:  # artifacts of an earlier export that this one did not make
         if fmt.key not in manifest["artifacts"]:
             with contextlib.suppress(FileNotFoundError):
@@ -199,6 +222,7 @@ def _share(out: Path, manifest: dict) -> None:
     mode = 0o666 & ~_umask()
     names = [MANIFEST, *(a["file"] for a in manifest["artifacts"].values())]
     names += [manifest["step"]["file"]] if manifest.get("step") else []
+    names += [manifest["step"]["int8"]["file"]] if (manifest.get("step") or {}).get("int8") else []
     for name in names:
         os.chmod(out / name, mode)
 

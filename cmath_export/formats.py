@@ -39,6 +39,8 @@ FORMATS: tuple[ExportFormat, ...] = (
                  ("torch", "onnx", "onnxscript"), ("opset",)),
     ExportFormat("fp16", "ONNX fp16", "--fp16", "model.fp16.onnx", "onnx", "fp16", "cpu",
                  ("onnx", "onnxruntime"), ("opset",)),
+    ExportFormat("int8", "ONNX int8 weights", "--int8", "model.int8.onnx", "onnx", "int8", "cpu",
+                 ("onnx", "onnxruntime"), ("opset",)),
     ExportFormat("tensorrt", "TensorRT engine", "--tensorrt", "model.plan", "tensorrt", "fp32, or fp16 with --fp16",
                  "gpu", ("tensorrt",), ("max_batch", "max_len", "fp16")),
 )
@@ -66,6 +68,7 @@ def format_table() -> str:
 class ExportOptions:
     fp16: bool = False
     tensorrt: bool = False
+    int8: bool = False
     opset: int | None = None  # None: DEFAULT_OPSET
     max_len: int = 512
     max_batch: int = 64
@@ -89,6 +92,6 @@ def validate(opts: ExportOptions) -> ExportOptions:
     if opts.triton is not None and opts.out_dir is not None and Path(opts.triton).resolve() == Path(opts.out_dir).resolve():
         raise OptionError("--triton and --out name the same folder: give the Triton repository its own folder, "
                           "e.g. --triton triton_repo.")
-    return ExportOptions(opts.fp16, opts.tensorrt, opset, opts.max_len, opts.max_batch,
+    return ExportOptions(opts.fp16, opts.tensorrt, opts.int8, opset, opts.max_len, opts.max_batch,
                          None if opts.triton is None else Path(opts.triton),
                          None if opts.out_dir is None else Path(opts.out_dir))

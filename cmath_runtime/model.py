@@ -128,6 +128,33 @@ def length_groups(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
 
 
+def artifact_key(backend: str, precision: str) -> str:
+    """Which artifact of export.json a (backend, precision) runs. TensorRT builds fp16 from the fp32 ONNX;
+    OpenVINO compiles model.onnx in f32 or bf16 (its INFERENCE_PRECISION_HINT, read back at load)."""
+    if precision == "bf16" and backend != "openvino":
+        raise ValueError("precision 'bf16' runs on backend='openvino' only (onnxruntime's CPU provider has no bf16 "
+                         f"kernels for this graph), got backend={backend!r}")
+    if backend == "openvino" and precision not in ("fp32", "bf16"):
+        raise ValueError(f"backend 'openvino' runs precision 'fp32' or 'bf16', got {precision!r}")
+    if precision == "int8" and backend not in ("auto", "cpu"):
+        raise ValueError(f"precision 'int8' runs on onnxruntime's CPU provider (backend='cpu' or 'auto'), "
+                         f"got backend={backend!r}")
+    if backend in ("tensorrt", "openvino"):
+        return "fp32"
+    return precision
+
+
+def check_agreement(manifest: Manifest, key: str) -> None:
+    """Refuse an artifact whose recorded agreement with PyTorch failed (or was never recorded)."""
+    record = (manifest.raw.get("parity") or {}).get(key)
+    if not isinstance(record, dict) or record.get("passed") is not True:
+        what = "has no agreement record" if not isinstance(record, dict) else (
+            f"failed its agreement bound (argmax agreement {record.get('argmax_agreement')}, "
+            f"needed {record.get('min_argmax_agreement')})")
+        raise ArtifactError(manifest.path, f"the {key} artifact {what} in export.json; refusing to load it: "
+                                           f"re-export with `cmath-export RUN_DIR --{key}`")
+
+
 def load(path: str | Path, backend: str = "auto", precision: str = "fp32", threads: int | None = None,
          verify: bool = True, cache_dir: str | Path | None = None, spinning: bool = False) -> EmotionModel:
     """Load an exported model: `path` is export.json, its folder, or a run directory with export/.
@@ -135,7 +162,11 @@ def load(path: str | Path, backend: str = "auto", precision: str = "fp32", threa
     backend: "auto" (CUDA if it really works here, else CPU, with a warning), "cpu", "cuda" or "tensorrt"
     (TensorRT EP with an engine cache in `cache_dir`, default <export>/trt_cache; fp16 when precision="fp16").
     An explicit backend that cannot run here raises BackendUnavailableError instead of falling back.
-    precision: "fp32" (model.onnx) or "fp16" (model.fp16.onnx; on the CPU provider this only rounds weights).
+    precision: "fp32" (model.onnx), "fp16" (model.fp16.onnx; on the CPU provider this only rounds weights),
+    "int8" (model.int8.onnx, int8 weights; refused unless its recorded agreement with PyTorch passed) or "bf16"
+    (backend="openvino" only: model.onnx compiled with bf16 inference precision; never taken silently).
+    backend "openvino" (optional extra `openvino`): model.onnx compiled by OpenVINO on the CPU in f32 (or bf16
+    when asked); the precision and device it really runs are read back and checked at load.
     threads: intra-op threads of the CPU provider (None: onnxruntime's default, one per physical core).
     verify: check each file's sha256 against export.json before loading it.
     spinning: let idle onnxruntime threads spin (a little faster on an idle machine, much slower on a busy one).
@@ -144,9 +175,11 @@ def load(path: str | Path, backend: str = "auto", precision: str = "fp32", threa
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {list(PRECISIONS)}, got {precision!r}")
     manifest = read_manifest(path)
-    key = "fp32" if backend == "tensorrt" or precision == "fp32" else "fp16"  # TensorRT builds fp16 from fp32 ONNX
+    key = artifact_key(backend, precision)
     if key not in manifest.artifacts:
-        raise ArtifactError(manifest.path, f"no {key} artifact listed (re-export with `cmath-export RUN_DIR --fp16`)")
+        raise ArtifactError(manifest.path, f"no {key} artifact listed (re-export with `cmath-export RUN_DIR --{key}`)")
+    if key == "int8":
+        check_agreement(manifest, key)
     artifact = manifest.artifacts[key]
     if not artifact.path.is_file():
         raise ArtifactError(artifact.path, f"the {key} model listed in {manifest.path.name} is missing")

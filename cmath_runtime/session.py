@@ -16,8 +16,8 @@ from typing import Any
 from .errors import ArtifactError, BackendUnavailableError
 from .manifest import Manifest
 
-BACKENDS = ("auto", "cpu", "cuda", "tensorrt")
-PRECISIONS = ("fp32", "fp16")
+BACKENDS = ("auto", "cpu", "cuda", "tensorrt", "openvino")
+PRECISIONS = ("fp32", "fp16", "int8", "bf16")  # bf16: OpenVINO only; int8: model.int8.onnx on onnxruntime
 PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 BACKEND_OF = {v: k for k, v in PROVIDER.items()}
 # "auto" tries these in order. TensorRT is opt-in: its first load builds an engine, which takes minutes.
@@ -93,6 +93,10 @@ def create_session(model_file: Path, manifest: Manifest, backend: str = "auto", 
         raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads: expected a positive integer or None, got {threads!r}")
+    if backend == "openvino":
+        from .openvino_backend import create_openvino
+
+        return SessionInfo(**create_openvino(model_file, manifest, precision, threads))
     available = available_providers()
     if backend != "auto":
         if PROVIDER[backend] not in available:

@@ -38,15 +38,27 @@ class StepGraph:
 
         from .session import session_options
 
-        path = model.manifest.directory / entry["file"]
+        file = entry
+        if model.precision == "int8":  # the int8 step graph, with its own agreement record (cmath-export --int8)
+            file = entry.get("int8") or {}
+            if not file or not (file.get("parity") or {}).get("passed"):
+                raise ArtifactError(model.manifest.path, "no int8 step graph with a passed agreement record "
+                                                         "(re-export with `cmath-export RUN_DIR --int8`)")
+        path = model.manifest.directory / file["file"]
         if not path.is_file():
             raise ArtifactError(path, "the step graph listed in export.json is missing")
-        if sha256_file(path) != entry["sha256"]:
+        if sha256_file(path) != file["sha256"]:
             raise ArtifactError(path, "sha256 mismatch with export.json (corrupt or replaced; re-export it)")
-        providers = ["CPUExecutionProvider"] if model.backend == "cpu" else ["CUDAExecutionProvider",
-                                                                              "CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(path), session_options(model.threads), providers=providers)
-        self.sha256: str = entry["sha256"]
+        if model.backend == "openvino":
+            from .openvino_backend import OpenVINOSession
+
+            self.session = OpenVINOSession(path, model.precision, model.threads)
+        else:
+            providers = ["CPUExecutionProvider"] if model.backend == "cpu" else ["CUDAExecutionProvider",
+                                                                                  "CPUExecutionProvider"]
+            self.session = ort.InferenceSession(str(path), session_options(model.threads), providers=providers)
+        self.file: Path = path
+        self.sha256: str = file["sha256"]
         self.max_len: int = int(entry["max_len"])
         self.state_spec: list[dict[str, Any]] = [s for s in entry["state"] if s["update"] != "increment"]
         self.output_names: list[str] = [o["name"] for o in entry["outputs"]]

@@ -45,3 +45,25 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_run")
     train(tiny_data, tiny_model_config(), LossConfig(), TrainConfig(epochs=2, batch_size=8, lr=3e-3), out, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def int8_causal_export(tiny_data, tmp_path_factory) -> Path:
+    """A tiny causal run (2 epochs) exported with --int8 (model.int8.onnx + model.step.int8.onnx), max_len 300:
+    the export folder. Shared by the int8 and OpenVINO tests.
+
+    The int8 agreement bound is lowered to 95% here: this 2-epoch d=32 model is nearly undecided (6% of its
+    validation rows have a top-2 probability margin below 1e-3, measured), so its argmax flips under any rounding
+    while max |dp| stays < 1e-3. The 99.5% bound itself is enforced by test_failed_bound_writes_nothing and met
+    by the meld model (notes/B.md); max |dp| <= 0.03 is kept as is."""
+    from cmath_export import export_run, parity
+    from cmath_train.config import LossConfig, TrainConfig
+    from cmath_train.train import train
+
+    run = tmp_path_factory.mktemp("int8_run")
+    train(tiny_data, tiny_model_config(causal=True), LossConfig(), TrainConfig(epochs=2, batch_size=8, lr=3e-3), run,
+          progress=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(parity.BOUNDS, "int8", parity.Bounds(probs_max_abs=3e-2, min_argmax_agreement=0.95))
+        export_run(run, max_len=300, int8=True)
+    return run / "export"

@@ -1,0 +1,155 @@
+"""Weight-int8 ONNX graphs: onnxruntime's dynamic quantization of the MatMuls whose weight is a constant.
+
+Graph-agnostic: it rewrites any fp32 ONNX graph (model.onnx, model.step.onnx, whatever their inputs are), so it
+does not care about batch axes or cache layouts. What it does (the scheme chosen by measurement, see SCHEME):
+
+- every MatMul whose second input is an initializer (the linear layers) gets int8 weights (one scale per tensor)
+  and runs as DynamicQuantizeLinear -> MatMulInteger: the activations are quantized to uint8 per call, the
+  product accumulates in int32 (AVX512-VNNI on Zen 4) and is rescaled to fp32;
+- the attention MatMuls between two activations (Q K^T, A V) stay fp32: they have no weight to shrink, and
+  quantizing both of their inputs per call cost more than it saved;
+- everything else (LayerNorm, softmax, the input standardisation, embeddings) stays fp32.
+
+A batch-1 call of this model is bound by reading the weights (docs: roofline in benchmarks/roofline.py), so
+4x fewer weight bytes is where the speed comes from. Accuracy is proven per export on the run's validation rows
+(cmath_export/parity.py, bounds INT8_BOUNDS) and recorded in export.json; a failed bound writes nothing.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """The quantization recipe (recorded in export.json so an artifact says how it was made)."""
+
+    method: str = "dynamic"  # onnxruntime.quantization.quantize_dynamic
+    op_types: tuple[str, ...] = ("MatMul",)  # Gemm does not occur in the dynamo-exported graphs
+    weight_type: str = "QInt8"
+    per_channel: bool = False
+    reduce_range: bool = False
+    weights_only: bool = True  # MatMuls between two activations stay fp32
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+SCHEME = Scheme()
+
+
+def quantize_int8(model: onnx.ModelProto, scheme: Scheme | None = None) -> onnx.ModelProto:
+    """An int8-weight copy of `model` (which is not modified)."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    scheme = scheme or SCHEME
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))  # onnxruntime logs a "run pre-processing" hint on the root logger
+    try:
+        return _quantize(model, scheme, quantize_dynamic, QuantType)
+    finally:
+        root.setLevel(level)
+
+
+def _quantize(model: onnx.ModelProto, scheme: Scheme, quantize_dynamic: Any, QuantType: Any) -> onnx.ModelProto:  # noqa: N803
+    nodes = weight_matmuls(model.graph, scheme.op_types) if scheme.weights_only else None
+    with tempfile.TemporaryDirectory(prefix="cmath-int8-") as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        onnx.save_model(model, str(src))
+        quantize_dynamic(str(src), str(dst), op_types_to_quantize=list(scheme.op_types),
+                         nodes_to_quantize=nodes, per_channel=scheme.per_channel,
+                         reduce_range=scheme.reduce_range, weight_type=getattr(QuantType, scheme.weight_type),
+                         extra_options={"MatMulConstBOnly": scheme.weights_only})
+        return onnx.load_model(str(dst))
+
+
+def weight_matmuls(graph: onnx.GraphProto, op_types: tuple[str, ...] = ("MatMul",)) -> list[str]:
+    """Names of the `op_types` nodes whose second input is a constant (an initializer or a Constant node)."""
+    constants = {t.name for t in graph.initializer}
+    constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in graph.node if n.op_type in op_types and len(n.input) > 1 and n.input[1] in constants]
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of every initializer: what one call must at least read once (the bandwidth floor's numerator)."""
+    from onnx import numpy_helper
+
+    return int(sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer))
+
+
+def count_ops(model: onnx.ModelProto) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for n in model.graph.node:
+        out[n.op_type] = out.get(n.op_type, 0) + 1
+    return out
+
+
+STEP_INT8_FILE = "model.step.int8.onnx"
+
+
+def step_outputs(path: str | Path, entry: dict[str, Any], batches: list[dict[str, np.ndarray]],
+                 threads: int = 1) -> tuple[list[dict[str, np.ndarray]], str]:
+    """Run a step graph (export.json["step"]'s layout) over every conversation of padded batches, utterance by
+    utterance; -> outputs shaped like the full graph's (B, N, .), padded rows zero, and the runtime in words."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    names = [o["name"] for o in entry["outputs"]]
+    state = [s for s in entry["state"] if s["update"] != "increment"]
+    modalities = [i["name"] for i in entry["inputs"] if i["name"] not in ("speaker", "position")
+                  and not i["name"].startswith(("tail_", "past_"))]
+    out = []
+    for feeds in batches:
+        mask = feeds["mask"]
+        got: dict[str, np.ndarray] = {}
+        for b in range(mask.shape[0]):
+            buffers = {s["input"]: np.zeros(s["shape"], np.float32) for s in state}
+            for i in range(int(mask[b].sum())):
+                step = {m: feeds[m][b, i:i + 1].astype(np.float32) for m in modalities}
+                step["speaker"] = feeds["speaker"][b, i:i + 1].astype(np.int64)
+                step["position"] = np.array([i], np.int64)
+                for s in state:
+                    step[s["input"]] = buffers[s["input"]][:i] if s["update"] == "append" else buffers[s["input"]]
+                res = dict(zip(names, session.run(names, step)))
+                for s in state:
+                    if s["update"] == "append":
+                        buffers[s["input"]][i] = res[s["output"]][0]
+                    else:
+                        buffers[s["input"]] = res[s["output"]]
+                for k in ("probs", "embedding"):
+                    if k not in got:
+                        got[k] = np.zeros((*mask.shape, res[k].shape[-1]), np.float32)
+                    got[k][b, i] = res[k][0]
+        out.append(got)
+    return out, f"onnxruntime {ort.__version__} CPUExecutionProvider, step by step"
+
+
+def export_step_int8(step_entry: dict[str, Any], staging: Path, data: Any, reference: list) -> tuple[dict, Any]:
+    """model.step.int8.onnx from staging/model.step.onnx, its parity vs PyTorch on the validation rows (fed one
+    utterance at a time); -> (its export.json entry, the parity report). The caller enforces the report."""
+    from cmath_runtime.files import atomic_write_bytes, sha256_file
+
+    from . import parity
+
+    q = quantize_int8(onnx.load_model(str(staging / step_entry["file"])))
+    onnx.checker.check_model(q, full_check=True)
+    path = staging / STEP_INT8_FILE
+    atomic_write_bytes(path, q.SerializeToString())
+    report = parity.check_parity("step_int8", data, reference, lambda b: step_outputs(path, step_entry, b),
+                                 parity.BOUNDS["int8"])
+    report.notes.append(f"model.step.int8.onnx fed one utterance at a time; scheme {SCHEME.to_json()}")
+    entry = {"file": STEP_INT8_FILE, "sha256": sha256_file(path), "bytes": path.stat().st_size,
+             "precision": "int8", "scheme": SCHEME.to_json(), "parity": report.to_json()}
+    return entry, report

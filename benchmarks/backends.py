@@ -17,15 +17,20 @@ from typing import Any
 
 import numpy as np
 
+from cmath_export.formats import bench_contenders
+
 from .inputs import InputSpec, padded
 
 EAGER, COMPILE, ORT, ORT_CUDA, TENSORRT = "pytorch-eager", "torch-compile", "onnxruntime", "onnxruntime-cuda", "tensorrt"
 ORT_SPIN, OPENVINO = "onnxruntime-spin", "openvino"
-ALL = (f"{EAGER}:fp32", f"{COMPILE}:fp32", f"{ORT}:fp32", f"{ORT_SPIN}:fp32", f"{ORT}:fp16", f"{ORT}:int8",
-       f"{OPENVINO}:fp32", f"{OPENVINO}:bf16", f"{ORT_CUDA}:fp32", f"{TENSORRT}:fp16")
+# bench backend of the format table -> contender name; "cpu-spin" = the CPU provider with idle threads spinning
+RUNTIME_CONTENDER = {"cpu": ORT, "cpu-spin": ORT_SPIN, "openvino": OPENVINO, "cuda": ORT_CUDA, "tensorrt": TENSORRT}
 # contender name -> (cmath_runtime backend, idle threads spin)
 RUNTIME = {ORT: ("cpu", False), ORT_SPIN: ("cpu", True), OPENVINO: ("openvino", False), ORT_CUDA: ("cuda", False),
            TENSORRT: ("tensorrt", False)}
+# PyTorch, then every (artifact, runtime backend, precision) the export format table lists (cmath_export/formats.py).
+ALL = (f"{EAGER}:fp32", f"{COMPILE}:fp32",
+       *(f"{RUNTIME_CONTENDER[backend]}:{precision}" for _, backend, precision in bench_contenders()))
 
 
 class Skipped(Exception):
@@ -104,7 +109,7 @@ def compiled(model: Any, spec: InputSpec) -> Contender:
 
 
 def runtime(export_dir: Path, backend: str, precision: str, threads: int, spinning: bool = False) -> Contender:
-    """cmath_runtime on `backend` ("cpu", "cuda", "tensorrt"); Skipped when that backend or artifact is not here."""
+    """cmath_runtime on `backend` ("cpu", "openvino", "cuda", "tensorrt"); Skipped when that backend or artifact is not here."""
     import cmath_runtime
     from cmath_runtime.session import PROVIDER, available_providers
 

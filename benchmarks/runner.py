@@ -17,6 +17,9 @@ from typing import IO, Any
 
 import numpy as np
 
+from cmath_runtime.compare import compare, max_abs
+from cmath_runtime.manifest import read_manifest
+
 from . import backends
 from .timing import Budget, interleaved, percentiles_ms
 from .worker import REPLY
@@ -119,8 +122,8 @@ def environment(threads: int) -> dict[str, Any]:
 def run_benchmark(run_dir: Path, export_dir: Path, plan: Plan, log: Callable[[str], None] = print) -> list[dict]:
     """Every record of one benchmark run: latency (batch 1), throughput (batch 16), skipped or failed contenders."""
     workers, records = [], []
-    manifest = json.loads((export_dir / "export.json").read_text())
-    common = {"model_d": manifest.get("d"), "modalities": "".join(manifest.get("modalities", []))}
+    manifest = read_manifest(export_dir)
+    common = {"model_d": manifest.d, "modalities": "".join(manifest.modalities)}
     try:
         for key in plan.contenders:
             worker, skipped = _start(key, run_dir, export_dir, plan, log)
@@ -214,14 +217,17 @@ def _parity(workers: list[Worker], failed: dict[str, str], log: Callable[[str], 
     if eager is None:
         return
     batch, n = PARITY_SHAPE
-    ref = np.asarray(eager.ask(op="probs", batch=batch, length=n)["probs"])
+    ref = {"probs": np.asarray(eager.ask(op="probs", batch=batch, length=n)["probs"])}
     for w in live:
         try:
-            diff = float(np.abs(np.asarray(w.ask(op="probs", batch=batch, length=n)["probs"]) - ref).max())
+            got = {"probs": np.asarray(w.ask(op="probs", batch=batch, length=n)["probs"])}
         except WorkerError as e:
             log(f"  {w.key}: no parity check ({e})")
             continue
-        w.info["max_abs_diff_vs_eager"] = diff
+        report = compare([ref], [got], {"probs": max_abs(None)}, masks=[np.ones(ref["probs"].shape[:-1], bool)],
+                         artifact=w.key, reference_name=eager.key, runtime=w.key, data=f"{batch}x{n} seeded inputs")
+        w.info["max_abs_diff_vs_eager"] = report.output("probs").max_abs
+        w.info["argmax_agreement_vs_eager"] = report.argmax_agreement
 
 
 def _record(kind: str, key: str, batch: int | None, n: int | None, stats: dict[str, float], common: dict[str, Any],

@@ -11,7 +11,6 @@ engine that loads, with its roofline floor).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -157,8 +156,9 @@ def plot_streaming(records: list[dict[str, Any]], path: str | Path, title: str =
 
 def stream_records(export_dir: Path, threads: int, quick: bool, log: Any = print, machine: Any = None) -> list[dict]:
     """cmath-bench hook: streaming records for an artifact with a step graph, [] otherwise."""
-    manifest = json.loads((Path(export_dir) / "export.json").read_text())
-    if not manifest.get("step"):
+    from cmath_runtime.manifest import read_manifest
+
+    if not read_manifest(export_dir).step:
         return []
     return run_streaming(export_dir, threads, QUICK_LENGTHS if quick else LENGTHS, QUICK_BUDGET if quick else BUDGET,
                          log, machine=machine)

@@ -48,7 +48,7 @@ def meld_texts(n: int = 1000, csv_dir: Path = MELD_CSV_DIR, seed: int = 0) -> li
 
 def embedding_parity(export_dir: Path, texts: list[str], threads: int = 1) -> dict[str, Any]:
     """Cosine (min/mean) of runtime vs sentence-transformers embeddings, and token-id equality."""
-    from cmath_export.text_encoder import cosines
+    from cmath_runtime.compare import cosines
     from cmath_runtime.manifest import read_manifest
     from cmath_runtime.text import TextEncoder, TextEncoderSpec
     from cmath_train.prepare.text_encoder import SentenceTransformerEncoder

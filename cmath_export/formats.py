@@ -1,14 +1,20 @@
 """The one table of export formats (ultralytics' export_formats()) and the checks on the options that pick them.
 
-Every artifact `cmath-export` can write is a row here: its file, how it is asked for, where it can be built and
-which options apply to it. Invalid combinations are rejected before anything is written, with a message that
-names the fix.
+Every artifact `cmath-export` can write is a row here: its file, how it is asked for, where it can be built, what
+it needs, the function that builds it, what Triton serves and what the benchmark runs. The table drives the CLI's
+--list-formats, the checks before anything is written, the export loop (export.py has no branch per format) and
+the benchmark's runtime contenders. Invalid combinations are rejected before anything is written, with a message
+that names the fix. A new format is one row plus its builder (see cmath_export/builders.py).
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cmath_runtime.errors import CmathError
 
@@ -25,25 +31,77 @@ class OptionError(CmathError, ValueError):
 class ExportFormat:
     key: str  # key in export.json "artifacts" and "parity"
     name: str
-    flag: str  # the CLI option that asks for it ("" = always written)
+    flag: str  # the CLI option that asks for it ("" = always written); ExportOptions has the same field
     file: str
     format: str  # "onnx" | "tensorrt"
-    precision: str
+    precision: str  # in words, for the table
     builds_on: str  # "cpu" = any machine; "gpu" = needs an NVIDIA GPU
-    needs: tuple[str, ...]  # Python packages needed to build it
-    options: tuple[str, ...]  # options that shape it
+    needs: tuple[str, ...]  # Python packages needed to build it (checked before anything is written)
+    builder: str  # "module:function" building it (cmath_export.builders); imported only when it is wanted
+    preflight: str | None = None  # "module:function" checking the machine before anything is written
+    serve_rank: int = 0  # Triton serves the built artifact of highest rank
+    bench: tuple[tuple[str, str], ...] = ()  # (runtime backend, precision) pairs the benchmark runs it with
+    # "module:function" building this format's twin of the step graph (causal runs): (ctx, step entry) ->
+    # (entry stored as export.json["step"][key], parity report); None: the format has no step twin
+    step_builder: str | None = None
+    step_file: str | None = None  # the file step_builder writes
+
+    def step_build_function(self) -> Callable[..., Any] | None:
+        return _resolve(self.step_builder) if self.step_builder else None
+
+    def wanted_by(self, opts: ExportOptions) -> bool:
+        return not self.flag or bool(getattr(opts, self.flag.removeprefix("--").replace("-", "_")))
+
+    def build_function(self) -> Callable[..., Any]:
+        return _resolve(self.builder)
+
+    def check_machine(self) -> None:
+        """Before anything is written: the format's own preflight, else its packages must be importable."""
+        if self.preflight is not None:
+            _resolve(self.preflight)()
+            return
+        missing = [p for p in self.needs if importlib.util.find_spec(p) is None]
+        if missing:
+            what = f"{self.flag} needs" if self.flag else f"{self.name} needs"
+            raise OptionError(f"{what} the Python packages {missing} (pip install {' '.join(missing)}); nothing "
+                              "was written.")
 
 
 FORMATS: tuple[ExportFormat, ...] = (
-    ExportFormat("fp32", "ONNX fp32", "", "model.onnx", "onnx", "fp32", "cpu",
-                 ("torch", "onnx", "onnxscript"), ("opset",)),
-    ExportFormat("fp16", "ONNX fp16", "--fp16", "model.fp16.onnx", "onnx", "fp16", "cpu",
-                 ("onnx", "onnxruntime"), ("opset",)),
-    ExportFormat("int8", "ONNX int8 weights", "--int8", "model.int8.onnx", "onnx", "int8", "cpu",
-                 ("onnx", "onnxruntime"), ("opset",)),
+    ExportFormat("fp32", "ONNX fp32", "", "model.onnx", "onnx", "fp32", "cpu", ("torch", "onnx", "onnxscript"),
+                 "cmath_export.builders:build_fp32", bench=(("cpu", "fp32"), ("cpu-spin", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"),
+                        ("cuda", "fp32"))),
+    ExportFormat("fp16", "ONNX fp16", "--fp16", "model.fp16.onnx", "onnx", "fp16", "cpu", ("onnx", "onnxruntime"),
+                 "cmath_export.builders:build_fp16", serve_rank=1, bench=(("cpu", "fp16"),)),
+    # weight-int8 (cmath_export/quantize.py); with a causal run also model.step.int8.onnx. Not served by Triton.
+    ExportFormat("int8", "ONNX int8 weights", "--int8", "model.int8.onnx", "onnx", "int8 weights, fp32 activations",
+                 "cpu", ("onnx", "onnxruntime"), "cmath_export.quantize:build_int8", bench=(("cpu", "int8"),),
+                 step_builder="cmath_export.quantize:build_step_int8", step_file="model.step.int8.onnx"),
     ExportFormat("tensorrt", "TensorRT engine", "--tensorrt", "model.plan", "tensorrt", "fp32, or fp16 with --fp16",
-                 "gpu", ("tensorrt",), ("max_batch", "max_len", "fp16")),
+                 "gpu", ("tensorrt",), "cmath_export.builders:build_tensorrt",
+                 preflight="cmath_export.tensorrt:preflight", serve_rank=2, bench=(("tensorrt", "fp16"),)),
 )
+
+
+def register_format(fmt: ExportFormat) -> None:
+    """Add a row (e.g. int8); an ExportOptions field named like its flag asks for it."""
+    global FORMATS
+    FORMATS = (*(f for f in FORMATS if f.key != fmt.key), fmt)
+
+
+def wanted(opts: ExportOptions) -> list[ExportFormat]:
+    """The formats these options ask for, in table order (fp32 first: the others build on it)."""
+    return [f for f in FORMATS if f.wanted_by(opts)]
+
+
+def bench_contenders() -> list[tuple[str, str, str]]:
+    """(format key, runtime backend, precision) for every artifact the benchmark runs, in table order."""
+    return [(f.key, backend, precision) for f in FORMATS for backend, precision in f.bench]
+
+
+def _resolve(target: str) -> Callable[..., Any]:
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def get_format(key: str) -> ExportFormat:
@@ -76,7 +134,7 @@ class ExportOptions:
     out_dir: Path | None = None  # None: RUN_DIR/export
 
     def wanted(self) -> list[ExportFormat]:
-        return [f for f in FORMATS if not f.flag or getattr(self, f.flag.removeprefix("--"))]
+        return wanted(self)
 
 
 def validate(opts: ExportOptions) -> ExportOptions:

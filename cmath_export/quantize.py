@@ -93,19 +93,38 @@ def count_ops(model: onnx.ModelProto) -> dict[str, int]:
     return out
 
 
-STEP_INT8_FILE = "model.step.int8.onnx"
+STEP_INT8_FILE = "model.step.int8.onnx"  # = formats' int8 row step_file
+
+
+def build_int8(ctx: Any) -> Any:
+    """Builder of the int8 row (formats.py): model.int8.onnx from the fp32 graph, parity vs PyTorch."""
+    import time
+
+    from cmath_runtime.files import atomic_write_bytes
+
+    from . import parity
+    from .builders import Built
+    from .graph import check_io
+
+    t0 = time.perf_counter()
+    q = quantize_int8(ctx.built["fp32"].proto)
+    onnx.checker.check_model(q, full_check=True)
+    check_io(q, ctx.inputs, ctx.outputs, "model.int8.onnx")
+    path = ctx.path("int8")
+    atomic_write_bytes(path, q.SerializeToString())
+    ctx.say(f"model.int8.onnx: quantized in {time.perf_counter() - t0:.1f} s")
+    report = ctx.check("int8", lambda b: parity.onnx_outputs(str(path), b), parity.BOUNDS["int8"])
+    report.notes.append(f"weight-int8 MatMuls, scheme {SCHEME.to_json()}")
+    return Built(path, "int8", report, proto=q)
 
 
 def step_outputs(path: str | Path, entry: dict[str, Any], batches: list[dict[str, np.ndarray]],
                  threads: int = 1) -> tuple[list[dict[str, np.ndarray]], str]:
     """Run a step graph (export.json["step"]'s layout) over every conversation of padded batches, utterance by
     utterance; -> outputs shaped like the full graph's (B, N, .), padded rows zero, and the runtime in words."""
-    import onnxruntime as ort
+    from cmath_runtime.session import open_session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    session = open_session(path, "cpu", threads=threads, what="step graph").session
     names = [o["name"] for o in entry["outputs"]]
     state = [s for s in entry["state"] if s["update"] != "increment"]
     modalities = [i["name"] for i in entry["inputs"] if i["name"] not in ("speaker", "position")
@@ -133,22 +152,23 @@ def step_outputs(path: str | Path, entry: dict[str, Any], batches: list[dict[str
                         got[k] = np.zeros((*mask.shape, res[k].shape[-1]), np.float32)
                     got[k][b, i] = res[k][0]
         out.append(got)
+    import onnxruntime as ort
+
     return out, f"onnxruntime {ort.__version__} CPUExecutionProvider, step by step"
 
 
-def export_step_int8(step_entry: dict[str, Any], staging: Path, data: Any, reference: list) -> tuple[dict, Any]:
-    """model.step.int8.onnx from staging/model.step.onnx, its parity vs PyTorch on the validation rows (fed one
-    utterance at a time); -> (its export.json entry, the parity report). The caller enforces the report."""
+def build_step_int8(ctx: Any, step_entry: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """Step twin of the int8 row: model.step.int8.onnx from staging/model.step.onnx, its parity vs PyTorch on the
+    validation rows (fed one utterance at a time); -> (export.json["step"]["int8"], the report)."""
     from cmath_runtime.files import atomic_write_bytes, sha256_file
 
     from . import parity
 
-    q = quantize_int8(onnx.load_model(str(staging / step_entry["file"])))
+    q = quantize_int8(onnx.load_model(str(ctx.staging / step_entry["file"])))
     onnx.checker.check_model(q, full_check=True)
-    path = staging / STEP_INT8_FILE
+    path = ctx.staging / STEP_INT8_FILE
     atomic_write_bytes(path, q.SerializeToString())
-    report = parity.check_parity("step_int8", data, reference, lambda b: step_outputs(path, step_entry, b),
-                                 parity.BOUNDS["int8"])
+    report = ctx.check("step_int8", lambda b: step_outputs(path, step_entry, b), parity.BOUNDS["int8"])
     report.notes.append(f"model.step.int8.onnx fed one utterance at a time; scheme {SCHEME.to_json()}")
     entry = {"file": STEP_INT8_FILE, "sha256": sha256_file(path), "bytes": path.stat().st_size,
              "precision": "int8", "scheme": SCHEME.to_json(), "parity": report.to_json()}

@@ -17,10 +17,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from cmath_runtime.compare import compare, min_cosine
 from cmath_runtime.errors import ArtifactError
 from cmath_runtime.files import sha256_file
 
@@ -124,7 +124,7 @@ def export_text_encoder(extra: dict[str, Any], modalities: tuple[str, ...] | lis
     if say:
         say(f"text_encoder.onnx: {entry['name']}, parity min cosine {entry['parity']['min_cosine']:.6f} "
             f"on {entry['parity']['texts']} probe texts")
-    if entry["parity"]["min_cosine"] < MIN_COSINE:
+    if not entry["parity"]["passed"]:
         raise ArtifactError(onnx_path, f"text encoder parity failed: {entry['parity']}")
     return entry
 
@@ -152,15 +152,12 @@ def check_parity(st: Any, entry: dict[str, Any], staging: Path, texts: list[str]
     ort_enc = TextEncoder(spec, threads=1, verify=False)
     ours = ort_enc.encode(texts)
     ref = st.encode([ort_enc.normalise(t) for t in texts])
-    cos = cosines(ours, ref)
-    return {"texts": len(texts), "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
-            "max_abs_diff": float(np.abs(ours - ref).max())}
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    num = (a * b).sum(1)
-    den = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-    return num / den
+    report = compare([{"embedding": ref}], [{"embedding": ours}], {"embedding": min_cosine(MIN_COSINE)}, argmax=None,
+                     artifact="text_encoder", reference_name="sentence-transformers", runtime="onnxruntime CPU",
+                     data="probe texts", conversations=0)
+    out = report.output("embedding")
+    return {"texts": len(texts), "min_cosine": out.min_cosine, "mean_cosine": out.mean_cosine,
+            "max_abs_diff": out.max_abs, "passed": report.passed}
 
 
 def entry_files(entry: dict[str, Any] | None) -> list[str]:

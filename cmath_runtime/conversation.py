@@ -13,6 +13,9 @@ no pickle) let an agent persist and resume a conversation.
 from __future__ import annotations
 
 import threading
+import zipfile
+import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,8 +23,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import streaming
-from .errors import InputError
-from .validation import check_modality
+from .errors import ArtifactError, InputError
+from .files import atomic_open
+from .validation import (
+    CheckedConversation,
+    check_speaker,
+    check_utterance,
+    nonfinite_output_error,
+    nonfinite_rows,
+)
 
 if TYPE_CHECKING:
     from .model import EmotionModel, Prediction
@@ -51,7 +61,8 @@ class Conversation:
         self._features: dict[str, list[np.ndarray]] = {m: [] for m in model.modalities}
         self._result: Prediction | None = None
         self._lock = threading.Lock()
-        graph = streaming.step_graph(model)
+        self._computed = 0  # utterances whose outputs were computed and finite
+        graph = model.step_graph
         self._stream = streaming.Stream(graph) if graph is not None else None
 
     @property
@@ -71,21 +82,8 @@ class Conversation:
         if n >= spec.max_len:
             raise InputError(field, f"at most {spec.max_len} utterances (the artifact's max_len)", f"utterance {n + 1}",
                              "Start a new Conversation with the most recent utterances.")
-        if not _is_integer(speaker) or not 0 <= speaker < spec.num_speakers:
-            raise InputError(f"{field}.speaker", f"an integer id in [0, {spec.num_speakers})",
-                             int(speaker) if _is_integer(speaker) else repr(speaker))
-        missing = [m for m in spec.modalities if m not in features]
-        extra = sorted(m for m in features if m not in spec.modalities)
-        if missing or extra:
-            what = "; ".join(s for s in (f"missing {missing}" if missing else "", f"extra {extra}" if extra else "") if s)
-            raise InputError(f"{field}.features", f"exactly the modalities {list(spec.modalities)}",
-                             f"{sorted(features)} ({what})")
-        rows = {}
-        for m in spec.modalities:
-            vec = np.asarray(features[m]) if not isinstance(features[m], (str, bytes)) else features[m]
-            if isinstance(vec, np.ndarray) and vec.ndim == 1:
-                vec = vec[None, :]  # one utterance: (d,) -> (1, d)
-            rows[m] = check_modality(vec, 1, spec.feature_dims[m], f"{field}.features[{m!r}]")
+        speaker = check_speaker(speaker, spec, f"{field}.speaker")
+        rows = check_utterance(features, spec, f"{field}.features")
         with self._lock:
             self._speakers.append(int(speaker))
             for m in spec.modalities:
@@ -134,53 +132,174 @@ class Conversation:
             return self._result
 
     def _compute(self) -> Prediction:
-        """How the emotions are computed: new utterances only (step path), else the whole conversation again."""
-        if self._stream is not None:
-            from .model import Prediction
+        """How the emotions are computed: new utterances only (step path), else the whole conversation again.
 
+        Outputs are never non-finite: if the utterances added since the last result make them so (extreme
+        features), those utterances are taken back out and an InputError names them."""
+        from .model import Prediction
+
+        if self._stream is not None:
             probs, emb = self._stream.catch_up(self._speakers, self._features)
-            return Prediction([self.model.label_names[k] for k in probs.argmax(-1)], probs, emb)
-        return self.model.predict([{"speakers": self.speakers, "features": self.features}])[0]
+        else:
+            checked = CheckedConversation(self.features, self.speakers)
+            batch_probs, batch_emb = self.model.run_padded([checked])
+            probs, emb = batch_probs[0, :len(self)], batch_emb[0, :len(self)]
+        bad = nonfinite_rows(probs, emb)
+        if len(bad):
+            start, feats = self._computed, self.features
+            self._take_back(start)
+            raise nonfinite_output_error(f"utterances[{start}:]", bad, feats, self.model.precision,
+                                         f"The utterances from {start} on were taken back out of the conversation.")
+        self._computed = len(self)
+        return Prediction([self.model.label_names[k] for k in probs.argmax(-1)], probs, emb)
+
+    def _take_back(self, keep: int) -> None:
+        """Drop the utterances from `keep` on (their outputs were not finite); the step state is rebuilt."""
+        del self._speakers[keep:]
+        for rows in self._features.values():
+            del rows[keep:]
+        if self._stream is not None:
+            self._stream = streaming.Stream(self._stream.graph)
+            if keep:
+                self._stream.catch_up(self._speakers, self._features)
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Everything needed to resume: speakers, features and (step path) the cached state; numpy arrays only."""
+        """Everything needed to resume: what it belongs to (meta.*), speakers, features and (step path) the cached
+        state; numpy arrays only."""
         with self._lock:
             if self._stream is not None:
                 self._stream.catch_up(self._speakers, self._features)
-            out = {"speakers": self.speakers, **{f"features.{m}": x for m, x in self.features.items()}}
+            out = {**state_meta(self.model), "speakers": self.speakers,
+                   **{f"features.{m}": x for m, x in self.features.items()}}
             return {**out, **(self._stream.state_dict() if self._stream is not None else {})}
 
     @classmethod
-    def from_state(cls, model: EmotionModel, state: dict[str, np.ndarray]) -> Conversation:
-        """A Conversation that continues exactly where the one that wrote `state` (state_dict()) stopped."""
+    def from_state(cls, model: EmotionModel, state: dict[str, np.ndarray], source: str | Path = "state") -> Conversation:
+        """A Conversation that continues exactly where the one that wrote `state` (state_dict()) stopped.
+
+        The state is checked first (check_state): another model's state, a wrong dtype or shape, non-finite values
+        or a missing key is an ArtifactError naming the key; nothing is half-loaded."""
+        check_state(model, state, source)
         conv = cls(model)
         speakers = np.asarray(state["speakers"], np.int64).reshape(-1)
-        if len(speakers) > model.manifest.max_len:
-            raise InputError("state['speakers']", f"at most {model.manifest.max_len} utterances", len(speakers))
         for m in model.modalities:
-            rows = np.asarray(state[f"features.{m}"], np.float32)
-            if rows.shape != (len(speakers), model.feature_dims[m]):
-                raise InputError(f"state['features.{m}']", f"shape {(len(speakers), model.feature_dims[m])}", rows.shape)
-            conv._features[m] = list(rows)
+            conv._features[m] = list(np.asarray(state[f"features.{m}"], np.float32))
         conv._speakers = [int(s) for s in speakers]
         if conv._stream is not None and "state.position" in state:
             conv._stream.load(state)
+            conv._computed = conv._stream.position
         return conv
 
     def copy(self) -> Conversation:
         return Conversation.from_state(self.model, self.state_dict())
 
     def save(self, path: str | Path) -> None:
-        """state_dict() to an .npz file (no pickle)."""
-        streaming.save_state(self.state_dict(), path)
+        """state_dict() to an .npz file (no pickle), written atomically."""
+        save_state(self.state_dict(), path)
 
     @classmethod
     def load(cls, model: EmotionModel, path: str | Path) -> Conversation:
-        return cls.from_state(model, streaming.load_state(path))
+        """A Conversation from a file written by save(); anything else is an ArtifactError naming what is wrong."""
+        return cls.from_state(model, load_state(path), path)
 
     def _emotion(self, result: Prediction, i: int) -> Emotion:
         return Emotion(result.labels[i], dict(zip(self.model.label_names, map(float, result.probs[i]))))
 
 
-def _is_integer(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+STATE_FORMAT = "cmath-conversation-state"
+STATE_VERSION = 1
+
+
+def state_meta(model: EmotionModel) -> dict[str, np.ndarray]:
+    """What a state belongs to: its format and version, and the sha256 of the artifact's graph (model.onnx)."""
+    return {"meta.format": np.asarray(STATE_FORMAT), "meta.version": np.asarray(STATE_VERSION, np.int64),
+            "meta.model_sha256": np.asarray(model.manifest.artifacts["fp32"].sha256)}
+
+
+def save_state(state: dict[str, np.ndarray], path: str | Path) -> None:
+    """Write a state with np.savez (no pickle) in one rename: a crash never leaves half a file under `path`."""
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **state)
+
+
+def load_state(path: str | Path) -> dict[str, np.ndarray]:
+    """Read an .npz state (allow_pickle=False). Not an npz, object arrays, a truncated or corrupt file ->
+    ArtifactError naming the file (and the key, when one key is unreadable)."""
+    path = Path(path)
+    try:
+        data = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise ArtifactError(path, "no such state file") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        why = "numpy would need pickle to read it, which cmath never uses" if "pickle" in str(e) else str(e)
+        raise ArtifactError(path, f"not a conversation state (.npz written by Conversation.save): {why}") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ArtifactError(path, f"not a conversation state: a single {type(data).__name__}, not an .npz archive")
+    out = {}
+    with data:
+        for key in data.files:
+            try:
+                out[key] = data[key]
+            except ValueError as e:  # object arrays need pickle, which is never allowed
+                raise ArtifactError(path, f"state[{key!r}]: cannot be read without pickle ({e})") from None
+            except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+                raise ArtifactError(path, f"state[{key!r}]: truncated or corrupt ({type(e).__name__}: {e})") from None
+    return out
+
+
+def check_state(model: EmotionModel, state: Any, source: str | Path = "state") -> None:
+    """Everything Conversation.from_state relies on; ArtifactError(source, "state['key']: ...") otherwise."""
+    def fail(key: str, problem: str) -> ArtifactError:
+        return ArtifactError(source, f"state[{key!r}]: {problem}")
+
+    def get(key: str, kinds: str, shape: tuple[int | None, ...] | None = None, finite: bool = False) -> np.ndarray:
+        if key not in state:
+            raise fail(key, "missing")
+        arr = state[key]
+        if not isinstance(arr, np.ndarray):
+            arr = np.asarray(arr) if isinstance(arr, (int, float, str, list, tuple, np.generic)) else None
+            if arr is None:
+                raise fail(key, f"expected a numpy array, got {type(state[key]).__name__}")
+        if arr.dtype.kind not in kinds:
+            raise fail(key, f"expected dtype kind {kinds!r}, got {arr.dtype}")
+        if shape is not None and (arr.ndim != len(shape) or any(w is not None and w != g for w, g in zip(shape, arr.shape))):
+            raise fail(key, f"expected shape {tuple('any' if w is None else w for w in shape)}, got {arr.shape}")
+        if finite and not np.isfinite(arr).all():
+            raise fail(key, "holds NaN or inf")
+        return arr
+
+    if not isinstance(state, Mapping):
+        raise ArtifactError(source, f"a state is a dict of numpy arrays, got {type(state).__name__}")
+    if str(get("meta.format", "U", ())) != STATE_FORMAT:
+        raise fail("meta.format", f"expected {STATE_FORMAT!r}, got {str(state['meta.format'])!r}")
+    if int(get("meta.version", "iu", ())) != STATE_VERSION:
+        raise fail("meta.version", f"unsupported version {int(state['meta.version'])} (this cmath reads {STATE_VERSION})")
+    want = model.manifest.artifacts["fp32"].sha256
+    got = str(get("meta.model_sha256", "U", ()))
+    if got != want:
+        raise fail("meta.model_sha256", f"the state belongs to another model (graph sha256 {got[:16]}..., this model "
+                                        f"has {want[:16]}...)")
+    speakers = get("speakers", "iu", (None,))
+    n = len(speakers)
+    if n > model.manifest.max_len:
+        raise fail("speakers", f"at most {model.manifest.max_len} utterances (max_len), got {n}")
+    if n and (speakers.min() < 0 or speakers.max() >= model.num_speakers):
+        raise fail("speakers", f"speaker ids in [0, {model.num_speakers}), got {speakers.min()}..{speakers.max()}")
+    for m in model.modalities:
+        get(f"features.{m}", "f", (n, model.feature_dims[m]), finite=True)
+    graph = model.step_graph
+    if graph is None or "state.position" not in state:
+        return
+    if str(get("state.sha256", "U", ())) != graph.sha256:
+        raise fail("state.sha256", "the cached state belongs to another step graph")
+    position = int(get("state.position", "iu", ()))
+    if not 0 <= position <= min(n, graph.max_len):
+        raise fail("state.position", f"expected 0..{min(n, graph.max_len)}, got {position}")
+    for spec in graph.state_spec:
+        key, shape = spec["input"], tuple(spec["shape"])
+        get(f"state.{key}", "f", (position, *shape[1:]) if spec["update"] == "append" else shape, finite=True)
+    if position:
+        probs = get("state.probs", "f", (position, model.manifest.num_classes), finite=True)
+        get("state.embedding", "f", (position, model.manifest.d), finite=True)
+        if not np.allclose(probs.sum(-1), 1.0, atol=1e-3):
+            raise fail("state.probs", "rows do not sum to 1")

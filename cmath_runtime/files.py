@@ -70,3 +70,25 @@ def read_tagged_json(path: str | os.PathLike, fmt: str, version: int, what: str)
     if doc.get("version") != version:
         raise ArtifactError(path, f"unsupported {what} version {doc.get('version')!r} (this cmath reads {version})")
     return doc
+
+
+def confined_path(directory: str | os.PathLike, name: Any, entry: str, where: str | os.PathLike | None = None) -> Path:
+    """`directory / name` for a file a manifest names, provided it stays inside `directory` (symlinks followed).
+
+    An absolute name, a `..` that climbs out, or a symlink pointing elsewhere is an ArtifactError naming `entry`
+    (e.g. "artifacts['fp32'].file") and the manifest `where`: a manifest must never make cmath read outside
+    its own folder, whatever sha256 it claims.
+    """
+    where = where if where is not None else directory
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise ArtifactError(where, f"invalid manifest: {entry} should be a file name, got {name!r}")
+    rel = Path(name)
+    if rel.is_absolute():
+        raise ArtifactError(where, f"invalid manifest: {entry} is an absolute path ({name!r}); files must lie "
+                                   "inside the artifact folder")
+    root = Path(directory).resolve()
+    target = (root / rel).resolve()  # follows every symlink that exists (strict=False)
+    if target == root or root not in target.parents:
+        raise ArtifactError(where, f"invalid manifest: {entry} ({name!r}) resolves to {target}, outside the "
+                                   f"artifact folder {root}")
+    return Path(directory) / rel

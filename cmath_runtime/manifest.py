@@ -1,41 +1,71 @@
-"""`export.json`, the manifest beside the exported artifacts (docs/artifact-format.md), read and checked.
+"""`export.json`, the manifest beside the exported artifacts (docs/artifact-format.md): the one `Manifest` type.
 
-Missing, corrupt or foreign manifests are ArtifactErrors that name the file and what is wrong with it.
+The exporter builds a `Manifest` and writes `to_json()`; the runtime, the benchmarks and the exporter's own
+checks read it back with `read_manifest()` / `Manifest.from_json()`. FORMAT/VERSION live here only.
+
+Missing, corrupt or foreign manifests are ArtifactErrors that name the file and what is wrong with it; so is
+any file the manifest names (graphs, step graph, text encoder, tokenizer files, Triton files) that does not
+resolve inside its folder, symlinks included.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .base import MODALITY_ORDER
 from .errors import ArtifactError
-from .files import read_tagged_json
+from .files import atomic_write_json, confined_path, read_tagged_json
 
 FORMAT, VERSION = "cmath-export", 1
 MANIFEST = "export.json"
 EXPORT_DIR = "export"  # cmath-export's default output folder inside a run directory
-MODALITY_ORDER = ("t", "a", "v")
+__all__ = ["FORMAT", "VERSION", "MANIFEST", "EXPORT_DIR", "MODALITY_ORDER", "Artifact", "Manifest", "find_manifest",
+           "read_manifest"]
 
 
 @dataclass(frozen=True)
 class Artifact:
-    """One exported file: where it is and the sha256 it must have."""
+    """One exported model file: its name inside the export folder and the sha256 it must have."""
 
-    key: str  # "fp32", "fp16", "tensorrt"
-    path: Path
+    key: str  # "fp32", "fp16", "tensorrt", ...
+    file: str  # file name inside the export folder
     sha256: str
     bytes: int
     format: str  # "onnx" or "tensorrt"
-    precision: str  # "fp32" or "fp16"
+    precision: str  # "fp32", "fp16", ...
     profile: dict[str, Any] | None = None  # TensorRT optimisation profile, when present
+    directory: Path | None = field(default=None, compare=False)  # the export folder (None: not placed yet)
+
+    @property
+    def path(self) -> Path:
+        return (self.directory or Path(".")) / self.file
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"file": self.file, "sha256": self.sha256, "bytes": self.bytes, "format": self.format,
+               "precision": self.precision}
+        return {**out, "profile": self.profile} if self.profile is not None else out
+
+    @classmethod
+    def from_json(cls, key: str, entry: Any, directory: Path, where: Path) -> Artifact:
+        if not isinstance(entry, dict) or not {"file", "sha256"} <= set(entry):
+            raise ArtifactError(where, f"invalid manifest: artifacts[{key!r}] needs 'file' and 'sha256', got {entry!r}")
+        confined_path(directory, entry["file"], f"artifacts[{key!r}].file", where)
+        try:
+            size = int(entry.get("bytes", -1))
+        except (TypeError, ValueError):
+            raise ArtifactError(where, f"invalid manifest: artifacts[{key!r}].bytes should be an integer") from None
+        return cls(key, entry["file"], str(entry["sha256"]), size, str(entry.get("format", "onnx")),
+                   str(entry.get("precision", key)), entry.get("profile"), directory)
 
 
 @dataclass(frozen=True)
 class Manifest:
-    """What the runtime needs from export.json; `raw` keeps every field as written."""
+    """Everything export.json says. Typed fields for what the runtime uses; the sections the runtime reads through
+    their own specs (text_encoder, step) or only reports (parity, checkpoint, versions, triton) stay JSON objects."""
 
-    path: Path
     modalities: tuple[str, ...]
     feature_dims: dict[str, int]
     num_speakers: int
@@ -46,15 +76,83 @@ class Manifest:
     max_batch: int
     max_len: int
     artifacts: dict[str, Artifact]
-    raw: dict[str, Any] = field(repr=False, compare=False)
+    model_name: str = "cmath"
+    opset: int | None = None
+    inputs: list[dict[str, Any]] = field(default_factory=list)  # graph input specs (name, dtype, shape)
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+    parity: dict[str, Any] = field(default_factory=dict)  # artifact key -> its parity report
+    checkpoint: dict[str, Any] | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    triton: dict[str, Any] | None = None
+    text_encoder: dict[str, Any] | None = None
+    step: dict[str, Any] | None = None
+    path: Path | None = field(default=None, compare=False)  # the export.json this was read from / written to
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # keys this cmath does not know
 
     @property
     def directory(self) -> Path:
-        return self.path.parent
+        return self.path.parent if self.path is not None else Path(".")
 
     @property
     def input_names(self) -> tuple[str, ...]:
         return (*self.modalities, "speaker", "mask")
+
+    @property
+    def raw(self) -> dict[str, Any]:
+        """The manifest as JSON (what export.json holds)."""
+        return self.to_json()
+
+    def replace(self, **changes: Any) -> Manifest:
+        return dataclasses.replace(self, **changes)
+
+    def file(self, name: Any, entry: str) -> Path:
+        """A file named by this manifest, confined to its folder (ArtifactError naming `entry` otherwise)."""
+        return confined_path(self.directory, name, entry, self.path)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT, "version": VERSION,
+            "model_name": self.model_name,
+            "modalities": list(self.modalities),
+            "feature_dims": dict(self.feature_dims),
+            "num_speakers": self.num_speakers,
+            "num_classes": self.num_classes, "label_names": list(self.label_names),
+            "d": self.d, "causal": self.causal,
+            "opset": self.opset,
+            "max_batch": self.max_batch, "max_len": self.max_len,
+            "inputs": list(self.inputs),
+            "outputs": list(self.outputs),
+            "artifacts": {k: a.to_json() for k, a in self.artifacts.items()},
+            "parity": dict(self.parity),
+            "checkpoint": self.checkpoint,
+            "versions": dict(self.versions),
+            "triton": self.triton,
+            "text_encoder": self.text_encoder,
+            "step": self.step,
+            **self.extra,
+        }
+
+    def write(self, directory: str | Path) -> Manifest:
+        """Write DIRECTORY/export.json atomically; the manifest placed there."""
+        path = Path(directory) / MANIFEST
+        atomic_write_json(path, self.to_json())
+        return self.placed(path)
+
+    def placed(self, path: Path) -> Manifest:
+        """This manifest as if read from `path` (artifacts resolved against its folder)."""
+        arts = {k: dataclasses.replace(a, directory=path.parent) for k, a in self.artifacts.items()}
+        return dataclasses.replace(self, path=path, artifacts=arts)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any], path: str | Path) -> Manifest:
+        """Check a parsed export.json (format, version, fields, files confined to its folder) -> Manifest."""
+        path = Path(path)
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+            raise ArtifactError(path, f"foreign file: expected format {FORMAT!r}, got {got!r}")
+        if doc.get("version") != VERSION:
+            raise ArtifactError(path, f"unsupported manifest version {doc.get('version')!r} (this cmath reads {VERSION})")
+        return _parse(path, doc)
 
 
 def find_manifest(path: str | Path) -> Path:
@@ -75,8 +173,10 @@ def find_manifest(path: str | Path) -> Path:
 def read_manifest(path: str | Path) -> Manifest:
     """Read and check export.json; see find_manifest for the accepted paths."""
     file = find_manifest(path)
-    raw = read_tagged_json(file, FORMAT, VERSION, "manifest")
-    return _parse(file, raw)
+    return Manifest.from_json(read_tagged_json(file, FORMAT, VERSION, "manifest"), file)
+
+
+_KNOWN = {f.name for f in dataclasses.fields(Manifest)} | {"format", "version"}
 
 
 def _parse(file: Path, raw: dict[str, Any]) -> Manifest:
@@ -88,12 +188,19 @@ def _parse(file: Path, raw: dict[str, Any]) -> Manifest:
             raise ArtifactError(file, f"invalid manifest: field {key!r} should be {_kind_name(kind)}, got {value!r}")
         return value
 
+    def section(key: str) -> Any:
+        value = raw.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise ArtifactError(file, f"invalid manifest: field {key!r} should be an object or null, got {value!r}")
+        return value
+
     modalities = tuple(need("modalities", list))
     if not modalities or len(set(modalities)) != len(modalities) or any(m not in MODALITY_ORDER for m in modalities):
         raise ArtifactError(file, f"invalid manifest: modalities should be distinct names from {MODALITY_ORDER}, "
                                   f"got {list(modalities)}")
     dims = need("feature_dims", dict)
-    if set(dims) != set(modalities) or not all(isinstance(v, int) and v > 0 for v in dims.values()):
+    if set(dims) != set(modalities) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                               for v in dims.values()):
         raise ArtifactError(file, f"invalid manifest: feature_dims should give a positive size for each of "
                                   f"{list(modalities)}, got {dims}")
     label_names = tuple(need("label_names", list))
@@ -104,18 +211,36 @@ def _parse(file: Path, raw: dict[str, Any]) -> Manifest:
     bad = {k: v for k, v in positive.items() if v < 1}
     if bad:
         raise ArtifactError(file, f"invalid manifest: expected positive integers, got {bad}")
-    artifacts = {}
-    for key, entry in need("artifacts", dict).items():
-        if not isinstance(entry, dict) or not {"file", "sha256"} <= set(entry):
-            raise ArtifactError(file, f"invalid manifest: artifacts[{key!r}] needs 'file' and 'sha256', got {entry!r}")
-        artifacts[key] = Artifact(key, file.parent / entry["file"], str(entry["sha256"]), int(entry.get("bytes", -1)),
-                                  str(entry.get("format", "onnx")), str(entry.get("precision", key)),
-                                  entry.get("profile"))
+    directory = file.parent
+    artifacts = {str(key): Artifact.from_json(str(key), entry, directory, file)
+                 for key, entry in need("artifacts", dict).items()}
     if "fp32" not in artifacts:
         raise ArtifactError(file, "invalid manifest: no fp32 artifact (model.onnx) listed")
-    return Manifest(file, modalities, {m: dims[m] for m in modalities}, positive["num_speakers"], num_classes,
+    step, text, triton = section("step"), section("text_encoder"), section("triton")
+    if step is not None:
+        confined_path(directory, step.get("file"), "step.file", file)
+    if text is not None:
+        files = text.get("files")
+        if not isinstance(files, dict):
+            raise ArtifactError(file, f"invalid manifest: text_encoder.files should be an object, got {files!r}")
+        for name, entry in files.items():
+            confined_path(directory, entry.get("file") if isinstance(entry, dict) else entry,
+                          f"text_encoder.files[{name!r}].file", file)
+    if triton is not None:  # the Triton repository is its own folder; its files must stay inside it
+        repo = triton.get("repository")
+        if not isinstance(repo, str) or not repo:
+            raise ArtifactError(file, f"invalid manifest: triton.repository should be a folder, got {repo!r}")
+        for key in ("config", "file"):
+            if key in triton:
+                confined_path(repo, triton[key], f"triton.{key}", file)
+    return Manifest(modalities, {m: dims[m] for m in modalities}, positive["num_speakers"], num_classes,
                     tuple(str(n) for n in label_names), positive["d"], bool(raw.get("causal", False)),
-                    positive["max_batch"], positive["max_len"], artifacts, raw)
+                    positive["max_batch"], positive["max_len"], artifacts,
+                    model_name=str(raw.get("model_name", "cmath")), opset=raw.get("opset"),
+                    inputs=list(raw.get("inputs") or []), outputs=list(raw.get("outputs") or []),
+                    parity=dict(raw.get("parity") or {}), checkpoint=section("checkpoint"),
+                    versions=dict(raw.get("versions") or {}), triton=triton, text_encoder=text, step=step,
+                    path=file, extra={k: v for k, v in raw.items() if k not in _KNOWN})
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:

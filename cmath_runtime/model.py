@@ -6,21 +6,26 @@ onnxruntime session, whose run() is thread-safe); every call keeps its data in l
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .batching import pad_conversations
-from .errors import ArtifactError
+from .errors import ArtifactError, InputError
 from .files import sha256_file
 from .manifest import Manifest, read_manifest
-from .session import PRECISIONS, SessionInfo, create_session
+from .session import PRECISIONS, SessionInfo, check_combination, create_session
 from .text import resolve_texts
-from .validation import CheckedConversation, check_conversations
+from .validation import CheckedConversation, check_conversations, nonfinite_output_error, nonfinite_rows
+
+if TYPE_CHECKING:
+    from .streaming import StepGraph
+    from .text import TextEncoder
 
 DEFAULT_BATCH_SIZE = 16
 
@@ -42,13 +47,46 @@ class Prediction:
 
 
 class EmotionModel:
-    """An exported CMATH model on one onnxruntime session. Build it with `cmath_runtime.load()`."""
+    """An exported CMATH model on one onnxruntime session. Build it with `cmath_runtime.load()`.
 
-    def __init__(self, manifest: Manifest, info: SessionInfo, precision: str, load_seconds: float) -> None:
+    The model owns every graph of its artifact: the model itself (loaded now), and, loaded on first use, its
+    text encoder (`text_encoder`, for raw text) and its step graph (`step_graph`, for Conversation's step path).
+    """
+
+    def __init__(self, manifest: Manifest, info: SessionInfo, precision: str, load_seconds: float,
+                 verify: bool = True) -> None:
         self.manifest = manifest
         self.precision = precision
         self.load_seconds = load_seconds
+        self.verify = verify
         self._info = info
+        self._parts_lock = threading.Lock()
+        self._text_encoder: TextEncoder | None = None
+        self._step_graph: StepGraph | None = None
+        self._step_loaded = False
+
+    @property
+    def text_encoder(self) -> TextEncoder:
+        """The artifact's text encoder (loaded once, sha256-checked); InputError if the artifact has none."""
+        if self._text_encoder is None:
+            from .text import load_text_encoder
+
+            with self._parts_lock:
+                if self._text_encoder is None:
+                    self._text_encoder = load_text_encoder(self)
+        return self._text_encoder
+
+    @property
+    def step_graph(self) -> StepGraph | None:
+        """The artifact's step graph (causal models; loaded once), None when it has none."""
+        if not self._step_loaded:
+            from .streaming import load_step_graph
+
+            with self._parts_lock:
+                if not self._step_loaded:
+                    self._step_graph = load_step_graph(self)
+                    self._step_loaded = True
+        return self._step_graph
 
     @property
     def backend(self) -> str:
@@ -101,8 +139,8 @@ class EmotionModel:
         array}; with a text encoder in the artifact, a mapping may give `texts` (n strings) instead of features["t"].
         Conversations of similar length are batched together (at most `batch_size` per onnxruntime call).
         """
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise InputError("batch_size", "a positive integer", repr(batch_size))
         checked = check_conversations(resolve_texts(self, conversations), self.manifest)
         results: list[Prediction | None] = [None] * len(checked)
         for group in length_groups([len(c) for c in checked], min(batch_size, self.manifest.max_batch)):
@@ -110,6 +148,10 @@ class EmotionModel:
             for row, i in enumerate(group):
                 n = len(checked[i])
                 p = probs[row, :n]
+                bad = nonfinite_rows(p, emb[row, :n])
+                if len(bad):  # never hand back a non-finite probability
+                    raise nonfinite_output_error(f"conversations[{i}].features", bad, checked[i].features,
+                                                 self.precision)
                 results[i] = Prediction([self.manifest.label_names[k] for k in p.argmax(-1)], p,
                                         emb[row, :n] if embeddings else None)
         return results  # type: ignore[return-value]
@@ -128,25 +170,9 @@ def length_groups(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
 
 
-def artifact_key(backend: str, precision: str) -> str:
-    """Which artifact of export.json a (backend, precision) runs. TensorRT builds fp16 from the fp32 ONNX;
-    OpenVINO compiles model.onnx in f32 or bf16 (its INFERENCE_PRECISION_HINT, read back at load)."""
-    if precision == "bf16" and backend != "openvino":
-        raise ValueError("precision 'bf16' runs on backend='openvino' only (onnxruntime's CPU provider has no bf16 "
-                         f"kernels for this graph), got backend={backend!r}")
-    if backend == "openvino" and precision not in ("fp32", "bf16"):
-        raise ValueError(f"backend 'openvino' runs precision 'fp32' or 'bf16', got {precision!r}")
-    if precision == "int8" and backend not in ("auto", "cpu"):
-        raise ValueError(f"precision 'int8' runs on onnxruntime's CPU provider (backend='cpu' or 'auto'), "
-                         f"got backend={backend!r}")
-    if backend in ("tensorrt", "openvino"):
-        return "fp32"
-    return precision
-
-
 def check_agreement(manifest: Manifest, key: str) -> None:
     """Refuse an artifact whose recorded agreement with PyTorch failed (or was never recorded)."""
-    record = (manifest.raw.get("parity") or {}).get(key)
+    record = manifest.parity.get(key)
     if not isinstance(record, dict) or record.get("passed") is not True:
         what = "has no agreement record" if not isinstance(record, dict) else (
             f"failed its agreement bound (argmax agreement {record.get('argmax_agreement')}, "
@@ -163,22 +189,22 @@ def load(path: str | Path, backend: str = "auto", precision: str = "fp32", threa
     (TensorRT EP with an engine cache in `cache_dir`, default <export>/trt_cache; fp16 when precision="fp16").
     An explicit backend that cannot run here raises BackendUnavailableError instead of falling back.
     precision: "fp32" (model.onnx), "fp16" (model.fp16.onnx; on the CPU provider this only rounds weights),
-    "int8" (model.int8.onnx, int8 weights; refused unless its recorded agreement with PyTorch passed) or "bf16"
-    (backend="openvino" only: model.onnx compiled with bf16 inference precision; never taken silently).
-    backend "openvino" (optional extra `openvino`): model.onnx compiled by OpenVINO on the CPU in f32 (or bf16
-    when asked); the precision and device it really runs are read back and checked at load.
+    "int8" (model.int8.onnx, int8 weights, onnxruntime CPU; refused unless its recorded agreement with PyTorch
+    passed) or "bf16" (backend="openvino" only: model.onnx compiled with bf16 inference precision).
+    backend "openvino" (optional extra `cmath[openvino]`): model.onnx compiled by OpenVINO on the CPU in f32 (bf16
+    when asked); the precision and device that really run are read back at load and checked. "auto" never picks
+    it: under CPU contention it measured several times slower than onnxruntime (notes in the README).
     threads: intra-op threads of the CPU provider (None: onnxruntime's default, one per physical core).
     verify: check each file's sha256 against export.json before loading it.
     spinning: let idle onnxruntime threads spin (a little faster on an idle machine, much slower on a busy one).
     """
     start = time.perf_counter()
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {list(PRECISIONS)}, got {precision!r}")
+    check_combination(backend, precision)
     manifest = read_manifest(path)
-    key = artifact_key(backend, precision)
+    key = PRECISIONS[precision].artifact_key(backend)  # e.g. TensorRT builds its fp16 engine from the fp32 ONNX
     if key not in manifest.artifacts:
         raise ArtifactError(manifest.path, f"no {key} artifact listed (re-export with `cmath-export RUN_DIR --{key}`)")
-    if key == "int8":
+    if PRECISIONS[precision].needs_agreement:
         check_agreement(manifest, key)
     artifact = manifest.artifacts[key]
     if not artifact.path.is_file():
@@ -190,4 +216,4 @@ def load(path: str | Path, backend: str = "auto", precision: str = "fp32", threa
                                                f"has {digest[:16]}... (corrupt, truncated or replaced; re-export it)")
     info = create_session(artifact.path, manifest, backend, precision, threads,
                           Path(cache_dir) if cache_dir is not None else None, spinning)
-    return EmotionModel(manifest, info, precision, time.perf_counter() - start)
+    return EmotionModel(manifest, info, precision, time.perf_counter() - start, verify)

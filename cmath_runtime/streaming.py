@@ -12,9 +12,6 @@ A step costs O(n d + d^2) instead of recomputing the whole conversation. Nothing
 
 from __future__ import annotations
 
-import threading
-import weakref
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,18 +22,13 @@ from .files import sha256_file
 if TYPE_CHECKING:
     from .model import EmotionModel
 
-STATE_VERSION = 1
-_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # EmotionModel -> StepGraph
-_GRAPHS_LOCK = threading.Lock()
 
 
 class StepGraph:
     """model.step.onnx on its own onnxruntime session (same provider family and threads as the model)."""
 
     def __init__(self, model: EmotionModel, entry: dict[str, Any]) -> None:
-        import onnxruntime as ort
-
-        from .session import session_options
+        from .session import open_session
 
         file = entry
         if model.precision == "int8":  # the int8 step graph, with its own agreement record (cmath-export --int8)
@@ -44,20 +36,19 @@ class StepGraph:
             if not file or not (file.get("parity") or {}).get("passed"):
                 raise ArtifactError(model.manifest.path, "no int8 step graph with a passed agreement record "
                                                          "(re-export with `cmath-export RUN_DIR --int8`)")
-        path = model.manifest.directory / file["file"]
+        path = model.manifest.file(file["file"], "step.file")
         if not path.is_file():
             raise ArtifactError(path, "the step graph listed in export.json is missing")
-        if sha256_file(path) != file["sha256"]:
+        if model.verify and sha256_file(path) != file["sha256"]:
             raise ArtifactError(path, "sha256 mismatch with export.json (corrupt or replaced; re-export it)")
-        if model.backend == "openvino":
-            from .openvino_backend import OpenVINOSession
-
-            self.session = OpenVINOSession(path, model.precision, model.threads)
-        else:
-            providers = ["CPUExecutionProvider"] if model.backend == "cpu" else ["CUDAExecutionProvider",
-                                                                                  "CPUExecutionProvider"]
-            self.session = ort.InferenceSession(str(path), session_options(model.threads), providers=providers)
-        self.file: Path = path
+        # Same engine as the model: CPU stays CPU, OpenVINO stays OpenVINO (same precision); a GPU model steps on
+        # CUDA (the step graph's growing cache axis has no TensorRT profile). open_session checks what came up.
+        backend = model.backend if model.backend in ("cpu", "openvino") else "cuda"
+        precision = model.precision if backend == "openvino" else "fp32"
+        names = [i["name"] for i in entry.get("inputs", [])] or None
+        self.session = open_session(path, backend, precision=precision, threads=model.threads, inputs=names,
+                                    what="step graph").session
+        self.file = path
         self.sha256: str = file["sha256"]
         self.max_len: int = int(entry["max_len"])
         self.state_spec: list[dict[str, Any]] = [s for s in entry["state"] if s["update"] != "increment"]
@@ -88,15 +79,15 @@ class StepGraph:
         return out["probs"][0], out["embedding"][0]
 
 
+def load_step_graph(model: EmotionModel) -> StepGraph | None:
+    """The artifact's step graph, None when it has none (bidirectional); EmotionModel.step_graph loads it once."""
+    entry = model.manifest.step
+    return StepGraph(model, entry) if entry else None
+
+
 def step_graph(model: EmotionModel) -> StepGraph | None:
-    """The model's step graph (loaded once per model), or None when the artifact has none (bidirectional)."""
-    entry = model.manifest.raw.get("step")
-    if not entry:
-        return None
-    with _GRAPHS_LOCK:
-        if model not in _GRAPHS:
-            _GRAPHS[model] = StepGraph(model, entry)
-        return _GRAPHS[model]
+    """model.step_graph (kept for callers of the function)."""
+    return model.step_graph
 
 
 class Stream:
@@ -144,15 +135,3 @@ class Stream:
                 self.buffers[k] = saved.copy()
         self.probs = list(np.asarray(state["state.probs"])) if n else []
         self.embedding = list(np.asarray(state["state.embedding"])) if n else []
-
-
-def save_state(state: dict[str, np.ndarray], path: str | Path) -> None:
-    """Write a Conversation.state_dict() with np.savez (no pickle)."""
-    with open(path, "wb") as f:
-        np.savez(f, **state)
-
-
-def load_state(path: str | Path) -> dict[str, np.ndarray]:
-    """Read a state written by save_state (allow_pickle=False)."""
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}

@@ -8,7 +8,6 @@ to the longest text of the batch.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,11 +43,12 @@ class TextEncoderSpec:
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> TextEncoderSpec | None:
-        raw = manifest.raw.get("text_encoder")
+        raw = manifest.text_encoder
         if raw is None:
             return None
         try:
-            files = {k: (manifest.directory / v["file"], str(v["sha256"])) for k, v in raw["files"].items()}
+            files = {k: (manifest.file(v["file"], f"text_encoder.files[{k!r}].file"), str(v["sha256"]))
+                     for k, v in raw["files"].items()}
             return cls(files["onnx"][0], files["tokenizer"][0], files, tuple(raw["inputs"]), int(raw["max_seq_length"]),
                        str(raw["pooling"]), bool(raw["normalize"]), int(raw["dim"]), raw.get("text_normalisation"))
         except (KeyError, TypeError, ValueError) as e:
@@ -61,7 +61,7 @@ class TextEncoder:
     def __init__(self, spec: TextEncoderSpec, threads: int | None = None, verify: bool = True) -> None:
         from tokenizers import Tokenizer
 
-        from .session import session_options
+        from .session import open_session
 
         for name, (path, digest) in spec.files.items():
             if not path.is_file():
@@ -72,16 +72,8 @@ class TextEncoder:
         self.tokenizer = Tokenizer.from_file(str(spec.tokenizer_file))
         self.tokenizer.enable_truncation(max_length=spec.max_seq_length, strategy="longest_first", direction="right")
         self.tokenizer.no_padding()  # padded by hand, per batch, to the longest text
-        import onnxruntime as ort
-
-        try:
-            self.session = ort.InferenceSession(str(spec.onnx_file), sess_options=session_options(threads),
-                                                providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime's own exception types
-            raise ArtifactError(spec.onnx_file, f"onnxruntime cannot load the text encoder ({e})") from None
-        names = tuple(i.name for i in self.session.get_inputs())
-        if names != spec.inputs:
-            raise ArtifactError(spec.onnx_file, f"text encoder inputs {list(names)}, export.json says {list(spec.inputs)}")
+        self.session = open_session(spec.onnx_file, "cpu", threads=threads, inputs=spec.inputs,
+                                    what="text encoder").session
 
     @property
     def dim(self) -> int:
@@ -114,31 +106,25 @@ class TextEncoder:
         return out
 
 
-_LOCK = threading.Lock()
+def load_text_encoder(model: EmotionModel) -> TextEncoder:
+    """The artifact's text encoder (EmotionModel.text_encoder loads it once); InputError if the artifact has none."""
+    spec = TextEncoderSpec.from_manifest(model.manifest)
+    if spec is None or TEXT_MODALITY not in model.modalities:
+        raise InputError("text", "feature vectors: this artifact has no text encoder",
+                         "raw text", "Re-export the run with cmath-export (without --no-text-encoder).")
+    return TextEncoder(spec, threads=model.threads, verify=model.verify)
 
 
 def text_encoder(model: EmotionModel) -> TextEncoder:
-    """The model's text encoder, loaded on first use (sha256-checked); InputError if the artifact has none."""
-    enc = getattr(model, "_text_encoder", None)
-    if enc is not None:
-        return enc
-    with _LOCK:
-        enc = getattr(model, "_text_encoder", None)
-        if enc is None:
-            spec = TextEncoderSpec.from_manifest(model.manifest)
-            if spec is None or TEXT_MODALITY not in model.modalities:
-                raise InputError("text", "feature vectors: this artifact has no text encoder",
-                                 "raw text", "Re-export the run with cmath-export (without --no-text-encoder).")
-            enc = TextEncoder(spec, threads=model.threads)
-            model._text_encoder = enc  # type: ignore[attr-defined]
-    return enc
+    """model.text_encoder (kept for callers of the function)."""
+    return model.text_encoder
 
 
 def utterance_features(model: EmotionModel, text: Any, features: dict[str, Any], field: str) -> dict[str, Any]:
     """Conversation.add(speaker, text=...): the features with "t" computed from the text."""
     if TEXT_MODALITY in features:
         raise InputError(field, "either text= or t=, not both", "both")
-    return {**features, TEXT_MODALITY: text_encoder(model).encode([_check_text(text, field)])[0]}
+    return {**features, TEXT_MODALITY: model.text_encoder.encode([_check_text(text, field)])[0]}
 
 
 def resolve_texts(model: EmotionModel, conversations: Any) -> Any:
@@ -157,7 +143,7 @@ def resolve_texts(model: EmotionModel, conversations: Any) -> Any:
         if TEXT_MODALITY in (conv.get("features") or {}):
             raise InputError(f"conversations[{i}]", "either texts or features['t'], not both", "both")
         texts += [_check_text(t, f"conversations[{i}].texts[{j}]") for j, t in enumerate(conv["texts"])]
-    emb = text_encoder(model).encode(texts) if texts else np.zeros((0, model.feature_dims.get(TEXT_MODALITY, 0)))
+    emb = model.text_encoder.encode(texts) if texts else np.zeros((0, model.feature_dims.get(TEXT_MODALITY, 0)))
     start = 0
     for i in todo:
         conv, n = out[i], len(out[i]["texts"])

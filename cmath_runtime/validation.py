@@ -69,6 +69,31 @@ def check_speakers(speakers: Any, spec: Manifest, field: str) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
+def check_speaker(speaker: Any, spec: Manifest, field: str) -> int:
+    """One speaker id (Conversation.add): a Python or numpy integer in [0, num_speakers); bools are not ids."""
+    is_int = isinstance(speaker, (int, np.integer)) and not isinstance(speaker, (bool, np.bool_))
+    if not is_int or not 0 <= speaker < spec.num_speakers:
+        raise InputError(field, f"an integer id in [0, {spec.num_speakers})", int(speaker) if is_int else repr(speaker))
+    return int(speaker)
+
+
+def check_utterance(features: Any, spec: Manifest, field: str) -> dict[str, np.ndarray]:
+    """One utterance's features (Conversation.add): {modality: (d_m,) or (1, d_m)} -> {modality: (1, d_m) float32}."""
+    if isinstance(features, Mapping):
+        features = {m: _one_row(v) for m, v in features.items()}
+    return check_features(features, 1, spec, field)
+
+
+def _one_row(value: Any) -> Any:
+    if isinstance(value, (str, bytes)) or value is None:
+        return value
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError):
+        return value  # check_modality explains
+    return arr[None, :] if arr.ndim == 1 else arr
+
+
 def check_features(features: Any, n: int, spec: Manifest, field: str) -> dict[str, np.ndarray]:
     if not isinstance(features, Mapping):
         raise InputError(field, "a dict {modality: (utterances, feature_size) array}", _describe(features))
@@ -94,6 +119,36 @@ def check_modality(value: Any, n: int, dim: int, field: str) -> np.ndarray:
         kind = "NaN" if np.isnan(arr[j]).any() else "inf (or a value beyond float32's range)"
         raise InputError(field, "finite values", f"{kind} in utterance {j}")
     return arr
+
+
+def nonfinite_rows(*outputs: np.ndarray) -> np.ndarray:
+    """Indices of the rows (leading axis) where any output holds NaN/inf."""
+    bad = np.zeros(len(outputs[0]), bool)
+    for out in outputs:
+        bad |= ~np.isfinite(out.reshape(len(out), -1)).all(axis=1)
+    return np.flatnonzero(bad)
+
+
+def nonfinite_output_error(field: str, rows: Any, features: dict[str, np.ndarray], precision: str,
+                           hint: str = "") -> InputError:
+    """The InputError for inputs the model cannot compute finitely: names the rows and the most extreme value.
+
+    Finite but extreme features (e.g. 1e30) overflow once standardised and pushed through attention and norms
+    (fp32: squares beyond 3.4e38; fp16 artifacts: standardised values beyond 65504); the runtime never hands such
+    outputs back."""
+    worst_m, worst_j, worst = "", 0, -1.0
+    for m, x in features.items():
+        if x.size:
+            mags = np.abs(x.astype(np.float64)).max(axis=1)
+            j = int(mags.argmax())
+            if mags[j] > worst:
+                worst_m, worst_j, worst = m, j, float(mags[j])
+    rows = [int(r) for r in rows]
+    shown = rows if len(rows) <= 10 else [*rows[:10], "..."]
+    return InputError(field, f"features this {precision} model computes finitely (standardised values well within "
+                             f"the {precision} range)",
+                      f"non-finite probabilities for utterances {shown}; the largest |feature| is {worst:.3g} "
+                      f"(utterance {worst_j}, modality {worst_m!r})", hint or "Check the features' scale.")
 
 
 def _as_array(value: Any, field: str) -> np.ndarray:

@@ -1,0 +1,104 @@
+"""One builder per export format (formats.py names them): each writes its file into the staging folder and measures
+its parity with the shared comparator; export.py runs the wanted ones in table order and promotes the results.
+
+A builder is `build(ctx: BuildContext) -> Built`. To add a format (e.g. int8): write its builder (here or in
+its own module), add its row to formats.FORMATS (or `formats.register_format`), and an ExportOptions field
+named like its flag.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from cmath_runtime.files import atomic_write_bytes
+from cmath_train.checkpoint import Checkpoint
+
+from . import parity
+from .formats import ExportOptions, get_format
+from .graph import TensorSpec, check_io, export_onnx
+from .parity_data import ParityData, load_parity_data
+
+
+@dataclass
+class Built:
+    """What a builder made: the staged file, its precision, its parity report, extra manifest fields."""
+
+    path: Path
+    precision: str
+    report: parity.ParityReport
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. the TensorRT profile
+    versions: dict[str, str] = field(default_factory=dict)  # versions of the tools that built it
+    proto: onnx.ModelProto | None = None  # the ONNX model, for builders that start from it
+
+
+@dataclass
+class BuildContext:
+    ckpt: Checkpoint
+    opts: ExportOptions
+    staging: Path
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    say: Callable[[str], None]
+    built: dict[str, Built] = field(default_factory=dict)  # formats built so far (fp32 first)
+
+    @cached_property
+    def data(self) -> ParityData:
+        return load_parity_data(self.ckpt, self.opts.max_len, self.opts.max_batch)
+
+    @cached_property
+    def reference(self) -> list[parity.Outputs]:
+        return parity.torch_outputs(self.ckpt.model, self.data.batches)
+
+    def path(self, key: str) -> Path:
+        return self.staging / get_format(key).file
+
+    def check(self, key: str, run: Callable, bounds: parity.Bounds) -> parity.ParityReport:
+        return parity.check_parity(key, self.data, self.reference, run, bounds)
+
+
+def build_fp32(ctx: BuildContext) -> Built:
+    t0 = time.perf_counter()
+    proto = export_onnx(ctx.ckpt.model, ctx.opts.opset, ctx.opts.max_len)
+    onnx.checker.check_model(proto, full_check=True)
+    path = ctx.path("fp32")
+    atomic_write_bytes(path, proto.SerializeToString())
+    ctx.say(f"model.onnx: exported and checked in {time.perf_counter() - t0:.1f} s")
+    report = ctx.check("fp32", lambda b: parity.onnx_outputs(str(path), b), parity.BOUNDS["fp32"])
+    return Built(path, "fp32", report, proto=proto)
+
+
+def build_fp16(ctx: BuildContext) -> Built:
+    from .fp16 import convert_fp16
+
+    half = convert_fp16(ctx.built["fp32"].proto)
+    onnx.checker.check_model(half, full_check=True)
+    check_io(half, ctx.inputs, ctx.outputs, "model.fp16.onnx")
+    path = ctx.path("fp16")
+    atomic_write_bytes(path, half.SerializeToString())
+    report = ctx.check("fp16", lambda b: parity.onnx_outputs(str(path), b), parity.BOUNDS["fp16"])
+    report.notes.append("onnxruntime's CPU provider runs some fp16 nodes in fp32: this checks fp16 weights; "
+                        "fp16 arithmetic is checked by the TensorRT engine's parity on a GPU")
+    return Built(path, "fp16", report, proto=half)
+
+
+def build_tensorrt(ctx: BuildContext) -> Built:
+    import tensorrt as trt
+
+    from . import tensorrt as trt_build
+
+    opts, t0 = ctx.opts, time.perf_counter()
+    plan = trt_build.build_engine(ctx.built["fp32"].path, ctx.inputs, opts.fp16, opts.max_batch, opts.max_len)
+    path = ctx.path("tensorrt")
+    atomic_write_bytes(path, plan)
+    ctx.say(f"model.plan: built in {time.perf_counter() - t0:.1f} s")
+    precision = "fp16" if opts.fp16 else "fp32"
+    report = ctx.check("tensorrt", lambda b: trt_build.engine_outputs(plan, b), parity.BOUNDS[precision])
+    return Built(path, precision, report, extra={"profile": trt_build.profile(opts.max_batch, opts.max_len)},
+                 versions={"tensorrt": trt.__version__})

@@ -1,0 +1,237 @@
+"""Issue 16: a hostile artifact, extreme numbers or a broken state file never get past the runtime.
+
+One tiny causal run, exported with fp16 and its step graph, serves every test: the full graph (predict), the
+step path (Conversation) and the fp16 artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cmath_runtime
+from cmath_runtime import ArtifactError, Conversation, InputError
+from tests.conftest import TINY_DIMS, tiny_model_config
+
+
+@pytest.fixture(scope="module")
+def hard_export(tiny_data, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny causal run (1 epoch) exported with fp16 and a step graph (max_len 32); the export folder."""
+    from cmath_export import export_run
+    from cmath_train.config import LossConfig, TrainConfig
+    from cmath_train.train import train
+
+    run = tmp_path_factory.mktemp("hard_run")
+    train(tiny_data, tiny_model_config(causal=True), LossConfig(), TrainConfig(epochs=1, batch_size=8, lr=3e-3), run,
+          progress=False)
+    export_run(run, fp16=True, max_len=32, text_encoder=False)
+    return run / "export"
+
+
+@pytest.fixture(scope="module")
+def hard_model(hard_export: Path) -> cmath_runtime.EmotionModel:
+    return cmath_runtime.load(hard_export, backend="cpu", threads=1)
+
+
+def _feats(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {m: rng.standard_normal((n, d)).astype(np.float32) for m, d in TINY_DIMS.items()}
+
+
+def _copy(export: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(export, tmp_path / "export"))
+
+
+def _edit(folder: Path, change) -> None:  # noqa: ANN001
+    m = json.loads((folder / "export.json").read_text())
+    change(m)
+    (folder / "export.json").write_text(json.dumps(m))
+
+
+# --- a manifest never points outside its folder ----------------------------------------------------------------
+
+def _set(path: tuple, value: object):  # noqa: ANN202
+    def change(m: dict) -> None:
+        node = m
+        for k in path[:-1]:
+            node = node[k]
+        node[path[-1]] = value
+
+    return change
+
+
+@pytest.mark.parametrize("entry,path,value", [
+    ("artifacts['fp32'].file", ("artifacts", "fp32", "file"), "../outside/evil.onnx"),
+    ("artifacts['fp32'].file", ("artifacts", "fp32", "file"), "/etc/passwd"),
+    ("artifacts['fp16'].file", ("artifacts", "fp16", "file"), "sub/../../evil.onnx"),
+    ("step.file", ("step", "file"), "../model.step.onnx"),
+    ("text_encoder.files['onnx'].file", ("text_encoder",),
+     {"files": {"onnx": {"file": "../../enc.onnx", "sha256": "0"}}}),
+    ("triton.file", ("triton",), {"repository": "/tmp/repo", "config": "cmath/config.pbtxt", "file": "../../x.onnx"}),
+], ids=["dotdot", "absolute", "nested-dotdot", "step", "text-encoder", "triton"])
+def test_manifest_files_stay_inside_the_folder(hard_export: Path, tmp_path: Path, entry: str, path: tuple,
+                                               value: object) -> None:
+    folder = _copy(hard_export, tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(folder / "model.onnx", outside / "evil.onnx")  # a loadable graph, so only confinement can refuse it
+    _edit(folder, _set(path, value))
+    with pytest.raises(ArtifactError) as e:
+        cmath_runtime.load(folder, backend="cpu")
+    assert entry in str(e.value) and "outside" in str(e.value) or "absolute" in str(e.value)
+
+
+def test_symlink_out_of_the_folder_is_refused(hard_export: Path, tmp_path: Path) -> None:
+    folder = _copy(hard_export, tmp_path)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    target = outside / "model.onnx"
+    os.replace(folder / "model.onnx", target)
+    os.symlink(target, folder / "model.onnx")  # same bytes, same sha256: only the path gives it away
+    with pytest.raises(ArtifactError, match=r"artifacts\['fp32'\]\.file .* outside the artifact folder"):
+        cmath_runtime.load(folder, backend="cpu")
+    os.unlink(folder / "model.onnx")
+    os.symlink(folder / "model.fp16.onnx", folder / "model.onnx")  # a symlink inside the folder is fine (sha fails)
+    with pytest.raises(ArtifactError, match="sha256 mismatch"):
+        cmath_runtime.load(folder, backend="cpu")
+
+
+# --- extreme numbers never come back as NaN ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("value", [1e30, 3e38])
+def test_extreme_features_are_refused_not_returned(hard_export: Path, precision: str, value: float) -> None:
+    model = cmath_runtime.load(hard_export, backend="cpu", threads=1, precision=precision)
+    feats = _feats(4)
+    feats["a"][1:4] = value  # three utterances, as in the issue
+    with pytest.raises(InputError) as e:
+        model.predict([{"speakers": [0, 1, 0, 1], "features": _feats(4, 1)}, {"speakers": [0, 1, 0, 1], "features": feats}])
+    assert e.value.field == "conversations[1].features" and "utterance 1" in str(e.value.actual)
+    assert "non-finite" in str(e.value.actual) and precision in str(e.value.expected)
+    # the step path: the offending utterances are named and taken back; the conversation goes on
+    conv = Conversation(model)
+    for i in range(4):
+        conv.add(i % 2, **{m: x[i] for m, x in _feats(4).items()})
+    conv.latest  # noqa: B018
+    for i in range(1, 4):
+        conv.add(i % 2, **{m: x[i] for m, x in feats.items()})
+    with pytest.raises(InputError) as e:
+        conv.latest  # noqa: B018
+    assert e.value.field == "utterances[4:]" and len(conv) == 4
+    assert np.isfinite(conv.probs()).all()
+    conv.add(0, **{m: x[0] for m, x in _feats(1, 3).items()})
+    assert len(conv) == 5 and np.isfinite(conv.probs()).all() and np.allclose(conv.probs().sum(-1), 1, atol=1e-5)
+
+
+# --- state files -------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def saved_state(hard_model: cmath_runtime.EmotionModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    conv = Conversation(hard_model)
+    feats = _feats(6)
+    for i in range(6):
+        conv.add(i % 3, **{m: x[i] for m, x in feats.items()})
+    conv.latest  # noqa: B018
+    path = tmp_path_factory.mktemp("state") / "conv.npz"
+    conv.save(path)
+    return path
+
+
+def _state(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
+def _poison(key: str, how: str):  # noqa: ANN202
+    def change(s: dict) -> None:
+        k = next(k for k in s if k.startswith(key))
+        if how == "nan":
+            s[k] = s[k].astype(np.float32).copy()
+            s[k].reshape(-1)[0] = np.nan
+        elif how == "dtype":
+            s[k] = s[k].astype(np.float64) if s[k].dtype.kind != "f" else s[k].astype(np.int64)
+        elif how == "shape":
+            s[k] = s[k][:1]
+        elif how == "missing":
+            del s[k]
+        else:
+            s[k] = np.asarray(how)
+
+    return change
+
+
+@pytest.mark.parametrize("key,how", [
+    ("state.past_key", "nan"), ("state.tail", "nan"), ("features.t", "nan"), ("state.probs", "nan"),
+    ("speakers", "dtype"), ("state.past_value", "dtype"), ("state.past_key", "shape"), ("features.a", "shape"),
+    ("state.tail", "missing"), ("meta.model_sha256", "0" * 64), ("meta.version", "99"), ("meta.format", "other"),
+    ("state.sha256", "f" * 64),
+])
+def test_bad_state_is_an_artifact_error_naming_the_key(hard_model: cmath_runtime.EmotionModel, saved_state: Path,
+                                                        tmp_path: Path, key: str, how: str) -> None:
+    state = _state(saved_state)
+    _poison(key, how)(state)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **state)
+    with pytest.raises(ArtifactError) as e:
+        Conversation.load(hard_model, bad)
+    assert f"state[{key!r}" in str(e.value) or f"state['{key}" in str(e.value), str(e.value)
+
+
+def test_not_a_state_file(hard_model: cmath_runtime.EmotionModel, saved_state: Path, tmp_path: Path) -> None:
+    cases = {
+        "text.npz": lambda p: p.write_text("not a state"),
+        "array.npy": lambda p: np.save(p, np.arange(3)),
+        "object.npz": lambda p: np.savez(p, speakers=np.array([{"a": 1}], dtype=object)),
+        "truncated.npz": lambda p: p.write_bytes(saved_state.read_bytes()[: saved_state.stat().st_size // 2]),
+        "empty.npz": lambda p: p.write_bytes(b""),
+    }
+    for name, make in cases.items():
+        path = tmp_path / name
+        make(path)
+        with pytest.raises(ArtifactError) as e:
+            Conversation.load(hard_model, path)
+        assert str(path) in str(e.value), name
+    with pytest.raises(ArtifactError, match="speakers"):  # an object array names its key
+        Conversation.load(hard_model, tmp_path / "object.npz")
+
+
+def test_another_models_state(hard_export: Path, saved_state: Path, tiny_run: Path, tmp_path: Path) -> None:
+    """A state saved with one model is refused by another (here: the same architecture, other weights)."""
+    import cmath_export
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_run / name, run / name)
+    cmath_export.export_run(run, text_encoder=False, max_len=32)
+    other = cmath_runtime.load(run / "export", backend="cpu", threads=1)
+    with pytest.raises(ArtifactError, match=r"meta.model_sha256.*another model"):
+        Conversation.load(other, saved_state)
+
+
+def test_state_round_trip_still_exact(hard_model: cmath_runtime.EmotionModel, saved_state: Path) -> None:
+    conv = Conversation.load(hard_model, saved_state)
+    assert conv.path == "step" and len(conv) == 6
+    feats = _feats(6)
+    whole = hard_model.predict([{"speakers": [i % 3 for i in range(6)], "features": feats}])[0]
+    np.testing.assert_allclose(conv.probs(), whole.probs, atol=1e-5)
+
+
+# --- cmath-train options -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,option", [(["--epochs", "0"], "--epochs"), (["--lr", "0"], "--lr"),
+                                         (["--batch-size", "0"], "--batch-size"), (["--dropout", "1.5"], "--dropout"),
+                                         (["--val-fraction", "1"], "--val-fraction"), (["--seeds", "0"], "--seeds")])
+def test_train_rejects_out_of_range_options(tmp_path: Path, args: list[str], option: str) -> None:
+    from click.testing import CliRunner
+
+    from cmath_train.cli import main
+
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "run"), "--quiet"])
+    assert result.exit_code == 2 and option in result.output, result.output
+    assert not (tmp_path / "run").exists()  # rejected up front: nothing trained, nothing written

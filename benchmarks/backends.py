@@ -31,6 +31,10 @@ RUNTIME = {ORT: ("cpu", False), ORT_SPIN: ("cpu", True), OPENVINO: ("openvino", 
 # PyTorch, then every (artifact, runtime backend, precision) the export format table lists (cmath_export/formats.py).
 ALL = (f"{EAGER}:fp32", f"{COMPILE}:fp32",
        *(f"{RUNTIME_CONTENDER[backend]}:{precision}" for _, backend, precision in bench_contenders()))
+# Opt-in (--backends ort-spin): onnxruntime with idle threads spinning. Not in the default run: on a shared
+# 2-core machine it measured 3-6x slower than sleeping threads, and its spinning threads steal the cores of the
+# contender timed next.
+OPT_IN = (f"{ORT_SPIN}:fp32",)
 
 
 class Skipped(Exception):

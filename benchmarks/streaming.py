@@ -154,14 +154,15 @@ def plot_streaming(records: list[dict[str, Any]], path: str | Path, title: str =
     plt.close(fig)
 
 
-def stream_records(export_dir: Path, threads: int, quick: bool, log: Any = print, machine: Any = None) -> list[dict]:
+def stream_records(export_dir: Path, threads: int, quick: bool, log: Any = print, machine: Any = None,
+                   lengths: tuple[int, ...] | None = None) -> list[dict]:
     """cmath-bench hook: streaming records for an artifact with a step graph, [] otherwise."""
     from cmath_runtime.manifest import read_manifest
 
     if not read_manifest(export_dir).step:
         return []
-    return run_streaming(export_dir, threads, QUICK_LENGTHS if quick else LENGTHS, QUICK_BUDGET if quick else BUDGET,
-                         log, machine=machine)
+    return run_streaming(export_dir, threads, lengths or (QUICK_LENGTHS if quick else LENGTHS),
+                         QUICK_BUDGET if quick else BUDGET, log, machine=machine)
 
 
 def main() -> None:

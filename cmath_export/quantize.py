@@ -31,7 +31,7 @@ class Scheme:
     """The quantization recipe (recorded in export.json so an artifact says how it was made)."""
 
     method: str = "dynamic"  # onnxruntime.quantization.quantize_dynamic
-    op_types: tuple[str, ...] = ("MatMul",)  # Gemm does not occur in the dynamo-exported graphs
+    op_types: tuple[str, ...] = ("MatMul",)  # Gemms with a constant weight are rewritten to MatMul first
     weight_type: str = "QInt8"
     per_channel: bool = False
     reduce_range: bool = False
@@ -60,7 +60,44 @@ def quantize_int8(model: onnx.ModelProto, scheme: Scheme | None = None) -> onnx.
         root.setLevel(level)
 
 
+def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy where every Gemm(A, W, bias) with a constant W (alpha = beta = 1, transA = 0) is MatMul(A, W') + bias,
+    W' = W transposed when transB: the same arithmetic, in the op onnxruntime's dynamic quantizer handles (the
+    exporter writes linear layers on 2-D rows, as in the step graph, as Gemm; it has no integer Gemm)."""
+    from onnx import helper, numpy_helper
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    nodes = []
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or len(node.input) < 2 or node.input[1] not in inits or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        name = f"{node.input[1]}__matmul"
+        if name not in inits:
+            inits[name] = numpy_helper.from_array(np.ascontiguousarray(weight.T if attrs.get("transB", 0) else weight),
+                                                  name)
+            graph.initializer.append(inits[name])
+        has_bias = len(node.input) > 2 and node.input[2]
+        product = f"{node.output[0]}__matmul" if has_bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], name], [product], name=f"{node.name}__matmul"))
+        if has_bias:
+            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}__bias"))
+    used = {i for n in nodes for i in n.input}
+    keep = [t for t in graph.initializer if t.name in used or t.name in {o.name for o in graph.output}]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return model
+
+
 def _quantize(model: onnx.ModelProto, scheme: Scheme, quantize_dynamic: Any, QuantType: Any) -> onnx.ModelProto:  # noqa: N803
+    model = gemm_to_matmul(model)
     nodes = weight_matmuls(model.graph, scheme.op_types) if scheme.weights_only else None
     with tempfile.TemporaryDirectory(prefix="cmath-int8-") as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"

@@ -55,10 +55,15 @@ def test_int8_graph_is_quantized(int8_causal_export: Path) -> None:
 
     from cmath_export.quantize import count_ops, weight_matmuls
 
-    q = onnx.load(str(int8_causal_export / "model.int8.onnx"))
-    ops = count_ops(q)
-    assert ops.get("MatMulInteger", 0) + ops.get("DynamicQuantizeMatMul", 0) > 0
-    assert not weight_matmuls(q.graph)  # every MatMul with a constant weight became an int8 one
+    from cmath_export.quantize import weight_bytes
+
+    for name, fp32_name in (("model.int8.onnx", "model.onnx"), ("model.step.int8.onnx", "model.step.onnx")):
+        q = onnx.load(str(int8_causal_export / name))
+        ops = count_ops(q)
+        assert ops.get("MatMulInteger", 0) + ops.get("DynamicQuantizeMatMul", 0) > 0, name
+        # every linear layer became int8: MatMuls with a constant weight, and the step graph's Gemms (rewritten)
+        assert not weight_matmuls(q.graph, ("MatMul", "Gemm")), name
+        assert weight_bytes(q) < 0.5 * weight_bytes(onnx.load(str(int8_causal_export / fp32_name))), name
 
 
 @pytest.mark.parametrize("shape", SHAPES)

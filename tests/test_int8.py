@@ -53,9 +53,7 @@ def test_export_records_agreement(int8_causal_export: Path) -> None:
 def test_int8_graph_is_quantized(int8_causal_export: Path) -> None:
     import onnx
 
-    from cmath_export.quantize import count_ops, weight_matmuls
-
-    from cmath_export.quantize import weight_bytes
+    from cmath_export.quantize import count_ops, weight_bytes, weight_matmuls
 
     for name, fp32_name in (("model.int8.onnx", "model.onnx"), ("model.step.int8.onnx", "model.step.onnx")):
         q = onnx.load(str(int8_causal_export / name))

@@ -47,13 +47,14 @@ class Entry:
 
 def train_entries(fs: Any, entries: list[Entry], model_kw: dict[str, Any], loss_kw: dict[str, Any],
                   train_kw: dict[str, Any], seeds: int, out: Path, resume: bool, progress: bool) -> dict[str, Any]:
-    from cmath_train.config import LossConfig, ModelConfig, TrainConfig
+    from cmath_train.config import TrainConfig
+    from cmath_train.registry import loss_config, model_config
     from cmath_train.seeds import train_seeds
 
     results = {}
     for entry in entries:
-        model_cfg = ModelConfig(**model_kw)
-        loss_cfg = LossConfig(**{**loss_kw, "cdat": entry.cdat})
+        model_cfg = model_config(entry.model, **model_kw)
+        loss_cfg = loss_config(entry.model, **{**loss_kw, "cdat": entry.cdat})
         train_cfg = TrainConfig(**train_kw)
         click.echo(f"=== {entry.key}: {seeds} seed(s) -> {out / entry.key}")
         start = time.perf_counter()

@@ -106,15 +106,25 @@ def run_streaming(export_dir: str | Path, threads: int = 1, lengths: tuple[int, 
     return records
 
 
+class _Capture:
+    """Stands in for a step graph's session for one call: records the feeds the runtime builds, then runs them."""
+
+    def __init__(self, session: Any) -> None:
+        self.session, self.feeds = session, {}
+
+    def run(self, names: Any, feeds: dict[str, np.ndarray]) -> Any:
+        self.feeds = dict(feeds)
+        return self.session.run(names, feeds)
+
+
 def _step_feeds(stream: Any, n: int, speakers: list[int], row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The feeds of the step at position n-1 (what StepGraph.run passes), for counting its FLOPs."""
-    feeds: dict[str, np.ndarray] = {m: np.asarray(x, np.float32).reshape(1, -1) for m, x in row.items()}
-    feeds["speaker"] = np.array([speakers[n - 1]], np.int64)
-    feeds["position"] = np.array([n - 1], np.int64)
-    for s in stream.graph.state_spec:
-        buf = stream.buffers[s["input"]]
-        feeds[s["input"]] = buf[:n - 1] if s["update"] == "append" else buf
-    return feeds
+    """The feeds of the step at position n-1 exactly as StepGraph builds them (for counting its FLOPs)."""
+    import copy
+
+    graph = copy.copy(stream.graph)
+    graph.session = capture = _Capture(stream.graph.session)
+    graph.run({k: v.copy() for k, v in stream.buffers.items()}, n - 1, speakers[n - 1], row)
+    return capture.feeds
 
 
 def _timed(fn: Any, count: int, seconds: float | None) -> list[float]:

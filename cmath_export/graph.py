@@ -4,18 +4,19 @@ Exported with the dynamo exporter, traced at batch 2 x 16 utterances with both a
 batch 1 silently fixes the batch axis), with the exporter's graph optimisation on (constant folding, no
 leftover Identity/Transpose-of-weight nodes), weights inside the one file.
 
-The sinusoidal positions P (6-7) enter the graph as a (max_len, d) fp32 table computed here, looked up with a
-Gather, instead of Range -> Mul -> Sin/Cos: in fp16 the angle `position * frequency` would be rounded to 0.25 rad
-near position 300 (and the frequencies themselves to 1e-3), blurring the positions of long conversations;
-table entries in [-1, 1] lose at most 2.4e-4. Positions past max_len (the table has at least the 16 rows the
-trace needs) fail in the Gather instead of silently computing something the artifact was never checked for.
+The sinusoidal positions P (6-7) enter the graph as the model's own (max_len, d) fp32 table
+(cmath_train.layers.SinusoidalPositions, a non-persistent buffer), looked up with a Gather, instead of
+Range -> Mul -> Sin/Cos: in fp16 the angle `position * frequency` would be rounded to 0.25 rad near position 300
+(and the frequencies themselves to 1e-3), blurring the positions of long conversations; table entries in [-1, 1]
+lose at most 2.4e-4. `position_rows` sizes every table to max_len while exporting (at least the 16 rows the trace
+needs), so positions past max_len fail in the Gather instead of silently computing something the artifact was
+never checked for. Nothing is patched: the graph is the model's forward.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import unittest.mock
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 
 from cmath_runtime.errors import ArtifactError
 from cmath_train.config import ModelConfig
-from cmath_train.layers import sinusoidal_positions
+from cmath_train.layers import SinusoidalPositions
 
 BATCH, UTTERANCES = "batch", "utterances"
 TRACE_SHAPE = (2, 16)  # (batch, utterances) of the example inputs: both >= 2, so neither axis specialises
@@ -93,23 +94,21 @@ def _quiet_exporter() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def tabulated_positions(cfg: ModelConfig, max_len: int) -> Iterator[list[int]]:
-    """While exporting, the model's sinusoidal_positions reads a precomputed table (see the module docstring).
-    Yields a list that counts the lookups, so the caller can tell the model really used it."""
-    from cmath_train import model as cmath_model
-
-    rows = max(max_len, TRACE_SHAPE[1])  # the trace itself needs TRACE_SHAPE[1] positions, even for a tiny max_len
-    table = sinusoidal_positions(torch.arange(rows), cfg.d, cfg.pos_max_period)  # (rows, d) fp32
-    calls: list[int] = []
-
-    def lookup(positions: Tensor, d: int, max_period: float = cfg.pos_max_period) -> Tensor:
-        if d != cfg.d or max_period != cfg.pos_max_period or positions.dim() != 1:
-            return sinusoidal_positions(positions, d, max_period)
-        calls.append(1)
-        return torch.index_select(table, 0, positions)  # (N, d)
-
-    with unittest.mock.patch.object(cmath_model, "sinusoidal_positions", lookup):
-        yield calls
+def position_rows(model: nn.Module, max_len: int) -> Iterator[None]:
+    """While exporting, every position table of the model has exactly max(max_len, trace length) rows (see the
+    module docstring); restored afterwards. A model without one cannot be exported with checked positions."""
+    tables = [mod for mod in model.modules() if isinstance(mod, SinusoidalPositions)]
+    if not tables:
+        raise ArtifactError("model.onnx", "the model has no cmath_train.layers.SinusoidalPositions; positions "
+                                          "must come from it so that export can size the table to max_len")
+    before = [t.rows for t in tables]
+    try:
+        for t in tables:
+            t.set_rows(max(max_len, TRACE_SHAPE[1]))
+        yield
+    finally:
+        for t, rows in zip(tables, before):
+            t.set_rows(rows)
 
 
 def export_onnx(model: nn.Module, opset: int, max_len: int) -> onnx.ModelProto:
@@ -119,12 +118,9 @@ def export_onnx(model: nn.Module, opset: int, max_len: int) -> onnx.ModelProto:
     graph = MeanPathGraph(model).eval()
     batch, utterances = torch.export.Dim(BATCH), torch.export.Dim(UTTERANCES)
     dynamic = tuple({0: batch, 1: utterances} for _ in inputs)
-    with _quiet_exporter(), torch.no_grad(), tabulated_positions(cfg, max_len) as lookups:
+    with _quiet_exporter(), torch.no_grad(), position_rows(model, max_len):
         program = torch.onnx.export(graph, example_inputs(cfg), dynamo=True, dynamic_shapes=(dynamic,),
                                     opset_version=opset, optimize=True, external_data=False, verbose=False)
-    if not lookups:
-        raise ArtifactError("model.onnx", "the model no longer computes positions with "
-                                          "cmath_train.layers.sinusoidal_positions; update cmath_export/graph.py")
     ir_model = program.model
     _rename_io(ir_model.graph, [s.name for s in inputs], [s.name for s in outputs])
     size = sum(v.const_value.nbytes for v in ir_model.graph.initializers.values() if v.const_value is not None)

@@ -157,41 +157,30 @@ def build_int8(ctx: Any) -> Any:
 
 def step_outputs(path: str | Path, entry: dict[str, Any], batches: list[dict[str, np.ndarray]],
                  threads: int = 1) -> tuple[list[dict[str, np.ndarray]], str]:
-    """Run a step graph (export.json["step"]'s layout) over every conversation of padded batches, utterance by
-    utterance; -> outputs shaped like the full graph's (B, N, .), padded rows zero, and the runtime in words."""
-    from cmath_runtime.session import open_session
+    """Run a step graph over every conversation of padded batches, one utterance at a time, with the runtime's
+    own Stream (so any step layout the runtime runs is checked as it runs); -> outputs shaped like the full
+    graph's (B, N, .), padded rows zero, and the runtime in words."""
+    import onnxruntime as ort
 
-    session = open_session(path, "cpu", threads=threads, what="step graph").session
-    names = [o["name"] for o in entry["outputs"]]
-    state = [s for s in entry["state"] if s["update"] != "increment"]
-    modalities = [i["name"] for i in entry["inputs"] if i["name"] not in ("speaker", "position")
-                  and not i["name"].startswith(("tail_", "past_"))]
+    from cmath_runtime.session import open_session
+    from cmath_runtime.streaming import StepGraph, Stream
+
+    graph = StepGraph.from_session(open_session(path, "cpu", threads=threads, what="step graph").session, entry)
+    modalities = [m for m in batches[0] if m not in ("speaker", "mask")] if batches else []
     out = []
     for feeds in batches:
         mask = feeds["mask"]
         got: dict[str, np.ndarray] = {}
         for b in range(mask.shape[0]):
-            buffers = {s["input"]: np.zeros(s["shape"], np.float32) for s in state}
-            for i in range(int(mask[b].sum())):
-                step = {m: feeds[m][b, i:i + 1].astype(np.float32) for m in modalities}
-                step["speaker"] = feeds["speaker"][b, i:i + 1].astype(np.int64)
-                step["position"] = np.array([i], np.int64)
-                for s in state:
-                    step[s["input"]] = buffers[s["input"]][:i] if s["update"] == "append" else buffers[s["input"]]
-                res = dict(zip(names, session.run(names, step)))
-                for s in state:
-                    if s["update"] == "append":
-                        buffers[s["input"]][i] = res[s["output"]][0]
-                    else:
-                        buffers[s["input"]] = res[s["output"]]
-                for k in ("probs", "embedding"):
-                    if k not in got:
-                        got[k] = np.zeros((*mask.shape, res[k].shape[-1]), np.float32)
-                    got[k][b, i] = res[k][0]
+            n = int(mask[b].sum())
+            if n == 0:
+                continue
+            probs, emb = Stream(graph).catch_up([int(s) for s in feeds["speaker"][b, :n]],
+                                                {m: list(feeds[m][b, :n]) for m in modalities})
+            for k, v in (("probs", probs), ("embedding", emb)):
+                got.setdefault(k, np.zeros((*mask.shape, v.shape[-1]), np.float32))[b, :n] = v
         out.append(got)
-    import onnxruntime as ort
-
-    return out, f"onnxruntime {ort.__version__} CPUExecutionProvider, step by step"
+    return out, f"onnxruntime {ort.__version__} CPUExecutionProvider, step by step (cmath_runtime Stream)"
 
 
 def build_step_int8(ctx: Any, step_entry: dict[str, Any]) -> tuple[dict[str, Any], Any]:

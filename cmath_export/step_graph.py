@@ -1,15 +1,20 @@
-"""model.step.onnx: the incremental step of a causal CMATH (cmath_train/streaming.py) as one ONNX graph.
+"""model.step.onnx: the incremental step of a causal CMATH (its forward with a cache, cmath_train/streaming.py)
+as one ONNX graph, for a batch of conversations at different positions.
 
-Design: *growing* caches. The graph takes the past K/V of every attention module as (past, d) tensors with a
-dynamic `past` axis (0 at the first utterance) and returns only the new utterance's K/V rows (1, d); the caller
-appends them (the runtime keeps preallocated (max_len, d) buffers and passes the contiguous slice [:past], so
-nothing is copied back and forth). The conv tail (k-1 standardised rows per modality) goes in and comes out
-whole; it is tiny. Positions come from a (max_len, d) table: `max_len` is the cache capacity.
+Design: *growing* caches. The graph takes the past K/V of every attention module as (batch, past, d) tensors with
+dynamic `batch` and `past` axes (past 0 at the first utterance), padded to the longest history in the batch (key j
+of row b is real iff j < position[b]; the graph masks the rest itself), and returns only the new utterance's K/V
+rows (batch, d); the caller appends them (the runtime keeps preallocated (max_len, d) buffers per conversation
+and, at batch 1, passes the contiguous slice [:past], so nothing is copied). The conv tail (k-1 standardised rows
+per modality) goes in and comes out whole; it is tiny. Positions come from the model's (max_len, d) table.
 
-Inputs:  t/a/v (1, d_m) raw features, speaker (1,) int64, position (1,) int64, tail_{m} (k-1, d_m),
-         past_key_{cs}, past_value_{cs} (past, d) for every attention module cs (centre, source)
-Outputs: probs (1, C), embedding (1, d), new_tail_{m} (k-1, d_m), key_{cs}, value_{cs} (1, d)
-Parity against the full graph (model.onnx) is measured at export time and recorded in export.json["step"].
+Inputs:  t/a/v (batch, d_m) raw features, speaker (batch,) int64, position (batch,) int64,
+         tail_{m} (batch, k-1, d_m) [only when k-1 > 0], past_key_{cs}, past_value_{cs} (batch, past, d)
+         for every attention module cs (centre, source)
+Outputs: probs (batch, C), embedding (batch, d), new_tail_{m} (batch, k-1, d_m), key_{cs}, value_{cs} (batch, d)
+export.json["step"]["state"] describes one conversation's state (no batch axis) and how each part is updated.
+Parity against the full graph (model.onnx) is measured at export time with the runtime's own streaming code
+(cmath_runtime.streaming), one conversation at a time and all of them batched, and recorded in export.json.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from cmath_runtime.errors import ArtifactError
 from cmath_runtime.files import atomic_write_bytes, sha256_file
 from cmath_train.streaming import StepModule
 
-from .graph import TensorSpec, _quiet_exporter, _rename_io, check_io
+from .graph import BATCH, TRACE_SHAPE, TensorSpec, _quiet_exporter, _rename_io, check_io, position_rows
 
 STEP_FILE = "model.step.onnx"
 PAST = "past"
@@ -36,45 +41,48 @@ PARITY_BOUND = 1e-4  # max |probs diff|, as for model.onnx
 
 
 def step_specs(step: StepModule) -> tuple[list[TensorSpec], list[TensorSpec], list[dict[str, Any]]]:
-    """Inputs, outputs and the state description (name in, name out, shape, how it is updated)."""
+    """Inputs, outputs and the state of one conversation (name in, name out, shape, how it is updated)."""
     cfg = step.model.cfg
-    inputs = [TensorSpec(m, "float32", (1, cfg.feature_dims[m])) for m in step.modalities]
-    inputs += [TensorSpec("speaker", "int64", (1,)), TensorSpec("position", "int64", (1,))]
-    outputs = [TensorSpec("probs", "float32", (1, cfg.num_classes)), TensorSpec("embedding", "float32", (1, cfg.d))]
+    inputs = [TensorSpec(m, "float32", (BATCH, cfg.feature_dims[m])) for m in step.modalities]
+    inputs += [TensorSpec("speaker", "int64", (BATCH,)), TensorSpec("position", "int64", (BATCH,))]
+    outputs = [TensorSpec("probs", "float32", (BATCH, cfg.num_classes)),
+               TensorSpec("embedding", "float32", (BATCH, cfg.d))]
     state: list[dict[str, Any]] = [{"input": "position", "output": None, "shape": [1], "dtype": "int64",
                                     "update": "increment"}]
     if step.tail:
         for m in step.modalities:
             shape = (step.tail, cfg.feature_dims[m])
-            inputs.append(TensorSpec(f"tail_{m}", "float32", shape))
-            outputs.append(TensorSpec(f"new_tail_{m}", "float32", shape))
+            inputs.append(TensorSpec(f"tail_{m}", "float32", (BATCH, *shape)))
+            outputs.append(TensorSpec(f"new_tail_{m}", "float32", (BATCH, *shape)))
             state.append({"input": f"tail_{m}", "output": f"new_tail_{m}", "shape": list(shape), "dtype": "float32",
                           "update": "replace"})
-    for c, s in step.names:
+    for name in step.names:
         for kind in ("key", "value"):
-            inputs.append(TensorSpec(f"past_{kind}_{c}{s}", "float32", (PAST, cfg.d)))
-            outputs.append(TensorSpec(f"{kind}_{c}{s}", "float32", (1, cfg.d)))
-            state.append({"input": f"past_{kind}_{c}{s}", "output": f"{kind}_{c}{s}", "shape": [step.max_len, cfg.d],
+            inputs.append(TensorSpec(f"past_{kind}_{name}", "float32", (BATCH, PAST, cfg.d)))
+            outputs.append(TensorSpec(f"{kind}_{name}", "float32", (BATCH, cfg.d)))
+            state.append({"input": f"past_{kind}_{name}", "output": f"{kind}_{name}", "shape": [step.max_len, cfg.d],
                           "dtype": "float32", "update": "append"})
     return inputs, outputs, state
 
 
 def _example(step: StepModule, past: int) -> tuple[torch.Tensor, ...]:
+    """Two conversations (so the batch axis stays dynamic) at different positions, the second one padded."""
     cfg, gen = step.model.cfg, torch.Generator().manual_seed(0)
-    feats = [torch.randn(1, cfg.feature_dims[m], generator=gen) for m in step.modalities]
-    tails = [torch.randn(step.tail, cfg.feature_dims[m], generator=gen) for m in step.modalities] if step.tail else []
-    kv = [torch.randn(past, cfg.d, generator=gen) for _ in range(2 * len(step.names))]
-    return (*feats, torch.tensor([1]), torch.tensor([past]), *tails, *kv)
+    feats = [torch.randn(2, cfg.feature_dims[m], generator=gen) for m in step.modalities]
+    tails = [torch.randn(2, step.tail, cfg.feature_dims[m], generator=gen) for m in step.modalities] if step.tail else []
+    kv = [torch.randn(2, past, cfg.d, generator=gen) for _ in range(2 * len(step.names))]
+    return (*feats, torch.tensor([1, 2]), torch.tensor([past, past // 2]), *tails, *kv)
 
 
 def export_step_onnx(model: nn.Module, opset: int, max_len: int) -> tuple[onnx.ModelProto, StepModule]:
     step = StepModule(model, max_len).eval()
     inputs, outputs, _ = step_specs(step)
-    past = torch.export.Dim(PAST, min=0, max=max_len)
-    dynamic = tuple({0: past} if s.name.startswith("past_") else None for s in inputs)
-    with _quiet_exporter(), torch.no_grad():
-        program = torch.onnx.export(step, _example(step, TRACE_PAST), dynamo=True, dynamic_shapes=(dynamic,),
-                                    opset_version=opset, optimize=True, external_data=False, verbose=False)
+    batch, past = torch.export.Dim(BATCH), torch.export.Dim(PAST, min=0, max=max(max_len, TRACE_SHAPE[1]))
+    dynamic = tuple({0: batch, 1: past} if s.name.startswith("past_") else {0: batch} for s in inputs)
+    with _quiet_exporter(), torch.no_grad(), position_rows(model, max_len):
+        program = torch.onnx.export(step, _example(step, min(TRACE_PAST, max_len - 1)), dynamo=True,
+                                    dynamic_shapes=(dynamic,), opset_version=opset, optimize=True,
+                                    external_data=False, verbose=False)
     _rename_io(program.model.graph, [s.name for s in inputs], [s.name for s in outputs])
     import onnx_ir
 
@@ -83,63 +91,62 @@ def export_step_onnx(model: nn.Module, opset: int, max_len: int) -> tuple[onnx.M
     return proto, step
 
 
-def run_step_graph(session: Any, specs: tuple[list[TensorSpec], list[TensorSpec], list[dict]], max_len: int,
-                   features: dict[str, np.ndarray], speakers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Feed one conversation through the step graph, utterance by utterance: (probs (n, C), embedding (n, d))."""
-    inputs, outputs, state = specs
-    buffers = {s["input"]: np.zeros(s["shape"], np.float32) for s in state if s["update"] != "increment"}
-    out_names = [o.name for o in outputs]
-    probs, emb = [], []
-    for i in range(len(speakers)):
-        feeds = {m: features[m][i:i + 1].astype(np.float32) for m in features}
-        feeds["speaker"] = np.array([speakers[i]], np.int64)
-        feeds["position"] = np.array([i], np.int64)
-        for s in state:
-            if s["update"] == "replace":
-                feeds[s["input"]] = buffers[s["input"]]
-            elif s["update"] == "append":
-                feeds[s["input"]] = buffers[s["input"]][:i]
-        result = dict(zip(out_names, session.run(out_names, feeds)))
-        for s in state:
-            if s["update"] == "replace":
-                buffers[s["input"]] = result[s["output"]]
-            elif s["update"] == "append":
-                buffers[s["input"]][i] = result[s["output"]][0]
-        probs.append(result["probs"][0])
-        emb.append(result["embedding"][0])
-    return np.stack(probs), np.stack(emb)
-
-
-def step_parity(step_path: Path, full_path: Path, specs: tuple, max_len: int, model: nn.Module) -> dict[str, Any]:
-    """Max |diff| of the step graph vs the full graph's rows on random conversations (onnxruntime CPU, fp32).
-
-    Features are drawn as train mean + train std * N(0, 1) (the model's Standardize buffers): in-distribution.
-    Plain N(0, 1) would put a feature that was constant in training (std clamped to 1e-6) at ~1e6 after
-    standardisation, where fp32 summation order alone moves the probabilities."""
-    cfg = model.cfg
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.log_severity_level = 3
-    step_sess = ort.InferenceSession(str(step_path), opts, providers=["CPUExecutionProvider"])
-    full_sess = ort.InferenceSession(str(full_path), opts, providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(0)
-    worst = {"probs": 0.0, "embedding": 0.0}
-    lengths = sorted({min(n, max_len) for n in PARITY_LENGTHS})
-    for n in lengths:
+def _conversations(model: nn.Module, max_len: int) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
+    """Parity conversations: features drawn as train mean + train std * N(0, 1) (the model's Standardize
+    buffers), in distribution; plain N(0, 1) would put a feature that was near-constant in training far out."""
+    cfg, rng = model.cfg, np.random.default_rng(0)
+    out = []
+    for n in sorted({min(n, max_len) for n in PARITY_LENGTHS}):
         feats = {m: (model.standardize[m].mean.numpy() + model.standardize[m].std.numpy()
                      * rng.standard_normal((n, cfg.feature_dims[m]))).astype(np.float32) for m in cfg.modalities}
-        speakers = rng.integers(0, cfg.num_speakers, n).astype(np.int64)
-        full_probs, full_emb = full_sess.run(["probs", "embedding"], {**{m: x[None] for m, x in feats.items()},
-                                                                     "speaker": speakers[None],
-                                                                     "mask": np.ones((1, n), bool)})
-        probs, emb = run_step_graph(step_sess, specs, max_len, feats, speakers)
-        worst["probs"] = max(worst["probs"], float(np.abs(probs - full_probs[0]).max()))
-        worst["embedding"] = max(worst["embedding"], float(np.abs(emb - full_emb[0]).max()))
-    return {"reference": "model.onnx (onnxruntime CPU)", "data": "train mean + std * N(0, 1)", "lengths": lengths, "probs_max_abs": worst["probs"],
-            "embedding_max_abs": worst["embedding"], "tolerance": PARITY_BOUND,
-            "passed": bool(worst["probs"] <= PARITY_BOUND)}
+        out.append((feats, rng.integers(0, cfg.num_speakers, n).astype(np.int64)))
+    return out
+
+
+def step_parity(step_path: Path, full_path: Path, entry: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """The step graph vs the full graph's rows on random conversations (onnxruntime CPU, fp32), run through the
+    runtime's own streaming code (StepGraph.run_batch): each conversation alone, and all of them in one batch at
+    different positions. Compared with the one comparator (cmath_runtime.compare)."""
+    from cmath_runtime.compare import compare, max_abs
+    from cmath_runtime.session import open_session
+    from cmath_runtime.streaming import StepGraph
+
+    names = [i["name"] for i in entry["inputs"]]
+    graph = StepGraph.from_session(open_session(step_path, "cpu", threads=1, inputs=names, what="step graph").session,
+                                   entry)
+    full_sess = open_session(full_path, "cpu", threads=1, what="model").session
+    conversations = _conversations(model, graph.max_len)
+    reference = []
+    for feats, speakers in conversations:
+        probs, emb = full_sess.run(["probs", "embedding"], {**{m: x[None] for m, x in feats.items()},
+                                                            "speaker": speakers[None],
+                                                            "mask": np.ones((1, len(speakers)), bool)})
+        reference.append({"probs": probs[0], "embedding": emb[0]})
+    alone = []
+    for feats, speakers in conversations:
+        state = graph.empty_state()
+        rows = [graph.run(state, i, int(speakers[i]), {m: x[i] for m, x in feats.items()}) for i in range(len(speakers))]
+        alone.append({"probs": np.stack([p for p, _ in rows]), "embedding": np.stack([e for _, e in rows])})
+    batched = [{"probs": np.zeros_like(r["probs"]), "embedding": np.zeros_like(r["embedding"])} for r in reference]
+    states = [graph.empty_state() for _ in conversations]  # all together: different positions in one call
+    for i in range(max(len(s) for _, s in conversations)):
+        live = [b for b, (_, s) in enumerate(conversations) if i < len(s)]
+        probs, emb = graph.run_batch([states[b] for b in live], [i] * len(live),
+                                     [int(conversations[b][1][i]) for b in live],
+                                     [{m: x[i] for m, x in conversations[b][0].items()} for b in live])
+        for row, b in enumerate(live):
+            batched[b]["probs"][i], batched[b]["embedding"][i] = probs[row], emb[row]
+    checks = {"probs": max_abs(PARITY_BOUND), "embedding": max_abs(None)}
+    common = {"reference_name": "model.onnx (onnxruntime CPU)", "runtime": "model.step.onnx (onnxruntime CPU)",
+              "data": "train mean + std * N(0, 1)"}
+    single = compare(reference, alone, checks, artifact="step", **common)
+    together = compare(reference, batched, checks, artifact="step (batched)", **common)
+    return {"reference": common["reference_name"], "data": common["data"],
+            "lengths": [len(s) for _, s in conversations], "probs_max_abs": single.output("probs").max_abs,
+            "embedding_max_abs": single.output("embedding").max_abs,
+            "batched_probs_max_abs": together.output("probs").max_abs, "tolerance": PARITY_BOUND,
+            "passed": single.passed and together.passed, "report": single.to_json(),
+            "batched_report": together.to_json(), "summary": f"{single.summary()}\n{together.summary()}"}
 
 
 def export_step(model: nn.Module, opset: int, max_len: int, staging: Path, say: Any = print) -> dict[str, Any]:
@@ -148,16 +155,13 @@ def export_step(model: nn.Module, opset: int, max_len: int, staging: Path, say: 
     onnx.checker.check_model(proto, full_check=True)
     path = staging / STEP_FILE
     atomic_write_bytes(path, proto.SerializeToString())
-    specs = step_specs(step)
-    parity = step_parity(path, staging / "model.onnx", specs, max_len, model)
-    say(f"[step] model.step.onnx vs model.onnx, conversations of {parity['lengths']} utterances: probs max |diff| "
-        f"{parity['probs_max_abs']:.3g}, embedding {parity['embedding_max_abs']:.3g} | "
-        f"{'PASSED' if parity['passed'] else 'FAILED'}")
+    inputs, outputs, state = step_specs(step)
+    entry = {"file": STEP_FILE, "sha256": sha256_file(path), "bytes": path.stat().st_size, "max_len": max_len,
+             "tail": step.tail, "attention": list(step.names),
+             "inputs": [s.to_json() for s in inputs], "outputs": [s.to_json() for s in outputs], "state": state}
+    parity = step_parity(path, staging / "model.onnx", entry, model)
+    say(parity.pop("summary"))
     if not parity["passed"]:
         raise ArtifactError(STEP_FILE, f"step graph parity failed: probs max |diff| {parity['probs_max_abs']:.3g} > "
                                        f"{PARITY_BOUND:g} against model.onnx")
-    inputs, outputs, state = specs
-    return {"file": STEP_FILE, "sha256": sha256_file(path), "bytes": path.stat().st_size, "max_len": max_len,
-            "tail": step.tail, "attention": [c + s for c, s in step.names],
-            "inputs": [s.to_json() for s in inputs], "outputs": [s.to_json() for s in outputs],
-            "state": state, "parity": parity}
+    return {**entry, "parity": parity}

@@ -21,12 +21,13 @@ if TYPE_CHECKING:
     from .conversation import Conversation, Emotion
     from .manifest import Manifest
     from .model import EmotionModel, Prediction, load
+    from .streaming import step_batch
 
-__all__ = ["load", "EmotionModel", "Prediction", "Conversation", "Emotion", "Manifest", "read_manifest",
+__all__ = ["load", "EmotionModel", "Prediction", "Conversation", "Emotion", "step_batch", "Manifest", "read_manifest",
            "CmathError", "InputError", "ArtifactError", "BackendUnavailableError"]
 
 _LAZY = {"load": "model", "EmotionModel": "model", "Prediction": "model", "Conversation": "conversation",
-         "Emotion": "conversation", "Manifest": "manifest", "read_manifest": "manifest"}
+         "Emotion": "conversation", "step_batch": "streaming", "Manifest": "manifest", "read_manifest": "manifest"}
 
 
 def __getattr__(name: str) -> Any:

@@ -2,11 +2,16 @@
 
 config.json: {"format": "cmath-checkpoint", "version": 1, "model_name", "model", "loss", "train",
               "label_names", "data", "versions", "selected": {epoch, metric, value}}
+"model" and "loss" are the model's own configs (e.g. CMATHConfig / CMATHLossConfig, registry.py). Files
+written before each model had its own config carry every model's fields in one flat dict; the registry reads
+both (other models' fields are dropped), so the version stays 1.
 Export and runtime rebuild the model from config.json + weights, never from defaults in code.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +27,11 @@ from cmath_runtime.errors import ArtifactError
 from cmath_runtime.files import atomic_write_bytes, atomic_write_json, read_tagged_json
 
 from .config import LossConfig, ModelConfig, TrainConfig, from_dict, to_dict
-from .registry import create_model
+from .registry import create_model, loss_config, model_config
 
 FORMAT, VERSION = "cmath-checkpoint", 1
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+PREVIOUS = WEIGHTS + ".prev"  # the previous weights while a save is in progress
 
 
 @dataclass
@@ -58,11 +64,24 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
 ) -> Path:
     run_dir = Path(run_dir)
+    model_cfg = model_config(model_name, getattr(model, "cfg", model_cfg))  # what the model really read
+    loss_cfg = loss_config(model_name, loss_cfg)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(run_dir / WEIGHTS, st_save(state))
+    data = st_save(state)
+    # Crash safety: config.json (the commit point) records the weights' sha256; the previous weights stay
+    # reachable as WEIGHTS.prev (a hard link) until the new config is in place, so a kill between the two
+    # writes still loads the previous checkpoint (load_checkpoint), never new weights under an old config.
+    weights, prev = run_dir / WEIGHTS, run_dir / PREVIOUS
+    if _consistent(run_dir):  # (after an interrupted save, the surviving previous weights stay where they are)
+        tmp = run_dir / f".{PREVIOUS}.tmp"
+        tmp.unlink(missing_ok=True)
+        os.link(weights, tmp)
+        os.replace(tmp, prev)
+    atomic_write_bytes(weights, data)
     atomic_write_json(
         run_dir / CONFIG,
         {
+            "weights_sha256": hashlib.sha256(data).hexdigest(),
             "format": FORMAT,
             "version": VERSION,
             "model_name": model_name,
@@ -74,7 +93,21 @@ def save_checkpoint(
             **(extra or {}),
         },
     )
+    prev.unlink(missing_ok=True)
     return run_dir
+
+
+def _consistent(run_dir: Path) -> bool:
+    """Weights and config.json of one save are both in place (a checkpoint without a recorded sha256 counts)."""
+    try:
+        want = read_config(run_dir).get("weights_sha256")
+        return (run_dir / WEIGHTS).is_file() and (not want or _sha256(run_dir / WEIGHTS) == want)
+    except ArtifactError:
+        return False
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def read_config(run_dir: str | Path) -> dict[str, Any]:
@@ -90,17 +123,26 @@ def load_checkpoint(run_dir: str | Path, map_location: str = "cpu") -> Checkpoin
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
     try:
-        model_cfg = from_dict(ModelConfig, cfg["model"])
-        loss_cfg = from_dict(LossConfig, cfg.get("loss", {}))
+        name = cfg.get("model_name", "cmath")
+        model_cfg = model_config(name, **cfg["model"])
+        loss_cfg = loss_config(name, **cfg.get("loss", {}))
         train_cfg = from_dict(TrainConfig, cfg.get("train", {}))
-        model = create_model(cfg.get("model_name", "cmath"), model_cfg)
+        model = create_model(name, model_cfg)
     except (KeyError, TypeError, ValueError) as e:
         raise ArtifactError(run_dir / CONFIG, f"invalid model config: {e}") from None
     weights = run_dir / WEIGHTS
     if not weights.is_file():
         raise ArtifactError(run_dir, f"no checkpoint here: {WEIGHTS} is missing")
+    raw = weights.read_bytes()
+    want = cfg.get("weights_sha256")
+    if want and hashlib.sha256(raw).hexdigest() != want:  # a save was cut short: the previous weights match
+        prev = run_dir / PREVIOUS
+        raw = prev.read_bytes() if prev.is_file() else b""
+        if hashlib.sha256(raw).hexdigest() != want:
+            raise ArtifactError(weights, "does not match config.json's weights_sha256 (an interrupted save or a "
+                                         "replaced file)")
     try:
-        state = st_load(weights.read_bytes())
+        state = st_load(raw)
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise ArtifactError(weights, f"corrupt or truncated safetensors file ({e})") from None
     _check_state(weights, model, state)

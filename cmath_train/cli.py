@@ -11,7 +11,7 @@ import click
 
 from cmath_runtime.errors import CmathError
 
-from .config import LossConfig, ModelConfig, TrainConfig, get_ablation, get_preset
+from .config import TrainConfig, get_ablation
 
 
 def parse_modalities(text: str | None, available: tuple[str, ...]) -> tuple[str, ...]:
@@ -63,25 +63,26 @@ def run(data: str, modalities: str | None, preset: str, model_name: str, ablatio
         val_fraction: float | None, class_weighted: bool | None, causal: bool, seed: int, seeds: int, device: str,
         out_dir: str | None, resume: bool, quiet: bool, cdat: bool = False) -> dict:
     from .data import load_data
-    from .registry import model_names
+    from .registry import loss_config, model_config, model_names
+    from .registry import preset as model_preset
     from .seeds import train_seeds
     from .train import train
 
     try:
-        p = get_preset(preset)
         model_over, loss_over = get_ablation(ablation)
         if model_name not in model_names():
             raise ValueError(f"model: expected one of {model_names()}, got {model_name!r}")
+        p = model_preset(model_name, preset)  # the model's own published recipe when it has one (SDT)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     t0 = time.perf_counter()
     fs = load_data(data)
     mods = parse_modalities(modalities, fs.modalities)
     fs = fs.select(mods)
-    model_cfg = ModelConfig(modalities=mods, feature_dims=fs.feature_dims, num_classes=len(fs.label_names),
+    model_cfg = model_config(model_name, modalities=mods, feature_dims=fs.feature_dims, num_classes=len(fs.label_names),
                             num_speakers=fs.num_speakers, causal=causal,
                             **{**p.model, **model_over, **_given(d=hidden, dropout=dropout, conv_kernel=conv_kernel)})
-    loss_cfg = LossConfig(**{**p.loss, **loss_over, **_given(class_weighted=class_weighted, cdat=cdat or None)})
+    loss_cfg = loss_config(model_name, **{**p.loss, **loss_over, **_given(class_weighted=class_weighted, cdat=cdat or None)})
     train_cfg = TrainConfig(**{**p.train, **_given(epochs=epochs, lr=lr, batch_size=batch_size, patience=patience,
                                                     val_fraction=val_fraction), "seed": seed, "device": device})
     out = Path(out_dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}")

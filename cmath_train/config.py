@@ -1,7 +1,11 @@
-"""Configs of the model, its losses and training; presets with the paper's settings (section 5.3).
+"""The configs every model shares, training's config, and presets with the paper's settings (section 5.3).
 
-Every choice the paper leaves open is a field here with our default (see ../shared/docs/cmath-model.md).
-A checkpoint stores these dataclasses as JSON, and everything downstream rebuilds the model from them.
+`ModelConfig` / `LossConfig` hold what every model reads (data shape, width, masking, causality; class weights
+and the confidence-gated KD option); each model extends them beside itself (models/cmath.py `CMATHConfig`,
+`CMATHLossConfig`, models/sdt.py, models/dmd.py) and the registry builds the right one from flat fields
+(`registry.model_config(name, **fields)`). Every choice a paper leaves open is a field with our default (see
+../shared/docs/cmath-model.md). A checkpoint stores these dataclasses as JSON, and everything downstream rebuilds
+the model from them.
 """
 
 from __future__ import annotations
@@ -16,29 +20,22 @@ CDAT_CONFIDENCES = ("true_class", "max_prob")
 
 @dataclass
 class ModelConfig:
+    """What every model reads. A model's own config extends it (CMATHConfig, SDTConfig, DMDConfig)."""
+
     modalities: tuple[str, ...] = MODALITIES
     feature_dims: dict[str, int] = field(default_factory=lambda: {"t": 1024, "a": 300, "v": 342})
     num_classes: int = 7
     num_speakers: int = 9
-    d: int = 128  # hidden size of every modality after reconstruction (paper: 500 IEMOCAP, 400 MELD)
+    d: int = 128  # hidden size of every modality (paper: 500 IEMOCAP, 400 MELD)
     heads: int = 8  # attention heads; d must be divisible by it
     ffn_mult: int = 4  # FFN width = ffn_mult * d
     dropout: float = 0.1
-    conv_kernel: int = 3  # k_m of Conv1D' / Conv1D'' (1-2), 'same' padding along the utterance axis
-    vf_hidden_mult: int = 1  # hidden width of MLP_mu / MLP_sigma (15) = vf_hidden_mult * d
-    sigma_eps: float = 1e-4  # sigma_m = softplus(.) + eps keeps the variance positive (15)
     norm_eps: float = 1e-5
     attn_mask_value: float = -1e4  # score of a masked key: finite and fp16-safe (no -inf / -1e9 overflow)
     pos_max_period: float = 10000.0  # sinusoidal positions (6-7)
     standardize: bool = True  # inputs standardised with train mean/std, stored as buffers in the graph
-    # Ablations of the paper's table 4.
-    modality_reconstruction: bool = True  # False = "w/o MR": a linear layer d_m -> d instead of Conv1D'/''
-    cross_modal: bool = True  # False = "w/o CMA-T": each modality only attends to itself, no gate
     # Online variant (streaming): each utterance sees only itself and the past.
     causal: bool = False
-    # DMD baseline (models/dmd.py): hidden sizes of the graph-distillation edge networks (DMD code: 64 homo, 32 hetero).
-    dmd_gd_hidden_homo: int = 64
-    dmd_gd_hidden_hetero: int = 32
 
     def __post_init__(self) -> None:
         self.modalities = tuple(self.modalities)
@@ -54,30 +51,15 @@ class ModelConfig:
         self.feature_dims = {m: int(self.feature_dims[m]) for m in self.modalities}
         if self.d % self.heads:
             raise ValueError(f"heads: expected a divisor of d={self.d}, got {self.heads}")
-        if self.conv_kernel < 1:
-            raise ValueError(f"conv_kernel: expected >= 1, got {self.conv_kernel}")
 
 
 @dataclass
 class LossConfig:
-    gamma_mse: float = 1.0  # g1, low-level distillation L_mse (18)
-    gamma_kl: float = 1.0  # g2, high-level distillation L_kl (23)
-    use_reconstruction: bool = True  # L_re (3-4); only meaningful with modality_reconstruction
-    detach_teacher: bool = True  # the fused prediction Y^_x teaches Y^_m without receiving gradient from L_kl
+    """What every model's loss reads. A model's own loss config extends it (CMATHLossConfig, ...)."""
+
     class_weighted: bool = False  # inverse-frequency class weights in every cross-entropy
-    # SDT baseline (models/sdt.py): L = CE_x + g_ce_m * sum_m CE_m + g_kl * sum_m KL_T + g_feat * sum_m MSE.
-    sdt_gamma_ce_m: float = 1.0  # hard labels teach each modality (SDT code: gamma_2 = 1)
-    sdt_gamma_kl: float = 1.0  # soft labels: KL(softmax(Y^_x / T) || softmax(Y^_m / T)) (SDT code: gamma_3 = 1)
-    sdt_temperature: float = 1.0  # T (SDT code: 1 on IEMOCAP, 8 on MELD)
-    sdt_gamma_feat: float = 0.0  # feature-level term ||H_x - H_m||^2; not in SDT's paper or public code, so off
-    # DMD baseline (models/dmd.py): L = L_task + g_dec * L_dec + g_gd * (L_homo + L_hetero)  (DMD code's weights).
-    dmd_gamma_dec: float = 0.1  # decoupling: reconstruction + cycle + g_mo * (margin + orthogonality)
-    dmd_gamma_margin_ort: float = 0.1  # g_mo inside L_dec
-    dmd_margin: float = 0.15  # hinge margin of the margin (triplet-like) loss on the common features
-    dmd_gamma_gd: float = 0.05  # each graph distillation unit
-    dmd_gd_repr: float = 10.0  # weight of the representation term in the heterogeneous unit (DMD: w_losses[1])
-    dmd_gd_reg: float = 10.0  # pull of the mean learned edge weights towards their prior (DMD: gd_reg)
-    # CDaT (losses.py, any model): per utterance, the more confident modality teaches the less confident one.
+    # Confidence-gated prediction-level KD (losses.py, any model): per utterance, the more confident modality's
+    # prediction teaches the less confident one's. Not the seed paper's CDaT (see losses.py).
     cdat: bool = False
     cdat_weight: float = 1.0  # alpha: weight of the transfer term in the total
     cdat_confidence: str = "true_class"  # "true_class": p_m(y) (ConfidNet's target); "max_prob": max_c p_m(c)
@@ -86,9 +68,8 @@ class LossConfig:
     def __post_init__(self) -> None:
         if self.cdat_confidence not in CDAT_CONFIDENCES:
             raise ValueError(f"cdat_confidence: expected one of {CDAT_CONFIDENCES}, got {self.cdat_confidence!r}")
-        if self.sdt_temperature <= 0 or self.cdat_temperature <= 0:
-            raise ValueError("sdt_temperature / cdat_temperature: expected > 0, got "
-                             f"{self.sdt_temperature} / {self.cdat_temperature}")
+        if self.cdat_temperature <= 0:
+            raise ValueError(f"cdat_temperature: expected > 0, got {self.cdat_temperature}")
 
 
 @dataclass
@@ -97,7 +78,7 @@ class TrainConfig:
     lr: float = 1e-3
     batch_size: int = 8  # conversations per batch
     weight_decay: float = 0.0
-    grad_clip: float = 5.0
+    grad_clip: float = 5.0  # max gradient L2 norm before each step: ours, not the paper's (it mentions no clipping)
     patience: int = 8  # early stopping: epochs without a better validation weighted-F1
     seed: int = 0
     val_fraction: float = 0.2  # used only when the data has no official dev split
@@ -160,6 +141,19 @@ def get_ablation(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
 def to_dict(cfg: Any) -> dict[str, Any]:
     out = dataclasses.asdict(cfg)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def coerce(cls: type, cfg: Any) -> Any:
+    """`cfg` as an instance of `cls`: itself when it already is one, else cls built from the fields of cfg that
+    cls knows (a plain ModelConfig becomes a CMATHConfig with CMATH's defaults; another model's fields drop)."""
+    if isinstance(cfg, cls):
+        return cfg
+    names = field_names(cls)
+    return cls(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in names})
 
 
 def from_dict(cls: type, data: dict[str, Any]) -> Any:

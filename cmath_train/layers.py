@@ -1,12 +1,17 @@
 """Reusable blocks (timm's layers/ vs models/): attention, FFN, norms, gate, positions, reconstruction.
 
-CMATH (model.py) and the baseline models assemble these; none of them knows which model it is in.
+CMATH and the baseline models (models/) assemble these; none of them knows which model it is in.
 Shapes: B conversations, N utterances (queries), M utterances (keys), d hidden size.
+
+Streaming (nanoGPT's optional past): `Attention` takes an optional `KVCache` (the past keys/values of that one
+module); `UtteranceConv` takes optional `past` rows in place of its causal left padding. The models' own forward
+passes them through, so the incremental step is the model's forward, not a re-implementation.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +26,50 @@ def sinusoidal_positions(positions: Tensor, d: int, max_period: float = 10000.0)
     return pe[..., :d]
 
 
+DEFAULT_POSITION_ROWS = 512
+
+
+class SinusoidalPositions(nn.Module):
+    """P (6-7) as a (rows, d) fp32 table, a non-persistent buffer (timm's pos_embed_sincos), read with a Gather.
+
+    In an exported graph the table is a constant looked up with a Gather instead of Range -> Mul -> Sin/Cos: in
+    fp16 the angle `position * frequency` would be rounded to 0.25 rad near position 300, blurring the positions
+    of long conversations; table entries in [-1, 1] lose at most 2.4e-4. A position past the table fails in the
+    Gather instead of silently computing something the artifact was never checked for, so cmath-export sizes the
+    table to its max_len (`set_rows`). In eager mode the table grows on demand: training never hits the limit.
+    Not saved in checkpoints (it is a pure function of d and max_period).
+    """
+
+    def __init__(self, d: int, max_period: float = 10000.0, rows: int = DEFAULT_POSITION_ROWS) -> None:
+        super().__init__()
+        self.d, self.max_period = d, max_period
+        self.register_buffer("table", self._table(rows), persistent=False)
+
+    def _table(self, rows: int, device: torch.device | None = None) -> Tensor:
+        return sinusoidal_positions(torch.arange(rows, device=device), self.d, self.max_period)
+
+    @property
+    def rows(self) -> int:
+        return self.table.shape[0]
+
+    def set_rows(self, rows: int) -> None:
+        """Resize the table to exactly `rows` positions (0..rows-1)."""
+        self.table = self._table(rows, self.table.device)
+
+    def forward(self, positions: Tensor) -> Tensor:
+        """(...,) int64 positions -> (..., d)."""
+        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()) and positions.numel():
+            needed = int(positions.max()) + 1
+            if needed > self.rows:
+                self.set_rows(max(needed, 2 * self.rows))
+        flat = torch.index_select(self.table, 0, positions.reshape(-1))
+        return flat.reshape(*positions.shape, self.d)
+
+    def first(self, n: int, device: torch.device) -> Tensor:
+        """Positions 0..n-1: (n, d)."""
+        return self(torch.arange(n, device=device))
+
+
 def attention_mask(key_mask: Tensor, causal: bool) -> Tensor:
     """Which keys each query may see: real keys only, and only the past when causal.  -> (B, 1, N, N)"""
     allowed = key_mask[:, None, None, :]  # (B, 1, 1, N)
@@ -29,6 +78,16 @@ def attention_mask(key_mask: Tensor, causal: bool) -> Tensor:
         idx = torch.arange(n, device=key_mask.device)
         allowed = allowed & (idx[None, :] <= idx[:, None])  # (B, 1, N, N)
     return allowed
+
+
+@dataclass
+class KVCache:
+    """The past keys/values (B, P, d) of one attention module; forward fills in the new rows (B, N_new, d)."""
+
+    keys: Tensor
+    values: Tensor
+    new_keys: Tensor | None = None
+    new_values: Tensor | None = None
 
 
 class Attention(nn.Module):
@@ -48,9 +107,6 @@ class Attention(nn.Module):
         b, n, d = x.shape
         return x.reshape(b, n, self.heads, d // self.heads).transpose(1, 2)
 
-    def keys_values(self, key_value: Tensor) -> tuple[Tensor, Tensor]:
-        return self.split_heads(self.k(key_value)), self.split_heads(self.v(key_value))
-
     def attend(self, query: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
         q = self.split_heads(self.q(query))  # (B, h, N, dh)
         scores = q @ k.transpose(-2, -1) * (q.shape[-1] ** -0.5)  # (B, h, N, M)
@@ -59,18 +115,14 @@ class Attention(nn.Module):
         out = (weights @ v).transpose(1, 2)  # (B, N, h, dh)
         return self.o(out.reshape(out.shape[0], out.shape[1], -1))  # (B, N, d)
 
-    def forward(self, query: Tensor, key_value: Tensor, allowed: Tensor) -> Tensor:
-        k, v = self.keys_values(key_value)
-        return self.attend(query, k, v, allowed)
-
-
-class FeedForward(nn.Module):
-    def __init__(self, d: int, mult: int, dropout: float) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(d, mult * d), nn.GELU(), nn.Dropout(dropout), nn.Linear(mult * d, d))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+    def forward(self, query: Tensor, key_value: Tensor, allowed: Tensor, cache: KVCache | None = None) -> Tensor:
+        """With a cache, the keys are the cached past rows followed by key_value's rows, and `allowed` covers both
+        (B, 1, N, P + M); the new rows are stored in the cache for the caller to append."""
+        k, v = self.k(key_value), self.v(key_value)  # (B, M, d)
+        if cache is not None:
+            cache.new_keys, cache.new_values = k, v
+            k, v = torch.cat([cache.keys, k], dim=1), torch.cat([cache.values, v], dim=1)
+        return self.attend(query, self.split_heads(k), self.split_heads(v), allowed)
 
 
 class AddNormFFN(nn.Module):
@@ -79,7 +131,7 @@ class AddNormFFN(nn.Module):
     def __init__(self, d: int, ffn_mult: int, dropout: float, eps: float) -> None:
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(d, eps=eps), nn.LayerNorm(d, eps=eps)
-        self.ffn = FeedForward(d, ffn_mult, dropout)
+        self.ffn = MLP(d, ffn_mult * d, d, activation=nn.GELU, dropout=dropout)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, attended: Tensor, residual: Tensor) -> Tensor:
@@ -108,8 +160,11 @@ class UtteranceConv(nn.Module):
         self.conv = nn.Conv1d(c_in, c_out, kernel)
         self.pad = (kernel - 1, 0) if causal else ((kernel - 1) // 2, kernel // 2)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.pad(x.transpose(1, 2), self.pad)).transpose(1, 2)
+    def forward(self, x: Tensor, past: Tensor | None = None) -> Tensor:
+        """`past` (B, k-1, c): the rows before x (streaming), read instead of the causal zero padding."""
+        if past is None:
+            return self.conv(F.pad(x.transpose(1, 2), self.pad)).transpose(1, 2)
+        return self.conv(torch.cat([past, x], dim=1).transpose(1, 2)).transpose(1, 2)
 
 
 class ModalityReconstruction(nn.Module):
@@ -121,8 +176,9 @@ class ModalityReconstruction(nn.Module):
         self.encode = UtteranceConv(d_in, d, kernel, causal)
         self.decode = UtteranceConv(d, d_in, kernel, causal)
 
-    def forward(self, u: Tensor, row_mask: Tensor, reconstruct: bool) -> tuple[Tensor, Tensor | None]:
-        u_prime = self.encode(u * row_mask) * row_mask  # (B, N, d)
+    def forward(self, u: Tensor, row_mask: Tensor, reconstruct: bool,
+                past: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        u_prime = self.encode(u * row_mask, past) * row_mask  # (B, N, d)
         return u_prime, (self.decode(u_prime) if reconstruct else None)  # U''_m: (B, N, d_m)
 
 
@@ -133,14 +189,20 @@ class LinearProjection(nn.Module):
         super().__init__()
         self.proj = nn.Linear(d_in, d)
 
-    def forward(self, u: Tensor, row_mask: Tensor, reconstruct: bool) -> tuple[Tensor, Tensor | None]:
-        return self.proj(u) * row_mask, None
+    def forward(self, u: Tensor, row_mask: Tensor, reconstruct: bool,
+                past: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        return self.proj(u) * row_mask, None  # per row: no past needed
 
 
 class MLP(nn.Module):
-    def __init__(self, d_in: int, hidden: int, d_out: int) -> None:
+    """Linear -> activation [-> Dropout] -> Linear: the FFN of every transformer layer (GELU, dropout) and the
+    MLP_mu / MLP_sigma of (15) (ReLU, no dropout)."""
+
+    def __init__(self, d_in: int, hidden: int, d_out: int, activation: type[nn.Module] = nn.ReLU,
+                 dropout: float | None = None) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+        drop = [nn.Dropout(dropout)] if dropout is not None else []
+        self.net = nn.Sequential(nn.Linear(d_in, hidden), activation(), *drop, nn.Linear(hidden, d_out))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)

@@ -1,7 +1,9 @@
-"""CMATH's training objective (3-4, 18, 20-24), over real (unpadded, labelled) rows only.
+"""Loss terms shared by every model (masked mean, cross-entropy, KL), CMATH's training objective (3-4, 18,
+20-24), and the confidence-gated prediction-level KD every model can add. Real (unpadded, labelled) rows only.
 
 L_all = L_ce + L_re + g1 * L_mse + g2 * L_kl   (24)
-With LossConfig.cdat (any model): + alpha * L_cdat, the confidence-weighted cross-modal transfer below.
+With LossConfig.cdat (any model): + alpha * L_cdat, the confidence-gated prediction-level KD below.
+Imports no model: models import this module (models/cmath.py, sdt.py, dmd.py), never the other way round.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import LossConfig
-from .model import CMATHOutput
 
 
 def masked_mean(x: Tensor, rows: Tensor) -> Tensor:
@@ -27,29 +28,37 @@ def cross_entropy(logits: Tensor, labels: Tensor, rows: Tensor, weight: Tensor |
     return F.cross_entropy(logits[rows], labels[rows], weight=weight) if rows.any() else logits.sum() * 0
 
 
-def reconstruction_loss(out: CMATHOutput, rows: Tensor) -> Tensor:
+def kl_divergence(teacher: Tensor, student: Tensor, rows: Tensor, temperature: float = 1.0,
+                  weight: Tensor | None = None) -> Tensor:
+    """1/n sum_i w_i KL(softmax(teacher_i / T) || softmax(student_i / T)) over the real rows (B, N) of logits
+    (B, N, C); w_i = 1 without `weight`. The teacher receives gradient unless the caller detaches it."""
+    log_p = F.log_softmax(teacher / temperature, dim=-1)
+    log_q = F.log_softmax(student / temperature, dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (B, N)
+    return masked_mean(kl if weight is None else weight * kl, rows)
+
+
+def reconstruction_loss(out: Any, rows: Tensor) -> Tensor:
     """(3-4) L_re = sum_m ||U_m - U''_m||^2; ours: mean over real rows and features, summed over modalities."""
     return sum((masked_mean((out.inputs[m] - rec) ** 2, rows) for m, rec in out.reconstructions.items()), torch.zeros(()))
 
 
-def low_level_distillation(out: CMATHOutput, rows: Tensor) -> Tensor:
-    """(18) L_mse = sum_m ||H'_x - H'_m||^2, teacher H'_x; ours: mean squared error over real rows and features."""
-    return sum(masked_mean((out.embedding - h_m) ** 2, rows) for h_m in out.modality_embeddings.values())
+def low_level_distillation(out: Any, rows: Tensor, detach_teacher: bool = True) -> Tensor:
+    """(18) L_mse = sum_m ||H'_x - H'_m||^2, teacher H'_x (no gradient when detach_teacher); ours: mean squared
+    error over real rows and features."""
+    teacher = out.embedding.detach() if detach_teacher else out.embedding
+    return sum(masked_mean((teacher - h_m) ** 2, rows) for h_m in out.modality_embeddings.values())
 
 
-def high_level_distillation(out: CMATHOutput, rows: Tensor, detach_teacher: bool) -> Tensor:
-    """(23) L_kl = sum_m 1/n sum_i sum_j y^x_ij log(y^x_ij / y^m_ij): the fused prediction teaches each modality."""
+def high_level_distillation(out: Any, rows: Tensor, detach_teacher: bool, temperature: float = 1.0) -> Tensor:
+    """(23) L_kl = sum_m 1/n sum_i sum_j y^x_ij log(y^x_ij / y^m_ij): the fused prediction teaches each modality
+    (SDT's soft labels are the same term at temperature T)."""
     teacher = out.logits.detach() if detach_teacher else out.logits
-    log_p_x = F.log_softmax(teacher, dim=-1)
-    terms = []
-    for logits_m in out.modality_logits.values():
-        kl = (log_p_x.exp() * (log_p_x - F.log_softmax(logits_m, dim=-1))).sum(-1)  # (B, N)
-        terms.append(masked_mean(kl, rows))
-    return sum(terms)
+    return sum(kl_divergence(teacher, logits_m, rows, temperature) for logits_m in out.modality_logits.values())
 
 
 def cmath_loss(
-    out: CMATHOutput, labels: Tensor, mask: Tensor, cfg: LossConfig, class_weight: Tensor | None = None
+    out: Any, labels: Tensor, mask: Tensor, cfg: LossConfig, class_weight: Tensor | None = None
 ) -> dict[str, Tensor]:
     """All loss terms and their weighted total (24). Rows with label < 0 (padding) are ignored."""
     rows = mask & (labels >= 0)
@@ -57,7 +66,7 @@ def cmath_loss(
     ce_m = sum(cross_entropy(lg, labels, rows, class_weight) for lg in out.modality_logits.values())  # (20)
     ce = ce_x + ce_m  # (22)
     re = reconstruction_loss(out, mask) if cfg.use_reconstruction else torch.zeros(())
-    mse = low_level_distillation(out, rows)
+    mse = low_level_distillation(out, rows, cfg.detach_mse_teacher)
     kl = high_level_distillation(out, rows, cfg.detach_teacher)
     total = ce + re + cfg.gamma_mse * mse + cfg.gamma_kl * kl  # (24)
     terms = {"total": total, "ce_x": ce_x, "ce_m": ce_m, "re": re, "mse": mse, "kl": kl}
@@ -99,13 +108,10 @@ def cdat_weights(out: Any, labels: Tensor, cfg: LossConfig) -> dict[tuple[str, s
 def cdat_transfer(out: Any, labels: Tensor, mask: Tensor, cfg: LossConfig) -> Tensor:
     """L_cdat over real rows (labelled rows when the confidence needs the label); 0 with a single modality."""
     rows = mask & (labels >= 0) if cfg.cdat_confidence == "true_class" else mask
-    t = cfg.cdat_temperature
-    log_p = {m: F.log_softmax(lg / t, dim=-1) for m, lg in out.modality_logits.items()}
+    logits = out.modality_logits
     total = torch.zeros((), device=labels.device)
-    for (m, n), w in cdat_weights(out, labels, cfg).items():
-        teacher = log_p[m].detach()
-        kl = (teacher.exp() * (teacher - log_p[n])).sum(-1)  # (B, N) KL(p_m || p_n)
-        total = total + masked_mean(w * kl, rows)
+    for (m, n), w in cdat_weights(out, labels, cfg).items():  # KL(p_m (detached) || p_n), weighted
+        total = total + kl_divergence(logits[m].detach(), logits[n], rows, cfg.cdat_temperature, w)
     return total
 
 

@@ -1,35 +1,85 @@
-"""Model registry (timm's create_model): a name that does not exist is an error listing the ones that do."""
+"""Model registry (timm's create_model): name -> model class, its config and its loss config.
+
+    create_model("cmath", d=64, modalities=("t",), feature_dims={"t": 384})   # or create_model(name, cfg)
+    model_config("sdt", **flat_fields)  /  loss_config("sdt", **flat_fields)
+
+Imports go one way: the registry imports the models, no model imports the registry. Flat fields (a preset, the
+CLI's options) may carry another model's fields (CMATH's `conv_kernel` for SDT): those are dropped; a field no
+registered model knows is an error naming it. A name that does not exist is an error listing the ones that do.
+To add a model: write models/<name>.py (model class + `<Name>Config(ModelConfig)` + `<Name>LossConfig(LossConfig)`
+beside it) and add one `register(...)` line below.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
-from .config import ModelConfig
+from .config import LossConfig, ModelConfig, Preset, field_names, get_preset
+from .models import cmath, dmd, sdt
 
-_MODELS: dict[str, Callable[[ModelConfig], nn.Module]] = {}
+
+@dataclass(frozen=True)
+class ModelEntry:
+    model: type[nn.Module]  # built as model(config)
+    config: type[ModelConfig]
+    loss: type[LossConfig]
+    presets: dict[str, Preset]  # the model's own published recipes; override config.PRESETS of the same name
 
 
-def register(name: str) -> Callable:
-    def wrap(builder: Callable[[ModelConfig], nn.Module]) -> Callable[[ModelConfig], nn.Module]:
-        _MODELS[name] = builder
-        return builder
+_MODELS: dict[str, ModelEntry] = {}
 
-    return wrap
+
+def register(name: str, model: type[nn.Module], config: type[ModelConfig], loss: type[LossConfig],
+             presets: dict[str, Preset] | None = None) -> None:
+    _MODELS[name] = ModelEntry(model, config, loss, dict(presets or {}))
+
+
+register("cmath", cmath.CMATH, cmath.CMATHConfig, cmath.CMATHLossConfig)  # its presets: config.PRESETS (paper)
+register("sdt", sdt.SDT, sdt.SDTConfig, sdt.SDTLossConfig, sdt.PRESETS)
+register("dmd", dmd.DMD, dmd.DMDConfig, dmd.DMDLossConfig, dmd.PRESETS)
 
 
 def model_names() -> list[str]:
-    _load_builtin()
     return sorted(_MODELS)
 
 
-def create_model(name: str, cfg: ModelConfig) -> nn.Module:
-    _load_builtin()
+def entry(name: str) -> ModelEntry:
     if name not in _MODELS:
         raise ValueError(f"model: expected one of {sorted(_MODELS)}, got {name!r}")
-    return _MODELS[name](cfg)
+    return _MODELS[name]
 
 
-def _load_builtin() -> None:
-    from . import model, models  # noqa: F401  (register "cmath"; "sdt", "dmd")
+def preset(model: str, name: str) -> Preset:
+    """The recipe `name` for `model`: the model's own published one when it has it (SDT's "meld"), else the
+    shared preset (config.PRESETS; fields the model does not have are dropped when its configs are built)."""
+    own = entry(model).presets
+    return own[name] if name in own else get_preset(name)
+
+
+def _build(cls: type, kind: str, cfg: Any, fields: dict[str, Any]) -> Any:
+    values = {**(dataclasses.asdict(cfg) if cfg is not None else {}), **fields}
+    own = field_names(cls)
+    anywhere = set().union(*(field_names(getattr(e, kind)) for e in _MODELS.values()))
+    unknown = sorted(set(values) - anywhere)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown fields {unknown}; known fields are {sorted(own)}")
+    return cls(**{k: v for k, v in values.items() if k in own})
+
+
+def model_config(name: str, cfg: ModelConfig | None = None, **fields: Any) -> ModelConfig:
+    """The model's own config (e.g. CMATHConfig) from a config of any model and/or flat fields."""
+    return _build(entry(name).config, "config", cfg, fields)
+
+
+def loss_config(name: str, cfg: LossConfig | None = None, **fields: Any) -> LossConfig:
+    """The model's own loss config (e.g. CMATHLossConfig) from a loss config of any model and/or flat fields."""
+    return _build(entry(name).loss, "loss", cfg, fields)
+
+
+def create_model(name: str, cfg: ModelConfig | None = None, **fields: Any) -> nn.Module:
+    """A model by name, from its config (or any model's config, converted) and/or flat fields."""
+    return entry(name).model(model_config(name, cfg, **fields))

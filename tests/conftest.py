@@ -29,11 +29,11 @@ def tiny_data():
                                           max_len=20, seed=1))
 
 
-def tiny_model_config(**overrides):
-    from cmath_train.config import ModelConfig
+def tiny_model_config(model: str = "cmath", **overrides):
+    from cmath_train.registry import model_config
 
     base = {"feature_dims": dict(TINY_DIMS), "num_classes": 6, "num_speakers": 9, "d": 32, "heads": 4}
-    return ModelConfig(**{**base, **overrides})
+    return model_config(model, **{**base, **overrides})
 
 
 @pytest.fixture(scope="session")

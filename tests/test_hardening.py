@@ -6,6 +6,7 @@ step path (Conversation) and the fp16 artifact.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import cmath_runtime
 from cmath_runtime import ArtifactError, Conversation, InputError
@@ -235,3 +238,136 @@ def test_train_rejects_out_of_range_options(tmp_path: Path, args: list[str], opt
     result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "run"), "--quiet"])
     assert result.exit_code == 2 and option in result.output, result.output
     assert not (tmp_path / "run").exists()  # rejected up front: nothing trained, nothing written
+
+
+# --- property: the whole input surface -> a finite Prediction or a CmathError -------------------------------------
+
+EXAMPLES = {"predict": 0, "conversation": 0, "text": 0}  # examples run, reported by test_property_examples_counted
+PROPERTY = settings(max_examples=150, deadline=10_000, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SPECIAL = [np.nan, np.inf, -np.inf, 1e30, -3e38, 3.4e38, 1e-45, -0.0, 0.0, 1.0, 65504.0, 7e4, 1e5, -1e19]
+DTYPES = ["float32", "float64", "float16", "int64", "int8", "uint8", "bool", "complex64", "object", "U3"]
+
+
+@st.composite
+def arrays(draw: st.DrawFn, shape: tuple[int, ...]) -> object:
+    dtype = draw(st.sampled_from(DTYPES))
+    size = int(np.prod(shape))
+    values = draw(st.lists(st.one_of(st.sampled_from(SPECIAL), st.floats(-10, 10)), min_size=size, max_size=size))
+    base = np.asarray(values, np.float64).reshape(shape)
+    if dtype == "object":
+        return base.astype(object)
+    if dtype == "U3":
+        return base.astype("U3")
+    with np.errstate(all="ignore"):
+        arr = base.astype(dtype) if np.dtype(dtype).kind in "fc" else np.nan_to_num(base, posinf=1, neginf=-1).astype(dtype)
+    return draw(st.sampled_from([arr, arr.tolist()])) if size < 40 else arr
+
+
+@st.composite
+def features(draw: st.DrawFn, n: int, one: bool = False) -> object:
+    mods = draw(st.sampled_from([tuple(TINY_DIMS), tuple(TINY_DIMS), ("t", "a"), ("t", "a", "v", "x")]))
+    out = {}
+    for m in mods:
+        d = TINY_DIMS.get(m, 3) + draw(st.sampled_from([0, 0, 0, 1, -1]))
+        rows = n + draw(st.sampled_from([0, 0, 0, 1, -1]))
+        shape = (d,) if one and draw(st.booleans()) else (max(rows, 0), max(d, 0))
+        out[m] = draw(st.one_of(arrays(shape), st.sampled_from([None, "text", 3.0, [1, [2, 3]]])))
+    return out
+
+
+@st.composite
+def speakers(draw: st.DrawFn, n: int) -> object:
+    ids = draw(st.lists(st.one_of(st.integers(-2, 11), st.sampled_from([2 ** 63 - 1, -(2 ** 63)])), min_size=n,
+                        max_size=n))
+    kind = draw(st.sampled_from(["list", "int64", "int32", "float", "bool", "str", "2d", "scalar"]))
+    if kind == "list":
+        return ids
+    if kind in ("int64", "int32"):
+        return np.asarray(np.clip(ids, np.iinfo(kind).min, np.iinfo(kind).max), kind)
+    if kind == "float":
+        return np.asarray(ids, np.float64) + draw(st.sampled_from([0.0, 0.5, np.nan]))
+    if kind == "bool":
+        return np.asarray(ids) > 0
+    if kind == "str":
+        return [str(i) for i in ids]
+    return np.asarray(ids).reshape(1, -1) if kind == "2d" else (ids[0] if ids else 0)
+
+
+@st.composite
+def conversation_inputs(draw: st.DrawFn) -> object:
+    n = draw(st.integers(0, 6))
+    kind = draw(st.sampled_from(["good", "good", "good", "junk", "texts"]))
+    if kind == "junk":
+        return draw(st.sampled_from([None, "conv", 3, [], {"speakers": [0]}, np.zeros(3)]))
+    conv: dict = {"speakers": draw(speakers(n))}
+    if kind == "texts":
+        conv["texts"] = draw(st.lists(st.text(max_size=20), min_size=n, max_size=n))
+    conv["features"] = draw(features(n))
+    return conv
+
+
+def _assert_prediction(pred: object, n: int | None = None) -> None:
+    assert isinstance(pred, cmath_runtime.Prediction)
+    assert np.isfinite(pred.probs).all() and np.allclose(pred.probs.sum(-1), 1.0, atol=1e-4)
+    assert n is None or len(pred) == n
+
+
+@pytest.fixture(scope="module")
+def models(hard_export: Path) -> dict[str, cmath_runtime.EmotionModel]:
+    return {p: cmath_runtime.load(hard_export, backend="cpu", threads=1, precision=p) for p in ("fp32", "fp16")}
+
+
+@PROPERTY
+@given(data=st.data())
+def test_property_predict(models: dict, data: st.DataObject) -> None:
+    EXAMPLES["predict"] += 1
+    model = models[data.draw(st.sampled_from(["fp32", "fp16"]))]
+    convs = data.draw(st.one_of(st.lists(conversation_inputs(), max_size=3), conversation_inputs()))
+    batch = data.draw(st.sampled_from([16, 1, 2, 0, -1, 2.5, None]))
+    try:
+        preds = model.predict(convs, batch_size=batch)
+    except cmath_runtime.CmathError:
+        return
+    assert isinstance(convs, list) and len(preds) == len(convs)
+    for conv, pred in zip(convs, preds):
+        _assert_prediction(pred, len(conv["speakers"]))
+
+
+@PROPERTY
+@given(data=st.data())
+def test_property_conversation_add(models: dict, data: st.DataObject) -> None:
+    EXAMPLES["conversation"] += 1
+    model = models[data.draw(st.sampled_from(["fp32", "fp16"]))]
+    conv = Conversation(model)
+    for _ in range(data.draw(st.integers(1, 5))):
+        speaker = data.draw(st.one_of(st.integers(-1, 10), st.sampled_from([1.0, True, "0", None, np.int64(2)])))
+        feats = data.draw(features(1, one=True))
+        if data.draw(st.integers(0, 9)) == 0:
+            feats["text"] = data.draw(st.text(max_size=10))
+        with contextlib.suppress(cmath_runtime.CmathError):
+            conv.add(speaker, **feats)
+        with contextlib.suppress(cmath_runtime.CmathError):
+            _assert_prediction(conv.prediction(), len(conv))
+    assert conv.path == "step"
+
+
+@settings(PROPERTY, max_examples=40)
+@given(texts=st.one_of(st.lists(st.one_of(st.text(max_size=30), st.none(), st.integers()), max_size=4), st.text()))
+def test_property_text_path(models: dict, texts: object) -> None:
+    """An artifact without a text encoder: raw text is always a clear InputError, whatever the text is."""
+    EXAMPLES["text"] += 1
+    model = models["fp32"]
+    n = len(texts) if isinstance(texts, list) else 1
+    with pytest.raises(cmath_runtime.CmathError):
+        model.predict([{"speakers": list(range(n)), "texts": texts, "features": {}}])
+    with pytest.raises(cmath_runtime.CmathError):
+        Conversation(model).add(0, text=texts if isinstance(texts, str) else "x")
+
+
+def test_property_examples_counted() -> None:
+    """Runs after the property tests (file order): how many examples each ran, for the README's reliability
+    section. Fails if a property test was skipped silently."""
+    print(f"\nproperty examples run: {EXAMPLES}")
+    if all(EXAMPLES.values()):
+        assert EXAMPLES["predict"] >= 100 and EXAMPLES["conversation"] >= 100 and EXAMPLES["text"] >= 30

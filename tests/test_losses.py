@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cmath_train.config import LossConfig
 from cmath_train.losses import cmath_loss
 from cmath_train.model import CMATH
+from cmath_train.models.cmath import CMATHLossConfig as LossConfig
 from tests.conftest import tiny_model_config
 from tests.test_model import make_inputs
 
@@ -91,3 +91,19 @@ def test_overfits_a_tiny_batch(setup):
     net.eval()
     pred = net(feats, speaker, mask).logits.argmax(-1)
     assert (pred[mask] == labels[mask]).float().mean().item() == 1.0
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_mse_teacher_gradient_is_a_config_choice(setup, detach):
+    """L_mse's teacher H'_x: detached by default (the paper's teacher/student), or trained with detach_mse_teacher=False.
+    MLP_mu (15) sits only on the teacher's path, so it gets L_mse gradient exactly when the teacher does."""
+    from cmath_train.losses import low_level_distillation
+
+    net, feats, speaker, mask, labels = setup
+    assert LossConfig().detach_mse_teacher is True
+    out = net(feats, speaker, mask)
+    low_level_distillation(out, mask, detach).backward()
+    grads = [p.grad for p in net.mlp_mu.parameters()]
+    assert all(g is None or not g.any() for g in grads) if detach else any(g is not None and g.any() for g in grads)
+    total = cmath_loss(net(feats, speaker, mask), labels, mask, LossConfig(detach_mse_teacher=detach))["total"]
+    assert torch.isfinite(total)

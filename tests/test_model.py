@@ -19,6 +19,7 @@ from cmath_train.layers import (
     sinusoidal_positions,
 )
 from cmath_train.model import CMATH
+from cmath_train.models.cmath import CMATHConfig
 from tests.conftest import TINY_DIMS, tiny_model_config
 
 SUBSETS = ["".join(s) for r in (1, 2, 3) for s in itertools.combinations("tav", r)]
@@ -188,7 +189,7 @@ def test_presets_use_the_paper_settings():
     assert PRESETS["meld"].model["d"] == 400 and PRESETS["meld"].train["lr"] == 2e-4
     assert PRESETS["iemocap"].model["d"] == 500 and PRESETS["iemocap"].loss["gamma_kl"] == 1.8
     for p in PRESETS.values():
-        ModelConfig(**p.model)  # heads divide d
+        CMATHConfig(**p.model)  # heads divide d
     with pytest.raises(ValueError, match="heads"):
         ModelConfig(d=500, heads=8)
 
@@ -218,3 +219,30 @@ def test_clear_input_errors():
     _bad(net, dict(feats, t=feats["t"].long()), speaker, mask, "floating-point")
     _bad(net, feats, speaker.float(), mask, "integer dtype")
     _bad(net, feats, speaker, mask.long(), "torch.bool")
+
+
+def test_near_constant_features_are_not_blown_up():
+    """A feature constant (or nearly) in train divides by 1, not by a clamped 1e-6 std (which multiplies test-time
+    differences by ~1e6); informative features keep their std."""
+    net = CMATH(tiny_model_config())
+    d = TINY_DIMS["t"]
+    mean = {m: torch.full((n,), 3.0) for m, n in TINY_DIMS.items()}
+    std = {m: torch.ones(n) for m, n in TINY_DIMS.items()}
+    std["t"][0], std["t"][1], std["t"][2], std["t"][3] = 0.0, 1e-9, 1e-7, 0.5
+    net.set_input_stats(mean, std)
+    got = net.standardize["t"].std
+    assert got[:3].tolist() == [1.0, 1.0, 1.0] and got[3].item() == 0.5 and got.shape == (d,)
+    x = torch.full((1, 1, d), 3.0)
+    x[..., :3] += 0.01  # a small test-time change of a train-constant feature stays small
+    assert net.standardize["t"](x)[..., :3].abs().max() < 0.02
+
+
+def test_padded_speaker_ids_are_ignored():
+    """Padded rows may hold any speaker id (-1, 99): CMATH reads them as 0 under the mask, as the baselines do."""
+    torch.manual_seed(0)
+    net = CMATH(tiny_model_config()).eval()
+    feats, speaker, mask = make_inputs(net.cfg, [5, 3])
+    clean = net(feats, speaker, mask)
+    for junk in (-1, 99):
+        dirty = net(feats, torch.where(mask, speaker, junk), mask)
+        assert torch.equal(dirty.logits[mask], clean.logits[mask])

@@ -19,8 +19,9 @@ from cmath_runtime.errors import InputError
 from cmath_train.checkpoint import load_checkpoint
 from cmath_train.config import LossConfig, TrainConfig
 from cmath_train.losses import add_cdat, cdat_transfer, cdat_weights, cmath_loss
-from cmath_train.models.dmd import DMD, edge_prior, margin_loss
-from cmath_train.models.sdt import SDT
+from cmath_train.models.cmath import CMATHLossConfig
+from cmath_train.models.dmd import DMD, DMDLossConfig, edge_prior, margin_loss
+from cmath_train.models.sdt import SDT, SDTLossConfig
 from cmath_train.registry import create_model, model_names
 from cmath_train.train import predict, train
 from tests.conftest import TINY_DIMS, tiny_model_config
@@ -130,7 +131,7 @@ def test_sdt_loss_terms_match_their_definitions():
     net = build("sdt", dropout=0.0).train()
     feats, speaker, mask, labels = labelled(net.cfg, [6, 4])
     out = net(feats, speaker, mask)
-    cfg = LossConfig(sdt_gamma_ce_m=0.5, sdt_gamma_kl=1.5, sdt_temperature=2.0, sdt_gamma_feat=0.3)
+    cfg = SDTLossConfig(sdt_gamma_ce_m=0.5, sdt_gamma_kl=1.5, sdt_temperature=2.0, sdt_gamma_feat=0.3)
     t = net.loss(out, labels, mask, cfg)
     r = mask
     ce_x = F.cross_entropy(out.logits[r], labels[r])
@@ -174,7 +175,7 @@ def test_dmd_loss_terms_match_their_definitions():
     net = build("dmd", dropout=0.0).train()
     feats, speaker, mask, labels = labelled(net.cfg, [6, 4])
     out = net(feats, speaker, mask)
-    cfg = LossConfig(dmd_gamma_dec=0.2, dmd_gamma_margin_ort=0.3, dmd_gamma_gd=0.07, dmd_gd_repr=4.0, dmd_gd_reg=5.0)
+    cfg = DMDLossConfig(dmd_gamma_dec=0.2, dmd_gamma_margin_ort=0.3, dmd_gamma_gd=0.07, dmd_gd_repr=4.0, dmd_gd_reg=5.0)
     t = net.loss(out, labels, mask, cfg)
     r, mods = mask, "tav"
     ce = {"ce_x": F.cross_entropy(out.logits[r], labels[r]),
@@ -259,7 +260,7 @@ def zoo_runs(tiny_data, tmp_path_factory):
 @pytest.mark.parametrize("name", ZOO)
 def test_training_and_checkpoint_round_trip(name, zoo_runs, tiny_data):
     run, metrics = zoo_runs[name]
-    cfg, cdat = tiny_model_config(), CDAT_IN_RUN[name]
+    cfg, cdat = tiny_model_config(name), CDAT_IN_RUN[name]
     assert metrics["model"] == name and ("train_cdat" in metrics["history"][0]) == cdat
     saved = json.loads((run / "config.json").read_text())
     assert saved["model_name"] == name and saved["loss"]["cdat"] == cdat
@@ -358,8 +359,8 @@ def test_cdat_is_added_to_any_models_total_with_its_weight():
     net = create_model("cmath", tiny_model_config(dropout=0.0)).eval()  # eval: the same H'_x in both calls
     feats, speaker, mask, labels = labelled(net.cfg, [6, 4])
     out = net(feats, speaker, mask)
-    plain = cmath_loss(out, labels, mask, LossConfig())
-    with_cdat = cmath_loss(out, labels, mask, LossConfig(cdat=True, cdat_weight=0.7))
+    plain = cmath_loss(out, labels, mask, CMATHLossConfig())
+    with_cdat = cmath_loss(out, labels, mask, CMATHLossConfig(cdat=True, cdat_weight=0.7))
     assert "cdat" not in plain and with_cdat["cdat"].item() > 0
     assert with_cdat["total"].item() == pytest.approx(plain["total"].item() + 0.7 * with_cdat["cdat"].item(), rel=1e-6)
     padded = labels.clone()
@@ -397,3 +398,19 @@ def test_compare_models_writes_the_table(tmp_path, monkeypatch):
     assert "| dmd+cdat |" in table and report["latency"]["backend"] in table and "NOT the exported runtime" in table
     bad = CliRunner().invoke(compare_cli, ["--models", "mult", "--out", str(tmp_path / "x")])
     assert bad.exit_code != 0 and "expected NAME or NAME+cdat" in bad.output
+
+
+def test_sdt_gets_its_published_recipe():
+    """SDT's own MELD/IEMOCAP recipes (its public code) replace CMATH's presets of the same name (issue 13)."""
+    from cmath_train.config import get_preset
+    from cmath_train.registry import loss_config, model_config, preset
+
+    meld, iemocap = preset("sdt", "meld"), preset("sdt", "iemocap")
+    loss = loss_config("sdt", **meld.loss)
+    assert loss.sdt_temperature == 8.0 and not loss.class_weighted
+    assert meld.train["lr"] == 5e-6 and meld.train["batch_size"] == 8 and meld.model["dropout"] == 0.5
+    assert loss_config("sdt", **iemocap.loss).class_weighted and iemocap.train["lr"] == 1e-4
+    assert model_config("sdt", feature_dims=dict(TINY_DIMS), **meld.model).d == 1024
+    assert preset("cmath", "meld") is get_preset("meld") and preset("dmd", "meld") is get_preset("meld")
+    # CMATH-only fields of a shared preset are dropped for a model that does not have them
+    assert not hasattr(model_config("sdt", **get_preset("meld_text").model), "modality_reconstruction")

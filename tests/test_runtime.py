@@ -398,3 +398,62 @@ def test_cuda_matches_cpu(exported: Path, model: cmath_runtime.EmotionModel) -> 
     convs = make_conversations([3, 30])
     for a, b in zip(gpu.predict(convs), model.predict(convs)):
         np.testing.assert_allclose(a.probs, b.probs, atol=1e-4)
+
+
+# --- one loader, one manifest, one comparator (issue 12) ----------------------------------------------------------
+
+def test_manifest_round_trip(exported: Path) -> None:
+    from cmath_runtime.manifest import Manifest, read_manifest
+
+    manifest = read_manifest(exported)
+    on_disk = json.loads((exported / "export.json").read_text())
+    assert manifest.to_json() == on_disk  # what the exporter wrote is exactly what the type holds
+    again = Manifest.from_json(manifest.to_json(), exported / "export.json")
+    assert again == manifest and again.artifacts["fp32"].path == exported / "model.onnx"
+
+
+def test_every_session_goes_through_open_session(exported: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cmath_runtime import session
+
+    seen = []
+    real = session.open_session
+
+    def spy(path, backend="cpu", **kw):  # noqa: ANN001, ANN202
+        seen.append((Path(path).name, backend, kw.get("what")))
+        return real(path, backend, **kw)
+
+    monkeypatch.setattr(session, "open_session", spy)
+    model = cmath_runtime.load(exported, backend="cpu", threads=1)
+    assert seen == [("model.onnx", "cpu", "model")]
+    assert model.step_graph is None and model.step_graph is model.step_graph  # bidirectional: none, asked once
+    with pytest.raises(ValueError, match="backend"):
+        session.open_session(exported / "model.onnx", "no-such-backend")
+    with pytest.raises(ArtifactError, match="does not match export.json"):
+        session.open_session(exported / "model.onnx", "cpu", inputs=("x",), what="step graph")
+
+
+def test_backend_table_takes_a_new_backend(exported: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cmath_runtime import session
+
+    monkeypatch.setitem(session.BACKENDS, "fancy", session.Backend("fancy", "FancyExecutionProvider",
+                                                                   "pip install fancy-ort"))
+    assert "fancy" in session.backend_names()
+    with pytest.raises(BackendUnavailableError, match="pip install fancy-ort"):
+        cmath_runtime.load(exported, backend="fancy")
+    assert session.PRECISIONS["fp16"].artifact_key("tensorrt") == "fp32"  # TensorRT builds fp16 from model.onnx
+
+
+def test_comparator_checks_and_nan() -> None:
+    from cmath_runtime.compare import compare, max_abs, min_cosine
+
+    ref = [{"probs": np.array([[[0.2, 0.8], [0.6, 0.4]]]), "embedding": np.array([[[1.0, 0.0], [0.0, 1.0]]])}]
+    got = [{"probs": ref[0]["probs"] + 1e-5, "embedding": ref[0]["embedding"] * 2.0}]
+    masks = [np.array([[True, True]])]
+    report = compare(ref, got, {"probs": max_abs(1e-4), "embedding": min_cosine(0.999)}, masks)
+    assert report.passed and report.argmax_agreement == 1.0 and report.rows == 2
+    assert report.output("embedding").min_cosine == pytest.approx(1.0) and report.output("embedding").max_abs == 1.0
+    assert not compare(ref, got, {"embedding": max_abs(1e-3)}, masks).passed  # same data, another check
+    bad = [{"probs": got[0]["probs"].copy(), "embedding": got[0]["embedding"]}]
+    bad[0]["probs"][0, 1, 0] = np.nan
+    report = compare(ref, bad, {"probs": max_abs(None)}, masks)  # report-only, yet NaN fails
+    assert not report.passed and report.output("probs").nonfinite == 1 and "FAILED" in report.summary()

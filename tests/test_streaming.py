@@ -63,6 +63,45 @@ def test_torch_step_ablations(overrides: dict) -> None:
         assert (probs - full[i]).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("kernel", [1, 2, 3, 5])
+def test_torch_step_every_conv_kernel(kernel: int) -> None:
+    """k = 1 has no conv tail (the step once used a linear layer it does not have); k > 1 carries k-1 rows."""
+    from cmath_train.model import CMATH
+    from cmath_train.streaming import StepModule, StreamState, step
+
+    torch.manual_seed(kernel)
+    net = CMATH(tiny_model_config(causal=True, conv_kernel=kernel)).eval()
+    module = StepModule(net, 16)
+    assert module.tail == kernel - 1
+    feats, spk = _conversation(9, TINY_DIMS, kernel)
+    with torch.no_grad():
+        out = net({m: torch.from_numpy(x)[None] for m, x in feats.items()}, torch.from_numpy(spk)[None],
+                  torch.ones(1, 9, dtype=torch.bool))
+    state = StreamState.empty(module)
+    for i in range(9):
+        probs, emb, state = step(module, state, {m: torch.from_numpy(x[i]) for m, x in feats.items()}, int(spk[i]))
+        assert (probs - out.logits[0, i].softmax(-1)).abs().max() < 1e-5
+        assert (emb - out.embedding[0, i]).abs().max() < 1e-5
+
+
+def test_step_graph_export_with_conv_kernel_1(tmp_path: Path) -> None:
+    """A causal --conv-kernel 1 model exports its step graph, and it equals the full graph (issue 13)."""
+    import onnx
+
+    from cmath_export.formats import DEFAULT_OPSET
+    from cmath_export.graph import export_onnx
+    from cmath_export.step_graph import export_step
+    from cmath_train.model import CMATH
+
+    torch.manual_seed(1)
+    net = CMATH(tiny_model_config(causal=True, conv_kernel=1, modalities=("t", "a"))).eval()
+    onnx.save(export_onnx(net, DEFAULT_OPSET, 32), str(tmp_path / "model.onnx"))
+    entry = export_step(net, DEFAULT_OPSET, 32, tmp_path, say=lambda _: None)
+    assert entry["tail"] == 0 and not any(s["input"].startswith("tail_") for s in entry["state"])
+    assert entry["parity"]["passed"] and entry["parity"]["probs_max_abs"] < 1e-5
+    assert entry["parity"]["batched_probs_max_abs"] < 1e-5
+
+
 def test_step_refuses_bidirectional_model() -> None:
     from cmath_train.model import CMATH
     from cmath_train.streaming import StepModule
@@ -104,16 +143,18 @@ def test_export_records_step_graph(causal_export: Path) -> None:
 def test_step_graph_parity_200(causal_export: Path) -> None:
     import onnxruntime as ort
 
-    from cmath_export.step_graph import run_step_graph
+    from cmath_runtime.streaming import StepGraph
 
     step = json.loads((causal_export / "export.json").read_text())["step"]
-    specs = ([], [type("S", (), {"name": o["name"]}) for o in step["outputs"]], step["state"])
+    graph = StepGraph.from_session(ort.InferenceSession(str(causal_export / "model.step.onnx"),
+                                                        providers=["CPUExecutionProvider"]), step)
     feats, spk = _conversation(MAX_LEN, TINY_DIMS, 7)
     full = ort.InferenceSession(str(causal_export / "model.onnx"), providers=["CPUExecutionProvider"])
     ref_probs, ref_emb = full.run(["probs", "embedding"], {**{m: x[None] for m, x in feats.items()},
                                                             "speaker": spk[None], "mask": np.ones((1, MAX_LEN), bool)})
-    sess = ort.InferenceSession(str(causal_export / "model.step.onnx"), providers=["CPUExecutionProvider"])
-    probs, emb = run_step_graph(sess, specs, MAX_LEN, feats, spk)
+    state = graph.empty_state()
+    out = [graph.run(state, i, int(spk[i]), {m: x[i] for m, x in feats.items()}) for i in range(MAX_LEN)]
+    probs, emb = np.stack([p for p, _ in out]), np.stack([e for _, e in out])
     assert np.abs(probs - ref_probs[0]).max() < 1e-4
     assert np.abs(emb - ref_emb[0]).max() < 1e-3
 
@@ -185,3 +226,53 @@ def test_no_step_graph_uses_full_path(causal_export: Path, tmp_path: Path) -> No
     assert conv.path == "full" and conv.probs().shape == (5, 6)
     resumed = Conversation.from_state(model, conv.state_dict())
     np.testing.assert_array_equal(resumed.probs(), conv.probs())
+
+
+def test_step_batch_equals_each_alone_and_full_graph(causal_model) -> None:
+    """16 conversations of different lengths stepped together in one graph call per step (different positions,
+    padded histories) equal each one stepped alone, and the full graph's rows."""
+    import cmath_runtime
+    from cmath_runtime import Conversation
+
+    lengths = [1, 2, 3, 5, 8, 13, 21, 34, 4, 9, 17, 30, 6, 11, 25, 40]
+    data = [_conversation(n, TINY_DIMS, 100 + k) for k, n in enumerate(lengths)]
+    together = [Conversation(causal_model) for _ in lengths]
+    for k, (feats, spk) in enumerate(data):  # different histories before the batched steps (some left pending)
+        _add_all(together[k], feats, spk, 0, lengths[k] // 2)
+    for i in range(max(lengths)):
+        live = [k for k, n in enumerate(lengths) if lengths[k] // 2 <= i < n]
+        if not live:
+            continue
+        emotions = cmath_runtime.step_batch([together[k] for k in live],
+                                            [{"speaker": int(data[k][1][i]), **{m: x[i] for m, x in data[k][0].items()}}
+                                             for k in live])
+        for k, emotion in zip(live, emotions):
+            assert emotion == together[k].latest
+    for k, (feats, spk) in enumerate(data):
+        alone = _add_all(Conversation(causal_model), feats, spk)
+        assert len(together[k]) == lengths[k]
+        np.testing.assert_allclose(together[k].probs(), alone.probs(), atol=1e-5, rtol=0)
+        [full] = causal_model.predict([{"speakers": spk, "features": feats}])
+        assert np.abs(together[k].probs() - full.probs).max() < 1e-4
+
+
+def test_step_batch_validation_names_the_utterance(causal_model) -> None:
+    import cmath_runtime
+    from cmath_runtime import Conversation
+
+    feats, _ = _conversation(1, TINY_DIMS, 0)
+    good = {"speaker": 0, **{m: x[0] for m, x in feats.items()}}
+    convs = [Conversation(causal_model), Conversation(causal_model)]
+    for bad, field in (({**good, "speaker": 99}, "utterances[1].speaker"),
+                       ({k: v for k, v in good.items() if k != "a"}, "utterances[1].features"),
+                       ({**good, "t": np.full(TINY_DIMS["t"], np.nan, np.float32)}, "utterances[1].features['t']"),
+                       ({**good, "v": np.zeros(3, np.float32)}, "utterances[1].features['v']")):
+        with pytest.raises(InputError) as e:
+            cmath_runtime.step_batch(convs, [good, bad])
+        assert e.value.field == field
+    assert [len(c) for c in convs] == [0, 0]  # nothing changed
+    with pytest.raises(InputError, match="at most once"):
+        cmath_runtime.step_batch([convs[0], convs[0]], [good, good])
+    with pytest.raises(InputError) as e:
+        cmath_runtime.step_batch(convs, [good])
+    assert e.value.field == "utterances"

@@ -1,12 +1,13 @@
-"""The systems CMATH builds on, as first-class registered models beside it (issue 9).
+"""Every registered model, each with its config beside it (timm's models/):
 
-    sdt  SDT (Ma et al., 2023): intra-/inter-modal transformers, hierarchical gated fusion, self-distillation.
-    dmd  DMD (Li et al., CVPR 2023) adapted to conversations: decoupled common/specific spaces, graph distillation.
+    cmath  CMATH (Zhu et al., 2024): the paper's model, cmath.py.
+    sdt    SDT (Ma et al., 2023): intra-/inter-modal transformers, hierarchical gated fusion, self-distillation.
+    dmd    DMD (Li et al., CVPR 2023) adapted to conversations: decoupled common/specific spaces, graph distillation.
 
-CDaT (confidence-weighted cross-modal transfer) is a training option for every model: LossConfig.cdat, losses.py.
-Each model is built from the shared blocks in layers.py, outputs at least `logits`, `embedding` and
-`modality_logits` like CMATHOutput, offers `loss(out, labels, mask, cfg, class_weight)` and `set_input_stats`,
+Confidence-gated prediction-level KD (LossConfig.cdat*) is a training option for every model: losses.py.
+Each model is built from the shared blocks in layers.py (and models/common.py), outputs at least `logits`,
+`embedding` and `modality_logits`, offers `loss(out, labels, mask, cfg, class_weight)` and `set_input_stats`,
 and has a deterministic eval path that cmath-export turns into the same ONNX graph interface.
 """
 
-from . import dmd, sdt  # noqa: F401  (register "dmd" and "sdt")
+from . import cmath, dmd, sdt  # noqa: F401  (register "cmath", "dmd" and "sdt")

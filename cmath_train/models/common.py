@@ -5,10 +5,75 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .. import model as cmath_model
+from cmath_runtime.errors import InputError
+
 from ..config import ModelConfig
-from ..layers import MLP, AddNormFFN, Attention
-from ..model import Standardize, check_inputs, set_standardize_stats
+from ..layers import MLP, AddNormFFN, Attention, SinusoidalPositions
+
+
+class Standardize(nn.Module):
+    """Input normalisation (ours): (x - train mean) / train std, folded into the graph as buffers."""
+
+    def __init__(self, d_in: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(d_in))
+        self.register_buffer("std", torch.ones(d_in))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
+def safe_std(mean: Tensor, std: Tensor) -> Tensor:
+    """The train std with 1 for (near-)constant features, as scikit-learn's StandardScaler does: a feature whose
+    std is within float32 rounding of its mean (std < 10 * eps * max(1, |mean|)) carries no information in train,
+    and dividing by that tiny std would multiply any difference at test time by ~1e6."""
+    eps = torch.finfo(torch.float32).eps
+    constant = std < 10 * eps * mean.abs().clamp_min(1.0)
+    return torch.where(constant, torch.ones_like(std), std)
+
+
+@torch.no_grad()
+def set_standardize_stats(standardize: nn.ModuleDict, cfg: ModelConfig, mean: dict[str, Tensor],
+                          std: dict[str, Tensor]) -> None:
+    """Store the train split's per-feature mean/std in each modality's Standardize (only when cfg.standardize)."""
+    if not cfg.standardize:
+        return
+    for m in cfg.modalities:
+        standardize[m].mean.copy_(mean[m])
+        standardize[m].std.copy_(safe_std(mean[m], std[m]))
+
+
+def check_inputs(cfg: ModelConfig, features: dict[str, Tensor], speaker: Tensor, mask: Tensor) -> None:
+    """Clear errors for bad input before it reaches any layer: each names the field, expected and actual."""
+    if set(features) != set(cfg.modalities):
+        raise InputError("features", f"modalities {list(cfg.modalities)}", f"{sorted(features)}")
+    if mask.dtype != torch.bool:
+        raise InputError("mask", "dtype torch.bool", mask.dtype)
+    if mask.ndim != 2:
+        raise InputError("mask", "shape (batch, utterances)", tuple(mask.shape))
+    b, n = mask.shape
+    if b == 0 or n == 0:
+        raise InputError("mask", "at least one conversation with at least one utterance", f"shape {(b, n)}")
+    if not mask.any():
+        raise InputError("mask", "at least one real utterance", "an all-padding batch")
+    if speaker.shape != mask.shape:
+        raise InputError("speaker", f"shape {(b, n)} like mask", tuple(speaker.shape))
+    if speaker.dtype.is_floating_point or speaker.dtype == torch.bool:
+        raise InputError("speaker", "an integer dtype", speaker.dtype)
+    real_speakers = speaker[mask]
+    low, high = int(real_speakers.min()), int(real_speakers.max())
+    if low < 0 or high >= cfg.num_speakers:
+        bad = low if low < 0 else high
+        raise InputError("speaker", f"ids in [0, {cfg.num_speakers - 1}]", bad)
+    for m in cfg.modalities:
+        x = features[m]
+        expected = (b, n, cfg.feature_dims[m])
+        if tuple(x.shape) != expected:
+            raise InputError(f"features[{m!r}]", f"shape {expected}", tuple(x.shape))
+        if not x.dtype.is_floating_point:
+            raise InputError(f"features[{m!r}]", "a floating-point dtype", x.dtype)
+        if not torch.isfinite(x[mask]).all():
+            raise InputError(f"features[{m!r}]", "finite values", "NaN or inf in a real utterance")
 
 
 class TransformerLayer(nn.Module):
@@ -49,6 +114,7 @@ class BaselineInputs(nn.Module):
         self.cfg = cfg
         self.standardize = nn.ModuleDict({m: Standardize(cfg.feature_dims[m]) for m in cfg.modalities})
         self.speaker_embedding = nn.Embedding(cfg.num_speakers, cfg.d)
+        self.positions = SinusoidalPositions(cfg.d, cfg.pos_max_period)  # P (6-7)
 
     def forward(self, features: dict[str, Tensor], speaker: Tensor, mask: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         """-> (m -> (B, N, d_m) standardised features, 0 in padded rows; (B, N, d) context S + P)."""
@@ -56,11 +122,8 @@ class BaselineInputs(nn.Module):
             check_inputs(self.cfg, features, speaker, mask)
         rows = mask[..., None]
         inputs = {m: torch.where(rows, self.standardize[m](features[m]), 0.0) for m in self.cfg.modalities}
-        positions = torch.arange(mask.shape[1], device=mask.device)
         speaker = torch.where(mask, speaker, 0)  # padded rows may hold any id; they must not index out of range
-        # Looked up through cmath_train.model, like CMATH does, so cmath-export's fp16-safe position table (it
-        # patches cmath_train.model.sinusoidal_positions while tracing) applies to every model alike.
-        p = cmath_model.sinusoidal_positions(positions, self.cfg.d, self.cfg.pos_max_period)  # P (6-7): (N, d)
+        p = self.positions.first(mask.shape[1], mask.device)  # P (6-7): (N, d)
         context = self.speaker_embedding(speaker) + p  # S + P
         return inputs, context
 

@@ -51,14 +51,45 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import LossConfig, ModelConfig
+from ..config import LossConfig, ModelConfig, Preset, coerce
 from ..layers import UtteranceConv, attention_mask
 from ..losses import add_cdat, cross_entropy, masked_mean
-from ..registry import register
 from .common import BaselineInputs, ResidualMLP, TransformerLayer
 
 EDGE_ALPHA = 1 / 8  # softmax sharpness of the edge scores (DMD: alpha)
 PRIOR_TEMPERATURE = 0.25  # the prior's softmax temperature (DMD: softmax([...], 0.25))
+
+
+@dataclass
+class DMDConfig(ModelConfig):
+    """DMD's own fields (the shared ones are in config.ModelConfig)."""
+
+    conv_kernel: int = 3  # the per-modality UtteranceConv over utterances ('same', or left-only when causal)
+    dmd_gd_hidden_homo: int = 64  # hidden sizes of the graph-distillation edge networks (DMD code: 64 homo,
+    dmd_gd_hidden_hetero: int = 32  # 32 hetero)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.conv_kernel < 1:
+            raise ValueError(f"conv_kernel: expected >= 1, got {self.conv_kernel}")
+
+
+@dataclass
+class DMDLossConfig(LossConfig):
+    """L = L_task + g_dec * L_dec + g_gd * (L_homo + L_hetero) (DMD code's weights); shared fields in LossConfig."""
+
+    dmd_gamma_dec: float = 0.1  # decoupling: reconstruction + cycle + g_mo * (margin + orthogonality)
+    dmd_gamma_margin_ort: float = 0.1  # g_mo inside L_dec
+    dmd_margin: float = 0.15  # hinge margin of the margin (triplet-like) loss on the common features
+    dmd_gamma_gd: float = 0.05  # each graph distillation unit
+    dmd_gd_repr: float = 10.0  # weight of the representation term in the heterogeneous unit (DMD: w_losses[1])
+    dmd_gd_reg: float = 10.0  # pull of the mean learned edge weights towards their prior (DMD: gd_reg)
+
+
+# DMD's published recipe is for utterance-level sentiment regression (MOSI/MOSEI), not conversations: what
+# transfers are its loss weights, which are DMDLossConfig's defaults. No dataset presets of its own, so
+# `registry.preset("dmd", name)` falls back to the shared presets (their CMATH-only fields are dropped).
+PRESETS: dict[str, Preset] = {}
 
 
 @dataclass
@@ -126,7 +157,7 @@ class GraphDistillation(nn.Module):
 class DMD(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = coerce(DMDConfig, cfg)
         mods, d, c = cfg.modalities, cfg.d, cfg.num_classes
         self.inputs = BaselineInputs(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -210,7 +241,7 @@ class DMD(nn.Module):
 
     def loss(self, out: DMDOutput, labels: Tensor, mask: Tensor, cfg: LossConfig,
              class_weight: Tensor | None = None) -> dict[str, Tensor]:
-        return dmd_loss(self, out, labels, mask, cfg, class_weight)
+        return dmd_loss(self, out, labels, mask, coerce(DMDLossConfig, cfg), class_weight)
 
     def set_input_stats(self, mean: dict[str, Tensor], std: dict[str, Tensor]) -> None:
         self.inputs.set_input_stats(mean, std)
@@ -243,7 +274,7 @@ def margin_loss(points: Tensor, ids: Tensor, margin: float) -> Tensor:
     return per_anchor[valid].mean()
 
 
-def dmd_loss(model: DMD, out: DMDOutput, labels: Tensor, mask: Tensor, cfg: LossConfig,
+def dmd_loss(model: DMD, out: DMDOutput, labels: Tensor, mask: Tensor, cfg: DMDLossConfig,
              class_weight: Tensor | None = None) -> dict[str, Tensor]:
     rows = mask & (labels >= 0)
     zero = out.logits.sum() * 0
@@ -276,8 +307,3 @@ def dmd_loss(model: DMD, out: DMDOutput, labels: Tensor, mask: Tensor, cfg: Loss
     out_terms = {"total": total, "ce_x": ce_x, "ce_m": ce_m, "ce_c": ce_c, "re": re, "cycle": cycle, "ort": ort,
                  "margin": margin, **terms}
     return add_cdat(out_terms, out, labels, mask, cfg)
-
-
-@register("dmd")
-def build_dmd(cfg: ModelConfig) -> DMD:
-    return DMD(cfg)

@@ -29,14 +29,48 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import LossConfig, ModelConfig
+from ..config import LossConfig, ModelConfig, Preset, coerce
 from ..layers import GatedFusion, attention_mask
-from ..losses import add_cdat, cross_entropy, masked_mean
-from ..registry import register
+from ..losses import add_cdat, cross_entropy, high_level_distillation, masked_mean
 from .common import BaselineInputs, TransformerLayer
+
+
+@dataclass
+class SDTConfig(ModelConfig):
+    """SDT reads only the shared fields (config.ModelConfig)."""
+
+
+@dataclass
+class SDTLossConfig(LossConfig):
+    """L = CE_x + g_ce_m * sum_m CE_m + g_kl * sum_m KL_T + g_feat * sum_m MSE; shared fields in config.LossConfig."""
+
+    detach_teacher: bool = True  # the fused prediction teaches without receiving gradient (SDT lets it learn)
+    sdt_gamma_ce_m: float = 1.0  # hard labels teach each modality (SDT code: gamma_2 = 1)
+    sdt_gamma_kl: float = 1.0  # soft labels: KL(softmax(Y^_x / T) || softmax(Y^_m / T)) (SDT code: gamma_3 = 1)
+    sdt_temperature: float = 1.0  # T (SDT code: 1 on IEMOCAP, 8 on MELD)
+    sdt_gamma_feat: float = 0.0  # feature-level term ||H_x - H_m||^2; not in SDT's paper or public code, so off
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sdt_temperature <= 0:
+            raise ValueError(f"sdt_temperature: expected > 0, got {self.sdt_temperature}")
+
+
+# SDT's published recipes (its public code: exec_meld.sh / exec_iemocap.sh and train.py's defaults): Adam with L2
+# 1e-5, dropout 0.5, hidden size 1024 with 8 heads, loss weights gamma_1..3 = 1; MELD: lr 5e-6, batch 8, 50 epochs,
+# temperature 8; IEMOCAP: lr 1e-4, batch 16, 150 epochs, temperature 1, inverse-frequency class weights. SDT has
+# no early stopping (it reports its best *test* epoch); we keep every epoch too (patience = epochs) but select on
+# validation. `registry.preset("sdt", name)` returns these in place of CMATH's presets of the same name.
+PRESETS: dict[str, Preset] = {
+    "meld": Preset(model={"d": 1024, "heads": 8, "dropout": 0.5},
+                   loss={"sdt_temperature": 8.0, "sdt_gamma_ce_m": 1.0, "sdt_gamma_kl": 1.0},
+                   train={"lr": 5e-6, "batch_size": 8, "epochs": 50, "patience": 50, "weight_decay": 1e-5}),
+    "iemocap": Preset(model={"d": 1024, "heads": 8, "dropout": 0.5},
+                      loss={"sdt_temperature": 1.0, "sdt_gamma_ce_m": 1.0, "sdt_gamma_kl": 1.0, "class_weighted": True},
+                      train={"lr": 1e-4, "batch_size": 16, "epochs": 150, "patience": 150, "weight_decay": 1e-5}),
+}
 
 
 @dataclass
@@ -61,7 +95,7 @@ class UnimodalGate(nn.Module):
 class SDT(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = coerce(SDTConfig, cfg)
         mods, d = cfg.modalities, cfg.d
         self.inputs = BaselineInputs(cfg)
         self.project = nn.ModuleDict({m: nn.Linear(cfg.feature_dims[m], d, bias=False) for m in mods})  # Conv1D k=1
@@ -92,7 +126,7 @@ class SDT(nn.Module):
 
     def loss(self, out: SDTOutput, labels: Tensor, mask: Tensor, cfg: LossConfig,
              class_weight: Tensor | None = None) -> dict[str, Tensor]:
-        return sdt_loss(out, labels, mask, cfg, class_weight)
+        return sdt_loss(out, labels, mask, coerce(SDTLossConfig, cfg), class_weight)
 
     def set_input_stats(self, mean: dict[str, Tensor], std: dict[str, Tensor]) -> None:
         self.inputs.set_input_stats(mean, std)
@@ -100,13 +134,7 @@ class SDT(nn.Module):
 
 def soft_label_distillation(out: SDTOutput, rows: Tensor, temperature: float, detach_teacher: bool) -> Tensor:
     """sum_m 1/n sum_i KL(softmax(Y^_x,i / T) || softmax(Y^_m,i / T))  (SDT's MaskedKLDivLoss, no T^2 factor)."""
-    teacher = out.logits.detach() if detach_teacher else out.logits
-    log_p_x = F.log_softmax(teacher / temperature, dim=-1)
-    terms = []
-    for logits_m in out.modality_logits.values():
-        kl = (log_p_x.exp() * (log_p_x - F.log_softmax(logits_m / temperature, dim=-1))).sum(-1)  # (B, N)
-        terms.append(masked_mean(kl, rows))
-    return sum(terms)
+    return high_level_distillation(out, rows, detach_teacher, temperature)
 
 
 def feature_distillation(out: SDTOutput, rows: Tensor, detach_teacher: bool) -> Tensor:
@@ -115,7 +143,7 @@ def feature_distillation(out: SDTOutput, rows: Tensor, detach_teacher: bool) -> 
     return sum(masked_mean((teacher - h_m) ** 2, rows) for h_m in out.modality_embeddings.values())
 
 
-def sdt_loss(out: SDTOutput, labels: Tensor, mask: Tensor, cfg: LossConfig,
+def sdt_loss(out: SDTOutput, labels: Tensor, mask: Tensor, cfg: SDTLossConfig,
              class_weight: Tensor | None = None) -> dict[str, Tensor]:
     rows = mask & (labels >= 0)
     ce_x = cross_entropy(out.logits, labels, rows, class_weight)  # task loss on the fused prediction
@@ -126,7 +154,3 @@ def sdt_loss(out: SDTOutput, labels: Tensor, mask: Tensor, cfg: LossConfig,
     terms = {"total": total, "ce_x": ce_x, "ce_m": ce_m, "kl": kl, "feat": feat}
     return add_cdat(terms, out, labels, mask, cfg)
 
-
-@register("sdt")
-def build_sdt(cfg: ModelConfig) -> SDT:
-    return SDT(cfg)

@@ -17,26 +17,17 @@ import warnings
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
 
 from cmath_runtime.files import atomic_write_bytes
 
+if TYPE_CHECKING:
+    from .text_encoder import TextEncoder as Encoder  # the one encoder protocol
+
 DEFAULT_CACHE_DIR = Path("~/.cache/cmath/text")
-
-
-class Encoder(Protocol):
-    """What the cache needs of a text encoder (see text_encoder.TextEncoder)."""
-
-    @property
-    def dim(self) -> int: ...
-
-    @property
-    def identity(self) -> str: ...
-
-    def encode(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
 class EmbeddingCache:

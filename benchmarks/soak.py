@@ -1,0 +1,126 @@
+"""Concurrency soak (not CI): one EmotionModel shared by N threads for a fixed time; every answer is compared with
+the answer the same request got serially before the soak. Reports answers checked and mismatches (must be 0).
+
+    python -m benchmarks.soak EXPORT_DIR --threads 8 --seconds 60 [--precision fp32] [--out soak.json]
+
+Requests are drawn from a fixed, seeded list: `predict` on batches of 1-4 conversations (1-40 utterances), and,
+for an artifact with a step graph, a `Conversation` fed utterance by utterance (step path, `.latest` after each
+add). A mismatch is any answer not bit-identical to the serial one (np.array_equal on probabilities and labels);
+an exception in a thread is counted as an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import cmath_runtime
+from cmath_runtime.files import atomic_write_json
+
+
+def make_requests(model: cmath_runtime.EmotionModel, count: int, seed: int = 0) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(seed)
+    requests = []
+    for i in range(count):
+        batch = []
+        for _ in range(int(rng.integers(1, 5))):
+            n = int(rng.integers(1, min(40, model.max_len) + 1))
+            batch.append({"speakers": rng.integers(0, min(model.num_speakers, 4), n),
+                          "features": {m: rng.standard_normal((n, d)).astype(np.float32)
+                                       for m, d in model.feature_dims.items()}})
+        kind = "stream" if model.step_graph is not None and i % 3 == 0 else "predict"
+        requests.append({"kind": kind, "batch": batch if kind == "predict" else batch[:1]})
+    return requests
+
+
+def answer(model: cmath_runtime.EmotionModel, request: dict[str, Any]) -> list[np.ndarray]:
+    if request["kind"] == "predict":
+        return [p.probs for p in model.predict(request["batch"])]
+    conv, out = cmath_runtime.Conversation(model), []
+    c = request["batch"][0]
+    for i, s in enumerate(c["speakers"]):
+        conv.add(int(s), **{m: x[i] for m, x in c["features"].items()})
+        out.append(np.asarray(list(conv.latest.probs.values()), np.float32))
+    return [np.stack(out), conv.probs()]
+
+
+def soak(export_dir: str | Path, threads: int = 8, seconds: float = 60.0, precision: str = "fp32",
+         requests: int = 48, ort_threads: int = 1) -> dict[str, Any]:
+    model = cmath_runtime.load(export_dir, backend="cpu", precision=precision, threads=ort_threads)
+    reqs = make_requests(model, requests)
+    t0 = time.perf_counter()
+    serial = [answer(model, r) for r in reqs]
+    serial_s = time.perf_counter() - t0
+    lock = threading.Lock()
+    stats = {"answers": 0, "mismatches": 0, "errors": 0, "max_abs_diff": 0.0, "by_kind": {"predict": 0, "stream": 0}}
+    first_problem: list[str] = []
+    stop = time.monotonic() + seconds
+
+    def worker(seed: int) -> None:
+        rng = np.random.default_rng(1000 + seed)
+        local = {"answers": 0, "mismatches": 0, "errors": 0, "max_abs_diff": 0.0, "predict": 0, "stream": 0}
+        while time.monotonic() < stop:
+            k = int(rng.integers(len(reqs)))
+            try:
+                got = answer(model, reqs[k])
+            except Exception as e:  # noqa: BLE001 - counted and reported, the soak goes on
+                local["errors"] += 1
+                if not first_problem:
+                    first_problem.append(f"request {k}: {type(e).__name__}: {e}")
+                continue
+            local["answers"] += 1
+            local[reqs[k]["kind"]] += 1
+            same = len(got) == len(serial[k]) and all(np.array_equal(a, b) for a, b in zip(got, serial[k]))
+            if not same:
+                local["mismatches"] += 1
+                diff = max(float(np.abs(a - b).max()) if a.shape == b.shape else float("inf")
+                           for a, b in zip(got, serial[k]))
+                local["max_abs_diff"] = max(local["max_abs_diff"], diff)
+                if not first_problem:
+                    first_problem.append(f"request {k}: max |diff| {diff:g}")
+        with lock:
+            for key in ("answers", "mismatches", "errors"):
+                stats[key] += local[key]
+            stats["max_abs_diff"] = max(stats["max_abs_diff"], local["max_abs_diff"])
+            for kind in ("predict", "stream"):
+                stats["by_kind"][kind] += local[kind]
+
+    pool = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(threads)]
+    start = time.perf_counter()
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(seconds + 120)
+    hung = sum(t.is_alive() for t in pool)
+    return {"export": str(export_dir), "precision": precision, "threads": threads, "ort_intra_op_threads": ort_threads,
+            "seconds": round(time.perf_counter() - start, 1), "requests": len(reqs),
+            "step_path": model.step_graph is not None, "serial_reference_s": round(serial_s, 2), **stats,
+            "hung_threads": hung, "first_problem": first_problem[0] if first_problem else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("export_dir")
+    p.add_argument("--threads", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--requests", type=int, default=48)
+    p.add_argument("--ort-threads", type=int, default=1)
+    p.add_argument("--out", default=None, help="also write the report as JSON here")
+    args = p.parse_args(argv)
+    report = soak(args.export_dir, args.threads, args.seconds, args.precision, args.requests, args.ort_threads)
+    print(json.dumps(report, indent=2))
+    if args.out:
+        atomic_write_json(args.out, report)
+    ok = report["mismatches"] == 0 and report["errors"] == 0 and report["hung_threads"] == 0
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

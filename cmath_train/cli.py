@@ -39,8 +39,10 @@ def parse_modalities(text: str | None, available: tuple[str, ...]) -> tuple[str,
 @click.option("--patience", type=click.IntRange(min=1), default=None, help="Early-stopping patience in epochs.")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None, help="Validation fraction of train when there is no dev split.")
 @click.option("--class-weighted/--no-class-weighted", default=None, help="Inverse-frequency class weights in CE.")
-@click.option("--cdat", is_flag=True, help="CDaT: per utterance, the more confident modality teaches the less "
-              "confident one (any model; LossConfig.cdat*).")
+@click.option("--confidence-kd", "--cdat", "cdat", is_flag=True,
+              help="Confidence-gated prediction-level KD: per utterance, the more confident modality's prediction "
+              "teaches the less confident one (any model; LossConfig.cdat*). Not the CDaT paper's feature-level "
+              "transfer; --cdat is a kept alias.")
 @click.option("--causal/--bidirectional", default=False, show_default=True, help="Online variant: each utterance sees only the past.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True, help="Train this many seeds; report mean +- std.")
@@ -87,7 +89,7 @@ def run(data: str, modalities: str | None, preset: str, model_name: str, ablatio
                                                     val_fraction=val_fraction), "seed": seed, "device": device})
     out = Path(out_dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}")
     if not quiet:
-        click.echo(f"cmath-train: {model_name}{' + CDaT' if cdat else ''} on {data} ({''.join(mods)}), preset {preset}, ablation {ablation}, "
+        click.echo(f"cmath-train: {model_name}{' + confidence-KD' if cdat else ''} on {data} ({''.join(mods)}), preset {preset}, ablation {ablation}, "
                    f"{sum(len(v) for v in fs.splits.values())} conversations -> {out}")
     if seeds > 1:
         metrics = train_seeds(fs, model_cfg, loss_cfg, train_cfg, out, seeds, model_name, resume, not quiet)

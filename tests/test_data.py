@@ -43,7 +43,7 @@ def test_synthetic_labels_depend_on_context_and_speaker():
     assert np.abs(dist[0] - dist[1]).sum() > 0.1  # speaker slots have different temperaments
 
 
-def test_all_three_modalities_beat_each_single_modality():
+def test_all_three_modalities_beat_each_single_modality(tmp_path):
     fs = make_synthetic(SyntheticConfig(feature_dims={"t": 32, "a": 16, "v": 16},
                                         conversations={"train": 100, "test": 1}, seed=3))
     scores = {}
@@ -52,15 +52,9 @@ def test_all_three_modalities_beat_each_single_modality():
         cfg = ModelConfig(modalities=tuple(mods), feature_dims=sub.feature_dims, num_classes=6, num_speakers=9,
                           d=32, heads=4)
         metrics = train(sub, cfg, LossConfig(), TrainConfig(epochs=10, lr=1e-2, batch_size=8, patience=10),
-                        f"{pytest_tmp()}/{mods}", progress=False)
+                        tmp_path / mods, progress=False)
         scores[mods] = metrics["validation"]["weighted_f1"]
     assert scores["tav"] > max(scores["t"], scores["a"], scores["v"]) + 0.05, scores
-
-
-def pytest_tmp() -> str:
-    import tempfile
-
-    return tempfile.mkdtemp(prefix="cmath_learn_")
 
 
 def test_validation_fraction_is_seeded_and_disjoint(tiny_data):

@@ -31,11 +31,9 @@ SHAPES = [(1, 1), (1, 7), (3, 50), (2, 257)]  # (batch, utterances); the graph w
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """The tiny tav run exported with --fp16 --triton into a private folder: (export folder, manifest)."""
-    base = tmp_path_factory.mktemp("export")
-    manifest = export_run(tiny_run, out_dir=base / "out", fp16=True, triton=base / "triton")
-    return base / "out", manifest
+def exported(tiny_export: tuple[Path, dict]) -> tuple[Path, dict]:
+    """The session's tiny tav run exported with --fp16 --triton (conftest): (export folder, manifest)."""
+    return tiny_export
 
 
 @pytest.fixture(scope="module")

@@ -19,21 +19,13 @@ from hypothesis import strategies as st
 
 import cmath_runtime
 from cmath_runtime import ArtifactError, Conversation, InputError
-from tests.conftest import TINY_DIMS, tiny_model_config
+from tests.conftest import TINY_DIMS
 
 
 @pytest.fixture(scope="module")
-def hard_export(tiny_data, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny causal run (1 epoch) exported with fp16 and a step graph (max_len 32); the export folder."""
-    from cmath_export import export_run
-    from cmath_train.config import LossConfig, TrainConfig
-    from cmath_train.train import train
-
-    run = tmp_path_factory.mktemp("hard_run")
-    train(tiny_data, tiny_model_config(causal=True), LossConfig(), TrainConfig(epochs=1, batch_size=8, lr=3e-3), run,
-          progress=False)
-    export_run(run, fp16=True, max_len=32, text_encoder=False)
-    return run / "export"
+def hard_export(causal_export: Path) -> Path:
+    """The session's tiny causal run exported with fp16 and a step graph (conftest); the export folder."""
+    return causal_export
 
 
 @pytest.fixture(scope="module")

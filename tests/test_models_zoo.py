@@ -20,15 +20,15 @@ from cmath_train.checkpoint import load_checkpoint
 from cmath_train.config import LossConfig, TrainConfig
 from cmath_train.losses import add_cdat, cdat_transfer, cdat_weights, cmath_loss
 from cmath_train.models.cmath import CMATHLossConfig
-from cmath_train.models.dmd import DMD, DMDLossConfig, edge_prior, margin_loss
-from cmath_train.models.sdt import SDT, SDTLossConfig
-from cmath_train.registry import create_model, model_names
+from cmath_train.models.dmd import DMDLossConfig, edge_prior, margin_loss
+from cmath_train.models.sdt import SDTLossConfig
+from cmath_train.registry import create_model, entry, model_names
 from cmath_train.train import predict, train
 from tests.conftest import TINY_DIMS, tiny_model_config
 from tests.test_model import SUBSETS, make_inputs
 
-ZOO = ["sdt", "dmd"]
-CLASSES = {"sdt": SDT, "dmd": DMD}
+ZOO = model_names()  # every registered model gets the shared contract tests
+CLASSES = {name: entry(name).model for name in ZOO}
 
 
 def build(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
@@ -242,14 +242,17 @@ def test_overfits_a_tiny_batch(name):
     assert (pred[mask] == labels[mask]).float().mean().item() == 1.0
 
 
-CDAT_IN_RUN = {"sdt": True, "dmd": False}  # one trained run per model; CDaT rides along in one of them
+CDAT_IN_RUN = {"cmath": False, "sdt": True, "dmd": False}  # one trained run per model; CDaT rides along in one
 
 
 @pytest.fixture(scope="module")
-def zoo_runs(tiny_data, tmp_path_factory):
-    """name -> (run dir, metrics) of a 2-epoch d=32 training run through cmath_train.train.train."""
-    runs = {}
+def zoo_runs(tiny_data, tiny_run, tmp_path_factory):
+    """name -> (run dir, metrics) of a 2-epoch d=32 training run through cmath_train.train.train (CMATH: the
+    session's tiny_run, trained once for the whole suite)."""
+    runs = {"cmath": (tiny_run, json.loads((tiny_run / "metrics.json").read_text()))}
     for name, cdat in CDAT_IN_RUN.items():
+        if name in runs:
+            continue
         out = tmp_path_factory.mktemp(f"run_{name}")
         metrics = train(tiny_data, tiny_model_config(), LossConfig(cdat=cdat), TrainConfig(epochs=2, batch_size=8, lr=3e-3),
                         out, model_name=name, progress=False)
@@ -275,14 +278,15 @@ def test_training_and_checkpoint_round_trip(name, zoo_runs, tiny_data):
 
 
 @pytest.mark.parametrize("name", ZOO)
-def test_exports_and_serves_through_the_runtime_with_fp32_parity(name, zoo_runs, tiny_data):
+def test_exports_and_serves_through_the_runtime_with_fp32_parity(name, zoo_runs, tiny_data, request):
     import numpy as np
 
     import cmath_runtime
     from cmath_export import export_run
 
     run, _ = zoo_runs[name]
-    manifest = export_run(run)
+    # CMATH's run is exported once per session (conftest tiny_export); the others here
+    manifest = request.getfixturevalue("tiny_export")[1] if name == "cmath" else export_run(run)
     assert manifest["model_name"] == name and json.loads((run / "export" / "export.json").read_text())["model_name"] == name
     fp32 = manifest["parity"]["fp32"]
     probs = next(o for o in fp32["outputs"] if o["name"] == "probs")

@@ -21,14 +21,9 @@ DIMS = {"t": 24, "a": 12, "v": 16}  # the conftest's tiny synthetic data
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A private copy of the tiny run, exported (fp32 + fp16) with cmath_export; returns the export folder."""
-    import cmath_export
-    run = tmp_path_factory.mktemp("rt_run")
-    for name in ("config.json", "model.safetensors"):
-        shutil.copy(tiny_run / name, run / name)
-    cmath_export.export_run(run, fp16=True)
-    return run / "export"
+def exported(tiny_export: tuple[Path, dict]) -> Path:
+    """The session's tiny run, exported once (fp32 + fp16) by conftest; the export folder (its parent: the run)."""
+    return tiny_export[0]
 
 
 @pytest.fixture(scope="module")

@@ -43,15 +43,20 @@ def _triton_or_skip() -> None:
 
 
 @pytest.fixture(scope="module")
-def serve_export(tiny_data, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny causal run (1 epoch, d=32), exported with its step graph (max_len 64)."""
+def serve_export(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny causal run (1 epoch, d=32) exported with its step graph: the session's shared one (conftest
+    `causal_export`, read-only) where conftest has it, else one of our own (max_len 64)."""
+    try:
+        return request.getfixturevalue("causal_export")
+    except pytest.FixtureLookupError:
+        pass
     from cmath_export import export_run
     from cmath_train.config import LossConfig, TrainConfig
     from cmath_train.train import train
 
     run = tmp_path_factory.mktemp("serve_run")
-    train(tiny_data, tiny_model_config(causal=True), LossConfig(), TrainConfig(epochs=1, batch_size=8, lr=3e-3), run,
-          progress=False)
+    train(request.getfixturevalue("tiny_data"), tiny_model_config(causal=True), LossConfig(),
+          TrainConfig(epochs=1, batch_size=8, lr=3e-3), run, progress=False)
     export_run(run, max_len=MAX_LEN)
     return run / "export"
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from cmath_runtime.errors import InputError
-from tests.conftest import TINY_DIMS, tiny_model_config
+from tests.conftest import CAUSAL_MAX_LEN, TINY_DIMS, tiny_model_config
 
 SUBSETS = ("t", "a", "v", "ta", "tv", "av", "tav")
-MAX_LEN = 200
+MAX_LEN = CAUSAL_MAX_LEN
 
 
 def _conversation(n: int, dims: dict[str, int], seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -108,20 +108,6 @@ def test_step_refuses_bidirectional_model() -> None:
 
     with pytest.raises(InputError, match="causal"):
         StepModule(CMATH(tiny_model_config()), 16)
-
-
-@pytest.fixture(scope="module")
-def causal_export(tiny_data, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny causal run (1 epoch), exported with its step graph (max_len 200); returns the export folder."""
-    from cmath_export import export_run
-    from cmath_train.config import LossConfig, TrainConfig
-    from cmath_train.train import train
-
-    run = tmp_path_factory.mktemp("causal_run")
-    train(tiny_data, tiny_model_config(causal=True), LossConfig(), TrainConfig(epochs=1, batch_size=8, lr=3e-3), run,
-          progress=False)
-    export_run(run, max_len=MAX_LEN)
-    return run / "export"
 
 
 @pytest.fixture(scope="module")

@@ -56,11 +56,14 @@ def test_corrupt_truncated_foreign_and_mismatched_checkpoints(run_copy):
     weights = run_copy / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match=r"model.safetensors: does not match config.json's weights_sha256"):
+        load_checkpoint(run_copy)
+    cfg_path = run_copy / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({k: v for k, v in cfg.items() if k != "weights_sha256"}))  # an older checkpoint
     with pytest.raises(ArtifactError, match=r"model.safetensors: corrupt or truncated safetensors"):
         load_checkpoint(run_copy)
     weights.write_bytes(data)
-    cfg_path = run_copy / "config.json"
-    cfg = json.loads(cfg_path.read_text())
     cfg_path.write_text(json.dumps({**cfg, "model": {**cfg["model"], "d": 64}}))
     with pytest.raises(ArtifactError, match="weights do not match config.json"):
         load_checkpoint(run_copy)

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from cmath_runtime.session import open_probe_session
+
 COPY_MIB = 256
 MATMUL_N = 2048
 COUNTED_OPS = ("MatMul", "Gemm", "Conv", "MatMulInteger")
@@ -67,8 +69,6 @@ def measure_bandwidth(threads: int = 1, mib: int = COPY_MIB, repeats: int = 5) -
 
 def measure_matmul_peak(threads: int = 1, n: int = MATMUL_N, repeats: int = 5) -> float:
     """GFLOP/s of an n^3 float32 MatMul in onnxruntime's CPU provider with `threads` intra-op threads."""
-    import onnx
-    import onnxruntime as ort
     from onnx import TensorProto, helper
 
     a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])
@@ -77,11 +77,7 @@ def measure_matmul_peak(threads: int = 1, n: int = MATMUL_N, repeats: int = 5) -
     graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "peak", [a, b], [c])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = min(model.ir_version, 9)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(onnx._serialize(model) if hasattr(onnx, "_serialize") else model.SerializeToString(),
-                                opts, providers=["CPUExecutionProvider"])
+    sess = open_probe_session(model.SerializeToString(), threads)
     rng = np.random.default_rng(0)
     feeds = {"a": rng.standard_normal((n, n), np.float32), "b": rng.standard_normal((n, n), np.float32)}
     sess.run(None, feeds)
@@ -111,7 +107,6 @@ class FlopCounter:
 
     def __init__(self, path: str | Path) -> None:
         import onnx
-        import onnxruntime as ort
 
         model = onnx.load_model(str(path))
         self.nodes = [n for n in model.graph.node if n.op_type in COUNTED_OPS]
@@ -121,11 +116,7 @@ class FlopCounter:
         self.const_shapes = {k: v for k, v in inits.items() if k in wanted}
         for name in sorted(wanted - outputs - set(inits)):
             model.graph.output.append(onnx.ValueInfoProto(name=name))
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every node visible
-        opts.intra_op_num_threads = 1
-        opts.log_severity_level = 3
-        self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        self.session = open_probe_session(model.SerializeToString(), 1, optimize=False)  # every node visible
         self.names = [o.name for o in self.session.get_outputs()]
         self.inputs = [i.name for i in self.session.get_inputs()]
 

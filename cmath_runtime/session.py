@@ -202,6 +202,17 @@ def session_options(threads: int | None, spinning: bool = False) -> Any:
     return opts
 
 
+def open_probe_session(model: bytes, threads: int | None = 1, optimize: bool = True) -> Any:
+    """A plain CPU session on an in-memory graph that is not an artifact: the benchmarks' measuring instruments
+    (the matmul-peak probe; the FLOP counter, which needs `optimize=False` so every node stays visible)."""
+    import onnxruntime as ort
+
+    opts = session_options(threads)
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+
+
 def open_session(model_file: str | Path, backend: str = "cpu", *, precision: str = "fp32", threads: int | None = None,
                  spinning: bool = False, manifest: Manifest | None = None, cache_dir: Path | None = None,
                  inputs: Sequence[str] | None = None, outputs: Sequence[str] | None = None,

@@ -22,10 +22,19 @@ from cmath_export.formats import bench_contenders
 from .inputs import InputSpec, padded
 
 EAGER, COMPILE, ORT, ORT_CUDA, TENSORRT = "pytorch-eager", "torch-compile", "onnxruntime", "onnxruntime-cuda", "tensorrt"
-RUNTIME_CONTENDER = {"cpu": ORT, "cuda": ORT_CUDA, "tensorrt": TENSORRT}  # cmath_runtime backend -> contender name
+ORT_SPIN, OPENVINO = "onnxruntime-spin", "openvino"
+# bench backend of the format table -> contender name; "cpu-spin" = the CPU provider with idle threads spinning
+RUNTIME_CONTENDER = {"cpu": ORT, "cpu-spin": ORT_SPIN, "openvino": OPENVINO, "cuda": ORT_CUDA, "tensorrt": TENSORRT}
+# contender name -> (cmath_runtime backend, idle threads spin)
+RUNTIME = {ORT: ("cpu", False), ORT_SPIN: ("cpu", True), OPENVINO: ("openvino", False), ORT_CUDA: ("cuda", False),
+           TENSORRT: ("tensorrt", False)}
 # PyTorch, then every (artifact, runtime backend, precision) the export format table lists (cmath_export/formats.py).
 ALL = (f"{EAGER}:fp32", f"{COMPILE}:fp32",
        *(f"{RUNTIME_CONTENDER[backend]}:{precision}" for _, backend, precision in bench_contenders()))
+# Opt-in (--backends ort-spin): onnxruntime with idle threads spinning. Not in the default run: on a shared
+# 2-core machine it measured 3-6x slower than sleeping threads, and its spinning threads steal the cores of the
+# contender timed next.
+OPT_IN = (f"{ORT_SPIN}:fp32",)
 
 
 class Skipped(Exception):
@@ -104,12 +113,17 @@ def compiled(model: Any, spec: InputSpec) -> Contender:
 
 
 def runtime(export_dir: Path, backend: str, precision: str, threads: int, spinning: bool = False) -> Contender:
-    """cmath_runtime on `backend` ("cpu", "cuda", "tensorrt"); Skipped when that backend or artifact is not here."""
+    """cmath_runtime on `backend` ("cpu", "openvino", "cuda", "tensorrt"); Skipped when that backend or artifact is not here."""
     import cmath_runtime
     from cmath_runtime.session import PROVIDER, available_providers
 
-    name = {"cpu": ORT, "cuda": ORT_CUDA, "tensorrt": TENSORRT}[backend]
-    if backend != "cpu" and PROVIDER[backend] not in available_providers():
+    name = {"cpu": ORT_SPIN if spinning else ORT, "cuda": ORT_CUDA, "tensorrt": TENSORRT, "openvino": OPENVINO}[backend]
+    if backend == "openvino":
+        from cmath_runtime.openvino_backend import available
+
+        if not available():
+            raise Skipped("openvino is not installed (pip install 'cmath[openvino]')")
+    elif backend != "cpu" and PROVIDER[backend] not in available_providers():
         raise Skipped(f"{PROVIDER[backend]} is not in this onnxruntime ({', '.join(available_providers())}): needs "
                       f"an NVIDIA GPU and onnxruntime-gpu{' with TensorRT' if backend == 'tensorrt' else ''}")
     try:
@@ -118,8 +132,8 @@ def runtime(export_dir: Path, backend: str, precision: str, threads: int, spinni
     except cmath_runtime.BackendUnavailableError as e:
         raise Skipped(str(e)) from None
     except cmath_runtime.ArtifactError as e:
-        if precision == "fp16" and "no fp16 artifact" in str(e):
-            raise Skipped(f"the export has no fp16 model: {e}") from None
+        if f"no {precision} artifact" in str(e):
+            raise Skipped(f"the export has no {precision} model: {e}") from None
         raise
 
     def prepare(convs: list[dict]) -> Callable[[], Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -35,12 +36,17 @@ def ensure_export(run_dir: Path) -> Path:
 @click.option("--quick", is_flag=True, help="Few lengths and iterations (tests, CI).")
 @click.option("--threads", type=int, default=None, help="Threads for every contender (default: the cores available).")
 @click.option("--backends", "only", default=None,
-              help=f"Comma-separated subset of {', '.join(backends.ALL)} (default: all; GPU ones skip with a reason).")
+              help=f"Comma-separated subset of {', '.join(backends.ALL)} (default: all; GPU ones skip with a reason; "
+                   f"opt-in: {', '.join(backends.OPT_IN)}).")
 @click.option("--spin/--no-spin", default=False, show_default=True,
               help="Let idle threads spin (torch OpenMP default, onnxruntime allow_spinning=1) instead of sleeping.")
-def main(run_dir: Path, out_dir: Path | None, quick: bool, threads: int | None, only: str | None, spin: bool) -> None:
+@click.option("--lengths", default=None, help="Comma-separated conversation lengths for latency and streaming, "
+                                                "e.g. 1,10,50 (default: the full sweep; --quick: 1,5,20).")
+def main(run_dir: Path, out_dir: Path | None, quick: bool, threads: int | None, only: str | None, spin: bool,
+         lengths: str | None) -> None:
     """Benchmark a trained run: latency at batch 1 over conversation lengths, throughput at batch 16, load time and
-    peak memory, for PyTorch eager, torch.compile and cmath_runtime (onnxruntime fp32/fp16, CUDA, TensorRT)."""
+    peak memory, for PyTorch eager, torch.compile and cmath_runtime (onnxruntime fp32/fp16/int8, OpenVINO f32/bf16,
+    CUDA, TensorRT), each against this machine's measured limits (roofline); causal runs also time the step graph."""
     from cmath_runtime.session import default_threads
 
     from .report import write
@@ -53,20 +59,43 @@ def main(run_dir: Path, out_dir: Path | None, quick: bool, threads: int | None, 
     threads = threads or default_threads()
     options = {"contenders": contenders, "threads": threads, "spinning": spin}
     plan = Plan.quick(**options) if quick else Plan(**options)
+    sizes = None
+    if lengths:
+        try:
+            sizes = tuple(sorted({int(x) for x in lengths.split(",") if x.strip()}))
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated integers such as 1,10,50, got {lengths!r}",
+                                     param_hint="--lengths") from None
+        if not sizes or min(sizes) < 1:
+            raise click.BadParameter(f"expected lengths >= 1, got {lengths!r}", param_hint="--lengths")
+        plan = dataclasses.replace(plan, lengths=sizes)
     try:
         export_dir = ensure_export(run_dir)
         env = environment(threads)
         click.echo(f"cmath-bench {run_dir}: {threads} threads ({'spinning' if spin else 'sleeping'} when idle), "
                    f"load average {env['load_average']}")
+        from . import roofline
+
+        machine = roofline.measure(threads)  # before any contender runs: the machine's limits at these threads
+        env["machine"] = machine.to_json()
+        env["parity"] = _parity_records(export_dir)
+        click.echo(f"machine limits ({threads} threads): copy bandwidth {machine.bandwidth_gb_s:.1f} GB/s, float32 "
+                   f"matmul peak {machine.fp32_gflop_s:.0f} GFLOP/s")
         records = run_benchmark(run_dir, export_dir, plan, log=click.echo)
+        roofline.annotate(records, machine, export_dir)
+        from .streaming import stream_records  # causal runs with a step graph: step vs full per new utterance
+
+        records += stream_records(export_dir, threads, quick, log=click.echo, machine=machine, lengths=sizes)
     except CmathError as e:
         click.echo(f"cmath-bench: error: {e}", err=True)
         sys.exit(2)
+    env["load_average_end"] = environment(threads)["load_average"]
     out = out_dir or run_dir
     text = write(records, env, out, f"cmath-bench: {run_dir.name}{' (quick)' if quick else ''}")
-    from .streaming import extend_bench  # causal runs with a step graph: step vs full per new utterance
+    if any(r.get("benchmark") == "streaming" for r in records):
+        from .streaming import plot_streaming
 
-    extend_bench(out, export_dir, threads, quick, log=click.echo)
+        plot_streaming(records, out / "bench_streaming.png")
 
     # artifacts with a text encoder: raw text -> emotion, onnxruntime vs torch + sentence-transformers
     from .text_path import report_text_path
@@ -83,12 +112,27 @@ def main(run_dir: Path, out_dir: Path | None, quick: bool, threads: int | None, 
     click.echo(text)
 
 
+def _parity_records(export_dir: Path) -> dict:
+    """export.json's agreement records (argmax agreement, max |dp|, passed) per artifact, for the bars."""
+    import json
+
+    manifest = json.loads((export_dir / "export.json").read_text())
+    out = {}
+    for key, rep in (manifest.get("parity") or {}).items():
+        probs = next((o for o in rep.get("outputs", []) if o.get("name") == "probs"), {})
+        out[key] = {"argmax_agreement": rep.get("argmax_agreement"), "probs_max_abs": probs.get("max_abs"),
+                    "passed": rep.get("passed"), "rows": rep.get("rows")}
+    return out
+
+
 def _contender_key(name: str) -> str:
     aliases = {"eager": f"{backends.EAGER}:fp32", "compile": f"{backends.COMPILE}:fp32", "ort": f"{backends.ORT}:fp32",
-               "ort-fp16": f"{backends.ORT}:fp16", "cuda": f"{backends.ORT_CUDA}:fp32",
+               "ort-fp16": f"{backends.ORT}:fp16", "ort-int8": f"{backends.ORT}:int8",
+               "ort-spin": f"{backends.ORT_SPIN}:fp32", "openvino": f"{backends.OPENVINO}:fp32",
+               "openvino-bf16": f"{backends.OPENVINO}:bf16", "cuda": f"{backends.ORT_CUDA}:fp32",
                "tensorrt": f"{backends.TENSORRT}:fp16"}
     key = aliases.get(name, name)
-    if key not in backends.ALL:
+    if key not in (*backends.ALL, *backends.OPT_IN):
         raise click.BadParameter(f"expected names from {list(backends.ALL)} or {sorted(aliases)}, got {name!r}",
                                  param_hint="--backends")
     return key

@@ -61,6 +61,8 @@ def contender_table(records: list[dict]) -> str:
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
     seen = set()
     for r in records:
+        if r["kind"] == "streaming":
+            continue
         key = label(r)
         if key in seen:
             continue
@@ -103,15 +105,110 @@ def bar_check(records: list[dict]) -> list[str]:
     return out
 
 
+def roofline_table(records: list[dict], env: dict[str, Any]) -> str:
+    """Every timed record's distance to this machine's limit: floor = max(weight bytes / bandwidth, FLOPs / peak)."""
+    m = env.get("machine") or {}
+    lines = [f"Measured this run ({m.get('threads')} threads): copy bandwidth **{m.get('bandwidth_gb_s', 0):.1f} GB/s** "
+             f"(numpy, read + write), float32 matmul peak **{m.get('fp32_gflop_s', 0):.0f} GFLOP/s** (onnxruntime, "
+             "2048^3). FLOPs counted from the graph at each shape (MatMul/Gemm/Conv, attention included).", "",
+             "| path | backend | precision | batch | utterances | p50 ms | weight MB | GFLOP | bytes floor ms "
+             "| FLOPs floor ms | bound | x floor |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for r in records:
+        if r.get("floor_ms") is None:
+            continue
+        path = r.get("path", "full")
+        n = r.get("utterances") or r.get("n")
+        lines.append(f"| {path} | {r['backend']} | {r['precision']} | {r['batch']} | {n} | {_ms(r['p50_ms'])} "
+                     f"| {r['weight_bytes'] / 1e6:.1f} | {r['flops'] / 1e9:.3f} | {r['bytes_floor_ms']:.2f} "
+                     f"| {r['flops_floor_ms']:.2f} | {r['bound']} | {r['latency_x_floor']:.2f} |")
+    return "\n".join(lines)
+
+
+def _lat(records: list[dict], backend: str, precision: str, n: int) -> dict | None:
+    return next((r for r in records if r["kind"] == "latency" and r["backend"] == backend
+                 and r["precision"] == precision and r["utterances"] == n), None)
+
+
+def _step(records: list[dict], backend: str, precision: str, n: int) -> dict | None:
+    return next((r for r in records if r["kind"] == "streaming" and r["path"] == "step" and r["backend"] == backend
+                 and r["precision"] == precision and r["n"] == n), None)
+
+
+EXACT = 1e-4  # max |dp| vs PyTorch eager for an "exact" (fp32-parity) path
+
+
+def bars_14(records: list[dict], env: dict[str, Any]) -> list[str]:
+    """Issue 14's bars on this run (batch 1, p50, same run)."""
+    out = []
+    int8 = (env.get("parity") or {}).get("int8")
+    agree = (f"agreement {100 * int8['argmax_agreement']:.2f}% / max |dp| {int8['probs_max_abs']:.3g} on "
+             f"{int8['rows']} validation rows ({'met' if int8['passed'] else 'NOT met'})") if int8 else "no int8 record"
+    for n in (1, 50):
+        q, f = _lat(records, "onnxruntime", "int8", n), _lat(records, "onnxruntime", "fp32", n)
+        if q and f:
+            ratio = f["p50_ms"] / q["p50_ms"]
+            ok = ratio >= 1.6 and bool(int8 and int8["passed"])
+            out.append(f"- int8 vs fp32 runtime at {n} utterances: {f['p50_ms']:.2f} / {q['p50_ms']:.2f} ms = "
+                       f"**{ratio:.2f}x** (bar 1.6x), {agree}: {'PASS' if ok else 'FAIL'}")
+    exact = {(r["backend"], r["precision"]) for r in records if r["kind"] == "latency"
+             and r.get("max_abs_diff_vs_eager") is not None and r["max_abs_diff_vs_eager"] <= EXACT
+             and r["backend"] not in ("pytorch-eager", "torch-compile")}
+    for n in (10, 50):
+        f = _lat(records, "onnxruntime", "fp32", n)
+        cands = [r for r in (_lat(records, b, p, n) for b, p in exact) if r]
+        if f and cands:
+            best = min(cands, key=lambda r: r["p50_ms"])
+            ratio = f["p50_ms"] / best["p50_ms"]
+            out.append(f"- best exact path (max |dp| vs eager <= {EXACT:g}) at {n} utterances: {label(best)} "
+                       f"{best['p50_ms']:.2f} ms vs onnxruntime fp32 (today's settings) {f['p50_ms']:.2f} ms = "
+                       f"**{ratio:.2f}x** (bar 1.2x): {'PASS' if ratio >= 1.2 else 'FAIL'}")
+    s32, s8 = _step(records, "onnxruntime", "fp32", 50), _step(records, "onnxruntime", "int8", 50)
+    if s32 and s32.get("floor_ms"):
+        x = s32["p50_ms"] / s32["bytes_floor_ms"]
+        out.append(f"- fp32 step at history 50: {s32['p50_ms']:.3f} ms vs its weight-bytes floor "
+                   f"{s32['bytes_floor_ms']:.3f} ms ({s32['weight_bytes'] / 1e6:.1f} MB / bandwidth) = **{x:.2f}x** "
+                   f"(bar 1.5x): {'PASS' if 1 <= x <= 1.5 else 'FAIL' if x > 1.5 else 'UNRELIABLE'}"
+                   + (" (faster than its floor: this run measured the bandwidth too low, the machine was busy)"
+                      if x < 1 else ""))
+    if s32 and s8:
+        ratio = s32["p50_ms"] / s8["p50_ms"]
+        st = (env.get("parity") or {}).get("step_int8")
+        out.append(f"- int8 step vs fp32 step at history 50: {s32['p50_ms']:.3f} / {s8['p50_ms']:.3f} ms = "
+                   f"**{ratio:.2f}x** (bar 1.6x)" + (f", step int8 agreement {100 * st['argmax_agreement']:.2f}%" if st
+                                                     else "") + f": {'PASS' if ratio >= 1.6 else 'FAIL'}")
+    return out
+
+
+def streaming_table(records: list[dict]) -> str:
+    rows = [r for r in records if r["kind"] == "streaming"]
+    names = list(dict.fromkeys(f"{r['path']} {r['backend']} {r['precision']}" for r in rows))
+    table = {}
+    for r in rows:
+        table.setdefault(r["n"], {})[f"{r['path']} {r['backend']} {r['precision']}"] = _ms(r["p50_ms"])
+    lines = ["| history n | " + " | ".join(f"{n} p50 ms" for n in names) + " |", "|---:|" + "---:|" * len(names)]
+    for n in sorted(table):
+        lines.append(f"| {n} | " + " | ".join(table[n].get(name, "-") for name in names) + " |")
+    return "\n".join(lines)
+
+
 def markdown(records: list[dict], env: dict[str, Any], title: str) -> str:
     parts = [f"# {title}", "",
              f"{env['cpu']}, {env['cores']} cores, {env['threads']} threads for every contender (torch.set_num_threads "
              f"and onnxruntime intra_op_num_threads); python {env['python']}, torch {env['torch']}, onnxruntime "
-             f"{env['onnxruntime']}; load average at start {env['load_average']}.", "",
+             f"{env['onnxruntime']}; load average at start {env['load_average']}"
+             + (f", at the end {env['load_average_end']}" if env.get("load_average_end") else "") + ".", "",
              "## Latency, batch 1 (p50 ms; speed-up vs PyTorch eager)", "", latency_table(records), ""]
     bar = bar_check(records)
     if bar:
         parts += ["## The bar (onnxruntime fp32 vs PyTorch eager and torch.compile, batch 1, p50)", "", *bar, ""]
+    bars = bars_14(records, env)
+    if bars:
+        parts += ["## Bars of issue 14 (int8, best exact path, step path vs its floor)", "", *bars, ""]
+    if env.get("machine"):
+        parts += ["## Roofline: each record against this machine's limits", "", roofline_table(records, env), ""]
+    if any(r["kind"] == "streaming" for r in records):
+        parts += ["## Streaming: one new utterance at history n (step graph per engine vs full recompute)", "",
+                  streaming_table(records), ""]
     parts += ["## Throughput", "", detail_table(records, "throughput"), "",
               "## Contenders (each in its own process): import and load time, peak memory (VmHWM) and its growth "
               "over the bare interpreter, agreement with eager", "", contender_table(records), "",
@@ -133,12 +230,17 @@ def plot(records: list[dict], path: Path, title: str) -> None:
             xs, p50, p90 = zip(*pts)
             line, = ax.plot(xs, p50, marker="o", label=name)
             ax.fill_between(xs, p50, p90, color=line.get_color(), alpha=0.15)
+    for precision, style in (("fp32", "k--"), ("int8", "k:")):
+        floor = sorted((r["utterances"], r["floor_ms"]) for r in records if r["kind"] == "latency"
+                       and r["backend"] == "onnxruntime" and r["precision"] == precision and r.get("floor_ms"))
+        if floor:
+            ax.plot(*zip(*floor), style, lw=1.5, label=f"floor {precision}: max(weight bytes / bandwidth, FLOPs / peak)")
     ax.set_xlabel("utterances in the conversation (batch 1)")
     ax.set_ylabel("latency ms (p50, band to p90)")
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(title, fontsize=10)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=110)

@@ -4,13 +4,13 @@
 
 "full" is what a Conversation without a step graph does for each new utterance: model.predict on the whole
 conversation of n utterances. "step" is one call of model.step.onnx at position n-1 with a cache of n-1 rows.
-Records carry "path": "step" | "full"; `extend_bench` appends them to an existing bench.json (cmath-bench).
+Records carry "path": "step" | "full"; `stream_records` is cmath-bench's hook (the step graph in every precision and
+engine that loads, with its roofline floor).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -24,47 +24,107 @@ BUDGET = Budget(warmup=3, iterations=60, seconds=1.0, min_iterations=10, rounds=
 QUICK_BUDGET = Budget(warmup=1, iterations=10, seconds=0.2, min_iterations=3, rounds=2)
 
 
-def run_streaming(export_dir: str | Path, threads: int = 1, lengths: tuple[int, ...] = LENGTHS,
-                  budget: Budget = BUDGET, log: Any = print) -> list[dict[str, Any]]:
-    """Records {"benchmark": "streaming", "path", "n", "threads", p50_ms, ...} for every n (capped at max_len)."""
-    import cmath_runtime
-    from cmath_runtime.streaming import Stream, step_graph
+STEP_CONTENDERS = (("cpu", "fp32"), ("cpu", "int8"), ("openvino", "fp32"), ("openvino", "bf16"))
+BACKEND_NAME = {"cpu": "onnxruntime", "openvino": "openvino"}
 
-    model = cmath_runtime.load(export_dir, backend="cpu", threads=threads)
-    graph = step_graph(model)
-    if graph is None:
-        raise ValueError(f"{export_dir}: the artifact has no step graph (export a causal run: cmath-train --causal)")
+
+def _load_step_models(export_dir: str | Path, threads: int, contenders: tuple[tuple[str, str], ...],
+                      log: Any) -> dict[tuple[str, str], Any]:
+    import cmath_runtime
+    from cmath_runtime.streaming import step_graph
+
+    models = {}
+    for backend, precision in contenders:
+        try:
+            model = cmath_runtime.load(export_dir, backend=backend, precision=precision, threads=threads)
+            graph = step_graph(model)
+        except cmath_runtime.CmathError as e:
+            log(f"streaming: skipped {BACKEND_NAME[backend]} {precision}: {e}")
+            continue
+        if graph is None:
+            raise ValueError(f"{export_dir}: the artifact has no step graph (export a causal run: cmath-train --causal)")
+        models[(backend, precision)] = (model, graph)
+    return models
+
+
+def run_streaming(export_dir: str | Path, threads: int = 1, lengths: tuple[int, ...] = LENGTHS,
+                  budget: Budget = BUDGET, log: Any = print, contenders: tuple[tuple[str, str], ...] = STEP_CONTENDERS,
+                  machine: Any = None) -> list[dict[str, Any]]:
+    """Records {"benchmark": "streaming", "path", "n", "threads", p50_ms, ...} for every n (capped at max_len):
+    the step graph on every (backend, precision) that loads here, and the full recompute (onnxruntime fp32).
+    With `machine` (benchmarks.roofline.Machine), each step record carries its floor and latency_x_floor."""
+    from cmath_runtime.streaming import Stream
+
+    from . import roofline
+
+    models = _load_step_models(export_dir, threads, contenders, log)
+    base, base_graph = models[("cpu", "fp32")]
     rng = np.random.default_rng(0)
-    n_max = min(max(lengths), graph.max_len)
-    feats = {m: rng.standard_normal((n_max, d)).astype(np.float32) for m, d in model.feature_dims.items()}
-    speakers = [int(s) for s in rng.integers(0, model.num_speakers, n_max)]
-    stream = Stream(graph)
+    n_max = min(max(lengths), base_graph.max_len)
+    feats = {m: rng.standard_normal((n_max, d)).astype(np.float32) for m, d in base.feature_dims.items()}
+    speakers = [int(s) for s in rng.integers(0, base.num_speakers, n_max)]
+    streams = {k: Stream(g) for k, (_m, g) in models.items()}
+    step_files = {k: g.file for k, (_m, g) in models.items()}
+    wbytes = {}
+    for k, f in step_files.items():
+        wbytes[k] = roofline.weight_bytes(f) // (2 if k[1] == "bf16" else 1)
+    counter = roofline.FlopCounter(step_files[("cpu", "fp32")]) if machine else None
     records = []
     for n in sorted({min(n, n_max) for n in lengths}):
-        if n > 1:
-            stream.catch_up(speakers[:n - 1], {m: list(x[:n - 1]) for m, x in feats.items()})  # history n-1
-        tails = {k: v for k, v in stream.buffers.items() if not k.startswith("past_")}
+        tails, timers = {}, {}
         new_row = {m: x[n - 1] for m, x in feats.items()}
+        for key, stream in streams.items():
+            if n > 1:
+                stream.catch_up(speakers[:n - 1], {m: list(x[:n - 1]) for m, x in feats.items()})  # history n-1
+            tails[key] = {k: v for k, v in stream.buffers.items() if not k.startswith("past_")}
+
+            def step_call(stream: Any = stream, tail: dict = tails[key], n: int = n, row: dict = new_row) -> None:
+                stream.buffers.update(tail)  # the same step each time: position n-1 on a history of n-1
+                stream.graph.run(stream.buffers, n - 1, speakers[n - 1], row)
+
+            timers[("step", *key)] = step_call
         conv = {"speakers": speakers[:n], "features": {m: x[:n] for m, x in feats.items()}}
-
-        def step_call(tails: dict = tails, n: int = n, row: dict = new_row) -> None:
-            stream.buffers.update(tails)  # the same step each time: position n-1 on a history of n-1
-            graph.run(stream.buffers, n - 1, speakers[n - 1], row)
-
-        def full_call(conv: dict = conv) -> None:
-            model.predict([conv])
-
-        timers = {p: (lambda count, seconds, fn=fn: _timed(fn, count, seconds))
-                  for p, fn in (("step", step_call), ("full", full_call))}
-        timings = interleaved(timers, budget)
-        stream.buffers.update(tails)
-        for path in ("step", "full"):
-            rec = {"benchmark": "streaming", "path": path, "n": n, "batch": 1, "threads": threads,
-                   "precision": "fp32", "backend": model.backend, **percentiles_ms(timings.times[path])}
+        timers[("full", "cpu", "fp32")] = lambda conv=conv: base.predict([conv])
+        named = {"/".join(k): (lambda count, seconds, fn=fn: _timed(fn, count, seconds)) for k, fn in timers.items()}
+        timings = interleaved(named, budget)
+        flops = counter(_step_feeds(streams[("cpu", "fp32")], n, speakers, new_row)) if counter else None
+        for key, stream in streams.items():
+            stream.buffers.update(tails[key])
+        line = []
+        for k in timers:
+            path, backend, precision = k
+            rec = {"kind": "streaming", "benchmark": "streaming", "path": path, "n": n, "batch": 1, "threads": threads,
+                   "precision": precision, "backend": BACKEND_NAME[backend], **percentiles_ms(timings.times["/".join(k)])}
+            if path == "step" and machine is not None:
+                rec.update(weight_bytes=wbytes[(backend, precision)], flops=flops,
+                           cache_bytes=4 * (n - 1) * base.manifest.d * len(base_graph.state_spec),
+                           **machine.floor_ms(wbytes[(backend, precision)], flops))
+                rec["latency_x_floor"] = rec["p50_ms"] / rec["floor_ms"]
             records.append(rec)
-        step_ms, full_ms = records[-2]["p50_ms"], records[-1]["p50_ms"]
-        log(f"streaming n={n:>3}: step {step_ms:.3f} ms, full {full_ms:.3f} ms, speed-up {full_ms / step_ms:.1f}x")
+            line.append(f"{path} {rec['backend']} {precision} {rec['p50_ms']:.3f} ms")
+        log(f"streaming n={n:>3}: " + ", ".join(line))
     return records
+
+
+class _Capture:
+    """Stands in for a step graph's session for one call: records the feeds the runtime builds, then runs them."""
+
+    def __init__(self, session: Any) -> None:
+        self.session, self.feeds = session, {}
+
+    def run(self, names: Any, feeds: dict[str, np.ndarray]) -> Any:
+        self.feeds = dict(feeds)
+        return self.session.run(names, feeds)
+
+
+def _step_feeds(stream: Any, n: int, speakers: list[int], row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The feeds of the step at position n-1 exactly as StepGraph builds them (for counting its FLOPs)."""
+    import copy
+
+    graph = copy.copy(stream.graph)
+    graph.session = capture = _Capture(stream.graph.session)
+    graph.run({k: v.copy() for k, v in stream.buffers.items()}, n - 1, speakers[n - 1], row)
+    return capture.feeds
 
 
 def _timed(fn: Any, count: int, seconds: float | None) -> list[float]:
@@ -76,42 +136,43 @@ def _timed(fn: Any, count: int, seconds: float | None) -> list[float]:
 
 
 def plot_streaming(records: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
+    """p50 per new utterance vs history: the full recompute, the step graph per engine and precision, and the
+    step graph's floor (fp32 weight bytes / bandwidth or FLOPs / peak) where the run measured it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for p, style in (("full", "o-"), ("step", "s-")):
-        rows = sorted((r["n"], r["p50_ms"]) for r in records if r.get("benchmark") == "streaming" and r["path"] == p)
-        if rows:
-            ax.plot(*zip(*rows), style, label=f"{p} ({'whole conversation' if p == 'full' else 'model.step.onnx'})")
-    threads = {r["threads"] for r in records if r.get("benchmark") == "streaming"}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    rows = [r for r in records if r.get("benchmark") == "streaming"]
+    for key in dict.fromkeys((r["path"], r["backend"], r["precision"]) for r in rows):
+        pts = sorted((r["n"], r["p50_ms"]) for r in rows if (r["path"], r["backend"], r["precision"]) == key)
+        ax.plot(*zip(*pts), "o-" if key[0] == "full" else "s-", ms=3,
+                label=f"{key[0]} {key[1]} {key[2]}" + (" (whole conversation)" if key[0] == "full" else ""))
+    for precision, style in (("fp32", "k--"), ("int8", "k:")):
+        floor = sorted((r["n"], r["floor_ms"]) for r in rows if r["path"] == "step" and r["backend"] == "onnxruntime"
+                       and r["precision"] == precision and r.get("floor_ms"))
+        if floor:
+            ax.plot(*zip(*floor), style, label=f"step floor {precision} (roofline)")
+    threads = {r["threads"] for r in rows}
     ax.set(xlabel="history n (utterances, the new one included)", ylabel="latency of one new utterance, p50 (ms)",
-           yscale="log", title=title or f"streaming: step vs full recompute (onnxruntime CPU, threads {', '.join(map(str, sorted(threads)))})")
+           yscale="log", title=title or f"streaming: step vs full recompute (threads {', '.join(map(str, sorted(threads)))})")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def extend_bench(out_dir: Path, export_dir: Path, threads: int, quick: bool, log: Any = print) -> list[dict]:
-    """cmath-bench hook: for an artifact with a step graph, append streaming records to bench.json and write
-    bench_streaming.png; does nothing (returns []) otherwise."""
+def stream_records(export_dir: Path, threads: int, quick: bool, log: Any = print, machine: Any = None,
+                   lengths: tuple[int, ...] | None = None) -> list[dict]:
+    """cmath-bench hook: streaming records for an artifact with a step graph, [] otherwise."""
     from cmath_runtime.manifest import read_manifest
 
     if not read_manifest(export_dir).step:
         return []
-    records = run_streaming(export_dir, threads, QUICK_LENGTHS if quick else LENGTHS,
-                            QUICK_BUDGET if quick else BUDGET, log)
-    bench = Path(out_dir) / "bench.json"
-    existing = json.loads(bench.read_text()) if bench.is_file() else []
-    from cmath_runtime.files import atomic_write_json
-
-    atomic_write_json(bench, [*existing, *records])
-    plot_streaming(records, Path(out_dir) / "bench_streaming.png")
-    return records
+    return run_streaming(export_dir, threads, lengths or (QUICK_LENGTHS if quick else LENGTHS),
+                         QUICK_BUDGET if quick else BUDGET, log, machine=machine)
 
 
 def main() -> None:

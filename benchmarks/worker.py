@@ -58,13 +58,14 @@ def build(job: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
 
         cmath_runtime.load  # noqa: B018  (resolves the lazy attribute: the runtime's modules)
         info["import_s"] = time.perf_counter() - start
-        which = {backends.ORT: "cpu", backends.ORT_CUDA: "cuda", backends.TENSORRT: "tensorrt"}[backend]
-        contender = backends.runtime(Path(job["export_dir"]), which, precision, threads, job["spinning"])
+        which, spin = backends.RUNTIME[backend]
+        spin = spin or job["spinning"]
+        contender = backends.runtime(Path(job["export_dir"]), which, precision, threads, spin)
         info["load_s"] = contender.info.pop("load_s")  # includes importing onnxruntime
         m = contender.info.pop("manifest")
         spec = InputSpec(tuple(m.modalities), dict(m.feature_dims), m.num_speakers)
         info["threads"] = {"torch": 0, "ort_intra_op": threads,
-                           "idle": "spin" if job["spinning"] else "sleep (allow_spinning=0)"}
+                           "idle": "spin" if spin else "sleep (allow_spinning=0)"}
     info.update(provider=contender.provider, note=contender.note, after_load_rss_mb=vm("VmRSS"))
     return contender, spec, info
 

@@ -42,11 +42,11 @@ class ParityError(CmathError):
 
 def export_run(run_dir: str | Path, out_dir: str | Path | None = None, fp16: bool = False, tensorrt: bool = False,
                opset: int | None = None, max_len: int = 512, max_batch: int = 64, triton: str | Path | None = None,
-               log: Callable[[str], None] | None = None, text_encoder: bool = True) -> dict[str, Any]:
+               log: Callable[[str], None] | None = None, text_encoder: bool = True, int8: bool = False) -> dict[str, Any]:
     """Export a run; return the manifest written to OUT/export.json (its JSON). Raises CmathError subclasses."""
     say = log or (lambda _msg: None)
     run_dir = Path(run_dir)
-    opts = formats.validate(ExportOptions(fp16, tensorrt, opset, max_len, max_batch,
+    opts = formats.validate(ExportOptions(fp16, tensorrt, int8, opset, max_len, max_batch,
                                           None if triton is None else Path(triton),
                                           None if out_dir is None else Path(out_dir)))
     out = opts.out_dir or run_dir / DEFAULT_SUBDIR
@@ -121,6 +121,12 @@ def _export(ckpt: Checkpoint, run_dir: Path, opts: ExportOptions, staging: Path,
         from .step_graph import export_step
 
         step = export_step(ckpt.model, opts.opset, opts.max_len, staging, say)
+        for fmt in formats.wanted(opts):  # the formats' twins of the step graph (int8), from the table
+            build_step = fmt.step_build_function()
+            if build_step is not None:
+                step[fmt.key], report = build_step(ctx, step)
+                _require(report, say)
+                reports[f"step_{fmt.key}"] = report.to_json()
     manifest = build_manifest(ckpt, run_dir, opts, inputs, outputs, artifacts, reports, extra_versions)
     return manifest.replace(step=step)
 
@@ -137,11 +143,13 @@ def _promote(staging: Path, out: Path, manifest: Manifest) -> None:
         os.unlink(out / MANIFEST)
     for art in manifest.artifacts.values():
         os.replace(staging / art.file, out / art.file)
-    if manifest.step:
-        os.replace(staging / manifest.step["file"], out / manifest.step["file"])
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(out / STEP_FILE)
+    staged_step = {f: f for f in _step_files(manifest)}
+    for name in {STEP_FILE, *_step_twin_files()} | set(staged_step):
+        if name in staged_step:
+            os.replace(staging / name, out / name)
+        else:  # a step graph (or twin) of an earlier export that this one did not make
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(out / name)
     for fmt in formats.FORMATS:  # artifacts of an earlier export that this one did not make
         if fmt.key not in manifest.artifacts:
             with contextlib.suppress(FileNotFoundError):
@@ -157,9 +165,21 @@ def _share(out: Path, manifest: Manifest) -> None:
     """Staged files are 0600 (mkstemp); artifacts are for other users (a Triton container) too: 0666 - umask."""
     mode = 0o666 & ~_umask()
     names = [MANIFEST, *(a.file for a in manifest.artifacts.values())]
-    names += [manifest.step["file"]] if manifest.step else []
+    names += _step_files(manifest)
     for name in names:
         os.chmod(out / name, mode)
+
+
+def _step_files(manifest: Manifest) -> list[str]:
+    """The step graph's file and its twins' (export.json["step"][format key]["file"]), when there is one."""
+    if not manifest.step:
+        return []
+    twins = [manifest.step[f.key]["file"] for f in formats.FORMATS if f.step_builder and f.key in manifest.step]
+    return [manifest.step["file"], *twins]
+
+
+def _step_twin_files() -> list[str]:
+    return [f.step_file for f in formats.FORMATS if f.step_file]
 
 
 def _umask() -> int:

@@ -41,6 +41,13 @@ class ExportFormat:
     preflight: str | None = None  # "module:function" checking the machine before anything is written
     serve_rank: int = 0  # Triton serves the built artifact of highest rank
     bench: tuple[tuple[str, str], ...] = ()  # (runtime backend, precision) pairs the benchmark runs it with
+    # "module:function" building this format's twin of the step graph (causal runs): (ctx, step entry) ->
+    # (entry stored as export.json["step"][key], parity report); None: the format has no step twin
+    step_builder: str | None = None
+    step_file: str | None = None  # the file step_builder writes
+
+    def step_build_function(self) -> Callable[..., Any] | None:
+        return _resolve(self.step_builder) if self.step_builder else None
 
     def wanted_by(self, opts: ExportOptions) -> bool:
         return not self.flag or bool(getattr(opts, self.flag.removeprefix("--").replace("-", "_")))
@@ -62,9 +69,13 @@ class ExportFormat:
 
 FORMATS: tuple[ExportFormat, ...] = (
     ExportFormat("fp32", "ONNX fp32", "", "model.onnx", "onnx", "fp32", "cpu", ("torch", "onnx", "onnxscript"),
-                 "cmath_export.builders:build_fp32", bench=(("cpu", "fp32"), ("cuda", "fp32"))),
+                 "cmath_export.builders:build_fp32", bench=(("cpu", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"), ("cuda", "fp32"))),
     ExportFormat("fp16", "ONNX fp16", "--fp16", "model.fp16.onnx", "onnx", "fp16", "cpu", ("onnx", "onnxruntime"),
                  "cmath_export.builders:build_fp16", serve_rank=1, bench=(("cpu", "fp16"),)),
+    # weight-int8 (cmath_export/quantize.py); with a causal run also model.step.int8.onnx. Not served by Triton.
+    ExportFormat("int8", "ONNX int8 weights", "--int8", "model.int8.onnx", "onnx", "int8 weights, fp32 activations",
+                 "cpu", ("onnx", "onnxruntime"), "cmath_export.quantize:build_int8", bench=(("cpu", "int8"),),
+                 step_builder="cmath_export.quantize:build_step_int8", step_file="model.step.int8.onnx"),
     ExportFormat("tensorrt", "TensorRT engine", "--tensorrt", "model.plan", "tensorrt", "fp32, or fp16 with --fp16",
                  "gpu", ("tensorrt",), "cmath_export.builders:build_tensorrt",
                  preflight="cmath_export.tensorrt:preflight", serve_rank=2, bench=(("tensorrt", "fp16"),)),
@@ -114,6 +125,7 @@ def format_table() -> str:
 class ExportOptions:
     fp16: bool = False
     tensorrt: bool = False
+    int8: bool = False
     opset: int | None = None  # None: DEFAULT_OPSET
     max_len: int = 512
     max_batch: int = 64
@@ -137,6 +149,6 @@ def validate(opts: ExportOptions) -> ExportOptions:
     if opts.triton is not None and opts.out_dir is not None and Path(opts.triton).resolve() == Path(opts.out_dir).resolve():
         raise OptionError("--triton and --out name the same folder: give the Triton repository its own folder, "
                           "e.g. --triton triton_repo.")
-    return ExportOptions(opts.fp16, opts.tensorrt, opset, opts.max_len, opts.max_batch,
+    return ExportOptions(opts.fp16, opts.tensorrt, opts.int8, opset, opts.max_len, opts.max_batch,
                          None if opts.triton is None else Path(opts.triton),
                          None if opts.out_dir is None else Path(opts.out_dir))

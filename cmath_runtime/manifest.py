@@ -219,6 +219,10 @@ def _parse(file: Path, raw: dict[str, Any]) -> Manifest:
     step, text, triton = section("step"), section("text_encoder"), section("triton")
     if step is not None:
         confined_path(directory, step.get("file"), "step.file", file)
+        _confine_nested(directory, step, "step", file)
+    for key, value in raw.items():  # sections this cmath does not know (a newer exporter's): any "file" they name
+        if key not in _KNOWN:
+            _confine_nested(directory, value, key, file)
     if text is not None:
         files = text.get("files")
         if not isinstance(files, dict):
@@ -241,6 +245,20 @@ def _parse(file: Path, raw: dict[str, Any]) -> Manifest:
                     parity=dict(raw.get("parity") or {}), checkpoint=section("checkpoint"),
                     versions=dict(raw.get("versions") or {}), triton=triton, text_encoder=text, step=step,
                     path=file, extra={k: v for k, v in raw.items() if k not in _KNOWN})
+
+
+def _confine_nested(directory: Path, node: Any, entry: str, where: Path) -> None:
+    """Every "file" value anywhere under `node` must stay inside `directory` (named by its path in the JSON)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            name = f"{entry}.{key}"
+            if key == "file":
+                confined_path(directory, value, name, where)
+            elif isinstance(value, (dict, list)):
+                _confine_nested(directory, value, name, where)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _confine_nested(directory, value, f"{entry}[{i}]", where)
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:

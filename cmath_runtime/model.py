@@ -19,7 +19,7 @@ from .batching import pad_conversations
 from .errors import ArtifactError, InputError
 from .files import sha256_file
 from .manifest import Manifest, read_manifest
-from .session import PRECISIONS, SessionInfo, create_session
+from .session import PRECISIONS, SessionInfo, check_combination, create_session
 from .text import resolve_texts
 from .validation import CheckedConversation, check_conversations, nonfinite_output_error, nonfinite_rows
 
@@ -170,6 +170,17 @@ def length_groups(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
 
 
+def check_agreement(manifest: Manifest, key: str) -> None:
+    """Refuse an artifact whose recorded agreement with PyTorch failed (or was never recorded)."""
+    record = manifest.parity.get(key)
+    if not isinstance(record, dict) or record.get("passed") is not True:
+        what = "has no agreement record" if not isinstance(record, dict) else (
+            f"failed its agreement bound (argmax agreement {record.get('argmax_agreement')}, "
+            f"needed {record.get('min_argmax_agreement')})")
+        raise ArtifactError(manifest.path, f"the {key} artifact {what} in export.json; refusing to load it: "
+                                           f"re-export with `cmath-export RUN_DIR --{key}`")
+
+
 def load(path: str | Path, backend: str = "auto", precision: str = "fp32", threads: int | None = None,
          verify: bool = True, cache_dir: str | Path | None = None, spinning: bool = False) -> EmotionModel:
     """Load an exported model: `path` is export.json, its folder, or a run directory with export/.
@@ -177,18 +188,24 @@ def load(path: str | Path, backend: str = "auto", precision: str = "fp32", threa
     backend: "auto" (CUDA if it really works here, else CPU, with a warning), "cpu", "cuda" or "tensorrt"
     (TensorRT EP with an engine cache in `cache_dir`, default <export>/trt_cache; fp16 when precision="fp16").
     An explicit backend that cannot run here raises BackendUnavailableError instead of falling back.
-    precision: "fp32" (model.onnx) or "fp16" (model.fp16.onnx; on the CPU provider this only rounds weights).
+    precision: "fp32" (model.onnx), "fp16" (model.fp16.onnx; on the CPU provider this only rounds weights),
+    "int8" (model.int8.onnx, int8 weights, onnxruntime CPU; refused unless its recorded agreement with PyTorch
+    passed) or "bf16" (backend="openvino" only: model.onnx compiled with bf16 inference precision).
+    backend "openvino" (optional extra `cmath[openvino]`): model.onnx compiled by OpenVINO on the CPU in f32 (bf16
+    when asked); the precision and device that really run are read back at load and checked. "auto" never picks
+    it: under CPU contention it measured several times slower than onnxruntime (notes in the README).
     threads: intra-op threads of the CPU provider (None: onnxruntime's default, one per physical core).
     verify: check each file's sha256 against export.json before loading it.
     spinning: let idle onnxruntime threads spin (a little faster on an idle machine, much slower on a busy one).
     """
     start = time.perf_counter()
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {list(PRECISIONS)}, got {precision!r}")
+    check_combination(backend, precision)
     manifest = read_manifest(path)
     key = PRECISIONS[precision].artifact_key(backend)  # e.g. TensorRT builds its fp16 engine from the fp32 ONNX
     if key not in manifest.artifacts:
         raise ArtifactError(manifest.path, f"no {key} artifact listed (re-export with `cmath-export RUN_DIR --{key}`)")
+    if PRECISIONS[precision].needs_agreement:
+        check_agreement(manifest, key)
     artifact = manifest.artifacts[key]
     if not artifact.path.is_file():
         raise ArtifactError(artifact.path, f"the {key} model listed in {manifest.path.name} is missing")

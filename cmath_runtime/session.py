@@ -46,6 +46,10 @@ class Backend:
     fallbacks: tuple[str, ...] = ("CPUExecutionProvider",)  # providers listed after it
     options: Callable[[SessionRequest], dict[str, Any]] | None = None  # provider options (None: defaults)
     prepare: Callable[[dict[str, Any]], None] | None = None  # side effects before creation (make a cache dir)
+    # An engine other than onnxruntime (OpenVINO): opens its own session-like object (run, get_inputs,
+    # get_outputs, get_providers) and checks what really runs; -> (session, note). None: onnxruntime.
+    opener: Callable[[SessionRequest, int | None], tuple[Any, str]] | None = None
+    precisions: tuple[str, ...] | None = None  # the precisions it runs (None: all)
 
     def providers(self, request: SessionRequest) -> list[Any]:
         """onnxruntime's provider list, this backend first (with its options), CPU always last."""
@@ -61,6 +65,8 @@ class Precision:
     artifact: str  # export.json "artifacts" key it loads by default
     artifact_for: dict[str, str] = field(default_factory=dict)  # backend -> artifact key, where it differs
     cpu_note: str = ""  # caveat when the CPU provider runs it
+    backends: tuple[str, ...] | None = None  # the backends that run it ("auto" included where it may); None: all
+    needs_agreement: bool = False  # load only with a passed agreement record in export.json (int8)
 
     def artifact_key(self, backend: str) -> str:
         return self.artifact_for.get(backend, self.artifact)
@@ -79,6 +85,19 @@ def register_backend(backend: Backend) -> Backend:
 def register_precision(precision: Precision) -> Precision:
     PRECISIONS[precision.name] = precision
     return precision
+
+
+def check_combination(backend: str, precision: str) -> None:
+    """ValueError naming both when a backend does not run a precision (e.g. bf16 on onnxruntime's CPU)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {list(PRECISIONS)}, got {precision!r}")
+    prec, engine = PRECISIONS[precision], BACKENDS.get(backend)
+    if prec.backends is not None and backend not in prec.backends:
+        raise ValueError(f"precision {precision!r} runs on backend {' or '.join(map(repr, prec.backends))}, "
+                         f"got backend={backend!r}")
+    if engine is not None and engine.precisions is not None and precision not in engine.precisions:
+        raise ValueError(f"backend {backend!r} runs precision {' or '.join(map(repr, engine.precisions))}, "
+                         f"got precision={precision!r}")
 
 
 def backend_names() -> tuple[str, ...]:
@@ -121,10 +140,27 @@ register_backend(Backend("tensorrt", "TensorrtExecutionProvider",
                          fallbacks=("CUDAExecutionProvider", "CPUExecutionProvider"), options=_tensorrt_options,
                          prepare=lambda opts: Path(opts["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)))
 
+# OpenVINO (optional extra): compiles the same model.onnx itself; f32 unless bf16 is asked for, read back at load.
+register_backend(Backend("openvino", "OpenVINO CPU", "pip install 'cmath[openvino]'",
+                         opener=lambda request, threads: _open_openvino(request, threads), precisions=("fp32", "bf16")))
+
 register_precision(Precision("fp32", "fp32"))
 # TensorRT builds its fp16 engine from the fp32 ONNX (trt_fp16_enable), so it loads model.onnx.
 register_precision(Precision("fp16", "fp16", {"tensorrt": "fp32"},
                              "fp16 on the CPU provider: fp16 weights, most ops computed in fp32 (weight rounding only)"))
+
+# int8 weights (cmath-export --int8) on onnxruntime's CPU provider, refused without a passed agreement record.
+register_precision(Precision("int8", "int8", backends=("auto", "cpu"), needs_agreement=True))
+# bf16: OpenVINO compiles model.onnx with INFERENCE_PRECISION_HINT=bf16 (never taken silently as fp32).
+register_precision(Precision("bf16", "fp32", backends=("openvino",)))
+
+
+def _open_openvino(request: SessionRequest, threads: int | None) -> tuple[Any, str]:
+    from .openvino_backend import OpenVINOSession
+
+    session = OpenVINOSession(request.model_file, request.precision, threads)
+    return session, session.describe()
+
 
 # Compatibility views of the table (benchmarks read these).
 PROVIDER = {b.name: b.provider for b in BACKENDS.values()}
@@ -166,6 +202,17 @@ def session_options(threads: int | None, spinning: bool = False) -> Any:
     return opts
 
 
+def open_probe_session(model: bytes, threads: int | None = 1, optimize: bool = True) -> Any:
+    """A plain CPU session on an in-memory graph that is not an artifact: the benchmarks' measuring instruments
+    (the matmul-peak probe; the FLOP counter, which needs `optimize=False` so every node stays visible)."""
+    import onnxruntime as ort
+
+    opts = session_options(threads)
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+
+
 def open_session(model_file: str | Path, backend: str = "cpu", *, precision: str = "fp32", threads: int | None = None,
                  spinning: bool = False, manifest: Manifest | None = None, cache_dir: Path | None = None,
                  inputs: Sequence[str] | None = None, outputs: Sequence[str] | None = None,
@@ -184,6 +231,11 @@ def open_session(model_file: str | Path, backend: str = "cpu", *, precision: str
     request = SessionRequest(model_file, precision, manifest, cache_dir)
     check = (tuple(inputs) if inputs is not None else None, tuple(outputs) if outputs is not None else None)
     available = available_providers()
+    if backend != AUTO and BACKENDS[backend].opener is not None:  # an engine of its own (OpenVINO)
+        session, note = BACKENDS[backend].opener(request, threads)
+        _check_io(session, model_file, check, what)
+        return SessionInfo(session, backend, tuple(session.get_providers()), model_file,
+                           getattr(session, "threads", threads), note, precision, spinning)
     if backend != AUTO:
         wanted = BACKENDS[backend]
         if wanted.provider not in available:

@@ -37,17 +37,26 @@ class StepGraph:
     def __init__(self, model: EmotionModel, entry: dict[str, Any]) -> None:
         from .session import open_session
 
-        path = model.manifest.file(entry["file"], "step.file")
+        file = entry
+        if model.precision == "int8":  # the int8 step graph, with its own agreement record (cmath-export --int8)
+            file = entry.get("int8") or {}
+            if not file or not (file.get("parity") or {}).get("passed"):
+                raise ArtifactError(model.manifest.path, "no int8 step graph with a passed agreement record "
+                                                         "(re-export with `cmath-export RUN_DIR --int8`)")
+        path = model.manifest.file(file["file"], "step.file")
         if not path.is_file():
             raise ArtifactError(path, "the step graph listed in export.json is missing")
-        if model.verify and sha256_file(path) != entry["sha256"]:
+        if model.verify and sha256_file(path) != file["sha256"]:
             raise ArtifactError(path, "sha256 mismatch with export.json (corrupt or replaced; re-export it)")
-        # Same provider family as the model: CPU stays CPU; a GPU model steps on CUDA (the step graph's growing
-        # cache axis has no TensorRT profile). open_session checks that the provider really came up.
-        backend = "cpu" if model.backend == "cpu" else "cuda"
+        # Same engine as the model: CPU stays CPU, OpenVINO stays OpenVINO (same precision); a GPU model steps on
+        # CUDA (the step graph's growing cache axis has no TensorRT profile). open_session checks what came up.
+        backend = model.backend if model.backend in ("cpu", "openvino") else "cuda"
+        precision = model.precision if backend == "openvino" else "fp32"
         names = [i["name"] for i in entry.get("inputs", [])] or None
-        self.session = open_session(path, backend, threads=model.threads, inputs=names, what="step graph").session
-        self._setup(entry)
+        self.session = open_session(path, backend, precision=precision, threads=model.threads, inputs=names,
+                                    what="step graph").session
+        self.file = path
+        self._setup({**entry, "sha256": file["sha256"]})
 
     @classmethod
     def from_session(cls, session: Any, entry: dict[str, Any]) -> StepGraph:

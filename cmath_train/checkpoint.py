@@ -134,18 +134,23 @@ def load_checkpoint(run_dir: str | Path, map_location: str = "cpu") -> Checkpoin
     if not weights.is_file():
         raise ArtifactError(run_dir, f"no checkpoint here: {WEIGHTS} is missing")
     raw = weights.read_bytes()
-    want = cfg.get("weights_sha256")
+    want, replaced = cfg.get("weights_sha256"), False
     if want and hashlib.sha256(raw).hexdigest() != want:  # a save was cut short: the previous weights match
         prev = run_dir / PREVIOUS
-        raw = prev.read_bytes() if prev.is_file() else b""
-        if hashlib.sha256(raw).hexdigest() != want:
-            raise ArtifactError(weights, "does not match config.json's weights_sha256 (an interrupted save or a "
-                                         "replaced file)")
+        old = prev.read_bytes() if prev.is_file() else b""
+        if hashlib.sha256(old).hexdigest() == want:
+            raw = old
+        else:
+            replaced = True  # the checks below name what is wrong; if nothing else is, this is
     try:
         state = st_load(raw)
     except (SafetensorError, ValueError, RuntimeError) as e:
-        raise ArtifactError(weights, f"corrupt or truncated safetensors file ({e})") from None
+        why = "does not match config.json's weights_sha256 (an interrupted save or a replaced file): " if replaced else ""
+        raise ArtifactError(weights, f"{why}corrupt or truncated safetensors file ({e})") from None
     _check_state(weights, model, state)
+    if replaced:
+        raise ArtifactError(weights, "does not match config.json's weights_sha256 (an interrupted save or a "
+                                     "replaced file)")
     model.load_state_dict(state)
     model.to(map_location).eval()
     extra = {k: v for k, v in cfg.items() if k not in ("model", "loss", "train", "label_names")}

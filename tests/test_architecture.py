@@ -14,7 +14,7 @@ import pytest
 from cmath_runtime.base import BASE_MODULES
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("cmath_runtime", "cmath_export", "cmath_train", "benchmarks")
+PACKAGES = ("cmath_runtime", "cmath_export", "cmath_train", "cmath_serve", "benchmarks")
 BASE = {f"cmath_runtime.{m}" for m in BASE_MODULES} | {"cmath_runtime"}
 
 
@@ -64,8 +64,8 @@ def _resolve(name: str, own: set[str]) -> str:
 def test_runtime_imports_nothing_from_train_export_or_torch() -> None:
     bad = {}
     for path in _files("cmath_runtime"):
-        hits = sorted(m for m in _imports(path) if m.split(".")[0] in ("cmath_train", "cmath_export", "benchmarks",
-                                                                         "torch"))
+        hits = sorted(m for m in _imports(path) if m.split(".")[0] in ("cmath_train", "cmath_export", "cmath_serve",
+                                                                         "benchmarks", "torch"))
         if hits:
             bad[_module_name(path)] = hits
     assert not bad, bad
@@ -89,6 +89,13 @@ def test_training_imports_only_the_base_layer_of_the_runtime() -> None:
         if hits:
             bad[_module_name(path)] = hits
     assert not bad, bad
+
+
+def test_one_session_loader() -> None:
+    """onnxruntime.InferenceSession is created in one place: cmath_runtime/session.py (open_session)."""
+    where = sorted(str(p.relative_to(ROOT)) for pkg in PACKAGES for p in _files(pkg) if "InferenceSession(" in
+                   p.read_text())
+    assert where == ["cmath_runtime/session.py"], where
 
 
 @pytest.mark.parametrize("package", PACKAGES)

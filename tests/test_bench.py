@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -129,3 +130,49 @@ def test_unknown_backend_name(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, [str(tmp_path), "--backends", "jax"])
     assert result.exit_code != 0 and "expected names from" in result.output
     assert backends.ALL[0] == "pytorch-eager:fp32"
+
+
+def test_roofline_flops_and_floor(tmp_path: Path) -> None:
+    """FLOPs come from the graph's real shapes (weight MatMul and activation x activation MatMul alike)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from benchmarks.roofline import FlopCounter, Machine, measure_bandwidth, weight_bytes
+
+    w = numpy_helper.from_array(np.ones((8, 4), np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["x", "xt"], ["s"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("s", TensorProto.FLOAT, None)], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    path = tmp_path / "g.onnx"
+    onnx.save(model, str(path))
+    count = FlopCounter(path)
+    assert count({"x": np.zeros((2, 5, 8), np.float32)}) == 2 * 2 * 5 * 8 * 4 + 2 * 2 * 5 * 5 * 8
+    assert weight_bytes(path) == 8 * 4 * 4
+    floor = Machine(bandwidth_gb_s=10, fp32_gflop_s=100, threads=1).floor_ms(1e9, 1e9)
+    assert floor == {"bytes_floor_ms": 100.0, "flops_floor_ms": 10.0, "floor_ms": 100.0, "bound": "bandwidth"}
+    assert measure_bandwidth(1, mib=8, repeats=1) > 0
+
+
+def test_issue14_bars() -> None:
+    from benchmarks.report import bars_14
+
+    def lat(backend: str, precision: str, n: int, ms: float, diff: float = 0.0) -> dict:
+        return {"kind": "latency", "backend": backend, "precision": precision, "utterances": n, "p50_ms": ms,
+                "max_abs_diff_vs_eager": diff}
+
+    records = [lat("onnxruntime", "fp32", n, 10.0) for n in (1, 10, 50)]
+    records += [lat("onnxruntime", "int8", n, 5.0, 0.01) for n in (1, 50)]
+    records += [lat("openvino", "fp32", n, 8.0, 1e-6) for n in (10, 50)]
+    records += [{"kind": "streaming", "path": "step", "backend": "onnxruntime", "precision": p, "n": 50, "p50_ms": ms,
+                 "floor_ms": 2.0, "bytes_floor_ms": 2.0, "weight_bytes": 5e7} for p, ms in (("fp32", 2.5), ("int8", 2.0))]
+    env = {"parity": {"int8": {"argmax_agreement": 0.999, "probs_max_abs": 0.01, "passed": True, "rows": 100}}}
+    lines = bars_14(records, env)
+    assert len(lines) == 6
+    assert "int8 vs fp32 runtime at 1 utterances" in lines[0] and "2.00x" in lines[0] and lines[0].endswith("PASS")
+    assert "openvino fp32" in lines[2] and "1.25x" in lines[2] and lines[2].endswith("PASS")  # int8 is not exact
+    assert "1.25x" in lines[4] and lines[4].endswith("PASS")  # step within 1.5x of its floor
+    assert "1.25x" in lines[5] and lines[5].endswith("FAIL")  # int8 step not 1.6x faster

@@ -350,7 +350,7 @@ def test_bad_arguments(exported: Path) -> None:
     with pytest.raises(ValueError, match="backend"):
         cmath_runtime.load(exported, backend="gpu")
     with pytest.raises(ValueError, match="precision"):
-        cmath_runtime.load(exported, precision="int8")
+        cmath_runtime.load(exported, precision="int4")
 
 
 def _has_gpu() -> bool:

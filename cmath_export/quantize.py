@@ -1,0 +1,201 @@
+"""Weight-int8 ONNX graphs: onnxruntime's dynamic quantization of the MatMuls whose weight is a constant.
+
+Graph-agnostic: it rewrites any fp32 ONNX graph (model.onnx, model.step.onnx, whatever their inputs are), so it
+does not care about batch axes or cache layouts. What it does (the scheme chosen by measurement, see SCHEME):
+
+- every MatMul whose second input is an initializer (the linear layers) gets int8 weights (one scale per tensor)
+  and runs as DynamicQuantizeLinear -> MatMulInteger: the activations are quantized to uint8 per call, the
+  product accumulates in int32 (AVX512-VNNI on Zen 4) and is rescaled to fp32;
+- the attention MatMuls between two activations (Q K^T, A V) stay fp32: they have no weight to shrink, and
+  quantizing both of their inputs per call cost more than it saved;
+- everything else (LayerNorm, softmax, the input standardisation, embeddings) stays fp32.
+
+A batch-1 call of this model is bound by reading the weights (docs: roofline in benchmarks/roofline.py), so
+4x fewer weight bytes is where the speed comes from. Accuracy is proven per export on the run's validation rows
+(cmath_export/parity.py, bounds INT8_BOUNDS) and recorded in export.json; a failed bound writes nothing.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """The quantization recipe (recorded in export.json so an artifact says how it was made)."""
+
+    method: str = "dynamic"  # onnxruntime.quantization.quantize_dynamic
+    op_types: tuple[str, ...] = ("MatMul",)  # Gemms with a constant weight are rewritten to MatMul first
+    weight_type: str = "QInt8"
+    per_channel: bool = False
+    reduce_range: bool = False
+    weights_only: bool = True  # MatMuls between two activations stay fp32
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+SCHEME = Scheme()
+
+
+def quantize_int8(model: onnx.ModelProto, scheme: Scheme | None = None) -> onnx.ModelProto:
+    """An int8-weight copy of `model` (which is not modified)."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    scheme = scheme or SCHEME
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))  # onnxruntime logs a "run pre-processing" hint on the root logger
+    try:
+        return _quantize(model, scheme, quantize_dynamic, QuantType)
+    finally:
+        root.setLevel(level)
+
+
+def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy where every Gemm(A, W, bias) with a constant W (alpha = beta = 1, transA = 0) is MatMul(A, W') + bias,
+    W' = W transposed when transB: the same arithmetic, in the op onnxruntime's dynamic quantizer handles (the
+    exporter writes linear layers on 2-D rows, as in the step graph, as Gemm; it has no integer Gemm)."""
+    from onnx import helper, numpy_helper
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    nodes = []
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or len(node.input) < 2 or node.input[1] not in inits or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        name = f"{node.input[1]}__matmul"
+        if name not in inits:
+            inits[name] = numpy_helper.from_array(np.ascontiguousarray(weight.T if attrs.get("transB", 0) else weight),
+                                                  name)
+            graph.initializer.append(inits[name])
+        has_bias = len(node.input) > 2 and node.input[2]
+        product = f"{node.output[0]}__matmul" if has_bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], name], [product], name=f"{node.name}__matmul"))
+        if has_bias:
+            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}__bias"))
+    used = {i for n in nodes for i in n.input}
+    keep = [t for t in graph.initializer if t.name in used or t.name in {o.name for o in graph.output}]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return model
+
+
+def _quantize(model: onnx.ModelProto, scheme: Scheme, quantize_dynamic: Any, QuantType: Any) -> onnx.ModelProto:  # noqa: N803
+    model = gemm_to_matmul(model)
+    nodes = weight_matmuls(model.graph, scheme.op_types) if scheme.weights_only else None
+    with tempfile.TemporaryDirectory(prefix="cmath-int8-") as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        onnx.save_model(model, str(src))
+        quantize_dynamic(str(src), str(dst), op_types_to_quantize=list(scheme.op_types),
+                         nodes_to_quantize=nodes, per_channel=scheme.per_channel,
+                         reduce_range=scheme.reduce_range, weight_type=getattr(QuantType, scheme.weight_type),
+                         extra_options={"MatMulConstBOnly": scheme.weights_only})
+        return onnx.load_model(str(dst))
+
+
+def weight_matmuls(graph: onnx.GraphProto, op_types: tuple[str, ...] = ("MatMul",)) -> list[str]:
+    """Names of the `op_types` nodes whose second input is a constant (an initializer or a Constant node)."""
+    constants = {t.name for t in graph.initializer}
+    constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in graph.node if n.op_type in op_types and len(n.input) > 1 and n.input[1] in constants]
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of every initializer: what one call must at least read once (the bandwidth floor's numerator)."""
+    from onnx import numpy_helper
+
+    return int(sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer))
+
+
+def count_ops(model: onnx.ModelProto) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for n in model.graph.node:
+        out[n.op_type] = out.get(n.op_type, 0) + 1
+    return out
+
+
+STEP_INT8_FILE = "model.step.int8.onnx"  # = formats' int8 row step_file
+
+
+def build_int8(ctx: Any) -> Any:
+    """Builder of the int8 row (formats.py): model.int8.onnx from the fp32 graph, parity vs PyTorch."""
+    import time
+
+    from cmath_runtime.files import atomic_write_bytes
+
+    from . import parity
+    from .builders import Built
+    from .graph import check_io
+
+    t0 = time.perf_counter()
+    q = quantize_int8(ctx.built["fp32"].proto)
+    onnx.checker.check_model(q, full_check=True)
+    check_io(q, ctx.inputs, ctx.outputs, "model.int8.onnx")
+    path = ctx.path("int8")
+    atomic_write_bytes(path, q.SerializeToString())
+    ctx.say(f"model.int8.onnx: quantized in {time.perf_counter() - t0:.1f} s")
+    report = ctx.check("int8", lambda b: parity.onnx_outputs(str(path), b), parity.BOUNDS["int8"])
+    report.notes.append(f"weight-int8 MatMuls, scheme {SCHEME.to_json()}")
+    return Built(path, "int8", report, proto=q)
+
+
+def step_outputs(path: str | Path, entry: dict[str, Any], batches: list[dict[str, np.ndarray]],
+                 threads: int = 1) -> tuple[list[dict[str, np.ndarray]], str]:
+    """Run a step graph over every conversation of padded batches, one utterance at a time, with the runtime's
+    own Stream (so any step layout the runtime runs is checked as it runs); -> outputs shaped like the full
+    graph's (B, N, .), padded rows zero, and the runtime in words."""
+    import onnxruntime as ort
+
+    from cmath_runtime.session import open_session
+    from cmath_runtime.streaming import StepGraph, Stream
+
+    graph = StepGraph.from_session(open_session(path, "cpu", threads=threads, what="step graph").session, entry)
+    modalities = [m for m in batches[0] if m not in ("speaker", "mask")] if batches else []
+    out = []
+    for feeds in batches:
+        mask = feeds["mask"]
+        got: dict[str, np.ndarray] = {}
+        for b in range(mask.shape[0]):
+            n = int(mask[b].sum())
+            if n == 0:
+                continue
+            probs, emb = Stream(graph).catch_up([int(s) for s in feeds["speaker"][b, :n]],
+                                                {m: list(feeds[m][b, :n]) for m in modalities})
+            for k, v in (("probs", probs), ("embedding", emb)):
+                got.setdefault(k, np.zeros((*mask.shape, v.shape[-1]), np.float32))[b, :n] = v
+        out.append(got)
+    return out, f"onnxruntime {ort.__version__} CPUExecutionProvider, step by step (cmath_runtime Stream)"
+
+
+def build_step_int8(ctx: Any, step_entry: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """Step twin of the int8 row: model.step.int8.onnx from staging/model.step.onnx, its parity vs PyTorch on the
+    validation rows (fed one utterance at a time); -> (export.json["step"]["int8"], the report)."""
+    from cmath_runtime.files import atomic_write_bytes, sha256_file
+
+    from . import parity
+
+    q = quantize_int8(onnx.load_model(str(ctx.staging / step_entry["file"])))
+    onnx.checker.check_model(q, full_check=True)
+    path = ctx.staging / STEP_INT8_FILE
+    atomic_write_bytes(path, q.SerializeToString())
+    report = ctx.check("step_int8", lambda b: step_outputs(path, step_entry, b), parity.BOUNDS["int8"])
+    report.notes.append(f"model.step.int8.onnx fed one utterance at a time; scheme {SCHEME.to_json()}")
+    entry = {"file": STEP_INT8_FILE, "sha256": sha256_file(path), "bytes": path.stat().st_size,
+             "precision": "int8", "scheme": SCHEME.to_json(), "parity": report.to_json()}
+    return entry, report

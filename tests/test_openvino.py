@@ -1,0 +1,80 @@
+"""OpenVINO backend (issue 14): f32 by default and bf16 only when asked, both read back at load; the same
+answers as onnxruntime at every shape; the step graph; a missing openvino is one clear error."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cmath_runtime
+from cmath_runtime.errors import BackendUnavailableError
+from tests.test_int8 import SHAPES, _conversations
+
+
+@pytest.fixture(scope="module")
+def ov_model(int8_causal_export: Path) -> cmath_runtime.EmotionModel:
+    pytest.importorskip("openvino")
+    return cmath_runtime.load(int8_causal_export, backend="openvino", threads=1)
+
+
+@pytest.fixture(scope="module")
+def ort_model(int8_causal_export: Path) -> cmath_runtime.EmotionModel:
+    return cmath_runtime.load(int8_causal_export, backend="cpu", threads=1)
+
+
+def test_default_is_f32_read_back(ov_model) -> None:
+    session = ov_model._info.session
+    assert ov_model.backend == "openvino" and ov_model.precision == "fp32"
+    assert session.inference_precision == "f32" and all(d.startswith("CPU") for d in session.devices)
+    assert "f32" in ov_model.providers[0] and "f32" in ov_model.note
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_openvino_matches_onnxruntime(ov_model, ort_model, shape: tuple[int, int]) -> None:
+    batch, n = shape
+    convs = _conversations(batch, n, 1)
+    convs = [{"speakers": c["speakers"][:n - i], "features": {m: x[:n - i] for m, x in c["features"].items()}}
+             for i, c in enumerate(convs)]
+    got = ov_model.predict(convs, batch_size=batch)
+    alone = [ov_model.predict([c])[0] for c in convs]
+    ref = ort_model.predict(convs, batch_size=batch)
+    for g, a, r in zip(got, alone, ref):
+        assert np.isfinite(g.probs).all()
+        assert np.abs(g.probs - r.probs).max() < 1e-5  # f32 really is f32
+        assert np.abs(g.probs - a.probs).max() < 1e-5  # padding-invariant
+
+
+def test_bf16_only_when_asked(int8_causal_export: Path, ort_model) -> None:
+    pytest.importorskip("openvino")
+    try:
+        model = cmath_runtime.load(int8_causal_export, backend="openvino", precision="bf16", threads=1)
+    except BackendUnavailableError as e:  # a CPU without bf16: OpenVINO would run f32, which we refuse to call bf16
+        assert "bf16" in str(e)
+        return
+    assert model._info.session.inference_precision == "bf16" and model.precision == "bf16"
+    convs = _conversations(2, 20, 2)
+    for g, r in zip(model.predict(convs), ort_model.predict(convs)):
+        assert np.isfinite(g.probs).all() and np.abs(g.probs - r.probs).max() < 0.1
+
+
+def test_openvino_step_path(ov_model, ort_model) -> None:
+    from cmath_runtime import Conversation
+
+    [conv] = _conversations(1, 30, 4)
+    stream = Conversation(ov_model)
+    assert stream.path == "step"
+    for i in range(30):
+        stream.add(int(conv["speakers"][i]), **{m: x[i] for m, x in conv["features"].items()})
+    [full] = ort_model.predict([conv])
+    assert np.abs(stream.probs() - full.probs).max() < 1e-4
+
+
+def test_missing_openvino_is_one_clear_error(int8_causal_export: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` now raises ImportError
+    with pytest.raises(BackendUnavailableError) as e:
+        cmath_runtime.load(int8_causal_export, backend="openvino")
+    message = str(e.value)
+    assert "openvino" in message and "pip install 'cmath[openvino]'" in message and "\n" not in message

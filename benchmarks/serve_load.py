@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from cmath_serve.client import infer_inputs
+
 from .timing import percentiles_ms as _percentiles
 
 
@@ -38,7 +40,6 @@ def percentiles_ms(seconds: list[float]) -> dict[str, float]:
                                                                             "min_ms")}
 
 CONCURRENCY = (1, 4, 16, 64)
-DTYPES = {np.float32: "FP32", np.int64: "INT64", np.bool_: "BOOL"}
 
 
 def start_server(export_dir: Path, stream_mode: str, threads: int, queue_delay_us: int, max_conversations: int):
@@ -51,15 +52,6 @@ def start_server(export_dir: Path, stream_mode: str, threads: int, queue_delay_u
     server = TritonServer(Path(export_dir), options, ports, exit_timeout_s=5)
     server.start()
     return server
-
-
-def _inputs(grpc: Any, arrays: dict[str, np.ndarray]) -> list[Any]:
-    out = []
-    for name, x in arrays.items():
-        i = grpc.InferInput(name, list(x.shape), DTYPES[x.dtype.type])
-        i.set_data_from_numpy(x)
-        out.append(i)
-    return out
 
 
 def _conversation_arrays(dims: dict[str, int], num_speakers: int, n: int, rng: np.random.Generator) -> dict:
@@ -85,13 +77,13 @@ async def _classify_level(url: str, pool: list[dict], concurrency: int, total: i
             sent += 1
             t0 = time.perf_counter()
             try:
-                await client.infer("cmath", _inputs(grpc, arrays), client_timeout=60)
+                await client.infer("cmath", infer_inputs(grpc, arrays), client_timeout=60)
                 latencies.append(time.perf_counter() - t0)
             except Exception as e:  # noqa: BLE001 (counted; the level must show 0)
                 errors.append(str(e)[:200])
 
     for arrays in pool[:4]:  # warm-up
-        await client.infer("cmath", _inputs(grpc, arrays))
+        await client.infer("cmath", infer_inputs(grpc, arrays))
     start = time.perf_counter()
     await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), seconds + 120)
     wall = time.perf_counter() - start
@@ -118,7 +110,7 @@ async def _stream_run(url: str, convs: list[dict], seconds: float, base_id: int)
                     "speaker": arrays["speaker"][:, i:i + 1]}
             t0 = time.perf_counter()
             try:
-                await client.infer("cmath_stream", _inputs(grpc, step), sequence_id=base_id + j,
+                await client.infer("cmath_stream", infer_inputs(grpc, step), sequence_id=base_id + j,
                                    sequence_start=i == 0, sequence_end=i == n - 1, client_timeout=120)
                 latencies.append(time.perf_counter() - t0)
             except Exception as e:  # noqa: BLE001

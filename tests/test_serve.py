@@ -27,9 +27,10 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
+from cmath_serve.client import infer_inputs  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LEN = 64
-DTYPES = {np.float32: "FP32", np.int64: "INT64", np.bool_: "BOOL", np.float64: "FP64"}
 
 
 def _triton_or_skip() -> None:
@@ -129,15 +130,6 @@ def servers(serve_export: Path, tmp_path_factory: pytest.TempPathFactory):
             s.stop()
 
 
-def _inputs(module, arrays: dict[str, np.ndarray]) -> list:
-    out = []
-    for name, x in arrays.items():
-        i = module.InferInput(name, list(x.shape), DTYPES[x.dtype.type])
-        i.set_data_from_numpy(x)
-        out.append(i)
-    return out
-
-
 def _batch(model, lengths: list[int], seed: int) -> tuple[dict[str, np.ndarray], list[dict]]:
     """(batch, max(lengths)) padded request arrays and the same conversations for the runtime."""
     rng = np.random.default_rng(seed)
@@ -156,7 +148,7 @@ def test_http_and_grpc_equal_the_runtime(servers, model, lengths: list[int]) -> 
     expected = model.predict(convs, embeddings=True)
     s = servers["main"]
     for module, client in ((httpclient, s.http_client()), (grpcclient, s.grpc_client())):
-        result = client.infer("cmath", _inputs(module, arrays))
+        result = client.infer("cmath", infer_inputs(module, arrays))
         probs, emb = result.as_numpy("probs"), result.as_numpy("embedding")
         assert probs.shape == (len(lengths), max(lengths), model.manifest.num_classes)
         for i, k in enumerate(lengths):
@@ -206,7 +198,7 @@ def test_sixteen_conversations_streamed_concurrently(servers, model) -> None:
                 barrier.wait(timeout=60)
                 if i >= lengths[j]:
                     continue
-                r = client.infer("cmath_stream", _inputs(grpcclient, _utterance(model, feats, speakers, i)),
+                r = client.infer("cmath_stream", infer_inputs(grpcclient, _utterance(model, feats, speakers, i)),
                                  sequence_id=5000 + j, sequence_start=i == 0, sequence_end=i == lengths[j] - 1)
                 got[j].append(r.as_numpy("probs")[0])
         except BaseException as e:  # noqa: BLE001 (reported below)
@@ -257,7 +249,7 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(servers, model) ->
     good = model.predict(convs)
 
     def infer(**changes):
-        return lambda: client.infer("cmath", _inputs(grpcclient, {**arrays, **changes}))
+        return lambda: client.infer("cmath", infer_inputs(grpcclient, {**arrays, **changes}))
 
     nan = arrays["a"].copy()
     nan[1, 2, 0] = np.nan
@@ -270,15 +262,15 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(servers, model) ->
     _expect_error(infer(mask=holes), "mask[0]", "right-padded")
     _expect_error(infer(t=arrays["t"].astype(np.float64)), "FP64", "FP32")  # dtype: refused by Triton itself
     _expect_error(infer(v=arrays["v"][:, :, :-1]), "'v'")  # feature size
-    _expect_error(lambda: http.infer("cmath", _inputs(httpclient, {**arrays, "x": arrays["t"]})), "'x'")
-    r = client.infer("cmath", _inputs(grpcclient, arrays))  # and the next good one is answered
+    _expect_error(lambda: http.infer("cmath", infer_inputs(httpclient, {**arrays, "x": arrays["t"]})), "'x'")
+    r = client.infer("cmath", infer_inputs(grpcclient, arrays))  # and the next good one is answered
     assert np.abs(r.as_numpy("probs")[0, :5] - good[0].probs).max() <= 1e-6
 
     feats, speakers = _conversation(model, 4, seed=11)
     expected = _serial_probs(model, feats, speakers)
 
     def step(i: int, start: bool = False, sequence_id: int = 7000, **changes):
-        return client.infer("cmath_stream", _inputs(grpcclient, {**_utterance(model, feats, speakers, i), **changes}),
+        return client.infer("cmath_stream", infer_inputs(grpcclient, {**_utterance(model, feats, speakers, i), **changes}),
                             sequence_id=sequence_id, sequence_start=start)
 
     _expect_error(lambda: step(0, sequence_id=7999), "START")  # a step for a sequence never started
@@ -289,7 +281,7 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(servers, model) ->
     _expect_error(lambda: step(1, speaker=np.array([[42]], np.int64)), "speaker", "42")
     _expect_error(lambda: step(1, speaker=np.array([[0, 1]], np.int64)), "speaker")  # shape: refused by Triton
     for i in (1, 2, 3):  # the failed steps left the conversation as it was
-        r = client.infer("cmath_stream", _inputs(grpcclient, _utterance(model, feats, speakers, i)),
+        r = client.infer("cmath_stream", infer_inputs(grpcclient, _utterance(model, feats, speakers, i)),
                          sequence_id=7000, sequence_end=i == 3)
         assert np.abs(r.as_numpy("probs")[0] - expected[i]).max() <= 1e-5
 
@@ -298,10 +290,10 @@ def test_a_client_that_disconnects_breaks_nothing(servers, model) -> None:
     s = servers["main"]
     arrays, convs = _batch(model, [50, 50, 50], seed=3)
     with pytest.raises(InferenceServerException):  # gives up long before the answer
-        s.grpc_client().infer("cmath", _inputs(grpcclient, arrays), client_timeout=0.001)
+        s.grpc_client().infer("cmath", infer_inputs(grpcclient, arrays), client_timeout=0.001)
     with socket.create_connection(("127.0.0.1", s.http)) as sock:  # half a request, then gone
         sock.sendall(b"POST /v2/models/cmath/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{\"inputs\"")
-    r = s.http_client().infer("cmath", _inputs(httpclient, arrays))
+    r = s.http_client().infer("cmath", infer_inputs(httpclient, arrays))
     assert np.abs(r.as_numpy("probs")[2] - model.predict(convs)[2].probs).max() <= 1e-6
     assert s.http_client().is_server_ready()
 
@@ -313,7 +305,7 @@ def test_live_conversation_limit_and_idle_expiry(servers, model) -> None:
     expected = _serial_probs(model, feats, speakers)
 
     def step(seq: int, i: int, start: bool = False, end: bool = False):
-        return client.infer("cmath_stream", _inputs(grpcclient, _utterance(model, feats, speakers, i)),
+        return client.infer("cmath_stream", infer_inputs(grpcclient, _utterance(model, feats, speakers, i)),
                             sequence_id=seq, sequence_start=start, sequence_end=end)
 
     step(1, 0, start=True)
@@ -340,7 +332,7 @@ def test_metrics_and_sigterm_exit_cleanly(servers, model) -> None:
     client = s.grpc_client()
     results: list = []
     done = threading.Event()
-    client.async_infer("cmath", _inputs(grpcclient, arrays), lambda result, error: (results.append((result, error)),
+    client.async_infer("cmath", infer_inputs(grpcclient, arrays), lambda result, error: (results.append((result, error)),
                                                                                     done.set()))
     time.sleep(0.05)
     s.proc.send_signal(signal.SIGTERM)
@@ -578,7 +570,7 @@ def test_raw_text_streamed_and_whole_equals_the_runtime(text_server) -> None:
         expected.append(conv.probs()[-1])
     client = s.grpc_client()
     for i, text in enumerate(TEXTS):
-        r = client.infer("cmath_stream", [*_inputs(grpcclient, {"speaker": speakers[i:i + 1, None]}),
+        r = client.infer("cmath_stream", [*infer_inputs(grpcclient, {"speaker": speakers[i:i + 1, None]}),
                                           _text_input(grpcclient, np.array([[text]], object))],
                          sequence_id=9100, sequence_start=i == 0, sequence_end=i == len(TEXTS) - 1)
         assert np.abs(r.as_numpy("probs")[0] - expected[i]).max() <= 1e-5, i
@@ -586,7 +578,7 @@ def test_raw_text_streamed_and_whole_equals_the_runtime(text_server) -> None:
     texts = np.array([TEXTS, [*TEXTS[:2], "", ""]], object)
     arrays = {"speaker": np.stack([speakers, speakers]), "mask": np.array([[True] * 4, [True, True, False, False]])}
     for module, c in ((httpclient, s.http_client()), (grpcclient, client)):
-        r = c.infer("cmath", [*_inputs(module, arrays), _text_input(module, texts)])
+        r = c.infer("cmath", [*infer_inputs(module, arrays), _text_input(module, texts)])
         assert np.abs(r.as_numpy("probs")[0] - whole[0].probs).max() <= 1e-5
         assert np.abs(r.as_numpy("probs")[1, :2] - whole[1].probs).max() <= 1e-5
 
@@ -597,14 +589,14 @@ def test_raw_text_mixed_with_features_or_missing_is_a_clear_error(text_server) -
     spk = {"speaker": np.array([[0]], np.int64)}
     t = {"t": np.zeros((1, 384), np.float32)}
     text = _text_input(grpcclient, np.array([["hello"]], object))
-    _expect_error(lambda: client.infer("cmath_stream", [*_inputs(grpcclient, {**spk, **t}), text],
+    _expect_error(lambda: client.infer("cmath_stream", [*infer_inputs(grpcclient, {**spk, **t}), text],
                                        sequence_id=9200, sequence_start=True), "'t'", "'text'", "not both")
-    _expect_error(lambda: client.infer("cmath_stream", _inputs(grpcclient, spk), sequence_id=9201,
+    _expect_error(lambda: client.infer("cmath_stream", infer_inputs(grpcclient, spk), sequence_id=9201,
                                        sequence_start=True), "'t'", "'text'", "neither")
     arrays = {"speaker": np.zeros((1, 2), np.int64), "mask": np.ones((1, 2), bool), "t": np.zeros((1, 2, 384), np.float32)}
-    _expect_error(lambda: client.infer("cmath", [*_inputs(grpcclient, arrays),
+    _expect_error(lambda: client.infer("cmath", [*infer_inputs(grpcclient, arrays),
                                                  _text_input(grpcclient, np.array([["a", "b"]], object))]), "not both")
-    r = client.infer("cmath_stream", [*_inputs(grpcclient, spk), text], sequence_id=9202, sequence_start=True,
+    r = client.infer("cmath_stream", [*infer_inputs(grpcclient, spk), text], sequence_id=9202, sequence_start=True,
                      sequence_end=True)  # and the next good one is answered
     assert r.as_numpy("probs").shape == (1, model.manifest.num_classes)
 

@@ -1,10 +1,16 @@
 """Shared fixtures: tiny synthetic data, tiny configs, and per test session ONE tiny trained run (bidirectional)
-with ONE export of it, and ONE tiny causal run with ONE export (step graph, fp16). Tests that only read an
-export share these; tests that change files copy them first (shutil.copytree into tmp_path)."""
+with ONE export of it, and ONE tiny causal run with ONE export (step graph, fp16, int8). Tests that only read an
+export share these; tests that change files copy them first (shutil.copytree into tmp_path).
+
+"Once per session" holds under pytest-xdist too (scripts/test.sh runs the suite on 2 workers): `built_once` builds
+each shared folder under a file lock in the session's common temp folder; the first worker that needs it builds
+it, the others wait for it and reuse it (pytest-xdist's documented recipe for session fixtures)."""
 
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,7 +27,60 @@ except ImportError:  # the runtime's tests run without torch
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 MELD_DIR = SHARED / "data" / "meld"
 TINY_DIMS = {"t": 24, "a": 12, "v": 16}
-CAUSAL_MAX_LEN = 200  # the shared causal export's max_len (cache capacity of its step graph)
+CAUSAL_MAX_LEN = 300  # the shared causal export's max_len (cache capacity of its step graph)
+
+
+def built_once(factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """The folder `name`, made by build(folder) once per test session, also across pytest-xdist workers."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        folder = factory.mktemp(name)
+        build(folder)
+        return folder
+    from filelock import FileLock
+
+    root = factory.getbasetemp().parent  # common to every worker of this session
+    folder, done = root / name, root / f"{name}.built"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # what a worker that failed half-way left
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_trace_per_model():
+    """torch.onnx's trace is ~10 s even for a tiny model, and several tests export the same trained run (the CLI,
+    crash safety, the benchmark, the bounds): trace each distinct model (weights, config, opset, max_len) once per
+    worker and hand later exports a copy of that graph. Everything after the trace (parity, fp16/int8, manifest,
+    files) still runs for real every time; the trace itself is exercised by every model the suite exports."""
+    import hashlib
+
+    try:
+        import onnx
+
+        from cmath_export import builders
+    except ImportError:  # the torch-free runtime tests
+        yield
+        return
+    traced, trace = {}, builders.export_onnx
+
+    def export_onnx(model, opset: int, max_len: int):  # noqa: ANN001, ANN202
+        h = hashlib.sha256(f"{type(model).__name__}|{model.cfg!r}|{opset}|{max_len}".encode())
+        for name, tensor in model.state_dict().items():
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        key = h.hexdigest()
+        if key not in traced:
+            traced[key] = trace(model, opset, max_len)
+        copy = onnx.ModelProto()
+        copy.CopyFrom(traced[key])
+        return copy
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(builders, "export_onnx", export_onnx)
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -45,19 +104,20 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
     from cmath_train.config import LossConfig, TrainConfig
     from cmath_train.train import train
 
-    out = tmp_path_factory.mktemp("tiny_run")
-    train(tiny_data, tiny_model_config(), LossConfig(), TrainConfig(epochs=2, batch_size=8, lr=3e-3), out, progress=False)
-    return out
+    return built_once(tmp_path_factory, "tiny_run", lambda out: train(
+        tiny_data, tiny_model_config(), LossConfig(), TrainConfig(epochs=2, batch_size=8, lr=3e-3), out, progress=False))
 
 
 @pytest.fixture(scope="session")
-def tiny_export(tiny_run: Path) -> tuple[Path, dict]:
+def tiny_export(tiny_run: Path, tmp_path_factory) -> tuple[Path, dict]:
     """tiny_run exported once, into tiny_run/export: fp32 + fp16 + a Triton repository; (export folder, manifest).
     Read-only for tests: copy it before changing anything."""
+    import json
+
     from cmath_export import export_run
 
-    manifest = export_run(tiny_run, fp16=True, triton=tiny_run / "triton")
-    return tiny_run / "export", manifest
+    built_once(tmp_path_factory, "tiny_export", lambda _: export_run(tiny_run, fp16=True, triton=tiny_run / "triton"))
+    return tiny_run / "export", json.loads((tiny_run / "export" / "export.json").read_text())
 
 
 @pytest.fixture(scope="session")
@@ -66,34 +126,32 @@ def causal_run(tiny_data, tmp_path_factory) -> Path:
     from cmath_train.config import LossConfig, TrainConfig
     from cmath_train.train import train
 
-    run = tmp_path_factory.mktemp("causal_run")
-    train(tiny_data, tiny_model_config(causal=True), LossConfig(), TrainConfig(epochs=1, batch_size=8, lr=3e-3), run,
-          progress=False)
-    return run
+    return built_once(tmp_path_factory, "causal_run", lambda run: train(
+        tiny_data, tiny_model_config(causal=True), LossConfig(), TrainConfig(epochs=1, batch_size=8, lr=3e-3), run,
+        progress=False))
 
 
 @pytest.fixture(scope="session")
-def causal_export(causal_run: Path) -> Path:
-    """causal_run exported once with its step graph and fp16 (max_len CAUSAL_MAX_LEN); the export folder."""
-    from cmath_export import export_run
-
-    export_run(causal_run, fp16=True, max_len=CAUSAL_MAX_LEN, text_encoder=False)
-    return causal_run / "export"
-
-
-@pytest.fixture(scope="session")
-def int8_causal_export(causal_run: Path, tmp_path_factory) -> Path:
-    """causal_run exported with --int8 (model.int8.onnx + model.step.int8.onnx), max_len 300, into its own folder:
-    the export folder. Shared by the int8 and OpenVINO tests.
+def causal_export(causal_run: Path, tmp_path_factory) -> Path:
+    """causal_run exported once, into causal_run/export: fp32, fp16 and int8 (model.int8.onnx +
+    model.step.int8.onnx), the step graph (max_len CAUSAL_MAX_LEN); the export folder. Read-only for tests.
 
     The int8 agreement bound is lowered to 95% here: a 1-2 epoch d=32 model is nearly undecided (measured on the
     model before the issue-12 refactor: 6% of its validation rows had a top-2 probability margin below 1e-3 and
     98.4% agreement at max |dp| 9e-4), so its argmax flips under any rounding. That the bound is enforced is
-    test_failed_bound_writes_nothing's job; the meld model meets 99.5% (notes/B.md); max |dp| <= 0.03 is kept."""
+    test_failed_bound_writes_nothing's job; the meld model meets 99.5% (README); max |dp| <= 0.03 is kept."""
     from cmath_export import export_run, parity
 
-    out = tmp_path_factory.mktemp("int8_export")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(parity.BOUNDS, "int8", parity.Bounds(probs_max_abs=3e-2, min_argmax_agreement=0.95))
-        export_run(causal_run, out, max_len=300, int8=True, text_encoder=False)
-    return out
+    def build(_: Path) -> None:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setitem(parity.BOUNDS, "int8", parity.Bounds(probs_max_abs=3e-2, min_argmax_agreement=0.95))
+            export_run(causal_run, fp16=True, int8=True, max_len=CAUSAL_MAX_LEN, text_encoder=False)
+
+    built_once(tmp_path_factory, "causal_export", build)
+    return causal_run / "export"
+
+
+@pytest.fixture(scope="session")
+def int8_causal_export(causal_export: Path) -> Path:
+    """The shared causal export (it has the int8 graphs); the name the int8 and OpenVINO tests read."""
+    return causal_export

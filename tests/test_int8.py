@@ -109,15 +109,14 @@ def test_runtime_refuses_failed_agreement(int8_causal_export: Path, tmp_path: Pa
     cmath_runtime.load(copy, precision="fp32")  # the fp32 model of the same export still loads
 
 
-def test_failed_bound_writes_nothing(causal_run: Path, tmp_path: Path,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_bound_writes_nothing(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from cmath_export import export_run, parity
     from cmath_export.export import ParityError
 
-    run = tmp_path / "run"
+    run = tmp_path / "run"  # the bidirectional run: one graph to trace, and the int8 bound checked the same way
     run.mkdir()
     for name in ("config.json", "model.safetensors"):
-        shutil.copy(causal_run / name, run / name)
+        shutil.copy(tiny_run / name, run / name)
     assert parity.BOUNDS["int8"] == parity.Bounds(probs_max_abs=0.03, min_argmax_agreement=0.995)  # the issue's
     # a bound no int8 graph can meet (exact probabilities): the export must fail and write nothing
     monkeypatch.setitem(parity.BOUNDS, "int8", parity.Bounds(probs_max_abs=0.0, min_argmax_agreement=1.0))

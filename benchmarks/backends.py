@@ -31,10 +31,10 @@ RUNTIME = {ORT: ("cpu", False), ORT_SPIN: ("cpu", True), OPENVINO: ("openvino", 
 # PyTorch, then every (artifact, runtime backend, precision) the export format table lists (cmath_export/formats.py).
 ALL = (f"{EAGER}:fp32", f"{COMPILE}:fp32",
        *(f"{RUNTIME_CONTENDER[backend]}:{precision}" for _, backend, precision in bench_contenders()))
-# Opt-in (--backends ort-spin): onnxruntime with idle threads spinning. Not in the default run: on a shared
-# 2-core machine it measured 3-6x slower than sleeping threads, and its spinning threads steal the cores of the
-# contender timed next.
-OPT_IN = (f"{ORT_SPIN}:fp32",)
+# onnxruntime-spin is the same graph and kernels as onnxruntime with idle threads spinning (load(spinning=True)):
+# the fastest exact path on an idle machine (README, measured 1.45x at 10 and 50 utterances), slower than
+# sleeping threads when other work shares the cores (1.56x slower at 50 with one busy process beside it). So the
+# runtime's default sleeps, and every run reports both, with the load average.
 
 
 class Skipped(Exception):

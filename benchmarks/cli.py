@@ -36,8 +36,7 @@ def ensure_export(run_dir: Path) -> Path:
 @click.option("--quick", is_flag=True, help="Few lengths and iterations (tests, CI).")
 @click.option("--threads", type=int, default=None, help="Threads for every contender (default: the cores available).")
 @click.option("--backends", "only", default=None,
-              help=f"Comma-separated subset of {', '.join(backends.ALL)} (default: all; GPU ones skip with a reason; "
-                   f"opt-in: {', '.join(backends.OPT_IN)}).")
+              help=f"Comma-separated subset of {', '.join(backends.ALL)} (default: all; GPU ones skip with a reason).")
 @click.option("--spin/--no-spin", default=False, show_default=True,
               help="Let idle threads spin (torch OpenMP default, onnxruntime allow_spinning=1) instead of sleeping.")
 @click.option("--lengths", default=None, help="Comma-separated conversation lengths for latency and streaming, "
@@ -132,7 +131,7 @@ def _contender_key(name: str) -> str:
                "openvino-bf16": f"{backends.OPENVINO}:bf16", "cuda": f"{backends.ORT_CUDA}:fp32",
                "tensorrt": f"{backends.TENSORRT}:fp16"}
     key = aliases.get(name, name)
-    if key not in (*backends.ALL, *backends.OPT_IN):
+    if key not in backends.ALL:
         raise click.BadParameter(f"expected names from {list(backends.ALL)} or {sorted(aliases)}, got {name!r}",
                                  param_hint="--backends")
     return key

@@ -163,13 +163,15 @@ def bars_14(records: list[dict], env: dict[str, Any]) -> list[str]:
                        f"{best['p50_ms']:.2f} ms vs onnxruntime fp32 (today's settings) {f['p50_ms']:.2f} ms = "
                        f"**{ratio:.2f}x** (bar 1.2x): {'PASS' if ratio >= 1.2 else 'FAIL'}")
     s32, s8 = _step(records, "onnxruntime", "fp32", 50), _step(records, "onnxruntime", "int8", 50)
-    if s32 and s32.get("floor_ms"):
-        x = s32["p50_ms"] / s32["bytes_floor_ms"]
-        out.append(f"- fp32 step at history 50: {s32['p50_ms']:.3f} ms vs its weight-bytes floor "
-                   f"{s32['bytes_floor_ms']:.3f} ms ({s32['weight_bytes'] / 1e6:.1f} MB / bandwidth) = **{x:.2f}x** "
-                   f"(bar 1.5x): {'PASS' if 1 <= x <= 1.5 else 'FAIL' if x > 1.5 else 'UNRELIABLE'}"
-                   + (" (faster than its floor: this run measured the bandwidth too low, the machine was busy)"
-                      if x < 1 else ""))
+    steps = [r for r in records if r["kind"] == "streaming" and r["path"] == "step" and r["precision"] == "fp32"
+             and r["n"] == 50 and r.get("bytes_floor_ms")]
+    for i, r in enumerate(sorted(steps, key=lambda r: r["p50_ms"])):  # the best fp32 step engine first: its bar
+        x = r["p50_ms"] / r["bytes_floor_ms"]
+        verdict = "PASS" if 1 <= x <= 1.5 else "FAIL" if x > 1.5 else "UNRELIABLE"
+        out.append(f"- {'best ' if i == 0 else ''}fp32 step at history 50, {r['backend']}: {r['p50_ms']:.3f} ms vs its weight-bytes floor "
+                   f"{r['bytes_floor_ms']:.3f} ms ({r['weight_bytes'] / 1e6:.1f} MB / bandwidth) = **{x:.2f}x** "
+                   f"(bar 1.5x): {verdict}" + (" (faster than its floor: this run measured the bandwidth too low, the "
+                                               "machine was busy)" if x < 1 else ""))
     if s32 and s8:
         ratio = s32["p50_ms"] / s8["p50_ms"]
         st = (env.get("parity") or {}).get("step_int8")

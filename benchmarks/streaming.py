@@ -24,8 +24,9 @@ BUDGET = Budget(warmup=3, iterations=60, seconds=1.0, min_iterations=10, rounds=
 QUICK_BUDGET = Budget(warmup=1, iterations=10, seconds=0.2, min_iterations=3, rounds=2)
 
 
-STEP_CONTENDERS = (("cpu", "fp32"), ("cpu", "int8"), ("openvino", "fp32"), ("openvino", "bf16"))
-BACKEND_NAME = {"cpu": "onnxruntime", "openvino": "openvino"}
+# (backend, precision); "cpu-spin": onnxruntime with idle threads spinning (load(spinning=True))
+STEP_CONTENDERS = (("cpu", "fp32"), ("cpu-spin", "fp32"), ("cpu", "int8"), ("openvino", "fp32"), ("openvino", "bf16"))
+BACKEND_NAME = {"cpu": "onnxruntime", "cpu-spin": "onnxruntime-spin", "openvino": "openvino"}
 
 
 def _load_step_models(export_dir: str | Path, threads: int, contenders: tuple[tuple[str, str], ...],
@@ -36,7 +37,8 @@ def _load_step_models(export_dir: str | Path, threads: int, contenders: tuple[tu
     models = {}
     for backend, precision in contenders:
         try:
-            model = cmath_runtime.load(export_dir, backend=backend, precision=precision, threads=threads)
+            model = cmath_runtime.load(export_dir, backend=backend.removesuffix("-spin"), precision=precision,
+                                       threads=threads, spinning=backend.endswith("-spin"))
             graph = step_graph(model)
         except cmath_runtime.CmathError as e:
             log(f"streaming: skipped {BACKEND_NAME[backend]} {precision}: {e}")

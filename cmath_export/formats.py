@@ -69,7 +69,8 @@ class ExportFormat:
 
 FORMATS: tuple[ExportFormat, ...] = (
     ExportFormat("fp32", "ONNX fp32", "", "model.onnx", "onnx", "fp32", "cpu", ("torch", "onnx", "onnxscript"),
-                 "cmath_export.builders:build_fp32", bench=(("cpu", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"), ("cuda", "fp32"))),
+                 "cmath_export.builders:build_fp32", bench=(("cpu", "fp32"), ("cpu-spin", "fp32"), ("openvino", "fp32"),
+                                                           ("openvino", "bf16"), ("cuda", "fp32"))),
     ExportFormat("fp16", "ONNX fp16", "--fp16", "model.fp16.onnx", "onnx", "fp16", "cpu", ("onnx", "onnxruntime"),
                  "cmath_export.builders:build_fp16", serve_rank=1, bench=(("cpu", "fp16"),)),
     # weight-int8 (cmath_export/quantize.py); with a causal run also model.step.int8.onnx. Not served by Triton.

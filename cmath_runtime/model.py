@@ -108,6 +108,11 @@ class EmotionModel:
         return self._info.threads
 
     @property
+    def spinning(self) -> bool:
+        """Whether idle onnxruntime threads spin (load(spinning=True)); the step graph and text encoder follow it."""
+        return self._info.spinning
+
+    @property
     def label_names(self) -> list[str]:
         return list(self.manifest.label_names)
 

@@ -54,7 +54,7 @@ class StepGraph:
         precision = model.precision if backend == "openvino" else "fp32"
         names = [i["name"] for i in entry.get("inputs", [])] or None
         self.session = open_session(path, backend, precision=precision, threads=model.threads, inputs=names,
-                                    what="step graph").session
+                                    spinning=model.spinning, what="step graph").session
         self.file = path
         self._setup({**entry, "sha256": file["sha256"]})
 

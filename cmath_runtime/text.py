@@ -58,7 +58,8 @@ class TextEncoderSpec:
 class TextEncoder:
     """Tokenizer + onnxruntime session: `encode(texts)` -> (n, dim) float32, like the training features."""
 
-    def __init__(self, spec: TextEncoderSpec, threads: int | None = None, verify: bool = True) -> None:
+    def __init__(self, spec: TextEncoderSpec, threads: int | None = None, verify: bool = True,
+                 spinning: bool = False) -> None:
         from tokenizers import Tokenizer
 
         from .session import open_session
@@ -73,7 +74,7 @@ class TextEncoder:
         self.tokenizer.enable_truncation(max_length=spec.max_seq_length, strategy="longest_first", direction="right")
         self.tokenizer.no_padding()  # padded by hand, per batch, to the longest text
         self.session = open_session(spec.onnx_file, "cpu", threads=threads, inputs=spec.inputs,
-                                    what="text encoder").session
+                                    spinning=spinning, what="text encoder").session
 
     @property
     def dim(self) -> int:
@@ -112,7 +113,7 @@ def load_text_encoder(model: EmotionModel) -> TextEncoder:
     if spec is None or TEXT_MODALITY not in model.modalities:
         raise InputError("text", "feature vectors: this artifact has no text encoder",
                          "raw text", "Re-export the run with cmath-export (without --no-text-encoder).")
-    return TextEncoder(spec, threads=model.threads, verify=model.verify)
+    return TextEncoder(spec, threads=model.threads, verify=model.verify, spinning=model.spinning)
 
 
 def text_encoder(model: EmotionModel) -> TextEncoder:

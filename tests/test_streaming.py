@@ -262,3 +262,14 @@ def test_step_batch_validation_names_the_utterance(causal_model) -> None:
     with pytest.raises(InputError) as e:
         cmath_runtime.step_batch(convs, [good])
     assert e.value.field == "utterances"
+
+
+@pytest.mark.parametrize("spinning", [False, True])
+def test_step_graph_follows_the_models_thread_policy(causal_export: Path, spinning: bool) -> None:
+    """load(spinning=True) must reach the step graph's session too (it is what the step bar is measured on)."""
+    import cmath_runtime
+
+    model = cmath_runtime.load(causal_export, backend="cpu", threads=1, spinning=spinning)
+    options = model.step_graph.session.get_session_options()
+    assert model.spinning is spinning
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spinning else "0")

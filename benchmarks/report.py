@@ -171,7 +171,11 @@ def bars_14(records: list[dict], env: dict[str, Any]) -> list[str]:
         out.append(f"- {'best ' if i == 0 else ''}fp32 step at history 50, {r['backend']}: {r['p50_ms']:.3f} ms vs its weight-bytes floor "
                    f"{r['bytes_floor_ms']:.3f} ms ({r['weight_bytes'] / 1e6:.1f} MB / bandwidth) = **{x:.2f}x** "
                    f"(bar 1.5x): {verdict}" + (" (faster than its floor: this run measured the bandwidth too low, the "
-                                               "machine was busy)" if x < 1 else ""))
+                                               "machine was busy)" if x < 1 else "")
+                   + (f"; its MatMul twin (the same {r['twin_weight_bytes'] / 1e6:.1f} MB of weights as GEMVs and "
+                      f"nothing else, same engine) takes {r['twin_ms']:.3f} ms here ({r['twin_read_gb_s']:.1f} GB/s "
+                      f"read) = {r['twin_ms'] / r['bytes_floor_ms']:.2f}x the floor: the step is "
+                      f"{r['latency_x_twin']:.2f}x its twin" if r.get("twin_ms") else ""))
     if s32 and s8:
         ratio = s32["p50_ms"] / s8["p50_ms"]
         st = (env.get("parity") or {}).get("step_int8")

@@ -14,6 +14,11 @@ guessed), weight bytes are the artifact's initializer bytes (what one call must 
 
 The floor is a lower bound for an engine that reads every weight once and runs at the fp32 matmul peak; int8
 arithmetic can run above the fp32 peak (VNNI), so for int8 records the FLOPs term is only indicative.
+
+A second, engine-level floor for the step graph (one row per call, so every weight matrix is a GEMV): its
+"MatMul twin", a graph holding nothing but the same 2-D weight MatMuls fed one row each, timed on the same engine
+with the same threads and idle policy. What the step costs above its twin is the rest of the graph (attention,
+layer norms, small ops); what the twin costs above weight bytes / bandwidth is the engine's GEMV kernel.
 """
 
 from __future__ import annotations
@@ -87,6 +92,41 @@ def measure_matmul_peak(threads: int = 1, n: int = MATMUL_N, repeats: int = 5) -
         sess.run(None, feeds)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9
+
+
+def matmul_twin(path: str | Path) -> tuple[bytes, dict[str, np.ndarray], int]:
+    """(graph, feeds, weight bytes): every 2-D weight MatMul/Gemm of the ONNX file at `path`, each fed one row."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load_model(str(path))
+    inits = {t.name: t for t in model.graph.initializer}
+    weights = [numpy_helper.to_array(inits[x]) for n in model.graph.node if n.op_type in ("MatMul", "Gemm")
+               for x in n.input[1:2] if x in inits and len(inits[x].dims) == 2]
+    rows = sorted({w.shape[0] for w in weights})
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", [f"x{w.shape[0]}", f"w{i}"], [f"y{i}"]) for i, w in enumerate(weights)], "twin",
+        [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, k]) for k in rows],
+        [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, w.shape[1]]) for i, w in enumerate(weights)],
+        [numpy_helper.from_array(w.astype(np.float32), f"w{i}") for i, w in enumerate(weights)])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = {f"x{k}": np.random.default_rng(k).standard_normal((1, k)).astype(np.float32) for k in rows}
+    return proto.SerializeToString(), feeds, int(sum(w.nbytes for w in weights))
+
+
+def time_matmul_twin(path: str | Path, threads: int, spinning: bool, iterations: int = 200) -> dict[str, float]:
+    """p50 ms of the MatMul twin of an fp32 graph on onnxruntime CPU (same threads and idle policy)."""
+    graph, feeds, nbytes = matmul_twin(path)
+    session = open_probe_session(graph, threads, spinning=spinning)
+    for _ in range(10):
+        session.run(None, feeds)
+    times = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - start)
+    p50 = float(np.median(times)) * 1e3
+    return {"twin_ms": p50, "twin_weight_bytes": nbytes, "twin_read_gb_s": nbytes / p50 / 1e6}
 
 
 def measure(threads: int) -> Machine:

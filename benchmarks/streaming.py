@@ -71,6 +71,8 @@ def run_streaming(export_dir: str | Path, threads: int = 1, lengths: tuple[int, 
     for k, f in step_files.items():
         wbytes[k] = roofline.weight_bytes(f) // (2 if k[1] == "bf16" else 1)
     counter = roofline.FlopCounter(step_files[("cpu", "fp32")]) if machine else None
+    twins = {key: roofline.time_matmul_twin(step_files[key], threads, spinning=key[0].endswith("-spin"))
+             for key in step_files if machine is not None and key[0].startswith("cpu") and key[1] == "fp32"}
     records = []
     for n in sorted({min(n, n_max) for n in lengths}):
         tails, timers = {}, {}
@@ -102,6 +104,8 @@ def run_streaming(export_dir: str | Path, threads: int = 1, lengths: tuple[int, 
                            cache_bytes=4 * (n - 1) * base.manifest.d * len(base_graph.state_spec),
                            **machine.floor_ms(wbytes[(backend, precision)], flops))
                 rec["latency_x_floor"] = rec["p50_ms"] / rec["floor_ms"]
+                if (backend, precision) in twins:  # the same weights as GEMVs only, same engine (roofline.py)
+                    rec.update(twins[(backend, precision)], latency_x_twin=rec["p50_ms"] / twins[(backend, precision)]["twin_ms"])
             records.append(rec)
             line.append(f"{path} {rec['backend']} {precision} {rec['p50_ms']:.3f} ms")
         log(f"streaming n={n:>3}: " + ", ".join(line))

@@ -202,12 +202,12 @@ def session_options(threads: int | None, spinning: bool = False) -> Any:
     return opts
 
 
-def open_probe_session(model: bytes, threads: int | None = 1, optimize: bool = True) -> Any:
+def open_probe_session(model: bytes, threads: int | None = 1, optimize: bool = True, spinning: bool = False) -> Any:
     """A plain CPU session on an in-memory graph that is not an artifact: the benchmarks' measuring instruments
     (the matmul-peak probe; the FLOP counter, which needs `optimize=False` so every node stays visible)."""
     import onnxruntime as ort
 
-    opts = session_options(threads)
+    opts = session_options(threads, spinning)
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])

@@ -80,6 +80,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 5.0  # max gradient L2 norm before each step: ours, not the paper's (it mentions no clipping)
     ema_decay: float = 0.0  # > 0: validate and keep an exponential moving average of the weights (per step)
+    ema_warmup: float = 10.0  # c in the EMA's warm-up decay min(ema_decay, (1 + n) / (c + n)): the average spans
+    # about the last n / (c - 1) of n steps (10: the last ~11 %, TensorFlow's num_updates rule; 4: the last third)
     patience: int = 8  # early stopping: epochs without a better validation weighted-F1
     seed: int = 0
     val_fraction: float = 0.2  # used only when the data has no official dev split

@@ -108,7 +108,7 @@ def train(
     model.to(device)
     # AdamW: decoupled weight decay (identical to Adam when weight_decay is 0).
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
-    ema = make_ema(model, train_cfg.ema_decay)
+    ema = make_ema(model, train_cfg.ema_decay, train_cfg.ema_warmup)
     weight = class_weights(splits.train, model_cfg.num_classes).to(device) if loss_cfg.class_weighted else None
     extra = {"data": {**fs.meta, "modalities": list(mods), "validation": splits.val_source}}
 
@@ -176,22 +176,25 @@ def evaluate_run(out: Path, fs: FeatureSet, splits: Splits, history: list[dict],
     return metrics
 
 
-def make_ema(model: torch.nn.Module, decay: float) -> AveragedModel | None:
+def make_ema(model: torch.nn.Module, decay: float, warmup: float = 10.0) -> AveragedModel | None:
     """Exponential moving average of the weights (updated after every step), or None when decay is 0.
 
     Averaging the weights along the trajectory smooths the epoch-to-epoch noise that early stopping on a small
     validation split would otherwise pick up; buffers (the standardisation statistics) are copied, not averaged.
-    The first update copies the weights; the one after n updates uses min(decay, (1 + n) / (10 + n)).
+    The first update copies the weights; the one after n updates uses min(decay, (1 + n) / (warmup + n)), so until
+    the decay cap is reached the average spans about the last n / (warmup - 1) steps.
     """
     if decay <= 0:
         return None
     if not decay < 1:
         raise ValueError(f"ema_decay: expected a number in [0, 1), got {decay}")
+    if not warmup > 1:
+        raise ValueError(f"ema_warmup: expected a number > 1, got {warmup}")
     def avg_fn(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
         # warm-up (TensorFlow's num_updates rule): early on the average follows the weights, so a short run
         # (a small data set: few steps) is not dominated by the random initialisation
         n = float(num_averaged)
-        d = min(decay, (1.0 + n) / (10.0 + n))
+        d = min(decay, (1.0 + n) / (warmup + n))
         return d * averaged + (1.0 - d) * current
 
     return AveragedModel(model, avg_fn=avg_fn, use_buffers=False)

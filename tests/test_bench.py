@@ -176,3 +176,34 @@ def test_issue14_bars() -> None:
     assert "openvino fp32" in lines[2] and "1.25x" in lines[2] and lines[2].endswith("PASS")  # int8 is not exact
     assert "1.25x" in lines[4] and lines[4].endswith("PASS")  # step within 1.5x of its floor
     assert "1.25x" in lines[5] and lines[5].endswith("FAIL")  # int8 step not 1.6x faster
+    # a second fp32 step engine, faster, with its MatMul twin: the bar line is on the best one and names its twin
+    records.append({"kind": "streaming", "path": "step", "backend": "onnxruntime-spin", "precision": "fp32", "n": 50,
+                    "p50_ms": 2.2, "floor_ms": 2.0, "bytes_floor_ms": 2.0, "weight_bytes": 5e7, "twin_ms": 2.0,
+                    "twin_weight_bytes": 4e7, "twin_read_gb_s": 20.0, "latency_x_twin": 1.1})
+    lines = bars_14(records, env)
+    assert lines[4].startswith("- best fp32 step at history 50, onnxruntime-spin") and "1.10x" in lines[4]
+    assert "its MatMul twin" in lines[4] and "the step is 1.10x its twin" in lines[4] and lines[4].endswith("twin")
+    assert "fp32 step at history 50, onnxruntime:" in lines[5] and "best" not in lines[5]
+
+
+def test_matmul_twin_holds_the_step_graphs_weight_matmuls(causal_export: Path) -> None:
+    """The twin is every 2-D weight MatMul of the graph, fed one row each: its outputs are x @ W, nothing else."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from benchmarks.roofline import matmul_twin, time_matmul_twin
+
+    graph, feeds, nbytes = matmul_twin(causal_export / "model.step.onnx")
+    twin = onnx.load_from_string(graph)
+    model = onnx.load(str(causal_export / "model.step.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    weights = [inits[n.input[1]] for n in model.graph.node
+               if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits and inits[n.input[1]].ndim == 2]
+    assert weights and len(twin.graph.node) == len(weights) and {n.op_type for n in twin.graph.node} == {"MatMul"}
+    assert nbytes == sum(w.nbytes for w in weights)
+    outs = ort.InferenceSession(graph, providers=["CPUExecutionProvider"]).run(None, feeds)
+    for w, y in zip(weights, outs):
+        np.testing.assert_allclose(y, feeds[f"x{w.shape[0]}"] @ w, rtol=1e-4, atol=1e-5)
+    timed = time_matmul_twin(causal_export / "model.step.onnx", threads=1, spinning=False, iterations=5)
+    assert timed["twin_ms"] > 0 and timed["twin_weight_bytes"] == nbytes and timed["twin_read_gb_s"] > 0

@@ -143,5 +143,16 @@ def test_ema_weights_are_validated_kept_and_resumed(tiny_data, tmp_path):
         ema.update_parameters(model)
     assert torch.allclose(ema.module.weight, 2 / 11 * old + 9 / 11 * model.weight)
     assert make_ema(model, 0.0) is None
+    # a smaller warm-up constant averages over a longer tail: the n-th update keeps (1 + n) / (warmup + n)
+    ema, want = make_ema(model, 0.9999, warmup=4.0), None
+    with torch.no_grad():
+        for n in range(7):
+            model.weight.add_(torch.randn_like(model.weight))
+            d = (1 + n) / (4 + n)  # n updates done before this one; the first (n = 0) copies
+            want = model.weight.clone() if n == 0 else d * want + (1 - d) * model.weight
+            ema.update_parameters(model)
+    assert torch.allclose(ema.module.weight, want, atol=1e-6)
+    with pytest.raises(ValueError, match="ema_warmup: expected a number > 1, got 1.0"):
+        make_ema(model, 0.9, warmup=1.0)
     with pytest.raises(ValueError, match=r"ema_decay: expected a number in \[0, 1\), got 1.0"):
         make_ema(model, 1.0)

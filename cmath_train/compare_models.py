@@ -1,8 +1,12 @@
 """Compare the registered models on one dataset: same data, splits, dev-based selection and seeds for each.
 
     python -m cmath_train.compare_models [--data synthetic|FEATURES_DIR|PICKLE] [--modalities tav] [--seeds 3]
-                                        [--epochs 10] [--preset default] [--models cmath,sdt,dmd,cmath+cdat]
-                                        [--out runs/compare]
+                                        [--epochs N] [--preset default] [--recipes cmath=auto,sdt=meld]
+                                        [--models cmath,sdt,dmd,cmath+cdat] [--out runs/compare]
+
+Recipes: every model gets `--preset` unless `--recipes` names its own: `MODEL=PRESET` (a model's published recipe,
+e.g. SDT's `meld`, see registry.preset) or `cmath=auto` (the recipe `cmath-train` chooses from the data).
+`--epochs` caps every model when given; otherwise each recipe's own epoch budget applies.
 
 Each entry is a registered model name, optionally with "+cdat" (CDaT's confidence-weighted transfer on top).
 Every entry is trained with cmath_train.seeds.train_seeds: seeds seed..seed+N-1, each seed selecting its epoch
@@ -45,14 +49,43 @@ class Entry:
         return cls(key, name, extra == "cdat")
 
 
-def train_entries(fs: Any, entries: list[Entry], model_kw: dict[str, Any], loss_kw: dict[str, Any],
-                  train_kw: dict[str, Any], seeds: int, out: Path, resume: bool, progress: bool) -> dict[str, Any]:
+def parse_recipes(text: str | None, known: list[str]) -> dict[str, str]:
+    """`cmath=auto,sdt=meld` -> {"cmath": "auto", "sdt": "meld"}."""
+    out = {}
+    for item in filter(None, (t.strip() for t in (text or "").split(","))):
+        model, _, name = item.partition("=")
+        if model not in known or not name or (name == "auto" and model != "cmath"):
+            raise click.BadParameter(f"expected MODEL=PRESET with MODEL one of {known} (auto: cmath only), got {item!r}",
+                                     param_hint="--recipes")
+        out[model] = name
+    return out
+
+
+def recipe_for(model: str, name: str, fs: Any) -> tuple[str, Any]:
+    """(label, Preset) of the recipe `name` for `model`; "auto" is the one cmath-train chooses from the data."""
+    from cmath_train.config import Preset
+    from cmath_train.recipe import choose_recipe
+    from cmath_train.registry import preset
+
+    if name == "auto":
+        r = choose_recipe(fs)
+        return f"auto:{r.name}", Preset(r.model, r.loss, r.train)
+    try:
+        return name, preset(model, name)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--recipes/--preset") from None
+
+
+def train_entries(fs: Any, entries: list[Entry], configs: dict[str, tuple[dict, dict, dict]], seeds: int, out: Path,
+                  resume: bool, progress: bool) -> dict[str, Any]:
+    """configs: entry key -> (model, loss, train) config fields."""
     from cmath_train.config import TrainConfig
     from cmath_train.registry import loss_config, model_config
     from cmath_train.seeds import train_seeds
 
     results = {}
     for entry in entries:
+        model_kw, loss_kw, train_kw = configs[entry.key]
         model_cfg = model_config(entry.model, **model_kw)
         loss_cfg = loss_config(entry.model, **{**loss_kw, "cdat": entry.cdat})
         train_cfg = TrainConfig(**train_kw)
@@ -163,7 +196,7 @@ def build_report(entries: list[Entry], trained: dict[str, Any], latency: tuple[s
         summary = trained[entry.key]["summary"]
         per_seed = summary["per_seed"]
         models[entry.key] = {
-            "model": entry.model, "cdat": entry.cdat,
+            "model": entry.model, "cdat": entry.cdat, "recipe": context["recipes"][entry.key],
             "test": {k: summary["test"][k] for k in ("accuracy", "weighted_f1", "macro_f1")} if "test" in summary else None,
             "validation": {k: summary["validation"][k] for k in ("accuracy", "weighted_f1", "macro_f1")},
             "parameters": context["parameters"][entry.key], "latency": lat[entry.key],
@@ -171,7 +204,8 @@ def build_report(entries: list[Entry], trained: dict[str, Any], latency: tuple[s
             "per_seed": per_seed, "train_seconds": trained[entry.key]["train_seconds"],
             "run_dir": str(context["out"] / entry.key),
         }
-    return {"format": "cmath-compare", "version": 1, **{k: v for k, v in context.items() if k not in ("parameters", "out")},
+    return {"format": "cmath-compare", "version": 1,
+            **{k: v for k, v in context.items() if k not in ("parameters", "out", "recipes")},
             "latency": {"backend": backend, "batch": LATENCY_SHAPE[0], "utterances": LATENCY_SHAPE[1]}, "models": models}
 
 
@@ -179,20 +213,21 @@ def markdown(report: dict[str, Any]) -> str:
     split = "test" if all(m["test"] for m in report["models"].values()) else "validation"
     lines = [
         f"# Model comparison on {report['data']} ({report['modalities']})", "",
-        f"{len(report['seeds'])} seeds {report['seeds']}, at most {report['epochs']} epochs, preset "
-        f"`{report['preset']}`; each seed keeps its best-validation epoch (validation: {report['validation']}); "
+        f"{len(report['seeds'])} seeds {report['seeds']}, "
+        + (f"at most {report['epochs']} epochs" if report["epochs"] else "each recipe's own epoch budget")
+        + f", recipe per model in the table; each seed keeps its best-validation epoch (validation: {report['validation']}); "
         f"{split} metrics are mean +- std over seeds (%).",
         f"Latency: one conversation of {report['latency']['utterances']} utterances, batch "
         f"{report['latency']['batch']}, median (p90) over interleaved calls, {report['latency']['backend']}.", "",
     ]
     exported = all("parity_fp32" in m["latency"] for m in report["models"].values())
-    head = f"| model | {split} accuracy | {split} weighted-F1 | parameters | latency ms, p50 (p90) |"
+    head = f"| model | recipe | {split} accuracy | {split} weighted-F1 | parameters | latency ms, p50 (p90) |"
     lines += [head + (" ONNX fp32 parity, max abs diff of probs |" if exported else ""),
-              "|---|---|---|---|---|" + ("---|" if exported else "")]
+              "|---|---|---|---|---|---|" + ("---|" if exported else "")]
     for key, m in report["models"].items():
         block = m[split]
         lat = m["latency"]
-        row = (f"| {key} | {_pm(block['accuracy'])} | {_pm(block['weighted_f1'])} | {m['parameters']:,} | "
+        row = (f"| {key} | `{m['recipe']}` | {_pm(block['accuracy'])} | {_pm(block['weighted_f1'])} | {m['parameters']:,} | "
                f"{lat['p50_ms']:.2f} ({lat['p90_ms']:.2f}) |")
         if exported:
             par = lat["parity_fp32"]
@@ -209,12 +244,15 @@ def markdown(report: dict[str, Any]) -> str:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--data", default="synthetic", show_default=True, help="'synthetic', a features dir, or a .pkl pickle.")
 @click.option("--modalities", default=None, help="Subset of the data's modalities, e.g. 't'. Default: all.")
-@click.option("--preset", default="default", show_default=True, help="Model/loss/train preset shared by every model.")
+@click.option("--preset", default="default", show_default=True,
+              help="Model/loss/train preset for every model --recipes does not name.")
+@click.option("--recipes", default=None, help="Each model's own recipe, e.g. cmath=auto,sdt=meld (auto: chosen from "
+                                              "the data, as cmath-train does without --preset).")
 @click.option("--models", "model_list", default="cmath,sdt,dmd,cmath+cdat", show_default=True,
               help="Comma-separated registered names, each optionally with +cdat.")
 @click.option("--seeds", type=int, default=3, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="First seed.")
-@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--epochs", type=int, default=None, help="Cap for every model (default: each recipe's own).")
 @click.option("--d", "hidden", type=int, default=None, help="Hidden size (default from preset).")
 @click.option("--batch-size", type=int, default=None)
 @click.option("--lr", type=float, default=None)
@@ -224,7 +262,8 @@ def markdown(report: dict[str, Any]) -> str:
               help="auto: export each selected run and time cmath_runtime when cmath_export is there, else eager.")
 @click.option("--resume", is_flag=True, help="Reuse finished seeds in --out and continue interrupted ones.")
 @click.option("--quiet", is_flag=True)
-def main(data: str, modalities: str | None, preset: str, model_list: str, seeds: int, seed: int, epochs: int,
+def main(data: str, modalities: str | None, preset: str, recipes: str | None, model_list: str, seeds: int, seed: int,
+         epochs: int | None,
          hidden: int | None, batch_size: int | None, lr: float | None, out_dir: str, latency_calls: int,
          latency_backend: str, resume: bool, quiet: bool) -> None:
     """Train every model with the same data, splits, selection and seeds; write compare.json and compare.md."""
@@ -234,26 +273,28 @@ def main(data: str, modalities: str | None, preset: str, model_list: str, seeds:
     from cmath_runtime.files import atomic_write_bytes, atomic_write_json
     from cmath_train.checkpoint import load_checkpoint
     from cmath_train.cli import parse_modalities
-    from cmath_train.config import get_preset
     from cmath_train.data import load_data
     from cmath_train.registry import model_names
 
     torch.set_num_threads(1)  # tiny models; spinning intra-op threads only slow a shared CPU down
     entries = [Entry.parse(k.strip(), model_names()) for k in model_list.split(",") if k.strip()]
-    if seeds < 1 or epochs < 1 or not entries:
+    if seeds < 1 or (epochs is not None and epochs < 1) or not entries:
         raise click.BadParameter("expected --seeds >= 1, --epochs >= 1 and at least one model")
-    p = get_preset(preset)
+    own = parse_recipes(recipes, model_names())
     fs = load_data(data)
     mods = parse_modalities(modalities, fs.modalities)
     fs = fs.select(mods)
-    given = {k: v for k, v in {"d": hidden}.items() if v is not None}
-    model_kw = {"modalities": mods, "feature_dims": fs.feature_dims, "num_classes": len(fs.label_names),
-                "num_speakers": fs.num_speakers, **p.model, **given}
-    train_kw = {**p.train, **{k: v for k, v in {"batch_size": batch_size, "lr": lr}.items() if v is not None},
-                "epochs": epochs, "seed": seed}
+    data_kw = {"modalities": mods, "feature_dims": fs.feature_dims, "num_classes": len(fs.label_names),
+               "num_speakers": fs.num_speakers}
+    given_train = {k: v for k, v in {"batch_size": batch_size, "lr": lr, "epochs": epochs}.items() if v is not None}
+    configs, recipe_names = {}, {}
+    for entry in entries:
+        recipe_names[entry.key], p = recipe_for(entry.model, own.get(entry.model, preset), fs)
+        configs[entry.key] = ({**data_kw, **p.model, **({"d": hidden} if hidden is not None else {})}, dict(p.loss),
+                              {**p.train, **given_train, "seed": seed})
     out = Path(out_dir)
     start = time.perf_counter()
-    trained = train_entries(fs, entries, model_kw, dict(p.loss), train_kw, seeds, out, resume, not quiet)
+    trained = train_entries(fs, entries, configs, seeds, out, resume, not quiet)
     run_dirs = {e.key: out / e.key for e in entries}
     params = {key: sum(t.numel() for t in load_checkpoint(run).model.parameters()) for key, run in run_dirs.items()}
     click.echo("measuring latency ...")
@@ -262,9 +303,10 @@ def main(data: str, modalities: str | None, preset: str, model_list: str, seeds:
     if len(mods) == 1 and any(e.cdat for e in entries):
         notes.append("CDaT transfers between modalities: with a single modality it adds nothing (+cdat = plain).")
     first = trained[entries[0].key]["summary"]
-    context = {"data": data, "modalities": "".join(mods), "preset": preset, "epochs": epochs,
+    context = {"data": data, "modalities": "".join(mods), "preset": preset, "recipes": recipe_names, "epochs": epochs,
                "seeds": first["seeds"], "validation": _validation_source(out / entries[0].key),
-               "model_config": model_kw | {"modalities": list(mods)}, "train_config": train_kw,
+               "configs": {k: {"model": m | {"modalities": list(mods)}, "loss": lo, "train": t}
+                           for k, (m, lo, t) in configs.items()},
                "command": "python -m cmath_train.compare_models " + shlex.join(
                    a for a in sys.argv[1:] if a not in ("--resume", "--quiet")),  # neither changes a number
                "host": {"python": platform.python_version(), "torch": torch.__version__,

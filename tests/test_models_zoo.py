@@ -388,20 +388,28 @@ def test_compare_models_writes_the_table(tmp_path, monkeypatch):
                                            max_len=8))
     monkeypatch.setattr(data_mod, "load_data", lambda spec: small)
     out = tmp_path / "cmp"
-    res = CliRunner().invoke(compare_cli, ["--models", "sdt,dmd+cdat", "--seeds", "2", "--epochs", "1", "--d", "16",
-                                           "--modalities", "ta", "--latency-calls", "5", "--latency-backend", "eager", "--out",
-                                           str(out), "--quiet"])
+    res = CliRunner().invoke(compare_cli, ["--models", "cmath,sdt,dmd+cdat", "--recipes", "cmath=auto,sdt=meld", "--seeds",
+                                           "2", "--epochs", "1", "--d", "16", "--modalities", "ta", "--latency-calls", "5",
+                                           "--latency-backend", "eager", "--out", str(out), "--quiet"])
     assert res.exit_code == 0, res.output
     report = json.loads((out / "compare.json").read_text())
-    assert list(report["models"]) == ["sdt", "dmd+cdat"] and report["seeds"] == [0, 1]
+    assert list(report["models"]) == ["cmath", "sdt", "dmd+cdat"] and report["seeds"] == [0, 1]
+    # each model's own recipe: CMATH's chosen from the data, SDT's published MELD one, DMD the shared preset
+    assert [m["recipe"] for m in report["models"].values()] == ["auto:multimodal", "meld", "default"]
+    sdt_cfg = json.loads((out / "sdt" / "seed_0" / "config.json").read_text())
+    assert sdt_cfg["train"]["lr"] == 5e-6 and sdt_cfg["train"]["epochs"] == 1 and sdt_cfg["loss"]["sdt_temperature"] == 8
+    assert json.loads((out / "cmath" / "seed_0" / "config.json").read_text())["train"]["ema_decay"] > 0
     dmd = report["models"]["dmd+cdat"]
     assert dmd["model"] == "dmd" and dmd["cdat"] and set(dmd["test"]["accuracy"]) == {"mean", "std"}
     assert dmd["parameters"] > 0 and dmd["latency"]["p50_ms"] > 0
     assert json.loads((out / "dmd+cdat" / "seed_1" / "config.json").read_text())["loss"]["cdat"] is True
     table = (out / "compare.md").read_text()
-    assert "| dmd+cdat |" in table and report["latency"]["backend"] in table and "NOT the exported runtime" in table
+    assert "| dmd+cdat | `default` |" in table and "| sdt | `meld` |" in table
+    assert report["latency"]["backend"] in table and "NOT the exported runtime" in table
     bad = CliRunner().invoke(compare_cli, ["--models", "mult", "--out", str(tmp_path / "x")])
     assert bad.exit_code != 0 and "expected NAME or NAME+cdat" in bad.output
+    bad = CliRunner().invoke(compare_cli, ["--recipes", "sdt=auto", "--out", str(tmp_path / "y")])
+    assert bad.exit_code != 0 and "auto: cmath only" in bad.output
 
 
 def test_sdt_gets_its_published_recipe():

@@ -104,8 +104,9 @@ def run_streaming(export_dir: str | Path, threads: int = 1, lengths: tuple[int, 
                            cache_bytes=4 * (n - 1) * base.manifest.d * len(base_graph.state_spec),
                            **machine.floor_ms(wbytes[(backend, precision)], flops))
                 rec["latency_x_floor"] = rec["p50_ms"] / rec["floor_ms"]
-                if (backend, precision) in twins:  # the same weights as GEMVs only, same engine (roofline.py)
-                    rec.update(twins[(backend, precision)], latency_x_twin=rec["p50_ms"] / twins[(backend, precision)]["twin_ms"])
+                twin = twins.get((backend, precision))  # the same weights as bare GEMVs, same engine (roofline.py)
+                if twin:
+                    rec.update(twin, latency_x_twin=rec["p50_ms"] / twin["twin_ms"])
             records.append(rec)
             line.append(f"{path} {rec['backend']} {precision} {rec['p50_ms']:.3f} ms")
         log(f"streaming n={n:>3}: " + ", ".join(line))

@@ -207,3 +207,25 @@ def test_matmul_twin_holds_the_step_graphs_weight_matmuls(causal_export: Path) -
         np.testing.assert_allclose(y, feeds[f"x{w.shape[0]}"] @ w, rtol=1e-4, atol=1e-5)
     timed = time_matmul_twin(causal_export / "model.step.onnx", threads=1, spinning=False, iterations=5)
     assert timed["twin_ms"] > 0 and timed["twin_weight_bytes"] == nbytes and timed["twin_read_gb_s"] > 0
+
+
+def test_streaming_records_carry_floor_and_matmul_twin(causal_export: Path) -> None:
+    """The streaming benchmark on a causal export: step records per engine (sleeping and spinning onnxruntime) with
+    their roofline floor and MatMul twin, and the full-recompute records beside them."""
+    from benchmarks.roofline import Machine
+    from benchmarks.streaming import QUICK_BUDGET, run_streaming
+
+    records = run_streaming(causal_export, threads=1, lengths=(1, 3), budget=QUICK_BUDGET, log=lambda _m: None,
+                            contenders=(("cpu", "fp32"), ("cpu-spin", "fp32"), ("cpu", "int8")),
+                            machine=Machine(bandwidth_gb_s=10.0, fp32_gflop_s=100.0, threads=1))
+    steps = [r for r in records if r["path"] == "step"]
+    assert {(r["backend"], r["precision"], r["n"]) for r in steps} == {
+        (b, p, n) for b, p in (("onnxruntime", "fp32"), ("onnxruntime-spin", "fp32"), ("onnxruntime", "int8"))
+        for n in (1, 3)}
+    assert {r["n"] for r in records if r["path"] == "full"} == {1, 3}
+    for r in steps:
+        assert r["p50_ms"] > 0 and r["floor_ms"] > 0 and r["latency_x_floor"] == pytest.approx(r["p50_ms"] / r["floor_ms"])
+        if r["precision"] == "fp32":  # the twin is an fp32 onnxruntime instrument
+            assert r["twin_ms"] > 0 and r["latency_x_twin"] == pytest.approx(r["p50_ms"] / r["twin_ms"])
+        else:
+            assert "twin_ms" not in r

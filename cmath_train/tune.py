@@ -48,6 +48,21 @@ def suggest(trial: Any, space: dict[str, tuple[str, str, Any]] = SEARCH_SPACE) -
     return params
 
 
+def starting_point(model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainConfig,
+                   space: dict[str, tuple[str, str, Any]] = SEARCH_SPACE) -> dict[str, Any]:
+    """The given configs' values of the search space's parameters (those inside the space): the search's trial 0,
+    so tuning only replaces the recipe it started from when a trial beats it on validation."""
+    cfgs = {"model": model_cfg, "loss": loss_cfg, "train": train_cfg}
+    point = {}
+    for name, (section, kind, arg) in space.items():
+        if not hasattr(cfgs[section], name):
+            continue
+        value = getattr(cfgs[section], name)
+        if (value in arg) if kind == "cat" else (arg[0] <= value <= arg[1]):
+            point[name] = value
+    return point
+
+
 def apply(model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainConfig,
           params: dict[str, dict[str, Any]]) -> tuple[ModelConfig, LossConfig, TrainConfig]:
     model = _replace(model_cfg, params.get("model", {}))
@@ -97,6 +112,7 @@ def tune(fs: FeatureSet, model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=train_cfg.seed))
+    study.enqueue_trial(starting_point(model_cfg, loss_cfg, train_cfg))  # trial 0: the recipe the search starts from
     study.optimize(objective, n_trials=n_trials, timeout=timeout)
     if not records:
         raise RuntimeError("--tune: no trial finished inside the time budget")

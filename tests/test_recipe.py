@@ -84,6 +84,9 @@ def test_tune_searches_on_validation_records_every_trial_and_retrains(fake_data,
     assert res.exit_code == 0, res.output
     lines = [json.loads(x) for x in (out / "tune" / "trials.jsonl").read_text().splitlines()]
     assert [r["trial"] for r in lines] == [0, 1, 2]
+    recipe = json.loads((out / "recipe.json").read_text())  # trial 0 is the recipe the search started from
+    assert lines[0]["dropout"] == recipe["model"].get("dropout", 0.1) and lines[0]["lr"] == recipe["train"]["lr"]
+    assert lines[0]["ema_decay"] == recipe["train"]["ema_decay"] and lines[0]["d"] == recipe["model"]["d"]
     with open(out / "tune" / "trials.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 and {"lr", "d", "dropout", "validation_weighted_f1"} <= set(rows[0])

@@ -116,16 +116,12 @@ def matmul_twin(path: str | Path) -> tuple[bytes, dict[str, np.ndarray], int]:
 
 def time_matmul_twin(path: str | Path, threads: int, spinning: bool, iterations: int = 200) -> dict[str, float]:
     """p50 ms of the MatMul twin of an fp32 graph on onnxruntime CPU (same threads and idle policy)."""
+    from .timing import percentiles_ms, timed_calls
+
     graph, feeds, nbytes = matmul_twin(path)
     session = open_probe_session(graph, threads, spinning=spinning)
-    for _ in range(10):
-        session.run(None, feeds)
-    times = []
-    for _ in range(iterations):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        times.append(time.perf_counter() - start)
-    p50 = float(np.median(times)) * 1e3
+    timed_calls(lambda: session.run(None, feeds), 10)  # warm-up
+    p50 = percentiles_ms(timed_calls(lambda: session.run(None, feeds), iterations))["p50_ms"]
     return {"twin_ms": p50, "twin_weight_bytes": nbytes, "twin_read_gb_s": nbytes / p50 / 1e6}
 
 

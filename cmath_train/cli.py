@@ -12,7 +12,7 @@ import click
 from cmath_runtime.errors import CmathError
 from cmath_runtime.files import atomic_write_json
 
-from .config import Preset, TrainConfig, get_ablation
+from .config import TrainConfig, get_ablation
 
 
 def parse_modalities(text: str | None, available: tuple[str, ...]) -> tuple[str, ...]:
@@ -96,7 +96,7 @@ def run(data: str, modalities: str | None, preset: str | None, model_name: str, 
     recipe = None
     if p is None:
         recipe = choose_recipe(fs)
-        p = Preset(recipe.model, recipe.loss, recipe.train)
+        p = recipe.preset()
     model_cfg = model_config(model_name, modalities=mods, feature_dims=fs.feature_dims, num_classes=len(fs.label_names),
                             num_speakers=fs.num_speakers, causal=causal,
                             **{**p.model, **model_over, **_given(d=hidden, dropout=dropout, conv_kernel=conv_kernel)})

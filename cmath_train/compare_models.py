@@ -63,13 +63,12 @@ def parse_recipes(text: str | None, known: list[str]) -> dict[str, str]:
 
 def recipe_for(model: str, name: str, fs: Any) -> tuple[str, Any]:
     """(label, Preset) of the recipe `name` for `model`; "auto" is the one cmath-train chooses from the data."""
-    from cmath_train.config import Preset
     from cmath_train.recipe import choose_recipe
     from cmath_train.registry import preset
 
     if name == "auto":
         r = choose_recipe(fs)
-        return f"auto:{r.name}", Preset(r.model, r.loss, r.train)
+        return f"auto:{r.name}", r.preset()
     try:
         return name, preset(model, name)
     except ValueError as e:

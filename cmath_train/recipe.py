@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .config import Preset
 from .data.types import FeatureSet
 
 SMALL_DATA_UTTERANCES = 4000  # only named in the reasons: no setting differed on validation between 2.4k and 10k
@@ -28,6 +29,10 @@ class Recipe:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def preset(self) -> Preset:
+        """The recipe as a config.Preset (model / loss / train fields), what cmath-train and compare_models apply."""
+        return Preset(self.model, self.loss, self.train)
 
     def describe(self) -> str:
         return f"recipe {self.name!r} (chosen from the data): " + "; ".join(self.reasons)

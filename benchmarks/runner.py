@@ -21,7 +21,7 @@ from cmath_runtime.compare import compare, max_abs
 from cmath_runtime.manifest import read_manifest
 
 from . import backends
-from .timing import Budget, interleaved, percentiles_ms
+from .timing import Budget, interleaved, percentiles_ms, quiesce
 from .worker import REPLY
 
 LENGTHS = (1, 2, 5, 10, 20, 35, 50, 75, 110)  # utterances per conversation: MELD and IEMOCAP's range
@@ -90,6 +90,10 @@ class Worker:
     def timer(self, batch: int, length: int, warm: bool = False) -> Callable[[int, float | None], list[float]]:
         return lambda count, seconds: self.ask(op="warmup" if warm else "time", batch=batch, length=length,
                                                count=count, seconds=seconds)["times"]
+
+    def settle(self) -> float:
+        """Wait until this worker's threads stop spinning (timing.quiesce); -> seconds waited."""
+        return quiesce(self.proc.pid)
 
     def stop(self) -> None:
         if self.proc.poll() is None and self.proc.stdin is not None:
@@ -181,7 +185,9 @@ def _measure(workers: list[Worker], plan: Plan, common: dict[str, Any], log: Cal
     for i, (kind, batch, n, budget) in enumerate(shapes):
         live = [w for w in workers if w.key not in failed]
         warm = {w.key: w.timer(batch, n, warm=True) for w in live}
-        timings = interleaved({w.key: w.timer(batch, n) for w in live}, budget, warmups=warm)
+        by_key = {w.key: w for w in live}
+        timings = interleaved({w.key: w.timer(batch, n) for w in live}, budget, warmups=warm,
+                              settle=lambda key, by_key=by_key: by_key[key].settle())
         failed.update(timings.errors)
         for key, err in timings.errors.items():
             log(f"  {key} failed at batch {batch} x {n}: {err}")

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .timing import Budget, interleaved, percentiles_ms
+from .timing import Budget, interleaved, percentiles_ms, quiesce
 
 LENGTHS = (1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 200)
 QUICK_LENGTHS = (1, 10, 50)
@@ -90,7 +90,7 @@ def run_streaming(export_dir: str | Path, threads: int = 1, lengths: tuple[int, 
         conv = {"speakers": speakers[:n], "features": {m: x[:n] for m, x in feats.items()}}
         timers[("full", "cpu", "fp32")] = lambda conv=conv: base.predict([conv])
         named = {"/".join(k): (lambda count, seconds, fn=fn: _timed(fn, count, seconds)) for k, fn in timers.items()}
-        timings = interleaved(named, budget)
+        timings = interleaved(named, budget, settle=lambda _name: quiesce())
         flops = counter(_step_feeds(streams[("cpu", "fp32")], n, speakers, new_row)) if counter else None
         for key, stream in streams.items():
             stream.buffers.update(tails[key])

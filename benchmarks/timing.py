@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -39,6 +41,50 @@ def percentiles_ms(seconds: list[float]) -> dict[str, float]:
             "min_ms": float(ms.min())}
 
 
+def cpu_seconds(pid: int | str = "self", skip_tid: int | None = None) -> float | None:
+    """CPU seconds used so far by every thread of process `pid` (but `skip_tid`), from /proc/PID/task/*/schedstat;
+    None where there is no /proc (not Linux)."""
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return None
+    total = 0
+    for task in tasks:
+        if task.name != str(skip_tid):
+            try:
+                total += int((task / "schedstat").read_text().split()[0])
+            except (OSError, ValueError, IndexError):  # a thread that just ended
+                continue
+    return total / 1e9
+
+
+def quiesce(pid: int | str = "self", window_s: float = 0.005, limit_s: float = 0.5) -> float:
+    """Wait until process `pid`'s threads (the calling one excepted) stop using the CPU; -> seconds waited.
+
+    Why: an engine whose idle threads spin (onnxruntime allow_spinning=1, OpenMP ACTIVE, TBB) keeps a core busy
+    for tens of milliseconds after its last call (measured: onnxruntime's spinning pool, ~45 ms of one core after
+    each block of calls). Interleaved with it, the next contender would be timed on a core it does not have,
+    which no deployment running one engine sees. So each contender's block of calls starts on a quiet machine.
+    Two windows in a row with no CPU time (schedstat moves in scheduler ticks) count as quiet; at most `limit_s`."""
+    skip = threading.get_native_id() if pid == "self" else None
+    start = last_busy = time.perf_counter()
+    before = cpu_seconds(pid, skip)
+    if before is None:
+        time.sleep(window_s * 10)  # no /proc: a fixed pause longer than a spin tail
+        return time.perf_counter() - start
+    while time.perf_counter() - start < limit_s:
+        time.sleep(window_s)
+        now = cpu_seconds(pid, skip)
+        if now is None:  # the process ended
+            break
+        if now - before > 1e-4:
+            last_busy = time.perf_counter()
+        elif time.perf_counter() - last_busy >= 2 * window_s:
+            break
+        before = now
+    return time.perf_counter() - start
+
+
 Timer = Callable[[int, "float | None"], list[float]]  # (calls, seconds budget or None) -> seconds of each call
 
 
@@ -47,12 +93,16 @@ class Timings:
     times: dict[str, list[float]] = field(default_factory=dict)  # measured calls
     first: dict[str, list[float]] = field(default_factory=dict)  # warm-up calls (the first one may compile)
     errors: dict[str, str] = field(default_factory=dict)  # contenders that failed on this shape
+    settle_s: float = 0.0  # seconds spent waiting for contenders' idle threads to stop spinning (quiesce)
 
 
-def interleaved(timers: dict[str, Timer], budget: Budget, warmups: dict[str, Timer] | None = None) -> Timings:
+def interleaved(timers: dict[str, Timer], budget: Budget, warmups: dict[str, Timer] | None = None,
+                settle: Callable[[str], float] | None = None) -> Timings:
     """Time several contenders on the same input in rounds (A B C, A B C, ...) so that a change in the machine's
     load hits all of them alike. Each first gets `budget.warmup` untimed calls, then its share of the budget.
-    `warmups` (default: `timers`) run the untimed calls. A contender that raises is dropped with its error."""
+    `warmups` (default: `timers`) run the untimed calls. A contender that raises is dropped with its error.
+    `settle(name)`, called after each of a contender's blocks (e.g. `quiesce` of its process), returns the seconds
+    it waited, so that no block is timed while the previous contender's threads still spin."""
     out = Timings()
     live = dict(timers)
 
@@ -63,6 +113,9 @@ def interleaved(timers: dict[str, Timer], budget: Budget, warmups: dict[str, Tim
             out.errors[name] = f"{type(e).__name__}: {e}"
             del live[name]
             return []
+        finally:
+            if settle is not None:
+                out.settle_s += settle(name)
 
     for name in list(live):
         out.first[name] = attempt(name, max(1, budget.warmup), None, warm=True)

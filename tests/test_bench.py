@@ -85,6 +85,33 @@ def test_percentiles_and_interleaving() -> None:
     assert calls[:3] == ["a", "b", "bad"] and calls[3:7] == ["a", "a", "b", "b"]  # warm-up, then rounds
 
 
+def test_settle_runs_after_every_block_and_quiesce_waits_for_a_busy_process() -> None:
+    """Contenders are timed on a quiet machine: `settle` after each block; `quiesce` returns once a process stops
+    using the CPU (here one that spins for 0.3 s, like an engine's idle threads), at once for an idle one."""
+    import subprocess
+    import sys
+    import time
+
+    from benchmarks.timing import quiesce
+
+    settled: list[str] = []
+    t = interleaved({"a": lambda c, s: [0.001] * c, "b": lambda c, s: [0.001] * c},
+                    Budget(warmup=1, iterations=4, seconds=1.0, min_iterations=4, rounds=2),
+                    settle=lambda name: settled.append(name) or 0.01)
+    assert settled == ["a", "b"] * 3 and t.settle_s == pytest.approx(0.06)  # warm-up + 2 rounds
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nprint(flush=True)\nt = time.time()\n"
+                             "while time.time() - t < 0.3: pass\ntime.sleep(5)"], stdout=subprocess.PIPE)
+    try:
+        busy.stdout.readline()  # started
+        start = time.perf_counter()
+        waited = quiesce(busy.pid, limit_s=2.0)
+        assert waited >= 0.2 and time.perf_counter() - start < 1.5
+        assert quiesce(busy.pid, limit_s=2.0) < 0.1  # now it sleeps
+    finally:
+        busy.kill()
+        busy.wait()
+
+
 def test_compile_failure_is_recorded_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
     """A torch.compile that fails on the first call makes a 'failed' record with the error (the run goes on)."""
     from benchmarks import runner
@@ -103,6 +130,9 @@ def test_compile_failure_is_recorded_not_raised(monkeypatch: pytest.MonkeyPatch)
 
         def ask(self, **req: object) -> dict:
             return {"probs": [[[0.5, 0.5]]]}
+
+        def settle(self) -> float:
+            return 0.0
 
     plan = runner.Plan.quick(contenders=("pytorch-eager:fp32", "torch-compile:fp32"))
     workers = [FakeWorker("pytorch-eager:fp32", False), FakeWorker("torch-compile:fp32", True)]

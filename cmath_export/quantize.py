@@ -6,11 +6,16 @@ does not care about batch axes or cache layouts. What it does (the scheme chosen
 - every MatMul whose second input is an initializer (the linear layers) gets int8 weights (one scale per tensor)
   and runs as DynamicQuantizeLinear -> MatMulInteger: the activations are quantized to uint8 per call, the
   product accumulates in int32 (AVX512-VNNI on Zen 4) and is rescaled to fp32;
-- the reconstruction convolutions (Conv1D along the utterance axis, eq. 1) are first rewritten as the same
-  arithmetic in MatMul form (`conv1d_to_matmul`: pad, k shifted slices, concat, one MatMul), so their weights
-  (8 MB of the meld model's 88) quantize like the linear layers; left as Conv they stayed fp32 and were the
-  largest fp32 op at 50 utterances (ConvInteger, onnxruntime's int8 Conv, measured slower than fp32). Measured on
-  the meld causal model, 2 threads: int8 at 50 utterances 10.3 -> 8.8 ms, at 1 utterance 1.8 -> 1.5 ms;
+- the reconstruction convolutions (Conv1D along the utterance axis, eq. 1; 8 MB of the meld model's 88) are first
+  rewritten as the same arithmetic in MatMul form (`conv1d_to_matmul`: pad, k shifted slices, concat, one MatMul)
+  and run as MatMulNBits (`blockwise_int8`: 8-bit weights, one scale per 32 input rows, the activations quantized
+  per block of 32, int8 arithmetic). Left as Conv they stayed fp32 and were the largest fp32 op at 50 utterances
+  (ConvInteger, onnxruntime's int8 Conv, was slower than fp32); quantized like the linear layers (one activation
+  scale per call) their input, the raw standardised features, lost too much: on a trained meld model max |dp|
+  went 0.0163 -> 0.0301 (over the bound); blockwise, 0.0173. Measured on that model, 2 threads, p50 of interleaved
+  rounds: int8 at 1 utterance 2.07 -> 1.64 ms, at 50 11.15 -> 9.62 ms (fp32: 4.64 and 18.52 ms). All MatMuls as
+  MatMulNBits was as accurate but slower (15.7 ms at 50): MatMulInteger is the faster kernel where the
+  activations can take one scale;
 - the attention MatMuls between two activations (Q K^T, A V) stay fp32: they have no weight to shrink, and
   quantizing both of their inputs per call cost more than it saved;
 - everything else (LayerNorm, softmax, the input standardisation, embeddings) stays fp32.
@@ -38,6 +43,11 @@ class Scheme:
     method: str = "dynamic"  # onnxruntime.quantization.quantize_dynamic
     op_types: tuple[str, ...] = ("MatMul",)  # Gemms with a constant weight are rewritten to MatMul first
     conv_as_matmul: bool = True  # 1-D Convs with a constant weight rewritten to MatMul first (conv1d_to_matmul)
+    # ... and those MatMuls run as MatMulNBits (8-bit weights in blocks of conv_block rows, activations quantized per
+    # block, accuracy_level 4 = int8 arithmetic): their input is the raw standardised features, whose outliers a
+    # per-tensor activation scale (dynamic) cannot hold (measured on a trained meld model: max |dp| 0.0301, over the
+    # 0.03 bound, vs 0.0172 with blocks of 32)
+    conv_block: int = 32
     weight_type: str = "QInt8"
     per_channel: bool = False
     reduce_range: bool = False
@@ -102,8 +112,8 @@ def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def conv1d_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy where every 1-D Conv(X, W, bias) with a constant W (O, C, k), one group, stride and dilation 1, pads
+def conv1d_to_matmul(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """(a copy, the names of the MatMuls made) where every 1-D Conv(X, W, bias) with a constant W (O, C, k), one group, stride and dilation 1, pads
     (l, r) runs as the same arithmetic in MatMul form: X (B, C, L) -> transpose (B, L, C) -> zero-pad l/r rows ->
     the k shifted windows concatenated (B, L', k*C) -> MatMul with W' (k*C, O), W'[j*C + c, o] = W[o, c, j] -> + bias
     -> transpose (B, O, L'). onnxruntime cancels the transposes against the exporter's own around the conv."""
@@ -112,7 +122,7 @@ def conv1d_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    nodes = []
+    nodes, made = [], []
 
     def constant(name: str, values: list[int]) -> str:
         graph.initializer.append(numpy_helper.from_array(np.asarray(values, np.int64), name))
@@ -144,6 +154,7 @@ def conv1d_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
                                       name=f"{p}_cols"))
         product = f"{p}_product"
         nodes.append(helper.make_node("MatMul", [f"{p}_cols", f"{p}_w"], [product], name=f"{p}_matmul"))
+        made.append(f"{p}_matmul")
         if len(node.input) > 2 and node.input[2]:
             nodes.append(helper.make_node("Add", [product, node.input[2]], [f"{p}_biased"], name=f"{p}_bias"))
             product = f"{p}_biased"
@@ -154,13 +165,14 @@ def conv1d_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.node.extend(nodes)
     del graph.initializer[:]
     graph.initializer.extend(keep)
-    return model
+    return model, made
 
 
 def _quantize(model: onnx.ModelProto, scheme: Scheme, quantize_dynamic: Any, QuantType: Any) -> onnx.ModelProto:  # noqa: N803
     model = gemm_to_matmul(model)
     if scheme.conv_as_matmul:
-        model = conv1d_to_matmul(model)
+        model, conv_matmuls = conv1d_to_matmul(model)
+        model = blockwise_int8(model, conv_matmuls, scheme.conv_block)
     nodes = weight_matmuls(model.graph, scheme.op_types) if scheme.weights_only else None
     with tempfile.TemporaryDirectory(prefix="cmath-int8-") as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
@@ -170,6 +182,29 @@ def _quantize(model: onnx.ModelProto, scheme: Scheme, quantize_dynamic: Any, Qua
                          reduce_range=scheme.reduce_range, weight_type=getattr(QuantType, scheme.weight_type),
                          extra_options={"MatMulConstBOnly": scheme.weights_only})
         return onnx.load_model(str(dst))
+
+
+def blockwise_int8(model: onnx.ModelProto, names: list[str], block: int) -> onnx.ModelProto:
+    """The MatMuls `names` (constant weights) as onnxruntime MatMulNBits: symmetric 8-bit weights with one scale per
+    `block` input rows, activations quantized per block (accuracy_level 4: int8 arithmetic)."""
+    import logging
+
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    if not names:
+        return model
+    log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = log.level
+    log.setLevel(logging.WARNING)  # it logs every node it skips at INFO
+    try:
+        model = onnx.ModelProto.FromString(model.SerializeToString())  # the quantizer edits its model in place
+        others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in names]
+        quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=block, is_symmetric=True, accuracy_level=4,
+                                         nodes_to_include=names, nodes_to_exclude=others)
+        quantizer.process()
+    finally:
+        log.setLevel(level)
+    return quantizer.model.model
 
 
 def weight_matmuls(graph: onnx.GraphProto, op_types: tuple[str, ...] = ("MatMul",)) -> list[str]:

@@ -63,7 +63,9 @@ def test_int8_graph_is_quantized(int8_causal_export: Path) -> None:
         assert not weight_matmuls(q.graph, ("MatMul", "Gemm")), name
         fp32 = onnx.load(str(int8_causal_export / fp32_name))
         assert weight_bytes(q) < 0.5 * weight_bytes(fp32), name
-        assert count_ops(fp32).get("Conv", 0) > 0 and "Conv" not in ops, name  # the convs run as int8 MatMuls
+        # the reconstruction convs run as blockwise int8 MatMuls (MatMulNBits, 8 bits)
+        assert count_ops(fp32).get("Conv", 0) == ops.get("MatMulNBits", 0) > 0 and "Conv" not in ops, name
+        assert all(a.i == 8 for n in q.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits")
 
 
 @pytest.mark.parametrize(("kernel", "pads", "bias"), [(3, (2, 0), True), (3, (1, 1), False), (1, (0, 0), True),
@@ -86,9 +88,9 @@ def test_conv1d_to_matmul_is_the_same_arithmetic(kernel: int, pads: tuple[int, i
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 6, "L2"])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
-    rewritten = conv1d_to_matmul(model)
+    rewritten, made = conv1d_to_matmul(model)
     onnx.checker.check_model(rewritten, full_check=True)
-    assert "Conv" not in count_ops(rewritten) and count_ops(model) == {"Conv": 1}
+    assert "Conv" not in count_ops(rewritten) and count_ops(model) == {"Conv": 1} and len(made) == 1
     a, b = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (model, rewritten))
     for shape in ((1, 5, 1), (3, 5, 7), (2, 5, 50)):
         if shape[2] + sum(pads) < kernel:

@@ -57,18 +57,25 @@ class Scheme:
         return asdict(self)
 
 
-SCHEME = Scheme()
+# Tried in this order, fastest first; the first whose graph meets the int8 bounds is written (export.json says which,
+# and what was tried). The blockwise convs put max |dp| at 0.017-0.032 on trained meld models (the bound is 0.03);
+# keeping the convs fp32 puts it at 0.010-0.016 and costs ~15% of the int8 speed at 1 and 50 utterances.
+SCHEMES = (Scheme(), Scheme(conv_as_matmul=False))
+SCHEME = SCHEMES[0]
 
 
 def quantize_int8(model: onnx.ModelProto, scheme: Scheme | None = None) -> onnx.ModelProto:
     """An int8-weight copy of `model` (which is not modified)."""
     import logging
 
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    scheme = scheme or SCHEME
     root = logging.getLogger()
-    level = root.level
+    level, handlers = root.level, list(root.handlers)
+    # matmul_nbits_quantizer calls logging.basicConfig(INFO) when first imported
+    from onnxruntime.quantization import QuantType, matmul_nbits_quantizer, quantize_dynamic  # noqa: F401
+
+    for handler in [h for h in root.handlers if h not in handlers]:  # ... which we undo: our output stays ours
+        root.removeHandler(handler)
+    scheme = scheme or SCHEME
     root.setLevel(max(level, logging.ERROR))  # onnxruntime logs a "run pre-processing" hint on the root logger
     try:
         return _quantize(model, scheme, quantize_dynamic, QuantType)
@@ -187,23 +194,15 @@ def _quantize(model: onnx.ModelProto, scheme: Scheme, quantize_dynamic: Any, Qua
 def blockwise_int8(model: onnx.ModelProto, names: list[str], block: int) -> onnx.ModelProto:
     """The MatMuls `names` (constant weights) as onnxruntime MatMulNBits: symmetric 8-bit weights with one scale per
     `block` input rows, activations quantized per block (accuracy_level 4: int8 arithmetic)."""
-    import logging
-
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     if not names:
         return model
-    log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
-    level = log.level
-    log.setLevel(logging.WARNING)  # it logs every node it skips at INFO
-    try:
-        model = onnx.ModelProto.FromString(model.SerializeToString())  # the quantizer edits its model in place
-        others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in names]
-        quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=block, is_symmetric=True, accuracy_level=4,
-                                         nodes_to_include=names, nodes_to_exclude=others)
-        quantizer.process()
-    finally:
-        log.setLevel(level)
+    model = onnx.ModelProto.FromString(model.SerializeToString())  # the quantizer edits its model in place
+    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in names]
+    quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=block, is_symmetric=True, accuracy_level=4,
+                                     nodes_to_include=names, nodes_to_exclude=others)
+    quantizer.process()
     return quantizer.model.model
 
 
@@ -231,25 +230,46 @@ def count_ops(model: onnx.ModelProto) -> dict[str, int]:
 STEP_INT8_FILE = "model.step.int8.onnx"  # = formats' int8 row step_file
 
 
+def quantize_within_bounds(ctx: Any, key: str, fp32: onnx.ModelProto, path: Path,
+                           run: Any) -> tuple[onnx.ModelProto, Scheme, Any]:
+    """Each scheme of SCHEMES in turn: quantize `fp32`, write it to `path`, check its parity against PyTorch with
+    `run` (cmath_export.parity); the first within the int8 bounds is kept. -> (graph, scheme, report); the report
+    of the last scheme when none passed (the export then fails and writes nothing)."""
+    from cmath_runtime.files import atomic_write_bytes
+
+    from . import parity
+
+    tried = []
+    for scheme in SCHEMES:
+        q = quantize_int8(fp32, scheme)
+        onnx.checker.check_model(q, full_check=True)
+        atomic_write_bytes(path, q.SerializeToString())
+        report = ctx.check(key, run, parity.BOUNDS["int8"])
+        if report.passed or scheme == SCHEMES[-1]:
+            break
+        probs = next(o for o in report.outputs if o.name == "probs")
+        tried.append(f"scheme {scheme.to_json()} missed the int8 bound (probs max |dp| {probs.max_abs:.4f}, "
+                     f"argmax agreement {report.argmax_agreement:.2%}): the next scheme was tried")
+        ctx.say(f"{path.name}: {tried[-1]}")
+    report.notes += tried
+    return q, scheme, report
+
+
 def build_int8(ctx: Any) -> Any:
     """Builder of the int8 row (formats.py): model.int8.onnx from the fp32 graph, parity vs PyTorch."""
     import time
-
-    from cmath_runtime.files import atomic_write_bytes
 
     from . import parity
     from .builders import Built
     from .graph import check_io
 
     t0 = time.perf_counter()
-    q = quantize_int8(ctx.built["fp32"].proto)
-    onnx.checker.check_model(q, full_check=True)
-    check_io(q, ctx.inputs, ctx.outputs, "model.int8.onnx")
     path = ctx.path("int8")
-    atomic_write_bytes(path, q.SerializeToString())
-    ctx.say(f"model.int8.onnx: quantized in {time.perf_counter() - t0:.1f} s")
-    report = ctx.check("int8", lambda b: parity.onnx_outputs(str(path), b), parity.BOUNDS["int8"])
-    report.notes.append(f"weight-int8 MatMuls, scheme {SCHEME.to_json()}")
+    q, scheme, report = quantize_within_bounds(ctx, "int8", ctx.built["fp32"].proto, path,
+                                               lambda b: parity.onnx_outputs(str(path), b))
+    check_io(q, ctx.inputs, ctx.outputs, "model.int8.onnx")
+    ctx.say(f"model.int8.onnx: quantized and checked in {time.perf_counter() - t0:.1f} s")
+    report.notes.append(f"weight-int8 MatMuls, scheme {scheme.to_json()}")
     return Built(path, "int8", report, proto=q)
 
 
@@ -284,16 +304,12 @@ def step_outputs(path: str | Path, entry: dict[str, Any], batches: list[dict[str
 def build_step_int8(ctx: Any, step_entry: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     """Step twin of the int8 row: model.step.int8.onnx from staging/model.step.onnx, its parity vs PyTorch on the
     validation rows (fed one utterance at a time); -> (export.json["step"]["int8"], the report)."""
-    from cmath_runtime.files import atomic_write_bytes, sha256_file
+    from cmath_runtime.files import sha256_file
 
-    from . import parity
-
-    q = quantize_int8(onnx.load_model(str(ctx.staging / step_entry["file"])))
-    onnx.checker.check_model(q, full_check=True)
     path = ctx.staging / STEP_INT8_FILE
-    atomic_write_bytes(path, q.SerializeToString())
-    report = ctx.check("step_int8", lambda b: step_outputs(path, step_entry, b), parity.BOUNDS["int8"])
-    report.notes.append(f"model.step.int8.onnx fed one utterance at a time; scheme {SCHEME.to_json()}")
+    _, scheme, report = quantize_within_bounds(ctx, "step_int8", onnx.load_model(str(ctx.staging / step_entry["file"])),
+                                               path, lambda b: step_outputs(path, step_entry, b))
+    report.notes.append(f"model.step.int8.onnx fed one utterance at a time; scheme {scheme.to_json()}")
     entry = {"file": STEP_INT8_FILE, "sha256": sha256_file(path), "bytes": path.stat().st_size,
-             "precision": "int8", "scheme": SCHEME.to_json(), "parity": report.to_json()}
+             "precision": "int8", "scheme": scheme.to_json(), "parity": report.to_json()}
     return entry, report

@@ -161,6 +161,39 @@ def test_failed_bound_writes_nothing(tiny_run: Path, tmp_path: Path, monkeypatch
     assert not (run / "export" / "model.int8.onnx").exists() and not (run / "export" / "export.json").exists()
 
 
+def test_int8_falls_back_to_the_next_scheme(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scheme whose graph misses the bound is not written: the next one (convs kept fp32) is, and export.json
+    says which scheme made the artifact and what was tried first."""
+    import onnx
+    from onnx import numpy_helper
+
+    from cmath_export import export_run, parity
+    from cmath_export import quantize as quant
+
+    # the tiny model's bound, as conftest sets it for the shared int8 exports (its probabilities sit close together)
+    monkeypatch.setitem(parity.BOUNDS, "int8", parity.Bounds(probs_max_abs=0.03, min_argmax_agreement=0.95))
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_run / name, run / name)
+    real = quant.quantize_int8
+
+    def first_one_broken(model: onnx.ModelProto, scheme: quant.Scheme | None = None) -> onnx.ModelProto:
+        q = real(model, scheme)
+        if scheme == quant.SCHEMES[0]:  # a graph far off the bound: every int8 weight zero
+            for t in q.graph.initializer:
+                if t.data_type == onnx.TensorProto.INT8:
+                    t.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(t)), t.name))
+        return q
+
+    monkeypatch.setattr(quant, "quantize_int8", first_one_broken)
+    export_run(run, int8=True, text_encoder=False)
+    manifest = json.loads((run / "export" / "export.json").read_text())
+    notes = manifest["parity"]["int8"]["notes"]
+    assert manifest["parity"]["int8"]["passed"] and any("missed the int8 bound" in n for n in notes)
+    assert any(n.startswith("weight-int8 MatMuls, scheme") and "'conv_as_matmul': False" in n for n in notes)
+
+
 def test_precision_backend_combinations(int8_causal_export: Path) -> None:
     with pytest.raises(ValueError, match="bf16"):
         cmath_runtime.load(int8_causal_export, backend="cpu", precision="bf16")

@@ -1,7 +1,7 @@
 """Weight-int8 ONNX graphs: onnxruntime's dynamic quantization of the MatMuls whose weight is a constant.
 
 Graph-agnostic: it rewrites any fp32 ONNX graph (model.onnx, model.step.onnx, whatever their inputs are), so it
-does not care about batch axes or cache layouts. What it does (the scheme chosen by measurement, see SCHEME):
+does not care about batch axes or cache layouts. What it does (the schemes chosen by measurement, see SCHEMES):
 
 - every MatMul whose second input is an initializer (the linear layers) gets int8 weights (one scale per tensor)
   and runs as DynamicQuantizeLinear -> MatMulInteger: the activations are quantized to uint8 per call, the
@@ -111,18 +111,23 @@ def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
         nodes.append(helper.make_node("MatMul", [node.input[0], name], [product], name=f"{node.name}__matmul"))
         if has_bias:
             nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}__bias"))
-    used = {i for n in nodes for i in n.input}
-    keep = [t for t in graph.initializer if t.name in used or t.name in {o.name for o in graph.output}]
+    _set_nodes(graph, nodes)
+    return model
+
+
+def _set_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
+    """Replace the graph's nodes with `nodes` and drop the initializers no node (or graph output) uses any more."""
+    used = {i for n in nodes for i in n.input} | {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name in used]
     del graph.node[:]
     graph.node.extend(nodes)
     del graph.initializer[:]
     graph.initializer.extend(keep)
-    return model
 
 
 def conv1d_to_matmul(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
-    """(a copy, the names of the MatMuls made) where every 1-D Conv(X, W, bias) with a constant W (O, C, k), one group, stride and dilation 1, pads
-    (l, r) runs as the same arithmetic in MatMul form: X (B, C, L) -> transpose (B, L, C) -> zero-pad l/r rows ->
+    """(a copy, the names of the MatMuls made) where every 1-D Conv(X, W, bias) with a constant W (O, C, k), one
+    group, stride and dilation 1, pads (l, r) runs as the same arithmetic in MatMul form: X (B, C, L) -> transpose (B, L, C) -> zero-pad l/r rows ->
     the k shifted windows concatenated (B, L', k*C) -> MatMul with W' (k*C, O), W'[j*C + c, o] = W[o, c, j] -> + bias
     -> transpose (B, O, L'). onnxruntime cancels the transposes against the exporter's own around the conv."""
     from onnx import helper, numpy_helper
@@ -167,12 +172,7 @@ def conv1d_to_matmul(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]
             nodes.append(helper.make_node("Add", [product, node.input[2]], [f"{p}_biased"], name=f"{p}_bias"))
             product = f"{p}_biased"
         nodes.append(helper.make_node("Transpose", [product], [node.output[0]], perm=[0, 2, 1], name=f"{p}_out"))
-    used = {i for n in nodes for i in n.input}
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    _set_nodes(graph, nodes)
     return model, made
 
 

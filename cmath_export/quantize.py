@@ -36,6 +36,9 @@ from typing import Any
 import numpy as np
 import onnx
 
+from .rewrites import conv1d_to_matmul, gemm_to_matmul
+from .step_graph import STEP_PLAIN_FILE
+
 
 @dataclass(frozen=True)
 class Scheme:
@@ -82,98 +85,6 @@ def quantize_int8(model: onnx.ModelProto, scheme: Scheme | None = None) -> onnx.
         return _quantize(model, scheme, quantize_dynamic, QuantType)
     finally:
         root.setLevel(level)
-
-
-def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy where every Gemm(A, W, bias) with a constant W (alpha = beta = 1, transA = 0) is MatMul(A, W') + bias,
-    W' = W transposed when transB: the same arithmetic, in the op onnxruntime's dynamic quantizer handles (the
-    exporter writes linear layers on 2-D rows, as in the step graph, as Gemm; it has no integer Gemm)."""
-    from onnx import helper, numpy_helper
-
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    nodes = []
-    for node in graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if (node.op_type != "Gemm" or len(node.input) < 2 or node.input[1] not in inits or attrs.get("transA", 0)
-                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
-            nodes.append(node)
-            continue
-        weight = numpy_helper.to_array(inits[node.input[1]])
-        name = f"{node.input[1]}__matmul"
-        if name not in inits:
-            inits[name] = numpy_helper.from_array(np.ascontiguousarray(weight.T if attrs.get("transB", 0) else weight),
-                                                  name)
-            graph.initializer.append(inits[name])
-        has_bias = len(node.input) > 2 and node.input[2]
-        product = f"{node.output[0]}__matmul" if has_bias else node.output[0]
-        nodes.append(helper.make_node("MatMul", [node.input[0], name], [product], name=f"{node.name}__matmul"))
-        if has_bias:
-            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}__bias"))
-    _set_nodes(graph, nodes)
-    return model
-
-
-def _set_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
-    """Replace the graph's nodes with `nodes` and drop the initializers no node (or graph output) uses any more."""
-    used = {i for n in nodes for i in n.input} | {o.name for o in graph.output}
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-
-
-def conv1d_to_matmul(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
-    """(a copy, the names of the MatMuls made) where every 1-D Conv(X, W, bias) with a constant W (O, C, k), one
-    group, stride and dilation 1, pads (l, r) runs as the same arithmetic in MatMul form: X (B, C, L) -> transpose (B, L, C) -> zero-pad l/r rows ->
-    the k shifted windows concatenated (B, L', k*C) -> MatMul with W' (k*C, O), W'[j*C + c, o] = W[o, c, j] -> + bias
-    -> transpose (B, O, L'). onnxruntime cancels the transposes against the exporter's own around the conv."""
-    from onnx import helper, numpy_helper
-
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    nodes, made = [], []
-
-    def constant(name: str, values: list[int]) -> str:
-        graph.initializer.append(numpy_helper.from_array(np.asarray(values, np.int64), name))
-        return name
-
-    for node in graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        weight = numpy_helper.to_array(inits[node.input[1]]) if (
-            node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in inits) else None
-        if (weight is None or weight.ndim != 3 or attrs.get("group", 1) != 1 or attrs.get("auto_pad", b"NOTSET") != b"NOTSET"
-                or list(attrs.get("strides", [1])) != [1] or list(attrs.get("dilations", [1])) != [1]):
-            nodes.append(node)
-            continue
-        out_ch, in_ch, k = weight.shape
-        left, right = attrs.get("pads", [0, 0])
-        p = f"{node.name or node.output[0]}__mm"
-        graph.initializer.append(numpy_helper.from_array(
-            np.ascontiguousarray(weight.transpose(2, 1, 0).reshape(k * in_ch, out_ch)), f"{p}_w"))
-        nodes += [helper.make_node("Transpose", [node.input[0]], [f"{p}_rows"], perm=[0, 2, 1], name=f"{p}_rows"),
-                  helper.make_node("Pad", [f"{p}_rows", constant(f"{p}_pads", [0, left, 0, 0, right, 0])],
-                                   [f"{p}_padded"], name=f"{p}_pad")]
-        axis = constant(f"{p}_axis", [1])
-        for j in range(k):  # window j: rows j .. j + L' - 1, i.e. up to -(k - 1 - j) from the end
-            end = -(k - 1 - j) if j < k - 1 else np.iinfo(np.int64).max
-            nodes.append(helper.make_node("Slice", [f"{p}_padded", constant(f"{p}_start{j}", [j]),
-                                                    constant(f"{p}_end{j}", [end]), axis], [f"{p}_win{j}"],
-                                          name=f"{p}_win{j}"))
-        nodes.append(helper.make_node("Concat", [f"{p}_win{j}" for j in range(k)], [f"{p}_cols"], axis=-1,
-                                      name=f"{p}_cols"))
-        product = f"{p}_product"
-        nodes.append(helper.make_node("MatMul", [f"{p}_cols", f"{p}_w"], [product], name=f"{p}_matmul"))
-        made.append(f"{p}_matmul")
-        if len(node.input) > 2 and node.input[2]:
-            nodes.append(helper.make_node("Add", [product, node.input[2]], [f"{p}_biased"], name=f"{p}_bias"))
-            product = f"{p}_biased"
-        nodes.append(helper.make_node("Transpose", [product], [node.output[0]], perm=[0, 2, 1], name=f"{p}_out"))
-    _set_nodes(graph, nodes)
-    return model, made
 
 
 def _quantize(model: onnx.ModelProto, scheme: Scheme, quantize_dynamic: Any, QuantType: Any) -> onnx.ModelProto:  # noqa: N803
@@ -303,12 +214,13 @@ def step_outputs(path: str | Path, entry: dict[str, Any], batches: list[dict[str
 
 
 def build_step_int8(ctx: Any, step_entry: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-    """Step twin of the int8 row: model.step.int8.onnx from staging/model.step.onnx, its parity vs PyTorch on the
-    validation rows (fed one utterance at a time); -> (export.json["step"]["int8"], the report)."""
+    """Step twin of the int8 row: model.step.int8.onnx from the step graph as exported (before the fp32 rewrites,
+    step_graph.STEP_PLAIN_FILE), its parity vs PyTorch on the validation rows (fed one utterance at a time);
+    -> (export.json["step"]["int8"], the report)."""
     from cmath_runtime.files import sha256_file
 
     path = ctx.staging / STEP_INT8_FILE
-    _, scheme, report = quantize_within_bounds(ctx, "step_int8", onnx.load_model(str(ctx.staging / step_entry["file"])),
+    _, scheme, report = quantize_within_bounds(ctx, "step_int8", onnx.load_model(str(ctx.staging / STEP_PLAIN_FILE)),
                                                path, lambda b: step_outputs(path, step_entry, b))
     report.notes.append(f"model.step.int8.onnx fed one utterance at a time; scheme {scheme.to_json()}")
     entry = {"file": STEP_INT8_FILE, "sha256": sha256_file(path), "bytes": path.stat().st_size,

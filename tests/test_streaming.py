@@ -124,6 +124,12 @@ def test_export_records_step_graph(causal_export: Path) -> None:
     assert step["max_len"] == MAX_LEN and step["parity"]["passed"] and step["parity"]["probs_max_abs"] < 1e-4
     names = {s["input"] for s in step["state"]}
     assert {"position", "tail_t", "past_key_tt", "past_value_ta"} <= names
+    # the exact rewrites ran (rewrites.py): no Conv left, the projections of each hidden row fused into one MatMul
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(causal_export / step["file"])).graph.node}
+    assert step["rewrites"]["convs_as_matmul"] == len(TINY_DIMS) and step["tail"] > 0  # one Conv1D' per modality
+    assert "Conv" not in ops and "Split" in ops and step["rewrites"]["matmuls_fused"] >= 2 * len(step["attention"])
 
 
 def test_step_graph_parity_200(causal_export: Path) -> None:

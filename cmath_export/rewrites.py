@@ -1,0 +1,171 @@
+"""Exact ONNX graph rewrites: the same arithmetic in a form a CPU engine runs faster or quantizes better.
+
+Each returns a rewritten copy (the input is not modified); each output element is the same sum of the same
+products, only the kernel's summation order may differ (measured max |diff| ~1e-7). Parity against PyTorch is
+still checked by whoever writes the result (the step export, the int8 builder).
+
+- `gemm_to_matmul`: Gemm with a constant weight -> MatMul + Add (onnxruntime's dynamic quantizer has no Gemm);
+- `conv1d_to_matmul`: a 1-D Conv with a constant weight -> pad, k shifted windows, one MatMul (used by the int8
+  schemes, and by the step graph, where the window is one row and the Conv becomes one GEMV);
+- `fuse_shared_matmuls`: the MatMuls that read the same activation with constant weights -> one MatMul over the
+  concatenated weights (+ one bias Add) and a Split. In the step graph every modality's hidden row feeds 9 such
+  400 x 400 projections (Q/K/V of its self-attention, Q of its cross-attentions, K/V as the source of the
+  others'); fused, the 27 small GEMVs become 3 of 400 x 3600.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+
+def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy where every Gemm(A, W, bias) with a constant W (alpha = beta = 1, transA = 0) is MatMul(A, W') + bias,
+    W' = W transposed when transB: the same arithmetic, in the op onnxruntime's dynamic quantizer handles (the
+    exporter writes linear layers on 2-D rows, as in the step graph, as Gemm; it has no integer Gemm)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    nodes = []
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or len(node.input) < 2 or node.input[1] not in inits or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        name = f"{node.input[1]}__matmul"
+        if name not in inits:
+            inits[name] = numpy_helper.from_array(np.ascontiguousarray(weight.T if attrs.get("transB", 0) else weight),
+                                                  name)
+            graph.initializer.append(inits[name])
+        has_bias = len(node.input) > 2 and node.input[2]
+        product = f"{node.output[0]}__matmul" if has_bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], name], [product], name=f"{node.name}__matmul"))
+        if has_bias:
+            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}__bias"))
+    _set_nodes(graph, nodes)
+    return model
+
+
+def _set_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
+    """Replace the graph's nodes with `nodes` and drop the initializers no node (or graph output) uses any more."""
+    used = {i for n in nodes for i in n.input} | {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+def conv1d_to_matmul(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """(a copy, the names of the MatMuls made) where every 1-D Conv(X, W, bias) with a constant W (O, C, k), one
+    group, stride and dilation 1, pads (l, r) runs as the same arithmetic in MatMul form: X (B, C, L) -> transpose (B, L, C) -> zero-pad l/r rows ->
+    the k shifted windows concatenated (B, L', k*C) -> MatMul with W' (k*C, O), W'[j*C + c, o] = W[o, c, j] -> + bias
+    -> transpose (B, O, L'). onnxruntime cancels the transposes against the exporter's own around the conv."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    nodes, made = [], []
+
+    def constant(name: str, values: list[int]) -> str:
+        graph.initializer.append(numpy_helper.from_array(np.asarray(values, np.int64), name))
+        return name
+
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        weight = numpy_helper.to_array(inits[node.input[1]]) if (
+            node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in inits) else None
+        if (weight is None or weight.ndim != 3 or attrs.get("group", 1) != 1 or attrs.get("auto_pad", b"NOTSET") != b"NOTSET"
+                or list(attrs.get("strides", [1])) != [1] or list(attrs.get("dilations", [1])) != [1]):
+            nodes.append(node)
+            continue
+        out_ch, in_ch, k = weight.shape
+        left, right = attrs.get("pads", [0, 0])
+        p = f"{node.name or node.output[0]}__mm"
+        graph.initializer.append(numpy_helper.from_array(
+            np.ascontiguousarray(weight.transpose(2, 1, 0).reshape(k * in_ch, out_ch)), f"{p}_w"))
+        nodes += [helper.make_node("Transpose", [node.input[0]], [f"{p}_rows"], perm=[0, 2, 1], name=f"{p}_rows"),
+                  helper.make_node("Pad", [f"{p}_rows", constant(f"{p}_pads", [0, left, 0, 0, right, 0])],
+                                   [f"{p}_padded"], name=f"{p}_pad")]
+        axis = constant(f"{p}_axis", [1])
+        for j in range(k):  # window j: rows j .. j + L' - 1, i.e. up to -(k - 1 - j) from the end
+            end = -(k - 1 - j) if j < k - 1 else np.iinfo(np.int64).max
+            nodes.append(helper.make_node("Slice", [f"{p}_padded", constant(f"{p}_start{j}", [j]),
+                                                    constant(f"{p}_end{j}", [end]), axis], [f"{p}_win{j}"],
+                                          name=f"{p}_win{j}"))
+        nodes.append(helper.make_node("Concat", [f"{p}_win{j}" for j in range(k)], [f"{p}_cols"], axis=-1,
+                                      name=f"{p}_cols"))
+        product = f"{p}_product"
+        nodes.append(helper.make_node("MatMul", [f"{p}_cols", f"{p}_w"], [product], name=f"{p}_matmul"))
+        made.append(f"{p}_matmul")
+        if len(node.input) > 2 and node.input[2]:
+            nodes.append(helper.make_node("Add", [product, node.input[2]], [f"{p}_biased"], name=f"{p}_bias"))
+            product = f"{p}_biased"
+        nodes.append(helper.make_node("Transpose", [product], [node.output[0]], perm=[0, 2, 1], name=f"{p}_out"))
+    _set_nodes(graph, nodes)
+    return model, made
+
+
+def fuse_shared_matmuls(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """(a copy, how many MatMuls were fused) where every group of >= 2 MatMuls reading the same activation X with
+    constant 2-D weights of the same row count runs as one: MatMul(X, [W1 | W2 | ...]) -> Split into their outputs.
+    When each of them feeds exactly one Add with a constant 1-D bias, the biases are concatenated too (one Add
+    before the Split) and the Split writes the Adds' outputs."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    groups: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+        if node.op_type == "MatMul" and node.input[1] in inits and len(inits[node.input[1]].dims) == 2:
+            groups[node.input[0]].append(node)
+    replaced: dict[int, list[onnx.NodeProto]] = {}  # id(first node of a group) -> the fused nodes
+    dropped: set[int] = set()
+    fused = 0
+    for x, matmuls in groups.items():
+        weights = [numpy_helper.to_array(inits[n.input[1]]) for n in matmuls]
+        if len(matmuls) < 2 or len({w.shape[0] for w in weights}) != 1:
+            continue
+        biases = [_bias_add(n, consumers, inits) for n in matmuls]
+        p = f"{matmuls[0].name or matmuls[0].output[0]}__fused"
+        graph.initializer.append(numpy_helper.from_array(np.concatenate(weights, axis=1), f"{p}_w"))
+        nodes = [helper.make_node("MatMul", [x, f"{p}_w"], [f"{p}_y"], name=f"{p}_matmul")]
+        outputs, y = [n.output[0] for n in matmuls], f"{p}_y"
+        if all(b is not None for b in biases):
+            graph.initializer.append(numpy_helper.from_array(
+                np.concatenate([numpy_helper.to_array(inits[bias]) for _, bias in biases]), f"{p}_b"))
+            nodes.append(helper.make_node("Add", [y, f"{p}_b"], [f"{p}_yb"], name=f"{p}_bias"))
+            outputs, y = [add.output[0] for add, _ in biases], f"{p}_yb"
+            dropped.update(id(add) for add, _ in biases)
+        graph.initializer.append(numpy_helper.from_array(np.array([w.shape[1] for w in weights], np.int64), f"{p}_sizes"))
+        nodes.append(helper.make_node("Split", [y, f"{p}_sizes"], outputs, axis=-1, name=f"{p}_split"))
+        replaced[id(matmuls[0])] = nodes
+        dropped.update(id(n) for n in matmuls[1:])
+        fused += len(matmuls)
+    out: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if id(node) in replaced:
+            out += replaced[id(node)]
+        elif id(node) not in dropped:
+            out.append(node)
+    _set_nodes(graph, out)
+    return model, fused
+
+
+def _bias_add(matmul: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto]],
+              inits: dict[str, onnx.TensorProto]) -> tuple[onnx.NodeProto, str] | None:
+    """(the Add, its bias) when the MatMul's only consumer adds a constant 1-D tensor of its width to it."""
+    users = consumers[matmul.output[0]]
+    if len(users) != 1 or users[0].op_type != "Add":
+        return None
+    others = [i for i in users[0].input if i != matmul.output[0]]
+    width = inits[matmul.input[1]].dims[1]
+    if len(others) == 1 and others[0] in inits and list(inits[others[0]].dims) == [width]:
+        return users[0], others[0]
+    return None

@@ -48,6 +48,9 @@ def parse_modalities(text: str | None, available: tuple[str, ...]) -> tuple[str,
 @click.option("--causal/--bidirectional", default=False, show_default=True, help="Online variant: each utterance sees only the past.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True, help="Train this many seeds; report mean +- std.")
+@click.option("--distill", type=click.FloatRange(min=0), default=None,
+              help="With --seeds N >= 2: train N students on labels + this weight * KL(the seeds' averaged "
+                   "probabilities || student); they are the result (0: off). Default from the recipe.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Run directory (default runs/<time>).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
@@ -71,7 +74,7 @@ def run(data: str, modalities: str | None, preset: str | None, model_name: str, 
         conv_kernel: int | None, patience: int | None,
         val_fraction: float | None, class_weighted: bool | None, causal: bool, seed: int, seeds: int, device: str,
         out_dir: str | None, resume: bool, quiet: bool, cdat: bool = False, tune_trials: int = 0,
-        tune_timeout: float | None = None) -> dict:
+        tune_timeout: float | None = None, distill: float | None = None) -> dict:
     from .data import load_data
     from .recipe import choose_recipe
     from .registry import loss_config, model_config, model_names
@@ -102,7 +105,8 @@ def run(data: str, modalities: str | None, preset: str | None, model_name: str, 
                             **{**p.model, **model_over, **_given(d=hidden, dropout=dropout, conv_kernel=conv_kernel)})
     loss_cfg = loss_config(model_name, **{**p.loss, **loss_over, **_given(class_weighted=class_weighted, cdat=cdat or None)})
     train_cfg = TrainConfig(**{**p.train, **_given(epochs=epochs, lr=lr, batch_size=batch_size, patience=patience,
-                                                    val_fraction=val_fraction), "seed": seed, "device": device})
+                                                    val_fraction=val_fraction, distill=distill), "seed": seed,
+                                 "device": device})
     out = Path(out_dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
     recipe_name = preset if recipe is None else f"auto:{recipe.name}"
@@ -148,6 +152,12 @@ def summary_text(metrics: dict, out: Path, seconds: float) -> str:
                              f"weighted-F1 {100 * m['weighted_f1']['mean']:.2f} +- {100 * m['weighted_f1']['std']:.2f}")
             else:
                 lines.append(f"{split:10s} accuracy {100 * m['accuracy']:.2f}  weighted-F1 {100 * m['weighted_f1']:.2f}")
+    if "distilled" in metrics:
+        t = metrics["teachers"]
+        parts = [f"{split} weighted-F1 {100 * t[split]['weighted_f1']['mean']:.2f} +- {100 * t[split]['weighted_f1']['std']:.2f}"
+                 for split in ("validation", "test") if split in t]
+        lines.append(f"(above: the students, distilled from the seeds' ensemble, weight {metrics['distilled']['weight']:g}; "
+                     "the seeds themselves: " + "  ".join(parts) + ")")
     ens = metrics.get("seed_ensemble", {})
     if "test" in ens or "validation" in ens:
         parts = [f"{split} weighted-F1 {100 * ens[split]['weighted_f1']:.2f}" for split in ("validation", "test") if split in ens]

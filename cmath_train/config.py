@@ -83,6 +83,10 @@ class TrainConfig:
     ema_warmup: float = 10.0  # c in the EMA's warm-up decay min(ema_decay, (1 + n) / (c + n)): the average spans
     # about the last n / (c - 1) of n steps (10: the last ~11 %, TensorFlow's num_updates rule; 4: the last third)
     patience: int = 8  # early stopping: epochs without a better validation weighted-F1
+    # > 0 with --seeds N >= 2 (seeds.py): after the N seeds, N students (the same recipe and seeds) are trained with
+    # + distill * KL(the seeds' averaged probabilities || the student's prediction) on the train split, and they are
+    # the run's result; with one seed there is no ensemble to distil and it does nothing
+    distill: float = 0.0
     seed: int = 0
     val_fraction: float = 0.2  # used only when the data has no official dev split
     device: str = "cpu"

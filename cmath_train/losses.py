@@ -57,6 +57,14 @@ def high_level_distillation(out: Any, rows: Tensor, detach_teacher: bool, temper
     return sum(kl_divergence(teacher, logits_m, rows, temperature) for logits_m in out.modality_logits.values())
 
 
+def ensemble_distillation(logits: Tensor, soft: Tensor, rows: Tensor) -> Tensor:
+    """1/n sum_i KL(t_i || softmax(logits_i)) over real rows: t (B, N, C) the averaged class probabilities of an
+    ensemble of trained seeds (fixed targets, seeds.py), logits the model's fused prediction (B, N, C)."""
+    log_q = F.log_softmax(logits, dim=-1)
+    kl = (soft * (torch.log(soft.clamp_min(1e-12)) - log_q)).sum(-1)  # (B, N); 0 * log 0 = 0
+    return masked_mean(kl, rows)
+
+
 def cmath_loss(
     out: Any, labels: Tensor, mask: Tensor, cfg: LossConfig, class_weight: Tensor | None = None
 ) -> dict[str, Tensor]:

@@ -1,4 +1,12 @@
-"""Several seeds of one recipe: each selected on validation, test reported as mean +- std over seeds."""
+"""Several seeds of one recipe: each selected on validation, test reported as mean +- std over seeds.
+
+With TrainConfig.distill > 0 (the data-chosen recipe for one modality, recipe.py) the seeds are teachers: their
+averaged class probabilities on the train dialogues become soft targets, and N students (same recipe, same seeds)
+are trained on labels + distill * KL(ensemble || student). The students are the result (metrics, the run
+directory's model); the teachers' own numbers stay in metrics.json under "teachers". Chosen on validation only
+(README, docs/results/recipe_search_2.md): on MELD-train carved splits and MELD dev the students beat their
+teachers seed for seed. Costs twice the training time; inference is one model, as before.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from cmath_runtime.files import atomic_write_json
 
 from .config import LossConfig, ModelConfig, TrainConfig
-from .data.types import FeatureSet
+from .data.types import Dialogue, FeatureSet
 from .train import train
 
 
@@ -20,22 +29,62 @@ def train_seeds(fs: FeatureSet, model_cfg: ModelConfig, loss_cfg: LossConfig, tr
                 out_dir: str | Path, seeds: int, model_name: str = "cmath", resume: bool = False,
                 progress: bool = True) -> dict[str, Any]:
     out = Path(out_dir)
+    distil = train_cfg.distill > 0 and seeds > 1
+    teacher_cfg = dataclasses.replace(train_cfg, distill=0.0)
+    runs = _run_seeds(fs, model_cfg, loss_cfg, teacher_cfg, out, "seed", seeds, model_name, resume, progress)
+    ensemble = seed_ensemble(fs, out, [s for s, _ in runs], train_cfg)
+    if distil:
+        soft = ensemble_probabilities(out, [s for s, _ in runs], fs.splits["train"], train_cfg.device)
+        teachers = summarize(runs, fs.label_names)
+        runs = _run_seeds(fs, model_cfg, loss_cfg, train_cfg, out, "student", seeds, model_name, resume, progress, soft)
+    summary = summarize(runs, fs.label_names)
+    # The run directory itself holds the run with the best *validation* weighted-F1 (never picked on test).
+    best_seed = max(runs, key=lambda r: r[1]["validation"]["weighted_f1"])[0]
+    prefix = "student" if distil else "seed"
+    for name in ("model.safetensors", "config.json", "training_curves.png", "confusion_matrix.png"):
+        shutil.copy2(out / f"{prefix}_{best_seed}" / name, out / name)
+    summary["selected_seed"] = best_seed
+    summary["seed_ensemble"] = ensemble
+    if distil:
+        summary["distilled"] = {"weight": train_cfg.distill, "students": f"{prefix}_*", "teachers": "seed_*",
+                                "note": "students trained on labels + weight * KL(the teachers' averaged probabilities "
+                                        "|| student) on the train split; the students are the result"}
+        summary["teachers"] = teachers
+    summary["baseline_context_free"] = context_free_baseline(fs, train_cfg.val_fraction, train_cfg.seed)
+    atomic_write_json(out / "metrics.json", summary)
+    return summary
+
+
+def _run_seeds(fs: FeatureSet, model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainConfig, out: Path,
+               prefix: str, seeds: int, model_name: str, resume: bool, progress: bool,
+               soft: dict[str, np.ndarray] | None = None) -> list[tuple[int, dict[str, Any]]]:
     runs = []
     for k in range(seeds):
         cfg = dataclasses.replace(train_cfg, seed=train_cfg.seed + k)
         if progress:
-            print(f"--- seed {cfg.seed} ({k + 1}/{seeds})")
-        runs.append((cfg.seed, train(fs, model_cfg, loss_cfg, cfg, out / f"seed_{cfg.seed}", model_name, resume, progress)))
-    summary = summarize(runs, fs.label_names)
-    # The run directory itself holds the seed with the best *validation* weighted-F1 (never picked on test).
-    best_seed = max(runs, key=lambda r: r[1]["validation"]["weighted_f1"])[0]
-    for name in ("model.safetensors", "config.json", "training_curves.png", "confusion_matrix.png"):
-        shutil.copy2(out / f"seed_{best_seed}" / name, out / name)
-    summary["selected_seed"] = best_seed
-    summary["seed_ensemble"] = seed_ensemble(fs, out, [s for s, _ in runs], train_cfg)
-    summary["baseline_context_free"] = context_free_baseline(fs, train_cfg.val_fraction, train_cfg.seed)
-    atomic_write_json(out / "metrics.json", summary)
-    return summary
+            print(f"--- {prefix} {cfg.seed} ({k + 1}/{seeds})")
+        runs.append((cfg.seed, train(fs, model_cfg, loss_cfg, cfg, out / f"{prefix}_{cfg.seed}", model_name, resume,
+                                     progress, soft)))
+    return runs
+
+
+def ensemble_probabilities(out: Path, seeds: list[int], dialogues: list[Dialogue], device: str = "cpu"
+                           ) -> dict[str, np.ndarray]:
+    """Dialogue id -> (n, C): the seeds' (out/seed_K) class probabilities, averaged, for every utterance."""
+    from .checkpoint import load_checkpoint
+    from .data.batching import collate
+
+    ids = [d.id for d in dialogues]
+    if len(set(ids)) != len(ids):
+        raise ValueError("distillation needs unique dialogue ids in the train split")
+    models = [load_checkpoint(out / f"seed_{s}", map_location=device) for s in seeds]
+    result = {}
+    with torch.no_grad():
+        for d in dialogues:
+            b = collate([d], models[0].model_cfg.modalities).to(device)
+            probs = [torch.softmax(c.model.eval()(b.features, b.speaker, b.mask).logits[0].float(), -1) for c in models]
+            result[d.id] = torch.stack(probs).mean(0).cpu().numpy()
+    return result
 
 
 def seed_ensemble(fs: FeatureSet, out: Path, seeds: list[int], train_cfg: TrainConfig) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import LossConfig, ModelConfig, TrainConfig, to_dict
 from .data.batching import Batch, batches, class_weights, feature_stats
 from .data.types import Dialogue, FeatureSet, split_validation
+from .losses import ensemble_distillation
 from .metrics import classification_metrics, plot_confusion, plot_curves
 from .registry import create_model
 
@@ -74,10 +75,13 @@ def predict_proba(model: torch.nn.Module, dialogues: list[Dialogue], modalities:
 
 
 def train_step(model: torch.nn.Module, batch: Batch, loss_cfg: LossConfig, optimizer: torch.optim.Optimizer,
-               grad_clip: float, weight: torch.Tensor | None) -> dict[str, float]:
+               grad_clip: float, weight: torch.Tensor | None, distill: float = 0.0) -> dict[str, float]:
     model.train()
     out = model(batch.features, batch.speaker, batch.mask)
     terms = model.loss(out, batch.labels, batch.mask, loss_cfg, weight)
+    if distill > 0 and batch.soft is not None:  # the seeds' ensemble as a teacher (seeds.py)
+        terms["distill"] = ensemble_distillation(out.logits, batch.soft, batch.mask & (batch.labels >= 0))
+        terms["total"] = terms["total"] + distill * terms["distill"]
     optimizer.zero_grad(set_to_none=True)
     terms["total"].backward()
     if grad_clip > 0:
@@ -95,8 +99,12 @@ def train(
     model_name: str = "cmath",
     resume: bool = False,
     progress: bool = True,
+    soft_targets: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Train, keep the best-on-validation checkpoint in out_dir, write metrics.json and plots; return metrics."""
+    """Train, keep the best-on-validation checkpoint in out_dir, write metrics.json and plots; return metrics.
+
+    `soft_targets`: dialogue id -> (n, C) class probabilities of a teacher ensemble for the train dialogues
+    (seeds.py); used with weight train_cfg.distill."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     splits = make_splits(fs, train_cfg.val_fraction, train_cfg.seed)
@@ -111,6 +119,7 @@ def train(
     ema = make_ema(model, train_cfg.ema_decay, train_cfg.ema_warmup)
     weight = class_weights(splits.train, model_cfg.num_classes).to(device) if loss_cfg.class_weighted else None
     extra = {"data": {**fs.meta, "modalities": list(mods), "validation": splits.val_source}}
+    soft = [soft_targets[d.id] for d in splits.train] if soft_targets and train_cfg.distill > 0 else None
 
     state = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
     if resume and (out / RESUME_DIR / "state.json").is_file():
@@ -125,10 +134,11 @@ def train(
         seed_everything(train_cfg.seed * 1000 + epoch)  # resumable: each epoch's randomness depends on it alone
         sums: dict[str, float] = {}
         n_batches = (len(splits.train) + train_cfg.batch_size - 1) // train_cfg.batch_size
-        bar = tqdm(batches(splits.train, mods, train_cfg.batch_size, True, train_cfg.seed * 1000 + epoch),
+        bar = tqdm(batches(splits.train, mods, train_cfg.batch_size, True, train_cfg.seed * 1000 + epoch, soft),
                    total=n_batches, desc=f"epoch {epoch}/{train_cfg.epochs}", disable=not progress, leave=False)
         for batch in bar:
-            terms = train_step(model, batch.to(device), loss_cfg, optimizer, train_cfg.grad_clip, weight)
+            terms = train_step(model, batch.to(device), loss_cfg, optimizer, train_cfg.grad_clip, weight,
+                               train_cfg.distill if soft is not None else 0.0)
             if ema is not None:
                 ema.update_parameters(model)
             for k, v in terms.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -129,3 +130,64 @@ def test_tune_apply_skips_fields_a_config_does_not_have():
     m, loss, t = apply(tiny_model_config(heads=4), PlainLoss(), TrainConfig(),
                        {"model": {"d": 64, "dropout": 0.2}, "loss": {"gamma_mse": 0.5}, "train": {"lr": 1e-3}})
     assert (m.d, m.dropout, m.heads, t.lr) == (64, 0.2, 4, 1e-3) and loss == PlainLoss()
+
+
+def test_batches_carry_each_dialogues_soft_targets(small_data):
+    """Soft targets travel with their dialogue through the shuffle, and are zero on padding."""
+    from cmath_train.data.batching import batches
+
+    train = small_data.splits["train"]
+    soft = [np.full((len(d), 3), i, np.float32) for i, d in enumerate(train)]
+    index = {id(d): i for i, d in enumerate(train)}
+    seen = 0
+    for batch in batches(train, ("t",), 4, shuffle=True, seed=3, soft=soft):
+        assert batch.soft is not None and batch.soft.shape == (*batch.mask.shape, 3)
+        assert (batch.soft[~batch.mask] == 0).all()
+        seen += int(batch.mask.sum())
+    assert seen == sum(len(d) for d in train)
+    first = next(batches(train, ("t",), 4, shuffle=True, seed=3, soft=soft))
+    order = np.random.default_rng(3).permutation(len(train))[:4]
+    for row, i in enumerate(order):
+        assert (first.soft[row, : len(train[i])] == index[id(train[i])]).all()
+
+
+def test_ensemble_distillation_is_the_kl_to_fixed_targets():
+    import torch
+
+    from cmath_train.losses import ensemble_distillation
+
+    logits = torch.randn(2, 3, 4, requires_grad=True)
+    rows = torch.tensor([[True, True, False], [True, False, False]])
+    same = torch.softmax(logits.detach(), -1)
+    assert ensemble_distillation(logits, same, rows).abs() < 1e-6
+    target = torch.zeros(2, 3, 4)
+    target[..., 2] = 1.0  # one-hot: KL = -log q(2)
+    loss = ensemble_distillation(logits, target, rows)
+    want = -torch.log_softmax(logits, -1)[..., 2][rows].mean()
+    assert torch.allclose(loss, want)
+    loss.backward()
+    assert (logits.grad[rows][:, 2] < 0).all() and (logits.grad[~rows] == 0).all()  # pulls towards the target
+
+
+def test_seeds_with_distillation_train_students_from_the_seeds_ensemble(fake_data, tmp_path):
+    out = tmp_path / "distilled"
+    res = CliRunner().invoke(train_cli, ["--modalities", "t", "--epochs", "2", "--seeds", "2", "--distill", "1",
+                                         "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["distilled"]["weight"] == 1.0 and metrics["teachers"]["test"]["weighted_f1"]["mean"] >= 0
+    assert "distilled from the seeds' ensemble" in res.output
+    for seed in (0, 1):
+        student = json.loads((out / f"student_{seed}" / "metrics.json").read_text())
+        teacher = json.loads((out / f"seed_{seed}" / "metrics.json").read_text())
+        assert all(h["train_distill"] > 0 for h in student["history"])  # the KL term was really trained on
+        assert all("train_distill" not in h for h in teacher["history"])
+        assert json.loads((out / f"student_{seed}" / "config.json").read_text())["train"]["distill"] == 1.0
+    best = metrics["selected_seed"]
+    assert (out / "model.safetensors").read_bytes() == (out / f"student_{best}" / "model.safetensors").read_bytes()
+    assert metrics["per_seed"][str(best)]["test"] == student_test(out, best)
+
+
+def student_test(out, seed):
+    m = json.loads((out / f"student_{seed}" / "metrics.json").read_text())
+    return {k: m["test"][k] for k in ("accuracy", "weighted_f1")}

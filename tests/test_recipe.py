@@ -26,6 +26,7 @@ def test_recipe_depends_on_modalities_and_size(small_data, tiny_data):
     one = choose_recipe(small_data.select(("t",)))
     assert one.name == "single" and one.model["modality_reconstruction"] is False
     assert one.loss == {"use_reconstruction": False, "gamma_mse": 0.0, "gamma_kl": 0.0} and one.train["ema_decay"] > 0
+    assert one.train["distill"] == 1.0 and "distill" not in choose_recipe(small_data).train  # validated on text only
     assert any("one modality ('t', 8-d)" in r for r in one.reasons)
     assert one.data["train_utterances"] < SMALL_DATA_UTTERANCES and "(small)" in one.reasons[-1]
     multi = choose_recipe(small_data)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cmath_runtime.errors import InputError
 from cmath_runtime.files import atomic_write_json
 
 from .config import LossConfig, ModelConfig, TrainConfig
@@ -76,7 +77,9 @@ def ensemble_probabilities(out: Path, seeds: list[int], dialogues: list[Dialogue
 
     ids = [d.id for d in dialogues]
     if len(set(ids)) != len(ids):
-        raise ValueError("distillation needs unique dialogue ids in the train split")
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise InputError("dialogue id", "unique ids in the train split (distillation keys its soft targets by id)",
+                         f"{dup!r} more than once", "Make the ids unique, or pass --distill 0")
     models = [load_checkpoint(out / f"seed_{s}", map_location=device) for s in seeds]
     result = {}
     with torch.no_grad():

@@ -192,3 +192,12 @@ def test_seeds_with_distillation_train_students_from_the_seeds_ensemble(fake_dat
 def student_test(out, seed):
     m = json.loads((out / f"student_{seed}" / "metrics.json").read_text())
     return {k: m["test"][k] for k in ("accuracy", "weighted_f1")}
+
+
+def test_distillation_refuses_duplicate_dialogue_ids(small_data, tmp_path):
+    from cmath_runtime.errors import InputError
+    from cmath_train.seeds import ensemble_probabilities
+
+    train = small_data.splits["train"]
+    with pytest.raises(InputError, match=r"dialogue id: expected unique ids .* got .* more than once"):
+        ensemble_probabilities(tmp_path, [0], [train[0], train[0]])

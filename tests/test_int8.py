@@ -67,6 +67,10 @@ def test_int8_graph_is_quantized(int8_causal_export: Path) -> None:
         convs = count_ops(onnx.load(str(int8_causal_export / "model.onnx"))).get("Conv", 0)  # the step's fp32 file has
         assert convs == ops.get("MatMulNBits", 0) > 0 and "Conv" not in ops, name  # them as GEMVs (rewrites.py)
         assert all(a.i == 8 for n in q.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits")
+    # the first scheme fuses the projections that read the same hidden rows (one MatMulInteger + Split each)
+    step_scheme = json.loads((int8_causal_export / "export.json").read_text())["step"]["int8"]["scheme"]
+    if step_scheme["fuse_shared"]:
+        assert count_ops(onnx.load(str(int8_causal_export / "model.step.int8.onnx"))).get("Split", 0) >= 3
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -160,7 +164,7 @@ def test_int8_falls_back_to_the_next_scheme(tiny_run: Path, tmp_path: Path, monk
     manifest = json.loads((run / "export" / "export.json").read_text())
     notes = manifest["parity"]["int8"]["notes"]
     assert manifest["parity"]["int8"]["passed"] and any("missed the int8 bound" in n for n in notes)
-    assert any(n.startswith("weight-int8 MatMuls, scheme") and "'conv_as_matmul': False" in n for n in notes)
+    assert any(n.startswith("weight-int8 MatMuls, scheme") and "'fuse_shared': False" in n for n in notes)
 
 
 def test_precision_backend_combinations(int8_causal_export: Path) -> None:

@@ -44,7 +44,8 @@ def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
             graph.initializer.append(inits[name])
         has_bias = len(node.input) > 2 and node.input[2]
         product = f"{node.output[0]}__matmul" if has_bias else node.output[0]
-        nodes.append(helper.make_node("MatMul", [node.input[0], name], [product], name=f"{node.name}__matmul"))
+        nodes.append(helper.make_node("MatMul", [node.input[0], name], [product],
+                                      name=f"{node.name or node.output[0]}__matmul"))
         if has_bias:
             nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}__bias"))
     _set_nodes(graph, nodes)
@@ -120,6 +121,7 @@ def fuse_shared_matmuls(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     inits = {t.name: t for t in graph.initializer}
     consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     groups: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    graph_outputs = {o.name for o in graph.output}
     for node in graph.node:
         for name in node.input:
             consumers[name].append(node)
@@ -132,8 +134,8 @@ def fuse_shared_matmuls(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         weights = [numpy_helper.to_array(inits[n.input[1]]) for n in matmuls]
         if len(matmuls) < 2 or len({w.shape[0] for w in weights}) != 1:
             continue
-        biases = [_bias_add(n, consumers, inits) for n in matmuls]
-        p = f"{matmuls[0].name or matmuls[0].output[0]}__fused"
+        biases = [_bias_add(n, consumers, inits, graph_outputs) for n in matmuls]
+        p = f"{matmuls[0].output[0]}__fused"  # value names are unique; node names need not be
         graph.initializer.append(numpy_helper.from_array(np.concatenate(weights, axis=1), f"{p}_w"))
         nodes = [helper.make_node("MatMul", [x, f"{p}_w"], [f"{p}_y"], name=f"{p}_matmul")]
         outputs, y = [n.output[0] for n in matmuls], f"{p}_y"
@@ -159,10 +161,11 @@ def fuse_shared_matmuls(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 
 
 def _bias_add(matmul: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto]],
-              inits: dict[str, onnx.TensorProto]) -> tuple[onnx.NodeProto, str] | None:
-    """(the Add, its bias) when the MatMul's only consumer adds a constant 1-D tensor of its width to it."""
+              inits: dict[str, onnx.TensorProto], graph_outputs: set[str]) -> tuple[onnx.NodeProto, str] | None:
+    """(the Add, its bias) when the MatMul's only use is an Add of a constant 1-D tensor of its width (its product
+    is neither a graph output nor read anywhere else)."""
     users = consumers[matmul.output[0]]
-    if len(users) != 1 or users[0].op_type != "Add":
+    if matmul.output[0] in graph_outputs or len(users) != 1 or users[0].op_type != "Add":
         return None
     others = [i for i in users[0].input if i != matmul.output[0]]
     width = inits[matmul.input[1]].dims[1]

@@ -18,8 +18,9 @@ The file holds the exported graph after two exact rewrites (cmath_export/rewrite
 once for one row, so it is bound by bandwidth and by the number of small GEMVs): each Conv1D' of the one new
 window runs as one GEMV (`conv1d_to_matmul`), and the 9 projections that read each modality's hidden row run as one
 400 x 3600 GEMV (`fuse_shared_matmuls`). Measured on the trained meld model at history 50, 2 threads, interleaved
-p50: 4.25 -> 3.81 ms spinning, 5.49 -> 4.64 ms sleeping (max |dp| 7e-8). The int8 twin quantizes the graph as
-exported (STEP_PLAIN_FILE, staged and never promoted): a per-tensor weight scale must not span fused matrices.
+p50: 4.25 -> 3.81 ms spinning, 5.49 -> 4.64 ms sleeping (max |dp| 7e-8). The int8 twin starts from the graph as
+exported (STEP_PLAIN_FILE, staged and never promoted): its schemes make their own rewrites (the convs as blockwise
+int8 MatMuls, the projections fused or not, quantize.SCHEMES), and each needs the unrewritten graph to start from.
 Parity against the full graph (model.onnx) is measured at export time with the runtime's own streaming code
 (cmath_runtime.streaming), one conversation at a time and all of them batched, and recorded in export.json.
 """

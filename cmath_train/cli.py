@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from datetime import datetime
@@ -107,6 +108,8 @@ def run(data: str, modalities: str | None, preset: str | None, model_name: str, 
     train_cfg = TrainConfig(**{**p.train, **_given(epochs=epochs, lr=lr, batch_size=batch_size, patience=patience,
                                                     val_fraction=val_fraction, distill=distill), "seed": seed,
                                  "device": device})
+    if seeds < 2:  # nothing to distil from: the checkpoint records what training really did
+        train_cfg = dataclasses.replace(train_cfg, distill=0.0)
     out = Path(out_dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
     recipe_name = preset if recipe is None else f"auto:{recipe.name}"

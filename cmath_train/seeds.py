@@ -31,11 +31,15 @@ def train_seeds(fs: FeatureSet, model_cfg: ModelConfig, loss_cfg: LossConfig, tr
                 progress: bool = True) -> dict[str, Any]:
     out = Path(out_dir)
     distil = train_cfg.distill > 0 and seeds > 1
+    if distil:
+        check_unique_ids(fs.splits["train"])  # before hours of training, not after
     teacher_cfg = dataclasses.replace(train_cfg, distill=0.0)
     runs = _run_seeds(fs, model_cfg, loss_cfg, teacher_cfg, out, "seed", seeds, model_name, resume, progress)
-    ensemble = seed_ensemble(fs, out, [s for s, _ in runs], train_cfg)
+    teachers_models = load_seeds(out, [s for s, _ in runs], train_cfg.device)
+    ensemble = seed_ensemble(fs, teachers_models, [s for s, _ in runs], train_cfg)
     if distil:
-        soft = ensemble_probabilities(out, [s for s, _ in runs], fs.splits["train"], train_cfg.device)
+        train = fs.splits["train"]
+        soft = dict(zip((d.id for d in train), ensemble_probabilities(teachers_models, train, train_cfg.device)))
         teachers = summarize(runs, fs.label_names)
         runs = _run_seeds(fs, model_cfg, loss_cfg, train_cfg, out, "student", seeds, model_name, resume, progress, soft)
     summary = summarize(runs, fs.label_names)
@@ -69,44 +73,51 @@ def _run_seeds(fs: FeatureSet, model_cfg: ModelConfig, loss_cfg: LossConfig, tra
     return runs
 
 
-def ensemble_probabilities(out: Path, seeds: list[int], dialogues: list[Dialogue], device: str = "cpu"
-                           ) -> dict[str, np.ndarray]:
-    """Dialogue id -> (n, C): the seeds' (out/seed_K) class probabilities, averaged, for every utterance."""
-    from .checkpoint import load_checkpoint
-    from .data.batching import collate
-
+def check_unique_ids(dialogues: list[Dialogue]) -> None:
     ids = [d.id for d in dialogues]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise InputError("dialogue id", "unique ids in the train split (distillation keys its soft targets by id)",
                          f"{dup!r} more than once", "Make the ids unique, or pass --distill 0")
-    models = [load_checkpoint(out / f"seed_{s}", map_location=device) for s in seeds]
-    result = {}
-    with torch.no_grad():
-        for d in dialogues:
-            b = collate([d], models[0].model_cfg.modalities).to(device)
-            probs = [torch.softmax(c.model.eval()(b.features, b.speaker, b.mask).logits[0].float(), -1) for c in models]
-            result[d.id] = torch.stack(probs).mean(0).cpu().numpy()
-    return result
 
 
-def seed_ensemble(fs: FeatureSet, out: Path, seeds: list[int], train_cfg: TrainConfig) -> dict[str, Any]:
-    """The seeds' averaged class probabilities, scored on validation and test (a reference number: the run
-    directory's model stays the single best-validation seed, which is what gets exported)."""
+def load_seeds(out: Path, seeds: list[int], device: str = "cpu") -> list[torch.nn.Module]:
     from .checkpoint import load_checkpoint
+
+    return [load_checkpoint(out / f"seed_{s}", map_location=device).model.eval() for s in seeds]
+
+
+@torch.no_grad()
+def ensemble_probabilities(models: list[torch.nn.Module], dialogues: list[Dialogue], device: str = "cpu"
+                           ) -> list[np.ndarray]:
+    """Per dialogue, (n, C): the models' class probabilities (fused prediction) averaged, for every utterance."""
+    from .data.batching import collate
+
+    out = []
+    for d in dialogues:
+        b = collate([d], models[0].cfg.modalities).to(device)
+        probs = [torch.softmax(m(b.features, b.speaker, b.mask).logits[0].float(), -1) for m in models]
+        out.append(torch.stack(probs).mean(0).cpu().numpy())
+    return out
+
+
+def seed_ensemble(fs: FeatureSet, models: list[torch.nn.Module], seeds: list[int], train_cfg: TrainConfig
+                  ) -> dict[str, Any]:
+    """The seeds' averaged class probabilities, scored on validation and test (a reference number, not a model
+    that is exported: the run directory holds the best-validation seed, or student when distilling)."""
     from .metrics import classification_metrics
-    from .train import make_splits, predict_proba
+    from .train import make_splits
 
     splits = make_splits(fs, train_cfg.val_fraction, train_cfg.seed)
-    models = [load_checkpoint(out / f"seed_{s}", map_location=train_cfg.device) for s in seeds]
     result: dict[str, Any] = {"seeds": seeds, "note": "mean of the seeds' probabilities; not the exported model"}
     # without an official dev split each seed validated on its own train fraction: no common validation split
     val = splits.val if splits.val_source == "dev" else []
     for name, dialogues in (("validation", val), ("test", splits.test)):
-        if dialogues:
-            outs = [predict_proba(c.model, dialogues, c.model_cfg.modalities, device=train_cfg.device) for c in models]
-            y, p = outs[0][0], np.mean([o[1] for o in outs], axis=0)
-            m = classification_metrics(y, p.argmax(-1), fs.label_names)
+        labelled = [d for d in dialogues if (d.labels >= 0).any()]
+        if labelled:
+            y = np.concatenate([d.labels for d in labelled])
+            p = np.concatenate(ensemble_probabilities(models, labelled, train_cfg.device))[y >= 0].argmax(-1)
+            m = classification_metrics(y[y >= 0], p, fs.label_names)
             result[name] = {k: m[k] for k in ("accuracy", "weighted_f1", "macro_f1")}
     return result
 

@@ -194,10 +194,14 @@ def student_test(out, seed):
     return {k: m["test"][k] for k in ("accuracy", "weighted_f1")}
 
 
-def test_distillation_refuses_duplicate_dialogue_ids(small_data, tmp_path):
-    from cmath_runtime.errors import InputError
-    from cmath_train.seeds import ensemble_probabilities
+def test_distillation_refuses_duplicate_dialogue_ids_before_training(small_data, tmp_path):
+    import dataclasses
 
-    train = small_data.splits["train"]
+    from cmath_runtime.errors import InputError
+    from cmath_train.config import TrainConfig
+    from cmath_train.seeds import train_seeds
+
+    fs = dataclasses.replace(small_data, splits={**small_data.splits, "train": [small_data.splits["train"][0]] * 2})
     with pytest.raises(InputError, match=r"dialogue id: expected unique ids .* got .* more than once"):
-        ensemble_probabilities(tmp_path, [0], [train[0], train[0]])
+        train_seeds(fs, None, None, TrainConfig(distill=1.0), tmp_path, seeds=2)
+    assert not any(tmp_path.iterdir())  # refused before any seed was trained

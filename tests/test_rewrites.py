@@ -76,3 +76,27 @@ def test_fuse_shared_matmuls_is_the_same_arithmetic(bias: bool) -> None:
         feeds = {n: rng.standard_normal(shape).astype(np.float32) for n in ("x", "z")}
         for want, got in zip(a.run(outputs, feeds), b.run(outputs, feeds)):
             assert got.shape == want.shape and np.abs(got - want).max() <= 1e-5
+
+
+def test_fuse_shared_matmuls_keeps_graph_outputs_bias_first_adds_and_nameless_nodes() -> None:
+    """A MatMul product that is also a graph output stays an output (no bias fusion then), an Add with the bias as
+    its first input is recognised, and nodes without names get unique fused names."""
+    rng = np.random.default_rng(2)
+    ws = [numpy_helper.from_array(rng.standard_normal((6, n)).astype(np.float32), f"w{i}") for i, n in enumerate((3, 4))]
+    bs = [numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), f"b{i}") for i, n in enumerate((3, 4))]
+    for product_is_output in (False, True):
+        nodes = [helper.make_node("MatMul", ["x", "w0"], ["p0"]), helper.make_node("MatMul", ["x", "w1"], ["p1"]),
+                 helper.make_node("Add", ["b0", "p0"], ["y0"]), helper.make_node("Add", ["p1", "b1"], ["y1"])]
+        outputs = ["y0", "y1"] + (["p0"] if product_is_output else [])
+        graph = helper.make_graph(nodes, "named-less", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 6])],
+                                  [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["B", f"w_{n}"]) for n in outputs],
+                                  ws + bs)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 9
+        fused, count = fuse_shared_matmuls(fuse_shared_matmuls(model)[0])  # twice: the second pass finds nothing
+        onnx.checker.check_model(fused, full_check=True)
+        assert count == 0 and count_ops(fused)["MatMul"] == 1
+        assert count_ops(fused)["Add"] == (2 if product_is_output else 1)  # biases fused only when they can be
+        x = {"x": rng.standard_normal((3, 6)).astype(np.float32)}
+        for want, got in zip(_session(model).run(outputs, x), _session(fused).run(outputs, x)):
+            assert np.abs(got - want).max() <= 1e-5

@@ -5,8 +5,9 @@ does not care about batch axes or cache layouts. What it does (the schemes chose
 
 - every MatMul whose second input is an initializer (the linear layers) gets int8 weights (one scale per tensor;
   in the first scheme the MatMuls that read the same activation are fused first, rewrites.fuse_shared_matmuls, so
-  one scale spans up to 9 projections: the parity bound decides) and runs as DynamicQuantizeLinear -> MatMulInteger: the activations are quantized to uint8 per call, the
-  product accumulates in int32 (AVX512-VNNI on Zen 4) and is rescaled to fp32;
+  one scale spans up to 9 projections: the parity bound decides) and runs as DynamicQuantizeLinear ->
+  MatMulInteger: the activations are quantized to uint8 per call, the product accumulates in int32 (AVX512-VNNI on
+  Zen 4) and is rescaled to fp32;
 - the reconstruction convolutions (Conv1D along the utterance axis, eq. 1; 8 MB of the meld model's 88) are first
   rewritten as the same arithmetic in MatMul form (`conv1d_to_matmul`: pad, k shifted slices, concat, one MatMul)
   and run as MatMulNBits (`blockwise_int8`: 8-bit weights, one scale per 16 input rows, the activations quantized

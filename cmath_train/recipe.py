@@ -62,8 +62,7 @@ def choose_recipe(fs: FeatureSet) -> Recipe:
     reasons = ["weights averaged (EMA 0.995) and the average validated, so the selected epoch is not a noisy one"]
     if len(mods) == 1:
         name = "single"
-        train.update(lr=5e-4, patience=6, weight_decay=0.05)
-        train.update(distill=1.0)
+        train.update(lr=5e-4, patience=6, weight_decay=0.05, distill=1.0)
         model.update(dropout=0.4, modality_reconstruction=False)
         loss.update(use_reconstruction=False, gamma_mse=0.0, gamma_kl=0.0)
         reasons.append(f"one modality ({mods[0]!r}, {p['feature_dims'][mods[0]]}-d): no hierarchical distillation "

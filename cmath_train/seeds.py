@@ -35,11 +35,11 @@ def train_seeds(fs: FeatureSet, model_cfg: ModelConfig, loss_cfg: LossConfig, tr
         check_unique_ids(fs.splits["train"])  # before hours of training, not after
     teacher_cfg = dataclasses.replace(train_cfg, distill=0.0)
     runs = _run_seeds(fs, model_cfg, loss_cfg, teacher_cfg, out, "seed", seeds, model_name, resume, progress)
-    teachers_models = load_seeds(out, [s for s, _ in runs], train_cfg.device)
-    ensemble = seed_ensemble(fs, teachers_models, [s for s, _ in runs], train_cfg)
+    teacher_models = load_seeds(out, [s for s, _ in runs], train_cfg.device)
+    ensemble = seed_ensemble(fs, teacher_models, [s for s, _ in runs], train_cfg)
     if distil:
-        train = fs.splits["train"]
-        soft = dict(zip((d.id for d in train), ensemble_probabilities(teachers_models, train, train_cfg.device)))
+        dialogues = fs.splits["train"]
+        soft = dict(zip((d.id for d in dialogues), ensemble_probabilities(teacher_models, dialogues, train_cfg.device)))
         teachers = summarize(runs, fs.label_names)
         runs = _run_seeds(fs, model_cfg, loss_cfg, train_cfg, out, "student", seeds, model_name, resume, progress, soft)
     summary = summarize(runs, fs.label_names)
@@ -87,18 +87,13 @@ def load_seeds(out: Path, seeds: list[int], device: str = "cpu") -> list[torch.n
     return [load_checkpoint(out / f"seed_{s}", map_location=device).model.eval() for s in seeds]
 
 
-@torch.no_grad()
 def ensemble_probabilities(models: list[torch.nn.Module], dialogues: list[Dialogue], device: str = "cpu"
                            ) -> list[np.ndarray]:
     """Per dialogue, (n, C): the models' class probabilities (fused prediction) averaged, for every utterance."""
-    from .data.batching import collate
+    from .train import dialogue_probs
 
-    out = []
-    for d in dialogues:
-        b = collate([d], models[0].cfg.modalities).to(device)
-        probs = [torch.softmax(m(b.features, b.speaker, b.mask).logits[0].float(), -1) for m in models]
-        out.append(torch.stack(probs).mean(0).cpu().numpy())
-    return out
+    per_model = [dialogue_probs(m, dialogues, m.cfg.modalities, device=device) for m in models]
+    return [np.mean(rows, axis=0) for rows in zip(*per_model)]
 
 
 def seed_ensemble(fs: FeatureSet, models: list[torch.nn.Module], seeds: list[int], train_cfg: TrainConfig
@@ -113,10 +108,9 @@ def seed_ensemble(fs: FeatureSet, models: list[torch.nn.Module], seeds: list[int
     # without an official dev split each seed validated on its own train fraction: no common validation split
     val = splits.val if splits.val_source == "dev" else []
     for name, dialogues in (("validation", val), ("test", splits.test)):
-        labelled = [d for d in dialogues if (d.labels >= 0).any()]
-        if labelled:
-            y = np.concatenate([d.labels for d in labelled])
-            p = np.concatenate(ensemble_probabilities(models, labelled, train_cfg.device))[y >= 0].argmax(-1)
+        if dialogues:
+            y = np.concatenate([d.labels for d in dialogues])
+            p = np.concatenate(ensemble_probabilities(models, dialogues, train_cfg.device))[y >= 0].argmax(-1)
             m = classification_metrics(y[y >= 0], p, fs.label_names)
             result[name] = {k: m[k] for k in ("accuracy", "weighted_f1", "macro_f1")}
     return result

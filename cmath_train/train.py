@@ -59,19 +59,25 @@ def predict(model: torch.nn.Module, dialogues: list[Dialogue], modalities: tuple
     return y, probs.argmax(-1)
 
 
-@torch.no_grad()
 def predict_proba(model: torch.nn.Module, dialogues: list[Dialogue], modalities: tuple[str, ...],
                   batch_size: int = 16, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """(y_true, class probabilities) over every labelled real utterance, fused prediction Y^_x."""
+    y = np.concatenate([d.labels for d in dialogues])
+    probs = np.concatenate(dialogue_probs(model, dialogues, modalities, batch_size, device))
+    return y[y >= 0], probs[y >= 0]
+
+
+@torch.no_grad()
+def dialogue_probs(model: torch.nn.Module, dialogues: list[Dialogue], modalities: tuple[str, ...],
+                   batch_size: int = 16, device: str = "cpu") -> list[np.ndarray]:
+    """Per dialogue, (n, C): the class probabilities of the fused prediction Y^_x for every utterance (batched)."""
     model.eval()
-    trues, probs = [], []
+    out = []
     for batch in batches(dialogues, modalities, batch_size, shuffle=False):
         batch = batch.to(device)
-        out = model(batch.features, batch.speaker, batch.mask)
-        rows = batch.mask & (batch.labels >= 0)
-        trues.append(batch.labels[rows].cpu().numpy())
-        probs.append(torch.softmax(out.logits.float(), -1)[rows].cpu().numpy())
-    return np.concatenate(trues), np.concatenate(probs)
+        probs = torch.softmax(model(batch.features, batch.speaker, batch.mask).logits.float(), -1).cpu().numpy()
+        out += [p[:n] for p, n in zip(probs, batch.mask.sum(1).tolist())]  # real rows first, padding after
+    return out
 
 
 def train_step(model: torch.nn.Module, batch: Batch, loss_cfg: LossConfig, optimizer: torch.optim.Optimizer,

@@ -1,6 +1,7 @@
 """This machine's limits and each record's distance to them (a roofline per record).
 
-Measured once per benchmark run, with the run's thread count:
+Measured once per benchmark run, with the run's thread count (the streaming benchmark measures the bandwidth
+again at every history length, interleaved with the step contenders, and uses that for the step's floor):
 - memory bandwidth: numpy copies of a 256 MiB buffer, split over `threads` Python threads (numpy releases the
   GIL while copying); bytes read + bytes written per second, best of a few repeats;
 - float32 matmul peak: one 2048 x 2048 x 2048 MatMul in onnxruntime with `threads` intra-op threads (the engine
@@ -47,29 +48,44 @@ class Machine:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
-    def floor_ms(self, weight_bytes: float, flops: float) -> dict[str, float]:
-        bw_ms = weight_bytes / (self.bandwidth_gb_s * 1e9) * 1e3
+    def floor_ms(self, weight_bytes: float, flops: float, bandwidth_gb_s: float | None = None) -> dict[str, float]:
+        """The floor of a call; `bandwidth_gb_s` (default: this machine's) when it was measured beside the call."""
+        bw_ms = weight_bytes / ((bandwidth_gb_s or self.bandwidth_gb_s) * 1e9) * 1e3
         fl_ms = flops / (self.fp32_gflop_s * 1e9) * 1e3
         return {"bytes_floor_ms": bw_ms, "flops_floor_ms": fl_ms, "floor_ms": max(bw_ms, fl_ms),
                 "bound": "bandwidth" if bw_ms >= fl_ms else "compute"}
 
 
-def measure_bandwidth(threads: int = 1, mib: int = COPY_MIB, repeats: int = 5) -> float:
-    """GB/s of numpy copies (read + write), `threads` threads each copying its own slice."""
-    n = mib * 2**20 // 4
-    src = np.ones(n, np.float32)
-    dst = np.empty_like(src)
-    bounds = np.linspace(0, n, threads + 1).astype(int)
-    best = float("inf")
-    for _ in range(repeats):
-        workers = [threading.Thread(target=np.copyto, args=(dst[a:b], src[a:b])) for a, b in zip(bounds, bounds[1:])]
+class BandwidthProbe:
+    """One call = one numpy copy of a `mib` MiB buffer, split over `threads` Python threads (numpy releases the
+    GIL while copying); returns its seconds. `gb_s` turns the fastest of some calls into copy bandwidth (read +
+    write). The streaming benchmark times it among the step contenders, so their floor is measured in the same
+    rounds, under the same load, as they are."""
+
+    def __init__(self, threads: int = 1, mib: int = COPY_MIB) -> None:
+        n = mib * 2**20 // 4
+        self.src = np.ones(n, np.float32)
+        self.dst = np.empty_like(self.src)
+        bounds = np.linspace(0, n, threads + 1).astype(int)
+        self.slices = list(zip(bounds, bounds[1:]))
+
+    def __call__(self) -> float:
+        workers = [threading.Thread(target=np.copyto, args=(self.dst[a:b], self.src[a:b])) for a, b in self.slices]
         start = time.perf_counter()
         for w in workers:
             w.start()
         for w in workers:
             w.join()
-        best = min(best, time.perf_counter() - start)
-    return 2 * src.nbytes / best / 1e9
+        return time.perf_counter() - start
+
+    def gb_s(self, seconds: list[float]) -> float:
+        return 2 * self.src.nbytes / min(seconds) / 1e9
+
+
+def measure_bandwidth(threads: int = 1, mib: int = COPY_MIB, repeats: int = 5) -> float:
+    """GB/s of numpy copies (read + write), `threads` threads each copying its own slice; best of `repeats`."""
+    probe = BandwidthProbe(threads, mib)
+    return probe.gb_s([probe() for _ in range(repeats)])
 
 
 def measure_matmul_peak(threads: int = 1, n: int = MATMUL_N, repeats: int = 5) -> float:

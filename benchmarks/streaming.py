@@ -27,6 +27,7 @@ QUICK_BUDGET = Budget(warmup=1, iterations=10, seconds=0.2, min_iterations=3, ro
 # (backend, precision); "cpu-spin": onnxruntime with idle threads spinning (load(spinning=True))
 STEP_CONTENDERS = (("cpu", "fp32"), ("cpu-spin", "fp32"), ("cpu", "int8"), ("openvino", "fp32"), ("openvino", "bf16"))
 BACKEND_NAME = {"cpu": "onnxruntime", "cpu-spin": "onnxruntime-spin", "openvino": "openvino"}
+PROBE = "probe/bandwidth"  # benchmarks.roofline.BandwidthProbe, timed among the step contenders
 
 
 def _load_step_models(export_dir: str | Path, threads: int, contenders: tuple[tuple[str, str], ...],
@@ -54,7 +55,8 @@ def run_streaming(export_dir: str | Path, threads: int = 1, lengths: tuple[int, 
                   machine: Any = None) -> list[dict[str, Any]]:
     """Records {"benchmark": "streaming", "path", "n", "threads", p50_ms, ...} for every n (capped at max_len):
     the step graph on every (backend, precision) that loads here, and the full recompute (onnxruntime fp32).
-    With `machine` (benchmarks.roofline.Machine), each step record carries its floor and latency_x_floor."""
+    With `machine` (benchmarks.roofline.Machine), each step record carries its floor and latency_x_floor, its bytes
+    term from the copy bandwidth measured at that history length in the same interleaved rounds as the steps."""
     from cmath_runtime.streaming import Stream
 
     from . import roofline
@@ -73,6 +75,7 @@ def run_streaming(export_dir: str | Path, threads: int = 1, lengths: tuple[int, 
     counter = roofline.FlopCounter(step_files[("cpu", "fp32")]) if machine else None
     twins = {key: roofline.time_matmul_twin(step_files[key], threads, spinning=key[0].endswith("-spin"))
              for key in step_files if machine is not None and key[0].startswith("cpu") and key[1] == "fp32"}
+    probe = roofline.BandwidthProbe(threads) if machine is not None else None
     records = []
     for n in sorted({min(n, n_max) for n in lengths}):
         tails, timers = {}, {}
@@ -90,7 +93,10 @@ def run_streaming(export_dir: str | Path, threads: int = 1, lengths: tuple[int, 
         conv = {"speakers": speakers[:n], "features": {m: x[:n] for m, x in feats.items()}}
         timers[("full", "cpu", "fp32")] = lambda conv=conv: base.predict([conv])
         named = {"/".join(k): (lambda count, seconds, fn=fn: _timed(fn, count, seconds)) for k, fn in timers.items()}
+        if probe is not None:  # the steps' bandwidth floor, measured in the same rounds as they are
+            named[PROBE] = lambda count, seconds: _timed(probe, count, seconds)
         timings = interleaved(named, budget, settle=lambda _name: quiesce())
+        bandwidth = probe.gb_s(timings.times[PROBE]) if probe is not None and timings.times.get(PROBE) else None
         flops = counter(_step_feeds(streams[("cpu", "fp32")], n, speakers, new_row)) if counter else None
         for key, stream in streams.items():
             stream.buffers.update(tails[key])
@@ -102,14 +108,15 @@ def run_streaming(export_dir: str | Path, threads: int = 1, lengths: tuple[int, 
             if path == "step" and machine is not None:
                 rec.update(weight_bytes=wbytes[(backend, precision)], flops=flops,
                            cache_bytes=4 * (n - 1) * base.manifest.d * len(base_graph.state_spec),
-                           **machine.floor_ms(wbytes[(backend, precision)], flops))
+                           bandwidth_gb_s=bandwidth or machine.bandwidth_gb_s,
+                           **machine.floor_ms(wbytes[(backend, precision)], flops, bandwidth))
                 rec["latency_x_floor"] = rec["p50_ms"] / rec["floor_ms"]
                 twin = twins.get((backend, precision))  # the same weights as bare GEMVs, same engine (roofline.py)
                 if twin:
                     rec.update(twin, latency_x_twin=rec["p50_ms"] / twin["twin_ms"])
             records.append(rec)
             line.append(f"{path} {rec['backend']} {precision} {rec['p50_ms']:.3f} ms")
-        log(f"streaming n={n:>3}: " + ", ".join(line))
+        log(f"streaming n={n:>3}: " + ", ".join(line) + (f"; copy bandwidth {bandwidth:.1f} GB/s" if bandwidth else ""))
     return records
 
 

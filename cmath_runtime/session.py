@@ -33,6 +33,7 @@ class SessionRequest:
     precision: str = "fp32"
     manifest: Manifest | None = None
     cache_dir: Path | None = None
+    static_shapes: int = 0  # OpenVINO: shapes compiled for themselves (openvino_backend.py); 0 = dynamic only
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ register_precision(Precision("bf16", "fp32", backends=("openvino",)))
 def _open_openvino(request: SessionRequest, threads: int | None) -> tuple[Any, str]:
     from .openvino_backend import OpenVINOSession
 
-    session = OpenVINOSession(request.model_file, request.precision, threads)
+    session = OpenVINOSession(request.model_file, request.precision, threads, request.static_shapes)
     return session, session.describe()
 
 
@@ -216,19 +217,23 @@ def open_probe_session(model: bytes, threads: int | None = 1, optimize: bool = T
 def open_session(model_file: str | Path, backend: str = "cpu", *, precision: str = "fp32", threads: int | None = None,
                  spinning: bool = False, manifest: Manifest | None = None, cache_dir: Path | None = None,
                  inputs: Sequence[str] | None = None, outputs: Sequence[str] | None = None,
-                 what: str = "model") -> SessionInfo:
+                 what: str = "model", static_shapes: int = 0) -> SessionInfo:
     """Create an onnxruntime session for `backend` ("auto" tries the table's auto order) and verify what runs it.
 
     inputs: the graph's input names, in order, if they must be checked; outputs: the names its outputs must
     start with. A mismatch or a file onnxruntime cannot load is an ArtifactError naming the file (`what` says
     which graph); a backend that cannot run here is a BackendUnavailableError (only "auto" falls back).
+    static_shapes: backend "openvino" only, how many input shapes get a model compiled for that exact shape.
     """
     model_file = Path(model_file)
     if backend != AUTO and backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {list(backend_names())}, got {backend!r}")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise ValueError(f"threads: expected a positive integer or None, got {threads!r}")
-    request = SessionRequest(model_file, precision, manifest, cache_dir)
+    if static_shapes and backend != "openvino":
+        raise ValueError(f"static_shapes: only backend='openvino' compiles a model per input shape, got "
+                         f"static_shapes={static_shapes!r} with backend={backend!r}")
+    request = SessionRequest(model_file, precision, manifest, cache_dir, static_shapes)
     check = (tuple(inputs) if inputs is not None else None, tuple(outputs) if outputs is not None else None)
     available = available_providers()
     if backend != AUTO and BACKENDS[backend].opener is not None:  # an engine of its own (OpenVINO)
@@ -261,11 +266,12 @@ def open_session(model_file: str | Path, backend: str = "cpu", *, precision: str
 
 
 def create_session(model_file: Path, manifest: Manifest, backend: str = "auto", precision: str = "fp32",
-                   threads: int | None = None, cache_dir: Path | None = None, spinning: bool = False) -> SessionInfo:
+                   threads: int | None = None, cache_dir: Path | None = None, spinning: bool = False,
+                   static_shapes: int = 0) -> SessionInfo:
     """The exported model's session: open_session with the manifest's inputs and outputs checked."""
     return open_session(model_file, backend, precision=precision, threads=threads, spinning=spinning,
                         manifest=manifest, cache_dir=cache_dir, inputs=manifest.input_names,
-                        outputs=("probs", "embedding"), what="model")
+                        outputs=("probs", "embedding"), what="model", static_shapes=static_shapes)
 
 
 def _create(backend: Backend, request: SessionRequest, threads: int | None, spinning: bool,

@@ -255,6 +255,11 @@ def test_streaming_records_carry_floor_and_matmul_twin(causal_export: Path) -> N
     assert {r["n"] for r in records if r["path"] == "full"} == {1, 3}
     for r in steps:
         assert r["p50_ms"] > 0 and r["floor_ms"] > 0 and r["latency_x_floor"] == pytest.approx(r["p50_ms"] / r["floor_ms"])
+        # the bytes floor uses the bandwidth measured in the same rounds (not the run's once-measured 10 GB/s), the
+        # same for every engine at one history length
+        assert r["bandwidth_gb_s"] != 10.0 and r["bandwidth_gb_s"] > 0.1
+        assert r["bytes_floor_ms"] == pytest.approx(r["weight_bytes"] / r["bandwidth_gb_s"] / 1e6)
+        assert r["bandwidth_gb_s"] == next(s["bandwidth_gb_s"] for s in steps if s["n"] == r["n"])
         if r["precision"] == "fp32":  # the twin is an fp32 onnxruntime instrument
             assert r["twin_ms"] > 0 and r["latency_x_twin"] == pytest.approx(r["p50_ms"] / r["twin_ms"])
         else:

@@ -60,12 +60,40 @@ def test_bf16_only_when_asked(int8_causal_export: Path, ort_model) -> None:
         assert np.isfinite(g.probs).all() and np.abs(g.probs - r.probs).max() < 0.1
 
 
+def test_shapes_are_specialised_from_their_second_call(int8_causal_export: Path, ort_model) -> None:
+    """static_shapes=1: a shape's first call runs the dynamic model, its second compiles one for that shape (same
+    answers); a second shape evicts the first; static_shapes is refused on other backends and when negative."""
+    pytest.importorskip("openvino")
+    model = cmath_runtime.load(int8_causal_export, backend="openvino", threads=1, static_shapes=1)
+    session = model._info.session
+    a, b = _conversations(1, 9, 5), _conversations(2, 4, 6)
+    ref_a, ref_b = ort_model.predict(a), ort_model.predict(b)
+    answers = []
+    for call in range(3):
+        answers.append(model.predict(a))
+        assert len(session.specialised_shapes()) == (0 if call == 0 else 1)
+    assert session.specialised_shapes()[0]["mask"] == (1, 9)
+    for got in answers:
+        assert np.abs(got[0].probs - ref_a[0].probs).max() < 1e-5
+    for _ in range(2):
+        got_b = model.predict(b, batch_size=2)
+    assert [s["mask"] for s in session.specialised_shapes()] == [(2, 4)]  # capacity 1: the older shape went
+    assert all(np.abs(g.probs - r.probs).max() < 1e-5 for g, r in zip(got_b, ref_b))
+    assert "compiled for itself" in model.note
+    default = cmath_runtime.load(int8_causal_export, backend="openvino", threads=1)
+    assert default._info.session.static_shapes == cmath_runtime.model.OPENVINO_STATIC_SHAPES
+    for bad, backend in ((2, "cpu"), (-1, "openvino")):
+        with pytest.raises(ValueError, match="static_shapes"):
+            cmath_runtime.load(int8_causal_export, backend=backend, threads=1, static_shapes=bad)
+
+
 def test_openvino_step_path(ov_model, ort_model) -> None:
     from cmath_runtime import Conversation
 
     [conv] = _conversations(1, 30, 4)
     stream = Conversation(ov_model)
     assert stream.path == "step"
+    assert stream._stream.graph.session.static_shapes == 0  # its history grows every call: no shape repeats
     for i in range(30):
         stream.add(int(conv["speakers"][i]), **{m: x[i] for m, x in conv["features"].items()})
     [full] = ort_model.predict([conv])

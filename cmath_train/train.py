@@ -18,6 +18,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
+from cmath_runtime.errors import InputError
 from cmath_runtime.files import atomic_write_json
 
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -127,9 +128,11 @@ def train(
     extra = {"data": {**fs.meta, "modalities": list(mods), "validation": splits.val_source}}
     soft = [soft_targets[d.id] for d in splits.train] if soft_targets and train_cfg.distill > 0 else None
 
-    state = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
+    recipe = _resume_recipe(model_name, model_cfg, loss_cfg, train_cfg)
+    state = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": [], "recipe": recipe}
     if resume and (out / RESUME_DIR / "state.json").is_file():
         state = _load_resume(out / RESUME_DIR, model, optimizer, ema)
+        _check_same_recipe(out, state.setdefault("recipe", recipe), recipe)
         if progress:
             print(f"resuming {out} after epoch {state['epoch']}")
 
@@ -237,6 +240,27 @@ def _load_resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     if ema is not None and "ema" in saved:
         ema.load_state_dict(saved["ema"])
     return json.loads((path / "state.json").read_text())
+
+
+# Options a resumed run may change: how long it goes on, and where it runs.
+RESUMABLE_CHANGES = ("train.epochs", "train.patience", "train.device")
+
+
+def _resume_recipe(model_name: str, model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainConfig
+                   ) -> dict[str, Any]:
+    """Everything that shapes the training trajectory, flat ("train.distill": 1.0), for the resume check."""
+    flat = {"model_name": model_name}
+    for part, cfg in config_summary(model_cfg, loss_cfg, train_cfg).items():
+        flat.update({f"{part}.{k}": v for k, v in cfg.items() if f"{part}.{k}" not in RESUMABLE_CHANGES})
+    return json.loads(json.dumps(flat))  # as state.json stores it (tuples become lists)
+
+
+def _check_same_recipe(out: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """--resume continues the interrupted run; with other options it would silently mix two recipes."""
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key):
+            raise InputError(key, f"{saved.get(key)!r} (what the interrupted run in {out} used)", repr(current.get(key)),
+                             "--resume continues that run: give the same options, or train into a new --out")
 
 
 def config_summary(model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainConfig) -> dict[str, Any]:

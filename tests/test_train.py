@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cmath_runtime.errors import ArtifactError
+from cmath_runtime.errors import ArtifactError, InputError
 from cmath_train.checkpoint import load_checkpoint
 from cmath_train.cli import main as train_cli
 from cmath_train.config import LossConfig, TrainConfig
@@ -91,6 +91,13 @@ def test_training_is_reproducible_and_resumable(tiny_data, tmp_path):
                     resume=True, progress=False)
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
     assert resumed["history"][2]["train_loss"] == pytest.approx(full["history"][2]["train_loss"], rel=1e-6)
+    # resuming with another recipe would mix two runs: refused, naming the option (epochs may change)
+    with pytest.raises(InputError, match=r"train\.distill: expected 0\.0 .*got 1\.0"):
+        train(tiny_data, cfg, loss, TrainConfig(epochs=4, batch_size=8, lr=3e-3, distill=1.0), tmp_path / "part",
+              resume=True, progress=False)
+    with pytest.raises(InputError, match=r"train\.lr"):
+        train(tiny_data, cfg, loss, TrainConfig(epochs=4, batch_size=8, lr=1e-3), tmp_path / "part", resume=True,
+              progress=False)
 
 
 def test_early_stopping_with_patience(tiny_data, tmp_path):

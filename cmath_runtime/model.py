@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .text import TextEncoder
 
 DEFAULT_BATCH_SIZE = 16
-OPENVINO_STATIC_SHAPES = 4  # load(backend="openvino")'s default static_shapes (openvino_backend.py)
+OPENVINO_STATIC_SHAPES = 2  # load(backend="openvino")'s default static_shapes: ~100 MB each for the meld model
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,7 @@ def load(path: str | Path, backend: str = "auto", precision: str = "fp32", threa
     threads: intra-op threads of the CPU provider (None: onnxruntime's default, one per physical core).
     verify: check each file's sha256 against export.json before loading it.
     spinning: let idle onnxruntime threads spin (a little faster on an idle machine, much slower on a busy one).
-    static_shapes: backend "openvino" only (default 4): the second call with a (batch, utterances) shape compiles
+    static_shapes: backend "openvino" only (default 2): the second call with a (batch, utterances) shape compiles
     model.onnx for that exact shape (~0.3-0.6 s once; 1.07-1.22x faster calls after, measured at 10-50
     utterances), keeping the `static_shapes` most recently used (each ~1.2x the model file in memory); 0 = one
     dynamic model. Shapes seen once, such as a conversation recomputed as it grows, never compile.

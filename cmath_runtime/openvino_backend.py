@@ -6,7 +6,7 @@ precision is always set explicitly (INFERENCE_PRECISION_HINT f32 unless bf16 is 
 the compiled model; a compiled model that reports anything else is a BackendUnavailableError. The device that
 runs it is read back too (EXECUTION_DEVICES).
 
-Shape specialisation (`static_shapes`, the runtime's default 4 for the model, 0 for the step graph): OpenVINO's
+Shape specialisation (`static_shapes`, the runtime's default 2 for the model, 0 for the step graph): OpenVINO's
 CPU kernels are faster on a model compiled for one exact input shape than on the dynamic one (measured on the meld
 model, 2 threads, batch 1: 1.22x at 10 utterances, 1.07-1.2x at 50). So the second call with a (batch, utterances)
 shape compiles the model for that shape (~0.3-0.6 s, once) and every later call of that shape runs it; at most

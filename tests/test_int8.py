@@ -72,7 +72,11 @@ def test_int8_graph_is_quantized(int8_causal_export: Path) -> None:
     # meets the bound on this fixture, so a quiet fallback to the unfused scheme would fail here
     step_scheme = json.loads((int8_causal_export / "export.json").read_text())["step"]["int8"]["scheme"]
     assert step_scheme == json.loads(json.dumps(quant.SCHEMES[0].to_json())) and step_scheme["fuse_shared"]
-    assert count_ops(onnx.load(str(int8_causal_export / "model.step.int8.onnx"))).get("Split", 0) >= 3
+    step_ops = count_ops(onnx.load(str(int8_causal_export / "model.step.int8.onnx")))
+    assert step_ops.get("Split", 0) >= 3
+    # ... and its attentions run as one op each (rewrites.attention_to_mha), as export.json records
+    step = json.loads((int8_causal_export / "export.json").read_text())["step"]["int8"]
+    assert step["rewrites"] == {"attention_to_mha": 9} and step_ops["MultiHeadAttention"] == 9
 
 
 @pytest.mark.parametrize("shape", SHAPES)

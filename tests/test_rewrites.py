@@ -100,3 +100,28 @@ def test_fuse_shared_matmuls_keeps_graph_outputs_bias_first_adds_and_nameless_no
         x = {"x": rng.standard_normal((3, 6)).astype(np.float32)}
         for want, got in zip(_session(model).run(outputs, x), _session(fused).run(outputs, x)):
             assert np.abs(got - want).max() <= 1e-5
+
+
+def test_attention_to_mha_is_exact_on_the_step_graph(causal_export) -> None:
+    """Every attention of the exported step graph becomes one MultiHeadAttention op; every output is the same
+    (a batch of 2 conversations at different positions, several history lengths, masked past rows included)."""
+    from cmath_export.rewrites import attention_to_mha
+
+    plain = onnx.load(str(causal_export / "model.step.onnx"))
+    rewritten, n = attention_to_mha(plain)
+    onnx.checker.check_model(rewritten, full_check=True)
+    ops, before = count_ops(rewritten), count_ops(plain)
+    assert n == ops["MultiHeadAttention"] == 9  # t, a, v: each its self-attention and two cross-attentions
+    assert before.get("Transpose", 0) - ops.get("Transpose", 0) >= 4 * n and "MultiHeadAttention" not in before
+    a, b = _session(plain), _session(rewritten)
+    rng = np.random.default_rng(0)
+    for past in (1, 6, 20):
+        feeds = {}
+        for i in a.get_inputs():
+            shape = [2 if d == "batch" else past if isinstance(d, str) else d for d in i.shape]
+            feeds[i.name] = (np.array([past, past // 2], np.int64) if i.name == "position"
+                             else rng.integers(0, 3, shape) if i.type == "tensor(int64)"
+                             else rng.standard_normal(shape).astype(np.float32))
+        for name, x, y in zip([o.name for o in a.get_outputs()], a.run(None, feeds), b.run(None, feeds)):
+            assert np.abs(x - y).max() <= 1e-6, (name, past)
+    assert attention_to_mha(rewritten)[1] == 0  # nothing left to rewrite

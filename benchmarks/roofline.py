@@ -1,7 +1,7 @@
 """This machine's limits and each record's distance to them (a roofline per record).
 
 Measured once per benchmark run, with the run's thread count (the streaming benchmark measures the bandwidth
-again at every history length, interleaved with the step contenders, and uses that for the step's floor):
+again at every history length, interleaved with the step contenders, and uses its median for the step's floor):
 - memory bandwidth: numpy copies of a 256 MiB buffer, split over `threads` Python threads (numpy releases the
   GIL while copying); bytes read + bytes written per second, best of a few repeats;
 - float32 matmul peak: one 2048 x 2048 x 2048 MatMul in onnxruntime with `threads` intra-op threads (the engine
@@ -60,7 +60,7 @@ class BandwidthProbe:
     """One call = one numpy copy of a `mib` MiB buffer, split over `threads` Python threads (numpy releases the
     GIL while copying); returns its seconds. `gb_s` turns the fastest of some calls into copy bandwidth (read +
     write). The streaming benchmark times it among the step contenders, so their floor is measured in the same
-    rounds, under the same load, as they are."""
+    rounds, under the same load, as they are (and with the same statistic: their p50 against its p50)."""
 
     def __init__(self, threads: int = 1, mib: int = COPY_MIB) -> None:
         n = mib * 2**20 // 4
@@ -78,8 +78,11 @@ class BandwidthProbe:
             w.join()
         return time.perf_counter() - start
 
-    def gb_s(self, seconds: list[float]) -> float:
-        return 2 * self.src.nbytes / min(seconds) / 1e9
+    def gb_s(self, seconds: list[float], statistic: str = "best") -> float:
+        """Copy bandwidth of the fastest call ("best", the machine's limit) or of the median one ("p50", like for
+        like with a contender's p50 timed in the same rounds)."""
+        t = min(seconds) if statistic == "best" else float(np.median(seconds))
+        return 2 * self.src.nbytes / t / 1e9
 
 
 def measure_bandwidth(threads: int = 1, mib: int = COPY_MIB, repeats: int = 5) -> float:

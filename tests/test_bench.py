@@ -259,6 +259,9 @@ def test_streaming_records_carry_floor_and_matmul_twin(causal_export: Path) -> N
         # same for every engine at one history length
         assert r["bandwidth_gb_s"] != 10.0 and r["bandwidth_gb_s"] > 0.1
         assert r["bytes_floor_ms"] == pytest.approx(r["weight_bytes"] / r["bandwidth_gb_s"] / 1e6)
+        assert r["bandwidth_best_gb_s"] >= r["bandwidth_gb_s"]  # the fastest copy vs the median one
+        assert r["latency_x_best_bytes_floor"] == pytest.approx(r["p50_ms"] * r["bandwidth_best_gb_s"] * 1e6
+                                                                / r["weight_bytes"])
         assert r["bandwidth_gb_s"] == next(s["bandwidth_gb_s"] for s in steps if s["n"] == r["n"])
         if r["precision"] == "fp32":  # the twin is an fp32 onnxruntime instrument
             assert r["twin_ms"] > 0 and r["latency_x_twin"] == pytest.approx(r["p50_ms"] / r["twin_ms"])

@@ -87,6 +87,20 @@ def test_shapes_are_specialised_from_their_second_call(int8_causal_export: Path,
             cmath_runtime.load(int8_causal_export, backend=backend, threads=1, static_shapes=bad)
 
 
+def test_shape_specialisation_is_thread_safe(int8_causal_export: Path, ort_model) -> None:
+    """Threads calling one model with two shapes at once, while those shapes get compiled: every answer is right."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pytest.importorskip("openvino")
+    model = cmath_runtime.load(int8_causal_export, backend="openvino", threads=1, static_shapes=2)
+    inputs = [_conversations(1, 6, 7), _conversations(1, 11, 8)]
+    refs = [ort_model.predict(c)[0].probs for c in inputs]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda i: (i % 2, model.predict(inputs[i % 2])[0].probs), range(24)))
+    assert all(np.abs(probs - refs[k]).max() < 1e-5 for k, probs in got)
+    assert sorted(s["mask"] for s in model._info.session.specialised_shapes()) == [(1, 6), (1, 11)]
+
+
 def test_openvino_step_path(ov_model, ort_model) -> None:
     from cmath_runtime import Conversation
 

@@ -113,9 +113,10 @@ def run_streaming(export_dir: str | Path, threads: int = 1, lengths: tuple[int, 
             if path == "step" and machine is not None:
                 rec.update(weight_bytes=wbytes[(backend, precision)], flops=flops,
                            cache_bytes=4 * (n - 1) * base.manifest.d * len(base_graph.state_spec),
-                           bandwidth_gb_s=bandwidth or machine.bandwidth_gb_s, bandwidth_best_gb_s=best,
                            **machine.floor_ms(wbytes[(backend, precision)], flops, bandwidth))
                 rec["latency_x_floor"] = rec["p50_ms"] / rec["floor_ms"]
+                if bandwidth:  # else the floor used the run's once-measured bandwidth (the report says "bandwidth")
+                    rec.update(bandwidth_gb_s=bandwidth, bandwidth_best_gb_s=best)
                 if best:  # the same against the fastest copy of those rounds (a stricter floor)
                     rec["latency_x_best_bytes_floor"] = rec["p50_ms"] * best * 1e6 / rec["weight_bytes"]
                 twin = twins.get((backend, precision))  # the same weights as bare GEMVs, same engine (roofline.py)

@@ -187,7 +187,9 @@ def attention_to_mha(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     one stays as it is. The head count is read from the graph (the constant head count of the k Reshape). The
     masked score m is added instead of replacing the score: with m <= -1e4 both give a masked key exactly zero
     weight in fp32 on a query row with an unmasked key, which a step's row always has (its own key); measured
-    bit-identical outputs. The mask (B, 1, 1, P+1) is used as it is: the op wants (B, 1, S, L) and S = 1."""
+    bit-identical outputs. Exact only where every query row keeps an unmasked key: callers must guarantee it
+    (the step graph's mask always allows the new row's own key). The mask (B, 1, 1, P+1) becomes a bias expanded
+    over the heads, (B, h, 1, P+1): older onnxruntime (< 1.20) does not broadcast the bias over heads."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
@@ -197,6 +199,7 @@ def attention_to_mha(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         for name in node.input:
             consumers[name].append(node)
     graph_outputs = {o.name for o in graph.output}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
     def const(name: str) -> np.ndarray | None:
         if name in inits:
@@ -231,12 +234,13 @@ def attention_to_mha(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             return int(part.reshape(-1)[0]) if part is not None and part.size == 1 else None
         return None
 
-    biases: dict[str, str] = {}
+    biases: dict[tuple[str, float, int], str] = {}
     bias_nodes: dict[int | None, list[onnx.NodeProto]] = {}  # id(the mask's producer; None: a graph input) -> nodes
     new_nodes: dict[int, list[onnx.NodeProto]] = {}  # id(the final Reshape) -> what replaces the attention
     dropped: set[int] = set()
     for softmax in graph.node:
-        if softmax.op_type != "Softmax" or {a.name: a.i for a in softmax.attribute}.get("axis", -1) not in (-1, 3):
+        axis = {a.name: a.i for a in softmax.attribute}.get("axis", -1 if opset >= 13 else 1)
+        if softmax.op_type != "Softmax" or axis not in (-1, 3):
             continue
         where = made_by(softmax.input[0], "Where")
         mul = where and made_by(where.input[2], "Mul")
@@ -245,7 +249,7 @@ def attention_to_mha(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         mask_value = where and const(where.input[1])
         users = consumers[softmax.output[0]]
         if not (scores and scale is not None and scale.size == 1 and mask_value is not None and mask_value.size == 1
-                and float(mask_value) <= -1e4 and len(users) == 1 and users[0].op_type == "MatMul"
+                and mask_value.reshape(-1)[0] <= -1e4 and len(users) == 1 and users[0].op_type == "MatMul"
                 and users[0].input[0] == softmax.output[0] and softmax.output[0] not in graph_outputs):
             continue
         weighted = users[0]
@@ -254,26 +258,29 @@ def attention_to_mha(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         to = only_user(weighted.output[0], "Transpose", [0, 2, 1, 3])
         ro = to and only_user(to.output[0], "Reshape")
         rq, rk, rv = (t and producer.get(t.input[0]) for t in (tq, tk, tv))
-        if not (to and ro and all(r is not None and r.op_type == "Reshape" for r in (rq, rk, rv))):
+        out_shape = ro and const(ro.input[1])  # back to (B, S, D): the op's own output layout
+        if not (to and ro and out_shape is not None and out_shape.size == 3
+                and all(r is not None and r.op_type == "Reshape" and r.output[0] not in graph_outputs
+                        for r in (rq, rk, rv))):
             continue
         heads = heads_of(rk)
         if heads is None or heads != heads_of(rq) or heads != heads_of(rv):
             continue
-        mask = where.input[0]
-        nodes: list[onnx.NodeProto] = []
-        if mask not in biases:
-            b = f"{mask}__attention_bias"
-            graph.initializer.extend([numpy_helper.from_array(np.array(float(mask_value), np.float32), f"{b}_masked"),
-                                      numpy_helper.from_array(np.array(0.0, np.float32), f"{b}_zero")])
-            nodes.append(helper.make_node("Where", [mask, f"{b}_masked", f"{b}_zero"], [b], name=b))
-            biases[mask] = b
+        mask, masked = where.input[0], float(mask_value.reshape(-1)[0])
+        if (mask, masked, heads) not in biases:
+            b = f"{mask}__attention_bias_{len(biases)}"
+            graph.initializer.extend([numpy_helper.from_array(np.array(masked, np.float32), f"{b}_masked"),
+                                      numpy_helper.from_array(np.array(0.0, np.float32), f"{b}_zero"),
+                                      numpy_helper.from_array(np.array([1, heads, 1, 1], np.int64), f"{b}_heads")])
             after = producer.get(mask)  # the bias is computed right after its mask, before any attention reads it
-            bias_nodes[id(after) if after is not None else None] = nodes
-            nodes = []
-        nodes.append(helper.make_node("MultiHeadAttention", [rq.input[0], rk.input[0], rv.input[0], "", "", biases[mask]],
-                                      [ro.output[0]], name=f"{ro.output[0]}__mha", domain="com.microsoft",
-                                      num_heads=heads, scale=float(scale)))
-        new_nodes[id(ro)] = nodes
+            bias_nodes.setdefault(id(after) if after is not None else None, []).extend([
+                helper.make_node("Where", [mask, f"{b}_masked", f"{b}_zero"], [f"{b}_1"], name=f"{b}_1"),
+                helper.make_node("Expand", [f"{b}_1", f"{b}_heads"], [b], name=b)])  # (B, 1, 1, L) -> (B, h, 1, L)
+            biases[(mask, masked, heads)] = b
+        new_nodes[id(ro)] = [helper.make_node(
+            "MultiHeadAttention", [rq.input[0], rk.input[0], rv.input[0], "", "", biases[(mask, masked, heads)]],
+            [ro.output[0]], name=f"{ro.output[0]}__mha", domain="com.microsoft", num_heads=heads,
+            scale=float(scale.reshape(-1)[0]))]
         dropped.update(id(n) for n in (tq, tk, tv, scores, mul, where, softmax, weighted, to))
         dropped.update(id(r) for r in (rq, rk, rv) if len(consumers[r.output[0]]) == 1)
     if not new_nodes:

@@ -204,10 +204,11 @@ def load(path: str | Path, backend: str = "auto", precision: str = "fp32", threa
     threads: intra-op threads of the CPU provider (None: onnxruntime's default, one per physical core).
     verify: check each file's sha256 against export.json before loading it.
     spinning: let idle onnxruntime threads spin (a little faster on an idle machine, much slower on a busy one).
-    static_shapes: backend "openvino" only (default 2): the second call with a (batch, utterances) shape compiles
-    model.onnx for that exact shape (~0.3-0.6 s once; 1.07-1.22x faster calls after, measured at 10-50
-    utterances), keeping the `static_shapes` most recently used (each ~1.2x the model file in memory); 0 = one
-    dynamic model. Shapes seen once, such as a conversation recomputed as it grows, never compile.
+    static_shapes: backend "openvino" only (default 2): the second call with a (batch, utterances) shape among the
+    last 64 compiles model.onnx for that exact shape (~0.3-0.6 s once; 1.07-1.22x faster calls after, measured at
+    10-50 utterances); at most `static_shapes` are kept (each ~1.2x the model file in memory), the busiest of the
+    recent calls; 0 = one dynamic model. Shapes seen once, such as a conversation recomputed as it grows, never
+    compile.
     """
     start = time.perf_counter()
     check_combination(backend, precision)

@@ -9,9 +9,11 @@ runs it is read back too (EXECUTION_DEVICES).
 Shape specialisation (`static_shapes`, the runtime's default 2 for the model, 0 for the step graph): OpenVINO's
 CPU kernels are faster on a model compiled for one exact input shape than on the dynamic one (measured on the meld
 model, 2 threads, batch 1: 1.22x at 10 utterances, 1.07-1.2x at 50). So the second call with a (batch, utterances)
-shape compiles the model for that shape (~0.3-0.6 s, once) and every later call of that shape runs it; at most
-`static_shapes` shapes are kept (least recently used goes), each holding its own copy of the weights (~1.2x the
-model file). A shape seen once (a conversation that grows by one utterance per call) never pays the compile.
+shape (among the last 64 calls) compiles the model for that shape (~0.3-0.6 s, once, outside the lock: other
+calls go on) and every later call of that shape runs it; at most `static_shapes` shapes are kept, and a new one
+takes a slot only from a kept shape it out-calls more than twice over in that window (more recurring shapes than
+slots do not recompile in turn: `_for_shape`). Each holds its own copy of the weights (~1.2x the model file). A
+shape seen once (a conversation that grows by one utterance per call) never pays the compile.
 
 `OpenVINOSession` mimics the part of onnxruntime.InferenceSession the runtime uses (run, get_inputs,
 get_outputs, get_providers), so the model and the step graph run on it unchanged. run() is thread-safe: each
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import Counter, OrderedDict
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,8 @@ PRECISIONS = tuple(PRECISION_HINT)
 PROVIDER = "OpenVINO CPU"
 INSTALL = "pip install 'cmath[openvino]'"
 SPECIALISE_AFTER = 2  # the call of a shape that compiles it: the second, so one-off shapes never pay the compile
-_MAX_COUNTED = 4096  # distinct shapes counted before the counts restart (bounded memory under any input)
+RECENT_CALLS = 64  # the window in which a shape's calls are counted
+_MAX_UNSPECIALISABLE = 1024  # shapes remembered as failing to compile (bounded memory under any input)
 
 
 def import_openvino() -> Any:
@@ -107,10 +110,13 @@ class OpenVINOSession:
         self._dynamic = _Compiled(self.compiled)
         self.static_shapes = static_shapes
         self._model = model if static_shapes else None  # reshaped per shape; the file is read once, at load
-        self._static: OrderedDict[tuple, _Compiled] = OrderedDict()
-        self._calls: Counter[tuple] = Counter()
+        self._static: dict[tuple, _Compiled] = {}
+        self._recent: deque[tuple] = deque(maxlen=RECENT_CALLS)  # the input shapes of the last calls
+        self._counts: Counter[tuple] = Counter()  # ... and how many of those calls each shape had
+        self._compiling: set[tuple] = set()
         self._unspecialisable: set[tuple] = set()
         self._lock = threading.Lock()
+        self.compiles = 0  # specialised models compiled so far
 
     def _check(self, compiled: Any) -> tuple[str, tuple[str, ...]]:
         """The precision and devices `compiled` really runs, or BackendUnavailableError if not the ones asked."""
@@ -125,37 +131,55 @@ class OpenVINOSession:
         return actual, devices
 
     def _for_shape(self, feeds: dict[str, np.ndarray]) -> _Compiled:
-        """The compiled model for these inputs' shapes: a specialised one when this shape has earned one."""
+        """The compiled model for these inputs' shapes: a specialised one when this shape has earned one.
+
+        What earns it is the shape's calls among the last RECENT_CALLS: SPECIALISE_AFTER of them while a slot is
+        free, else more than twice those of the least-called kept shape, which it replaces. So a phase of one
+        shape (a fixed window, a benchmark) compiles it at once, a shape that recurs rarely (each length group of a
+        data set predicted twice) never compiles, and more shapes in rotation than slots keep the slots they got
+        instead of recompiling in turn. The compile runs outside the lock: meanwhile other threads, and this
+        shape's other callers, run the dynamic model."""
         if not self.static_shapes:
             return self._dynamic
         key = tuple((name, tuple(x.shape)) for name, x in sorted(feeds.items()))
-        with self._lock:  # one compile at a time; other threads wait for it, then find it
+        with self._lock:
+            if len(self._recent) == RECENT_CALLS:
+                old = self._recent[0]
+                self._counts[old] -= 1
+                if not self._counts[old]:
+                    del self._counts[old]
+            self._recent.append(key)
+            self._counts[key] += 1
             entry = self._static.get(key)
             if entry is not None:
-                self._static.move_to_end(key)
                 return entry
-            if key in self._unspecialisable:
+            full = len(self._static) >= self.static_shapes
+            least = min(self._counts[k] for k in self._static) if full else 0
+            if (key in self._unspecialisable or key in self._compiling or self._counts[key] < SPECIALISE_AFTER
+                    or (full and self._counts[key] <= 2 * least)):
                 return self._dynamic
-            if len(self._calls) >= _MAX_COUNTED:
-                self._calls.clear()
-            self._calls[key] += 1
-            if self._calls[key] < SPECIALISE_AFTER:
+            self._compiling.add(key)
+        try:
+            model = self._model.clone()
+            model.reshape(dict(key))
+            entry = _Compiled(self._core.compile_model(model, "CPU", self._config))
+            self._check(entry.compiled)
+        except Exception:  # noqa: BLE001 -- the dynamic model answers this shape exactly as before
+            entry = None
+        with self._lock:
+            self._compiling.discard(key)
+            if entry is None:
+                if len(self._unspecialisable) < _MAX_UNSPECIALISABLE:
+                    self._unspecialisable.add(key)
                 return self._dynamic
-            try:
-                model = self._model.clone()
-                model.reshape(dict(key))
-                entry = _Compiled(self._core.compile_model(model, "CPU", self._config))
-                self._check(entry.compiled)
-            except Exception:  # noqa: BLE001 -- the dynamic model answers this shape exactly as before
-                self._unspecialisable.add(key)
-                return self._dynamic
+            if len(self._static) >= self.static_shapes:
+                del self._static[min(self._static, key=lambda k: self._counts[k])]
             self._static[key] = entry
-            while len(self._static) > self.static_shapes:
-                self._static.popitem(last=False)
+            self.compiles += 1
             return entry
 
     def specialised_shapes(self) -> list[dict[str, tuple[int, ...]]]:
-        """The input shapes that have a model compiled for them, least recently used first."""
+        """The input shapes that have a model compiled for them, in the order they were compiled."""
         with self._lock:
             return [dict(key) for key in self._static]
 
@@ -176,8 +200,8 @@ class OpenVINOSession:
         return [f"{PROVIDER} {self.inference_precision}"]
 
     def describe(self) -> str:
-        shapes = (f", each (batch, utterances) shape compiled for itself from its {SPECIALISE_AFTER}nd call (up to "
-                  f"{self.static_shapes} kept)" if self.static_shapes else ", dynamic shapes")
+        shapes = (f", each (batch, utterances) shape compiled for itself once called {SPECIALISE_AFTER} times in "
+                  f"{RECENT_CALLS} (up to {self.static_shapes} kept)" if self.static_shapes else ", dynamic shapes")
         return (f"OpenVINO {self.version} on {', '.join(self.devices)}, inference precision "
                 f"{self.inference_precision}, {self.threads} threads{shapes}")
 

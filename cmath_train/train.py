@@ -6,6 +6,7 @@ The checkpoint with the best validation weighted-F1 is kept; test is evaluated o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import time
@@ -128,11 +129,12 @@ def train(
     extra = {"data": {**fs.meta, "modalities": list(mods), "validation": splits.val_source}}
     soft = [soft_targets[d.id] for d in splits.train] if soft_targets and train_cfg.distill > 0 else None
 
-    recipe = _resume_recipe(model_name, model_cfg, loss_cfg, train_cfg)
+    recipe = _resume_recipe(model_name, model_cfg, loss_cfg, train_cfg, splits)
     state = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": [], "recipe": recipe}
     if resume and (out / RESUME_DIR / "state.json").is_file():
-        state = _load_resume(out / RESUME_DIR, model, optimizer, ema)
-        _check_same_recipe(out, state.setdefault("recipe", recipe), recipe)
+        saved = json.loads((out / RESUME_DIR / "state.json").read_text())
+        _check_same_recipe(out, saved.get("recipe", {}), recipe)  # before any weight is loaded into this model
+        state = {**_load_resume(out / RESUME_DIR, model, optimizer, ema), "recipe": recipe}
         if progress:
             print(f"resuming {out} after epoch {state['epoch']}")
 
@@ -246,19 +248,23 @@ def _load_resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
 RESUMABLE_CHANGES = ("train.epochs", "train.patience", "train.device")
 
 
-def _resume_recipe(model_name: str, model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainConfig
-                   ) -> dict[str, Any]:
-    """Everything that shapes the training trajectory, flat ("train.distill": 1.0), for the resume check."""
-    flat = {"model_name": model_name}
+def _resume_recipe(model_name: str, model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainConfig,
+                   splits: Splits) -> dict[str, Any]:
+    """Everything that shapes the training trajectory, flat ("train.distill": 1.0), for the resume check: the
+    model, the configs and the data (a digest of the train and validation dialogue ids)."""
+    ids = [[d.id for d in splits.train], [d.id for d in splits.val]]
+    digest = hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
+    flat = {"model_name": model_name, "data.dialogues": f"{len(ids[0])} train / {len(ids[1])} validation ({digest})"}
     for part, cfg in config_summary(model_cfg, loss_cfg, train_cfg).items():
         flat.update({f"{part}.{k}": v for k, v in cfg.items() if f"{part}.{k}" not in RESUMABLE_CHANGES})
     return json.loads(json.dumps(flat))  # as state.json stores it (tuples become lists)
 
 
 def _check_same_recipe(out: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """--resume continues the interrupted run; with other options it would silently mix two recipes."""
-    for key in sorted(set(saved) | set(current)):
-        if saved.get(key) != current.get(key):
+    """--resume continues the interrupted run; with other options it would silently mix two recipes. Only what both
+    record is compared (a run saved before this check, or before a new option existed, resumes as it did)."""
+    for key in sorted(set(saved) & set(current)):
+        if saved[key] != current[key]:
             raise InputError(key, f"{saved.get(key)!r} (what the interrupted run in {out} used)", repr(current.get(key)),
                              "--resume continues that run: give the same options, or train into a new --out")
 

@@ -61,8 +61,10 @@ def test_bf16_only_when_asked(int8_causal_export: Path, ort_model) -> None:
 
 
 def test_shapes_are_specialised_from_their_second_call(int8_causal_export: Path, ort_model) -> None:
-    """static_shapes=1: a shape's first call runs the dynamic model, its second compiles one for that shape (same
-    answers); a second shape evicts the first; static_shapes is refused on other backends and when negative."""
+    """static_shapes=1: a shape's first call runs the dynamic model, its second compiles one for that shape and later
+    calls run it (same answers); another shape takes the slot only once called more than twice as often in the
+    recent calls; static_shapes is refused
+    on other backends and when negative."""
     pytest.importorskip("openvino")
     model = cmath_runtime.load(int8_causal_export, backend="openvino", threads=1, static_shapes=1)
     session = model._info.session
@@ -72,12 +74,16 @@ def test_shapes_are_specialised_from_their_second_call(int8_causal_export: Path,
     for call in range(3):
         answers.append(model.predict(a))
         assert len(session.specialised_shapes()) == (0 if call == 0 else 1)
-    assert session.specialised_shapes()[0]["mask"] == (1, 9)
+    [shape_a] = session.specialised_shapes()
+    assert shape_a["mask"] == (1, 9)
+    [entry] = session._static.values()
+    assert getattr(entry._local, "request", None) is not None  # the later calls really ran the specialised model
     for got in answers:
         assert np.abs(got[0].probs - ref_a[0].probs).max() < 1e-5
-    for _ in range(2):
+    for call in range(7):  # a had 3 of the recent calls: b takes its slot on its 7th (more than twice a's)
         got_b = model.predict(b, batch_size=2)
-    assert [s["mask"] for s in session.specialised_shapes()] == [(2, 4)]  # capacity 1: the older shape went
+        assert [s["mask"] for s in session.specialised_shapes()] == ([(1, 9)] if call < 6 else [(2, 4)])
+    assert session.compiles == 2
     assert all(np.abs(g.probs - r.probs).max() < 1e-5 for g, r in zip(got_b, ref_b))
     assert "compiled for itself" in model.note
     default = cmath_runtime.load(int8_causal_export, backend="openvino", threads=1)
@@ -85,6 +91,17 @@ def test_shapes_are_specialised_from_their_second_call(int8_causal_export: Path,
     for bad, backend in ((2, "cpu"), (-1, "openvino")):
         with pytest.raises(ValueError, match="static_shapes"):
             cmath_runtime.load(int8_causal_export, backend=backend, threads=1, static_shapes=bad)
+
+
+def test_more_recurring_shapes_than_slots_do_not_recompile(int8_causal_export: Path) -> None:
+    """Three shapes in turn with two slots (predict over a data set, twice): two compiles, not one per call."""
+    pytest.importorskip("openvino")
+    model = cmath_runtime.load(int8_causal_export, backend="openvino", threads=1, static_shapes=2)
+    inputs = [_conversations(1, n, 9) for n in (3, 5, 7)]
+    for _ in range(5):
+        for conv in inputs:
+            model.predict(conv)
+    assert model._info.session.compiles == 2 and len(model._info.session.specialised_shapes()) == 2
 
 
 def test_shape_specialisation_is_thread_safe(int8_causal_export: Path, ort_model) -> None:

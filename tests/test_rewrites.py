@@ -115,7 +115,7 @@ def test_attention_to_mha_is_exact_on_the_step_graph(causal_export) -> None:
     assert before.get("Transpose", 0) - ops.get("Transpose", 0) >= 4 * n and "MultiHeadAttention" not in before
     a, b = _session(plain), _session(rewritten)
     rng = np.random.default_rng(0)
-    for past in (1, 6, 20):
+    for past in (0, 1, 6, 20):  # 0: a stream's first step
         feeds = {}
         for i in a.get_inputs():
             shape = [2 if d == "batch" else past if isinstance(d, str) else d for d in i.shape]

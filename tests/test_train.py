@@ -98,6 +98,10 @@ def test_training_is_reproducible_and_resumable(tiny_data, tmp_path):
     with pytest.raises(InputError, match=r"train\.lr"):
         train(tiny_data, cfg, loss, TrainConfig(epochs=4, batch_size=8, lr=1e-3), tmp_path / "part", resume=True,
               progress=False)
+    # another architecture is named too, before its weights could fail to load into the new model
+    with pytest.raises(InputError, match=r"model\.d: expected 32 .*got 16"):
+        train(tiny_data, tiny_model_config(d=16), loss, TrainConfig(epochs=4, batch_size=8, lr=3e-3),
+              tmp_path / "part", resume=True, progress=False)
 
 
 def test_early_stopping_with_patience(tiny_data, tmp_path):

@@ -26,3 +26,8 @@ class ArtifactError(CmathError):
 
 class BackendUnavailableError(CmathError, RuntimeError):
     """A requested execution backend (CUDA, TensorRT, ...) is not available on this machine."""
+
+
+def first_line(e: BaseException) -> str:
+    """An engine's exception in one line (onnxruntime's and OpenVINO's run over many), for our own error message."""
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

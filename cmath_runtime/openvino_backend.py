@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ArtifactError, BackendUnavailableError
+from .errors import ArtifactError, BackendUnavailableError, first_line
 
 PRECISION_HINT = {"fp32": "f32", "bf16": "bf16"}  # cmath precision -> OpenVINO INFERENCE_PRECISION_HINT
 PRECISIONS = tuple(PRECISION_HINT)
@@ -100,7 +100,7 @@ class OpenVINOSession:
             model = self._core.read_model(str(model_file))
             self.compiled = self._core.compile_model(model, "CPU", self._config)
         except Exception as e:  # OpenVINO raises RuntimeError subclasses with long multi-line messages
-            raise ArtifactError(model_file, f"OpenVINO cannot compile this model ({_first_line(e)})") from None
+            raise ArtifactError(model_file, f"OpenVINO cannot compile this model ({first_line(e)})") from None
         self.precision = precision
         self.version = ov.__version__ if hasattr(ov, "__version__") else ov.get_version()
         self.inference_precision, self.devices = self._check(self.compiled)
@@ -204,8 +204,4 @@ class OpenVINOSession:
                   f"{RECENT_CALLS} (up to {self.static_shapes} kept)" if self.static_shapes else ", dynamic shapes")
         return (f"OpenVINO {self.version} on {', '.join(self.devices)}, inference precision "
                 f"{self.inference_precision}, {self.threads} threads{shapes}")
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 

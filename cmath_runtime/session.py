@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ArtifactError, BackendUnavailableError
+from .errors import ArtifactError, BackendUnavailableError, first_line
 
 if TYPE_CHECKING:
     from .manifest import Manifest
@@ -285,8 +285,7 @@ def _create(backend: Backend, request: SessionRequest, threads: int | None, spin
         session = ort.InferenceSession(str(request.model_file), sess_options=session_options(threads, spinning),
                                        providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidProtobuf, ...)
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ArtifactError(request.model_file, f"onnxruntime cannot load this {what} ({first_line})") from None
+        raise ArtifactError(request.model_file, f"onnxruntime cannot load this {what} ({first_line(e)})") from None
     _check_io(session, request.model_file, check, what)
     actual = tuple(session.get_providers())
     runs_on = BACKEND_OF.get(actual[0], actual[0]) if actual else "none"

@@ -134,7 +134,8 @@ def train(
     if resume and (out / RESUME_DIR / "state.json").is_file():
         saved = json.loads((out / RESUME_DIR / "state.json").read_text())
         _check_same_recipe(out, saved.get("recipe", {}), recipe)  # before any weight is loaded into this model
-        state = {**_load_resume(out / RESUME_DIR, model, optimizer, ema), "recipe": recipe}
+        _load_resume(out / RESUME_DIR, model, optimizer, ema)
+        state = {**saved, "recipe": recipe}
         if progress:
             print(f"resuming {out} after epoch {state['epoch']}")
 
@@ -235,13 +236,13 @@ def _save_resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
 
 
 def _load_resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 ema: AveragedModel | None = None) -> dict:
+                 ema: AveragedModel | None = None) -> None:
+    """The interrupted run's weights and optimizer state (its state.json is read by the caller)."""
     saved = torch.load(path / "training.pt", map_location="cpu", weights_only=True)  # restricted unpickler
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     if ema is not None and "ema" in saved:
         ema.load_state_dict(saved["ema"])
-    return json.loads((path / "state.json").read_text())
 
 
 # Options a resumed run may change: how long it goes on, and where it runs.
@@ -265,7 +266,7 @@ def _check_same_recipe(out: Path, saved: dict[str, Any], current: dict[str, Any]
     record is compared (a run saved before this check, or before a new option existed, resumes as it did)."""
     for key in sorted(set(saved) & set(current)):
         if saved[key] != current[key]:
-            raise InputError(key, f"{saved.get(key)!r} (what the interrupted run in {out} used)", repr(current.get(key)),
+            raise InputError(key, f"{saved[key]!r} (what the interrupted run in {out} used)", repr(current[key]),
                              "--resume continues that run: give the same options, or train into a new --out")
 
 

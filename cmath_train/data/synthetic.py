@@ -10,7 +10,7 @@ utterances carry no text signal at all ("ok.", "right."): only context or other 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -54,7 +54,7 @@ def make_synthetic(cfg: SyntheticConfig | None = None) -> FeatureSet:
             feats = _features(rng, labels, cfg, proto)
             dialogues.append(Dialogue(f"{split}_{c:04d}", feats, speakers, labels))
         splits[split] = dialogues
-    meta = {"source": "synthetic", "config": {"seed": cfg.seed, "conversations": cfg.conversations}}
+    meta = {"source": "synthetic", "config": asdict(cfg)}  # all of it: make_synthetic(SyntheticConfig(**config)) rebuilds it
     return FeatureSet(list(LABELS), dict(dims), cfg.num_speakers, splits, meta)
 
 

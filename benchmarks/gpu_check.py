@@ -494,8 +494,9 @@ def run(out: Path, work: Path, quick: bool = False, threads: int | None = None,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", type=Path, nargs="?", default=Path(os.environ.get("OUT") or "gpu_check_out"),
-                        help="where gpu_check.json and gpu_check.md go (default: $OUT)")
+    out = Path(os.environ.get("OUT") or ROOT / "runs" / "gpu_check" / "report")
+    parser.add_argument("out", type=Path, nargs="?", default=out,
+                        help="where gpu_check.json and gpu_check.md go (default: $OUT, else runs/gpu_check/report)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "gpu_check",
                         help="where the trained runs and exports go (reused when already exported)")
     parser.add_argument("--quick", action="store_true", help="few repetitions (a dry run)")

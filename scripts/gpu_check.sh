@@ -6,7 +6,7 @@
 # every step; this script adds gpu_check.log (everything printed). docs/gpu.md says what it measures.
 # Without CUDA it is the dry run: the CUDA parts are listed as not run, the rest runs, exit code 3.
 #
-# Usage: bash scripts/gpu_check.sh [OUT] [--quick]      OUT default: $OUT, else gpu_check_out/
+# Usage: bash scripts/gpu_check.sh [OUT] [--quick]      OUT default: $OUT, else runs/gpu_check/report
 #        PYTHON (default python3, the GPU image's PyTorch), CMATH_GPU_PARTS (default /tmp/cmath_gpu_parts)
 #
 # On a lent GPU machine (the `run` tool; one call carries at most 64 MiB, the machine stays warm ~30 s after a
@@ -19,7 +19,7 @@
 #           A rerun while the machine is warm reuses the installed wheel and the trained runs (runs/gpu_check/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT_DIR=${1:-${OUT:-gpu_check_out}}
+OUT_DIR=${1:-${OUT:-runs/gpu_check/report}}
 [ $# -gt 0 ] && shift
 PYTHON=${PYTHON:-python3}
 PARTS=${CMATH_GPU_PARTS:-/tmp/cmath_gpu_parts}

@@ -273,11 +273,13 @@ def measure(check: GpuCheck, live: dict[str, Contender], budget: Budget) -> dict
     for shape in (*SHAPES, PARITY_ONLY):
         batch, n = shape
         convs = conversations(spec, batch, n)
-        calls = {}
+        calls, first = {}, {}
         for name, c in list(live.items()):
             try:
                 calls[name] = c.prepare(convs)
-                probs[name][shape] = c.probs(calls[name]())  # the first call, also a warm-up
+                start = time.perf_counter()
+                probs[name][shape] = c.probs(calls[name]())  # the first call at this shape (torch.compile compiles)
+                first[name] = time.perf_counter() - start
             except Exception as e:  # noqa: BLE001
                 check.skip(f"{name} from {batch} x {n} on", f"{type(e).__name__}: {first_line(e)}")
                 del live[name]
@@ -290,8 +292,7 @@ def measure(check: GpuCheck, live: dict[str, Contender], budget: Budget) -> dict
         for name, err in timings.errors.items():
             check.skip(f"{name} from {batch} x {n} on", err)
             del live[name]
-        records = [record(live[name], batch, n, timings.times[name], timings.first[name]) for name in calls
-                   if name in live]
+        records = [record(live[name], batch, n, timings.times[name], first[name]) for name in calls if name in live]
         ref_label = reference_of(records)
         ref = next((r["p50_ms"] for r in records if report.label(r) == ref_label), None)
         for r in records:
@@ -303,11 +304,11 @@ def measure(check: GpuCheck, live: dict[str, Contender], budget: Budget) -> dict
     return probs
 
 
-def record(c: Contender, batch: int, n: int, times: list[float], first: list[float]) -> dict[str, Any]:
+def record(c: Contender, batch: int, n: int, times: list[float], first_s: float) -> dict[str, Any]:
     stats = percentiles_ms(times)
     rec = {"kind": "latency" if batch == 1 else "throughput", "backend": c.backend, "precision": c.precision,
            "provider": c.provider, "batch": batch, "utterances": n, **stats, "iterations": len(times),
-           "first_call_ms": first[0] * 1e3 if first else None}
+           "first_call_ms": first_s * 1e3}
     if batch > 1:
         rec.update(conversations_per_s=batch / (stats["p50_ms"] / 1e3), utterances_per_s=batch * n / (stats["p50_ms"] / 1e3))
     return rec
@@ -438,7 +439,9 @@ def markdown(check: GpuCheck) -> str:
                   "and torch.cuda.synchronize(). cmath_runtime: EmotionModel.predict on numpy conversations "
                   "(validation, padding and copies included). Contenders interleaved round by round "
                   "(benchmarks/timing.py), first calls (compilation) not timed.", "",
-                  report.latency_table(timed), "", "## Batch 16 x 10", "", report.detail_table(timed, "throughput")]
+                  report.latency_table(timed), "", "## Batch 16 x 10", "", report.detail_table(timed, "throughput"),
+                  "", "## First call at each shape (ms; torch.compile compiles here; not in the timings above)", "",
+                  first_calls_table(timed)]
     if check.parity:
         lines += ["", "## Parity", "", "| contender | reference | shapes | rows | max abs dp | mean abs dp "
                   "| argmax agreement | reference rows with top-2 margin < 1e-3 | verdict |",
@@ -453,6 +456,16 @@ def markdown(check: GpuCheck) -> str:
     if timed:
         lines += ["", "## Latency detail", "", report.detail_table(timed, "latency")]
     return "\n".join(lines) + "\n"
+
+
+def first_calls_table(records: list[dict[str, Any]]) -> str:
+    shapes = list(dict.fromkeys((r["batch"], r["utterances"]) for r in records))
+    first = {(report.label(r), r["batch"], r["utterances"]): r.get("first_call_ms") for r in records}
+    lines = ["| contender | " + " | ".join(f"{b} x {n}" for b, n in shapes) + " |", "|---|" + "---:|" * len(shapes)]
+    for name in dict.fromkeys(report.label(r) for r in records):
+        cells = (first.get((name, *s)) for s in shapes)
+        lines.append(f"| {name} | " + " | ".join("-" if ms is None else f"{ms:.1f}" for ms in cells) + " |")
+    return "\n".join(lines)
 
 
 def _cell(d: dict[str, Any]) -> str:

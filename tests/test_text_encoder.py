@@ -135,7 +135,7 @@ def test_meld_parity_100(model: cmath_runtime.EmotionModel, encoder) -> None:
 
     texts = [t for d in read_conversations(MELD_DIR / "test_sent_emo.csv").dialogues for t in d.texts]
     picked = [*EDGE, *sorted(set(texts), key=len)[-40:], *[t for t in texts if any(ord(c) > 0x7F for c in t)][:40]]
-    picked = (picked + [t for t in texts if len(t) <= 2])[:100]
+    picked = (picked + [t for t in texts if len(t) <= 2] + texts)[:100]
     enc = model.text_encoder
     cleaned = [enc.normalise(t) for t in picked]
     cos = cosines(enc.encode(picked), encoder.encode(cleaned))

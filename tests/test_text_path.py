@@ -55,11 +55,13 @@ def test_text_path_report(context_run: tuple[Path, Path], tiny_encoder: Path, de
         assert r["p50_ms"] > 0 and r["p90_ms"] >= r["p50_ms"] and r["iterations"] >= 2 and r["history"] == 20
         # the floor: weights read / the READ bandwidth (not the copy rate), FLOPs / the peak of its arithmetic
         assert r["bytes_floor_ms"] == pytest.approx(r["weight_bytes"] / m["read_gb_s"] / 1e6)
-        peak = m["int8_gop_s"] if r["precision"] == "int8" else m["fp32_gflop_s"]
+        peak = max(m["int8_gop_s"], m["fp32_gflop_s"]) if r["precision"] == "int8" else m["fp32_gflop_s"]
         assert r["flops_floor_ms"] == pytest.approx(r["flops"] / peak / 1e6) and r["peak_gflop_s"] == peak
         assert r["floor_ms"] == max(r["bytes_floor_ms"], r["flops_floor_ms"])
         assert r["latency_x_floor"] == pytest.approx(r["p50_ms"] / r["floor_ms"])
+        assert r["best_floor_ms"] <= r["floor_ms"] and r["latency_x_best_floor"] >= r["latency_x_floor"]
         assert r["weight_bytes"] == r["encoder_weight_bytes"] + r["model_weight_bytes"] and r["flops"] > 0
+    assert report["floor_reliable"] == all(r["latency_x_floor"] >= 1 for r in recs.values())
     # the word-embedding table is read only at the call's tokens
     assert recs[FP32]["encoder_weight_bytes"] < weight_bytes(export / "text_encoder.onnx")
     assert recs[INT8]["weight_bytes"] < recs[FP32]["weight_bytes"] == recs[TORCH]["weight_bytes"]

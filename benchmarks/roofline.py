@@ -82,13 +82,8 @@ class BandwidthProbe:
         self.slices = list(zip(bounds, bounds[1:]))
 
     def __call__(self) -> float:
-        workers = [threading.Thread(target=np.copyto, args=(self.dst[a:b], self.src[a:b])) for a, b in self.slices]
-        start = time.perf_counter()
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        return time.perf_counter() - start
+        return _timed_threads([threading.Thread(target=np.copyto, args=(self.dst[a:b], self.src[a:b]))
+                               for a, b in self.slices])
 
     def gb_s(self, seconds: list[float], statistic: str = "best") -> float:
         """Copy bandwidth of the fastest call ("best", the machine's limit) or of the median one ("p50", like for
@@ -237,13 +232,7 @@ class ReadProbe:
             start = time.perf_counter()
             self.session.run(None, self.feeds)
             return time.perf_counter() - start
-        workers = [threading.Thread(target=self.buffer[a:b].sum) for a, b in self.slices]
-        start = time.perf_counter()
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        return time.perf_counter() - start
+        return _timed_threads([threading.Thread(target=self.buffer[a:b].sum) for a, b in self.slices])
 
     def gb_s(self, seconds: list[float], statistic: str = "p50") -> float:
         """Bytes read per second / 1e9 of the median call ("p50") or of the fastest one ("best")."""
@@ -411,3 +400,13 @@ def annotate(records: list[dict[str, Any]], machine: Machine, export_dir: Path,
         floor = machine.floor_ms(wbytes, per_shape[shape])
         rec.update(flops=per_shape[shape], weight_bytes=wbytes, weight_bytes_from=how, **floor,
                    latency_x_floor=rec["p50_ms"] / floor["floor_ms"])
+
+
+def _timed_threads(workers: list[threading.Thread]) -> float:
+    """Seconds from starting `workers` together to the last one's end."""
+    start = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return time.perf_counter() - start

@@ -121,45 +121,23 @@ def live_conversations(dialogues: Sequence[Dialogue], count: int, num_speakers: 
 
 
 class TurnTokens:
-    """(input_ids, token_type_ids) of a new utterance as the encoder reads it, made as cmath-prepare makes them:
-    tokenizer.json through `tokenizers`, then cmath_runtime.turns (a plain encoder: [CLS] text [SEP], cut at
-    max_seq_length)."""
+    """(input_ids, token_type_ids) of a new utterance as the encoder reads it: the runtime's own
+    `TextEncoder.inputs` (tokenizer.json through `tokenizers`, then cmath_runtime.turns, as cmath-prepare makes them;
+    a plain encoder: [CLS] text [SEP], cut at max_seq_length)."""
 
     def __init__(self, spec: Any) -> None:  # cmath_runtime.text.TextEncoderSpec
-        from tokenizers import Tokenizer
+        from cmath_runtime.text import TextEncoder
 
-        from cmath_runtime.text_clean import TEXT_NORMALISATION, clean_text
-
-        self.spec, self.turns = spec, spec.turns
-        self.tokenizer = Tokenizer.from_file(str(spec.tokenizer_file))
-        self.tokenizer.no_padding()
-        if self.turns is None:
-            self.tokenizer.enable_truncation(max_length=spec.max_seq_length, strategy="longest_first", direction="right")
-        else:
-            self.tokenizer.no_truncation()
-        self.cls, self.sep = self.tokenizer.token_to_id("[CLS]"), self.tokenizer.token_to_id("[SEP]")
-        self.clean = clean_text if spec.text_normalisation == TEXT_NORMALISATION else str.strip
+        self.spec = spec
+        self.encoder = TextEncoder(spec, threads=1, verify=False)
 
     def __call__(self, texts: Sequence[str], speakers: Sequence[int], speaker: int, text: str
                  ) -> tuple[list[int], list[int]]:
-        if self.turns is None:
-            e = self.tokenizer.encode(self.clean(text))
-            return list(e.ids), list(e.type_ids)
-        from cmath_runtime.turns import encode_turns
-
-        keep = len(texts) - min(len(texts), self.turns.window)
-        (pair,) = encode_turns(self.turns, self._pieces, self.cls, self.sep, [*texts[keep:], text],
-                               [*speakers[keep:], speaker], start=len(texts) - keep)
-        return pair
+        return self.encoder.inputs([(texts, speakers, speaker, text)])[0]
 
     def feeds(self, pair: tuple[list[int], list[int]]) -> dict[str, np.ndarray]:
         """The encoder graph's feeds for one input (batch 1, no padding)."""
-        ids, types = (np.asarray([x], np.int64) for x in pair)
-        out = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": types}
-        return {k: v for k, v in out.items() if k in self.spec.inputs}
-
-    def _pieces(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        return self.encoder.feeds([pair])
 
 
 class TorchPipeline:

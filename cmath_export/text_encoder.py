@@ -193,21 +193,17 @@ def check_turns_parity(graph: PooledEncoder, entry: dict[str, Any], staging: Pat
     from cmath_train.prepare.pooled import embed
 
     enc = _runtime_encoder(entry, staging)
-    fmt = enc.spec.turns
-    from cmath_runtime.turns import encode_turns
+    return _cosine_parity(embed(graph, enc.inputs(items)), enc.encode_turns(items), "torch",
+                          "validation utterances with their past turns")
 
-    pairs = []
-    for texts, speakers, speaker, text in items:
-        keep = len(texts) - min(len(texts), fmt.window)
-        pairs += encode_turns(fmt, enc._pieces, enc._cls, enc._sep, [*texts[keep:], text], [*speakers[keep:], speaker],
-                              start=len(texts) - keep)
-    ref = embed(graph, pairs)
-    ours = enc.encode_turns(items)
+
+def _cosine_parity(ref: np.ndarray, ours: np.ndarray, reference_name: str, data: str) -> dict[str, Any]:
+    """The staged encoder's embeddings `ours` against `ref`, judged by min cosine >= MIN_COSINE."""
     report = compare([{"embedding": ref}], [{"embedding": ours}], {"embedding": min_cosine(MIN_COSINE)}, argmax=None,
-                     artifact="text_encoder", reference_name="torch", runtime="onnxruntime CPU",
-                     data="validation utterances with their past turns", conversations=0)
+                     artifact="text_encoder", reference_name=reference_name, runtime="onnxruntime CPU", data=data,
+                     conversations=0)
     out = report.output("embedding")
-    return {"texts": len(items), "min_cosine": out.min_cosine, "mean_cosine": out.mean_cosine,
+    return {"texts": len(ref), "min_cosine": out.min_cosine, "mean_cosine": out.mean_cosine,
             "max_abs_diff": out.max_abs, "passed": report.passed}
 
 
@@ -267,22 +263,10 @@ def _export(graph: PooledEncoder, inputs: tuple[str, ...], path: Path, opset: in
 
 def check_parity(st: Any, entry: dict[str, Any], staging: Path, texts: list[str] | None = None) -> dict[str, Any]:
     """Cosine between sentence-transformers and the staged ONNX encoder (through the runtime's tokenizer)."""
-    from cmath_runtime.text import TextEncoder, TextEncoderSpec
-
-    spec = TextEncoderSpec(staging / ONNX_FILE, staging / "tokenizer.json",
-                           {k: (staging / v["file"], v["sha256"]) for k, v in entry["files"].items()},
-                           tuple(entry["inputs"]), entry["max_seq_length"], entry["pooling"], entry["normalize"],
-                           entry["dim"], entry["text_normalisation"])
     texts = list(texts if texts is not None else PROBE_TEXTS)
-    ort_enc = TextEncoder(spec, threads=1, verify=False)
-    ours = ort_enc.encode(texts)
-    ref = st.encode([ort_enc.normalise(t) for t in texts])
-    report = compare([{"embedding": ref}], [{"embedding": ours}], {"embedding": min_cosine(MIN_COSINE)}, argmax=None,
-                     artifact="text_encoder", reference_name="sentence-transformers", runtime="onnxruntime CPU",
-                     data="probe texts", conversations=0)
-    out = report.output("embedding")
-    return {"texts": len(texts), "min_cosine": out.min_cosine, "mean_cosine": out.mean_cosine,
-            "max_abs_diff": out.max_abs, "passed": report.passed}
+    ort_enc = _runtime_encoder(entry, staging)
+    return _cosine_parity(st.encode([ort_enc.normalise(t) for t in texts]), ort_enc.encode(texts),
+                          "sentence-transformers", "probe texts")
 
 
 def entry_files(entry: dict[str, Any] | None) -> list[str]:

@@ -105,33 +105,33 @@ class TextEncoder:
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """The encoder's feeds for single texts (input_ids / attention_mask / token_type_ids, right-padded)."""
-        if self.spec.turns is not None:
-            return self._feeds([encode_turns(self.spec.turns, self._pieces, self._cls, self._sep, [t], [0])[0]
-                                for t in texts])
-        return self._feeds([self._single(e) for e in self.tokenizer.encode_batch([self.normalise(t) for t in texts])])
+        return self.feeds(self.inputs([([], [], 0, t) for t in texts]))
 
     def encode(self, texts: Sequence[str], batch_size: int = DEFAULT_BATCH) -> np.ndarray:
         """(n, dim) float32 embeddings of single texts (an encoder with turns reads each as a conversation's first
         turn of speaker 0); texts of similar length are batched together."""
         texts = [_check_text(t, f"texts[{i}]") for i, t in enumerate(texts)]
-        if self.spec.turns is not None:
-            return self.encode_turns([([], [], 0, t) for t in texts], batch_size)
-        return self._run([self._single(e) for e in self.tokenizer.encode_batch([self.normalise(t) for t in texts])],
-                         batch_size)
+        return self._run(self.inputs([([], [], 0, t) for t in texts]), batch_size)
 
     def encode_turns(self, items: Sequence[tuple[Sequence[str], Sequence[int], int, str]],
                      batch_size: int = DEFAULT_BATCH) -> np.ndarray:
         """(n, dim) embeddings of new utterances, each given as (past texts, past speakers, speaker, text) of its
         conversation: read with the encoder's `turns` window, exactly as cmath-prepare read the training data."""
-        if self.spec.turns is None:
-            return self.encode([text for *_, text in items], batch_size)
+        return self._run(self.inputs(items), batch_size)
+
+    def inputs(self, items: Sequence[tuple[Sequence[str], Sequence[int], int, str]]
+               ) -> list[tuple[list[int], list[int]]]:
+        """(input_ids, token_type_ids) the encoder reads for each item of `encode_turns` (a plain encoder: the text
+        alone)."""
         fmt, inputs = self.spec.turns, []
+        if fmt is None:
+            return [self._single(e) for e in self.tokenizer.encode_batch([self.normalise(t) for *_, t in items])]
         for texts, speakers, speaker, text in items:
             keep = len(texts) - min(len(texts), fmt.window)
             (pair,) = encode_turns(fmt, self._pieces, self._cls, self._sep, [*texts[keep:], text],
                                    [*speakers[keep:], speaker], start=len(texts) - keep)
             inputs.append(pair)
-        return self._run(inputs, batch_size)
+        return inputs
 
     def encode_conversation(self, texts: Sequence[str], speakers: Sequence[int]) -> np.ndarray:
         """(n, dim) embeddings of every utterance of one conversation, each read with its own past."""
@@ -149,11 +149,12 @@ class TextEncoder:
         order = sorted(range(len(inputs)), key=lambda i: len(inputs[i][0]))
         for k in range(0, len(order), batch_size):
             idx = order[k:k + batch_size]
-            (emb,) = self.session.run(None, self._feeds([inputs[i] for i in idx]))
+            (emb,) = self.session.run(None, self.feeds([inputs[i] for i in idx]))
             out[idx] = emb
         return out
 
-    def _feeds(self, inputs: list[tuple[list[int], list[int]]]) -> dict[str, np.ndarray]:
+    def feeds(self, inputs: list[tuple[list[int], list[int]]]) -> dict[str, np.ndarray]:
+        """The graph's feeds for `inputs` (input_ids, token_type_ids pairs), right-padded to the longest."""
         width = max(len(ids) for ids, _ in inputs)
         out = {k: np.zeros((len(inputs), width), np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
         for i, (ids, types) in enumerate(inputs):

@@ -2,7 +2,7 @@
 
 Batch is Triton's: max_batch_size = --max-batch and the dims below leave it out. The utterance axis is -1
 (dynamic). dynamic_batching is on; Triton batches only requests whose inputs have the same shape, so clients
-that want their requests batched together pad conversations to a few fixed lengths (docs/triton.md).
+that want their requests batched together pad conversations to a few fixed lengths (docs/serving.md, "NVIDIA's container").
 """
 
 from __future__ import annotations

@@ -70,7 +70,8 @@ def render(text: str, root: Path) -> str:
         pattern = re.compile(rf"(<!-- {name}:begin[^>]*-->\n)(.*?)(<!-- {name}:end -->)", re.S)
         if not pattern.search(text):
             raise click.ClickException(f"README.md: no <!-- {name}:begin --> ... <!-- {name}:end --> block")
-        text = pattern.sub(lambda m, t=make(root): f"{m.group(1)}{t}\n{m.group(3)}", text)
+        table = make(root)
+        text = pattern.sub(lambda m, t=table: f"{m.group(1)}{t}\n{m.group(3)}", text)
     return text
 
 

@@ -25,6 +25,8 @@ import pytest
 import cmath_runtime
 from cmath_runtime import ArtifactError
 
+pytestmark = pytest.mark.slow  # real servers / killed processes: left out of the fast lane (-m 'not slow')
+
 
 class Crash(BaseException):
     """Stands for a kill: raised instead of the k-th os.replace."""

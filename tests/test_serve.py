@@ -29,6 +29,8 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from cmath_serve.client import infer_inputs  # noqa: E402
 
+pytestmark = pytest.mark.slow  # real servers / killed processes: left out of the fast lane (-m 'not slow')
+
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LEN = 64
 

@@ -29,7 +29,7 @@ def parse_modalities(text: str | None, available: tuple[str, ...]) -> tuple[str,
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--data", default="synthetic", show_default=True, help="'synthetic', a .pkl feature pickle, or a features dir.")
 @click.option("--modalities", default=None, help="Subset of the data's modalities, e.g. 'tav', 'ta', 't'. Default: all.")
-@click.option("--preset", default=None, help="default | iemocap | meld (paper settings) | meld_text. "
+@click.option("--preset", default=None, help="default | iemocap | meld (paper settings). "
               "Default: a recipe chosen from the data (modalities, feature sizes, data size), printed with the reasons.")
 @click.option("--model", "model_name", default="cmath", show_default=True, help="Registered model name.")
 @click.option("--ablation", default="none", show_default=True, help="none | wo_mr | wo_cmat | wo_lld | wo_hld | wo_hd.")

@@ -108,13 +108,6 @@ PRESETS: dict[str, Preset] = {
         loss={"gamma_mse": 1.0, "gamma_kl": 1.8},
         train={"lr": 3e-3, "batch_size": 16, "val_fraction": 0.2},
     ),
-    # Ours, chosen by dev weighted-F1 on MELD text (frozen MiniLM features, 5 seeds; README): a small d, more
-    # dropout, and a linear layer instead of the reconstruction convolutions, which blur neighbouring utterances.
-    "meld_text": Preset(
-        model={"d": 128, "heads": 4, "dropout": 0.3, "modality_reconstruction": False},
-        loss={"use_reconstruction": False},  # g1 = g2 = 1.0
-        train={"lr": 5e-4, "batch_size": 8, "epochs": 12, "patience": 4},
-    ),
     "meld": Preset(
         model={"d": 400, "heads": 8},
         loss={"gamma_mse": 1.0, "gamma_kl": 1.2},

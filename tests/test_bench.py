@@ -221,8 +221,8 @@ def test_peak_probes() -> None:
         assert probe.gflop_s([0.001, 0.002, 0.004]) == pytest.approx(2 * 64**3 / 0.002 / 1e9)
 
 
-def test_issue14_bars() -> None:
-    from benchmarks.report import bars_14
+def test_int8_bars() -> None:
+    from benchmarks.report import int8_bars
 
     def lat(backend: str, precision: str, n: int, ms: float, diff: float = 0.0) -> dict:
         return {"kind": "latency", "backend": backend, "precision": precision, "utterances": n, "p50_ms": ms,
@@ -234,7 +234,7 @@ def test_issue14_bars() -> None:
     records += [{"kind": "streaming", "path": "step", "backend": "onnxruntime", "precision": p, "n": 50, "p50_ms": ms,
                  "floor_ms": 2.0, "bytes_floor_ms": 2.0, "weight_bytes": 5e7} for p, ms in (("fp32", 2.5), ("int8", 2.0))]
     env = {"parity": {"int8": {"argmax_agreement": 0.999, "probs_max_abs": 0.01, "passed": True, "rows": 100}}}
-    lines = bars_14(records, env)
+    lines = int8_bars(records, env)
     assert len(lines) == 6
     assert "int8 vs fp32 runtime at 1 utterances" in lines[0] and "2.00x" in lines[0] and lines[0].endswith("PASS")
     assert "openvino fp32" in lines[2] and "1.25x" in lines[2] and lines[2].endswith("PASS")  # int8 is not exact
@@ -244,7 +244,7 @@ def test_issue14_bars() -> None:
     records.append({"kind": "streaming", "path": "step", "backend": "onnxruntime-spin", "precision": "fp32", "n": 50,
                     "p50_ms": 2.2, "floor_ms": 2.0, "bytes_floor_ms": 2.0, "weight_bytes": 5e7, "twin_ms": 2.0,
                     "twin_weight_bytes": 4e7, "twin_read_gb_s": 20.0, "latency_x_twin": 1.1})
-    lines = bars_14(records, env)
+    lines = int8_bars(records, env)
     assert lines[4].startswith("- best fp32 step at history 50, onnxruntime-spin") and "1.10x" in lines[4]
     assert "its MatMul twin" in lines[4] and "the step is 1.10x its twin" in lines[4] and lines[4].endswith("twin")
     assert "fp32 step at history 50, onnxruntime:" in lines[5] and "best" not in lines[5]

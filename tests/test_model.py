@@ -18,7 +18,7 @@ from cmath_train.layers import (
     attention_mask,
     sinusoidal_positions,
 )
-from cmath_train.model import CMATH
+from cmath_train.models.cmath import CMATH
 from cmath_train.models.cmath import CMATHConfig
 from tests.conftest import TINY_DIMS, tiny_model_config
 

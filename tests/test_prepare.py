@@ -23,7 +23,7 @@ from cmath_train.prepare.cli import main
 from cmath_train.prepare.csv_source import CsvColumns, read_conversations
 from cmath_train.prepare.embedding_cache import EmbeddingCache, encode_texts
 from cmath_train.prepare.finetune import FinetuneOptions
-from cmath_train.prepare.text_clean import clean_text
+from cmath_runtime.text_clean import clean_text
 from tests.conftest import minilm_dir
 
 MELD_DIR = Path(__file__).resolve().parents[2] / "shared/data/meld"

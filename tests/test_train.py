@@ -129,7 +129,7 @@ def test_cli_trains_with_options_and_seeds(tmp_path, monkeypatch):
     bad = CliRunner().invoke(train_cli, ["--model", "resnet", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "expected one of ['cmath', 'dmd', 'sdt'], got 'resnet'" in bad.output
     bad = CliRunner().invoke(train_cli, ["--preset", "nope", "--out", str(tmp_path / "x")])
-    assert bad.exit_code != 0 and "expected one of ['default', 'iemocap', 'meld', 'meld_text']" in bad.output
+    assert bad.exit_code != 0 and "expected one of ['default', 'iemocap', 'meld']" in bad.output
 
 
 def test_ema_weights_are_validated_kept_and_resumed(tiny_data, tmp_path):

@@ -26,7 +26,7 @@ from .embedding_cache import DEFAULT_CACHE_DIR, EmbeddingCache, encode_texts
 from .finetune import FinetuneOptions, finetune_encoder
 from .labels import LABEL_ORDER, label_indices, label_names
 from .speakers import make_speaker_mapping
-from .text_clean import TEXT_NORMALISATION
+from cmath_runtime.text_clean import TEXT_NORMALISATION
 from .text_encoder import SentenceTransformerEncoder, TextEncoder
 
 ENCODER_SUBDIR = "encoder"

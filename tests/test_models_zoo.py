@@ -381,7 +381,7 @@ def test_cdat_is_added_to_any_models_total_with_its_weight():
 
 def test_compare_models_writes_the_table(tmp_path, monkeypatch):
     import cmath_train.data as data_mod
-    from cmath_train.compare_models import main as compare_cli
+    from benchmarks.compare_models import main as compare_cli
     from cmath_train.data.synthetic import SyntheticConfig, make_synthetic
 
     small = make_synthetic(SyntheticConfig(feature_dims={"t": 8, "a": 6, "v": 4}, conversations={"train": 12, "test": 4},

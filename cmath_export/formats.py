@@ -40,7 +40,8 @@ class ExportFormat:
     builder: str  # "module:function" building it (cmath_export.builders); imported only when it is wanted
     preflight: str | None = None  # "module:function" checking the machine before anything is written
     serve_rank: int = 0  # Triton serves the built artifact of highest rank
-    bench: tuple[tuple[str, str], ...] = ()  # (runtime backend, precision) pairs the benchmark runs it with
+    # (contender, precision) pairs the benchmark runs it with; contender names: benchmarks/backends.py RUNTIME
+    bench: tuple[tuple[str, str], ...] = ()
     # "module:function" building this format's twin of the step graph (causal runs): (ctx, step entry) ->
     # (entry stored as export.json["step"][key], parity report); None: the format has no step twin
     step_builder: str | None = None
@@ -69,13 +70,14 @@ class ExportFormat:
 
 FORMATS: tuple[ExportFormat, ...] = (
     ExportFormat("fp32", "ONNX fp32", "", "model.onnx", "onnx", "fp32", "cpu", ("torch", "onnx", "onnxscript"),
-                 "cmath_export.builders:build_fp32", bench=(("cpu", "fp32"), ("cpu-spin", "fp32"), ("openvino", "fp32"),
-                                                           ("openvino", "bf16"), ("cuda", "fp32"))),
+                 "cmath_export.builders:build_fp32", bench=(("onnxruntime", "fp32"), ("onnxruntime-spin", "fp32"),
+                                                           ("openvino", "fp32"), ("openvino", "bf16"),
+                                                           ("onnxruntime-cuda", "fp32"))),
     ExportFormat("fp16", "ONNX fp16", "--fp16", "model.fp16.onnx", "onnx", "fp16", "cpu", ("onnx", "onnxruntime"),
-                 "cmath_export.builders:build_fp16", serve_rank=1, bench=(("cpu", "fp16"),)),
+                 "cmath_export.builders:build_fp16", serve_rank=1, bench=(("onnxruntime", "fp16"),)),
     # weight-int8 (cmath_export/quantize.py); with a causal run also model.step.int8.onnx. Not served by Triton.
     ExportFormat("int8", "ONNX int8 weights", "--int8", "model.int8.onnx", "onnx", "int8 weights, fp32 activations",
-                 "cpu", ("onnx", "onnxruntime"), "cmath_export.quantize:build_int8", bench=(("cpu", "int8"),),
+                 "cpu", ("onnx", "onnxruntime"), "cmath_export.quantize:build_int8", bench=(("onnxruntime", "int8"),),
                  step_builder="cmath_export.quantize:build_step_int8", step_file="model.step.int8.onnx"),
     ExportFormat("tensorrt", "TensorRT engine", "--tensorrt", "model.plan", "tensorrt", "fp32, or fp16 with --fp16",
                  "gpu", ("tensorrt",), "cmath_export.builders:build_tensorrt",
@@ -95,7 +97,7 @@ def wanted(opts: ExportOptions) -> list[ExportFormat]:
 
 
 def bench_contenders() -> list[tuple[str, str, str]]:
-    """(format key, runtime backend, precision) for every artifact the benchmark runs, in table order."""
+    """(format key, contender, precision) for every artifact the benchmark runs, in table order."""
     return [(f.key, backend, precision) for f in FORMATS for backend, precision in f.bench]
 
 

@@ -27,7 +27,7 @@ def bench_out(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
         shutil.copy(tiny_run / name, run / name)
     out = run / "bench"
     result = CliRunner().invoke(main, [str(run), "--quick", "--out", str(out), "--threads", "1",
-                                       "--backends", "eager,ort,ort-fp16,tensorrt"])
+                                       "--backends", "pytorch-eager,onnxruntime:fp32,onnxruntime:fp16,tensorrt"])
     assert result.exit_code == 0, result.output + repr(result.exception)
     return out, result.output
 
@@ -158,8 +158,19 @@ def test_bar_check_and_tables() -> None:
 
 def test_unknown_backend_name(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, [str(tmp_path), "--backends", "jax"])
-    assert result.exit_code != 0 and "expected names from" in result.output
+    assert result.exit_code != 0 and "expected NAME or NAME:PRECISION from" in result.output
     assert backends.ALL[0] == "pytorch-eager:fp32"
+
+
+def test_every_contender_has_one_name() -> None:
+    """Each runtime contender is one name in backends.RUNTIME, used as is by the format table and the records."""
+    from benchmarks.cli import _contender_keys
+    from cmath_export.formats import bench_contenders
+
+    assert {name for _, name, _ in bench_contenders()} <= set(backends.RUNTIME)
+    assert _contender_keys("onnxruntime-spin") == ["onnxruntime-spin:fp32"]
+    assert _contender_keys("onnxruntime") == ["onnxruntime:fp32", "onnxruntime:fp16", "onnxruntime:int8"]
+    assert _contender_keys("openvino:bf16") == ["openvino:bf16"]
 
 
 def test_roofline_flops_and_floor(tmp_path: Path) -> None:
@@ -280,7 +291,7 @@ def test_streaming_records_carry_floor_and_matmul_twin(causal_export: Path) -> N
     from benchmarks.streaming import QUICK_BUDGET, run_streaming
 
     records = run_streaming(causal_export, threads=1, lengths=(1, 3), budget=QUICK_BUDGET, log=lambda _m: None,
-                            contenders=(("cpu", "fp32"), ("cpu-spin", "fp32"), ("cpu", "int8")),
+                            contenders=(("onnxruntime", "fp32"), ("onnxruntime-spin", "fp32"), ("onnxruntime", "int8")),
                             machine=Machine(bandwidth_gb_s=10.0, fp32_gflop_s=100.0, threads=1))
     steps = [r for r in records if r["path"] == "step"]
     assert {(r["backend"], r["precision"], r["n"]) for r in steps} == {

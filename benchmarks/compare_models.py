@@ -183,7 +183,7 @@ def build_report(entries: list[Entry], trained: dict[str, Any], latency: tuple[s
     backend, lat = latency
     models = {}
     for entry in entries:
-        summary = trained[entry.key]["summary"]
+        summary = trained[entry.key]["summary"]["over_seeds"]  # mean +- std over the seeds (cmath_train/metrics.py)
         per_seed = summary["per_seed"]
         models[entry.key] = {
             "model": entry.model, "cdat": entry.cdat, "recipe": context["recipes"][entry.key],
@@ -292,7 +292,7 @@ def main(data: str, modalities: str | None, preset: str, recipes: str | None, mo
     notes = []
     if len(mods) == 1 and any(e.cdat for e in entries):
         notes.append("CDaT transfers between modalities: with a single modality it adds nothing (+cdat = plain).")
-    first = trained[entries[0].key]["summary"]
+    first = trained[entries[0].key]["summary"]["over_seeds"]
     context = {"data": data, "modalities": "".join(mods), "preset": preset, "recipes": recipe_names, "epochs": epochs,
                "seeds": first["seeds"], "validation": _validation_source(out / entries[0].key),
                "configs": {k: {"model": m | {"modalities": list(mods)}, "loss": lo, "train": t}

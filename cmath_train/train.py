@@ -27,7 +27,7 @@ from .config import LossConfig, ModelConfig, TrainConfig, to_dict
 from .data.batching import Batch, batches, class_weights, feature_stats
 from .data.types import Dialogue, FeatureSet, split_validation
 from .losses import ensemble_distillation
-from .metrics import classification_metrics, plot_confusion, plot_curves
+from .metrics import classification_metrics, plot_confusion, plot_curves, write_metrics
 from .registry import create_model
 
 RESUME_DIR = "last"
@@ -190,7 +190,7 @@ def evaluate_run(out: Path, fs: FeatureSet, splits: Splits, history: list[dict],
     for name, dialogues in (("validation", splits.val), ("test", splits.test)):
         if dialogues:
             metrics[name] = classification_metrics(*predict(ckpt.model, dialogues, mods, device=device), fs.label_names)
-    atomic_write_json(out / "metrics.json", metrics)
+    write_metrics(out, metrics)
     plot_curves(history, out / "training_curves.png")
     split = "test" if "test" in metrics else "validation"
     plot_confusion(metrics[split]["confusion_matrix"], fs.label_names, out / "confusion_matrix.png",

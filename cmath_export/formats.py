@@ -120,9 +120,12 @@ FORMATS: tuple[ExportFormat, ...] = (
 
 
 def register_format(fmt: ExportFormat) -> None:
-    """Add a row (e.g. int8); an ExportOptions field named like its flag asks for it."""
+    """Add a row (e.g. int8); an ExportOptions field named like its flag asks for it. A model format goes after the
+    other model formats, before the companions (which build on every model built); a companion goes last."""
     global FORMATS
-    FORMATS = (*(f for f in FORMATS if f.key != fmt.key), fmt)
+    rows = [f for f in FORMATS if f.key != fmt.key]
+    at = len(rows) if fmt.companion else next((i for i, f in enumerate(rows) if f.companion), len(rows))
+    FORMATS = (*rows[:at], fmt, *rows[at:])
 
 
 def wanted(opts: ExportOptions) -> list[ExportFormat]:

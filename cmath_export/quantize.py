@@ -134,7 +134,7 @@ def count_ops(model: onnx.ModelProto) -> dict[str, int]:
     return out
 
 
-STEP_INT8_FILE = "model.step.int8.onnx"  # = formats' int8 row step_file
+STEP_INT8_FILE = "model.step.int8.onnx"  # one of the files of formats' "step" row
 
 
 def quantize_within_bounds(ctx: Any, key: str, fp32: onnx.ModelProto, path: Path, run: Any,

@@ -368,3 +368,13 @@ def test_tensorrt_engine_parity(tiny_run: Path, tmp_path: Path, fp16: bool) -> N
 def test_artifact_error_is_the_exception_type(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="no checkpoint here"):
         export_run(tmp_path)
+
+
+def test_a_registered_model_format_is_built_before_the_companions(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cmath_export import formats
+
+    monkeypatch.setattr(formats, "FORMATS", formats.FORMATS)  # restored after the test
+    formats.register_format(formats.ExportFormat("x", "X", "--x", "model.x.onnx", "onnx", "x", "cpu", (), "m:f"))
+    keys = [f.key for f in formats.FORMATS]
+    assert keys[keys.index("x") + 1:] == ["step", "text_encoder", "triton"]
+    assert [f.key for f in formats.model_formats()][-1] == "x"

@@ -30,9 +30,6 @@ class OptionError(CmathError, ValueError):
     """An invalid export option or combination of options; the message names the fix."""
 
 
-ARTIFACTS = "artifacts"  # the export.json field of the model formats
-
-
 @dataclass(frozen=True)
 class ExportFormat:
     key: str  # key in export.json "artifacts" and "parity", or a companion's own export.json field
@@ -131,11 +128,6 @@ def register_format(fmt: ExportFormat) -> None:
 def wanted(opts: ExportOptions) -> list[ExportFormat]:
     """The formats these options ask for, in table order (fp32 first: the others build on it)."""
     return [f for f in FORMATS if f.wanted_by(opts)]
-
-
-def model_formats() -> list[ExportFormat]:
-    """The rows whose artifact goes to export.json "artifacts" (what the runtime loads as the model)."""
-    return [f for f in FORMATS if not f.companion]
 
 
 def bench_contenders() -> list[tuple[str, str, str]]:

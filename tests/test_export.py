@@ -377,4 +377,3 @@ def test_a_registered_model_format_is_built_before_the_companions(monkeypatch: p
     formats.register_format(formats.ExportFormat("x", "X", "--x", "model.x.onnx", "onnx", "x", "cpu", (), "m:f"))
     keys = [f.key for f in formats.FORMATS]
     assert keys[keys.index("x") + 1:] == ["step", "text_encoder", "triton"]
-    assert [f.key for f in formats.model_formats()][-1] == "x"

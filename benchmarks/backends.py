@@ -23,18 +23,15 @@ from .inputs import InputSpec, padded
 
 EAGER, COMPILE, ORT, ORT_CUDA, TENSORRT = "pytorch-eager", "torch-compile", "onnxruntime", "onnxruntime-cuda", "tensorrt"
 ORT_SPIN, OPENVINO = "onnxruntime-spin", "openvino"
-# bench backend of the format table -> contender name; "cpu-spin" = the CPU provider with idle threads spinning
-RUNTIME_CONTENDER = {"cpu": ORT, "cpu-spin": ORT_SPIN, "openvino": OPENVINO, "cuda": ORT_CUDA, "tensorrt": TENSORRT}
-# contender name -> (cmath_runtime backend, idle threads spin)
+# Every runtime contender by its one name (the format table's `bench` pairs, --backends, the records' "backend"):
+# name -> (cmath_runtime backend, idle threads spin). onnxruntime-spin is onnxruntime's graph and kernels with idle
+# threads spinning (load(spinning=True)): faster on an idle machine, slower than sleeping threads when other work
+# shares the cores, so the runtime's default sleeps and every run reports both, with the load average.
 RUNTIME = {ORT: ("cpu", False), ORT_SPIN: ("cpu", True), OPENVINO: ("openvino", False), ORT_CUDA: ("cuda", False),
            TENSORRT: ("tensorrt", False)}
-# PyTorch, then every (artifact, runtime backend, precision) the export format table lists (cmath_export/formats.py).
-ALL = (f"{EAGER}:fp32", f"{COMPILE}:fp32",
-       *(f"{RUNTIME_CONTENDER[backend]}:{precision}" for _, backend, precision in bench_contenders()))
-# onnxruntime-spin is the same graph and kernels as onnxruntime with idle threads spinning (load(spinning=True)):
-# the fastest exact path on an idle machine (README, measured 1.45x at 10 and 50 utterances), slower than
-# sleeping threads when other work shares the cores (1.56x slower at 50 with one busy process beside it). So the
-# runtime's default sleeps, and every run reports both, with the load average.
+# PyTorch, then every (artifact, contender, precision) the export format table lists (cmath_export/formats.py).
+ALL = (f"{EAGER}:fp32", f"{COMPILE}:fp32", *(f"{name}:{precision}" for _, name, precision in bench_contenders()))
+assert all(key.partition(":")[0] in (EAGER, COMPILE, *RUNTIME) for key in ALL), ALL
 
 
 class Skipped(Exception):
@@ -123,12 +120,14 @@ def compiled(model: Any, spec: InputSpec, device: str = "cpu") -> Contender:
     return torch_contender(COMPILE, torch.compile(torch_forward(model), dynamic=True), spec, device)
 
 
-def runtime(export_dir: Path, backend: str, precision: str, threads: int, spinning: bool = False) -> Contender:
-    """cmath_runtime on `backend` ("cpu", "openvino", "cuda", "tensorrt"); Skipped when that backend or artifact is not here."""
+def runtime(export_dir: Path, name: str, precision: str, threads: int, spinning: bool = False) -> Contender:
+    """cmath_runtime as the contender `name` (a key of RUNTIME), idle threads spinning when the contender does or
+    `spinning` asks; Skipped when that backend or artifact is not here."""
     import cmath_runtime
     from cmath_runtime.session import PROVIDER, available_providers
 
-    name = {"cpu": ORT_SPIN if spinning else ORT, "cuda": ORT_CUDA, "tensorrt": TENSORRT, "openvino": OPENVINO}[backend]
+    backend, spin = RUNTIME[name]
+    spinning = spinning or spin
     if backend == "openvino":
         from cmath_runtime.openvino_backend import available
 

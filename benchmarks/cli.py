@@ -36,7 +36,8 @@ def ensure_export(run_dir: Path) -> Path:
 @click.option("--quick", is_flag=True, help="Few lengths and iterations (tests, CI).")
 @click.option("--threads", type=int, default=None, help="Threads for every contender (default: the cores available).")
 @click.option("--backends", "only", default=None,
-              help=f"Comma-separated subset of {', '.join(backends.ALL)} (default: all; GPU ones skip with a reason).")
+              help=f"Comma-separated NAME or NAME:PRECISION from {', '.join(backends.ALL)} (default: all; GPU ones "
+                   "skip with a reason).")
 @click.option("--spin/--no-spin", default=False, show_default=True,
               help="Let idle threads spin (torch OpenMP default, onnxruntime allow_spinning=1) instead of sleeping.")
 @click.option("--lengths", default=None, help="Comma-separated conversation lengths for latency and streaming, "
@@ -54,7 +55,8 @@ def main(run_dir: Path, out_dir: Path | None, quick: bool, threads: int | None, 
     start = time.perf_counter()
     contenders = backends.ALL
     if only:
-        contenders = tuple(_contender_key(k.strip()) for k in only.split(",") if k.strip())
+        contenders = tuple(dict.fromkeys(k for name in only.split(",") if name.strip()
+                                         for k in _contender_keys(name.strip())))
     threads = threads or default_threads()
     options = {"contenders": contenders, "threads": threads, "spinning": spin}
     plan = Plan.quick(**options) if quick else Plan(**options)
@@ -121,14 +123,10 @@ def _parity_records(export_dir: Path) -> dict:
     return out
 
 
-def _contender_key(name: str) -> str:
-    aliases = {"eager": f"{backends.EAGER}:fp32", "compile": f"{backends.COMPILE}:fp32", "ort": f"{backends.ORT}:fp32",
-               "ort-fp16": f"{backends.ORT}:fp16", "ort-int8": f"{backends.ORT}:int8",
-               "ort-spin": f"{backends.ORT_SPIN}:fp32", "openvino": f"{backends.OPENVINO}:fp32",
-               "openvino-bf16": f"{backends.OPENVINO}:bf16", "cuda": f"{backends.ORT_CUDA}:fp32",
-               "tensorrt": f"{backends.TENSORRT}:fp16"}
-    key = aliases.get(name, name)
-    if key not in backends.ALL:
-        raise click.BadParameter(f"expected names from {list(backends.ALL)} or {sorted(aliases)}, got {name!r}",
+def _contender_keys(name: str) -> list[str]:
+    """NAME:PRECISION, or NAME for every precision the benchmark runs NAME with."""
+    keys = [k for k in backends.ALL if name in (k, k.partition(":")[0])]
+    if not keys:
+        raise click.BadParameter(f"expected NAME or NAME:PRECISION from {list(backends.ALL)}, got {name!r}",
                                  param_hint="--backends")
-    return key
+    return keys

@@ -241,10 +241,10 @@ def contenders(check: GpuCheck, run_dir: Path, threads: int, torch_why: str | No
         ("pytorch-eager-cuda", "fp32", on_gpu(lambda m: backends.eager(m, spec, "cuda"))),
         ("pytorch-eager-cuda", "fp16", on_gpu(lambda m: backends.eager(m, spec, "cuda", "fp16"))),
         ("torch-compile-cuda", "fp32", on_gpu(lambda m: backends.compiled(m, spec, "cuda"))),
-        ("onnxruntime-cuda", "fp32", lambda: backends.runtime(export, "cuda", "fp32", threads)),
-        ("onnxruntime-cuda", "fp16", lambda: backends.runtime(export, "cuda", "fp16", threads)),
+        ("onnxruntime-cuda", "fp32", lambda: backends.runtime(export, backends.ORT_CUDA, "fp32", threads)),
+        ("onnxruntime-cuda", "fp16", lambda: backends.runtime(export, backends.ORT_CUDA, "fp16", threads)),
         ("pytorch-eager-cpu", "fp32", lambda: backends.eager(model, spec)),
-        ("onnxruntime", "fp32", lambda: backends.runtime(export, "cpu", "fp32", threads)),
+        ("onnxruntime", "fp32", lambda: backends.runtime(export, backends.ORT, "fp32", threads)),
     ]
     out = {}
     for backend, precision, make in makers:

@@ -8,7 +8,7 @@ from typing import Any
 
 from cmath_runtime.files import atomic_open, atomic_write_json
 
-# The speed bar (issue 5), checked on the onnxruntime fp32 path at batch 1: minimum speed-up vs PyTorch eager.
+# The speed bar, checked on the onnxruntime fp32 path at batch 1: minimum speed-up vs PyTorch eager.
 BAR = {1: 2.5, 2: 2.5, 5: 2.5, 10: 2.5, 50: 1.5}
 
 
@@ -87,7 +87,7 @@ def _num(rec: dict[str, Any], key: str, digits: int) -> str:
 
 
 def bar_check(records: list[dict]) -> list[str]:
-    """The issue's bar on this run: onnxruntime fp32 vs eager (>= BAR[n]) and vs torch.compile (faster), batch 1."""
+    """The speed bar on this run: onnxruntime fp32 vs eager (>= BAR[n]) and vs torch.compile (faster), batch 1."""
     lat = {(r["backend"], r["precision"], r["utterances"]): r for r in records if r["kind"] == "latency"}
     out = []
     for n, need in BAR.items():
@@ -137,8 +137,8 @@ def _step(records: list[dict], backend: str, precision: str, n: int) -> dict | N
 EXACT = 1e-4  # max |dp| vs PyTorch eager for an "exact" (fp32-parity) path
 
 
-def bars_14(records: list[dict], env: dict[str, Any]) -> list[str]:
-    """Issue 14's bars on this run (batch 1, p50, same run)."""
+def int8_bars(records: list[dict], env: dict[str, Any]) -> list[str]:
+    """The int8 and step-path bars on this run (batch 1, p50, same run)."""
     out = []
     int8 = (env.get("parity") or {}).get("int8")
     agree = (f"agreement {100 * int8['argmax_agreement']:.2f}% / max |dp| {int8['probs_max_abs']:.3g} on "
@@ -211,9 +211,9 @@ def markdown(records: list[dict], env: dict[str, Any], title: str) -> str:
     bar = bar_check(records)
     if bar:
         parts += ["## The bar (onnxruntime fp32 vs PyTorch eager and torch.compile, batch 1, p50)", "", *bar, ""]
-    bars = bars_14(records, env)
+    bars = int8_bars(records, env)
     if bars:
-        parts += ["## Bars of issue 14 (int8, best exact path, step path vs its floor)", "", *bars, ""]
+        parts += ["## int8, best exact path, step path vs its floor", "", *bars, ""]
     if env.get("machine"):
         parts += ["## Roofline: each record against this machine's limits", "", roofline_table(records, env), ""]
     if any(r["kind"] == "streaming" for r in records):

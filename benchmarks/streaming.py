@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .backends import OPENVINO, ORT, ORT_SPIN, RUNTIME
 from .timing import Budget, interleaved, percentiles_ms, quiesce
 
 LENGTHS = (1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 200)
@@ -24,9 +25,8 @@ BUDGET = Budget(warmup=3, iterations=60, seconds=1.0, min_iterations=10, rounds=
 QUICK_BUDGET = Budget(warmup=1, iterations=10, seconds=0.2, min_iterations=3, rounds=2)
 
 
-# (backend, precision); "cpu-spin": onnxruntime with idle threads spinning (load(spinning=True))
-STEP_CONTENDERS = (("cpu", "fp32"), ("cpu-spin", "fp32"), ("cpu", "int8"), ("openvino", "fp32"), ("openvino", "bf16"))
-BACKEND_NAME = {"cpu": "onnxruntime", "cpu-spin": "onnxruntime-spin", "openvino": "openvino", "cuda": "onnxruntime-cuda"}
+# (contender, precision); contender names: backends.RUNTIME
+STEP_CONTENDERS = ((ORT, "fp32"), (ORT_SPIN, "fp32"), (ORT, "int8"), (OPENVINO, "fp32"), (OPENVINO, "bf16"))
 PROBE = "probe/bandwidth"  # benchmarks.roofline.BandwidthProbe, timed among the step contenders
 
 
@@ -37,12 +37,12 @@ def _load_step_models(export_dir: str | Path, threads: int, contenders: tuple[tu
 
     models = {}
     for backend, precision in contenders:
+        which, spin = RUNTIME[backend]
         try:
-            model = cmath_runtime.load(export_dir, backend=backend.removesuffix("-spin"), precision=precision,
-                                       threads=threads, spinning=backend.endswith("-spin"))
+            model = cmath_runtime.load(export_dir, backend=which, precision=precision, threads=threads, spinning=spin)
             graph = step_graph(model)
         except cmath_runtime.CmathError as e:
-            log(f"streaming: skipped {BACKEND_NAME[backend]} {precision}: {e}")
+            log(f"streaming: skipped {backend} {precision}: {e}")
             continue
         if graph is None:
             raise ValueError(f"{export_dir}: the artifact has no step graph (export a causal run: cmath-train --causal)")
@@ -63,7 +63,7 @@ def run_streaming(export_dir: str | Path, threads: int = 1, lengths: tuple[int, 
     from . import roofline
 
     models = _load_step_models(export_dir, threads, contenders, log)
-    base, base_graph = models[("cpu", "fp32")]
+    base, base_graph = models[(ORT, "fp32")]
     rng = np.random.default_rng(0)
     n_max = min(max(lengths), base_graph.max_len)
     feats = {m: rng.standard_normal((n_max, d)).astype(np.float32) for m, d in base.feature_dims.items()}
@@ -73,9 +73,9 @@ def run_streaming(export_dir: str | Path, threads: int = 1, lengths: tuple[int, 
     wbytes = {}
     for k, f in step_files.items():
         wbytes[k] = roofline.weight_bytes(f) // (2 if k[1] == "bf16" else 1)
-    counter = roofline.FlopCounter(step_files[("cpu", "fp32")]) if machine else None
-    twins = {key: roofline.time_matmul_twin(step_files[key], threads, spinning=key[0].endswith("-spin"))
-             for key in step_files if machine is not None and key[0].startswith("cpu") and key[1] == "fp32"}
+    counter = roofline.FlopCounter(step_files[(ORT, "fp32")]) if machine else None
+    twins = {key: roofline.time_matmul_twin(step_files[key], threads, spinning=RUNTIME[key[0]][1])
+             for key in step_files if machine is not None and RUNTIME[key[0]][0] == "cpu" and key[1] == "fp32"}
     probe = roofline.BandwidthProbe(threads) if machine is not None else None
     records = []
     for n in sorted({min(n, n_max) for n in lengths}):
@@ -92,7 +92,7 @@ def run_streaming(export_dir: str | Path, threads: int = 1, lengths: tuple[int, 
 
             timers[("step", *key)] = step_call
         conv = {"speakers": speakers[:n], "features": {m: x[:n] for m, x in feats.items()}}
-        timers[("full", "cpu", "fp32")] = lambda conv=conv: base.predict([conv])
+        timers[("full", ORT, "fp32")] = lambda conv=conv: base.predict([conv])
         named = {"/".join(k): (lambda count, seconds, fn=fn: _timed(fn, count, seconds)) for k, fn in timers.items()}
         if probe is not None:  # the steps' bandwidth floor, measured in the same rounds as they are
             named[PROBE] = lambda count, seconds: _timed(probe, count, seconds)
@@ -102,14 +102,14 @@ def run_streaming(export_dir: str | Path, threads: int = 1, lengths: tuple[int, 
         # run moved 27 -> 42 GB/s between history lengths on this shared host; the median is what a step sees)
         bandwidth = probe.gb_s(probed, "p50") if probed else None
         best = probe.gb_s(probed, "best") if probed else None
-        flops = counter(_step_feeds(streams[("cpu", "fp32")], n, speakers, new_row)) if counter else None
+        flops = counter(_step_feeds(streams[(ORT, "fp32")], n, speakers, new_row)) if counter else None
         for key, stream in streams.items():
             stream.buffers.update(tails[key])
         line = []
         for k in timers:
             path, backend, precision = k
             rec = {"kind": "streaming", "benchmark": "streaming", "path": path, "n": n, "batch": 1, "threads": threads,
-                   "precision": precision, "backend": BACKEND_NAME[backend], **percentiles_ms(timings.times["/".join(k)])}
+                   "precision": precision, "backend": backend, **percentiles_ms(timings.times["/".join(k)])}
             if path == "step" and machine is not None:
                 rec.update(weight_bytes=wbytes[(backend, precision)], flops=flops,
                            cache_bytes=4 * (n - 1) * base.manifest.d * len(base_graph.state_spec),

@@ -58,9 +58,8 @@ def build(job: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
 
         cmath_runtime.load  # noqa: B018  (resolves the lazy attribute: the runtime's modules)
         info["import_s"] = time.perf_counter() - start
-        which, spin = backends.RUNTIME[backend]
-        spin = spin or job["spinning"]
-        contender = backends.runtime(Path(job["export_dir"]), which, precision, threads, spin)
+        spin = backends.RUNTIME[backend][1] or job["spinning"]
+        contender = backends.runtime(Path(job["export_dir"]), backend, precision, threads, spin)
         info["load_s"] = contender.info.pop("load_s")  # includes importing onnxruntime
         m = contender.info.pop("manifest")
         spec = InputSpec(tuple(m.modalities), dict(m.feature_dims), m.num_speakers)

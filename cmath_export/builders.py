@@ -1,9 +1,11 @@
-"""One builder per export format (formats.py names them): each writes its file into the staging folder and measures
-its parity with the shared comparator; export.py runs the wanted ones in table order and promotes the results.
+"""One builder per row of the export table (formats.py names them): each writes its files into the staging folder
+and measures their parity with the shared comparator; export.py runs the wanted ones in table order and promotes
+the results.
 
-A builder is `build(ctx: BuildContext) -> Built`. To add a format (e.g. int8): write its builder (here or in
-its own module), add its row to formats.FORMATS (or `formats.register_format`), and an ExportOptions field
-named like its flag.
+A model format's builder is `build(ctx: BuildContext) -> Built` (its artifact goes to export.json "artifacts"); a
+companion's is `build(ctx) -> Companion` (its entry goes to export.json[row key]). To add a format (e.g. int8):
+write its builder (here or in its own module), add its row to formats.FORMATS (or `formats.register_format`),
+and an ExportOptions field named like its flag.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import onnx
 
 from cmath_runtime.files import atomic_write_bytes
+from cmath_runtime.manifest import Artifact
 from cmath_train.checkpoint import Checkpoint
 
 from . import parity
@@ -39,6 +42,15 @@ class Built:
 
 
 @dataclass
+class Companion:
+    """What a companion builder made: its export.json entry and the parity reports that must pass (export.json
+    "parity" keys -> report)."""
+
+    entry: dict[str, Any]
+    reports: dict[str, parity.ParityReport] = field(default_factory=dict)
+
+
+@dataclass
 class BuildContext:
     ckpt: Checkpoint
     opts: ExportOptions
@@ -47,6 +59,7 @@ class BuildContext:
     outputs: list[TensorSpec]
     say: Callable[[str], None]
     built: dict[str, Built] = field(default_factory=dict)  # formats built so far (fp32 first)
+    artifacts: dict[str, Artifact] = field(default_factory=dict)  # their export.json entries
 
     @cached_property
     def data(self) -> ParityData:
@@ -102,3 +115,41 @@ def build_tensorrt(ctx: BuildContext) -> Built:
     report = ctx.check("tensorrt", lambda b: trt_build.engine_outputs(plan, b), parity.BOUNDS[precision])
     return Built(path, precision, report, extra={"profile": trt_build.profile(opts.max_batch, opts.max_len)},
                  versions={"tensorrt": trt.__version__})
+
+
+def build_step(ctx: BuildContext) -> Companion:
+    """model.step.onnx (causal runs), then each built format's step twin (formats' step_builder, e.g. int8)."""
+    from .step_graph import export_step
+
+    entry = export_step(ctx.ckpt.model, ctx.opts.opset, ctx.opts.max_len, ctx.staging, ctx.say)
+    reports = {}
+    for fmt in (get_format(key) for key in ctx.built):
+        build_twin = fmt.step_build_function()
+        if build_twin is not None:
+            entry[fmt.key], reports[f"step_{fmt.key}"] = build_twin(ctx, entry)
+    return Companion(entry, reports)
+
+
+def build_text_encoder(ctx: BuildContext) -> Companion:
+    """The run's sentence encoder as text_encoder.onnx (+ the twins of the precisions built) and its tokenizer."""
+    from .parity_data import validation_texts
+    from .text_encoder import export_text_encoder
+
+    twins = tuple(p for p in ("fp16", "int8") if p in ctx.built)
+    entry = export_text_encoder(ctx.ckpt.extra, ctx.ckpt.model_cfg.modalities, ctx.staging, say=ctx.say, twins=twins,
+                                conversations=validation_texts(ctx.ckpt), model_file=ctx.built["fp32"].path)
+    assert entry is not None  # formats: applies only to runs with a text encoder (text_encoder.has_text_encoder)
+    return Companion(entry)
+
+
+def build_triton(ctx: BuildContext) -> Companion:
+    """The Triton repository (--triton DIR) serving the best model built (formats' serve_rank: engine > fp16 > fp32)."""
+    from .triton import PLATFORMS, write_repository
+
+    key = max((get_format(k) for k in ctx.artifacts if get_format(k).format in PLATFORMS),
+              key=lambda f: f.serve_rank).key
+    art = ctx.artifacts[key]
+    info = write_repository(ctx.opts.triton, ctx.staging / art.file, art.format, ctx.inputs, ctx.outputs,
+                            ctx.opts.max_batch)
+    ctx.say(f"Triton repository: {ctx.opts.triton / info['config']}")
+    return Companion({**info, "artifact": key, "sha256": art.sha256})

@@ -1,7 +1,8 @@
-"""export_run: a trained run -> model.onnx (+ model.fp16.onnx, model.plan) + export.json, parity proven.
+"""export_run: a trained run -> model.onnx (+ its twins and companions) + export.json, parity proven.
 
-The formats come from formats.FORMATS (the table) and are built by their builders (builders.py); nothing here
-branches on a format.
+The artifacts come from formats.FORMATS (the table: model formats, then the step graph, the text encoder and the
+Triton repository) and are built by their builders (builders.py) in table order; nothing here branches on an
+artifact.
 
 Everything is written into a staging folder inside the output folder; only when every artifact passed its
 parity bounds are the files moved into place (each by one rename, export.json last, after the old one was
@@ -24,10 +25,9 @@ from cmath_train.checkpoint import Checkpoint, load_checkpoint
 
 from . import formats, parity
 from .builders import BuildContext
-from .formats import ExportOptions, get_format
+from .formats import ExportOptions
 from .graph import io_specs
 from .manifest import artifact_entry, build_manifest
-from .step_graph import STEP_FILE
 
 DEFAULT_SUBDIR = "export"
 
@@ -48,7 +48,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, fp16: boo
     run_dir = Path(run_dir)
     opts = formats.validate(ExportOptions(fp16, tensorrt, int8, opset, max_len, max_batch,
                                           None if triton is None else Path(triton),
-                                          None if out_dir is None else Path(out_dir)))
+                                          None if out_dir is None else Path(out_dir), text_encoder))
     out = opts.out_dir or run_dir / DEFAULT_SUBDIR
     for fmt in formats.wanted(opts):
         fmt.check_machine()  # before anything is written
@@ -58,20 +58,6 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, fp16: boo
     staging = _staging_dir(out, "--out")
     try:
         manifest = _export(ckpt, run_dir, opts, staging, say)
-        if text_encoder:  # the run's sentence encoder, when its features were made from text
-            from .parity_data import validation_texts
-            from .text_encoder import export_text_encoder, run_encoder_meta
-
-            entry = None
-            if run_encoder_meta(ckpt.extra, ckpt.model_cfg.modalities) is not None:
-                twins = tuple(p for p, wanted in (("fp16", opts.fp16), ("int8", opts.int8)) if wanted)
-                entry = export_text_encoder(ckpt.extra, ckpt.model_cfg.modalities, staging, say=say, twins=twins,
-                                            conversations=validation_texts(ckpt),
-                                            model_file=staging / manifest.artifacts["fp32"].file)
-            manifest = manifest.replace(text_encoder=entry)
-        if opts.triton is not None:
-            manifest = manifest.replace(triton=_triton(ckpt, opts, staging, manifest))
-            say(f"Triton repository: {opts.triton / manifest.triton['config']}")
         _promote(staging, out, manifest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -83,18 +69,6 @@ def _load(run_dir: Path) -> Checkpoint:
         return load_checkpoint(run_dir)
     except (KeyError, TypeError, ValueError) as e:  # a config.json of the right format but the wrong content
         raise ArtifactError(run_dir, f"invalid checkpoint ({type(e).__name__}: {e})") from None
-
-
-def _triton(ckpt: Checkpoint, opts: ExportOptions, staging: Path, manifest: Manifest) -> dict:
-    """The Triton repository serves the best artifact built (formats.py serve_rank: engine > fp16 > fp32)."""
-    from .triton import PLATFORMS, write_repository
-
-    key = max((get_format(k) for k in manifest.artifacts if get_format(k).format in PLATFORMS),
-              key=lambda f: f.serve_rank).key
-    art = manifest.artifacts[key]
-    inputs, outputs = io_specs(ckpt.model_cfg)
-    info = write_repository(opts.triton, staging / art.file, art.format, inputs, outputs, opts.max_batch)
-    return {**info, "artifact": key, "sha256": art.sha256}
 
 
 def _staging_dir(out: Path, flag: str) -> Path:
@@ -111,30 +85,28 @@ def _staging_dir(out: Path, flag: str) -> Path:
 
 def _export(ckpt: Checkpoint, run_dir: Path, opts: ExportOptions, staging: Path,
             say: Callable[[str], None]) -> Manifest:
-    """Every wanted format, in table order, by its builder; each must pass its parity bounds before the next."""
+    """Every wanted row that applies to this run, in table order, by its builder; each must pass its parity bounds
+    before the next. Model formats fill export.json "artifacts", companions their own field."""
     inputs, outputs = io_specs(ckpt.model_cfg)
     ctx = BuildContext(ckpt, opts, staging, inputs, outputs, say)
-    artifacts, reports, extra_versions = {}, {}, {}
+    reports, companions, extra_versions = {}, {}, {}
     for fmt in formats.wanted(opts):
+        if not fmt.applies_to(ctx):
+            continue
         built = fmt.build_function()(ctx)
+        if fmt.companion:
+            for key, report in built.reports.items():
+                _require(report, say)
+                reports[key] = report.to_json()
+            companions[fmt.key] = built.entry
+            continue
         _require(built.report, say)
         ctx.built[fmt.key] = built
         reports[fmt.key] = built.report.to_json()
-        artifacts[fmt.key] = artifact_entry(built.path, fmt, built.precision, **built.extra)
+        ctx.artifacts[fmt.key] = artifact_entry(built.path, fmt, built.precision, **built.extra)
         extra_versions.update(built.versions)
-    step = None
-    if ckpt.model_cfg.causal and ckpt.model_name == "cmath":  # streaming step graph (cmath_export/step_graph.py)
-        from .step_graph import export_step
-
-        step = export_step(ckpt.model, opts.opset, opts.max_len, staging, say)
-        for fmt in formats.wanted(opts):  # the formats' twins of the step graph (int8), from the table
-            build_step = fmt.step_build_function()
-            if build_step is not None:
-                step[fmt.key], report = build_step(ctx, step)
-                _require(report, say)
-                reports[f"step_{fmt.key}"] = report.to_json()
-    manifest = build_manifest(ckpt, run_dir, opts, inputs, outputs, artifacts, reports, extra_versions)
-    return manifest.replace(step=step)
+    manifest = build_manifest(ckpt, run_dir, opts, inputs, outputs, ctx.artifacts, reports, extra_versions)
+    return manifest.replace(**companions)
 
 
 def _require(report: parity.ParityReport, say: Callable[[str], None]) -> None:
@@ -144,48 +116,38 @@ def _require(report: parity.ParityReport, say: Callable[[str], None]) -> None:
 
 
 def _promote(staging: Path, out: Path, manifest: Manifest) -> None:
-    """Move the staged artifacts into OUT: old export.json first out of the way, the new one last."""
+    """Move the staged files into OUT: old export.json first out of the way, the new one last. A file a row of the
+    table may write that this export did not make (an earlier export's) is removed."""
+    table_files = {name for fmt in formats.FORMATS for name in fmt.out_files}
+    unknown = sorted(set(manifest_files(manifest)) - table_files)
+    if unknown:  # a builder wrote a file its row does not list: it would be neither promoted nor cleaned up
+        raise ArtifactError(staging, f"export.json names {unknown}, which no row of formats.FORMATS lists")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(out / MANIFEST)
-    for art in manifest.artifacts.values():
-        os.replace(staging / art.file, out / art.file)
-    staged_step = {f: f for f in _step_files(manifest)}
-    for name in {STEP_FILE, *_step_twin_files()} | set(staged_step):
-        if name in staged_step:
+    promoted = []
+    for name in dict.fromkeys(name for fmt in formats.FORMATS for name in fmt.out_files):
+        if (staging / name).is_file():
             os.replace(staging / name, out / name)
-        else:  # a step graph (or twin) of an earlier export that this one did not make
+            promoted.append(name)
+        else:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(out / name)
-    for fmt in formats.FORMATS:  # artifacts of an earlier export that this one did not make
-        if fmt.key not in manifest.artifacts:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(out / fmt.file)
-    from .text_encoder import promote
-
-    promote(staging, out, manifest.text_encoder)
     manifest.write(out)
-    _share(out, manifest)
-
-
-def _share(out: Path, manifest: Manifest) -> None:
-    """Staged files are 0600 (mkstemp); artifacts are for other users (a Triton container) too: 0666 - umask."""
-    mode = 0o666 & ~_umask()
-    names = [MANIFEST, *(a.file for a in manifest.artifacts.values())]
-    names += _step_files(manifest)
-    for name in names:
+    mode = 0o666 & ~_umask()  # staged files are 0600 (mkstemp); artifacts are for other users (a Triton container) too
+    for name in (MANIFEST, *promoted):
         os.chmod(out / name, mode)
 
 
-def _step_files(manifest: Manifest) -> list[str]:
-    """The step graph's file and its twins' (export.json["step"][format key]["file"]), when there is one."""
-    if not manifest.step:
-        return []
-    twins = [manifest.step[f.key]["file"] for f in formats.FORMATS if f.step_builder and f.key in manifest.step]
-    return [manifest.step["file"], *twins]
-
-
-def _step_twin_files() -> list[str]:
-    return [f.step_file for f in formats.FORMATS if f.step_file]
+def manifest_files(manifest: Manifest) -> list[str]:
+    """Every file in the export folder that export.json names: artifacts, the step graph and its twins, the text
+    encoder and its tokenizer."""
+    names = [a.file for a in manifest.artifacts.values()]
+    if manifest.step:
+        names += [manifest.step["file"], *(v["file"] for v in manifest.step.values() if isinstance(v, dict)
+                                            and "file" in v)]
+    if manifest.text_encoder:
+        names += [f["file"] for f in manifest.text_encoder["files"].values()]
+    return names
 
 
 def _umask() -> int:

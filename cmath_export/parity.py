@@ -32,11 +32,11 @@ class Bounds:
     min_argmax_agreement: float | None = None
 
 
-# The issue's bounds: fp32 ONNX max |diff| of probs <= 1e-4; fp16 argmax agreement >= 99.5%, max |diff| <= 1e-2.
+# What each artifact must meet against PyTorch on the run's validation rows: fp32 is the same arithmetic (only
+# rounding differs); fp16 and int8 change the numbers, so the argmax must agree on 99.5% of the rows.
 BOUNDS = {
     "fp32": Bounds(probs_max_abs=1e-4, embedding_max_abs=1e-3),
     "fp16": Bounds(probs_max_abs=1e-2, min_argmax_agreement=0.995),
-    # issue 14: weight-int8 graphs, argmax agreement with PyTorch >= 99.5% and max |dp| <= 0.03
     "int8": Bounds(probs_max_abs=3e-2, min_argmax_agreement=0.995),
 }
 

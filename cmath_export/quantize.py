@@ -1,34 +1,25 @@
 """Weight-int8 ONNX graphs: onnxruntime's dynamic quantization of the MatMuls whose weight is a constant.
 
-Graph-agnostic: it rewrites any fp32 ONNX graph (model.onnx, model.step.onnx, whatever their inputs are), so it
-does not care about batch axes or cache layouts. What it does (the schemes chosen by measurement, see SCHEMES):
+Graph-agnostic: it rewrites any fp32 ONNX graph (model.onnx, model.step.onnx), so batch axes and cache layouts do
+not matter. A batch-1 call of this model is bound by reading its weights (benchmarks/roofline.py), so 4x fewer
+weight bytes is where the speed comes from. What is quantized, and why:
 
-- every MatMul whose second input is an initializer (the linear layers) gets int8 weights (one scale per tensor;
-  in the first scheme the MatMuls that read the same activation are fused first, rewrites.fuse_shared_matmuls, so
-  one scale spans up to 9 projections: the parity bound decides) and runs as DynamicQuantizeLinear ->
-  MatMulInteger: the activations are quantized to uint8 per call, the product accumulates in int32 (AVX512-VNNI on
-  Zen 4) and is rescaled to fp32;
-- the reconstruction convolutions (Conv1D along the utterance axis, eq. 1; 8 MB of the meld model's 88) are first
-  rewritten as the same arithmetic in MatMul form (`conv1d_to_matmul`: pad, k shifted slices, concat, one MatMul)
-  and run as MatMulNBits (`blockwise_int8`: 8-bit weights, one scale per 16 input rows, the activations quantized
-  per block of 16, int8 arithmetic). Left as Conv they stayed fp32 and were the largest fp32 op at 50 utterances
-  (ConvInteger, onnxruntime's int8 Conv, was slower than fp32); quantized like the linear layers (one activation
-  scale per call) their input, the raw standardised features, lost too much: on a trained meld model max |dp|
-  went 0.0163 -> 0.0301 (over the bound); blockwise (blocks of 32), 0.0173. Measured on that model, 2 threads, p50
-  of interleaved rounds: int8 at 1 utterance 2.07 -> 1.64 ms, at 50 11.15 -> 9.62 ms (fp32: 4.64 and 18.52 ms);
-  blocks of 16 are as fast and more exact (another model: 0.0324 with 32, 0.0218 with 16). All MatMuls as
-  MatMulNBits was as accurate but slower (15.7 ms at 50): MatMulInteger is the faster kernel where the
-  activations can take one scale;
-- the attention MatMuls between two activations (Q K^T, A V) stay fp32: they have no weight to shrink, and
-  quantizing both of their inputs per call cost more than it saved;
-- everything else (LayerNorm, softmax, the input standardisation, embeddings) stays fp32;
-- the int8 step graph's attentions then run as one com.microsoft.MultiHeadAttention op each
-  (rewrites.attention_to_mha: 12 small nodes -> 1, exact; onnxruntime alone runs int8 graphs, so no other engine
-  must read it): int8 step at history 50 2.51 -> 2.18 ms sleeping, 1.74 -> 1.36 ms spinning.
+- every MatMul whose second input is an initializer (the linear layers) gets int8 weights, one scale per tensor,
+  and runs as DynamicQuantizeLinear -> MatMulInteger (activations quantized to uint8 per call, int32
+  accumulation). With `fuse_shared` the MatMuls that read the same activation are fused first
+  (rewrites.fuse_shared_matmuls): fewer, larger MatMuls are faster, at the price of one scale for several
+  projections;
+- the reconstruction convolutions (Conv1D along the utterance axis) are rewritten as the same arithmetic in MatMul
+  form (rewrites.conv1d_to_matmul) and run as MatMulNBits with one scale per block of `conv_block` input rows:
+  their input is the raw standardised features, whose outliers one per-call activation scale cannot hold, and
+  onnxruntime's int8 Conv is slower than fp32;
+- the attention MatMuls between two activations (Q K^T, A V) stay fp32: they have no weight to shrink;
+- everything else (LayerNorm, softmax, input standardisation, embeddings) stays fp32;
+- the int8 step graph's attentions run as one com.microsoft.MultiHeadAttention op each (rewrites.attention_to_mha,
+  exact; only onnxruntime runs int8 graphs, so no other engine must read it).
 
-A batch-1 call of this model is bound by reading the weights (docs: roofline in benchmarks/roofline.py), so
-4x fewer weight bytes is where the speed comes from. Accuracy is proven per export on the run's validation rows
-(cmath_export/parity.py, bounds INT8_BOUNDS) and recorded in export.json; a failed bound writes nothing.
+Accuracy is proven per export on the run's validation rows (cmath_export/parity.py, the int8 bounds) and recorded
+in export.json; SCHEMES are tried fastest first and the first that meets the bounds is written.
 """
 
 from __future__ import annotations
@@ -52,16 +43,8 @@ class Scheme:
     method: str = "dynamic"  # onnxruntime.quantization.quantize_dynamic
     op_types: tuple[str, ...] = ("MatMul",)  # Gemms with a constant weight are rewritten to MatMul first
     conv_as_matmul: bool = True  # 1-D Convs with a constant weight rewritten to MatMul first (conv1d_to_matmul)
-    # ... and those MatMuls run as MatMulNBits (8-bit weights in blocks of conv_block rows, activations quantized per
-    # block, accuracy_level 4 = int8 arithmetic): their input is the raw standardised features, whose outliers a
-    # per-tensor activation scale (dynamic) cannot hold (measured on a trained meld model: max |dp| 0.0301, over the
-    # 0.03 bound, vs 0.0173 with blocks of 32; on the main job's model blocks of 32 gave 0.0324, blocks of 16 0.0218)
-    conv_block: int = 16
-    # the MatMuls that read the same activation fused first (rewrites.fuse_shared_matmuls): one weight tensor and
-    # one per-tensor scale for up to 9 projections; measured on a trained causal meld model (2 threads, interleaved
-    # p50, sleeping threads): int8 step at history 50 2.69 -> 2.42 ms, full graph 2.09 -> 1.93 ms at 1 utterance and
-    # 13.6 -> 11.2 ms at 50; max |dp| vs fp32 on random inputs 2.6e-4 -> 4.5e-4 (the parity bound decides per export)
-    fuse_shared: bool = True
+    conv_block: int = 16  # ... and run as MatMulNBits, one scale per block of this many input rows
+    fuse_shared: bool = True  # MatMuls reading the same activation fused first (rewrites.fuse_shared_matmuls)
     weight_type: str = "QInt8"
     per_channel: bool = False
     # 7-bit weights: x86 CPUs without VNNI multiply u8 activations by s8 weights in 16-bit pairs (vpmaddubsw), which
@@ -74,10 +57,8 @@ class Scheme:
 
 
 # Tried in this order, fastest first; the first whose graph meets the int8 bounds is written (export.json says which,
-# and what was tried). The blockwise convs put max |dp| at 0.017-0.022 on trained meld models (the bound is 0.03);
-# keeping the convs fp32 puts it at 0.010-0.016 and costs ~15% of the int8 speed at 1 and 50 utterances.
+# and what was tried). Each later scheme keeps more of the graph exact and is slower.
 SCHEMES = (Scheme(), Scheme(fuse_shared=False), Scheme(conv_as_matmul=False, fuse_shared=False))
-SCHEME = SCHEMES[0]
 
 
 def quantize_int8(model: onnx.ModelProto, scheme: Scheme | None = None) -> onnx.ModelProto:
@@ -91,7 +72,7 @@ def quantize_int8(model: onnx.ModelProto, scheme: Scheme | None = None) -> onnx.
 
     for handler in [h for h in root.handlers if h not in handlers]:  # ... which we undo: our output stays ours
         root.removeHandler(handler)
-    scheme = scheme or SCHEME
+    scheme = scheme or SCHEMES[0]
     root.setLevel(max(level, logging.ERROR))  # onnxruntime logs a "run pre-processing" hint on the root logger
     try:
         return _quantize(model, scheme, quantize_dynamic, QuantType)
@@ -153,7 +134,7 @@ def count_ops(model: onnx.ModelProto) -> dict[str, int]:
     return out
 
 
-STEP_INT8_FILE = "model.step.int8.onnx"  # = formats' int8 row step_file
+STEP_INT8_FILE = "model.step.int8.onnx"  # one of the files of formats' "step" row
 
 
 def quantize_within_bounds(ctx: Any, key: str, fp32: onnx.ModelProto, path: Path, run: Any,

@@ -50,6 +50,13 @@ PARITY_LENGTHS = (1, 7, 64)  # utterances per parity conversation (capped at max
 PARITY_BOUND = 1e-4  # max |probs diff|, as for model.onnx
 
 
+def has_step(ctx: Any) -> bool:
+    """A step graph is exported for causal CMATH runs (StepModule runs CMATH's own forward with a cache)."""
+    from cmath_train.models.cmath import CMATH
+
+    return bool(ctx.ckpt.model_cfg.causal) and isinstance(ctx.ckpt.model, CMATH)
+
+
 def step_specs(step: StepModule) -> tuple[list[TensorSpec], list[TensorSpec], list[dict[str, Any]]]:
     """Inputs, outputs and the state of one conversation (name in, name out, shape, how it is updated)."""
     cfg = step.model.cfg

@@ -53,6 +53,11 @@ def run_encoder_meta(extra: dict[str, Any], modalities: tuple[str, ...] | list[s
     return meta
 
 
+def has_text_encoder(ctx: Any) -> bool:
+    """Whether the export bundles the run's text encoder: asked for (the default) and the run has one."""
+    return ctx.opts.text_encoder and run_encoder_meta(ctx.ckpt.extra, ctx.ckpt.model_cfg.modalities) is not None
+
+
 def resolve_model_dir(meta: dict[str, Any]) -> Path:
     """The encoder directory whose weights are the ones recorded in the features' meta."""
     from cmath_train.prepare.text_encoder import DEFAULT_ENCODER_NAME, default_model_dir

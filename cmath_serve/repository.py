@@ -16,14 +16,12 @@ one for NVIDIA's tritonserver container (docs/serving.md says which to use where
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cmath_runtime.manifest import Manifest, read_manifest
+from cmath_runtime.triton_config import TritonTensor, dynamic_batching, model_config, write_model
 
 CLASSIFY_MODEL = "cmath"
 STREAM_MODEL = "cmath_stream"
@@ -116,39 +114,25 @@ def text_input(manifest: Manifest) -> str:
     return "on"
 
 
-def _feature_inputs(manifest: Manifest, dims: Callable[[int], list[int]],
-                    text: bool) -> list[tuple[str, str, list[int], bool]]:
+def _feature_inputs(manifest: Manifest, dims: Callable[[int], tuple[int, ...]], text: bool) -> list[TritonTensor]:
     """The feature inputs; with raw text on, `t` is optional (a request gives `t` or `text`)."""
-    return [(m, "TYPE_FP32", dims(manifest.feature_dims[m]), text and m == TEXT_MODALITY) for m in manifest.modalities]
-
-
-def _params(values: dict[str, object]) -> str:
-    rows = [f'  {{ key: "{k}" value: {{ string_value: {json.dumps(str(v))} }} }}' for k, v in values.items()]
-    return "parameters [\n" + ",\n".join(rows) + "\n]\n"
-
-
-def _tensors(kind: str, rows: list[tuple[str, str, list[int], bool]]) -> str:
-    out = []
-    for name, dtype, dims, optional in rows:
-        opt = " optional: true" if optional else ""
-        out.append(f'  {{ name: "{name}" data_type: {dtype} dims: [ {", ".join(map(str, dims))} ]{opt} }}')
-    return f"{kind} [\n" + ",\n".join(out) + "\n]\n"
+    return [TritonTensor(m, "float32", dims(manifest.feature_dims[m]), text and m == TEXT_MODALITY)
+            for m in manifest.modalities]
 
 
 def classify_config(manifest: Manifest, options: ServeOptions, common: dict[str, object]) -> str:
     """`cmath`: the exported graph's inputs/outputs per conversation (Triton adds the batch axis)."""
     text = text_input(manifest) == "on"
-    inputs = _feature_inputs(manifest, lambda d: [-1, d], text)
-    inputs += [("speaker", "TYPE_INT64", [-1], False), ("mask", "TYPE_BOOL", [-1], False)]
+    inputs = _feature_inputs(manifest, lambda d: (-1, d), text)
+    inputs += [TritonTensor("speaker", "int64", (-1,)), TritonTensor("mask", "bool", (-1,))]
     if text:
-        inputs.append(("text", "TYPE_STRING", [-1], True))  # one UTF-8 string per utterance, instead of `t`
-    outputs = [("probs", "TYPE_FP32", [-1, manifest.num_classes], False),
-               ("embedding", "TYPE_FP32", [-1, manifest.d], False)]
-    return (f'name: "{CLASSIFY_MODEL}"\nbackend: "python"\nmax_batch_size: {options.max_batch}\n'
-            f"dynamic_batching {{ max_queue_delay_microseconds: {options.queue_delay_us} }}\n"
-            + _tensors("input", inputs) + _tensors("output", [(n, t, d, False) for n, t, d, _ in outputs])
-            + f"instance_group [ {{ count: {options.instances} kind: KIND_CPU }} ]\n"
-            + _params({**common, "model": CLASSIFY_MODEL}))
+        inputs.append(TritonTensor("text", "string", (-1,), True))  # one UTF-8 string per utterance, instead of `t`
+    outputs = [TritonTensor("probs", "float32", (-1, manifest.num_classes)),
+               TritonTensor("embedding", "float32", (-1, manifest.d))]
+    return model_config(CLASSIFY_MODEL, options.max_batch, inputs, outputs, backend="python",
+                        batching=dynamic_batching(options.queue_delay_us),
+                        instance_group=f"instance_group [ {{ count: {options.instances} kind: KIND_CPU }} ]\n",
+                        parameters={**common, "model": CLASSIFY_MODEL})
 
 
 def stream_config(manifest: Manifest, options: ServeOptions, common: dict[str, object]) -> str:
@@ -156,11 +140,11 @@ def stream_config(manifest: Manifest, options: ServeOptions, common: dict[str, o
     and puts steps of different sequences into one execute (the "oldest" strategy: at most one request per
     sequence per batch)."""
     text = text_input(manifest) == "on"
-    inputs = _feature_inputs(manifest, lambda d: [d], text)
-    inputs.append(("speaker", "TYPE_INT64", [1], False))
+    inputs = _feature_inputs(manifest, lambda d: (d,), text)
+    inputs.append(TritonTensor("speaker", "int64", (1,)))
     if text:
-        inputs.append(("text", "TYPE_STRING", [1], True))  # the utterance as UTF-8, instead of `t`
-    outputs = [("probs", "TYPE_FP32", [manifest.num_classes], False)]
+        inputs.append(TritonTensor("text", "string", (1,), True))  # the utterance as UTF-8, instead of `t`
+    outputs = [TritonTensor("probs", "float32", (manifest.num_classes,))]
     path = stream_path(manifest, options)
     note = ("causal artifact: the server keeps each conversation's step state and computes only the new utterance"
             if path == "step" else
@@ -171,15 +155,14 @@ def stream_config(manifest: Manifest, options: ServeOptions, common: dict[str, o
     controls = ('    { name: "START" control [ { kind: CONTROL_SEQUENCE_START int32_false_true: [ 0, 1 ] } ] },\n'
                 '    { name: "END" control [ { kind: CONTROL_SEQUENCE_END int32_false_true: [ 0, 1 ] } ] },\n'
                 '    { name: "CORRID" control [ { kind: CONTROL_SEQUENCE_CORRID data_type: TYPE_UINT64 } ] }\n')
-    return (f'name: "{STREAM_MODEL}"\nbackend: "python"\nmax_batch_size: {options.max_batch}\n'
-            f"sequence_batching {{\n  max_sequence_idle_microseconds: {triton_idle_us(options)}\n"
-            f"  control_input [\n{controls}  ]\n"
-            f"  oldest {{ max_candidate_sequences: {candidates} "
-            f"max_queue_delay_microseconds: {options.queue_delay_us} }}\n}}\n"
-            + _tensors("input", inputs) + _tensors("output", outputs)
-            + "instance_group [ { count: 1 kind: KIND_CPU } ]\n"
-            + _params({**common, "model": STREAM_MODEL, "stream_path": path, "stream_note": note,
-                       "causal": str(manifest.causal).lower()}))
+    batching = (f"sequence_batching {{\n  max_sequence_idle_microseconds: {triton_idle_us(options)}\n"
+                f"  control_input [\n{controls}  ]\n"
+                f"  oldest {{ max_candidate_sequences: {candidates} "
+                f"max_queue_delay_microseconds: {options.queue_delay_us} }}\n}}\n")
+    return model_config(STREAM_MODEL, options.max_batch, inputs, outputs, backend="python", batching=batching,
+                        instance_group="instance_group [ { count: 1 kind: KIND_CPU } ]\n",
+                        parameters={**common, "model": STREAM_MODEL, "stream_path": path, "stream_note": note,
+                                    "causal": str(manifest.causal).lower()})
 
 
 def cmath_source() -> Path:
@@ -194,7 +177,6 @@ def write_repository(export_dir: str | Path, repo: str | Path, options: ServeOpt
     manifest = read_manifest(export_dir)
     options.check(manifest)
     repo = Path(repo)
-    repo.mkdir(parents=True, exist_ok=True)
     common = {"export_dir": manifest.directory.resolve(), "cmath_source": cmath_source(), "backend": options.backend,
               "precision": options.precision, "threads": options.threads, "max_batch": options.max_batch,
               "max_conversations": options.max_conversations, "idle_timeout_s": options.idle_timeout_s,
@@ -203,18 +185,7 @@ def write_repository(export_dir: str | Path, repo: str | Path, options: ServeOpt
     configs = {CLASSIFY_MODEL: (classify_config(manifest, options, common), "ClassifyModel"),
                STREAM_MODEL: (stream_config(manifest, options, common), "StreamModel")}
     for name, (config, cls) in configs.items():
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repo))
-        (staging / "1").mkdir()
-        (staging / "config.pbtxt").write_text(config)
-        (staging / "1" / "model.py").write_text(SHIM.replace("{cls}", cls))
-        final = repo / name
-        if final.exists():
-            old = repo / f".{name}.old.{os.getpid()}"
-            final.rename(old)
-            staging.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(final)
+        write_model(repo, name, config, {"1/model.py": SHIM.replace("{cls}", cls).encode()})
     return {"repository": str(repo), "models": list(configs), "stream_path": stream_path(manifest, options),
             "text_input": text_input(manifest),
             "options": asdict(options)}

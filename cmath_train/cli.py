@@ -29,7 +29,7 @@ def parse_modalities(text: str | None, available: tuple[str, ...]) -> tuple[str,
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--data", default="synthetic", show_default=True, help="'synthetic', a .pkl feature pickle, or a features dir.")
 @click.option("--modalities", default=None, help="Subset of the data's modalities, e.g. 'tav', 'ta', 't'. Default: all.")
-@click.option("--preset", default=None, help="default | iemocap | meld (paper settings) | meld_text. "
+@click.option("--preset", default=None, help="default | iemocap | meld (paper settings). "
               "Default: a recipe chosen from the data (modalities, feature sizes, data size), printed with the reasons.")
 @click.option("--model", "model_name", default="cmath", show_default=True, help="Registered model name.")
 @click.option("--ablation", default="none", show_default=True, help="none | wo_mr | wo_cmat | wo_lld | wo_hld | wo_hd.")
@@ -77,6 +77,7 @@ def run(data: str, modalities: str | None, preset: str | None, model_name: str, 
         out_dir: str | None, resume: bool, quiet: bool, cdat: bool = False, tune_trials: int = 0,
         tune_timeout: float | None = None, distill: float | None = None) -> dict:
     from .data import load_data
+    from .metrics import write_metrics
     from .recipe import choose_recipe
     from .registry import loss_config, model_config, model_names
     from .registry import preset as model_preset
@@ -140,7 +141,7 @@ def run(data: str, modalities: str | None, preset: str | None, model_name: str, 
     if enc is not None:
         metrics["encoder_classifier"] = enc
     metrics["shipped"] = shipped_model(metrics)
-    atomic_write_json(out / "metrics.json", metrics)
+    write_metrics(out, metrics)
     click.echo(summary_text(metrics, out, time.perf_counter() - t0))
     return metrics
 
@@ -151,21 +152,27 @@ def _given(**kw: object) -> dict:
 
 def summary_text(metrics: dict, out: Path, seconds: float) -> str:
     lines = [f"run: {out.resolve()}  ({seconds:.0f} s)"]
+    spread = metrics.get("over_seeds") or {}
+    if spread:
+        lines.append(f"the run's model: seed {spread['selected']} of {spread['seeds']}, selected on validation")
     for split in ("validation", "test"):
         if split in metrics:
             m = metrics[split]
-            if isinstance(m["accuracy"], dict):
-                lines.append(f"{split:10s} accuracy {100 * m['accuracy']['mean']:.2f} +- {100 * m['accuracy']['std']:.2f}  "
-                             f"weighted-F1 {100 * m['weighted_f1']['mean']:.2f} +- {100 * m['weighted_f1']['std']:.2f}")
-            else:
-                lines.append(f"{split:10s} accuracy {100 * m['accuracy']:.2f}  weighted-F1 {100 * m['weighted_f1']:.2f}")
-    if "distilled" in metrics:
-        t = metrics["teachers"]
+            lines.append(f"{split:10s} accuracy {100 * m['accuracy']:.2f}  weighted-F1 {100 * m['weighted_f1']:.2f}")
+    if spread:
+        for split in ("validation", "test"):
+            if split in spread:
+                s = spread[split]
+                lines.append(f"{split:10s} over seeds: accuracy {100 * s['accuracy']['mean']:.2f} +- "
+                             f"{100 * s['accuracy']['std']:.2f}  weighted-F1 {100 * s['weighted_f1']['mean']:.2f} +- "
+                             f"{100 * s['weighted_f1']['std']:.2f}")
+    if "distilled" in spread:
+        t = spread["teachers"]
         parts = [f"{split} weighted-F1 {100 * t[split]['weighted_f1']['mean']:.2f} +- {100 * t[split]['weighted_f1']['std']:.2f}"
                  for split in ("validation", "test") if split in t]
-        lines.append(f"(above: the students, distilled from the seeds' ensemble, weight {metrics['distilled']['weight']:g}; "
+        lines.append(f"(the students are distilled from the seeds' ensemble, weight {spread['distilled']['weight']:g}; "
                      "the seeds themselves: " + "  ".join(parts) + ")")
-    ens = metrics.get("seed_ensemble", {})
+    ens = spread.get("ensemble", {})
     if "test" in ens or "validation" in ens:
         parts = [f"{split} weighted-F1 {100 * ens[split]['weighted_f1']:.2f}" for split in ("validation", "test") if split in ens]
         lines.append(f"ensemble of the {len(ens['seeds'])} seeds (averaged probabilities, not the exported model): "
@@ -193,7 +200,6 @@ def baseline_warnings(metrics: dict) -> list[str]:
     val = metrics.get("validation", {}).get("weighted_f1")
     if val is None:
         return []
-    val = val["mean"] if isinstance(val, dict) else val
     out = []
     for m, b in metrics.get("baseline_context_free", {}).items():
         if b.get("validation_weighted_f1") is not None and val < b["validation_weighted_f1"]:

@@ -14,7 +14,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-MODALITIES = ("t", "a", "v")
+from cmath_runtime.base import MODALITY_ORDER
+
 CDAT_CONFIDENCES = ("true_class", "max_prob")
 
 
@@ -22,7 +23,7 @@ CDAT_CONFIDENCES = ("true_class", "max_prob")
 class ModelConfig:
     """What every model reads. A model's own config extends it (CMATHConfig, SDTConfig, DMDConfig)."""
 
-    modalities: tuple[str, ...] = MODALITIES
+    modalities: tuple[str, ...] = MODALITY_ORDER
     feature_dims: dict[str, int] = field(default_factory=lambda: {"t": 1024, "a": 300, "v": 342})
     num_classes: int = 7
     num_speakers: int = 9
@@ -40,11 +41,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         self.modalities = tuple(self.modalities)
         if not self.modalities:
-            raise ValueError("modalities: expected a non-empty subset of ('t', 'a', 'v'), got ()")
-        unknown = [m for m in self.modalities if m not in MODALITIES]
+            raise ValueError(f"modalities: expected a non-empty subset of {MODALITY_ORDER}, got ()")
+        unknown = [m for m in self.modalities if m not in MODALITY_ORDER]
         if unknown or len(set(self.modalities)) != len(self.modalities):
-            raise ValueError(f"modalities: expected distinct names from {MODALITIES}, got {self.modalities}")
-        self.modalities = tuple(m for m in MODALITIES if m in self.modalities)  # canonical order t, a, v
+            raise ValueError(f"modalities: expected distinct names from {MODALITY_ORDER}, got {self.modalities}")
+        self.modalities = tuple(m for m in MODALITY_ORDER if m in self.modalities)  # canonical order t, a, v
         missing = [m for m in self.modalities if m not in self.feature_dims]
         if missing:
             raise ValueError(f"feature_dims: expected a size for each modality {self.modalities}, missing {missing}")
@@ -107,13 +108,6 @@ PRESETS: dict[str, Preset] = {
         model={"d": 500, "heads": 5},
         loss={"gamma_mse": 1.0, "gamma_kl": 1.8},
         train={"lr": 3e-3, "batch_size": 16, "val_fraction": 0.2},
-    ),
-    # Ours, chosen by dev weighted-F1 on MELD text (frozen MiniLM features, 5 seeds; README): a small d, more
-    # dropout, and a linear layer instead of the reconstruction convolutions, which blur neighbouring utterances.
-    "meld_text": Preset(
-        model={"d": 128, "heads": 4, "dropout": 0.3, "modality_reconstruction": False},
-        loss={"use_reconstruction": False},  # g1 = g2 = 1.0
-        train={"lr": 5e-4, "batch_size": 8, "epochs": 12, "patience": 4},
     ),
     "meld": Preset(
         model={"d": 400, "heads": 8},

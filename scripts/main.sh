@@ -9,7 +9,7 @@ BENCH=${BENCH:-docs/bench}
 # Streaming: a causal twin (speed does not depend on training, one epoch will do): step graph vs full recompute.
 .venv/bin/cmath-train --preset meld --causal --epochs 1 --quiet --out "$RUN-causal"
 .venv/bin/cmath-export "$RUN-causal" --int8 --quiet
-.venv/bin/cmath-bench "$RUN-causal" --backends ort,ort-spin,ort-int8,openvino --out "$BENCH/causal"
+.venv/bin/cmath-bench "$RUN-causal" --backends onnxruntime:fp32,onnxruntime-spin,onnxruntime:int8,openvino:fp32 --out "$BENCH/causal"
 # The main model: train, export fp32 + fp16 + int8 with parity checks, benchmark every contender against PyTorch
 # and against this machine's roofline (ends with the table).
 .venv/bin/cmath-train --preset meld --epochs "${EPOCHS:-8}" --out "$RUN"

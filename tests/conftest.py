@@ -139,8 +139,8 @@ def causal_export(causal_run: Path, tmp_path_factory) -> Path:
     """causal_run exported once, into causal_run/export: fp32, fp16 and int8 (model.int8.onnx +
     model.step.int8.onnx), the step graph (max_len CAUSAL_MAX_LEN); the export folder. Read-only for tests.
 
-    The int8 agreement bound is lowered to 95% here: a 1-2 epoch d=32 model is nearly undecided (measured on the
-    model before the issue-12 refactor: 6% of its validation rows had a top-2 probability margin below 1e-3 and
+    The int8 agreement bound is lowered to 95% here: a 1-2 epoch d=32 model is nearly undecided (on one such
+    model 6% of its validation rows had a top-2 probability margin below 1e-3 and
     98.4% agreement at max |dp| 9e-4), so its argmax flips under any rounding. That the bound is enforced is
     test_failed_bound_writes_nothing's job; the meld model meets 99.5% (README); max |dp| <= 0.03 is kept."""
     from cmath_export import export_run, parity

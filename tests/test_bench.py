@@ -27,7 +27,7 @@ def bench_out(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
         shutil.copy(tiny_run / name, run / name)
     out = run / "bench"
     result = CliRunner().invoke(main, [str(run), "--quick", "--out", str(out), "--threads", "1",
-                                       "--backends", "eager,ort,ort-fp16,tensorrt"])
+                                       "--backends", "pytorch-eager,onnxruntime:fp32,onnxruntime:fp16,tensorrt"])
     assert result.exit_code == 0, result.output + repr(result.exception)
     return out, result.output
 
@@ -166,8 +166,19 @@ def test_bar_check_and_tables() -> None:
 
 def test_unknown_backend_name(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, [str(tmp_path), "--backends", "jax"])
-    assert result.exit_code != 0 and "expected names from" in result.output
+    assert result.exit_code != 0 and "expected NAME or NAME:PRECISION from" in result.output
     assert backends.ALL[0] == "pytorch-eager:fp32"
+
+
+def test_every_contender_has_one_name() -> None:
+    """Each runtime contender is one name in backends.RUNTIME, used as is by the format table and the records."""
+    from benchmarks.cli import _contender_keys
+    from cmath_export.formats import bench_contenders
+
+    assert {name for _, name, _ in bench_contenders()} <= set(backends.RUNTIME)
+    assert _contender_keys("onnxruntime-spin") == ["onnxruntime-spin:fp32"]
+    assert _contender_keys("onnxruntime") == ["onnxruntime:fp32", "onnxruntime:fp16", "onnxruntime:int8"]
+    assert _contender_keys("openvino:bf16") == ["openvino:bf16"]
 
 
 def test_roofline_flops_and_floor(tmp_path: Path) -> None:
@@ -229,8 +240,8 @@ def test_peak_probes() -> None:
         assert probe.gflop_s([0.001, 0.002, 0.004]) == pytest.approx(2 * 64**3 / 0.002 / 1e9)
 
 
-def test_issue14_bars() -> None:
-    from benchmarks.report import bars_14
+def test_int8_bars() -> None:
+    from benchmarks.report import int8_bars
 
     def lat(backend: str, precision: str, n: int, ms: float, diff: float = 0.0) -> dict:
         return {"kind": "latency", "backend": backend, "precision": precision, "utterances": n, "p50_ms": ms,
@@ -242,7 +253,7 @@ def test_issue14_bars() -> None:
     records += [{"kind": "streaming", "path": "step", "backend": "onnxruntime", "precision": p, "n": 50, "p50_ms": ms,
                  "floor_ms": 2.0, "bytes_floor_ms": 2.0, "weight_bytes": 5e7} for p, ms in (("fp32", 2.5), ("int8", 2.0))]
     env = {"parity": {"int8": {"argmax_agreement": 0.999, "probs_max_abs": 0.01, "passed": True, "rows": 100}}}
-    lines = bars_14(records, env)
+    lines = int8_bars(records, env)
     assert len(lines) == 6
     assert "int8 vs fp32 runtime at 1 utterances" in lines[0] and "2.00x" in lines[0] and lines[0].endswith("PASS")
     assert "openvino fp32" in lines[2] and "1.25x" in lines[2] and lines[2].endswith("PASS")  # int8 is not exact
@@ -252,7 +263,7 @@ def test_issue14_bars() -> None:
     records.append({"kind": "streaming", "path": "step", "backend": "onnxruntime-spin", "precision": "fp32", "n": 50,
                     "p50_ms": 2.2, "floor_ms": 2.0, "bytes_floor_ms": 2.0, "weight_bytes": 5e7, "twin_ms": 2.0,
                     "twin_weight_bytes": 4e7, "twin_read_gb_s": 20.0, "latency_x_twin": 1.1})
-    lines = bars_14(records, env)
+    lines = int8_bars(records, env)
     assert lines[4].startswith("- best fp32 step at history 50, onnxruntime-spin") and "1.10x" in lines[4]
     assert "its MatMul twin" in lines[4] and "the step is 1.10x its twin" in lines[4] and lines[4].endswith("twin")
     assert "fp32 step at history 50, onnxruntime:" in lines[5] and "best" not in lines[5]
@@ -288,7 +299,7 @@ def test_streaming_records_carry_floor_and_matmul_twin(causal_export: Path) -> N
     from benchmarks.streaming import QUICK_BUDGET, run_streaming
 
     records = run_streaming(causal_export, threads=1, lengths=(1, 3), budget=QUICK_BUDGET, log=lambda _m: None,
-                            contenders=(("cpu", "fp32"), ("cpu-spin", "fp32"), ("cpu", "int8")),
+                            contenders=(("onnxruntime", "fp32"), ("onnxruntime-spin", "fp32"), ("onnxruntime", "int8")),
                             machine=Machine(bandwidth_gb_s=10.0, fp32_gflop_s=100.0, threads=1))
     steps = [r for r in records if r["path"] == "step"]
     assert {(r["backend"], r["precision"], r["n"]) for r in steps} == {

@@ -309,6 +309,29 @@ def test_invalid_options_name_the_fix(tiny_run: Path, tmp_path: Path) -> None:
     assert "model.plan" in format_table() and "--fp16" in format_table()
 
 
+def test_the_table_covers_every_file_an_export_names(exported: tuple[Path, dict], causal_export: Path) -> None:
+    """The exporter promotes and cleans up exactly the files of the table's rows, so every file export.json names
+    (artifacts, step graph and twins, text encoder and tokenizer) must be a row's, and nothing else is written."""
+    from cmath_export.export import manifest_files
+    from cmath_export.formats import FORMATS, get_format
+    from cmath_export.quantize import STEP_INT8_FILE
+    from cmath_export.step_graph import STEP_FILE
+    from cmath_export.text_encoder import ONNX_FILE, TOKENIZER_FILES, TWIN_FILES
+    from cmath_runtime.manifest import read_manifest
+
+    table = {name for fmt in FORMATS for name in fmt.out_files}
+    assert set(get_format("step").out_files) == {STEP_FILE, STEP_INT8_FILE}
+    assert set(get_format("text_encoder").out_files) == {ONNX_FILE, *TWIN_FILES.values(), *TOKENIZER_FILES}
+    for folder, companions in ((exported[0], {"triton"}), (causal_export, {"step"})):
+        manifest = read_manifest(folder)
+        names = manifest_files(manifest)
+        assert set(names) <= table
+        assert set(names) | {"export.json"} == {p.name for p in folder.iterdir()}
+        assert {k for k in ("step", "text_encoder", "triton") if manifest.raw.get(k)} == companions
+    for row in ("step", "text_encoder", "triton"):
+        assert get_format(row).name in format_table()
+
+
 # --- TensorRT -------------------------------------------------------------------------------------------------
 
 def _tensorrt_ready() -> bool:
@@ -345,3 +368,12 @@ def test_tensorrt_engine_parity(tiny_run: Path, tmp_path: Path, fp16: bool) -> N
 def test_artifact_error_is_the_exception_type(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="no checkpoint here"):
         export_run(tmp_path)
+
+
+def test_a_registered_model_format_is_built_before_the_companions(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cmath_export import formats
+
+    monkeypatch.setattr(formats, "FORMATS", formats.FORMATS)  # restored after the test
+    formats.register_format(formats.ExportFormat("x", "X", "--x", "model.x.onnx", "onnx", "x", "cpu", (), "m:f"))
+    keys = [f.key for f in formats.FORMATS]
+    assert keys[keys.index("x") + 1:] == ["step", "text_encoder", "triton"]

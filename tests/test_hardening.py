@@ -1,4 +1,4 @@
-"""Issue 16: a hostile artifact, extreme numbers or a broken state file never get past the runtime.
+"""A hostile artifact, extreme numbers or a broken state file never get past the runtime.
 
 One tiny causal run, exported with fp16 and its step graph, serves every test: the full graph (predict), the
 step path (Conversation) and the fp16 artifact.
@@ -106,7 +106,7 @@ def test_symlink_out_of_the_folder_is_refused(hard_export: Path, tmp_path: Path)
 def test_extreme_features_are_refused_not_returned(hard_export: Path, precision: str, value: float) -> None:
     model = cmath_runtime.load(hard_export, backend="cpu", threads=1, precision=precision)
     feats = _feats(4)
-    feats["a"][1:4] = value  # three utterances, as in the issue
+    feats["a"][1:4] = value  # three utterances
     with pytest.raises(InputError) as e:
         model.predict([{"speakers": [0, 1, 0, 1], "features": _feats(4, 1)}, {"speakers": [0, 1, 0, 1], "features": feats}])
     assert e.value.field == "conversations[1].features" and "utterance 1" in str(e.value.actual)

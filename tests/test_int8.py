@@ -1,4 +1,4 @@
-"""int8 (issue 14): cmath-export --int8 proves agreement or writes nothing; the runtime runs model.int8.onnx and
+"""int8: cmath-export --int8 proves agreement or writes nothing; the runtime runs model.int8.onnx and
 model.step.int8.onnx at every shape, finite and padding-invariant within the int8 bound, and refuses an int8
 artifact whose agreement record failed."""
 
@@ -132,7 +132,7 @@ def test_failed_bound_writes_nothing(tiny_run: Path, tmp_path: Path, monkeypatch
     run.mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copy(tiny_run / name, run / name)
-    assert parity.BOUNDS["int8"] == parity.Bounds(probs_max_abs=0.03, min_argmax_agreement=0.995)  # the issue's
+    assert parity.BOUNDS["int8"] == parity.Bounds(probs_max_abs=0.03, min_argmax_agreement=0.995)
     # a bound no int8 graph can meet (exact probabilities): the export must fail and write nothing
     monkeypatch.setitem(parity.BOUNDS, "int8", parity.Bounds(probs_max_abs=0.0, min_argmax_agreement=1.0))
     with pytest.raises(ParityError, match="int8"):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from cmath_train.losses import cmath_loss
-from cmath_train.model import CMATH
+from cmath_train.models.cmath import CMATH
 from cmath_train.models.cmath import CMATHLossConfig as LossConfig
 from tests.conftest import tiny_model_config
 from tests.test_model import make_inputs

@@ -18,8 +18,7 @@ from cmath_train.layers import (
     attention_mask,
     sinusoidal_positions,
 )
-from cmath_train.model import CMATH
-from cmath_train.models.cmath import CMATHConfig
+from cmath_train.models.cmath import CMATH, CMATHConfig
 from tests.conftest import TINY_DIMS, tiny_model_config
 
 SUBSETS = ["".join(s) for r in (1, 2, 3) for s in itertools.combinations("tav", r)]

@@ -1,4 +1,4 @@
-"""OpenVINO backend (issue 14): f32 by default and bf16 only when asked, both read back at load; the same
+"""OpenVINO backend: f32 by default and bf16 only when asked, both read back at load; the same
 answers as onnxruntime at every shape; the step graph; a missing openvino is one clear error."""
 
 from __future__ import annotations

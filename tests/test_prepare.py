@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from cmath_runtime.errors import InputError
+from cmath_runtime.text_clean import clean_text
 from cmath_runtime.turns import TurnFormat
 from cmath_train.data.features_dir import load_features
 from cmath_train.prepare import build as build_module
@@ -23,7 +24,6 @@ from cmath_train.prepare.cli import main
 from cmath_train.prepare.csv_source import CsvColumns, read_conversations
 from cmath_train.prepare.embedding_cache import EmbeddingCache, encode_texts
 from cmath_train.prepare.finetune import FinetuneOptions
-from cmath_train.prepare.text_clean import clean_text
 from tests.conftest import minilm_dir
 
 MELD_DIR = Path(__file__).resolve().parents[2] / "shared/data/meld"

@@ -69,7 +69,7 @@ def test_cli_without_preset_uses_the_auto_recipe_and_reports_the_baseline(fake_d
 
 
 def test_warning_when_below_the_baseline_on_validation():
-    metrics = {"validation": {"weighted_f1": {"mean": 0.30, "std": 0.01}},
+    metrics = {"validation": {"weighted_f1": 0.30},
                "baseline_context_free": {"t": {"validation_weighted_f1": 0.32, "test_weighted_f1": 0.31}}}
     (warning,) = baseline_warnings(metrics)
     assert "WARNING" in warning and "30.00" in warning and "32.00" in warning
@@ -99,9 +99,9 @@ def test_tune_searches_on_validation_records_every_trial_and_retrains(fake_data,
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model"]["d"] == best["params"]["model"]["d"] and cfg["train"]["lr"] == best["params"]["train"]["lr"]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["seeds"] == [0, 1] and "test" in metrics and "t" in metrics["baseline_context_free"]
+    assert metrics["over_seeds"]["seeds"] == [0, 1] and "test" in metrics and "t" in metrics["baseline_context_free"]
     assert metrics["recipe"].startswith("auto:multimodal + tune (") and "best.json" in metrics["recipe"]
-    ens = metrics["seed_ensemble"]  # no dev split in this data: the ensemble is scored on test only
+    ens = metrics["over_seeds"]["ensemble"]  # no dev split in this data: the ensemble is scored on test only
     assert ens["seeds"] == [0, 1] and 0 <= ens["test"]["weighted_f1"] <= 1 and "validation" not in ens
     assert "ensemble of the 2 seeds" in res.output
 
@@ -176,7 +176,8 @@ def test_seeds_with_distillation_train_students_from_the_seeds_ensemble(fake_dat
                                          "--out", str(out), "--quiet"])
     assert res.exit_code == 0, res.output
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["distilled"]["weight"] == 1.0 and metrics["teachers"]["test"]["weighted_f1"]["mean"] >= 0
+    spread = metrics["over_seeds"]
+    assert spread["distilled"]["weight"] == 1.0 and spread["teachers"]["test"]["weighted_f1"]["mean"] >= 0
     assert "distilled from the seeds' ensemble" in res.output
     for seed in (0, 1):
         student = json.loads((out / f"student_{seed}" / "metrics.json").read_text())
@@ -184,9 +185,10 @@ def test_seeds_with_distillation_train_students_from_the_seeds_ensemble(fake_dat
         assert all(h["train_distill"] > 0 for h in student["history"])  # the KL term was really trained on
         assert all("train_distill" not in h for h in teacher["history"])
         assert json.loads((out / f"student_{seed}" / "config.json").read_text())["train"]["distill"] == 1.0
-    best = metrics["selected_seed"]
+    best = spread["selected"]
     assert (out / "model.safetensors").read_bytes() == (out / f"student_{best}" / "model.safetensors").read_bytes()
-    assert metrics["per_seed"][str(best)]["test"] == student_test(out, best)
+    assert spread["per_seed"][str(best)]["test"] == student_test(out, best) == {k: metrics["test"][k] for k in
+                                                                                 ("accuracy", "weighted_f1")}
 
 
 def student_test(out, seed):

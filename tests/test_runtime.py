@@ -395,7 +395,7 @@ def test_cuda_matches_cpu(exported: Path, model: cmath_runtime.EmotionModel) -> 
         np.testing.assert_allclose(a.probs, b.probs, atol=1e-4)
 
 
-# --- one loader, one manifest, one comparator (issue 12) ----------------------------------------------------------
+# --- one loader, one manifest, one comparator --------------------------------------------------------------------
 
 def test_manifest_round_trip(exported: Path) -> None:
     from cmath_runtime.manifest import Manifest, read_manifest

@@ -1,4 +1,4 @@
-"""cmath-serve (issue 15): a real tritonserver on free localhost ports, answering like cmath_runtime.
+"""cmath-serve: a real tritonserver on free localhost ports, answering like cmath_runtime.
 
 Two servers start once for the whole file (in parallel) and are always torn down:
 * `main`: the tiny causal artifact, batched step path, room for 64 conversations;

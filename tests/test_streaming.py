@@ -1,4 +1,4 @@
-"""Streaming (issue 7): the causal step equals the full forward row by row (torch, ONNX, runtime), state
+"""Streaming: the causal step equals the full forward row by row (torch, ONNX, runtime), state
 persistence, capacity, and the full path for artifacts without a step graph."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def _conversation(n: int, dims: dict[str, int], seed: int) -> tuple[dict[str, np
 
 @pytest.mark.parametrize("mods", SUBSETS)
 def test_torch_step_equals_full_forward(mods: str) -> None:
-    from cmath_train.model import CMATH
+    from cmath_train.models.cmath import CMATH
     from cmath_train.streaming import StepModule, StreamState, step
 
     torch.manual_seed(len(mods))
@@ -48,7 +48,7 @@ def test_torch_step_equals_full_forward(mods: str) -> None:
 
 @pytest.mark.parametrize("overrides", [{"modality_reconstruction": False}, {"cross_modal": False}])
 def test_torch_step_ablations(overrides: dict) -> None:
-    from cmath_train.model import CMATH
+    from cmath_train.models.cmath import CMATH
     from cmath_train.streaming import StepModule, StreamState, step
 
     net = CMATH(tiny_model_config(causal=True, **overrides)).eval()
@@ -66,7 +66,7 @@ def test_torch_step_ablations(overrides: dict) -> None:
 @pytest.mark.parametrize("kernel", [1, 2, 3, 5])
 def test_torch_step_every_conv_kernel(kernel: int) -> None:
     """k = 1 has no conv tail (the step once used a linear layer it does not have); k > 1 carries k-1 rows."""
-    from cmath_train.model import CMATH
+    from cmath_train.models.cmath import CMATH
     from cmath_train.streaming import StepModule, StreamState, step
 
     torch.manual_seed(kernel)
@@ -85,13 +85,13 @@ def test_torch_step_every_conv_kernel(kernel: int) -> None:
 
 
 def test_step_graph_export_with_conv_kernel_1(tmp_path: Path) -> None:
-    """A causal --conv-kernel 1 model exports its step graph, and it equals the full graph (issue 13)."""
+    """A causal --conv-kernel 1 model exports its step graph, and it equals the full graph."""
     import onnx
 
     from cmath_export.formats import DEFAULT_OPSET
     from cmath_export.graph import export_onnx
     from cmath_export.step_graph import export_step
-    from cmath_train.model import CMATH
+    from cmath_train.models.cmath import CMATH
 
     torch.manual_seed(1)
     net = CMATH(tiny_model_config(causal=True, conv_kernel=1, modalities=("t",))).eval()  # one modality: a quicker trace
@@ -103,7 +103,7 @@ def test_step_graph_export_with_conv_kernel_1(tmp_path: Path) -> None:
 
 
 def test_step_refuses_bidirectional_model() -> None:
-    from cmath_train.model import CMATH
+    from cmath_train.models.cmath import CMATH
     from cmath_train.streaming import StepModule
 
     with pytest.raises(InputError, match="causal"):

@@ -71,21 +71,6 @@ def test_manifest_entry_and_files(text_export: Path) -> None:
     assert entry["parity"]["min_cosine"] >= 0.9999
 
 
-def test_clean_text_copy_matches_training() -> None:
-    from cmath_runtime.text_clean import clean_text as runtime_clean
-    from cmath_train.prepare.text_clean import clean_text as train_clean
-
-    samples = [*EDGE, "Ã¼ber", "\u200b\u200d👨‍👩‍👧", "a\tb\r\nc  "]
-    if (MELD_DIR / "test_sent_emo.csv").is_file():
-        import csv
-
-        with open(MELD_DIR / "test_sent_emo.csv", encoding="utf-8") as f:
-            samples += [row["Utterance"] for row in csv.DictReader(f)]
-    for s in samples:
-        assert runtime_clean(s) == train_clean(s)
-        assert runtime_clean(runtime_clean(s)) == runtime_clean(s)  # cleaned CSV text passes through unchanged
-
-
 def test_text_equals_features(model: cmath_runtime.EmotionModel, encoder) -> None:
     enc = model.text_encoder
     texts = ["Hi Joey!", "", "I can't believe it 😱", "word " * 400]

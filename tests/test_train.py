@@ -122,14 +122,17 @@ def test_cli_trains_with_options_and_seeds(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     assert "validation accuracy" in res.output and "+-" in res.output
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["seeds"] == [0, 1] and set(metrics["test"]["weighted_f1"]) == {"mean", "std"}
+    spread = metrics["over_seeds"]
+    assert spread["seeds"] == [0, 1] and set(spread["test"]["weighted_f1"]) == {"mean", "std"}
+    # the top level is the selected seed's model, the one in the run folder
+    assert metrics["test"] == json.loads((out / f"seed_{spread['selected']}" / "metrics.json").read_text())["test"]
     assert load_checkpoint(out).model_cfg.modalities == ("t", "a")
     bad = CliRunner().invoke(train_cli, ["--modalities", "tx", "--out", str(tmp_path / "x")])
     assert bad.exit_code != 0 and "expected letters from 'tav'" in bad.output
     bad = CliRunner().invoke(train_cli, ["--model", "resnet", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "expected one of ['cmath', 'dmd', 'sdt'], got 'resnet'" in bad.output
     bad = CliRunner().invoke(train_cli, ["--preset", "nope", "--out", str(tmp_path / "x")])
-    assert bad.exit_code != 0 and "expected one of ['default', 'iemocap', 'meld', 'meld_text']" in bad.output
+    assert bad.exit_code != 0 and "expected one of ['default', 'iemocap', 'meld']" in bad.output
 
 
 def test_ema_weights_are_validated_kept_and_resumed(tiny_data, tmp_path):
@@ -167,3 +170,17 @@ def test_ema_weights_are_validated_kept_and_resumed(tiny_data, tmp_path):
         make_ema(model, 0.9, warmup=1.0)
     with pytest.raises(ValueError, match=r"ema_decay: expected a number in \[0, 1\), got 1.0"):
         make_ema(model, 1.0)
+
+
+def test_metrics_json_has_one_schema(tiny_run, tmp_path):
+    """metrics.json is written by one function that checks its schema: scalar scores for the run's model."""
+    from cmath_train.metrics import write_metrics
+
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    write_metrics(tmp_path, metrics)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    with pytest.raises(ValueError, match=r"validation\.accuracy: expected a number"):
+        write_metrics(tmp_path, {**metrics, "validation": {**metrics["validation"], "accuracy": {"mean": 0.5, "std": 0}}})
+    with pytest.raises(ValueError, match="missing \\['history'\\]"):
+        write_metrics(tmp_path, {k: v for k, v in metrics.items() if k != "history"})
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics  # a rejected write leaves the file

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from cmath_runtime.base import MODALITY_ORDER
+
 SPLITS = ("train", "dev", "test")
 
 
@@ -32,7 +34,7 @@ class FeatureSet:
 
     @property
     def modalities(self) -> tuple[str, ...]:
-        return tuple(m for m in ("t", "a", "v") if m in self.feature_dims)
+        return tuple(m for m in MODALITY_ORDER if m in self.feature_dims)
 
     def select(self, modalities: tuple[str, ...]) -> FeatureSet:
         """The same data restricted to some of its modalities."""

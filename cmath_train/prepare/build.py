@@ -17,6 +17,7 @@ import numpy as np
 
 from cmath_runtime.errors import InputError
 from cmath_runtime.files import atomic_write_bytes
+from cmath_runtime.text_clean import TEXT_NORMALISATION
 from cmath_runtime.turns import TurnFormat, encode_turns
 from cmath_train.data.features_dir import save_features
 from cmath_train.data.types import SPLITS, Dialogue, FeatureSet
@@ -26,7 +27,6 @@ from .embedding_cache import DEFAULT_CACHE_DIR, EmbeddingCache, encode_texts
 from .finetune import FinetuneOptions, finetune_encoder
 from .labels import LABEL_ORDER, label_indices, label_names
 from .speakers import make_speaker_mapping
-from .text_clean import TEXT_NORMALISATION
 from .text_encoder import SentenceTransformerEncoder, TextEncoder
 
 ENCODER_SUBDIR = "encoder"

@@ -17,8 +17,7 @@ from pathlib import Path
 
 from cmath_runtime.errors import InputError
 from cmath_runtime.files import sha256_file
-
-from .text_clean import clean_text, decode_bytes
+from cmath_runtime.text_clean import clean_text, decode_bytes
 
 
 @dataclass(frozen=True)

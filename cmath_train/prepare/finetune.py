@@ -109,10 +109,11 @@ def finetune_encoder(
     )
     steps_per_epoch = math.ceil(len(train) / options.batch_size)
     total = steps_per_epoch * options.epochs
-    warmup = max(1, round(total * options.warmup_fraction))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
-    )
+    from transformers import get_linear_schedule_with_warmup
+
+    # linear warm-up over the first warmup_fraction of the steps, then linear decay to 0 (sentence-transformers'
+    # own "WarmupLinear")
+    scheduler = get_linear_schedule_with_warmup(optimizer, max(1, round(total * options.warmup_fraction)), total)
     labels = torch.as_tensor(np.asarray(train_labels, np.int64))
     lengths = np.array([len(ids) for ids, _ in train])
     has_dev = dev is not None and dev_labels is not None and len(dev) > 0

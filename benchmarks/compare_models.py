@@ -1,8 +1,8 @@
 """Compare the registered models on one dataset: same data, splits, dev-based selection and seeds for each.
 
-    python -m cmath_train.compare_models [--data synthetic|FEATURES_DIR|PICKLE] [--modalities tav] [--seeds 3]
-                                        [--epochs N] [--preset default] [--recipes cmath=auto,sdt=meld]
-                                        [--models cmath,sdt,dmd,cmath+cdat] [--out runs/compare]
+    python -m benchmarks.compare_models [--data synthetic|FEATURES_DIR|PICKLE] [--modalities tav] [--seeds 3]
+                                       [--epochs N] [--preset default] [--recipes cmath=auto,sdt=meld]
+                                       [--models cmath,sdt,dmd,cmath+cdat] [--out runs/compare]
 
 Recipes: every model gets `--preset` unless `--recipes` names its own: `MODEL=PRESET` (a model's published recipe,
 e.g. SDT's `meld`, see registry.preset) or `cmath=auto` (the recipe `cmath-train` chooses from the data).
@@ -14,7 +14,7 @@ on validation (the official dev split, else the same seeded train fraction for e
 per seed. Writes OUT/compare.json and OUT/compare.md: test accuracy and weighted-F1 (mean +- std over seeds),
 parameters, and latency for one conversation of 50 utterances (batch 1). Latency is measured through the
 exported artifact (cmath_export.export_run, fp32 ONNX with its parity proof) with cmath_runtime on the CPU;
-with --latency-backend eager, or without cmath_export, it is PyTorch eager latency, and the table says so.
+with --latency-backend eager it is PyTorch eager latency, and the table says so.
 """
 
 from __future__ import annotations
@@ -125,14 +125,11 @@ def eager_callable(run_dir: Path) -> Callable[[], object]:
     return call
 
 
-def runtime_callable(run_dir: Path) -> tuple[Callable[[], object], dict[str, Any]] | None:
+def runtime_callable(run_dir: Path) -> tuple[Callable[[], object], dict[str, Any]]:
     """Export with cmath_export.export_run (fp32, parity proven) and time cmath_runtime's predict on the CPU;
-    -> (the call, the export's fp32 parity numbers), or None when cmath_export is not available."""
-    try:
-        from cmath_export import export_run  # type: ignore[attr-defined]
-    except ImportError:
-        return None
+    -> (the call, the export's fp32 parity numbers)."""
     import cmath_runtime
+    from cmath_export import export_run
 
     manifest = export_run(run_dir)  # writes RUN_DIR/export (docs/artifact-format.md); load() finds it from the run
     model = cmath_runtime.load(run_dir, backend="cpu", threads=1)
@@ -143,25 +140,19 @@ def runtime_callable(run_dir: Path) -> tuple[Callable[[], object], dict[str, Any
     return (lambda: model.predict([conversation])), {"model_name": manifest["model_name"], "parity_fp32": parity}
 
 
-def measure_latency(run_dirs: dict[str, Path], calls: int = 100, backend: str = "auto", rounds: int = 5,
+def measure_latency(run_dirs: dict[str, Path], calls: int = 100, backend: str = "runtime", rounds: int = 5,
                     warmup: int = 3) -> tuple[str, dict[str, dict[str, float]]]:
     """Median and p90 milliseconds over `calls` calls per model, the models interleaved in `rounds` rounds so that
     a change in the machine's load hits all of them alike. backend: "runtime" (export each run, time
-    cmath_runtime), "eager" (PyTorch), "auto" (runtime when cmath_export is available)."""
-    fns: dict[str, Callable[[], object]] = {}
+    cmath_runtime) or "eager" (PyTorch)."""
     exports: dict[str, dict[str, Any]] = {}
-    label = "cmath_runtime: exported fp32 ONNX on onnxruntime CPU, 1 thread"
-    if backend in ("auto", "runtime"):
+    if backend == "runtime":
+        label = "cmath_runtime: exported fp32 ONNX on onnxruntime CPU, 1 thread"
+        fns: dict[str, Callable[[], object]] = {}
         for key, run in run_dirs.items():
-            got = runtime_callable(run)
-            if got is None:
-                if backend == "runtime":
-                    raise click.ClickException("--latency-backend runtime: cmath_export.export_run is not available")
-                break
-            fns[key], exports[key] = got
-    if len(fns) < len(run_dirs):
-        why = "as asked" if backend == "eager" else "cmath_export not available"
-        label = f"PyTorch eager CPU fp32, 1 thread ({why}; NOT the exported runtime)"
+            fns[key], exports[key] = runtime_callable(run)
+    else:
+        label = "PyTorch eager CPU fp32, 1 thread (as asked; NOT the exported runtime)"
         fns = {key: eager_callable(run) for key, run in run_dirs.items()}
     times: dict[str, list[float]] = {key: [] for key in fns}
     for fn in fns.values():
@@ -192,7 +183,7 @@ def build_report(entries: list[Entry], trained: dict[str, Any], latency: tuple[s
     backend, lat = latency
     models = {}
     for entry in entries:
-        summary = trained[entry.key]["summary"]
+        summary = trained[entry.key]["summary"]["over_seeds"]  # mean +- std over the seeds (cmath_train/metrics.py)
         per_seed = summary["per_seed"]
         models[entry.key] = {
             "model": entry.model, "cdat": entry.cdat, "recipe": context["recipes"][entry.key],
@@ -257,8 +248,8 @@ def markdown(report: dict[str, Any]) -> str:
 @click.option("--lr", type=float, default=None)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/compare", show_default=True)
 @click.option("--latency-calls", type=int, default=100, show_default=True, help="Timed calls per model.")
-@click.option("--latency-backend", type=click.Choice(["auto", "runtime", "eager"]), default="auto", show_default=True,
-              help="auto: export each selected run and time cmath_runtime when cmath_export is there, else eager.")
+@click.option("--latency-backend", type=click.Choice(["runtime", "eager"]), default="runtime", show_default=True,
+              help="runtime: export each selected run and time cmath_runtime; eager: PyTorch eager.")
 @click.option("--resume", is_flag=True, help="Reuse finished seeds in --out and continue interrupted ones.")
 @click.option("--quiet", is_flag=True)
 def main(data: str, modalities: str | None, preset: str, recipes: str | None, model_list: str, seeds: int, seed: int,
@@ -301,12 +292,12 @@ def main(data: str, modalities: str | None, preset: str, recipes: str | None, mo
     notes = []
     if len(mods) == 1 and any(e.cdat for e in entries):
         notes.append("CDaT transfers between modalities: with a single modality it adds nothing (+cdat = plain).")
-    first = trained[entries[0].key]["summary"]
+    first = trained[entries[0].key]["summary"]["over_seeds"]
     context = {"data": data, "modalities": "".join(mods), "preset": preset, "recipes": recipe_names, "epochs": epochs,
                "seeds": first["seeds"], "validation": _validation_source(out / entries[0].key),
                "configs": {k: {"model": m | {"modalities": list(mods)}, "loss": lo, "train": t}
                            for k, (m, lo, t) in configs.items()},
-               "command": "python -m cmath_train.compare_models " + shlex.join(
+               "command": "python -m benchmarks.compare_models " + shlex.join(
                    a for a in sys.argv[1:] if a not in ("--resume", "--quiet")),  # neither changes a number
                "host": {"python": platform.python_version(), "torch": torch.__version__,
                         "cpu_count": os.cpu_count()},

@@ -37,11 +37,16 @@ def rows_from_run(name: str, run: Path, baselines: bool) -> list[Row]:
     if not path.is_file():
         raise InputError("run", f"a cmath-train run directory with metrics.json ({path})", "no such file")
     m: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    spread = m.get("over_seeds", m)  # several seeds: mean +- std; one seed: the run's own numbers
     try:
-        val, test = m["validation"]["weighted_f1"], m["test"]["weighted_f1"]
+        val, test = spread["validation"]["weighted_f1"], spread["test"]["weighted_f1"]
     except (KeyError, TypeError) as e:
-        raise InputError(f"{path}", "validation/test weighted_f1 (mean, std)", f"missing {e}") from None
-    rows = [Row(name, 100 * val["mean"], 100 * test["mean"], 100 * val["std"], 100 * test["std"], len(m.get("per_seed") or [0]))]
+        raise InputError(f"{path}", "validation and test weighted_f1", f"missing {e}") from None
+    seeds = len(spread.get("per_seed") or [0])
+    if isinstance(val, dict):
+        rows = [Row(name, 100 * val["mean"], 100 * test["mean"], 100 * val["std"], 100 * test["std"], seeds)]
+    else:
+        rows = [Row(name, 100 * val, 100 * test)]
     if baselines:
         enc = m.get("encoder_classifier")
         if enc:

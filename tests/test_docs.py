@@ -54,3 +54,22 @@ def test_readme_quick_start_runs_as_written(tiny_export, tmp_path: Path) -> None
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert len(lines) == 4 and lines[0].startswith("[")  # the labels of 3 utterances, then one line per live turn
+
+
+def test_accuracy_page_is_written_from_run_metrics(tiny_run: Path, tmp_path: Path) -> None:
+    """`benchmarks.accuracy` turns runs' metrics.json into the results table; a folder without one is named."""
+    import json
+
+    from click.testing import CliRunner
+
+    from benchmarks.accuracy import main
+
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    out = tmp_path / "page"
+    done = CliRunner().invoke(main, ["--run", f"tiny={tiny_run}", "--title", "tiny", "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    [row, *_baselines] = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert row["model"] == "tiny" and row["test_wf1"] == 100 * metrics["test"]["weighted_f1"]
+    assert "| tiny | 1 |" in out.with_suffix(".md").read_text()
+    bad = CliRunner().invoke(main, ["--run", f"x={tmp_path}", "--title", "t", "--out", str(out)])
+    assert bad.exit_code != 0 and "metrics.json" in bad.output

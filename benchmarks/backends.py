@@ -126,7 +126,7 @@ def compiled(model: Any, spec: InputSpec, device: str = "cpu") -> Contender:
 def runtime(export_dir: Path, backend: str, precision: str, threads: int, spinning: bool = False) -> Contender:
     """cmath_runtime on `backend` ("cpu", "openvino", "cuda", "tensorrt"); Skipped when that backend or artifact is not here."""
     import cmath_runtime
-    from cmath_runtime.session import PROVIDER, available_providers
+    from cmath_runtime.session import BACKENDS, available_providers
 
     name = {"cpu": ORT_SPIN if spinning else ORT, "cuda": ORT_CUDA, "tensorrt": TENSORRT, "openvino": OPENVINO}[backend]
     if backend == "openvino":
@@ -134,8 +134,8 @@ def runtime(export_dir: Path, backend: str, precision: str, threads: int, spinni
 
         if not available():
             raise Skipped("openvino is not installed (pip install 'cmath[openvino]')")
-    elif backend != "cpu" and PROVIDER[backend] not in available_providers():
-        raise Skipped(f"{PROVIDER[backend]} is not in this onnxruntime ({', '.join(available_providers())}): needs "
+    elif backend != "cpu" and BACKENDS[backend].provider not in available_providers():
+        raise Skipped(f"{BACKENDS[backend].provider} is not in this onnxruntime ({', '.join(available_providers())}): needs "
                       f"an NVIDIA GPU and onnxruntime-gpu{' with TensorRT' if backend == 'tensorrt' else ''}")
     try:
         model = cmath_runtime.load(export_dir, backend=backend, precision=precision, threads=threads,

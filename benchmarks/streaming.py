@@ -33,14 +33,13 @@ PROBE = "probe/bandwidth"  # benchmarks.roofline.BandwidthProbe, timed among the
 def _load_step_models(export_dir: str | Path, threads: int, contenders: tuple[tuple[str, str], ...],
                       log: Any) -> dict[tuple[str, str], Any]:
     import cmath_runtime
-    from cmath_runtime.streaming import step_graph
 
     models = {}
     for backend, precision in contenders:
         try:
             model = cmath_runtime.load(export_dir, backend=backend.removesuffix("-spin"), precision=precision,
                                        threads=threads, spinning=backend.endswith("-spin"))
-            graph = step_graph(model)
+            graph = model.step_graph
         except cmath_runtime.CmathError as e:
             log(f"streaming: skipped {BACKEND_NAME[backend]} {precision}: {e}")
             continue

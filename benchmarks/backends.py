@@ -134,8 +134,8 @@ def runtime(export_dir: Path, backend: str, precision: str, threads: int, spinni
 
         if not available():
             raise Skipped("openvino is not installed (pip install 'cmath[openvino]')")
-    elif backend != "cpu" and BACKENDS[backend].provider not in available_providers():
-        raise Skipped(f"{BACKENDS[backend].provider} is not in this onnxruntime ({', '.join(available_providers())}): needs "
+    elif backend != "cpu" and (provider := BACKENDS[backend].provider) not in available_providers():
+        raise Skipped(f"{provider} is not in this onnxruntime ({', '.join(available_providers())}): needs "
                       f"an NVIDIA GPU and onnxruntime-gpu{' with TensorRT' if backend == 'tensorrt' else ''}")
     try:
         model = cmath_runtime.load(export_dir, backend=backend, precision=precision, threads=threads,

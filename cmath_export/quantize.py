@@ -212,7 +212,8 @@ def step_outputs(path: str | Path, entry: dict[str, Any], batches: list[dict[str
     from cmath_runtime.session import open_session
     from cmath_runtime.streaming import StepGraph, Stream
 
-    graph = StepGraph(open_session(path, "cpu", threads=threads, what="step graph").session, entry, Path(path))
+    session = open_session(path, "cpu", threads=threads, what="step graph").session
+    graph = StepGraph(session, entry, Path(path))
     modalities = [m for m in batches[0] if m not in ("speaker", "mask")] if batches else []
     out = []
     for feeds in batches:

@@ -63,7 +63,8 @@ def resolve_model_dir(meta: dict[str, Any]) -> Path:
         with contextlib.suppress(ArtifactError):
             candidates.append(default_model_dir())
     for path in candidates:
-        if (path / "modules.json").is_file() and all(sha256_problem(path / f, h) is None for f, h in want.items()):
+        if (path / "modules.json").is_file() and all(sha256_problem(path / f, h) is None
+                                                     for f, h in want.items()):
             return path
     raise ArtifactError(meta.get("path", "text_encoder"), f"the run's text encoder ({meta.get('name')}) with weights "
                         f"{ {k: v[:12] for k, v in want.items()} } was not found; pass --no-text-encoder to skip it")

@@ -13,9 +13,9 @@
     conv.add(0, **{m: x[0] for m, x in features.items()})     # or conv.add(0, text="...", a=..., v=...)
     conv.latest.label, conv.latest.probs
 
-The public API is `__all__`: `load` -> `EmotionModel` (`predict` -> `Prediction`), `Conversation` (`latest` ->
-`Emotion`; `Conversation.step_batch` steps many at once) and the errors. Everything else (the manifest, sessions,
-the step graph, state files) is internal and may change. The names are imported lazily, so `import
+The public API is `__all__`: `load` -> `EmotionModel` (`predict` -> `Prediction`), `Conversation` (`latest`
+-> `Emotion`; `Conversation.step_batch` steps many at once) and the errors. Everything else (the manifest,
+sessions, the step graph, state files) is internal and may change. The names are imported lazily, so `import
 cmath_runtime` stays fast and loads onnxruntime only when a model is loaded. Nothing here imports torch.
 """
 

@@ -10,8 +10,8 @@ attention keys/values (streaming.py): `.path == "step"`, exactly the full graph'
 Its state is plain numpy: `state_dict()` / `Conversation.from_state(model, state)`, `save()` / `load()` (np.savez,
 no pickle, state.py) let an agent persist and resume a conversation.
 
-A Conversation makes every change to its own state, under its own lock, batched stepping included: the step graph
-(`streaming.Stream`) computes, the conversation records.
+A Conversation makes every change to its own state, under its own lock, batched stepping included: the step
+graph (`streaming.Stream`) computes, the conversation records.
 """
 
 from __future__ import annotations
@@ -80,8 +80,8 @@ class Conversation:
         return "full" if self._stream is None else "step"
 
     def add(self, speaker: int, **features: Any) -> Conversation:
-        """Append one utterance: a speaker id and one feature vector per modality, e.g. add(0, t=..., a=..., v=...),
-        or its raw text (text="...") in place of t= when the artifact has a text encoder."""
+        """Append one utterance: a speaker id and one feature vector per modality, e.g. add(0, t=..., a=...,
+        v=...), or its raw text (text="...") in place of t= when the artifact has a text encoder."""
         field = f"utterances[{len(self)}]"
         speaker = self._check_room_and_speaker(speaker, field)
         text = None
@@ -96,12 +96,13 @@ class Conversation:
     @classmethod
     def step_batch(cls, conversations: Sequence[Conversation], utterances: Sequence[Mapping[str, Any]]
                    ) -> list[Emotion]:
-        """Add one utterance to each of many conversations and return each one's newest emotion, in ONE step-graph
-        call (servers batch concurrent conversations with this). utterances[i] is like add()'s arguments,
-        {"speaker": 0, "t": ..., "a": ..., "v": ...} or {"speaker": 0, "text": "...", ...}, and goes to
-        conversations[i]; each conversation ends exactly as `conversations[i].add(**utterances[i])` would leave it.
-        All conversations must share one model. Nothing is changed unless every utterance is valid; errors name
-        `utterances[i].field`. Models without a step graph (bidirectional) add and recompute one by one.
+        """Add one utterance to each of many conversations and return each one's newest emotion, in ONE
+        step-graph call (servers batch concurrent conversations with this). utterances[i] is like add()'s
+        arguments, {"speaker": 0, "t": ..., "a": ..., "v": ...} or {"speaker": 0, "text": "...", ...}, and
+        goes to conversations[i]; each conversation ends exactly as `conversations[i].add(**utterances[i])`
+        would leave it. All conversations must share one model. Nothing is changed unless every utterance is
+        valid; errors name `utterances[i].field`. Models without a step graph (bidirectional) add and
+        recompute one by one.
         """
         model = cls._check_batch(conversations, utterances)
         if model is None:
@@ -109,10 +110,11 @@ class Conversation:
         speakers, feats = [], []
         for i, (conv, utt) in enumerate(zip(conversations, utterances)):
             if not isinstance(utt, Mapping):
-                raise InputError(f"utterances[{i}]", "a dict with 'speaker' and one feature vector per modality "
-                                 "(or 'text')", type(utt).__name__)
+                raise InputError(f"utterances[{i}]", "a dict with 'speaker' and one feature vector per "
+                                 "modality (or 'text')", type(utt).__name__)
             if "speaker" not in utt:
-                raise InputError(f"utterances[{i}].speaker", f"an integer id in [0, {model.num_speakers})", "missing")
+                raise InputError(f"utterances[{i}].speaker", f"an integer id in [0, {model.num_speakers})",
+                                 "missing")
             speakers.append(conv._check_room_and_speaker(utt["speaker"], f"utterances[{i}]"))
             feats.append({k: v for k, v in utt.items() if k != "speaker"})
         texts: list[str | None] = [None] * len(feats)
@@ -155,21 +157,23 @@ class Conversation:
 
     @staticmethod
     def _check_batch(conversations: Any, utterances: Any) -> EmotionModel | None:
-        """step_batch's arguments: one Conversation each of one model, at most once; its model (None: empty)."""
+        """step_batch's arguments: Conversations of one model, each at most once; their model (None: none)."""
         if isinstance(conversations, Conversation) or not isinstance(conversations, Sequence):
             raise InputError("conversations", "a list of Conversation", type(conversations).__name__)
         if isinstance(utterances, (Mapping, str, bytes)) or not isinstance(utterances, Sequence):
             raise InputError("utterances", "a list of dicts, one per conversation", type(utterances).__name__)
         if len(utterances) != len(conversations):
-            raise InputError("utterances", f"{len(conversations)} utterances (one per conversation)", len(utterances))
+            raise InputError("utterances", f"{len(conversations)} utterances (one per conversation)",
+                             len(utterances))
         if not conversations:
             return None
         model = conversations[0].model if isinstance(conversations[0], Conversation) else None
         seen: set[int] = set()
         for i, conv in enumerate(conversations):
             if not isinstance(conv, Conversation) or conv.model is not model:
-                raise InputError(f"conversations[{i}]", "a Conversation of the same model as conversations[0]",
-                                 type(conv).__name__ if not isinstance(conv, Conversation) else "another model")
+                got = type(conv).__name__ if not isinstance(conv, Conversation) else "another model"
+                want = "a Conversation of the same model as conversations[0]"
+                raise InputError(f"conversations[{i}]", want, got)
             if id(conv) in seen:
                 raise InputError(f"conversations[{i}]", "each conversation at most once per call", "a repeat")
             seen.add(id(conv))
@@ -270,8 +274,8 @@ class Conversation:
                 self._stream.catch_up(self._speakers, self._features)
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Everything needed to resume (state.py): what it belongs to (meta.*), speakers, texts, features and (step
-        path) the cached state; numpy arrays only."""
+        """Everything needed to resume (state.py): what it belongs to (meta.*), speakers, texts, features and
+        (step path) the cached state; numpy arrays only."""
         with self._lock:
             if self._stream is not None:
                 self._stream.catch_up(self._speakers, self._features)

@@ -60,8 +60,8 @@ def sha256_problem(path: str | os.PathLike, sha256: str) -> str | None:
         return "missing"
     digest = sha256_file(path)
     if digest != sha256:
-        return (f"sha256 mismatch: export.json says {sha256[:16]}..., the file has {digest[:16]}... (corrupt, "
-                "truncated or replaced; re-export it)")
+        return (f"sha256 mismatch: export.json says {sha256[:16]}..., the file has {digest[:16]}... "
+                "(corrupt, truncated or replaced; re-export it)")
     return None
 
 

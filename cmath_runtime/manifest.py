@@ -172,16 +172,16 @@ def read_manifest(path: str | Path) -> Manifest:
 
 
 def check_agreement(record: Any, where: Path | None, what: str, flag: str) -> None:
-    """Refuse a reduced-precision graph (int8 model, int8 step graph, fp16/int8 text encoder) whose agreement record
-    in export.json failed or is missing: such a graph is only ever loaded after the exporter measured it within
-    its bounds. `flag` is the cmath-export option that re-exports it."""
+    """Refuse a reduced-precision graph (int8 model, int8 step graph, fp16/int8 text encoder) whose agreement
+    record in export.json failed or is missing: such a graph is only ever loaded after the exporter measured
+    it within its bounds. `flag` is the cmath-export option that re-exports it."""
     if isinstance(record, dict) and record.get("passed") is True:
         return
     if not isinstance(record, dict):
         why = "has no agreement record"
     else:
-        measured = {k: record[k] for k in ("argmax_agreement", "min_argmax_agreement", "agreement", "min_cosine")
-                    if k in record}
+        keys = ("argmax_agreement", "min_argmax_agreement", "agreement", "min_cosine")
+        measured = {k: record[k] for k in keys if k in record}
         why = f"failed its agreement bound ({measured})"
     raise ArtifactError(where if where is not None else MANIFEST,
                         f"the {what} {why} in export.json; refusing to load it: re-export with "

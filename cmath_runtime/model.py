@@ -91,9 +91,9 @@ class EmotionModel:
         return TextEncoder(spec, threads=self.threads, verify=self.verify, spinning=self.spinning)
 
     def _open_step_graph(self) -> StepGraph | None:
-        """The step graph on the model's engine: CPU stays CPU, OpenVINO stays OpenVINO (same precision), a GPU
-        model steps on CUDA (the step graph's growing cache axis has no TensorRT profile); int8 models run the
-        int8 step graph, refused without a passed agreement record."""
+        """The step graph on the model's engine: CPU stays CPU, OpenVINO stays OpenVINO (same precision), a
+        GPU model steps on CUDA (the step graph's growing cache axis has no TensorRT profile); int8 models run
+        the int8 step graph, refused without a passed agreement record."""
         entry = self.manifest.step
         if not entry:
             return None
@@ -216,7 +216,8 @@ def load(path: str | Path, backend: str = "auto", precision: str = "fp32", threa
     spinning: let idle onnxruntime threads spin (a little faster on an idle machine, much slower on a busy one).
     static_shapes: backend "openvino" only (default 2): the second call with a (batch, utterances) shape among the
     last 64 compiles model.onnx for that exact shape (once; later calls of that shape run faster); at most
-    `static_shapes` are kept (each a copy of the weights), the busiest of the recent calls; 0 = one dynamic model.
+    `static_shapes` are kept (each a copy of the weights), the busiest of the recent calls; 0 = one dynamic
+    model.
     Shapes seen once, such as a conversation recomputed as it grows, never compile.
     """
     start = time.perf_counter()

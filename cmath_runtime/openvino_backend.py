@@ -1,20 +1,20 @@
 """OpenVINO on the CPU (optional extra `openvino`): compiles the same model.onnx / model.step.onnx.
 
-Precision: on a CPU with avx512_bf16 or AMX, OpenVINO's default inference precision is bf16, which must never be
-taken for fp32. So the precision is always set (INFERENCE_PRECISION_HINT f32, or bf16 when asked for) and read
-back from the compiled model, with the devices that run it (EXECUTION_DEVICES); anything else than what was asked
-is a BackendUnavailableError.
+Precision: on a CPU with avx512_bf16 or AMX, OpenVINO's default inference precision is bf16, which must
+never be taken for fp32. So the precision is always set (INFERENCE_PRECISION_HINT f32, or bf16 when asked for)
+and read back from the compiled model, with the devices that run it (EXECUTION_DEVICES); anything other than
+what was asked for is a BackendUnavailableError.
 
-Shapes (`static_shapes`): OpenVINO's CPU kernels run faster on a model compiled for one exact input shape than on
-the dynamic one. So the second call with a (batch, utterances) shape among the last RECENT_CALLS compiles the
-model for that shape (once, outside the lock: other calls go on) and later calls of that shape run it. At most
-`static_shapes` shapes are kept, each with its own copy of the weights; a new shape takes a slot only from one it
-out-calls more than twice over (`_for_shape`), so recurring shapes never recompile in turn, and a shape seen once
-(a conversation growing by one utterance per call) never pays a compile.
+Shapes (`static_shapes`): OpenVINO's CPU kernels run faster on a model compiled for one exact input shape than
+on the dynamic one. So the second call with a (batch, utterances) shape among the last RECENT_CALLS compiles
+the model for that shape (once, outside the lock: other calls go on) and later calls of that shape run it. At
+most `static_shapes` shapes are kept, each with its own copy of the weights; a new shape takes a slot only
+from one it out-calls more than twice over (`_for_shape`), so recurring shapes never recompile in turn, and a shape
+seen once (a conversation growing by one utterance per call) never pays a compile.
 
 `OpenVINOSession` has the part of onnxruntime.InferenceSession the runtime uses (run, get_inputs, get_outputs,
-get_providers), so the model and the step graph run on it unchanged. run() is thread-safe: each thread has its own
-infer request per compiled model.
+get_providers), so the model and the step graph run on it unchanged. run() is thread-safe: each thread has its
+own infer request per compiled model.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class OpenVINOSession:
         self._outputs = [_Port(p.get_any_name()) for p in self.compiled.outputs]
         self._dynamic = _Compiled(self.compiled)
         self.static_shapes = static_shapes
-        self._model: Any = model if static_shapes else None  # reshaped per shape; the file is read once, at load
+        self._model: Any = model if static_shapes else None  # reshaped per shape; the file is read once
         self._static: dict[tuple, _Compiled] = {}
         self._recent: deque[tuple] = deque(maxlen=RECENT_CALLS)  # the input shapes of the last calls
         self._counts: Counter[tuple] = Counter()  # ... and how many of those calls each shape had

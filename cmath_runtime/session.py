@@ -285,7 +285,8 @@ def _create(backend: Backend, request: SessionRequest, threads: int | None, spin
         raise ArtifactError(request.model_file, f"onnxruntime cannot load this {what} ({first_line(e)})") from None
     _check_io(session, request.model_file, check, what)
     actual = tuple(session.get_providers())
-    runs_on = next((b.name for b in BACKENDS.values() if b.provider == actual[0]), actual[0]) if actual else "none"
+    first = actual[0] if actual else "none"
+    runs_on = next((b.name for b in BACKENDS.values() if b.provider == first), first)
     prec = PRECISIONS.get(request.precision)
     note = prec.cpu_note if prec is not None and runs_on == "cpu" else ""
     return SessionInfo(session, runs_on, actual, request.model_file, threads, note, request.precision, spinning)

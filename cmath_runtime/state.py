@@ -8,8 +8,8 @@ A state is a flat dict of numpy arrays, written with np.savez (never pickle) in 
   the utterance was added as feature vectors);
 * for a causal model with a step graph, its cached state `state.*` (streaming.Stream.state_dict).
 
-Every key is checked (`check_state`) before anything is built from it, so a foreign, truncated or tampered file
-is an ArtifactError naming the file and the key, never half a conversation.
+Every key is checked (`check_state`) before anything is built from it, so a foreign, truncated or tampered
+file is an ArtifactError naming the file and the key, never half a conversation.
 """
 
 from __future__ import annotations
@@ -33,13 +33,16 @@ STATE_VERSION = 2  # the utterances' texts are part of the state (the text encod
 
 
 def state_meta(model: EmotionModel) -> dict[str, np.ndarray]:
-    """What a state belongs to: its format and version, and the sha256 of the artifact's graph (model.onnx)."""
-    return {"meta.format": np.asarray(STATE_FORMAT), "meta.version": np.asarray(STATE_VERSION, np.int64),
-            "meta.model_sha256": np.asarray(model.manifest.artifacts["fp32"].sha256)}
+    """What a state belongs to: its format and version, and the sha256 of its graph (model.onnx)."""
+    return {
+        "meta.format": np.asarray(STATE_FORMAT),
+        "meta.version": np.asarray(STATE_VERSION, np.int64),
+        "meta.model_sha256": np.asarray(model.manifest.artifacts["fp32"].sha256),
+    }
 
 
 def save_state(state: dict[str, np.ndarray], path: str | Path) -> None:
-    """Write a state with np.savez (no pickle) in one rename: a crash never leaves half a file under `path`."""
+    """Write a state with np.savez (no pickle) in one rename: a crash never leaves half a file at `path`."""
     with atomic_open(path, "wb") as f:
         np.savez(f, **state)
 
@@ -54,9 +57,13 @@ def load_state(path: str | Path) -> dict[str, np.ndarray]:
         raise ArtifactError(path, "no such state file") from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         why = "numpy would need pickle to read it, which cmath never uses" if "pickle" in str(e) else str(e)
-        raise ArtifactError(path, f"not a conversation state (.npz written by Conversation.save): {why}") from None
+        raise ArtifactError(
+            path, f"not a conversation state (.npz written by Conversation.save): {why}"
+        ) from None
     if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ArtifactError(path, f"not a conversation state: a single {type(data).__name__}, not an .npz archive")
+        raise ArtifactError(
+            path, f"not a conversation state: a single {type(data).__name__}, not an .npz archive"
+        )
     out = {}
     with data:
         for key in data.files:
@@ -65,16 +72,21 @@ def load_state(path: str | Path) -> dict[str, np.ndarray]:
             except ValueError as e:  # object arrays need pickle, which is never allowed
                 raise ArtifactError(path, f"state[{key!r}]: cannot be read without pickle ({e})") from None
             except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-                raise ArtifactError(path, f"state[{key!r}]: truncated or corrupt ({type(e).__name__}: {e})") from None
+                raise ArtifactError(
+                    path, f"state[{key!r}]: truncated or corrupt ({type(e).__name__}: {e})"
+                ) from None
     return out
 
 
 def check_state(model: EmotionModel, state: Any, source: str | Path = "state") -> None:
     """Everything Conversation.from_state relies on; ArtifactError(source, "state['key']: ...") otherwise."""
+
     def fail(key: str, problem: str) -> ArtifactError:
         return ArtifactError(source, f"state[{key!r}]: {problem}")
 
-    def get(key: str, kinds: str, shape: tuple[int | None, ...] | None = None, finite: bool = False) -> np.ndarray:
+    def get(
+        key: str, kinds: str, shape: tuple[int | None, ...] | None = None, finite: bool = False
+    ) -> np.ndarray:
         if key not in state:
             raise fail(key, "missing")
         arr = state[key]
@@ -84,8 +96,12 @@ def check_state(model: EmotionModel, state: Any, source: str | Path = "state") -
                 raise fail(key, f"expected a numpy array, got {type(state[key]).__name__}")
         if arr.dtype.kind not in kinds:
             raise fail(key, f"expected dtype kind {kinds!r}, got {arr.dtype}")
-        if shape is not None and (arr.ndim != len(shape) or any(w is not None and w != g for w, g in zip(shape, arr.shape))):
-            raise fail(key, f"expected shape {tuple('any' if w is None else w for w in shape)}, got {arr.shape}")
+        if shape is not None and (
+            arr.ndim != len(shape) or any(w is not None and w != g for w, g in zip(shape, arr.shape))
+        ):
+            raise fail(
+                key, f"expected shape {tuple('any' if w is None else w for w in shape)}, got {arr.shape}"
+            )
         if finite and not np.isfinite(arr).all():
             raise fail(key, "holds NaN or inf")
         return arr
@@ -95,18 +111,25 @@ def check_state(model: EmotionModel, state: Any, source: str | Path = "state") -
     if str(get("meta.format", "U", ())) != STATE_FORMAT:
         raise fail("meta.format", f"expected {STATE_FORMAT!r}, got {str(state['meta.format'])!r}")
     if int(get("meta.version", "iu", ())) != STATE_VERSION:
-        raise fail("meta.version", f"unsupported version {int(state['meta.version'])} (this cmath reads {STATE_VERSION})")
+        raise fail(
+            "meta.version",
+            f"unsupported version {int(state['meta.version'])} (this cmath reads {STATE_VERSION})",
+        )
     want = model.manifest.artifacts["fp32"].sha256
     got = str(get("meta.model_sha256", "U", ()))
     if got != want:
-        raise fail("meta.model_sha256", f"the state belongs to another model (graph sha256 {got[:16]}..., this model "
-                                        f"has {want[:16]}...)")
+        raise fail(
+            "meta.model_sha256",
+            f"the state belongs to another model (graph sha256 {got[:16]}..., this model has {want[:16]}...)",
+        )
     speakers = get("speakers", "iu", (None,))
     n = len(speakers)
     if n > model.manifest.max_len:
         raise fail("speakers", f"at most {model.manifest.max_len} utterances (max_len), got {n}")
     if n and (speakers.min() < 0 or speakers.max() >= model.num_speakers):
-        raise fail("speakers", f"speaker ids in [0, {model.num_speakers}), got {speakers.min()}..{speakers.max()}")
+        raise fail(
+            "speakers", f"speaker ids in [0, {model.num_speakers}), got {speakers.min()}..{speakers.max()}"
+        )
     for m in model.modalities:
         get(f"features.{m}", "f", (n, model.feature_dims[m]), finite=True)
     get("texts", "U", (n,))

@@ -29,8 +29,8 @@ from .validation import check_max_len, nonfinite_output_error, nonfinite_rows
 
 
 class StepGraph:
-    """model.step.onnx on a session (`EmotionModel.step_graph` opens it; cmath-export opens its fresh graph) and
-    its export.json entry: the state layout and the cache capacity."""
+    """model.step.onnx on a session (`EmotionModel.step_graph` opens it; cmath-export opens its fresh graph)
+    and its export.json entry: the state layout and the cache capacity."""
 
     def __init__(self, session: Any, entry: dict[str, Any], file: Path | None = None) -> None:
         self.session = session
@@ -41,8 +41,9 @@ class StepGraph:
         self.output_names: list[str] = [o["name"] for o in entry["outputs"]]
         speaker = next(i for i in entry["inputs"] if i["name"] == "speaker")
         if speaker["shape"] == [1]:  # every input has a leading batch axis: B conversations per call
-            raise ArtifactError(entry.get("file", "step graph"), "this step graph takes one conversation per call "
-                                "(inputs without a batch axis), which this cmath does not run; re-export the run")
+            raise ArtifactError(entry.get("file", "step graph"), "this step graph takes one conversation per "
+                                "call (inputs without a batch axis), which this cmath does not run; "
+                                "re-export it")
 
     def empty_state(self) -> dict[str, np.ndarray]:
         return {s["input"]: np.zeros(s["shape"], np.float32) for s in self.state_spec}
@@ -135,16 +136,19 @@ class Stream:
         self.embedding = list(np.asarray(state["state.embedding"])) if n else []
 
     @staticmethod
-    def step_many(streams: Sequence[Stream], speakers: Sequence[int], features: Sequence[Mapping[str, np.ndarray]],
-                  precision: str) -> tuple[np.ndarray, np.ndarray]:
+    def step_many(streams: Sequence[Stream], speakers: Sequence[int],
+                  features: Sequence[Mapping[str, np.ndarray]], precision: str
+                  ) -> tuple[np.ndarray, np.ndarray]:
         """One new utterance for each of `streams` (all on one graph, each caught up) in ONE graph call:
-        (probs (B, C), embedding (B, d)). All or nothing: when any output is not finite, every stream is left as
-        it was (K/V rows past `position` are not part of a state) and an InputError names `utterances[i]`."""
+        (probs (B, C), embedding (B, d)). All or nothing: when any output is not finite, every stream is left
+        as it was (K/V rows past `position` are not part of a state) and an InputError names
+        `utterances[i]`."""
         graph = streams[0].graph
         replaced = [s["input"] for s in graph.state_spec if s["update"] == "replace"]
         before = [{k: stream.buffers[k] for k in replaced} for stream in streams]
-        probs, emb = graph.run_batch([s.buffers for s in streams], [s.position for s in streams], speakers, features,
-                                     [f"utterances[{i}]" for i in range(len(streams))])
+        fields = [f"utterances[{i}]" for i in range(len(streams))]
+        probs, emb = graph.run_batch([s.buffers for s in streams], [s.position for s in streams], speakers,
+                                     features, fields)
         bad = nonfinite_rows(probs, emb)
         if len(bad):
             for stream, saved in zip(streams, before):

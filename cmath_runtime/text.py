@@ -54,8 +54,9 @@ class TextEncoderSpec:
         try:
             graph = f"onnx_{precision}" if f"onnx_{precision}" in raw["files"] else "onnx"
             if graph != "onnx":
-                check_agreement((raw.get("variants") or {}).get(precision), manifest.path,
-                                f"{precision} text encoder (text_encoder.variants[{precision!r}])", f"--{precision}")
+                what = f"{precision} text encoder (text_encoder.variants[{precision!r}])"
+                record = (raw.get("variants") or {}).get(precision)
+                check_agreement(record, manifest.path, what, f"--{precision}")
             files = {k: (manifest.file(v["file"], f"text_encoder.files[{k!r}].file"), str(v["sha256"]))
                      for k, v in raw["files"].items() if k == graph or not k.startswith("onnx")}
             turns = TurnFormat.from_json(raw["turns"]) if raw.get("turns") else None
@@ -169,8 +170,8 @@ def embed_utterances(encoder: Callable[[], TextEncoder], pasts: Sequence[tuple[l
                      speakers: Sequence[int], texts: Sequence[Any], features: Sequence[dict[str, Any]],
                      fields: Sequence[str]) -> list[str]:
     """New utterances given as text, each continuing its own conversation (`pasts[i]`: Conversation.past_turns),
-    in one call of `encoder()` (the model's text encoder, loaded once the texts are checked): features[i] gets "t"
-    in place. Returns the checked texts."""
+    in one call of `encoder()` (the model's text encoder, loaded once the texts are checked): features[i] gets
+    "t" in place. Returns the checked texts."""
     checked = [check_text_features(t, f, field) for t, f, field in zip(texts, features, fields, strict=True)]
     items = [(*past, s, t) for past, s, t in zip(pasts, speakers, checked, strict=True)]
     for f, row in zip(features, encoder().encode_turns(items), strict=True):

@@ -55,7 +55,8 @@ def check_speakers(speakers: Any, spec: Manifest, field: str) -> np.ndarray:
         raise InputError(field, "a 1-D sequence of speaker ids, one per utterance", f"shape {arr.shape}")
     if len(arr) == 0:
         raise InputError(field, "at least one utterance", "an empty conversation")
-    check_max_len(len(arr), spec.max_len, field, hint="Split the conversation or re-export with a larger max_len.")
+    check_max_len(len(arr), spec.max_len, field, hint="Split the conversation or re-export with a larger "
+                                                      "max_len.")
     if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
         arr = arr.astype(np.int64)  # 1.0, 2.0, ... are ids too
     if arr.dtype.kind not in "iu":

@@ -143,8 +143,8 @@ def _add(conv: Conversation, utt: dict[str, Any]) -> Conversation:
     return conv.add(fields.pop("speaker"), **fields)
 
 
-def _recompute(model: EmotionModel, conversations: Sequence[Conversation], utterances: Sequence[dict[str, Any]],
-               batch_size: int) -> list[Outcome]:
+def _recompute(model: EmotionModel, conversations: Sequence[Conversation],
+               utterances: Sequence[dict[str, Any]], batch_size: int) -> list[Outcome]:
     out: dict[int, Outcome] = {}
     ok = []
     for i, (conv, utt) in enumerate(zip(conversations, utterances)):

@@ -1,8 +1,8 @@
 """The package map of docs/architecture.md, checked: which way imports go, the torch-free base layer, no cycles.
 
-Imports are read from the source: every `import` and `from ... import` anywhere in a module (inside functions and
-`if TYPE_CHECKING:` blocks too), so a lazy import that breaks a rule or closes a cycle is caught as well as a
-top-level one.
+Imports are read from the source: every `import` and `from ... import` anywhere in a module (inside functions
+and `if TYPE_CHECKING:` blocks too), so a lazy import that breaks a rule or closes a cycle is caught as well
+as a top-level one.
 """
 
 from __future__ import annotations
@@ -119,19 +119,20 @@ def test_no_import_cycles() -> None:
 def test_the_cycle_check_sees_imports_inside_functions() -> None:
     """The graph the cycle check reads has the edges that only a function body makes."""
     graph = _module_graph()
-    assert "cmath_runtime.openvino_backend" in graph["cmath_runtime.session"]  # imported in _open_openvino only
+    assert "cmath_runtime.openvino_backend" in graph["cmath_runtime.session"]  # imported in a function only
     assert _strongly_connected({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"], ["d"]]
     assert _cycle_in({"a": {"b"}, "b": {"c"}, "c": {"a"}}, ["a", "b", "c"]) == ["a", "b", "c", "a"]
 
 
-@pytest.mark.xfail(strict=True, reason="cmath_train/compare_models.py imports cmath_export (it is a benchmark and "
-                                       "moves to benchmarks/)")
+@pytest.mark.xfail(strict=True, reason="cmath_train/compare_models.py imports cmath_export (a benchmark, "
+                                       "it moves to benchmarks/)")
 def test_training_imports_nothing_from_export_serve_or_benchmarks() -> None:
     """Training is the bottom of the stack after the runtime's base layer: it never imports the exporter, the
     server or the benchmarks (they import it)."""
     bad = {}
     for path in _files("cmath_train"):
-        hits = sorted(m for m in _imports(path) if m.split(".")[0] in ("cmath_export", "cmath_serve", "benchmarks"))
+        hits = sorted(m for m in _imports(path) if m.split(".")[0] in ("cmath_export", "cmath_serve",
+                                                                        "benchmarks"))
         if hits:
             bad[_module_name(path)] = hits
     assert not bad, bad

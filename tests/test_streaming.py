@@ -138,8 +138,8 @@ def test_step_graph_parity_200(causal_export: Path) -> None:
     from cmath_runtime.streaming import StepGraph
 
     step = json.loads((causal_export / "export.json").read_text())["step"]
-    graph = StepGraph(ort.InferenceSession(str(causal_export / "model.step.onnx"), providers=["CPUExecutionProvider"]),
-                      step)
+    session = ort.InferenceSession(str(causal_export / "model.step.onnx"), providers=["CPUExecutionProvider"])
+    graph = StepGraph(session, step)
     feats, spk = _conversation(MAX_LEN, TINY_DIMS, 7)
     full = ort.InferenceSession(str(causal_export / "model.onnx"), providers=["CPUExecutionProvider"])
     ref_probs, ref_emb = full.run(["probs", "embedding"], {**{m: x[None] for m, x in feats.items()},

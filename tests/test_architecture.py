@@ -191,3 +191,24 @@ def _cycle_in(graph: dict[str, set[str]], group: list[str]) -> list[str]:
                     nxt.append(dep)
         frontier = nxt
     raise AssertionError(f"{group} is not strongly connected")
+
+
+def _foreign_private_uses(path: Path) -> list[str]:
+    """`obj._name` in `path` where obj is not self/cls and no class of this module sets `self._name` or defines
+    `_name`: a module reaching into another object's private state."""
+    tree = ast.parse(path.read_text(), str(path))
+    own = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+           and isinstance(node.value, ast.Name) and node.value.id == "self" and isinstance(node.ctx, ast.Store)}
+    own |= {f.name for c in ast.walk(tree) if isinstance(c, ast.ClassDef) for f in c.body
+            if isinstance(f, ast.FunctionDef)}
+    return sorted(f"{ast.unparse(node)} (line {node.lineno})" for node in ast.walk(tree)
+                  if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                  and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+                  and node.attr not in own)
+
+
+def test_modules_keep_to_their_own_state() -> None:
+    """A module reads and writes private state only of the objects its own classes define (e.g. a conversation
+    makes every change to its state; the step path computes and hands results back)."""
+    bad = {_module_name(p): hits for pkg in PACKAGES for p in _files(pkg) if (hits := _foreign_private_uses(p))}
+    assert not bad, bad

@@ -124,7 +124,7 @@ def runtime(export_dir: Path, name: str, precision: str, threads: int, spinning:
     """cmath_runtime as the contender `name` (a key of RUNTIME), idle threads spinning when the contender does or
     `spinning` asks; Skipped when that backend or artifact is not here."""
     import cmath_runtime
-    from cmath_runtime.session import PROVIDER, available_providers
+    from cmath_runtime.session import BACKENDS, available_providers
 
     backend, spin = RUNTIME[name]
     spinning = spinning or spin
@@ -133,8 +133,8 @@ def runtime(export_dir: Path, name: str, precision: str, threads: int, spinning:
 
         if not available():
             raise Skipped("openvino is not installed (pip install 'cmath[openvino]')")
-    elif backend != "cpu" and PROVIDER[backend] not in available_providers():
-        raise Skipped(f"{PROVIDER[backend]} is not in this onnxruntime ({', '.join(available_providers())}): needs "
+    elif backend != "cpu" and (provider := BACKENDS[backend].provider) not in available_providers():
+        raise Skipped(f"{provider} is not in this onnxruntime ({', '.join(available_providers())}): needs "
                       f"an NVIDIA GPU and onnxruntime-gpu{' with TensorRT' if backend == 'tensorrt' else ''}")
     try:
         model = cmath_runtime.load(export_dir, backend=backend, precision=precision, threads=threads,

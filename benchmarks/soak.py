@@ -46,7 +46,7 @@ def answer(model: cmath_runtime.EmotionModel, request: dict[str, Any]) -> list[n
     c = request["batch"][0]
     for i, s in enumerate(c["speakers"]):
         conv.add(int(s), **{m: x[i] for m, x in c["features"].items()})
-        out.append(np.asarray(list(conv.latest.probs.values()), np.float32))
+        out.append(conv.latest.probs)
     return [np.stack(out), conv.probs()]
 
 

@@ -33,14 +33,13 @@ PROBE = "probe/bandwidth"  # benchmarks.roofline.BandwidthProbe, timed among the
 def _load_step_models(export_dir: str | Path, threads: int, contenders: tuple[tuple[str, str], ...],
                       log: Any) -> dict[tuple[str, str], Any]:
     import cmath_runtime
-    from cmath_runtime.streaming import step_graph
 
     models = {}
     for backend, precision in contenders:
         which, spin = RUNTIME[backend]
         try:
             model = cmath_runtime.load(export_dir, backend=which, precision=precision, threads=threads, spinning=spin)
-            graph = step_graph(model)
+            graph = model.step_graph
         except cmath_runtime.CmathError as e:
             log(f"streaming: skipped {backend} {precision}: {e}")
             continue

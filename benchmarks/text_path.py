@@ -421,7 +421,8 @@ def run_text_path(run_dir: Path, export_dir: Path, threads: int = 1, budget: Bud
         contenders[INT8] = runtime_contender(INT8, int8, f"{int8.text_encoder.spec.onnx_file.name} ({reads})")
     except cmath_runtime.CmathError as e:
         skipped[INT8] = str(e)
-    torch_path = TorchPipeline(run_dir, read_manifest(export_dir).raw["text_encoder"]["source"], spec, fp32.feature_dims)
+    source = read_manifest(export_dir).to_json()["text_encoder"]["source"]
+    torch_path = TorchPipeline(run_dir, source, spec, fp32.feature_dims)
     contenders[TORCH] = Contender(TORCH, "PooledEncoder (torch twin of the encoder) + checkpoint, eager", "fp32",
                                   torch_path.start, lambda state: state, torch_path.call)
     with contextlib.ExitStack() as stack:
@@ -651,7 +652,7 @@ def replay_parity(run_dir: Path, export_dir: Path, dialogues: Sequence[Dialogue]
 
     set_torch_threads(threads)
     fp32 = cmath_runtime.load(export_dir, backend="cpu", threads=threads)
-    torch_path = TorchPipeline(run_dir, read_manifest(export_dir).raw["text_encoder"]["source"],
+    torch_path = TorchPipeline(run_dir, read_manifest(export_dir).to_json()["text_encoder"]["source"],
                                fp32.text_encoder.spec, fp32.feature_dims)
     models = {"fp32": fp32}
     try:

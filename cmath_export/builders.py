@@ -153,3 +153,17 @@ def build_triton(ctx: BuildContext) -> Companion:
                             ctx.opts.max_batch)
     ctx.say(f"Triton repository: {ctx.opts.triton / info['config']}")
     return Companion({**info, "artifact": key, "sha256": art.sha256})
+
+
+def build_int8(ctx: BuildContext) -> Built:
+    """Builder of the int8 row (formats.py): model.int8.onnx from the fp32 graph, parity vs PyTorch."""
+    from .quantize import quantize_within_bounds
+
+    t0 = time.perf_counter()
+    path = ctx.path("int8")
+    q, scheme, report = quantize_within_bounds(ctx, "int8", ctx.built["fp32"].proto, path,
+                                               lambda b: parity.onnx_outputs(str(path), b))
+    check_io(q, ctx.inputs, ctx.outputs, "model.int8.onnx")
+    ctx.say(f"model.int8.onnx: quantized and checked in {time.perf_counter() - t0:.1f} s")
+    report.notes.append(f"weight-int8 MatMuls, scheme {scheme.to_json()}")
+    return Built(path, "int8", report, proto=q)

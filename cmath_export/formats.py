@@ -93,7 +93,7 @@ FORMATS: tuple[ExportFormat, ...] = (
                  "cmath_export.builders:build_fp16", serve_rank=1, bench=(("onnxruntime", "fp16"),)),
     # weight-int8 (cmath_export/quantize.py); with a causal run also model.step.int8.onnx. Not served by Triton.
     ExportFormat("int8", "ONNX int8 weights", "--int8", "model.int8.onnx", "onnx", "int8 weights, fp32 activations",
-                 "cpu", ("onnx", "onnxruntime"), "cmath_export.quantize:build_int8", bench=(("onnxruntime", "int8"),),
+                 "cpu", ("onnx", "onnxruntime"), "cmath_export.builders:build_int8", bench=(("onnxruntime", "int8"),),
                  step_builder="cmath_export.quantize:build_step_int8"),
     ExportFormat("tensorrt", "TensorRT engine", "--tensorrt", "model.plan", "tensorrt", "fp32, or fp16 with --fp16",
                  "gpu", ("tensorrt",), "cmath_export.builders:build_tensorrt",

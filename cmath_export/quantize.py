@@ -165,24 +165,6 @@ def quantize_within_bounds(ctx: Any, key: str, fp32: onnx.ModelProto, path: Path
     return q, scheme, report
 
 
-def build_int8(ctx: Any) -> Any:
-    """Builder of the int8 row (formats.py): model.int8.onnx from the fp32 graph, parity vs PyTorch."""
-    import time
-
-    from . import parity
-    from .builders import Built
-    from .graph import check_io
-
-    t0 = time.perf_counter()
-    path = ctx.path("int8")
-    q, scheme, report = quantize_within_bounds(ctx, "int8", ctx.built["fp32"].proto, path,
-                                               lambda b: parity.onnx_outputs(str(path), b))
-    check_io(q, ctx.inputs, ctx.outputs, "model.int8.onnx")
-    ctx.say(f"model.int8.onnx: quantized and checked in {time.perf_counter() - t0:.1f} s")
-    report.notes.append(f"weight-int8 MatMuls, scheme {scheme.to_json()}")
-    return Built(path, "int8", report, proto=q)
-
-
 def step_outputs(path: str | Path, entry: dict[str, Any], batches: list[dict[str, np.ndarray]],
                  threads: int = 1) -> tuple[list[dict[str, np.ndarray]], str]:
     """Run a step graph over every conversation of padded batches, one utterance at a time, with the runtime's
@@ -193,7 +175,8 @@ def step_outputs(path: str | Path, entry: dict[str, Any], batches: list[dict[str
     from cmath_runtime.session import open_session
     from cmath_runtime.streaming import StepGraph, Stream
 
-    graph = StepGraph.from_session(open_session(path, "cpu", threads=threads, what="step graph").session, entry)
+    session = open_session(path, "cpu", threads=threads, what="step graph").session
+    graph = StepGraph(session, entry, Path(path))
     modalities = [m for m in batches[0] if m not in ("speaker", "mask")] if batches else []
     out = []
     for feeds in batches:

@@ -129,8 +129,8 @@ def step_parity(step_path: Path, full_path: Path, entry: dict[str, Any], model: 
     from cmath_runtime.streaming import StepGraph
 
     names = [i["name"] for i in entry["inputs"]]
-    graph = StepGraph.from_session(open_session(step_path, "cpu", threads=1, inputs=names, what="step graph").session,
-                                   entry)
+    session = open_session(step_path, "cpu", threads=1, inputs=names, what="step graph").session
+    graph = StepGraph(session, entry, step_path)
     full_sess = open_session(full_path, "cpu", threads=1, what="model").session
     conversations = _conversations(model, graph.max_len)
     reference = []

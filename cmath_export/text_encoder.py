@@ -29,7 +29,7 @@ import torch
 
 from cmath_runtime.compare import compare, min_cosine
 from cmath_runtime.errors import ArtifactError
-from cmath_runtime.files import sha256_file
+from cmath_runtime.files import sha256_file, sha256_problem
 from cmath_train.prepare.pooled import PooledEncoder
 
 ONNX_FILE = "text_encoder.onnx"
@@ -68,8 +68,8 @@ def resolve_model_dir(meta: dict[str, Any]) -> Path:
         with contextlib.suppress(ArtifactError):
             candidates.append(default_model_dir())
     for path in candidates:
-        if (path / "modules.json").is_file() and all(
-                (path / f).is_file() and sha256_file(path / f) == h for f, h in want.items()):
+        if (path / "modules.json").is_file() and all(sha256_problem(path / f, h) is None
+                                                     for f, h in want.items()):
             return path
     raise ArtifactError(meta.get("path", "text_encoder"), f"the run's text encoder ({meta.get('name')}) with weights "
                         f"{ {k: v[:12] for k, v in want.items()} } was not found; pass --no-text-encoder to skip it")

@@ -15,7 +15,9 @@ Import rules (tests/test_architecture.py checks them on every run):
 * `cmath_train` may import the base layer of `cmath_runtime` and nothing else of it;
 * `cmath_runtime` imports nothing from `cmath_train`, `cmath_export` or `benchmarks` (and never torch);
 * `cmath_export` and `benchmarks` may import all of `cmath_runtime` (the exporter reads back what it wrote
-  with the runtime's own `Manifest`, session loader and comparator).
+  with the runtime's own `Manifest`, session loader and comparator);
+* `cmath_train` imports nothing from `cmath_export`, `cmath_serve` or `benchmarks`;
+* no module reaches itself through imports, counting those inside functions.
 
 See docs/architecture.md for the whole map.
 """

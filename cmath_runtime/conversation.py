@@ -6,47 +6,55 @@ adding an utterance can change the emotions of earlier ones, and each read recom
 
 A causal model exported with a step graph (model.step.onnx) computes only the new utterances, from cached
 attention keys/values (streaming.py): `.path == "step"`, exactly the full graph's rows, O(n d + d^2) per utterance.
+`Conversation.step_batch` adds one utterance to each of many conversations in one step-graph call (servers).
 Its state is plain numpy: `state_dict()` / `Conversation.from_state(model, state)`, `save()` / `load()` (np.savez,
-no pickle) let an agent persist and resume a conversation.
+no pickle, state.py) let an agent persist and resume a conversation.
+
+A Conversation makes every change to its own state, under its own lock, batched stepping included: the step
+graph (`streaming.Stream`) computes, the conversation records.
 """
 
 from __future__ import annotations
 
 import threading
-import zipfile
-import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from . import streaming
-from .errors import ArtifactError, InputError
-from .files import atomic_open
+from .errors import InputError
+from .model import EmotionModel, Prediction
+from .state import check_state, load_state, save_state, state_meta
+from .streaming import Stream
+from .text import embed_utterances, past_turns
 from .validation import (
     CheckedConversation,
+    check_max_len,
     check_speaker,
     check_utterance,
     nonfinite_output_error,
     nonfinite_rows,
 )
 
-if TYPE_CHECKING:
-    from .model import EmotionModel, Prediction
 
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Emotion:
-    """The emotion of one utterance."""
+    """The emotion of one utterance: its most probable label and every label's probability.
+
+    `probs` is an array, as in `Prediction` (one row of it): (num_classes,) float32 summing to 1, its columns
+    following `model.label_names`. One representation everywhere, and the one the graphs produce, servers send
+    and numpy computes with; `dict(zip(model.label_names, emotion.probs))` gives a mapping when one is wanted.
+    """
 
     label: str
-    probs: dict[str, float]  # label name -> probability
+    probs: np.ndarray
 
     @property
     def confidence(self) -> float:
-        return self.probs[self.label]
+        """The probability of `label` (the largest)."""
+        return float(self.probs.max())
 
 
 class Conversation:
@@ -64,7 +72,7 @@ class Conversation:
         self._lock = threading.Lock()
         self._computed = 0  # utterances whose outputs were computed and finite
         graph = model.step_graph
-        self._stream = streaming.Stream(graph) if graph is not None else None
+        self._stream = Stream(graph) if graph is not None else None
 
     @property
     def path(self) -> str:
@@ -72,33 +80,120 @@ class Conversation:
         return "full" if self._stream is None else "step"
 
     def add(self, speaker: int, **features: Any) -> Conversation:
-        """Append one utterance: a speaker id and one feature vector per modality, e.g. add(0, t=..., a=..., v=...)."""
-        spec = self.model.manifest
-        n = len(self._speakers)
-        field = f"utterances[{n}]"
-        if n >= spec.max_len:
-            raise InputError(field, f"at most {spec.max_len} utterances (the artifact's max_len)", f"utterance {n + 1}",
-                             "Start a new Conversation with the most recent utterances.")
-        speaker = check_speaker(speaker, spec, f"{field}.speaker")
+        """Append one utterance: a speaker id and one feature vector per modality, e.g. add(0, t=..., a=...,
+        v=...), or its raw text (text="...") in place of t= when the artifact has a text encoder."""
+        field = f"utterances[{len(self)}]"
+        speaker = self._check_room_and_speaker(speaker, field)
         text = None
-        if "text" in features:  # raw text instead of t=: the artifact's text encoder reads it with its past turns
-            from .text import embed_utterances
-
-            (text,) = embed_utterances(self.model, [self.past_turns(f"{field}.text")], [int(speaker)],
-                                       [features.pop("text")], [features], [f"{field}.text"])
-        rows = check_utterance(features, spec, f"{field}.features")
+        if "text" in features:  # the artifact's text encoder reads it with its past turns
+            (text,) = embed_utterances(lambda: self.model.text_encoder, [self.past_turns(f"{field}.text")],
+                                       [speaker], [features.pop("text")], [features], [f"{field}.text"])
+        rows = check_utterance(features, self.model.manifest, f"{field}.features")
         with self._lock:
-            self._speakers.append(int(speaker))
-            self._texts.append(text)
-            for m in spec.modalities:
-                self._features[m].append(rows[m][0])
-            self._result = None
+            self._append(speaker, text, {m: x[0] for m, x in rows.items()})
         return self
+
+    @classmethod
+    def step_batch(cls, conversations: Sequence[Conversation], utterances: Sequence[Mapping[str, Any]]
+                   ) -> list[Emotion]:
+        """Add one utterance to each of many conversations and return each one's newest emotion, in ONE
+        step-graph call (servers batch concurrent conversations with this). utterances[i] is like add()'s
+        arguments, {"speaker": 0, "t": ..., "a": ..., "v": ...} or {"speaker": 0, "text": "...", ...}, and
+        goes to conversations[i]; each conversation ends exactly as `conversations[i].add(**utterances[i])`
+        would leave it. All conversations must share one model. Nothing is changed unless every utterance is
+        valid; errors name `utterances[i].field`. Models without a step graph (bidirectional) add and
+        recompute one by one.
+        """
+        model = cls._check_batch(conversations, utterances)
+        if model is None:
+            return []
+        speakers, feats = [], []
+        for i, (conv, utt) in enumerate(zip(conversations, utterances)):
+            if not isinstance(utt, Mapping):
+                raise InputError(f"utterances[{i}]", "a dict with 'speaker' and one feature vector per "
+                                 "modality (or 'text')", type(utt).__name__)
+            if "speaker" not in utt:
+                raise InputError(f"utterances[{i}].speaker", f"an integer id in [0, {model.num_speakers})",
+                                 "missing")
+            speakers.append(conv._check_room_and_speaker(utt["speaker"], f"utterances[{i}]"))
+            feats.append({k: v for k, v in utt.items() if k != "speaker"})
+        texts: list[str | None] = [None] * len(feats)
+        given = [i for i, f in enumerate(feats) if "text" in f]
+        if given:  # one text-encoder call for every utterance given as text
+            fields = [f"utterances[{i}].text" for i in given]
+            embedded = embed_utterances(lambda: model.text_encoder,
+                                        [conversations[i].past_turns(f) for i, f in zip(given, fields)],
+                                        [speakers[i] for i in given], [feats[i].pop("text") for i in given],
+                                        [feats[i] for i in given], fields)
+            for i, checked in zip(given, embedded):
+                texts[i] = checked
+        rows = [{m: x[0] for m, x in check_utterance(f, model.manifest, f"utterances[{i}].features").items()}
+                for i, f in enumerate(feats)]
+        if model.step_graph is None:
+            out = []
+            for conv, speaker, text, row in zip(conversations, speakers, texts, rows):
+                with conv._lock:
+                    conv._append(speaker, text, row)
+                out.append(conv.latest)
+            return out
+        order = sorted(conversations, key=id)  # one lock order: no deadlock between concurrent batches
+        for conv in order:
+            conv._lock.acquire()
+        try:
+            streams = []
+            for conv in conversations:  # utterances added with add() but not computed yet go through first
+                assert conv._stream is not None
+                if conv._stream.position < len(conv):
+                    conv._stream.catch_up(conv._speakers, conv._features)
+                streams.append(conv._stream)
+            probs, _ = Stream.step_many(streams, speakers, rows, model.precision)
+            for conv, speaker, text, row in zip(conversations, speakers, texts, rows):
+                conv._append(speaker, text, row)
+                conv._computed = len(conv)
+            return [Emotion(model.label_names[int(p.argmax())], p.copy()) for p in probs]
+        finally:
+            for conv in order:
+                conv._lock.release()
+
+    @staticmethod
+    def _check_batch(conversations: Any, utterances: Any) -> EmotionModel | None:
+        """step_batch's arguments: Conversations of one model, each at most once; their model (None: none)."""
+        if isinstance(conversations, Conversation) or not isinstance(conversations, Sequence):
+            raise InputError("conversations", "a list of Conversation", type(conversations).__name__)
+        if isinstance(utterances, (Mapping, str, bytes)) or not isinstance(utterances, Sequence):
+            raise InputError("utterances", "a list of dicts, one per conversation", type(utterances).__name__)
+        if len(utterances) != len(conversations):
+            raise InputError("utterances", f"{len(conversations)} utterances (one per conversation)",
+                             len(utterances))
+        if not conversations:
+            return None
+        model = conversations[0].model if isinstance(conversations[0], Conversation) else None
+        seen: set[int] = set()
+        for i, conv in enumerate(conversations):
+            if not isinstance(conv, Conversation) or conv.model is not model:
+                got = type(conv).__name__ if not isinstance(conv, Conversation) else "another model"
+                want = "a Conversation of the same model as conversations[0]"
+                raise InputError(f"conversations[{i}]", want, got)
+            if id(conv) in seen:
+                raise InputError(f"conversations[{i}]", "each conversation at most once per call", "a repeat")
+            seen.add(id(conv))
+        return model
+
+    def _check_room_and_speaker(self, speaker: Any, field: str) -> int:
+        """One more utterance fits (the artifact's max_len) and `speaker` is an id of the model."""
+        check_max_len(len(self) + 1, self.model.max_len, field)
+        return check_speaker(speaker, self.model.manifest, f"{field}.speaker")
+
+    def _append(self, speaker: int, text: str | None, row: Mapping[str, np.ndarray]) -> None:
+        """Record one checked utterance ({modality: (d_m,)}); the caller holds the lock."""
+        self._speakers.append(speaker)
+        self._texts.append(text)
+        for m in self.model.modalities:
+            self._features[m].append(row[m])
+        self._result = None
 
     def past_turns(self, field: str) -> tuple[list[str], list[int]]:
         """The texts and speakers the text encoder reads with this conversation's next utterance."""
-        from .text import past_turns
-
         turns = self.model.text_encoder.spec.turns
         return past_turns(self._texts, self._speakers, turns.window if turns is not None else 0, field)
 
@@ -152,8 +247,6 @@ class Conversation:
 
         Outputs are never non-finite: if the utterances added since the last result make them so (extreme
         features), those utterances are taken back out and an InputError names them."""
-        from .model import Prediction
-
         if self._stream is not None:
             probs, emb = self._stream.catch_up(self._speakers, self._features)
         else:
@@ -176,13 +269,13 @@ class Conversation:
         for rows in self._features.values():
             del rows[keep:]
         if self._stream is not None:
-            self._stream = streaming.Stream(self._stream.graph)
+            self._stream = Stream(self._stream.graph)
             if keep:
                 self._stream.catch_up(self._speakers, self._features)
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Everything needed to resume: what it belongs to (meta.*), speakers, features and (step path) the cached
-        state; numpy arrays only."""
+        """Everything needed to resume (state.py): what it belongs to (meta.*), speakers, texts, features and
+        (step path) the cached state; numpy arrays only."""
         with self._lock:
             if self._stream is not None:
                 self._stream.catch_up(self._speakers, self._features)
@@ -193,7 +286,8 @@ class Conversation:
             return {**out, **(self._stream.state_dict() if self._stream is not None else {})}
 
     @classmethod
-    def from_state(cls, model: EmotionModel, state: dict[str, np.ndarray], source: str | Path = "state") -> Conversation:
+    def from_state(cls, model: EmotionModel, state: Mapping[str, np.ndarray], source: str | Path = "state"
+                   ) -> Conversation:
         """A Conversation that continues exactly where the one that wrote `state` (state_dict()) stopped.
 
         The state is checked first (check_state): another model's state, a wrong dtype or shape, non-finite values
@@ -223,105 +317,4 @@ class Conversation:
         return cls.from_state(model, load_state(path), path)
 
     def _emotion(self, result: Prediction, i: int) -> Emotion:
-        return Emotion(result.labels[i], dict(zip(self.model.label_names, map(float, result.probs[i]))))
-
-
-STATE_FORMAT = "cmath-conversation-state"
-STATE_VERSION = 2  # 2: the utterances' texts (the text encoder reads past turns)
-
-
-def state_meta(model: EmotionModel) -> dict[str, np.ndarray]:
-    """What a state belongs to: its format and version, and the sha256 of the artifact's graph (model.onnx)."""
-    return {"meta.format": np.asarray(STATE_FORMAT), "meta.version": np.asarray(STATE_VERSION, np.int64),
-            "meta.model_sha256": np.asarray(model.manifest.artifacts["fp32"].sha256)}
-
-
-def save_state(state: dict[str, np.ndarray], path: str | Path) -> None:
-    """Write a state with np.savez (no pickle) in one rename: a crash never leaves half a file under `path`."""
-    with atomic_open(path, "wb") as f:
-        np.savez(f, **state)
-
-
-def load_state(path: str | Path) -> dict[str, np.ndarray]:
-    """Read an .npz state (allow_pickle=False). Not an npz, object arrays, a truncated or corrupt file ->
-    ArtifactError naming the file (and the key, when one key is unreadable)."""
-    path = Path(path)
-    try:
-        data = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise ArtifactError(path, "no such state file") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        why = "numpy would need pickle to read it, which cmath never uses" if "pickle" in str(e) else str(e)
-        raise ArtifactError(path, f"not a conversation state (.npz written by Conversation.save): {why}") from None
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ArtifactError(path, f"not a conversation state: a single {type(data).__name__}, not an .npz archive")
-    out = {}
-    with data:
-        for key in data.files:
-            try:
-                out[key] = data[key]
-            except ValueError as e:  # object arrays need pickle, which is never allowed
-                raise ArtifactError(path, f"state[{key!r}]: cannot be read without pickle ({e})") from None
-            except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-                raise ArtifactError(path, f"state[{key!r}]: truncated or corrupt ({type(e).__name__}: {e})") from None
-    return out
-
-
-def check_state(model: EmotionModel, state: Any, source: str | Path = "state") -> None:
-    """Everything Conversation.from_state relies on; ArtifactError(source, "state['key']: ...") otherwise."""
-    def fail(key: str, problem: str) -> ArtifactError:
-        return ArtifactError(source, f"state[{key!r}]: {problem}")
-
-    def get(key: str, kinds: str, shape: tuple[int | None, ...] | None = None, finite: bool = False) -> np.ndarray:
-        if key not in state:
-            raise fail(key, "missing")
-        arr = state[key]
-        if not isinstance(arr, np.ndarray):
-            arr = np.asarray(arr) if isinstance(arr, (int, float, str, list, tuple, np.generic)) else None
-            if arr is None:
-                raise fail(key, f"expected a numpy array, got {type(state[key]).__name__}")
-        if arr.dtype.kind not in kinds:
-            raise fail(key, f"expected dtype kind {kinds!r}, got {arr.dtype}")
-        if shape is not None and (arr.ndim != len(shape) or any(w is not None and w != g for w, g in zip(shape, arr.shape))):
-            raise fail(key, f"expected shape {tuple('any' if w is None else w for w in shape)}, got {arr.shape}")
-        if finite and not np.isfinite(arr).all():
-            raise fail(key, "holds NaN or inf")
-        return arr
-
-    if not isinstance(state, Mapping):
-        raise ArtifactError(source, f"a state is a dict of numpy arrays, got {type(state).__name__}")
-    if str(get("meta.format", "U", ())) != STATE_FORMAT:
-        raise fail("meta.format", f"expected {STATE_FORMAT!r}, got {str(state['meta.format'])!r}")
-    if int(get("meta.version", "iu", ())) != STATE_VERSION:
-        raise fail("meta.version", f"unsupported version {int(state['meta.version'])} (this cmath reads {STATE_VERSION})")
-    want = model.manifest.artifacts["fp32"].sha256
-    got = str(get("meta.model_sha256", "U", ()))
-    if got != want:
-        raise fail("meta.model_sha256", f"the state belongs to another model (graph sha256 {got[:16]}..., this model "
-                                        f"has {want[:16]}...)")
-    speakers = get("speakers", "iu", (None,))
-    n = len(speakers)
-    if n > model.manifest.max_len:
-        raise fail("speakers", f"at most {model.manifest.max_len} utterances (max_len), got {n}")
-    if n and (speakers.min() < 0 or speakers.max() >= model.num_speakers):
-        raise fail("speakers", f"speaker ids in [0, {model.num_speakers}), got {speakers.min()}..{speakers.max()}")
-    for m in model.modalities:
-        get(f"features.{m}", "f", (n, model.feature_dims[m]), finite=True)
-    get("texts", "U", (n,))
-    get("texts.known", "b", (n,))
-    graph = model.step_graph
-    if graph is None or "state.position" not in state:
-        return
-    if str(get("state.sha256", "U", ())) != graph.sha256:
-        raise fail("state.sha256", "the cached state belongs to another step graph")
-    position = int(get("state.position", "iu", ()))
-    if not 0 <= position <= min(n, graph.max_len):
-        raise fail("state.position", f"expected 0..{min(n, graph.max_len)}, got {position}")
-    for spec in graph.state_spec:
-        key, shape = spec["input"], tuple(spec["shape"])
-        get(f"state.{key}", "f", (position, *shape[1:]) if spec["update"] == "append" else shape, finite=True)
-    if position:
-        probs = get("state.probs", "f", (position, model.manifest.num_classes), finite=True)
-        get("state.embedding", "f", (position, model.manifest.d), finite=True)
-        if not np.allclose(probs.sum(-1), 1.0, atol=1e-3):
-            raise fail("state.probs", "rows do not sum to 1")
+        return Emotion(result.labels[i], result.probs[i].copy())

@@ -54,6 +54,28 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def sha256_problem(path: str | os.PathLike, sha256: str) -> str | None:
+    """What is wrong with the file at `path` that should have this sha256: None when it exists and matches."""
+    if not Path(path).is_file():
+        return "missing"
+    digest = sha256_file(path)
+    if digest != sha256:
+        return (f"sha256 mismatch: export.json says {sha256[:16]}..., the file has {digest[:16]}... "
+                "(corrupt, truncated or replaced; re-export it)")
+    return None
+
+
+def verified_file(path: Path, sha256: str, what: str, verify: bool = True) -> Path:
+    """`path`, a file export.json lists with its sha256, once it is known to be there and (`verify`) to match;
+    ArtifactError naming the file otherwise. Every graph and tokenizer file is opened through this."""
+    if not path.is_file():
+        raise ArtifactError(path, f"the {what} listed in export.json is missing")
+    problem = sha256_problem(path, sha256) if verify else None
+    if problem is not None:
+        raise ArtifactError(path, problem)
+    return path
+
+
 def read_tagged_json(path: str | os.PathLike, fmt: str, version: int, what: str) -> dict[str, Any]:
     """A cmath JSON document (checkpoint config, export manifest, features meta): valid JSON, our format, our version.
 

@@ -23,7 +23,7 @@ FORMAT, VERSION = "cmath-export", 1
 MANIFEST = "export.json"
 EXPORT_DIR = "export"  # cmath-export's default output folder inside a run directory
 __all__ = ["FORMAT", "VERSION", "MANIFEST", "EXPORT_DIR", "MODALITY_ORDER", "Artifact", "Manifest", "find_manifest",
-           "read_manifest"]
+           "read_manifest", "check_agreement"]
 
 
 @dataclass(frozen=True)
@@ -97,11 +97,6 @@ class Manifest:
     def input_names(self) -> tuple[str, ...]:
         return (*self.modalities, "speaker", "mask")
 
-    @property
-    def raw(self) -> dict[str, Any]:
-        """The manifest as JSON (what export.json holds)."""
-        return self.to_json()
-
     def replace(self, **changes: Any) -> Manifest:
         return dataclasses.replace(self, **changes)
 
@@ -174,6 +169,23 @@ def read_manifest(path: str | Path) -> Manifest:
     """Read and check export.json; see find_manifest for the accepted paths."""
     file = find_manifest(path)
     return Manifest.from_json(read_tagged_json(file, FORMAT, VERSION, "manifest"), file)
+
+
+def check_agreement(record: Any, where: Path | None, what: str, flag: str) -> None:
+    """Refuse a reduced-precision graph (int8 model, int8 step graph, fp16/int8 text encoder) whose agreement
+    record in export.json failed or is missing: such a graph is only ever loaded after the exporter measured
+    it within its bounds. `flag` is the cmath-export option that re-exports it."""
+    if isinstance(record, dict) and record.get("passed") is True:
+        return
+    if not isinstance(record, dict):
+        why = "has no agreement record"
+    else:
+        keys = ("argmax_agreement", "min_argmax_agreement", "agreement", "min_cosine")
+        measured = {k: record[k] for k in keys if k in record}
+        why = f"failed its agreement bound ({measured})"
+    raise ArtifactError(where if where is not None else MANIFEST,
+                        f"the {what} {why} in export.json; refusing to load it: re-export with "
+                        f"`cmath-export RUN_DIR {flag}`")
 
 
 _KNOWN = {f.name for f in dataclasses.fields(Manifest)} | {"format", "version"}

@@ -11,21 +11,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .batching import pad_conversations
 from .errors import ArtifactError, InputError
-from .files import sha256_file
-from .manifest import Manifest, read_manifest
-from .session import PRECISIONS, SessionInfo, check_combination, create_session
-from .text import resolve_texts
+from .files import verified_file
+from .manifest import Manifest, check_agreement, read_manifest
+from .session import PRECISIONS, SessionInfo, check_combination, create_session, open_session
+from .streaming import StepGraph
+from .text import TEXT_MODALITY, TextEncoder, TextEncoderSpec, resolve_texts
 from .validation import CheckedConversation, check_conversations, nonfinite_output_error, nonfinite_rows
-
-if TYPE_CHECKING:
-    from .streaming import StepGraph
-    from .text import TextEncoder
 
 DEFAULT_BATCH_SIZE = 16
 OPENVINO_STATIC_SHAPES = 2  # load(backend="openvino")'s default static_shapes: ~100 MB each for the meld model
@@ -70,24 +67,48 @@ class EmotionModel:
     def text_encoder(self) -> TextEncoder:
         """The artifact's text encoder (loaded once, sha256-checked); InputError if the artifact has none."""
         if self._text_encoder is None:
-            from .text import load_text_encoder
-
             with self._parts_lock:
                 if self._text_encoder is None:
-                    self._text_encoder = load_text_encoder(self)
+                    self._text_encoder = self._open_text_encoder()
         return self._text_encoder
 
     @property
     def step_graph(self) -> StepGraph | None:
         """The artifact's step graph (causal models; loaded once), None when it has none."""
         if not self._step_loaded:
-            from .streaming import load_step_graph
-
             with self._parts_lock:
                 if not self._step_loaded:
-                    self._step_graph = load_step_graph(self)
+                    self._step_graph = self._open_step_graph()
                     self._step_loaded = True
         return self._step_graph
+
+    def _open_text_encoder(self) -> TextEncoder:
+        """The text encoder in the model's precision when the export made that twin, else fp32."""
+        spec = TextEncoderSpec.from_manifest(self.manifest, self.precision)
+        if spec is None or TEXT_MODALITY not in self.modalities:
+            raise InputError("text", "feature vectors: this artifact has no text encoder",
+                             "raw text", "Re-export the run with cmath-export (without --no-text-encoder).")
+        return TextEncoder(spec, threads=self.threads, verify=self.verify, spinning=self.spinning)
+
+    def _open_step_graph(self) -> StepGraph | None:
+        """The step graph on the model's engine: CPU stays CPU, OpenVINO stays OpenVINO (same precision), a
+        GPU model steps on CUDA (the step graph's growing cache axis has no TensorRT profile); int8 models run
+        the int8 step graph, refused without a passed agreement record."""
+        entry = self.manifest.step
+        if not entry:
+            return None
+        file = entry
+        if self.precision == "int8":
+            file = entry.get("int8") or {}
+            check_agreement(file.get("parity"), self.manifest.path, "int8 step graph", "--int8")
+        path = verified_file(self.manifest.file(file["file"], "step.file"), file["sha256"], "step graph",
+                             self.verify)
+        backend = self.backend if self.backend in ("cpu", "openvino") else "cuda"
+        precision = self.precision if backend == "openvino" else "fp32"
+        names = [i["name"] for i in entry.get("inputs", [])] or None
+        session = open_session(path, backend, precision=precision, threads=self.threads, inputs=names,
+                               spinning=self.spinning, what="step graph").session
+        return StepGraph(session, {**entry, "sha256": file["sha256"]}, path)
 
     @property
     def backend(self) -> str:
@@ -147,7 +168,7 @@ class EmotionModel:
         """
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise InputError("batch_size", "a positive integer", repr(batch_size))
-        checked = check_conversations(resolve_texts(self, conversations), self.manifest)
+        checked = check_conversations(resolve_texts(conversations, lambda: self.text_encoder), self.manifest)
         results: list[Prediction | None] = [None] * len(checked)
         for group in length_groups([len(c) for c in checked], min(batch_size, self.manifest.max_batch)):
             probs, emb = self.run_padded([checked[i] for i in group])
@@ -176,17 +197,6 @@ def length_groups(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
 
 
-def check_agreement(manifest: Manifest, key: str) -> None:
-    """Refuse an artifact whose recorded agreement with PyTorch failed (or was never recorded)."""
-    record = manifest.parity.get(key)
-    if not isinstance(record, dict) or record.get("passed") is not True:
-        what = "has no agreement record" if not isinstance(record, dict) else (
-            f"failed its agreement bound (argmax agreement {record.get('argmax_agreement')}, "
-            f"needed {record.get('min_argmax_agreement')})")
-        raise ArtifactError(manifest.path, f"the {key} artifact {what} in export.json; refusing to load it: "
-                                           f"re-export with `cmath-export RUN_DIR --{key}`")
-
-
 def load(path: str | Path, backend: str = "auto", precision: str = "fp32", threads: int | None = None,
          verify: bool = True, cache_dir: str | Path | None = None, spinning: bool = False,
          static_shapes: int | None = None) -> EmotionModel:
@@ -200,15 +210,15 @@ def load(path: str | Path, backend: str = "auto", precision: str = "fp32", threa
     passed) or "bf16" (backend="openvino" only: model.onnx compiled with bf16 inference precision).
     backend "openvino" (optional extra `cmath[openvino]`): model.onnx compiled by OpenVINO on the CPU in f32 (bf16
     when asked); the precision and device that really run are read back at load and checked. "auto" never picks
-    it: under CPU contention it measured several times slower than onnxruntime (notes in the README).
+    it: on a busy CPU it runs slower than onnxruntime (docs: the benchmarks).
     threads: intra-op threads of the CPU provider (None: onnxruntime's default, one per physical core).
     verify: check each file's sha256 against export.json before loading it.
     spinning: let idle onnxruntime threads spin (a little faster on an idle machine, much slower on a busy one).
     static_shapes: backend "openvino" only (default 2): the second call with a (batch, utterances) shape among the
-    last 64 compiles model.onnx for that exact shape (~0.3-0.6 s once; 1.07-1.22x faster calls after, measured at
-    10-50 utterances); at most `static_shapes` are kept (each ~1.2x the model file in memory), the busiest of the
-    recent calls; 0 = one dynamic model. Shapes seen once, such as a conversation recomputed as it grows, never
-    compile.
+    last 64 compiles model.onnx for that exact shape (once; later calls of that shape run faster); at most
+    `static_shapes` are kept (each a copy of the weights), the busiest of the recent calls; 0 = one dynamic
+    model.
+    Shapes seen once, such as a conversation recomputed as it grows, never compile.
     """
     start = time.perf_counter()
     check_combination(backend, precision)
@@ -219,15 +229,9 @@ def load(path: str | Path, backend: str = "auto", precision: str = "fp32", threa
     if key not in manifest.artifacts:
         raise ArtifactError(manifest.path, f"no {key} artifact listed (re-export with `cmath-export RUN_DIR --{key}`)")
     if PRECISIONS[precision].needs_agreement:
-        check_agreement(manifest, key)
+        check_agreement(manifest.parity.get(key), manifest.path, f"{key} artifact", f"--{key}")
     artifact = manifest.artifacts[key]
-    if not artifact.path.is_file():
-        raise ArtifactError(artifact.path, f"the {key} model listed in {manifest.path.name} is missing")
-    if verify:
-        digest = sha256_file(artifact.path)
-        if digest != artifact.sha256:
-            raise ArtifactError(artifact.path, f"sha256 mismatch: export.json says {artifact.sha256[:16]}..., the file "
-                                               f"has {digest[:16]}... (corrupt, truncated or replaced; re-export it)")
+    verified_file(artifact.path, artifact.sha256, f"{key} model", verify)
     info = create_session(artifact.path, manifest, backend, precision, threads,
                           Path(cache_dir) if cache_dir is not None else None, spinning, static_shapes)
     return EmotionModel(manifest, info, precision, time.perf_counter() - start, verify)

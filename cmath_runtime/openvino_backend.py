@@ -1,23 +1,20 @@
 """OpenVINO on the CPU (optional extra `openvino`): compiles the same model.onnx / model.step.onnx.
 
-Precision is what matters here: on a CPU with avx512_bf16 or AMX, OpenVINO's *default* inference precision is
-bf16 (measured on Zen 4: max |dp| 6e-3, argmax agreement 99.4%), which must never be taken as fp32. So the
-precision is always set explicitly (INFERENCE_PRECISION_HINT f32 unless bf16 is asked for) and read back from
-the compiled model; a compiled model that reports anything else is a BackendUnavailableError. The device that
-runs it is read back too (EXECUTION_DEVICES).
+Precision: on a CPU with avx512_bf16 or AMX, OpenVINO's default inference precision is bf16, which must
+never be taken for fp32. So the precision is always set (INFERENCE_PRECISION_HINT f32, or bf16 when asked for)
+and read back from the compiled model, with the devices that run it (EXECUTION_DEVICES); anything other than
+what was asked for is a BackendUnavailableError.
 
-Shape specialisation (`static_shapes`, the runtime's default 2 for the model, 0 for the step graph): OpenVINO's
-CPU kernels are faster on a model compiled for one exact input shape than on the dynamic one (measured on the meld
-model, 2 threads, batch 1: 1.22x at 10 utterances, 1.07-1.2x at 50). So the second call with a (batch, utterances)
-shape (among the last 64 calls) compiles the model for that shape (~0.3-0.6 s, once, outside the lock: other
-calls go on) and every later call of that shape runs it; at most `static_shapes` shapes are kept, and a new one
-takes a slot only from a kept shape it out-calls more than twice over in that window (more recurring shapes than
-slots do not recompile in turn: `_for_shape`). Each holds its own copy of the weights (~1.2x the model file). A
-shape seen once (a conversation that grows by one utterance per call) never pays the compile.
+Shapes (`static_shapes`): OpenVINO's CPU kernels run faster on a model compiled for one exact input shape than
+on the dynamic one. So the second call with a (batch, utterances) shape among the last RECENT_CALLS compiles
+the model for that shape (once, outside the lock: other calls go on) and later calls of that shape run it. At
+most `static_shapes` shapes are kept, each with its own copy of the weights; a new shape takes a slot only
+from one it out-calls more than twice over (`_for_shape`), so recurring shapes never recompile in turn, and a shape
+seen once (a conversation growing by one utterance per call) never pays a compile.
 
-`OpenVINOSession` mimics the part of onnxruntime.InferenceSession the runtime uses (run, get_inputs,
-get_outputs, get_providers), so the model and the step graph run on it unchanged. run() is thread-safe: each
-thread has its own infer request per compiled model.
+`OpenVINOSession` has the part of onnxruntime.InferenceSession the runtime uses (run, get_inputs, get_outputs,
+get_providers), so the model and the step graph run on it unchanged. run() is thread-safe: each thread has its
+own infer request per compiled model.
 """
 
 from __future__ import annotations
@@ -35,7 +32,6 @@ from .errors import ArtifactError, BackendUnavailableError, first_line
 
 PRECISION_HINT = {"fp32": "f32", "bf16": "bf16"}  # cmath precision -> OpenVINO INFERENCE_PRECISION_HINT
 PRECISIONS = tuple(PRECISION_HINT)
-PROVIDER = "OpenVINO CPU"
 INSTALL = "pip install 'cmath[openvino]'"
 SPECIALISE_AFTER = 2  # the call of a shape that compiles it: the second, so one-off shapes never pay the compile
 RECENT_CALLS = 64  # the window in which a shape's calls are counted
@@ -109,7 +105,7 @@ class OpenVINOSession:
         self._outputs = [_Port(p.get_any_name()) for p in self.compiled.outputs]
         self._dynamic = _Compiled(self.compiled)
         self.static_shapes = static_shapes
-        self._model = model if static_shapes else None  # reshaped per shape; the file is read once, at load
+        self._model: Any = model if static_shapes else None  # reshaped per shape; the file is read once
         self._static: dict[tuple, _Compiled] = {}
         self._recent: deque[tuple] = deque(maxlen=RECENT_CALLS)  # the input shapes of the last calls
         self._counts: Counter[tuple] = Counter()  # ... and how many of those calls each shape had
@@ -197,7 +193,7 @@ class OpenVINOSession:
         return list(self._outputs)
 
     def get_providers(self) -> list[str]:
-        return [f"{PROVIDER} {self.inference_precision}"]
+        return [f"OpenVINO {'+'.join(self.devices)} {self.inference_precision}"]
 
     def describe(self) -> str:
         shapes = (f", each (batch, utterances) shape compiled for itself once called {SPECIALISE_AFTER} times in "

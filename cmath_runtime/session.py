@@ -163,10 +163,6 @@ def _open_openvino(request: SessionRequest, threads: int | None) -> tuple[Any, s
     return session, session.describe()
 
 
-# Compatibility views of the table (benchmarks read these).
-PROVIDER = {b.name: b.provider for b in BACKENDS.values()}
-BACKEND_OF = {v: k for k, v in PROVIDER.items()}
-
 
 @dataclass(frozen=True)
 class SessionInfo:
@@ -189,7 +185,7 @@ def available_providers() -> list[str]:
 def session_options(threads: int | None, spinning: bool = False) -> Any:
     """Sequential execution, all graph optimisations, `threads` intra-op threads. Idle workers sleep instead of
     spinning unless `spinning`: on a shared or busy machine (an agent's), spinning threads steal the cores the
-    other thread needs; measured on the 2-core machine under load, no-spin halved the latency with 2 threads."""
+    other threads need."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -236,8 +232,9 @@ def open_session(model_file: str | Path, backend: str = "cpu", *, precision: str
     request = SessionRequest(model_file, precision, manifest, cache_dir, static_shapes)
     check = (tuple(inputs) if inputs is not None else None, tuple(outputs) if outputs is not None else None)
     available = available_providers()
-    if backend != AUTO and BACKENDS[backend].opener is not None:  # an engine of its own (OpenVINO)
-        session, note = BACKENDS[backend].opener(request, threads)
+    opener = BACKENDS[backend].opener if backend != AUTO else None
+    if opener is not None:  # an engine of its own (OpenVINO)
+        session, note = opener(request, threads)
         _check_io(session, model_file, check, what)
         return SessionInfo(session, backend, tuple(session.get_providers()), model_file,
                            getattr(session, "threads", threads), note, precision, spinning)
@@ -288,7 +285,8 @@ def _create(backend: Backend, request: SessionRequest, threads: int | None, spin
         raise ArtifactError(request.model_file, f"onnxruntime cannot load this {what} ({first_line(e)})") from None
     _check_io(session, request.model_file, check, what)
     actual = tuple(session.get_providers())
-    runs_on = BACKEND_OF.get(actual[0], actual[0]) if actual else "none"
+    first = actual[0] if actual else "none"
+    runs_on = next((b.name for b in BACKENDS.values() if b.provider == first), first)
     prec = PRECISIONS.get(request.precision)
     note = prec.cpu_note if prec is not None and runs_on == "cpu" else ""
     return SessionInfo(session, runs_on, actual, request.model_file, threads, note, request.precision, spinning)

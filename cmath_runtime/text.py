@@ -10,21 +10,19 @@ longest of the batch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .errors import ArtifactError, InputError
-from .files import sha256_file
+from .files import verified_file
+from .manifest import Manifest, check_agreement
+from .session import open_session
 from .text_clean import TEXT_NORMALISATION, clean_text
 from .turns import TurnFormat, encode_turns
-
-if TYPE_CHECKING:
-    from .manifest import Manifest
-    from .model import EmotionModel
 
 TEXT_MODALITY = "t"
 DEFAULT_BATCH = 32
@@ -55,9 +53,10 @@ class TextEncoderSpec:
             return None
         try:
             graph = f"onnx_{precision}" if f"onnx_{precision}" in raw["files"] else "onnx"
-            if graph != "onnx" and not (raw.get("variants") or {}).get(precision, {}).get("passed"):
-                raise ArtifactError(manifest.path, f"text_encoder.variants[{precision!r}]: the {precision} text "
-                                    "encoder's agreement record is missing or failed; re-export it")
+            if graph != "onnx":
+                what = f"{precision} text encoder (text_encoder.variants[{precision!r}])"
+                record = (raw.get("variants") or {}).get(precision)
+                check_agreement(record, manifest.path, what, f"--{precision}")
             files = {k: (manifest.file(v["file"], f"text_encoder.files[{k!r}].file"), str(v["sha256"]))
                      for k, v in raw["files"].items() if k == graph or not k.startswith("onnx")}
             turns = TurnFormat.from_json(raw["turns"]) if raw.get("turns") else None
@@ -75,13 +74,8 @@ class TextEncoder:
                  spinning: bool = False) -> None:
         from tokenizers import Tokenizer
 
-        from .session import open_session
-
         for name, (path, digest) in spec.files.items():
-            if not path.is_file():
-                raise ArtifactError(path, f"the text encoder's {name} file listed in export.json is missing")
-            if verify and sha256_file(path) != digest:
-                raise ArtifactError(path, "sha256 mismatch with export.json (corrupt or replaced; re-export it)")
+            verified_file(path, digest, f"text encoder's {name} file", verify)
         self.spec = spec
         self.tokenizer = Tokenizer.from_file(str(spec.tokenizer_file))
         self.tokenizer.no_padding()  # padded by hand, per batch, to the longest input
@@ -89,10 +83,11 @@ class TextEncoder:
             self.tokenizer.enable_truncation(max_length=spec.max_seq_length, strategy="longest_first", direction="right")
         else:  # cmath_runtime.turns adds the special tokens and cuts
             self.tokenizer.no_truncation()
-            ids = {t: self.tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]")}
-            if None in ids.values():
-                raise ArtifactError(spec.tokenizer_file, f"the tokenizer has no {[t for t, i in ids.items() if i is None]}")
-            self._cls, self._sep = ids["[CLS]"], ids["[SEP]"]
+            cls_id, sep_id = (self.tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]"))
+            if cls_id is None or sep_id is None:
+                missing = [t for t, i in (("[CLS]", cls_id), ("[SEP]", sep_id)) if i is None]
+                raise ArtifactError(spec.tokenizer_file, f"the tokenizer has no {missing}")
+            self._cls, self._sep = cls_id, sep_id
         self.session = open_session(spec.onnx_file, "cpu", threads=threads, inputs=spec.inputs,
                                     spinning=spinning, what="text encoder").session
 
@@ -164,16 +159,6 @@ class TextEncoder:
         return {k: v for k, v in out.items() if k in self.spec.inputs}
 
 
-def load_text_encoder(model: EmotionModel) -> TextEncoder:
-    """The artifact's text encoder (EmotionModel.text_encoder loads it once) in the model's precision when the
-    export made that twin, else fp32; InputError if the artifact has none."""
-    spec = TextEncoderSpec.from_manifest(model.manifest, model.precision)
-    if spec is None or TEXT_MODALITY not in model.modalities:
-        raise InputError("text", "feature vectors: this artifact has no text encoder",
-                         "raw text", "Re-export the run with cmath-export (without --no-text-encoder).")
-    return TextEncoder(spec, threads=model.threads, verify=model.verify, spinning=model.spinning)
-
-
 def check_text_features(text: Any, features: dict[str, Any], field: str) -> str:
     """An utterance given as text: a str, and no "t" features beside it."""
     if TEXT_MODALITY in features:
@@ -181,13 +166,15 @@ def check_text_features(text: Any, features: dict[str, Any], field: str) -> str:
     return _check_text(text, field)
 
 
-def embed_utterances(model: EmotionModel, pasts: Sequence[tuple[list[str], list[int]]], speakers: Sequence[int],
-                     texts: Sequence[Any], features: Sequence[dict[str, Any]], fields: Sequence[str]) -> list[str]:
+def embed_utterances(encoder: Callable[[], TextEncoder], pasts: Sequence[tuple[list[str], list[int]]],
+                     speakers: Sequence[int], texts: Sequence[Any], features: Sequence[dict[str, Any]],
+                     fields: Sequence[str]) -> list[str]:
     """New utterances given as text, each continuing its own conversation (`pasts[i]`: Conversation.past_turns),
-    in one encoder call: features[i] gets "t" in place. Returns the checked texts."""
+    in one call of `encoder()` (the model's text encoder, loaded once the texts are checked): features[i] gets
+    "t" in place. Returns the checked texts."""
     checked = [check_text_features(t, f, field) for t, f, field in zip(texts, features, fields, strict=True)]
     items = [(*past, s, t) for past, s, t in zip(pasts, speakers, checked, strict=True)]
-    for f, row in zip(features, model.text_encoder.encode_turns(items), strict=True):
+    for f, row in zip(features, encoder().encode_turns(items), strict=True):
         f[TEXT_MODALITY] = row
     return checked
 
@@ -205,9 +192,10 @@ def past_turns(texts: Sequence[str | None], speakers: Sequence[int], window: int
     return [str(t) for t in texts[keep:]], [int(s) for s in speakers[keep:]]
 
 
-def resolve_texts(model: EmotionModel, conversations: Any) -> Any:
+def resolve_texts(conversations: Any, encoder: Callable[[], TextEncoder]) -> Any:
     """The batch API: conversations given with "texts" (one string per utterance) get features["t"] from them,
-    each utterance read with its own past turns when the encoder reads turns."""
+    each utterance read with its own past turns when the encoder reads turns (`encoder()`: the model's text
+    encoder, loaded only when some conversation has texts)."""
     if isinstance(conversations, (Mapping, str, bytes, np.ndarray)) or not hasattr(conversations, "__len__"):
         return conversations  # validation explains what is wrong
     todo = [i for i, c in enumerate(conversations) if isinstance(c, Mapping) and "texts" in c]
@@ -224,7 +212,7 @@ def resolve_texts(model: EmotionModel, conversations: Any) -> Any:
         texts = [_check_text(t, f"conversations[{i}].texts[{j}]") for j, t in enumerate(conv["texts"])]
         speakers = _speakers_for(conv.get("speakers"), len(texts), f"conversations[{i}].speakers")
         items += [(texts[:j], speakers[:j], speakers[j], texts[j]) for j in range(len(texts))]
-    emb = model.text_encoder.encode_turns(items) if items else np.zeros((0, model.feature_dims.get(TEXT_MODALITY, 0)))
+    emb = encoder().encode_turns(items) if items else np.zeros((0, 0), np.float32)  # only empty texts lists
     start = 0
     for i in todo:
         conv, n = out[i], len(out[i]["texts"])

@@ -55,9 +55,8 @@ def check_speakers(speakers: Any, spec: Manifest, field: str) -> np.ndarray:
         raise InputError(field, "a 1-D sequence of speaker ids, one per utterance", f"shape {arr.shape}")
     if len(arr) == 0:
         raise InputError(field, "at least one utterance", "an empty conversation")
-    if len(arr) > spec.max_len:
-        raise InputError(field, f"at most {spec.max_len} utterances (the artifact's max_len)", f"{len(arr)} utterances",
-                         "Split the conversation or re-export with a larger max_len.")
+    check_max_len(len(arr), spec.max_len, field, hint="Split the conversation or re-export with a larger "
+                                                      "max_len.")
     if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
         arr = arr.astype(np.int64)  # 1.0, 2.0, ... are ids too
     if arr.dtype.kind not in "iu":
@@ -67,6 +66,14 @@ def check_speakers(speakers: Any, spec: Manifest, field: str) -> np.ndarray:
         j = int(bad[0])
         raise InputError(f"{field}[{j}]", f"a speaker id in [0, {spec.num_speakers})", int(arr[j]))
     return arr.astype(np.int64, copy=False)
+
+
+def check_max_len(n: int, max_len: int, field: str, capacity: str = "the artifact's max_len",
+                  hint: str = "Start a new Conversation with the most recent utterances.") -> None:
+    """A conversation of `n` utterances fits the artifact: at most `max_len` (its position table and its step
+    graph's K/V cache end there). Every length check of the runtime is this one."""
+    if n > max_len:
+        raise InputError(field, f"at most {max_len} utterances ({capacity})", f"{n} utterances", hint)
 
 
 def check_speaker(speaker: Any, spec: Manifest, field: str) -> int:

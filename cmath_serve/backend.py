@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from cmath_runtime import Prediction
 from cmath_runtime.errors import CmathError, InputError
 
 from .conversations import ConversationStore, step_conversations
@@ -65,6 +66,13 @@ class _Base:
             return None
         return np.array(np.from_dlpack(tensor) if NUMPY2 else tensor.as_numpy(), copy=True)
 
+    def _required(self, request: Any, name: str) -> np.ndarray:
+        """A tensor the model's config requires (Triton refuses requests without it before they reach us)."""
+        tensor = self._input(request, name)
+        if tensor is None:
+            raise InputError(name, f"input {name!r}", "none")
+        return tensor
+
     def _texts(self, request: Any, shape: tuple[int, ...]) -> np.ndarray | None:
         """The optional `text` input (UTF-8 BYTES) as an object array of str, or None when the request has none."""
         raw = self._input(request, "text")
@@ -96,7 +104,7 @@ class _Base:
         return self.pb.Tensor.from_dlpack(name, array) if NUMPY2 else self.pb.Tensor(name, array)
 
     def finalize(self) -> None:
-        self.model = None
+        del self.model
 
 
 class ClassifyModel(_Base):
@@ -104,35 +112,33 @@ class ClassifyModel(_Base):
     request is valid (the runtime batches conversations of similar length)."""
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        parsed: list[list[dict[str, Any]] | Exception] = []
-        for request in requests:
+        results: dict[int, list[Prediction] | CmathError] = {}
+        good: dict[int, list[dict[str, Any]]] = {}
+        for i, request in enumerate(requests):
             try:
-                parsed.append(self._conversations(request))
+                good[i] = self._conversations(request)
             except CmathError as e:
-                parsed.append(e)
-        good = [i for i, p in enumerate(parsed) if not isinstance(p, Exception)]
-        results: dict[int, Any] = {}
+                results[i] = e
         try:
-            flat = [c for i in good for c in parsed[i]]  # type: ignore[union-attr]
+            flat = [c for convs in good.values() for c in convs]
             preds = self.model.predict(flat, batch_size=self.max_batch, embeddings=True) if flat else []
             k = 0
-            for i in good:
-                n = len(parsed[i])  # type: ignore[arg-type]
-                results[i] = preds[k:k + n]
-                k += n
+            for i, convs in good.items():
+                results[i] = preds[k:k + len(convs)]
+                k += len(convs)
         except CmathError:  # some request is bad in a way only the runtime sees: each request on its own
-            for i in good:
+            for i, convs in good.items():
                 try:
-                    results[i] = self.model.predict(parsed[i], batch_size=self.max_batch, embeddings=True)
+                    results[i] = self.model.predict(convs, batch_size=self.max_batch, embeddings=True)
                 except CmathError as e:
                     results[i] = CmathError(f"{e} {ROWS_NOTE}")
         responses = []
         for i, request in enumerate(requests):
-            outcome = parsed[i] if isinstance(parsed[i], Exception) else results[i]
+            outcome = results[i]
             if isinstance(outcome, Exception):
                 responses.append(self._error(outcome))
                 continue
-            shape = self._input(request, "speaker").shape
+            shape = self._required(request, "speaker").shape
             probs = np.zeros((*shape, self.manifest.num_classes), np.float32)
             emb = np.zeros((*shape, self.manifest.d), np.float32)
             for b, pred in enumerate(outcome):
@@ -143,7 +149,7 @@ class ClassifyModel(_Base):
 
     def _conversations(self, request: Any) -> list[dict[str, Any]]:
         """The request's rows as runtime conversations (right-padded rows cut at the end of their mask)."""
-        speaker, mask = self._input(request, "speaker"), self._input(request, "mask")
+        speaker, mask = self._required(request, "speaker"), self._required(request, "mask")
         b, n = speaker.shape
         texts = self._texts(request, (b, n))
         feats = self._features(request, texts is not None)
@@ -218,7 +224,7 @@ class StreamModel(_Base):
         return seq_id, flag("START"), flag("END")
 
     def _utterance(self, request: Any) -> dict[str, Any]:
-        speaker = self._input(request, "speaker")
+        speaker = self._required(request, "speaker")
         if speaker.shape != (1, 1):
             raise InputError("speaker", "one utterance per request: shape (1, 1)", f"shape {speaker.shape}")
         utt: dict[str, Any] = {"speaker": int(speaker[0, 0])}

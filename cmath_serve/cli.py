@@ -61,7 +61,7 @@ def main(export_dir: Path, host: str, http_port: int, grpc_port: int, metrics_po
     Server: model `cmath` (whole conversations, dynamic batching) and `cmath_stream` (one utterance per request
     with sequence_id / sequence_start / sequence_end; conversations held on the server). Ctrl-C or SIGTERM
     finishes in-flight requests and exits. See docs/serving.md."""
-    from cmath_runtime import read_manifest
+    from cmath_runtime.manifest import read_manifest
 
     try:
         manifest = read_manifest(export_dir)

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from cmath_runtime import Conversation, EmotionModel
 from cmath_runtime.errors import CmathError
 
 from .errors import ConversationLimitError, SequenceError
@@ -24,14 +25,14 @@ GONE_MEMORY = 100_000  # how many ended/expired ids are remembered, to say why a
 
 @dataclass
 class _Entry:
-    conversation: Any  # cmath_runtime.Conversation
+    conversation: Conversation
     last_used: float
 
 
 class ConversationStore:
     """sequence id -> Conversation, at most `max_conversations` live, dropped after `idle_timeout_s` idle."""
 
-    def __init__(self, factory: Callable[[], Any], max_conversations: int, idle_timeout_s: float,
+    def __init__(self, factory: Callable[[], Conversation], max_conversations: int, idle_timeout_s: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._factory = factory
         self.max_conversations = max_conversations
@@ -62,7 +63,7 @@ class ConversationStore:
         self.expired_total += len(gone)
         return gone
 
-    def start(self, seq_id: int) -> Any:
+    def start(self, seq_id: int) -> Conversation:
         """A new, empty conversation for `seq_id` (sequence_start). Restarting a live id replaces its conversation.
         ConversationLimitError when `max_conversations` others are live (nothing is evicted)."""
         self.expire()
@@ -79,7 +80,7 @@ class ConversationStore:
         self._live[seq_id] = entry
         return entry.conversation
 
-    def get(self, seq_id: int) -> Any:
+    def get(self, seq_id: int) -> Conversation:
         """The live conversation of `seq_id` (marked used now); SequenceError if there is none."""
         self.expire()
         entry = self._live.get(seq_id)
@@ -105,14 +106,15 @@ class ConversationStore:
         return {"live": len(self._live), "expired_total": self.expired_total, "refused_total": self.refused_total}
 
 
-Outcome = Any  # np.ndarray (C,) of probabilities, or the CmathError that this utterance raised
+Outcome = np.ndarray | CmathError  # (C,) probabilities, or the error that this utterance raised
 
 
-def step_conversations(model: Any, conversations: Sequence[Any], utterances: Sequence[dict[str, Any]],
-                       mode: str = "batched", batch_size: int = 64) -> list[Outcome]:
+def step_conversations(model: EmotionModel, conversations: Sequence[Conversation],
+                       utterances: Sequence[dict[str, Any]], mode: str = "batched",
+                       batch_size: int = 64) -> list[Outcome]:
     """Append one utterance to each conversation and return its probabilities, in order.
 
-    mode "batched": all conversations in one step call (cmath_runtime.step_batch, when the runtime has it);
+    mode "batched": all conversations in one step call (Conversation.step_batch);
     "serial": one step call per conversation; "recompute": model.predict on the whole conversations (batched by
     length), which is what a bidirectional artifact needs. A bad utterance gives its own error and leaves its
     conversation as it was; the others go on.
@@ -121,39 +123,29 @@ def step_conversations(model: Any, conversations: Sequence[Any], utterances: Seq
         return []
     if mode == "recompute":
         return _recompute(model, conversations, utterances, batch_size)
-    step_batch = _runtime_step_batch() if mode == "batched" else None
-    if step_batch is not None and len(conversations) > 1:
+    if mode == "batched" and len(conversations) > 1:
         try:
-            emotions = step_batch(list(conversations), [dict(u) for u in utterances])
-            return [_probs(model, e) for e in emotions]
+            emotions = Conversation.step_batch(list(conversations), [dict(u) for u in utterances])
+            return [e.probs for e in emotions]
         except CmathError:
             pass  # one utterance is bad: redo them one by one, so each gets its own answer
     out: list[Outcome] = []
     for conv, utt in zip(conversations, utterances):
         try:
-            out.append(_probs(model, _add(conv, utt).latest))
+            out.append(_add(conv, utt).latest.probs)
         except CmathError as e:
             out.append(e)
     return out
 
 
-def _runtime_step_batch() -> Callable[..., Any] | None:
-    import cmath_runtime
-
-    try:
-        return cmath_runtime.step_batch  # type: ignore[attr-defined]
-    except AttributeError:
-        return None
-
-
-def _add(conv: Any, utt: dict[str, Any]) -> Any:
+def _add(conv: Conversation, utt: dict[str, Any]) -> Conversation:
     fields = dict(utt)
     return conv.add(fields.pop("speaker"), **fields)
 
 
-def _recompute(model: Any, conversations: Sequence[Any], utterances: Sequence[dict[str, Any]],
-               batch_size: int) -> list[Outcome]:
-    out: list[Outcome] = [None] * len(conversations)
+def _recompute(model: EmotionModel, conversations: Sequence[Conversation],
+               utterances: Sequence[dict[str, Any]], batch_size: int) -> list[Outcome]:
+    out: dict[int, Outcome] = {}
     ok = []
     for i, (conv, utt) in enumerate(zip(conversations, utterances)):
         try:
@@ -165,8 +157,4 @@ def _recompute(model: Any, conversations: Sequence[Any], utterances: Sequence[di
         predictions = model.predict([conversations[i] for i in ok], batch_size=batch_size)
         for i, p in zip(ok, predictions):
             out[i] = p.probs[-1]
-    return out
-
-
-def _probs(model: Any, emotion: Any) -> np.ndarray:
-    return np.array([emotion.probs[name] for name in model.label_names], np.float32)
+    return [out[i] for i in range(len(conversations))]

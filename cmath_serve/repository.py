@@ -91,7 +91,7 @@ class ServeOptions:
 
 def stream_path(manifest: Manifest, options: ServeOptions) -> str:
     """How cmath_stream computes a new utterance: "step" (causal artifact with a step graph) or "recompute"."""
-    return "step" if manifest.raw.get("step") and options.stream_mode != "recompute" else "recompute"
+    return "step" if manifest.step and options.stream_mode != "recompute" else "recompute"
 
 
 def triton_idle_us(options: ServeOptions) -> int:
@@ -150,7 +150,7 @@ def stream_config(manifest: Manifest, options: ServeOptions, common: dict[str, o
             if path == "step" else
             "recompute: every step runs the whole conversation again"
             + (" (bidirectional artifact: a new utterance changes earlier ones, so there is no step state)"
-               if not manifest.raw.get("step") else " (--stream-mode recompute)"))
+               if not manifest.step else " (--stream-mode recompute)"))
     candidates = 2 * options.max_conversations + options.max_batch
     controls = ('    { name: "START" control [ { kind: CONTROL_SEQUENCE_START int32_false_true: [ 0, 1 ] } ] },\n'
                 '    { name: "END" control [ { kind: CONTROL_SEQUENCE_END int32_false_true: [ 0, 1 ] } ] },\n'

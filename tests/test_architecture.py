@@ -1,15 +1,14 @@
 """The package map of docs/architecture.md, checked: which way imports go, the torch-free base layer, no cycles.
 
-Imports are read from the source (every `import` statement, inside functions too), so a lazy import that breaks
-a rule is caught as well as a top-level one.
+Imports are read from the source: every `import` and `from ... import` anywhere in a module (inside functions
+and `if TYPE_CHECKING:` blocks too), so a lazy import that breaks a rule or closes a cycle is caught as well
+as a top-level one.
 """
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
-
-import pytest
 
 from cmath_runtime.base import BASE_MODULES
 
@@ -23,14 +22,14 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(path: Path, top_level_only: bool = False) -> set[str]:
-    """Absolute names of the modules `path` imports (relative imports resolved)."""
+def _imports(path: Path) -> set[str]:
+    """Absolute names of the modules `path` imports anywhere in its source (relative imports resolved;
+    `from pkg import name` names `pkg.name`, which `_resolve` maps to the module really imported)."""
     tree = ast.parse(path.read_text(), str(path))
     name = _module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    nodes = tree.body if top_level_only else list(ast.walk(tree))
     out: set[str] = set()
-    for node in nodes:
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
@@ -40,8 +39,7 @@ def _imports(path: Path, top_level_only: bool = False) -> set[str]:
                 mod = ".".join([*base, node.module] if node.module else base)
             else:
                 mod = node.module or ""
-            out.add(mod)
-            out |= {f"{mod}.{a.name}" for a in node.names}  # `from . import x` imports the module x
+            out |= {f"{mod}.{a.name}" for a in node.names}
     return out
 
 
@@ -98,45 +96,115 @@ def test_one_session_loader() -> None:
     assert where == ["cmath_runtime/session.py"], where
 
 
-@pytest.mark.parametrize("package", PACKAGES)
-def test_no_import_cycles(package: str) -> None:
-    """Module-level imports inside each package form no cycle (lazy imports inside functions are allowed)."""
+def _module_graph() -> dict[str, set[str]]:
+    """Every project module -> the project modules it imports (at any depth of its source)."""
     own = _own_modules()
     graph = {}
-    for path in _files(package):
-        deps = set()
-        for name in _imports(path, top_level_only=True):
-            m = _resolve(name, own)
-            if m and m.split(".")[0] == package and m != _module_name(path):
-                deps.add(m)
-        graph[_module_name(path)] = deps
-    # A package's __init__ importing its submodules is not a cycle worth reporting (Python handles it).
-    graph = {k: {d for d in v if d != package} for k, v in graph.items()}
-    cycle = _find_cycle(graph)
-    assert cycle is None, " -> ".join(cycle or [])
+    for path in (p for pkg in PACKAGES for p in _files(pkg)):
+        name = _module_name(path)
+        graph[name] = {m for m in (_resolve(i, own) for i in _imports(path)) if m in own and m != name}
+    return graph
 
 
-def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    state: dict[str, int] = {}
+def test_no_import_cycles() -> None:
+    """No module of the five packages reaches itself through imports, counting those inside functions: each
+    strongly connected group of modules is reported with one cycle through it."""
+    graph = _module_graph()
+    cycles = [" -> ".join(_cycle_in(graph, group)) for group in _strongly_connected(graph) if len(group) > 1]
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_the_cycle_check_sees_imports_inside_functions() -> None:
+    """The graph the cycle check reads has the edges that only a function body makes."""
+    graph = _module_graph()
+    assert "cmath_runtime.openvino_backend" in graph["cmath_runtime.session"]  # imported in a function only
+    assert _strongly_connected({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"], ["d"]]
+    assert _cycle_in({"a": {"b"}, "b": {"c"}, "c": {"a"}}, ["a", "b", "c"]) == ["a", "b", "c", "a"]
+
+
+def test_training_imports_nothing_from_export_serve_or_benchmarks() -> None:
+    """Training is the bottom of the stack after the runtime's base layer: it never imports the exporter, the
+    server or the benchmarks (they import it)."""
+    bad = {}
+    for path in _files("cmath_train"):
+        hits = sorted(m for m in _imports(path) if m.split(".")[0] in ("cmath_export", "cmath_serve",
+                                                                        "benchmarks"))
+        if hits:
+            bad[_module_name(path)] = hits
+    assert not bad, bad
+
+
+def _strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Tarjan's strongly connected components, each sorted, in order of their first module."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
     stack: list[str] = []
+    on_stack: set[str] = set()
+    groups: list[list[str]] = []
 
-    def visit(node: str) -> list[str] | None:
-        state[node] = 1
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
         stack.append(node)
+        on_stack.add(node)
         for dep in sorted(graph.get(node, ())):
-            if state.get(dep) == 1:
-                return [*stack[stack.index(dep):], dep]
-            if dep not in state:
-                found = visit(dep)
-                if found:
-                    return found
-        stack.pop()
-        state[node] = 2
-        return None
+            if dep not in index:
+                visit(dep)
+                low[node] = min(low[node], low[dep])
+            elif dep in on_stack:
+                low[node] = min(low[node], index[dep])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            groups.append(sorted(group))
 
     for node in sorted(graph):
-        if node not in state:
-            found = visit(node)
-            if found:
-                return found
-    return None
+        if node not in index:
+            visit(node)
+    return sorted(groups)
+
+
+def _cycle_in(graph: dict[str, set[str]], group: list[str]) -> list[str]:
+    """One cycle through the first module of a strongly connected group (breadth-first: a shortest one)."""
+    start, members = group[0], set(group)
+    parents: dict[str, str] = {}
+    frontier = [start]
+    while frontier:
+        nxt = []
+        for node in frontier:
+            for dep in sorted(graph[node] & members):
+                if dep == start:
+                    path = [node]
+                    while path[-1] != start:
+                        path.append(parents[path[-1]])
+                    return [*reversed(path), start]
+                if dep not in parents:
+                    parents[dep] = node
+                    nxt.append(dep)
+        frontier = nxt
+    raise AssertionError(f"{group} is not strongly connected")
+
+
+def _foreign_private_uses(path: Path) -> list[str]:
+    """`obj._name` in `path` where obj is not self/cls and no class of this module sets `self._name` or defines
+    `_name`: a module reaching into another object's private state."""
+    tree = ast.parse(path.read_text(), str(path))
+    own = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+           and isinstance(node.value, ast.Name) and node.value.id == "self" and isinstance(node.ctx, ast.Store)}
+    own |= {f.name for c in ast.walk(tree) if isinstance(c, ast.ClassDef) for f in c.body
+            if isinstance(f, ast.FunctionDef)}
+    return sorted(f"{ast.unparse(node)} (line {node.lineno})" for node in ast.walk(tree)
+                  if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                  and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+                  and node.attr not in own)
+
+
+def test_modules_keep_to_their_own_state() -> None:
+    """A module reads and writes private state only of the objects its own classes define (e.g. a conversation
+    makes every change to its state; the step path computes and hands results back)."""
+    bad = {_module_name(p): hits for pkg in PACKAGES for p in _files(pkg) if (hits := _foreign_private_uses(p))}
+    assert not bad, bad

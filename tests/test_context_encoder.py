@@ -60,7 +60,7 @@ def test_step_batch_and_state_files_keep_the_history(context_run: tuple[Path, Pa
     a = cmath_runtime.Conversation.load(model, tmp_path / "a.npz")
     assert a.texts == [t for _, t in lines[:2]]
     for s, t in lines[2:]:
-        cmath_runtime.step_batch([a, b], [{"speaker": s, "text": t}, {"speaker": s, "text": t}])
+        cmath_runtime.Conversation.step_batch([a, b], [{"speaker": s, "text": t}, {"speaker": s, "text": t}])
         ref.add(s, text=t)
     np.testing.assert_allclose(a.features["t"], ref.features["t"], atol=1e-6)
     np.testing.assert_allclose(a.probs(), ref.probs(), atol=1e-6)

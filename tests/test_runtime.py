@@ -147,8 +147,9 @@ def test_conversation_add_one_at_a_time(model: cmath_runtime.EmotionModel) -> No
         expected = model.predict([{"speakers": full["speakers"][:i + 1],
                                    "features": {m: x[:i + 1] for m, x in full["features"].items()}}])[0]
         assert latest.label == expected.labels[-1] and len(conv) == i + 1
-        assert latest.probs == pytest.approx(dict(zip(model.label_names, expected.probs[-1].tolist())), abs=1e-6)
-        assert latest.confidence == max(latest.probs.values())
+        np.testing.assert_allclose(latest.probs, expected.probs[-1], atol=1e-6)
+        assert latest.probs.shape == (len(model.label_names),) and latest.probs.dtype == np.float32
+        assert latest.confidence == latest.probs.max() == latest.probs[model.label_names.index(latest.label)]
     whole = model.predict([full])[0]
     assert conv.labels() == whole.labels
     np.testing.assert_allclose(conv.probs(), whole.probs, atol=1e-6)

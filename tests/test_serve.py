@@ -476,14 +476,14 @@ def test_cmath_serve_uses_only_the_runtimes_public_api() -> None:
 
 
 def test_batched_mode_makes_one_step_batch_call_and_isolates_a_bad_utterance(monkeypatch) -> None:
-    import cmath_runtime
+    from cmath_runtime import Conversation
     from cmath_runtime.errors import InputError
     from cmath_serve.conversations import step_conversations
 
     calls = []
 
     class Emotion:
-        probs = {"x": 0.5, "y": 0.5}
+        probs = np.array([0.5, 0.5], np.float32)
 
         @property
         def latest(self):
@@ -501,7 +501,7 @@ def test_batched_mode_makes_one_step_batch_call_and_isolates_a_bad_utterance(mon
             raise InputError("utterances[1].speaker", ">= 0", -1)  # nothing changed: the runtime's promise
         return [Emotion() for _ in convs]
 
-    monkeypatch.setattr(cmath_runtime, "step_batch", step_batch, raising=False)
+    monkeypatch.setattr(Conversation, "step_batch", staticmethod(step_batch))
     model = type("M", (), {"label_names": ["x", "y"]})()
     out = step_conversations(model, [Conv(), Conv(), Conv()], [{"speaker": 0}] * 3, mode="batched")
     assert calls == [3] and all(np.allclose(o, [0.5, 0.5]) for o in out)

@@ -138,8 +138,8 @@ def test_step_graph_parity_200(causal_export: Path) -> None:
     from cmath_runtime.streaming import StepGraph
 
     step = json.loads((causal_export / "export.json").read_text())["step"]
-    graph = StepGraph.from_session(ort.InferenceSession(str(causal_export / "model.step.onnx"),
-                                                        providers=["CPUExecutionProvider"]), step)
+    session = ort.InferenceSession(str(causal_export / "model.step.onnx"), providers=["CPUExecutionProvider"])
+    graph = StepGraph(session, step)
     feats, spk = _conversation(MAX_LEN, TINY_DIMS, 7)
     full = ort.InferenceSession(str(causal_export / "model.onnx"), providers=["CPUExecutionProvider"])
     ref_probs, ref_emb = full.run(["probs", "embedding"], {**{m: x[None] for m, x in feats.items()},
@@ -169,7 +169,7 @@ def test_runtime_conversation_step_path(causal_model) -> None:
         latest.append(conv.latest.probs)
     [full] = causal_model.predict([{"speakers": spk, "features": feats}])
     assert np.abs(conv.probs() - full.probs).max() < 1e-4
-    got = np.array([[p[k] for k in causal_model.label_names] for p in latest])
+    got = np.stack(latest)
     assert np.abs(got - full.probs).max() < 1e-4
 
 
@@ -191,14 +191,13 @@ def test_state_copy_save_resume(causal_model, tmp_path: Path) -> None:
 
 def test_capacity_error(causal_model) -> None:
     from cmath_runtime import Conversation
-    from cmath_runtime.streaming import step_graph
 
     feats, spk = _conversation(MAX_LEN, TINY_DIMS, 2)
     conv = _add_all(Conversation(causal_model), feats, spk)
     with pytest.raises(InputError) as e:
         conv.add(0, **{m: x[0] for m, x in feats.items()})
     assert e.value.field == f"utterances[{MAX_LEN}]"
-    graph = step_graph(causal_model)
+    graph = causal_model.step_graph
     with pytest.raises(InputError, match="capacity"):
         graph.run(graph.empty_state(), MAX_LEN, 0, {m: x[0] for m, x in feats.items()})
 
@@ -223,7 +222,6 @@ def test_no_step_graph_uses_full_path(causal_export: Path, tmp_path: Path) -> No
 def test_step_batch_equals_each_alone_and_full_graph(causal_model) -> None:
     """16 conversations of different lengths stepped together in one graph call per step (different positions,
     padded histories) equal each one stepped alone, and the full graph's rows."""
-    import cmath_runtime
     from cmath_runtime import Conversation
 
     lengths = [1, 2, 3, 5, 8, 13, 21, 34, 4, 9, 17, 30, 6, 11, 25, 40]
@@ -235,11 +233,12 @@ def test_step_batch_equals_each_alone_and_full_graph(causal_model) -> None:
         live = [k for k, n in enumerate(lengths) if lengths[k] // 2 <= i < n]
         if not live:
             continue
-        emotions = cmath_runtime.step_batch([together[k] for k in live],
+        emotions = Conversation.step_batch([together[k] for k in live],
                                             [{"speaker": int(data[k][1][i]), **{m: x[i] for m, x in data[k][0].items()}}
                                              for k in live])
         for k, emotion in zip(live, emotions):
-            assert emotion == together[k].latest
+            latest = together[k].latest
+            assert emotion.label == latest.label and np.array_equal(emotion.probs, latest.probs)
     for k, (feats, spk) in enumerate(data):
         alone = _add_all(Conversation(causal_model), feats, spk)
         assert len(together[k]) == lengths[k]
@@ -249,7 +248,6 @@ def test_step_batch_equals_each_alone_and_full_graph(causal_model) -> None:
 
 
 def test_step_batch_validation_names_the_utterance(causal_model) -> None:
-    import cmath_runtime
     from cmath_runtime import Conversation
 
     feats, _ = _conversation(1, TINY_DIMS, 0)
@@ -260,13 +258,13 @@ def test_step_batch_validation_names_the_utterance(causal_model) -> None:
                        ({**good, "t": np.full(TINY_DIMS["t"], np.nan, np.float32)}, "utterances[1].features['t']"),
                        ({**good, "v": np.zeros(3, np.float32)}, "utterances[1].features['v']")):
         with pytest.raises(InputError) as e:
-            cmath_runtime.step_batch(convs, [good, bad])
+            Conversation.step_batch(convs, [good, bad])
         assert e.value.field == field
     assert [len(c) for c in convs] == [0, 0]  # nothing changed
     with pytest.raises(InputError, match="at most once"):
-        cmath_runtime.step_batch([convs[0], convs[0]], [good, good])
+        Conversation.step_batch([convs[0], convs[0]], [good, good])
     with pytest.raises(InputError) as e:
-        cmath_runtime.step_batch(convs, [good])
+        Conversation.step_batch(convs, [good])
     assert e.value.field == "utterances"
 
 

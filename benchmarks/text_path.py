@@ -497,13 +497,14 @@ def probe_limits(probes: dict[str, Any], times: dict[str, list[float]]) -> dict[
         probe, t = probes[name], times[name]
         return probe.gflop_s(t, statistic) if isinstance(probe, roofline.PeakProbe) else probe.gb_s(t, statistic)
 
-    keys = {"probe/copy": "copy_gb_s", "probe/read-sum": "read_sum_gb_s", "probe/read-gemv": "read_gemv_gb_s",
-            "probe/peak-fp32": "fp32_gflop_s", "probe/peak-int8": "int8_gop_s"}
+    keys = {"probe/copy": ("copy", "gb_s"), "probe/read-sum": ("read_sum", "gb_s"),
+            "probe/read-gemv": ("read_gemv", "gb_s"), "probe/peak-fp32": ("fp32", "gflop_s"),
+            "probe/peak-int8": ("int8", "gop_s")}
     out: dict[str, Any] = {}
-    for name, key in keys.items():
+    for name, (what, unit) in keys.items():
         if times.get(name):
-            out[key] = rate(name, "p50")
-            out[key.replace("_g", "_best_g")] = rate(name, "best")
+            out[f"{what}_{unit}"] = rate(name, "p50")
+            out[f"{what}_best_{unit}"] = rate(name, "best")
     out["read_gb_s"] = max(out.get("read_sum_gb_s", 0.0), out.get("read_gemv_gb_s", 0.0))
     out["read_best_gb_s"] = max(out.get("read_sum_best_gb_s", 0.0), out.get("read_gemv_best_gb_s", 0.0))
     out.update(read_buffer_mib=probes["probe/read-sum"].nbytes / 2**20, peak_n=round(

@@ -288,7 +288,7 @@ class ReplicaSet:
         return f"http://{_url_host(self.balancer.bind)}:{self.balancer.http_port}"
 
     def start(self, ready_timeout_s: float = 180.0) -> None:
-        """Start the replicas (in parallel, each waited for up to ready_timeout_s), then the balancer; on any
+        """Start the replicas (side by side, each waited for up to ready_timeout_s), then the balancer; on any
         failure everything started is stopped and a ServeError says what failed."""
         if self.replicas < 1:
             raise ServeError(f"--replicas: expected at least 1, got {self.replicas}")
@@ -303,21 +303,13 @@ class ReplicaSet:
                                                  binary=self.tritonserver,
                                                  log_file=self.workdir / f"{server_name(i)}.tritonserver.log",
                                                  exit_timeout_s=self.exit_timeout_s))
-            errors: list[BaseException] = []
-
-            def start(server: TritonServer) -> None:
+            for server in self.servers:  # from this thread: a child's parent-death signal follows its forker
+                server.launch()
+            for i, server in enumerate(self.servers):  # they boot side by side; each gets the whole bound
                 try:
-                    server.start(ready_timeout_s)
-                except BaseException as e:  # noqa: BLE001 (re-raised below, naming the replica)
-                    errors.append(e)
-
-            threads = [threading.Thread(target=start, args=(s,), daemon=True) for s in self.servers]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(ready_timeout_s + 60)
-            if errors or any(t.is_alive() for t in threads):
-                raise ServeError(f"a replica did not start: {errors[0] if errors else 'no answer in time'}")
+                    server.wait_ready(ready_timeout_s)
+                except ServeError as e:
+                    raise ServeError(f"replica {server_name(i)} did not start: {e}") from None
             config = self.workdir / "haproxy.cfg"
             text = haproxy_config([ReplicaAddress(self.host, s.ports.http, s.ports.grpc) for s in self.servers],
                                   self.balancer)

@@ -203,6 +203,7 @@ def serve_replicas(export_dir: Path, options: ServeOptions, replicas: int, host:
             for i, s in enumerate(rs.servers):
                 if i not in reported and s.process is not None and s.process.poll() is not None:
                     reported.add(i)
+                    s.stop()  # what a killed tritonserver leaves: its stubs and shared memory
                     click.echo(f"cmath-serve: replica {server_name(i)} exited with code {s.process.returncode}; "
                                f"the balancer routes around it", err=True)
     finally:

@@ -260,17 +260,24 @@ def test_a_replica_killed_half_way_loses_no_conversation(cluster: Cluster, model
 
     # clean shutdown: SIGTERM stops the balancer and the surviving replicas; nothing of ours is left running
     assert cluster.stop() == 0, cluster.out.read_text()
-    ports = [str(grpc) for _, grpc in cluster.replicas.values()]
-    deadline = time.monotonic() + 30
-    while True:
-        ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
-        left = [p for p in ps if ("tritonserver" in p or "triton_python_backend_stub" in p or "haproxy" in p)
-                and (any(f"_{port}_" in p or f"--grpc-port={port}" in p for port in ports)
-                     or str(cluster.out.parent / "balancer") in p)]
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert not left, left
+    marks = [f"_{grpc}_" for _, grpc in cluster.replicas.values()]  # tritonserver's and its stubs' shm prefix
+    marks += [f"--grpc-port={grpc}" for _, grpc in cluster.replicas.values()] + [str(cluster.out.parent / "balancer")]
+    assert not _processes_with(marks)
+    assert not [p for p in Path("/dev/shm").iterdir() if any(m in p.name for m in marks)]
+
+
+def _processes_with(marks: list[str]) -> list[str]:
+    """Command lines (from /proc, never truncated) of the processes that name any of `marks`."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if any(m in cmd for m in marks):
+                out.append(f"{entry.name}: {cmd}")
+    return out
 
 
 def test_error_kinds() -> None:

@@ -146,6 +146,11 @@ def start_replicas(export_dir: Path, replicas: int, threads: int, queue_delay_us
     return rs
 
 
+def _requests(rs: Any) -> dict[str, int]:
+    """Requests the balancer sent to each replica so far (gRPC)."""
+    return {s.name: s.requests for s in rs.stats() if s.backend == "grpc_replicas"}
+
+
 def failover(rs: Any, dims: dict[str, int], speakers: int, count: int, log: Any) -> dict[str, Any]:
     """`count` conversations of 30 utterances, the busiest replica SIGKILLed, then one more utterance each."""
     from cmath_serve.conversation_client import ClientOptions, ServeClient
@@ -156,7 +161,7 @@ def failover(rs: Any, dims: dict[str, int], speakers: int, count: int, log: Any)
     for conv, d in zip(convs, data):  # one at a time: nothing else on the machine's replicas
         for i in range(FAILOVER_UTTERANCES):
             conv.add(int(d["speakers"][i]), **{m: x[i] for m, x in d["features"].items()})
-    stats = {s.name: s.requests for s in rs.stats() if s.backend == "grpc_replicas"}
+    stats = _requests(rs)
     victim = max(stats, key=lambda k: stats[k])
     index = int(victim[1:])
     os.kill(rs.servers[index].process.pid, signal.SIGKILL)
@@ -195,11 +200,11 @@ def run(export_dir: Path, quick: bool = False, conversations: int = 64, utteranc
         try:
             stream(rs.grpc_url, convs[:2], 30)  # warm-up: sessions, first batches
             meter = CpuMeter(rs)
-            before = meter.read()
+            before, sent_before = meter.read(), _requests(rs)
             rec = stream(rs.grpc_url, convs, seconds)
-            after = meter.read()
+            after, sent_after = meter.read(), _requests(rs)
             cpu = {k: (after[k] - before[k]) / max(rec["answered"], 1) * 1000 for k in before}
-            per_replica = {s.name: s.requests for s in rs.stats() if s.backend == "grpc_replicas"}
+            per_replica = {k: sent_after[k] - sent_before[k] for k in sent_after}
             rec.update(replicas=n, conversations=conversations, utterances=utterances,
                        cpu_ms_per_utterance=cpu, requests_per_replica=per_replica, loadavg=os.getloadavg()[0])
             records.append(rec)
@@ -221,12 +226,20 @@ def markdown(result: dict[str, Any], env: dict[str, Any]) -> str:
              "| replicas | conversations x utterances | utterances/s | p50 ms | p99 ms | answered / planned | errors | "
              "CPU ms/utterance: replicas | haproxy | client | requests per replica |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    notes = ["", "CPU ms/utterance: user + system CPU time of all replica processes (each tritonserver and its "
+                 "Python-backend stubs), of HAProxy and of the client process during the run, over the utterances "
+                 "answered. One core answers about 1000 / (replica CPU ms) utterances/s, so that column is what "
+                 "carries to a machine with a core per replica; here all replicas, the balancer, the client and "
+                 "the other jobs on the machine share the same cores, which bounds the utterances/s column.", "",
+             "Requests per replica: what the balancer sent each one during the run (its stats); the conversations "
+             "are spread by the consistent hash of their id."]
     for r in result["records"]:
         c = r["cpu_ms_per_utterance"]
         lines.append(f"| {r['replicas']} | {r['conversations']} x {r['utterances']} | {r['utterances_per_s']:.1f} | "
                      f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['answered']} / {r['planned']} | {r['errors']} | "
                      f"{c['replicas']:.1f} | {c['balancer']:.2f} | {c['client']:.1f} | "
                      f"{', '.join(f'{k} {v}' for k, v in r['requests_per_replica'].items())} |")
+    lines += notes
     f = result.get("failover") or {}
     if f:
         lines += ["", f"Failover: {f['conversations']} conversations of {f['utterances_before_kill']} utterances, "

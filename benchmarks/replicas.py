@@ -175,9 +175,9 @@ def failover(rs: Any, dims: dict[str, int], speakers: int, count: int, log: Any)
         times[conv.replays > before].append(time.perf_counter() - t0)
     replay = client.stats.replay_seconds
     client.close()
-    out = {"conversations": count, "utterances_before_kill": FAILOVER_UTTERANCES, "killed": victim,
-           "failed_over": len(times[True]), "replay_s": percentiles_ms(replay),
-           "failover_add": percentiles_ms(times[True]), "ordinary_add": percentiles_ms(times[False])}
+    out: dict[str, Any] = {"conversations": count, "utterances_before_kill": FAILOVER_UTTERANCES, "killed": victim,
+                           "failed_over": len(times[True]), "replay_s": percentiles_ms(replay),
+                           "failover_add": percentiles_ms(times[True]), "ordinary_add": percentiles_ms(times[False])}
     log(f"failover: {victim} killed; {len(times[True])}/{count} conversations replayed "
         f"{FAILOVER_UTTERANCES} utterances, replay p50 {out['replay_s']['p50_ms']:.0f} ms, that add() p50 "
         f"{out['failover_add']['p50_ms']:.0f} ms vs {out['ordinary_add']['p50_ms']:.0f} ms for the others")

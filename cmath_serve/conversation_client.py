@@ -230,7 +230,7 @@ class ServeClient:
             for k in range(0, len(order), spec.max_batch):
                 chunk = order[k:k + spec.max_batch]
                 arrays = _pad([rows[i] for i in chunk])
-                result = self.call(lambda a=arrays: self.infer(CLASSIFY_MODEL, a),  # type: ignore[misc]
+                result = self.call(lambda: self.infer(CLASSIFY_MODEL, arrays),  # noqa: B023 (called right here)
                                    f"{len(chunk)} conversation(s) on model {CLASSIFY_MODEL!r}")
                 probs, emb = result.as_numpy("probs"), result.as_numpy("embedding")
                 for j, i in enumerate(chunk):
@@ -249,8 +249,7 @@ class ServeClient:
             raise InputError(where, "a mapping with 'speakers' and 'features' (or an object with those attributes)",
                              type(conv).__name__)
         spk = check_speakers(speakers, spec, f"{where}.speakers")
-        known_texts = texts is not None and not all(t is None for t in texts)
-        if not known_texts:
+        if texts is None or all(t is None for t in texts):
             return {**check_features(features, len(spk), spec, f"{where}.features"), "speaker": spk}
         self._check_text_input(f"{where}.texts")
         texts = list(texts)

@@ -200,6 +200,18 @@ def test_batches_and_bad_input_through_the_balancer(cluster: Cluster, model) -> 
         remote.add(0, text="hello", a=feats["a"][0], v=feats["v"][0])
     assert len(remote) == 0 and client.stats.retries == 0
 
+    # end=True frees the server's conversation; adding again replays it there first, answers unchanged
+    feats, speakers = _conversation(model, 4, seed=61)
+    conv = client.conversation()
+    for i in range(4):
+        emotion = conv.add(int(speakers[i]), end=i == 1, **{m: feats[m][i] for m in model.modalities})
+    assert conv.replays == 1 and client.stats.replayed_utterances == 2
+    expected = _serial_probs(model, feats, speakers)
+    assert np.abs(conv.probs() - expected).max() <= 1e-5
+    assert emotion.label == model.label_names[int(expected[-1].argmax())] and conv.latest == emotion
+    assert conv.speakers.tolist() == speakers.tolist() and conv.texts == [None] * 4
+    assert np.abs(client.predict([conv])[0].probs - expected).max() <= 1e-5  # causal: whole == streamed
+
 
 @pytest.mark.slow
 def test_a_replica_killed_half_way_loses_no_conversation(cluster: Cluster, model) -> None:

@@ -37,10 +37,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from cmath_runtime.conversation import Emotion
+from cmath_runtime import Emotion, Manifest, Prediction
 from cmath_runtime.errors import InputError
-from cmath_runtime.manifest import Manifest
-from cmath_runtime.model import Prediction
 from cmath_runtime.validation import check_features, check_speaker, check_speakers, check_utterance
 
 from .balancer import HEADER

@@ -306,3 +306,22 @@ def test_error_kinds() -> None:
     assert error_kind(err("StatusCode.UNAVAILABLE", "sequence_start ...: (cmath-serve --max-conversations)")) == "limit"
     assert error_kind(err("StatusCode.INVALID_ARGUMENT", "speaker: expected ...")) == "request"
     assert error_kind(err("StatusCode.UNAVAILABLE", "Received http2 header with status: 502")) == "transport"
+
+
+def test_cli_refuses_bad_replica_options_before_starting_anything(causal_export: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from cmath_serve.cli import main
+
+    def run(*args: str) -> str:
+        result = CliRunner().invoke(main, [str(causal_export), "--http-port", "0", "--grpc-port", "0",
+                                           "--metrics-port", "0", *args])
+        assert result.exit_code == 2, result.output
+        return " ".join(result.output.split())
+
+    assert "--haproxy / --balancer-dir: expected with --replicas N" in run("--balancer-dir", str(tmp_path))
+    assert "--repo: not with --replicas" in run("--replicas", "2", "--repo", str(tmp_path / "repo"))
+    assert "--haproxy: expected an executable haproxy binary" in run("--replicas", "2", "--haproxy",
+                                                                     str(tmp_path / "nope"))
+    assert "0 is not in the range 1<=x<=64" in run("--replicas", "0")
+    assert not (tmp_path / "repo").exists()

@@ -1,4 +1,6 @@
-"""Client-side helper shared by the server tests and the load generator: numpy arrays -> tritonclient inputs."""
+"""numpy arrays -> tritonclient inputs (the conversation client, the server tests and the load generators).
+
+Object arrays of UTF-8 bytes are BYTES tensors (the raw `text` input)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-TRITON_DTYPES = {np.float32: "FP32", np.float64: "FP64", np.int64: "INT64", np.bool_: "BOOL"}
+TRITON_DTYPES = {np.float32: "FP32", np.float64: "FP64", np.int64: "INT64", np.bool_: "BOOL", np.object_: "BYTES"}
 
 
 def infer_inputs(module: Any, arrays: dict[str, np.ndarray]) -> list[Any]:

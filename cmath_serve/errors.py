@@ -15,3 +15,11 @@ class ConversationLimitError(CmathError):
 
 class SequenceError(CmathError):
     """A step for a conversation the server does not hold (never started, ended, or expired after idling)."""
+
+
+class RequestError(CmathError):
+    """The server refused a request as bad (its message names the field); sending it again cannot help."""
+
+
+class UnreachableError(ServeError):
+    """No answer from the server or balancer after the client's bounded retries."""

@@ -16,6 +16,7 @@ backends are used as they are.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -138,6 +139,7 @@ class TritonServer:
     process: subprocess.Popen | None = field(default=None, init=False)
     workdir: Path | None = field(default=None, init=False)
     description: dict = field(default_factory=dict, init=False)
+    _group_cleared: bool = field(default=False, init=False)
 
     @property
     def http_url(self) -> str:
@@ -152,6 +154,18 @@ class TritonServer:
         return f"http://{_url_host(self.host)}:{self.ports.metrics}/metrics"
 
     def start(self, ready_timeout_s: float = 120.0) -> None:
+        """launch(), then wait_ready(); stopped and cleaned up if it fails."""
+        self.launch()
+        try:
+            self.wait_ready(ready_timeout_s)
+        except BaseException:
+            self.stop()
+            self.cleanup()
+            raise
+
+    def launch(self) -> None:
+        """Write the repository and start tritonserver, without waiting for it. Call it from the thread that will
+        outlive the server (the main thread): the child's parent-death signal follows the thread that forked it."""
         install = find_triton(self.binary)
         self.workdir = Path(tempfile.mkdtemp(prefix="cmath-serve-"))
         try:
@@ -165,7 +179,7 @@ class TritonServer:
                    "--allow-gpu-metrics=false", "--strict-readiness=true", "--exit-on-error=true",
                    f"--exit-timeout-secs={self.exit_timeout_s}", f"--log-verbose={1 if self.verbose else 0}",
                    # Python-backend shared-memory regions: unique per server, so servers side by side never collide
-                   f"--backend-config=python,shm-region-prefix-name=cmath_serve_{os.getpid()}_{self.ports.grpc}_"]
+                   f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}"]
             if backends is not None:
                 cmd.append(f"--backend-directory={backends}")
             log_path = self.log_file or self.workdir / "tritonserver.log"
@@ -176,13 +190,12 @@ class TritonServer:
                                             start_new_session=True, preexec_fn=_die_with_parent)
             if log is not None:
                 log.close()
-            self._wait_ready(ready_timeout_s)
         except BaseException:
             self.stop()
             self.cleanup()
             raise
 
-    def _wait_ready(self, timeout_s: float) -> None:
+    def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         url = f"{self.http_url}/v2/health/ready"
         while time.monotonic() < deadline:
@@ -216,16 +229,32 @@ class TritonServer:
         assert self.process is not None
         return self.process.wait(timeout)
 
+    @property
+    def shm_prefix(self) -> str:
+        """The Python backend's shared-memory regions (/dev/shm): unique per server, so servers never collide."""
+        return f"cmath_serve_{os.getpid()}_{self.ports.grpc}_"
+
     def stop(self, timeout_s: float | None = None) -> int | None:
-        """terminate(), wait up to exit_timeout_s + 15 s, then kill; the exit code (None if it never started)."""
+        """terminate(), wait up to exit_timeout_s + 15 s, then kill; the exit code (None if it never started).
+
+        Whatever tritonserver left behind goes too: a tritonserver that was killed (SIGKILL, OOM) leaves its
+        Python-backend stubs running and their shared-memory regions in /dev/shm; the stubs are in its process
+        group (killed here) and the regions carry this server's prefix (removed here)."""
         if self.process is None:
             return None
         self.terminate()
         try:
-            return self.process.wait(timeout_s if timeout_s is not None else self.exit_timeout_s + 15)
+            code = self.process.wait(timeout_s if timeout_s is not None else self.exit_timeout_s + 15)
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
-            return self.process.wait()
+            code = self.process.wait()
+        if not self._group_cleared:  # once, right after reaping: later the id may belong to another group
+            self._group_cleared = True
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+            region.unlink(missing_ok=True)
+        return code
 
     def cleanup(self) -> None:
         if self.workdir is not None:

@@ -172,6 +172,15 @@ def cmath_source() -> Path:
     return Path(cmath_runtime.__file__).resolve().parent.parent
 
 
+def client_spec(manifest: Manifest, options: ServeOptions) -> dict[str, object]:
+    """What a remote client checks utterances against before sending them (the manifest fields the runtime's
+    validation reads), and the server's batch size; travels as the config parameter `client_spec` (JSON)."""
+    return {"modalities": list(manifest.modalities), "feature_dims": dict(manifest.feature_dims),
+            "num_speakers": manifest.num_speakers, "num_classes": manifest.num_classes,
+            "label_names": list(manifest.label_names), "d": manifest.d, "causal": manifest.causal,
+            "max_len": manifest.max_len, "max_batch": options.max_batch}
+
+
 def write_repository(export_dir: str | Path, repo: str | Path, options: ServeOptions) -> dict[str, object]:
     """Write both models into `repo` (each model folder replaced in one rename); returns a description."""
     manifest = read_manifest(export_dir)
@@ -181,7 +190,7 @@ def write_repository(export_dir: str | Path, repo: str | Path, options: ServeOpt
               "precision": options.precision, "threads": options.threads, "max_batch": options.max_batch,
               "max_conversations": options.max_conversations, "idle_timeout_s": options.idle_timeout_s,
               "stream_mode": options.stream_mode, "label_names": json.dumps(list(manifest.label_names)),
-              "text_input": text_input(manifest)}
+              "text_input": text_input(manifest), "client_spec": json.dumps(client_spec(manifest, options))}
     configs = {CLASSIFY_MODEL: (classify_config(manifest, options, common), "ClassifyModel"),
                STREAM_MODEL: (stream_config(manifest, options, common), "StreamModel")}
     for name, (config, cls) in configs.items():

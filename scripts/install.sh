@@ -3,6 +3,13 @@
 # torch==2.13.0 first: it is the local CPU build; a plain `torch` requirement could pull a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# HAProxy: the load balancer of `cmath-serve --replicas` (docs/scaling.md), from the distribution's packages;
+# only when missing and where apt-get exists (as root, or through sudo). Tests that need it skip without it.
+if ! command -v haproxy >/dev/null && [ ! -x /usr/sbin/haproxy ] && command -v apt-get >/dev/null; then
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo -n"
+    { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq haproxy >/dev/null; } \
+        || echo "install.sh: could not install haproxy with apt-get; the replica tests will skip" >&2
+fi
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0

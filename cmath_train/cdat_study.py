@@ -1,7 +1,7 @@
 """The CDaT study: CMATH, SDT and DMD without CDaT and with each confidence, on synthetic data with and without
 misaligned utterances; writes the markdown page and its JSON.
 
-    python -m cmath_train.cdat_study --seeds 5 --out docs/cdat.md --json docs/results/cdat.json
+    python -m cmath_train.cdat_study --seeds 5 --out docs/results/cdat_study.md --json docs/results/cdat_study.json
 
 Protocol (every choice on the validation split, test read once per run for the table):
 1. alpha per (model, confidence) from `--alphas`, by the validation weighted-F1 of seed 0 on the misaligned data;
@@ -40,12 +40,12 @@ class StudyConfig:
     """The small recipe every run of the study uses (sized for a 2-core CPU at one thread)."""
 
     feature_dims: dict[str, int] = field(default_factory=lambda: {"t": 48, "a": 24, "v": 24})
-    conversations: dict[str, int] = field(default_factory=lambda: {"train": 80, "test": 40})
-    max_len: int = 20
+    conversations: dict[str, int] = field(default_factory=lambda: {"train": 100, "test": 50})
+    max_len: int = 24
     misaligned: tuple[float, ...] = (0.0, 0.2)
     d: int = 32
     heads: int = 4
-    epochs: int = 8
+    epochs: int = 10
     lr: float = 2e-3
     batch_size: int = 8
     alphas: tuple[float, ...] = (1.0, 10.0)
@@ -155,8 +155,8 @@ def markdown(report: dict[str, Any], command: str) -> str:
 @click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--work", type=click.Path(file_okay=False), default="runs/cdat_study", show_default=True,
               help="Run folders and the per-run cache (resumable).")
-@click.option("--out", type=click.Path(dir_okay=False), default="docs/cdat.md", show_default=True)
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default="docs/results/cdat.json", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default="docs/results/cdat_study.md", show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default="docs/results/cdat_study.json", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
 def main(seeds: int, work: str, out: str, json_out: str, threads: int) -> None:
     """Run the CDaT grid and write the markdown table and its JSON."""

@@ -229,3 +229,16 @@ def test_synthetic_misalignment_changes_only_the_chosen_modality():
     assert 0.15 < np.mean(changed) < 0.45
     with pytest.raises(ValueError, match="misaligned_fraction"):
         SyntheticConfig(misaligned_fraction=1.5)
+
+
+def test_study_page_is_written_from_the_results_with_the_verdict():
+    from cmath_train.cdat_study import MODELS, VARIANTS, StudyConfig, markdown
+
+    study = {**StudyConfig().__dict__, "seeds": 2}
+    scores = {"none": 0.60, "const": 0.62, "ce": 0.70, "confidnet": 0.61, "confidence-kd": 0.59}
+    results = {f"{f:g}/{m}/{v}": {"test_mean": scores[v] + f, "test_std": 0.01, "alpha": 1.0 if v in
+                                  ("const", "ce", "confidnet") else None, "cpu_seconds": 3.0}
+               for f in study["misaligned"] for m in MODELS for v in VARIANTS}
+    page = markdown({"study": study, "alpha_validation": {m: {} for m in MODELS}, "results": results}, "CMD")
+    assert "Reproduce: `CMD`" in page and "| CMATH | ce | 1 | 70.00 +- 1.00 | 90.00 +- 1.00 |" in page
+    assert page.count("partly holds (dynamic variants above both base and constant: ce; by more than one std: ce)") == 3

@@ -80,27 +80,38 @@ def torch_forward(model: Any) -> Callable[..., Any]:
     return forward
 
 
-def torch_contender(backend: str, forward: Callable[..., Any], spec: InputSpec) -> Contender:
+def torch_contender(backend: str, forward: Callable[..., Any], spec: InputSpec, device: str = "cpu",
+                    precision: str = "fp32") -> Contender:
+    """A call of `forward` on inputs made once on `device`. On a GPU each call ends with the probabilities copied
+    back to numpy and torch.cuda.synchronize(), so its time is the GPU's; precision "fp16" runs it under
+    torch.autocast (fp16 matmuls, fp32 weights)."""
     import torch
+
+    def autocast() -> Any:
+        return torch.autocast(device, dtype=torch.float16) if precision == "fp16" else contextlib.nullcontext()
 
     def prepare(convs: list[dict]) -> Callable[[], Any]:
         feats, speaker, mask = padded(spec, convs)
-        args = ({m: torch.from_numpy(x) for m, x in feats.items()}, torch.from_numpy(speaker), torch.from_numpy(mask))
+        args = ({m: torch.from_numpy(x).to(device) for m, x in feats.items()}, torch.from_numpy(speaker).to(device),
+                torch.from_numpy(mask).to(device))
 
         def call() -> np.ndarray:
-            with torch.inference_mode():
-                return forward(*args).numpy()
+            with torch.inference_mode(), autocast():
+                out = forward(*args).float().cpu().numpy()
+            if device != "cpu":
+                torch.cuda.synchronize()
+            return out
 
         return call
 
-    return Contender(backend, "fp32", "cpu (torch)", prepare, np.asarray)
+    return Contender(backend, precision, f"{device} (torch)", prepare, np.asarray)
 
 
-def eager(model: Any, spec: InputSpec) -> Contender:
-    return torch_contender(EAGER, torch_forward(model), spec)
+def eager(model: Any, spec: InputSpec, device: str = "cpu", precision: str = "fp32") -> Contender:
+    return torch_contender(EAGER, torch_forward(model), spec, device, precision)
 
 
-def compiled(model: Any, spec: InputSpec) -> Contender:
+def compiled(model: Any, spec: InputSpec, device: str = "cpu") -> Contender:
     """torch.compile(dynamic=True) of the same forward. It compiles on the first call (and recompiles for shapes
     it specialised on, such as a length of 1): the benchmark times those first calls separately."""
     import torch
@@ -109,7 +120,7 @@ def compiled(model: Any, spec: InputSpec) -> Contender:
         import torch.fx.experimental._config as fx_config
 
         fx_config.backed_size_oblivious = True
-    return torch_contender(COMPILE, torch.compile(torch_forward(model), dynamic=True), spec)
+    return torch_contender(COMPILE, torch.compile(torch_forward(model), dynamic=True), spec, device)
 
 
 def runtime(export_dir: Path, backend: str, precision: str, threads: int, spinning: bool = False) -> Contender:

@@ -96,18 +96,15 @@ def main(run_dir: Path, out_dir: Path | None, quick: bool, threads: int | None, 
 
         plot_streaming(records, out / "bench_streaming.png")
 
-    # artifacts with a text encoder: raw text -> emotion, onnxruntime vs torch + sentence-transformers
-    from .text_path import report_text_path
+    # artifacts with a text encoder: raw text -> emotion for one new utterance into a live 20-turn conversation,
+    # runtime fp32 / int8 vs the PyTorch pipeline vs the frozen sentence encoder, against the text path's floor
+    from .text_path import report_text_path, summary
 
-    text_path = report_text_path(run_dir, export_dir, threads, quick)
+    text_path = report_text_path(run_dir, export_dir, threads, quick, out_dir=out, machine=machine, log=click.echo)
     if text_path:
-        from cmath_runtime.files import atomic_write_json
-
-        atomic_write_json(out / "bench_text.json", text_path)
-        click.echo(f"raw text -> emotion per new utterance (encode + conversation so far), median: onnxruntime "
-                   f"{text_path['onnxruntime']['median_ms']:.1f} ms vs torch + sentence-transformers "
-                   f"{text_path['torch']['median_ms']:.1f} ms = {text_path['speedup']:.2f}x ({threads} threads)")
-    click.echo(f"\nwrote {out / 'bench.json'}, bench.md, bench_latency.png in {time.perf_counter() - start:.0f} s\n")
+        click.echo(summary(text_path))
+    written = ", bench_text.json/.md/.png" if text_path else ""
+    click.echo(f"\nwrote {out / 'bench.json'}, bench.md, bench_latency.png{written} in {time.perf_counter() - start:.0f} s\n")
     click.echo(text)
 
 

@@ -4,8 +4,13 @@ Measured once per benchmark run, with the run's thread count (the streaming benc
 again at every history length, interleaved with the step contenders, and uses its median for the step's floor):
 - memory bandwidth: numpy copies of a 256 MiB buffer, split over `threads` Python threads (numpy releases the
   GIL while copying); bytes read + bytes written per second, best of a few repeats;
+- read bandwidth (what a pass over the weights gets, reading only): `ReadProbe`, a buffer at least 4x the
+  last-level cache read two ways, numpy sums of `threads` slices and an fp32 GEMV in onnxruntime with `threads`
+  intra-op threads; bytes read per second, median of a few passes, the faster of the two. A copy rate (read +
+  write) is not a read rate, so floors of weight-bound calls (the text path's) use this one;
 - float32 matmul peak: one 2048 x 2048 x 2048 MatMul in onnxruntime with `threads` intra-op threads (the engine
-  the runtime uses), 2 * 2048^3 FLOPs per call, best of a few.
+  the runtime uses), 2 * 2048^3 FLOPs per call, best of a few (`PeakProbe`; its int8 kind, MatMulInteger, is the
+  peak an int8 graph's FLOPs are held to).
 
 Per record: FLOPs are counted from the graph itself at that record's shape (every MatMul/Gemm/Conv, attention
 included: the graph is run once with those nodes' inputs and outputs exposed, so their real shapes are read, not
@@ -35,6 +40,7 @@ import numpy as np
 from cmath_runtime.session import open_probe_session
 
 COPY_MIB = 256
+READ_MIB = 256  # at least; read_buffer_mib() makes it 4x the last-level cache where that is larger
 MATMUL_N = 2048
 COUNTED_OPS = ("MatMul", "Gemm", "Conv", "MatMulInteger")
 
@@ -44,16 +50,22 @@ class Machine:
     bandwidth_gb_s: float  # copy bandwidth, read + write bytes per second / 1e9
     fp32_gflop_s: float  # float32 matmul peak
     threads: int
+    read_gb_s: float | None = None  # read bandwidth (ReadProbe: the faster median of its two passes)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
-    def floor_ms(self, weight_bytes: float, flops: float, bandwidth_gb_s: float | None = None) -> dict[str, float]:
+    def floor_ms(self, weight_bytes: float, flops: float, bandwidth_gb_s: float | None = None) -> dict[str, Any]:
         """The floor of a call; `bandwidth_gb_s` (default: this machine's) when it was measured beside the call."""
-        bw_ms = weight_bytes / ((bandwidth_gb_s or self.bandwidth_gb_s) * 1e9) * 1e3
-        fl_ms = flops / (self.fp32_gflop_s * 1e9) * 1e3
-        return {"bytes_floor_ms": bw_ms, "flops_floor_ms": fl_ms, "floor_ms": max(bw_ms, fl_ms),
-                "bound": "bandwidth" if bw_ms >= fl_ms else "compute"}
+        return floor_ms(weight_bytes, flops, bandwidth_gb_s or self.bandwidth_gb_s, self.fp32_gflop_s)
+
+
+def floor_ms(weight_bytes: float, flops: float, gb_s: float, gflop_s: float) -> dict[str, Any]:
+    """max(weight bytes / bandwidth, FLOPs / peak) of one call, both terms and which one bounds it."""
+    bw_ms = weight_bytes / (gb_s * 1e9) * 1e3
+    fl_ms = flops / (gflop_s * 1e9) * 1e3
+    return {"bytes_floor_ms": bw_ms, "flops_floor_ms": fl_ms, "floor_ms": max(bw_ms, fl_ms),
+            "bound": "bandwidth" if bw_ms >= fl_ms else "compute"}
 
 
 class BandwidthProbe:
@@ -70,13 +82,8 @@ class BandwidthProbe:
         self.slices = list(zip(bounds, bounds[1:]))
 
     def __call__(self) -> float:
-        workers = [threading.Thread(target=np.copyto, args=(self.dst[a:b], self.src[a:b])) for a, b in self.slices]
-        start = time.perf_counter()
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        return time.perf_counter() - start
+        return _timed_threads([threading.Thread(target=np.copyto, args=(self.dst[a:b], self.src[a:b]))
+                               for a, b in self.slices])
 
     def gb_s(self, seconds: list[float], statistic: str = "best") -> float:
         """Copy bandwidth of the fastest call ("best", the machine's limit) or of the median one ("p50", like for
@@ -92,25 +99,53 @@ def measure_bandwidth(threads: int = 1, mib: int = COPY_MIB, repeats: int = 5) -
 
 
 def measure_matmul_peak(threads: int = 1, n: int = MATMUL_N, repeats: int = 5) -> float:
-    """GFLOP/s of an n^3 float32 MatMul in onnxruntime's CPU provider with `threads` intra-op threads."""
-    from onnx import TensorProto, helper
+    """GFLOP/s of an n^3 float32 MatMul in onnxruntime's CPU provider with `threads` intra-op threads, best of
+    `repeats` after one untimed call."""
+    probe = PeakProbe("fp32", threads, n)
+    probe()
+    return probe.gflop_s([probe() for _ in range(repeats)], "best")
 
-    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])
-    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])
-    c = helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])
-    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "peak", [a, b], [c])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = min(model.ir_version, 9)
-    sess = open_probe_session(model.SerializeToString(), threads)
-    rng = np.random.default_rng(0)
-    feeds = {"a": rng.standard_normal((n, n), np.float32), "b": rng.standard_normal((n, n), np.float32)}
-    sess.run(None, feeds)
-    best = float("inf")
-    for _ in range(repeats):
+
+class PeakProbe:
+    """One call = one n x n x n MatMul in onnxruntime's CPU provider with `threads` intra-op threads; returns its
+    seconds. kind "fp32": float32 inputs (measure_matmul_peak's graph); kind "int8": MatMulInteger, uint8
+    activations x int8 weights -> int32, the kernel int8 graphs run (it can outrun the fp32 peak: VNNI), so an int8
+    call's FLOPs floor is FLOPs / this peak."""
+
+    KINDS = ("fp32", "int8")
+
+    def __init__(self, kind: str = "fp32", threads: int = 1, n: int = MATMUL_N) -> None:
+        from onnx import TensorProto, helper, numpy_helper
+
+        if kind not in self.KINDS:
+            raise ValueError(f"kind: expected one of {self.KINDS}, got {kind!r}")
+        self.kind, self.flops = kind, 2.0 * n**3
+        rng = np.random.default_rng(0)
+        if kind == "fp32":
+            names = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in ("a", "b")]
+            node, inits = helper.make_node("MatMul", ["a", "b"], ["c"]), []
+            out = helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])
+            self.feeds = {"a": rng.standard_normal((n, n), np.float32), "b": rng.standard_normal((n, n), np.float32)}
+        else:
+            names = [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])]
+            inits = [numpy_helper.from_array(rng.integers(-127, 128, (n, n), dtype=np.int8), "b")]
+            node = helper.make_node("MatMulInteger", ["a", "b"], ["c"])
+            out = helper.make_tensor_value_info("c", TensorProto.INT32, [n, n])
+            self.feeds = {"a": rng.integers(0, 256, (n, n), dtype=np.uint8)}
+        graph = helper.make_graph([node], "peak", names, [out], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = min(model.ir_version, 9)
+        self.session = open_probe_session(model.SerializeToString(), threads)
+
+    def __call__(self) -> float:
         start = time.perf_counter()
-        sess.run(None, feeds)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
+        self.session.run(None, self.feeds)
+        return time.perf_counter() - start
+
+    def gflop_s(self, seconds: list[float], statistic: str = "p50") -> float:
+        """GFLOP/s (int8: giga integer multiply-adds x 2 per second) of the median call ("p50") or the fastest."""
+        t = min(seconds) if statistic == "best" else float(np.median(seconds))
+        return self.flops / t / 1e9
 
 
 def matmul_twin(path: str | Path) -> tuple[bytes, dict[str, np.ndarray], int]:
@@ -145,7 +180,88 @@ def time_matmul_twin(path: str | Path, threads: int, spinning: bool, iterations:
 
 
 def measure(threads: int) -> Machine:
-    return Machine(measure_bandwidth(threads), measure_matmul_peak(threads), threads)
+    return Machine(measure_bandwidth(threads), measure_matmul_peak(threads), threads,
+                   measure_read_bandwidth(threads)["read_gb_s"])
+
+
+def last_level_cache_bytes() -> int | None:
+    """The largest CPU cache of this machine (Linux sysfs), None where it cannot be read."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip().upper()
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip("KMG")) * scale)
+        except ValueError:
+            continue
+    return max(sizes) if sizes else None
+
+
+def read_buffer_mib() -> int:
+    """READ_MIB, or 4x the last-level cache where that is larger: no pass may be served from the cache."""
+    llc = last_level_cache_bytes() or 0
+    return max(READ_MIB, -(-4 * llc // 2**20))
+
+
+class ReadProbe:
+    """One call = one pass that reads a `mib` MiB float32 buffer and writes (almost) nothing; returns its seconds.
+
+    kind "sum": numpy sums of `threads` slices, one Python thread each (numpy releases the GIL in reductions);
+    kind "gemv": y = x @ W in onnxruntime's CPU provider, W the buffer as (4096, n) fp32 weights, `threads`
+    intra-op threads: the read rate an fp32 weight pass gets in the runtime's own engine.
+    The text benchmark times both among its contenders, so the floor's bandwidth comes from the same rounds."""
+
+    KINDS = ("sum", "gemv")
+
+    def __init__(self, kind: str = "sum", threads: int = 1, mib: int | None = None) -> None:
+        if kind not in self.KINDS:
+            raise ValueError(f"kind: expected one of {self.KINDS}, got {kind!r}")
+        self.kind, self.threads = kind, threads
+        rows = 4096
+        cols = max(1, (mib or read_buffer_mib()) * 2**20 // 4 // rows)
+        self.nbytes = rows * cols * 4
+        if kind == "sum":
+            self.buffer = np.ones(rows * cols, np.float32)
+            bounds = np.linspace(0, rows * cols, threads + 1).astype(int)
+            self.slices = list(zip(bounds, bounds[1:]))
+        else:
+            self.session, self.feeds = _gemv_session(rows, cols, threads)
+
+    def __call__(self) -> float:
+        if self.kind == "gemv":
+            start = time.perf_counter()
+            self.session.run(None, self.feeds)
+            return time.perf_counter() - start
+        return _timed_threads([threading.Thread(target=self.buffer[a:b].sum) for a, b in self.slices])
+
+    def gb_s(self, seconds: list[float], statistic: str = "p50") -> float:
+        """Bytes read per second / 1e9 of the median call ("p50") or of the fastest one ("best")."""
+        t = min(seconds) if statistic == "best" else float(np.median(seconds))
+        return self.nbytes / t / 1e9
+
+
+def _gemv_session(rows: int, cols: int, threads: int) -> tuple[Any, dict[str, np.ndarray]]:
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = numpy_helper.from_array(np.full((rows, cols), 0.5, np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "gemv",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cols])], [weights])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = min(model.ir_version, 9)
+    return open_probe_session(model.SerializeToString(), threads), {"x": np.ones((1, rows), np.float32)}
+
+
+def measure_read_bandwidth(threads: int = 1, mib: int | None = None, repeats: int = 5) -> dict[str, float]:
+    """GB/s read by each ReadProbe kind (median of `repeats` passes after one untimed) and "read_gb_s", the faster."""
+    out = {}
+    for kind in ReadProbe.KINDS:
+        probe = ReadProbe(kind, threads, mib)
+        probe()
+        out[f"read_{kind}_gb_s"] = probe.gb_s([probe() for _ in range(repeats)])
+        del probe
+    out["read_gb_s"] = max(out.values())
+    return out
 
 
 def weight_bytes(path: str | Path) -> int:
@@ -155,6 +271,55 @@ def weight_bytes(path: str | Path) -> int:
 
     model = onnx.load_model(str(path))
     return int(sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer))
+
+
+class WeightReads:
+    """Bytes of an ONNX graph's weights that one call reads: every initializer a node uses, except tables read by a
+    Gather (axis 0) of indices computed at run time (token, position and speaker embeddings), which count only the
+    distinct rows gathered at the given feeds (a 30522-row word-embedding table is not read whole per call)."""
+
+    def __init__(self, path: str | Path) -> None:
+        import onnx
+
+        model = onnx.load_model(str(path))
+        inits = {t.name: t for t in model.graph.initializer}
+        nodes = list(model.graph.node)
+        gathers = {k for k, n in enumerate(nodes) if n.op_type == "Gather" and n.input[0] in inits
+                   and n.input[1] not in inits and next((a.i for a in n.attribute if a.name == "axis"), 0) == 0}
+        whole = {x for k, n in enumerate(nodes) for i, x in enumerate(n.input)
+                 if x in inits and not (k in gathers and i == 0)}
+        self.tables: dict[str, tuple[list[str], int, int]] = {}  # name -> (index tensors, rows, bytes per row)
+        for n in (nodes[k] for k in sorted(gathers)):
+            table = inits[n.input[0]]
+            if n.input[0] not in whole and table.dims:
+                names, rows, _ = self.tables.get(n.input[0], ([], int(table.dims[0]), 0))
+                self.tables[n.input[0]] = ([*names, n.input[1]], rows, _nbytes(table) // max(rows, 1))
+        self.fixed = sum(_nbytes(inits[x]) for x in whole)
+        self.table_bytes = sum(_nbytes(inits[x]) for x in self.tables)
+        wanted = {x for names, _, _ in self.tables.values() for x in names}
+        graph_inputs = {i.name for i in model.graph.input}
+        for name in sorted(wanted - graph_inputs - {o.name for o in model.graph.output}):
+            model.graph.output.append(onnx.ValueInfoProto(name=name))
+        self.session = open_probe_session(model.SerializeToString(), 1, optimize=False) if self.tables else None
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> int:
+        if self.session is None:
+            return self.fixed
+        inputs = {i.name for i in self.session.get_inputs()}
+        got = dict(zip([o.name for o in self.session.get_outputs()],
+                       self.session.run(None, {k: v for k, v in feeds.items() if k in inputs})))
+        values = {**feeds, **got}
+        total = self.fixed
+        for names, rows, row_bytes in self.tables.values():
+            idx = np.concatenate([np.asarray(values[x]).reshape(-1) for x in names]).astype(np.int64) % max(rows, 1)
+            total += len(np.unique(idx)) * row_bytes
+        return int(total)
+
+
+def _nbytes(tensor: Any) -> int:
+    from onnx import helper
+
+    return int(np.prod(tensor.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
 
 
 class FlopCounter:
@@ -235,3 +400,13 @@ def annotate(records: list[dict[str, Any]], machine: Machine, export_dir: Path,
         floor = machine.floor_ms(wbytes, per_shape[shape])
         rec.update(flops=per_shape[shape], weight_bytes=wbytes, weight_bytes_from=how, **floor,
                    latency_x_floor=rec["p50_ms"] / floor["floor_ms"])
+
+
+def _timed_threads(workers: list[threading.Thread]) -> float:
+    """Seconds from starting `workers` together to the last one's end."""
+    start = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return time.perf_counter() - start

@@ -26,7 +26,7 @@ QUICK_BUDGET = Budget(warmup=1, iterations=10, seconds=0.2, min_iterations=3, ro
 
 # (backend, precision); "cpu-spin": onnxruntime with idle threads spinning (load(spinning=True))
 STEP_CONTENDERS = (("cpu", "fp32"), ("cpu-spin", "fp32"), ("cpu", "int8"), ("openvino", "fp32"), ("openvino", "bf16"))
-BACKEND_NAME = {"cpu": "onnxruntime", "cpu-spin": "onnxruntime-spin", "openvino": "openvino"}
+BACKEND_NAME = {"cpu": "onnxruntime", "cpu-spin": "onnxruntime-spin", "openvino": "openvino", "cuda": "onnxruntime-cuda"}
 PROBE = "probe/bandwidth"  # benchmarks.roofline.BandwidthProbe, timed among the step contenders
 
 

@@ -60,3 +60,7 @@ def main(run_dir: str, fp16: bool, int8: bool, tensorrt: bool, opset: int | None
         where = out_dir or f"{run_dir}/export"
         click.echo(f"cmath-export: wrote {files} and export.json to {where} in {time.perf_counter() - t0:.1f} s "
                    f"(parity PASSED: {', '.join(manifest['parity'])})")
+
+
+if __name__ == "__main__":
+    main()

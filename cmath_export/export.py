@@ -59,10 +59,16 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, fp16: boo
     try:
         manifest = _export(ckpt, run_dir, opts, staging, say)
         if text_encoder:  # the run's sentence encoder, when its features were made from text
-            from .text_encoder import export_text_encoder
+            from .parity_data import validation_texts
+            from .text_encoder import export_text_encoder, run_encoder_meta
 
-            manifest = manifest.replace(text_encoder=export_text_encoder(ckpt.extra, ckpt.model_cfg.modalities,
-                                                                         staging, say=say))
+            entry = None
+            if run_encoder_meta(ckpt.extra, ckpt.model_cfg.modalities) is not None:
+                twins = tuple(p for p, wanted in (("fp16", opts.fp16), ("int8", opts.int8)) if wanted)
+                entry = export_text_encoder(ckpt.extra, ckpt.model_cfg.modalities, staging, say=say, twins=twins,
+                                            conversations=validation_texts(ckpt),
+                                            model_file=staging / manifest.artifacts["fp32"].file)
+            manifest = manifest.replace(text_encoder=entry)
         if opts.triton is not None:
             manifest = manifest.replace(triton=_triton(ckpt, opts, staging, manifest))
             say(f"Triton repository: {opts.triton / manifest.triton['config']}")

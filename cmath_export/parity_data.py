@@ -55,6 +55,22 @@ def _pad(dialogues: list[tuple[dict[str, np.ndarray], np.ndarray]], modalities: 
 
 def validation_conversations(ckpt: Checkpoint) -> tuple[list | None, str]:
     """(features, speakers) of the run's validation split, rebuilt as training built it; (None, why) otherwise."""
+    dialogues, source = validation_dialogues(ckpt)
+    return (None if dialogues is None else [(d.features, d.speakers) for d in dialogues]), source
+
+
+def validation_texts(ckpt: Checkpoint, limit: int = 100) -> list[tuple[list[str], list[int], dict[str, np.ndarray]]] | None:
+    """(texts, speakers, the other modalities' features) of up to `limit` validation conversations, when the run's
+    features were made from text and its data can be rebuilt; None otherwise."""
+    dialogues, _ = validation_dialogues(ckpt)
+    if dialogues is None or any(d.texts is None for d in dialogues):
+        return None
+    return [(list(d.texts), [int(s) for s in d.speakers], {m: x for m, x in d.features.items() if m != "t"})
+            for d in dialogues[:limit] if len(d)]
+
+
+def validation_dialogues(ckpt: Checkpoint) -> tuple[list | None, str]:
+    """The run's validation dialogues, rebuilt as training built them; (None, why) otherwise."""
     from cmath_train.data import load_data
     from cmath_train.train import make_splits
 
@@ -65,18 +81,21 @@ def validation_conversations(ckpt: Checkpoint) -> tuple[list | None, str]:
         kind = source.get("kind", "a features directory") if isinstance(source, dict) else source or "unrecorded"
         return None, f"the run's data ({kind}) cannot be located from its checkpoint"
     try:
-        fs = load_data(spec)
+        if spec == "synthetic":  # rebuilt from the generator config the run recorded
+            from cmath_train.data.synthetic import SyntheticConfig, make_synthetic
+
+            fs = make_synthetic(SyntheticConfig(**data["config"]))
+        else:
+            fs = load_data(spec)
     except Exception as e:  # noqa: BLE001 - any failure to rebuild the data only means: use generated rows
         return None, f"the run's data could not be read again ({type(e).__name__}: {e})"
-    if spec == "synthetic" and fs.meta.get("config") != data.get("config"):
-        return None, "the run used synthetic data with another generator config"
     if {m: fs.feature_dims.get(m) for m in cfg.modalities} != cfg.feature_dims or fs.num_speakers > cfg.num_speakers:
         return None, f"{spec} has other feature sizes or more speakers than the run"
     fs = fs.select(cfg.modalities)
     splits = make_splits(fs, ckpt.train_cfg.val_fraction, ckpt.train_cfg.seed)
     if not splits.val:
         return None, f"{spec} has no validation conversations"
-    return [(d.features, d.speakers) for d in splits.val], f"validation split of {spec} ({splits.val_source})"
+    return list(splits.val), f"validation split of {spec} ({splits.val_source})"
 
 
 def generated_conversations(ckpt: Checkpoint, count: int, seed: int = 0) -> list:

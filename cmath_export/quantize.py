@@ -64,7 +64,9 @@ class Scheme:
     fuse_shared: bool = True
     weight_type: str = "QInt8"
     per_channel: bool = False
-    reduce_range: bool = False
+    # 7-bit weights: x86 CPUs without VNNI multiply u8 activations by s8 weights in 16-bit pairs (vpmaddubsw), which
+    # saturate with full 8-bit weights and move the outputs far from fp32
+    reduce_range: bool = True
     weights_only: bool = True  # MatMuls between two activations stay fp32
 
     def to_json(self) -> dict[str, Any]:

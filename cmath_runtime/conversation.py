@@ -58,6 +58,7 @@ class Conversation:
     def __init__(self, model: EmotionModel) -> None:
         self.model = model
         self._speakers: list[int] = []
+        self._texts: list[str | None] = []  # None: added as features (t=...)
         self._features: dict[str, list[np.ndarray]] = {m: [] for m in model.modalities}
         self._result: Prediction | None = None
         self._lock = threading.Lock()
@@ -72,10 +73,6 @@ class Conversation:
 
     def add(self, speaker: int, **features: Any) -> Conversation:
         """Append one utterance: a speaker id and one feature vector per modality, e.g. add(0, t=..., a=..., v=...)."""
-        if "text" in features:  # raw text instead of t=: embedded by the artifact's text encoder (text.py)
-            from .text import utterance_features
-
-            features = utterance_features(self.model, features.pop("text"), features, f"utterances[{len(self)}].text")
         spec = self.model.manifest
         n = len(self._speakers)
         field = f"utterances[{n}]"
@@ -83,16 +80,35 @@ class Conversation:
             raise InputError(field, f"at most {spec.max_len} utterances (the artifact's max_len)", f"utterance {n + 1}",
                              "Start a new Conversation with the most recent utterances.")
         speaker = check_speaker(speaker, spec, f"{field}.speaker")
+        text = None
+        if "text" in features:  # raw text instead of t=: the artifact's text encoder reads it with its past turns
+            from .text import embed_utterances
+
+            (text,) = embed_utterances(self.model, [self.past_turns(f"{field}.text")], [int(speaker)],
+                                       [features.pop("text")], [features], [f"{field}.text"])
         rows = check_utterance(features, spec, f"{field}.features")
         with self._lock:
             self._speakers.append(int(speaker))
+            self._texts.append(text)
             for m in spec.modalities:
                 self._features[m].append(rows[m][0])
             self._result = None
         return self
 
+    def past_turns(self, field: str) -> tuple[list[str], list[int]]:
+        """The texts and speakers the text encoder reads with this conversation's next utterance."""
+        from .text import past_turns
+
+        turns = self.model.text_encoder.spec.turns
+        return past_turns(self._texts, self._speakers, turns.window if turns is not None else 0, field)
+
     def __len__(self) -> int:
         return len(self._speakers)
+
+    @property
+    def texts(self) -> list[str | None]:
+        """The utterances' texts (None for one added as feature vectors)."""
+        return list(self._texts)
 
     @property
     def speakers(self) -> np.ndarray:
@@ -156,6 +172,7 @@ class Conversation:
     def _take_back(self, keep: int) -> None:
         """Drop the utterances from `keep` on (their outputs were not finite); the step state is rebuilt."""
         del self._speakers[keep:]
+        del self._texts[keep:]
         for rows in self._features.values():
             del rows[keep:]
         if self._stream is not None:
@@ -170,6 +187,8 @@ class Conversation:
             if self._stream is not None:
                 self._stream.catch_up(self._speakers, self._features)
             out = {**state_meta(self.model), "speakers": self.speakers,
+                   "texts": np.array([t or "" for t in self._texts], dtype=str).reshape(-1),
+                   "texts.known": np.array([t is not None for t in self._texts], dtype=bool).reshape(-1),
                    **{f"features.{m}": x for m, x in self.features.items()}}
             return {**out, **(self._stream.state_dict() if self._stream is not None else {})}
 
@@ -185,6 +204,7 @@ class Conversation:
         for m in model.modalities:
             conv._features[m] = list(np.asarray(state[f"features.{m}"], np.float32))
         conv._speakers = [int(s) for s in speakers]
+        conv._texts = [str(t) if known else None for t, known in zip(state["texts"], state["texts.known"], strict=True)]
         if conv._stream is not None and "state.position" in state:
             conv._stream.load(state)
             conv._computed = conv._stream.position
@@ -207,7 +227,7 @@ class Conversation:
 
 
 STATE_FORMAT = "cmath-conversation-state"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the utterances' texts (the text encoder reads past turns)
 
 
 def state_meta(model: EmotionModel) -> dict[str, np.ndarray]:
@@ -287,6 +307,8 @@ def check_state(model: EmotionModel, state: Any, source: str | Path = "state") -
         raise fail("speakers", f"speaker ids in [0, {model.num_speakers}), got {speakers.min()}..{speakers.max()}")
     for m in model.modalities:
         get(f"features.{m}", "f", (n, model.feature_dims[m]), finite=True)
+    get("texts", "U", (n,))
+    get("texts.known", "b", (n,))
     graph = model.step_graph
     if graph is None or "state.position" not in state:
         return

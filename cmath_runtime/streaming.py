@@ -222,9 +222,26 @@ def step_batch(conversations: Sequence[Conversation], utterances: Sequence[Mappi
             raise InputError(f"conversations[{i}]", "each conversation at most once per call", "a repeat")
         seen.add(id(conv))
     parsed = [_parse_utterance(conv, utt, i) for i, (conv, utt) in enumerate(zip(conversations, utterances))]
+    texts: list[str | None] = [None] * len(parsed)
+    given = [i for i, (_, feats) in enumerate(parsed) if "text" in feats]
+    if given:  # one text-encoder call for every utterance given as text
+        from .text import embed_utterances
+
+        fields = [f"utterances[{i}].text" for i in given]
+        for i, text in zip(given, embed_utterances(
+                model, [conversations[i].past_turns(f) for i, f in zip(given, fields)], [parsed[i][0] for i in given],
+                [parsed[i][1].pop("text") for i in given], [parsed[i][1] for i in given], fields)):
+            texts[i] = text
+    parsed = [(speaker, _check_features(conv, feats, i)) for i, (conv, (speaker, feats))
+              in enumerate(zip(conversations, parsed))]
     graph = model.step_graph
     if graph is None:
-        return [conv.add(speaker, **feats).latest for conv, (speaker, feats) in zip(conversations, parsed)]
+        out = []
+        for conv, (speaker, feats), text in zip(conversations, parsed, texts):
+            conv.add(speaker, **feats)
+            conv._texts[-1] = text
+            out.append(conv.latest)
+        return out
 
     order = sorted(range(len(conversations)), key=lambda i: id(conversations[i]))  # one lock order: no deadlock
     for i in order:
@@ -250,6 +267,7 @@ def step_batch(conversations: Sequence[Conversation], utterances: Sequence[Mappi
         out = []
         for b, (conv, stream, (speaker, feats)) in enumerate(zip(conversations, streams, parsed)):
             conv._speakers.append(speaker)
+            conv._texts.append(texts[b])
             for m in model.modalities:
                 conv._features[m].append(feats[m])
             conv._result = None
@@ -265,9 +283,9 @@ def step_batch(conversations: Sequence[Conversation], utterances: Sequence[Mappi
             conversations[i]._lock.release()
 
 
-def _parse_utterance(conv: Conversation, utterance: Any, i: int) -> tuple[int, dict[str, np.ndarray]]:
-    """Validate utterances[i] as Conversation.add does, naming `utterances[i].field`: (speaker, m -> (d_m,))."""
-    from .validation import check_speaker, check_utterance
+def _parse_utterance(conv: Conversation, utterance: Any, i: int) -> tuple[int, dict[str, Any]]:
+    """Check utterances[i]'s shape and speaker as Conversation.add does, naming `utterances[i].field`."""
+    from .validation import check_speaker
 
     field, spec = f"utterances[{i}]", conv.model.manifest
     if not isinstance(utterance, Mapping):
@@ -279,10 +297,12 @@ def _parse_utterance(conv: Conversation, utterance: Any, i: int) -> tuple[int, d
     if len(conv) >= spec.max_len:
         raise InputError(field, f"at most {spec.max_len} utterances per conversation (the artifact's max_len)",
                          f"utterance {len(conv) + 1}", "Start a new Conversation with the most recent utterances.")
-    features = {k: v for k, v in utterance.items() if k != "speaker"}
-    if "text" in features:
-        from .text import utterance_features
+    return speaker, {k: v for k, v in utterance.items() if k != "speaker"}
 
-        features = utterance_features(conv.model, features.pop("text"), features, f"{field}.text")
-    rows = check_utterance(features, spec, f"{field}.features")
-    return speaker, {m: x[0] for m, x in rows.items()}
+
+def _check_features(conv: Conversation, features: dict[str, Any], i: int) -> dict[str, np.ndarray]:
+    """The feature vectors of utterances[i], checked as Conversation.add checks them: m -> (d_m,)."""
+    from .validation import check_utterance
+
+    rows = check_utterance(features, conv.model.manifest, f"utterances[{i}].features")
+    return {m: x[0] for m, x in rows.items()}

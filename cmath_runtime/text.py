@@ -1,9 +1,11 @@
 """Raw text -> "t" features inside the runtime: `tokenizers` + the exported text_encoder.onnx, no torch.
 
 The export's `text_encoder` entry (docs/artifact-format.md) names the ONNX graph (tokens -> pooled, normalised
-sentence embedding) and the tokenizer files. Texts are first normalised as cmath-prepare did (cmath-clean-text-v1),
-then tokenised like sentence-transformers: [CLS] text [SEP], cut on the right to max_seq_length tokens, padded
-to the longest text of the batch.
+embedding), its fp16/int8 twins when exported, and the tokenizer files. Texts are first normalised as
+cmath-prepare did (cmath-clean-text-v1). A fine-tuned encoder (`turns` in the entry) reads each utterance with
+its speaker and its conversation's past turns, built by `cmath_runtime.turns` exactly as in training; the plain
+sentence encoder reads [CLS] text [SEP], cut on the right to max_seq_length tokens. Inputs are padded to the
+longest of the batch.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 from .errors import ArtifactError, InputError
 from .files import sha256_file
 from .text_clean import TEXT_NORMALISATION, clean_text
+from .turns import TurnFormat, encode_turns
 
 if TYPE_CHECKING:
     from .manifest import Manifest
@@ -40,17 +43,27 @@ class TextEncoderSpec:
     normalize: bool
     dim: int
     text_normalisation: str | None
+    turns: TurnFormat | None = None  # None: one utterance at a time, no speaker, no context
+    precision: str = "fp32"
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest) -> TextEncoderSpec | None:
+    def from_manifest(cls, manifest: Manifest, precision: str = "fp32") -> TextEncoderSpec | None:
+        """The entry for `precision` ("fp32", "fp16", "int8"): its own graph when the export made one whose
+        agreement record passed, else the fp32 graph."""
         raw = manifest.text_encoder
         if raw is None:
             return None
         try:
+            graph = f"onnx_{precision}" if f"onnx_{precision}" in raw["files"] else "onnx"
+            if graph != "onnx" and not (raw.get("variants") or {}).get(precision, {}).get("passed"):
+                raise ArtifactError(manifest.path, f"text_encoder.variants[{precision!r}]: the {precision} text "
+                                    "encoder's agreement record is missing or failed; re-export it")
             files = {k: (manifest.file(v["file"], f"text_encoder.files[{k!r}].file"), str(v["sha256"]))
-                     for k, v in raw["files"].items()}
-            return cls(files["onnx"][0], files["tokenizer"][0], files, tuple(raw["inputs"]), int(raw["max_seq_length"]),
-                       str(raw["pooling"]), bool(raw["normalize"]), int(raw["dim"]), raw.get("text_normalisation"))
+                     for k, v in raw["files"].items() if k == graph or not k.startswith("onnx")}
+            turns = TurnFormat.from_json(raw["turns"]) if raw.get("turns") else None
+            return cls(files[graph][0], files["tokenizer"][0], files, tuple(raw["inputs"]), int(raw["max_seq_length"]),
+                       str(raw["pooling"]), bool(raw["normalize"]), int(raw["dim"]), raw.get("text_normalisation"),
+                       turns, precision if graph != "onnx" else "fp32")
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactError(manifest.path, f"invalid manifest: text_encoder entry ({type(e).__name__}: {e})") from None
 
@@ -71,8 +84,15 @@ class TextEncoder:
                 raise ArtifactError(path, "sha256 mismatch with export.json (corrupt or replaced; re-export it)")
         self.spec = spec
         self.tokenizer = Tokenizer.from_file(str(spec.tokenizer_file))
-        self.tokenizer.enable_truncation(max_length=spec.max_seq_length, strategy="longest_first", direction="right")
-        self.tokenizer.no_padding()  # padded by hand, per batch, to the longest text
+        self.tokenizer.no_padding()  # padded by hand, per batch, to the longest input
+        if spec.turns is None:
+            self.tokenizer.enable_truncation(max_length=spec.max_seq_length, strategy="longest_first", direction="right")
+        else:  # cmath_runtime.turns adds the special tokens and cuts
+            self.tokenizer.no_truncation()
+            ids = {t: self.tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]")}
+            if None in ids.values():
+                raise ArtifactError(spec.tokenizer_file, f"the tokenizer has no {[t for t, i in ids.items() if i is None]}")
+            self._cls, self._sep = ids["[CLS]"], ids["[SEP]"]
         self.session = open_session(spec.onnx_file, "cpu", threads=threads, inputs=spec.inputs,
                                     spinning=spinning, what="text encoder").session
 
@@ -84,67 +104,127 @@ class TextEncoder:
         return clean_text(text) if self.spec.text_normalisation == TEXT_NORMALISATION else text.strip()
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        """input_ids / attention_mask / token_type_ids (n, longest) int64, right-padded with 0."""
-        encs = self.tokenizer.encode_batch([self.normalise(t) for t in texts])
-        width = max(len(e.ids) for e in encs)
-        out = {k: np.zeros((len(encs), width), np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
-        for i, e in enumerate(encs):
-            n = len(e.ids)
-            out["input_ids"][i, :n] = e.ids
-            out["attention_mask"][i, :n] = e.attention_mask
-            out["token_type_ids"][i, :n] = e.type_ids
-        return {k: v for k, v in out.items() if k in self.spec.inputs}
+        """The encoder's feeds for single texts (input_ids / attention_mask / token_type_ids, right-padded)."""
+        return self.feeds(self.inputs([([], [], 0, t) for t in texts]))
 
     def encode(self, texts: Sequence[str], batch_size: int = DEFAULT_BATCH) -> np.ndarray:
-        """(n, dim) float32 sentence embeddings; texts of similar length are batched together."""
+        """(n, dim) float32 embeddings of single texts (an encoder with turns reads each as a conversation's first
+        turn of speaker 0); texts of similar length are batched together."""
         texts = [_check_text(t, f"texts[{i}]") for i, t in enumerate(texts)]
-        out = np.zeros((len(texts), self.dim), np.float32)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        return self._run(self.inputs([([], [], 0, t) for t in texts]), batch_size)
+
+    def encode_turns(self, items: Sequence[tuple[Sequence[str], Sequence[int], int, str]],
+                     batch_size: int = DEFAULT_BATCH) -> np.ndarray:
+        """(n, dim) embeddings of new utterances, each given as (past texts, past speakers, speaker, text) of its
+        conversation: read with the encoder's `turns` window, exactly as cmath-prepare read the training data."""
+        return self._run(self.inputs(items), batch_size)
+
+    def inputs(self, items: Sequence[tuple[Sequence[str], Sequence[int], int, str]]
+               ) -> list[tuple[list[int], list[int]]]:
+        """(input_ids, token_type_ids) the encoder reads for each item of `encode_turns` (a plain encoder: the text
+        alone)."""
+        fmt, inputs = self.spec.turns, []
+        if fmt is None:
+            return [self._single(e) for e in self.tokenizer.encode_batch([self.normalise(t) for *_, t in items])]
+        for texts, speakers, speaker, text in items:
+            keep = len(texts) - min(len(texts), fmt.window)
+            (pair,) = encode_turns(fmt, self._pieces, self._cls, self._sep, [*texts[keep:], text],
+                                   [*speakers[keep:], speaker], start=len(texts) - keep)
+            inputs.append(pair)
+        return inputs
+
+    def encode_conversation(self, texts: Sequence[str], speakers: Sequence[int]) -> np.ndarray:
+        """(n, dim) embeddings of every utterance of one conversation, each read with its own past."""
+        return self.encode_turns([(texts[:i], speakers[:i], speakers[i], texts[i]) for i in range(len(texts))])
+
+    def _pieces(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    @staticmethod
+    def _single(e: Any) -> tuple[list[int], list[int]]:
+        return list(e.ids), list(e.type_ids)
+
+    def _run(self, inputs: list[tuple[list[int], list[int]]], batch_size: int) -> np.ndarray:
+        out = np.zeros((len(inputs), self.dim), np.float32)
+        order = sorted(range(len(inputs)), key=lambda i: len(inputs[i][0]))
         for k in range(0, len(order), batch_size):
             idx = order[k:k + batch_size]
-            (emb,) = self.session.run(None, self.tokenize([texts[i] for i in idx]))
+            (emb,) = self.session.run(None, self.feeds([inputs[i] for i in idx]))
             out[idx] = emb
         return out
 
+    def feeds(self, inputs: list[tuple[list[int], list[int]]]) -> dict[str, np.ndarray]:
+        """The graph's feeds for `inputs` (input_ids, token_type_ids pairs), right-padded to the longest."""
+        width = max(len(ids) for ids, _ in inputs)
+        out = {k: np.zeros((len(inputs), width), np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
+        for i, (ids, types) in enumerate(inputs):
+            out["input_ids"][i, :len(ids)] = ids
+            out["attention_mask"][i, :len(ids)] = 1
+            out["token_type_ids"][i, :len(types)] = types
+        return {k: v for k, v in out.items() if k in self.spec.inputs}
+
 
 def load_text_encoder(model: EmotionModel) -> TextEncoder:
-    """The artifact's text encoder (EmotionModel.text_encoder loads it once); InputError if the artifact has none."""
-    spec = TextEncoderSpec.from_manifest(model.manifest)
+    """The artifact's text encoder (EmotionModel.text_encoder loads it once) in the model's precision when the
+    export made that twin, else fp32; InputError if the artifact has none."""
+    spec = TextEncoderSpec.from_manifest(model.manifest, model.precision)
     if spec is None or TEXT_MODALITY not in model.modalities:
         raise InputError("text", "feature vectors: this artifact has no text encoder",
                          "raw text", "Re-export the run with cmath-export (without --no-text-encoder).")
     return TextEncoder(spec, threads=model.threads, verify=model.verify, spinning=model.spinning)
 
 
-def text_encoder(model: EmotionModel) -> TextEncoder:
-    """model.text_encoder (kept for callers of the function)."""
-    return model.text_encoder
-
-
-def utterance_features(model: EmotionModel, text: Any, features: dict[str, Any], field: str) -> dict[str, Any]:
-    """Conversation.add(speaker, text=...): the features with "t" computed from the text."""
+def check_text_features(text: Any, features: dict[str, Any], field: str) -> str:
+    """An utterance given as text: a str, and no "t" features beside it."""
     if TEXT_MODALITY in features:
         raise InputError(field, "either text= or t=, not both", "both")
-    return {**features, TEXT_MODALITY: model.text_encoder.encode([_check_text(text, field)])[0]}
+    return _check_text(text, field)
+
+
+def embed_utterances(model: EmotionModel, pasts: Sequence[tuple[list[str], list[int]]], speakers: Sequence[int],
+                     texts: Sequence[Any], features: Sequence[dict[str, Any]], fields: Sequence[str]) -> list[str]:
+    """New utterances given as text, each continuing its own conversation (`pasts[i]`: Conversation.past_turns),
+    in one encoder call: features[i] gets "t" in place. Returns the checked texts."""
+    checked = [check_text_features(t, f, field) for t, f, field in zip(texts, features, fields, strict=True)]
+    items = [(*past, s, t) for past, s, t in zip(pasts, speakers, checked, strict=True)]
+    for f, row in zip(features, model.text_encoder.encode_turns(items), strict=True):
+        f[TEXT_MODALITY] = row
+    return checked
+
+
+def past_turns(texts: Sequence[str | None], speakers: Sequence[int], window: int, field: str
+               ) -> tuple[list[str], list[int]]:
+    """The last `window` turns of a conversation for its next utterance's encoder input; every one of them must
+    have been added as text (the encoder reads them)."""
+    keep = len(texts) - min(len(texts), window)
+    missing = [i for i in range(keep, len(texts)) if texts[i] is None]
+    if missing:
+        raise InputError(field, f"text for the last {window} utterances (the text encoder reads them with the new "
+                         "one)", f"utterance {missing[0]} added as features",
+                         "Add every utterance of a conversation with text= when its model embeds text.")
+    return [str(t) for t in texts[keep:]], [int(s) for s in speakers[keep:]]
 
 
 def resolve_texts(model: EmotionModel, conversations: Any) -> Any:
-    """The batch API: conversations given with "texts" (one string per utterance) get features["t"] from them."""
+    """The batch API: conversations given with "texts" (one string per utterance) get features["t"] from them,
+    each utterance read with its own past turns when the encoder reads turns."""
     if isinstance(conversations, (Mapping, str, bytes, np.ndarray)) or not hasattr(conversations, "__len__"):
         return conversations  # validation explains what is wrong
     todo = [i for i, c in enumerate(conversations) if isinstance(c, Mapping) and "texts" in c]
     if not todo:
         return conversations
     out = list(conversations)
-    texts: list[str] = []
+    items: list[tuple[list[str], list[int], int, str]] = []
     for i in todo:
         conv = out[i]
         if isinstance(conv["texts"], (str, bytes)) or not hasattr(conv["texts"], "__len__"):
             raise InputError(f"conversations[{i}].texts", "a list of strings, one per utterance", type(conv["texts"]).__name__)
         if TEXT_MODALITY in (conv.get("features") or {}):
             raise InputError(f"conversations[{i}]", "either texts or features['t'], not both", "both")
-        texts += [_check_text(t, f"conversations[{i}].texts[{j}]") for j, t in enumerate(conv["texts"])]
-    emb = model.text_encoder.encode(texts) if texts else np.zeros((0, model.feature_dims.get(TEXT_MODALITY, 0)))
+        texts = [_check_text(t, f"conversations[{i}].texts[{j}]") for j, t in enumerate(conv["texts"])]
+        speakers = _speakers_for(conv.get("speakers"), len(texts), f"conversations[{i}].speakers")
+        items += [(texts[:j], speakers[:j], speakers[j], texts[j]) for j in range(len(texts))]
+    emb = model.text_encoder.encode_turns(items) if items else np.zeros((0, model.feature_dims.get(TEXT_MODALITY, 0)))
     start = 0
     for i in todo:
         conv, n = out[i], len(out[i]["texts"])
@@ -152,6 +232,17 @@ def resolve_texts(model: EmotionModel, conversations: Any) -> Any:
         out[i] = {**{k: v for k, v in conv.items() if k != "texts"}, "features": feats}
         start += n
     return out
+
+
+def _speakers_for(raw: Any, n: int, field: str) -> list[int]:
+    """Speaker ids to read texts with; what is wrong with them is for validation to say (0s stand in here)."""
+    try:
+        ids = np.asarray(raw).reshape(-1)
+        if len(ids) == n and ids.dtype.kind in "iuf" and np.isfinite(ids).all() and (ids == np.round(ids)).all():
+            return [int(x) for x in ids]
+    except (TypeError, ValueError, OverflowError):
+        pass
+    return [0] * n
 
 
 def _check_text(text: Any, field: str) -> str:

@@ -87,7 +87,7 @@ def run(data: str, modalities: str | None, preset: str | None, model_name: str, 
     from .recipe import choose_recipe
     from .registry import loss_config, model_config, model_names
     from .registry import preset as model_preset
-    from .seeds import context_free_baseline, train_seeds
+    from .seeds import context_free_baseline, encoder_classifier, shipped_model, train_seeds
     from .train import train
 
     try:
@@ -151,6 +151,10 @@ def run(data: str, modalities: str | None, preset: str | None, model_name: str, 
     metrics["recipe"] = recipe_name
     if "baseline_context_free" not in metrics:
         metrics["baseline_context_free"] = context_free_baseline(fs, train_cfg.val_fraction, train_cfg.seed)
+    enc = encoder_classifier(fs)
+    if enc is not None:
+        metrics["encoder_classifier"] = enc
+    metrics["shipped"] = shipped_model(metrics)
     atomic_write_json(out / "metrics.json", metrics)
     click.echo(summary_text(metrics, out, time.perf_counter() - t0))
     return metrics
@@ -186,6 +190,15 @@ def summary_text(metrics: dict, out: Path, seconds: float) -> str:
                 if b.get("test_weighted_f1") is not None else "")
         lines.append(f"context-free logistic regression ({m}): validation weighted-F1 "
                      f"{100 * b['validation_weighted_f1']:.2f}{test}")
+    enc = metrics.get("encoder_classifier")
+    if enc:
+        parts = [f"{split} weighted-F1 {100 * enc[f'{split}_weighted_f1']:.2f}" for split in ("validation", "test")
+                 if f"{split}_weighted_f1" in enc]
+        lines.append("the fine-tuned encoder's own classifier (no context model): " + "  ".join(parts))
+        lines.append("shipped: the trained model (it beats the encoder's classifier on validation)"
+                     if metrics.get("shipped") == "cmath" else
+                     "shipped: NOT the trained model: the encoder's own classifier is better on validation; "
+                     "context adds nothing here as trained")
     lines.extend(baseline_warnings(metrics))
     return "\n".join(lines)
 

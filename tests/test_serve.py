@@ -583,6 +583,47 @@ def test_raw_text_streamed_and_whole_equals_the_runtime(text_server) -> None:
         assert np.abs(r.as_numpy("probs")[1, :2] - whole[1].probs).max() <= 1e-5
 
 
+@pytest.fixture(scope="module")
+def context_text_server(context_run, tmp_path_factory: pytest.TempPathFactory):
+    """The fine-tuned, past-reading text encoder's export (conftest.context_run), served."""
+    _triton_or_skip()
+    import cmath_runtime
+
+    if int(np.__version__.split(".")[0]) >= 2:
+        pytest.skip("raw text needs numpy<2 in the server's Python (nvidia-pytriton's stub)")
+    _, export = context_run
+    model = cmath_runtime.load(export, backend="cpu", threads=1)
+    s = Served(export, tmp_path_factory.mktemp("serve_context") / "context.out", "--exit-timeout-s", "5")
+    try:
+        s.wait_ready()
+        yield s, model
+    finally:
+        s.stop()
+
+
+def test_raw_text_over_the_wire_is_read_with_its_past_turns(context_text_server) -> None:
+    """A conversation streamed line by line to cmath_stream equals the in-process Conversation, whose encoder reads
+    each line with the ones before it; the same lines without their past read differently."""
+    import cmath_runtime
+
+    s, model = context_text_server
+    lines = ["great lovely fun 1", "stupid awful hate 2", "the table is here 3", "great 4", "awful 5"]
+    speakers = np.array([0, 1, 2, 0, 1], np.int64)
+    conv = cmath_runtime.Conversation(model)
+    client = s.grpc_client()
+    for i, text in enumerate(lines):
+        conv.add(int(speakers[i]), text=text)
+        r = client.infer("cmath_stream", [*infer_inputs(grpcclient, {"speaker": speakers[i:i + 1, None]}),
+                                          _text_input(grpcclient, np.array([[text]], object))],
+                         sequence_id=9300, sequence_start=i == 0, sequence_end=i == len(lines) - 1)
+        assert np.abs(r.as_numpy("probs")[0] - conv.probs()[-1]).max() <= 1e-5, i
+    arrays = {"speaker": speakers[None], "mask": np.ones((1, len(lines)), bool)}
+    r = client.infer("cmath", [*infer_inputs(grpcclient, arrays), _text_input(grpcclient, np.array([lines], object))])
+    assert np.abs(r.as_numpy("probs")[0] - conv.probs()).max() <= 1e-5
+    alone = model.text_encoder.encode(lines[-1:])[0]
+    assert not np.allclose(alone, conv.features["t"][-1], atol=1e-3)
+
+
 def test_raw_text_mixed_with_features_or_missing_is_a_clear_error(text_server) -> None:
     s, model = text_server
     client = s.grpc_client()

@@ -87,9 +87,7 @@ def test_clean_text_copy_matches_training() -> None:
 
 
 def test_text_equals_features(model: cmath_runtime.EmotionModel, encoder) -> None:
-    from cmath_runtime.text import text_encoder
-
-    enc = text_encoder(model)
+    enc = model.text_encoder
     texts = ["Hi Joey!", "", "I can't believe it 😱", "word " * 400]
     ref = encoder.encode([enc.normalise(t) for t in texts])
     ours = enc.encode(texts)
@@ -129,13 +127,22 @@ def test_no_text_encoder_artifact(text_export: Path, tmp_path: Path) -> None:
 
 @pytest.mark.meld
 @pytest.mark.skipif(not (MELD_DIR / "test_sent_emo.csv").is_file(), reason=f"MELD CSVs not found in {MELD_DIR}")
-def test_meld_parity_100(text_export: Path) -> None:
-    from benchmarks.text_path import embedding_parity, meld_texts
+def test_meld_parity_100(model: cmath_runtime.EmotionModel, encoder) -> None:
+    """100 MELD texts (the longest, non-ASCII ones, the shortest, edge cases) through model.text_encoder: the same
+    token ids and embeddings as sentence-transformers on the cleaned texts."""
+    from cmath_runtime.compare import cosines
+    from cmath_train.prepare.csv_source import read_conversations
 
-    texts = meld_texts(100, MELD_DIR)
-    res = embedding_parity(text_export, texts)
-    assert res["min_cosine"] >= 0.9999, res
-    assert res["token_ids_equal"] == "100/100" and res["truncated_texts"] > 0 and res["empty_texts"] > 0
+    texts = [t for d in read_conversations(MELD_DIR / "test_sent_emo.csv").dialogues for t in d.texts]
+    picked = [*EDGE, *sorted(set(texts), key=len)[-40:], *[t for t in texts if any(ord(c) > 0x7F for c in t)][:40]]
+    picked = (picked + [t for t in texts if len(t) <= 2] + texts)[:100]
+    enc = model.text_encoder
+    cleaned = [enc.normalise(t) for t in picked]
+    cos = cosines(enc.encode(picked), encoder.encode(cleaned))
+    assert len(picked) == 100 and cos.min() >= 0.9999, cos.min()
+    for c in cleaned:
+        assert enc.tokenize([c])["input_ids"][0].tolist() == encoder.model.tokenize([c])["input_ids"][0].tolist(), c
+    assert any(len(enc.tokenizer.encode(c).ids) >= enc.spec.max_seq_length for c in cleaned) and not all(cleaned)
 
 
 @pytest.mark.slow

@@ -3,7 +3,8 @@
     FEATURES_DIR/meta.json     {"format": "cmath-features", "version": 1, label_names, feature_dims,
                                 num_speakers, splits, meta}
     FEATURES_DIR/<split>.npz   feat_<m> (U, d_m) float32 for each modality m, speaker (U,) int64,
-                               label (U,) int64, length (C,) int64, id (C,) str — U utterances, C conversations
+                               label (U,) int64, length (C,) int64, id (C,) str — U utterances, C conversations;
+                               text (U,) str when the features were made from text (cmath-prepare)
 
 No pickle anywhere: arrays are read with allow_pickle=False.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from cmath_runtime.errors import ArtifactError
-from cmath_runtime.files import atomic_write_bytes, atomic_write_json, read_tagged_json
+from cmath_runtime.files import atomic_write_bytes, atomic_write_json, confined_path, read_tagged_json
 
 from .types import Dialogue, FeatureSet
 
@@ -36,6 +37,8 @@ def save_features(fs: FeatureSet, out_dir: str | Path) -> Path:
         arrays["label"] = _concat([d.labels for d in dialogues], (0,), np.int64)
         arrays["length"] = np.array([len(d) for d in dialogues], np.int64)
         arrays["id"] = np.array([d.id for d in dialogues], dtype=str)
+        if dialogues and all(d.texts is not None for d in dialogues):
+            arrays["text"] = np.array([t for d in dialogues for t in d.texts], dtype=str).reshape(-1)
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         atomic_write_bytes(out / f"{split}.npz", buf.getvalue())
@@ -65,6 +68,25 @@ def load_features(path: str | Path) -> FeatureSet:
     return FeatureSet(list(meta["label_names"]), dims, int(meta["num_speakers"]), splits, meta.get("meta", {}))
 
 
+def load_encoder_classifier(fs: FeatureSet) -> dict[str, np.ndarray] | None:
+    """{split: (U, classes) probabilities} of the fine-tuned encoder's own classifier, written by cmath-prepare
+    beside the features (meta "encoder_classifier"); None when there is none."""
+    name, folder = fs.meta.get("encoder_classifier"), fs.meta.get("path")
+    if not name or not folder:
+        return None
+    file = confined_path(folder, name, "meta.encoder_classifier", Path(folder) / "meta.json")
+    try:
+        with np.load(file, allow_pickle=False) as z:
+            probs = {k.removesuffix("_probs"): z[k] for k in z.files if k.endswith("_probs")}
+    except (FileNotFoundError, zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise ArtifactError(file, f"unreadable encoder classifier outputs ({e})") from None
+    for split, p in probs.items():
+        rows = sum(len(d) for d in fs.splits.get(split, []))
+        if p.shape != (rows, len(fs.label_names)):
+            raise ArtifactError(file, f"{split}_probs: expected shape ({rows}, {len(fs.label_names)}), got {p.shape}")
+    return probs
+
+
 def _read_split(file: Path, dims: dict[str, int]) -> list[Dialogue]:
     try:
         with np.load(file, allow_pickle=False) as z:
@@ -81,7 +103,7 @@ def _read_split(file: Path, dims: dict[str, int]) -> list[Dialogue]:
             raise ArtifactError(file, f"{key}: expected shape (utterances, {d}), got {arrays[key].shape}")
     lengths = arrays["length"]
     total = int(lengths.sum())
-    for key in ["speaker", "label", *(f"feat_{m}" for m in dims)]:
+    for key in ["speaker", "label", *(f"feat_{m}" for m in dims), *(["text"] if "text" in arrays else [])]:
         if len(arrays[key]) != total:
             raise ArtifactError(file, f"{key}: expected {total} rows (sum of length), got {len(arrays[key])}")
     bounds = np.concatenate([[0], np.cumsum(lengths)])
@@ -91,6 +113,7 @@ def _read_split(file: Path, dims: dict[str, int]) -> list[Dialogue]:
             features={m: arrays[f"feat_{m}"][s:e] for m in dims},
             speakers=arrays["speaker"][s:e].astype(np.int64),
             labels=arrays["label"][s:e].astype(np.int64),
+            texts=[str(t) for t in arrays["text"][s:e]] if "text" in arrays else None,
         )
         for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:]))
     ]

@@ -15,7 +15,7 @@ and every other feature are the same as with 0.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -69,9 +69,7 @@ def make_synthetic(cfg: SyntheticConfig | None = None) -> FeatureSet:
             feats = _features(rng, labels, cfg, proto, _shown(shown_rng, labels, cfg.misaligned_fraction))
             dialogues.append(Dialogue(f"{split}_{c:04d}", feats, speakers, labels))
         splits[split] = dialogues
-    meta = {"source": "synthetic", "config": {"seed": cfg.seed, "conversations": cfg.conversations}}
-    if cfg.misaligned_fraction:
-        meta["config"]["misaligned"] = {"fraction": cfg.misaligned_fraction, "modality": cfg.misaligned_modality}
+    meta = {"source": "synthetic", "config": asdict(cfg)}  # all of it: make_synthetic(SyntheticConfig(**config)) rebuilds it
     return FeatureSet(list(LABELS), dict(dims), cfg.num_speakers, splits, meta)
 
 

@@ -16,6 +16,7 @@ class Dialogue:
     features: dict[str, np.ndarray]  # modality -> (n, d_m) float32
     speakers: np.ndarray  # (n,) int64, 0 <= id < num_speakers
     labels: np.ndarray  # (n,) int64 class index
+    texts: list[str] | None = None  # the utterances' texts, when the features were made from text
 
     def __len__(self) -> int:
         return len(self.speakers)
@@ -40,7 +41,7 @@ class FeatureSet:
             raise ValueError(f"modalities: expected a subset of {self.modalities}, got {modalities}")
         keep = {m: self.feature_dims[m] for m in modalities}
         splits = {
-            name: [Dialogue(d.id, {m: d.features[m] for m in keep}, d.speakers, d.labels) for d in dialogues]
+            name: [Dialogue(d.id, {m: d.features[m] for m in keep}, d.speakers, d.labels, d.texts) for d in dialogues]
             for name, dialogues in self.splits.items()
         }
         return FeatureSet(self.label_names, keep, self.num_speakers, splits, dict(self.meta))

@@ -15,8 +15,9 @@ from typing import Any
 import click
 
 from cmath_runtime.errors import CmathError
+from cmath_runtime.turns import TurnFormat
 
-from .build import PrepareOptions, prepare_features
+from .build import DEFAULT_TURNS, PrepareOptions, prepare_features
 from .csv_source import CsvColumns
 from .embedding_cache import DEFAULT_CACHE_DIR
 from .finetune import FinetuneOptions
@@ -46,8 +47,17 @@ def _common_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--device", default="cpu", show_default=True, help="torch device for the encoder."),
         click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
                      help="torch CPU threads (0 = torch default; 1 is fastest when other jobs share the cores)."),
-        click.option("--finetune-epochs", type=click.IntRange(min=0), default=0, show_default=True,
-                     help="Fine-tune the encoder on train utterance labels first (0 = frozen)."),
+        click.option("--finetune-epochs", type=click.IntRange(min=0), default=FinetuneOptions.epochs, show_default=True,
+                     help="Fine-tune the encoder on the train labels, reading each utterance with its past turns "
+                          "(0 = today's frozen sentence encoder, one utterance at a time)."),
+        click.option("--context-window", type=click.IntRange(min=0), default=DEFAULT_TURNS.window, show_default=True,
+                     help="Past turns the fine-tuned encoder reads with each utterance."),
+        click.option("--context-max-tokens", type=click.IntRange(min=4, max=512), default=DEFAULT_TURNS.max_tokens,
+                     show_default=True, help="Tokens of the encoder's whole input (utterance first, then past turns)."),
+        click.option("--speaker-prefix/--no-speaker-prefix", default=DEFAULT_TURNS.speaker_prefix, show_default=True,
+                     help="Each turn read as 'speaker-id: text'."),
+        click.option("--crossfit-folds", type=click.IntRange(min=0), default=PrepareOptions.crossfit_folds,
+                     show_default=True, help="Train features from encoders fine-tuned on the other folds (< 2: off)."),
         click.option("--finetune-lr", type=float, default=FinetuneOptions.lr, show_default=True),
         click.option("--finetune-batch-size", type=click.IntRange(min=1), default=FinetuneOptions.batch_size, show_default=True),
         click.option("--finetune-freeze-embeddings/--finetune-train-embeddings", default=True, show_default=True,
@@ -72,6 +82,8 @@ def _options(source: str, columns: CsvColumns, kw: dict[str, Any]) -> PrepareOpt
         finetune=FinetuneOptions(epochs=kw["finetune_epochs"], lr=kw["finetune_lr"], batch_size=kw["finetune_batch_size"],
                                  patience=kw["finetune_patience"], seed=kw["seed"],
                                  freeze_word_embeddings=kw["finetune_freeze_embeddings"]),
+        turns=TurnFormat(kw["context_window"], kw["context_max_tokens"], kw["speaker_prefix"]),
+        crossfit_folds=kw["crossfit_folds"],
         source=source,
     )
 

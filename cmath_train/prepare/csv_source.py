@@ -57,6 +57,7 @@ class CsvTable:
     sha256: str
     num_rows: int
     dialogues: list[RawDialogue]
+    carved: bool = False  # a dev split carved out of this train file (cmath-prepare without --dev)
 
     def where(self, dialogue: RawDialogue, i: int) -> str:
         return f"{self.path}: data row {dialogue.rows[i]} (line {dialogue.lines[i]})"
@@ -68,6 +69,7 @@ class CsvTable:
             "encoding": self.encoding,
             "rows": self.num_rows,
             "dialogues": len(self.dialogues),
+            **({"carved_from_train": True} if self.carved else {}),
         }
 
 

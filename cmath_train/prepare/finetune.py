@@ -1,17 +1,16 @@
-"""Context-free fine-tuning of the sentence encoder on the train split's utterance labels.
+"""Fine-tuning the text encoder on the train split's utterance labels.
 
-Each utterance alone: the model's own pipeline output (the mean-pooled embedding, L2-normalised when the
-model has a Normalize module) -> a linear head -> cross-entropy. A unit vector has entries of size
-~1/sqrt(d), so the head sees sqrt(d) * embedding (unit RMS) when the pipeline normalises. AdamW with a small
-encoder learning rate, a larger one for the fresh head, linear warm-up then linear decay, gradient clipping;
-batches group texts of similar length (shuffled pools sorted by length) so a 2-core CPU pads little.
-By default the token embedding table (vocab x d, half of MiniLM's weights) stays fixed: most of its rows
-never occur in the train split, and skipping its dense AdamW update made a step ~1.5x faster on CPU;
-position/type embeddings and every transformer layer are trained.
-After every epoch the dev split (never test) is scored by weighted-F1 of the head; the best epoch's encoder
-weights are kept. Without a dev split every epoch is run and the last one is kept.
+Each utterance is read as `cmath_runtime.turns` builds it (the utterance with its speaker, then its past turns);
+the encoder (pooled.py: transformer -> mean over the utterance's tokens -> L2 normalisation) -> a linear head ->
+cross-entropy. A unit vector has entries of size ~1/sqrt(d), so the head sees sqrt(d) * embedding (unit RMS).
+AdamW with a small encoder learning rate, a larger one for the fresh head, linear warm-up then linear decay,
+gradient clipping; batches group inputs of similar length (shuffled pools sorted by length) so a CPU pads
+little. The token embedding table (vocab x d, half of MiniLM's weights) stays fixed by default: most of its rows
+never occur in the train split, and skipping its dense AdamW update makes a CPU step ~1.5x faster; position and
+type embeddings and every transformer layer are trained.
+After every epoch the dev split (never test) is scored by weighted-F1 of the head; the best epoch's encoder and
+head are kept. Without a dev split every epoch is run and the last one is kept.
 """
-
 from __future__ import annotations
 
 import copy
@@ -19,7 +18,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,13 +26,14 @@ from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 from tqdm import tqdm
 
-if TYPE_CHECKING:
-    from sentence_transformers import SentenceTransformer
+from .pooled import PooledEncoder, collate, embed
+
+Example = tuple[list[int], list[int]]  # (input_ids, token_type_ids) of one utterance, cmath_runtime.turns
 
 
 @dataclass
 class FinetuneOptions:
-    epochs: int = 0  # 0 = frozen encoder
+    epochs: int = 2  # 0 = frozen encoder (cmath-prepare --finetune-epochs 0)
     lr: float = 5e-5  # encoder
     head_lr: float = 1e-3  # the linear head, freshly initialised
     batch_size: int = 16
@@ -68,7 +68,7 @@ class FinetuneResult:
 
     def to_meta(self) -> dict[str, Any]:
         return {
-            "objective": "context-free utterance classification: pipeline embedding -> linear head -> cross-entropy",
+            "objective": "utterance classification from its turns input: pooled embedding -> linear head -> cross-entropy",
             "options": asdict(self.options),
             "selection": self.selection,
             "best_epoch": self.best_epoch,
@@ -79,54 +79,54 @@ class FinetuneResult:
 
 
 def finetune_encoder(
-    model: SentenceTransformer,
-    train_texts: Sequence[str],
+    encoder: PooledEncoder,
+    train: Sequence[Example],
     train_labels: np.ndarray,
     num_classes: int,
     options: FinetuneOptions,
-    dev_texts: Sequence[str] | None = None,
+    dev: Sequence[Example] | None = None,
     dev_labels: np.ndarray | None = None,
     log: Callable[[str], None] = print,
-) -> FinetuneResult:
-    """Fine-tune `model` in place; on return it holds the selected epoch's weights."""
+    desc: str = "fine-tune",
+) -> tuple[FinetuneResult, nn.Linear]:
+    """Fine-tune `encoder` in place; on return it and the returned head hold the selected epoch's weights."""
     if options.epochs < 1:
         raise ValueError(f"epochs: expected >= 1, got {options.epochs}")
     torch.manual_seed(options.seed)
     rng = np.random.default_rng(options.seed)
-    device = next(model.parameters()).device
-    dim = int(model.get_embedding_dimension())
-    scale = math.sqrt(dim) if any(type(m).__name__ == "Normalize" for m in model) else 1.0
+    device = next(encoder.parameters()).device
+    dim = int(encoder.transformer.config.hidden_size)
+    scale = math.sqrt(dim) if encoder.normalize else 1.0
     head = nn.Linear(dim, num_classes).to(device)
     if options.freeze_word_embeddings:
-        for module in model.modules():
+        for module in encoder.modules():
             if isinstance(module, nn.Embedding) and module.num_embeddings > 1000:
                 module.weight.requires_grad_(False)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = [p for p in encoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         [{"params": trainable, "lr": options.lr}, {"params": list(head.parameters()), "lr": options.head_lr}],
         weight_decay=options.weight_decay,
     )
-    steps_per_epoch = math.ceil(len(train_texts) / options.batch_size)
+    steps_per_epoch = math.ceil(len(train) / options.batch_size)
     total = steps_per_epoch * options.epochs
     warmup = max(1, round(total * options.warmup_fraction))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
     )
     labels = torch.as_tensor(np.asarray(train_labels, np.int64))
-    lengths = np.array([len(t) for t in train_texts])
-    has_dev = dev_texts is not None and dev_labels is not None and len(dev_texts) > 0
+    lengths = np.array([len(ids) for ids, _ in train])
+    has_dev = dev is not None and dev_labels is not None and len(dev) > 0
     result = FinetuneResult(options, "dev weighted-F1" if has_dev else "last epoch (no dev split)", 0,
-                            num_train=len(train_texts), num_dev=len(dev_texts) if has_dev else 0)
+                            num_train=len(train), num_dev=len(dev) if has_dev else 0)
     best_f1, best_state, stale = -1.0, None, 0
+    bar = tqdm(total=total, desc=desc, unit="batch")
     for epoch in range(1, options.epochs + 1):
-        model.train()
+        encoder.train()
         head.train()
         batches = _length_bucketed_batches(lengths, options.batch_size, options.bucket_batches, rng)
         start, loss_sum = time.perf_counter(), 0.0
-        bar = tqdm(batches, desc=f"fine-tune epoch {epoch}/{options.epochs}", unit="batch")
-        for idx in bar:
-            features = _to(model.preprocess([train_texts[j] for j in idx]), device)
-            logits = head(model(features)["sentence_embedding"] * scale)
+        for idx in batches:
+            logits = head(encoder(**collate([train[j] for j in idx], device)) * scale)
             loss = nn.functional.cross_entropy(logits, labels[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -134,18 +134,18 @@ def finetune_encoder(
             optimizer.step()
             scheduler.step()
             loss_sum += loss.item() * len(idx)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        bar.close()
-        entry = EpochLog(epoch, loss_sum / len(train_texts), time.perf_counter() - start)
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+        entry = EpochLog(epoch, loss_sum / len(train), time.perf_counter() - start)
         if has_dev:
             t0 = time.perf_counter()
-            pred = _predict(model, head, scale, dev_texts, options.eval_batch_size)
+            pred = classify(encoder, head, dev, options.eval_batch_size).argmax(-1)
             entry.dev_weighted_f1 = float(f1_score(dev_labels, pred, average="weighted"))
             entry.dev_accuracy = float(accuracy_score(dev_labels, pred))
             entry.eval_seconds = time.perf_counter() - t0
         result.history.append(entry)
         log(
-            f"epoch {epoch}: train loss {entry.train_loss:.4f}, {entry.train_seconds:.1f} s"
+            f"{desc} epoch {epoch}: train loss {entry.train_loss:.4f}, {entry.train_seconds:.1f} s"
             + (f"; dev weighted-F1 {100 * entry.dev_weighted_f1:.2f}, acc {100 * entry.dev_accuracy:.2f}, "
                f"eval {entry.eval_seconds:.1f} s" if has_dev else "")
         )
@@ -154,17 +154,28 @@ def finetune_encoder(
             continue
         if entry.dev_weighted_f1 > best_f1:
             best_f1, result.best_epoch, stale = entry.dev_weighted_f1, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = copy.deepcopy((encoder.state_dict(), head.state_dict()))
         else:
             stale += 1
             if options.patience and stale >= options.patience:
-                log(f"early stop: no better dev weighted-F1 for {stale} epochs")
+                log(f"{desc}: early stop, no better dev weighted-F1 for {stale} epochs")
                 break
+    bar.close()
     if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    log(f"selected epoch {result.best_epoch} ({result.selection})")
-    return result
+        encoder.load_state_dict(best_state[0])
+        head.load_state_dict(best_state[1])
+    encoder.eval()
+    head.eval()
+    log(f"{desc}: selected epoch {result.best_epoch} ({result.selection})")
+    return result, head
+
+
+def classify(encoder: PooledEncoder, head: nn.Linear, examples: Sequence[Example], batch_size: int = 64) -> np.ndarray:
+    """(n, classes) probabilities of the encoder's own classifier (the fine-tuning head)."""
+    scale = math.sqrt(head.in_features) if encoder.normalize else 1.0
+    emb = torch.from_numpy(embed(encoder, examples, batch_size))
+    with torch.no_grad():
+        return torch.softmax(head(emb.to(head.weight.device) * scale), -1).cpu().numpy()
 
 
 def _length_bucketed_batches(lengths: np.ndarray, batch_size: int, pool: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -176,15 +187,3 @@ def _length_bucketed_batches(lengths: np.ndarray, batch_size: int, pool: int, rn
         chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
         batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
     return [batches[i] for i in rng.permutation(len(batches))]
-
-
-@torch.no_grad()
-def _predict(model: SentenceTransformer, head: nn.Linear, scale: float, texts: Sequence[str], batch_size: int) -> np.ndarray:
-    model.eval()
-    head.eval()
-    emb = model.encode(list(texts), batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
-    return head(emb.to(head.weight.device) * scale).argmax(-1).cpu().numpy()
-
-
-def _to(features: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}

@@ -1,0 +1,80 @@
+"""The fine-tuned, context-reading text encoder end to end on tiny data: cmath-prepare -> train ->
+export (fp32 + fp16 + int8 encoder) -> the runtime reads each utterance with its past exactly as training did."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cmath_runtime
+from cmath_runtime.errors import InputError
+from tests.conftest import CONTEXT_TURNS
+
+TURNS = CONTEXT_TURNS
+
+
+def test_export_carries_the_turns_encoder_and_its_twins(context_run: tuple[Path, Path]) -> None:
+    _, export = context_run
+    entry = json.loads((export / "export.json").read_text())["text_encoder"]
+    assert entry["turns"] == TURNS.to_json() and entry["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert entry["parity"]["passed"] and entry["parity"]["min_cosine"] >= 0.9999 and entry["parity"]["texts"] == 24
+    for precision in ("fp16", "int8"):
+        record = entry["variants"][precision]
+        assert record["data"] == "4 validation conversations" and record["utterances"] == 24
+        assert record["agreement"] is not None and record["passed"] == (f"onnx_{precision}" in entry["files"])
+        assert record["passed"] and (export / record["file"]).is_file()
+
+
+def test_replayed_conversations_match_the_training_features(context_run: tuple[Path, Path]) -> None:
+    """Utterance by utterance through Conversation.add(text=): the features cmath-prepare wrote for dev (final
+    encoder, torch) within 1e-5, and the same emotions as predict() on those features."""
+    from cmath_train.data.features_dir import load_features
+
+    feats, export = context_run
+    model = cmath_runtime.load(export, backend="cpu", threads=1)
+    dev = load_features(feats).splits["dev"]
+    for d in dev:
+        conv = cmath_runtime.Conversation(model)
+        for s, text in zip(d.speakers, d.texts, strict=True):
+            conv.add(int(s), text=text)
+        np.testing.assert_allclose(conv.features["t"], d.features["t"], atol=1e-5)
+        [ref] = model.predict([{"speakers": d.speakers, "features": {"t": d.features["t"]}}])
+        np.testing.assert_allclose(conv.probs(), ref.probs, atol=1e-5)
+        [batch] = model.predict([{"speakers": d.speakers, "texts": d.texts}])
+        np.testing.assert_allclose(batch.probs, ref.probs, atol=1e-5)
+
+
+def test_step_batch_and_state_files_keep_the_history(context_run: tuple[Path, Path], tmp_path: Path) -> None:
+    _, export = context_run
+    model = cmath_runtime.load(export, backend="cpu", threads=1)
+    lines = [(0, "great lovely fun 1"), (1, "stupid awful hate 2"), (2, "the table is here 3"), (0, "great 4")]
+    a, b = cmath_runtime.Conversation(model), cmath_runtime.Conversation(model)
+    ref = cmath_runtime.Conversation(model)
+    for s, t in lines[:2]:
+        a.add(s, text=t)
+        ref.add(s, text=t)
+    a.save(tmp_path / "a.npz")
+    a = cmath_runtime.Conversation.load(model, tmp_path / "a.npz")
+    assert a.texts == [t for _, t in lines[:2]]
+    for s, t in lines[2:]:
+        cmath_runtime.step_batch([a, b], [{"speaker": s, "text": t}, {"speaker": s, "text": t}])
+        ref.add(s, text=t)
+    np.testing.assert_allclose(a.features["t"], ref.features["t"], atol=1e-6)
+    np.testing.assert_allclose(a.probs(), ref.probs(), atol=1e-6)
+    assert b.texts == [t for _, t in lines[2:]]
+    assert not np.allclose(b.features["t"][0], ref.features["t"][2])  # the same text without its past reads differently
+
+
+def test_int8_encoder_is_used_and_mixed_history_is_refused(context_run: tuple[Path, Path]) -> None:
+    _, export = context_run
+    int8 = cmath_runtime.load(export, backend="cpu", precision="int8", threads=1)
+    assert int8.text_encoder.spec.precision == "int8" and int8.text_encoder.spec.onnx_file.name == "text_encoder.int8.onnx"
+    fp32 = cmath_runtime.load(export, backend="cpu", threads=1)
+    assert fp32.text_encoder.spec.precision == "fp32"
+    conv = cmath_runtime.Conversation(fp32).add(0, t=np.zeros(32, np.float32))
+    with pytest.raises(InputError, match=r"utterances\[1\]\.text: expected text for the last 2 utterances"):
+        conv.add(1, text="hello")
+    assert len(conv) == 1

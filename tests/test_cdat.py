@@ -1,5 +1,5 @@
 """The CDaT add-on (cmath_train/cdat.py): PKT on a batch computed by hand, w_m from masking on a model that ignores a
-modality, ConfidNet's target C* and its loss, and train + checkpoint + export + runtime for each confidence."""
+modality, ConfidNet's target C* and its loss, and cmath-train + cmath-export + runtime for each confidence."""
 
 from __future__ import annotations
 
@@ -22,11 +22,10 @@ from cmath_train.cdat import (
     true_class_probability,
 )
 from cmath_train.checkpoint import load_checkpoint
-from cmath_train.config import LossConfig, ModelConfig, TrainConfig
+from cmath_train.config import LossConfig, ModelConfig
 from cmath_train.data.synthetic import SyntheticConfig, make_synthetic
 from cmath_train.losses import cross_entropy
-from cmath_train.train import train
-from tests.conftest import TINY_DIMS, tiny_model_config
+from tests.conftest import TINY_DIMS
 
 # --- PKT (7-10) on a hand-computed batch ---------------------------------------------------------------------
 # Three samples. Teacher t: (1,0), (0,1), (1,1); student a: (1,0), (1,0), (0,1).
@@ -158,7 +157,7 @@ def test_confidnet_target_is_the_true_class_probability_and_its_l2_loss():
     assert all(p.grad is not None for p in net.confidnet.parameters())
 
 
-# --- train + checkpoint + export + runtime, one confidence per model ----------------------------------------
+# --- cmath-train --cdat X, then cmath-export, then the runtime: each confidence, one model each ------------------
 
 @pytest.fixture(scope="module")
 def small_data():
@@ -166,54 +165,59 @@ def small_data():
                                           max_len=10, seed=3, misaligned_fraction=0.2))
 
 
-def _train_cli(run, data, monkeypatch) -> None:
-    import cmath_train.data as data_mod
+def test_cdat_alpha_needs_cdat(tmp_path):
     from cmath_train.cli import main as train_cli
 
-    monkeypatch.setattr(data_mod, "load_data", lambda spec: data)
-    res = CliRunner().invoke(train_cli, ["--model", "sdt", "--cdat", "const", "--cdat-alpha", "2", "--epochs", "1",
-                                         "--d", "16", "--batch-size", "8", "--out", str(run), "--quiet"])
-    assert res.exit_code == 0, res.output
-    bad = CliRunner().invoke(train_cli, ["--cdat-alpha", "2", "--epochs", "1", "--out", str(run / "x"), "--quiet"])
+    bad = CliRunner().invoke(train_cli, ["--cdat-alpha", "2", "--epochs", "1", "--out", str(tmp_path), "--quiet"])
     assert bad.exit_code != 0 and "give it with --cdat" in bad.output
 
 
 @pytest.mark.parametrize(("confidence", "model", "causal"),
                          [("const", "sdt", False), ("ce", "dmd", False), ("confidnet", "cmath", True)])
-def test_trains_exports_and_serves_with_the_parity_bounds(confidence, model, causal, small_data, tmp_path,
-                                                          monkeypatch):
+def test_cli_trains_exports_and_serves_within_the_parity_bounds(confidence, model, causal, small_data, tmp_path,
+                                                                monkeypatch):
     import cmath_runtime
-    from cmath_export import export_run
+    import cmath_train.data as data_mod
+    from cmath_export import parity
+    from cmath_export.cli import main as export_cli
+    from cmath_train.cli import main as train_cli
 
     run = tmp_path / "run"
-    if confidence == "const":  # through the CLI
-        _train_cli(run, small_data, monkeypatch)
-    else:
-        metrics = train(small_data, tiny_model_config(model, d=16, causal=causal), LossConfig(),
-                        TrainConfig(epochs=1, batch_size=8), run, model, progress=False, cdat=CDaTConfig(confidence))
-        assert "train_pkt" in metrics["history"][0]
-        assert ("train_confidnet" in metrics["history"][0]) == (confidence == "confidnet")
+    monkeypatch.setattr(data_mod, "load_data", lambda spec: small_data)
+    res = CliRunner().invoke(train_cli, ["--model", model, "--cdat", confidence, "--cdat-alpha", "2", "--epochs", "2",
+                                         "--d", "16", "--batch-size", "8", "--lr", "3e-3", "--out", str(run), "--quiet",
+                                         "--causal" if causal else "--bidirectional"])
+    assert res.exit_code == 0, res.output
+    history = json.loads((run / "metrics.json").read_text())["history"]
+    assert "train_pkt" in history[0] and ("train_confidnet" in history[0]) == (confidence == "confidnet")
     saved = json.loads((run / "config.json").read_text())
-    assert saved["model_name"] == model and saved["cdat"]["confidence"] == confidence
-    assert saved["cdat"]["alpha"] == (2.0 if confidence == "const" else CDaTConfig().alpha)
+    assert saved["model_name"] == model and saved["cdat"] == {**CDaTConfig().__dict__, "confidence": confidence,
+                                                              "alpha": 2.0}
     ckpt = load_checkpoint(run)
     assert isinstance(ckpt.model, CDaT) and ckpt.cdat == CDaTConfig(**saved["cdat"]) and not ckpt.model.training
+    assert ckpt.model.cfg.causal == causal
     assert ckpt.model.standardize["t"].std.ne(1).any()  # the train statistics live in the wrapper ...
-    assert ckpt.model.model.state_dict()[next(k for k in ckpt.model.model.state_dict() if k.endswith("t.std"))].eq(1).all()
+    inner = ckpt.model.model.state_dict()
+    assert inner[next(k for k in inner if k.endswith("t.std"))].eq(1).all()  # ... F reads h~ as it is
 
-    manifest = export_run(run, max_len=64)
-    fp32 = manifest["parity"]["fp32"]
-    probs = next(o for o in fp32["outputs"] if o["name"] == "probs")
-    assert fp32["passed"] and probs["max_abs"] <= 1e-4  # the bound of every export
+    res = CliRunner().invoke(export_cli, [str(run), "--fp16", "--max-len", "64", "--quiet"])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((run / "export" / "export.json").read_text())
+    for kind in ("fp32", "fp16"):  # the bounds every export meets, on the run's own validation rows
+        report = manifest["parity"][kind]
+        probs = next(o for o in report["outputs"] if o["name"] == "probs")
+        assert report["passed"] and probs["max_abs"] <= parity.BOUNDS[kind].probs_max_abs
+        assert "validation" in report["data"]
     if causal:  # G_m is per utterance: the step graph composes with it
-        assert manifest["step"]["parity"]["passed"] and manifest["step"]["parity"]["probs_max_abs"] <= 1e-4
+        step = manifest["step"]["parity"]
+        assert step["passed"] and step["probs_max_abs"] <= parity.BOUNDS["fp32"].probs_max_abs
     served = cmath_runtime.load(run, backend="cpu", threads=1)
     d = small_data.splits["test"][0]
     [pred] = served.predict([{"speakers": d.speakers.tolist(), "features": dict(d.features)}])
     with torch.no_grad():
         ref = ckpt.model({m: torch.from_numpy(x[None]).float() for m, x in d.features.items()},
                          torch.from_numpy(d.speakers[None]), torch.ones(1, len(d.speakers), dtype=torch.bool))
-    assert np.abs(pred.probs - ref.logits.softmax(-1)[0].numpy()).max() <= 1e-4
+    assert np.abs(pred.probs - ref.logits.softmax(-1)[0].numpy()).max() <= parity.BOUNDS["fp32"].probs_max_abs
 
 
 def test_synthetic_misalignment_changes_only_the_chosen_modality():

@@ -235,14 +235,21 @@ def test_synthetic_misalignment_changes_only_the_chosen_modality():
         SyntheticConfig(misaligned_fraction=1.5)
 
 
-def test_study_page_is_written_from_the_results_with_the_verdict():
-    from cmath_train.cdat_study import MODELS, VARIANTS, StudyConfig, markdown
+def test_study_page_is_written_from_the_results_with_the_verdict(tmp_path):
+    from cmath_train.cdat_study import MODELS, StudyConfig, cells_of, markdown, run_study
 
     study = {**StudyConfig().__dict__, "seeds": 2}
     scores = {"none": 0.60, "const": 0.62, "ce": 0.70, "confidnet": 0.61, "confidence-kd": 0.59}
     results = {f"{f:g}/{m}/{v}": {"test_mean": scores[v] + f, "test_std": 0.01, "alpha": 1.0 if v in
                                   ("const", "ce", "confidnet") else None, "cpu_seconds": 3.0}
-               for f in study["misaligned"] for m in MODELS for v in VARIANTS}
+               for f in study["misaligned"] for m in MODELS for v in cells_of(f)}
+    assert "0/cmath/confidence-kd" not in results and "0.2/cmath/confidence-kd" in results
     page = markdown({"study": study, "alpha_validation": {m: {} for m in MODELS}, "results": results}, "CMD")
     assert "Reproduce: `CMD`" in page and "| CMATH | ce | 1 | 70.00 +- 1.00 | 90.00 +- 1.00 |" in page
+    assert "| SDT | confidence-kd |  | not run | 79.00 +- 1.00 |" in page
     assert page.count("partly holds (dynamic variants above both base and constant: ce; by more than one std: ce)") == 3
+    assert page.count("confidence-kd 79.00 vs none 80.00 (-1.00) and vs the best CDaT (ce) 90.00 (-11.00)") == 3
+    # the run cache belongs to one recipe: another recipe in the same folder is refused before any training
+    (tmp_path / "study.json").write_text(json.dumps({**StudyConfig().__dict__, "epochs": 1}))
+    with pytest.raises(Exception, match="another study recipe"):
+        run_study(StudyConfig(), 1, tmp_path)

@@ -1,7 +1,7 @@
 """The CDaT study: CMATH, SDT and DMD without CDaT and with each confidence, on synthetic data with and without
 misaligned utterances; writes the markdown page and its JSON.
 
-    python -m cmath_train.cdat_study --seeds 5 --workers 3 --out docs/results/cdat_study.md \
+    python -m cmath_train.cdat_study --seeds 5 --workers 4 --out docs/results/cdat_study.md \
         --json docs/results/cdat_study.json
 
 Protocol (every choice on the validation split, test read once per run for the table):
@@ -55,8 +55,8 @@ class StudyConfig:
     d: int = 32
     heads: int = 4
     epochs: int = 8
-    lr: float = 2e-3
-    batch_size: int = 4
+    lr: float = 5e-3
+    batch_size: int = 8
     alphas: tuple[float, ...] = (1.0, 10.0)
 
 

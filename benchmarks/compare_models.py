@@ -2,13 +2,13 @@
 
     python -m benchmarks.compare_models [--data synthetic|FEATURES_DIR|PICKLE] [--modalities tav] [--seeds 3]
                                        [--epochs N] [--preset default] [--recipes cmath=auto,sdt=meld]
-                                       [--models cmath,sdt,dmd,cmath+cdat] [--out runs/compare]
+                                       [--models cmath,sdt,dmd,cmath+ckd] [--out runs/compare]
 
 Recipes: every model gets `--preset` unless `--recipes` names its own: `MODEL=PRESET` (a model's published recipe,
 e.g. SDT's `meld`, see registry.preset) or `cmath=auto` (the recipe `cmath-train` chooses from the data).
 `--epochs` caps every model when given; otherwise each recipe's own epoch budget applies.
 
-Each entry is a registered model name, optionally with "+cdat" (CDaT's confidence-weighted transfer on top).
+Each entry is a registered model name, optionally with "+ckd" (the confidence-gated KD of losses.py on top; CDaT itself: cdat_study.py).
 Every entry is trained with cmath_train.seeds.train_seeds: seeds seed..seed+N-1, each seed selecting its epoch
 on validation (the official dev split, else the same seeded train fraction for every model), test evaluated once
 per seed. Writes OUT/compare.json and OUT/compare.md: test accuracy and weighted-F1 (mean +- std over seeds),
@@ -37,16 +37,16 @@ LATENCY_SHAPE = (1, 50)  # (batch, utterances)
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    key: str  # "cmath", "cmath+cdat", ...
+    key: str  # "cmath", "cmath+ckd", ...
     model: str
-    cdat: bool
+    ckd: bool
 
     @classmethod
     def parse(cls, key: str, known: list[str]) -> Entry:
         name, _, extra = key.partition("+")
-        if name not in known or extra not in ("", "cdat"):
-            raise click.BadParameter(f"expected NAME or NAME+cdat with NAME one of {known}, got {key!r}")
-        return cls(key, name, extra == "cdat")
+        if name not in known or extra not in ("", "ckd"):
+            raise click.BadParameter(f"expected NAME or NAME+ckd with NAME one of {known}, got {key!r}")
+        return cls(key, name, extra == "ckd")
 
 
 def parse_recipes(text: str | None, known: list[str]) -> dict[str, str]:
@@ -86,7 +86,7 @@ def train_entries(fs: Any, entries: list[Entry], configs: dict[str, tuple[dict, 
     for entry in entries:
         model_kw, loss_kw, train_kw = configs[entry.key]
         model_cfg = model_config(entry.model, **model_kw)
-        loss_cfg = loss_config(entry.model, **{**loss_kw, "cdat": entry.cdat})
+        loss_cfg = loss_config(entry.model, **{**loss_kw, "confidence_kd": entry.ckd})
         train_cfg = TrainConfig(**train_kw)
         click.echo(f"=== {entry.key}: {seeds} seed(s) -> {out / entry.key}")
         start = time.perf_counter()
@@ -186,7 +186,7 @@ def build_report(entries: list[Entry], trained: dict[str, Any], latency: tuple[s
         summary = trained[entry.key]["summary"]["over_seeds"]  # mean +- std over the seeds (cmath_train/metrics.py)
         per_seed = summary["per_seed"]
         models[entry.key] = {
-            "model": entry.model, "cdat": entry.cdat, "recipe": context["recipes"][entry.key],
+            "model": entry.model, "confidence_kd": entry.ckd, "recipe": context["recipes"][entry.key],
             "test": {k: summary["test"][k] for k in ("accuracy", "weighted_f1", "macro_f1")} if "test" in summary else None,
             "validation": {k: summary["validation"][k] for k in ("accuracy", "weighted_f1", "macro_f1")},
             "parameters": context["parameters"][entry.key], "latency": lat[entry.key],
@@ -238,8 +238,8 @@ def markdown(report: dict[str, Any]) -> str:
               help="Model/loss/train preset for every model --recipes does not name.")
 @click.option("--recipes", default=None, help="Each model's own recipe, e.g. cmath=auto,sdt=meld (auto: chosen from "
                                               "the data, as cmath-train does without --preset).")
-@click.option("--models", "model_list", default="cmath,sdt,dmd,cmath+cdat", show_default=True,
-              help="Comma-separated registered names, each optionally with +cdat.")
+@click.option("--models", "model_list", default="cmath,sdt,dmd,cmath+ckd", show_default=True,
+              help="Comma-separated registered names, each optionally with +ckd.")
 @click.option("--seeds", type=int, default=3, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="First seed.")
 @click.option("--epochs", type=int, default=None, help="Cap for every model (default: each recipe's own).")
@@ -290,8 +290,8 @@ def main(data: str, modalities: str | None, preset: str, recipes: str | None, mo
     click.echo("measuring latency ...")
     latency = measure_latency(run_dirs, latency_calls, latency_backend)
     notes = []
-    if len(mods) == 1 and any(e.cdat for e in entries):
-        notes.append("CDaT transfers between modalities: with a single modality it adds nothing (+cdat = plain).")
+    if len(mods) == 1 and any(e.ckd for e in entries):
+        notes.append("Confidence-KD transfers between modalities: with a single modality it adds nothing (+ckd = plain).")
     first = trained[entries[0].key]["summary"]["over_seeds"]
     context = {"data": data, "modalities": "".join(mods), "preset": preset, "recipes": recipe_names, "epochs": epochs,
                "seeds": first["seeds"], "validation": _validation_source(out / entries[0].key),

@@ -1,8 +1,10 @@
 """Checkpoints carry their own recipe: model.safetensors + config.json, written atomically.
 
 config.json: {"format": "cmath-checkpoint", "version": 1, "model_name", "model", "loss", "train",
-              "label_names", "data", "versions", "selected": {epoch, metric, value}}
-"model" and "loss" are the model's own configs (e.g. CMATHConfig / CMATHLossConfig, registry.py). Files
+              "label_names", "data", "versions", "selected": {epoch, metric, value}[, "cdat"]}
+"model" and "loss" are the model's own configs (e.g. CMATHConfig / CMATHLossConfig, registry.py). "cdat" (a
+cdat.CDaTConfig) is there when the model was trained inside the CDaT add-on: the weights are then the wrapper's
+(transfer encoders, the wrapped model under "model.", ConfidNet) and load_checkpoint rebuilds the wrapper. Files
 written before each model had its own config carry every model's fields in one flat dict; the registry reads
 both (other models' fields are dropped), so the version stays 1.
 Export and runtime rebuild the model from config.json + weights, never from defaults in code.
@@ -26,6 +28,7 @@ from torch import nn
 from cmath_runtime.errors import ArtifactError
 from cmath_runtime.files import atomic_write_bytes, atomic_write_json, read_tagged_json
 
+from .cdat import CDaT, CDaTConfig
 from .config import LossConfig, ModelConfig, TrainConfig, from_dict, to_dict
 from .registry import create_model, loss_config, model_config
 
@@ -43,6 +46,7 @@ class Checkpoint:
     train_cfg: TrainConfig
     label_names: list[str]
     extra: dict[str, Any]  # data description, selection, versions
+    cdat: CDaTConfig | None = None  # the CDaT add-on's recipe when `model` is a cdat.CDaT wrapper
 
 
 def versions() -> dict[str, str]:
@@ -89,6 +93,7 @@ def save_checkpoint(
             "loss": to_dict(loss_cfg),
             "train": to_dict(train_cfg),
             "label_names": list(label_names),
+            **({"cdat": to_dict(model.cdat_cfg)} if isinstance(model, CDaT) else {}),
             "versions": versions(),
             **(extra or {}),
         },
@@ -119,15 +124,23 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
     return read_tagged_json(path, FORMAT, VERSION, "checkpoint config")
 
 
+# loss fields of the confidence-gated KD under their former names -> the current ones
+FORMER_LOSS_FIELDS = {"cdat": "confidence_kd", "cdat_weight": "ckd_weight", "cdat_confidence": "ckd_confidence",
+                      "cdat_temperature": "ckd_temperature"}
+
+
 def load_checkpoint(run_dir: str | Path, map_location: str = "cpu") -> Checkpoint:
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
     try:
         name = cfg.get("model_name", "cmath")
         model_cfg = model_config(name, **cfg["model"])
-        loss_cfg = loss_config(name, **cfg.get("loss", {}))
+        loss_cfg = loss_config(name, **{FORMER_LOSS_FIELDS.get(k, k): v for k, v in cfg.get("loss", {}).items()})
         train_cfg = from_dict(TrainConfig, cfg.get("train", {}))
         model = create_model(name, model_cfg)
+        cdat = from_dict(CDaTConfig, cfg["cdat"]) if cfg.get("cdat") else None
+        if cdat is not None:
+            model = CDaT(model, cdat)
     except (KeyError, TypeError, ValueError) as e:
         raise ArtifactError(run_dir / CONFIG, f"invalid model config: {e}") from None
     weights = run_dir / WEIGHTS
@@ -153,8 +166,9 @@ def load_checkpoint(run_dir: str | Path, map_location: str = "cpu") -> Checkpoin
                                      "replaced file)")
     model.load_state_dict(state)
     model.to(map_location).eval()
-    extra = {k: v for k, v in cfg.items() if k not in ("model", "loss", "train", "label_names")}
-    return Checkpoint(model, cfg.get("model_name", "cmath"), model_cfg, loss_cfg, train_cfg, list(cfg["label_names"]), extra)
+    extra = {k: v for k, v in cfg.items() if k not in ("model", "loss", "train", "label_names", "cdat")}
+    return Checkpoint(model, cfg.get("model_name", "cmath"), model_cfg, loss_cfg, train_cfg, list(cfg["label_names"]), extra,
+                      cdat)
 
 
 def _check_state(path: Path, model: nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -42,10 +42,15 @@ def parse_modalities(text: str | None, available: tuple[str, ...]) -> tuple[str,
 @click.option("--patience", type=click.IntRange(min=1), default=None, help="Early-stopping patience in epochs.")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None, help="Validation fraction of train when there is no dev split.")
 @click.option("--class-weighted/--no-class-weighted", default=None, help="Inverse-frequency class weights in CE.")
-@click.option("--confidence-kd", "--cdat", "cdat", is_flag=True,
+@click.option("--confidence-kd", "confidence_kd", is_flag=True,
               help="Confidence-gated prediction-level KD: per utterance, the more confident modality's prediction "
-              "teaches the less confident one (any model; LossConfig.cdat*). Not the CDaT paper's feature-level "
-              "transfer; --cdat is a kept alias.")
+              "teaches the less confident one (any model; LossConfig.confidence_kd, ckd_*). Not CDaT: see --cdat.")
+@click.option("--cdat", "cdat", type=click.Choice(["const", "ce", "confidnet"]), default=None,
+              help="Train inside the CDaT add-on (cmath_train/cdat.py, any model): transfer encoders G_m before the "
+              "model and alpha * the dynamic PKT loss between modalities, w_m from a constant (plain PKT), the "
+              "cross-entropy of masking m, or ConfidNet. The checkpoint records it; the export includes G_m.")
+@click.option("--cdat-alpha", type=click.FloatRange(min=0), default=None,
+              help="With --cdat: alpha, the weight of the transfer loss (default: cdat.CDaTConfig).")
 @click.option("--causal/--bidirectional", default=False, show_default=True, help="Online variant: each utterance sees only the past.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True, help="Train this many seeds; report mean +- std.")
@@ -74,8 +79,10 @@ def run(data: str, modalities: str | None, preset: str | None, model_name: str, 
         lr: float | None, batch_size: int | None, hidden: int | None, dropout: float | None,
         conv_kernel: int | None, patience: int | None,
         val_fraction: float | None, class_weighted: bool | None, causal: bool, seed: int, seeds: int, device: str,
-        out_dir: str | None, resume: bool, quiet: bool, cdat: bool = False, tune_trials: int = 0,
-        tune_timeout: float | None = None, distill: float | None = None) -> dict:
+        out_dir: str | None, resume: bool, quiet: bool, confidence_kd: bool = False, tune_trials: int = 0,
+        tune_timeout: float | None = None, distill: float | None = None, cdat: str | None = None,
+        cdat_alpha: float | None = None) -> dict:
+    from .cdat import CDaTConfig
     from .data import load_data
     from .metrics import write_metrics
     from .recipe import choose_recipe
@@ -92,6 +99,11 @@ def run(data: str, modalities: str | None, preset: str | None, model_name: str, 
             preset = "default"  # the data-chosen recipe is validated for CMATH only; baselines: their default
         # the model's own published recipe when it has one (SDT); None: CMATH's recipe is chosen from the data below
         p = model_preset(model_name, preset) if preset is not None else None
+        if cdat_alpha is not None and cdat is None:
+            raise ValueError("--cdat-alpha: give it with --cdat const|ce|confidnet")
+        if cdat is not None and tune_trials:
+            raise ValueError("--tune searches the model's own recipe; it does not take --cdat (train without --tune)")
+        add_on = CDaTConfig(cdat, **_given(alpha=cdat_alpha)) if cdat else None
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     t0 = time.perf_counter()
@@ -105,7 +117,8 @@ def run(data: str, modalities: str | None, preset: str | None, model_name: str, 
     model_cfg = model_config(model_name, modalities=mods, feature_dims=fs.feature_dims, num_classes=len(fs.label_names),
                             num_speakers=fs.num_speakers, causal=causal,
                             **{**p.model, **model_over, **_given(d=hidden, dropout=dropout, conv_kernel=conv_kernel)})
-    loss_cfg = loss_config(model_name, **{**p.loss, **loss_over, **_given(class_weighted=class_weighted, cdat=cdat or None)})
+    loss_cfg = loss_config(model_name, **{**p.loss, **loss_over, **_given(class_weighted=class_weighted,
+                                                                  confidence_kd=confidence_kd or None)})
     train_cfg = TrainConfig(**{**p.train, **_given(epochs=epochs, lr=lr, batch_size=batch_size, patience=patience,
                                                     val_fraction=val_fraction, distill=distill), "seed": seed,
                                  "device": device})
@@ -121,7 +134,9 @@ def run(data: str, modalities: str | None, preset: str | None, model_name: str, 
         atomic_write_json(out / "recipe.json", {"chosen_from_data": False, "name": preset,
                                                 "reasons": [f"--preset {preset} given"]})
     if not quiet:
-        click.echo(f"cmath-train: {model_name}{' + confidence-KD' if cdat else ''} on {data} ({''.join(mods)}), "
+        extras = (" + confidence-KD" if confidence_kd else "") + (f" + CDaT ({add_on.confidence}, alpha {add_on.alpha:g})"
+                                                         if add_on else "")
+        click.echo(f"cmath-train: {model_name}{extras} on {data} ({''.join(mods)}), "
                    f"recipe {recipe_name}, ablation {ablation}, {sum(len(v) for v in fs.splits.values())} conversations -> {out}")
     if tune_trials:
         from .tune import tune
@@ -131,9 +146,9 @@ def run(data: str, modalities: str | None, preset: str | None, model_name: str, 
         click.echo(f"cmath-train: best trial retrained with {seeds} seed(s) (trials in {out / 'tune'})")
         recipe_name += f" + tune ({out / 'tune' / 'best.json'})"
     if seeds > 1:
-        metrics = train_seeds(fs, model_cfg, loss_cfg, train_cfg, out, seeds, model_name, resume, not quiet)
+        metrics = train_seeds(fs, model_cfg, loss_cfg, train_cfg, out, seeds, model_name, resume, not quiet, add_on)
     else:
-        metrics = train(fs, model_cfg, loss_cfg, train_cfg, out, model_name, resume, not quiet)
+        metrics = train(fs, model_cfg, loss_cfg, train_cfg, out, model_name, resume, not quiet, cdat=add_on)
     metrics["recipe"] = recipe_name
     if "baseline_context_free" not in metrics:
         metrics["baseline_context_free"] = context_free_baseline(fs, train_cfg.val_fraction, train_cfg.seed)

@@ -20,6 +20,7 @@ import torch
 
 from cmath_runtime.errors import InputError
 
+from .cdat import CDaTConfig
 from .config import LossConfig, ModelConfig, TrainConfig
 from .data.types import Dialogue, FeatureSet
 from .metrics import write_metrics
@@ -28,20 +29,22 @@ from .train import train
 
 def train_seeds(fs: FeatureSet, model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainConfig,
                 out_dir: str | Path, seeds: int, model_name: str = "cmath", resume: bool = False,
-                progress: bool = True) -> dict[str, Any]:
+                progress: bool = True, cdat: CDaTConfig | None = None) -> dict[str, Any]:
     out = Path(out_dir)
     distil = train_cfg.distill > 0 and seeds > 1
     if distil:
         check_unique_ids(fs.splits["train"])  # before hours of training, not after
     teacher_cfg = dataclasses.replace(train_cfg, distill=0.0)
-    runs = _run_seeds(fs, model_cfg, loss_cfg, teacher_cfg, out, "seed", seeds, model_name, resume, progress)
+    runs = _run_seeds(fs, model_cfg, loss_cfg, teacher_cfg, out, "seed", seeds, model_name, resume, progress,
+                      cdat=cdat)
     teacher_models = load_seeds(out, [s for s, _ in runs], train_cfg.device)
     ensemble = seed_ensemble(fs, teacher_models, [s for s, _ in runs], train_cfg)
     if distil:
         dialogues = fs.splits["train"]
         soft = dict(zip((d.id for d in dialogues), ensemble_probabilities(teacher_models, dialogues, train_cfg.device)))
         teachers = summarize(runs, fs.label_names)
-        runs = _run_seeds(fs, model_cfg, loss_cfg, train_cfg, out, "student", seeds, model_name, resume, progress, soft)
+        runs = _run_seeds(fs, model_cfg, loss_cfg, train_cfg, out, "student", seeds, model_name, resume, progress, soft,
+                          cdat)
     spread = summarize(runs, fs.label_names)
     # The run directory itself holds the run with the best *validation* weighted-F1 (never picked on test).
     best_seed, selected = max(runs, key=lambda r: r[1]["validation"]["weighted_f1"])
@@ -63,14 +66,15 @@ def train_seeds(fs: FeatureSet, model_cfg: ModelConfig, loss_cfg: LossConfig, tr
 
 def _run_seeds(fs: FeatureSet, model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainConfig, out: Path,
                prefix: str, seeds: int, model_name: str, resume: bool, progress: bool,
-               soft: dict[str, np.ndarray] | None = None) -> list[tuple[int, dict[str, Any]]]:
+               soft: dict[str, np.ndarray] | None = None,
+               cdat: CDaTConfig | None = None) -> list[tuple[int, dict[str, Any]]]:
     runs = []
     for k in range(seeds):
         cfg = dataclasses.replace(train_cfg, seed=train_cfg.seed + k)
         if progress:
             print(f"--- {prefix} {cfg.seed} ({k + 1}/{seeds})")
         runs.append((cfg.seed, train(fs, model_cfg, loss_cfg, cfg, out / f"{prefix}_{cfg.seed}", model_name, resume,
-                                     progress, soft)))
+                                     progress, soft, cdat)))
     return runs
 
 

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from cmath_runtime.errors import InputError
 
+from .cdat import CDaT
 from .layers import KVCache
 from .models.cmath import CMATH, StepCache
 
@@ -51,7 +52,9 @@ class StepModule(nn.Module):
 
     def __init__(self, model: nn.Module, max_len: int) -> None:
         super().__init__()
-        self.model = check_streamable(model).eval()
+        # a CDaT-wrapped CMATH: its per-utterance transfer encoders G_m run first (cdat.py)
+        self.inputs = model.inputs.eval() if isinstance(model, CDaT) else None
+        self.model = check_streamable(model.model if isinstance(model, CDaT) else model).eval()
         self.modalities: tuple[str, ...] = tuple(self.model.cfg.modalities)
         self.names: list[str] = self.model.attention_names()
         self.tail = self.model.tail_length()
@@ -64,8 +67,11 @@ class StepModule(nn.Module):
         tails, past = (rest[:n_m], rest[n_m:]) if self.tail else ((), rest)
         cache = StepCache(position, dict(zip(self.modalities, tails)),
                           {name: KVCache(past[2 * j], past[2 * j + 1]) for j, name in enumerate(self.names)})
-        out = self.model({m: x[:, None] for m, x in zip(self.modalities, features)}, speaker[:, None],
-                         torch.ones_like(speaker, dtype=torch.bool)[:, None], reconstruct=False, cache=cache)
+        feats = {m: x[:, None] for m, x in zip(self.modalities, features)}
+        mask = torch.ones_like(speaker, dtype=torch.bool)[:, None]
+        if self.inputs is not None:
+            feats = self.inputs(feats, mask)
+        out = self.model(feats, speaker[:, None], mask, reconstruct=False, cache=cache)
         new_tails = [cache.new_tails[m] for m in self.modalities] if self.tail else []
         new_kv = [t[:, 0] for name in self.names for t in (cache.attention[name].new_keys,
                                                            cache.attention[name].new_values)]

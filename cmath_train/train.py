@@ -22,6 +22,7 @@ from tqdm import tqdm
 from cmath_runtime.errors import InputError
 from cmath_runtime.files import atomic_write_json
 
+from .cdat import CDaT, CDaTConfig
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import LossConfig, ModelConfig, TrainConfig, to_dict
 from .data.batching import Batch, batches, class_weights, feature_stats
@@ -108,17 +109,20 @@ def train(
     resume: bool = False,
     progress: bool = True,
     soft_targets: dict[str, np.ndarray] | None = None,
+    cdat: CDaTConfig | None = None,
 ) -> dict[str, Any]:
     """Train, keep the best-on-validation checkpoint in out_dir, write metrics.json and plots; return metrics.
 
     `soft_targets`: dialogue id -> (n, C) class probabilities of a teacher ensemble for the train dialogues
-    (seeds.py); used with weight train_cfg.distill."""
+    (seeds.py); used with weight train_cfg.distill. `cdat`: wrap the model in the CDaT add-on (cdat.py)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     splits = make_splits(fs, train_cfg.val_fraction, train_cfg.seed)
     mods, device = model_cfg.modalities, train_cfg.device
     seed_everything(train_cfg.seed)
     model = create_model(model_name, model_cfg)
+    if cdat is not None:
+        model = CDaT(model, cdat)
     mean, std = feature_stats(splits.train, mods)
     model.set_input_stats(mean, std)
     model.to(device)
@@ -129,7 +133,7 @@ def train(
     extra = {"data": {**fs.meta, "modalities": list(mods), "validation": splits.val_source}}
     soft = [soft_targets[d.id] for d in splits.train] if soft_targets and train_cfg.distill > 0 else None
 
-    recipe = _resume_recipe(model_name, model_cfg, loss_cfg, train_cfg, splits)
+    recipe = _resume_recipe(model_name, model_cfg, loss_cfg, train_cfg, splits, cdat)
     state = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": [], "recipe": recipe}
     if resume and (out / RESUME_DIR / "state.json").is_file():
         saved = json.loads((out / RESUME_DIR / "state.json").read_text())
@@ -250,7 +254,7 @@ RESUMABLE_CHANGES = ("train.epochs", "train.patience", "train.device")
 
 
 def _resume_recipe(model_name: str, model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainConfig,
-                   splits: Splits) -> dict[str, Any]:
+                   splits: Splits, cdat: CDaTConfig | None = None) -> dict[str, Any]:
     """Everything that shapes the training trajectory, flat ("train.distill": 1.0), for the resume check: the
     model, the configs and the data (a digest of the train and validation dialogue ids)."""
     ids = [[d.id for d in splits.train], [d.id for d in splits.val]]
@@ -258,6 +262,7 @@ def _resume_recipe(model_name: str, model_cfg: ModelConfig, loss_cfg: LossConfig
     flat = {"model_name": model_name, "data.dialogues": f"{len(ids[0])} train / {len(ids[1])} validation ({digest})"}
     for part, cfg in config_summary(model_cfg, loss_cfg, train_cfg).items():
         flat.update({f"{part}.{k}": v for k, v in cfg.items() if f"{part}.{k}" not in RESUMABLE_CHANGES})
+    flat["cdat"] = to_dict(cdat) if cdat is not None else None
     return json.loads(json.dumps(flat))  # as state.json stores it (tuples become lists)
 
 

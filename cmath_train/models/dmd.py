@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from ..config import LossConfig, ModelConfig, Preset, coerce
 from ..layers import UtteranceConv, attention_mask
-from ..losses import add_cdat, cross_entropy, masked_mean
+from ..losses import add_confidence_kd, cross_entropy, masked_mean
 from .common import BaselineInputs, ResidualMLP, TransformerLayer
 
 EDGE_ALPHA = 1 / 8  # softmax sharpness of the edge scores (DMD: alpha)
@@ -306,4 +306,4 @@ def dmd_loss(model: DMD, out: DMDOutput, labels: Tensor, mask: Tensor, cfg: DMDL
     total = ce_x + ce_m + ce_c + cfg.dmd_gamma_dec * dec + cfg.dmd_gamma_gd * gd
     out_terms = {"total": total, "ce_x": ce_x, "ce_m": ce_m, "ce_c": ce_c, "re": re, "cycle": cycle, "ort": ort,
                  "margin": margin, **terms}
-    return add_cdat(out_terms, out, labels, mask, cfg)
+    return add_confidence_kd(out_terms, out, labels, mask, cfg)

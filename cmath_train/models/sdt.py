@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..config import LossConfig, ModelConfig, Preset, coerce
 from ..layers import GatedFusion, attention_mask
-from ..losses import add_cdat, cross_entropy, high_level_distillation, masked_mean
+from ..losses import add_confidence_kd, cross_entropy, high_level_distillation, masked_mean
 from .common import BaselineInputs, TransformerLayer
 
 
@@ -152,5 +152,5 @@ def sdt_loss(out: SDTOutput, labels: Tensor, mask: Tensor, cfg: SDTLossConfig,
     feat = feature_distillation(out, rows, cfg.detach_teacher)
     total = ce_x + cfg.sdt_gamma_ce_m * ce_m + cfg.sdt_gamma_kl * kl + cfg.sdt_gamma_feat * feat
     terms = {"total": total, "ce_x": ce_x, "ce_m": ce_m, "kl": kl, "feat": feat}
-    return add_cdat(terms, out, labels, mask, cfg)
+    return add_confidence_kd(terms, out, labels, mask, cfg)
 

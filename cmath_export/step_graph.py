@@ -51,10 +51,11 @@ PARITY_BOUND = 1e-4  # max |probs diff|, as for model.onnx
 
 
 def has_step(ctx: Any) -> bool:
-    """A step graph is exported for causal CMATH runs (StepModule runs CMATH's own forward with a cache)."""
-    from cmath_train.models.cmath import CMATH
+    """A step graph is exported for causal CMATH runs, CDaT-wrapped or not (StepModule runs CMATH's own forward
+    with a cache)."""
+    from cmath_train.streaming import streamable
 
-    return bool(ctx.ckpt.model_cfg.causal) and isinstance(ctx.ckpt.model, CMATH)
+    return streamable(ctx.ckpt.model)
 
 
 def step_specs(step: StepModule) -> tuple[list[TensorSpec], list[TensorSpec], list[dict[str, Any]]]:

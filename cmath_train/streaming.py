@@ -30,6 +30,12 @@ from .layers import KVCache
 from .models.cmath import CMATH, StepCache
 
 
+def streamable(model: nn.Module) -> bool:
+    """Whether StepModule can step this model: a causal CMATH, bare or wrapped by the CDaT add-on."""
+    inner = model.model if isinstance(model, CDaT) else model
+    return isinstance(inner, CMATH) and bool(inner.cfg.causal)
+
+
 def check_streamable(model: nn.Module) -> CMATH:
     if not isinstance(model, CMATH):
         raise InputError("model", "a CMATH model (the step is written for CMATH's cache)", type(model).__name__)

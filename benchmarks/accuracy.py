@@ -50,11 +50,21 @@ def rows_from_run(name: str, run: Path, baselines: bool) -> list[Row]:
     if baselines:
         enc = m.get("encoder_classifier")
         if enc:
-            rows.append(Row("the fine-tuned encoder's own classifier, no context model",
-                            100 * enc["validation_weighted_f1"], 100 * enc["test_weighted_f1"]))
+            rows.append(
+                Row(
+                    "the fine-tuned encoder's own classifier, no context model",
+                    100 * enc["validation_weighted_f1"],
+                    100 * enc["test_weighted_f1"],
+                )
+            )
         for modality, lr in (m.get("baseline_context_free") or {}).items():
-            rows.append(Row(f"context-free logistic regression ({modality})",
-                            100 * lr["validation_weighted_f1"], 100 * lr["test_weighted_f1"]))
+            rows.append(
+                Row(
+                    f"context-free logistic regression ({modality})",
+                    100 * lr["validation_weighted_f1"],
+                    100 * lr["test_weighted_f1"],
+                )
+            )
     return rows
 
 
@@ -65,17 +75,29 @@ def _cell(mean: float, std: float | None) -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| model | seeds | dev weighted-F1 | test weighted-F1 |", "|---|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['seeds']} | {_cell(r['dev_wf1'], r['dev_std'])} | "
-                     f"{_cell(r['test_wf1'], r['test_std'])} |")
+        lines.append(
+            f"| {r['model']} | {r['seeds']} | {_cell(r['dev_wf1'], r['dev_std'])} | "
+            f"{_cell(r['test_wf1'], r['test_std'])} |"
+        )
     return "\n".join(lines)
 
 
 @click.command()
-@click.option("--run", "runs", multiple=True, required=True, metavar="NAME=RUN_DIR",
-              help="A cmath-train run and the name of its row; the first run's baselines are added.")
+@click.option(
+    "--run",
+    "runs",
+    multiple=True,
+    required=True,
+    metavar="NAME=RUN_DIR",
+    help="A cmath-train run and the name of its row; the first run's baselines are added.",
+)
 @click.option("--title", required=True, help="What the runs were trained and scored on.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Output path without suffix: OUT.json and OUT.md are written.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Output path without suffix: OUT.json and OUT.md are written.",
+)
 def main(runs: tuple[str, ...], title: str, out: Path) -> None:
     rows: list[Row] = []
     baselines: list[Row] = []
@@ -93,8 +115,10 @@ def main(runs: tuple[str, ...], title: str, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out.with_suffix(".json"), data)
     with atomic_open(out.with_suffix(".md"), "w") as f:
-        f.write(f"# {title}\n\nWritten by `python -m benchmarks.accuracy` from the runs' metrics.json.\n\n"
-                f"{table(data['rows'])}\n")
+        f.write(
+            f"# {title}\n\nWritten by `python -m benchmarks.accuracy` from the runs' metrics.json.\n\n"
+            f"{table(data['rows'])}\n"
+        )
     click.echo(table(data["rows"]))
 
 

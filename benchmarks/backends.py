@@ -21,16 +21,31 @@ from cmath_export.formats import bench_contenders
 
 from .inputs import InputSpec, padded
 
-EAGER, COMPILE, ORT, ORT_CUDA, TENSORRT = "pytorch-eager", "torch-compile", "onnxruntime", "onnxruntime-cuda", "tensorrt"
+EAGER, COMPILE, ORT, ORT_CUDA, TENSORRT = (
+    "pytorch-eager",
+    "torch-compile",
+    "onnxruntime",
+    "onnxruntime-cuda",
+    "tensorrt",
+)
 ORT_SPIN, OPENVINO = "onnxruntime-spin", "openvino"
 # Every runtime contender by its one name (the format table's `bench` pairs, --backends, the records' "backend"):
 # name -> (cmath_runtime backend, idle threads spin). onnxruntime-spin is onnxruntime's graph and kernels with idle
 # threads spinning (load(spinning=True)): faster on an idle machine, slower than sleeping threads when other work
 # shares the cores, so the runtime's default sleeps and every run reports both, with the load average.
-RUNTIME = {ORT: ("cpu", False), ORT_SPIN: ("cpu", True), OPENVINO: ("openvino", False), ORT_CUDA: ("cuda", False),
-           TENSORRT: ("tensorrt", False)}
+RUNTIME = {
+    ORT: ("cpu", False),
+    ORT_SPIN: ("cpu", True),
+    OPENVINO: ("openvino", False),
+    ORT_CUDA: ("cuda", False),
+    TENSORRT: ("tensorrt", False),
+}
 # PyTorch, then every (artifact, contender, precision) the export format table lists (cmath_export/formats.py).
-ALL = (f"{EAGER}:fp32", f"{COMPILE}:fp32", *(f"{name}:{precision}" for _, name, precision in bench_contenders()))
+ALL = (
+    f"{EAGER}:fp32",
+    f"{COMPILE}:fp32",
+    *(f"{name}:{precision}" for _, name, precision in bench_contenders()),
+)
 assert all(key.partition(":")[0] in (EAGER, COMPILE, *RUNTIME) for key in ALL), ALL
 
 
@@ -64,8 +79,11 @@ def torch_model(run_dir: Path) -> tuple[Any, InputSpec, float]:
     start = time.perf_counter()
     ckpt = load_checkpoint(run_dir)
     cfg = ckpt.model_cfg
-    return ckpt.model.eval(), InputSpec(tuple(cfg.modalities), dict(cfg.feature_dims), cfg.num_speakers), (
-        time.perf_counter() - start)
+    return (
+        ckpt.model.eval(),
+        InputSpec(tuple(cfg.modalities), dict(cfg.feature_dims), cfg.num_speakers),
+        (time.perf_counter() - start),
+    )
 
 
 def torch_forward(model: Any) -> Callable[..., Any]:
@@ -77,20 +95,26 @@ def torch_forward(model: Any) -> Callable[..., Any]:
     return forward
 
 
-def torch_contender(backend: str, forward: Callable[..., Any], spec: InputSpec, device: str = "cpu",
-                    precision: str = "fp32") -> Contender:
+def torch_contender(
+    backend: str, forward: Callable[..., Any], spec: InputSpec, device: str = "cpu", precision: str = "fp32"
+) -> Contender:
     """A call of `forward` on inputs made once on `device`. On a GPU each call ends with the probabilities copied
     back to numpy and torch.cuda.synchronize(), so its time is the GPU's; precision "fp16" runs it under
     torch.autocast (fp16 matmuls, fp32 weights)."""
     import torch
 
     def autocast() -> Any:
-        return torch.autocast(device, dtype=torch.float16) if precision == "fp16" else contextlib.nullcontext()
+        return (
+            torch.autocast(device, dtype=torch.float16) if precision == "fp16" else contextlib.nullcontext()
+        )
 
     def prepare(convs: list[dict]) -> Callable[[], Any]:
         feats, speaker, mask = padded(spec, convs)
-        args = ({m: torch.from_numpy(x).to(device) for m, x in feats.items()}, torch.from_numpy(speaker).to(device),
-                torch.from_numpy(mask).to(device))
+        args = (
+            {m: torch.from_numpy(x).to(device) for m, x in feats.items()},
+            torch.from_numpy(speaker).to(device),
+            torch.from_numpy(mask).to(device),
+        )
 
         def call() -> np.ndarray:
             with torch.inference_mode(), autocast():
@@ -134,11 +158,14 @@ def runtime(export_dir: Path, name: str, precision: str, threads: int, spinning:
         if not available():
             raise Skipped("openvino is not installed (pip install 'cmath[openvino]')")
     elif backend != "cpu" and (provider := BACKENDS[backend].provider) not in available_providers():
-        raise Skipped(f"{provider} is not in this onnxruntime ({', '.join(available_providers())}): needs "
-                      f"an NVIDIA GPU and onnxruntime-gpu{' with TensorRT' if backend == 'tensorrt' else ''}")
+        raise Skipped(
+            f"{provider} is not in this onnxruntime ({', '.join(available_providers())}): needs "
+            f"an NVIDIA GPU and onnxruntime-gpu{' with TensorRT' if backend == 'tensorrt' else ''}"
+        )
     try:
-        model = cmath_runtime.load(export_dir, backend=backend, precision=precision, threads=threads,
-                                   spinning=spinning)
+        model = cmath_runtime.load(
+            export_dir, backend=backend, precision=precision, threads=threads, spinning=spinning
+        )
     except cmath_runtime.BackendUnavailableError as e:
         raise Skipped(str(e)) from None
     except cmath_runtime.ArtifactError as e:
@@ -152,5 +179,12 @@ def runtime(export_dir: Path, name: str, precision: str, threads: int, spinning:
     def probs(preds: list[Any]) -> np.ndarray:
         return np.stack([p.probs for p in preds])
 
-    return Contender(name, precision, model.providers[0], prepare, probs, model.note,
-                     {"load_s": model.load_seconds, "manifest": model.manifest})
+    return Contender(
+        name,
+        precision,
+        model.providers[0],
+        prepare,
+        probs,
+        model.note,
+        {"load_s": model.load_seconds, "manifest": model.manifest},
+    )

@@ -55,8 +55,10 @@ def parse_recipes(text: str | None, known: list[str]) -> dict[str, str]:
     for item in filter(None, (t.strip() for t in (text or "").split(","))):
         model, _, name = item.partition("=")
         if model not in known or not name or (name == "auto" and model != "cmath"):
-            raise click.BadParameter(f"expected MODEL=PRESET with MODEL one of {known} (auto: cmath only), got {item!r}",
-                                     param_hint="--recipes")
+            raise click.BadParameter(
+                f"expected MODEL=PRESET with MODEL one of {known} (auto: cmath only), got {item!r}",
+                param_hint="--recipes",
+            )
         out[model] = name
     return out
 
@@ -75,8 +77,15 @@ def recipe_for(model: str, name: str, fs: Any) -> tuple[str, Any]:
         raise click.BadParameter(str(e), param_hint="--recipes/--preset") from None
 
 
-def train_entries(fs: Any, entries: list[Entry], configs: dict[str, tuple[dict, dict, dict]], seeds: int, out: Path,
-                  resume: bool, progress: bool) -> dict[str, Any]:
+def train_entries(
+    fs: Any,
+    entries: list[Entry],
+    configs: dict[str, tuple[dict, dict, dict]],
+    seeds: int,
+    out: Path,
+    resume: bool,
+    progress: bool,
+) -> dict[str, Any]:
     """configs: entry key -> (model, loss, train) config fields."""
     from cmath_train.config import TrainConfig
     from cmath_train.registry import loss_config, model_config
@@ -90,12 +99,15 @@ def train_entries(fs: Any, entries: list[Entry], configs: dict[str, tuple[dict, 
         train_cfg = TrainConfig(**train_kw)
         click.echo(f"=== {entry.key}: {seeds} seed(s) -> {out / entry.key}")
         start = time.perf_counter()
-        summary = train_seeds(fs, model_cfg, loss_cfg, train_cfg, out / entry.key, seeds, entry.model, resume, progress)
+        summary = train_seeds(
+            fs, model_cfg, loss_cfg, train_cfg, out / entry.key, seeds, entry.model, resume, progress
+        )
         results[entry.key] = {"summary": summary, "train_seconds": time.perf_counter() - start}
     return results
 
 
 # --- latency ------------------------------------------------------------------------------------------------
+
 
 def _latency_inputs(feature_dims: dict[str, int], num_speakers: int, seed: int = 0) -> tuple[dict, Any, Any]:
     import numpy as np
@@ -131,17 +143,23 @@ def runtime_callable(run_dir: Path) -> tuple[Callable[[], object], dict[str, Any
     import cmath_runtime
     from cmath_export import export_run
 
-    manifest = export_run(run_dir)  # writes RUN_DIR/export (docs/artifact-format.md); load() finds it from the run
+    manifest = export_run(
+        run_dir
+    )  # writes RUN_DIR/export (docs/artifact-format.md); load() finds it from the run
     model = cmath_runtime.load(run_dir, backend="cpu", threads=1)
     feats, speaker, _ = _latency_inputs(dict(model.feature_dims), model.num_speakers)
     conversation = {"speakers": speaker[0].tolist(), "features": {m: x[0] for m, x in feats.items()}}
     fp32 = manifest["parity"]["fp32"]
     parity = {"passed": fp32["passed"], **{f"{o['name']}_max_abs": o["max_abs"] for o in fp32["outputs"]}}
-    return (lambda: model.predict([conversation])), {"model_name": manifest["model_name"], "parity_fp32": parity}
+    return (lambda: model.predict([conversation])), {
+        "model_name": manifest["model_name"],
+        "parity_fp32": parity,
+    }
 
 
-def measure_latency(run_dirs: dict[str, Path], calls: int = 100, backend: str = "runtime", rounds: int = 5,
-                    warmup: int = 3) -> tuple[str, dict[str, dict[str, float]]]:
+def measure_latency(
+    run_dirs: dict[str, Path], calls: int = 100, backend: str = "runtime", rounds: int = 5, warmup: int = 3
+) -> tuple[str, dict[str, dict[str, float]]]:
     """Median and p90 milliseconds over `calls` calls per model, the models interleaved in `rounds` rounds so that
     a change in the machine's load hits all of them alike. backend: "runtime" (export each run, time
     cmath_runtime) or "eager" (PyTorch)."""
@@ -167,58 +185,85 @@ def measure_latency(run_dirs: dict[str, Path], calls: int = 100, backend: str = 
     stats = {}
     for key, secs in times.items():
         ms = sorted(1e3 * s for s in secs)
-        stats[key] = {"p50_ms": statistics.median(ms), "p90_ms": ms[int(0.9 * (len(ms) - 1))], "calls": len(ms),
-                      **exports.get(key, {})}
+        stats[key] = {
+            "p50_ms": statistics.median(ms),
+            "p90_ms": ms[int(0.9 * (len(ms) - 1))],
+            "calls": len(ms),
+            **exports.get(key, {}),
+        }
     return label, stats
 
 
 # --- report -------------------------------------------------------------------------------------------------
 
+
 def _pm(block: dict[str, float]) -> str:
     return f"{100 * block['mean']:.2f} +- {100 * block['std']:.2f}"
 
 
-def build_report(entries: list[Entry], trained: dict[str, Any], latency: tuple[str, dict[str, dict[str, float]]],
-                 context: dict[str, Any]) -> dict[str, Any]:
+def build_report(
+    entries: list[Entry],
+    trained: dict[str, Any],
+    latency: tuple[str, dict[str, dict[str, float]]],
+    context: dict[str, Any],
+) -> dict[str, Any]:
     backend, lat = latency
     models = {}
     for entry in entries:
-        summary = trained[entry.key]["summary"]["over_seeds"]  # mean +- std over the seeds (cmath_train/metrics.py)
+        summary = trained[entry.key]["summary"][
+            "over_seeds"
+        ]  # mean +- std over the seeds (cmath_train/metrics.py)
         per_seed = summary["per_seed"]
         models[entry.key] = {
-            "model": entry.model, "confidence_kd": entry.ckd, "recipe": context["recipes"][entry.key],
-            "test": {k: summary["test"][k] for k in ("accuracy", "weighted_f1", "macro_f1")} if "test" in summary else None,
+            "model": entry.model,
+            "confidence_kd": entry.ckd,
+            "recipe": context["recipes"][entry.key],
+            "test": {k: summary["test"][k] for k in ("accuracy", "weighted_f1", "macro_f1")}
+            if "test" in summary
+            else None,
             "validation": {k: summary["validation"][k] for k in ("accuracy", "weighted_f1", "macro_f1")},
-            "parameters": context["parameters"][entry.key], "latency": lat[entry.key],
+            "parameters": context["parameters"][entry.key],
+            "latency": lat[entry.key],
             "selected_epochs": {s: per_seed[s]["selected_epoch"] for s in per_seed},
-            "per_seed": per_seed, "train_seconds": trained[entry.key]["train_seconds"],
+            "per_seed": per_seed,
+            "train_seconds": trained[entry.key]["train_seconds"],
             "run_dir": str(context["out"] / entry.key),
         }
-    return {"format": "cmath-compare", "version": 1,
-            **{k: v for k, v in context.items() if k not in ("parameters", "out", "recipes")},
-            "latency": {"backend": backend, "batch": LATENCY_SHAPE[0], "utterances": LATENCY_SHAPE[1]}, "models": models}
+    return {
+        "format": "cmath-compare",
+        "version": 1,
+        **{k: v for k, v in context.items() if k not in ("parameters", "out", "recipes")},
+        "latency": {"backend": backend, "batch": LATENCY_SHAPE[0], "utterances": LATENCY_SHAPE[1]},
+        "models": models,
+    }
 
 
 def markdown(report: dict[str, Any]) -> str:
     split = "test" if all(m["test"] for m in report["models"].values()) else "validation"
     lines = [
-        f"# Model comparison on {report['data']} ({report['modalities']})", "",
+        f"# Model comparison on {report['data']} ({report['modalities']})",
+        "",
         f"{len(report['seeds'])} seeds {report['seeds']}, "
         + (f"at most {report['epochs']} epochs" if report["epochs"] else "each recipe's own epoch budget")
         + f", recipe per model in the table; each seed keeps its best-validation epoch (validation: {report['validation']}); "
         f"{split} metrics are mean +- std over seeds (%).",
         f"Latency: one conversation of {report['latency']['utterances']} utterances, batch "
-        f"{report['latency']['batch']}, median (p90) over interleaved calls, {report['latency']['backend']}.", "",
+        f"{report['latency']['batch']}, median (p90) over interleaved calls, {report['latency']['backend']}.",
+        "",
     ]
     exported = all("parity_fp32" in m["latency"] for m in report["models"].values())
     head = f"| model | recipe | {split} accuracy | {split} weighted-F1 | parameters | latency ms, p50 (p90) |"
-    lines += [head + (" ONNX fp32 parity, max abs diff of probs |" if exported else ""),
-              "|---|---|---|---|---|---|" + ("---|" if exported else "")]
+    lines += [
+        head + (" ONNX fp32 parity, max abs diff of probs |" if exported else ""),
+        "|---|---|---|---|---|---|" + ("---|" if exported else ""),
+    ]
     for key, m in report["models"].items():
         block = m[split]
         lat = m["latency"]
-        row = (f"| {key} | `{m['recipe']}` | {_pm(block['accuracy'])} | {_pm(block['weighted_f1'])} | {m['parameters']:,} | "
-               f"{lat['p50_ms']:.2f} ({lat['p90_ms']:.2f}) |")
+        row = (
+            f"| {key} | `{m['recipe']}` | {_pm(block['accuracy'])} | {_pm(block['weighted_f1'])} | {m['parameters']:,} | "
+            f"{lat['p50_ms']:.2f} ({lat['p90_ms']:.2f}) |"
+        )
         if exported:
             par = lat["parity_fp32"]
             row += f" {par['probs_max_abs']:.1e} {'passed' if par['passed'] else 'FAILED'} |"
@@ -231,15 +276,31 @@ def markdown(report: dict[str, Any]) -> str:
 
 # --- CLI ----------------------------------------------------------------------------------------------------
 
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--data", default="synthetic", show_default=True, help="'synthetic', a features dir, or a .pkl pickle.")
+@click.option(
+    "--data", default="synthetic", show_default=True, help="'synthetic', a features dir, or a .pkl pickle."
+)
 @click.option("--modalities", default=None, help="Subset of the data's modalities, e.g. 't'. Default: all.")
-@click.option("--preset", default="default", show_default=True,
-              help="Model/loss/train preset for every model --recipes does not name.")
-@click.option("--recipes", default=None, help="Each model's own recipe, e.g. cmath=auto,sdt=meld (auto: chosen from "
-                                              "the data, as cmath-train does without --preset).")
-@click.option("--models", "model_list", default="cmath,sdt,dmd,cmath+ckd", show_default=True,
-              help="Comma-separated registered names, each optionally with +ckd.")
+@click.option(
+    "--preset",
+    default="default",
+    show_default=True,
+    help="Model/loss/train preset for every model --recipes does not name.",
+)
+@click.option(
+    "--recipes",
+    default=None,
+    help="Each model's own recipe, e.g. cmath=auto,sdt=meld (auto: chosen from "
+    "the data, as cmath-train does without --preset).",
+)
+@click.option(
+    "--models",
+    "model_list",
+    default="cmath,sdt,dmd,cmath+ckd",
+    show_default=True,
+    help="Comma-separated registered names, each optionally with +ckd.",
+)
 @click.option("--seeds", type=int, default=3, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="First seed.")
 @click.option("--epochs", type=int, default=None, help="Cap for every model (default: each recipe's own).")
@@ -248,14 +309,33 @@ def markdown(report: dict[str, Any]) -> str:
 @click.option("--lr", type=float, default=None)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/compare", show_default=True)
 @click.option("--latency-calls", type=int, default=100, show_default=True, help="Timed calls per model.")
-@click.option("--latency-backend", type=click.Choice(["runtime", "eager"]), default="runtime", show_default=True,
-              help="runtime: export each selected run and time cmath_runtime; eager: PyTorch eager.")
+@click.option(
+    "--latency-backend",
+    type=click.Choice(["runtime", "eager"]),
+    default="runtime",
+    show_default=True,
+    help="runtime: export each selected run and time cmath_runtime; eager: PyTorch eager.",
+)
 @click.option("--resume", is_flag=True, help="Reuse finished seeds in --out and continue interrupted ones.")
 @click.option("--quiet", is_flag=True)
-def main(data: str, modalities: str | None, preset: str, recipes: str | None, model_list: str, seeds: int, seed: int,
-         epochs: int | None,
-         hidden: int | None, batch_size: int | None, lr: float | None, out_dir: str, latency_calls: int,
-         latency_backend: str, resume: bool, quiet: bool) -> None:
+def main(
+    data: str,
+    modalities: str | None,
+    preset: str,
+    recipes: str | None,
+    model_list: str,
+    seeds: int,
+    seed: int,
+    epochs: int | None,
+    hidden: int | None,
+    batch_size: int | None,
+    lr: float | None,
+    out_dir: str,
+    latency_calls: int,
+    latency_backend: str,
+    resume: bool,
+    quiet: bool,
+) -> None:
     """Train every model with the same data, splits, selection and seeds; write compare.json and compare.md."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
@@ -274,34 +354,62 @@ def main(data: str, modalities: str | None, preset: str, recipes: str | None, mo
     fs = load_data(data)
     mods = parse_modalities(modalities, fs.modalities)
     fs = fs.select(mods)
-    data_kw = {"modalities": mods, "feature_dims": fs.feature_dims, "num_classes": len(fs.label_names),
-               "num_speakers": fs.num_speakers}
-    given_train = {k: v for k, v in {"batch_size": batch_size, "lr": lr, "epochs": epochs}.items() if v is not None}
+    data_kw = {
+        "modalities": mods,
+        "feature_dims": fs.feature_dims,
+        "num_classes": len(fs.label_names),
+        "num_speakers": fs.num_speakers,
+    }
+    given_train = {
+        k: v for k, v in {"batch_size": batch_size, "lr": lr, "epochs": epochs}.items() if v is not None
+    }
     configs, recipe_names = {}, {}
     for entry in entries:
         recipe_names[entry.key], p = recipe_for(entry.model, own.get(entry.model, preset), fs)
-        configs[entry.key] = ({**data_kw, **p.model, **({"d": hidden} if hidden is not None else {})}, dict(p.loss),
-                              {**p.train, **given_train, "seed": seed})
+        configs[entry.key] = (
+            {**data_kw, **p.model, **({"d": hidden} if hidden is not None else {})},
+            dict(p.loss),
+            {**p.train, **given_train, "seed": seed},
+        )
     out = Path(out_dir)
     start = time.perf_counter()
     trained = train_entries(fs, entries, configs, seeds, out, resume, not quiet)
     run_dirs = {e.key: out / e.key for e in entries}
-    params = {key: sum(t.numel() for t in load_checkpoint(run).model.parameters()) for key, run in run_dirs.items()}
+    params = {
+        key: sum(t.numel() for t in load_checkpoint(run).model.parameters()) for key, run in run_dirs.items()
+    }
     click.echo("measuring latency ...")
     latency = measure_latency(run_dirs, latency_calls, latency_backend)
     notes = []
     if len(mods) == 1 and any(e.ckd for e in entries):
-        notes.append("Confidence-KD transfers between modalities: with a single modality it adds nothing (+ckd = plain).")
+        notes.append(
+            "Confidence-KD transfers between modalities: with a single modality it adds nothing (+ckd = plain)."
+        )
     first = trained[entries[0].key]["summary"]["over_seeds"]
-    context = {"data": data, "modalities": "".join(mods), "preset": preset, "recipes": recipe_names, "epochs": epochs,
-               "seeds": first["seeds"], "validation": _validation_source(out / entries[0].key),
-               "configs": {k: {"model": m | {"modalities": list(mods)}, "loss": lo, "train": t}
-                           for k, (m, lo, t) in configs.items()},
-               "command": "python -m benchmarks.compare_models " + shlex.join(
-                   a for a in sys.argv[1:] if a not in ("--resume", "--quiet")),  # neither changes a number
-               "host": {"python": platform.python_version(), "torch": torch.__version__,
-                        "cpu_count": os.cpu_count()},
-               "total_seconds": time.perf_counter() - start, "notes": notes, "parameters": params, "out": out}
+    context = {
+        "data": data,
+        "modalities": "".join(mods),
+        "preset": preset,
+        "recipes": recipe_names,
+        "epochs": epochs,
+        "seeds": first["seeds"],
+        "validation": _validation_source(out / entries[0].key),
+        "configs": {
+            k: {"model": m | {"modalities": list(mods)}, "loss": lo, "train": t}
+            for k, (m, lo, t) in configs.items()
+        },
+        "command": "python -m benchmarks.compare_models "
+        + shlex.join(a for a in sys.argv[1:] if a not in ("--resume", "--quiet")),  # neither changes a number
+        "host": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cpu_count": os.cpu_count(),
+        },
+        "total_seconds": time.perf_counter() - start,
+        "notes": notes,
+        "parameters": params,
+        "out": out,
+    }
     report = build_report(entries, trained, latency, context)
     atomic_write_json(out / "compare.json", report)
     text = markdown(report)

@@ -21,7 +21,9 @@ def conversations(spec: InputSpec, batch: int, length: int, seed: int = 0) -> li
     for _ in range(batch):
         speakers_here = int(rng.integers(2, min(4, spec.num_speakers) + 1)) if spec.num_speakers > 1 else 1
         speakers = rng.integers(0, speakers_here, length).astype(np.int64)
-        feats = {m: rng.standard_normal((length, spec.feature_dims[m])).astype(np.float32) for m in spec.modalities}
+        feats = {
+            m: rng.standard_normal((length, spec.feature_dims[m])).astype(np.float32) for m in spec.modalities
+        }
         out.append({"speakers": speakers, "features": feats})
     return out
 

@@ -24,17 +24,28 @@ from cmath_runtime.files import atomic_open
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEED_LENGTHS = (1, 10, 50)
-SPEED_CONTENDERS = (("pytorch-eager", "fp32"), ("torch-compile", "fp32"), ("onnxruntime", "fp32"),
-                    ("openvino", "fp32"), ("onnxruntime", "int8"), ("openvino", "bf16"))
+SPEED_CONTENDERS = (
+    ("pytorch-eager", "fp32"),
+    ("torch-compile", "fp32"),
+    ("onnxruntime", "fp32"),
+    ("openvino", "fp32"),
+    ("onnxruntime", "int8"),
+    ("openvino", "bf16"),
+)
 
 
 def speed_table(records: list[dict[str, Any]]) -> str:
     """p50 ms (speed-up vs PyTorch eager) per contender and length, and each p50 as a multiple of its floor."""
-    latency = {(r["backend"], r["precision"], r["utterances"]): r for r in records
-               if r.get("kind") == "latency" and r.get("batch") == 1}
+    latency = {
+        (r["backend"], r["precision"], r["utterances"]): r
+        for r in records
+        if r.get("kind") == "latency" and r.get("batch") == 1
+    }
     head = " | ".join(f"{n} utt. p50 ms" for n in SPEED_LENGTHS)
-    lines = [f"| engine | precision | {head} | x floor at {SPEED_LENGTHS[-1]} |",
-             "|---|---|" + "---:|" * (len(SPEED_LENGTHS) + 1)]
+    lines = [
+        f"| engine | precision | {head} | x floor at {SPEED_LENGTHS[-1]} |",
+        "|---|---|" + "---:|" * (len(SPEED_LENGTHS) + 1),
+    ]
     for backend, precision in SPEED_CONTENDERS:
         cells = []
         for n in SPEED_LENGTHS:
@@ -43,7 +54,9 @@ def speed_table(records: list[dict[str, Any]]) -> str:
                 cells.append("-")
                 continue
             speed = r.get("speedup_vs_eager")
-            cells.append(f"{r['p50_ms']:.2f}" + (f" ({speed:.2f}x)" if speed and backend != "pytorch-eager" else ""))
+            cells.append(
+                f"{r['p50_ms']:.2f}" + (f" ({speed:.2f}x)" if speed and backend != "pytorch-eager" else "")
+            )
         if all(c == "-" for c in cells):
             continue
         last = latency.get((backend, precision, SPEED_LENGTHS[-1]), {})
@@ -53,15 +66,20 @@ def speed_table(records: list[dict[str, Any]]) -> str:
 
 
 def _accuracy(root: Path) -> str:
-    return accuracy_table(json.loads((root / "docs/results/meld_text.json").read_text(encoding="utf-8"))["rows"])
+    return accuracy_table(
+        json.loads((root / "docs/results/meld_text.json").read_text(encoding="utf-8"))["rows"]
+    )
 
 
 def _speed(root: Path) -> str:
     return speed_table(json.loads((root / "docs/bench/bench.json").read_text(encoding="utf-8")))
 
 
-BLOCKS: dict[str, Callable[[Path], str]] = {"formats": lambda _root: format_table(), "accuracy": _accuracy,
-                                            "speed": _speed}
+BLOCKS: dict[str, Callable[[Path], str]] = {
+    "formats": lambda _root: format_table(),
+    "accuracy": _accuracy,
+    "speed": _speed,
+}
 
 
 def render(text: str, root: Path) -> str:
@@ -77,14 +95,20 @@ def render(text: str, root: Path) -> str:
 
 @click.command()
 @click.option("--check", is_flag=True, help="Do not write; exit 1 if README.md is out of date.")
-@click.option("--readme", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=ROOT / "README.md",
-              show_default=True)
+@click.option(
+    "--readme",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=ROOT / "README.md",
+    show_default=True,
+)
 def main(check: bool, readme: Path) -> None:
     old = readme.read_text(encoding="utf-8")
     new = render(old, ROOT)
     if check:
         if new != old:
-            raise click.ClickException(f"{readme}: generated tables are out of date; run `python -m benchmarks.readme`")
+            raise click.ClickException(
+                f"{readme}: generated tables are out of date; run `python -m benchmarks.readme`"
+            )
         click.echo(f"{readme}: generated tables up to date")
         return
     with atomic_open(readme, "w") as f:

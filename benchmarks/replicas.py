@@ -40,8 +40,11 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 
 def percentiles_ms(seconds: list[float]) -> dict[str, float]:
-    return _percentiles(seconds) if seconds else {k: float("nan") for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms",
-                                                                            "min_ms")}
+    return (
+        _percentiles(seconds)
+        if seconds
+        else {k: float("nan") for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms")}
+    )
 
 
 def _descendants(pid: int) -> list[int]:
@@ -83,17 +86,29 @@ class CpuMeter:
 
     def read(self) -> dict[str, float]:
         t = os.times()
-        return {"replicas": sum(_cpu_s(p) for p in self.replicas), "balancer": _cpu_s(self.balancer),
-                "client": t.user + t.system}
+        return {
+            "replicas": sum(_cpu_s(p) for p in self.replicas),
+            "balancer": _cpu_s(self.balancer),
+            "client": t.user + t.system,
+        }
 
 
-def _conversations(dims: dict[str, int], speakers: int, count: int, n: int, seed: int) -> list[dict[str, Any]]:
+def _conversations(
+    dims: dict[str, int], speakers: int, count: int, n: int, seed: int
+) -> list[dict[str, Any]]:
     rng = np.random.default_rng(seed)
-    return [{"features": {m: rng.standard_normal((n, d)).astype(np.float32) for m, d in dims.items()},
-             "speakers": rng.integers(0, speakers, n)} for _ in range(count)]
+    return [
+        {
+            "features": {m: rng.standard_normal((n, d)).astype(np.float32) for m, d in dims.items()},
+            "speakers": rng.integers(0, speakers, n),
+        }
+        for _ in range(count)
+    ]
 
 
-def stream(url: str, convs: list[dict[str, Any]], seconds: float, client_options: Any = None) -> dict[str, Any]:
+def stream(
+    url: str, convs: list[dict[str, Any]], seconds: float, client_options: Any = None
+) -> dict[str, Any]:
     """Every conversation on its own thread through one client, each utterance sent when the last is answered;
     stops early at `seconds`."""
     from cmath_serve.conversation_client import ServeClient
@@ -113,7 +128,9 @@ def stream(url: str, convs: list[dict[str, Any]], seconds: float, client_options
                 if time.monotonic() > deadline:
                     return
                 t0 = time.perf_counter()
-                conv.add(int(data["speakers"][i]), end=i == n - 1, **{m: x[i] for m, x in data["features"].items()})
+                conv.add(
+                    int(data["speakers"][i]), end=i == n - 1, **{m: x[i] for m, x in data["features"].items()}
+                )
                 with lock:
                     latencies.append(time.perf_counter() - t0)
         except Exception as e:  # noqa: BLE001 (counted: a run must show 0)
@@ -128,9 +145,16 @@ def stream(url: str, convs: list[dict[str, Any]], seconds: float, client_options
         t.join(max(1.0, deadline - time.monotonic() + 180))
     wall = time.perf_counter() - start
     client.close()
-    return {"answered": len(latencies), "planned": sum(len(c["speakers"]) for c in convs), "errors": len(errors),
-            "error_samples": errors[:3], "seconds": wall, "utterances_per_s": len(latencies) / wall,
-            "replays": client.stats.replays, **percentiles_ms(latencies)}
+    return {
+        "answered": len(latencies),
+        "planned": sum(len(c["speakers"]) for c in convs),
+        "errors": len(errors),
+        "error_samples": errors[:3],
+        "seconds": wall,
+        "utterances_per_s": len(latencies) / wall,
+        "replays": client.stats.replays,
+        **percentiles_ms(latencies),
+    }
 
 
 def start_replicas(export_dir: Path, replicas: int, threads: int, queue_delay_us: int) -> Any:
@@ -139,9 +163,13 @@ def start_replicas(export_dir: Path, replicas: int, threads: int, queue_delay_us
     from cmath_serve.repository import ServeOptions
 
     ports = [check_port("127.0.0.1", 0, "balancer port") for _ in range(3)]
-    rs = ReplicaSet(export_dir, ServeOptions(queue_delay_us=queue_delay_us, backend="cpu", threads=threads),
-                    replicas, BalancerOptions(grpc_port=ports[0], http_port=ports[1], stats_port=ports[2]),
-                    exit_timeout_s=5)
+    rs = ReplicaSet(
+        export_dir,
+        ServeOptions(queue_delay_us=queue_delay_us, backend="cpu", threads=threads),
+        replicas,
+        BalancerOptions(grpc_port=ports[0], http_port=ports[1], stats_port=ports[2]),
+        exit_timeout_s=5,
+    )
     rs.start()
     return rs
 
@@ -175,18 +203,35 @@ def failover(rs: Any, dims: dict[str, int], speakers: int, count: int, log: Any)
         times[conv.replays > before].append(time.perf_counter() - t0)
     replay = client.stats.replay_seconds
     client.close()
-    out: dict[str, Any] = {"conversations": count, "utterances_before_kill": FAILOVER_UTTERANCES, "killed": victim,
-                           "failed_over": len(times[True]), "replay_s": percentiles_ms(replay),
-                           "failover_add": percentiles_ms(times[True]), "ordinary_add": percentiles_ms(times[False])}
-    log(f"failover: {victim} killed; {len(times[True])}/{count} conversations replayed "
+    out: dict[str, Any] = {
+        "conversations": count,
+        "utterances_before_kill": FAILOVER_UTTERANCES,
+        "killed": victim,
+        "failed_over": len(times[True]),
+        "replay_s": percentiles_ms(replay),
+        "failover_add": percentiles_ms(times[True]),
+        "ordinary_add": percentiles_ms(times[False]),
+    }
+    log(
+        f"failover: {victim} killed; {len(times[True])}/{count} conversations replayed "
         f"{FAILOVER_UTTERANCES} utterances, replay p50 {out['replay_s']['p50_ms']:.0f} ms, that add() p50 "
-        f"{out['failover_add']['p50_ms']:.0f} ms vs {out['ordinary_add']['p50_ms']:.0f} ms for the others")
+        f"{out['failover_add']['p50_ms']:.0f} ms vs {out['ordinary_add']['p50_ms']:.0f} ms for the others"
+    )
     return out
 
 
-def run(export_dir: Path, quick: bool = False, conversations: int = 64, utterances: int = 20, threads: int = 1,
-        queue_delay_us: int = 2000, seconds: float = 120.0, counts: tuple[int, ...] = REPLICA_COUNTS,
-        failover_conversations: int = 12, log: Any = print) -> dict[str, Any]:
+def run(
+    export_dir: Path,
+    quick: bool = False,
+    conversations: int = 64,
+    utterances: int = 20,
+    threads: int = 1,
+    queue_delay_us: int = 2000,
+    seconds: float = 120.0,
+    counts: tuple[int, ...] = REPLICA_COUNTS,
+    failover_conversations: int = 12,
+    log: Any = print,
+) -> dict[str, Any]:
     import cmath_runtime
 
     manifest = cmath_runtime.read_manifest(export_dir)
@@ -205,13 +250,21 @@ def run(export_dir: Path, quick: bool = False, conversations: int = 64, utteranc
             after, sent_after = meter.read(), _requests(rs)
             cpu = {k: (after[k] - before[k]) / max(rec["answered"], 1) * 1000 for k in before}
             per_replica = {k: sent_after[k] - sent_before[k] for k in sent_after}
-            rec.update(replicas=n, conversations=conversations, utterances=utterances,
-                       cpu_ms_per_utterance=cpu, requests_per_replica=per_replica, loadavg=os.getloadavg()[0])
+            rec.update(
+                replicas=n,
+                conversations=conversations,
+                utterances=utterances,
+                cpu_ms_per_utterance=cpu,
+                requests_per_replica=per_replica,
+                loadavg=os.getloadavg()[0],
+            )
             records.append(rec)
-            log(f"{n} replica(s): {rec['utterances_per_s']:.1f} utterances/s, p50 {rec['p50_ms']:.0f} ms, p99 "
+            log(
+                f"{n} replica(s): {rec['utterances_per_s']:.1f} utterances/s, p50 {rec['p50_ms']:.0f} ms, p99 "
                 f"{rec['p99_ms']:.0f} ms, answered {rec['answered']}/{rec['planned']}, errors {rec['errors']}; CPU ms "
                 f"per utterance: replicas {cpu['replicas']:.1f}, haproxy {cpu['balancer']:.2f}, client "
-                f"{cpu['client']:.1f}; requests per replica {per_replica}")
+                f"{cpu['client']:.1f}; requests per replica {per_replica}"
+            )
             if n == counts[-1] and n > 1:
                 fail = failover(rs, dims, speakers, failover_conversations, log)
         finally:
@@ -220,35 +273,52 @@ def run(export_dir: Path, quick: bool = False, conversations: int = 64, utteranc
 
 
 def markdown(result: dict[str, Any], env: dict[str, Any]) -> str:
-    lines = [f"# Replicas behind HAProxy ({env['machine']}, {env['cores']} cores shared by replicas, balancer and "
-             f"client; load average {env['loadavg_start']:.1f} at start, {env['loadavg_end']:.1f} at end)", "",
-             f"`{env['command']}`", "",
-             "| replicas | conversations x utterances | utterances/s | p50 ms | p99 ms | answered / planned | errors | "
-             "CPU ms/utterance: replicas | haproxy | client | requests per replica |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    notes = ["", "CPU ms/utterance: user + system CPU time of all replica processes (each tritonserver and its "
-                 "Python-backend stubs), of HAProxy and of the client process during the run, over the utterances "
-                 "answered. One core answers about 1000 / (replica CPU ms) utterances/s, so that column is what "
-                 "carries to a machine with a core per replica; here all replicas, the balancer, the client and "
-                 "the other jobs on the machine share the same cores, which bounds the utterances/s column.", "",
-             "Requests per replica: what the balancer sent each one during the run (its stats); the conversations "
-             "are spread by the consistent hash of their id."]
+    lines = [
+        f"# Replicas behind HAProxy ({env['machine']}, {env['cores']} cores shared by replicas, balancer and "
+        f"client; load average {env['loadavg_start']:.1f} at start, {env['loadavg_end']:.1f} at end)",
+        "",
+        f"`{env['command']}`",
+        "",
+        "| replicas | conversations x utterances | utterances/s | p50 ms | p99 ms | answered / planned | errors | "
+        "CPU ms/utterance: replicas | haproxy | client | requests per replica |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    notes = [
+        "",
+        "CPU ms/utterance: user + system CPU time of all replica processes (each tritonserver and its "
+        "Python-backend stubs), of HAProxy and of the client process during the run, over the utterances "
+        "answered. One core answers about 1000 / (replica CPU ms) utterances/s, so that column is what "
+        "carries to a machine with a core per replica; here all replicas, the balancer, the client and "
+        "the other jobs on the machine share the same cores, which bounds the utterances/s column.",
+        "",
+        "Requests per replica: what the balancer sent each one during the run (its stats); the conversations "
+        "are spread by the consistent hash of their id.",
+    ]
     for r in result["records"]:
         c = r["cpu_ms_per_utterance"]
-        lines.append(f"| {r['replicas']} | {r['conversations']} x {r['utterances']} | {r['utterances_per_s']:.1f} | "
-                     f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['answered']} / {r['planned']} | {r['errors']} | "
-                     f"{c['replicas']:.1f} | {c['balancer']:.2f} | {c['client']:.1f} | "
-                     f"{', '.join(f'{k} {v}' for k, v in r['requests_per_replica'].items())} |")
+        lines.append(
+            f"| {r['replicas']} | {r['conversations']} x {r['utterances']} | {r['utterances_per_s']:.1f} | "
+            f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['answered']} / {r['planned']} | {r['errors']} | "
+            f"{c['replicas']:.1f} | {c['balancer']:.2f} | {c['client']:.1f} | "
+            f"{', '.join(f'{k} {v}' for k, v in r['requests_per_replica'].items())} |"
+        )
     lines += notes
     f = result.get("failover") or {}
     if f:
-        lines += ["", f"Failover: {f['conversations']} conversations of {f['utterances_before_kill']} utterances, "
-                      f"replica {f['killed']} SIGKILLed, then one more utterance each; {f['failed_over']} were on "
-                      f"it and replayed their history onto another replica.", "",
-                  "| | p50 ms | p99 ms | mean ms |", "|---|---|---|---|"]
-        for key, name in (("replay_s", f"replay of {f['utterances_before_kill']} utterances"),
-                          ("failover_add", "add() that failed over (detect + replay + step)"),
-                          ("ordinary_add", "add() on a surviving replica")):
+        lines += [
+            "",
+            f"Failover: {f['conversations']} conversations of {f['utterances_before_kill']} utterances, "
+            f"replica {f['killed']} SIGKILLed, then one more utterance each; {f['failed_over']} were on "
+            f"it and replayed their history onto another replica.",
+            "",
+            "| | p50 ms | p99 ms | mean ms |",
+            "|---|---|---|---|",
+        ]
+        for key, name in (
+            ("replay_s", f"replay of {f['utterances_before_kill']} utterances"),
+            ("failover_add", "add() that failed over (detect + replay + step)"),
+            ("ordinary_add", "add() on a surviving replica"),
+        ):
             p = f[key]
             lines.append(f"| {name} | {p['p50_ms']:.0f} | {p['p99_ms']:.0f} | {p['mean_ms']:.0f} |")
     return "\n".join(lines) + "\n"
@@ -264,8 +334,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     n = [r["replicas"] for r in rows]
     a.bar(n, [r["utterances_per_s"] for r in rows], color="C2")
-    a.set(xlabel="replicas", ylabel="utterances/s", xticks=n,
-          title=f"{rows[0]['conversations']} concurrent conversations through HAProxy")
+    a.set(
+        xlabel="replicas",
+        ylabel="utterances/s",
+        xticks=n,
+        title=f"{rows[0]['conversations']} concurrent conversations through HAProxy",
+    )
     t = a.twinx()
     t.plot(n, [r["p50_ms"] for r in rows], "s--", color="C1", label="p50 ms")
     t.plot(n, [r["p99_ms"] for r in rows], "^--", color="C3", label="p99 ms")
@@ -273,8 +347,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
     t.legend(loc="upper right")
     width = 0.25
     for k, (key, color) in enumerate((("replicas", "C0"), ("balancer", "C4"), ("client", "C5"))):
-        b.bar(np.array(n) + (k - 1) * width, [r["cpu_ms_per_utterance"][key] for r in rows], width, color=color,
-              label=key)
+        b.bar(
+            np.array(n) + (k - 1) * width,
+            [r["cpu_ms_per_utterance"][key] for r in rows],
+            width,
+            color=color,
+            label=key,
+        )
     b.set(xlabel="replicas", ylabel="CPU ms per utterance", xticks=n, title="where the CPU goes")
     b.legend()
     fig.tight_layout()
@@ -295,16 +374,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--replicas", default="1,2,3", help="replica counts, comma-separated")
     parser.add_argument("--failover-conversations", type=int, default=12)
     args = parser.parse_args(argv)
-    export = args.export_dir / "export" if (args.export_dir / "export" / "export.json").is_file() else args.export_dir
+    export = (
+        args.export_dir / "export"
+        if (args.export_dir / "export" / "export.json").is_file()
+        else args.export_dir
+    )
     out = args.out or export
     out.mkdir(parents=True, exist_ok=True)
     load_start = os.getloadavg()[0]
-    result = run(export, args.quick, args.conversations, args.utterances, args.threads, args.queue_delay_us,
-                 args.seconds, tuple(int(x) for x in args.replicas.split(",")), args.failover_conversations)
-    env = {"machine": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
-           "export": str(export), "threads": args.threads, "queue_delay_us": args.queue_delay_us,
-           "command": "python -m benchmarks.replicas " + " ".join(sys.argv[1:] if argv is None else argv),
-           "loadavg_start": load_start, "loadavg_end": os.getloadavg()[0]}
+    result = run(
+        export,
+        args.quick,
+        args.conversations,
+        args.utterances,
+        args.threads,
+        args.queue_delay_us,
+        args.seconds,
+        tuple(int(x) for x in args.replicas.split(",")),
+        args.failover_conversations,
+    )
+    env = {
+        "machine": platform.processor() or platform.machine(),
+        "cores": len(os.sched_getaffinity(0)),
+        "export": str(export),
+        "threads": args.threads,
+        "queue_delay_us": args.queue_delay_us,
+        "command": "python -m benchmarks.replicas " + " ".join(sys.argv[1:] if argv is None else argv),
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg()[0],
+    }
     from cmath_runtime.files import atomic_write_json
 
     atomic_write_json(out / "replicas.json", {"environment": env, **result})

@@ -55,7 +55,9 @@ class Machine:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
-    def floor_ms(self, weight_bytes: float, flops: float, bandwidth_gb_s: float | None = None) -> dict[str, Any]:
+    def floor_ms(
+        self, weight_bytes: float, flops: float, bandwidth_gb_s: float | None = None
+    ) -> dict[str, Any]:
         """The floor of a call; `bandwidth_gb_s` (default: this machine's) when it was measured beside the call."""
         return floor_ms(weight_bytes, flops, bandwidth_gb_s or self.bandwidth_gb_s, self.fp32_gflop_s)
 
@@ -64,8 +66,12 @@ def floor_ms(weight_bytes: float, flops: float, gb_s: float, gflop_s: float) -> 
     """max(weight bytes / bandwidth, FLOPs / peak) of one call, both terms and which one bounds it."""
     bw_ms = weight_bytes / (gb_s * 1e9) * 1e3
     fl_ms = flops / (gflop_s * 1e9) * 1e3
-    return {"bytes_floor_ms": bw_ms, "flops_floor_ms": fl_ms, "floor_ms": max(bw_ms, fl_ms),
-            "bound": "bandwidth" if bw_ms >= fl_ms else "compute"}
+    return {
+        "bytes_floor_ms": bw_ms,
+        "flops_floor_ms": fl_ms,
+        "floor_ms": max(bw_ms, fl_ms),
+        "bound": "bandwidth" if bw_ms >= fl_ms else "compute",
+    }
 
 
 class BandwidthProbe:
@@ -82,8 +88,9 @@ class BandwidthProbe:
         self.slices = list(zip(bounds, bounds[1:]))
 
     def __call__(self) -> float:
-        return _timed_threads([threading.Thread(target=np.copyto, args=(self.dst[a:b], self.src[a:b]))
-                               for a, b in self.slices])
+        return _timed_threads(
+            [threading.Thread(target=np.copyto, args=(self.dst[a:b], self.src[a:b])) for a, b in self.slices]
+        )
 
     def gb_s(self, seconds: list[float], statistic: str = "best") -> float:
         """Copy bandwidth of the fastest call ("best", the machine's limit) or of the median one ("p50", like for
@@ -125,7 +132,10 @@ class PeakProbe:
             names = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in ("a", "b")]
             node, inits = helper.make_node("MatMul", ["a", "b"], ["c"]), []
             out = helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])
-            self.feeds = {"a": rng.standard_normal((n, n), np.float32), "b": rng.standard_normal((n, n), np.float32)}
+            self.feeds = {
+                "a": rng.standard_normal((n, n), np.float32),
+                "b": rng.standard_normal((n, n), np.float32),
+            }
         else:
             names = [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])]
             inits = [numpy_helper.from_array(rng.integers(-127, 128, (n, n), dtype=np.int8), "b")]
@@ -155,20 +165,32 @@ def matmul_twin(path: str | Path) -> tuple[bytes, dict[str, np.ndarray], int]:
 
     model = onnx.load_model(str(path))
     inits = {t.name: t for t in model.graph.initializer}
-    weights = [numpy_helper.to_array(inits[x]) for n in model.graph.node if n.op_type in ("MatMul", "Gemm")
-               for x in n.input[1:2] if x in inits and len(inits[x].dims) == 2]
+    weights = [
+        numpy_helper.to_array(inits[x])
+        for n in model.graph.node
+        if n.op_type in ("MatMul", "Gemm")
+        for x in n.input[1:2]
+        if x in inits and len(inits[x].dims) == 2
+    ]
     rows = sorted({w.shape[0] for w in weights})
     graph = helper.make_graph(
-        [helper.make_node("MatMul", [f"x{w.shape[0]}", f"w{i}"], [f"y{i}"]) for i, w in enumerate(weights)], "twin",
+        [helper.make_node("MatMul", [f"x{w.shape[0]}", f"w{i}"], [f"y{i}"]) for i, w in enumerate(weights)],
+        "twin",
         [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, k]) for k in rows],
-        [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, w.shape[1]]) for i, w in enumerate(weights)],
-        [numpy_helper.from_array(w.astype(np.float32), f"w{i}") for i, w in enumerate(weights)])
+        [
+            helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, w.shape[1]])
+            for i, w in enumerate(weights)
+        ],
+        [numpy_helper.from_array(w.astype(np.float32), f"w{i}") for i, w in enumerate(weights)],
+    )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     feeds = {f"x{k}": np.random.default_rng(k).standard_normal((1, k)).astype(np.float32) for k in rows}
     return proto.SerializeToString(), feeds, int(sum(w.nbytes for w in weights))
 
 
-def time_matmul_twin(path: str | Path, threads: int, spinning: bool, iterations: int = 200) -> dict[str, float]:
+def time_matmul_twin(
+    path: str | Path, threads: int, spinning: bool, iterations: int = 200
+) -> dict[str, float]:
     """p50 ms of the MatMul twin of an fp32 graph on onnxruntime CPU (same threads and idle policy)."""
     from .timing import percentiles_ms, timed_calls
 
@@ -180,8 +202,12 @@ def time_matmul_twin(path: str | Path, threads: int, spinning: bool, iterations:
 
 
 def measure(threads: int) -> Machine:
-    return Machine(measure_bandwidth(threads), measure_matmul_peak(threads), threads,
-                   measure_read_bandwidth(threads)["read_gb_s"])
+    return Machine(
+        measure_bandwidth(threads),
+        measure_matmul_peak(threads),
+        threads,
+        measure_read_bandwidth(threads)["read_gb_s"],
+    )
 
 
 def last_level_cache_bytes() -> int | None:
@@ -244,9 +270,13 @@ def _gemv_session(rows: int, cols: int, threads: int) -> tuple[Any, dict[str, np
     from onnx import TensorProto, helper, numpy_helper
 
     weights = numpy_helper.from_array(np.full((rows, cols), 0.5, np.float32), "w")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "gemv",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cols])], [weights])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "gemv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cols])],
+        [weights],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = min(model.ir_version, 9)
     return open_probe_session(model.SerializeToString(), threads), {"x": np.ones((1, rows), np.float32)}
@@ -284,11 +314,23 @@ class WeightReads:
         model = onnx.load_model(str(path))
         inits = {t.name: t for t in model.graph.initializer}
         nodes = list(model.graph.node)
-        gathers = {k for k, n in enumerate(nodes) if n.op_type == "Gather" and n.input[0] in inits
-                   and n.input[1] not in inits and next((a.i for a in n.attribute if a.name == "axis"), 0) == 0}
-        whole = {x for k, n in enumerate(nodes) for i, x in enumerate(n.input)
-                 if x in inits and not (k in gathers and i == 0)}
-        self.tables: dict[str, tuple[list[str], int, int]] = {}  # name -> (index tensors, rows, bytes per row)
+        gathers = {
+            k
+            for k, n in enumerate(nodes)
+            if n.op_type == "Gather"
+            and n.input[0] in inits
+            and n.input[1] not in inits
+            and next((a.i for a in n.attribute if a.name == "axis"), 0) == 0
+        }
+        whole = {
+            x
+            for k, n in enumerate(nodes)
+            for i, x in enumerate(n.input)
+            if x in inits and not (k in gathers and i == 0)
+        }
+        self.tables: dict[
+            str, tuple[list[str], int, int]
+        ] = {}  # name -> (index tensors, rows, bytes per row)
         for n in (nodes[k] for k in sorted(gathers)):
             table = inits[n.input[0]]
             if n.input[0] not in whole and table.dims:
@@ -300,18 +342,26 @@ class WeightReads:
         graph_inputs = {i.name for i in model.graph.input}
         for name in sorted(wanted - graph_inputs - {o.name for o in model.graph.output}):
             model.graph.output.append(onnx.ValueInfoProto(name=name))
-        self.session = open_probe_session(model.SerializeToString(), 1, optimize=False) if self.tables else None
+        self.session = (
+            open_probe_session(model.SerializeToString(), 1, optimize=False) if self.tables else None
+        )
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> int:
         if self.session is None:
             return self.fixed
         inputs = {i.name for i in self.session.get_inputs()}
-        got = dict(zip([o.name for o in self.session.get_outputs()],
-                       self.session.run(None, {k: v for k, v in feeds.items() if k in inputs})))
+        got = dict(
+            zip(
+                [o.name for o in self.session.get_outputs()],
+                self.session.run(None, {k: v for k, v in feeds.items() if k in inputs}),
+            )
+        )
         values = {**feeds, **got}
         total = self.fixed
         for names, rows, row_bytes in self.tables.values():
-            idx = np.concatenate([np.asarray(values[x]).reshape(-1) for x in names]).astype(np.int64) % max(rows, 1)
+            idx = np.concatenate([np.asarray(values[x]).reshape(-1) for x in names]).astype(np.int64) % max(
+                rows, 1
+            )
             total += len(np.unique(idx)) * row_bytes
         return int(total)
 
@@ -319,7 +369,9 @@ class WeightReads:
 def _nbytes(tensor: Any) -> int:
     from onnx import helper
 
-    return int(np.prod(tensor.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return (
+        int(np.prod(tensor.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    )
 
 
 class FlopCounter:
@@ -341,7 +393,9 @@ class FlopCounter:
         self.inputs = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> float:
-        got = dict(zip(self.names, self.session.run(None, {k: v for k, v in feeds.items() if k in self.inputs})))
+        got = dict(
+            zip(self.names, self.session.run(None, {k: v for k, v in feeds.items() if k in self.inputs}))
+        )
         shapes = {k: v.shape for k, v in got.items()} | self.const_shapes
         total = 0.0
         for n in self.nodes:
@@ -357,10 +411,17 @@ class FlopCounter:
         return float(total)
 
 
-ARTIFACT_OF = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "bf16": "fp32"}  # precision -> export.json artifact
+ARTIFACT_OF = {
+    "fp32": "fp32",
+    "fp16": "fp16",
+    "int8": "int8",
+    "bf16": "fp32",
+}  # precision -> export.json artifact
 
 
-def contender_weight_bytes(export_dir: Path, manifest: dict[str, Any], precision: str) -> tuple[int | None, str]:
+def contender_weight_bytes(
+    export_dir: Path, manifest: dict[str, Any], precision: str
+) -> tuple[int | None, str]:
     """(bytes one call must read at least once, how they were counted) for a contender's precision."""
     key = ARTIFACT_OF.get(precision)
     art = (manifest.get("artifacts") or {}).get(key or "")
@@ -372,8 +433,9 @@ def contender_weight_bytes(export_dir: Path, manifest: dict[str, Any], precision
     return n, f"{art['file']} initializers"
 
 
-def annotate(records: list[dict[str, Any]], machine: Machine, export_dir: Path,
-             flops: Any | None = None) -> None:
+def annotate(
+    records: list[dict[str, Any]], machine: Machine, export_dir: Path, flops: Any | None = None
+) -> None:
     """Add flops, weight_bytes, the floor and latency_x_floor to every timed full-graph record (in place)."""
     import json
 
@@ -381,7 +443,9 @@ def annotate(records: list[dict[str, Any]], machine: Machine, export_dir: Path,
 
     export_dir = Path(export_dir)
     manifest = json.loads((export_dir / "export.json").read_text())
-    spec = InputSpec(tuple(manifest["modalities"]), dict(manifest["feature_dims"]), int(manifest["num_speakers"]))
+    spec = InputSpec(
+        tuple(manifest["modalities"]), dict(manifest["feature_dims"]), int(manifest["num_speakers"])
+    )
     counter = flops or FlopCounter(export_dir / manifest["artifacts"]["fp32"]["file"])
     per_shape: dict[tuple[int, int], float] = {}
     per_precision: dict[str, tuple[int | None, str]] = {}
@@ -398,8 +462,13 @@ def annotate(records: list[dict[str, Any]], machine: Machine, export_dir: Path,
         if wbytes is None:
             continue
         floor = machine.floor_ms(wbytes, per_shape[shape])
-        rec.update(flops=per_shape[shape], weight_bytes=wbytes, weight_bytes_from=how, **floor,
-                   latency_x_floor=rec["p50_ms"] / floor["floor_ms"])
+        rec.update(
+            flops=per_shape[shape],
+            weight_bytes=wbytes,
+            weight_bytes_from=how,
+            **floor,
+            latency_x_floor=rec["p50_ms"] / floor["floor_ms"],
+        )
 
 
 def _timed_threads(workers: list[threading.Thread]) -> float:

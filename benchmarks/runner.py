@@ -39,7 +39,9 @@ class Plan:
     throughput: Budget = Budget(warmup=2, iterations=30, seconds=2.0, min_iterations=5, rounds=5)
     contenders: tuple[str, ...] = backends.ALL
     threads: int = 2
-    spinning: bool = False  # idle threads sleep (torch: OMP_WAIT_POLICY=PASSIVE, onnxruntime: allow_spinning=0)
+    spinning: bool = (
+        False  # idle threads sleep (torch: OMP_WAIT_POLICY=PASSIVE, onnxruntime: allow_spinning=0)
+    )
 
     @classmethod
     def quick(cls, **kw: Any) -> Plan:
@@ -63,9 +65,15 @@ class Worker:
     @classmethod
     def start(cls, key: str, job: dict[str, Any], env: dict[str, str]) -> Worker:
         stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115  (lives as long as the worker; closed in stop())
-        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.worker", json.dumps(job)], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
-                                cwd=Path(__file__).resolve().parents[1])
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.worker", json.dumps(job)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env=env,
+            cwd=Path(__file__).resolve().parents[1],
+        )
         worker = cls(key, proc, stderr)
         worker.info = worker.read()
         return worker
@@ -74,7 +82,7 @@ class Worker:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             if line.startswith(REPLY):
-                return json.loads(line[len(REPLY):])
+                return json.loads(line[len(REPLY) :])
         self.stderr.seek(0)
         raise WorkerError(f"worker exited {self.proc.wait()}: {self.stderr.read().strip()[-400:]}")
 
@@ -87,9 +95,12 @@ class Worker:
             raise WorkerError(answer["error"])
         return answer
 
-    def timer(self, batch: int, length: int, warm: bool = False) -> Callable[[int, float | None], list[float]]:
-        return lambda count, seconds: self.ask(op="warmup" if warm else "time", batch=batch, length=length,
-                                               count=count, seconds=seconds)["times"]
+    def timer(
+        self, batch: int, length: int, warm: bool = False
+    ) -> Callable[[int, float | None], list[float]]:
+        return lambda count, seconds: self.ask(
+            op="warmup" if warm else "time", batch=batch, length=length, count=count, seconds=seconds
+        )["times"]
 
     def settle(self) -> float:
         """Wait until this worker's threads stop spinning (timing.quiesce); -> seconds waited."""
@@ -118,12 +129,22 @@ def environment(threads: int) -> dict[str, Any]:
     except Exception:  # noqa: BLE001
         torch_version = "not installed"
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"python": platform.python_version(), "torch": torch_version, "onnxruntime": onnxruntime.__version__,
-            "numpy": numpy.__version__, "cpu": _cpu_name(), "cores": os.cpu_count(), "threads": threads,
-            "load_average": [round(x, 2) for x in load] if load else None, "platform": platform.platform()}
+    return {
+        "python": platform.python_version(),
+        "torch": torch_version,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": numpy.__version__,
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "load_average": [round(x, 2) for x in load] if load else None,
+        "platform": platform.platform(),
+    }
 
 
-def run_benchmark(run_dir: Path, export_dir: Path, plan: Plan, log: Callable[[str], None] = print) -> list[dict]:
+def run_benchmark(
+    run_dir: Path, export_dir: Path, plan: Plan, log: Callable[[str], None] = print
+) -> list[dict]:
     """Every record of one benchmark run: latency (batch 1), throughput (batch 16), skipped or failed contenders."""
     workers, records = [], []
     manifest = read_manifest(export_dir)
@@ -144,21 +165,38 @@ def run_benchmark(run_dir: Path, export_dir: Path, plan: Plan, log: Callable[[st
     for rec in records:  # load time, memory and threads of each contender, on every one of its records
         w = next((w for w in workers if w.key == f"{rec['backend']}:{rec['precision']}"), None)
         if w:
-            rec.update({k: w.info[k] for k in ("import_s", "load_s", "peak_rss_mb", "torch_imported", "threads",
-                                               "provider") if k in w.info})
+            rec.update(
+                {
+                    k: w.info[k]
+                    for k in ("import_s", "load_s", "peak_rss_mb", "torch_imported", "threads", "provider")
+                    if k in w.info
+                }
+            )
             if w.info.get("peak_rss_mb") and w.info.get("base_rss_mb"):
                 rec["rss_delta_mb"] = w.info["peak_rss_mb"] - w.info["base_rss_mb"]
             rec["note"] = "; ".join(x for x in (rec.get("note"), w.info.get("note")) if x)
-            rec.update({k: w.info[k] for k in ("compile_s", "compiled_graphs", "inductor_cache", "max_abs_diff_vs_eager")
-                        if k in w.info})
+            rec.update(
+                {
+                    k: w.info[k]
+                    for k in ("compile_s", "compiled_graphs", "inductor_cache", "max_abs_diff_vs_eager")
+                    if k in w.info
+                }
+            )
     return records
 
 
-def _start(key: str, run_dir: Path, export_dir: Path, plan: Plan,
-           log: Callable[[str], None]) -> tuple[Worker | None, str]:
+def _start(
+    key: str, run_dir: Path, export_dir: Path, plan: Plan, log: Callable[[str], None]
+) -> tuple[Worker | None, str]:
     backend, precision = key.split(":")
-    job = {"backend": backend, "precision": precision, "threads": plan.threads, "spinning": plan.spinning,
-           "run_dir": str(run_dir), "export_dir": str(export_dir)}
+    job = {
+        "backend": backend,
+        "precision": precision,
+        "threads": plan.threads,
+        "spinning": plan.spinning,
+        "run_dir": str(run_dir),
+        "export_dir": str(export_dir),
+    }
     env = {**os.environ, "OMP_NUM_THREADS": str(plan.threads), "MKL_NUM_THREADS": str(plan.threads)}
     if not plan.spinning:  # the same idle-thread policy for torch's OpenMP pool as for onnxruntime's
         env["OMP_WAIT_POLICY"] = "PASSIVE"
@@ -172,22 +210,31 @@ def _start(key: str, run_dir: Path, export_dir: Path, plan: Plan,
         reason = worker.info.get("skipped") or worker.info.get("error", "unknown")
         log(f"  skipped {key}: {reason}")
         return None, reason
-    log(f"  {key}: import {worker.info['import_s']:.2f} s, load {worker.info['load_s']:.2f} s "
-        f"({worker.info['provider']}, threads {worker.info['threads']})")
+    log(
+        f"  {key}: import {worker.info['import_s']:.2f} s, load {worker.info['load_s']:.2f} s "
+        f"({worker.info['provider']}, threads {worker.info['threads']})"
+    )
     return worker, ""
 
 
-def _measure(workers: list[Worker], plan: Plan, common: dict[str, Any], log: Callable[[str], None]) -> list[dict]:
+def _measure(
+    workers: list[Worker], plan: Plan, common: dict[str, Any], log: Callable[[str], None]
+) -> list[dict]:
     records: list[dict] = []
     failed: dict[str, str] = {}
     shapes = [("latency", 1, n, plan.latency) for n in plan.lengths] + [
-        ("throughput", plan.throughput_batch, n, plan.throughput) for n in plan.throughput_lengths]
+        ("throughput", plan.throughput_batch, n, plan.throughput) for n in plan.throughput_lengths
+    ]
     for i, (kind, batch, n, budget) in enumerate(shapes):
         live = [w for w in workers if w.key not in failed]
         warm = {w.key: w.timer(batch, n, warm=True) for w in live}
         by_key = {w.key: w for w in live}
-        timings = interleaved({w.key: w.timer(batch, n) for w in live}, budget, warmups=warm,
-                              settle=lambda key, by_key=by_key: by_key[key].settle())
+        timings = interleaved(
+            {w.key: w.timer(batch, n) for w in live},
+            budget,
+            warmups=warm,
+            settle=lambda key, by_key=by_key: by_key[key].settle(),
+        )
         failed.update(timings.errors)
         for key, err in timings.errors.items():
             log(f"  {key} failed at batch {batch} x {n}: {err}")
@@ -198,12 +245,22 @@ def _measure(workers: list[Worker], plan: Plan, common: dict[str, Any], log: Cal
             if w.key in timings.errors:
                 continue
             stats = percentiles_ms(timings.times[w.key])
-            rec = _record(kind, w.key, batch, n, stats, common, iterations=len(timings.times[w.key]),
-                          first_call_ms=timings.first[w.key][0] * 1e3,
-                          warmup_ms=[t * 1e3 for t in timings.first[w.key]])  # OpenVINO compiles a shape on call 2
+            rec = _record(
+                kind,
+                w.key,
+                batch,
+                n,
+                stats,
+                common,
+                iterations=len(timings.times[w.key]),
+                first_call_ms=timings.first[w.key][0] * 1e3,
+                warmup_ms=[t * 1e3 for t in timings.first[w.key]],
+            )  # OpenVINO compiles a shape on call 2
             if kind == "throughput":
-                rec.update(conversations_per_s=batch / (stats["p50_ms"] / 1e3),
-                           utterances_per_s=batch * n / (stats["p50_ms"] / 1e3))
+                rec.update(
+                    conversations_per_s=batch / (stats["p50_ms"] / 1e3),
+                    utterances_per_s=batch * n / (stats["p50_ms"] / 1e3),
+                )
             if i == 0 and w.key.startswith(backends.COMPILE):
                 w.info["compile_s"] = timings.first[w.key][0]  # the first call: dynamo + inductor
             eager_p50 = stats["p50_ms"] if w.key.startswith(backends.EAGER) else eager_p50
@@ -211,8 +268,10 @@ def _measure(workers: list[Worker], plan: Plan, common: dict[str, Any], log: Cal
         for rec in shape_records:
             rec["speedup_vs_eager"] = eager_p50 / rec["p50_ms"] if eager_p50 else None
         records += shape_records
-        log(f"  {kind:10s} batch {batch:2d} x {n:3d}: " + "  ".join(
-            f"{r['backend']} {r['precision']} {r['p50_ms']:.2f} ms" for r in shape_records))
+        log(
+            f"  {kind:10s} batch {batch:2d} x {n:3d}: "
+            + "  ".join(f"{r['backend']} {r['precision']} {r['p50_ms']:.2f} ms" for r in shape_records)
+        )
     _parity(workers, failed, log)
     return records
 
@@ -231,18 +290,43 @@ def _parity(workers: list[Worker], failed: dict[str, str], log: Callable[[str], 
         except WorkerError as e:
             log(f"  {w.key}: no parity check ({e})")
             continue
-        report = compare([ref], [got], {"probs": max_abs(None)}, masks=[np.ones(ref["probs"].shape[:-1], bool)],
-                         artifact=w.key, reference_name=eager.key, runtime=w.key, data=f"{batch}x{n} seeded inputs")
+        report = compare(
+            [ref],
+            [got],
+            {"probs": max_abs(None)},
+            masks=[np.ones(ref["probs"].shape[:-1], bool)],
+            artifact=w.key,
+            reference_name=eager.key,
+            runtime=w.key,
+            data=f"{batch}x{n} seeded inputs",
+        )
         w.info["max_abs_diff_vs_eager"] = report.output("probs").max_abs
         w.info["argmax_agreement_vs_eager"] = report.argmax_agreement
 
 
-def _record(kind: str, key: str, batch: int | None, n: int | None, stats: dict[str, float], common: dict[str, Any],
-            **extra: Any) -> dict[str, Any]:
+def _record(
+    kind: str,
+    key: str,
+    batch: int | None,
+    n: int | None,
+    stats: dict[str, float],
+    common: dict[str, Any],
+    **extra: Any,
+) -> dict[str, Any]:
     backend, precision = key.split(":")
-    return {"kind": kind, "backend": backend, "precision": precision, "batch": batch, "utterances": n,
-            "p50_ms": stats.get("p50_ms"), "p90_ms": stats.get("p90_ms"), "p99_ms": stats.get("p99_ms"),
-            **{k: v for k, v in stats.items() if k not in ("p50_ms", "p90_ms", "p99_ms")}, **common, **extra}
+    return {
+        "kind": kind,
+        "backend": backend,
+        "precision": precision,
+        "batch": batch,
+        "utterances": n,
+        "p50_ms": stats.get("p50_ms"),
+        "p90_ms": stats.get("p90_ms"),
+        "p99_ms": stats.get("p99_ms"),
+        **{k: v for k, v in stats.items() if k not in ("p50_ms", "p90_ms", "p99_ms")},
+        **common,
+        **extra,
+    }
 
 
 def _cpu_name() -> str:

@@ -36,19 +36,30 @@ from .timing import percentiles_ms as _percentiles
 
 
 def percentiles_ms(seconds: list[float]) -> dict[str, float]:
-    return _percentiles(seconds) if seconds else {k: float("nan") for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms",
-                                                                            "min_ms")}
+    return (
+        _percentiles(seconds)
+        if seconds
+        else {k: float("nan") for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms")}
+    )
+
 
 CONCURRENCY = (1, 4, 16, 64)
 
 
-def start_server(export_dir: Path, stream_mode: str, threads: int, queue_delay_us: int, max_conversations: int):
+def start_server(
+    export_dir: Path, stream_mode: str, threads: int, queue_delay_us: int, max_conversations: int
+):
     from cmath_serve.launcher import Ports, TritonServer, check_port
     from cmath_serve.repository import ServeOptions
 
     ports = Ports(*(check_port("127.0.0.1", 0, f"port {k}") for k in range(3)))
-    options = ServeOptions(queue_delay_us=queue_delay_us, max_conversations=max_conversations,
-                           stream_mode=stream_mode, backend="cpu", threads=threads)
+    options = ServeOptions(
+        queue_delay_us=queue_delay_us,
+        max_conversations=max_conversations,
+        stream_mode=stream_mode,
+        backend="cpu",
+        threads=threads,
+    )
     server = TritonServer(Path(export_dir), options, ports, exit_timeout_s=5)
     server.start()
     return server
@@ -88,8 +99,15 @@ async def _classify_level(url: str, pool: list[dict], concurrency: int, total: i
     await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), seconds + 120)
     wall = time.perf_counter() - start
     await client.close()
-    return {"sent": sent, "answered": len(latencies), "errors": len(errors), "error_samples": errors[:3],
-            "seconds": wall, "conversations_per_s": len(latencies) / wall, **percentiles_ms(latencies)}
+    return {
+        "sent": sent,
+        "answered": len(latencies),
+        "errors": len(errors),
+        "error_samples": errors[:3],
+        "seconds": wall,
+        "conversations_per_s": len(latencies) / wall,
+        **percentiles_ms(latencies),
+    }
 
 
 async def _stream_run(url: str, convs: list[dict], seconds: float, base_id: int) -> dict:
@@ -106,12 +124,20 @@ async def _stream_run(url: str, convs: list[dict], seconds: float, base_id: int)
         for i in range(n):
             if time.perf_counter() > deadline:
                 return
-            step = {**{m: arrays[m][0, i:i + 1] for m in arrays if m not in ("speaker", "mask")},
-                    "speaker": arrays["speaker"][:, i:i + 1]}
+            step = {
+                **{m: arrays[m][0, i : i + 1] for m in arrays if m not in ("speaker", "mask")},
+                "speaker": arrays["speaker"][:, i : i + 1],
+            }
             t0 = time.perf_counter()
             try:
-                await client.infer("cmath_stream", infer_inputs(grpc, step), sequence_id=base_id + j,
-                                   sequence_start=i == 0, sequence_end=i == n - 1, client_timeout=120)
+                await client.infer(
+                    "cmath_stream",
+                    infer_inputs(grpc, step),
+                    sequence_id=base_id + j,
+                    sequence_start=i == 0,
+                    sequence_end=i == n - 1,
+                    client_timeout=120,
+                )
                 latencies.append(time.perf_counter() - t0)
             except Exception as e:  # noqa: BLE001
                 errors.append(str(e)[:200])
@@ -122,8 +148,15 @@ async def _stream_run(url: str, convs: list[dict], seconds: float, base_id: int)
     wall = time.perf_counter() - start
     await client.close()
     total = sum(c["speaker"].shape[1] for c in convs)
-    return {"sent_planned": total, "answered": len(latencies), "errors": len(errors), "error_samples": errors[:3],
-            "seconds": wall, "utterances_per_s": len(latencies) / wall, **percentiles_ms(latencies)}
+    return {
+        "sent_planned": total,
+        "answered": len(latencies),
+        "errors": len(errors),
+        "error_samples": errors[:3],
+        "seconds": wall,
+        "utterances_per_s": len(latencies) / wall,
+        **percentiles_ms(latencies),
+    }
 
 
 def _stream_pid(server: Any) -> int | None:
@@ -190,16 +223,30 @@ def direct_baseline(export_dir: Path, pool: list[dict], threads: int, rounds: in
             t0 = time.perf_counter()
             model.predict(group, batch_size=batch)
             times.append(time.perf_counter() - t0)
-        rec = {"benchmark": "direct_predict", "batch": batch, "utterances": len(convs[0]["speakers"]),
-               "conversations_per_s": batch * len(times) / sum(times), **percentiles_ms(times)}
+        rec = {
+            "benchmark": "direct_predict",
+            "batch": batch,
+            "utterances": len(convs[0]["speakers"]),
+            "conversations_per_s": batch * len(times) / sum(times),
+            **percentiles_ms(times),
+        }
         out.append(rec)
         log(f"direct predict batch {batch:>2}: {rec['conversations_per_s']:.1f} conversations/s (no server)")
     return out
 
 
-def run(export_dir: Path, quick: bool = False, utterances: int = 20, stream_conversations: int = 64,
-        stream_utterances: int = 50, threads: int = 0, queue_delay_us: int = 1000, seconds: float = 60.0,
-        modes: tuple[str, ...] = ("batched", "serial", "recompute"), log: Any = print) -> list[dict]:
+def run(
+    export_dir: Path,
+    quick: bool = False,
+    utterances: int = 20,
+    stream_conversations: int = 64,
+    stream_utterances: int = 50,
+    threads: int = 0,
+    queue_delay_us: int = 1000,
+    seconds: float = 60.0,
+    modes: tuple[str, ...] = ("batched", "serial", "recompute"),
+    log: Any = print,
+) -> list[dict]:
     import cmath_runtime
 
     manifest = cmath_runtime.read_manifest(export_dir)
@@ -209,7 +256,11 @@ def run(export_dir: Path, quick: bool = False, utterances: int = 20, stream_conv
     levels = (1, 4) if quick else CONCURRENCY
     per_level = 8 if quick else 200
     if quick:
-        stream_conversations, stream_utterances, seconds = min(stream_conversations, 8), min(stream_utterances, 5), 20
+        stream_conversations, stream_utterances, seconds = (
+            min(stream_conversations, 8),
+            min(stream_utterances, 5),
+            20,
+        )
     pool = [_conversation_arrays(dims, spk, utterances, rng) for _ in range(32)]
     streams = [_conversation_arrays(dims, spk, stream_utterances, rng) for _ in range(stream_conversations)]
     records += direct_baseline(export_dir, pool, threads, 3 if quick else 10, log)
@@ -219,14 +270,22 @@ def run(export_dir: Path, quick: bool = False, utterances: int = 20, stream_conv
             if mode == modes[0]:
                 for c in levels:
                     before = _stats(server, "cmath")
-                    rec = asyncio.run(_classify_level(server.grpc_url, pool, c, max(per_level, 4 * c), seconds))
+                    rec = asyncio.run(
+                        _classify_level(server.grpc_url, pool, c, max(per_level, 4 * c), seconds)
+                    )
                     inf, ex = (a - b for a, b in zip(_stats(server, "cmath"), before))
-                    rec.update(benchmark="serve_cmath", concurrency=c, utterances=utterances,
-                               mean_batch=(inf - 4) / max(ex - 4, 1))
+                    rec.update(
+                        benchmark="serve_cmath",
+                        concurrency=c,
+                        utterances=utterances,
+                        mean_batch=(inf - 4) / max(ex - 4, 1),
+                    )
                     records.append(rec)
-                    log(f"cmath  concurrency {c:>2}: {rec['conversations_per_s']:.1f} conversations/s, p50 "
+                    log(
+                        f"cmath  concurrency {c:>2}: {rec['conversations_per_s']:.1f} conversations/s, p50 "
                         f"{rec['p50_ms']:.1f} ms, p99 {rec['p99_ms']:.1f} ms, answered {rec['answered']}/{rec['sent']}, "
-                        f"errors {rec['errors']}, mean batch {rec['mean_batch']:.1f}")
+                        f"errors {rec['errors']}, mean batch {rec['mean_batch']:.1f}"
+                    )
             pid = _stream_pid(server)
             asyncio.run(_stream_run(server.grpc_url, streams[:2], seconds, base_id=900_000))  # warm-up
             idle_rss = _rss_mib(pid)
@@ -236,14 +295,23 @@ def run(export_dir: Path, quick: bool = False, utterances: int = 20, stream_conv
             rec = asyncio.run(_stream_run(server.grpc_url, streams, 3 * seconds, base_id=1))
             peak = sampler.stop()
             inf, ex = (a - b for a, b in zip(_stats(server, "cmath_stream"), before))
-            rec.update(benchmark="serve_stream", mode=mode, path=server.description["stream_path"],
-                       conversations=stream_conversations, utterances=stream_utterances, mean_batch=inf / max(ex, 1),
-                       rss_idle_mib=idle_rss, rss_peak_mib=peak,
-                       rss_per_conversation_mib=(peak - idle_rss) / stream_conversations)
+            rec.update(
+                benchmark="serve_stream",
+                mode=mode,
+                path=server.description["stream_path"],
+                conversations=stream_conversations,
+                utterances=stream_utterances,
+                mean_batch=inf / max(ex, 1),
+                rss_idle_mib=idle_rss,
+                rss_peak_mib=peak,
+                rss_per_conversation_mib=(peak - idle_rss) / stream_conversations,
+            )
             records.append(rec)
-            log(f"stream {mode:>9}: {rec['utterances_per_s']:.1f} utterances/s, p50 {rec['p50_ms']:.1f} ms, p99 "
+            log(
+                f"stream {mode:>9}: {rec['utterances_per_s']:.1f} utterances/s, p50 {rec['p50_ms']:.1f} ms, p99 "
                 f"{rec['p99_ms']:.1f} ms, answered {rec['answered']}/{rec['sent_planned']}, errors {rec['errors']}, "
-                f"mean batch {rec['mean_batch']:.1f}, stub RSS {idle_rss:.0f} -> {peak:.0f} MiB")
+                f"mean batch {rec['mean_batch']:.1f}, stub RSS {idle_rss:.0f} -> {peak:.0f} MiB"
+            )
         finally:
             server.stop()
             server.cleanup()
@@ -251,28 +319,45 @@ def run(export_dir: Path, quick: bool = False, utterances: int = 20, stream_conv
 
 
 def markdown(records: list[dict], env: dict) -> str:
-    lines = [f"# cmath-serve load ({env['machine']}, {env['cores']} cores shared by server and client; load average "
-             f"{env['loadavg_start']:.1f} at start, {env['loadavg_end']:.1f} at end)", "",
-             "Without a server, `model.predict` in one process (same time, same machine): " + ", ".join(
-                 f"batch {r['batch']}: {r['conversations_per_s']:.1f} conversations/s" for r in records
-                 if r["benchmark"] == "direct_predict") + ".", "",
-             "## `cmath`: whole conversations, one per request", "",
-             "| concurrency | utterances | conversations/s | p50 ms | p99 ms | answered / sent | errors | mean batch |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# cmath-serve load ({env['machine']}, {env['cores']} cores shared by server and client; load average "
+        f"{env['loadavg_start']:.1f} at start, {env['loadavg_end']:.1f} at end)",
+        "",
+        "Without a server, `model.predict` in one process (same time, same machine): "
+        + ", ".join(
+            f"batch {r['batch']}: {r['conversations_per_s']:.1f} conversations/s"
+            for r in records
+            if r["benchmark"] == "direct_predict"
+        )
+        + ".",
+        "",
+        "## `cmath`: whole conversations, one per request",
+        "",
+        "| concurrency | utterances | conversations/s | p50 ms | p99 ms | answered / sent | errors | mean batch |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in records:
         if r["benchmark"] == "serve_cmath":
-            lines.append(f"| {r['concurrency']} | {r['utterances']} | {r['conversations_per_s']:.1f} | {r['p50_ms']:.1f} | "
-                         f"{r['p99_ms']:.1f} | {r['answered']} / {r['sent']} | {r['errors']} | {r['mean_batch']:.1f} |")
-    lines += ["", "## `cmath_stream`: concurrent conversations, one utterance per request", "",
-              "| mode | path | conversations x utterances | utterances/s | p50 ms | p99 ms | answered / planned | errors "
-              "| mean batch | stub RSS idle -> peak MiB | MiB per live conversation |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {r['concurrency']} | {r['utterances']} | {r['conversations_per_s']:.1f} | {r['p50_ms']:.1f} | "
+                f"{r['p99_ms']:.1f} | {r['answered']} / {r['sent']} | {r['errors']} | {r['mean_batch']:.1f} |"
+            )
+    lines += [
+        "",
+        "## `cmath_stream`: concurrent conversations, one utterance per request",
+        "",
+        "| mode | path | conversations x utterances | utterances/s | p50 ms | p99 ms | answered / planned | errors "
+        "| mean batch | stub RSS idle -> peak MiB | MiB per live conversation |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in records:
         if r["benchmark"] == "serve_stream":
-            lines.append(f"| {r['mode']} | {r['path']} | {r['conversations']} x {r['utterances']} | "
-                         f"{r['utterances_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['answered']} / "
-                         f"{r['sent_planned']} | {r['errors']} | {r['mean_batch']:.1f} | {r['rss_idle_mib']:.0f} -> "
-                         f"{r['rss_peak_mib']:.0f} | {r['rss_per_conversation_mib']:.2f} |")
+            lines.append(
+                f"| {r['mode']} | {r['path']} | {r['conversations']} x {r['utterances']} | "
+                f"{r['utterances_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['answered']} / "
+                f"{r['sent_planned']} | {r['errors']} | {r['mean_batch']:.1f} | {r['rss_idle_mib']:.0f} -> "
+                f"{r['rss_peak_mib']:.0f} | {r['rss_per_conversation_mib']:.2f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -287,7 +372,12 @@ def plot(records: list[dict], path: Path) -> None:
     if rows:
         c = [r["concurrency"] for r in rows]
         a.plot(c, [r["conversations_per_s"] for r in rows], "o-", color="C0", label="conversations/s")
-        a.set(xscale="log", xlabel="concurrent clients", ylabel="conversations/s", title="cmath (whole conversations)")
+        a.set(
+            xscale="log",
+            xlabel="concurrent clients",
+            ylabel="conversations/s",
+            title="cmath (whole conversations)",
+        )
         a.set_xticks(c, [str(x) for x in c])
         t = a.twinx()
         t.plot(c, [r["p50_ms"] for r in rows], "s--", color="C1", label="p50 ms")
@@ -300,8 +390,11 @@ def plot(records: list[dict], path: Path) -> None:
         x = np.arange(len(rows))
         b.bar(x, [r["utterances_per_s"] for r in rows], color="C2")
         b.set_xticks(x, [f"{r['mode']}\np50 {r['p50_ms']:.0f} ms\np99 {r['p99_ms']:.0f} ms" for r in rows])
-        b.set(ylabel="utterances/s", title=f"cmath_stream: {rows[0]['conversations']} conversations x "
-                                           f"{rows[0]['utterances']} utterances")
+        b.set(
+            ylabel="utterances/s",
+            title=f"cmath_stream: {rows[0]['conversations']} conversations x "
+            f"{rows[0]['utterances']} utterances",
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -317,20 +410,43 @@ def main() -> None:
     parser.add_argument("--stream-utterances", type=int, default=50)
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads per model (0: default)")
     parser.add_argument("--queue-delay-us", type=int, default=1000)
-    parser.add_argument("--seconds", type=float, default=60.0,
-                        help="time cap of each cmath level (cmath_stream runs: 3x this)")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=60.0,
+        help="time cap of each cmath level (cmath_stream runs: 3x this)",
+    )
     parser.add_argument("--modes", default="batched,serial,recompute")
     args = parser.parse_args()
-    export = args.export_dir / "export" if (args.export_dir / "export" / "export.json").is_file() else args.export_dir
+    export = (
+        args.export_dir / "export"
+        if (args.export_dir / "export" / "export.json").is_file()
+        else args.export_dir
+    )
     out = args.out or export
     out.mkdir(parents=True, exist_ok=True)
     load_start = os.getloadavg()[0]
-    records = run(export, args.quick, args.utterances, args.stream_conversations, args.stream_utterances, args.threads,
-                  args.queue_delay_us, args.seconds, tuple(args.modes.split(",")))
-    env = {"machine": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
-           "export": str(export), "threads": args.threads, "queue_delay_us": args.queue_delay_us,
-           "command": "python -m benchmarks.serve_load " + " ".join(sys.argv[1:]),
-           "loadavg_start": load_start, "loadavg_end": os.getloadavg()[0]}
+    records = run(
+        export,
+        args.quick,
+        args.utterances,
+        args.stream_conversations,
+        args.stream_utterances,
+        args.threads,
+        args.queue_delay_us,
+        args.seconds,
+        tuple(args.modes.split(",")),
+    )
+    env = {
+        "machine": platform.processor() or platform.machine(),
+        "cores": len(os.sched_getaffinity(0)),
+        "export": str(export),
+        "threads": args.threads,
+        "queue_delay_us": args.queue_delay_us,
+        "command": "python -m benchmarks.serve_load " + " ".join(sys.argv[1:]),
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg()[0],
+    }
     from cmath_runtime.files import atomic_write_json
 
     atomic_write_json(out / "serve_load.json", {"environment": env, "records": records})

@@ -31,9 +31,15 @@ def make_requests(model: cmath_runtime.EmotionModel, count: int, seed: int = 0) 
         batch = []
         for _ in range(int(rng.integers(1, 5))):
             n = int(rng.integers(1, min(40, model.max_len) + 1))
-            batch.append({"speakers": rng.integers(0, min(model.num_speakers, 4), n),
-                          "features": {m: rng.standard_normal((n, d)).astype(np.float32)
-                                       for m, d in model.feature_dims.items()}})
+            batch.append(
+                {
+                    "speakers": rng.integers(0, min(model.num_speakers, 4), n),
+                    "features": {
+                        m: rng.standard_normal((n, d)).astype(np.float32)
+                        for m, d in model.feature_dims.items()
+                    },
+                }
+            )
         kind = "stream" if model.step_graph is not None and i % 3 == 0 else "predict"
         requests.append({"kind": kind, "batch": batch if kind == "predict" else batch[:1]})
     return requests
@@ -50,15 +56,27 @@ def answer(model: cmath_runtime.EmotionModel, request: dict[str, Any]) -> list[n
     return [np.stack(out), conv.probs()]
 
 
-def soak(export_dir: str | Path, threads: int = 8, seconds: float = 60.0, precision: str = "fp32",
-         requests: int = 48, ort_threads: int = 1) -> dict[str, Any]:
+def soak(
+    export_dir: str | Path,
+    threads: int = 8,
+    seconds: float = 60.0,
+    precision: str = "fp32",
+    requests: int = 48,
+    ort_threads: int = 1,
+) -> dict[str, Any]:
     model = cmath_runtime.load(export_dir, backend="cpu", precision=precision, threads=ort_threads)
     reqs = make_requests(model, requests)
     t0 = time.perf_counter()
     serial = [answer(model, r) for r in reqs]
     serial_s = time.perf_counter() - t0
     lock = threading.Lock()
-    stats = {"answers": 0, "mismatches": 0, "errors": 0, "max_abs_diff": 0.0, "by_kind": {"predict": 0, "stream": 0}}
+    stats = {
+        "answers": 0,
+        "mismatches": 0,
+        "errors": 0,
+        "max_abs_diff": 0.0,
+        "by_kind": {"predict": 0, "stream": 0},
+    }
     first_problem: list[str] = []
     stop = time.monotonic() + seconds
 
@@ -79,8 +97,10 @@ def soak(export_dir: str | Path, threads: int = 8, seconds: float = 60.0, precis
             same = len(got) == len(serial[k]) and all(np.array_equal(a, b) for a, b in zip(got, serial[k]))
             if not same:
                 local["mismatches"] += 1
-                diff = max(float(np.abs(a - b).max()) if a.shape == b.shape else float("inf")
-                           for a, b in zip(got, serial[k]))
+                diff = max(
+                    float(np.abs(a - b).max()) if a.shape == b.shape else float("inf")
+                    for a, b in zip(got, serial[k])
+                )
                 local["max_abs_diff"] = max(local["max_abs_diff"], diff)
                 if not first_problem:
                     first_problem.append(f"request {k}: max |diff| {diff:g}")
@@ -98,10 +118,19 @@ def soak(export_dir: str | Path, threads: int = 8, seconds: float = 60.0, precis
     for t in pool:
         t.join(seconds + 120)
     hung = sum(t.is_alive() for t in pool)
-    return {"export": str(export_dir), "precision": precision, "threads": threads, "ort_intra_op_threads": ort_threads,
-            "seconds": round(time.perf_counter() - start, 1), "requests": len(reqs),
-            "step_path": model.step_graph is not None, "serial_reference_s": round(serial_s, 2), **stats,
-            "hung_threads": hung, "first_problem": first_problem[0] if first_problem else None}
+    return {
+        "export": str(export_dir),
+        "precision": precision,
+        "threads": threads,
+        "ort_intra_op_threads": ort_threads,
+        "seconds": round(time.perf_counter() - start, 1),
+        "requests": len(reqs),
+        "step_path": model.step_graph is not None,
+        "serial_reference_s": round(serial_s, 2),
+        **stats,
+        "hung_threads": hung,
+        "first_problem": first_problem[0] if first_problem else None,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ort-threads", type=int, default=1)
     p.add_argument("--out", default=None, help="also write the report as JSON here")
     args = p.parse_args(argv)
-    report = soak(args.export_dir, args.threads, args.seconds, args.precision, args.requests, args.ort_threads)
+    report = soak(
+        args.export_dir, args.threads, args.seconds, args.precision, args.requests, args.ort_threads
+    )
     print(json.dumps(report, indent=2))
     if args.out:
         atomic_write_json(args.out, report)

@@ -21,7 +21,9 @@ from .timing import Budget, interleaved, percentiles_ms, quiesce
 
 LENGTHS = (1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 200)
 QUICK_LENGTHS = (1, 10, 50)
-BUDGET = Budget(warmup=3, iterations=60, seconds=1.0, min_iterations=10, rounds=6)  # more, shorter rounds: bursts of load hit all alike
+BUDGET = Budget(
+    warmup=3, iterations=60, seconds=1.0, min_iterations=10, rounds=6
+)  # more, shorter rounds: bursts of load hit all alike
 QUICK_BUDGET = Budget(warmup=1, iterations=10, seconds=0.2, min_iterations=3, rounds=2)
 
 
@@ -30,28 +32,39 @@ STEP_CONTENDERS = ((ORT, "fp32"), (ORT_SPIN, "fp32"), (ORT, "int8"), (OPENVINO, 
 PROBE = "probe/bandwidth"  # benchmarks.roofline.BandwidthProbe, timed among the step contenders
 
 
-def _load_step_models(export_dir: str | Path, threads: int, contenders: tuple[tuple[str, str], ...],
-                      log: Any) -> dict[tuple[str, str], Any]:
+def _load_step_models(
+    export_dir: str | Path, threads: int, contenders: tuple[tuple[str, str], ...], log: Any
+) -> dict[tuple[str, str], Any]:
     import cmath_runtime
 
     models = {}
     for backend, precision in contenders:
         which, spin = RUNTIME[backend]
         try:
-            model = cmath_runtime.load(export_dir, backend=which, precision=precision, threads=threads, spinning=spin)
+            model = cmath_runtime.load(
+                export_dir, backend=which, precision=precision, threads=threads, spinning=spin
+            )
             graph = model.step_graph
         except cmath_runtime.CmathError as e:
             log(f"streaming: skipped {backend} {precision}: {e}")
             continue
         if graph is None:
-            raise ValueError(f"{export_dir}: the artifact has no step graph (export a causal run: cmath-train --causal)")
+            raise ValueError(
+                f"{export_dir}: the artifact has no step graph (export a causal run: cmath-train --causal)"
+            )
         models[(backend, precision)] = (model, graph)
     return models
 
 
-def run_streaming(export_dir: str | Path, threads: int = 1, lengths: tuple[int, ...] = LENGTHS,
-                  budget: Budget = BUDGET, log: Any = print, contenders: tuple[tuple[str, str], ...] = STEP_CONTENDERS,
-                  machine: Any = None) -> list[dict[str, Any]]:
+def run_streaming(
+    export_dir: str | Path,
+    threads: int = 1,
+    lengths: tuple[int, ...] = LENGTHS,
+    budget: Budget = BUDGET,
+    log: Any = print,
+    contenders: tuple[tuple[str, str], ...] = STEP_CONTENDERS,
+    machine: Any = None,
+) -> list[dict[str, Any]]:
     """Records {"benchmark": "streaming", "path", "n", "threads", p50_ms, ...} for every n (capped at max_len):
     the step graph on every (backend, precision) that loads here, and the full recompute (onnxruntime fp32).
     With `machine` (benchmarks.roofline.Machine), each step record carries its floor and latency_x_floor, its bytes
@@ -73,8 +86,11 @@ def run_streaming(export_dir: str | Path, threads: int = 1, lengths: tuple[int, 
     for k, f in step_files.items():
         wbytes[k] = roofline.weight_bytes(f) // (2 if k[1] == "bf16" else 1)
     counter = roofline.FlopCounter(step_files[(ORT, "fp32")]) if machine else None
-    twins = {key: roofline.time_matmul_twin(step_files[key], threads, spinning=RUNTIME[key[0]][1])
-             for key in step_files if machine is not None and RUNTIME[key[0]][0] == "cpu" and key[1] == "fp32"}
+    twins = {
+        key: roofline.time_matmul_twin(step_files[key], threads, spinning=RUNTIME[key[0]][1])
+        for key in step_files
+        if machine is not None and RUNTIME[key[0]][0] == "cpu" and key[1] == "fp32"
+    }
     probe = roofline.BandwidthProbe(threads) if machine is not None else None
     records = []
     for n in sorted({min(n, n_max) for n in lengths}):
@@ -82,17 +98,24 @@ def run_streaming(export_dir: str | Path, threads: int = 1, lengths: tuple[int, 
         new_row = {m: x[n - 1] for m, x in feats.items()}
         for key, stream in streams.items():
             if n > 1:
-                stream.catch_up(speakers[:n - 1], {m: list(x[:n - 1]) for m, x in feats.items()})  # history n-1
+                stream.catch_up(
+                    speakers[: n - 1], {m: list(x[: n - 1]) for m, x in feats.items()}
+                )  # history n-1
             tails[key] = {k: v for k, v in stream.buffers.items() if not k.startswith("past_")}
 
-            def step_call(stream: Any = stream, tail: dict = tails[key], n: int = n, row: dict = new_row) -> None:
+            def step_call(
+                stream: Any = stream, tail: dict = tails[key], n: int = n, row: dict = new_row
+            ) -> None:
                 stream.buffers.update(tail)  # the same step each time: position n-1 on a history of n-1
                 stream.graph.run(stream.buffers, n - 1, speakers[n - 1], row)
 
             timers[("step", *key)] = step_call
         conv = {"speakers": speakers[:n], "features": {m: x[:n] for m, x in feats.items()}}
         timers[("full", ORT, "fp32")] = lambda conv=conv: base.predict([conv])
-        named = {"/".join(k): (lambda count, seconds, fn=fn: _timed(fn, count, seconds)) for k, fn in timers.items()}
+        named = {
+            "/".join(k): (lambda count, seconds, fn=fn: _timed(fn, count, seconds))
+            for k, fn in timers.items()
+        }
         if probe is not None:  # the steps' bandwidth floor, measured in the same rounds as they are
             named[PROBE] = lambda count, seconds: _timed(probe, count, seconds)
         timings = interleaved(named, budget, settle=lambda _name: quiesce())
@@ -107,23 +130,43 @@ def run_streaming(export_dir: str | Path, threads: int = 1, lengths: tuple[int, 
         line = []
         for k in timers:
             path, backend, precision = k
-            rec = {"kind": "streaming", "benchmark": "streaming", "path": path, "n": n, "batch": 1, "threads": threads,
-                   "precision": precision, "backend": backend, **percentiles_ms(timings.times["/".join(k)])}
+            rec = {
+                "kind": "streaming",
+                "benchmark": "streaming",
+                "path": path,
+                "n": n,
+                "batch": 1,
+                "threads": threads,
+                "precision": precision,
+                "backend": backend,
+                **percentiles_ms(timings.times["/".join(k)]),
+            }
             if path == "step" and machine is not None:
-                rec.update(weight_bytes=wbytes[(backend, precision)], flops=flops,
-                           cache_bytes=4 * (n - 1) * base.manifest.d * len(base_graph.state_spec),
-                           **machine.floor_ms(wbytes[(backend, precision)], flops, bandwidth))
+                rec.update(
+                    weight_bytes=wbytes[(backend, precision)],
+                    flops=flops,
+                    cache_bytes=4 * (n - 1) * base.manifest.d * len(base_graph.state_spec),
+                    **machine.floor_ms(wbytes[(backend, precision)], flops, bandwidth),
+                )
                 rec["latency_x_floor"] = rec["p50_ms"] / rec["floor_ms"]
-                if bandwidth:  # else the floor used the run's once-measured bandwidth (the report says "bandwidth")
+                if (
+                    bandwidth
+                ):  # else the floor used the run's once-measured bandwidth (the report says "bandwidth")
                     rec.update(bandwidth_gb_s=bandwidth, bandwidth_best_gb_s=best)
                 if best:  # the same against the fastest copy of those rounds (a stricter floor)
                     rec["latency_x_best_bytes_floor"] = rec["p50_ms"] * best * 1e6 / rec["weight_bytes"]
-                twin = twins.get((backend, precision))  # the same weights as bare GEMVs, same engine (roofline.py)
+                twin = twins.get(
+                    (backend, precision)
+                )  # the same weights as bare GEMVs, same engine (roofline.py)
                 if twin:
                     rec.update(twin, latency_x_twin=rec["p50_ms"] / twin["twin_ms"])
             records.append(rec)
             line.append(f"{path} {rec['backend']} {precision} {rec['p50_ms']:.3f} ms")
-        log(f"streaming n={n:>3}: " + ", ".join(line) + (f"; copy bandwidth p50 {bandwidth:.1f} GB/s, best {best:.1f}" if bandwidth else ""))
+        log(
+            f"streaming n={n:>3}: "
+            + ", ".join(line)
+            + (f"; copy bandwidth p50 {bandwidth:.1f} GB/s, best {best:.1f}" if bandwidth else "")
+        )
     return records
 
 
@@ -138,7 +181,9 @@ class _Capture:
         return self.session.run(names, feeds)
 
 
-def _step_feeds(stream: Any, n: int, speakers: list[int], row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _step_feeds(
+    stream: Any, n: int, speakers: list[int], row: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     """The feeds of the step at position n-1 exactly as StepGraph builds them (for counting its FLOPs)."""
     import copy
 
@@ -168,16 +213,30 @@ def plot_streaming(records: list[dict[str, Any]], path: str | Path, title: str =
     rows = [r for r in records if r.get("benchmark") == "streaming"]
     for key in dict.fromkeys((r["path"], r["backend"], r["precision"]) for r in rows):
         pts = sorted((r["n"], r["p50_ms"]) for r in rows if (r["path"], r["backend"], r["precision"]) == key)
-        ax.plot(*zip(*pts), "o-" if key[0] == "full" else "s-", ms=3,
-                label=f"{key[0]} {key[1]} {key[2]}" + (" (whole conversation)" if key[0] == "full" else ""))
+        ax.plot(
+            *zip(*pts),
+            "o-" if key[0] == "full" else "s-",
+            ms=3,
+            label=f"{key[0]} {key[1]} {key[2]}" + (" (whole conversation)" if key[0] == "full" else ""),
+        )
     for precision, style in (("fp32", "k--"), ("int8", "k:")):
-        floor = sorted((r["n"], r["floor_ms"]) for r in rows if r["path"] == "step" and r["backend"] == "onnxruntime"
-                       and r["precision"] == precision and r.get("floor_ms"))
+        floor = sorted(
+            (r["n"], r["floor_ms"])
+            for r in rows
+            if r["path"] == "step"
+            and r["backend"] == "onnxruntime"
+            and r["precision"] == precision
+            and r.get("floor_ms")
+        )
         if floor:
             ax.plot(*zip(*floor), style, label=f"step floor {precision} (roofline)")
     threads = {r["threads"] for r in rows}
-    ax.set(xlabel="history n (utterances, the new one included)", ylabel="latency of one new utterance, p50 (ms)",
-           yscale="log", title=title or f"streaming: step vs full recompute (threads {', '.join(map(str, sorted(threads)))})")
+    ax.set(
+        xlabel="history n (utterances, the new one included)",
+        ylabel="latency of one new utterance, p50 (ms)",
+        yscale="log",
+        title=title or f"streaming: step vs full recompute (threads {', '.join(map(str, sorted(threads)))})",
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -185,15 +244,27 @@ def plot_streaming(records: list[dict[str, Any]], path: str | Path, title: str =
     plt.close(fig)
 
 
-def stream_records(export_dir: Path, threads: int, quick: bool, log: Any = print, machine: Any = None,
-                   lengths: tuple[int, ...] | None = None) -> list[dict]:
+def stream_records(
+    export_dir: Path,
+    threads: int,
+    quick: bool,
+    log: Any = print,
+    machine: Any = None,
+    lengths: tuple[int, ...] | None = None,
+) -> list[dict]:
     """cmath-bench hook: streaming records for an artifact with a step graph, [] otherwise."""
     from cmath_runtime.manifest import read_manifest
 
     if not read_manifest(export_dir).step:
         return []
-    return run_streaming(export_dir, threads, lengths or (QUICK_LENGTHS if quick else LENGTHS),
-                         QUICK_BUDGET if quick else BUDGET, log, machine=machine)
+    return run_streaming(
+        export_dir,
+        threads,
+        lengths or (QUICK_LENGTHS if quick else LENGTHS),
+        QUICK_BUDGET if quick else BUDGET,
+        log,
+        machine=machine,
+    )
 
 
 def main() -> None:
@@ -203,11 +274,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    export = args.export_dir / "export" if (args.export_dir / "export" / "export.json").is_file() else args.export_dir
+    export = (
+        args.export_dir / "export"
+        if (args.export_dir / "export" / "export.json").is_file()
+        else args.export_dir
+    )
     out = args.out or export
     out.mkdir(parents=True, exist_ok=True)
-    records = run_streaming(export, args.threads, QUICK_LENGTHS if args.quick else LENGTHS,
-                            QUICK_BUDGET if args.quick else BUDGET)
+    records = run_streaming(
+        export, args.threads, QUICK_LENGTHS if args.quick else LENGTHS, QUICK_BUDGET if args.quick else BUDGET
+    )
     from cmath_runtime.files import atomic_write_json
 
     atomic_write_json(out / "bench_streaming.json", records)

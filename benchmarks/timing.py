@@ -19,7 +19,9 @@ class Budget:
     iterations: int = 100
     seconds: float = 1.5
     min_iterations: int = 10
-    rounds: int = 10  # measurement split into rounds, interleaved across contenders against machine-load drift
+    rounds: int = (
+        10  # measurement split into rounds, interleaved across contenders against machine-load drift
+    )
 
 
 def timed_calls(fn: Callable[[], object], count: int, deadline: float | None = None) -> list[float]:
@@ -37,8 +39,13 @@ def timed_calls(fn: Callable[[], object], count: int, deadline: float | None = N
 def percentiles_ms(seconds: list[float]) -> dict[str, float]:
     ms = np.asarray(seconds) * 1e3
     p50, p90, p99 = np.percentile(ms, [50, 90, 99])
-    return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "mean_ms": float(ms.mean()),
-            "min_ms": float(ms.min())}
+    return {
+        "p50_ms": float(p50),
+        "p90_ms": float(p90),
+        "p99_ms": float(p99),
+        "mean_ms": float(ms.mean()),
+        "min_ms": float(ms.min()),
+    }
 
 
 def cpu_seconds(pid: int | str = "self", skip_tid: int | None = None) -> float | None:
@@ -85,7 +92,9 @@ def quiesce(pid: int | str = "self", window_s: float = 0.005, limit_s: float = 0
     return time.perf_counter() - start
 
 
-Timer = Callable[[int, "float | None"], list[float]]  # (calls, seconds budget or None) -> seconds of each call
+Timer = Callable[
+    [int, "float | None"], list[float]
+]  # (calls, seconds budget or None) -> seconds of each call
 
 
 @dataclass
@@ -96,8 +105,12 @@ class Timings:
     settle_s: float = 0.0  # seconds spent waiting for contenders' idle threads to stop spinning (quiesce)
 
 
-def interleaved(timers: dict[str, Timer], budget: Budget, warmups: dict[str, Timer] | None = None,
-                settle: Callable[[str], float] | None = None) -> Timings:
+def interleaved(
+    timers: dict[str, Timer],
+    budget: Budget,
+    warmups: dict[str, Timer] | None = None,
+    settle: Callable[[str], float] | None = None,
+) -> Timings:
     """Time several contenders on the same input in rounds (A B C, A B C, ...) so that a change in the machine's
     load hits all of them alike. Each first gets `budget.warmup` untimed calls, then its share of the budget.
     `warmups` (default: `timers`) run the untimed calls. A contender that raises is dropped with its error.

@@ -47,9 +47,14 @@ def build(job: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
         info["import_s"] = time.perf_counter() - start
         backends.set_torch_threads(threads)
         model, spec, info["load_s"] = backends.torch_model(Path(job["run_dir"]))
-        contender = backends.eager(model, spec) if backend == "pytorch-eager" else backends.compiled(model, spec)
-        info["threads"] = {"torch": torch.get_num_threads(), "ort_intra_op": 0,
-                           "idle": "spin" if job["spinning"] else "sleep (OMP_WAIT_POLICY=PASSIVE)"}
+        contender = (
+            backends.eager(model, spec) if backend == "pytorch-eager" else backends.compiled(model, spec)
+        )
+        info["threads"] = {
+            "torch": torch.get_num_threads(),
+            "ort_intra_op": 0,
+            "idle": "spin" if job["spinning"] else "sleep (OMP_WAIT_POLICY=PASSIVE)",
+        }
     else:
         import cmath_runtime
 
@@ -63,8 +68,11 @@ def build(job: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
         info["load_s"] = contender.info.pop("load_s")  # includes importing onnxruntime
         m = contender.info.pop("manifest")
         spec = InputSpec(tuple(m.modalities), dict(m.feature_dims), m.num_speakers)
-        info["threads"] = {"torch": 0, "ort_intra_op": threads,
-                           "idle": "spin" if spin else "sleep (allow_spinning=0)"}
+        info["threads"] = {
+            "torch": 0,
+            "ort_intra_op": threads,
+            "idle": "spin" if spin else "sleep (allow_spinning=0)",
+        }
     info.update(provider=contender.provider, note=contender.note, after_load_rss_mb=vm("VmRSS"))
     return contender, spec, info
 
@@ -78,7 +86,12 @@ def serve(job: dict[str, Any]) -> None:
     except Exception as e:  # reported to the parent, which records it and goes on without this contender
         from .backends import Skipped
 
-        reply({"ready": False, "skipped" if isinstance(e, Skipped) else "error": f"{type(e).__name__}: {e}"[:600]})
+        reply(
+            {
+                "ready": False,
+                "skipped" if isinstance(e, Skipped) else "error": f"{type(e).__name__}: {e}"[:600],
+            }
+        )
         return
     reply({"ready": True, **info})
     calls: dict[tuple[int, int], Any] = {}
@@ -89,7 +102,13 @@ def serve(job: dict[str, Any]) -> None:
             return
         try:
             if op == "stats":
-                reply({"peak_rss_mb": vm("VmHWM"), "torch_imported": "torch" in sys.modules, **compile_counters()})
+                reply(
+                    {
+                        "peak_rss_mb": vm("VmHWM"),
+                        "torch_imported": "torch" in sys.modules,
+                        **compile_counters(),
+                    }
+                )
                 continue
             shape = (req["batch"], req["length"])
             if shape not in calls:
@@ -112,8 +131,13 @@ def compile_counters() -> dict[str, Any]:
     graphs = counters["stats"].get("unique_graphs", 0)
     if not graphs:
         return {}
-    return {"compiled_graphs": graphs, "inductor_cache": {"hit": counters["inductor"].get("fxgraph_cache_hit", 0),
-                                                          "miss": counters["inductor"].get("fxgraph_cache_miss", 0)}}
+    return {
+        "compiled_graphs": graphs,
+        "inductor_cache": {
+            "hit": counters["inductor"].get("fxgraph_cache_hit", 0),
+            "miss": counters["inductor"].get("fxgraph_cache_miss", 0),
+        },
+    }
 
 
 def reply(obj: dict[str, Any]) -> None:

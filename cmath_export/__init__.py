@@ -1,7 +1,7 @@
 """cmath-export: freeze a trained run into ONNX (fp32, fp16), TensorRT and Triton artifacts with proven parity.
 
-    from cmath_export import export_run
-    manifest = export_run("runs/main", fp16=True)   # writes runs/main/export/{model.onnx, model.fp16.onnx, export.json}
+from cmath_export import export_run
+manifest = export_run("runs/main", fp16=True)   # writes runs/main/export/{model.onnx, model.fp16.onnx, export.json}
 """
 
 from __future__ import annotations

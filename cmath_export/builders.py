@@ -96,8 +96,10 @@ def build_fp16(ctx: BuildContext) -> Built:
     path = ctx.path("fp16")
     atomic_write_bytes(path, half.SerializeToString())
     report = ctx.check("fp16", lambda b: parity.onnx_outputs(str(path), b), parity.BOUNDS["fp16"])
-    report.notes.append("onnxruntime's CPU provider runs some fp16 nodes in fp32: this checks fp16 weights; "
-                        "fp16 arithmetic is checked by the TensorRT engine's parity on a GPU")
+    report.notes.append(
+        "onnxruntime's CPU provider runs some fp16 nodes in fp32: this checks fp16 weights; "
+        "fp16 arithmetic is checked by the TensorRT engine's parity on a GPU"
+    )
     return Built(path, "fp16", report, proto=half)
 
 
@@ -113,8 +115,13 @@ def build_tensorrt(ctx: BuildContext) -> Built:
     ctx.say(f"model.plan: built in {time.perf_counter() - t0:.1f} s")
     precision = "fp16" if opts.fp16 else "fp32"
     report = ctx.check("tensorrt", lambda b: trt_build.engine_outputs(plan, b), parity.BOUNDS[precision])
-    return Built(path, precision, report, extra={"profile": trt_build.profile(opts.max_batch, opts.max_len)},
-                 versions={"tensorrt": trt.__version__})
+    return Built(
+        path,
+        precision,
+        report,
+        extra={"profile": trt_build.profile(opts.max_batch, opts.max_len)},
+        versions={"tensorrt": trt.__version__},
+    )
 
 
 def build_step(ctx: BuildContext) -> Companion:
@@ -136,9 +143,18 @@ def build_text_encoder(ctx: BuildContext) -> Companion:
     from .text_encoder import export_text_encoder
 
     twins = tuple(p for p in ("fp16", "int8") if p in ctx.built)
-    entry = export_text_encoder(ctx.ckpt.extra, ctx.ckpt.model_cfg.modalities, ctx.staging, say=ctx.say, twins=twins,
-                                conversations=validation_texts(ctx.ckpt), model_file=ctx.built["fp32"].path)
-    assert entry is not None  # formats: applies only to runs with a text encoder (text_encoder.has_text_encoder)
+    entry = export_text_encoder(
+        ctx.ckpt.extra,
+        ctx.ckpt.model_cfg.modalities,
+        ctx.staging,
+        say=ctx.say,
+        twins=twins,
+        conversations=validation_texts(ctx.ckpt),
+        model_file=ctx.built["fp32"].path,
+    )
+    assert (
+        entry is not None
+    )  # formats: applies only to runs with a text encoder (text_encoder.has_text_encoder)
     return Companion(entry)
 
 
@@ -146,11 +162,14 @@ def build_triton(ctx: BuildContext) -> Companion:
     """The Triton repository (--triton DIR) serving the best model built (formats' serve_rank: engine > fp16 > fp32)."""
     from .triton import PLATFORMS, write_repository
 
-    key = max((get_format(k) for k in ctx.artifacts if get_format(k).format in PLATFORMS),
-              key=lambda f: f.serve_rank).key
+    key = max(
+        (get_format(k) for k in ctx.artifacts if get_format(k).format in PLATFORMS),
+        key=lambda f: f.serve_rank,
+    ).key
     art = ctx.artifacts[key]
-    info = write_repository(ctx.opts.triton, ctx.staging / art.file, art.format, ctx.inputs, ctx.outputs,
-                            ctx.opts.max_batch)
+    info = write_repository(
+        ctx.opts.triton, ctx.staging / art.file, art.format, ctx.inputs, ctx.outputs, ctx.opts.max_batch
+    )
     ctx.say(f"Triton repository: {ctx.opts.triton / info['config']}")
     return Companion({**info, "artifact": key, "sha256": art.sha256})
 
@@ -161,8 +180,9 @@ def build_int8(ctx: BuildContext) -> Built:
 
     t0 = time.perf_counter()
     path = ctx.path("int8")
-    q, scheme, report = quantize_within_bounds(ctx, "int8", ctx.built["fp32"].proto, path,
-                                               lambda b: parity.onnx_outputs(str(path), b))
+    q, scheme, report = quantize_within_bounds(
+        ctx, "int8", ctx.built["fp32"].proto, path, lambda b: parity.onnx_outputs(str(path), b)
+    )
     check_io(q, ctx.inputs, ctx.outputs, "model.int8.onnx")
     ctx.say(f"model.int8.onnx: quantized and checked in {time.perf_counter() - t0:.1f} s")
     report.notes.append(f"weight-int8 MatMuls, scheme {scheme.to_json()}")

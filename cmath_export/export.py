@@ -37,24 +37,48 @@ class ParityError(CmathError):
 
     def __init__(self, report: parity.ParityReport) -> None:
         self.report = report
-        super().__init__(f"{report.artifact} artifact failed parity, nothing was written:\n{report.summary()}")
+        super().__init__(
+            f"{report.artifact} artifact failed parity, nothing was written:\n{report.summary()}"
+        )
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path | None = None, fp16: bool = False, tensorrt: bool = False,
-               opset: int | None = None, max_len: int = 512, max_batch: int = 64, triton: str | Path | None = None,
-               log: Callable[[str], None] | None = None, text_encoder: bool = True, int8: bool = False) -> dict[str, Any]:
+def export_run(
+    run_dir: str | Path,
+    out_dir: str | Path | None = None,
+    fp16: bool = False,
+    tensorrt: bool = False,
+    opset: int | None = None,
+    max_len: int = 512,
+    max_batch: int = 64,
+    triton: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
+    text_encoder: bool = True,
+    int8: bool = False,
+) -> dict[str, Any]:
     """Export a run; return the manifest written to OUT/export.json (its JSON). Raises CmathError subclasses."""
     say = log or (lambda _msg: None)
     run_dir = Path(run_dir)
-    opts = formats.validate(ExportOptions(fp16, tensorrt, int8, opset, max_len, max_batch,
-                                          None if triton is None else Path(triton),
-                                          None if out_dir is None else Path(out_dir), text_encoder))
+    opts = formats.validate(
+        ExportOptions(
+            fp16,
+            tensorrt,
+            int8,
+            opset,
+            max_len,
+            max_batch,
+            None if triton is None else Path(triton),
+            None if out_dir is None else Path(out_dir),
+            text_encoder,
+        )
+    )
     out = opts.out_dir or run_dir / DEFAULT_SUBDIR
     for fmt in formats.wanted(opts):
         fmt.check_machine()  # before anything is written
     ckpt = _load(run_dir)
     if opts.triton is not None:
-        _staging_dir(opts.triton, "--triton").rmdir()  # fail now, not after minutes of work, if the repository is unwritable
+        _staging_dir(
+            opts.triton, "--triton"
+        ).rmdir()  # fail now, not after minutes of work, if the repository is unwritable
     staging = _staging_dir(out, "--out")
     try:
         manifest = _export(ckpt, run_dir, opts, staging, say)
@@ -79,12 +103,14 @@ def _staging_dir(out: Path, flag: str) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=".export-", dir=out))
     except OSError as e:
-        raise ArtifactError(out, f"cannot write here ({e.strerror or e}); pass {flag} DIR with a writable "
-                                 "folder") from None
+        raise ArtifactError(
+            out, f"cannot write here ({e.strerror or e}); pass {flag} DIR with a writable folder"
+        ) from None
 
 
-def _export(ckpt: Checkpoint, run_dir: Path, opts: ExportOptions, staging: Path,
-            say: Callable[[str], None]) -> Manifest:
+def _export(
+    ckpt: Checkpoint, run_dir: Path, opts: ExportOptions, staging: Path, say: Callable[[str], None]
+) -> Manifest:
     """Every wanted row that applies to this run, in table order, by its builder; each must pass its parity bounds
     before the next. Model formats fill export.json "artifacts", companions their own field."""
     inputs, outputs = io_specs(ckpt.model_cfg)
@@ -133,7 +159,9 @@ def _promote(staging: Path, out: Path, manifest: Manifest) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(out / name)
     manifest.write(out)
-    mode = 0o666 & ~_umask()  # staged files are 0600 (mkstemp); artifacts are for other users (a Triton container) too
+    mode = (
+        0o666 & ~_umask()
+    )  # staged files are 0600 (mkstemp); artifacts are for other users (a Triton container) too
     for name in (MANIFEST, *promoted):
         os.chmod(out / name, mode)
 
@@ -143,8 +171,10 @@ def manifest_files(manifest: Manifest) -> list[str]:
     encoder and its tokenizer."""
     names = [a.file for a in manifest.artifacts.values()]
     if manifest.step:
-        names += [manifest.step["file"], *(v["file"] for v in manifest.step.values() if isinstance(v, dict)
-                                            and "file" in v)]
+        names += [
+            manifest.step["file"],
+            *(v["file"] for v in manifest.step.values() if isinstance(v, dict) and "file" in v),
+        ]
     if manifest.text_encoder:
         names += [f["file"] for f in manifest.text_encoder["files"].values()]
     return names

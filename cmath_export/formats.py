@@ -21,7 +21,10 @@ from typing import Any
 
 from cmath_runtime.errors import CmathError
 
-MIN_OPSET, MAX_OPSET = 18, 23  # the dynamo exporter emits opset 18+; onnxruntime 1.18+ runs up to 23 (LayerNorm: 17+)
+MIN_OPSET, MAX_OPSET = (
+    18,
+    23,
+)  # the dynamo exporter emits opset 18+; onnxruntime 1.18+ runs up to 23 (LayerNorm: 17+)
 DEFAULT_OPSET = 20
 TRITON_MODEL = "cmath"
 
@@ -50,7 +53,9 @@ class ExportFormat:
     # "module:function" building this format's twin of the step graph (causal runs): (ctx, step entry) ->
     # (entry stored as export.json["step"][key], parity report); None: the format has no step twin
     step_builder: str | None = None
-    companion: bool = False  # True: built after the model formats, into export.json[key] instead of "artifacts"
+    companion: bool = (
+        False  # True: built after the model formats, into export.json[key] instead of "artifacts"
+    )
     applies: str | None = None  # "module:function" (ctx) -> bool: whether this run has it (None: every run)
     extra_files: tuple[str, ...] = ()  # other files it may write into the export folder (twins, tokenizer)
     when: str = ""  # when it is written, for the table ("" = its flag, or always)
@@ -80,39 +85,124 @@ class ExportFormat:
         missing = [p for p in self.needs if importlib.util.find_spec(p) is None]
         if missing:
             what = f"{self.flag} needs" if self.flag else f"{self.name} needs"
-            raise OptionError(f"{what} the Python packages {missing} (pip install {' '.join(missing)}); nothing "
-                              "was written.")
+            raise OptionError(
+                f"{what} the Python packages {missing} (pip install {' '.join(missing)}); nothing "
+                "was written."
+            )
 
 
 FORMATS: tuple[ExportFormat, ...] = (
-    ExportFormat("fp32", "ONNX fp32", "", "model.onnx", "onnx", "fp32", "cpu", ("torch", "onnx", "onnxscript"),
-                 "cmath_export.builders:build_fp32", bench=(("onnxruntime", "fp32"), ("onnxruntime-spin", "fp32"),
-                                                           ("openvino", "fp32"), ("openvino", "bf16"),
-                                                           ("onnxruntime-cuda", "fp32"))),
-    ExportFormat("fp16", "ONNX fp16", "--fp16", "model.fp16.onnx", "onnx", "fp16", "cpu", ("onnx", "onnxruntime"),
-                 "cmath_export.builders:build_fp16", serve_rank=1, bench=(("onnxruntime", "fp16"),)),
+    ExportFormat(
+        "fp32",
+        "ONNX fp32",
+        "",
+        "model.onnx",
+        "onnx",
+        "fp32",
+        "cpu",
+        ("torch", "onnx", "onnxscript"),
+        "cmath_export.builders:build_fp32",
+        bench=(
+            ("onnxruntime", "fp32"),
+            ("onnxruntime-spin", "fp32"),
+            ("openvino", "fp32"),
+            ("openvino", "bf16"),
+            ("onnxruntime-cuda", "fp32"),
+        ),
+    ),
+    ExportFormat(
+        "fp16",
+        "ONNX fp16",
+        "--fp16",
+        "model.fp16.onnx",
+        "onnx",
+        "fp16",
+        "cpu",
+        ("onnx", "onnxruntime"),
+        "cmath_export.builders:build_fp16",
+        serve_rank=1,
+        bench=(("onnxruntime", "fp16"),),
+    ),
     # weight-int8 (cmath_export/quantize.py); with a causal run also model.step.int8.onnx. Not served by Triton.
-    ExportFormat("int8", "ONNX int8 weights", "--int8", "model.int8.onnx", "onnx", "int8 weights, fp32 activations",
-                 "cpu", ("onnx", "onnxruntime"), "cmath_export.builders:build_int8", bench=(("onnxruntime", "int8"),),
-                 step_builder="cmath_export.quantize:build_step_int8"),
-    ExportFormat("tensorrt", "TensorRT engine", "--tensorrt", "model.plan", "tensorrt", "fp32, or fp16 with --fp16",
-                 "gpu", ("tensorrt",), "cmath_export.builders:build_tensorrt",
-                 preflight="cmath_export.tensorrt:preflight", serve_rank=2, bench=(("tensorrt", "fp16"),)),
+    ExportFormat(
+        "int8",
+        "ONNX int8 weights",
+        "--int8",
+        "model.int8.onnx",
+        "onnx",
+        "int8 weights, fp32 activations",
+        "cpu",
+        ("onnx", "onnxruntime"),
+        "cmath_export.builders:build_int8",
+        bench=(("onnxruntime", "int8"),),
+        step_builder="cmath_export.quantize:build_step_int8",
+    ),
+    ExportFormat(
+        "tensorrt",
+        "TensorRT engine",
+        "--tensorrt",
+        "model.plan",
+        "tensorrt",
+        "fp32, or fp16 with --fp16",
+        "gpu",
+        ("tensorrt",),
+        "cmath_export.builders:build_tensorrt",
+        preflight="cmath_export.tensorrt:preflight",
+        serve_rank=2,
+        bench=(("tensorrt", "fp16"),),
+    ),
     # companions: after the model formats, in this order (the text encoder's twins are checked through the built
     # models; Triton serves the best built model)
-    ExportFormat("step", "ONNX step graph", "", "model.step.onnx", "onnx", "fp32 (+ int8 twin with --int8)", "cpu",
-                 ("torch", "onnx", "onnxscript"), "cmath_export.builders:build_step", companion=True,
-                 applies="cmath_export.step_graph:has_step", extra_files=("model.step.int8.onnx",),
-                 when="causal CMATH runs"),
-    ExportFormat("text_encoder", "Text encoder", "", "text_encoder.onnx", "onnx", "fp32 (+ fp16 / int8 twins)", "cpu",
-                 ("torch", "onnx"), "cmath_export.builders:build_text_encoder", companion=True,
-                 applies="cmath_export.text_encoder:has_text_encoder",
-                 extra_files=("text_encoder.fp16.onnx", "text_encoder.int8.onnx", "tokenizer.json",
-                              "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"),
-                 when="runs whose text features name their encoder (--no-text-encoder skips it)"),
-    ExportFormat("triton", "Triton repository", "--triton", f"DIR/{TRITON_MODEL}/config.pbtxt", "triton",
-                 "of the model it serves", "cpu", (), "cmath_export.builders:build_triton", companion=True,
-                 when=f"--triton DIR (+ DIR/{TRITON_MODEL}/1/model.onnx or model.plan)"),
+    ExportFormat(
+        "step",
+        "ONNX step graph",
+        "",
+        "model.step.onnx",
+        "onnx",
+        "fp32 (+ int8 twin with --int8)",
+        "cpu",
+        ("torch", "onnx", "onnxscript"),
+        "cmath_export.builders:build_step",
+        companion=True,
+        applies="cmath_export.step_graph:has_step",
+        extra_files=("model.step.int8.onnx",),
+        when="causal CMATH runs",
+    ),
+    ExportFormat(
+        "text_encoder",
+        "Text encoder",
+        "",
+        "text_encoder.onnx",
+        "onnx",
+        "fp32 (+ fp16 / int8 twins)",
+        "cpu",
+        ("torch", "onnx"),
+        "cmath_export.builders:build_text_encoder",
+        companion=True,
+        applies="cmath_export.text_encoder:has_text_encoder",
+        extra_files=(
+            "text_encoder.fp16.onnx",
+            "text_encoder.int8.onnx",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "vocab.txt",
+        ),
+        when="runs whose text features name their encoder (--no-text-encoder skips it)",
+    ),
+    ExportFormat(
+        "triton",
+        "Triton repository",
+        "--triton",
+        f"DIR/{TRITON_MODEL}/config.pbtxt",
+        "triton",
+        "of the model it serves",
+        "cpu",
+        (),
+        "cmath_export.builders:build_triton",
+        companion=True,
+        when=f"--triton DIR (+ DIR/{TRITON_MODEL}/1/model.onnx or model.plan)",
+    ),
 )
 
 
@@ -151,8 +241,10 @@ def format_table() -> str:
     """The table as markdown, for `cmath-export --list-formats` and the docs."""
     rows = ["| format | option | file | precision | builds on | needs |", "|---|---|---|---|---|---|"]
     for f in FORMATS:
-        rows.append(f"| {f.name} | {f.when or f.flag or '(always)'} | `{f.file}` | {f.precision} | "
-                    f"{f.builds_on.upper()} | {', '.join(f.needs) or '-'} |")
+        rows.append(
+            f"| {f.name} | {f.when or f.flag or '(always)'} | `{f.file}` | {f.precision} | "
+            f"{f.builds_on.upper()} | {', '.join(f.needs) or '-'} |"
+        )
     return "\n".join(rows)
 
 
@@ -176,15 +268,33 @@ def validate(opts: ExportOptions) -> ExportOptions:
     """Reject invalid values and combinations before any work; return the options with defaults filled in."""
     opset = DEFAULT_OPSET if opts.opset is None else opts.opset
     if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise OptionError(f"--opset {opset} is not supported: use an opset from {MIN_OPSET} to {MAX_OPSET} "
-                          f"(default {DEFAULT_OPSET}).")
+        raise OptionError(
+            f"--opset {opset} is not supported: use an opset from {MIN_OPSET} to {MAX_OPSET} "
+            f"(default {DEFAULT_OPSET})."
+        )
     if opts.max_len < 1:
         raise OptionError(f"--max-len {opts.max_len}: expected at least 1 utterance, e.g. --max-len 512.")
     if opts.max_batch < 1:
-        raise OptionError(f"--max-batch {opts.max_batch}: expected at least 1 conversation, e.g. --max-batch 64.")
-    if opts.triton is not None and opts.out_dir is not None and Path(opts.triton).resolve() == Path(opts.out_dir).resolve():
-        raise OptionError("--triton and --out name the same folder: give the Triton repository its own folder, "
-                          "e.g. --triton triton_repo.")
-    return ExportOptions(opts.fp16, opts.tensorrt, opts.int8, opset, opts.max_len, opts.max_batch,
-                         None if opts.triton is None else Path(opts.triton),
-                         None if opts.out_dir is None else Path(opts.out_dir), opts.text_encoder)
+        raise OptionError(
+            f"--max-batch {opts.max_batch}: expected at least 1 conversation, e.g. --max-batch 64."
+        )
+    if (
+        opts.triton is not None
+        and opts.out_dir is not None
+        and Path(opts.triton).resolve() == Path(opts.out_dir).resolve()
+    ):
+        raise OptionError(
+            "--triton and --out name the same folder: give the Triton repository its own folder, "
+            "e.g. --triton triton_repo."
+        )
+    return ExportOptions(
+        opts.fp16,
+        opts.tensorrt,
+        opts.int8,
+        opset,
+        opts.max_len,
+        opts.max_batch,
+        None if opts.triton is None else Path(opts.triton),
+        None if opts.out_dir is None else Path(opts.out_dir),
+        opts.text_encoder,
+    )

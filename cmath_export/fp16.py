@@ -23,10 +23,16 @@ STANDARDISE_OPS = ("Sub", "Div")
 def convert_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    model = onnx.ModelProto.FromString(model.SerializeToString())  # the converter must not touch the fp32 model
+    model = onnx.ModelProto.FromString(
+        model.SerializeToString()
+    )  # the converter must not touch the fp32 model
     drop_initializer_value_info(model.graph)
-    half = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(DEFAULT_OP_BLOCK_LIST),
-                                    node_block_list=standardisation_nodes(model.graph))
+    half = convert_float_to_float16(
+        model,
+        keep_io_types=True,
+        op_block_list=list(DEFAULT_OP_BLOCK_LIST),
+        node_block_list=standardisation_nodes(model.graph),
+    )
     drop_initializer_value_info(half.graph)
     topological_sort(half.graph)
     remove_cast_round_trips(half)
@@ -67,8 +73,11 @@ def remove_cast_round_trips(model: onnx.ModelProto) -> None:
     """Where x (fp32) -> Cast(fp16) -> Cast(fp32) feeds a node, feed it x itself: same graph, no rounding."""
     graph = model.graph
     inferred = onnx.shape_inference.infer_shapes(model)
-    fp32 = {v.name for v in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
-            if v.type.tensor_type.elem_type == FP32} | {t.name for t in graph.initializer if t.data_type == FP32}
+    fp32 = {
+        v.name
+        for v in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
+        if v.type.tensor_type.elem_type == FP32
+    } | {t.name for t in graph.initializer if t.data_type == FP32}
     producer = {o: n for n in graph.node for o in n.output}
     outputs = {o.name for o in graph.output}
     rename: dict[str, str] = {}
@@ -76,7 +85,12 @@ def remove_cast_round_trips(model: onnx.ModelProto) -> None:
         if node.op_type != "Cast" or _cast_to(node) != FP32 or node.output[0] in outputs:
             continue
         first = producer.get(node.input[0])
-        if first is not None and first.op_type == "Cast" and _cast_to(first) == FP16 and first.input[0] in fp32:
+        if (
+            first is not None
+            and first.op_type == "Cast"
+            and _cast_to(first) == FP16
+            and first.input[0] in fp32
+        ):
             rename[node.output[0]] = first.input[0]
     for node in graph.node:
         for i, name in enumerate(node.input):

@@ -32,8 +32,12 @@ from cmath_train.layers import SinusoidalPositions
 BATCH, UTTERANCES = "batch", "utterances"
 TRACE_SHAPE = (2, 16)  # (batch, utterances) of the example inputs: both >= 2, so neither axis specialises
 PROTOBUF_LIMIT = 2**31 - 1
-ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64", onnx.TensorProto.BOOL: "bool",
-               onnx.TensorProto.FLOAT16: "float16"}
+ONNX_DTYPES = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.BOOL: "bool",
+    onnx.TensorProto.FLOAT16: "float16",
+}
 
 
 @dataclass(frozen=True)
@@ -49,9 +53,14 @@ class TensorSpec:
 def io_specs(cfg: ModelConfig) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """The graph's inputs and outputs, in order (docs/artifact-format.md)."""
     inputs = [TensorSpec(m, "float32", (BATCH, UTTERANCES, cfg.feature_dims[m])) for m in cfg.modalities]
-    inputs += [TensorSpec("speaker", "int64", (BATCH, UTTERANCES)), TensorSpec("mask", "bool", (BATCH, UTTERANCES))]
-    outputs = [TensorSpec("probs", "float32", (BATCH, UTTERANCES, cfg.num_classes)),
-               TensorSpec("embedding", "float32", (BATCH, UTTERANCES, cfg.d))]
+    inputs += [
+        TensorSpec("speaker", "int64", (BATCH, UTTERANCES)),
+        TensorSpec("mask", "bool", (BATCH, UTTERANCES)),
+    ]
+    outputs = [
+        TensorSpec("probs", "float32", (BATCH, UTTERANCES, cfg.num_classes)),
+        TensorSpec("embedding", "float32", (BATCH, UTTERANCES, cfg.d)),
+    ]
     return inputs, outputs
 
 
@@ -74,7 +83,7 @@ def example_inputs(cfg: ModelConfig, shape: tuple[int, int] = TRACE_SHAPE) -> tu
     gen = torch.Generator().manual_seed(0)
     feats = tuple(torch.randn(b, n, cfg.feature_dims[m], generator=gen) for m in cfg.modalities)
     mask = torch.ones(b, n, dtype=torch.bool)
-    mask[-1, n // 2:] = False  # one right-padded conversation, like real batches
+    mask[-1, n // 2 :] = False  # one right-padded conversation, like real batches
     speaker = torch.randint(0, cfg.num_speakers, (b, n), generator=gen) * mask
     return (*feats, speaker, mask)
 
@@ -99,8 +108,11 @@ def position_rows(model: nn.Module, max_len: int) -> Iterator[None]:
     module docstring); restored afterwards. A model without one cannot be exported with checked positions."""
     tables = [mod for mod in model.modules() if isinstance(mod, SinusoidalPositions)]
     if not tables:
-        raise ArtifactError("model.onnx", "the model has no cmath_train.layers.SinusoidalPositions; positions "
-                                          "must come from it so that export can size the table to max_len")
+        raise ArtifactError(
+            "model.onnx",
+            "the model has no cmath_train.layers.SinusoidalPositions; positions "
+            "must come from it so that export can size the table to max_len",
+        )
     before = [t.rows for t in tables]
     try:
         for t in tables:
@@ -119,14 +131,27 @@ def export_onnx(model: nn.Module, opset: int, max_len: int) -> onnx.ModelProto:
     batch, utterances = torch.export.Dim(BATCH), torch.export.Dim(UTTERANCES)
     dynamic = tuple({0: batch, 1: utterances} for _ in inputs)
     with _quiet_exporter(), torch.no_grad(), position_rows(model, max_len):
-        program = torch.onnx.export(graph, example_inputs(cfg), dynamo=True, dynamic_shapes=(dynamic,),
-                                    opset_version=opset, optimize=True, external_data=False, verbose=False)
+        program = torch.onnx.export(
+            graph,
+            example_inputs(cfg),
+            dynamo=True,
+            dynamic_shapes=(dynamic,),
+            opset_version=opset,
+            optimize=True,
+            external_data=False,
+            verbose=False,
+        )
     ir_model = program.model
     _rename_io(ir_model.graph, [s.name for s in inputs], [s.name for s in outputs])
-    size = sum(v.const_value.nbytes for v in ir_model.graph.initializers.values() if v.const_value is not None)
+    size = sum(
+        v.const_value.nbytes for v in ir_model.graph.initializers.values() if v.const_value is not None
+    )
     if size > PROTOBUF_LIMIT:
-        raise ArtifactError("model.onnx", f"weights take {size / 2**30:.1f} GiB, over protobuf's 2 GiB limit for "
-                                          "a single-file ONNX model; this exporter writes single files only")
+        raise ArtifactError(
+            "model.onnx",
+            f"weights take {size / 2**30:.1f} GiB, over protobuf's 2 GiB limit for "
+            "a single-file ONNX model; this exporter writes single files only",
+        )
     import onnx_ir
 
     proto = onnx_ir.serde.serialize_model(ir_model)
@@ -145,10 +170,15 @@ def _rename_io(graph, inputs: list[str], outputs: list[str]) -> None:  # noqa: A
                 value.name = f"{value.name}__internal"
     for value in graph.initializers.values():
         if value.name in wanted:
-            raise ArtifactError("model.onnx", f"a weight is named {value.name!r}, like a graph input or output")
+            raise ArtifactError(
+                "model.onnx", f"a weight is named {value.name!r}, like a graph input or output"
+            )
     if len(graph.inputs) != len(inputs) or len(graph.outputs) != len(outputs):
-        raise ArtifactError("model.onnx", f"exported graph has {len(graph.inputs)} inputs and {len(graph.outputs)} "
-                                          f"outputs, expected {len(inputs)} and {len(outputs)}")
+        raise ArtifactError(
+            "model.onnx",
+            f"exported graph has {len(graph.inputs)} inputs and {len(graph.outputs)} "
+            f"outputs, expected {len(inputs)} and {len(outputs)}",
+        )
     for value, name in zip([*graph.inputs, *graph.outputs], [*inputs, *outputs]):
         value.name = name
 
@@ -160,8 +190,17 @@ def _dims(value_info: onnx.ValueInfoProto) -> tuple[str | int, ...]:
 def check_io(proto: onnx.ModelProto, inputs: list[TensorSpec], outputs: list[TensorSpec], where: str) -> None:
     """The graph's inputs/outputs are exactly the specs: names, order, dtypes, and batch/utterance axes dynamic."""
     for kind, got, want in (("input", proto.graph.input, inputs), ("output", proto.graph.output, outputs)):
-        actual = [TensorSpec(v.name, ONNX_DTYPES.get(v.type.tensor_type.elem_type, str(v.type.tensor_type.elem_type)),
-                             _dims(v)) for v in got]
+        actual = [
+            TensorSpec(
+                v.name,
+                ONNX_DTYPES.get(v.type.tensor_type.elem_type, str(v.type.tensor_type.elem_type)),
+                _dims(v),
+            )
+            for v in got
+        ]
         if actual != list(want):
-            raise ArtifactError(where, f"graph {kind}s {[s.to_json() for s in actual]} differ from the contract "
-                                       f"{[s.to_json() for s in want]}")
+            raise ArtifactError(
+                where,
+                f"graph {kind}s {[s.to_json() for s in actual]} differ from the contract "
+                f"{[s.to_json() for s in want]}",
+            )

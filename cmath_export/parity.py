@@ -19,8 +19,16 @@ from cmath_runtime.compare import compare as compare_outputs
 from .parity_data import Feeds, ParityData
 
 Outputs = dict[str, np.ndarray]  # "probs" (B, N, C), "embedding" (B, N, d)
-__all__ = ["Bounds", "BOUNDS", "OutputComparison", "ParityReport", "torch_outputs", "onnx_outputs", "compare",
-           "check_parity"]
+__all__ = [
+    "Bounds",
+    "BOUNDS",
+    "OutputComparison",
+    "ParityReport",
+    "torch_outputs",
+    "onnx_outputs",
+    "compare",
+    "check_parity",
+]
 
 
 @dataclass(frozen=True)
@@ -52,8 +60,12 @@ def torch_outputs(model: torch.nn.Module, batches: Sequence[Feeds], threads: int
     try:
         out = []
         for feeds in batches:
-            res = model({m: torch.from_numpy(feeds[m]) for m in mods}, torch.from_numpy(feeds["speaker"]),
-                        torch.from_numpy(feeds["mask"]), reconstruct=False)
+            res = model(
+                {m: torch.from_numpy(feeds[m]) for m in mods},
+                torch.from_numpy(feeds["speaker"]),
+                torch.from_numpy(feeds["mask"]),
+                reconstruct=False,
+            )
             out.append({"probs": torch.softmax(res.logits, -1).numpy(), "embedding": res.embedding.numpy()})
         return out
     finally:
@@ -72,16 +84,38 @@ def onnx_outputs(path: str, batches: Sequence[Feeds], threads: int = 1) -> tuple
     return out, f"onnxruntime {ort.__version__} {info.providers[0]}"
 
 
-def compare(artifact: str, data: ParityData, reference: list[Outputs], got: list[Outputs], bounds: Bounds,
-            runtime: str, reference_name: str = "PyTorch eval (fp32, CPU)") -> ParityReport:
+def compare(
+    artifact: str,
+    data: ParityData,
+    reference: list[Outputs],
+    got: list[Outputs],
+    bounds: Bounds,
+    runtime: str,
+    reference_name: str = "PyTorch eval (fp32, CPU)",
+) -> ParityReport:
     """The runtime's comparator (cmath_runtime.compare) with this artifact's bounds, over the real rows."""
     checks = {"probs": max_abs(bounds.probs_max_abs), "embedding": max_abs(bounds.embedding_max_abs)}
-    return compare_outputs(reference, got, checks, [feeds["mask"] for feeds in data.batches], "probs",
-                           bounds.min_argmax_agreement, artifact=artifact, reference_name=reference_name,
-                           runtime=runtime, data=data.source, conversations=data.conversations)
+    return compare_outputs(
+        reference,
+        got,
+        checks,
+        [feeds["mask"] for feeds in data.batches],
+        "probs",
+        bounds.min_argmax_agreement,
+        artifact=artifact,
+        reference_name=reference_name,
+        runtime=runtime,
+        data=data.source,
+        conversations=data.conversations,
+    )
 
 
-def check_parity(artifact: str, data: ParityData, reference: list[Outputs],
-                 run: Callable[[Sequence[Feeds]], tuple[list[Outputs], str]], bounds: Bounds) -> ParityReport:
+def check_parity(
+    artifact: str,
+    data: ParityData,
+    reference: list[Outputs],
+    run: Callable[[Sequence[Feeds]], tuple[list[Outputs], str]],
+    bounds: Bounds,
+) -> ParityReport:
     got, runtime = run(data.batches)
     return compare(artifact, data, reference, got, bounds, runtime)

@@ -14,7 +14,9 @@ import numpy as np
 from cmath_runtime.batching import pad_conversations
 from cmath_train.checkpoint import Checkpoint
 
-Feeds = dict[str, np.ndarray]  # graph input name -> array: t/a/v (B, N, d_m) float32, speaker int64, mask bool
+Feeds = dict[
+    str, np.ndarray
+]  # graph input name -> array: t/a/v (B, N, d_m) float32, speaker int64, mask bool
 
 
 @dataclass
@@ -25,8 +27,9 @@ class ParityData:
     rows: int  # real (unpadded) utterances
 
 
-def load_parity_data(ckpt: Checkpoint, max_len: int, max_batch: int, limit: int = 128,
-                     batch_size: int = 16) -> ParityData:
+def load_parity_data(
+    ckpt: Checkpoint, max_len: int, max_batch: int, limit: int = 128, batch_size: int = 16
+) -> ParityData:
     cfg = ckpt.model_cfg
     dialogues, source = validation_conversations(ckpt)
     if dialogues is None:
@@ -36,18 +39,23 @@ def load_parity_data(ckpt: Checkpoint, max_len: int, max_batch: int, limit: int 
     if too_long:
         source += f"; {too_long} conversations longer than --max-len {max_len} left out"
     size = max(1, min(batch_size, max_batch))
-    batches = [_pad(dialogues[i:i + size], cfg.modalities) for i in range(0, len(dialogues), size)]
+    batches = [_pad(dialogues[i : i + size], cfg.modalities) for i in range(0, len(dialogues), size)]
     if max_batch >= 2:
         padded = _pad(dialogues[:1], cfg.modalities, extra_empty=1)  # conversation 2 is all padding
         batches.append(padded)
     return ParityData(batches, source, len(dialogues), sum(len(s) for _, s in dialogues))
 
 
-def _pad(dialogues: list[tuple[dict[str, np.ndarray], np.ndarray]], modalities: tuple[str, ...],
-         extra_empty: int = 0) -> Feeds:
+def _pad(
+    dialogues: list[tuple[dict[str, np.ndarray], np.ndarray]],
+    modalities: tuple[str, ...],
+    extra_empty: int = 0,
+) -> Feeds:
     feats, speaker, mask = pad_conversations([f for f, _ in dialogues], [s for _, s in dialogues], modalities)
     if extra_empty:
-        feats = {m: np.concatenate([x, np.zeros((extra_empty, *x.shape[1:]), x.dtype)]) for m, x in feats.items()}
+        feats = {
+            m: np.concatenate([x, np.zeros((extra_empty, *x.shape[1:]), x.dtype)]) for m, x in feats.items()
+        }
         speaker = np.concatenate([speaker, np.zeros((extra_empty, speaker.shape[1]), speaker.dtype)])
         mask = np.concatenate([mask, np.zeros((extra_empty, mask.shape[1]), bool)])
     return {**feats, "speaker": speaker, "mask": mask}
@@ -59,14 +67,19 @@ def validation_conversations(ckpt: Checkpoint) -> tuple[list | None, str]:
     return (None if dialogues is None else [(d.features, d.speakers) for d in dialogues]), source
 
 
-def validation_texts(ckpt: Checkpoint, limit: int = 100) -> list[tuple[list[str], list[int], dict[str, np.ndarray]]] | None:
+def validation_texts(
+    ckpt: Checkpoint, limit: int = 100
+) -> list[tuple[list[str], list[int], dict[str, np.ndarray]]] | None:
     """(texts, speakers, the other modalities' features) of up to `limit` validation conversations, when the run's
     features were made from text and its data can be rebuilt; None otherwise."""
     dialogues, _ = validation_dialogues(ckpt)
     if dialogues is None or any(d.texts is None for d in dialogues):
         return None
-    return [(list(d.texts), [int(s) for s in d.speakers], {m: x for m, x in d.features.items() if m != "t"})
-            for d in dialogues[:limit] if len(d)]
+    return [
+        (list(d.texts), [int(s) for s in d.speakers], {m: x for m, x in d.features.items() if m != "t"})
+        for d in dialogues[:limit]
+        if len(d)
+    ]
 
 
 def validation_dialogues(ckpt: Checkpoint) -> tuple[list | None, str]:
@@ -78,7 +91,9 @@ def validation_dialogues(ckpt: Checkpoint) -> tuple[list | None, str]:
     source = data.get("source")
     spec = "synthetic" if source == "synthetic" else data.get("path")  # a pickle records its path
     if not spec or (spec != "synthetic" and not Path(spec).exists()):
-        kind = source.get("kind", "a features directory") if isinstance(source, dict) else source or "unrecorded"
+        kind = (
+            source.get("kind", "a features directory") if isinstance(source, dict) else source or "unrecorded"
+        )
         return None, f"the run's data ({kind}) cannot be located from its checkpoint"
     try:
         if spec == "synthetic":  # rebuilt from the generator config the run recorded
@@ -89,7 +104,9 @@ def validation_dialogues(ckpt: Checkpoint) -> tuple[list | None, str]:
             fs = load_data(spec)
     except Exception as e:  # noqa: BLE001 - any failure to rebuild the data only means: use generated rows
         return None, f"the run's data could not be read again ({type(e).__name__}: {e})"
-    if {m: fs.feature_dims.get(m) for m in cfg.modalities} != cfg.feature_dims or fs.num_speakers > cfg.num_speakers:
+    if {
+        m: fs.feature_dims.get(m) for m in cfg.modalities
+    } != cfg.feature_dims or fs.num_speakers > cfg.num_speakers:
         return None, f"{spec} has other feature sizes or more speakers than the run"
     fs = fs.select(cfg.modalities)
     splits = make_splits(fs, ckpt.train_cfg.val_fraction, ckpt.train_cfg.seed)

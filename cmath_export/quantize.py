@@ -42,7 +42,9 @@ class Scheme:
 
     method: str = "dynamic"  # onnxruntime.quantization.quantize_dynamic
     op_types: tuple[str, ...] = ("MatMul",)  # Gemms with a constant weight are rewritten to MatMul first
-    conv_as_matmul: bool = True  # 1-D Convs with a constant weight rewritten to MatMul first (conv1d_to_matmul)
+    conv_as_matmul: bool = (
+        True  # 1-D Convs with a constant weight rewritten to MatMul first (conv1d_to_matmul)
+    )
     conv_block: int = 16  # ... and run as MatMulNBits, one scale per block of this many input rows
     fuse_shared: bool = True  # MatMuls reading the same activation fused first (rewrites.fuse_shared_matmuls)
     weight_type: str = "QInt8"
@@ -70,17 +72,23 @@ def quantize_int8(model: onnx.ModelProto, scheme: Scheme | None = None) -> onnx.
     # matmul_nbits_quantizer calls logging.basicConfig(INFO) when first imported
     from onnxruntime.quantization import QuantType, matmul_nbits_quantizer, quantize_dynamic  # noqa: F401
 
-    for handler in [h for h in root.handlers if h not in handlers]:  # ... which we undo: our output stays ours
+    for handler in [
+        h for h in root.handlers if h not in handlers
+    ]:  # ... which we undo: our output stays ours
         root.removeHandler(handler)
     scheme = scheme or SCHEMES[0]
-    root.setLevel(max(level, logging.ERROR))  # onnxruntime logs a "run pre-processing" hint on the root logger
+    root.setLevel(
+        max(level, logging.ERROR)
+    )  # onnxruntime logs a "run pre-processing" hint on the root logger
     try:
         return _quantize(model, scheme, quantize_dynamic, QuantType)
     finally:
         root.setLevel(level)
 
 
-def _quantize(model: onnx.ModelProto, scheme: Scheme, quantize_dynamic: Any, QuantType: Any) -> onnx.ModelProto:  # noqa: N803
+def _quantize(
+    model: onnx.ModelProto, scheme: Scheme, quantize_dynamic: Any, QuantType: Any
+) -> onnx.ModelProto:  # noqa: N803
     model = gemm_to_matmul(model)
     if scheme.conv_as_matmul:
         model, conv_matmuls = conv1d_to_matmul(model)
@@ -91,10 +99,16 @@ def _quantize(model: onnx.ModelProto, scheme: Scheme, quantize_dynamic: Any, Qua
     with tempfile.TemporaryDirectory(prefix="cmath-int8-") as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         onnx.save_model(model, str(src))
-        quantize_dynamic(str(src), str(dst), op_types_to_quantize=list(scheme.op_types),
-                         nodes_to_quantize=nodes, per_channel=scheme.per_channel,
-                         reduce_range=scheme.reduce_range, weight_type=getattr(QuantType, scheme.weight_type),
-                         extra_options={"MatMulConstBOnly": scheme.weights_only})
+        quantize_dynamic(
+            str(src),
+            str(dst),
+            op_types_to_quantize=list(scheme.op_types),
+            nodes_to_quantize=nodes,
+            per_channel=scheme.per_channel,
+            reduce_range=scheme.reduce_range,
+            weight_type=getattr(QuantType, scheme.weight_type),
+            extra_options={"MatMulConstBOnly": scheme.weights_only},
+        )
         return onnx.load_model(str(dst))
 
 
@@ -107,8 +121,15 @@ def blockwise_int8(model: onnx.ModelProto, names: list[str], block: int) -> onnx
         return model
     model = onnx.ModelProto.FromString(model.SerializeToString())  # the quantizer edits its model in place
     others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in names]
-    quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=block, is_symmetric=True, accuracy_level=4,
-                                     nodes_to_include=names, nodes_to_exclude=others)
+    quantizer = MatMulNBitsQuantizer(
+        model,
+        bits=8,
+        block_size=block,
+        is_symmetric=True,
+        accuracy_level=4,
+        nodes_to_include=names,
+        nodes_to_exclude=others,
+    )
     quantizer.process()
     return quantizer.model.model
 
@@ -117,7 +138,9 @@ def weight_matmuls(graph: onnx.GraphProto, op_types: tuple[str, ...] = ("MatMul"
     """Names of the `op_types` nodes whose second input is a constant (an initializer or a Constant node)."""
     constants = {t.name for t in graph.initializer}
     constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    return [n.name for n in graph.node if n.op_type in op_types and len(n.input) > 1 and n.input[1] in constants]
+    return [
+        n.name for n in graph.node if n.op_type in op_types and len(n.input) > 1 and n.input[1] in constants
+    ]
 
 
 def weight_bytes(model: onnx.ModelProto) -> int:
@@ -137,8 +160,9 @@ def count_ops(model: onnx.ModelProto) -> dict[str, int]:
 STEP_INT8_FILE = "model.step.int8.onnx"  # one of the files of formats' "step" row
 
 
-def quantize_within_bounds(ctx: Any, key: str, fp32: onnx.ModelProto, path: Path, run: Any,
-                           then: Any = None) -> tuple[onnx.ModelProto, Scheme, Any]:
+def quantize_within_bounds(
+    ctx: Any, key: str, fp32: onnx.ModelProto, path: Path, run: Any, then: Any = None
+) -> tuple[onnx.ModelProto, Scheme, Any]:
     """Each scheme of SCHEMES in turn: quantize `fp32` (then rewrite it with `then`, if given), write it to `path`,
     check its parity against PyTorch with `run` (cmath_export.parity); the first within the int8 bounds is kept.
     -> (graph, scheme, report); the report of the last scheme when none passed (the export then fails and writes
@@ -158,15 +182,18 @@ def quantize_within_bounds(ctx: Any, key: str, fp32: onnx.ModelProto, path: Path
         if report.passed or scheme == SCHEMES[-1]:
             break
         probs = next(o for o in report.outputs if o.name == "probs")
-        tried.append(f"scheme {scheme.to_json()} missed the int8 bound (probs max |dp| {probs.max_abs:.4f}, "
-                     f"argmax agreement {report.argmax_agreement:.2%}): the next scheme was tried")
+        tried.append(
+            f"scheme {scheme.to_json()} missed the int8 bound (probs max |dp| {probs.max_abs:.4f}, "
+            f"argmax agreement {report.argmax_agreement:.2%}): the next scheme was tried"
+        )
         ctx.say(f"{path.name}: {tried[-1]}")
     report.notes += tried
     return q, scheme, report
 
 
-def step_outputs(path: str | Path, entry: dict[str, Any], batches: list[dict[str, np.ndarray]],
-                 threads: int = 1) -> tuple[list[dict[str, np.ndarray]], str]:
+def step_outputs(
+    path: str | Path, entry: dict[str, Any], batches: list[dict[str, np.ndarray]], threads: int = 1
+) -> tuple[list[dict[str, np.ndarray]], str]:
     """Run a step graph over every conversation of padded batches, one utterance at a time, with the runtime's
     own Stream (so any step layout the runtime runs is checked as it runs); -> outputs shaped like the full
     graph's (B, N, .), padded rows zero, and the runtime in words."""
@@ -186,8 +213,9 @@ def step_outputs(path: str | Path, entry: dict[str, Any], batches: list[dict[str
             n = int(mask[b].sum())
             if n == 0:
                 continue
-            probs, emb = Stream(graph).catch_up([int(s) for s in feeds["speaker"][b, :n]],
-                                                {m: list(feeds[m][b, :n]) for m in modalities})
+            probs, emb = Stream(graph).catch_up(
+                [int(s) for s in feeds["speaker"][b, :n]], {m: list(feeds[m][b, :n]) for m in modalities}
+            )
             for k, v in (("probs", probs), ("embedding", emb)):
                 got.setdefault(k, np.zeros((*mask.shape, v.shape[-1]), np.float32))[b, :n] = v
         out.append(got)
@@ -202,12 +230,25 @@ def build_step_int8(ctx: Any, step_entry: dict[str, Any]) -> tuple[dict[str, Any
 
     path = ctx.staging / STEP_INT8_FILE
     q, scheme, report = quantize_within_bounds(  # onnxruntime alone runs int8: its attention op may be used
-        ctx, "step_int8", onnx.load_model(str(ctx.staging / STEP_PLAIN_FILE)), path,
-        lambda b: step_outputs(path, step_entry, b), lambda q: attention_to_mha(q)[0])
+        ctx,
+        "step_int8",
+        onnx.load_model(str(ctx.staging / STEP_PLAIN_FILE)),
+        path,
+        lambda b: step_outputs(path, step_entry, b),
+        lambda q: attention_to_mha(q)[0],
+    )
     attentions = count_ops(q).get("MultiHeadAttention", 0)
-    report.notes.append(f"model.step.int8.onnx fed one utterance at a time; scheme {scheme.to_json()}; "
-                        f"{attentions} attentions as one MultiHeadAttention op each")
-    entry = {"file": STEP_INT8_FILE, "sha256": sha256_file(path), "bytes": path.stat().st_size,
-             "precision": "int8", "scheme": scheme.to_json(), "rewrites": {"attention_to_mha": attentions},
-             "parity": report.to_json()}
+    report.notes.append(
+        f"model.step.int8.onnx fed one utterance at a time; scheme {scheme.to_json()}; "
+        f"{attentions} attentions as one MultiHeadAttention op each"
+    )
+    entry = {
+        "file": STEP_INT8_FILE,
+        "sha256": sha256_file(path),
+        "bytes": path.stat().st_size,
+        "precision": "int8",
+        "scheme": scheme.to_json(),
+        "rewrites": {"attention_to_mha": attentions},
+        "parity": report.to_json(),
+    }
     return entry, report

@@ -32,22 +32,34 @@ def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
     nodes = []
     for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if (node.op_type != "Gemm" or len(node.input) < 2 or node.input[1] not in inits or attrs.get("transA", 0)
-                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+        if (
+            node.op_type != "Gemm"
+            or len(node.input) < 2
+            or node.input[1] not in inits
+            or attrs.get("transA", 0)
+            or attrs.get("alpha", 1.0) != 1.0
+            or attrs.get("beta", 1.0) != 1.0
+        ):
             nodes.append(node)
             continue
         weight = numpy_helper.to_array(inits[node.input[1]])
         name = f"{node.input[1]}__matmul"
         if name not in inits:
-            inits[name] = numpy_helper.from_array(np.ascontiguousarray(weight.T if attrs.get("transB", 0) else weight),
-                                                  name)
+            inits[name] = numpy_helper.from_array(
+                np.ascontiguousarray(weight.T if attrs.get("transB", 0) else weight), name
+            )
             graph.initializer.append(inits[name])
         has_bias = len(node.input) > 2 and node.input[2]
         product = f"{node.output[0]}__matmul" if has_bias else node.output[0]
-        nodes.append(helper.make_node("MatMul", [node.input[0], name], [product],
-                                      name=f"{node.name or node.output[0]}__matmul"))
+        nodes.append(
+            helper.make_node(
+                "MatMul", [node.input[0], name], [product], name=f"{node.name or node.output[0]}__matmul"
+            )
+        )
         if has_bias:
-            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}__bias"))
+            nodes.append(
+                helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}__bias")
+            )
     _set_nodes(graph, nodes)
     return model
 
@@ -78,35 +90,63 @@ def conv1d_to_matmul(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]
 
     for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        weight = numpy_helper.to_array(inits[node.input[1]]) if (
-            node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in inits) else None
-        if (weight is None or weight.ndim != 3 or attrs.get("group", 1) != 1 or attrs.get("auto_pad", b"NOTSET") != b"NOTSET"
-                or list(attrs.get("strides", [1])) != [1] or list(attrs.get("dilations", [1])) != [1]):
+        weight = (
+            numpy_helper.to_array(inits[node.input[1]])
+            if (node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in inits)
+            else None
+        )
+        if (
+            weight is None
+            or weight.ndim != 3
+            or attrs.get("group", 1) != 1
+            or attrs.get("auto_pad", b"NOTSET") != b"NOTSET"
+            or list(attrs.get("strides", [1])) != [1]
+            or list(attrs.get("dilations", [1])) != [1]
+        ):
             nodes.append(node)
             continue
         out_ch, in_ch, k = weight.shape
         left, right = attrs.get("pads", [0, 0])
         p = f"{node.name or node.output[0]}__mm"
-        graph.initializer.append(numpy_helper.from_array(
-            np.ascontiguousarray(weight.transpose(2, 1, 0).reshape(k * in_ch, out_ch)), f"{p}_w"))
-        nodes += [helper.make_node("Transpose", [node.input[0]], [f"{p}_rows"], perm=[0, 2, 1], name=f"{p}_rows"),
-                  helper.make_node("Pad", [f"{p}_rows", constant(f"{p}_pads", [0, left, 0, 0, right, 0])],
-                                   [f"{p}_padded"], name=f"{p}_pad")]
+        graph.initializer.append(
+            numpy_helper.from_array(
+                np.ascontiguousarray(weight.transpose(2, 1, 0).reshape(k * in_ch, out_ch)), f"{p}_w"
+            )
+        )
+        nodes += [
+            helper.make_node("Transpose", [node.input[0]], [f"{p}_rows"], perm=[0, 2, 1], name=f"{p}_rows"),
+            helper.make_node(
+                "Pad",
+                [f"{p}_rows", constant(f"{p}_pads", [0, left, 0, 0, right, 0])],
+                [f"{p}_padded"],
+                name=f"{p}_pad",
+            ),
+        ]
         axis = constant(f"{p}_axis", [1])
         for j in range(k):  # window j: rows j .. j + L' - 1, i.e. up to -(k - 1 - j) from the end
             end = -(k - 1 - j) if j < k - 1 else np.iinfo(np.int64).max
-            nodes.append(helper.make_node("Slice", [f"{p}_padded", constant(f"{p}_start{j}", [j]),
-                                                    constant(f"{p}_end{j}", [end]), axis], [f"{p}_win{j}"],
-                                          name=f"{p}_win{j}"))
-        nodes.append(helper.make_node("Concat", [f"{p}_win{j}" for j in range(k)], [f"{p}_cols"], axis=-1,
-                                      name=f"{p}_cols"))
+            nodes.append(
+                helper.make_node(
+                    "Slice",
+                    [f"{p}_padded", constant(f"{p}_start{j}", [j]), constant(f"{p}_end{j}", [end]), axis],
+                    [f"{p}_win{j}"],
+                    name=f"{p}_win{j}",
+                )
+            )
+        nodes.append(
+            helper.make_node(
+                "Concat", [f"{p}_win{j}" for j in range(k)], [f"{p}_cols"], axis=-1, name=f"{p}_cols"
+            )
+        )
         product = f"{p}_product"
         nodes.append(helper.make_node("MatMul", [f"{p}_cols", f"{p}_w"], [product], name=f"{p}_matmul"))
         made.append(f"{p}_matmul")
         if len(node.input) > 2 and node.input[2]:
             nodes.append(helper.make_node("Add", [product, node.input[2]], [f"{p}_biased"], name=f"{p}_bias"))
             product = f"{p}_biased"
-        nodes.append(helper.make_node("Transpose", [product], [node.output[0]], perm=[0, 2, 1], name=f"{p}_out"))
+        nodes.append(
+            helper.make_node("Transpose", [product], [node.output[0]], perm=[0, 2, 1], name=f"{p}_out")
+        )
     _set_nodes(graph, nodes)
     return model, made
 
@@ -140,12 +180,17 @@ def fuse_shared_matmuls(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         nodes = [helper.make_node("MatMul", [x, f"{p}_w"], [f"{p}_y"], name=f"{p}_matmul")]
         outputs, y = [n.output[0] for n in matmuls], f"{p}_y"
         if all(b is not None for b in biases):
-            graph.initializer.append(numpy_helper.from_array(
-                np.concatenate([numpy_helper.to_array(inits[bias]) for _, bias in biases]), f"{p}_b"))
+            graph.initializer.append(
+                numpy_helper.from_array(
+                    np.concatenate([numpy_helper.to_array(inits[bias]) for _, bias in biases]), f"{p}_b"
+                )
+            )
             nodes.append(helper.make_node("Add", [y, f"{p}_b"], [f"{p}_yb"], name=f"{p}_bias"))
             outputs, y = [add.output[0] for add, _ in biases], f"{p}_yb"
             dropped.update(id(add) for add, _ in biases)
-        graph.initializer.append(numpy_helper.from_array(np.array([w.shape[1] for w in weights], np.int64), f"{p}_sizes"))
+        graph.initializer.append(
+            numpy_helper.from_array(np.array([w.shape[1] for w in weights], np.int64), f"{p}_sizes")
+        )
         nodes.append(helper.make_node("Split", [y, f"{p}_sizes"], outputs, axis=-1, name=f"{p}_split"))
         replaced[id(matmuls[0])] = nodes
         dropped.update(id(n) for n in matmuls[1:])
@@ -160,8 +205,12 @@ def fuse_shared_matmuls(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     return model, fused
 
 
-def _bias_add(matmul: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto]],
-              inits: dict[str, onnx.TensorProto], graph_outputs: set[str]) -> tuple[onnx.NodeProto, str] | None:
+def _bias_add(
+    matmul: onnx.NodeProto,
+    consumers: dict[str, list[onnx.NodeProto]],
+    inits: dict[str, onnx.TensorProto],
+    graph_outputs: set[str],
+) -> tuple[onnx.NodeProto, str] | None:
     """(the Add, its bias) when the MatMul's only use is an Add of a constant 1-D tensor of its width (its product
     is neither a graph output nor read anywhere else)."""
     users = consumers[matmul.output[0]]
@@ -220,7 +269,11 @@ def attention_to_mha(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         users = consumers[name]
         if name in graph_outputs or len(users) != 1 or users[0].op_type != op:
             return None
-        return users[0] if perm is None or [list(a.ints) for a in users[0].attribute if a.name == "perm"] == [perm] else None
+        return (
+            users[0]
+            if perm is None or [list(a.ints) for a in users[0].attribute if a.name == "perm"] == [perm]
+            else None
+        )
 
     def heads_of(reshape: onnx.NodeProto) -> int | None:
         """The head count h of a Reshape to (B, n, h, d/h): its shape's second-to-last entry, when constant."""
@@ -234,7 +287,9 @@ def attention_to_mha(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         return None
 
     biases: dict[tuple[str, float, int], str] = {}
-    bias_nodes: dict[int | None, list[onnx.NodeProto]] = {}  # id(the mask's producer; None: a graph input) -> nodes
+    bias_nodes: dict[
+        int | None, list[onnx.NodeProto]
+    ] = {}  # id(the mask's producer; None: a graph input) -> nodes
     new_nodes: dict[int, list[onnx.NodeProto]] = {}  # id(the final Reshape) -> what replaces the attention
     dropped: set[int] = set()
     for softmax in graph.node:
@@ -247,20 +302,39 @@ def attention_to_mha(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         scores = mul and made_by(mul.input[0], "MatMul")
         mask_value = where and const(where.input[1])
         users = consumers[softmax.output[0]]
-        if not (scores and scale is not None and scale.size == 1 and mask_value is not None and mask_value.size == 1
-                and mask_value.reshape(-1)[0] <= -1e4 and len(users) == 1 and users[0].op_type == "MatMul"
-                and users[0].input[0] == softmax.output[0] and softmax.output[0] not in graph_outputs):
+        if not (
+            scores
+            and scale is not None
+            and scale.size == 1
+            and mask_value is not None
+            and mask_value.size == 1
+            and mask_value.reshape(-1)[0] <= -1e4
+            and len(users) == 1
+            and users[0].op_type == "MatMul"
+            and users[0].input[0] == softmax.output[0]
+            and softmax.output[0] not in graph_outputs
+        ):
             continue
         weighted = users[0]
-        tq, tk = made_by(scores.input[0], "Transpose", [0, 2, 1, 3]), made_by(scores.input[1], "Transpose", [0, 2, 3, 1])
+        tq, tk = (
+            made_by(scores.input[0], "Transpose", [0, 2, 1, 3]),
+            made_by(scores.input[1], "Transpose", [0, 2, 3, 1]),
+        )
         tv = made_by(weighted.input[1], "Transpose", [0, 2, 1, 3])
         to = only_user(weighted.output[0], "Transpose", [0, 2, 1, 3])
         ro = to and only_user(to.output[0], "Reshape")
         rq, rk, rv = (t and producer.get(t.input[0]) for t in (tq, tk, tv))
         out_shape = ro and const(ro.input[1])  # back to (B, S, D): the op's own output layout
-        if not (to and ro and out_shape is not None and out_shape.size == 3
-                and all(r is not None and r.op_type == "Reshape" and r.output[0] not in graph_outputs
-                        for r in (rq, rk, rv))):
+        if not (
+            to
+            and ro
+            and out_shape is not None
+            and out_shape.size == 3
+            and all(
+                r is not None and r.op_type == "Reshape" and r.output[0] not in graph_outputs
+                for r in (rq, rk, rv)
+            )
+        ):
             continue
         heads = heads_of(rk)
         if heads is None or heads != heads_of(rq) or heads != heads_of(rv):
@@ -268,18 +342,34 @@ def attention_to_mha(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         mask, masked = where.input[0], float(mask_value.reshape(-1)[0])
         if (mask, masked, heads) not in biases:
             b = f"{mask}__attention_bias_{len(biases)}"
-            graph.initializer.extend([numpy_helper.from_array(np.array(masked, np.float32), f"{b}_masked"),
-                                      numpy_helper.from_array(np.array(0.0, np.float32), f"{b}_zero"),
-                                      numpy_helper.from_array(np.array([1, heads, 1, 1], np.int64), f"{b}_heads")])
-            after = producer.get(mask)  # the bias is computed right after its mask, before any attention reads it
-            bias_nodes.setdefault(id(after) if after is not None else None, []).extend([
-                helper.make_node("Where", [mask, f"{b}_masked", f"{b}_zero"], [f"{b}_1"], name=f"{b}_1"),
-                helper.make_node("Expand", [f"{b}_1", f"{b}_heads"], [b], name=b)])  # (B, 1, 1, L) -> (B, h, 1, L)
+            graph.initializer.extend(
+                [
+                    numpy_helper.from_array(np.array(masked, np.float32), f"{b}_masked"),
+                    numpy_helper.from_array(np.array(0.0, np.float32), f"{b}_zero"),
+                    numpy_helper.from_array(np.array([1, heads, 1, 1], np.int64), f"{b}_heads"),
+                ]
+            )
+            after = producer.get(
+                mask
+            )  # the bias is computed right after its mask, before any attention reads it
+            bias_nodes.setdefault(id(after) if after is not None else None, []).extend(
+                [
+                    helper.make_node("Where", [mask, f"{b}_masked", f"{b}_zero"], [f"{b}_1"], name=f"{b}_1"),
+                    helper.make_node("Expand", [f"{b}_1", f"{b}_heads"], [b], name=b),
+                ]
+            )  # (B, 1, 1, L) -> (B, h, 1, L)
             biases[(mask, masked, heads)] = b
-        new_nodes[id(ro)] = [helper.make_node(
-            "MultiHeadAttention", [rq.input[0], rk.input[0], rv.input[0], "", "", biases[(mask, masked, heads)]],
-            [ro.output[0]], name=f"{ro.output[0]}__mha", domain="com.microsoft", num_heads=heads,
-            scale=float(scale.reshape(-1)[0]))]
+        new_nodes[id(ro)] = [
+            helper.make_node(
+                "MultiHeadAttention",
+                [rq.input[0], rk.input[0], rv.input[0], "", "", biases[(mask, masked, heads)]],
+                [ro.output[0]],
+                name=f"{ro.output[0]}__mha",
+                domain="com.microsoft",
+                num_heads=heads,
+                scale=float(scale.reshape(-1)[0]),
+            )
+        ]
         dropped.update(id(n) for n in (tq, tk, tv, scores, mul, where, softmax, weighted, to))
         dropped.update(id(r) for r in (rq, rk, rv) if len(consumers[r.output[0]]) == 1)
     if not new_nodes:

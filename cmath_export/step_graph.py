@@ -63,23 +63,40 @@ def step_specs(step: StepModule) -> tuple[list[TensorSpec], list[TensorSpec], li
     cfg = step.model.cfg
     inputs = [TensorSpec(m, "float32", (BATCH, cfg.feature_dims[m])) for m in step.modalities]
     inputs += [TensorSpec("speaker", "int64", (BATCH,)), TensorSpec("position", "int64", (BATCH,))]
-    outputs = [TensorSpec("probs", "float32", (BATCH, cfg.num_classes)),
-               TensorSpec("embedding", "float32", (BATCH, cfg.d))]
-    state: list[dict[str, Any]] = [{"input": "position", "output": None, "shape": [1], "dtype": "int64",
-                                    "update": "increment"}]
+    outputs = [
+        TensorSpec("probs", "float32", (BATCH, cfg.num_classes)),
+        TensorSpec("embedding", "float32", (BATCH, cfg.d)),
+    ]
+    state: list[dict[str, Any]] = [
+        {"input": "position", "output": None, "shape": [1], "dtype": "int64", "update": "increment"}
+    ]
     if step.tail:
         for m in step.modalities:
             shape = (step.tail, cfg.feature_dims[m])
             inputs.append(TensorSpec(f"tail_{m}", "float32", (BATCH, *shape)))
             outputs.append(TensorSpec(f"new_tail_{m}", "float32", (BATCH, *shape)))
-            state.append({"input": f"tail_{m}", "output": f"new_tail_{m}", "shape": list(shape), "dtype": "float32",
-                          "update": "replace"})
+            state.append(
+                {
+                    "input": f"tail_{m}",
+                    "output": f"new_tail_{m}",
+                    "shape": list(shape),
+                    "dtype": "float32",
+                    "update": "replace",
+                }
+            )
     for name in step.names:
         for kind in ("key", "value"):
             inputs.append(TensorSpec(f"past_{kind}_{name}", "float32", (BATCH, PAST, cfg.d)))
             outputs.append(TensorSpec(f"{kind}_{name}", "float32", (BATCH, cfg.d)))
-            state.append({"input": f"past_{kind}_{name}", "output": f"{kind}_{name}", "shape": [step.max_len, cfg.d],
-                          "dtype": "float32", "update": "append"})
+            state.append(
+                {
+                    "input": f"past_{kind}_{name}",
+                    "output": f"{kind}_{name}",
+                    "shape": [step.max_len, cfg.d],
+                    "dtype": "float32",
+                    "update": "append",
+                }
+            )
     return inputs, outputs, state
 
 
@@ -87,7 +104,11 @@ def _example(step: StepModule, past: int) -> tuple[torch.Tensor, ...]:
     """Two conversations (so the batch axis stays dynamic) at different positions, the second one padded."""
     cfg, gen = step.model.cfg, torch.Generator().manual_seed(0)
     feats = [torch.randn(2, cfg.feature_dims[m], generator=gen) for m in step.modalities]
-    tails = [torch.randn(2, step.tail, cfg.feature_dims[m], generator=gen) for m in step.modalities] if step.tail else []
+    tails = (
+        [torch.randn(2, step.tail, cfg.feature_dims[m], generator=gen) for m in step.modalities]
+        if step.tail
+        else []
+    )
     kv = [torch.randn(2, past, cfg.d, generator=gen) for _ in range(2 * len(step.names))]
     return (*feats, torch.tensor([1, 2]), torch.tensor([past, past // 2]), *tails, *kv)
 
@@ -98,9 +119,16 @@ def export_step_onnx(model: nn.Module, opset: int, max_len: int) -> tuple[onnx.M
     batch, past = torch.export.Dim(BATCH), torch.export.Dim(PAST, min=0, max=max(max_len, TRACE_SHAPE[1]))
     dynamic = tuple({0: batch, 1: past} if s.name.startswith("past_") else {0: batch} for s in inputs)
     with _quiet_exporter(), torch.no_grad(), position_rows(model, max_len):
-        program = torch.onnx.export(step, _example(step, min(TRACE_PAST, max_len - 1)), dynamo=True,
-                                    dynamic_shapes=(dynamic,), opset_version=opset, optimize=True,
-                                    external_data=False, verbose=False)
+        program = torch.onnx.export(
+            step,
+            _example(step, min(TRACE_PAST, max_len - 1)),
+            dynamo=True,
+            dynamic_shapes=(dynamic,),
+            opset_version=opset,
+            optimize=True,
+            external_data=False,
+            verbose=False,
+        )
     _rename_io(program.model.graph, [s.name for s in inputs], [s.name for s in outputs])
     import onnx_ir
 
@@ -115,8 +143,13 @@ def _conversations(model: nn.Module, max_len: int) -> list[tuple[dict[str, np.nd
     cfg, rng = model.cfg, np.random.default_rng(0)
     out = []
     for n in sorted({min(n, max_len) for n in PARITY_LENGTHS}):
-        feats = {m: (model.standardize[m].mean.numpy() + model.standardize[m].std.numpy()
-                     * rng.standard_normal((n, cfg.feature_dims[m]))).astype(np.float32) for m in cfg.modalities}
+        feats = {
+            m: (
+                model.standardize[m].mean.numpy()
+                + model.standardize[m].std.numpy() * rng.standard_normal((n, cfg.feature_dims[m]))
+            ).astype(np.float32)
+            for m in cfg.modalities
+        }
         out.append((feats, rng.integers(0, cfg.num_speakers, n).astype(np.int64)))
     return out
 
@@ -136,38 +169,63 @@ def step_parity(step_path: Path, full_path: Path, entry: dict[str, Any], model: 
     conversations = _conversations(model, graph.max_len)
     reference = []
     for feats, speakers in conversations:
-        probs, emb = full_sess.run(["probs", "embedding"], {**{m: x[None] for m, x in feats.items()},
-                                                            "speaker": speakers[None],
-                                                            "mask": np.ones((1, len(speakers)), bool)})
+        probs, emb = full_sess.run(
+            ["probs", "embedding"],
+            {
+                **{m: x[None] for m, x in feats.items()},
+                "speaker": speakers[None],
+                "mask": np.ones((1, len(speakers)), bool),
+            },
+        )
         reference.append({"probs": probs[0], "embedding": emb[0]})
     alone = []
     for feats, speakers in conversations:
         state = graph.empty_state()
-        rows = [graph.run(state, i, int(speakers[i]), {m: x[i] for m, x in feats.items()}) for i in range(len(speakers))]
+        rows = [
+            graph.run(state, i, int(speakers[i]), {m: x[i] for m, x in feats.items()})
+            for i in range(len(speakers))
+        ]
         alone.append({"probs": np.stack([p for p, _ in rows]), "embedding": np.stack([e for _, e in rows])})
-    batched = [{"probs": np.zeros_like(r["probs"]), "embedding": np.zeros_like(r["embedding"])} for r in reference]
+    batched = [
+        {"probs": np.zeros_like(r["probs"]), "embedding": np.zeros_like(r["embedding"])} for r in reference
+    ]
     states = [graph.empty_state() for _ in conversations]  # all together: different positions in one call
     for i in range(max(len(s) for _, s in conversations)):
         live = [b for b, (_, s) in enumerate(conversations) if i < len(s)]
-        probs, emb = graph.run_batch([states[b] for b in live], [i] * len(live),
-                                     [int(conversations[b][1][i]) for b in live],
-                                     [{m: x[i] for m, x in conversations[b][0].items()} for b in live])
+        probs, emb = graph.run_batch(
+            [states[b] for b in live],
+            [i] * len(live),
+            [int(conversations[b][1][i]) for b in live],
+            [{m: x[i] for m, x in conversations[b][0].items()} for b in live],
+        )
         for row, b in enumerate(live):
             batched[b]["probs"][i], batched[b]["embedding"][i] = probs[row], emb[row]
     checks = {"probs": max_abs(PARITY_BOUND), "embedding": max_abs(None)}
-    common = {"reference_name": "model.onnx (onnxruntime CPU)", "runtime": "model.step.onnx (onnxruntime CPU)",
-              "data": "train mean + std * N(0, 1)"}
+    common = {
+        "reference_name": "model.onnx (onnxruntime CPU)",
+        "runtime": "model.step.onnx (onnxruntime CPU)",
+        "data": "train mean + std * N(0, 1)",
+    }
     single = compare(reference, alone, checks, artifact="step", **common)
     together = compare(reference, batched, checks, artifact="step (batched)", **common)
-    return {"reference": common["reference_name"], "data": common["data"],
-            "lengths": [len(s) for _, s in conversations], "probs_max_abs": single.output("probs").max_abs,
-            "embedding_max_abs": single.output("embedding").max_abs,
-            "batched_probs_max_abs": together.output("probs").max_abs, "tolerance": PARITY_BOUND,
-            "passed": single.passed and together.passed, "report": single.to_json(),
-            "batched_report": together.to_json(), "summary": f"{single.summary()}\n{together.summary()}"}
+    return {
+        "reference": common["reference_name"],
+        "data": common["data"],
+        "lengths": [len(s) for _, s in conversations],
+        "probs_max_abs": single.output("probs").max_abs,
+        "embedding_max_abs": single.output("embedding").max_abs,
+        "batched_probs_max_abs": together.output("probs").max_abs,
+        "tolerance": PARITY_BOUND,
+        "passed": single.passed and together.passed,
+        "report": single.to_json(),
+        "batched_report": together.to_json(),
+        "summary": f"{single.summary()}\n{together.summary()}",
+    }
 
 
-def export_step(model: nn.Module, opset: int, max_len: int, staging: Path, say: Any = print) -> dict[str, Any]:
+def export_step(
+    model: nn.Module, opset: int, max_len: int, staging: Path, say: Any = print
+) -> dict[str, Any]:
     """Write model.step.onnx into `staging`, check its parity against staging/model.onnx; the export.json entry."""
     proto, step = export_step_onnx(model, opset, max_len)
     onnx.checker.check_model(proto, full_check=True)
@@ -178,13 +236,24 @@ def export_step(model: nn.Module, opset: int, max_len: int, staging: Path, say: 
     path = staging / STEP_FILE
     atomic_write_bytes(path, fast.SerializeToString())
     inputs, outputs, state = step_specs(step)
-    entry = {"file": STEP_FILE, "sha256": sha256_file(path), "bytes": path.stat().st_size, "max_len": max_len,
-             "tail": step.tail, "attention": list(step.names),
-             "rewrites": {"convs_as_matmul": len(convs), "matmuls_fused": fused},
-             "inputs": [s.to_json() for s in inputs], "outputs": [s.to_json() for s in outputs], "state": state}
+    entry = {
+        "file": STEP_FILE,
+        "sha256": sha256_file(path),
+        "bytes": path.stat().st_size,
+        "max_len": max_len,
+        "tail": step.tail,
+        "attention": list(step.names),
+        "rewrites": {"convs_as_matmul": len(convs), "matmuls_fused": fused},
+        "inputs": [s.to_json() for s in inputs],
+        "outputs": [s.to_json() for s in outputs],
+        "state": state,
+    }
     parity = step_parity(path, staging / "model.onnx", entry, model)
     say(parity.pop("summary"))
     if not parity["passed"]:
-        raise ArtifactError(STEP_FILE, f"step graph parity failed: probs max |diff| {parity['probs_max_abs']:.3g} > "
-                                       f"{PARITY_BOUND:g} against model.onnx")
+        raise ArtifactError(
+            STEP_FILE,
+            f"step graph parity failed: probs max |diff| {parity['probs_max_abs']:.3g} > "
+            f"{PARITY_BOUND:g} against model.onnx",
+        )
     return {**entry, "parity": parity}

@@ -52,8 +52,10 @@ def preflight() -> None:
         missing = "an NVIDIA GPU with its CUDA driver (none is visible on this machine)"
     else:
         missing = f"the tensorrt package ({INSTALL})"
-    raise BackendUnavailableError(f"--tensorrt needs {missing}; nothing was written, "
-                                  "and the ONNX export works without it (drop --tensorrt).")
+    raise BackendUnavailableError(
+        f"--tensorrt needs {missing}; nothing was written, "
+        "and the ONNX export works without it (drop --tensorrt)."
+    )
 
 
 def profile(max_batch: int, max_len: int) -> dict[str, list[int]]:
@@ -61,7 +63,9 @@ def profile(max_batch: int, max_len: int) -> dict[str, list[int]]:
     return {"min": [1, 1], "opt": [1, min(OPT_UTTERANCES, max_len)], "max": [max_batch, max_len]}
 
 
-def build_engine(onnx_path: Path, inputs: list[TensorSpec], fp16: bool, max_batch: int, max_len: int) -> bytes:
+def build_engine(
+    onnx_path: Path, inputs: list[TensorSpec], fp16: bool, max_batch: int, max_len: int
+) -> bytes:
     import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.WARNING)

@@ -34,14 +34,25 @@ from cmath_train.prepare.pooled import PooledEncoder
 
 ONNX_FILE = "text_encoder.onnx"
 TWIN_FILES = {"fp16": "text_encoder.fp16.onnx", "int8": "text_encoder.int8.onnx"}
-TWIN_BOUNDS = {"fp16": {"min_cosine": 0.999, "agreement": 0.995}, "int8": {"min_cosine": 0.98, "agreement": 0.99}}
+TWIN_BOUNDS = {
+    "fp16": {"min_cosine": 0.999, "agreement": 0.995},
+    "int8": {"min_cosine": 0.98, "agreement": 0.99},
+}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 SUPPORTED_MODULES = ("Transformer", "Pooling", "Normalize")
 MIN_COSINE = 0.9999
 PROBE_TEXTS = (
-    "", "Oh my God!", "I don't know... maybe?", "Hey Ross 😂😂 what's up 👍🏽", "Okay.",
-    "CafÃ© au lait, it’s â€œgreatâ€\x9d", "\x92Cause I said so\x85", "Joey: How YOU doin'?",
-    "word " * 600, "supercalifragilisticexpialidocious " * 40, "Ça va? Très bien, merci — ¿y tú? 你好 Привет",
+    "",
+    "Oh my God!",
+    "I don't know... maybe?",
+    "Hey Ross 😂😂 what's up 👍🏽",
+    "Okay.",
+    "CafÃ© au lait, it’s â€œgreatâ€\x9d",
+    "\x92Cause I said so\x85",
+    "Joey: How YOU doin'?",
+    "word " * 600,
+    "supercalifragilisticexpialidocious " * 40,
+    "Ça va? Très bien, merci — ¿y tú? 你好 Привет",
 )
 
 
@@ -55,7 +66,9 @@ def run_encoder_meta(extra: dict[str, Any], modalities: tuple[str, ...] | list[s
 
 def has_text_encoder(ctx: Any) -> bool:
     """Whether the export bundles the run's text encoder: asked for (the default) and the run has one."""
-    return ctx.opts.text_encoder and run_encoder_meta(ctx.ckpt.extra, ctx.ckpt.model_cfg.modalities) is not None
+    return (
+        ctx.opts.text_encoder and run_encoder_meta(ctx.ckpt.extra, ctx.ckpt.model_cfg.modalities) is not None
+    )
 
 
 def resolve_model_dir(meta: dict[str, Any]) -> Path:
@@ -68,17 +81,27 @@ def resolve_model_dir(meta: dict[str, Any]) -> Path:
         with contextlib.suppress(ArtifactError):
             candidates.append(default_model_dir())
     for path in candidates:
-        if (path / "modules.json").is_file() and all(sha256_problem(path / f, h) is None
-                                                     for f, h in want.items()):
+        if (path / "modules.json").is_file() and all(
+            sha256_problem(path / f, h) is None for f, h in want.items()
+        ):
             return path
-    raise ArtifactError(meta.get("path", "text_encoder"), f"the run's text encoder ({meta.get('name')}) with weights "
-                        f"{ {k: v[:12] for k, v in want.items()} } was not found; pass --no-text-encoder to skip it")
+    raise ArtifactError(
+        meta.get("path", "text_encoder"),
+        f"the run's text encoder ({meta.get('name')}) with weights "
+        f"{ {k: v[:12] for k, v in want.items()} } was not found; pass --no-text-encoder to skip it",
+    )
 
 
-def export_text_encoder(extra: dict[str, Any], modalities: tuple[str, ...] | list[str], staging: Path,
-                        opset: int = 17, say: Any = None, twins: tuple[str, ...] = (),
-                        conversations: list[tuple[list[str], list[int], dict[str, np.ndarray]]] | None = None,
-                        model_file: Path | None = None) -> dict[str, Any] | None:
+def export_text_encoder(
+    extra: dict[str, Any],
+    modalities: tuple[str, ...] | list[str],
+    staging: Path,
+    opset: int = 17,
+    say: Any = None,
+    twins: tuple[str, ...] = (),
+    conversations: list[tuple[list[str], list[int], dict[str, np.ndarray]]] | None = None,
+    model_file: Path | None = None,
+) -> dict[str, Any] | None:
     """Write text_encoder.onnx (+ twins) + tokenizer files into `staging`; return the export.json entry (None: no
     encoder). `conversations`: (texts, speakers, other modalities' features) of the run's validation split, for
     parity and the twins' agreement through `model_file` (the staged fp32 model)."""
@@ -92,8 +115,11 @@ def export_text_encoder(extra: dict[str, Any], modalities: tuple[str, ...] | lis
     st = SentenceTransformerEncoder.load(model_dir, name=meta.get("name"))
     modules = [type(m).__name__ for m in st.model]
     if any(m not in SUPPORTED_MODULES for m in modules) or meta.get("pooling") not in ("mean", "cls", "max"):
-        raise ArtifactError(model_dir, f"cannot export text encoder modules {modules} / pooling {meta.get('pooling')!r}"
-                                       f" (supported: {list(SUPPORTED_MODULES)}, mean/cls/max)")
+        raise ArtifactError(
+            model_dir,
+            f"cannot export text encoder modules {modules} / pooling {meta.get('pooling')!r}"
+            f" (supported: {list(SUPPORTED_MODULES)}, mean/cls/max)",
+        )
     turns = meta.get("turns")
     hf = st.model[0].auto_model.eval()
     tok_inputs = tuple(st.model.tokenizer.model_input_names)
@@ -111,25 +137,37 @@ def export_text_encoder(extra: dict[str, Any], modalities: tuple[str, ...] | lis
     if "tokenizer" not in files:
         raise ArtifactError(model_dir, "no tokenizer.json (a fast tokenizer is needed by the runtime)")
     entry = {
-        "name": meta.get("name"), "source": str(model_dir), "kind": meta["kind"],
-        "files": _files(files), "inputs": list(inputs), "output": "embedding",
-        "max_seq_length": int(st.model.max_seq_length), "pooling": meta["pooling"],
-        "normalize": bool(meta.get("normalized")), "dim": int(st.dim),
+        "name": meta.get("name"),
+        "source": str(model_dir),
+        "kind": meta["kind"],
+        "files": _files(files),
+        "inputs": list(inputs),
+        "output": "embedding",
+        "max_seq_length": int(st.model.max_seq_length),
+        "pooling": meta["pooling"],
+        "normalize": bool(meta.get("normalized")),
+        "dim": int(st.dim),
         "text_normalisation": (extra.get("data") or {}).get("text_normalisation"),
         "truncation": "right, to max_seq_length tokens including [CLS]/[SEP]",
-        "weights_sha256": meta.get("weights_sha256"), "opset": opset,
+        "weights_sha256": meta.get("weights_sha256"),
+        "opset": opset,
     }
     if turns:
-        entry.update(turns=turns, pooling_rule=meta.get("pooling_rule"),
-                     truncation="cmath_runtime.turns: the utterance first (cut on the right past max_tokens), then "
-                                "past turns most recent first while they fit")
+        entry.update(
+            turns=turns,
+            pooling_rule=meta.get("pooling_rule"),
+            truncation="cmath_runtime.turns: the utterance first (cut on the right past max_tokens), then "
+            "past turns most recent first while they fit",
+        )
         items = _turn_items(conversations) if conversations else [([], [], 0, t) for t in PROBE_TEXTS]
         entry["parity"] = check_turns_parity(graph, entry, staging, items)
         where = f"{len(items)} validation utterances with their past" if conversations else "probe texts"
     else:
         entry["parity"] = check_parity(st, entry, staging)
         where = f"{entry['parity']['texts']} probe texts"
-    say(f"text_encoder.onnx: {entry['name']}, parity min cosine {entry['parity']['min_cosine']:.6f} on {where}")
+    say(
+        f"text_encoder.onnx: {entry['name']}, parity min cosine {entry['parity']['min_cosine']:.6f} on {where}"
+    )
     if not entry["parity"]["passed"]:
         raise ArtifactError(onnx_path, f"text encoder parity failed: {entry['parity']}")
     variants = {}
@@ -137,8 +175,10 @@ def export_text_encoder(extra: dict[str, Any], modalities: tuple[str, ...] | lis
         twin = staging / TWIN_FILES[precision]
         onnx.save_model(_twin_graph(onnx.load_model(str(onnx_path)), precision), str(twin))
         record = twin_agreement(entry, staging, precision, conversations, model_file)
-        say(f"{twin.name}: min cosine {record['min_cosine']:.4f}, argmax agreement "
-            f"{_pct(record.get('agreement'))} on {record['data']} ({'passed' if record['passed'] else 'FAILED: not written'})")
+        say(
+            f"{twin.name}: min cosine {record['min_cosine']:.4f}, argmax agreement "
+            f"{_pct(record.get('agreement'))} on {record['data']} ({'passed' if record['passed'] else 'FAILED: not written'})"
+        )
         variants[precision] = record
         if record["passed"]:
             files[f"onnx_{precision}"] = twin
@@ -151,17 +191,23 @@ def export_text_encoder(extra: dict[str, Any], modalities: tuple[str, ...] | lis
 
 
 def _files(files: dict[str, Path]) -> dict[str, dict[str, Any]]:
-    return {k: {"file": p.name, "sha256": sha256_file(p), "bytes": p.stat().st_size} for k, p in files.items()}
+    return {
+        k: {"file": p.name, "sha256": sha256_file(p), "bytes": p.stat().st_size} for k, p in files.items()
+    }
 
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 
 
-def _turn_items(conversations: list[tuple[list[str], list[int], dict[str, np.ndarray]]]
-                ) -> list[tuple[list[str], list[int], int, str]]:
-    return [(texts[:i], list(speakers[:i]), int(speakers[i]), texts[i])
-            for texts, speakers, _ in conversations for i in range(len(texts))]
+def _turn_items(
+    conversations: list[tuple[list[str], list[int], dict[str, np.ndarray]]],
+) -> list[tuple[list[str], list[int], int, str]]:
+    return [
+        (texts[:i], list(speakers[:i]), int(speakers[i]), texts[i])
+        for texts, speakers, _ in conversations
+        for i in range(len(texts))
+    ]
 
 
 def _twin_graph(fp32: onnx.ModelProto, precision: str) -> onnx.ModelProto:
@@ -175,65 +221,120 @@ def _twin_graph(fp32: onnx.ModelProto, precision: str) -> onnx.ModelProto:
         return convert_fp16(fp32)
     from .quantize import Scheme, quantize_int8
 
-    return quantize_int8(fp32, Scheme(conv_as_matmul=False, fuse_shared=True, per_channel=True, reduce_range=False,
-                                      weight_type="QUInt8"))
+    return quantize_int8(
+        fp32,
+        Scheme(
+            conv_as_matmul=False, fuse_shared=True, per_channel=True, reduce_range=False, weight_type="QUInt8"
+        ),
+    )
 
 
 def _runtime_encoder(entry: dict[str, Any], staging: Path, graph_file: str | None = None) -> Any:
     from cmath_runtime.text import TextEncoder, TextEncoderSpec
     from cmath_runtime.turns import TurnFormat
 
-    files = {k: (staging / v["file"], v["sha256"]) for k, v in entry["files"].items() if not k.startswith("onnx")}
+    files = {
+        k: (staging / v["file"], v["sha256"]) for k, v in entry["files"].items() if not k.startswith("onnx")
+    }
     onnx_file = staging / (graph_file or ONNX_FILE)
     files["onnx"] = (onnx_file, "")
-    spec = TextEncoderSpec(onnx_file, staging / "tokenizer.json", files, tuple(entry["inputs"]),
-                           entry["max_seq_length"], entry["pooling"], entry["normalize"], entry["dim"],
-                           entry["text_normalisation"], TurnFormat.from_json(entry["turns"]) if entry.get("turns") else None)
+    spec = TextEncoderSpec(
+        onnx_file,
+        staging / "tokenizer.json",
+        files,
+        tuple(entry["inputs"]),
+        entry["max_seq_length"],
+        entry["pooling"],
+        entry["normalize"],
+        entry["dim"],
+        entry["text_normalisation"],
+        TurnFormat.from_json(entry["turns"]) if entry.get("turns") else None,
+    )
     return TextEncoder(spec, threads=1, verify=False)
 
 
-def check_turns_parity(graph: PooledEncoder, entry: dict[str, Any], staging: Path,
-                       items: list[tuple[list[str], list[int], int, str]]) -> dict[str, Any]:
+def check_turns_parity(
+    graph: PooledEncoder,
+    entry: dict[str, Any],
+    staging: Path,
+    items: list[tuple[list[str], list[int], int, str]],
+) -> dict[str, Any]:
     """Cosine between the torch module and the staged ONNX encoder, both fed the runtime's turns inputs."""
     from cmath_train.prepare.pooled import embed
 
     enc = _runtime_encoder(entry, staging)
-    return _cosine_parity(embed(graph, enc.inputs(items)), enc.encode_turns(items), "torch",
-                          "validation utterances with their past turns")
+    return _cosine_parity(
+        embed(graph, enc.inputs(items)),
+        enc.encode_turns(items),
+        "torch",
+        "validation utterances with their past turns",
+    )
 
 
 def _cosine_parity(ref: np.ndarray, ours: np.ndarray, reference_name: str, data: str) -> dict[str, Any]:
     """The staged encoder's embeddings `ours` against `ref`, judged by min cosine >= MIN_COSINE."""
-    report = compare([{"embedding": ref}], [{"embedding": ours}], {"embedding": min_cosine(MIN_COSINE)}, argmax=None,
-                     artifact="text_encoder", reference_name=reference_name, runtime="onnxruntime CPU", data=data,
-                     conversations=0)
+    report = compare(
+        [{"embedding": ref}],
+        [{"embedding": ours}],
+        {"embedding": min_cosine(MIN_COSINE)},
+        argmax=None,
+        artifact="text_encoder",
+        reference_name=reference_name,
+        runtime="onnxruntime CPU",
+        data=data,
+        conversations=0,
+    )
     out = report.output("embedding")
-    return {"texts": len(ref), "min_cosine": out.min_cosine, "mean_cosine": out.mean_cosine,
-            "max_abs_diff": out.max_abs, "passed": report.passed}
+    return {
+        "texts": len(ref),
+        "min_cosine": out.min_cosine,
+        "mean_cosine": out.mean_cosine,
+        "max_abs_diff": out.max_abs,
+        "passed": report.passed,
+    }
 
 
-def twin_agreement(entry: dict[str, Any], staging: Path, precision: str,
-                   conversations: list[tuple[list[str], list[int], dict[str, np.ndarray]]] | None,
-                   model_file: Path | None) -> dict[str, Any]:
+def twin_agreement(
+    entry: dict[str, Any],
+    staging: Path,
+    precision: str,
+    conversations: list[tuple[list[str], list[int], dict[str, np.ndarray]]] | None,
+    model_file: Path | None,
+) -> dict[str, Any]:
     """The twin against the fp32 encoder: embedding cosine, and (with validation conversations and the model) the
     model's argmax agreement with each encoder's features; passed when both meet TWIN_BOUNDS[precision]."""
     bounds = TWIN_BOUNDS[precision]
-    ref_enc, twin_enc = _runtime_encoder(entry, staging), _runtime_encoder(entry, staging, TWIN_FILES[precision])
+    ref_enc, twin_enc = (
+        _runtime_encoder(entry, staging),
+        _runtime_encoder(entry, staging, TWIN_FILES[precision]),
+    )
     items = _turn_items(conversations) if conversations else [([], [], 0, t) for t in PROBE_TEXTS]
     ref, got = ref_enc.encode_turns(items), twin_enc.encode_turns(items)
     cos = np.sum(ref * got, 1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1), 1e-12)
-    record: dict[str, Any] = {"file": TWIN_FILES[precision], "bounds": bounds, "utterances": len(items),
-                              "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()), "agreement": None,
-                              "data": f"{len(conversations)} validation conversations" if conversations else "probe texts"}
+    record: dict[str, Any] = {
+        "file": TWIN_FILES[precision],
+        "bounds": bounds,
+        "utterances": len(items),
+        "min_cosine": float(cos.min()),
+        "mean_cosine": float(cos.mean()),
+        "agreement": None,
+        "data": f"{len(conversations)} validation conversations" if conversations else "probe texts",
+    }
     if conversations and model_file is not None:
         record["agreement"] = _model_agreement(model_file, conversations, ref, got)
-    record["passed"] = bool(record["min_cosine"] >= bounds["min_cosine"]
-                            and (record["agreement"] is None or record["agreement"] >= bounds["agreement"]))
+    record["passed"] = bool(
+        record["min_cosine"] >= bounds["min_cosine"]
+        and (record["agreement"] is None or record["agreement"] >= bounds["agreement"])
+    )
     return record
 
 
-def _model_agreement(model_file: Path, conversations: list[tuple[list[str], list[int], dict[str, np.ndarray]]],
-                     ref: np.ndarray, got: np.ndarray) -> float:
+def _model_agreement(
+    model_file: Path,
+    conversations: list[tuple[list[str], list[int], dict[str, np.ndarray]]],
+    ref: np.ndarray,
+    got: np.ndarray,
+) -> float:
     """Share of utterances whose emotion (the exported model's argmax) is the same with either encoder's features."""
     from cmath_runtime.batching import pad_conversations
     from cmath_runtime.session import open_session
@@ -245,7 +346,7 @@ def _model_agreement(model_file: Path, conversations: list[tuple[list[str], list
         n = len(texts)
         runs = []
         for emb in (ref, got):
-            feats = {**others, "t": emb[start:start + n]}
+            feats = {**others, "t": emb[start : start + n]}
             padded, speaker, mask = pad_conversations([feats], [np.asarray(speakers, np.int64)], list(feats))
             feeds = {**padded, "speaker": speaker, "mask": mask}
             runs.append(session.run(None, {k: feeds[k] for k in names})[0][0, :n].argmax(-1))
@@ -256,22 +357,38 @@ def _model_agreement(model_file: Path, conversations: list[tuple[list[str], list
 
 
 def _export(graph: PooledEncoder, inputs: tuple[str, ...], path: Path, opset: int) -> None:
-    example = tuple(torch.ones(2, 7, dtype=torch.long) if n != "token_type_ids" else torch.zeros(2, 7, dtype=torch.long)
-                    for n in inputs)
+    example = tuple(
+        torch.ones(2, 7, dtype=torch.long) if n != "token_type_ids" else torch.zeros(2, 7, dtype=torch.long)
+        for n in inputs
+    )
     axes = {n: {0: "batch", 1: "tokens"} for n in inputs}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(graph, example, str(path), input_names=list(inputs), output_names=["embedding"],
-                          dynamic_axes={**axes, "embedding": {0: "batch"}}, opset_version=opset, dynamo=False,
-                          do_constant_folding=True)
+        torch.onnx.export(
+            graph,
+            example,
+            str(path),
+            input_names=list(inputs),
+            output_names=["embedding"],
+            dynamic_axes={**axes, "embedding": {0: "batch"}},
+            opset_version=opset,
+            dynamo=False,
+            do_constant_folding=True,
+        )
 
 
-def check_parity(st: Any, entry: dict[str, Any], staging: Path, texts: list[str] | None = None) -> dict[str, Any]:
+def check_parity(
+    st: Any, entry: dict[str, Any], staging: Path, texts: list[str] | None = None
+) -> dict[str, Any]:
     """Cosine between sentence-transformers and the staged ONNX encoder (through the runtime's tokenizer)."""
     texts = list(texts if texts is not None else PROBE_TEXTS)
     ort_enc = _runtime_encoder(entry, staging)
-    return _cosine_parity(st.encode([ort_enc.normalise(t) for t in texts]), ort_enc.encode(texts),
-                          "sentence-transformers", "probe texts")
+    return _cosine_parity(
+        st.encode([ort_enc.normalise(t) for t in texts]),
+        ort_enc.encode(texts),
+        "sentence-transformers",
+        "probe texts",
+    )
 
 
 def entry_files(entry: dict[str, Any] | None) -> list[str]:

@@ -20,21 +20,51 @@ MAX_QUEUE_DELAY_US = 1000
 
 def triton_tensor(spec: TensorSpec) -> TritonTensor:
     """The spec without the batch axis (Triton adds it when max_batch_size > 0); the utterance axis is -1."""
-    return TritonTensor(spec.name, spec.dtype, tuple(-1 if d == UTTERANCES else int(d) for d in spec.shape[1:]))
+    return TritonTensor(
+        spec.name, spec.dtype, tuple(-1 if d == UTTERANCES else int(d) for d in spec.shape[1:])
+    )
 
 
-def config_text(inputs: list[TensorSpec], outputs: list[TensorSpec], artifact_format: str, max_batch: int,
-                name: str = TRITON_MODEL) -> str:
+def config_text(
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
+    artifact_format: str,
+    max_batch: int,
+    name: str = TRITON_MODEL,
+) -> str:
     platform, filename = PLATFORMS[artifact_format]
-    return model_config(name, max_batch, [triton_tensor(s) for s in inputs], [triton_tensor(s) for s in outputs],
-                        platform=platform, default_model_filename=filename,
-                        batching=dynamic_batching(MAX_QUEUE_DELAY_US))
+    return model_config(
+        name,
+        max_batch,
+        [triton_tensor(s) for s in inputs],
+        [triton_tensor(s) for s in outputs],
+        platform=platform,
+        default_model_filename=filename,
+        batching=dynamic_batching(MAX_QUEUE_DELAY_US),
+    )
 
 
-def write_repository(repo: Path, artifact: Path, artifact_format: str, inputs: list[TensorSpec],
-                     outputs: list[TensorSpec], max_batch: int) -> dict:
+def write_repository(
+    repo: Path,
+    artifact: Path,
+    artifact_format: str,
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
+    max_batch: int,
+) -> dict:
     """Write (or replace) REPO/cmath in one rename; other models in REPO are left alone."""
     platform, filename = PLATFORMS[artifact_format]
-    write_model(repo, TRITON_MODEL, config_text(inputs, outputs, artifact_format, max_batch), {f"1/{filename}": artifact})
-    return {"repository": str(repo.resolve()), "model": TRITON_MODEL, "config": f"{TRITON_MODEL}/config.pbtxt",
-            "file": f"{TRITON_MODEL}/1/{filename}", "platform": platform, "max_batch_size": max_batch}
+    write_model(
+        repo,
+        TRITON_MODEL,
+        config_text(inputs, outputs, artifact_format, max_batch),
+        {f"1/{filename}": artifact},
+    )
+    return {
+        "repository": str(repo.resolve()),
+        "model": TRITON_MODEL,
+        "config": f"{TRITON_MODEL}/config.pbtxt",
+        "file": f"{TRITON_MODEL}/1/{filename}",
+        "platform": platform,
+        "max_batch_size": max_batch,
+    }

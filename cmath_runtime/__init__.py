@@ -30,11 +30,25 @@ if TYPE_CHECKING:
     from .conversation import Conversation, Emotion
     from .model import EmotionModel, Prediction, load
 
-__all__ = ["load", "EmotionModel", "Prediction", "Conversation", "Emotion",
-           "CmathError", "InputError", "ArtifactError", "BackendUnavailableError"]
+__all__ = [
+    "load",
+    "EmotionModel",
+    "Prediction",
+    "Conversation",
+    "Emotion",
+    "CmathError",
+    "InputError",
+    "ArtifactError",
+    "BackendUnavailableError",
+]
 
-_LAZY = {"load": "model", "EmotionModel": "model", "Prediction": "model", "Conversation": "conversation",
-         "Emotion": "conversation"}
+_LAZY = {
+    "load": "model",
+    "EmotionModel": "model",
+    "Prediction": "model",
+    "Conversation": "conversation",
+    "Emotion": "conversation",
+}
 
 
 def __getattr__(name: str) -> Any:

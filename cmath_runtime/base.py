@@ -26,4 +26,11 @@ from __future__ import annotations
 
 MODALITY_ORDER = ("t", "a", "v")  # text, audio, visual: the canonical order of modalities everywhere
 
-BASE_MODULES = ("base", "errors", "files", "batching", "text_clean", "turns")  # modules of cmath_runtime in the base layer
+BASE_MODULES = (
+    "base",
+    "errors",
+    "files",
+    "batching",
+    "text_clean",
+    "turns",
+)  # modules of cmath_runtime in the base layer

@@ -41,11 +41,16 @@ class OutputComparison:
         if self.tolerance is None:
             tol = "report only"
         else:
-            tol = f"min cosine {self.min_cosine:.6f} >= {self.tolerance:g}" if self.check == "min_cosine" else (
-                f"max_abs <= {self.tolerance:g}")
-        return (f"  {self.name:<10} abs max {self.max_abs:.3g} mean {self.mean_abs:.3g} p99 {self.p99_abs:.3g} | rel "
-                f"max {self.max_rel:.3g} mean {self.mean_rel:.3g} p99 {self.p99_rel:.3g} | {tol}"
-                f"{f' | {self.nonfinite} NaN/inf' if self.nonfinite else ''} | {'PASSED' if self.passed else 'FAILED'}")
+            tol = (
+                f"min cosine {self.min_cosine:.6f} >= {self.tolerance:g}"
+                if self.check == "min_cosine"
+                else (f"max_abs <= {self.tolerance:g}")
+            )
+        return (
+            f"  {self.name:<10} abs max {self.max_abs:.3g} mean {self.mean_abs:.3g} p99 {self.p99_abs:.3g} | rel "
+            f"max {self.max_rel:.3g} mean {self.mean_rel:.3g} p99 {self.p99_rel:.3g} | {tol}"
+            f"{f' | {self.nonfinite} NaN/inf' if self.nonfinite else ''} | {'PASSED' if self.passed else 'FAILED'}"
+        )
 
 
 # A check: (output name, reference rows, artifact rows, non-finite count) -> the comparison of that output.
@@ -99,22 +104,35 @@ class ParityReport:
 
     def summary(self) -> str:
         """Polygraphy-style lines: one per output, then the verdict."""
-        lines = [f"[{self.artifact}] {self.runtime} vs {self.reference} on {self.rows} rows "
-                 f"({self.conversations} conversations; {self.data})"]
+        lines = [
+            f"[{self.artifact}] {self.runtime} vs {self.reference} on {self.rows} rows "
+            f"({self.conversations} conversations; {self.data})"
+        ]
         lines += [o.line() for o in self.outputs]
         bound = "" if self.min_argmax_agreement is None else f" (>= {100 * self.min_argmax_agreement:g}%)"
-        lines.append(f"  argmax agreement {100 * self.argmax_agreement:.2f}%{bound}; padded rows finite: "
-                     f"{self.padded_rows_finite}")
+        lines.append(
+            f"  argmax agreement {100 * self.argmax_agreement:.2f}%{bound}; padded rows finite: "
+            f"{self.padded_rows_finite}"
+        )
         lines += [f"  note: {n}" for n in self.notes]
         lines.append(f"  {'PASSED' if self.passed else 'FAILED'}")
         return "\n".join(lines)
 
 
-def compare(reference: Sequence[Outputs], got: Sequence[Outputs], checks: Mapping[str, CompareFunc],
-            masks: Sequence[np.ndarray] | None = None, argmax: str | None = "probs",
-            min_argmax_agreement: float | None = None, *, artifact: str = "artifact",
-            reference_name: str = "reference", runtime: str = "artifact", data: str = "",
-            conversations: int | None = None) -> ParityReport:
+def compare(
+    reference: Sequence[Outputs],
+    got: Sequence[Outputs],
+    checks: Mapping[str, CompareFunc],
+    masks: Sequence[np.ndarray] | None = None,
+    argmax: str | None = "probs",
+    min_argmax_agreement: float | None = None,
+    *,
+    artifact: str = "artifact",
+    reference_name: str = "reference",
+    runtime: str = "artifact",
+    data: str = "",
+    conversations: int | None = None,
+) -> ParityReport:
     """Compare batch by batch. masks[i] selects the real rows of batch i over the outputs' leading axes (None: all
     rows). `argmax` names the class output whose argmax agreement is reported (None: none)."""
     if len(reference) != len(got):
@@ -132,15 +150,36 @@ def compare(reference: Sequence[Outputs], got: Sequence[Outputs], checks: Mappin
         ref_cls = _rows([r[argmax] for r in reference], masks).argmax(-1)
         got_cls = _rows([g[argmax] for g in got], masks).argmax(-1)
         agreement = float((ref_cls == got_cls).mean()) if len(ref_cls) else 1.0
-    padded_finite = all(np.isfinite(np.asarray(g[k])[~m]).all() for g, m in zip(got, masks) for k in g
-                        if np.asarray(g[k]).shape[:m.ndim] == m.shape)
-    passed = (all(o.passed for o in outputs) and padded_finite
-              and (min_argmax_agreement is None or agreement >= min_argmax_agreement))
+    padded_finite = all(
+        np.isfinite(np.asarray(g[k])[~m]).all()
+        for g, m in zip(got, masks)
+        for k in g
+        if np.asarray(g[k]).shape[: m.ndim] == m.shape
+    )
+    passed = (
+        all(o.passed for o in outputs)
+        and padded_finite
+        and (min_argmax_agreement is None or agreement >= min_argmax_agreement)
+    )
     rows = int(sum(int(np.asarray(m).sum()) for m in masks))
-    convs = conversations if conversations is not None else int(sum(np.asarray(m).reshape(len(m), -1).any(-1).sum()
-                                                                     for m in masks))
-    return ParityReport(artifact, reference_name, runtime, data, convs, rows, outputs, agreement,
-                        min_argmax_agreement, padded_finite, passed)
+    convs = (
+        conversations
+        if conversations is not None
+        else int(sum(np.asarray(m).reshape(len(m), -1).any(-1).sum() for m in masks))
+    )
+    return ParityReport(
+        artifact,
+        reference_name,
+        runtime,
+        data,
+        convs,
+        rows,
+        outputs,
+        agreement,
+        min_argmax_agreement,
+        padded_finite,
+        passed,
+    )
 
 
 def error_stats(ref: np.ndarray, got: np.ndarray) -> tuple[float, float, float, float, float, float]:

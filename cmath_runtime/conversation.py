@@ -76,7 +76,7 @@ class Conversation:
 
     @property
     def path(self) -> str:
-        """"step" (causal model with a step graph: only new utterances are computed) or "full" (recompute)."""
+        """ "step" (causal model with a step graph: only new utterances are computed) or "full" (recompute)."""
         return "full" if self._stream is None else "step"
 
     def add(self, speaker: int, **features: Any) -> Conversation:
@@ -86,16 +86,23 @@ class Conversation:
         speaker = self._check_room_and_speaker(speaker, field)
         text = None
         if "text" in features:  # the artifact's text encoder reads it with its past turns
-            (text,) = embed_utterances(lambda: self.model.text_encoder, [self.past_turns(f"{field}.text")],
-                                       [speaker], [features.pop("text")], [features], [f"{field}.text"])
+            (text,) = embed_utterances(
+                lambda: self.model.text_encoder,
+                [self.past_turns(f"{field}.text")],
+                [speaker],
+                [features.pop("text")],
+                [features],
+                [f"{field}.text"],
+            )
         rows = check_utterance(features, self.model.manifest, f"{field}.features")
         with self._lock:
             self._append(speaker, text, {m: x[0] for m, x in rows.items()})
         return self
 
     @classmethod
-    def step_batch(cls, conversations: Sequence[Conversation], utterances: Sequence[Mapping[str, Any]]
-                   ) -> list[Emotion]:
+    def step_batch(
+        cls, conversations: Sequence[Conversation], utterances: Sequence[Mapping[str, Any]]
+    ) -> list[Emotion]:
         """Add one utterance to each of many conversations and return each one's newest emotion, in ONE
         step-graph call (servers batch concurrent conversations with this). utterances[i] is like add()'s
         arguments, {"speaker": 0, "t": ..., "a": ..., "v": ...} or {"speaker": 0, "text": "...", ...}, and
@@ -110,25 +117,35 @@ class Conversation:
         speakers, feats = [], []
         for i, (conv, utt) in enumerate(zip(conversations, utterances)):
             if not isinstance(utt, Mapping):
-                raise InputError(f"utterances[{i}]", "a dict with 'speaker' and one feature vector per "
-                                 "modality (or 'text')", type(utt).__name__)
+                raise InputError(
+                    f"utterances[{i}]",
+                    "a dict with 'speaker' and one feature vector per modality (or 'text')",
+                    type(utt).__name__,
+                )
             if "speaker" not in utt:
-                raise InputError(f"utterances[{i}].speaker", f"an integer id in [0, {model.num_speakers})",
-                                 "missing")
+                raise InputError(
+                    f"utterances[{i}].speaker", f"an integer id in [0, {model.num_speakers})", "missing"
+                )
             speakers.append(conv._check_room_and_speaker(utt["speaker"], f"utterances[{i}]"))
             feats.append({k: v for k, v in utt.items() if k != "speaker"})
         texts: list[str | None] = [None] * len(feats)
         given = [i for i, f in enumerate(feats) if "text" in f]
         if given:  # one text-encoder call for every utterance given as text
             fields = [f"utterances[{i}].text" for i in given]
-            embedded = embed_utterances(lambda: model.text_encoder,
-                                        [conversations[i].past_turns(f) for i, f in zip(given, fields)],
-                                        [speakers[i] for i in given], [feats[i].pop("text") for i in given],
-                                        [feats[i] for i in given], fields)
+            embedded = embed_utterances(
+                lambda: model.text_encoder,
+                [conversations[i].past_turns(f) for i, f in zip(given, fields)],
+                [speakers[i] for i in given],
+                [feats[i].pop("text") for i in given],
+                [feats[i] for i in given],
+                fields,
+            )
             for i, checked in zip(given, embedded):
                 texts[i] = checked
-        rows = [{m: x[0] for m, x in check_utterance(f, model.manifest, f"utterances[{i}].features").items()}
-                for i, f in enumerate(feats)]
+        rows = [
+            {m: x[0] for m, x in check_utterance(f, model.manifest, f"utterances[{i}].features").items()}
+            for i, f in enumerate(feats)
+        ]
         if model.step_graph is None:
             out = []
             for conv, speaker, text, row in zip(conversations, speakers, texts, rows):
@@ -163,8 +180,9 @@ class Conversation:
         if isinstance(utterances, (Mapping, str, bytes)) or not isinstance(utterances, Sequence):
             raise InputError("utterances", "a list of dicts, one per conversation", type(utterances).__name__)
         if len(utterances) != len(conversations):
-            raise InputError("utterances", f"{len(conversations)} utterances (one per conversation)",
-                             len(utterances))
+            raise InputError(
+                "utterances", f"{len(conversations)} utterances (one per conversation)", len(utterances)
+            )
         if not conversations:
             return None
         model = conversations[0].model if isinstance(conversations[0], Conversation) else None
@@ -212,8 +230,10 @@ class Conversation:
     @property
     def features(self) -> dict[str, np.ndarray]:
         """{modality: (n, d_m) float32}; the batch API (`model.predict([conversation])`) accepts a Conversation."""
-        return {m: np.stack(rows) if rows else np.zeros((0, self.model.feature_dims[m]), np.float32)
-                for m, rows in self._features.items()}
+        return {
+            m: np.stack(rows) if rows else np.zeros((0, self.model.feature_dims[m]), np.float32)
+            for m, rows in self._features.items()
+        }
 
     @property
     def latest(self) -> Emotion:
@@ -237,7 +257,9 @@ class Conversation:
         """The model's output for the whole conversation so far (computed once per change)."""
         with self._lock:
             if not self._speakers:
-                raise InputError("conversation", "at least one utterance (call add() first)", "an empty conversation")
+                raise InputError(
+                    "conversation", "at least one utterance (call add() first)", "an empty conversation"
+                )
             if self._result is None:
                 self._result = self._compute()
             return self._result
@@ -252,13 +274,18 @@ class Conversation:
         else:
             checked = CheckedConversation(self.features, self.speakers)
             batch_probs, batch_emb = self.model.run_padded([checked])
-            probs, emb = batch_probs[0, :len(self)], batch_emb[0, :len(self)]
+            probs, emb = batch_probs[0, : len(self)], batch_emb[0, : len(self)]
         bad = nonfinite_rows(probs, emb)
         if len(bad):
             start, feats = self._computed, self.features
             self._take_back(start)
-            raise nonfinite_output_error(f"utterances[{start}:]", bad, feats, self.model.precision,
-                                         f"The utterances from {start} on were taken back out of the conversation.")
+            raise nonfinite_output_error(
+                f"utterances[{start}:]",
+                bad,
+                feats,
+                self.model.precision,
+                f"The utterances from {start} on were taken back out of the conversation.",
+            )
         self._computed = len(self)
         return Prediction([self.model.label_names[k] for k in probs.argmax(-1)], probs, emb)
 
@@ -279,15 +306,19 @@ class Conversation:
         with self._lock:
             if self._stream is not None:
                 self._stream.catch_up(self._speakers, self._features)
-            out = {**state_meta(self.model), "speakers": self.speakers,
-                   "texts": np.array([t or "" for t in self._texts], dtype=str).reshape(-1),
-                   "texts.known": np.array([t is not None for t in self._texts], dtype=bool).reshape(-1),
-                   **{f"features.{m}": x for m, x in self.features.items()}}
+            out = {
+                **state_meta(self.model),
+                "speakers": self.speakers,
+                "texts": np.array([t or "" for t in self._texts], dtype=str).reshape(-1),
+                "texts.known": np.array([t is not None for t in self._texts], dtype=bool).reshape(-1),
+                **{f"features.{m}": x for m, x in self.features.items()},
+            }
             return {**out, **(self._stream.state_dict() if self._stream is not None else {})}
 
     @classmethod
-    def from_state(cls, model: EmotionModel, state: Mapping[str, np.ndarray], source: str | Path = "state"
-                   ) -> Conversation:
+    def from_state(
+        cls, model: EmotionModel, state: Mapping[str, np.ndarray], source: str | Path = "state"
+    ) -> Conversation:
         """A Conversation that continues exactly where the one that wrote `state` (state_dict()) stopped.
 
         The state is checked first (check_state): another model's state, a wrong dtype or shape, non-finite values
@@ -298,7 +329,9 @@ class Conversation:
         for m in model.modalities:
             conv._features[m] = list(np.asarray(state[f"features.{m}"], np.float32))
         conv._speakers = [int(s) for s in speakers]
-        conv._texts = [str(t) if known else None for t, known in zip(state["texts"], state["texts.known"], strict=True)]
+        conv._texts = [
+            str(t) if known else None for t, known in zip(state["texts"], state["texts.known"], strict=True)
+        ]
         if conv._stream is not None and "state.position" in state:
             conv._stream.load(state)
             conv._computed = conv._stream.position

@@ -60,8 +60,10 @@ def sha256_problem(path: str | os.PathLike, sha256: str) -> str | None:
         return "missing"
     digest = sha256_file(path)
     if digest != sha256:
-        return (f"sha256 mismatch: export.json says {sha256[:16]}..., the file has {digest[:16]}... "
-                "(corrupt, truncated or replaced; re-export it)")
+        return (
+            f"sha256 mismatch: export.json says {sha256[:16]}..., the file has {digest[:16]}... "
+            "(corrupt, truncated or replaced; re-export it)"
+        )
     return None
 
 
@@ -90,11 +92,15 @@ def read_tagged_json(path: str | os.PathLike, fmt: str, version: int, what: str)
         got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
         raise ArtifactError(path, f"foreign file: expected format {fmt!r}, got {got!r}")
     if doc.get("version") != version:
-        raise ArtifactError(path, f"unsupported {what} version {doc.get('version')!r} (this cmath reads {version})")
+        raise ArtifactError(
+            path, f"unsupported {what} version {doc.get('version')!r} (this cmath reads {version})"
+        )
     return doc
 
 
-def confined_path(directory: str | os.PathLike, name: Any, entry: str, where: str | os.PathLike | None = None) -> Path:
+def confined_path(
+    directory: str | os.PathLike, name: Any, entry: str, where: str | os.PathLike | None = None
+) -> Path:
     """`directory / name` for a file a manifest names, provided it stays inside `directory` (symlinks followed).
 
     An absolute name, a `..` that climbs out, or a symlink pointing elsewhere is an ArtifactError naming `entry`
@@ -106,11 +112,16 @@ def confined_path(directory: str | os.PathLike, name: Any, entry: str, where: st
         raise ArtifactError(where, f"invalid manifest: {entry} should be a file name, got {name!r}")
     rel = Path(name)
     if rel.is_absolute():
-        raise ArtifactError(where, f"invalid manifest: {entry} is an absolute path ({name!r}); files must lie "
-                                   "inside the artifact folder")
+        raise ArtifactError(
+            where,
+            f"invalid manifest: {entry} is an absolute path ({name!r}); files must lie "
+            "inside the artifact folder",
+        )
     root = Path(directory).resolve()
     target = (root / rel).resolve()  # follows every symlink that exists (strict=False)
     if target == root or root not in target.parents:
-        raise ArtifactError(where, f"invalid manifest: {entry} ({name!r}) resolves to {target}, outside the "
-                                   f"artifact folder {root}")
+        raise ArtifactError(
+            where,
+            f"invalid manifest: {entry} ({name!r}) resolves to {target}, outside the artifact folder {root}",
+        )
     return Path(directory) / rel

@@ -22,8 +22,18 @@ from .files import atomic_write_json, confined_path, read_tagged_json
 FORMAT, VERSION = "cmath-export", 1
 MANIFEST = "export.json"
 EXPORT_DIR = "export"  # cmath-export's default output folder inside a run directory
-__all__ = ["FORMAT", "VERSION", "MANIFEST", "EXPORT_DIR", "MODALITY_ORDER", "Artifact", "Manifest", "find_manifest",
-           "read_manifest", "check_agreement"]
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "MANIFEST",
+    "EXPORT_DIR",
+    "MODALITY_ORDER",
+    "Artifact",
+    "Manifest",
+    "find_manifest",
+    "read_manifest",
+    "check_agreement",
+]
 
 
 @dataclass(frozen=True)
@@ -44,21 +54,38 @@ class Artifact:
         return (self.directory or Path(".")) / self.file
 
     def to_json(self) -> dict[str, Any]:
-        out = {"file": self.file, "sha256": self.sha256, "bytes": self.bytes, "format": self.format,
-               "precision": self.precision}
+        out = {
+            "file": self.file,
+            "sha256": self.sha256,
+            "bytes": self.bytes,
+            "format": self.format,
+            "precision": self.precision,
+        }
         return {**out, "profile": self.profile} if self.profile is not None else out
 
     @classmethod
     def from_json(cls, key: str, entry: Any, directory: Path, where: Path) -> Artifact:
         if not isinstance(entry, dict) or not {"file", "sha256"} <= set(entry):
-            raise ArtifactError(where, f"invalid manifest: artifacts[{key!r}] needs 'file' and 'sha256', got {entry!r}")
+            raise ArtifactError(
+                where, f"invalid manifest: artifacts[{key!r}] needs 'file' and 'sha256', got {entry!r}"
+            )
         confined_path(directory, entry["file"], f"artifacts[{key!r}].file", where)
         try:
             size = int(entry.get("bytes", -1))
         except (TypeError, ValueError):
-            raise ArtifactError(where, f"invalid manifest: artifacts[{key!r}].bytes should be an integer") from None
-        return cls(key, entry["file"], str(entry["sha256"]), size, str(entry.get("format", "onnx")),
-                   str(entry.get("precision", key)), entry.get("profile"), directory)
+            raise ArtifactError(
+                where, f"invalid manifest: artifacts[{key!r}].bytes should be an integer"
+            ) from None
+        return cls(
+            key,
+            entry["file"],
+            str(entry["sha256"]),
+            size,
+            str(entry.get("format", "onnx")),
+            str(entry.get("precision", key)),
+            entry.get("profile"),
+            directory,
+        )
 
 
 @dataclass(frozen=True)
@@ -87,7 +114,9 @@ class Manifest:
     text_encoder: dict[str, Any] | None = None
     step: dict[str, Any] | None = None
     path: Path | None = field(default=None, compare=False)  # the export.json this was read from / written to
-    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # keys this cmath does not know
+    extra: dict[str, Any] = field(
+        default_factory=dict, repr=False, compare=False
+    )  # keys this cmath does not know
 
     @property
     def directory(self) -> Path:
@@ -106,15 +135,19 @@ class Manifest:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "format": FORMAT, "version": VERSION,
+            "format": FORMAT,
+            "version": VERSION,
             "model_name": self.model_name,
             "modalities": list(self.modalities),
             "feature_dims": dict(self.feature_dims),
             "num_speakers": self.num_speakers,
-            "num_classes": self.num_classes, "label_names": list(self.label_names),
-            "d": self.d, "causal": self.causal,
+            "num_classes": self.num_classes,
+            "label_names": list(self.label_names),
+            "d": self.d,
+            "causal": self.causal,
             "opset": self.opset,
-            "max_batch": self.max_batch, "max_len": self.max_len,
+            "max_batch": self.max_batch,
+            "max_len": self.max_len,
             "inputs": list(self.inputs),
             "outputs": list(self.outputs),
             "artifacts": {k: a.to_json() for k, a in self.artifacts.items()},
@@ -146,7 +179,9 @@ class Manifest:
             got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
             raise ArtifactError(path, f"foreign file: expected format {FORMAT!r}, got {got!r}")
         if doc.get("version") != VERSION:
-            raise ArtifactError(path, f"unsupported manifest version {doc.get('version')!r} (this cmath reads {VERSION})")
+            raise ArtifactError(
+                path, f"unsupported manifest version {doc.get('version')!r} (this cmath reads {VERSION})"
+            )
         return _parse(path, doc)
 
 
@@ -160,8 +195,11 @@ def find_manifest(path: str | Path) -> Path:
             return candidate
     if not path.exists():
         raise ArtifactError(path, "does not exist")
-    hint = " (this looks like a run directory: export it first with `cmath-export RUN_DIR`)" if (
-        path / "config.json").is_file() else ""
+    hint = (
+        " (this looks like a run directory: export it first with `cmath-export RUN_DIR`)"
+        if (path / "config.json").is_file()
+        else ""
+    )
     raise ArtifactError(path, f"no {MANIFEST} here or in {EXPORT_DIR}/{hint}")
 
 
@@ -183,9 +221,10 @@ def check_agreement(record: Any, where: Path | None, what: str, flag: str) -> No
         keys = ("argmax_agreement", "min_argmax_agreement", "agreement", "min_cosine")
         measured = {k: record[k] for k in keys if k in record}
         why = f"failed its agreement bound ({measured})"
-    raise ArtifactError(where if where is not None else MANIFEST,
-                        f"the {what} {why} in export.json; refusing to load it: re-export with "
-                        f"`cmath-export RUN_DIR {flag}`")
+    raise ArtifactError(
+        where if where is not None else MANIFEST,
+        f"the {what} {why} in export.json; refusing to load it: re-export with `cmath-export RUN_DIR {flag}`",
+    )
 
 
 _KNOWN = {f.name for f in dataclasses.fields(Manifest)} | {"format", "version"}
@@ -197,51 +236,79 @@ def _parse(file: Path, raw: dict[str, Any]) -> Manifest:
             raise ArtifactError(file, f"invalid manifest: field {key!r} is missing")
         value = raw[key]
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
-            raise ArtifactError(file, f"invalid manifest: field {key!r} should be {_kind_name(kind)}, got {value!r}")
+            raise ArtifactError(
+                file, f"invalid manifest: field {key!r} should be {_kind_name(kind)}, got {value!r}"
+            )
         return value
 
     def section(key: str) -> Any:
         value = raw.get(key)
         if value is not None and not isinstance(value, dict):
-            raise ArtifactError(file, f"invalid manifest: field {key!r} should be an object or null, got {value!r}")
+            raise ArtifactError(
+                file, f"invalid manifest: field {key!r} should be an object or null, got {value!r}"
+            )
         return value
 
     modalities = tuple(need("modalities", list))
-    if not modalities or len(set(modalities)) != len(modalities) or any(m not in MODALITY_ORDER for m in modalities):
-        raise ArtifactError(file, f"invalid manifest: modalities should be distinct names from {MODALITY_ORDER}, "
-                                  f"got {list(modalities)}")
+    if (
+        not modalities
+        or len(set(modalities)) != len(modalities)
+        or any(m not in MODALITY_ORDER for m in modalities)
+    ):
+        raise ArtifactError(
+            file,
+            f"invalid manifest: modalities should be distinct names from {MODALITY_ORDER}, "
+            f"got {list(modalities)}",
+        )
     dims = need("feature_dims", dict)
-    if set(dims) != set(modalities) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
-                                               for v in dims.values()):
-        raise ArtifactError(file, f"invalid manifest: feature_dims should give a positive size for each of "
-                                  f"{list(modalities)}, got {dims}")
+    if set(dims) != set(modalities) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in dims.values()
+    ):
+        raise ArtifactError(
+            file,
+            f"invalid manifest: feature_dims should give a positive size for each of "
+            f"{list(modalities)}, got {dims}",
+        )
     label_names = tuple(need("label_names", list))
     num_classes = need("num_classes", int)
     if len(label_names) != num_classes:
-        raise ArtifactError(file, f"invalid manifest: {num_classes} classes but {len(label_names)} label_names")
+        raise ArtifactError(
+            file, f"invalid manifest: {num_classes} classes but {len(label_names)} label_names"
+        )
     positive = {k: need(k, int) for k in ("num_speakers", "d", "max_batch", "max_len")}
     bad = {k: v for k, v in positive.items() if v < 1}
     if bad:
         raise ArtifactError(file, f"invalid manifest: expected positive integers, got {bad}")
     directory = file.parent
-    artifacts = {str(key): Artifact.from_json(str(key), entry, directory, file)
-                 for key, entry in need("artifacts", dict).items()}
+    artifacts = {
+        str(key): Artifact.from_json(str(key), entry, directory, file)
+        for key, entry in need("artifacts", dict).items()
+    }
     if "fp32" not in artifacts:
         raise ArtifactError(file, "invalid manifest: no fp32 artifact (model.onnx) listed")
     step, text, triton = section("step"), section("text_encoder"), section("triton")
     if step is not None:
         confined_path(directory, step.get("file"), "step.file", file)
         _confine_nested(directory, step, "step", file)
-    for key, value in raw.items():  # sections this cmath does not know (a newer exporter's): any "file" they name
+    for (
+        key,
+        value,
+    ) in raw.items():  # sections this cmath does not know (a newer exporter's): any "file" they name
         if key not in _KNOWN:
             _confine_nested(directory, value, key, file)
     if text is not None:
         files = text.get("files")
         if not isinstance(files, dict):
-            raise ArtifactError(file, f"invalid manifest: text_encoder.files should be an object, got {files!r}")
+            raise ArtifactError(
+                file, f"invalid manifest: text_encoder.files should be an object, got {files!r}"
+            )
         for name, entry in files.items():
-            confined_path(directory, entry.get("file") if isinstance(entry, dict) else entry,
-                          f"text_encoder.files[{name!r}].file", file)
+            confined_path(
+                directory,
+                entry.get("file") if isinstance(entry, dict) else entry,
+                f"text_encoder.files[{name!r}].file",
+                file,
+            )
     if triton is not None:  # the Triton repository is its own folder; its files must stay inside it
         repo = triton.get("repository")
         if not isinstance(repo, str) or not repo:
@@ -249,14 +316,30 @@ def _parse(file: Path, raw: dict[str, Any]) -> Manifest:
         for key in ("config", "file"):
             if key in triton:
                 confined_path(repo, triton[key], f"triton.{key}", file)
-    return Manifest(modalities, {m: dims[m] for m in modalities}, positive["num_speakers"], num_classes,
-                    tuple(str(n) for n in label_names), positive["d"], bool(raw.get("causal", False)),
-                    positive["max_batch"], positive["max_len"], artifacts,
-                    model_name=str(raw.get("model_name", "cmath")), opset=raw.get("opset"),
-                    inputs=list(raw.get("inputs") or []), outputs=list(raw.get("outputs") or []),
-                    parity=dict(raw.get("parity") or {}), checkpoint=section("checkpoint"),
-                    versions=dict(raw.get("versions") or {}), triton=triton, text_encoder=text, step=step,
-                    path=file, extra={k: v for k, v in raw.items() if k not in _KNOWN})
+    return Manifest(
+        modalities,
+        {m: dims[m] for m in modalities},
+        positive["num_speakers"],
+        num_classes,
+        tuple(str(n) for n in label_names),
+        positive["d"],
+        bool(raw.get("causal", False)),
+        positive["max_batch"],
+        positive["max_len"],
+        artifacts,
+        model_name=str(raw.get("model_name", "cmath")),
+        opset=raw.get("opset"),
+        inputs=list(raw.get("inputs") or []),
+        outputs=list(raw.get("outputs") or []),
+        parity=dict(raw.get("parity") or {}),
+        checkpoint=section("checkpoint"),
+        versions=dict(raw.get("versions") or {}),
+        triton=triton,
+        text_encoder=text,
+        step=step,
+        path=file,
+        extra={k: v for k, v in raw.items() if k not in _KNOWN},
+    )
 
 
 def _confine_nested(directory: Path, node: Any, entry: str, where: Path) -> None:

@@ -25,7 +25,9 @@ from .text import TEXT_MODALITY, TextEncoder, TextEncoderSpec, resolve_texts
 from .validation import CheckedConversation, check_conversations, nonfinite_output_error, nonfinite_rows
 
 DEFAULT_BATCH_SIZE = 16
-OPENVINO_STATIC_SHAPES = 2  # load(backend="openvino")'s default static_shapes: ~100 MB each for the meld model
+OPENVINO_STATIC_SHAPES = (
+    2  # load(backend="openvino")'s default static_shapes: ~100 MB each for the meld model
+)
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,9 @@ class EmotionModel:
     text encoder (`text_encoder`, for raw text) and its step graph (`step_graph`, for Conversation's step path).
     """
 
-    def __init__(self, manifest: Manifest, info: SessionInfo, precision: str, load_seconds: float,
-                 verify: bool = True) -> None:
+    def __init__(
+        self, manifest: Manifest, info: SessionInfo, precision: str, load_seconds: float, verify: bool = True
+    ) -> None:
         self.manifest = manifest
         self.precision = precision
         self.load_seconds = load_seconds
@@ -86,8 +89,12 @@ class EmotionModel:
         """The text encoder in the model's precision when the export made that twin, else fp32."""
         spec = TextEncoderSpec.from_manifest(self.manifest, self.precision)
         if spec is None or TEXT_MODALITY not in self.modalities:
-            raise InputError("text", "feature vectors: this artifact has no text encoder",
-                             "raw text", "Re-export the run with cmath-export (without --no-text-encoder).")
+            raise InputError(
+                "text",
+                "feature vectors: this artifact has no text encoder",
+                "raw text",
+                "Re-export the run with cmath-export (without --no-text-encoder).",
+            )
         return TextEncoder(spec, threads=self.threads, verify=self.verify, spinning=self.spinning)
 
     def _open_step_graph(self) -> StepGraph | None:
@@ -101,13 +108,21 @@ class EmotionModel:
         if self.precision == "int8":
             file = entry.get("int8") or {}
             check_agreement(file.get("parity"), self.manifest.path, "int8 step graph", "--int8")
-        path = verified_file(self.manifest.file(file["file"], "step.file"), file["sha256"], "step graph",
-                             self.verify)
+        path = verified_file(
+            self.manifest.file(file["file"], "step.file"), file["sha256"], "step graph", self.verify
+        )
         backend = self.backend if self.backend in ("cpu", "openvino") else "cuda"
         precision = self.precision if backend == "openvino" else "fp32"
         names = [i["name"] for i in entry.get("inputs", [])] or None
-        session = open_session(path, backend, precision=precision, threads=self.threads, inputs=names,
-                               spinning=self.spinning, what="step graph").session
+        session = open_session(
+            path,
+            backend,
+            precision=precision,
+            threads=self.threads,
+            inputs=names,
+            spinning=self.spinning,
+            what="step graph",
+        ).session
         return StepGraph(session, {**entry, "sha256": file["sha256"]}, path)
 
     @property
@@ -155,11 +170,14 @@ class EmotionModel:
         return self.manifest.max_len
 
     def __repr__(self) -> str:
-        return (f"EmotionModel({self.manifest.directory}, backend={self.backend!r}, precision={self.precision!r}, "
-                f"modalities={list(self.modalities)}, labels={self.label_names})")
+        return (
+            f"EmotionModel({self.manifest.directory}, backend={self.backend!r}, precision={self.precision!r}, "
+            f"modalities={list(self.modalities)}, labels={self.label_names})"
+        )
 
-    def predict(self, conversations: Sequence[Any], batch_size: int = DEFAULT_BATCH_SIZE,
-                embeddings: bool = False) -> list[Prediction]:
+    def predict(
+        self, conversations: Sequence[Any], batch_size: int = DEFAULT_BATCH_SIZE, embeddings: bool = False
+    ) -> list[Prediction]:
         """Emotions of every utterance of every conversation, in input order.
 
         A conversation is a mapping (or object) with `speakers`: n integer ids and `features`: {modality: (n, d_m)
@@ -177,29 +195,43 @@ class EmotionModel:
                 p = probs[row, :n]
                 bad = nonfinite_rows(p, emb[row, :n])
                 if len(bad):  # never hand back a non-finite probability
-                    raise nonfinite_output_error(f"conversations[{i}].features", bad, checked[i].features,
-                                                 self.precision)
-                results[i] = Prediction([self.manifest.label_names[k] for k in p.argmax(-1)], p,
-                                        emb[row, :n] if embeddings else None)
+                    raise nonfinite_output_error(
+                        f"conversations[{i}].features", bad, checked[i].features, self.precision
+                    )
+                results[i] = Prediction(
+                    [self.manifest.label_names[k] for k in p.argmax(-1)],
+                    p,
+                    emb[row, :n] if embeddings else None,
+                )
         return results  # type: ignore[return-value]
 
     def run_padded(self, batch: Sequence[CheckedConversation]) -> tuple[np.ndarray, np.ndarray]:
         """One onnxruntime call on already validated conversations: (probs (B, N, C), embedding (B, N, d))."""
-        feats, speaker, mask = pad_conversations([c.features for c in batch], [c.speakers for c in batch],
-                                                 self.manifest.modalities)
-        probs, emb = self._info.session.run(["probs", "embedding"], {**feats, "speaker": speaker, "mask": mask})
+        feats, speaker, mask = pad_conversations(
+            [c.features for c in batch], [c.speakers for c in batch], self.manifest.modalities
+        )
+        probs, emb = self._info.session.run(
+            ["probs", "embedding"], {**feats, "speaker": speaker, "mask": mask}
+        )
         return probs, emb
 
 
 def length_groups(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length (sorted by length, then chunked), so little is padding."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    return [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
 
 
-def load(path: str | Path, backend: str = "auto", precision: str = "fp32", threads: int | None = None,
-         verify: bool = True, cache_dir: str | Path | None = None, spinning: bool = False,
-         static_shapes: int | None = None) -> EmotionModel:
+def load(
+    path: str | Path,
+    backend: str = "auto",
+    precision: str = "fp32",
+    threads: int | None = None,
+    verify: bool = True,
+    cache_dir: str | Path | None = None,
+    spinning: bool = False,
+    static_shapes: int | None = None,
+) -> EmotionModel:
     """Load an exported model: `path` is export.json, its folder, or a run directory with export/.
 
     backend: "auto" (CUDA if it really works here, else CPU, with a warning), "cpu", "cuda" or "tensorrt"
@@ -225,13 +257,25 @@ def load(path: str | Path, backend: str = "auto", precision: str = "fp32", threa
     if static_shapes is None:
         static_shapes = OPENVINO_STATIC_SHAPES if backend == "openvino" else 0
     manifest = read_manifest(path)
-    key = PRECISIONS[precision].artifact_key(backend)  # e.g. TensorRT builds its fp16 engine from the fp32 ONNX
+    key = PRECISIONS[precision].artifact_key(
+        backend
+    )  # e.g. TensorRT builds its fp16 engine from the fp32 ONNX
     if key not in manifest.artifacts:
-        raise ArtifactError(manifest.path, f"no {key} artifact listed (re-export with `cmath-export RUN_DIR --{key}`)")
+        raise ArtifactError(
+            manifest.path, f"no {key} artifact listed (re-export with `cmath-export RUN_DIR --{key}`)"
+        )
     if PRECISIONS[precision].needs_agreement:
         check_agreement(manifest.parity.get(key), manifest.path, f"{key} artifact", f"--{key}")
     artifact = manifest.artifacts[key]
     verified_file(artifact.path, artifact.sha256, f"{key} model", verify)
-    info = create_session(artifact.path, manifest, backend, precision, threads,
-                          Path(cache_dir) if cache_dir is not None else None, spinning, static_shapes)
+    info = create_session(
+        artifact.path,
+        manifest,
+        backend,
+        precision,
+        threads,
+        Path(cache_dir) if cache_dir is not None else None,
+        spinning,
+        static_shapes,
+    )
     return EmotionModel(manifest, info, precision, time.perf_counter() - start, verify)

@@ -33,7 +33,9 @@ from .errors import ArtifactError, BackendUnavailableError, first_line
 PRECISION_HINT = {"fp32": "f32", "bf16": "bf16"}  # cmath precision -> OpenVINO INFERENCE_PRECISION_HINT
 PRECISIONS = tuple(PRECISION_HINT)
 INSTALL = "pip install 'cmath[openvino]'"
-SPECIALISE_AFTER = 2  # the call of a shape that compiles it: the second, so one-off shapes never pay the compile
+SPECIALISE_AFTER = (
+    2  # the call of a shape that compiles it: the second, so one-off shapes never pay the compile
+)
 RECENT_CALLS = 64  # the window in which a shape's calls are counted
 _MAX_UNSPECIALISABLE = 1024  # shapes remembered as failing to compile (bounded memory under any input)
 
@@ -44,8 +46,10 @@ def import_openvino() -> Any:
     try:
         import openvino
     except ImportError as e:
-        raise BackendUnavailableError(f"backend 'openvino' needs the openvino package, which is not installed "
-                                      f"here ({e}); install it with {INSTALL}, or use backend='cpu'.") from None
+        raise BackendUnavailableError(
+            f"backend 'openvino' needs the openvino package, which is not installed "
+            f"here ({e}); install it with {INSTALL}, or use backend='cpu'."
+        ) from None
     return openvino
 
 
@@ -79,16 +83,26 @@ class _Compiled:
 class OpenVINOSession:
     """A compiled OpenVINO model with onnxruntime's session interface (the subset cmath uses)."""
 
-    def __init__(self, model_file: str | Path, precision: str = "fp32", threads: int | None = None,
-                 static_shapes: int = 0) -> None:
+    def __init__(
+        self,
+        model_file: str | Path,
+        precision: str = "fp32",
+        threads: int | None = None,
+        static_shapes: int = 0,
+    ) -> None:
         if precision not in PRECISION_HINT:
             raise ValueError(f"precision: the openvino backend runs {list(PRECISIONS)}, got {precision!r}")
         if not isinstance(static_shapes, int) or isinstance(static_shapes, bool) or static_shapes < 0:
-            raise ValueError(f"static_shapes: expected an integer >= 0 (0 = dynamic shapes only), got {static_shapes!r}")
+            raise ValueError(
+                f"static_shapes: expected an integer >= 0 (0 = dynamic shapes only), got {static_shapes!r}"
+            )
         ov = import_openvino()
         self._core = ov.Core()
-        self._config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": PRECISION_HINT[precision],
-                                        "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
+        self._config: dict[str, Any] = {
+            "INFERENCE_PRECISION_HINT": PRECISION_HINT[precision],
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": "1",
+        }
         if threads is not None:
             self._config["INFERENCE_NUM_THREADS"] = int(threads)
         self.model_file = Path(model_file)
@@ -123,7 +137,8 @@ class OpenVINOSession:
         if actual != want or not all(d.startswith("CPU") for d in devices):
             raise BackendUnavailableError(
                 f"OpenVINO compiled {self.model_file.name} for {actual} on {list(devices)}, "
-                f"but {want} on the CPU was requested: this CPU/OpenVINO cannot run {self.precision} here.")
+                f"but {want} on the CPU was requested: this CPU/OpenVINO cannot run {self.precision} here."
+            )
         return actual, devices
 
     def _for_shape(self, feeds: dict[str, np.ndarray]) -> _Compiled:
@@ -151,8 +166,12 @@ class OpenVINOSession:
                 return entry
             full = len(self._static) >= self.static_shapes
             least = min(self._counts[k] for k in self._static) if full else 0
-            if (key in self._unspecialisable or key in self._compiling or self._counts[key] < SPECIALISE_AFTER
-                    or (full and self._counts[key] <= 2 * least)):
+            if (
+                key in self._unspecialisable
+                or key in self._compiling
+                or self._counts[key] < SPECIALISE_AFTER
+                or (full and self._counts[key] <= 2 * least)
+            ):
                 return self._dynamic
             self._compiling.add(key)
         try:
@@ -196,8 +215,13 @@ class OpenVINOSession:
         return [f"OpenVINO {'+'.join(self.devices)} {self.inference_precision}"]
 
     def describe(self) -> str:
-        shapes = (f", each (batch, utterances) shape compiled for itself once called {SPECIALISE_AFTER} times in "
-                  f"{RECENT_CALLS} (up to {self.static_shapes} kept)" if self.static_shapes else ", dynamic shapes")
-        return (f"OpenVINO {self.version} on {', '.join(self.devices)}, inference precision "
-                f"{self.inference_precision}, {self.threads} threads{shapes}")
-
+        shapes = (
+            f", each (batch, utterances) shape compiled for itself once called {SPECIALISE_AFTER} times in "
+            f"{RECENT_CALLS} (up to {self.static_shapes} kept)"
+            if self.static_shapes
+            else ", dynamic shapes"
+        )
+        return (
+            f"OpenVINO {self.version} on {', '.join(self.devices)}, inference precision "
+            f"{self.inference_precision}, {self.threads} threads{shapes}"
+        )

@@ -66,7 +66,9 @@ class Precision:
     artifact: str  # export.json "artifacts" key it loads by default
     artifact_for: dict[str, str] = field(default_factory=dict)  # backend -> artifact key, where it differs
     cpu_note: str = ""  # caveat when the CPU provider runs it
-    backends: tuple[str, ...] | None = None  # the backends that run it ("auto" included where it may); None: all
+    backends: tuple[str, ...] | None = (
+        None  # the backends that run it ("auto" included where it may); None: all
+    )
     needs_agreement: bool = False  # load only with a passed agreement record in export.json (int8)
 
     def artifact_key(self, backend: str) -> str:
@@ -94,11 +96,15 @@ def check_combination(backend: str, precision: str) -> None:
         raise ValueError(f"precision: expected one of {list(PRECISIONS)}, got {precision!r}")
     prec, engine = PRECISIONS[precision], BACKENDS.get(backend)
     if prec.backends is not None and backend not in prec.backends:
-        raise ValueError(f"precision {precision!r} runs on backend {' or '.join(map(repr, prec.backends))}, "
-                         f"got backend={backend!r}")
+        raise ValueError(
+            f"precision {precision!r} runs on backend {' or '.join(map(repr, prec.backends))}, "
+            f"got backend={backend!r}"
+        )
     if engine is not None and engine.precisions is not None and precision not in engine.precisions:
-        raise ValueError(f"backend {backend!r} runs precision {' or '.join(map(repr, engine.precisions))}, "
-                         f"got precision={precision!r}")
+        raise ValueError(
+            f"backend {backend!r} runs precision {' or '.join(map(repr, engine.precisions))}, "
+            f"got precision={precision!r}"
+        )
 
 
 def backend_names() -> tuple[str, ...]:
@@ -112,9 +118,15 @@ def auto_order() -> list[Backend]:
 
 def _tensorrt_options(request: SessionRequest) -> dict[str, Any]:
     manifest = request.manifest
-    cache = request.cache_dir or (manifest.directory / "trt_cache" if manifest else request.model_file.parent / "trt_cache")
-    options: dict[str, Any] = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
-                               "trt_timing_cache_enable": True, "trt_fp16_enable": request.precision == "fp16"}
+    cache = request.cache_dir or (
+        manifest.directory / "trt_cache" if manifest else request.model_file.parent / "trt_cache"
+    )
+    options: dict[str, Any] = {
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(cache),
+        "trt_timing_cache_enable": True,
+        "trt_fp16_enable": request.precision == "fp16",
+    }
     if manifest is not None:
         options.update(_trt_profile(manifest))
     return options
@@ -123,7 +135,11 @@ def _tensorrt_options(request: SessionRequest) -> dict[str, Any]:
 def _trt_profile(manifest: Manifest) -> dict[str, str]:
     """TensorRT optimisation profile over (batch, utterances): min 1x1, opt 1x50, max max_batch x max_len."""
     trt = manifest.artifacts.get("tensorrt")
-    profile = (trt and trt.profile) or {"min": [1, 1], "opt": [1, 50], "max": [manifest.max_batch, manifest.max_len]}
+    profile = (trt and trt.profile) or {
+        "min": [1, 1],
+        "opt": [1, 50],
+        "max": [manifest.max_batch, manifest.max_len],
+    }
 
     def shapes(b: int, n: int) -> str:
         dims = [f"{m}:{b}x{n}x{manifest.feature_dims[m]}" for m in manifest.modalities]
@@ -133,22 +149,43 @@ def _trt_profile(manifest: Manifest) -> dict[str, str]:
 
 
 _GPU_INSTALL = "install onnxruntime-gpu (pip install 'cmath[gpu]') on a machine with an NVIDIA GPU"
-register_backend(Backend("cpu", "CPUExecutionProvider", "it ships with every onnxruntime", auto_rank=1, fallbacks=()))
+register_backend(
+    Backend("cpu", "CPUExecutionProvider", "it ships with every onnxruntime", auto_rank=1, fallbacks=())
+)
 register_backend(Backend("cuda", "CUDAExecutionProvider", _GPU_INSTALL, auto_rank=0))
 # TensorRT is opt-in: its first load builds an engine, which takes minutes.
-register_backend(Backend("tensorrt", "TensorrtExecutionProvider",
-                         f"{_GPU_INSTALL}, with the TensorRT libraries from NVIDIA's index",
-                         fallbacks=("CUDAExecutionProvider", "CPUExecutionProvider"), options=_tensorrt_options,
-                         prepare=lambda opts: Path(opts["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)))
+register_backend(
+    Backend(
+        "tensorrt",
+        "TensorrtExecutionProvider",
+        f"{_GPU_INSTALL}, with the TensorRT libraries from NVIDIA's index",
+        fallbacks=("CUDAExecutionProvider", "CPUExecutionProvider"),
+        options=_tensorrt_options,
+        prepare=lambda opts: Path(opts["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True),
+    )
+)
 
 # OpenVINO (optional extra): compiles the same model.onnx itself; f32 unless bf16 is asked for, read back at load.
-register_backend(Backend("openvino", "OpenVINO CPU", "pip install 'cmath[openvino]'",
-                         opener=lambda request, threads: _open_openvino(request, threads), precisions=("fp32", "bf16")))
+register_backend(
+    Backend(
+        "openvino",
+        "OpenVINO CPU",
+        "pip install 'cmath[openvino]'",
+        opener=lambda request, threads: _open_openvino(request, threads),
+        precisions=("fp32", "bf16"),
+    )
+)
 
 register_precision(Precision("fp32", "fp32"))
 # TensorRT builds its fp16 engine from the fp32 ONNX (trt_fp16_enable), so it loads model.onnx.
-register_precision(Precision("fp16", "fp16", {"tensorrt": "fp32"},
-                             "fp16 on the CPU provider: fp16 weights, most ops computed in fp32 (weight rounding only)"))
+register_precision(
+    Precision(
+        "fp16",
+        "fp16",
+        {"tensorrt": "fp32"},
+        "fp16 on the CPU provider: fp16 weights, most ops computed in fp32 (weight rounding only)",
+    )
+)
 
 # int8 weights (cmath-export --int8) on onnxruntime's CPU provider, refused without a passed agreement record.
 register_precision(Precision("int8", "int8", backends=("auto", "cpu"), needs_agreement=True))
@@ -161,7 +198,6 @@ def _open_openvino(request: SessionRequest, threads: int | None) -> tuple[Any, s
 
     session = OpenVINOSession(request.model_file, request.precision, threads, request.static_shapes)
     return session, session.describe()
-
 
 
 @dataclass(frozen=True)
@@ -199,7 +235,9 @@ def session_options(threads: int | None, spinning: bool = False) -> Any:
     return opts
 
 
-def open_probe_session(model: bytes, threads: int | None = 1, optimize: bool = True, spinning: bool = False) -> Any:
+def open_probe_session(
+    model: bytes, threads: int | None = 1, optimize: bool = True, spinning: bool = False
+) -> Any:
     """A plain CPU session on an in-memory graph that is not an artifact: the benchmarks' measuring instruments
     (the matmul-peak probe; the FLOP counter, which needs `optimize=False` so every node stays visible)."""
     import onnxruntime as ort
@@ -210,10 +248,20 @@ def open_probe_session(model: bytes, threads: int | None = 1, optimize: bool = T
     return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
-def open_session(model_file: str | Path, backend: str = "cpu", *, precision: str = "fp32", threads: int | None = None,
-                 spinning: bool = False, manifest: Manifest | None = None, cache_dir: Path | None = None,
-                 inputs: Sequence[str] | None = None, outputs: Sequence[str] | None = None,
-                 what: str = "model", static_shapes: int = 0) -> SessionInfo:
+def open_session(
+    model_file: str | Path,
+    backend: str = "cpu",
+    *,
+    precision: str = "fp32",
+    threads: int | None = None,
+    spinning: bool = False,
+    manifest: Manifest | None = None,
+    cache_dir: Path | None = None,
+    inputs: Sequence[str] | None = None,
+    outputs: Sequence[str] | None = None,
+    what: str = "model",
+    static_shapes: int = 0,
+) -> SessionInfo:
     """Create an onnxruntime session for `backend` ("auto" tries the table's auto order) and verify what runs it.
 
     inputs: the graph's input names, in order, if they must be checked; outputs: the names its outputs must
@@ -227,8 +275,10 @@ def open_session(model_file: str | Path, backend: str = "cpu", *, precision: str
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise ValueError(f"threads: expected a positive integer or None, got {threads!r}")
     if static_shapes and backend != "openvino":
-        raise ValueError(f"static_shapes: only backend='openvino' compiles a model per input shape, got "
-                         f"static_shapes={static_shapes!r} with backend={backend!r}")
+        raise ValueError(
+            f"static_shapes: only backend='openvino' compiles a model per input shape, got "
+            f"static_shapes={static_shapes!r} with backend={backend!r}"
+        )
     request = SessionRequest(model_file, precision, manifest, cache_dir, static_shapes)
     check = (tuple(inputs) if inputs is not None else None, tuple(outputs) if outputs is not None else None)
     available = available_providers()
@@ -236,8 +286,16 @@ def open_session(model_file: str | Path, backend: str = "cpu", *, precision: str
     if opener is not None:  # an engine of its own (OpenVINO)
         session, note = opener(request, threads)
         _check_io(session, model_file, check, what)
-        return SessionInfo(session, backend, tuple(session.get_providers()), model_file,
-                           getattr(session, "threads", threads), note, precision, spinning)
+        return SessionInfo(
+            session,
+            backend,
+            tuple(session.get_providers()),
+            model_file,
+            getattr(session, "threads", threads),
+            note,
+            precision,
+            spinning,
+        )
     if backend != AUTO:
         wanted = BACKENDS[backend]
         if wanted.provider not in available:
@@ -247,7 +305,8 @@ def open_session(model_file: str | Path, backend: str = "cpu", *, precision: str
             raise BackendUnavailableError(
                 f"backend {backend!r} was requested and onnxruntime lists {wanted.provider}, but the session came "
                 f"up on {list(info.providers)}: the provider could not start here (no NVIDIA GPU, or missing "
-                f"CUDA/cuDNN/TensorRT libraries). Use backend='cpu', or backend='auto' to fall back.")
+                f"CUDA/cuDNN/TensorRT libraries). Use backend='cpu', or backend='auto' to fall back."
+            )
         return info
     for candidate in auto_order():
         if candidate.provider not in available:
@@ -262,52 +321,88 @@ def open_session(model_file: str | Path, backend: str = "cpu", *, precision: str
     raise BackendUnavailableError(f"no usable onnxruntime provider among {available}")
 
 
-def create_session(model_file: Path, manifest: Manifest, backend: str = "auto", precision: str = "fp32",
-                   threads: int | None = None, cache_dir: Path | None = None, spinning: bool = False,
-                   static_shapes: int = 0) -> SessionInfo:
+def create_session(
+    model_file: Path,
+    manifest: Manifest,
+    backend: str = "auto",
+    precision: str = "fp32",
+    threads: int | None = None,
+    cache_dir: Path | None = None,
+    spinning: bool = False,
+    static_shapes: int = 0,
+) -> SessionInfo:
     """The exported model's session: open_session with the manifest's inputs and outputs checked."""
-    return open_session(model_file, backend, precision=precision, threads=threads, spinning=spinning,
-                        manifest=manifest, cache_dir=cache_dir, inputs=manifest.input_names,
-                        outputs=("probs", "embedding"), what="model", static_shapes=static_shapes)
+    return open_session(
+        model_file,
+        backend,
+        precision=precision,
+        threads=threads,
+        spinning=spinning,
+        manifest=manifest,
+        cache_dir=cache_dir,
+        inputs=manifest.input_names,
+        outputs=("probs", "embedding"),
+        what="model",
+        static_shapes=static_shapes,
+    )
 
 
-def _create(backend: Backend, request: SessionRequest, threads: int | None, spinning: bool,
-            check: tuple[tuple[str, ...] | None, tuple[str, ...] | None], what: str) -> SessionInfo:
+def _create(
+    backend: Backend,
+    request: SessionRequest,
+    threads: int | None,
+    spinning: bool,
+    check: tuple[tuple[str, ...] | None, tuple[str, ...] | None],
+    what: str,
+) -> SessionInfo:
     import onnxruntime as ort
 
     providers = backend.providers(request)
     if backend.prepare is not None and isinstance(providers[0], tuple):
         backend.prepare(providers[0][1])
     try:
-        session = ort.InferenceSession(str(request.model_file), sess_options=session_options(threads, spinning),
-                                       providers=providers)
+        session = ort.InferenceSession(
+            str(request.model_file), sess_options=session_options(threads, spinning), providers=providers
+        )
     except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidProtobuf, ...)
-        raise ArtifactError(request.model_file, f"onnxruntime cannot load this {what} ({first_line(e)})") from None
+        raise ArtifactError(
+            request.model_file, f"onnxruntime cannot load this {what} ({first_line(e)})"
+        ) from None
     _check_io(session, request.model_file, check, what)
     actual = tuple(session.get_providers())
     first = actual[0] if actual else "none"
     runs_on = next((b.name for b in BACKENDS.values() if b.provider == first), first)
     prec = PRECISIONS.get(request.precision)
     note = prec.cpu_note if prec is not None and runs_on == "cpu" else ""
-    return SessionInfo(session, runs_on, actual, request.model_file, threads, note, request.precision, spinning)
+    return SessionInfo(
+        session, runs_on, actual, request.model_file, threads, note, request.precision, spinning
+    )
 
 
-def _check_io(session: Any, model_file: Path, check: tuple[tuple[str, ...] | None, tuple[str, ...] | None],
-              what: str) -> None:
+def _check_io(
+    session: Any, model_file: Path, check: tuple[tuple[str, ...] | None, tuple[str, ...] | None], what: str
+) -> None:
     want_in, want_out = check
     inputs = tuple(i.name for i in session.get_inputs())
     outputs = tuple(o.name for o in session.get_outputs())
-    if (want_in is not None and inputs != want_in) or (want_out is not None and outputs[:len(want_out)] != want_out):
-        raise ArtifactError(model_file, f"{what} graph does not match export.json: inputs {list(inputs)} (expected "
-                                        f"{list(want_in) if want_in is not None else 'any'}), outputs {list(outputs)} "
-                                        f"(expected {list(want_out) if want_out is not None else 'any'} first)")
+    if (want_in is not None and inputs != want_in) or (
+        want_out is not None and outputs[: len(want_out)] != want_out
+    ):
+        raise ArtifactError(
+            model_file,
+            f"{what} graph does not match export.json: inputs {list(inputs)} (expected "
+            f"{list(want_in) if want_in is not None else 'any'}), outputs {list(outputs)} "
+            f"(expected {list(want_out) if want_out is not None else 'any'} first)",
+        )
 
 
 def _missing_provider(backend: Backend, available: list[str]) -> str:
     import onnxruntime as ort
 
-    return (f"backend {backend.name!r} needs onnxruntime's {backend.provider}, which this onnxruntime "
-            f"{ort.__version__} does not have (available: {available}); {backend.install}, or use backend='cpu'.")
+    return (
+        f"backend {backend.name!r} needs onnxruntime's {backend.provider}, which this onnxruntime "
+        f"{ort.__version__} does not have (available: {available}); {backend.install}, or use backend='cpu'."
+    )
 
 
 def default_threads() -> int:

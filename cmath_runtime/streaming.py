@@ -41,27 +41,40 @@ class StepGraph:
         self.output_names: list[str] = [o["name"] for o in entry["outputs"]]
         speaker = next(i for i in entry["inputs"] if i["name"] == "speaker")
         if speaker["shape"] == [1]:  # every input has a leading batch axis: B conversations per call
-            raise ArtifactError(entry.get("file", "step graph"), "this step graph takes one conversation per "
-                                "call (inputs without a batch axis), which this cmath does not run; "
-                                "re-export it")
+            raise ArtifactError(
+                entry.get("file", "step graph"),
+                "this step graph takes one conversation per "
+                "call (inputs without a batch axis), which this cmath does not run; "
+                "re-export it",
+            )
 
     def empty_state(self) -> dict[str, np.ndarray]:
         return {s["input"]: np.zeros(s["shape"], np.float32) for s in self.state_spec}
 
-    def run(self, buffers: dict[str, np.ndarray], position: int, speaker: int,
-            features: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def run(
+        self, buffers: dict[str, np.ndarray], position: int, speaker: int, features: dict[str, np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray]:
         """One utterance at `position`; updates `buffers` in place; returns probs (C,), embedding (d,)."""
         probs, emb = self.run_batch([buffers], [position], [speaker], [features])
         return probs[0], emb[0]
 
-    def run_batch(self, buffers: Sequence[dict[str, np.ndarray]], positions: Sequence[int], speakers: Sequence[int],
-                  features: Sequence[Mapping[str, Any]], fields: Sequence[str] | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
+    def run_batch(
+        self,
+        buffers: Sequence[dict[str, np.ndarray]],
+        positions: Sequence[int],
+        speakers: Sequence[int],
+        features: Sequence[Mapping[str, Any]],
+        fields: Sequence[str] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """B conversations, one new utterance each, in one graph call: conversation b's state `buffers[b]` at
         `positions[b]`. Updates every buffers[b] in place; returns probs (B, C), embedding (B, d)."""
         for b, position in enumerate(positions):
-            check_max_len(position + 1, self.max_len, fields[b] if fields else f"utterances[{position}]",
-                          "the step graph's cache capacity, max_len")
+            check_max_len(
+                position + 1,
+                self.max_len,
+                fields[b] if fields else f"utterances[{position}]",
+                "the step graph's cache capacity, max_len",
+            )
         out = self._call(buffers, positions, speakers, features)
         for b, position in enumerate(positions):
             for s in self.state_spec:
@@ -71,12 +84,18 @@ class StepGraph:
                     buffers[b][s["input"]] = out[s["output"]][b]
         return out["probs"], out["embedding"]
 
-    def _call(self, buffers: Sequence[dict[str, np.ndarray]], positions: Sequence[int], speakers: Sequence[int],
-              features: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    def _call(
+        self,
+        buffers: Sequence[dict[str, np.ndarray]],
+        positions: Sequence[int],
+        speakers: Sequence[int],
+        features: Sequence[Mapping[str, Any]],
+    ) -> dict[str, np.ndarray]:
         """One session.run over the stacked states; every output has a leading batch axis."""
         n, history = len(positions), max(positions)
-        feeds: dict[str, np.ndarray] = {m: np.stack([np.asarray(f[m], np.float32).reshape(-1) for f in features])
-                                        for m in features[0]}
+        feeds: dict[str, np.ndarray] = {
+            m: np.stack([np.asarray(f[m], np.float32).reshape(-1) for f in features]) for m in features[0]
+        }
         feeds["speaker"] = np.asarray(speakers, np.int64)
         feeds["position"] = np.asarray(positions, np.int64)
         for s in self.state_spec:
@@ -103,7 +122,9 @@ class Stream:
         self.probs: list[np.ndarray] = []
         self.embedding: list[np.ndarray] = []
 
-    def catch_up(self, speakers: list[int], features: dict[str, list[np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    def catch_up(
+        self, speakers: list[int], features: dict[str, list[np.ndarray]]
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Step through the utterances not seen yet; (probs (n, C), embedding (n, d)) of all so far."""
         while self.position < len(speakers):
             i = self.position
@@ -136,9 +157,12 @@ class Stream:
         self.embedding = list(np.asarray(state["state.embedding"])) if n else []
 
     @staticmethod
-    def step_many(streams: Sequence[Stream], speakers: Sequence[int],
-                  features: Sequence[Mapping[str, np.ndarray]], precision: str
-                  ) -> tuple[np.ndarray, np.ndarray]:
+    def step_many(
+        streams: Sequence[Stream],
+        speakers: Sequence[int],
+        features: Sequence[Mapping[str, np.ndarray]],
+        precision: str,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """One new utterance for each of `streams` (all on one graph, each caught up) in ONE graph call:
         (probs (B, C), embedding (B, d)). All or nothing: when any output is not finite, every stream is left
         as it was (K/V rows past `position` are not part of a state) and an InputError names
@@ -147,16 +171,21 @@ class Stream:
         replaced = [s["input"] for s in graph.state_spec if s["update"] == "replace"]
         before = [{k: stream.buffers[k] for k in replaced} for stream in streams]
         fields = [f"utterances[{i}]" for i in range(len(streams))]
-        probs, emb = graph.run_batch([s.buffers for s in streams], [s.position for s in streams], speakers,
-                                     features, fields)
+        probs, emb = graph.run_batch(
+            [s.buffers for s in streams], [s.position for s in streams], speakers, features, fields
+        )
         bad = nonfinite_rows(probs, emb)
         if len(bad):
             for stream, saved in zip(streams, before):
                 stream.buffers.update(saved)
             i = int(bad[0])
-            raise nonfinite_output_error(f"utterances[{i}]", [0], {m: np.asarray(x)[None] for m, x in
-                                                                   features[i].items()},
-                                         precision, "No conversation was changed.")
+            raise nonfinite_output_error(
+                f"utterances[{i}]",
+                [0],
+                {m: np.asarray(x)[None] for m, x in features[i].items()},
+                precision,
+                "No conversation was changed.",
+            )
         for b, stream in enumerate(streams):
             stream.probs.append(probs[b])
             stream.embedding.append(emb[b])

@@ -57,21 +57,37 @@ class TextEncoderSpec:
                 what = f"{precision} text encoder (text_encoder.variants[{precision!r}])"
                 record = (raw.get("variants") or {}).get(precision)
                 check_agreement(record, manifest.path, what, f"--{precision}")
-            files = {k: (manifest.file(v["file"], f"text_encoder.files[{k!r}].file"), str(v["sha256"]))
-                     for k, v in raw["files"].items() if k == graph or not k.startswith("onnx")}
+            files = {
+                k: (manifest.file(v["file"], f"text_encoder.files[{k!r}].file"), str(v["sha256"]))
+                for k, v in raw["files"].items()
+                if k == graph or not k.startswith("onnx")
+            }
             turns = TurnFormat.from_json(raw["turns"]) if raw.get("turns") else None
-            return cls(files[graph][0], files["tokenizer"][0], files, tuple(raw["inputs"]), int(raw["max_seq_length"]),
-                       str(raw["pooling"]), bool(raw["normalize"]), int(raw["dim"]), raw.get("text_normalisation"),
-                       turns, precision if graph != "onnx" else "fp32")
+            return cls(
+                files[graph][0],
+                files["tokenizer"][0],
+                files,
+                tuple(raw["inputs"]),
+                int(raw["max_seq_length"]),
+                str(raw["pooling"]),
+                bool(raw["normalize"]),
+                int(raw["dim"]),
+                raw.get("text_normalisation"),
+                turns,
+                precision if graph != "onnx" else "fp32",
+            )
         except (KeyError, TypeError, ValueError) as e:
-            raise ArtifactError(manifest.path, f"invalid manifest: text_encoder entry ({type(e).__name__}: {e})") from None
+            raise ArtifactError(
+                manifest.path, f"invalid manifest: text_encoder entry ({type(e).__name__}: {e})"
+            ) from None
 
 
 class TextEncoder:
     """Tokenizer + onnxruntime session: `encode(texts)` -> (n, dim) float32, like the training features."""
 
-    def __init__(self, spec: TextEncoderSpec, threads: int | None = None, verify: bool = True,
-                 spinning: bool = False) -> None:
+    def __init__(
+        self, spec: TextEncoderSpec, threads: int | None = None, verify: bool = True, spinning: bool = False
+    ) -> None:
         from tokenizers import Tokenizer
 
         for name, (path, digest) in spec.files.items():
@@ -80,7 +96,9 @@ class TextEncoder:
         self.tokenizer = Tokenizer.from_file(str(spec.tokenizer_file))
         self.tokenizer.no_padding()  # padded by hand, per batch, to the longest input
         if spec.turns is None:
-            self.tokenizer.enable_truncation(max_length=spec.max_seq_length, strategy="longest_first", direction="right")
+            self.tokenizer.enable_truncation(
+                max_length=spec.max_seq_length, strategy="longest_first", direction="right"
+            )
         else:  # cmath_runtime.turns adds the special tokens and cuts
             self.tokenizer.no_truncation()
             cls_id, sep_id = (self.tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]"))
@@ -88,8 +106,9 @@ class TextEncoder:
                 missing = [t for t, i in (("[CLS]", cls_id), ("[SEP]", sep_id)) if i is None]
                 raise ArtifactError(spec.tokenizer_file, f"the tokenizer has no {missing}")
             self._cls, self._sep = cls_id, sep_id
-        self.session = open_session(spec.onnx_file, "cpu", threads=threads, inputs=spec.inputs,
-                                    spinning=spinning, what="text encoder").session
+        self.session = open_session(
+            spec.onnx_file, "cpu", threads=threads, inputs=spec.inputs, spinning=spinning, what="text encoder"
+        ).session
 
     @property
     def dim(self) -> int:
@@ -108,29 +127,42 @@ class TextEncoder:
         texts = [_check_text(t, f"texts[{i}]") for i, t in enumerate(texts)]
         return self._run(self.inputs([([], [], 0, t) for t in texts]), batch_size)
 
-    def encode_turns(self, items: Sequence[tuple[Sequence[str], Sequence[int], int, str]],
-                     batch_size: int = DEFAULT_BATCH) -> np.ndarray:
+    def encode_turns(
+        self, items: Sequence[tuple[Sequence[str], Sequence[int], int, str]], batch_size: int = DEFAULT_BATCH
+    ) -> np.ndarray:
         """(n, dim) embeddings of new utterances, each given as (past texts, past speakers, speaker, text) of its
         conversation: read with the encoder's `turns` window, exactly as cmath-prepare read the training data."""
         return self._run(self.inputs(items), batch_size)
 
-    def inputs(self, items: Sequence[tuple[Sequence[str], Sequence[int], int, str]]
-               ) -> list[tuple[list[int], list[int]]]:
+    def inputs(
+        self, items: Sequence[tuple[Sequence[str], Sequence[int], int, str]]
+    ) -> list[tuple[list[int], list[int]]]:
         """(input_ids, token_type_ids) the encoder reads for each item of `encode_turns` (a plain encoder: the text
         alone)."""
         fmt, inputs = self.spec.turns, []
         if fmt is None:
-            return [self._single(e) for e in self.tokenizer.encode_batch([self.normalise(t) for *_, t in items])]
+            return [
+                self._single(e) for e in self.tokenizer.encode_batch([self.normalise(t) for *_, t in items])
+            ]
         for texts, speakers, speaker, text in items:
             keep = len(texts) - min(len(texts), fmt.window)
-            (pair,) = encode_turns(fmt, self._pieces, self._cls, self._sep, [*texts[keep:], text],
-                                   [*speakers[keep:], speaker], start=len(texts) - keep)
+            (pair,) = encode_turns(
+                fmt,
+                self._pieces,
+                self._cls,
+                self._sep,
+                [*texts[keep:], text],
+                [*speakers[keep:], speaker],
+                start=len(texts) - keep,
+            )
             inputs.append(pair)
         return inputs
 
     def encode_conversation(self, texts: Sequence[str], speakers: Sequence[int]) -> np.ndarray:
         """(n, dim) embeddings of every utterance of one conversation, each read with its own past."""
-        return self.encode_turns([(texts[:i], speakers[:i], speakers[i], texts[i]) for i in range(len(texts))])
+        return self.encode_turns(
+            [(texts[:i], speakers[:i], speakers[i], texts[i]) for i in range(len(texts))]
+        )
 
     def _pieces(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
@@ -143,7 +175,7 @@ class TextEncoder:
         out = np.zeros((len(inputs), self.dim), np.float32)
         order = sorted(range(len(inputs)), key=lambda i: len(inputs[i][0]))
         for k in range(0, len(order), batch_size):
-            idx = order[k:k + batch_size]
+            idx = order[k : k + batch_size]
             (emb,) = self.session.run(None, self.feeds([inputs[i] for i in idx]))
             out[idx] = emb
         return out
@@ -151,11 +183,14 @@ class TextEncoder:
     def feeds(self, inputs: list[tuple[list[int], list[int]]]) -> dict[str, np.ndarray]:
         """The graph's feeds for `inputs` (input_ids, token_type_ids pairs), right-padded to the longest."""
         width = max(len(ids) for ids, _ in inputs)
-        out = {k: np.zeros((len(inputs), width), np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
+        out = {
+            k: np.zeros((len(inputs), width), np.int64)
+            for k in ("input_ids", "attention_mask", "token_type_ids")
+        }
         for i, (ids, types) in enumerate(inputs):
-            out["input_ids"][i, :len(ids)] = ids
-            out["attention_mask"][i, :len(ids)] = 1
-            out["token_type_ids"][i, :len(types)] = types
+            out["input_ids"][i, : len(ids)] = ids
+            out["attention_mask"][i, : len(ids)] = 1
+            out["token_type_ids"][i, : len(types)] = types
         return {k: v for k, v in out.items() if k in self.spec.inputs}
 
 
@@ -166,9 +201,14 @@ def check_text_features(text: Any, features: dict[str, Any], field: str) -> str:
     return _check_text(text, field)
 
 
-def embed_utterances(encoder: Callable[[], TextEncoder], pasts: Sequence[tuple[list[str], list[int]]],
-                     speakers: Sequence[int], texts: Sequence[Any], features: Sequence[dict[str, Any]],
-                     fields: Sequence[str]) -> list[str]:
+def embed_utterances(
+    encoder: Callable[[], TextEncoder],
+    pasts: Sequence[tuple[list[str], list[int]]],
+    speakers: Sequence[int],
+    texts: Sequence[Any],
+    features: Sequence[dict[str, Any]],
+    fields: Sequence[str],
+) -> list[str]:
     """New utterances given as text, each continuing its own conversation (`pasts[i]`: Conversation.past_turns),
     in one call of `encoder()` (the model's text encoder, loaded once the texts are checked): features[i] gets
     "t" in place. Returns the checked texts."""
@@ -179,16 +219,20 @@ def embed_utterances(encoder: Callable[[], TextEncoder], pasts: Sequence[tuple[l
     return checked
 
 
-def past_turns(texts: Sequence[str | None], speakers: Sequence[int], window: int, field: str
-               ) -> tuple[list[str], list[int]]:
+def past_turns(
+    texts: Sequence[str | None], speakers: Sequence[int], window: int, field: str
+) -> tuple[list[str], list[int]]:
     """The last `window` turns of a conversation for its next utterance's encoder input; every one of them must
     have been added as text (the encoder reads them)."""
     keep = len(texts) - min(len(texts), window)
     missing = [i for i in range(keep, len(texts)) if texts[i] is None]
     if missing:
-        raise InputError(field, f"text for the last {window} utterances (the text encoder reads them with the new "
-                         "one)", f"utterance {missing[0]} added as features",
-                         "Add every utterance of a conversation with text= when its model embeds text.")
+        raise InputError(
+            field,
+            f"text for the last {window} utterances (the text encoder reads them with the new one)",
+            f"utterance {missing[0]} added as features",
+            "Add every utterance of a conversation with text= when its model embeds text.",
+        )
     return [str(t) for t in texts[keep:]], [int(s) for s in speakers[keep:]]
 
 
@@ -206,7 +250,11 @@ def resolve_texts(conversations: Any, encoder: Callable[[], TextEncoder]) -> Any
     for i in todo:
         conv = out[i]
         if isinstance(conv["texts"], (str, bytes)) or not hasattr(conv["texts"], "__len__"):
-            raise InputError(f"conversations[{i}].texts", "a list of strings, one per utterance", type(conv["texts"]).__name__)
+            raise InputError(
+                f"conversations[{i}].texts",
+                "a list of strings, one per utterance",
+                type(conv["texts"]).__name__,
+            )
         if TEXT_MODALITY in (conv.get("features") or {}):
             raise InputError(f"conversations[{i}]", "either texts or features['t'], not both", "both")
         texts = [_check_text(t, f"conversations[{i}].texts[{j}]") for j, t in enumerate(conv["texts"])]
@@ -216,7 +264,7 @@ def resolve_texts(conversations: Any, encoder: Callable[[], TextEncoder]) -> Any
     start = 0
     for i in todo:
         conv, n = out[i], len(out[i]["texts"])
-        feats = {**(conv.get("features") or {}), TEXT_MODALITY: emb[start:start + n]}
+        feats = {**(conv.get("features") or {}), TEXT_MODALITY: emb[start : start + n]}
         out[i] = {**{k: v for k, v in conv.items() if k != "texts"}, "features": feats}
         start += n
     return out
@@ -226,7 +274,12 @@ def _speakers_for(raw: Any, n: int, field: str) -> list[int]:
     """Speaker ids to read texts with; what is wrong with them is for validation to say (0s stand in here)."""
     try:
         ids = np.asarray(raw).reshape(-1)
-        if len(ids) == n and ids.dtype.kind in "iuf" and np.isfinite(ids).all() and (ids == np.round(ids)).all():
+        if (
+            len(ids) == n
+            and ids.dtype.kind in "iuf"
+            and np.isfinite(ids).all()
+            and (ids == np.round(ids)).all()
+        ):
             return [int(x) for x in ids]
     except (TypeError, ValueError, OverflowError):
         pass

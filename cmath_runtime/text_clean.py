@@ -36,7 +36,9 @@ def clean_text(s: str) -> str:
     if _C1.search(s):
         s = _C1.sub(_c1_to_cp1252, s)
     s = unicodedata.normalize("NFC", s)
-    s = "".join(ch for ch in s if ch.isspace() or unicodedata.category(ch) not in ("Cc", "Cf") or ch == "\u200d")
+    s = "".join(
+        ch for ch in s if ch.isspace() or unicodedata.category(ch) not in ("Cc", "Cf") or ch == "\u200d"
+    )
     return _SPACE.sub(" ", s).strip()
 
 

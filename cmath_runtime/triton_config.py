@@ -19,8 +19,13 @@ from pathlib import Path
 
 from .files import atomic_write_bytes
 
-DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "bool": "TYPE_BOOL",
-          "string": "TYPE_STRING"}
+DTYPES = {
+    "float32": "TYPE_FP32",
+    "float16": "TYPE_FP16",
+    "int64": "TYPE_INT64",
+    "bool": "TYPE_BOOL",
+    "string": "TYPE_STRING",
+}
 
 
 @dataclass(frozen=True)
@@ -37,9 +42,19 @@ class TritonTensor:
         return f'  {{ name: "{self.name}" data_type: {DTYPES[self.dtype]} dims: {list(self.dims)}{opt} }}'
 
 
-def model_config(name: str, max_batch: int, inputs: list[TritonTensor], outputs: list[TritonTensor], *,
-                 platform: str | None = None, default_model_filename: str | None = None, backend: str | None = None,
-                 batching: str = "", instance_group: str = "", parameters: dict[str, object] | None = None) -> str:
+def model_config(
+    name: str,
+    max_batch: int,
+    inputs: list[TritonTensor],
+    outputs: list[TritonTensor],
+    *,
+    platform: str | None = None,
+    default_model_filename: str | None = None,
+    backend: str | None = None,
+    batching: str = "",
+    instance_group: str = "",
+    parameters: dict[str, object] | None = None,
+) -> str:
     """config.pbtxt: name, platform or backend, max_batch_size, `batching` (a dynamic_batching or
     sequence_batching block, as text), inputs, outputs, `instance_group` (text) and string parameters."""
     if (platform is None) == (backend is None):
@@ -51,7 +66,10 @@ def model_config(name: str, max_batch: int, inputs: list[TritonTensor], outputs:
     head += f"max_batch_size: {max_batch}\n"
     text = head + _tensors("input", inputs) + _tensors("output", outputs) + batching + instance_group
     if parameters:
-        rows = [f'  {{ key: "{k}" value: {{ string_value: {json.dumps(str(v))} }} }}' for k, v in parameters.items()]
+        rows = [
+            f'  {{ key: "{k}" value: {{ string_value: {json.dumps(str(v))} }} }}'
+            for k, v in parameters.items()
+        ]
         text += "parameters [\n" + ",\n".join(rows) + "\n]\n"
     return text
 

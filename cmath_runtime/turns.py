@@ -57,11 +57,20 @@ class TurnFormat:
 Tokenize = Callable[[list[str]], list[list[int]]]  # texts -> token ids without special tokens
 
 
-def encode_turns(fmt: TurnFormat, tokenize: Tokenize, cls_id: int, sep_id: int, texts: Sequence[str],
-                 speakers: Sequence[int], start: int = 0) -> list[tuple[list[int], list[int]]]:
+def encode_turns(
+    fmt: TurnFormat,
+    tokenize: Tokenize,
+    cls_id: int,
+    sep_id: int,
+    texts: Sequence[str],
+    speakers: Sequence[int],
+    start: int = 0,
+) -> list[tuple[list[int], list[int]]]:
     """(input_ids, token_type_ids) of utterances start..n-1 of one conversation, each with its own past."""
     if len(texts) != len(speakers):
-        raise ValueError(f"texts and speakers: expected the same length, got {len(texts)} and {len(speakers)}")
+        raise ValueError(
+            f"texts and speakers: expected the same length, got {len(texts)} and {len(speakers)}"
+        )
     first = max(0, start - fmt.window)
     pieces = tokenize([fmt.turn(s, t) for s, t in zip(speakers[first:], texts[first:], strict=True)])
     out = []

@@ -31,19 +31,26 @@ class CheckedConversation:
 def check_conversations(conversations: Any, spec: Manifest) -> list[CheckedConversation]:
     """Validate a list of conversations; each is a mapping with 'speakers' and 'features' (or has those attributes)."""
     if isinstance(conversations, (Mapping, str, bytes, np.ndarray)) or not hasattr(conversations, "__len__"):
-        got = "a single conversation (wrap it in a list)" if _parts(conversations) else _describe(conversations)
+        got = (
+            "a single conversation (wrap it in a list)" if _parts(conversations) else _describe(conversations)
+        )
         raise InputError("conversations", "a list of conversations", got)
     out = []
     for i, conv in enumerate(conversations):
         parts = _parts(conv)
         if parts is None:
-            raise InputError(f"conversations[{i}]", "a mapping with 'speakers' and 'features' (or an object with "
-                                                    "those attributes)", _describe(conv))
+            raise InputError(
+                f"conversations[{i}]",
+                "a mapping with 'speakers' and 'features' (or an object with those attributes)",
+                _describe(conv),
+            )
         out.append(check_conversation(*parts, spec, f"conversations[{i}]"))
     return out
 
 
-def check_conversation(speakers: Any, features: Any, spec: Manifest, field: str = "conversation") -> CheckedConversation:
+def check_conversation(
+    speakers: Any, features: Any, spec: Manifest, field: str = "conversation"
+) -> CheckedConversation:
     spk = check_speakers(speakers, spec, f"{field}.speakers")
     feats = check_features(features, len(spk), spec, f"{field}.features")
     return CheckedConversation(feats, spk)
@@ -55,8 +62,9 @@ def check_speakers(speakers: Any, spec: Manifest, field: str) -> np.ndarray:
         raise InputError(field, "a 1-D sequence of speaker ids, one per utterance", f"shape {arr.shape}")
     if len(arr) == 0:
         raise InputError(field, "at least one utterance", "an empty conversation")
-    check_max_len(len(arr), spec.max_len, field, hint="Split the conversation or re-export with a larger "
-                                                      "max_len.")
+    check_max_len(
+        len(arr), spec.max_len, field, hint="Split the conversation or re-export with a larger max_len."
+    )
     if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
         arr = arr.astype(np.int64)  # 1.0, 2.0, ... are ids too
     if arr.dtype.kind not in "iu":
@@ -68,8 +76,13 @@ def check_speakers(speakers: Any, spec: Manifest, field: str) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
-def check_max_len(n: int, max_len: int, field: str, capacity: str = "the artifact's max_len",
-                  hint: str = "Start a new Conversation with the most recent utterances.") -> None:
+def check_max_len(
+    n: int,
+    max_len: int,
+    field: str,
+    capacity: str = "the artifact's max_len",
+    hint: str = "Start a new Conversation with the most recent utterances.",
+) -> None:
     """A conversation of `n` utterances fits the artifact: at most `max_len` (its position table and its step
     graph's K/V cache end there). Every length check of the runtime is this one."""
     if n > max_len:
@@ -80,7 +93,9 @@ def check_speaker(speaker: Any, spec: Manifest, field: str) -> int:
     """One speaker id (Conversation.add): a Python or numpy integer in [0, num_speakers); bools are not ids."""
     is_int = isinstance(speaker, (int, np.integer)) and not isinstance(speaker, (bool, np.bool_))
     if not is_int or not 0 <= speaker < spec.num_speakers:
-        raise InputError(field, f"an integer id in [0, {spec.num_speakers})", int(speaker) if is_int else repr(speaker))
+        raise InputError(
+            field, f"an integer id in [0, {spec.num_speakers})", int(speaker) if is_int else repr(speaker)
+        )
     return int(speaker)
 
 
@@ -107,9 +122,15 @@ def check_features(features: Any, n: int, spec: Manifest, field: str) -> dict[st
     missing = [m for m in spec.modalities if m not in features]
     extra = sorted(str(m) for m in features if m not in spec.modalities)
     if missing or extra:
-        what = "; ".join(s for s in (f"missing {missing}" if missing else "", f"extra {extra}" if extra else "") if s)
-        raise InputError(field, f"exactly the modalities {list(spec.modalities)}", f"{sorted(map(str, features))} ({what})")
-    return {m: check_modality(features[m], n, spec.feature_dims[m], f"{field}[{m!r}]") for m in spec.modalities}
+        what = "; ".join(
+            s for s in (f"missing {missing}" if missing else "", f"extra {extra}" if extra else "") if s
+        )
+        raise InputError(
+            field, f"exactly the modalities {list(spec.modalities)}", f"{sorted(map(str, features))} ({what})"
+        )
+    return {
+        m: check_modality(features[m], n, spec.feature_dims[m], f"{field}[{m!r}]") for m in spec.modalities
+    }
 
 
 def check_modality(value: Any, n: int, dim: int, field: str) -> np.ndarray:
@@ -136,8 +157,9 @@ def nonfinite_rows(*outputs: np.ndarray) -> np.ndarray:
     return np.flatnonzero(bad)
 
 
-def nonfinite_output_error(field: str, rows: Any, features: dict[str, np.ndarray], precision: str,
-                           hint: str = "") -> InputError:
+def nonfinite_output_error(
+    field: str, rows: Any, features: dict[str, np.ndarray], precision: str, hint: str = ""
+) -> InputError:
     """The InputError for inputs the model cannot compute finitely: names the rows and the most extreme value.
 
     Finite but extreme features (e.g. 1e30) overflow once standardised and pushed through attention and norms
@@ -152,10 +174,14 @@ def nonfinite_output_error(field: str, rows: Any, features: dict[str, np.ndarray
                 worst_m, worst_j, worst = m, j, float(mags[j])
     rows = [int(r) for r in rows]
     shown = rows if len(rows) <= 10 else [*rows[:10], "..."]
-    return InputError(field, f"features this {precision} model computes finitely (standardised values well within "
-                             f"the {precision} range)",
-                      f"non-finite probabilities for utterances {shown}; the largest |feature| is {worst:.3g} "
-                      f"(utterance {worst_j}, modality {worst_m!r})", hint or "Check the features' scale.")
+    return InputError(
+        field,
+        f"features this {precision} model computes finitely (standardised values well within "
+        f"the {precision} range)",
+        f"non-finite probabilities for utterances {shown}; the largest |feature| is {worst:.3g} "
+        f"(utterance {worst_j}, modality {worst_m!r})",
+        hint or "Check the features' scale.",
+    )
 
 
 def _as_array(value: Any, field: str) -> np.ndarray:
@@ -164,7 +190,9 @@ def _as_array(value: Any, field: str) -> np.ndarray:
     try:
         return np.asarray(value)
     except (ValueError, TypeError) as e:  # ragged nested lists and the like
-        raise InputError(field, "a rectangular numeric array", f"{type(value).__name__} that numpy cannot convert ({e})") from None
+        raise InputError(
+            field, "a rectangular numeric array", f"{type(value).__name__} that numpy cannot convert ({e})"
+        ) from None
 
 
 def _parts(conv: Any) -> tuple[Any, Any] | None:

@@ -30,7 +30,9 @@ from .errors import ConversationLimitError
 
 LOG = logging.getLogger("cmath_serve")
 NUMPY2 = int(np.__version__.split(".")[0]) >= 2
-ROWS_NOTE = "(conversations[i] is batch row i of the request; features[m] is input m, speakers is input 'speaker')"
+ROWS_NOTE = (
+    "(conversations[i] is batch row i of the request; features[m] is input m, speakers is input 'speaker')"
+)
 
 
 def _pb() -> Any:
@@ -46,8 +48,12 @@ class _Base:
         config = json.loads(args["model_config"])
         self.params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         threads = int(self.params.get("threads", "0")) or None
-        self.model = cmath_runtime.load(self.params["export_dir"], backend=self.params.get("backend", "auto"),
-                                        precision=self.params.get("precision", "fp32"), threads=threads)
+        self.model = cmath_runtime.load(
+            self.params["export_dir"],
+            backend=self.params.get("backend", "auto"),
+            precision=self.params.get("precision", "fp32"),
+            threads=threads,
+        )
         self.manifest = self.model.manifest
         self.max_batch = int(self.params.get("max_batch", "64"))
         self.pb = _pb()
@@ -56,7 +62,11 @@ class _Base:
 
     def _error(self, error: Exception) -> Any:
         pb = self.pb
-        code = pb.TritonError.UNAVAILABLE if isinstance(error, ConversationLimitError) else pb.TritonError.INVALID_ARG
+        code = (
+            pb.TritonError.UNAVAILABLE
+            if isinstance(error, ConversationLimitError)
+            else pb.TritonError.INVALID_ARG
+        )
         return pb.InferenceResponse(output_tensors=[], error=pb.TritonError(str(error), code))
 
     def _input(self, request: Any, name: str) -> np.ndarray | None:
@@ -79,13 +89,17 @@ class _Base:
         if raw is None:
             return None
         if raw.shape != shape:
-            raise InputError("text", f"one string per utterance: shape {shape} like input 'speaker'", f"shape {raw.shape}")
+            raise InputError(
+                "text", f"one string per utterance: shape {shape} like input 'speaker'", f"shape {raw.shape}"
+            )
         out = np.empty(raw.shape, object)
         for idx, value in np.ndenumerate(raw):
             try:
                 out[idx] = value.decode("utf-8") if isinstance(value, bytes) else str(value)
             except UnicodeDecodeError as e:
-                raise InputError(f"text{list(idx)}", "UTF-8 text", f"invalid bytes ({e.reason} at {e.start})") from None
+                raise InputError(
+                    f"text{list(idx)}", "UTF-8 text", f"invalid bytes ({e.reason} at {e.start})"
+                ) from None
         return out
 
     def _features(self, request: Any, text: bool) -> dict[str, np.ndarray]:
@@ -124,7 +138,7 @@ class ClassifyModel(_Base):
             preds = self.model.predict(flat, batch_size=self.max_batch, embeddings=True) if flat else []
             k = 0
             for i, convs in good.items():
-                results[i] = preds[k:k + len(convs)]
+                results[i] = preds[k : k + len(convs)]
                 k += len(convs)
         except CmathError:  # some request is bad in a way only the runtime sees: each request on its own
             for i, convs in good.items():
@@ -142,9 +156,11 @@ class ClassifyModel(_Base):
             probs = np.zeros((*shape, self.manifest.num_classes), np.float32)
             emb = np.zeros((*shape, self.manifest.d), np.float32)
             for b, pred in enumerate(outcome):
-                probs[b, :len(pred)] = pred.probs
-                emb[b, :len(pred)] = pred.embedding
-            responses.append(self.pb.InferenceResponse([self._output("probs", probs), self._output("embedding", emb)]))
+                probs[b, : len(pred)] = pred.probs
+                emb[b, : len(pred)] = pred.embedding
+            responses.append(
+                self.pb.InferenceResponse([self._output("probs", probs), self._output("embedding", emb)])
+            )
         return responses
 
     def _conversations(self, request: Any) -> list[dict[str, Any]]:
@@ -155,15 +171,20 @@ class ClassifyModel(_Base):
         feats = self._features(request, texts is not None)
         for name, x in [("mask", mask), *feats.items()]:
             if x.shape[:2] != (b, n):
-                raise InputError(name, f"(batch, utterances) = {(b, n)} like input 'speaker'", f"shape {x.shape}")
+                raise InputError(
+                    name, f"(batch, utterances) = {(b, n)} like input 'speaker'", f"shape {x.shape}"
+                )
         out = []
         for row in range(b):
             k = int(mask[row].sum())
             if k == 0:
                 raise InputError(f"mask[{row}]", "at least one True (a real utterance)", "all False")
             if not mask[row, :k].all():
-                raise InputError(f"mask[{row}]", "True for the real utterances, then False (right-padded)",
-                                 mask[row].astype(int).tolist())
+                raise InputError(
+                    f"mask[{row}]",
+                    "True for the real utterances, then False (right-padded)",
+                    mask[row].astype(int).tolist(),
+                )
             conv = {"speakers": speaker[row, :k], "features": {m: x[row, :k] for m, x in feats.items()}}
             if texts is not None:
                 conv["texts"] = list(texts[row, :k])
@@ -180,9 +201,11 @@ class StreamModel(_Base):
 
         self.path = self.params.get("stream_path", "recompute")
         self.mode = "recompute" if self.path == "recompute" else self.params.get("stream_mode", "batched")
-        self.store = ConversationStore(lambda: cmath_runtime.Conversation(self.model),
-                                       int(self.params.get("max_conversations", "1024")),
-                                       float(self.params.get("idle_timeout_s", "600")))
+        self.store = ConversationStore(
+            lambda: cmath_runtime.Conversation(self.model),
+            int(self.params.get("max_conversations", "1024")),
+            float(self.params.get("idle_timeout_s", "600")),
+        )
 
     def execute(self, requests: list[Any]) -> list[Any]:
         responses: list[Any] = [None] * len(requests)
@@ -191,7 +214,9 @@ class StreamModel(_Base):
         for i, request in enumerate(requests):
             seq_id, start, end = self._controls(request)
             try:
-                if seq_id in seen:  # Triton never puts two requests of one sequence in one batch; be safe anyway
+                if (
+                    seq_id in seen
+                ):  # Triton never puts two requests of one sequence in one batch; be safe anyway
                     raise InputError("sequence_id", "one request per sequence at a time", f"two for {seq_id}")
                 utterance = self._utterance(request)
                 conv = self.store.start(seq_id) if start else self.store.get(seq_id)
@@ -201,8 +226,9 @@ class StreamModel(_Base):
                 if end:
                     self.store.end(seq_id, "was ended by its last request (sequence_end), which failed")
                 responses[i] = self._error(e)
-        outcomes = step_conversations(self.model, [t[4] for t in todo], [t[5] for t in todo], self.mode,
-                                      self.max_batch)
+        outcomes = step_conversations(
+            self.model, [t[4] for t in todo], [t[5] for t in todo], self.mode, self.max_batch
+        )
         for (i, seq_id, start, end, _, _), outcome in zip(todo, outcomes):
             if isinstance(outcome, Exception):
                 responses[i] = self._error(outcome)
@@ -233,8 +259,11 @@ class StreamModel(_Base):
             utt["text"] = texts[0, 0]
         for m, x in self._features(request, texts is not None).items():
             if x.shape[0] != 1:
-                raise InputError(m, f"one utterance per request: shape (1, {self.manifest.feature_dims[m]})",
-                                 f"shape {x.shape}")
+                raise InputError(
+                    m,
+                    f"one utterance per request: shape (1, {self.manifest.feature_dims[m]})",
+                    f"shape {x.shape}",
+                )
             utt[m] = x[0]
         return utt
 

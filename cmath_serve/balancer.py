@@ -46,8 +46,10 @@ from .launcher import Ports, TritonServer, _die_with_parent, check_port
 from .repository import ServeOptions
 
 HEADER = "x-cmath-conversation"  # the routing header: the conversation's sequence id, sent with every step
-INSTALL_HINT = ("install HAProxy from the distribution's packages (Debian/Ubuntu: `apt-get install -y haproxy`; "
-                "scripts/install.sh does it where apt-get exists), or pass --haproxy PATH")
+INSTALL_HINT = (
+    "install HAProxy from the distribution's packages (Debian/Ubuntu: `apt-get install -y haproxy`; "
+    "scripts/install.sh does it where apt-get exists), or pass --haproxy PATH"
+)
 
 TEMPLATE = Template("""\
 # Written by cmath-serve (cmath_serve/balancer.py): ${count} replica(s) of one cmath export behind HAProxy.
@@ -113,9 +115,13 @@ class ReplicaAddress:
         try:
             address = cls(host, int(http), int(ports))
         except ValueError:
-            raise ValueError(f"--replica: expected HOST:HTTP_PORT:GRPC_PORT (e.g. 10.0.0.5:8000:8001), got {text!r}") from None
+            raise ValueError(
+                f"--replica: expected HOST:HTTP_PORT:GRPC_PORT (e.g. 10.0.0.5:8000:8001), got {text!r}"
+            ) from None
         if not host or not all(0 < p < 65536 for p in (address.http, address.grpc)):
-            raise ValueError(f"--replica: expected HOST:HTTP_PORT:GRPC_PORT with ports in 1..65535, got {text!r}")
+            raise ValueError(
+                f"--replica: expected HOST:HTTP_PORT:GRPC_PORT with ports in 1..65535, got {text!r}"
+            )
         return address
 
 
@@ -147,15 +153,26 @@ def haproxy_config(replicas: list[ReplicaAddress], options: BalancerOptions) -> 
         return f"[{h}]" if ":" in h else h
 
     # gRPC is HTTP/2 to the replica; its health check asks the replica's HTTP port, in HTTP/1.1
-    grpc = [f"    server {server_name(i)} {host(r.host)}:{r.grpc} proto h2 check-proto h1 port {r.http}"
-            for i, r in enumerate(replicas)]
+    grpc = [
+        f"    server {server_name(i)} {host(r.host)}:{r.grpc} proto h2 check-proto h1 port {r.http}"
+        for i, r in enumerate(replicas)
+    ]
     http = [f"    server {server_name(i)} {host(r.host)}:{r.http}" for i, r in enumerate(replicas)]
-    return TEMPLATE.substitute(count=len(replicas), header=HEADER, bind=options.bind, grpc_port=options.grpc_port,
-                               http_port=options.http_port, stats_port=options.stats_port,
-                               check_interval_ms=options.check_interval_ms,
-                               connect_timeout_ms=options.connect_timeout_ms,
-                               request_timeout_s=options.request_timeout_s, retries=options.retries,
-                               maxconn=options.maxconn, grpc_servers="\n".join(grpc), http_servers="\n".join(http))
+    return TEMPLATE.substitute(
+        count=len(replicas),
+        header=HEADER,
+        bind=options.bind,
+        grpc_port=options.grpc_port,
+        http_port=options.http_port,
+        stats_port=options.stats_port,
+        check_interval_ms=options.check_interval_ms,
+        connect_timeout_ms=options.connect_timeout_ms,
+        request_timeout_s=options.request_timeout_s,
+        retries=options.retries,
+        maxconn=options.maxconn,
+        grpc_servers="\n".join(grpc),
+        http_servers="\n".join(http),
+    )
 
 
 def find_haproxy(binary: str | Path | None = None) -> Path:
@@ -163,7 +180,9 @@ def find_haproxy(binary: str | Path | None = None) -> Path:
     if binary is not None:
         path = Path(binary)
         if not (path.is_file() and os.access(path, os.X_OK)):
-            raise ServeError(f"--haproxy: expected an executable haproxy binary, got {str(binary)!r}; {INSTALL_HINT}.")
+            raise ServeError(
+                f"--haproxy: expected an executable haproxy binary, got {str(binary)!r}; {INSTALL_HINT}."
+            )
         return path
     found = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
     if found is None:
@@ -190,9 +209,18 @@ class ServerStats:
 def parse_stats_csv(text: str) -> list[ServerStats]:
     """The server rows of HAProxy's `;csv` stats (frontend/backend summary rows left out)."""
     rows = csv.DictReader(io.StringIO(text.lstrip("# ")))
-    return [ServerStats(r["pxname"], r["svname"], r["status"], int(r["stot"] or 0), int(r["econ"] or 0),
-                        int(r["eresp"] or 0))
-            for r in rows if r["svname"] not in ("FRONTEND", "BACKEND")]
+    return [
+        ServerStats(
+            r["pxname"],
+            r["svname"],
+            r["status"],
+            int(r["stot"] or 0),
+            int(r["econ"] or 0),
+            int(r["eresp"] or 0),
+        )
+        for r in rows
+        if r["svname"] not in ("FRONTEND", "BACKEND")
+    ]
 
 
 @dataclass
@@ -211,14 +239,22 @@ class Balancer:
 
     def start(self, expected_servers: int, ready_timeout_s: float = 60.0) -> None:
         binary = find_haproxy(self.binary)
-        check = subprocess.run([str(binary), "-c", "-q", "-f", str(self.config_path)], capture_output=True,
-                               text=True, timeout=30)
+        check = subprocess.run(
+            [str(binary), "-c", "-q", "-f", str(self.config_path)], capture_output=True, text=True, timeout=30
+        )
         if check.returncode != 0:
-            raise ServeError(f"haproxy refused the config {self.config_path}: {(check.stdout + check.stderr).strip()}")
+            raise ServeError(
+                f"haproxy refused the config {self.config_path}: {(check.stdout + check.stderr).strip()}"
+            )
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen([str(binary), "-db", "-f", str(self.config_path)], stdin=subprocess.DEVNULL,
-                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                            preexec_fn=_die_with_parent)
+            self.process = subprocess.Popen(
+                [str(binary), "-db", "-f", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
         self.wait_up(expected_servers, ready_timeout_s)
 
     def wait_up(self, expected_servers: int, timeout_s: float) -> None:
@@ -228,8 +264,10 @@ class Balancer:
         while time.monotonic() < deadline:
             assert self.process is not None
             if self.process.poll() is not None:
-                raise ServeError(f"haproxy exited with code {self.process.returncode} before it was ready; its log "
-                                 f"{self.log_path}:\n{_tail(self.log_path)}")
+                raise ServeError(
+                    f"haproxy exited with code {self.process.returncode} before it was ready; its log "
+                    f"{self.log_path}:\n{_tail(self.log_path)}"
+                )
             try:
                 rows = self.stats()
                 last = ", ".join(f"{s.backend}/{s.name} {s.status}" for s in rows)
@@ -241,8 +279,10 @@ class Balancer:
             except (urllib.error.URLError, OSError):
                 pass
             time.sleep(0.2)
-        raise ServeError(f"the balancer did not see {expected_servers} replica(s) up after {timeout_s:g} s "
-                         f"(last: {last or 'no stats'}); its log {self.log_path}:\n{_tail(self.log_path)}")
+        raise ServeError(
+            f"the balancer did not see {expected_servers} replica(s) up after {timeout_s:g} s "
+            f"(last: {last or 'no stats'}); its log {self.log_path}:\n{_tail(self.log_path)}"
+        )
 
     def stats(self) -> list[ServerStats]:
         with urllib.request.urlopen(f"{self.stats_url};csv", timeout=5) as r:
@@ -299,10 +339,17 @@ class ReplicaSet:
         try:
             for i in range(self.replicas):
                 ports = Ports(*(check_port(self.host, 0, f"replica {i} port") for _ in range(3)))
-                self.servers.append(TritonServer(self.export_dir, self.options, ports, self.host,
-                                                 binary=self.tritonserver,
-                                                 log_file=self.workdir / f"{server_name(i)}.tritonserver.log",
-                                                 exit_timeout_s=self.exit_timeout_s))
+                self.servers.append(
+                    TritonServer(
+                        self.export_dir,
+                        self.options,
+                        ports,
+                        self.host,
+                        binary=self.tritonserver,
+                        log_file=self.workdir / f"{server_name(i)}.tritonserver.log",
+                        exit_timeout_s=self.exit_timeout_s,
+                    )
+                )
             for server in self.servers:  # from this thread: a child's parent-death signal follows its forker
                 server.launch()
             for i, server in enumerate(self.servers):  # they boot side by side; each gets the whole bound
@@ -311,8 +358,9 @@ class ReplicaSet:
                 except ServeError as e:
                     raise ServeError(f"replica {server_name(i)} did not start: {e}") from None
             config = self.workdir / "haproxy.cfg"
-            text = haproxy_config([ReplicaAddress(self.host, s.ports.http, s.ports.grpc) for s in self.servers],
-                                  self.balancer)
+            text = haproxy_config(
+                [ReplicaAddress(self.host, s.ports.http, s.ports.grpc) for s in self.servers], self.balancer
+            )
             tmp = config.with_suffix(".cfg.tmp")
             tmp.write_text(text)
             os.replace(tmp, config)
@@ -337,7 +385,9 @@ class ReplicaSet:
             results[i] = server.stop()
             server.cleanup()
 
-        threads = [threading.Thread(target=stop, args=(i, s), daemon=True) for i, s in enumerate(self.servers)]
+        threads = [
+            threading.Thread(target=stop, args=(i, s), daemon=True) for i, s in enumerate(self.servers)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -362,8 +412,13 @@ def _tail(path: Path, lines: int = 20) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Print the balancer config for replicas on any machines (the file `cmath-serve --replicas` writes)."""
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--replica", action="append", required=True, metavar="HOST:HTTP:GRPC",
-                        help="one replica's address (repeat for each), e.g. 10.0.0.5:8000:8001")
+    parser.add_argument(
+        "--replica",
+        action="append",
+        required=True,
+        metavar="HOST:HTTP:GRPC",
+        help="one replica's address (repeat for each), e.g. 10.0.0.5:8000:8001",
+    )
     defaults = BalancerOptions()
     parser.add_argument("--bind", default="0.0.0.0", help="address the balancer listens on")
     parser.add_argument("--grpc-port", type=int, default=defaults.grpc_port)
@@ -374,8 +429,15 @@ def main(argv: list[str] | None = None) -> None:
         replicas = [ReplicaAddress.parse(r) for r in args.replica]
     except ValueError as e:
         parser.error(str(e))
-    print(haproxy_config(replicas, BalancerOptions(bind=args.bind, grpc_port=args.grpc_port,
-                                                   http_port=args.http_port, stats_port=args.stats_port)), end="")
+    print(
+        haproxy_config(
+            replicas,
+            BalancerOptions(
+                bind=args.bind, grpc_port=args.grpc_port, http_port=args.http_port, stats_port=args.stats_port
+            ),
+        ),
+        end="",
+    )
 
 
 if __name__ == "__main__":

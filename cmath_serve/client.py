@@ -8,7 +8,13 @@ from typing import Any
 
 import numpy as np
 
-TRITON_DTYPES = {np.float32: "FP32", np.float64: "FP64", np.int64: "INT64", np.bool_: "BOOL", np.object_: "BYTES"}
+TRITON_DTYPES = {
+    np.float32: "FP32",
+    np.float64: "FP64",
+    np.int64: "INT64",
+    np.bool_: "BOOL",
+    np.object_: "BYTES",
+}
 
 
 def infer_inputs(module: Any, arrays: dict[str, np.ndarray]) -> list[Any]:

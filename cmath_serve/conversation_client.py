@@ -49,15 +49,23 @@ from .repository import CLASSIFY_MODEL, STREAM_MODEL, TEXT_MODALITY
 
 T = TypeVar("T")
 UNKNOWN_SEQUENCE = ("must specify the START flag", "sequence_id: expected a live conversation")
-REQUEST_ERRORS = ("StatusCode.INVALID_ARGUMENT", "StatusCode.NOT_FOUND", "StatusCode.UNIMPLEMENTED",
-                  "StatusCode.FAILED_PRECONDITION", "StatusCode.OUT_OF_RANGE", "StatusCode.ALREADY_EXISTS")
+REQUEST_ERRORS = (
+    "StatusCode.INVALID_ARGUMENT",
+    "StatusCode.NOT_FOUND",
+    "StatusCode.UNIMPLEMENTED",
+    "StatusCode.FAILED_PRECONDITION",
+    "StatusCode.OUT_OF_RANGE",
+    "StatusCode.ALREADY_EXISTS",
+)
 
 
 @dataclass(frozen=True)
 class ClientOptions:
     """How hard the client tries before it gives up, and how long one request may take."""
 
-    attempts: int = 6  # tries of one call (an utterance, a batch, the model description) on transport failures
+    attempts: int = (
+        6  # tries of one call (an utterance, a batch, the model description) on transport failures
+    )
     backoff_s: float = 0.1  # wait after the first failure; doubles after each, at most max_backoff_s
     max_backoff_s: float = 2.0
     timeout_s: float = 120.0  # one request's deadline
@@ -66,12 +74,14 @@ class ClientOptions:
         if self.attempts < 1:
             raise ValueError(f"attempts: expected at least 1, got {self.attempts}")
         if not (self.backoff_s >= 0 and self.max_backoff_s >= 0 and self.timeout_s > 0):
-            raise ValueError(f"backoff_s / max_backoff_s / timeout_s: expected >= 0 / >= 0 / > 0, got "
-                             f"{self.backoff_s} / {self.max_backoff_s} / {self.timeout_s}")
+            raise ValueError(
+                f"backoff_s / max_backoff_s / timeout_s: expected >= 0 / >= 0 / > 0, got "
+                f"{self.backoff_s} / {self.max_backoff_s} / {self.timeout_s}"
+            )
 
 
 def error_kind(error: Exception) -> str:
-    """"unknown_sequence" (replay), "limit" (refused: too many live conversations), "request" (the request is
+    """ "unknown_sequence" (replay), "limit" (refused: too many live conversations), "request" (the request is
     bad: retrying cannot help) or "transport" (retry)."""
     message, status = str(error), str(getattr(error, "status", lambda: None)() or "")
     if any(s in message for s in UNKNOWN_SEQUENCE):
@@ -131,20 +141,32 @@ class ServeClient:
         """The served model's description (modalities, feature sizes, speakers, labels, max_len, batch size)."""
         with self._spec_lock:
             if self._spec is None:
-                config = self.call(lambda: self._client.get_model_config(STREAM_MODEL, as_json=True,
-                                                                         client_timeout=self.options.timeout_s),
-                                   f"the model description of {STREAM_MODEL!r}")
+                config = self.call(
+                    lambda: self._client.get_model_config(
+                        STREAM_MODEL, as_json=True, client_timeout=self.options.timeout_s
+                    ),
+                    f"the model description of {STREAM_MODEL!r}",
+                )
                 params = {k: v["string_value"] for k, v in config["config"].get("parameters", {}).items()}
                 if "client_spec" not in params:
-                    raise RequestError(f"{self.url}: expected a cmath-serve server (model {STREAM_MODEL!r} with the "
-                                       f"parameter 'client_spec'), got a model without it: update that server")
+                    raise RequestError(
+                        f"{self.url}: expected a cmath-serve server (model {STREAM_MODEL!r} with the "
+                        f"parameter 'client_spec'), got a model without it: update that server"
+                    )
                 spec = json.loads(params["client_spec"])
                 self._text_input = params.get("text_input", "off: not said")
-                self._spec = Manifest(modalities=tuple(spec["modalities"]), feature_dims=dict(spec["feature_dims"]),
-                                      num_speakers=int(spec["num_speakers"]), num_classes=int(spec["num_classes"]),
-                                      label_names=tuple(spec["label_names"]), d=int(spec["d"]),
-                                      causal=bool(spec["causal"]), max_batch=int(spec["max_batch"]),
-                                      max_len=int(spec["max_len"]), artifacts={})
+                self._spec = Manifest(
+                    modalities=tuple(spec["modalities"]),
+                    feature_dims=dict(spec["feature_dims"]),
+                    num_speakers=int(spec["num_speakers"]),
+                    num_classes=int(spec["num_classes"]),
+                    label_names=tuple(spec["label_names"]),
+                    d=int(spec["d"]),
+                    causal=bool(spec["causal"]),
+                    max_batch=int(spec["max_batch"]),
+                    max_len=int(spec["max_len"]),
+                    artifacts={},
+                )
             return self._spec
 
     @property
@@ -177,22 +199,29 @@ class ServeClient:
                 if kind != "transport":
                     raise RequestError(f"{what}: {e.message()}") from None
                 last = e
-        raise UnreachableError(f"{self.url}: no answer for {what} after {self.options.attempts} attempts in "
-                               f"{time.monotonic() - started:.1f} s (last error: {last}); is the server or balancer "
-                               f"running and reachable?")
+        raise UnreachableError(
+            f"{self.url}: no answer for {what} after {self.options.attempts} attempts in "
+            f"{time.monotonic() - started:.1f} s (last error: {last}); is the server or balancer "
+            f"running and reachable?"
+        )
 
     def infer(self, model: str, arrays: dict[str, np.ndarray], **kwargs: Any) -> Any:
         """One request, no retries (raises tritonclient's InferenceServerException)."""
-        return self._client.infer(model, infer_inputs(self._grpc, arrays), client_timeout=self.options.timeout_s,
-                                  **kwargs)
+        return self._client.infer(
+            model, infer_inputs(self._grpc, arrays), client_timeout=self.options.timeout_s, **kwargs
+        )
 
     def utterance(self, index: int, speaker: Any, features: dict[str, Any]) -> dict[str, np.ndarray]:
         """One utterance checked like cmath_runtime's Conversation.add, as the request's arrays."""
         spec = self.spec
         where = f"utterances[{index}]"
         if index >= spec.max_len:
-            raise InputError(where, f"at most {spec.max_len} utterances (the artifact's max_len)",
-                             f"utterance {index + 1}", "Start a new conversation with the most recent utterances.")
+            raise InputError(
+                where,
+                f"at most {spec.max_len} utterances (the artifact's max_len)",
+                f"utterance {index + 1}",
+                "Start a new conversation with the most recent utterances.",
+            )
         arrays: dict[str, np.ndarray] = {}
         check = spec
         features = dict(features)
@@ -202,15 +231,20 @@ class ServeClient:
             if not isinstance(text, str):
                 raise InputError(f"{where}.text", "a str (the utterance's text)", type(text).__name__)
             arrays["text"] = np.array([[text.encode("utf-8")]], dtype=object)
-            check = dataclasses.replace(spec, modalities=tuple(m for m in spec.modalities if m != TEXT_MODALITY))
+            check = dataclasses.replace(
+                spec, modalities=tuple(m for m in spec.modalities if m != TEXT_MODALITY)
+            )
         rows = check_utterance(features, check, f"{where}.features")
         speaker = check_speaker(speaker, spec, f"{where}.speaker")
         return {**rows, "speaker": np.array([[speaker]], np.int64), **arrays}
 
     def _check_text_input(self, where: str) -> None:
         if self._text_input != "on":
-            raise InputError(where, "a server that reads raw text (its cmath_stream config says text_input: on)",
-                             f"text_input {self._text_input!r}")
+            raise InputError(
+                where,
+                "a server that reads raw text (its cmath_stream config says text_input: on)",
+                f"text_input {self._text_input!r}",
+            )
 
     def predict(self, conversations: Sequence[Any], embeddings: bool = False) -> list[Prediction]:
         """Whole conversations on model `cmath` (stateless: the balancer spreads the requests round robin).
@@ -219,24 +253,32 @@ class ServeClient:
         an object with those attributes (a RemoteConversation, a cmath_runtime Conversation). Requests hold at
         most the server's batch size of conversations of one kind (features or text), padded to their longest."""
         spec = self.spec
-        if isinstance(conversations, (Mapping, str, bytes, np.ndarray)) or not hasattr(conversations, "__len__"):
+        if isinstance(conversations, (Mapping, str, bytes, np.ndarray)) or not hasattr(
+            conversations, "__len__"
+        ):
             raise InputError("conversations", "a list of conversations", type(conversations).__name__)
         rows = [self._conversation_arrays(i, c) for i, c in enumerate(conversations)]
         out: list[Prediction | None] = [None] * len(rows)
         kinds = {"text" in r for r in rows}
         for text in sorted(kinds):
-            order = sorted((i for i, r in enumerate(rows) if ("text" in r) == text), key=lambda i: len(rows[i]["speaker"]))
+            order = sorted(
+                (i for i, r in enumerate(rows) if ("text" in r) == text),
+                key=lambda i: len(rows[i]["speaker"]),
+            )
             for k in range(0, len(order), spec.max_batch):
-                chunk = order[k:k + spec.max_batch]
+                chunk = order[k : k + spec.max_batch]
                 arrays = _pad([rows[i] for i in chunk])
-                result = self.call(lambda: self.infer(CLASSIFY_MODEL, arrays),  # noqa: B023 (called right here)
-                                   f"{len(chunk)} conversation(s) on model {CLASSIFY_MODEL!r}")
+                result = self.call(
+                    lambda: self.infer(CLASSIFY_MODEL, arrays),  # noqa: B023 (called right here)
+                    f"{len(chunk)} conversation(s) on model {CLASSIFY_MODEL!r}",
+                )
                 probs, emb = result.as_numpy("probs"), result.as_numpy("embedding")
                 for j, i in enumerate(chunk):
                     n = len(rows[i]["speaker"])
                     p = probs[j, :n]
-                    out[i] = Prediction([spec.label_names[c] for c in p.argmax(-1)], p,
-                                        emb[j, :n] if embeddings else None)
+                    out[i] = Prediction(
+                        [spec.label_names[c] for c in p.argmax(-1)], p, emb[j, :n] if embeddings else None
+                    )
         return [p for p in out if p is not None]
 
     def _conversation_arrays(self, i: int, conv: Any) -> dict[str, np.ndarray]:
@@ -245,20 +287,29 @@ class ServeClient:
         get = conv.get if isinstance(conv, Mapping) else lambda key: getattr(conv, key, None)
         speakers, features, texts = get("speakers"), get("features"), get("texts")
         if speakers is None:
-            raise InputError(where, "a mapping with 'speakers' and 'features' (or an object with those attributes)",
-                             type(conv).__name__)
+            raise InputError(
+                where,
+                "a mapping with 'speakers' and 'features' (or an object with those attributes)",
+                type(conv).__name__,
+            )
         spk = check_speakers(speakers, spec, f"{where}.speakers")
         if texts is None or all(t is None for t in texts):
             return {**check_features(features, len(spk), spec, f"{where}.features"), "speaker": spk}
         self._check_text_input(f"{where}.texts")
         texts = list(texts)
         if len(texts) != len(spk) or not all(isinstance(t, str) for t in texts):
-            raise InputError(f"{where}.texts", f"{len(spk)} strings (one per utterance)",
-                             f"{len(texts)} items of types {sorted({type(t).__name__ for t in texts})}")
+            raise InputError(
+                f"{where}.texts",
+                f"{len(spk)} strings (one per utterance)",
+                f"{len(texts)} items of types {sorted({type(t).__name__ for t in texts})}",
+            )
         rest = dataclasses.replace(spec, modalities=tuple(m for m in spec.modalities if m != TEXT_MODALITY))
         feats = {m: x for m, x in dict(features or {}).items() if m != TEXT_MODALITY}
-        return {**check_features(feats, len(spk), rest, f"{where}.features"), "speaker": spk,
-                "text": np.array([t.encode("utf-8") for t in texts], dtype=object)}
+        return {
+            **check_features(feats, len(spk), rest, f"{where}.features"),
+            "speaker": spk,
+            "text": np.array([t.encode("utf-8") for t in texts], dtype=object),
+        }
 
 
 class RemoteConversation:
@@ -312,17 +363,20 @@ class RemoteConversation:
                 if kind == "request":
                     if start or end:  # the server kept nothing of a failed first or last step
                         self._live = False
-                    raise RequestError(f"utterances[{len(self._sent)}] (sequence {self.sequence_id}): "
-                                       f"{e.message()}") from None
+                    raise RequestError(
+                        f"utterances[{len(self._sent)}] (sequence {self.sequence_id}): {e.message()}"
+                    ) from None
                 self._live, last = False, e
                 failures += 1
                 if kind == "transport" and failures < options.attempts:
                     stats.count(retries=1)
                     time.sleep(min(options.backoff_s * 2 ** (failures - 1), options.max_backoff_s))
-        raise UnreachableError(f"{self.client.url}: no answer for utterances[{len(self._sent)}] of sequence "
-                               f"{self.sequence_id} after {options.attempts} attempts in "
-                               f"{time.monotonic() - started:.1f} s (last error: {last}); is the server or "
-                               f"balancer running and reachable?")
+        raise UnreachableError(
+            f"{self.client.url}: no answer for utterances[{len(self._sent)}] of sequence "
+            f"{self.sequence_id} after {options.attempts} attempts in "
+            f"{time.monotonic() - started:.1f} s (last error: {last}); is the server or "
+            f"balancer running and reachable?"
+        )
 
     def _replay(self) -> None:
         """Send the history again from sequence_start (answers equal the first time's; not returned)."""
@@ -330,12 +384,19 @@ class RemoteConversation:
         for i, past in enumerate(self._sent):
             self._step(past, i == 0, False)
         self.replays += 1
-        self.client.stats.count(replays=1, replayed_utterances=len(self._sent),
-                                replay_seconds=time.perf_counter() - t0)
+        self.client.stats.count(
+            replays=1, replayed_utterances=len(self._sent), replay_seconds=time.perf_counter() - t0
+        )
 
     def _step(self, arrays: dict[str, np.ndarray], start: bool, end: bool) -> np.ndarray:
-        result = self.client.infer(STREAM_MODEL, arrays, sequence_id=self.sequence_id, sequence_start=start,
-                                   sequence_end=end, headers={HEADER: str(self.sequence_id)})
+        result = self.client.infer(
+            STREAM_MODEL,
+            arrays,
+            sequence_id=self.sequence_id,
+            sequence_start=start,
+            sequence_end=end,
+            headers={HEADER: str(self.sequence_id)},
+        )
         return np.asarray(result.as_numpy("probs")[0], np.float32)
 
     def _emotion(self, probs: np.ndarray) -> Emotion:
@@ -345,7 +406,9 @@ class RemoteConversation:
     @property
     def latest(self) -> Emotion:
         if not self._probs:
-            raise InputError("conversation", "at least one utterance (call add() first)", "an empty conversation")
+            raise InputError(
+                "conversation", "at least one utterance (call add() first)", "an empty conversation"
+            )
         return self._emotion(self._probs[-1])
 
     def probs(self) -> np.ndarray:
@@ -372,9 +435,13 @@ class RemoteConversation:
     def features(self) -> dict[str, np.ndarray]:
         """{modality: (n, d_m)} of the utterances sent as features (the text modality: only if none was text)."""
         spec = self.client.spec
-        return {m: np.concatenate([a[m] for a in self._sent]) if self._sent else np.zeros((0, spec.feature_dims[m]),
-                                                                                         np.float32)
-                for m in spec.modalities if all(m in a for a in self._sent)}
+        return {
+            m: np.concatenate([a[m] for a in self._sent])
+            if self._sent
+            else np.zeros((0, spec.feature_dims[m]), np.float32)
+            for m in spec.modalities
+            if all(m in a for a in self._sent)
+        }
 
 
 def _pad(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -385,7 +452,7 @@ def _pad(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         shape = (len(rows), n, *first.shape[1:])
         arr = np.zeros(shape, first.dtype) if first.dtype != object else np.full(shape, b"", dtype=object)
         for b, r in enumerate(rows):
-            arr[b, :len(r[key])] = r[key]
+            arr[b, : len(r[key])] = r[key]
         out[key] = arr
     out["mask"] = np.arange(n)[None, :] < np.array([len(r["speaker"]) for r in rows])[:, None]
     return out

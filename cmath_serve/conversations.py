@@ -32,8 +32,13 @@ class _Entry:
 class ConversationStore:
     """sequence id -> Conversation, at most `max_conversations` live, dropped after `idle_timeout_s` idle."""
 
-    def __init__(self, factory: Callable[[], Conversation], max_conversations: int, idle_timeout_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        factory: Callable[[], Conversation],
+        max_conversations: int,
+        idle_timeout_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._factory = factory
         self.max_conversations = max_conversations
         self.idle_timeout_s = idle_timeout_s
@@ -73,7 +78,8 @@ class ConversationStore:
                 f"sequence_start (sequence_id {seq_id}): expected at most {self.max_conversations} live conversations "
                 f"(cmath-serve --max-conversations), got a new one while {len(self._live)} are live. Nothing was "
                 f"evicted: end conversations with sequence_end, wait for idle ones to expire "
-                f"({self.idle_timeout_s:g} s), or raise --max-conversations.")
+                f"({self.idle_timeout_s:g} s), or raise --max-conversations."
+            )
         self._live.pop(seq_id, None)
         self._gone.pop(seq_id, None)
         entry = _Entry(self._factory(), self._clock())
@@ -86,9 +92,13 @@ class ConversationStore:
         entry = self._live.get(seq_id)
         if entry is None:
             why = self._gone.get(seq_id)
-            state = f"sequence {seq_id}, which {why}" if why else f"sequence {seq_id}, which was never started"
-            raise SequenceError(f"sequence_id: expected a live conversation (its first request sets sequence_start=True), "
-                                f"got {state}. Start it again with sequence_start=True.")
+            state = (
+                f"sequence {seq_id}, which {why}" if why else f"sequence {seq_id}, which was never started"
+            )
+            raise SequenceError(
+                f"sequence_id: expected a live conversation (its first request sets sequence_start=True), "
+                f"got {state}. Start it again with sequence_start=True."
+            )
         entry.last_used = self._clock()
         self._live.move_to_end(seq_id)
         return entry.conversation
@@ -103,15 +113,23 @@ class ConversationStore:
             self._gone.popitem(last=False)
 
     def stats(self) -> dict[str, int]:
-        return {"live": len(self._live), "expired_total": self.expired_total, "refused_total": self.refused_total}
+        return {
+            "live": len(self._live),
+            "expired_total": self.expired_total,
+            "refused_total": self.refused_total,
+        }
 
 
 Outcome = np.ndarray | CmathError  # (C,) probabilities, or the error that this utterance raised
 
 
-def step_conversations(model: EmotionModel, conversations: Sequence[Conversation],
-                       utterances: Sequence[dict[str, Any]], mode: str = "batched",
-                       batch_size: int = 64) -> list[Outcome]:
+def step_conversations(
+    model: EmotionModel,
+    conversations: Sequence[Conversation],
+    utterances: Sequence[dict[str, Any]],
+    mode: str = "batched",
+    batch_size: int = 64,
+) -> list[Outcome]:
     """Append one utterance to each conversation and return its probabilities, in order.
 
     mode "batched": all conversations in one step call (Conversation.step_batch);
@@ -143,8 +161,12 @@ def _add(conv: Conversation, utt: dict[str, Any]) -> Conversation:
     return conv.add(fields.pop("speaker"), **fields)
 
 
-def _recompute(model: EmotionModel, conversations: Sequence[Conversation],
-               utterances: Sequence[dict[str, Any]], batch_size: int) -> list[Outcome]:
+def _recompute(
+    model: EmotionModel,
+    conversations: Sequence[Conversation],
+    utterances: Sequence[dict[str, Any]],
+    batch_size: int,
+) -> list[Outcome]:
     out: dict[int, Outcome] = {}
     ok = []
     for i, (conv, utt) in enumerate(zip(conversations, utterances)):

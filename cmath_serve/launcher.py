@@ -35,9 +35,11 @@ from pathlib import Path
 from .errors import ServeError
 from .repository import ServeOptions, write_repository
 
-INSTALL_HINT = ("pip install 'cmath[serve]' (the nvidia-pytriton wheel ships the tritonserver binary), "
-                "or pass --tritonserver PATH to a Triton build, e.g. /opt/tritonserver/bin/tritonserver in "
-                "NVIDIA's container")
+INSTALL_HINT = (
+    "pip install 'cmath[serve]' (the nvidia-pytriton wheel ships the tritonserver binary), "
+    "or pass --tritonserver PATH to a Triton build, e.g. /opt/tritonserver/bin/tritonserver in "
+    "NVIDIA's container"
+)
 PY_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
 
 
@@ -58,8 +60,10 @@ def find_triton(binary: str | Path | None = None) -> TritonInstall:
     if binary is not None:
         path = Path(binary)
         if not (path.is_file() and os.access(path, os.X_OK)):
-            raise ServeError(f"--tritonserver: expected an executable tritonserver binary, got {binary!r} "
-                             f"(not an executable file); {INSTALL_HINT}.")
+            raise ServeError(
+                f"--tritonserver: expected an executable tritonserver binary, got {binary!r} "
+                f"(not an executable file); {INSTALL_HINT}."
+            )
         return TritonInstall(path)
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
@@ -67,16 +71,23 @@ def find_triton(binary: str | Path | None = None) -> TritonInstall:
     root = Path(list(spec.submodule_search_locations)[0])
     dist = root / "tritonserver"
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    install = TritonInstall(dist / "bin" / "tritonserver", dist / "backends" / "python",
-                            dist / "python_backend_stubs" / version / "triton_python_backend_stub",
-                            root.parent / "nvidia_pytriton.libs")
+    install = TritonInstall(
+        dist / "bin" / "tritonserver",
+        dist / "backends" / "python",
+        dist / "python_backend_stubs" / version / "triton_python_backend_stub",
+        root.parent / "nvidia_pytriton.libs",
+    )
     for path in (install.binary, install.python_backend / PY_BACKEND_FILES[0]):  # type: ignore[operator]
         if not path.is_file():
-            raise ServeError(f"tritonserver is not installed completely ({path} is missing): reinstall with "
-                             f"pip install --force-reinstall nvidia-pytriton, or {INSTALL_HINT}.")
+            raise ServeError(
+                f"tritonserver is not installed completely ({path} is missing): reinstall with "
+                f"pip install --force-reinstall nvidia-pytriton, or {INSTALL_HINT}."
+            )
     if not install.stub.is_file():  # type: ignore[union-attr]
-        raise ServeError(f"nvidia-pytriton has no Python-backend stub for Python {version} ({install.stub}); run "
-                         f"cmath-serve with a Python version it ships a stub for (3.8-3.13).")
+        raise ServeError(
+            f"nvidia-pytriton has no Python-backend stub for Python {version} ({install.stub}); run "
+            f"cmath-serve with a Python version it ships a stub for (3.8-3.13)."
+        )
     return install
 
 
@@ -112,8 +123,10 @@ def check_port(host: str, port: int, option: str) -> int:
             s.bind((host, port))
             return s.getsockname()[1]
     except OSError as e:
-        raise ServeError(f"{option}: expected a free port on {host}, got {port} ({e.strerror}); pick another "
-                         f"with {option} PORT (0 = any free port).") from None
+        raise ServeError(
+            f"{option}: expected a free port on {host}, got {port} ({e.strerror}); pick another "
+            f"with {option} PORT (0 = any free port)."
+        ) from None
 
 
 @dataclass
@@ -172,22 +185,37 @@ class TritonServer:
             repo = self.repo or self.workdir / "repository"
             self.description = write_repository(self.export_dir, repo, self.options)
             backends = backend_directory(install, self.workdir)
-            cmd = [str(install.binary), f"--model-repository={repo}",
-                   f"--http-port={self.ports.http}", f"--grpc-port={self.ports.grpc}",
-                   f"--metrics-port={self.ports.metrics}", f"--http-address={self.host}",
-                   f"--grpc-address={self.host}", f"--metrics-address={self.host}",
-                   "--allow-gpu-metrics=false", "--strict-readiness=true", "--exit-on-error=true",
-                   f"--exit-timeout-secs={self.exit_timeout_s}", f"--log-verbose={1 if self.verbose else 0}",
-                   # Python-backend shared-memory regions: unique per server, so servers side by side never collide
-                   f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}"]
+            cmd = [
+                str(install.binary),
+                f"--model-repository={repo}",
+                f"--http-port={self.ports.http}",
+                f"--grpc-port={self.ports.grpc}",
+                f"--metrics-port={self.ports.metrics}",
+                f"--http-address={self.host}",
+                f"--grpc-address={self.host}",
+                f"--metrics-address={self.host}",
+                "--allow-gpu-metrics=false",
+                "--strict-readiness=true",
+                "--exit-on-error=true",
+                f"--exit-timeout-secs={self.exit_timeout_s}",
+                f"--log-verbose={1 if self.verbose else 0}",
+                # Python-backend shared-memory regions: unique per server, so servers side by side never collide
+                f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            ]
             if backends is not None:
                 cmd.append(f"--backend-directory={backends}")
             log_path = self.log_file or self.workdir / "tritonserver.log"
             log = None if self.verbose else open(log_path, "ab")  # noqa: SIM115 (the child keeps it open)
             self.log_path = log_path
-            self.process = subprocess.Popen(cmd, env=server_env(install), stdin=subprocess.DEVNULL,
-                                            stdout=log, stderr=subprocess.STDOUT if log else None,
-                                            start_new_session=True, preexec_fn=_die_with_parent)
+            self.process = subprocess.Popen(
+                cmd,
+                env=server_env(install),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT if log else None,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
             if log is not None:
                 log.close()
         except BaseException:
@@ -201,8 +229,10 @@ class TritonServer:
         while time.monotonic() < deadline:
             assert self.process is not None
             if self.process.poll() is not None:
-                raise ServeError(f"tritonserver exited with code {self.process.returncode} before it was ready"
-                                 f"{self.log_tail()}")
+                raise ServeError(
+                    f"tritonserver exited with code {self.process.returncode} before it was ready"
+                    f"{self.log_tail()}"
+                )
             try:
                 with urllib.request.urlopen(url, timeout=1) as r:
                     if r.status == 200:
@@ -210,14 +240,18 @@ class TritonServer:
             except (urllib.error.URLError, OSError):
                 pass
             time.sleep(0.1)
-        raise ServeError(f"tritonserver was not ready after {timeout_s:g} s (--ready-timeout-s){self.log_tail()}")
+        raise ServeError(
+            f"tritonserver was not ready after {timeout_s:g} s (--ready-timeout-s){self.log_tail()}"
+        )
 
     def log_tail(self, lines: int = 25) -> str:
         path = getattr(self, "log_path", None)
         if self.verbose or path is None or not Path(path).is_file():
             return ""
         text = Path(path).read_text(errors="replace").splitlines()
-        keep = [t for t in text if t[:1] in "EW" or "error" in t.lower() or "Error" in t][-lines:] or text[-lines:]
+        keep = [t for t in text if t[:1] in "EW" or "error" in t.lower() or "Error" in t][-lines:] or text[
+            -lines:
+        ]
         return f"; from its log {path}:\n" + "\n".join(keep)
 
     def terminate(self) -> None:

@@ -56,7 +56,9 @@ class TritonPythonModel:
 class ServeOptions:
     """What the generated models are told (config.pbtxt parameters) and how Triton batches them."""
 
-    max_batch: int = 64  # requests per execute (cmath: conversations; cmath_stream: utterances of distinct sequences)
+    max_batch: int = (
+        64  # requests per execute (cmath: conversations; cmath_stream: utterances of distinct sequences)
+    )
     queue_delay_us: int = 1000  # how long Triton waits to fill a batch
     max_conversations: int = 1024  # live cmath_stream conversations; a new one beyond this is refused
     idle_timeout_s: float = 600.0  # a conversation without a request for this long is dropped
@@ -69,14 +71,20 @@ class ServeOptions:
     def check(self, manifest: Manifest) -> None:
         """ValueError naming the option, the allowed values and what came."""
         if not 1 <= self.max_batch <= manifest.max_batch:
-            raise ValueError(f"--max-batch: expected 1..{manifest.max_batch} (the artifact's max_batch), "
-                             f"got {self.max_batch}")
+            raise ValueError(
+                f"--max-batch: expected 1..{manifest.max_batch} (the artifact's max_batch), "
+                f"got {self.max_batch}"
+            )
         if not 0 <= self.queue_delay_us <= 10_000_000:
             raise ValueError(f"--queue-delay-us: expected 0..10000000, got {self.queue_delay_us}")
         if self.max_conversations < 1:
-            raise ValueError(f"--max-conversations: expected a positive integer, got {self.max_conversations}")
+            raise ValueError(
+                f"--max-conversations: expected a positive integer, got {self.max_conversations}"
+            )
         if not self.idle_timeout_s > 0:
-            raise ValueError(f"--idle-timeout-s: expected a positive number of seconds, got {self.idle_timeout_s}")
+            raise ValueError(
+                f"--idle-timeout-s: expected a positive number of seconds, got {self.idle_timeout_s}"
+            )
         if self.stream_mode not in STREAM_MODES:
             raise ValueError(f"--stream-mode: expected one of {list(STREAM_MODES)}, got {self.stream_mode!r}")
         if self.backend not in BACKENDS:
@@ -84,9 +92,13 @@ class ServeOptions:
         if self.precision not in ("fp32", "fp16"):
             raise ValueError(f"--precision: expected fp32 or fp16, got {self.precision!r}")
         if self.precision == "fp16" and "fp16" not in manifest.artifacts:
-            raise ValueError("--precision fp16: the artifact has no fp16 model (re-export with `cmath-export RUN --fp16`)")
+            raise ValueError(
+                "--precision fp16: the artifact has no fp16 model (re-export with `cmath-export RUN --fp16`)"
+            )
         if self.threads < 0 or self.instances < 1:
-            raise ValueError(f"--threads / --instances: expected >= 0 / >= 1, got {self.threads} / {self.instances}")
+            raise ValueError(
+                f"--threads / --instances: expected >= 0 / >= 1, got {self.threads} / {self.instances}"
+            )
 
 
 def stream_path(manifest: Manifest, options: ServeOptions) -> str:
@@ -109,15 +121,21 @@ def text_input(manifest: Manifest) -> str:
     import numpy as np
 
     if int(np.__version__.split(".")[0]) >= 2:
-        return (f"off: numpy {np.__version__} in the server's Python; nvidia-pytriton's Python-backend stub is built "
-                "against numpy 1.x and crashes on BYTES tensors under numpy 2 (install cmath[serve], which pins numpy<2)")
+        return (
+            f"off: numpy {np.__version__} in the server's Python; nvidia-pytriton's Python-backend stub is built "
+            "against numpy 1.x and crashes on BYTES tensors under numpy 2 (install cmath[serve], which pins numpy<2)"
+        )
     return "on"
 
 
-def _feature_inputs(manifest: Manifest, dims: Callable[[int], tuple[int, ...]], text: bool) -> list[TritonTensor]:
+def _feature_inputs(
+    manifest: Manifest, dims: Callable[[int], tuple[int, ...]], text: bool
+) -> list[TritonTensor]:
     """The feature inputs; with raw text on, `t` is optional (a request gives `t` or `text`)."""
-    return [TritonTensor(m, "float32", dims(manifest.feature_dims[m]), text and m == TEXT_MODALITY)
-            for m in manifest.modalities]
+    return [
+        TritonTensor(m, "float32", dims(manifest.feature_dims[m]), text and m == TEXT_MODALITY)
+        for m in manifest.modalities
+    ]
 
 
 def classify_config(manifest: Manifest, options: ServeOptions, common: dict[str, object]) -> str:
@@ -126,13 +144,23 @@ def classify_config(manifest: Manifest, options: ServeOptions, common: dict[str,
     inputs = _feature_inputs(manifest, lambda d: (-1, d), text)
     inputs += [TritonTensor("speaker", "int64", (-1,)), TritonTensor("mask", "bool", (-1,))]
     if text:
-        inputs.append(TritonTensor("text", "string", (-1,), True))  # one UTF-8 string per utterance, instead of `t`
-    outputs = [TritonTensor("probs", "float32", (-1, manifest.num_classes)),
-               TritonTensor("embedding", "float32", (-1, manifest.d))]
-    return model_config(CLASSIFY_MODEL, options.max_batch, inputs, outputs, backend="python",
-                        batching=dynamic_batching(options.queue_delay_us),
-                        instance_group=f"instance_group [ {{ count: {options.instances} kind: KIND_CPU }} ]\n",
-                        parameters={**common, "model": CLASSIFY_MODEL})
+        inputs.append(
+            TritonTensor("text", "string", (-1,), True)
+        )  # one UTF-8 string per utterance, instead of `t`
+    outputs = [
+        TritonTensor("probs", "float32", (-1, manifest.num_classes)),
+        TritonTensor("embedding", "float32", (-1, manifest.d)),
+    ]
+    return model_config(
+        CLASSIFY_MODEL,
+        options.max_batch,
+        inputs,
+        outputs,
+        backend="python",
+        batching=dynamic_batching(options.queue_delay_us),
+        instance_group=f"instance_group [ {{ count: {options.instances} kind: KIND_CPU }} ]\n",
+        parameters={**common, "model": CLASSIFY_MODEL},
+    )
 
 
 def stream_config(manifest: Manifest, options: ServeOptions, common: dict[str, object]) -> str:
@@ -146,23 +174,44 @@ def stream_config(manifest: Manifest, options: ServeOptions, common: dict[str, o
         inputs.append(TritonTensor("text", "string", (1,), True))  # the utterance as UTF-8, instead of `t`
     outputs = [TritonTensor("probs", "float32", (manifest.num_classes,))]
     path = stream_path(manifest, options)
-    note = ("causal artifact: the server keeps each conversation's step state and computes only the new utterance"
-            if path == "step" else
-            "recompute: every step runs the whole conversation again"
-            + (" (bidirectional artifact: a new utterance changes earlier ones, so there is no step state)"
-               if not manifest.step else " (--stream-mode recompute)"))
+    note = (
+        "causal artifact: the server keeps each conversation's step state and computes only the new utterance"
+        if path == "step"
+        else "recompute: every step runs the whole conversation again"
+        + (
+            " (bidirectional artifact: a new utterance changes earlier ones, so there is no step state)"
+            if not manifest.step
+            else " (--stream-mode recompute)"
+        )
+    )
     candidates = 2 * options.max_conversations + options.max_batch
-    controls = ('    { name: "START" control [ { kind: CONTROL_SEQUENCE_START int32_false_true: [ 0, 1 ] } ] },\n'
-                '    { name: "END" control [ { kind: CONTROL_SEQUENCE_END int32_false_true: [ 0, 1 ] } ] },\n'
-                '    { name: "CORRID" control [ { kind: CONTROL_SEQUENCE_CORRID data_type: TYPE_UINT64 } ] }\n')
-    batching = (f"sequence_batching {{\n  max_sequence_idle_microseconds: {triton_idle_us(options)}\n"
-                f"  control_input [\n{controls}  ]\n"
-                f"  oldest {{ max_candidate_sequences: {candidates} "
-                f"max_queue_delay_microseconds: {options.queue_delay_us} }}\n}}\n")
-    return model_config(STREAM_MODEL, options.max_batch, inputs, outputs, backend="python", batching=batching,
-                        instance_group="instance_group [ { count: 1 kind: KIND_CPU } ]\n",
-                        parameters={**common, "model": STREAM_MODEL, "stream_path": path, "stream_note": note,
-                                    "causal": str(manifest.causal).lower()})
+    controls = (
+        '    { name: "START" control [ { kind: CONTROL_SEQUENCE_START int32_false_true: [ 0, 1 ] } ] },\n'
+        '    { name: "END" control [ { kind: CONTROL_SEQUENCE_END int32_false_true: [ 0, 1 ] } ] },\n'
+        '    { name: "CORRID" control [ { kind: CONTROL_SEQUENCE_CORRID data_type: TYPE_UINT64 } ] }\n'
+    )
+    batching = (
+        f"sequence_batching {{\n  max_sequence_idle_microseconds: {triton_idle_us(options)}\n"
+        f"  control_input [\n{controls}  ]\n"
+        f"  oldest {{ max_candidate_sequences: {candidates} "
+        f"max_queue_delay_microseconds: {options.queue_delay_us} }}\n}}\n"
+    )
+    return model_config(
+        STREAM_MODEL,
+        options.max_batch,
+        inputs,
+        outputs,
+        backend="python",
+        batching=batching,
+        instance_group="instance_group [ { count: 1 kind: KIND_CPU } ]\n",
+        parameters={
+            **common,
+            "model": STREAM_MODEL,
+            "stream_path": path,
+            "stream_note": note,
+            "causal": str(manifest.causal).lower(),
+        },
+    )
 
 
 def cmath_source() -> Path:
@@ -175,10 +224,17 @@ def cmath_source() -> Path:
 def client_spec(manifest: Manifest, options: ServeOptions) -> dict[str, object]:
     """What a remote client checks utterances against before sending them (the manifest fields the runtime's
     validation reads), and the server's batch size; travels as the config parameter `client_spec` (JSON)."""
-    return {"modalities": list(manifest.modalities), "feature_dims": dict(manifest.feature_dims),
-            "num_speakers": manifest.num_speakers, "num_classes": manifest.num_classes,
-            "label_names": list(manifest.label_names), "d": manifest.d, "causal": manifest.causal,
-            "max_len": manifest.max_len, "max_batch": options.max_batch}
+    return {
+        "modalities": list(manifest.modalities),
+        "feature_dims": dict(manifest.feature_dims),
+        "num_speakers": manifest.num_speakers,
+        "num_classes": manifest.num_classes,
+        "label_names": list(manifest.label_names),
+        "d": manifest.d,
+        "causal": manifest.causal,
+        "max_len": manifest.max_len,
+        "max_batch": options.max_batch,
+    }
 
 
 def write_repository(export_dir: str | Path, repo: str | Path, options: ServeOptions) -> dict[str, object]:
@@ -186,15 +242,30 @@ def write_repository(export_dir: str | Path, repo: str | Path, options: ServeOpt
     manifest = read_manifest(export_dir)
     options.check(manifest)
     repo = Path(repo)
-    common = {"export_dir": manifest.directory.resolve(), "cmath_source": cmath_source(), "backend": options.backend,
-              "precision": options.precision, "threads": options.threads, "max_batch": options.max_batch,
-              "max_conversations": options.max_conversations, "idle_timeout_s": options.idle_timeout_s,
-              "stream_mode": options.stream_mode, "label_names": json.dumps(list(manifest.label_names)),
-              "text_input": text_input(manifest), "client_spec": json.dumps(client_spec(manifest, options))}
-    configs = {CLASSIFY_MODEL: (classify_config(manifest, options, common), "ClassifyModel"),
-               STREAM_MODEL: (stream_config(manifest, options, common), "StreamModel")}
+    common = {
+        "export_dir": manifest.directory.resolve(),
+        "cmath_source": cmath_source(),
+        "backend": options.backend,
+        "precision": options.precision,
+        "threads": options.threads,
+        "max_batch": options.max_batch,
+        "max_conversations": options.max_conversations,
+        "idle_timeout_s": options.idle_timeout_s,
+        "stream_mode": options.stream_mode,
+        "label_names": json.dumps(list(manifest.label_names)),
+        "text_input": text_input(manifest),
+        "client_spec": json.dumps(client_spec(manifest, options)),
+    }
+    configs = {
+        CLASSIFY_MODEL: (classify_config(manifest, options, common), "ClassifyModel"),
+        STREAM_MODEL: (stream_config(manifest, options, common), "StreamModel"),
+    }
     for name, (config, cls) in configs.items():
         write_model(repo, name, config, {"1/model.py": SHIM.replace("{cls}", cls).encode()})
-    return {"repository": str(repo), "models": list(configs), "stream_path": stream_path(manifest, options),
-            "text_input": text_input(manifest),
-            "options": asdict(options)}
+    return {
+        "repository": str(repo),
+        "models": list(configs),
+        "stream_path": stream_path(manifest, options),
+        "text_input": text_input(manifest),
+        "options": asdict(options),
+    }

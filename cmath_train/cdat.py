@@ -94,8 +94,13 @@ class ConfidNet(nn.Module):
 
     def __init__(self, num_classes: int, hidden: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(num_classes, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                 nn.Linear(hidden, 1))
+        self.net = nn.Sequential(
+            nn.Linear(num_classes, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, 1),
+        )
 
     def forward(self, logits: Tensor) -> Tensor:  # (..., C) -> (...)
         return torch.sigmoid(self.net(logits))[..., 0]
@@ -119,11 +124,15 @@ class TransferInputs(nn.Module):
     def __init__(self, cfg: ModelConfig, hidden: int) -> None:
         super().__init__()
         self.standardize = nn.ModuleDict({m: Standardize(cfg.feature_dims[m]) for m in cfg.modalities})
-        self.transfer = nn.ModuleDict({m: TransferEncoder(cfg.feature_dims[m], hidden) for m in cfg.modalities})
+        self.transfer = nn.ModuleDict(
+            {m: TransferEncoder(cfg.feature_dims[m], hidden) for m in cfg.modalities}
+        )
 
     def forward(self, features: dict[str, Tensor], mask: Tensor) -> dict[str, Tensor]:
         rows = mask[..., None]
-        return {m: self.transfer[m](torch.where(rows, self.standardize[m](x), 0.0)) for m, x in features.items()}
+        return {
+            m: self.transfer[m](torch.where(rows, self.standardize[m](x), 0.0)) for m, x in features.items()
+        }
 
 
 class CDaT(nn.Module):
@@ -135,9 +144,13 @@ class CDaT(nn.Module):
     def __init__(self, model: nn.Module, cfg: CDaTConfig) -> None:
         super().__init__()
         mcfg: ModelConfig = model.cfg
-        self.inputs = TransferInputs(mcfg, cfg.hidden)  # first in state_dict, where the exporter's parity data
+        self.inputs = TransferInputs(
+            mcfg, cfg.hidden
+        )  # first in state_dict, where the exporter's parity data
         self.model = model  # looks for the standardisation buffers
-        self.confidnet = ConfidNet(mcfg.num_classes, cfg.confidnet_hidden) if cfg.confidence == "confidnet" else None
+        self.confidnet = (
+            ConfidNet(mcfg.num_classes, cfg.confidnet_hidden) if cfg.confidence == "confidnet" else None
+        )
         self.cdat_cfg = cfg
 
     @property
@@ -153,8 +166,9 @@ class CDaT(nn.Module):
         """The train statistics standardise h_m here; F keeps its identity standardisation (mean 0, std 1)."""
         set_standardize_stats(self.inputs.standardize, self.cfg, mean, std)
 
-    def forward(self, features: dict[str, Tensor], speaker: Tensor, mask: Tensor,
-                reconstruct: bool | None = None) -> Any:
+    def forward(
+        self, features: dict[str, Tensor], speaker: Tensor, mask: Tensor, reconstruct: bool | None = None
+    ) -> Any:
         """y^ = F(G_t(h_t), G_a(h_a), G_v(h_v)) (12)."""
         if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
             check_inputs(self.cfg, features, speaker, mask)
@@ -162,8 +176,14 @@ class CDaT(nn.Module):
         out = self.model(refined, speaker, mask, reconstruct=reconstruct)
         return CDaTOutput(out, refined, speaker) if self.training else out
 
-    def loss(self, out: CDaTOutput, labels: Tensor, mask: Tensor, cfg: LossConfig,
-             class_weight: Tensor | None = None) -> dict[str, Tensor]:
+    def loss(
+        self,
+        out: CDaTOutput,
+        labels: Tensor,
+        mask: Tensor,
+        cfg: LossConfig,
+        class_weight: Tensor | None = None,
+    ) -> dict[str, Tensor]:
         """F's own loss terms + alpha * L_DPKT (11) as "pkt" (+ L_conf (5) as "confidnet")."""
         terms = self.model.loss(out.inner, labels, mask, cfg, class_weight)
         rows = mask & (labels >= 0)
@@ -175,25 +195,34 @@ class CDaT(nn.Module):
             terms["total"] = terms["total"] + terms["confidnet"]
         return terms
 
-    def masked_logits(self, refined: dict[str, Tensor], speaker: Tensor, mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def masked_logits(
+        self, refined: dict[str, Tensor], speaker: Tensor, mask: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """(z, {m: z_m}): F's logits (B, N, C) on all refined modalities and with each one masked (h~_m = 0), in
         one eval-mode pass of batch (1 + |M|) B without gradient."""
         mods = self.cfg.modalities
         b = mask.shape[0]
-        feats = {m: torch.cat([refined[m].detach()] + [torch.zeros_like(refined[m]) if k == m else refined[m].detach()
-                                                        for k in mods]) for m in mods}
+        feats = {
+            m: torch.cat(
+                [refined[m].detach()]
+                + [torch.zeros_like(refined[m]) if k == m else refined[m].detach() for k in mods]
+            )
+            for m in mods
+        }
         was = self.model.training
         self.model.eval()
         try:
             with torch.no_grad():
-                logits = self.model(feats, speaker.repeat(1 + len(mods), 1), mask.repeat(1 + len(mods), 1),
-                                    reconstruct=False).logits.float()
+                logits = self.model(
+                    feats, speaker.repeat(1 + len(mods), 1), mask.repeat(1 + len(mods), 1), reconstruct=False
+                ).logits.float()
         finally:
             self.model.train(was)
-        return logits[:b], {m: logits[(i + 1) * b:(i + 2) * b] for i, m in enumerate(mods)}
+        return logits[:b], {m: logits[(i + 1) * b : (i + 2) * b] for i, m in enumerate(mods)}
 
-    def confidence_weights(self, refined: dict[str, Tensor], speaker: Tensor, mask: Tensor,
-                           labels: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
+    def confidence_weights(
+        self, refined: dict[str, Tensor], speaker: Tensor, mask: Tensor, labels: Tensor
+    ) -> tuple[dict[str, Tensor], Tensor | None]:
         """(m -> (B, N) w_m without gradient, ConfidNet's loss (5) or None) for the configured confidence."""
         kind = self.cdat_cfg.confidence
         if kind == "const" or len(self.cfg.modalities) < 2:

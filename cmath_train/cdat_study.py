@@ -61,24 +61,44 @@ class StudyConfig:
 
 
 def data(study: StudyConfig, fraction: float) -> Any:
-    return make_synthetic(SyntheticConfig(feature_dims=dict(study.feature_dims), conversations=dict(study.conversations),
-                                          max_len=study.max_len, misaligned_fraction=fraction))
+    return make_synthetic(
+        SyntheticConfig(
+            feature_dims=dict(study.feature_dims),
+            conversations=dict(study.conversations),
+            max_len=study.max_len,
+            misaligned_fraction=fraction,
+        )
+    )
 
 
-def run_one(study: StudyConfig, fs: Any, model: str, variant: str, alpha: float, seed: int, out: Path) -> dict:
+def run_one(
+    study: StudyConfig, fs: Any, model: str, variant: str, alpha: float, seed: int, out: Path
+) -> dict:
     """Train one run (cached in out/result.json); -> {validation, test weighted-F1, seconds}."""
     cached = out / "result.json"
     if cached.is_file():
         return json.loads(cached.read_text())
-    mcfg = model_config(model, modalities=fs.modalities, feature_dims=fs.feature_dims, num_classes=len(fs.label_names),
-                        num_speakers=fs.num_speakers, d=study.d, heads=study.heads)
+    mcfg = model_config(
+        model,
+        modalities=fs.modalities,
+        feature_dims=fs.feature_dims,
+        num_classes=len(fs.label_names),
+        num_speakers=fs.num_speakers,
+        d=study.d,
+        heads=study.heads,
+    )
     lcfg = loss_config(model, confidence_kd=variant == "confidence-kd")
-    tcfg = TrainConfig(epochs=study.epochs, lr=study.lr, batch_size=study.batch_size, patience=study.epochs, seed=seed)
+    tcfg = TrainConfig(
+        epochs=study.epochs, lr=study.lr, batch_size=study.batch_size, patience=study.epochs, seed=seed
+    )
     cdat = CDaTConfig(variant, alpha=alpha) if variant in CONFIDENCES else None
     t0 = time.process_time()
     metrics = train(fs, mcfg, lcfg, tcfg, out, model, progress=False, cdat=cdat)
-    result = {"validation": metrics["validation"]["weighted_f1"], "test": metrics["test"]["weighted_f1"],
-              "cpu_seconds": round(time.process_time() - t0, 2)}
+    result = {
+        "validation": metrics["validation"]["weighted_f1"],
+        "test": metrics["test"]["weighted_f1"],
+        "cpu_seconds": round(time.process_time() - t0, 2),
+    }
     atomic_write_json(cached, result)
     return result
 
@@ -95,10 +115,14 @@ def _folder(work: Path, fraction: float, model: str, variant: str, alpha: float,
     return work / f"{fraction:g}_{model}_{variant}_{alpha:g}_{seed}"
 
 
-def run_study(study: StudyConfig, seeds: int, work: Path, workers: int = 1, log: Any = print) -> dict[str, Any]:
+def run_study(
+    study: StudyConfig, seeds: int, work: Path, workers: int = 1, log: Any = print
+) -> dict[str, Any]:
     recorded = work / "study.json"  # the cache is only valid for the recipe that filled it
     if recorded.is_file() and json.loads(recorded.read_text()) != json.loads(json.dumps(asdict(study))):
-        raise click.UsageError(f"--work {work} holds runs of another study recipe ({recorded}); use another folder")
+        raise click.UsageError(
+            f"--work {work} holds runs of another study recipe ({recorded}); use another folder"
+        )
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_json(recorded, asdict(study))
     tuning = max(study.misaligned)
@@ -134,12 +158,23 @@ def run_study(study: StudyConfig, seeds: int, work: Path, workers: int = 1, log:
         test = np.array([r["test"] for r in runs])
         val = np.array([r["validation"] for r in runs])
         results[f"{f:g}/{model}/{variant}"] = {
-            "misaligned": f, "model": model, "variant": variant, "alpha": a if variant in CONFIDENCES else None,
-            "test_mean": float(test.mean()), "test_std": float(test.std()), "test": test.tolist(),
-            "validation_mean": float(val.mean()), "cpu_seconds": sum(r["cpu_seconds"] for r in runs)}
+            "misaligned": f,
+            "model": model,
+            "variant": variant,
+            "alpha": a if variant in CONFIDENCES else None,
+            "test_mean": float(test.mean()),
+            "test_std": float(test.std()),
+            "test": test.tolist(),
+            "validation_mean": float(val.mean()),
+            "cpu_seconds": sum(r["cpu_seconds"] for r in runs),
+        }
         log(f"{f:g} {model} {variant}: test wF1 {100 * test.mean():.2f} +- {100 * test.std():.2f}")
-    return {"study": {**asdict(study), "seeds": seeds}, "alpha": alpha, "alpha_validation": chosen_on,
-            "results": results}
+    return {
+        "study": {**asdict(study), "seeds": seeds},
+        "alpha": alpha,
+        "alpha_validation": chosen_on,
+        "results": results,
+    }
 
 
 def claim(report: dict[str, Any], fraction: float) -> list[str]:
@@ -150,9 +185,11 @@ def claim(report: dict[str, Any], fraction: float) -> list[str]:
         floor = max(r["none"]["test_mean"], r["const"]["test_mean"])
         wins = [v for v in ("ce", "confidnet") if r[v]["test_mean"] > floor]
         clear = [v for v in wins if r[v]["test_mean"] - floor > r[v]["test_std"]]
-        verdict = ("holds" if len(wins) == 2 else "partly holds" if wins else "does not hold")
-        lines.append(f"- {model.upper()}: {verdict} (dynamic variants above both base and constant: "
-                     f"{', '.join(wins) or 'none'}; by more than one std: {', '.join(clear) or 'none'})")
+        verdict = "holds" if len(wins) == 2 else "partly holds" if wins else "does not hold"
+        lines.append(
+            f"- {model.upper()}: {verdict} (dynamic variants above both base and constant: "
+            f"{', '.join(wins) or 'none'}; by more than one std: {', '.join(clear) or 'none'})"
+        )
     return lines
 
 
@@ -163,60 +200,104 @@ def ckd_verdict(report: dict[str, Any], fraction: float) -> list[str]:
         r = {v: report["results"][f"{fraction:g}/{model}/{v}"] for v in VARIANTS}
         best = max(CONFIDENCES, key=lambda v: r[v]["test_mean"])
         ckd, base, top = (100 * r[v]["test_mean"] for v in ("confidence-kd", "none", best))
-        lines.append(f"- {model.upper()}: confidence-kd {ckd:.2f} vs none {base:.2f} ({ckd - base:+.2f}) and vs the "
-                     f"best CDaT ({best}) {top:.2f} ({ckd - top:+.2f})")
+        lines.append(
+            f"- {model.upper()}: confidence-kd {ckd:.2f} vs none {base:.2f} ({ckd - base:+.2f}) and vs the "
+            f"best CDaT ({best}) {top:.2f} ({ckd - top:+.2f})"
+        )
     return lines
 
 
 def markdown(report: dict[str, Any], command: str) -> str:
     study = report["study"]
     fractions = study["misaligned"]
-    head = "| model | variant | alpha | " + " | ".join(f"{100 * f:g}% misaligned: test wF1" for f in fractions) + " |"
+    head = (
+        "| model | variant | alpha | "
+        + " | ".join(f"{100 * f:g}% misaligned: test wF1" for f in fractions)
+        + " |"
+    )
     rows = [head, "|" + "---|" * (3 + len(fractions))]
     for model in MODELS:
         for variant in VARIANTS:
             cells = [report["results"].get(f"{f:g}/{model}/{variant}") for f in fractions]
             a = next(c for c in cells if c)["alpha"]
-            rows.append(f"| {model.upper()} | {variant} | {'' if a is None else f'{a:g}'} | "
-                        + " | ".join(f"{100 * c['test_mean']:.2f} +- {100 * c['test_std']:.2f}" if c else "not run"
-                                     for c in cells) + " |")
+            rows.append(
+                f"| {model.upper()} | {variant} | {'' if a is None else f'{a:g}'} | "
+                + " | ".join(
+                    f"{100 * c['test_mean']:.2f} +- {100 * c['test_std']:.2f}" if c else "not run"
+                    for c in cells
+                )
+                + " |"
+            )
     cpu = sum(r["cpu_seconds"] for r in report["results"].values())
     worst = max(fractions)
-    return "\n".join([
-        "# CDaT study (written by `cmath_train.cdat_study`)", "",
-        f"Reproduce: `{command}`", "",
-        f"Synthetic data (cmath_train/data/synthetic.py): {study['conversations']} conversations of up to "
-        f"{study['max_len']} utterances, feature sizes {study['feature_dims']}; with misalignment, the text of that "
-        "fraction of utterances shows another emotion than the label. Every model d = "
-        f"{study['d']}, {study['epochs']} epochs, lr {study['lr']:g}, batch {study['batch_size']} conversations, "
-        f"{study['seeds']} seeds (0..{study['seeds'] - 1}); the checkpoint of each run is its best validation epoch. "
-        "Test weighted-F1 (%), mean +- std over the seeds.", "",
-        f"alpha chosen from {study['alphas']} per model and confidence by the validation weighted-F1 of seed 0 on "
-        f"the {100 * worst:g}% data (validation = 20% of the train conversations; test never used for a choice); "
-        "the same alpha for both conditions: "
-        + "; ".join(f"{m.upper()} {json.dumps(v)}" for m, v in report["alpha_validation"].items()) + ".", "",
-        *rows, "",
-        f"The paper's claim (dynamic CE / ConfidNet beat both the base model and the constant one under "
-        f"misalignment), at {100 * worst:g}% misaligned:", *claim(report, worst), "",
-        "\"confidence-kd\" is the confidence-gated prediction-level KD of losses.py (not CDaT), weight 1, trained "
-        f"at {100 * worst:g}% misaligned only (where it could help); test weighted-F1 (%) means:",
-        *ckd_verdict(report, worst), "",
-        f"CPU time of the grid: {cpu / 60:.1f} min.", ""])
+    return "\n".join(
+        [
+            "# CDaT study (written by `cmath_train.cdat_study`)",
+            "",
+            f"Reproduce: `{command}`",
+            "",
+            f"Synthetic data (cmath_train/data/synthetic.py): {study['conversations']} conversations of up to "
+            f"{study['max_len']} utterances, feature sizes {study['feature_dims']}; with misalignment, the text of that "
+            "fraction of utterances shows another emotion than the label. Every model d = "
+            f"{study['d']}, {study['epochs']} epochs, lr {study['lr']:g}, batch {study['batch_size']} conversations, "
+            f"{study['seeds']} seeds (0..{study['seeds'] - 1}); the checkpoint of each run is its best validation epoch. "
+            "Test weighted-F1 (%), mean +- std over the seeds.",
+            "",
+            f"alpha chosen from {study['alphas']} per model and confidence by the validation weighted-F1 of seed 0 on "
+            f"the {100 * worst:g}% data (validation = 20% of the train conversations; test never used for a choice); "
+            "the same alpha for both conditions: "
+            + "; ".join(f"{m.upper()} {json.dumps(v)}" for m, v in report["alpha_validation"].items())
+            + ".",
+            "",
+            *rows,
+            "",
+            f"The paper's claim (dynamic CE / ConfidNet beat both the base model and the constant one under "
+            f"misalignment), at {100 * worst:g}% misaligned:",
+            *claim(report, worst),
+            "",
+            '"confidence-kd" is the confidence-gated prediction-level KD of losses.py (not CDaT), weight 1, trained '
+            f"at {100 * worst:g}% misaligned only (where it could help); test weighted-F1 (%) means:",
+            *ckd_verdict(report, worst),
+            "",
+            f"CPU time of the grid: {cpu / 60:.1f} min.",
+            "",
+        ]
+    )
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--work", type=click.Path(file_okay=False), default="runs/cdat_study", show_default=True,
-              help="Run folders and the per-run cache (resumable).")
-@click.option("--out", type=click.Path(dir_okay=False), default="docs/results/cdat_study.md", show_default=True)
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default="docs/results/cdat_study.json", show_default=True)
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Runs trained at once, one process and one torch thread each (the results do not depend on it).")
+@click.option(
+    "--work",
+    type=click.Path(file_okay=False),
+    default="runs/cdat_study",
+    show_default=True,
+    help="Run folders and the per-run cache (resumable).",
+)
+@click.option(
+    "--out", type=click.Path(dir_okay=False), default="docs/results/cdat_study.md", show_default=True
+)
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(dir_okay=False),
+    default="docs/results/cdat_study.json",
+    show_default=True,
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Runs trained at once, one process and one torch thread each (the results do not depend on it).",
+)
 def main(seeds: int, work: str, out: str, json_out: str, workers: int) -> None:
     """Run the CDaT grid and write the markdown table and its JSON."""
     torch.set_num_threads(1)
     report = run_study(StudyConfig(), seeds, Path(work), workers)
-    command = f"python -m cmath_train.cdat_study --seeds {seeds} --workers {workers} --out {out} --json {json_out}"
+    command = (
+        f"python -m cmath_train.cdat_study --seeds {seeds} --workers {workers} --out {out} --json {json_out}"
+    )
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(json_out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(Path(json_out), report)

@@ -53,8 +53,12 @@ def versions() -> dict[str, str]:
     import numpy
     import safetensors
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
-            "safetensors": safetensors.__version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "safetensors": safetensors.__version__,
+    }
 
 
 def save_checkpoint(
@@ -76,7 +80,9 @@ def save_checkpoint(
     # reachable as WEIGHTS.prev (a hard link) until the new config is in place, so a kill between the two
     # writes still loads the previous checkpoint (load_checkpoint), never new weights under an old config.
     weights, prev = run_dir / WEIGHTS, run_dir / PREVIOUS
-    if _consistent(run_dir):  # (after an interrupted save, the surviving previous weights stay where they are)
+    if _consistent(
+        run_dir
+    ):  # (after an interrupted save, the surviving previous weights stay where they are)
         tmp = run_dir / f".{PREVIOUS}.tmp"
         tmp.unlink(missing_ok=True)
         os.link(weights, tmp)
@@ -125,8 +131,12 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
 
 
 # loss fields of the confidence-gated KD under their former names -> the current ones
-FORMER_LOSS_FIELDS = {"cdat": "confidence_kd", "cdat_weight": "ckd_weight", "cdat_confidence": "ckd_confidence",
-                      "cdat_temperature": "ckd_temperature"}
+FORMER_LOSS_FIELDS = {
+    "cdat": "confidence_kd",
+    "cdat_weight": "ckd_weight",
+    "cdat_confidence": "ckd_confidence",
+    "cdat_temperature": "ckd_temperature",
+}
 
 
 def load_checkpoint(run_dir: str | Path, map_location: str = "cpu") -> Checkpoint:
@@ -135,7 +145,9 @@ def load_checkpoint(run_dir: str | Path, map_location: str = "cpu") -> Checkpoin
     try:
         name = cfg.get("model_name", "cmath")
         model_cfg = model_config(name, **cfg["model"])
-        loss_cfg = loss_config(name, **{FORMER_LOSS_FIELDS.get(k, k): v for k, v in cfg.get("loss", {}).items()})
+        loss_cfg = loss_config(
+            name, **{FORMER_LOSS_FIELDS.get(k, k): v for k, v in cfg.get("loss", {}).items()}
+        )
         train_cfg = from_dict(TrainConfig, cfg.get("train", {}))
         model = create_model(name, model_cfg)
         cdat = from_dict(CDaTConfig, cfg["cdat"]) if cfg.get("cdat") else None
@@ -158,17 +170,30 @@ def load_checkpoint(run_dir: str | Path, map_location: str = "cpu") -> Checkpoin
     try:
         state = st_load(raw)
     except (SafetensorError, ValueError, RuntimeError) as e:
-        why = "does not match config.json's weights_sha256 (an interrupted save or a replaced file): " if replaced else ""
+        why = (
+            "does not match config.json's weights_sha256 (an interrupted save or a replaced file): "
+            if replaced
+            else ""
+        )
         raise ArtifactError(weights, f"{why}corrupt or truncated safetensors file ({e})") from None
     _check_state(weights, model, state)
     if replaced:
-        raise ArtifactError(weights, "does not match config.json's weights_sha256 (an interrupted save or a "
-                                     "replaced file)")
+        raise ArtifactError(
+            weights, "does not match config.json's weights_sha256 (an interrupted save or a replaced file)"
+        )
     model.load_state_dict(state)
     model.to(map_location).eval()
     extra = {k: v for k, v in cfg.items() if k not in ("model", "loss", "train", "label_names", "cdat")}
-    return Checkpoint(model, cfg.get("model_name", "cmath"), model_cfg, loss_cfg, train_cfg, list(cfg["label_names"]), extra,
-                      cdat)
+    return Checkpoint(
+        model,
+        cfg.get("model_name", "cmath"),
+        model_cfg,
+        loss_cfg,
+        train_cfg,
+        list(cfg["label_names"]),
+        extra,
+        cdat,
+    )
 
 
 def _check_state(path: Path, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -177,11 +202,16 @@ def _check_state(path: Path, model: nn.Module, state: dict[str, torch.Tensor]) -
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ArtifactError(
-            path, f"weights do not match config.json: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+            path,
+            f"weights do not match config.json: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}",
+        )
     for k, v in expected.items():
         if tuple(state[k].shape) != tuple(v.shape):
-            raise ArtifactError(path, f"weights do not match config.json: {k} has shape {tuple(state[k].shape)}, "
-                                      f"config implies {tuple(v.shape)}")
+            raise ArtifactError(
+                path,
+                f"weights do not match config.json: {k} has shape {tuple(state[k].shape)}, "
+                f"config implies {tuple(v.shape)}",
+            )
         if not torch.isfinite(state[k]).all():
             raise ArtifactError(path, f"weights contain NaN/inf in {k}")

@@ -22,49 +22,136 @@ def parse_modalities(text: str | None, available: tuple[str, ...]) -> tuple[str,
     mods = tuple(m for m in text.replace(",", "") if m.strip())
     bad = [m for m in mods if m not in available]
     if bad or not mods:
-        raise click.BadParameter(f"expected letters from {''.join(available)!r} (the data's modalities), got {text!r}")
+        raise click.BadParameter(
+            f"expected letters from {''.join(available)!r} (the data's modalities), got {text!r}"
+        )
     return mods
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--data", default="synthetic", show_default=True, help="'synthetic', a .pkl feature pickle, or a features dir.")
-@click.option("--modalities", default=None, help="Subset of the data's modalities, e.g. 'tav', 'ta', 't'. Default: all.")
-@click.option("--preset", default=None, help="default | iemocap | meld (paper settings). "
-              "Default: a recipe chosen from the data (modalities, feature sizes, data size), printed with the reasons.")
+@click.option(
+    "--data",
+    default="synthetic",
+    show_default=True,
+    help="'synthetic', a .pkl feature pickle, or a features dir.",
+)
+@click.option(
+    "--modalities", default=None, help="Subset of the data's modalities, e.g. 'tav', 'ta', 't'. Default: all."
+)
+@click.option(
+    "--preset",
+    default=None,
+    help="default | iemocap | meld (paper settings). "
+    "Default: a recipe chosen from the data (modalities, feature sizes, data size), printed with the reasons.",
+)
 @click.option("--model", "model_name", default="cmath", show_default=True, help="Registered model name.")
-@click.option("--ablation", default="none", show_default=True, help="none | wo_mr | wo_cmat | wo_lld | wo_hld | wo_hd.")
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Max epochs (default from TrainConfig: 30).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Adam learning rate (default from preset).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Conversations per batch (default from preset).")
-@click.option("--d", "hidden", type=click.IntRange(min=1), default=None, help="Hidden size d (default from preset).")
+@click.option(
+    "--ablation", default="none", show_default=True, help="none | wo_mr | wo_cmat | wo_lld | wo_hld | wo_hd."
+)
+@click.option(
+    "--epochs", type=click.IntRange(min=1), default=None, help="Max epochs (default from TrainConfig: 30)."
+)
+@click.option(
+    "--lr",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Adam learning rate (default from preset).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Conversations per batch (default from preset).",
+)
+@click.option(
+    "--d", "hidden", type=click.IntRange(min=1), default=None, help="Hidden size d (default from preset)."
+)
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None)
-@click.option("--conv-kernel", type=click.IntRange(min=1), default=None, help="Kernel k_m of the reconstruction convolutions (1-2).")
-@click.option("--patience", type=click.IntRange(min=1), default=None, help="Early-stopping patience in epochs.")
-@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None, help="Validation fraction of train when there is no dev split.")
-@click.option("--class-weighted/--no-class-weighted", default=None, help="Inverse-frequency class weights in CE.")
-@click.option("--confidence-kd", "confidence_kd", is_flag=True,
-              help="Confidence-gated prediction-level KD: per utterance, the more confident modality's prediction "
-              "teaches the less confident one (any model; LossConfig.confidence_kd, ckd_*). Not CDaT: see --cdat.")
-@click.option("--cdat", "cdat", type=click.Choice(["const", "ce", "confidnet"]), default=None,
-              help="Train inside the CDaT add-on (cmath_train/cdat.py, any model): transfer encoders G_m before the "
-              "model and alpha * the dynamic PKT loss between modalities, w_m from a constant (plain PKT), the "
-              "cross-entropy of masking m, or ConfidNet. The checkpoint records it; the export includes G_m.")
-@click.option("--cdat-alpha", type=click.FloatRange(min=0), default=None,
-              help="With --cdat: alpha, the weight of the transfer loss (default: cdat.CDaTConfig).")
-@click.option("--causal/--bidirectional", default=False, show_default=True, help="Online variant: each utterance sees only the past.")
+@click.option(
+    "--conv-kernel",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Kernel k_m of the reconstruction convolutions (1-2).",
+)
+@click.option(
+    "--patience", type=click.IntRange(min=1), default=None, help="Early-stopping patience in epochs."
+)
+@click.option(
+    "--val-fraction",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=None,
+    help="Validation fraction of train when there is no dev split.",
+)
+@click.option(
+    "--class-weighted/--no-class-weighted", default=None, help="Inverse-frequency class weights in CE."
+)
+@click.option(
+    "--confidence-kd",
+    "confidence_kd",
+    is_flag=True,
+    help="Confidence-gated prediction-level KD: per utterance, the more confident modality's prediction "
+    "teaches the less confident one (any model; LossConfig.confidence_kd, ckd_*). Not CDaT: see --cdat.",
+)
+@click.option(
+    "--cdat",
+    "cdat",
+    type=click.Choice(["const", "ce", "confidnet"]),
+    default=None,
+    help="Train inside the CDaT add-on (cmath_train/cdat.py, any model): transfer encoders G_m before the "
+    "model and alpha * the dynamic PKT loss between modalities, w_m from a constant (plain PKT), the "
+    "cross-entropy of masking m, or ConfidNet. The checkpoint records it; the export includes G_m.",
+)
+@click.option(
+    "--cdat-alpha",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="With --cdat: alpha, the weight of the transfer loss (default: cdat.CDaTConfig).",
+)
+@click.option(
+    "--causal/--bidirectional",
+    default=False,
+    show_default=True,
+    help="Online variant: each utterance sees only the past.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True, help="Train this many seeds; report mean +- std.")
-@click.option("--distill", type=click.FloatRange(min=0), default=None,
-              help="With --seeds N >= 2: train N students on labels + this weight * KL(the seeds' averaged "
-                   "probabilities || student); they are the result (0: off). Default from the recipe.")
+@click.option(
+    "--seeds",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Train this many seeds; report mean +- std.",
+)
+@click.option(
+    "--distill",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="With --seeds N >= 2: train N students on labels + this weight * KL(the seeds' averaged "
+    "probabilities || student); they are the result (0: off). Default from the recipe.",
+)
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Run directory (default runs/<time>).")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Run directory (default runs/<time>).",
+)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
-@click.option("--tune", "tune_trials", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Optuna search with this many trials on the validation split (never test), then the best "
-                   "trial retrained with --seeds. Search space: cmath_train/tune.py.")
-@click.option("--tune-timeout", type=click.FloatRange(min=1), default=None,
-              help="Time budget of the search in seconds (stops starting trials after it).")
+@click.option(
+    "--tune",
+    "tune_trials",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Optuna search with this many trials on the validation split (never test), then the best "
+    "trial retrained with --seeds. Search space: cmath_train/tune.py.",
+)
+@click.option(
+    "--tune-timeout",
+    type=click.FloatRange(min=1),
+    default=None,
+    help="Time budget of the search in seconds (stops starting trials after it).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def main(**opts: object) -> None:
     """Train a model; keep the checkpoint with the best validation weighted-F1."""
@@ -75,13 +162,35 @@ def main(**opts: object) -> None:
         sys.exit(2)
 
 
-def run(data: str, modalities: str | None, preset: str | None, model_name: str, ablation: str, epochs: int | None,
-        lr: float | None, batch_size: int | None, hidden: int | None, dropout: float | None,
-        conv_kernel: int | None, patience: int | None,
-        val_fraction: float | None, class_weighted: bool | None, causal: bool, seed: int, seeds: int, device: str,
-        out_dir: str | None, resume: bool, quiet: bool, confidence_kd: bool = False, tune_trials: int = 0,
-        tune_timeout: float | None = None, distill: float | None = None, cdat: str | None = None,
-        cdat_alpha: float | None = None) -> dict:
+def run(
+    data: str,
+    modalities: str | None,
+    preset: str | None,
+    model_name: str,
+    ablation: str,
+    epochs: int | None,
+    lr: float | None,
+    batch_size: int | None,
+    hidden: int | None,
+    dropout: float | None,
+    conv_kernel: int | None,
+    patience: int | None,
+    val_fraction: float | None,
+    class_weighted: bool | None,
+    causal: bool,
+    seed: int,
+    seeds: int,
+    device: str,
+    out_dir: str | None,
+    resume: bool,
+    quiet: bool,
+    confidence_kd: bool = False,
+    tune_trials: int = 0,
+    tune_timeout: float | None = None,
+    distill: float | None = None,
+    cdat: str | None = None,
+    cdat_alpha: float | None = None,
+) -> dict:
     from .cdat import CDaTConfig
     from .data import load_data
     from .metrics import write_metrics
@@ -102,7 +211,9 @@ def run(data: str, modalities: str | None, preset: str | None, model_name: str, 
         if cdat_alpha is not None and cdat is None:
             raise ValueError("--cdat-alpha: give it with --cdat const|ce|confidnet")
         if cdat is not None and tune_trials:
-            raise ValueError("--tune searches the model's own recipe; it does not take --cdat (train without --tune)")
+            raise ValueError(
+                "--tune searches the model's own recipe; it does not take --cdat (train without --tune)"
+            )
         add_on = CDaTConfig(cdat, **_given(alpha=cdat_alpha)) if cdat else None
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
@@ -114,14 +225,38 @@ def run(data: str, modalities: str | None, preset: str | None, model_name: str, 
     if p is None:
         recipe = choose_recipe(fs)
         p = recipe.preset()
-    model_cfg = model_config(model_name, modalities=mods, feature_dims=fs.feature_dims, num_classes=len(fs.label_names),
-                            num_speakers=fs.num_speakers, causal=causal,
-                            **{**p.model, **model_over, **_given(d=hidden, dropout=dropout, conv_kernel=conv_kernel)})
-    loss_cfg = loss_config(model_name, **{**p.loss, **loss_over, **_given(class_weighted=class_weighted,
-                                                                  confidence_kd=confidence_kd or None)})
-    train_cfg = TrainConfig(**{**p.train, **_given(epochs=epochs, lr=lr, batch_size=batch_size, patience=patience,
-                                                    val_fraction=val_fraction, distill=distill), "seed": seed,
-                                 "device": device})
+    model_cfg = model_config(
+        model_name,
+        modalities=mods,
+        feature_dims=fs.feature_dims,
+        num_classes=len(fs.label_names),
+        num_speakers=fs.num_speakers,
+        causal=causal,
+        **{**p.model, **model_over, **_given(d=hidden, dropout=dropout, conv_kernel=conv_kernel)},
+    )
+    loss_cfg = loss_config(
+        model_name,
+        **{
+            **p.loss,
+            **loss_over,
+            **_given(class_weighted=class_weighted, confidence_kd=confidence_kd or None),
+        },
+    )
+    train_cfg = TrainConfig(
+        **{
+            **p.train,
+            **_given(
+                epochs=epochs,
+                lr=lr,
+                batch_size=batch_size,
+                patience=patience,
+                val_fraction=val_fraction,
+                distill=distill,
+            ),
+            "seed": seed,
+            "device": device,
+        }
+    )
     if seeds < 2:  # nothing to distil from: the checkpoint records what training really did
         train_cfg = dataclasses.replace(train_cfg, distill=0.0)
     out = Path(out_dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}")
@@ -131,22 +266,38 @@ def run(data: str, modalities: str | None, preset: str | None, model_name: str, 
         click.echo(f"cmath-train: {recipe.describe()}")
         atomic_write_json(out / "recipe.json", {"chosen_from_data": True, **recipe.to_json()})
     else:
-        atomic_write_json(out / "recipe.json", {"chosen_from_data": False, "name": preset,
-                                                "reasons": [f"--preset {preset} given"]})
+        atomic_write_json(
+            out / "recipe.json",
+            {"chosen_from_data": False, "name": preset, "reasons": [f"--preset {preset} given"]},
+        )
     if not quiet:
-        extras = (" + confidence-KD" if confidence_kd else "") + (f" + CDaT ({add_on.confidence}, alpha {add_on.alpha:g})"
-                                                         if add_on else "")
-        click.echo(f"cmath-train: {model_name}{extras} on {data} ({''.join(mods)}), "
-                   f"recipe {recipe_name}, ablation {ablation}, {sum(len(v) for v in fs.splits.values())} conversations -> {out}")
+        extras = (" + confidence-KD" if confidence_kd else "") + (
+            f" + CDaT ({add_on.confidence}, alpha {add_on.alpha:g})" if add_on else ""
+        )
+        click.echo(
+            f"cmath-train: {model_name}{extras} on {data} ({''.join(mods)}), "
+            f"recipe {recipe_name}, ablation {ablation}, {sum(len(v) for v in fs.splits.values())} conversations -> {out}"
+        )
     if tune_trials:
         from .tune import tune
 
-        model_cfg, loss_cfg, train_cfg = tune(fs, model_cfg, loss_cfg, train_cfg, out / "tune", tune_trials,
-                                              tune_timeout, model_name, progress=not quiet)
+        model_cfg, loss_cfg, train_cfg = tune(
+            fs,
+            model_cfg,
+            loss_cfg,
+            train_cfg,
+            out / "tune",
+            tune_trials,
+            tune_timeout,
+            model_name,
+            progress=not quiet,
+        )
         click.echo(f"cmath-train: best trial retrained with {seeds} seed(s) (trials in {out / 'tune'})")
         recipe_name += f" + tune ({out / 'tune' / 'best.json'})"
     if seeds > 1:
-        metrics = train_seeds(fs, model_cfg, loss_cfg, train_cfg, out, seeds, model_name, resume, not quiet, add_on)
+        metrics = train_seeds(
+            fs, model_cfg, loss_cfg, train_cfg, out, seeds, model_name, resume, not quiet, add_on
+        )
     else:
         metrics = train(fs, model_cfg, loss_cfg, train_cfg, out, model_name, resume, not quiet, cdat=add_on)
     metrics["recipe"] = recipe_name
@@ -169,43 +320,70 @@ def summary_text(metrics: dict, out: Path, seconds: float) -> str:
     lines = [f"run: {out.resolve()}  ({seconds:.0f} s)"]
     spread = metrics.get("over_seeds") or {}
     if spread:
-        lines.append(f"the run's model: seed {spread['selected']} of {spread['seeds']}, selected on validation")
+        lines.append(
+            f"the run's model: seed {spread['selected']} of {spread['seeds']}, selected on validation"
+        )
     for split in ("validation", "test"):
         if split in metrics:
             m = metrics[split]
-            lines.append(f"{split:10s} accuracy {100 * m['accuracy']:.2f}  weighted-F1 {100 * m['weighted_f1']:.2f}")
+            lines.append(
+                f"{split:10s} accuracy {100 * m['accuracy']:.2f}  weighted-F1 {100 * m['weighted_f1']:.2f}"
+            )
     if spread:
         for split in ("validation", "test"):
             if split in spread:
                 s = spread[split]
-                lines.append(f"{split:10s} over seeds: accuracy {100 * s['accuracy']['mean']:.2f} +- "
-                             f"{100 * s['accuracy']['std']:.2f}  weighted-F1 {100 * s['weighted_f1']['mean']:.2f} +- "
-                             f"{100 * s['weighted_f1']['std']:.2f}")
+                lines.append(
+                    f"{split:10s} over seeds: accuracy {100 * s['accuracy']['mean']:.2f} +- "
+                    f"{100 * s['accuracy']['std']:.2f}  weighted-F1 {100 * s['weighted_f1']['mean']:.2f} +- "
+                    f"{100 * s['weighted_f1']['std']:.2f}"
+                )
     if "distilled" in spread:
         t = spread["teachers"]
-        parts = [f"{split} weighted-F1 {100 * t[split]['weighted_f1']['mean']:.2f} +- {100 * t[split]['weighted_f1']['std']:.2f}"
-                 for split in ("validation", "test") if split in t]
-        lines.append(f"(the students are distilled from the seeds' ensemble, weight {spread['distilled']['weight']:g}; "
-                     "the seeds themselves: " + "  ".join(parts) + ")")
+        parts = [
+            f"{split} weighted-F1 {100 * t[split]['weighted_f1']['mean']:.2f} +- {100 * t[split]['weighted_f1']['std']:.2f}"
+            for split in ("validation", "test")
+            if split in t
+        ]
+        lines.append(
+            f"(the students are distilled from the seeds' ensemble, weight {spread['distilled']['weight']:g}; "
+            "the seeds themselves: " + "  ".join(parts) + ")"
+        )
     ens = spread.get("ensemble", {})
     if "test" in ens or "validation" in ens:
-        parts = [f"{split} weighted-F1 {100 * ens[split]['weighted_f1']:.2f}" for split in ("validation", "test") if split in ens]
-        lines.append(f"ensemble of the {len(ens['seeds'])} seeds (averaged probabilities, not the exported model): "
-                     + "  ".join(parts))
+        parts = [
+            f"{split} weighted-F1 {100 * ens[split]['weighted_f1']:.2f}"
+            for split in ("validation", "test")
+            if split in ens
+        ]
+        lines.append(
+            f"ensemble of the {len(ens['seeds'])} seeds (averaged probabilities, not the exported model): "
+            + "  ".join(parts)
+        )
     for m, b in metrics.get("baseline_context_free", {}).items():
-        test = (f"; test accuracy {100 * b['test_accuracy']:.2f}  weighted-F1 {100 * b['test_weighted_f1']:.2f}"
-                if b.get("test_weighted_f1") is not None else "")
-        lines.append(f"context-free logistic regression ({m}): validation weighted-F1 "
-                     f"{100 * b['validation_weighted_f1']:.2f}{test}")
+        test = (
+            f"; test accuracy {100 * b['test_accuracy']:.2f}  weighted-F1 {100 * b['test_weighted_f1']:.2f}"
+            if b.get("test_weighted_f1") is not None
+            else ""
+        )
+        lines.append(
+            f"context-free logistic regression ({m}): validation weighted-F1 "
+            f"{100 * b['validation_weighted_f1']:.2f}{test}"
+        )
     enc = metrics.get("encoder_classifier")
     if enc:
-        parts = [f"{split} weighted-F1 {100 * enc[f'{split}_weighted_f1']:.2f}" for split in ("validation", "test")
-                 if f"{split}_weighted_f1" in enc]
+        parts = [
+            f"{split} weighted-F1 {100 * enc[f'{split}_weighted_f1']:.2f}"
+            for split in ("validation", "test")
+            if f"{split}_weighted_f1" in enc
+        ]
         lines.append("the fine-tuned encoder's own classifier (no context model): " + "  ".join(parts))
-        lines.append("shipped: the trained model (it beats the encoder's classifier on validation)"
-                     if metrics.get("shipped") == "cmath" else
-                     "shipped: NOT the trained model: the encoder's own classifier is better on validation; "
-                     "context adds nothing here as trained")
+        lines.append(
+            "shipped: the trained model (it beats the encoder's classifier on validation)"
+            if metrics.get("shipped") == "cmath"
+            else "shipped: NOT the trained model: the encoder's own classifier is better on validation; "
+            "context adds nothing here as trained"
+        )
     lines.extend(baseline_warnings(metrics))
     return "\n".join(lines)
 
@@ -218,13 +396,13 @@ def baseline_warnings(metrics: dict) -> list[str]:
     out = []
     for m, b in metrics.get("baseline_context_free", {}).items():
         if b.get("validation_weighted_f1") is not None and val < b["validation_weighted_f1"]:
-            out.append(f"WARNING: the selected model's validation weighted-F1 {100 * val:.2f} is below the context-free "
-                       f"logistic regression on {m!r} ({100 * b['validation_weighted_f1']:.2f}): conversation context "
-                       "does not help here as trained; try --tune N or another --preset")
+            out.append(
+                f"WARNING: the selected model's validation weighted-F1 {100 * val:.2f} is below the context-free "
+                f"logistic regression on {m!r} ({100 * b['validation_weighted_f1']:.2f}): conversation context "
+                "does not help here as trained; try --tune N or another --preset"
+            )
     return out
 
 
 if __name__ == "__main__":
     main()
-
-

@@ -44,11 +44,15 @@ class ModelConfig:
             raise ValueError(f"modalities: expected a non-empty subset of {MODALITY_ORDER}, got ()")
         unknown = [m for m in self.modalities if m not in MODALITY_ORDER]
         if unknown or len(set(self.modalities)) != len(self.modalities):
-            raise ValueError(f"modalities: expected distinct names from {MODALITY_ORDER}, got {self.modalities}")
+            raise ValueError(
+                f"modalities: expected distinct names from {MODALITY_ORDER}, got {self.modalities}"
+            )
         self.modalities = tuple(m for m in MODALITY_ORDER if m in self.modalities)  # canonical order t, a, v
         missing = [m for m in self.modalities if m not in self.feature_dims]
         if missing:
-            raise ValueError(f"feature_dims: expected a size for each modality {self.modalities}, missing {missing}")
+            raise ValueError(
+                f"feature_dims: expected a size for each modality {self.modalities}, missing {missing}"
+            )
         self.feature_dims = {m: int(self.feature_dims[m]) for m in self.modalities}
         if self.d % self.heads:
             raise ValueError(f"heads: expected a divisor of d={self.d}, got {self.heads}")
@@ -68,7 +72,9 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         if self.ckd_confidence not in CKD_CONFIDENCES:
-            raise ValueError(f"ckd_confidence: expected one of {CKD_CONFIDENCES}, got {self.ckd_confidence!r}")
+            raise ValueError(
+                f"ckd_confidence: expected one of {CKD_CONFIDENCES}, got {self.ckd_confidence!r}"
+            )
         if self.ckd_temperature <= 0:
             raise ValueError(f"ckd_temperature: expected > 0, got {self.ckd_temperature}")
 
@@ -79,9 +85,13 @@ class TrainConfig:
     lr: float = 1e-3
     batch_size: int = 8  # conversations per batch
     weight_decay: float = 0.0
-    grad_clip: float = 5.0  # max gradient L2 norm before each step: ours, not the paper's (it mentions no clipping)
+    grad_clip: float = (
+        5.0  # max gradient L2 norm before each step: ours, not the paper's (it mentions no clipping)
+    )
     ema_decay: float = 0.0  # > 0: validate and keep an exponential moving average of the weights (per step)
-    ema_warmup: float = 10.0  # c in the EMA's warm-up decay min(ema_decay, (1 + n) / (c + n)): the average spans
+    ema_warmup: float = (
+        10.0  # c in the EMA's warm-up decay min(ema_decay, (1 + n) / (c + n)): the average spans
+    )
     # about the last n / (c - 1) of n steps (10: the last ~11 %, TensorFlow's num_updates rule; 4: the last third)
     patience: int = 8  # early stopping: epochs without a better validation weighted-F1
     # > 0 with --seeds N >= 2 (seeds.py): after the N seeds, N students (the same recipe and seeds) are trained with

@@ -115,7 +115,9 @@ class Attention(nn.Module):
         out = (weights @ v).transpose(1, 2)  # (B, N, h, dh)
         return self.o(out.reshape(out.shape[0], out.shape[1], -1))  # (B, N, d)
 
-    def forward(self, query: Tensor, key_value: Tensor, allowed: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self, query: Tensor, key_value: Tensor, allowed: Tensor, cache: KVCache | None = None
+    ) -> Tensor:
         """With a cache, the keys are the cached past rows followed by key_value's rows, and `allowed` covers both
         (B, 1, N, P + M); the new rows are stored in the cache for the caller to append."""
         k, v = self.k(key_value), self.v(key_value)  # (B, M, d)
@@ -176,8 +178,9 @@ class ModalityReconstruction(nn.Module):
         self.encode = UtteranceConv(d_in, d, kernel, causal)
         self.decode = UtteranceConv(d, d_in, kernel, causal)
 
-    def forward(self, u: Tensor, row_mask: Tensor, reconstruct: bool,
-                past: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self, u: Tensor, row_mask: Tensor, reconstruct: bool, past: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         u_prime = self.encode(u * row_mask, past) * row_mask  # (B, N, d)
         return u_prime, (self.decode(u_prime) if reconstruct else None)  # U''_m: (B, N, d_m)
 
@@ -189,8 +192,9 @@ class LinearProjection(nn.Module):
         super().__init__()
         self.proj = nn.Linear(d_in, d)
 
-    def forward(self, u: Tensor, row_mask: Tensor, reconstruct: bool,
-                past: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self, u: Tensor, row_mask: Tensor, reconstruct: bool, past: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         return self.proj(u) * row_mask, None  # per row: no past needed
 
 
@@ -198,8 +202,14 @@ class MLP(nn.Module):
     """Linear -> activation [-> Dropout] -> Linear: the FFN of every transformer layer (GELU, dropout) and the
     MLP_mu / MLP_sigma of (15) (ReLU, no dropout)."""
 
-    def __init__(self, d_in: int, hidden: int, d_out: int, activation: type[nn.Module] = nn.ReLU,
-                 dropout: float | None = None) -> None:
+    def __init__(
+        self,
+        d_in: int,
+        hidden: int,
+        d_out: int,
+        activation: type[nn.Module] = nn.ReLU,
+        dropout: float | None = None,
+    ) -> None:
         super().__init__()
         drop = [nn.Dropout(dropout)] if dropout is not None else []
         self.net = nn.Sequential(nn.Linear(d_in, hidden), activation(), *drop, nn.Linear(hidden, d_out))

@@ -29,8 +29,9 @@ def cross_entropy(logits: Tensor, labels: Tensor, rows: Tensor, weight: Tensor |
     return F.cross_entropy(logits[rows], labels[rows], weight=weight) if rows.any() else logits.sum() * 0
 
 
-def kl_divergence(teacher: Tensor, student: Tensor, rows: Tensor, temperature: float = 1.0,
-                  weight: Tensor | None = None) -> Tensor:
+def kl_divergence(
+    teacher: Tensor, student: Tensor, rows: Tensor, temperature: float = 1.0, weight: Tensor | None = None
+) -> Tensor:
     """1/n sum_i w_i KL(softmax(teacher_i / T) || softmax(student_i / T)) over the real rows (B, N) of logits
     (B, N, C); w_i = 1 without `weight`. The teacher receives gradient unless the caller detaches it."""
     log_p = F.log_softmax(teacher / temperature, dim=-1)
@@ -41,7 +42,10 @@ def kl_divergence(teacher: Tensor, student: Tensor, rows: Tensor, temperature: f
 
 def reconstruction_loss(out: Any, rows: Tensor) -> Tensor:
     """(3-4) L_re = sum_m ||U_m - U''_m||^2; ours: mean over real rows and features, summed over modalities."""
-    return sum((masked_mean((out.inputs[m] - rec) ** 2, rows) for m, rec in out.reconstructions.items()), torch.zeros(()))
+    return sum(
+        (masked_mean((out.inputs[m] - rec) ** 2, rows) for m, rec in out.reconstructions.items()),
+        torch.zeros(()),
+    )
 
 
 def low_level_distillation(out: Any, rows: Tensor, detach_teacher: bool = False) -> Tensor:
@@ -55,7 +59,9 @@ def high_level_distillation(out: Any, rows: Tensor, detach_teacher: bool, temper
     """(23) L_kl = sum_m 1/n sum_i sum_j y^x_ij log(y^x_ij / y^m_ij): the fused prediction teaches each modality
     (SDT's soft labels are the same term at temperature T)."""
     teacher = out.logits.detach() if detach_teacher else out.logits
-    return sum(kl_divergence(teacher, logits_m, rows, temperature) for logits_m in out.modality_logits.values())
+    return sum(
+        kl_divergence(teacher, logits_m, rows, temperature) for logits_m in out.modality_logits.values()
+    )
 
 
 def ensemble_distillation(logits: Tensor, soft: Tensor, rows: Tensor) -> Tensor:
@@ -123,7 +129,9 @@ def confidence_kd_loss(out: Any, labels: Tensor, mask: Tensor, cfg: LossConfig) 
     return total
 
 
-def add_confidence_kd(terms: dict[str, Tensor], out: Any, labels: Tensor, mask: Tensor, cfg: LossConfig) -> dict[str, Tensor]:
+def add_confidence_kd(
+    terms: dict[str, Tensor], out: Any, labels: Tensor, mask: Tensor, cfg: LossConfig
+) -> dict[str, Tensor]:
     """Every model's `loss` ends with this: with cfg.confidence_kd, add the "ckd" term and ckd_weight * L_ckd."""
     if cfg.confidence_kd:
         terms["ckd"] = confidence_kd_loss(out, labels, mask, cfg)

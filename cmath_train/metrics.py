@@ -45,8 +45,10 @@ def check_metrics(metrics: dict[str, Any]) -> None:
         for split in SPLITS:
             for key in SCORES if split in spread else ():
                 if set(spread[split].get(key) or ()) != {"mean", "std"}:
-                    raise ValueError(f"metrics.json over_seeds.{split}.{key}: expected {{mean, std}}, "
-                                     f"got {spread[split].get(key)!r}")
+                    raise ValueError(
+                        f"metrics.json over_seeds.{split}.{key}: expected {{mean, std}}, "
+                        f"got {spread[split].get(key)!r}"
+                    )
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, label_names: list[str]) -> dict[str, Any]:
@@ -82,8 +84,12 @@ def plot_curves(history: list[dict[str, float]], path: str | Path) -> None:
     ax1.plot(epochs, [h["train_loss"] for h in history], label="train total loss")
     ax1.plot(epochs, [h["train_ce_x"] for h in history], label="train CE (fused)")
     ax1.set_xlabel("epoch"), ax1.set_ylabel("loss"), ax1.legend(), ax1.grid(alpha=0.3)
-    ax2.plot(epochs, [100 * h["val_weighted_f1"] for h in history], label="validation weighted-F1", color="C2")
-    ax2.plot(epochs, [100 * h["val_accuracy"] for h in history], label="validation accuracy", color="C3", ls="--")
+    ax2.plot(
+        epochs, [100 * h["val_weighted_f1"] for h in history], label="validation weighted-F1", color="C2"
+    )
+    ax2.plot(
+        epochs, [100 * h["val_accuracy"] for h in history], label="validation accuracy", color="C3", ls="--"
+    )
     best = max(history, key=lambda h: h["val_weighted_f1"])
     ax2.axvline(best["epoch"], color="gray", ls=":", label=f"selected (epoch {best['epoch']})")
     ax2.set_xlabel("epoch"), ax2.set_ylabel("%"), ax2.legend(), ax2.grid(alpha=0.3)
@@ -103,8 +109,15 @@ def plot_confusion(matrix: list[list[int]], label_names: list[str], path: str | 
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     for i in range(len(label_names)):
         for j in range(len(label_names)):
-            ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center",
-                    color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
+            ax.text(
+                j,
+                i,
+                f"{int(cm[i, j])}",
+                ha="center",
+                va="center",
+                color="white" if norm[i, j] > 0.5 else "black",
+                fontsize=8,
+            )
     ax.set_xticks(range(len(label_names)), label_names, rotation=45, ha="right")
     ax.set_yticks(range(len(label_names)), label_names)
     ax.set_xlabel("predicted"), ax.set_ylabel("true"), ax.set_title(title)

@@ -57,23 +57,30 @@ def choose_recipe(fs: FeatureSet) -> Recipe:
     model: dict[str, Any] = {"d": 128, "heads": 4}
     loss: dict[str, Any] = {}
     train: dict[str, Any] = {"batch_size": 8, "epochs": 30, "ema_decay": 0.995}
-    reasons = ["weights averaged (EMA 0.995) and the average validated, so the selected epoch is not a noisy one"]
+    reasons = [
+        "weights averaged (EMA 0.995) and the average validated, so the selected epoch is not a noisy one"
+    ]
     if len(mods) == 1:
         name = "single"
         train.update(lr=5e-4, patience=6, weight_decay=0.05, distill=1.0)
         model.update(dropout=0.4, modality_reconstruction=False)
         loss.update(use_reconstruction=False, gamma_mse=0.0, gamma_kl=0.0)
-        reasons.append(f"one modality ({mods[0]!r}, {p['feature_dims'][mods[0]]}-d): no hierarchical distillation "
-                       "(g1 = g2 = 0: with one modality the fused teacher is the student itself), a linear projection "
-                       "instead of the reconstruction convolutions (they blur neighbouring utterances), more dropout "
-                       "(0.4) and weight decay (0.05) against overfitting one feature set; with --seeds N >= 2 the "
-                       "seeds' averaged probabilities teach N students, which generalise better than their teachers")
+        reasons.append(
+            f"one modality ({mods[0]!r}, {p['feature_dims'][mods[0]]}-d): no hierarchical distillation "
+            "(g1 = g2 = 0: with one modality the fused teacher is the student itself), a linear projection "
+            "instead of the reconstruction convolutions (they blur neighbouring utterances), more dropout "
+            "(0.4) and weight decay (0.05) against overfitting one feature set; with --seeds N >= 2 the "
+            "seeds' averaged probabilities teach N students, which generalise better than their teachers"
+        )
     else:
         name = "multimodal"
         train.update(lr=1e-3, patience=8)
-        reasons.append(f"{len(mods)} modalities: the full model (reconstruction, cross-modal fusion, distillation) with "
-                       "the `default` preset's settings (d 128, dropout 0.1, lr 1e-3)")
+        reasons.append(
+            f"{len(mods)} modalities: the full model (reconstruction, cross-modal fusion, distillation) with "
+            "the `default` preset's settings (d 128, dropout 0.1, lr 1e-3)"
+        )
     size = "small" if n_utt < SMALL_DATA_UTTERANCES else "medium or large"
-    reasons.append(f"{n_utt} labelled training utterances ({size}): the settings above do not depend on the data "
-                   "size")
+    reasons.append(
+        f"{n_utt} labelled training utterances ({size}): the settings above do not depend on the data size"
+    )
     return Recipe(name, model, loss, train, reasons, p)

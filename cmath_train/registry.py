@@ -33,12 +33,19 @@ class ModelEntry:
 _MODELS: dict[str, ModelEntry] = {}
 
 
-def register(name: str, model: type[nn.Module], config: type[ModelConfig], loss: type[LossConfig],
-             presets: dict[str, Preset] | None = None) -> None:
+def register(
+    name: str,
+    model: type[nn.Module],
+    config: type[ModelConfig],
+    loss: type[LossConfig],
+    presets: dict[str, Preset] | None = None,
+) -> None:
     _MODELS[name] = ModelEntry(model, config, loss, dict(presets or {}))
 
 
-register("cmath", cmath.CMATH, cmath.CMATHConfig, cmath.CMATHLossConfig)  # its presets: config.PRESETS (paper)
+register(
+    "cmath", cmath.CMATH, cmath.CMATHConfig, cmath.CMATHLossConfig
+)  # its presets: config.PRESETS (paper)
 register("sdt", sdt.SDT, sdt.SDTConfig, sdt.SDTLossConfig, sdt.PRESETS)
 register("dmd", dmd.DMD, dmd.DMDConfig, dmd.DMDLossConfig, dmd.PRESETS)
 

@@ -27,24 +27,50 @@ from .metrics import write_metrics
 from .train import train
 
 
-def train_seeds(fs: FeatureSet, model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainConfig,
-                out_dir: str | Path, seeds: int, model_name: str = "cmath", resume: bool = False,
-                progress: bool = True, cdat: CDaTConfig | None = None) -> dict[str, Any]:
+def train_seeds(
+    fs: FeatureSet,
+    model_cfg: ModelConfig,
+    loss_cfg: LossConfig,
+    train_cfg: TrainConfig,
+    out_dir: str | Path,
+    seeds: int,
+    model_name: str = "cmath",
+    resume: bool = False,
+    progress: bool = True,
+    cdat: CDaTConfig | None = None,
+) -> dict[str, Any]:
     out = Path(out_dir)
     distil = train_cfg.distill > 0 and seeds > 1
     if distil:
         check_unique_ids(fs.splits["train"])  # before hours of training, not after
     teacher_cfg = dataclasses.replace(train_cfg, distill=0.0)
-    runs = _run_seeds(fs, model_cfg, loss_cfg, teacher_cfg, out, "seed", seeds, model_name, resume, progress,
-                      cdat=cdat)
+    runs = _run_seeds(
+        fs, model_cfg, loss_cfg, teacher_cfg, out, "seed", seeds, model_name, resume, progress, cdat=cdat
+    )
     teacher_models = load_seeds(out, [s for s, _ in runs], train_cfg.device)
     ensemble = seed_ensemble(fs, teacher_models, [s for s, _ in runs], train_cfg)
     if distil:
         dialogues = fs.splits["train"]
-        soft = dict(zip((d.id for d in dialogues), ensemble_probabilities(teacher_models, dialogues, train_cfg.device)))
+        soft = dict(
+            zip(
+                (d.id for d in dialogues), ensemble_probabilities(teacher_models, dialogues, train_cfg.device)
+            )
+        )
         teachers = summarize(runs, fs.label_names)
-        runs = _run_seeds(fs, model_cfg, loss_cfg, train_cfg, out, "student", seeds, model_name, resume, progress, soft,
-                          cdat)
+        runs = _run_seeds(
+            fs,
+            model_cfg,
+            loss_cfg,
+            train_cfg,
+            out,
+            "student",
+            seeds,
+            model_name,
+            resume,
+            progress,
+            soft,
+            cdat,
+        )
     spread = summarize(runs, fs.label_names)
     # The run directory itself holds the run with the best *validation* weighted-F1 (never picked on test).
     best_seed, selected = max(runs, key=lambda r: r[1]["validation"]["weighted_f1"])
@@ -54,27 +80,59 @@ def train_seeds(fs: FeatureSet, model_cfg: ModelConfig, loss_cfg: LossConfig, tr
     spread["selected"] = best_seed
     spread["ensemble"] = ensemble
     if distil:
-        spread["distilled"] = {"weight": train_cfg.distill, "students": f"{prefix}_*", "teachers": "seed_*",
-                               "note": "students trained on labels + weight * KL(the teachers' averaged probabilities "
-                                       "|| student) on the train split; the students are the result"}
+        spread["distilled"] = {
+            "weight": train_cfg.distill,
+            "students": f"{prefix}_*",
+            "teachers": "seed_*",
+            "note": "students trained on labels + weight * KL(the teachers' averaged probabilities "
+            "|| student) on the train split; the students are the result",
+        }
         spread["teachers"] = teachers
-    summary = {**selected, "over_seeds": spread,
-               "baseline_context_free": context_free_baseline(fs, train_cfg.val_fraction, train_cfg.seed)}
+    summary = {
+        **selected,
+        "over_seeds": spread,
+        "baseline_context_free": context_free_baseline(fs, train_cfg.val_fraction, train_cfg.seed),
+    }
     write_metrics(out, summary)
     return summary
 
 
-def _run_seeds(fs: FeatureSet, model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainConfig, out: Path,
-               prefix: str, seeds: int, model_name: str, resume: bool, progress: bool,
-               soft: dict[str, np.ndarray] | None = None,
-               cdat: CDaTConfig | None = None) -> list[tuple[int, dict[str, Any]]]:
+def _run_seeds(
+    fs: FeatureSet,
+    model_cfg: ModelConfig,
+    loss_cfg: LossConfig,
+    train_cfg: TrainConfig,
+    out: Path,
+    prefix: str,
+    seeds: int,
+    model_name: str,
+    resume: bool,
+    progress: bool,
+    soft: dict[str, np.ndarray] | None = None,
+    cdat: CDaTConfig | None = None,
+) -> list[tuple[int, dict[str, Any]]]:
     runs = []
     for k in range(seeds):
         cfg = dataclasses.replace(train_cfg, seed=train_cfg.seed + k)
         if progress:
             print(f"--- {prefix} {cfg.seed} ({k + 1}/{seeds})")
-        runs.append((cfg.seed, train(fs, model_cfg, loss_cfg, cfg, out / f"{prefix}_{cfg.seed}", model_name, resume,
-                                     progress, soft, cdat)))
+        runs.append(
+            (
+                cfg.seed,
+                train(
+                    fs,
+                    model_cfg,
+                    loss_cfg,
+                    cfg,
+                    out / f"{prefix}_{cfg.seed}",
+                    model_name,
+                    resume,
+                    progress,
+                    soft,
+                    cdat,
+                ),
+            )
+        )
     return runs
 
 
@@ -82,8 +140,12 @@ def check_unique_ids(dialogues: list[Dialogue]) -> None:
     ids = [d.id for d in dialogues]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
-        raise InputError("dialogue id", "unique ids in the train split (distillation keys its soft targets by id)",
-                         f"{dup!r} more than once", "Make the ids unique, or pass --distill 0")
+        raise InputError(
+            "dialogue id",
+            "unique ids in the train split (distillation keys its soft targets by id)",
+            f"{dup!r} more than once",
+            "Make the ids unique, or pass --distill 0",
+        )
 
 
 def load_seeds(out: Path, seeds: list[int], device: str = "cpu") -> list[torch.nn.Module]:
@@ -92,8 +154,9 @@ def load_seeds(out: Path, seeds: list[int], device: str = "cpu") -> list[torch.n
     return [load_checkpoint(out / f"seed_{s}", map_location=device).model.eval() for s in seeds]
 
 
-def ensemble_probabilities(models: list[torch.nn.Module], dialogues: list[Dialogue], device: str = "cpu"
-                           ) -> list[np.ndarray]:
+def ensemble_probabilities(
+    models: list[torch.nn.Module], dialogues: list[Dialogue], device: str = "cpu"
+) -> list[np.ndarray]:
     """Per dialogue, (n, C): the models' class probabilities (fused prediction) averaged, for every utterance."""
     from .train import dialogue_probs
 
@@ -101,15 +164,19 @@ def ensemble_probabilities(models: list[torch.nn.Module], dialogues: list[Dialog
     return [np.mean(rows, axis=0) for rows in zip(*per_model)]
 
 
-def seed_ensemble(fs: FeatureSet, models: list[torch.nn.Module], seeds: list[int], train_cfg: TrainConfig
-                  ) -> dict[str, Any]:
+def seed_ensemble(
+    fs: FeatureSet, models: list[torch.nn.Module], seeds: list[int], train_cfg: TrainConfig
+) -> dict[str, Any]:
     """The seeds' averaged class probabilities, scored on validation and test (a reference number, not a model
     that is exported: the run directory holds the best-validation seed, or student when distilling)."""
     from .metrics import classification_metrics
     from .train import make_splits
 
     splits = make_splits(fs, train_cfg.val_fraction, train_cfg.seed)
-    result: dict[str, Any] = {"seeds": seeds, "note": "mean of the seeds' probabilities; not the exported model"}
+    result: dict[str, Any] = {
+        "seeds": seeds,
+        "note": "mean of the seeds' probabilities; not the exported model",
+    }
     # without an official dev split each seed validated on its own train fraction: no common validation split
     val = splits.val if splits.val_source == "dev" else []
     for name, dialogues in (("validation", val), ("test", splits.test)):
@@ -132,8 +199,13 @@ def context_free_baseline(fs: FeatureSet, val_fraction: float = 0.2, seed: int =
     out = {}
     for m in fs.modalities:
         r = linear_probe(fs, m, val_fraction=val_fraction, seed=seed)
-        out[m] = {"C": r.best_c, "selection": r.selection, "validation_weighted_f1": r.dev_weighted_f1,
-                  "test_weighted_f1": r.test_weighted_f1, "test_accuracy": r.test_accuracy}
+        out[m] = {
+            "C": r.best_c,
+            "selection": r.selection,
+            "validation_weighted_f1": r.dev_weighted_f1,
+            "test_weighted_f1": r.test_weighted_f1,
+            "test_accuracy": r.test_accuracy,
+        }
     return out
 
 
@@ -147,7 +219,9 @@ def encoder_classifier(fs: FeatureSet) -> dict[str, Any] | None:
     probs = load_encoder_classifier(fs)
     if probs is None:
         return None
-    out: dict[str, Any] = {"source": "the fine-tuned encoder's head (cmath-prepare), no conversation context model"}
+    out: dict[str, Any] = {
+        "source": "the fine-tuned encoder's head (cmath-prepare), no conversation context model"
+    }
     for split, name in (("dev", "validation"), ("test", "test")):
         if split in probs and split in fs.splits:
             y = np.concatenate([d.labels for d in fs.splits[split]])
@@ -158,7 +232,7 @@ def encoder_classifier(fs: FeatureSet) -> dict[str, Any] | None:
 
 
 def shipped_model(metrics: dict[str, Any]) -> str:
-    """"cmath" when the run's model beats the encoder's own classifier on validation (or there is none to beat),
+    """ "cmath" when the run's model beats the encoder's own classifier on validation (or there is none to beat),
     else "encoder_classifier": context did not earn its place on this data."""
     enc = (metrics.get("encoder_classifier") or {}).get("validation_weighted_f1")
     val = metrics.get("validation", {}).get("weighted_f1")
@@ -174,13 +248,26 @@ def summarize(runs: list[tuple[int, dict[str, Any]]], label_names: list[str]) ->
             block = {}
             for key in ("accuracy", "weighted_f1", "macro_f1"):
                 vals = np.array([m[split][key] for _, m in runs])
-                block[key] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
-            block["per_class_f1"] = {n: float(np.mean([m[split]["per_class_f1"][n] for _, m in runs])) for n in label_names}
-            block["confusion_matrix"] = np.sum([m[split]["confusion_matrix"] for _, m in runs], axis=0).tolist()
+                block[key] = {
+                    "mean": float(vals.mean()),
+                    "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
+                }
+            block["per_class_f1"] = {
+                n: float(np.mean([m[split]["per_class_f1"][n] for _, m in runs])) for n in label_names
+            }
+            block["confusion_matrix"] = np.sum(
+                [m[split]["confusion_matrix"] for _, m in runs], axis=0
+            ).tolist()
             out[split] = block
     return out
 
 
 def _brief(m: dict[str, Any]) -> dict[str, Any]:
-    return {"selected_epoch": m["selected_epoch"],
-            **{split: {k: m[split][k] for k in ("accuracy", "weighted_f1")} for split in ("validation", "test") if split in m}}
+    return {
+        "selected_epoch": m["selected_epoch"],
+        **{
+            split: {k: m[split][k] for k in ("accuracy", "weighted_f1")}
+            for split in ("validation", "test")
+            if split in m
+        },
+    }

@@ -38,11 +38,16 @@ def streamable(model: nn.Module) -> bool:
 
 def check_streamable(model: nn.Module) -> CMATH:
     if not isinstance(model, CMATH):
-        raise InputError("model", "a CMATH model (the step is written for CMATH's cache)", type(model).__name__)
+        raise InputError(
+            "model", "a CMATH model (the step is written for CMATH's cache)", type(model).__name__
+        )
     if not model.cfg.causal:
-        raise InputError("model.cfg.causal", "True (train with `cmath-train --causal`): in a bidirectional model "
-                                             "future utterances change past outputs, so there is no exact step",
-                         False)
+        raise InputError(
+            "model.cfg.causal",
+            "True (train with `cmath-train --causal`): in a bidirectional model "
+            "future utterances change past outputs, so there is no exact step",
+            False,
+        )
     return model
 
 
@@ -68,19 +73,25 @@ class StepModule(nn.Module):
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         n_m = len(self.modalities)
-        features, (speaker, position) = inputs[:n_m], inputs[n_m:n_m + 2]
-        rest = inputs[n_m + 2:]
+        features, (speaker, position) = inputs[:n_m], inputs[n_m : n_m + 2]
+        rest = inputs[n_m + 2 :]
         tails, past = (rest[:n_m], rest[n_m:]) if self.tail else ((), rest)
-        cache = StepCache(position, dict(zip(self.modalities, tails)),
-                          {name: KVCache(past[2 * j], past[2 * j + 1]) for j, name in enumerate(self.names)})
+        cache = StepCache(
+            position,
+            dict(zip(self.modalities, tails)),
+            {name: KVCache(past[2 * j], past[2 * j + 1]) for j, name in enumerate(self.names)},
+        )
         feats = {m: x[:, None] for m, x in zip(self.modalities, features)}
         mask = torch.ones_like(speaker, dtype=torch.bool)[:, None]
         if self.inputs is not None:
             feats = self.inputs(feats, mask)
         out = self.model(feats, speaker[:, None], mask, reconstruct=False, cache=cache)
         new_tails = [cache.new_tails[m] for m in self.modalities] if self.tail else []
-        new_kv = [t[:, 0] for name in self.names for t in (cache.attention[name].new_keys,
-                                                           cache.attention[name].new_values)]
+        new_kv = [
+            t[:, 0]
+            for name in self.names
+            for t in (cache.attention[name].new_keys, cache.attention[name].new_values)
+        ]
         return (torch.softmax(out.logits[:, 0], dim=-1), out.embedding[:, 0], *new_tails, *new_kv)
 
 
@@ -109,19 +120,22 @@ class StreamState:
     def advanced(self, outputs: tuple[Tensor, ...], tail: bool) -> StreamState:
         """The state after one step: new tails replace the old, new K/V rows are appended (batch row 0)."""
         n_t = len(self.tails) if tail else 0
-        tails = dict(zip(self.tails, (t[0] for t in outputs[2:2 + n_t]))) if n_t else self.tails
-        rows = outputs[2 + n_t:]
+        tails = dict(zip(self.tails, (t[0] for t in outputs[2 : 2 + n_t]))) if n_t else self.tails
+        rows = outputs[2 + n_t :]
         keys = {name: torch.cat([self.keys[name], rows[2 * j]]) for j, name in enumerate(self.names)}
         values = {name: torch.cat([self.values[name], rows[2 * j + 1]]) for j, name in enumerate(self.names)}
         return StreamState(tails, keys, values, self.position + 1, self.names)
 
 
 @torch.no_grad()
-def step(module: StepModule, state: StreamState, features: dict[str, Tensor], speaker: int
-         ) -> tuple[Tensor, Tensor, StreamState]:
+def step(
+    module: StepModule, state: StreamState, features: dict[str, Tensor], speaker: int
+) -> tuple[Tensor, Tensor, StreamState]:
     """probs (C,), embedding (d,) of the new utterance and the state after it. features[m]: (d_m,) raw."""
     if state.position >= module.max_len:
-        raise InputError("position", f"< {module.max_len} (the step's cache capacity, max_len)", state.position)
+        raise InputError(
+            "position", f"< {module.max_len} (the step's cache capacity, max_len)", state.position
+        )
     mods = module.modalities
     if set(features) != set(mods):
         raise InputError("features", f"modalities {list(mods)}", sorted(features))

@@ -55,15 +55,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def predict(model: torch.nn.Module, dialogues: list[Dialogue], modalities: tuple[str, ...],
-            batch_size: int = 16, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+def predict(
+    model: torch.nn.Module,
+    dialogues: list[Dialogue],
+    modalities: tuple[str, ...],
+    batch_size: int = 16,
+    device: str = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
     """(y_true, y_pred) over every labelled real utterance, fused prediction Y^_x."""
     y, probs = predict_proba(model, dialogues, modalities, batch_size, device)
     return y, probs.argmax(-1)
 
 
-def predict_proba(model: torch.nn.Module, dialogues: list[Dialogue], modalities: tuple[str, ...],
-                  batch_size: int = 16, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+def predict_proba(
+    model: torch.nn.Module,
+    dialogues: list[Dialogue],
+    modalities: tuple[str, ...],
+    batch_size: int = 16,
+    device: str = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
     """(y_true, class probabilities) over every labelled real utterance, fused prediction Y^_x."""
     y = np.concatenate([d.labels for d in dialogues])
     probs = np.concatenate(dialogue_probs(model, dialogues, modalities, batch_size, device))
@@ -71,20 +81,34 @@ def predict_proba(model: torch.nn.Module, dialogues: list[Dialogue], modalities:
 
 
 @torch.no_grad()
-def dialogue_probs(model: torch.nn.Module, dialogues: list[Dialogue], modalities: tuple[str, ...],
-                   batch_size: int = 16, device: str = "cpu") -> list[np.ndarray]:
+def dialogue_probs(
+    model: torch.nn.Module,
+    dialogues: list[Dialogue],
+    modalities: tuple[str, ...],
+    batch_size: int = 16,
+    device: str = "cpu",
+) -> list[np.ndarray]:
     """Per dialogue, (n, C): the class probabilities of the fused prediction Y^_x for every utterance (batched)."""
     model.eval()
     out = []
     for batch in batches(dialogues, modalities, batch_size, shuffle=False):
         batch = batch.to(device)
-        probs = torch.softmax(model(batch.features, batch.speaker, batch.mask).logits.float(), -1).cpu().numpy()
+        probs = (
+            torch.softmax(model(batch.features, batch.speaker, batch.mask).logits.float(), -1).cpu().numpy()
+        )
         out += [p[:n] for p, n in zip(probs, batch.mask.sum(1).tolist())]  # real rows first, padding after
     return out
 
 
-def train_step(model: torch.nn.Module, batch: Batch, loss_cfg: LossConfig, optimizer: torch.optim.Optimizer,
-               grad_clip: float, weight: torch.Tensor | None, distill: float = 0.0) -> dict[str, float]:
+def train_step(
+    model: torch.nn.Module,
+    batch: Batch,
+    loss_cfg: LossConfig,
+    optimizer: torch.optim.Optimizer,
+    grad_clip: float,
+    weight: torch.Tensor | None,
+    distill: float = 0.0,
+) -> dict[str, float]:
     model.train()
     out = model(batch.features, batch.speaker, batch.mask)
     terms = model.loss(out, batch.labels, batch.mask, loss_cfg, weight)
@@ -129,7 +153,9 @@ def train(
     # AdamW: decoupled weight decay (identical to Adam when weight_decay is 0).
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     ema = make_ema(model, train_cfg.ema_decay, train_cfg.ema_warmup)
-    weight = class_weights(splits.train, model_cfg.num_classes).to(device) if loss_cfg.class_weighted else None
+    weight = (
+        class_weights(splits.train, model_cfg.num_classes).to(device) if loss_cfg.class_weighted else None
+    )
     extra = {"data": {**fs.meta, "modalities": list(mods), "validation": splits.val_source}}
     soft = [soft_targets[d.id] for d in splits.train] if soft_targets and train_cfg.distill > 0 else None
 
@@ -137,7 +163,9 @@ def train(
     state = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": [], "recipe": recipe}
     if resume and (out / RESUME_DIR / "state.json").is_file():
         saved = json.loads((out / RESUME_DIR / "state.json").read_text())
-        _check_same_recipe(out, saved.get("recipe") or {}, recipe)  # before any weight is loaded into this model
+        _check_same_recipe(
+            out, saved.get("recipe") or {}, recipe
+        )  # before any weight is loaded into this model
         _load_resume(out / RESUME_DIR, model, optimizer, ema)
         state = {**saved, "recipe": recipe}
         if progress:
@@ -147,58 +175,105 @@ def train(
     for epoch in range(state["epoch"] + 1, train_cfg.epochs + 1):
         if state["bad_epochs"] >= train_cfg.patience:
             break
-        seed_everything(train_cfg.seed * 1000 + epoch)  # resumable: each epoch's randomness depends on it alone
+        seed_everything(
+            train_cfg.seed * 1000 + epoch
+        )  # resumable: each epoch's randomness depends on it alone
         sums: dict[str, float] = {}
         n_batches = (len(splits.train) + train_cfg.batch_size - 1) // train_cfg.batch_size
-        bar = tqdm(batches(splits.train, mods, train_cfg.batch_size, True, train_cfg.seed * 1000 + epoch, soft),
-                   total=n_batches, desc=f"epoch {epoch}/{train_cfg.epochs}", disable=not progress, leave=False)
+        bar = tqdm(
+            batches(splits.train, mods, train_cfg.batch_size, True, train_cfg.seed * 1000 + epoch, soft),
+            total=n_batches,
+            desc=f"epoch {epoch}/{train_cfg.epochs}",
+            disable=not progress,
+            leave=False,
+        )
         for batch in bar:
-            terms = train_step(model, batch.to(device), loss_cfg, optimizer, train_cfg.grad_clip, weight,
-                               train_cfg.distill if soft is not None else 0.0)
+            terms = train_step(
+                model,
+                batch.to(device),
+                loss_cfg,
+                optimizer,
+                train_cfg.grad_clip,
+                weight,
+                train_cfg.distill if soft is not None else 0.0,
+            )
             if ema is not None:
                 ema.update_parameters(model)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.set_postfix(loss=f"{terms['total']:.3f}")
-        evaluated = model if ema is None else ema.module  # with EMA, the averaged weights are validated and kept
+        evaluated = (
+            model if ema is None else ema.module
+        )  # with EMA, the averaged weights are validated and kept
         y, p = predict(evaluated, splits.val, mods, device=device)
         val = classification_metrics(y, p, fs.label_names)
-        record = {"epoch": epoch, "train_loss": sums["total"] / n_batches, "train_ce_x": sums["ce_x"] / n_batches,
-                  **{f"train_{k}": v / n_batches for k, v in sums.items() if k not in ("total", "ce_x")},
-                  "val_accuracy": val["accuracy"], "val_weighted_f1": val["weighted_f1"],
-                  "seconds": time.perf_counter() - start}
+        record = {
+            "epoch": epoch,
+            "train_loss": sums["total"] / n_batches,
+            "train_ce_x": sums["ce_x"] / n_batches,
+            **{f"train_{k}": v / n_batches for k, v in sums.items() if k not in ("total", "ce_x")},
+            "val_accuracy": val["accuracy"],
+            "val_weighted_f1": val["weighted_f1"],
+            "seconds": time.perf_counter() - start,
+        }
         state["history"].append(record)
         improved = val["weighted_f1"] > state["best"]
         if improved:
             state.update(best=val["weighted_f1"], best_epoch=epoch, bad_epochs=0)
-            selected = {"selected": {"epoch": epoch, "metric": "validation weighted_f1", "value": val["weighted_f1"]}}
-            save_checkpoint(out, evaluated, model_name, model_cfg, loss_cfg, train_cfg, fs.label_names, {**extra, **selected})
+            selected = {
+                "selected": {"epoch": epoch, "metric": "validation weighted_f1", "value": val["weighted_f1"]}
+            }
+            save_checkpoint(
+                out,
+                evaluated,
+                model_name,
+                model_cfg,
+                loss_cfg,
+                train_cfg,
+                fs.label_names,
+                {**extra, **selected},
+            )
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
         _save_resume(out / RESUME_DIR, model, optimizer, state, ema)
         if progress:
-            tqdm.write(f"epoch {epoch:3d}  loss {record['train_loss']:.4f}  val acc {100 * val['accuracy']:.2f}  "
-                       f"val wF1 {100 * val['weighted_f1']:.2f}{'  *' if improved else ''}")
+            tqdm.write(
+                f"epoch {epoch:3d}  loss {record['train_loss']:.4f}  val acc {100 * val['accuracy']:.2f}  "
+                f"val wF1 {100 * val['weighted_f1']:.2f}{'  *' if improved else ''}"
+            )
 
     return evaluate_run(out, fs, splits, state["history"], device)
 
 
-def evaluate_run(out: Path, fs: FeatureSet, splits: Splits, history: list[dict], device: str) -> dict[str, Any]:
+def evaluate_run(
+    out: Path, fs: FeatureSet, splits: Splits, history: list[dict], device: str
+) -> dict[str, Any]:
     """Evaluate the selected checkpoint once on validation and test; write metrics.json and the plots."""
     ckpt = load_checkpoint(out, map_location=device)
     mods = ckpt.model_cfg.modalities
-    metrics: dict[str, Any] = {"selected_epoch": ckpt.extra["selected"]["epoch"], "validation_source": splits.val_source,
-                               "model": ckpt.model_name, "modalities": list(mods),
-                               "parameters": sum(p.numel() for p in ckpt.model.parameters()), "history": history}
+    metrics: dict[str, Any] = {
+        "selected_epoch": ckpt.extra["selected"]["epoch"],
+        "validation_source": splits.val_source,
+        "model": ckpt.model_name,
+        "modalities": list(mods),
+        "parameters": sum(p.numel() for p in ckpt.model.parameters()),
+        "history": history,
+    }
     for name, dialogues in (("validation", splits.val), ("test", splits.test)):
         if dialogues:
-            metrics[name] = classification_metrics(*predict(ckpt.model, dialogues, mods, device=device), fs.label_names)
+            metrics[name] = classification_metrics(
+                *predict(ckpt.model, dialogues, mods, device=device), fs.label_names
+            )
     write_metrics(out, metrics)
     plot_curves(history, out / "training_curves.png")
     split = "test" if "test" in metrics else "validation"
-    plot_confusion(metrics[split]["confusion_matrix"], fs.label_names, out / "confusion_matrix.png",
-                   f"{split} confusion (selected epoch {metrics['selected_epoch']})")
+    plot_confusion(
+        metrics[split]["confusion_matrix"],
+        fs.label_names,
+        out / "confusion_matrix.png",
+        f"{split} confusion (selected epoch {metrics['selected_epoch']})",
+    )
     return metrics
 
 
@@ -216,6 +291,7 @@ def make_ema(model: torch.nn.Module, decay: float, warmup: float = 10.0) -> Aver
         raise ValueError(f"ema_decay: expected a number in [0, 1), got {decay}")
     if not warmup > 1:
         raise ValueError(f"ema_warmup: expected a number > 1, got {warmup}")
+
     def avg_fn(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
         # warm-up (TensorFlow's num_updates rule): early on the average follows the weights, so a short run
         # (a small data set: few steps) is not dominated by the random initialisation
@@ -226,8 +302,13 @@ def make_ema(model: torch.nn.Module, decay: float, warmup: float = 10.0) -> Aver
     return AveragedModel(model, avg_fn=avg_fn, use_buffers=False)
 
 
-def _save_resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict,
-                 ema: AveragedModel | None = None) -> None:
+def _save_resume(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    ema: AveragedModel | None = None,
+) -> None:
     from cmath_runtime.files import atomic_open
 
     path.mkdir(parents=True, exist_ok=True)
@@ -239,8 +320,9 @@ def _save_resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     atomic_write_json(path / "state.json", state)
 
 
-def _load_resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 ema: AveragedModel | None = None) -> None:
+def _load_resume(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: AveragedModel | None = None
+) -> None:
     """The interrupted run's weights and optimizer state (its state.json is read by the caller)."""
     saved = torch.load(path / "training.pt", map_location="cpu", weights_only=True)  # restricted unpickler
     model.load_state_dict(saved["model"])
@@ -253,13 +335,22 @@ def _load_resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
 RESUMABLE_CHANGES = ("train.epochs", "train.patience", "train.device")
 
 
-def _resume_recipe(model_name: str, model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainConfig,
-                   splits: Splits, cdat: CDaTConfig | None = None) -> dict[str, Any]:
+def _resume_recipe(
+    model_name: str,
+    model_cfg: ModelConfig,
+    loss_cfg: LossConfig,
+    train_cfg: TrainConfig,
+    splits: Splits,
+    cdat: CDaTConfig | None = None,
+) -> dict[str, Any]:
     """Everything that shapes the training trajectory, flat ("train.distill": 1.0), for the resume check: the
     model, the configs and the data (a digest of the train and validation dialogue ids)."""
     ids = [[d.id for d in splits.train], [d.id for d in splits.val]]
     digest = hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
-    flat = {"model_name": model_name, "data.dialogues": f"{len(ids[0])} train / {len(ids[1])} validation ({digest})"}
+    flat = {
+        "model_name": model_name,
+        "data.dialogues": f"{len(ids[0])} train / {len(ids[1])} validation ({digest})",
+    }
     for part, cfg in config_summary(model_cfg, loss_cfg, train_cfg).items():
         flat.update({f"{part}.{k}": v for k, v in cfg.items() if f"{part}.{k}" not in RESUMABLE_CHANGES})
     flat["cdat"] = to_dict(cdat) if cdat is not None else None
@@ -272,9 +363,12 @@ def _check_same_recipe(out: Path, saved: dict[str, Any], current: dict[str, Any]
     missing = "(not recorded)"
     for key in sorted(set(saved) | set(current)):
         if saved.get(key, missing) != current.get(key, missing):
-            raise InputError(key, f"{saved.get(key, missing)!r} (what the interrupted run in {out} used)",
-                             repr(current.get(key, missing)),
-                             "--resume continues that run: give the same options, or train into a new --out")
+            raise InputError(
+                key,
+                f"{saved.get(key, missing)!r} (what the interrupted run in {out} used)",
+                repr(current.get(key, missing)),
+                "--resume continues that run: give the same options, or train into a new --out",
+            )
 
 
 def config_summary(model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainConfig) -> dict[str, Any]:

@@ -48,8 +48,12 @@ def suggest(trial: Any, space: dict[str, tuple[str, str, Any]] = SEARCH_SPACE) -
     return params
 
 
-def starting_point(model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainConfig,
-                   space: dict[str, tuple[str, str, Any]] = SEARCH_SPACE) -> dict[str, Any]:
+def starting_point(
+    model_cfg: ModelConfig,
+    loss_cfg: LossConfig,
+    train_cfg: TrainConfig,
+    space: dict[str, tuple[str, str, Any]] = SEARCH_SPACE,
+) -> dict[str, Any]:
     """The given configs' values of the search space's parameters (those inside the space): the search's trial 0,
     so tuning only replaces the recipe it started from when a trial beats it on validation."""
     cfgs = {"model": model_cfg, "loss": loss_cfg, "train": train_cfg}
@@ -63,8 +67,9 @@ def starting_point(model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: Trai
     return point
 
 
-def apply(model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainConfig,
-          params: dict[str, dict[str, Any]]) -> tuple[ModelConfig, LossConfig, TrainConfig]:
+def apply(
+    model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainConfig, params: dict[str, dict[str, Any]]
+) -> tuple[ModelConfig, LossConfig, TrainConfig]:
     model = _replace(model_cfg, params.get("model", {}))
     if model.d % model.heads:  # keep the head count valid for every d in the space
         model = dataclasses.replace(model, heads=math.gcd(model.d, model.heads))
@@ -77,9 +82,17 @@ def _replace(cfg: Any, values: dict[str, Any]) -> Any:
     return dataclasses.replace(cfg, **{k: v for k, v in values.items() if k in names})
 
 
-def tune(fs: FeatureSet, model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainConfig, out_dir: str | Path,
-         n_trials: int, timeout: float | None = None, model_name: str = "cmath",
-         progress: bool = True) -> tuple[ModelConfig, LossConfig, TrainConfig]:
+def tune(
+    fs: FeatureSet,
+    model_cfg: ModelConfig,
+    loss_cfg: LossConfig,
+    train_cfg: TrainConfig,
+    out_dir: str | Path,
+    n_trials: int,
+    timeout: float | None = None,
+    model_name: str = "cmath",
+    progress: bool = True,
+) -> tuple[ModelConfig, LossConfig, TrainConfig]:
     """Search on validation; return the configs of the best trial (the given configs filled in with its values)."""
     try:
         import optuna
@@ -89,8 +102,13 @@ def tune(fs: FeatureSet, model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    search_fs = FeatureSet(fs.label_names, fs.feature_dims, fs.num_speakers,
-                           {k: v for k, v in fs.splits.items() if k != "test"}, dict(fs.meta))  # test never seen
+    search_fs = FeatureSet(
+        fs.label_names,
+        fs.feature_dims,
+        fs.num_speakers,
+        {k: v for k, v in fs.splits.items() if k != "test"},
+        dict(fs.meta),
+    )  # test never seen
     log_path = out / "trials.jsonl"
     log_path.write_text("")
     records: list[dict[str, Any]] = []
@@ -101,8 +119,13 @@ def tune(fs: FeatureSet, model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg
         t0 = time.perf_counter()
         metrics = train(search_fs, m, lc, tc, out / f"trial_{trial.number:03d}", model_name, progress=False)
         value = metrics["validation"]["weighted_f1"]
-        rec = {"trial": trial.number, "validation_weighted_f1": value, "selected_epoch": metrics["selected_epoch"],
-               "seconds": round(time.perf_counter() - t0, 2), **{k: v for sec in params.values() for k, v in sec.items()}}
+        rec = {
+            "trial": trial.number,
+            "validation_weighted_f1": value,
+            "selected_epoch": metrics["selected_epoch"],
+            "seconds": round(time.perf_counter() - t0, 2),
+            **{k: v for sec in params.values() for k, v in sec.items()},
+        }
         records.append(rec)
         with open(log_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -112,7 +135,9 @@ def tune(fs: FeatureSet, model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=train_cfg.seed))
-    study.enqueue_trial(starting_point(model_cfg, loss_cfg, train_cfg))  # trial 0: the recipe the search starts from
+    study.enqueue_trial(
+        starting_point(model_cfg, loss_cfg, train_cfg)
+    )  # trial 0: the recipe the search starts from
     study.optimize(objective, n_trials=n_trials, timeout=timeout)
     if not records:
         raise RuntimeError("--tune: no trial finished inside the time budget")
@@ -122,9 +147,19 @@ def tune(fs: FeatureSet, model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(records)
-    best_params = {sec: {k: best[k] for k in SEARCH_SPACE if SEARCH_SPACE[k][0] == sec} for sec in ("model", "loss", "train")}
-    atomic_write_json(out / "best.json", {"selected_on": "validation weighted-F1 (test split removed during the search)",
-                                          "trials": len(records), "best_trial": best["trial"],
-                                          "validation_weighted_f1": best["validation_weighted_f1"], "params": best_params,
-                                          "search_space": {k: list(v) for k, v in SEARCH_SPACE.items()}})
+    best_params = {
+        sec: {k: best[k] for k in SEARCH_SPACE if SEARCH_SPACE[k][0] == sec}
+        for sec in ("model", "loss", "train")
+    }
+    atomic_write_json(
+        out / "best.json",
+        {
+            "selected_on": "validation weighted-F1 (test split removed during the search)",
+            "trials": len(records),
+            "best_trial": best["trial"],
+            "validation_weighted_f1": best["validation_weighted_f1"],
+            "params": best_params,
+            "search_space": {k: list(v) for k, v in SEARCH_SPACE.items()},
+        },
+    )
     return apply(model_cfg, loss_cfg, train_cfg, best_params)

@@ -90,8 +90,11 @@ def one_trace_per_model():
 def tiny_data():
     from cmath_train.data.synthetic import SyntheticConfig, make_synthetic
 
-    return make_synthetic(SyntheticConfig(feature_dims=dict(TINY_DIMS), conversations={"train": 30, "test": 10},
-                                          max_len=20, seed=1))
+    return make_synthetic(
+        SyntheticConfig(
+            feature_dims=dict(TINY_DIMS), conversations={"train": 30, "test": 10}, max_len=20, seed=1
+        )
+    )
 
 
 def tiny_model_config(model: str = "cmath", **overrides):
@@ -107,8 +110,18 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
     from cmath_train.config import LossConfig, TrainConfig
     from cmath_train.train import train
 
-    return built_once(tmp_path_factory, "tiny_run", lambda out: train(
-        tiny_data, tiny_model_config(), LossConfig(), TrainConfig(epochs=2, batch_size=8, lr=3e-3), out, progress=False))
+    return built_once(
+        tmp_path_factory,
+        "tiny_run",
+        lambda out: train(
+            tiny_data,
+            tiny_model_config(),
+            LossConfig(),
+            TrainConfig(epochs=2, batch_size=8, lr=3e-3),
+            out,
+            progress=False,
+        ),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -119,7 +132,9 @@ def tiny_export(tiny_run: Path, tmp_path_factory) -> tuple[Path, dict]:
 
     from cmath_export import export_run
 
-    built_once(tmp_path_factory, "tiny_export", lambda _: export_run(tiny_run, fp16=True, triton=tiny_run / "triton"))
+    built_once(
+        tmp_path_factory, "tiny_export", lambda _: export_run(tiny_run, fp16=True, triton=tiny_run / "triton")
+    )
     return tiny_run / "export", json.loads((tiny_run / "export" / "export.json").read_text())
 
 
@@ -129,9 +144,18 @@ def causal_run(tiny_data, tmp_path_factory) -> Path:
     from cmath_train.config import LossConfig, TrainConfig
     from cmath_train.train import train
 
-    return built_once(tmp_path_factory, "causal_run", lambda run: train(
-        tiny_data, tiny_model_config(causal=True), LossConfig(), TrainConfig(epochs=1, batch_size=8, lr=3e-3), run,
-        progress=False))
+    return built_once(
+        tmp_path_factory,
+        "causal_run",
+        lambda run: train(
+            tiny_data,
+            tiny_model_config(causal=True),
+            LossConfig(),
+            TrainConfig(epochs=1, batch_size=8, lr=3e-3),
+            run,
+            progress=False,
+        ),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -176,11 +200,19 @@ def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tiny")
     tok = AutoTokenizer.from_pretrained(str(minilm_dir()), local_files_only=True)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     BertModel(config).save_pretrained(root / "hf")
     tok.save_pretrained(root / "hf")
-    model = SentenceTransformer(modules=[Transformer(str(root / "hf"), max_seq_length=64), Pooling(32, "mean"), Normalize()])
+    model = SentenceTransformer(
+        modules=[Transformer(str(root / "hf"), max_seq_length=64), Pooling(32, "mean"), Normalize()]
+    )
     model.save(str(root / "st"), create_model_card=False)
     return root / "st"
 
@@ -197,7 +229,15 @@ def context_rows(n: int, seed: int) -> list[tuple[str, str, str, int, int]]:
     out = []
     for i in range(n):
         label = labels[int(rng.integers(3))]
-        out.append((f"{CONTEXT_WORDS[label]} {int(rng.integers(100))}", "ABC"[int(rng.integers(3))], label, i // 6, i % 6))
+        out.append(
+            (
+                f"{CONTEXT_WORDS[label]} {int(rng.integers(100))}",
+                "ABC"[int(rng.integers(3))],
+                label,
+                i // 6,
+                i % 6,
+            )
+        )
     return out
 
 
@@ -216,15 +256,31 @@ def context_run(tiny_encoder: Path, tmp_path_factory: pytest.TempPathFactory) ->
     from tests.test_prepare import MELD_HEADER, meld_rows, write_csv
 
     root = tmp_path_factory.mktemp("context")
-    files = {s: write_csv(root / f"{s}.csv", MELD_HEADER, meld_rows(context_rows(n, k)))
-             for k, (s, n) in enumerate((("train", 48), ("dev", 24), ("test", 12)))}
+    files = {
+        s: write_csv(root / f"{s}.csv", MELD_HEADER, meld_rows(context_rows(n, k)))
+        for k, (s, n) in enumerate((("train", 48), ("dev", 24), ("test", 12)))
+    }
     feats = root / "feat"
-    prepare_features(files, feats, PrepareOptions(cache_dir=None, encoder_dir=tiny_encoder, turns=CONTEXT_TURNS,
-                                                  finetune=FinetuneOptions(epochs=1, batch_size=8, lr=1e-3)),
-                     log=lambda _: None)
+    prepare_features(
+        files,
+        feats,
+        PrepareOptions(
+            cache_dir=None,
+            encoder_dir=tiny_encoder,
+            turns=CONTEXT_TURNS,
+            finetune=FinetuneOptions(epochs=1, batch_size=8, lr=1e-3),
+        ),
+        log=lambda _: None,
+    )
     fs = load_data(str(feats))
     run = root / "run"
-    train(fs, tiny_model_config(modalities=("t",), feature_dims={"t": 32}, num_classes=3), LossConfig(),
-          TrainConfig(epochs=1, batch_size=4), run, progress=False)
+    train(
+        fs,
+        tiny_model_config(modalities=("t",), feature_dims={"t": 32}, num_classes=3),
+        LossConfig(),
+        TrainConfig(epochs=1, batch_size=4),
+        run,
+        progress=False,
+    )
     export_run(run, fp16=True, int8=True)
     return feats, run / "export"

@@ -35,7 +35,7 @@ def _imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
-                base = base[:len(base) - node.level + 1]
+                base = base[: len(base) - node.level + 1]
                 mod = ".".join([*base, node.module] if node.module else base)
             else:
                 mod = node.module or ""
@@ -62,8 +62,11 @@ def _resolve(name: str, own: set[str]) -> str:
 def test_runtime_imports_nothing_from_train_export_or_torch() -> None:
     bad = {}
     for path in _files("cmath_runtime"):
-        hits = sorted(m for m in _imports(path) if m.split(".")[0] in ("cmath_train", "cmath_export", "cmath_serve",
-                                                                         "benchmarks", "torch"))
+        hits = sorted(
+            m
+            for m in _imports(path)
+            if m.split(".")[0] in ("cmath_train", "cmath_export", "cmath_serve", "benchmarks", "torch")
+        )
         if hits:
             bad[_module_name(path)] = hits
     assert not bad, bad
@@ -73,7 +76,11 @@ def test_base_layer_imports_only_itself() -> None:
     bad, own = {}, _own_modules()
     for module in BASE_MODULES:
         path = ROOT / "cmath_runtime" / f"{module}.py"
-        hits = sorted(r for r in (_resolve(m, own) for m in _imports(path)) if r.split(".")[0] in PACKAGES and r not in BASE)
+        hits = sorted(
+            r
+            for r in (_resolve(m, own) for m in _imports(path))
+            if r.split(".")[0] in PACKAGES and r not in BASE
+        )
         if hits:
             bad[module] = hits
     assert not bad, bad
@@ -82,8 +89,11 @@ def test_base_layer_imports_only_itself() -> None:
 def test_training_imports_only_the_base_layer_of_the_runtime() -> None:
     bad, own = {}, _own_modules()
     for path in _files("cmath_train"):
-        hits = sorted(r for r in (_resolve(m, own) for m in _imports(path)) if r.startswith("cmath_runtime")
-                      and r not in BASE)
+        hits = sorted(
+            r
+            for r in (_resolve(m, own) for m in _imports(path))
+            if r.startswith("cmath_runtime") and r not in BASE
+        )
         if hits:
             bad[_module_name(path)] = hits
     assert not bad, bad
@@ -91,8 +101,12 @@ def test_training_imports_only_the_base_layer_of_the_runtime() -> None:
 
 def test_one_session_loader() -> None:
     """onnxruntime.InferenceSession is created in one place: cmath_runtime/session.py (open_session)."""
-    where = sorted(str(p.relative_to(ROOT)) for pkg in PACKAGES for p in _files(pkg) if "InferenceSession(" in
-                   p.read_text())
+    where = sorted(
+        str(p.relative_to(ROOT))
+        for pkg in PACKAGES
+        for p in _files(pkg)
+        if "InferenceSession(" in p.read_text()
+    )
     assert where == ["cmath_runtime/session.py"], where
 
 
@@ -127,8 +141,9 @@ def test_training_imports_nothing_from_export_serve_or_benchmarks() -> None:
     server or the benchmarks (they import it)."""
     bad = {}
     for path in _files("cmath_train"):
-        hits = sorted(m for m in _imports(path) if m.split(".")[0] in ("cmath_export", "cmath_serve",
-                                                                        "benchmarks"))
+        hits = sorted(
+            m for m in _imports(path) if m.split(".")[0] in ("cmath_export", "cmath_serve", "benchmarks")
+        )
         if hits:
             bad[_module_name(path)] = hits
     assert not bad, bad
@@ -193,18 +208,36 @@ def _foreign_private_uses(path: Path) -> list[str]:
     """`obj._name` in `path` where obj is not self/cls and no class of this module sets `self._name` or defines
     `_name`: a module reaching into another object's private state."""
     tree = ast.parse(path.read_text(), str(path))
-    own = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
-           and isinstance(node.value, ast.Name) and node.value.id == "self" and isinstance(node.ctx, ast.Store)}
-    own |= {f.name for c in ast.walk(tree) if isinstance(c, ast.ClassDef) for f in c.body
-            if isinstance(f, ast.FunctionDef)}
-    return sorted(f"{ast.unparse(node)} (line {node.lineno})" for node in ast.walk(tree)
-                  if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
-                  and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
-                  and node.attr not in own)
+    own = {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "self"
+        and isinstance(node.ctx, ast.Store)
+    }
+    own |= {
+        f.name
+        for c in ast.walk(tree)
+        if isinstance(c, ast.ClassDef)
+        for f in c.body
+        if isinstance(f, ast.FunctionDef)
+    }
+    return sorted(
+        f"{ast.unparse(node)} (line {node.lineno})"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and node.attr.startswith("_")
+        and not node.attr.startswith("__")
+        and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+        and node.attr not in own
+    )
 
 
 def test_modules_keep_to_their_own_state() -> None:
     """A module reads and writes private state only of the objects its own classes define (e.g. a conversation
     makes every change to its state; the step path computes and hands results back)."""
-    bad = {_module_name(p): hits for pkg in PACKAGES for p in _files(pkg) if (hits := _foreign_private_uses(p))}
+    bad = {
+        _module_name(p): hits for pkg in PACKAGES for p in _files(pkg) if (hits := _foreign_private_uses(p))
+    }
     assert not bad, bad

@@ -15,8 +15,19 @@ from benchmarks import backends, report
 from benchmarks.cli import main
 from benchmarks.timing import Budget, interleaved, percentiles_ms
 
-REQUIRED = ("kind", "backend", "precision", "batch", "utterances", "p50_ms", "p90_ms", "p99_ms", "threads", "provider",
-            "speedup_vs_eager")
+REQUIRED = (
+    "kind",
+    "backend",
+    "precision",
+    "batch",
+    "utterances",
+    "p50_ms",
+    "p90_ms",
+    "p99_ms",
+    "threads",
+    "provider",
+    "speedup_vs_eager",
+)
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +37,19 @@ def bench_out(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
     for name in ("config.json", "model.safetensors"):
         shutil.copy(tiny_run / name, run / name)
     out = run / "bench"
-    result = CliRunner().invoke(main, [str(run), "--quick", "--out", str(out), "--threads", "1",
-                                       "--backends", "pytorch-eager,onnxruntime:fp32,onnxruntime:fp16,tensorrt"])
+    result = CliRunner().invoke(
+        main,
+        [
+            str(run),
+            "--quick",
+            "--out",
+            str(out),
+            "--threads",
+            "1",
+            "--backends",
+            "pytorch-eager,onnxruntime:fp32,onnxruntime:fp16,tensorrt",
+        ],
+    )
     assert result.exit_code == 0, result.output + repr(result.exception)
     return out, result.output
 
@@ -38,20 +60,28 @@ def test_quick_bench_writes_json_md_png(bench_out: tuple[Path, str]) -> None:
     assert isinstance(records, list)
     measured = [r for r in records if r["kind"] in ("latency", "throughput")]
     assert {(r["backend"], r["precision"]) for r in measured} == {
-        ("pytorch-eager", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "fp16")}
+        ("pytorch-eager", "fp32"),
+        ("onnxruntime", "fp32"),
+        ("onnxruntime", "fp16"),
+    }
     for r in measured:
         assert all(k in r for k in REQUIRED), sorted(set(REQUIRED) - set(r))
         assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
         assert r["speedup_vs_eager"] > 0 and r["iterations"] >= 3
         assert r["load_s"] > 0 and r["peak_rss_mb"] > 0
         assert {k: r["threads"][k] for k in ("torch", "ort_intra_op")} == (
-            {"torch": 1, "ort_intra_op": 0} if r["backend"] == "pytorch-eager" else {"torch": 0, "ort_intra_op": 1})
+            {"torch": 1, "ort_intra_op": 0}
+            if r["backend"] == "pytorch-eager"
+            else {"torch": 0, "ort_intra_op": 1}
+        )
         assert r["threads"]["idle"].startswith("sleep")
         assert r["max_abs_diff_vs_eager"] < (1e-4 if r["precision"] == "fp32" else 5e-2)
     lat = [r for r in measured if r["kind"] == "latency"]
     assert {r["utterances"] for r in lat} == {1, 5, 20} and {r["batch"] for r in lat} == {1}
     thr = [r for r in measured if r["kind"] == "throughput"]
-    assert thr and all(r["batch"] == 16 and r["utterances_per_s"] > 0 and r["conversations_per_s"] > 0 for r in thr)
+    assert thr and all(
+        r["batch"] == 16 and r["utterances_per_s"] > 0 and r["conversations_per_s"] > 0 for r in thr
+    )
     ort = [r for r in measured if r["backend"] == "onnxruntime"]
     assert all(r["torch_imported"] is False and r["provider"] == "CPUExecutionProvider" for r in ort)
     assert all("weight rounding" in r["note"] for r in ort if r["precision"] == "fp16")
@@ -78,14 +108,18 @@ def test_percentiles_and_interleaving() -> None:
 
         return run
 
-    t = interleaved({"a": timer("a"), "b": timer("b"), "bad": timer("bad")},
-                    Budget(warmup=1, iterations=4, seconds=1.0, min_iterations=4, rounds=2))
+    t = interleaved(
+        {"a": timer("a"), "b": timer("b"), "bad": timer("bad")},
+        Budget(warmup=1, iterations=4, seconds=1.0, min_iterations=4, rounds=2),
+    )
     assert len(t.times["a"]) == len(t.times["b"]) == 4 and t.first["a"] == [0.001]
     assert t.errors == {"bad": "RuntimeError: compile failed"}
     assert calls[:3] == ["a", "b", "bad"] and calls[3:7] == ["a", "a", "b", "b"]  # warm-up, then rounds
 
 
-def test_settle_runs_after_every_block_and_quiesce_waits_for_a_busy_process(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_settle_runs_after_every_block_and_quiesce_waits_for_a_busy_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Contenders are timed on a quiet machine: `settle` after each block; `quiesce` returns only once a process
     stops using the CPU. The CPU readings are scripted (busy for 6 polls, then still), so the verdict does not
     depend on how busy this machine is; a real sleeping process is quiet at once."""
@@ -95,9 +129,11 @@ def test_settle_runs_after_every_block_and_quiesce_waits_for_a_busy_process(monk
     from benchmarks import timing
 
     settled: list[str] = []
-    t = interleaved({"a": lambda c, s: [0.001] * c, "b": lambda c, s: [0.001] * c},
-                    Budget(warmup=1, iterations=4, seconds=1.0, min_iterations=4, rounds=2),
-                    settle=lambda name: settled.append(name) or 0.01)
+    t = interleaved(
+        {"a": lambda c, s: [0.001] * c, "b": lambda c, s: [0.001] * c},
+        Budget(warmup=1, iterations=4, seconds=1.0, min_iterations=4, rounds=2),
+        settle=lambda name: settled.append(name) or 0.01,
+    )
     assert settled == ["a", "b"] * 3 and t.settle_s == pytest.approx(0.06)  # warm-up + 2 rounds
 
     readings = iter([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6] + [0.6] * 1000)
@@ -146,22 +182,45 @@ def test_compile_failure_is_recorded_not_raised(monkeypatch: pytest.MonkeyPatch)
     workers = [FakeWorker("pytorch-eager:fp32", False), FakeWorker("torch-compile:fp32", True)]
     records = runner._measure(workers, plan, {}, lambda _m: None)  # type: ignore[arg-type]
     failed = [r for r in records if r["kind"] == "failed"]
-    assert len(failed) == 1 and failed[0]["backend"] == "torch-compile" and "no C++ compiler" in failed[0]["note"]
+    assert (
+        len(failed) == 1
+        and failed[0]["backend"] == "torch-compile"
+        and "no C++ compiler" in failed[0]["note"]
+    )
     assert all(r["backend"] == "pytorch-eager" for r in records if r["kind"] == "latency")
 
 
 def test_bar_check_and_tables() -> None:
     def rec(backend: str, n: int, p50: float) -> dict:
-        return {"kind": "latency", "backend": backend, "precision": "fp32", "batch": 1, "utterances": n, "p50_ms": p50,
-                "p90_ms": p50, "p99_ms": p50, "iterations": 10, "speedup_vs_eager": None}
+        return {
+            "kind": "latency",
+            "backend": backend,
+            "precision": "fp32",
+            "batch": 1,
+            "utterances": n,
+            "p50_ms": p50,
+            "p90_ms": p50,
+            "p99_ms": p50,
+            "iterations": 10,
+            "speedup_vs_eager": None,
+        }
 
-    records = [rec("pytorch-eager", 1, 10.0), rec("torch-compile", 1, 8.0), rec("onnxruntime", 1, 3.0),
-               rec("pytorch-eager", 50, 30.0), rec("torch-compile", 50, 15.0), rec("onnxruntime", 50, 25.0)]
+    records = [
+        rec("pytorch-eager", 1, 10.0),
+        rec("torch-compile", 1, 8.0),
+        rec("onnxruntime", 1, 3.0),
+        rec("pytorch-eager", 50, 30.0),
+        rec("torch-compile", 50, 15.0),
+        rec("onnxruntime", 50, 25.0),
+    ]
     lines = report.bar_check(records)
     assert "3.33x" in lines[0] and lines[0].endswith("PASS")
     assert "1.20x" in lines[1] and lines[1].endswith("FAIL")
     table = report.latency_table(records)
-    assert table.splitlines()[0] == "| utterances | pytorch-eager fp32 p50 ms | torch-compile fp32 p50 ms | onnxruntime fp32 p50 ms |"
+    assert (
+        table.splitlines()[0]
+        == "| utterances | pytorch-eager fp32 p50 ms | torch-compile fp32 p50 ms | onnxruntime fp32 p50 ms |"
+    )
 
 
 def test_unknown_backend_name(tmp_path: Path) -> None:
@@ -189,11 +248,21 @@ def test_roofline_flops_and_floor(tmp_path: Path) -> None:
     from benchmarks.roofline import FlopCounter, Machine, measure_bandwidth, weight_bytes
 
     w = numpy_helper.from_array(np.ones((8, 4), np.float32), "w")
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1]),
-             helper.make_node("MatMul", ["x", "xt"], ["s"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "N", 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
-                               helper.make_tensor_value_info("s", TensorProto.FLOAT, None)], [w])
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["y"]),
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["x", "xt"], ["s"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "N", 8])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("s", TensorProto.FLOAT, None),
+        ],
+        [w],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     path = tmp_path / "g.onnx"
@@ -244,28 +313,72 @@ def test_int8_bars() -> None:
     from benchmarks.report import int8_bars
 
     def lat(backend: str, precision: str, n: int, ms: float, diff: float = 0.0) -> dict:
-        return {"kind": "latency", "backend": backend, "precision": precision, "utterances": n, "p50_ms": ms,
-                "max_abs_diff_vs_eager": diff}
+        return {
+            "kind": "latency",
+            "backend": backend,
+            "precision": precision,
+            "utterances": n,
+            "p50_ms": ms,
+            "max_abs_diff_vs_eager": diff,
+        }
 
     records = [lat("onnxruntime", "fp32", n, 10.0) for n in (1, 10, 50)]
     records += [lat("onnxruntime", "int8", n, 5.0, 0.01) for n in (1, 50)]
     records += [lat("openvino", "fp32", n, 8.0, 1e-6) for n in (10, 50)]
-    records += [{"kind": "streaming", "path": "step", "backend": "onnxruntime", "precision": p, "n": 50, "p50_ms": ms,
-                 "floor_ms": 2.0, "bytes_floor_ms": 2.0, "weight_bytes": 5e7} for p, ms in (("fp32", 2.5), ("int8", 2.0))]
-    env = {"parity": {"int8": {"argmax_agreement": 0.999, "probs_max_abs": 0.01, "passed": True, "rows": 100}}}
+    records += [
+        {
+            "kind": "streaming",
+            "path": "step",
+            "backend": "onnxruntime",
+            "precision": p,
+            "n": 50,
+            "p50_ms": ms,
+            "floor_ms": 2.0,
+            "bytes_floor_ms": 2.0,
+            "weight_bytes": 5e7,
+        }
+        for p, ms in (("fp32", 2.5), ("int8", 2.0))
+    ]
+    env = {
+        "parity": {"int8": {"argmax_agreement": 0.999, "probs_max_abs": 0.01, "passed": True, "rows": 100}}
+    }
     lines = int8_bars(records, env)
     assert len(lines) == 6
-    assert "int8 vs fp32 runtime at 1 utterances" in lines[0] and "2.00x" in lines[0] and lines[0].endswith("PASS")
-    assert "openvino fp32" in lines[2] and "1.25x" in lines[2] and lines[2].endswith("PASS")  # int8 is not exact
+    assert (
+        "int8 vs fp32 runtime at 1 utterances" in lines[0]
+        and "2.00x" in lines[0]
+        and lines[0].endswith("PASS")
+    )
+    assert (
+        "openvino fp32" in lines[2] and "1.25x" in lines[2] and lines[2].endswith("PASS")
+    )  # int8 is not exact
     assert "1.25x" in lines[4] and lines[4].endswith("PASS")  # step within 1.5x of its floor
     assert "1.25x" in lines[5] and lines[5].endswith("FAIL")  # int8 step not 1.6x faster
     # a second fp32 step engine, faster, with its MatMul twin: the bar line is on the best one and names its twin
-    records.append({"kind": "streaming", "path": "step", "backend": "onnxruntime-spin", "precision": "fp32", "n": 50,
-                    "p50_ms": 2.2, "floor_ms": 2.0, "bytes_floor_ms": 2.0, "weight_bytes": 5e7, "twin_ms": 2.0,
-                    "twin_weight_bytes": 4e7, "twin_read_gb_s": 20.0, "latency_x_twin": 1.1})
+    records.append(
+        {
+            "kind": "streaming",
+            "path": "step",
+            "backend": "onnxruntime-spin",
+            "precision": "fp32",
+            "n": 50,
+            "p50_ms": 2.2,
+            "floor_ms": 2.0,
+            "bytes_floor_ms": 2.0,
+            "weight_bytes": 5e7,
+            "twin_ms": 2.0,
+            "twin_weight_bytes": 4e7,
+            "twin_read_gb_s": 20.0,
+            "latency_x_twin": 1.1,
+        }
+    )
     lines = int8_bars(records, env)
     assert lines[4].startswith("- best fp32 step at history 50, onnxruntime-spin") and "1.10x" in lines[4]
-    assert "its MatMul twin" in lines[4] and "the step is 1.10x its twin" in lines[4] and lines[4].endswith("twin")
+    assert (
+        "its MatMul twin" in lines[4]
+        and "the step is 1.10x its twin" in lines[4]
+        and lines[4].endswith("twin")
+    )
     assert "fp32 step at history 50, onnxruntime:" in lines[5] and "best" not in lines[5]
 
 
@@ -281,9 +394,16 @@ def test_matmul_twin_holds_the_step_graphs_weight_matmuls(causal_export: Path) -
     twin = onnx.load_from_string(graph)
     model = onnx.load(str(causal_export / "model.step.onnx"))
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    weights = [inits[n.input[1]] for n in model.graph.node
-               if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits and inits[n.input[1]].ndim == 2]
-    assert weights and len(twin.graph.node) == len(weights) and {n.op_type for n in twin.graph.node} == {"MatMul"}
+    weights = [
+        inits[n.input[1]]
+        for n in model.graph.node
+        if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits and inits[n.input[1]].ndim == 2
+    ]
+    assert (
+        weights
+        and len(twin.graph.node) == len(weights)
+        and {n.op_type for n in twin.graph.node} == {"MatMul"}
+    )
     assert nbytes == sum(w.nbytes for w in weights)
     outs = ort.InferenceSession(graph, providers=["CPUExecutionProvider"]).run(None, feeds)
     for w, y in zip(weights, outs):
@@ -298,23 +418,36 @@ def test_streaming_records_carry_floor_and_matmul_twin(causal_export: Path) -> N
     from benchmarks.roofline import Machine
     from benchmarks.streaming import QUICK_BUDGET, run_streaming
 
-    records = run_streaming(causal_export, threads=1, lengths=(1, 3), budget=QUICK_BUDGET, log=lambda _m: None,
-                            contenders=(("onnxruntime", "fp32"), ("onnxruntime-spin", "fp32"), ("onnxruntime", "int8")),
-                            machine=Machine(bandwidth_gb_s=10.0, fp32_gflop_s=100.0, threads=1))
+    records = run_streaming(
+        causal_export,
+        threads=1,
+        lengths=(1, 3),
+        budget=QUICK_BUDGET,
+        log=lambda _m: None,
+        contenders=(("onnxruntime", "fp32"), ("onnxruntime-spin", "fp32"), ("onnxruntime", "int8")),
+        machine=Machine(bandwidth_gb_s=10.0, fp32_gflop_s=100.0, threads=1),
+    )
     steps = [r for r in records if r["path"] == "step"]
     assert {(r["backend"], r["precision"], r["n"]) for r in steps} == {
-        (b, p, n) for b, p in (("onnxruntime", "fp32"), ("onnxruntime-spin", "fp32"), ("onnxruntime", "int8"))
-        for n in (1, 3)}
+        (b, p, n)
+        for b, p in (("onnxruntime", "fp32"), ("onnxruntime-spin", "fp32"), ("onnxruntime", "int8"))
+        for n in (1, 3)
+    }
     assert {r["n"] for r in records if r["path"] == "full"} == {1, 3}
     for r in steps:
-        assert r["p50_ms"] > 0 and r["floor_ms"] > 0 and r["latency_x_floor"] == pytest.approx(r["p50_ms"] / r["floor_ms"])
+        assert (
+            r["p50_ms"] > 0
+            and r["floor_ms"] > 0
+            and r["latency_x_floor"] == pytest.approx(r["p50_ms"] / r["floor_ms"])
+        )
         # the bytes floor uses the bandwidth measured in the same rounds (not the run's once-measured 10 GB/s), the
         # same for every engine at one history length
         assert r["bandwidth_gb_s"] != 10.0 and r["bandwidth_gb_s"] > 0.1
         assert r["bytes_floor_ms"] == pytest.approx(r["weight_bytes"] / r["bandwidth_gb_s"] / 1e6)
         assert r["bandwidth_best_gb_s"] >= r["bandwidth_gb_s"]  # the fastest copy vs the median one
-        assert r["latency_x_best_bytes_floor"] == pytest.approx(r["p50_ms"] * r["bandwidth_best_gb_s"] * 1e6
-                                                                / r["weight_bytes"])
+        assert r["latency_x_best_bytes_floor"] == pytest.approx(
+            r["p50_ms"] * r["bandwidth_best_gb_s"] * 1e6 / r["weight_bytes"]
+        )
         assert r["bandwidth_gb_s"] == next(s["bandwidth_gb_s"] for s in steps if s["n"] == r["n"])
         if r["precision"] == "fp32":  # the twin is an fp32 onnxruntime instrument
             assert r["twin_ms"] > 0 and r["latency_x_twin"] == pytest.approx(r["p50_ms"] / r["twin_ms"])

@@ -75,6 +75,7 @@ def test_dynamic_pkt_weights_each_direction_by_the_source_confidence_and_the_com
 
 # --- stage 1: w_m from masking (3-6) on a model that ignores the visual modality -----------------------------
 
+
 @dataclass
 class _Out:
     logits: Tensor
@@ -90,11 +91,15 @@ class IgnoresVisual(nn.Module):
         self.t = nn.Linear(cfg.feature_dims["t"], cfg.num_classes)
         self.a = nn.Linear(cfg.feature_dims["a"], cfg.num_classes)
 
-    def forward(self, features: dict[str, Tensor], speaker: Tensor, mask: Tensor, reconstruct: bool | None = None):
+    def forward(
+        self, features: dict[str, Tensor], speaker: Tensor, mask: Tensor, reconstruct: bool | None = None
+    ):
         logits = self.t(features["t"]) + self.a(features["a"])
         return _Out(logits, logits)
 
-    def loss(self, out: _Out, labels: Tensor, mask: Tensor, cfg: LossConfig, class_weight=None) -> dict[str, Tensor]:
+    def loss(
+        self, out: _Out, labels: Tensor, mask: Tensor, cfg: LossConfig, class_weight=None
+    ) -> dict[str, Tensor]:
         ce = cross_entropy(out.logits, labels, mask & (labels >= 0), class_weight)
         return {"total": ce, "ce_x": ce}
 
@@ -139,7 +144,9 @@ def test_confidnet_target_is_the_true_class_probability_and_its_l2_loss():
     logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
     labels = torch.tensor([[0, 2]])
     e2, e1 = math.exp(2), math.e
-    assert true_class_probability(logits, labels)[0].tolist() == pytest.approx([e2 / (e2 + 2), 1 / (e1 + 2)], rel=1e-6)
+    assert true_class_probability(logits, labels)[0].tolist() == pytest.approx(
+        [e2 / (e2 + 2), 1 / (e1 + 2)], rel=1e-6
+    )
     net, feats, speaker, mask, labels = _ignoring("confidnet")
     refined = net.inputs(feats, mask)
     w, conf_loss = net.confidence_weights(refined, speaker, mask, labels)
@@ -159,23 +166,36 @@ def test_confidnet_target_is_the_true_class_probability_and_its_l2_loss():
 
 # --- cmath-train --cdat X, then cmath-export, then the runtime: each confidence, one model each ------------------
 
+
 @pytest.fixture(scope="module")
 def small_data():
-    return make_synthetic(SyntheticConfig(feature_dims=dict(TINY_DIMS), conversations={"train": 16, "test": 4},
-                                          max_len=10, seed=3, misaligned_fraction=0.2))
+    return make_synthetic(
+        SyntheticConfig(
+            feature_dims=dict(TINY_DIMS),
+            conversations={"train": 16, "test": 4},
+            max_len=10,
+            seed=3,
+            misaligned_fraction=0.2,
+        )
+    )
 
 
 def test_cdat_alpha_needs_cdat(tmp_path):
     from cmath_train.cli import main as train_cli
 
-    bad = CliRunner().invoke(train_cli, ["--cdat-alpha", "2", "--epochs", "1", "--out", str(tmp_path), "--quiet"])
+    bad = CliRunner().invoke(
+        train_cli, ["--cdat-alpha", "2", "--epochs", "1", "--out", str(tmp_path), "--quiet"]
+    )
     assert bad.exit_code != 0 and "give it with --cdat" in bad.output
 
 
-@pytest.mark.parametrize(("confidence", "model", "causal"),
-                         [("const", "sdt", False), ("ce", "dmd", False), ("confidnet", "cmath", True)])
-def test_cli_trains_exports_and_serves_within_the_parity_bounds(confidence, model, causal, small_data, tmp_path,
-                                                                monkeypatch):
+@pytest.mark.parametrize(
+    ("confidence", "model", "causal"),
+    [("const", "sdt", False), ("ce", "dmd", False), ("confidnet", "cmath", True)],
+)
+def test_cli_trains_exports_and_serves_within_the_parity_bounds(
+    confidence, model, causal, small_data, tmp_path, monkeypatch
+):
     import cmath_runtime
     import cmath_train.data as data_mod
     from cmath_export import parity
@@ -184,17 +204,42 @@ def test_cli_trains_exports_and_serves_within_the_parity_bounds(confidence, mode
 
     run = tmp_path / "run"
     monkeypatch.setattr(data_mod, "load_data", lambda spec: small_data)
-    res = CliRunner().invoke(train_cli, ["--model", model, "--cdat", confidence, "--cdat-alpha", "2", "--epochs", "2",
-                                         "--d", "16", "--batch-size", "8", "--lr", "3e-3", "--out", str(run), "--quiet",
-                                         "--causal" if causal else "--bidirectional"])
+    res = CliRunner().invoke(
+        train_cli,
+        [
+            "--model",
+            model,
+            "--cdat",
+            confidence,
+            "--cdat-alpha",
+            "2",
+            "--epochs",
+            "2",
+            "--d",
+            "16",
+            "--batch-size",
+            "8",
+            "--lr",
+            "3e-3",
+            "--out",
+            str(run),
+            "--quiet",
+            "--causal" if causal else "--bidirectional",
+        ],
+    )
     assert res.exit_code == 0, res.output
     history = json.loads((run / "metrics.json").read_text())["history"]
     assert "train_pkt" in history[0] and ("train_confidnet" in history[0]) == (confidence == "confidnet")
     saved = json.loads((run / "config.json").read_text())
-    assert saved["model_name"] == model and saved["cdat"] == {**CDaTConfig().__dict__, "confidence": confidence,
-                                                              "alpha": 2.0}
+    assert saved["model_name"] == model and saved["cdat"] == {
+        **CDaTConfig().__dict__,
+        "confidence": confidence,
+        "alpha": 2.0,
+    }
     ckpt = load_checkpoint(run)
-    assert isinstance(ckpt.model, CDaT) and ckpt.cdat == CDaTConfig(**saved["cdat"]) and not ckpt.model.training
+    assert (
+        isinstance(ckpt.model, CDaT) and ckpt.cdat == CDaTConfig(**saved["cdat"]) and not ckpt.model.training
+    )
     assert ckpt.model.cfg.causal == causal
     assert ckpt.model.standardize["t"].std.ne(1).any()  # the train statistics live in the wrapper ...
     inner = ckpt.model.model.state_dict()
@@ -215,15 +260,20 @@ def test_cli_trains_exports_and_serves_within_the_parity_bounds(confidence, mode
     d = small_data.splits["test"][0]
     [pred] = served.predict([{"speakers": d.speakers.tolist(), "features": dict(d.features)}])
     with torch.no_grad():
-        ref = ckpt.model({m: torch.from_numpy(x[None]).float() for m, x in d.features.items()},
-                         torch.from_numpy(d.speakers[None]), torch.ones(1, len(d.speakers), dtype=torch.bool))
+        ref = ckpt.model(
+            {m: torch.from_numpy(x[None]).float() for m, x in d.features.items()},
+            torch.from_numpy(d.speakers[None]),
+            torch.ones(1, len(d.speakers), dtype=torch.bool),
+        )
     assert np.abs(pred.probs - ref.logits.softmax(-1)[0].numpy()).max() <= parity.BOUNDS["fp32"].probs_max_abs
 
 
 def test_synthetic_misalignment_changes_only_the_chosen_modality():
     base = SyntheticConfig(feature_dims=dict(TINY_DIMS), conversations={"train": 20}, max_len=10)
     clean = make_synthetic(base)
-    off = make_synthetic(SyntheticConfig(**{**base.__dict__, "misaligned_fraction": 0.5, "misaligned_modality": "a"}))
+    off = make_synthetic(
+        SyntheticConfig(**{**base.__dict__, "misaligned_fraction": 0.5, "misaligned_modality": "a"})
+    )
     changed = []
     for d0, d1 in zip(clean.splits["train"], off.splits["train"]):
         assert np.array_equal(d0.labels, d1.labels) and np.array_equal(d0.features["t"], d1.features["t"])
@@ -240,15 +290,30 @@ def test_study_page_is_written_from_the_results_with_the_verdict(tmp_path):
 
     study = {**StudyConfig().__dict__, "seeds": 2}
     scores = {"none": 0.60, "const": 0.62, "ce": 0.70, "confidnet": 0.61, "confidence-kd": 0.59}
-    results = {f"{f:g}/{m}/{v}": {"test_mean": scores[v] + f, "test_std": 0.01, "alpha": 1.0 if v in
-                                  ("const", "ce", "confidnet") else None, "cpu_seconds": 3.0}
-               for f in study["misaligned"] for m in MODELS for v in cells_of(f)}
+    results = {
+        f"{f:g}/{m}/{v}": {
+            "test_mean": scores[v] + f,
+            "test_std": 0.01,
+            "alpha": 1.0 if v in ("const", "ce", "confidnet") else None,
+            "cpu_seconds": 3.0,
+        }
+        for f in study["misaligned"]
+        for m in MODELS
+        for v in cells_of(f)
+    }
     assert "0/cmath/confidence-kd" not in results and "0.2/cmath/confidence-kd" in results
     page = markdown({"study": study, "alpha_validation": {m: {} for m in MODELS}, "results": results}, "CMD")
     assert "Reproduce: `CMD`" in page and "| CMATH | ce | 1 | 70.00 +- 1.00 | 90.00 +- 1.00 |" in page
     assert "| SDT | confidence-kd |  | not run | 79.00 +- 1.00 |" in page
-    assert page.count("partly holds (dynamic variants above both base and constant: ce; by more than one std: ce)") == 3
-    assert page.count("confidence-kd 79.00 vs none 80.00 (-1.00) and vs the best CDaT (ce) 90.00 (-11.00)") == 3
+    assert (
+        page.count(
+            "partly holds (dynamic variants above both base and constant: ce; by more than one std: ce)"
+        )
+        == 3
+    )
+    assert (
+        page.count("confidence-kd 79.00 vs none 80.00 (-1.00) and vs the best CDaT (ce) 90.00 (-11.00)") == 3
+    )
     # the run cache belongs to one recipe: another recipe in the same folder is refused before any training
     (tmp_path / "study.json").write_text(json.dumps({**StudyConfig().__dict__, "epochs": 1}))
     with pytest.raises(Exception, match="another study recipe"):

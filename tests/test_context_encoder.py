@@ -19,8 +19,16 @@ TURNS = CONTEXT_TURNS
 def test_export_carries_the_turns_encoder_and_its_twins(context_run: tuple[Path, Path]) -> None:
     _, export = context_run
     entry = json.loads((export / "export.json").read_text())["text_encoder"]
-    assert entry["turns"] == TURNS.to_json() and entry["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
-    assert entry["parity"]["passed"] and entry["parity"]["min_cosine"] >= 0.9999 and entry["parity"]["texts"] == 24
+    assert entry["turns"] == TURNS.to_json() and entry["inputs"] == [
+        "input_ids",
+        "attention_mask",
+        "token_type_ids",
+    ]
+    assert (
+        entry["parity"]["passed"]
+        and entry["parity"]["min_cosine"] >= 0.9999
+        and entry["parity"]["texts"] == 24
+    )
     for precision in ("fp16", "int8"):
         record = entry["variants"][precision]
         assert record["data"] == "4 validation conversations" and record["utterances"] == 24
@@ -50,7 +58,12 @@ def test_replayed_conversations_match_the_training_features(context_run: tuple[P
 def test_step_batch_and_state_files_keep_the_history(context_run: tuple[Path, Path], tmp_path: Path) -> None:
     _, export = context_run
     model = cmath_runtime.load(export, backend="cpu", threads=1)
-    lines = [(0, "great lovely fun 1"), (1, "stupid awful hate 2"), (2, "the table is here 3"), (0, "great 4")]
+    lines = [
+        (0, "great lovely fun 1"),
+        (1, "stupid awful hate 2"),
+        (2, "the table is here 3"),
+        (0, "great 4"),
+    ]
     a, b = cmath_runtime.Conversation(model), cmath_runtime.Conversation(model)
     ref = cmath_runtime.Conversation(model)
     for s, t in lines[:2]:
@@ -65,13 +78,18 @@ def test_step_batch_and_state_files_keep_the_history(context_run: tuple[Path, Pa
     np.testing.assert_allclose(a.features["t"], ref.features["t"], atol=1e-6)
     np.testing.assert_allclose(a.probs(), ref.probs(), atol=1e-6)
     assert b.texts == [t for _, t in lines[2:]]
-    assert not np.allclose(b.features["t"][0], ref.features["t"][2])  # the same text without its past reads differently
+    assert not np.allclose(
+        b.features["t"][0], ref.features["t"][2]
+    )  # the same text without its past reads differently
 
 
 def test_int8_encoder_is_used_and_mixed_history_is_refused(context_run: tuple[Path, Path]) -> None:
     _, export = context_run
     int8 = cmath_runtime.load(export, backend="cpu", precision="int8", threads=1)
-    assert int8.text_encoder.spec.precision == "int8" and int8.text_encoder.spec.onnx_file.name == "text_encoder.int8.onnx"
+    assert (
+        int8.text_encoder.spec.precision == "int8"
+        and int8.text_encoder.spec.onnx_file.name == "text_encoder.int8.onnx"
+    )
     fp32 = cmath_runtime.load(export, backend="cpu", threads=1)
     assert fp32.text_encoder.spec.precision == "fp32"
     conv = cmath_runtime.Conversation(fp32).add(0, t=np.zeros(32, np.float32))

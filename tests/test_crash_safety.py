@@ -60,10 +60,21 @@ def _save_generation(run: Path, g: int) -> None:
     ck = load_checkpoint(run)
     with torch.no_grad():
         next(iter(ck.model.parameters())).view(-1)[0] = float(g)
-    extra = {k: v for k, v in ck.extra.items() if k not in ("weights_sha256", "format", "version", "model_name",
-                                                           "versions")}
-    save_checkpoint(run, ck.model, ck.model_name, ck.model_cfg, ck.loss_cfg, ck.train_cfg, ck.label_names,
-                    {**extra, "generation": g})
+    extra = {
+        k: v
+        for k, v in ck.extra.items()
+        if k not in ("weights_sha256", "format", "version", "model_name", "versions")
+    }
+    save_checkpoint(
+        run,
+        ck.model,
+        ck.model_name,
+        ck.model_cfg,
+        ck.loss_cfg,
+        ck.train_cfg,
+        ck.label_names,
+        {**extra, "generation": g},
+    )
 
 
 def _generation(run: Path) -> int:
@@ -77,7 +88,9 @@ def _generation(run: Path) -> int:
     return int(g)
 
 
-def test_checkpoint_write_cut_at_every_rename(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_checkpoint_write_cut_at_every_rename(
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     run = _copy_run(tiny_run, tmp_path / "run")
     _save_generation(run, 0)
     last = 0
@@ -111,10 +124,18 @@ def test_checkpoint_killed_at_random_moments(tiny_run: Path, tmp_path: Path) -> 
     _save_generation(run, 0)
     rng, deadline, done = random.Random(16), time.monotonic() + 150, 0
     root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": "1",
+    }
     while done < 4 and time.monotonic() < deadline:
-        proc = subprocess.Popen([sys.executable, "-c", SAVER.format(root=root, run=str(run))], stdout=subprocess.PIPE,
-                                text=True, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SAVER.format(root=root, run=str(run))],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         try:
             assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
             time.sleep(rng.uniform(0.05, 1.0))
@@ -131,6 +152,7 @@ def test_checkpoint_killed_at_random_moments(tiny_run: Path, tmp_path: Path) -> 
 
 # --- exports -----------------------------------------------------------------------------------------------------
 
+
 def test_export_cut_at_every_rename(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An export (fp32 first; then fp32 + fp16) cut before each of its renames: the folder loads as the previous
     export or the new one, sha256 of every file verified, or it does not load at all; never a mix."""
@@ -140,8 +162,13 @@ def test_export_cut_at_every_rename(tiny_run: Path, tmp_path: Path, monkeypatch:
     first = export_run(tiny_run, out_dir=out, text_encoder=False)
     proto = onnx.load(str(out / "model.onnx"))
     monkeypatch.setattr(builders, "export_onnx", lambda model, opset, max_len: proto)  # skip the slow trace
-    conv = {"speakers": [0, 1, 2], "features": {m: np.ones((3, d), np.float32) for m, d in
-                                                 json.loads((out / "export.json").read_text())["feature_dims"].items()}}
+    conv = {
+        "speakers": [0, 1, 2],
+        "features": {
+            m: np.ones((3, d), np.float32)
+            for m, d in json.loads((out / "export.json").read_text())["feature_dims"].items()
+        },
+    }
     outcomes = set()
     for k in range(1, 12):
         folder = tmp_path / f"cut{k}"

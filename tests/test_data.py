@@ -16,12 +16,24 @@ from cmath_train.train import train
 
 
 def test_synthetic_is_seeded(tiny_data):
-    again = make_synthetic(SyntheticConfig(feature_dims={"t": 24, "a": 12, "v": 16},
-                                           conversations={"train": 30, "test": 10}, max_len=20, seed=1))
+    again = make_synthetic(
+        SyntheticConfig(
+            feature_dims={"t": 24, "a": 12, "v": 16},
+            conversations={"train": 30, "test": 10},
+            max_len=20,
+            seed=1,
+        )
+    )
     a, b = tiny_data.splits["train"][3], again.splits["train"][3]
     assert np.array_equal(a.features["t"], b.features["t"]) and np.array_equal(a.labels, b.labels)
-    other = make_synthetic(SyntheticConfig(feature_dims={"t": 24, "a": 12, "v": 16},
-                                           conversations={"train": 30, "test": 10}, max_len=20, seed=2))
+    other = make_synthetic(
+        SyntheticConfig(
+            feature_dims={"t": 24, "a": 12, "v": 16},
+            conversations={"train": 30, "test": 10},
+            max_len=20,
+            seed=2,
+        )
+    )
     assert not np.array_equal(a.labels, other.splits["train"][3].labels)
 
 
@@ -44,15 +56,30 @@ def test_synthetic_labels_depend_on_context_and_speaker():
 
 
 def test_all_three_modalities_beat_each_single_modality(tmp_path):
-    fs = make_synthetic(SyntheticConfig(feature_dims={"t": 32, "a": 16, "v": 16},
-                                        conversations={"train": 100, "test": 1}, seed=3))
+    fs = make_synthetic(
+        SyntheticConfig(
+            feature_dims={"t": 32, "a": 16, "v": 16}, conversations={"train": 100, "test": 1}, seed=3
+        )
+    )
     scores = {}
     for mods in ("t", "a", "v", "tav"):
         sub = fs.select(tuple(mods))
-        cfg = ModelConfig(modalities=tuple(mods), feature_dims=sub.feature_dims, num_classes=6, num_speakers=9,
-                          d=32, heads=4)
-        metrics = train(sub, cfg, LossConfig(), TrainConfig(epochs=10, lr=1e-2, batch_size=8, patience=10),
-                        tmp_path / mods, progress=False)
+        cfg = ModelConfig(
+            modalities=tuple(mods),
+            feature_dims=sub.feature_dims,
+            num_classes=6,
+            num_speakers=9,
+            d=32,
+            heads=4,
+        )
+        metrics = train(
+            sub,
+            cfg,
+            LossConfig(),
+            TrainConfig(epochs=10, lr=1e-2, batch_size=8, patience=10),
+            tmp_path / mods,
+            progress=False,
+        )
         scores[mods] = metrics["validation"]["weighted_f1"]
     assert scores["tav"] > max(scores["t"], scores["a"], scores["v"]) + 0.05, scores
 
@@ -72,7 +99,9 @@ def test_features_dir_round_trip(tiny_data, tmp_path):
     assert back.label_names == tiny_data.label_names and back.feature_dims == tiny_data.feature_dims
     for split in ("train", "test"):
         for a, b in zip(tiny_data.splits[split], back.splits[split], strict=True):
-            assert a.id == b.id and np.array_equal(a.speakers, b.speakers) and np.array_equal(a.labels, b.labels)
+            assert (
+                a.id == b.id and np.array_equal(a.speakers, b.speakers) and np.array_equal(a.labels, b.labels)
+            )
             assert all(np.array_equal(a.features[m], b.features[m]) for m in "tav")
 
 
@@ -91,6 +120,11 @@ def test_features_dir_errors(tiny_data, tmp_path):
 
 
 def test_empty_conversation_is_refused(tiny_data):
-    empty = Dialogue("empty-1", {m: np.zeros((0, 4), np.float32) for m in "tav"}, np.zeros(0, np.int64), np.zeros(0, np.int64))
+    empty = Dialogue(
+        "empty-1",
+        {m: np.zeros((0, 4), np.float32) for m in "tav"},
+        np.zeros(0, np.int64),
+        np.zeros(0, np.int64),
+    )
     with pytest.raises(InputError, match="conversation 'empty-1': expected at least one utterance"):
         collate([tiny_data.splits["train"][0], empty], ("t", "a", "v"))

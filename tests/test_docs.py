@@ -31,15 +31,22 @@ def test_readme_is_a_product_page() -> None:
 def test_every_docs_page_is_linked_and_every_link_resolves() -> None:
     reachable = _links(README) | _links(DOCS / "index.md")
     for page in DOCS.rglob("*.md"):
-        assert page.resolve() in reachable or page == DOCS / "index.md", f"{page} is linked from neither the README nor docs/index.md"
+        assert page.resolve() in reachable or page == DOCS / "index.md", (
+            f"{page} is linked from neither the README nor docs/index.md"
+        )
     for md in [README, *DOCS.rglob("*.md")]:
         for target in _links(md):
             assert target.exists(), f"{md}: broken link to {target}"
 
 
 def test_generated_readme_tables_are_current() -> None:
-    done = subprocess.run([sys.executable, "-m", "benchmarks.readme", "--check"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.readme", "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr + done.stdout
 
 
@@ -49,11 +56,19 @@ def test_readme_quick_start_runs_as_written(tiny_export, tmp_path: Path) -> None
     (tmp_path / "runs" / "main").mkdir(parents=True)
     os.symlink(export_dir, tmp_path / "runs" / "main" / "export")
     [code] = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert len(lines) == 4 and lines[0].startswith("[")  # the labels of 3 utterances, then one line per live turn
+    assert len(lines) == 4 and lines[0].startswith(
+        "["
+    )  # the labels of 3 utterances, then one line per live turn
 
 
 def test_accuracy_page_is_written_from_run_metrics(tiny_run: Path, tmp_path: Path) -> None:

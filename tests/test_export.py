@@ -41,8 +41,10 @@ def sessions(exported: tuple[Path, dict]) -> dict[str, ort.InferenceSession]:
     out, _ = exported
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    return {k: ort.InferenceSession(str(out / f), options, providers=["CPUExecutionProvider"])
-            for k, f in (("fp32", "model.onnx"), ("fp16", "model.fp16.onnx"))}
+    return {
+        k: ort.InferenceSession(str(out / f), options, providers=["CPUExecutionProvider"])
+        for k, f in (("fp32", "model.onnx"), ("fp16", "model.fp16.onnx"))
+    }
 
 
 def feeds_for(cfg, b: int, n: int, seed: int = 0, empty_row: bool = False) -> dict[str, np.ndarray]:
@@ -51,7 +53,7 @@ def feeds_for(cfg, b: int, n: int, seed: int = 0, empty_row: bool = False) -> di
     feeds = {m: rng.standard_normal((b, n, cfg.feature_dims[m])).astype(np.float32) for m in cfg.modalities}
     mask = np.ones((b, n), bool)
     if b > 1:
-        mask[-1, 0 if empty_row else max(1, n // 2):] = False
+        mask[-1, 0 if empty_row else max(1, n // 2) :] = False
     feeds["speaker"] = (rng.integers(0, cfg.num_speakers, (b, n)) * mask).astype(np.int64)
     feeds["mask"] = mask
     return feeds
@@ -63,6 +65,7 @@ def reference(model: torch.nn.Module, feeds: dict[str, np.ndarray]) -> dict[str,
 
 # --- the artifacts and the manifest ---------------------------------------------------------------------------
 
+
 def test_manifest_describes_every_artifact(exported: tuple[Path, dict], tiny_run: Path) -> None:
     out, manifest = exported
     assert json.loads((out / "export.json").read_text()) == manifest
@@ -71,7 +74,11 @@ def test_manifest_describes_every_artifact(exported: tuple[Path, dict], tiny_run
     for entry in manifest["artifacts"].values():
         path = out / entry["file"]
         assert entry["sha256"] == sha256_file(path) and entry["bytes"] == path.stat().st_size
-    assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.fp16.onnx", "model.onnx"]  # no .onnx.data
+    assert sorted(p.name for p in out.iterdir()) == [
+        "export.json",
+        "model.fp16.onnx",
+        "model.onnx",
+    ]  # no .onnx.data
     ckpt = load_checkpoint(tiny_run)
     inputs, outputs = io_specs(ckpt.model_cfg)
     assert manifest["inputs"] == [s.to_json() for s in inputs]
@@ -86,7 +93,9 @@ def test_parity_recorded_within_bounds(exported: tuple[Path, dict]) -> None:
     _, manifest = exported
     fp32, fp16 = manifest["parity"]["fp32"], manifest["parity"]["fp16"]
     assert fp32["passed"] and fp16["passed"] and fp32["padded_rows_finite"]
-    assert fp32["data"].startswith("validation split of synthetic") and fp32["rows"] > 50  # the run's own rows
+    assert (
+        fp32["data"].startswith("validation split of synthetic") and fp32["rows"] > 50
+    )  # the run's own rows
     probs32 = next(o for o in fp32["outputs"] if o["name"] == "probs")
     probs16 = next(o for o in fp16["outputs"] if o["name"] == "probs")
     assert probs32["max_abs"] <= 1e-4 and probs32["tolerance"] == 1e-4
@@ -101,7 +110,9 @@ def test_onnx_full_check_and_lean_graph(exported: tuple[Path, dict]) -> None:
     model = onnx.load(str(out / "model.onnx"))
     ops = {n.op_type for n in model.graph.node}
     assert not ops & {"Dropout", "RandomNormalLike", "RandomNormal", "Sin", "Cos", "Identity"}
-    assert sum(n.op_type == "Conv" for n in model.graph.node) == 3  # Conv1D' per modality; no decoder Conv1D''
+    assert (
+        sum(n.op_type == "Conv" for n in model.graph.node) == 3
+    )  # Conv1D' per modality; no decoder Conv1D''
     assert not [t.name for t in model.graph.initializer if "decode" in t.name or "mlp_sigma" in t.name]
     half = onnx.load(str(out / "model.fp16.onnx"))
     dtypes = {i.name: i.type.tensor_type.elem_type for i in [*half.graph.input, *half.graph.output]}
@@ -110,6 +121,7 @@ def test_onnx_full_check_and_lean_graph(exported: tuple[Path, dict]) -> None:
 
 
 # --- dynamic shapes and fp16 safety ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{b}x{n}" for b, n in SHAPES])
 def test_dynamic_shapes_match_pytorch(shape: tuple[int, int], tiny_run: Path, sessions: dict) -> None:
@@ -133,7 +145,9 @@ def test_fully_padded_conversation_stays_finite(tiny_run: Path, sessions: dict) 
             assert np.isfinite(value).all()
 
 
-def test_past_max_len_fails_instead_of_guessing(exported: tuple[Path, dict], tiny_run: Path, sessions: dict) -> None:
+def test_past_max_len_fails_instead_of_guessing(
+    exported: tuple[Path, dict], tiny_run: Path, sessions: dict
+) -> None:
     _, manifest = exported
     feeds = feeds_for(load_checkpoint(tiny_run).model_cfg, 1, manifest["max_len"] + 1)
     with pytest.raises(Exception, match="out of data bounds|indices"):
@@ -141,6 +155,7 @@ def test_past_max_len_fails_instead_of_guessing(exported: tuple[Path, dict], tin
 
 
 # --- Triton ---------------------------------------------------------------------------------------------------
+
 
 def test_triton_config_matches_onnx_graph(exported: tuple[Path, dict]) -> None:
     from google.protobuf import text_format
@@ -154,8 +169,11 @@ def test_triton_config_matches_onnx_graph(exported: tuple[Path, dict]) -> None:
     served = repo / "cmath" / "1" / "model.onnx"
     assert sha256_file(served) == manifest["artifacts"]["fp16"]["sha256"] == manifest["triton"]["sha256"]
     graph = onnx.load(str(served)).graph
-    to_triton = {onnx.TensorProto.FLOAT: model_config_pb2.TYPE_FP32, onnx.TensorProto.INT64: model_config_pb2.TYPE_INT64,
-                 onnx.TensorProto.BOOL: model_config_pb2.TYPE_BOOL}
+    to_triton = {
+        onnx.TensorProto.FLOAT: model_config_pb2.TYPE_FP32,
+        onnx.TensorProto.INT64: model_config_pb2.TYPE_INT64,
+        onnx.TensorProto.BOOL: model_config_pb2.TYPE_BOOL,
+    }
     for tensors, values in ((config.input, graph.input), (config.output, graph.output)):
         assert [t.name for t in tensors] == [v.name for v in values]
         for t, v in zip(tensors, values):
@@ -166,6 +184,7 @@ def test_triton_config_matches_onnx_graph(exported: tuple[Path, dict]) -> None:
 
 
 # --- every modality subset ------------------------------------------------------------------------------------
+
 
 def untrained_run(path: Path, modalities: str, big_inputs: bool = False) -> Path:
     """A checkpoint without training (export does not care how good the weights are). big_inputs: features
@@ -178,19 +197,25 @@ def untrained_run(path: Path, modalities: str, big_inputs: bool = False) -> Path
             model.standardize[m].mean.fill_(1000.0)
             model.standardize[m].std.fill_(0.5)
     labels = [f"c{i}" for i in range(cfg.num_classes)]
-    save_checkpoint(path, model, "cmath", cfg, LossConfig(), TrainConfig(), labels, {"data": {"source": "none"}})
+    save_checkpoint(
+        path, model, "cmath", cfg, LossConfig(), TrainConfig(), labels, {"data": {"source": "none"}}
+    )
     return path
 
 
 # "tav" is the shared export above. Subsets of one size build the same graph up to feature sizes, so one of each
 # size runs by default and the structural duplicates are marked slow (each export costs 4-8 s of CPU).
-SUBSETS = [pytest.param(m, marks=pytest.mark.slow) if m in ("t", "v", "ta", "av") else m
-           for m in ("t", "a", "v", "ta", "tv", "av")]
+SUBSETS = [
+    pytest.param(m, marks=pytest.mark.slow) if m in ("t", "v", "ta", "av") else m
+    for m in ("t", "a", "v", "ta", "tv", "av")
+]
 
 
 @pytest.mark.parametrize("modalities", SUBSETS)
 def test_every_modality_subset_exports(modalities: str, tmp_path: Path) -> None:
-    single = len(modalities) == 1  # cheap graphs: also export fp16, with inputs fp16 cannot represent precisely
+    single = (
+        len(modalities) == 1
+    )  # cheap graphs: also export fp16, with inputs fp16 cannot represent precisely
     run = untrained_run(tmp_path / "run", modalities, big_inputs=single)
     max_len = 8 if modalities == "a" else 512  # and a max_len below the trace length (16) works
     manifest = export_run(run, fp16=single, max_len=max_len, text_encoder=False)
@@ -204,6 +229,7 @@ def test_every_modality_subset_exports(modalities: str, tmp_path: Path) -> None:
 
 # --- failures: loud, clear, nothing half-written --------------------------------------------------------------
 
+
 @pytest.fixture
 def fast_export(exported: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch) -> None:
     """Skip the slow trace in tests of what happens around it: reuse the shared export's graph."""
@@ -213,15 +239,18 @@ def fast_export(exported: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(builders, "export_onnx", lambda model, opset, max_len: proto)
 
 
-def test_failed_parity_fails_loudly_and_keeps_the_previous_export(tiny_run: Path, tmp_path: Path, fast_export: None,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_parity_fails_loudly_and_keeps_the_previous_export(
+    tiny_run: Path, tmp_path: Path, fast_export: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "out"
     first = export_run(tiny_run, out_dir=out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     monkeypatch.setitem(parity.BOUNDS, "fp16", parity.Bounds(probs_max_abs=0.0, min_argmax_agreement=1.0))
     with pytest.raises(export_module.ParityError, match="fp16 artifact failed parity"):
         export_run(tiny_run, out_dir=out, fp16=True)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no fp16 file, no staging folder, old manifest
+    assert {
+        p.name: p.read_bytes() for p in out.iterdir()
+    } == before  # no fp16 file, no staging folder, old manifest
     assert json.loads((out / "export.json").read_text()) == first
     result = CliRunner().invoke(main, [str(tiny_run), "--out", str(tmp_path / "cli"), "--fp16", "--quiet"])
     assert result.exit_code == 1 and "FAILED" in result.output and "Traceback" not in result.output
@@ -263,7 +292,9 @@ def test_clear_errors_for_bad_checkpoints(tiny_run: Path, tmp_path: Path) -> Non
     (corrupt / "config.json").write_bytes((tiny_run / "config.json").read_bytes())
     (corrupt / "model.safetensors").write_bytes((tiny_run / "model.safetensors").read_bytes()[:1000])
     code, msg = _cli_error([str(corrupt)])
-    assert code == 2 and "weights_sha256" in msg and len(msg.splitlines()) == 1  # the recorded sha256 catches it first
+    assert (
+        code == 2 and "weights_sha256" in msg and len(msg.splitlines()) == 1
+    )  # the recorded sha256 catches it first
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -309,7 +340,9 @@ def test_invalid_options_name_the_fix(tiny_run: Path, tmp_path: Path) -> None:
     assert "model.plan" in format_table() and "--fp16" in format_table()
 
 
-def test_the_table_covers_every_file_an_export_names(exported: tuple[Path, dict], causal_export: Path) -> None:
+def test_the_table_covers_every_file_an_export_names(
+    exported: tuple[Path, dict], causal_export: Path
+) -> None:
     """The exporter promotes and cleans up exactly the files of the table's rows, so every file export.json names
     (artifacts, step graph and twins, text encoder and tokenizer) must be a row's, and nothing else is written."""
     from cmath_export.export import manifest_files
@@ -334,6 +367,7 @@ def test_the_table_covers_every_file_an_export_names(exported: tuple[Path, dict]
 
 # --- TensorRT -------------------------------------------------------------------------------------------------
 
+
 def _tensorrt_ready() -> bool:
     from cmath_export import tensorrt as trt_build
 
@@ -344,7 +378,9 @@ def _tensorrt_ready() -> bool:
     return True
 
 
-@pytest.mark.skipif(_tensorrt_ready(), reason="TensorRT and a GPU are present: the GPU test covers this machine")
+@pytest.mark.skipif(
+    _tensorrt_ready(), reason="TensorRT and a GPU are present: the GPU test covers this machine"
+)
 def test_tensorrt_missing_is_one_clear_sentence(tiny_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "trt"
     with pytest.raises(BackendUnavailableError, match="--tensorrt needs"):
@@ -358,8 +394,15 @@ def test_tensorrt_missing_is_one_clear_sentence(tiny_run: Path, tmp_path: Path) 
 @pytest.mark.skipif(not _tensorrt_ready(), reason="needs an NVIDIA GPU and the tensorrt package")
 @pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
 def test_tensorrt_engine_parity(tiny_run: Path, tmp_path: Path, fp16: bool) -> None:
-    manifest = export_run(tiny_run, out_dir=tmp_path / "trt", fp16=fp16, tensorrt=True, max_len=300, max_batch=8,
-                          triton=tmp_path / "triton")
+    manifest = export_run(
+        tiny_run,
+        out_dir=tmp_path / "trt",
+        fp16=fp16,
+        tensorrt=True,
+        max_len=300,
+        max_batch=8,
+        triton=tmp_path / "triton",
+    )
     assert manifest["parity"]["tensorrt"]["passed"]
     assert manifest["artifacts"]["tensorrt"]["profile"] == {"min": [1, 1], "opt": [1, 50], "max": [8, 300]}
     assert (tmp_path / "triton" / "cmath" / "1" / "model.plan").is_file()
@@ -374,6 +417,8 @@ def test_a_registered_model_format_is_built_before_the_companions(monkeypatch: p
     from cmath_export import formats
 
     monkeypatch.setattr(formats, "FORMATS", formats.FORMATS)  # restored after the test
-    formats.register_format(formats.ExportFormat("x", "X", "--x", "model.x.onnx", "onnx", "x", "cpu", (), "m:f"))
+    formats.register_format(
+        formats.ExportFormat("x", "X", "--x", "model.x.onnx", "onnx", "x", "cpu", (), "m:f")
+    )
     keys = [f.key for f in formats.FORMATS]
-    assert keys[keys.index("x") + 1:] == ["step", "text_encoder", "triton"]
+    assert keys[keys.index("x") + 1 :] == ["step", "text_encoder", "triton"]

@@ -14,30 +14,59 @@ from benchmarks.gpu_check import GpuCheck
 
 
 def _rec(backend: str, precision: str, batch: int, n: int, p50: float, provider: str) -> dict:
-    return {"kind": "latency" if batch == 1 else "throughput", "backend": backend, "precision": precision,
-            "provider": provider, "batch": batch, "utterances": n, "p50_ms": p50, "p90_ms": p50, "p99_ms": p50,
-            "iterations": 20, "speedup_vs_eager": None}
+    return {
+        "kind": "latency" if batch == 1 else "throughput",
+        "backend": backend,
+        "precision": precision,
+        "provider": provider,
+        "batch": batch,
+        "utterances": n,
+        "p50_ms": p50,
+        "p90_ms": p50,
+        "p99_ms": p50,
+        "iterations": 20,
+        "speedup_vs_eager": None,
+    }
 
 
 def _par(contender: str, max_abs: float, agreement: float, **extra: object) -> dict:
-    return {"contender": contender, "reference": "pytorch-eager-cuda fp32", "rows": 1021, "max_abs": max_abs,
-            "mean_abs": max_abs / 10, "argmax_agreement": agreement, "passed": True, "shapes": ["1x10"], **extra}
+    return {
+        "contender": contender,
+        "reference": "pytorch-eager-cuda fp32",
+        "rows": 1021,
+        "max_abs": max_abs,
+        "mean_abs": max_abs / 10,
+        "argmax_agreement": agreement,
+        "passed": True,
+        "shapes": ["1x10"],
+        **extra,
+    }
 
 
 def test_bars_and_report_on_made_up_gpu_numbers(tmp_path: Path) -> None:
     cuda = "CUDAExecutionProvider"
-    check = GpuCheck(tmp_path, records=[_rec("pytorch-eager-cuda", "fp32", 1, 10, 6.0, "cuda (torch)"),
-                                        _rec("onnxruntime-cuda", "fp16", 1, 10, 1.5, cuda),
-                                        _rec("onnxruntime-cuda", "fp32", 1, 10, 2.5, "CPUExecutionProvider"),
-                                        _rec("onnxruntime-cuda", "fp16", 16, 10, 3.0, cuda)],
-                     parity=[_par("onnxruntime-cuda fp32", 2e-6, 1.0), _par("onnxruntime-cuda fp16", 3e-3, 0.99)])
+    check = GpuCheck(
+        tmp_path,
+        records=[
+            _rec("pytorch-eager-cuda", "fp32", 1, 10, 6.0, "cuda (torch)"),
+            _rec("onnxruntime-cuda", "fp16", 1, 10, 1.5, cuda),
+            _rec("onnxruntime-cuda", "fp32", 1, 10, 2.5, "CPUExecutionProvider"),
+            _rec("onnxruntime-cuda", "fp16", 16, 10, 3.0, cuda),
+        ],
+        parity=[_par("onnxruntime-cuda fp32", 2e-6, 1.0), _par("onnxruntime-cuda fp16", 3e-3, 0.99)],
+    )
     check.not_run.append({"what": "TensorRT", "why": gpu_check.TENSORRT})
     check.bars = gpu_check.bars(check)
     assert check.bars[0]["passed"] is True and check.bars[0]["value"].startswith("4.00x")
     by = [(b["bar"], b["passed"]) for b in check.bars]
     assert ("onnxruntime-cuda fp16: argmax agreement >= 99.5%", False) in by  # 99% < 99.5%
-    assert (f"onnxruntime-cuda fp32: the runtime reports {cuda} (session.get_providers(), read back)", False) in by
-    assert all(passed is None for bar, passed in by if bar.startswith("step cuda"))  # no step record: not measured
+    assert (
+        f"onnxruntime-cuda fp32: the runtime reports {cuda} (session.get_providers(), read back)",
+        False,
+    ) in by
+    assert all(
+        passed is None for bar, passed in by if bar.startswith("step cuda")
+    )  # no step record: not measured
     check.write()
     md = (tmp_path / "gpu_check.md").read_text()
     assert "**PASS**" in md and "**FAIL**" in md and "**not measured**" in md
@@ -54,7 +83,9 @@ def _exported_only(run_dir: Path, *_: object) -> str:
     return "reused"
 
 
-def test_dry_run_without_cuda(tiny_export: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dry_run_without_cuda(
+    tiny_export: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The check on the tiny run, CUDA hidden from torch and onnxruntime: every CPU part runs, every CUDA part is
     listed as not run with its reason, the report is written, exit code 3, no traceback."""
     import torch
@@ -71,8 +102,12 @@ def test_dry_run_without_cuda(tiny_export: tuple[Path, dict], tmp_path: Path, mo
     check, code = gpu_check.run(tmp_path / "out", work, quick=True, threads=1)
     assert code == 3
     assert {s.name: s.status for s in check.steps} == {
-        "environment": "ok", "train + export meld (fp32 + fp16)": "reused", "load contenders": "ok",
-        "time + compare": "ok", "train + export causal meld (step graph)": "not run"}, check.steps
+        "environment": "ok",
+        "train + export meld (fp32 + fp16)": "reused",
+        "load contenders": "ok",
+        "time + compare": "ok",
+        "train + export causal meld (step graph)": "not run",
+    }, check.steps
     why = {x["what"]: x["why"] for x in check.not_run}
     for label in ("pytorch-eager-cuda fp32", "pytorch-eager-cuda fp16", "torch-compile-cuda fp32"):
         assert "torch.cuda.is_available() is False" in why[label]
@@ -96,7 +131,8 @@ def test_streaming_step_without_cuda(causal_export: Path, tmp_path: Path) -> Non
     check = GpuCheck(tmp_path, quick=True)
     gpu_check.streaming(check, causal_export, 1, "no CUDA here (test)")
     assert {(r["path"], r["backend"], r["n"]) for r in check.records} == {
-        (path, "onnxruntime", n) for path in ("step", "full") for n in gpu_check.STEP_LENGTHS}
+        (path, "onnxruntime", n) for path in ("step", "full") for n in gpu_check.STEP_LENGTHS
+    }
     [step] = check.parity
     assert step["contender"] == "step cpu fp32" and step["provider"] == "CPUExecutionProvider"
     assert step["passed"] and step["rows"] == max(gpu_check.STEP_LENGTHS) and step["max_abs"] < 1e-4
@@ -105,7 +141,9 @@ def test_streaming_step_without_cuda(causal_export: Path, tmp_path: Path) -> Non
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs an NVIDIA GPU (CUDA in torch)")
-def test_check_on_a_gpu(tiny_export: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_check_on_a_gpu(
+    tiny_export: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """On a GPU machine with onnxruntime-gpu: the CUDA contenders run and the runtime says it ran on CUDA."""
     monkeypatch.setattr(gpu_check, "train_and_export", _exported_only)
     work = tmp_path / "work"
@@ -113,6 +151,12 @@ def test_check_on_a_gpu(tiny_export: tuple[Path, dict], tmp_path: Path, monkeypa
     (work / "meld").symlink_to(tiny_export[0].parent)
     check, code = gpu_check.run(tmp_path / "out", work, quick=True)
     assert code == 0, check.not_run
-    assert {p["contender"] for p in check.parity} >= {"onnxruntime-cuda fp32", "onnxruntime-cuda fp16",
-                                                      "pytorch-eager-cuda fp16", "torch-compile-cuda fp32"}
-    assert all(b["passed"] for b in check.bars if b["bar"].startswith("onnxruntime-cuda") and "reports" in b["bar"])
+    assert {p["contender"] for p in check.parity} >= {
+        "onnxruntime-cuda fp32",
+        "onnxruntime-cuda fp16",
+        "pytorch-eager-cuda fp16",
+        "torch-compile-cuda fp32",
+    }
+    assert all(
+        b["passed"] for b in check.bars if b["bar"].startswith("onnxruntime-cuda") and "reports" in b["bar"]
+    )

@@ -50,6 +50,7 @@ def _edit(folder: Path, change) -> None:  # noqa: ANN001
 
 # --- a manifest never points outside its folder ----------------------------------------------------------------
 
+
 def _set(path: tuple, value: object):  # noqa: ANN202
     def change(m: dict) -> None:
         node = m
@@ -60,23 +61,46 @@ def _set(path: tuple, value: object):  # noqa: ANN202
     return change
 
 
-@pytest.mark.parametrize("entry,path,value", [
-    ("artifacts['fp32'].file", ("artifacts", "fp32", "file"), "../outside/evil.onnx"),
-    ("artifacts['fp32'].file", ("artifacts", "fp32", "file"), "/etc/passwd"),
-    ("artifacts['fp16'].file", ("artifacts", "fp16", "file"), "sub/../../evil.onnx"),
-    ("step.file", ("step", "file"), "../model.step.onnx"),
-    ("text_encoder.files['onnx'].file", ("text_encoder",),
-     {"files": {"onnx": {"file": "../../enc.onnx", "sha256": "0"}}}),
-    ("triton.file", ("triton",), {"repository": "/tmp/repo", "config": "cmath/config.pbtxt", "file": "../../x.onnx"}),
-    ("step.int8.file", ("step", "int8"), {"file": "../x.onnx", "sha256": "0"}),
-    ("future.graphs[0].file", ("future",), {"graphs": [{"file": "/x.onnx"}]}),
-], ids=["dotdot", "absolute", "nested-dotdot", "step", "text-encoder", "triton", "step-nested", "unknown-section"])
-def test_manifest_files_stay_inside_the_folder(hard_export: Path, tmp_path: Path, entry: str, path: tuple,
-                                               value: object) -> None:
+@pytest.mark.parametrize(
+    "entry,path,value",
+    [
+        ("artifacts['fp32'].file", ("artifacts", "fp32", "file"), "../outside/evil.onnx"),
+        ("artifacts['fp32'].file", ("artifacts", "fp32", "file"), "/etc/passwd"),
+        ("artifacts['fp16'].file", ("artifacts", "fp16", "file"), "sub/../../evil.onnx"),
+        ("step.file", ("step", "file"), "../model.step.onnx"),
+        (
+            "text_encoder.files['onnx'].file",
+            ("text_encoder",),
+            {"files": {"onnx": {"file": "../../enc.onnx", "sha256": "0"}}},
+        ),
+        (
+            "triton.file",
+            ("triton",),
+            {"repository": "/tmp/repo", "config": "cmath/config.pbtxt", "file": "../../x.onnx"},
+        ),
+        ("step.int8.file", ("step", "int8"), {"file": "../x.onnx", "sha256": "0"}),
+        ("future.graphs[0].file", ("future",), {"graphs": [{"file": "/x.onnx"}]}),
+    ],
+    ids=[
+        "dotdot",
+        "absolute",
+        "nested-dotdot",
+        "step",
+        "text-encoder",
+        "triton",
+        "step-nested",
+        "unknown-section",
+    ],
+)
+def test_manifest_files_stay_inside_the_folder(
+    hard_export: Path, tmp_path: Path, entry: str, path: tuple, value: object
+) -> None:
     folder = _copy(hard_export, tmp_path)
     outside = tmp_path / "outside"
     outside.mkdir()
-    shutil.copy(folder / "model.onnx", outside / "evil.onnx")  # a loadable graph, so only confinement can refuse it
+    shutil.copy(
+        folder / "model.onnx", outside / "evil.onnx"
+    )  # a loadable graph, so only confinement can refuse it
     _edit(folder, _set(path, value))
     with pytest.raises(ArtifactError) as e:
         cmath_runtime.load(folder, backend="cpu")
@@ -94,12 +118,15 @@ def test_symlink_out_of_the_folder_is_refused(hard_export: Path, tmp_path: Path)
     with pytest.raises(ArtifactError, match=r"artifacts\['fp32'\]\.file .* outside the artifact folder"):
         cmath_runtime.load(folder, backend="cpu")
     os.unlink(folder / "model.onnx")
-    os.symlink(folder / "model.fp16.onnx", folder / "model.onnx")  # a symlink inside the folder is fine (sha fails)
+    os.symlink(
+        folder / "model.fp16.onnx", folder / "model.onnx"
+    )  # a symlink inside the folder is fine (sha fails)
     with pytest.raises(ArtifactError, match="sha256 mismatch"):
         cmath_runtime.load(folder, backend="cpu")
 
 
 # --- extreme numbers never come back as NaN ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("value", [1e30, 3e38])
@@ -108,7 +135,12 @@ def test_extreme_features_are_refused_not_returned(hard_export: Path, precision:
     feats = _feats(4)
     feats["a"][1:4] = value  # three utterances
     with pytest.raises(InputError) as e:
-        model.predict([{"speakers": [0, 1, 0, 1], "features": _feats(4, 1)}, {"speakers": [0, 1, 0, 1], "features": feats}])
+        model.predict(
+            [
+                {"speakers": [0, 1, 0, 1], "features": _feats(4, 1)},
+                {"speakers": [0, 1, 0, 1], "features": feats},
+            ]
+        )
     assert e.value.field == "conversations[1].features" and "utterance 1" in str(e.value.actual)
     assert "non-finite" in str(e.value.actual) and precision in str(e.value.expected)
     # the step path: the offending utterances are named and taken back; the conversation goes on
@@ -123,10 +155,13 @@ def test_extreme_features_are_refused_not_returned(hard_export: Path, precision:
     assert e.value.field == "utterances[4:]" and len(conv) == 4
     assert np.isfinite(conv.probs()).all()
     conv.add(0, **{m: x[0] for m, x in _feats(1, 3).items()})
-    assert len(conv) == 5 and np.isfinite(conv.probs()).all() and np.allclose(conv.probs().sum(-1), 1, atol=1e-5)
+    assert (
+        len(conv) == 5 and np.isfinite(conv.probs()).all() and np.allclose(conv.probs().sum(-1), 1, atol=1e-5)
+    )
 
 
 # --- state files -------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def saved_state(hard_model: cmath_runtime.EmotionModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -163,14 +198,27 @@ def _poison(key: str, how: str):  # noqa: ANN202
     return change
 
 
-@pytest.mark.parametrize("key,how", [
-    ("state.past_key", "nan"), ("state.tail", "nan"), ("features.t", "nan"), ("state.probs", "nan"),
-    ("speakers", "dtype"), ("state.past_value", "dtype"), ("state.past_key", "shape"), ("features.a", "shape"),
-    ("state.tail", "missing"), ("meta.model_sha256", "0" * 64), ("meta.version", "99"), ("meta.format", "other"),
-    ("state.sha256", "f" * 64),
-])
-def test_bad_state_is_an_artifact_error_naming_the_key(hard_model: cmath_runtime.EmotionModel, saved_state: Path,
-                                                        tmp_path: Path, key: str, how: str) -> None:
+@pytest.mark.parametrize(
+    "key,how",
+    [
+        ("state.past_key", "nan"),
+        ("state.tail", "nan"),
+        ("features.t", "nan"),
+        ("state.probs", "nan"),
+        ("speakers", "dtype"),
+        ("state.past_value", "dtype"),
+        ("state.past_key", "shape"),
+        ("features.a", "shape"),
+        ("state.tail", "missing"),
+        ("meta.model_sha256", "0" * 64),
+        ("meta.version", "99"),
+        ("meta.format", "other"),
+        ("state.sha256", "f" * 64),
+    ],
+)
+def test_bad_state_is_an_artifact_error_naming_the_key(
+    hard_model: cmath_runtime.EmotionModel, saved_state: Path, tmp_path: Path, key: str, how: str
+) -> None:
     state = _state(saved_state)
     _poison(key, how)(state)
     bad = tmp_path / "bad.npz"
@@ -222,9 +270,18 @@ def test_state_round_trip_still_exact(hard_model: cmath_runtime.EmotionModel, sa
 
 # --- cmath-train options -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("args,option", [(["--epochs", "0"], "--epochs"), (["--lr", "0"], "--lr"),
-                                         (["--batch-size", "0"], "--batch-size"), (["--dropout", "1.5"], "--dropout"),
-                                         (["--val-fraction", "1"], "--val-fraction"), (["--seeds", "0"], "--seeds")])
+
+@pytest.mark.parametrize(
+    "args,option",
+    [
+        (["--epochs", "0"], "--epochs"),
+        (["--lr", "0"], "--lr"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--dropout", "1.5"], "--dropout"),
+        (["--val-fraction", "1"], "--val-fraction"),
+        (["--seeds", "0"], "--seeds"),
+    ],
+)
 def test_train_rejects_out_of_range_options(tmp_path: Path, args: list[str], option: str) -> None:
     from click.testing import CliRunner
 
@@ -237,9 +294,18 @@ def test_train_rejects_out_of_range_options(tmp_path: Path, args: list[str], opt
 
 # --- property: the whole input surface -> a finite Prediction or a CmathError -------------------------------------
 
-EXAMPLES = {"predict": 0, "conversation": 0, "text": 0}  # examples run, reported by test_property_examples_counted
-PROPERTY = settings(max_examples=150, deadline=10_000, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+EXAMPLES = {
+    "predict": 0,
+    "conversation": 0,
+    "text": 0,
+}  # examples run, reported by test_property_examples_counted
+PROPERTY = settings(
+    max_examples=150,
+    deadline=10_000,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 SPECIAL = [np.nan, np.inf, -np.inf, 1e30, -3e38, 3.4e38, 1e-45, -0.0, 0.0, 1.0, 65504.0, 7e4, 1e5, -1e19]
 DTYPES = ["float32", "float64", "float16", "int64", "int8", "uint8", "bool", "complex64", "object", "U3"]
 
@@ -248,14 +314,20 @@ DTYPES = ["float32", "float64", "float16", "int64", "int8", "uint8", "bool", "co
 def arrays(draw: st.DrawFn, shape: tuple[int, ...]) -> object:
     dtype = draw(st.sampled_from(DTYPES))
     size = int(np.prod(shape))
-    values = draw(st.lists(st.one_of(st.sampled_from(SPECIAL), st.floats(-10, 10)), min_size=size, max_size=size))
+    values = draw(
+        st.lists(st.one_of(st.sampled_from(SPECIAL), st.floats(-10, 10)), min_size=size, max_size=size)
+    )
     base = np.asarray(values, np.float64).reshape(shape)
     if dtype == "object":
         return base.astype(object)
     if dtype == "U3":
         return base.astype("U3")
     with np.errstate(all="ignore"):
-        arr = base.astype(dtype) if np.dtype(dtype).kind in "fc" else np.nan_to_num(base, posinf=1, neginf=-1).astype(dtype)
+        arr = (
+            base.astype(dtype)
+            if np.dtype(dtype).kind in "fc"
+            else np.nan_to_num(base, posinf=1, neginf=-1).astype(dtype)
+        )
     return draw(st.sampled_from([arr, arr.tolist()])) if size < 40 else arr
 
 
@@ -273,8 +345,11 @@ def features(draw: st.DrawFn, n: int, one: bool = False) -> object:
 
 @st.composite
 def speakers(draw: st.DrawFn, n: int) -> object:
-    ids = draw(st.lists(st.one_of(st.integers(-2, 11), st.sampled_from([2 ** 63 - 1, -(2 ** 63)])), min_size=n,
-                        max_size=n))
+    ids = draw(
+        st.lists(
+            st.one_of(st.integers(-2, 11), st.sampled_from([2**63 - 1, -(2**63)])), min_size=n, max_size=n
+        )
+    )
     kind = draw(st.sampled_from(["list", "int64", "int32", "float", "bool", "str", "2d", "scalar"]))
     if kind == "list":
         return ids
@@ -310,7 +385,9 @@ def _assert_prediction(pred: object, n: int | None = None) -> None:
 
 @pytest.fixture(scope="module")
 def models(hard_export: Path) -> dict[str, cmath_runtime.EmotionModel]:
-    return {p: cmath_runtime.load(hard_export, backend="cpu", threads=1, precision=p) for p in ("fp32", "fp16")}
+    return {
+        p: cmath_runtime.load(hard_export, backend="cpu", threads=1, precision=p) for p in ("fp32", "fp16")
+    }
 
 
 @PROPERTY
@@ -336,7 +413,9 @@ def test_property_conversation_add(models: dict, data: st.DataObject) -> None:
     model = models[data.draw(st.sampled_from(["fp32", "fp16"]))]
     conv = Conversation(model)
     for _ in range(data.draw(st.integers(1, 5))):
-        speaker = data.draw(st.one_of(st.integers(-1, 10), st.sampled_from([1.0, True, "0", None, np.int64(2)])))
+        speaker = data.draw(
+            st.one_of(st.integers(-1, 10), st.sampled_from([1.0, True, "0", None, np.int64(2)]))
+        )
         feats = data.draw(features(1, one=True))
         if data.draw(st.integers(0, 9)) == 0:
             feats["text"] = data.draw(st.text(max_size=10))
@@ -348,7 +427,11 @@ def test_property_conversation_add(models: dict, data: st.DataObject) -> None:
 
 
 @settings(PROPERTY, max_examples=40)
-@given(texts=st.one_of(st.lists(st.one_of(st.text(max_size=30), st.none(), st.integers()), max_size=4), st.text()))
+@given(
+    texts=st.one_of(
+        st.lists(st.one_of(st.text(max_size=30), st.none(), st.integers()), max_size=4), st.text()
+    )
+)
 def test_property_text_path(models: dict, texts: object) -> None:
     """An artifact without a text encoder: raw text is always a clear InputError, whatever the text is."""
     EXAMPLES["text"] += 1
@@ -363,8 +446,11 @@ def test_property_text_path(models: dict, texts: object) -> None:
 def test_property_examples_counted(request: pytest.FixtureRequest) -> None:
     """Runs after the property tests (file order): each property test collected in this session ran its examples
     (a property test that was collected but skipped or cut short fails here)."""
-    minimum = {"predict": ("test_property_predict", 100), "conversation": ("test_property_conversation_add", 100),
-               "text": ("test_property_text_path", 30)}
+    minimum = {
+        "predict": ("test_property_predict", 100),
+        "conversation": ("test_property_conversation_add", 100),
+        "text": ("test_property_text_path", 30),
+    }
     collected = {item.originalname for item in request.session.items if item.path == request.node.path}
     print(f"\nproperty examples run: {EXAMPLES}")
     checked = [key for key, (test, _) in minimum.items() if test in collected]

@@ -21,8 +21,13 @@ INT8_MAX_ABS = 0.03  # the export's bound on max |dp| vs PyTorch
 
 def _conversations(batch: int, n: int, seed: int) -> list[dict]:
     rng = np.random.default_rng([seed, batch, n])
-    return [{"speakers": rng.integers(0, 3, n), "features": {m: rng.standard_normal((n, d)).astype(np.float32)
-                                                              for m, d in TINY_DIMS.items()}} for _ in range(batch)]
+    return [
+        {
+            "speakers": rng.integers(0, 3, n),
+            "features": {m: rng.standard_normal((n, d)).astype(np.float32) for m, d in TINY_DIMS.items()},
+        }
+        for _ in range(batch)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +48,9 @@ def test_export_records_agreement(int8_causal_export: Path) -> None:
     assert art["bytes"] < manifest["artifacts"]["fp32"]["bytes"]
     for key in ("int8", "step_int8"):
         rep = manifest["parity"][key]
-        assert rep["passed"] and rep["argmax_agreement"] >= 0.95 and rep["min_argmax_agreement"] == 0.95  # conftest
+        assert (
+            rep["passed"] and rep["argmax_agreement"] >= 0.95 and rep["min_argmax_agreement"] == 0.95
+        )  # conftest
         assert next(o for o in rep["outputs"] if o["name"] == "probs")["max_abs"] <= INT8_MAX_ABS
     step = manifest["step"]["int8"]
     assert step["parity"]["passed"] and (int8_causal_export / step["file"]).is_file()
@@ -65,9 +72,19 @@ def test_int8_graph_is_quantized(int8_causal_export: Path) -> None:
         fp32 = onnx.load(str(int8_causal_export / fp32_name))
         assert weight_bytes(q) < 0.5 * weight_bytes(fp32), name
         # the reconstruction convs run as blockwise int8 MatMuls (MatMulNBits, 8 bits)
-        convs = count_ops(onnx.load(str(int8_causal_export / "model.onnx"))).get("Conv", 0)  # the step's fp32 file has
-        assert convs == ops.get("MatMulNBits", 0) > 0 and "Conv" not in ops, name  # them as GEMVs (rewrites.py)
-        assert all(a.i == 8 for n in q.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits")
+        convs = count_ops(onnx.load(str(int8_causal_export / "model.onnx"))).get(
+            "Conv", 0
+        )  # the step's fp32 file has
+        assert convs == ops.get("MatMulNBits", 0) > 0 and "Conv" not in ops, (
+            name
+        )  # them as GEMVs (rewrites.py)
+        assert all(
+            a.i == 8
+            for n in q.graph.node
+            if n.op_type == "MatMulNBits"
+            for a in n.attribute
+            if a.name == "bits"
+        )
     # the first scheme fuses the projections that read the same hidden rows (one MatMulInteger + Split each); it
     # meets the bound on this fixture, so a quiet fallback to the unfused scheme would fail here
     step_scheme = json.loads((int8_causal_export / "export.json").read_text())["step"]["int8"]["scheme"]
@@ -84,8 +101,13 @@ def test_int8_shapes_finite_close_padding_invariant(int8_model, fp32_model, shap
     batch, n = shape
     convs = _conversations(batch, n, 0)
     # conversations of different lengths in one batch: padding for all but the longest
-    convs = [{"speakers": c["speakers"][:n - i * (n // 3)], "features": {m: x[:n - i * (n // 3)] for m, x in
-                                                                         c["features"].items()}} for i, c in enumerate(convs)]
+    convs = [
+        {
+            "speakers": c["speakers"][: n - i * (n // 3)],
+            "features": {m: x[: n - i * (n // 3)] for m, x in c["features"].items()},
+        }
+        for i, c in enumerate(convs)
+    ]
     together = int8_model.predict(convs, batch_size=batch)
     alone = [int8_model.predict([c])[0] for c in convs]
     exact = fp32_model.predict(convs, batch_size=batch)
@@ -128,7 +150,9 @@ def test_failed_bound_writes_nothing(tiny_run: Path, tmp_path: Path, monkeypatch
     from cmath_export import export_run, parity
     from cmath_export.export import ParityError
 
-    run = tmp_path / "run"  # the bidirectional run: one graph to trace, and the int8 bound checked the same way
+    run = (
+        tmp_path / "run"
+    )  # the bidirectional run: one graph to trace, and the int8 bound checked the same way
     run.mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copy(tiny_run / name, run / name)
@@ -140,7 +164,9 @@ def test_failed_bound_writes_nothing(tiny_run: Path, tmp_path: Path, monkeypatch
     assert not (run / "export" / "model.int8.onnx").exists() and not (run / "export" / "export.json").exists()
 
 
-def test_int8_falls_back_to_the_next_scheme(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_int8_falls_back_to_the_next_scheme(
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A scheme whose graph misses the bound is not written: the next one (projections not fused) is, and export.json
     says which scheme made the artifact and what was tried first."""
     import onnx

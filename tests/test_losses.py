@@ -38,7 +38,9 @@ def test_each_term_matches_its_equation(setup):
     for name, ref in [("ce_x", ce_x), ("ce_m", ce_m), ("re", re), ("mse", mse), ("kl", kl)]:
         assert t[name].item() == pytest.approx(ref.item(), rel=1e-5), name
         assert t[name].item() > 0, name
-    assert t["total"].item() == pytest.approx((ce_x + ce_m + re + 0.7 * mse + 1.3 * kl).item(), rel=1e-5)  # (24)
+    assert t["total"].item() == pytest.approx(
+        (ce_x + ce_m + re + 0.7 * mse + 1.3 * kl).item(), rel=1e-5
+    )  # (24)
 
 
 def test_kl_is_zero_when_students_agree_with_the_teacher(setup):
@@ -104,6 +106,12 @@ def test_mse_teacher_gradient_is_a_config_choice(setup, detach):
     out = net(feats, speaker, mask)
     low_level_distillation(out, mask, detach).backward()
     grads = [p.grad for p in net.mlp_mu.parameters()]
-    assert all(g is None or not g.any() for g in grads) if detach else any(g is not None and g.any() for g in grads)
-    total = cmath_loss(net(feats, speaker, mask), labels, mask, LossConfig(detach_mse_teacher=detach))["total"]
+    assert (
+        all(g is None or not g.any() for g in grads)
+        if detach
+        else any(g is not None and g.any() for g in grads)
+    )
+    total = cmath_loss(net(feats, speaker, mask), labels, mask, LossConfig(detach_mse_teacher=detach))[
+        "total"
+    ]
     assert torch.isfinite(total)

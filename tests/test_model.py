@@ -41,6 +41,7 @@ def model(**overrides) -> CMATH:
 
 # --- blocks -------------------------------------------------------------------------------------------------
 
+
 def test_sinusoidal_positions_follow_eq_6_7():
     p = sinusoidal_positions(torch.arange(5), 8)
     assert p.shape == (5, 8)
@@ -109,6 +110,7 @@ def test_modality_reconstruction_shapes_and_padding():
 
 
 # --- the model ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("mods", SUBSETS)
 def test_every_modality_subset(mods):
@@ -194,6 +196,7 @@ def test_presets_use_the_paper_settings():
 
 
 # --- clear errors -------------------------------------------------------------------------------------------
+
 
 def _bad(net, feats, speaker, mask, match):
     with pytest.raises(InputError, match=match):

@@ -45,6 +45,7 @@ def labelled(cfg, lengths, seed=0):
 
 # --- registry -----------------------------------------------------------------------------------------------
 
+
 def test_registry_knows_every_model_and_names_them_on_error():
     assert {"cmath", "sdt", "dmd"} <= set(model_names())
     for name in ZOO:
@@ -54,6 +55,7 @@ def test_registry_knows_every_model_and_names_them_on_error():
 
 
 # --- forward contract ---------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ZOO)
 @pytest.mark.parametrize("mods", SUBSETS)
@@ -95,7 +97,9 @@ def test_fully_padded_batch_member_has_no_nan(name):
     out = net(feats, speaker, mask)
     tensors = [out.logits, out.embedding, *out.modality_logits.values(), *out.modality_embeddings.values()]
     assert all(torch.isfinite(t).all() for t in tensors)
-    assert all(torch.isfinite(v) for v in net.loss(out, labels, mask, LossConfig(confidence_kd=True)).values())
+    assert all(
+        torch.isfinite(v) for v in net.loss(out, labels, mask, LossConfig(confidence_kd=True)).values()
+    )
     net.eval()
     assert torch.isfinite(net(feats, speaker, mask).logits).all()
 
@@ -127,6 +131,7 @@ def test_clear_input_errors_like_cmath(name):
 
 # --- losses by hand -----------------------------------------------------------------------------------------
 
+
 def test_sdt_loss_terms_match_their_definitions():
     net = build("sdt", dropout=0.0).train()
     feats, speaker, mask, labels = labelled(net.cfg, [6, 4])
@@ -137,7 +142,9 @@ def test_sdt_loss_terms_match_their_definitions():
     ce_x = F.cross_entropy(out.logits[r], labels[r])
     ce_m = sum(F.cross_entropy(out.modality_logits[m][r], labels[r]) for m in "tav")
     p_x = (out.logits[r] / 2).softmax(-1)
-    kl = sum((p_x * (p_x.log() - (out.modality_logits[m][r] / 2).log_softmax(-1))).sum(-1).mean() for m in "tav")
+    kl = sum(
+        (p_x * (p_x.log() - (out.modality_logits[m][r] / 2).log_softmax(-1))).sum(-1).mean() for m in "tav"
+    )
     feat = sum(((out.embedding - out.modality_embeddings[m])[r] ** 2).mean() for m in "tav")
     for key, ref in [("ce_x", ce_x), ("ce_m", ce_m), ("kl", kl), ("feat", feat)]:
         assert t[key].item() == pytest.approx(ref.item(), rel=1e-5), key
@@ -154,7 +161,9 @@ def _brute_margin(points, ids, margin):
         pos = [j for j in range(len(ids)) if j != i and ids[j] == ids[i]]
         neg = [j for j in range(len(ids)) if ids[j] != ids[i]]
         if pos and neg:
-            per_anchor.append(torch.stack([F.relu(margin - cos[i, p] + cos[i, n]) for p in pos for n in neg]).mean())
+            per_anchor.append(
+                torch.stack([F.relu(margin - cos[i, p] + cos[i, n]) for p in pos for n in neg]).mean()
+            )
     return torch.stack(per_anchor).mean()
 
 
@@ -175,36 +184,63 @@ def test_dmd_loss_terms_match_their_definitions():
     net = build("dmd", dropout=0.0).train()
     feats, speaker, mask, labels = labelled(net.cfg, [6, 4])
     out = net(feats, speaker, mask)
-    cfg = DMDLossConfig(dmd_gamma_dec=0.2, dmd_gamma_margin_ort=0.3, dmd_gamma_gd=0.07, dmd_gd_repr=4.0, dmd_gd_reg=5.0)
+    cfg = DMDLossConfig(
+        dmd_gamma_dec=0.2, dmd_gamma_margin_ort=0.3, dmd_gamma_gd=0.07, dmd_gd_repr=4.0, dmd_gd_reg=5.0
+    )
     t = net.loss(out, labels, mask, cfg)
     r, mods = mask, "tav"
-    ce = {"ce_x": F.cross_entropy(out.logits[r], labels[r]),
-          "ce_m": sum(F.cross_entropy(h[m][r], labels[r]) for h in (out.modality_logits, out.hetero_logits) for m in mods),
-          "ce_c": F.cross_entropy(out.common_logits[r], labels[r])}
-    dec = {"re": sum(((out.reconstructions[m] - out.projected[m])[r] ** 2).mean() for m in mods),
-           "cycle": sum(((out.specific_cycle[m] - out.specific[m])[r] ** 2).mean() for m in mods),
-           "ort": sum(F.relu(F.cosine_similarity(out.specific[m][r], out.common[m][r], dim=-1)).mean() for m in mods),
-           "margin": _brute_margin(torch.cat([out.common_aligned[m][r] for m in mods]), labels[r].repeat(3), 0.15)}
+    ce = {
+        "ce_x": F.cross_entropy(out.logits[r], labels[r]),
+        "ce_m": sum(
+            F.cross_entropy(h[m][r], labels[r])
+            for h in (out.modality_logits, out.hetero_logits)
+            for m in mods
+        ),
+        "ce_c": F.cross_entropy(out.common_logits[r], labels[r]),
+    }
+    dec = {
+        "re": sum(((out.reconstructions[m] - out.projected[m])[r] ** 2).mean() for m in mods),
+        "cycle": sum(((out.specific_cycle[m] - out.specific[m])[r] ** 2).mean() for m in mods),
+        "ort": sum(
+            F.relu(F.cosine_similarity(out.specific[m][r], out.common[m][r], dim=-1)).mean() for m in mods
+        ),
+        "margin": _brute_margin(
+            torch.cat([out.common_aligned[m][r] for m in mods]), labels[r].repeat(3), 0.15
+        ),
+    }
     # graph distillation, by hand from the units' edges; pairs (student, teacher) in DMD's order
     pairs = [(n, m) for n in mods for m in mods if n != m]
     gd = {}
-    for unit, logits, reprs, key in ((net.homo_gd, out.modality_logits, out.modality_embeddings, "gd_homo"),
-                                     (net.hetero_gd, out.hetero_logits, out.hetero_embeddings, "gd_hetero")):
+    for unit, logits, reprs, key in (
+        (net.homo_gd, out.modality_logits, out.modality_embeddings, "gd_homo"),
+        (net.hetero_gd, out.hetero_logits, out.hetero_embeddings, "gd_hetero"),
+    ):
         edges = unit.edges(logits, reprs)
-        assert torch.allclose(edges.sum(-1), torch.ones(2, 6))  # a distribution over the 6 edges of each utterance
+        assert torch.allclose(
+            edges.sum(-1), torch.ones(2, 6)
+        )  # a distribution over the 6 edges of each utterance
         w = edges + unit.prior
-        gd[key] = sum((w[..., k] * (logits[n] - logits[m]).abs().sum(-1))[r].mean() for k, (n, m) in enumerate(pairs))
+        gd[key] = sum(
+            (w[..., k] * (logits[n] - logits[m]).abs().sum(-1))[r].mean() for k, (n, m) in enumerate(pairs)
+        )
         if key == "gd_hetero":
-            gd["gd_hetero_repr"] = sum((w[..., k] * F.relu(F.cosine_similarity(reprs[n], reprs[m], dim=-1)))[r].mean()
-                                       for k, (n, m) in enumerate(pairs))
+            gd["gd_hetero_repr"] = sum(
+                (w[..., k] * F.relu(F.cosine_similarity(reprs[n], reprs[m], dim=-1)))[r].mean()
+                for k, (n, m) in enumerate(pairs)
+            )
         gd.setdefault("gd_reg", 0)
         gd["gd_reg"] = gd["gd_reg"] + 5.0 * ((edges[r].mean(0) - unit.prior) ** 2).sum()
     refs = {**ce, **dec, **gd}
     for key, ref in refs.items():
         assert t[key].item() == pytest.approx(ref.item(), rel=1e-4), key
         assert t[key].item() > 0, key
-    total = (ce["ce_x"] + ce["ce_m"] + ce["ce_c"] + 0.2 * (dec["re"] + dec["cycle"] + 0.3 * (dec["margin"] + dec["ort"]))
-             + 0.07 * (gd["gd_homo"] + gd["gd_hetero"] + 4.0 * gd["gd_hetero_repr"] + gd["gd_reg"]))
+    total = (
+        ce["ce_x"]
+        + ce["ce_m"]
+        + ce["ce_c"]
+        + 0.2 * (dec["re"] + dec["cycle"] + 0.3 * (dec["margin"] + dec["ort"]))
+        + 0.07 * (gd["gd_homo"] + gd["gd_hetero"] + 4.0 * gd["gd_hetero_repr"] + gd["gd_reg"])
+    )
     assert t["total"].item() == pytest.approx(total.item(), rel=1e-5)
 
 
@@ -217,6 +253,7 @@ def test_dmd_edge_prior_lets_text_teach():
 
 
 # --- training -----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ZOO)
 def test_gradients_reach_every_parameter(name):
@@ -242,7 +279,11 @@ def test_overfits_a_tiny_batch(name):
     assert (pred[mask] == labels[mask]).float().mean().item() == 1.0
 
 
-CKD_IN_RUN = {"cmath": False, "sdt": True, "dmd": False}  # one trained run per model; confidence-KD rides along in one
+CKD_IN_RUN = {
+    "cmath": False,
+    "sdt": True,
+    "dmd": False,
+}  # one trained run per model; confidence-KD rides along in one
 
 
 @pytest.fixture(scope="module")
@@ -254,8 +295,15 @@ def zoo_runs(tiny_data, tiny_run, tmp_path_factory):
         if name in runs:
             continue
         out = tmp_path_factory.mktemp(f"run_{name}")
-        metrics = train(tiny_data, tiny_model_config(), LossConfig(confidence_kd=ckd), TrainConfig(epochs=2, batch_size=8, lr=3e-3),
-                        out, model_name=name, progress=False)
+        metrics = train(
+            tiny_data,
+            tiny_model_config(),
+            LossConfig(confidence_kd=ckd),
+            TrainConfig(epochs=2, batch_size=8, lr=3e-3),
+            out,
+            model_name=name,
+            progress=False,
+        )
         runs[name] = (out, metrics)
     return runs
 
@@ -287,7 +335,10 @@ def test_exports_and_serves_through_the_runtime_with_fp32_parity(name, zoo_runs,
     run, _ = zoo_runs[name]
     # CMATH's run is exported once per session (conftest tiny_export); the others here
     manifest = request.getfixturevalue("tiny_export")[1] if name == "cmath" else export_run(run)
-    assert manifest["model_name"] == name and json.loads((run / "export" / "export.json").read_text())["model_name"] == name
+    assert (
+        manifest["model_name"] == name
+        and json.loads((run / "export" / "export.json").read_text())["model_name"] == name
+    )
     fp32 = manifest["parity"]["fp32"]
     probs = next(o for o in fp32["outputs"] if o["name"] == "probs")
     assert fp32["passed"] and probs["max_abs"] <= 1e-4 and fp32["padded_rows_finite"]
@@ -297,8 +348,11 @@ def test_exports_and_serves_through_the_runtime_with_fp32_parity(name, zoo_runs,
     [pred] = served.predict([{"speakers": d.speakers.tolist(), "features": dict(d.features)}])
     ckpt = load_checkpoint(run)
     with torch.no_grad():
-        ref = ckpt.model({m: torch.from_numpy(x[None]).float() for m, x in d.features.items()},
-                         torch.from_numpy(d.speakers[None]), torch.ones(1, len(d.speakers), dtype=torch.bool))
+        ref = ckpt.model(
+            {m: torch.from_numpy(x[None]).float() for m, x in d.features.items()},
+            torch.from_numpy(d.speakers[None]),
+            torch.ones(1, len(d.speakers), dtype=torch.bool),
+        )
     assert np.abs(pred.probs - ref.logits.softmax(-1)[0].numpy()).max() <= 1e-4
 
 
@@ -307,18 +361,39 @@ def test_cli_trains_a_baseline_with_confidence_kd(tmp_path, monkeypatch):
     from cmath_train.cli import main as train_cli
     from cmath_train.data.synthetic import SyntheticConfig, make_synthetic
 
-    small = make_synthetic(SyntheticConfig(feature_dims={"t": 8, "a": 6, "v": 4}, conversations={"train": 12, "test": 4},
-                                           max_len=8))
+    small = make_synthetic(
+        SyntheticConfig(
+            feature_dims={"t": 8, "a": 6, "v": 4}, conversations={"train": 12, "test": 4}, max_len=8
+        )
+    )
     monkeypatch.setattr(data_mod, "load_data", lambda spec: small)
     out = tmp_path / "run"
-    res = CliRunner().invoke(train_cli, ["--model", "dmd", "--confidence-kd", "--modalities", "ta", "--epochs", "1", "--d", "16",
-                                         "--batch-size", "4", "--out", str(out), "--quiet"])
+    res = CliRunner().invoke(
+        train_cli,
+        [
+            "--model",
+            "dmd",
+            "--confidence-kd",
+            "--modalities",
+            "ta",
+            "--epochs",
+            "1",
+            "--d",
+            "16",
+            "--batch-size",
+            "4",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 0, res.output
     saved = json.loads((out / "config.json").read_text())
     assert saved["model_name"] == "dmd" and saved["loss"]["confidence_kd"] is True
 
 
 # --- confidence-gated KD ---------------------------------------------------------------------------------------------------
+
 
 def _kl(p_logits, q_logits, t=1.0):
     p = (p_logits / t).softmax(-1)
@@ -333,11 +408,13 @@ def test_confidence_kd_more_confident_modality_teaches_weighted_by_its_confidenc
     labels, mask = torch.tensor([[0, 1, 2]]), torch.ones(1, 3, dtype=torch.bool)
     cfg = LossConfig(confidence_kd=True, ckd_temperature=2.0)
     w = confidence_kd_weights(out, labels, cfg)
-    sure = torch.e ** 4 / (torch.e ** 4 + 2)
+    sure = torch.e**4 / (torch.e**4 + 2)
     assert torch.allclose(w[("t", "a")], torch.tensor([[sure, 0, 0]]))
     assert torch.allclose(w[("a", "t")], torch.tensor([[0, sure, 0]]))
     loss = confidence_kd_loss(out, labels, mask, cfg)
-    ref = (sure * _kl(t_logits[0, 0], a_logits[0, 0], 2.0) + sure * _kl(a_logits[0, 1], t_logits[0, 1], 2.0)) / 3
+    ref = (
+        sure * _kl(t_logits[0, 0], a_logits[0, 0], 2.0) + sure * _kl(a_logits[0, 1], t_logits[0, 1], 2.0)
+    ) / 3
     assert loss.item() == pytest.approx(ref.item(), rel=1e-6) and loss.item() > 0
     loss.backward()
     # the teacher receives no gradient from its own lesson; the student does; the tie moves nobody
@@ -348,12 +425,19 @@ def test_confidence_kd_more_confident_modality_teaches_weighted_by_its_confidenc
 
 def test_ckd_confidence_true_class_or_max_prob():
     # text is confidently wrong (class 1), audio mildly right (class 0)
-    out = SimpleNamespace(modality_logits={"t": torch.tensor([[[0.0, 3, 0]]]), "a": torch.tensor([[[1.0, 0, 0]]])})
+    out = SimpleNamespace(
+        modality_logits={"t": torch.tensor([[[0.0, 3, 0]]]), "a": torch.tensor([[[1.0, 0, 0]]])}
+    )
     labels = torch.tensor([[0]])
     w_true = confidence_kd_weights(out, labels, LossConfig(ckd_confidence="true_class"))
     w_max = confidence_kd_weights(out, labels, LossConfig(ckd_confidence="max_prob"))
-    assert w_true[("a", "t")].item() == pytest.approx(torch.e / (torch.e + 2)) and w_true[("t", "a")].item() == 0
-    assert w_max[("t", "a")].item() == pytest.approx(torch.e ** 3 / (torch.e ** 3 + 2)) and w_max[("a", "t")].item() == 0
+    assert (
+        w_true[("a", "t")].item() == pytest.approx(torch.e / (torch.e + 2)) and w_true[("t", "a")].item() == 0
+    )
+    assert (
+        w_max[("t", "a")].item() == pytest.approx(torch.e**3 / (torch.e**3 + 2))
+        and w_max[("a", "t")].item() == 0
+    )
     with pytest.raises(ValueError, match="ckd_confidence: expected one of"):
         LossConfig(ckd_confidence="confidnet")
 
@@ -366,7 +450,9 @@ def test_confidence_kd_is_added_to_any_models_total_with_its_weight():
     plain = cmath_loss(out, labels, mask, CMATHLossConfig())
     with_ckd = cmath_loss(out, labels, mask, CMATHLossConfig(confidence_kd=True, ckd_weight=0.7))
     assert "ckd" not in plain and with_ckd["ckd"].item() > 0
-    assert with_ckd["total"].item() == pytest.approx(plain["total"].item() + 0.7 * with_ckd["ckd"].item(), rel=1e-6)
+    assert with_ckd["total"].item() == pytest.approx(
+        plain["total"].item() + 0.7 * with_ckd["ckd"].item(), rel=1e-6
+    )
     padded = labels.clone()
     padded[0, 5] = -1  # an unlabelled row never teaches nor learns
     terms = add_confidence_kd({"total": torch.zeros(())}, out, padded, mask, LossConfig(confidence_kd=True))
@@ -379,30 +465,61 @@ def test_confidence_kd_is_added_to_any_models_total_with_its_weight():
 
 # --- comparison ---------------------------------------------------------------------------------------------
 
+
 def test_compare_models_writes_the_table(tmp_path, monkeypatch):
     import cmath_train.data as data_mod
     from benchmarks.compare_models import main as compare_cli
     from cmath_train.data.synthetic import SyntheticConfig, make_synthetic
 
-    small = make_synthetic(SyntheticConfig(feature_dims={"t": 8, "a": 6, "v": 4}, conversations={"train": 12, "test": 4},
-                                           max_len=8))
+    small = make_synthetic(
+        SyntheticConfig(
+            feature_dims={"t": 8, "a": 6, "v": 4}, conversations={"train": 12, "test": 4}, max_len=8
+        )
+    )
     monkeypatch.setattr(data_mod, "load_data", lambda spec: small)
     out = tmp_path / "cmp"
-    res = CliRunner().invoke(compare_cli, ["--models", "cmath,sdt,dmd+ckd", "--recipes", "cmath=auto,sdt=meld", "--seeds",
-                                           "2", "--epochs", "1", "--d", "16", "--modalities", "ta", "--latency-calls", "5",
-                                           "--latency-backend", "eager", "--out", str(out), "--quiet"])
+    res = CliRunner().invoke(
+        compare_cli,
+        [
+            "--models",
+            "cmath,sdt,dmd+ckd",
+            "--recipes",
+            "cmath=auto,sdt=meld",
+            "--seeds",
+            "2",
+            "--epochs",
+            "1",
+            "--d",
+            "16",
+            "--modalities",
+            "ta",
+            "--latency-calls",
+            "5",
+            "--latency-backend",
+            "eager",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 0, res.output
     report = json.loads((out / "compare.json").read_text())
     assert list(report["models"]) == ["cmath", "sdt", "dmd+ckd"] and report["seeds"] == [0, 1]
     # each model's own recipe: CMATH's chosen from the data, SDT's published MELD one, DMD the shared preset
     assert [m["recipe"] for m in report["models"].values()] == ["auto:multimodal", "meld", "default"]
     sdt_cfg = json.loads((out / "sdt" / "seed_0" / "config.json").read_text())
-    assert sdt_cfg["train"]["lr"] == 5e-6 and sdt_cfg["train"]["epochs"] == 1 and sdt_cfg["loss"]["sdt_temperature"] == 8
+    assert (
+        sdt_cfg["train"]["lr"] == 5e-6
+        and sdt_cfg["train"]["epochs"] == 1
+        and sdt_cfg["loss"]["sdt_temperature"] == 8
+    )
     assert json.loads((out / "cmath" / "seed_0" / "config.json").read_text())["train"]["ema_decay"] > 0
     dmd = report["models"]["dmd+ckd"]
     assert dmd["model"] == "dmd" and dmd["confidence_kd"] and set(dmd["test"]["accuracy"]) == {"mean", "std"}
     assert dmd["parameters"] > 0 and dmd["latency"]["p50_ms"] > 0
-    assert json.loads((out / "dmd+ckd" / "seed_1" / "config.json").read_text())["loss"]["confidence_kd"] is True
+    assert (
+        json.loads((out / "dmd+ckd" / "seed_1" / "config.json").read_text())["loss"]["confidence_kd"] is True
+    )
     table = (out / "compare.md").read_text()
     assert "| dmd+ckd | `default` |" in table and "| sdt | `meld` |" in table
     assert report["latency"]["backend"] in table and "NOT the exported runtime" in table

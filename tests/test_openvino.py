@@ -36,8 +36,10 @@ def test_default_is_f32_read_back(ov_model) -> None:
 def test_openvino_matches_onnxruntime(ov_model, ort_model, shape: tuple[int, int]) -> None:
     batch, n = shape
     convs = _conversations(batch, n, 1)
-    convs = [{"speakers": c["speakers"][:n - i], "features": {m: x[:n - i] for m, x in c["features"].items()}}
-             for i, c in enumerate(convs)]
+    convs = [
+        {"speakers": c["speakers"][: n - i], "features": {m: x[: n - i] for m, x in c["features"].items()}}
+        for i, c in enumerate(convs)
+    ]
     got = ov_model.predict(convs, batch_size=batch)
     alone = [ov_model.predict([c])[0] for c in convs]
     ref = ort_model.predict(convs, batch_size=batch)
@@ -51,7 +53,9 @@ def test_bf16_only_when_asked(int8_causal_export: Path, ort_model) -> None:
     pytest.importorskip("openvino")
     try:
         model = cmath_runtime.load(int8_causal_export, backend="openvino", precision="bf16", threads=1)
-    except BackendUnavailableError as e:  # a CPU without bf16: OpenVINO would run f32, which we refuse to call bf16
+    except (
+        BackendUnavailableError
+    ) as e:  # a CPU without bf16: OpenVINO would run f32, which we refuse to call bf16
         assert "bf16" in str(e)
         return
     assert model._info.session.inference_precision == "bf16" and model.precision == "bf16"
@@ -77,7 +81,9 @@ def test_shapes_are_specialised_from_their_second_call(int8_causal_export: Path,
     [shape_a] = session.specialised_shapes()
     assert shape_a["mask"] == (1, 9)
     [entry] = session._static.values()
-    assert getattr(entry._local, "request", None) is not None  # the later calls really ran the specialised model
+    assert (
+        getattr(entry._local, "request", None) is not None
+    )  # the later calls really ran the specialised model
     for got in answers:
         assert np.abs(got[0].probs - ref_a[0].probs).max() < 1e-5
     for call in range(7):  # a had 3 of the recent calls: b takes its slot on its 7th (more than twice a's)
@@ -131,7 +137,9 @@ def test_openvino_step_path(ov_model, ort_model) -> None:
     assert np.abs(stream.probs() - full.probs).max() < 1e-4
 
 
-def test_missing_openvino_is_one_clear_error(int8_causal_export: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_openvino_is_one_clear_error(
+    int8_causal_export: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` now raises ImportError
     with pytest.raises(BackendUnavailableError) as e:
         cmath_runtime.load(int8_causal_export, backend="openvino")

@@ -93,10 +93,14 @@ def test_orders_rows_and_writes_the_feature_format(splits: dict[str, Path], tmp_
     run(splits, tmp_path / "feat")
     fs = load_features(tmp_path / "feat")
     assert fs.label_names == ["anger", "joy", "neutral", "surprise"]  # alphabetical, from train
-    assert fs.feature_dims == {"t": 8} and fs.num_speakers == 9 and list(fs.splits) == ["train", "dev", "test"]
+    assert (
+        fs.feature_dims == {"t": 8} and fs.num_speakers == 9 and list(fs.splits) == ["train", "dev", "test"]
+    )
     d0, d1 = fs.splits["train"]
     assert (d0.id, d1.id) == ("0", "1")
-    np.testing.assert_array_equal(d0.features["t"], np.stack([FakeEncoder.vector(t) for t in ["Hello!", "Hi there.", "Go away."]]))
+    np.testing.assert_array_equal(
+        d0.features["t"], np.stack([FakeEncoder.vector(t) for t in ["Hello!", "Hi there.", "Go away."]])
+    )
     assert d0.labels.tolist() == [2, 1, 0] and d0.speakers.tolist() == [0, 1, 2]
     assert d1.speakers.tolist() == [0, 1]  # ids restart in each conversation
     meta = json.loads((tmp_path / "feat/meta.json").read_text())["meta"]
@@ -132,27 +136,62 @@ def test_speaker_mappings_handle_unseen_speakers(splits: dict[str, Path], tmp_pa
     assert fs.splits["test"][0].speakers.tolist() == [2, 0]  # unseen Eve -> other
 
 
-def test_cli_column_options_and_multi_column_dialogue_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_column_options_and_multi_column_dialogue_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     header = ["season", "ep", "turn", "who", "line", "feeling"]
-    rows = [[1, 5, "2", "B", "second", "sad"], [2, 5, "0", "X", "other talk", "happy"], [1, 5, "0.5", "A", "first", "happy"]]
+    rows = [
+        [1, 5, "2", "B", "second", "sad"],
+        [2, 5, "0", "X", "other talk", "happy"],
+        [1, 5, "0.5", "A", "first", "happy"],
+    ]
     train = write_csv(tmp_path / "train.csv", header, rows)
     test = write_csv(tmp_path / "test.csv", header, rows[:2])
-    monkeypatch.setattr(build_module.SentenceTransformerEncoder, "load", classmethod(lambda cls, *a, **k: FakeEncoder()))
-    args = ["csv", "--train", str(train), "--test", str(test), "--out", str(tmp_path / "feat"), "--no-cache",
-            "--text-col", "line", "--speaker-col", "who", "--label-col", "feeling", "--dialogue-cols", "season, ep",
-            "--order-col", "turn", "--speakers", "frequent", "--num-speakers", "4", "--finetune-epochs", "0"]
+    monkeypatch.setattr(
+        build_module.SentenceTransformerEncoder, "load", classmethod(lambda cls, *a, **k: FakeEncoder())
+    )
+    args = [
+        "csv",
+        "--train",
+        str(train),
+        "--test",
+        str(test),
+        "--out",
+        str(tmp_path / "feat"),
+        "--no-cache",
+        "--text-col",
+        "line",
+        "--speaker-col",
+        "who",
+        "--label-col",
+        "feeling",
+        "--dialogue-cols",
+        "season, ep",
+        "--order-col",
+        "turn",
+        "--speakers",
+        "frequent",
+        "--num-speakers",
+        "4",
+        "--finetune-epochs",
+        "0",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     fs = load_features(tmp_path / "feat")
     assert [d.id for d in fs.splits["train"]] == ["1/5", "2/5"]
     first = fs.splits["train"][0]
-    np.testing.assert_array_equal(first.features["t"], np.stack([FakeEncoder.vector("first"), FakeEncoder.vector("second")]))
+    np.testing.assert_array_equal(
+        first.features["t"], np.stack([FakeEncoder.vector("first"), FakeEncoder.vector("second")])
+    )
     assert [fs.label_names[i] for i in first.labels] == ["happy", "sad"]
     assert list(fs.splits) == ["train", "test"]
 
 
 def test_unknown_test_label_names_file_row_and_label(splits: dict[str, Path], tmp_path: Path) -> None:
-    bad = write_csv(tmp_path / "bad.csv", MELD_HEADER, meld_rows([TEST[0], ("Ugh.", "Ann", "contempt", 7, 1)]))
+    bad = write_csv(
+        tmp_path / "bad.csv", MELD_HEADER, meld_rows([TEST[0], ("Ugh.", "Ann", "contempt", 7, 1)])
+    )
     with pytest.raises(InputError) as e:
         run({**splits, "test": bad}, tmp_path / "feat")
     assert str(bad) in str(e.value) and "data row 2 (line 3)" in str(e.value) and "'contempt'" in str(e.value)
@@ -160,11 +199,21 @@ def test_unknown_test_label_names_file_row_and_label(splits: dict[str, Path], tm
 
 
 def test_mojibake_and_cp1252_files_are_normalised(tmp_path: Path) -> None:
-    rows = meld_rows([("He\x92s here\x85", "Ann", "joy", 0, 0), ("You\u00e2\u20ac\u2122re  late", "Bob", "anger", 0, 1),
-                      ("Caf\u00e9 Nestl\u00e9", "Ann", "joy", 0, 2)])
+    rows = meld_rows(
+        [
+            ("He\x92s here\x85", "Ann", "joy", 0, 0),
+            ("You\u00e2\u20ac\u2122re  late", "Bob", "anger", 0, 1),
+            ("Caf\u00e9 Nestl\u00e9", "Ann", "joy", 0, 2),
+        ]
+    )
     table = read_conversations(write_csv(tmp_path / "u.csv", MELD_HEADER, rows))
     assert table.dialogues[0].texts == ["He\u2019s here\u2026", "You\u2019re late", "Caf\u00e9 Nestl\u00e9"]
-    raw = write_csv(tmp_path / "w.csv", MELD_HEADER, meld_rows([("It\u2019s caf\u00e9", "Zo\u00eb", "joy", 0, 0)]), "cp1252")
+    raw = write_csv(
+        tmp_path / "w.csv",
+        MELD_HEADER,
+        meld_rows([("It\u2019s caf\u00e9", "Zo\u00eb", "joy", 0, 0)]),
+        "cp1252",
+    )
     table = read_conversations(raw)
     assert table.encoding == "cp1252" and table.dialogues[0].texts == ["It\u2019s caf\u00e9"]
     assert table.dialogues[0].speakers == ["Zo\u00eb"]
@@ -177,8 +226,14 @@ def test_mojibake_and_cp1252_files_are_normalised(tmp_path: Path) -> None:
         ("", "an empty file"),
         ("\n\n", "an empty file"),
         (",".join(MELD_HEADER) + "\n", "only a header"),
-        (",".join(MELD_HEADER) + "\n1,Hi,Ann,joy,0,first\n", "data row 1 (line 2), column 'Utterance_ID': expected a number"),
-        (",".join(MELD_HEADER) + "\n1,Hi,Ann,joy,0,1\n2,Yo,Bob,joy,0,1\n", "distinct values within conversation '0'"),
+        (
+            ",".join(MELD_HEADER) + "\n1,Hi,Ann,joy,0,first\n",
+            "data row 1 (line 2), column 'Utterance_ID': expected a number",
+        ),
+        (
+            ",".join(MELD_HEADER) + "\n1,Hi,Ann,joy,0,1\n2,Yo,Bob,joy,0,1\n",
+            "distinct values within conversation '0'",
+        ),
         (",".join(MELD_HEADER) + "\n1,Hi, there,Ann,joy,0,1\n", "7 fields"),
         (",".join(MELD_HEADER) + "\n1,Hi,Ann,,0,1\n", "column 'Emotion': expected a label"),
     ],
@@ -192,7 +247,9 @@ def test_bad_files_are_clear_errors(tmp_path: Path, content: str, expected: str)
 
 
 def test_missing_column_lists_the_columns_found(tmp_path: Path) -> None:
-    path = write_csv(tmp_path / "x.csv", ["Utterance", "Speaker", "Dialogue_ID", "Utterance_ID"], [["Hi", "A", 0, 0]])
+    path = write_csv(
+        tmp_path / "x.csv", ["Utterance", "Speaker", "Dialogue_ID", "Utterance_ID"], [["Hi", "A", 0, 0]]
+    )
     with pytest.raises(InputError) as e:
         read_conversations(path)
     message = str(e.value)
@@ -207,7 +264,9 @@ def test_cache_makes_reruns_free(tmp_path: Path) -> None:
     first = encode_texts(enc, ["a", "bb", "a", "ccc"], cache, chunk=2, flush_every=2)
     assert sorted(enc.seen) == ["a", "bb", "ccc"]  # duplicates embedded once
     again = FakeEncoder()
-    second = encode_texts(again, ["ccc", "a", "dddd"], EmbeddingCache(tmp_path / "cache", again.identity, again.dim))
+    second = encode_texts(
+        again, ["ccc", "a", "dddd"], EmbeddingCache(tmp_path / "cache", again.identity, again.dim)
+    )
     assert again.seen == ["dddd"]
     np.testing.assert_array_equal(second[:2], first[[3, 0]])
     for shard in cache.dir.glob("shard-*.npz"):
@@ -218,7 +277,9 @@ def test_cache_makes_reruns_free(tmp_path: Path) -> None:
 
 
 @pytest.mark.meld
-@pytest.mark.skipif(not (MELD_DIR / "dev_sent_emo.csv").is_file(), reason=f"MELD CSVs not found in {MELD_DIR}")
+@pytest.mark.skipif(
+    not (MELD_DIR / "dev_sent_emo.csv").is_file(), reason=f"MELD CSVs not found in {MELD_DIR}"
+)
 def test_real_meld_dev_file(tmp_path: Path) -> None:
     dev = MELD_DIR / "dev_sent_emo.csv"
     fs = run({"train": dev, "test": dev}, tmp_path / "feat")
@@ -260,16 +321,27 @@ def test_finetune_saves_a_reloadable_changed_encoder(tmp_path: Path, tiny_encode
     train = write_csv(tmp_path / "train.csv", MELD_HEADER, meld_rows(rows))
     dev = write_csv(tmp_path / "dev.csv", MELD_HEADER, meld_rows(rows[:10]))
     out = tmp_path / "feat"
-    options = dict(encoder_dir=tiny_encoder, finetune=FinetuneOptions(epochs=1, batch_size=8, lr=1e-3),
-                   turns=TurnFormat(window=2, max_tokens=48), crossfit_folds=2)
-    fs = prepare_features({"train": train, "dev": dev, "test": dev}, out, PrepareOptions(cache_dir=None, **options),
-                          log=lambda _: None)
+    options = dict(
+        encoder_dir=tiny_encoder,
+        finetune=FinetuneOptions(epochs=1, batch_size=8, lr=1e-3),
+        turns=TurnFormat(window=2, max_tokens=48),
+        crossfit_folds=2,
+    )
+    fs = prepare_features(
+        {"train": train, "dev": dev, "test": dev},
+        out,
+        PrepareOptions(cache_dir=None, **options),
+        log=lambda _: None,
+    )
     info = fs.meta["text_encoder"]
     assert info["path"] == str((out / "encoder").resolve()) and info["dim"] == 32
     ft = info["finetune"]
     assert ft["best_epoch"] == 1 and ft["history"][0]["dev_weighted_f1"] is not None
     assert ft["base_encoder"]["path"] == str(tiny_encoder.resolve())
-    before, after = load_file(str(tiny_encoder / "model.safetensors")), load_file(str(out / "encoder/model.safetensors"))
+    before, after = (
+        load_file(str(tiny_encoder / "model.safetensors")),
+        load_file(str(out / "encoder/model.safetensors")),
+    )
     changed = {k for k in before if not np.array_equal(before[k], after[k])}
     assert before.keys() == after.keys() and changed and "embeddings.word_embeddings.weight" not in changed
     reloaded = SentenceTransformerEncoder.load(out / "encoder")
@@ -279,7 +351,9 @@ def test_finetune_saves_a_reloadable_changed_encoder(tmp_path: Path, tiny_encode
     probs = np.load(out / "encoder_classifier.npz")
     assert probs["dev_probs"].shape == (10, 3) and np.allclose(probs["dev_probs"].sum(1), 1, atol=1e-5)
     feats = load_features(out)
-    assert [t for d in feats.splits["dev"] for t in d.texts] == [t for d in read_conversations(dev).dialogues for t in d.texts]
+    assert [t for d in feats.splits["dev"] for t in d.texts] == [
+        t for d in read_conversations(dev).dialogues for t in d.texts
+    ]
 
 
 def test_linear_probe_tunes_c_on_dev_and_scores_test() -> None:
@@ -290,11 +364,20 @@ def test_linear_probe_tunes_c_on_dev_and_scores_test() -> None:
 
     def split(n: int) -> list[Dialogue]:
         y = rng.integers(0, 3, (n, 4))
-        return [Dialogue(str(i), {"t": (np.eye(3)[row] * 3 + rng.normal(size=(4, 3))).astype(np.float32)},
-                         np.zeros(4, np.int64), row) for i, row in enumerate(y)]
+        return [
+            Dialogue(
+                str(i),
+                {"t": (np.eye(3)[row] * 3 + rng.normal(size=(4, 3))).astype(np.float32)},
+                np.zeros(4, np.int64),
+                row,
+            )
+            for i, row in enumerate(y)
+        ]
 
     fs = FeatureSet(["a", "b", "c"], {"t": 3}, 2, {"train": split(30), "dev": split(10), "test": split(10)})
     r = linear_probe(fs, cs=(0.01, 1.0))
     assert r.selection == "dev" and set(r.by_c) == {0.01, 1.0} and r.test_weighted_f1 > 0.8
-    no_dev = FeatureSet(fs.label_names, fs.feature_dims, 2, {"train": fs.splits["train"], "test": fs.splits["test"]})
+    no_dev = FeatureSet(
+        fs.label_names, fs.feature_dims, 2, {"train": fs.splits["train"], "test": fs.splits["test"]}
+    )
     assert linear_probe(no_dev, cs=(1.0,)).selection == "20% of train conversations (seed 0)"

@@ -57,10 +57,13 @@ def _triton_or_skip() -> None:
 def test_balancer_config_is_valid_haproxy_and_hashes_the_conversation_header(tmp_path: Path) -> None:
     haproxy = _haproxy_or_skip()
     replicas = [ReplicaAddress.parse("10.0.0.5:8000:8001"), ReplicaAddress.parse("10.0.0.6:9000:9001")]
-    text = haproxy_config(replicas, BalancerOptions(bind="127.0.0.1", grpc_port=18001, http_port=18000,
-                                                    stats_port=18002))
+    text = haproxy_config(
+        replicas, BalancerOptions(bind="127.0.0.1", grpc_port=18001, http_port=18000, stats_port=18002)
+    )
     (tmp_path / "haproxy.cfg").write_text(text)
-    check = subprocess.run([str(haproxy), "-c", "-f", str(tmp_path / "haproxy.cfg")], capture_output=True, text=True)
+    check = subprocess.run(
+        [str(haproxy), "-c", "-f", str(tmp_path / "haproxy.cfg")], capture_output=True, text=True
+    )
     assert check.returncode == 0, check.stdout + check.stderr
     assert text.count("balance hdr(x-cmath-conversation)") == 2 and text.count("hash-type consistent") == 2
     assert "server r1 10.0.0.6:9001 proto h2 check-proto h1 port 9000" in text  # gRPC, checked on HTTP
@@ -69,10 +72,15 @@ def test_balancer_config_is_valid_haproxy_and_hashes_the_conversation_header(tmp
     for bad in ("10.0.0.5:8000", "host:x:8001", ":1:2", "h:0:70000"):
         with pytest.raises(ValueError, match="HOST:HTTP_PORT:GRPC_PORT"):
             ReplicaAddress.parse(bad)
-    csv = ("# pxname,svname,qcur,status,stot,econ,eresp\ngrpc_replicas,FRONTEND,,OPEN,5,,\n"
-           "grpc_replicas,r0,0,UP,3,0,0\ngrpc_replicas,r1,0,DOWN,2,1,1\n")
+    csv = (
+        "# pxname,svname,qcur,status,stot,econ,eresp\ngrpc_replicas,FRONTEND,,OPEN,5,,\n"
+        "grpc_replicas,r0,0,UP,3,0,0\ngrpc_replicas,r1,0,DOWN,2,1,1\n"
+    )
     rows = parse_stats_csv(csv)
-    assert [(r.name, r.up, r.requests, r.connection_errors) for r in rows] == [("r0", True, 3, 0), ("r1", False, 2, 1)]
+    assert [(r.name, r.up, r.requests, r.connection_errors) for r in rows] == [
+        ("r0", True, 3, 0),
+        ("r1", False, 2, 1),
+    ]
 
 
 def test_unreachable_server_is_a_clear_error_after_bounded_retries() -> None:
@@ -91,11 +99,35 @@ class Cluster:
     def __init__(self, export_dir: Path, out: Path, replicas: int) -> None:
         self.out = out
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, "-m", "cmath_serve.cli", str(export_dir), "--replicas", str(replicas),
-               "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", "--threads", "1",
-               "--queue-delay-us", "2000", "--exit-timeout-s", "5", "--balancer-dir", str(out.parent / "balancer")]
-        self.proc = subprocess.Popen(cmd, stdout=open(out, "w"), stderr=subprocess.STDOUT, env=env,  # noqa: SIM115
-                                     start_new_session=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "cmath_serve.cli",
+            str(export_dir),
+            "--replicas",
+            str(replicas),
+            "--http-port",
+            "0",
+            "--grpc-port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--threads",
+            "1",
+            "--queue-delay-us",
+            "2000",
+            "--exit-timeout-s",
+            "5",
+            "--balancer-dir",
+            str(out.parent / "balancer"),
+        ]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=open(out, "w"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
 
     def wait_ready(self, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
@@ -104,8 +136,10 @@ class Cluster:
             if "cmath-serve: ready" in text and "Ctrl-C" in text:
                 self.grpc = re.search(r"gRPC +(127\.0\.0\.1:\d+)", text).group(1)
                 self.stats_url = re.search(r"stats +(http://\S+)", text).group(1)
-                self.replicas = {m.group(1): (int(m.group(2)), int(m.group(3)))
-                                 for m in re.finditer(r"replica +(r\d+) pid (\d+) +gRPC 127\.0\.0\.1:(\d+)", text)}
+                self.replicas = {
+                    m.group(1): (int(m.group(2)), int(m.group(3)))
+                    for m in re.finditer(r"replica +(r\d+) pid (\d+) +gRPC 127\.0\.0\.1:(\d+)", text)
+                }
                 return
             if self.proc.poll() is not None:
                 raise RuntimeError(f"cmath-serve exited with {self.proc.returncode}:\n{text}")
@@ -151,8 +185,10 @@ def model(causal_export: Path):
 
 def _conversation(model, n: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
     rng = np.random.default_rng(seed)
-    return ({m: rng.standard_normal((n, d)).astype(np.float32) for m, d in model.feature_dims.items()},
-            rng.integers(0, model.num_speakers, n).astype(np.int64))
+    return (
+        {m: rng.standard_normal((n, d)).astype(np.float32) for m, d in model.feature_dims.items()},
+        rng.integers(0, model.num_speakers, n).astype(np.int64),
+    )
 
 
 def _serial_probs(model, feats: dict[str, np.ndarray], speakers: np.ndarray) -> np.ndarray:
@@ -186,10 +222,12 @@ def test_batches_and_bad_input_through_the_balancer(cluster: Cluster, model) -> 
     local, remote = cmath_runtime.Conversation(model), client.conversation()
     nan = feats["a"][0].copy()
     nan[3] = np.nan
-    for kwargs in ({"speaker": 99, "t": feats["t"][0], "a": feats["a"][0], "v": feats["v"][0]},
-                   {"speaker": 0, "t": feats["t"][0], "a": nan, "v": feats["v"][0]},
-                   {"speaker": 0, "t": feats["t"][0], "a": feats["a"][0]},
-                   {"speaker": 0, "t": feats["t"][0][:-1], "a": feats["a"][0], "v": feats["v"][0]}):
+    for kwargs in (
+        {"speaker": 99, "t": feats["t"][0], "a": feats["a"][0], "v": feats["v"][0]},
+        {"speaker": 0, "t": feats["t"][0], "a": nan, "v": feats["v"][0]},
+        {"speaker": 0, "t": feats["t"][0], "a": feats["a"][0]},
+        {"speaker": 0, "t": feats["t"][0][:-1], "a": feats["a"][0], "v": feats["v"][0]},
+    ):
         speaker = kwargs.pop("speaker")
         with pytest.raises(InputError) as want:
             local.add(speaker, **kwargs)
@@ -232,7 +270,9 @@ def test_a_replica_killed_half_way_loses_no_conversation(cluster: Cluster, model
             feats, speakers = data[j]
             conv = client.conversation()
             for i in range(UTTERANCES):
-                conv.add(int(speakers[i]), end=i == UTTERANCES - 1, **{m: feats[m][i] for m in model.modalities})
+                conv.add(
+                    int(speakers[i]), end=i == UTTERANCES - 1, **{m: feats[m][i] for m in model.modalities}
+                )
                 with lock:
                     answered[0] += 1
                     if answered[0] >= CONVERSATIONS * UTTERANCES // 2:
@@ -248,7 +288,9 @@ def test_a_replica_killed_half_way_loses_no_conversation(cluster: Cluster, model
         t.start()
     assert half.wait(400), f"half-way not reached: {answered[0]} answered, errors {errors[:1]}"
     before = cluster.stats()
-    victim = max(before, key=lambda name: before[name].requests)  # the busiest replica: it holds conversations
+    victim = max(
+        before, key=lambda name: before[name].requests
+    )  # the busiest replica: it holds conversations
     os.kill(cluster.replicas[victim][0], signal.SIGKILL)
     deadline = time.monotonic() + 60
     while cluster.stats()[victim].up and time.monotonic() < deadline:
@@ -273,7 +315,9 @@ def test_a_replica_killed_half_way_loses_no_conversation(cluster: Cluster, model
     # clean shutdown: SIGTERM stops the balancer and the surviving replicas; nothing of ours is left running
     assert cluster.stop() == 0, cluster.out.read_text()
     marks = [f"_{grpc}_" for _, grpc in cluster.replicas.values()]  # tritonserver's and its stubs' shm prefix
-    marks += [f"--grpc-port={grpc}" for _, grpc in cluster.replicas.values()] + [str(cluster.out.parent / "balancer")]
+    marks += [f"--grpc-port={grpc}" for _, grpc in cluster.replicas.values()] + [
+        str(cluster.out.parent / "balancer")
+    ]
     assert not _processes_with(marks)
     assert not [p for p in Path("/dev/shm").iterdir() if any(m in p.name for m in marks)]
 
@@ -298,30 +342,46 @@ def test_error_kinds() -> None:
     def err(status: str, msg: str) -> InferenceServerException:
         return InferenceServerException(msg, status)
 
-    assert error_kind(err("StatusCode.INVALID_ARGUMENT", "inference request for sequence 5 to model 'cmath_stream' "
-                                                         "must specify the START flag on the first request")) \
+    assert (
+        error_kind(
+            err(
+                "StatusCode.INVALID_ARGUMENT",
+                "inference request for sequence 5 to model 'cmath_stream' "
+                "must specify the START flag on the first request",
+            )
+        )
         == "unknown_sequence"
-    assert error_kind(err("StatusCode.INVALID_ARGUMENT", "sequence_id: expected a live conversation ...")) \
+    )
+    assert (
+        error_kind(err("StatusCode.INVALID_ARGUMENT", "sequence_id: expected a live conversation ..."))
         == "unknown_sequence"
-    assert error_kind(err("StatusCode.UNAVAILABLE", "sequence_start ...: (cmath-serve --max-conversations)")) == "limit"
+    )
+    assert (
+        error_kind(err("StatusCode.UNAVAILABLE", "sequence_start ...: (cmath-serve --max-conversations)"))
+        == "limit"
+    )
     assert error_kind(err("StatusCode.INVALID_ARGUMENT", "speaker: expected ...")) == "request"
     assert error_kind(err("StatusCode.UNAVAILABLE", "Received http2 header with status: 502")) == "transport"
 
 
-def test_cli_refuses_bad_replica_options_before_starting_anything(causal_export: Path, tmp_path: Path) -> None:
+def test_cli_refuses_bad_replica_options_before_starting_anything(
+    causal_export: Path, tmp_path: Path
+) -> None:
     from click.testing import CliRunner
 
     from cmath_serve.cli import main
 
     def run(*args: str) -> str:
-        result = CliRunner().invoke(main, [str(causal_export), "--http-port", "0", "--grpc-port", "0",
-                                           "--metrics-port", "0", *args])
+        result = CliRunner().invoke(
+            main, [str(causal_export), "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", *args]
+        )
         assert result.exit_code == 2, result.output
         return " ".join(result.output.split())
 
     assert "--haproxy / --balancer-dir: expected with --replicas N" in run("--balancer-dir", str(tmp_path))
     assert "--repo: not with --replicas" in run("--replicas", "2", "--repo", str(tmp_path / "repo"))
-    assert "--haproxy: expected an executable haproxy binary" in run("--replicas", "2", "--haproxy",
-                                                                     str(tmp_path / "nope"))
+    assert "--haproxy: expected an executable haproxy binary" in run(
+        "--replicas", "2", "--haproxy", str(tmp_path / "nope")
+    )
     assert "0 is not in the range 1<=x<=64" in run("--replicas", "0")
     assert not (tmp_path / "repo").exists()

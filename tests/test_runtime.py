@@ -33,9 +33,13 @@ def model(exported: Path) -> cmath_runtime.EmotionModel:
 
 def make_conversations(lengths: list[int], seed: int = 0, speakers: int = 3) -> list[dict]:
     rng = np.random.default_rng(seed)
-    return [{"speakers": rng.integers(0, speakers, n),
-             "features": {m: rng.standard_normal((n, d)).astype(np.float32) for m, d in DIMS.items()}}
-            for n in lengths]
+    return [
+        {
+            "speakers": rng.integers(0, speakers, n),
+            "features": {m: rng.standard_normal((n, d)).astype(np.float32) for m, d in DIMS.items()},
+        }
+        for n in lengths
+    ]
 
 
 def torch_outputs(run_dir: Path, conv: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -46,12 +50,16 @@ def torch_outputs(run_dir: Path, conv: dict) -> tuple[np.ndarray, np.ndarray]:
     net = load_checkpoint(run_dir).model
     n = len(conv["speakers"])
     with torch.no_grad():
-        out = net({m: torch.from_numpy(x)[None] for m, x in conv["features"].items()},
-                  torch.as_tensor(conv["speakers"])[None], torch.ones(1, n, dtype=torch.bool))
+        out = net(
+            {m: torch.from_numpy(x)[None] for m, x in conv["features"].items()},
+            torch.as_tensor(conv["speakers"])[None],
+            torch.ones(1, n, dtype=torch.bool),
+        )
     return torch.softmax(out.logits, -1)[0].numpy(), out.embedding[0].numpy()
 
 
 # --- no torch, fast import ---------------------------------------------------------------------------------------
+
 
 def test_runtime_never_imports_torch(exported: Path) -> None:
     code = f"""
@@ -72,6 +80,7 @@ print("HEAVY", heavy, "BAD", bad)
 
 
 # --- the batch API ------------------------------------------------------------------------------------------------
+
 
 def test_predict_equals_pytorch(model: cmath_runtime.EmotionModel, exported: Path) -> None:
     convs = make_conversations([3, 1, 40, 7])  # lengths other than the export example's 16, mixed in one call
@@ -111,7 +120,11 @@ def test_model_properties(model: cmath_runtime.EmotionModel, exported: Path) -> 
     assert "backend='cpu'" in repr(model)
     options = model._info.session.get_session_options()
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"  # idle threads sleep
-    for path in (exported, exported / "export.json", exported.parent):  # export folder, manifest, run directory
+    for path in (
+        exported,
+        exported / "export.json",
+        exported.parent,
+    ):  # export folder, manifest, run directory
         assert cmath_runtime.load(path, backend="cpu").label_names == model.label_names
     assert model.predict([]) == []
 
@@ -119,12 +132,21 @@ def test_model_properties(model: cmath_runtime.EmotionModel, exported: Path) -> 
 def test_convertible_inputs_are_converted(model: cmath_runtime.EmotionModel) -> None:
     [conv] = make_conversations([4], seed=2)
     ref = model.predict([conv])[0].probs
-    as_lists = {"speakers": [int(s) for s in conv["speakers"]],
-                "features": {"t": conv["features"]["t"].astype(np.float64), "a": conv["features"]["a"].astype(np.float16),
-                             "v": conv["features"]["v"].tolist()}}
+    as_lists = {
+        "speakers": [int(s) for s in conv["speakers"]],
+        "features": {
+            "t": conv["features"]["t"].astype(np.float64),
+            "a": conv["features"]["a"].astype(np.float16),
+            "v": conv["features"]["v"].tolist(),
+        },
+    }
     conv16 = {"speakers": conv["speakers"], "features": {**conv["features"], "a": as_lists["features"]["a"]}}
-    np.testing.assert_allclose(model.predict([as_lists])[0].probs, model.predict([conv16])[0].probs, atol=1e-6)
-    np.testing.assert_allclose(model.predict([as_lists])[0].probs, ref, atol=1e-2)  # only the float16 rounding
+    np.testing.assert_allclose(
+        model.predict([as_lists])[0].probs, model.predict([conv16])[0].probs, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        model.predict([as_lists])[0].probs, ref, atol=1e-2
+    )  # only the float16 rounding
     ints = {"speakers": conv["speakers"], "features": {m: np.ones((4, d), np.int32) for m, d in DIMS.items()}}
     assert len(model.predict([ints])[0]) == 4
 
@@ -139,13 +161,20 @@ def test_fp16_on_cpu(exported: Path, model: cmath_runtime.EmotionModel) -> None:
 
 # --- the Conversation API -----------------------------------------------------------------------------------------
 
+
 def test_conversation_add_one_at_a_time(model: cmath_runtime.EmotionModel) -> None:
     [full] = make_conversations([6], seed=4)
     conv = Conversation(model)
     for i, spk in enumerate(full["speakers"]):
         latest = conv.add(int(spk), **{m: x[i] for m, x in full["features"].items()}).latest
-        expected = model.predict([{"speakers": full["speakers"][:i + 1],
-                                   "features": {m: x[:i + 1] for m, x in full["features"].items()}}])[0]
+        expected = model.predict(
+            [
+                {
+                    "speakers": full["speakers"][: i + 1],
+                    "features": {m: x[: i + 1] for m, x in full["features"].items()},
+                }
+            ]
+        )[0]
         assert latest.label == expected.labels[-1] and len(conv) == i + 1
         np.testing.assert_allclose(latest.probs, expected.probs[-1], atol=1e-6)
         assert latest.probs.shape == (len(model.label_names),) and latest.probs.dtype == np.float32
@@ -177,6 +206,7 @@ def test_conversation_errors(model: cmath_runtime.EmotionModel) -> None:
 
 # --- thread safety ------------------------------------------------------------------------------------------------
 
+
 def test_one_model_shared_by_threads(exported: Path) -> None:
     shared = cmath_runtime.load(exported, backend="cpu", threads=1)
     jobs = [make_conversations([1 + (k * 7) % 23, 3 + k % 5], seed=k) for k in range(24)]
@@ -207,6 +237,7 @@ def test_one_model_shared_by_threads(exported: Path) -> None:
 
 
 # --- validation: each error names the field, what was expected and what came -----------------------------------
+
 
 def _mutate(case: str, convs: list[dict]) -> object:
     c = convs[1]
@@ -276,7 +307,9 @@ CASES = {  # case: (field, text in expected, text in actual)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_validation_errors(model: cmath_runtime.EmotionModel, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_validation_errors(
+    model: cmath_runtime.EmotionModel, case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def no_run(*args: object, **kw: object) -> None:
         raise AssertionError("invalid input reached onnxruntime")
 
@@ -291,6 +324,7 @@ def test_validation_errors(model: cmath_runtime.EmotionModel, case: str, monkeyp
 
 
 # --- artifacts and backends ---------------------------------------------------------------------------------------
+
 
 @pytest.fixture()
 def export_copy(exported: Path, tmp_path: Path) -> Path:
@@ -327,7 +361,9 @@ def test_bad_sha256_and_corrupt_onnx(export_copy: Path) -> None:
     with pytest.raises(ArtifactError, match="sha256 mismatch") as e:
         cmath_runtime.load(export_copy, backend="cpu")
     assert e.value.path == onnx_file
-    m = _manifest(export_copy)  # a manifest that agrees with the broken file: onnxruntime's error becomes ours
+    m = _manifest(
+        export_copy
+    )  # a manifest that agrees with the broken file: onnxruntime's error becomes ours
     from cmath_runtime.files import sha256_file
 
     m["artifacts"]["fp32"]["sha256"] = sha256_file(onnx_file)
@@ -355,7 +391,10 @@ def test_bad_arguments(exported: Path) -> None:
 
 
 def _has_gpu() -> bool:
-    return shutil.which("nvidia-smi") is not None and "CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers()
+    return (
+        shutil.which("nvidia-smi") is not None
+        and "CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers()
+    )
 
 
 @pytest.mark.skipif(_has_gpu(), reason="this machine has a GPU: CUDA is available")
@@ -365,7 +404,9 @@ def test_unavailable_backend_is_an_error(exported: Path, backend: str) -> None:
         cmath_runtime.load(exported, backend=backend)
 
 
-@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available provider names")
+@pytest.mark.filterwarnings(
+    "ignore:Specified provider 'CUDAExecutionProvider' is not in available provider names"
+)
 def test_listed_but_unusable_gpu_provider(exported: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """onnxruntime-gpu on a machine without a GPU lists CUDA and silently runs on the CPU: explicit -> error,
     auto -> falls back and says so."""
@@ -373,7 +414,9 @@ def test_listed_but_unusable_gpu_provider(exported: Path, monkeypatch: pytest.Mo
         pytest.skip("this machine has a GPU")
     from cmath_runtime import session
 
-    monkeypatch.setattr(session, "available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(
+        session, "available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
     with pytest.raises(BackendUnavailableError, match="came up on"):
         cmath_runtime.load(exported, backend="cuda")
     with pytest.warns(RuntimeWarning, match="could not start here; running on cpu"):
@@ -382,8 +425,13 @@ def test_listed_but_unusable_gpu_provider(exported: Path, monkeypatch: pytest.Mo
 
 
 def test_auto_on_cpu_machine(exported: Path) -> None:
-    m = cmath_runtime.load(exported)  # no GPU provider in this onnxruntime: auto is simply the CPU, no warning
-    assert m.backend in ("cpu", "cuda") and m.providers[0] in ("CPUExecutionProvider", "CUDAExecutionProvider")
+    m = cmath_runtime.load(
+        exported
+    )  # no GPU provider in this onnxruntime: auto is simply the CPU, no warning
+    assert m.backend in ("cpu", "cuda") and m.providers[0] in (
+        "CPUExecutionProvider",
+        "CUDAExecutionProvider",
+    )
 
 
 @pytest.mark.gpu
@@ -397,6 +445,7 @@ def test_cuda_matches_cpu(exported: Path, model: cmath_runtime.EmotionModel) -> 
 
 
 # --- one loader, one manifest, one comparator --------------------------------------------------------------------
+
 
 def test_manifest_round_trip(exported: Path) -> None:
     from cmath_runtime.manifest import Manifest, read_manifest
@@ -421,7 +470,9 @@ def test_every_session_goes_through_open_session(exported: Path, monkeypatch: py
     monkeypatch.setattr(session, "open_session", spy)
     model = cmath_runtime.load(exported, backend="cpu", threads=1)
     assert seen == [("model.onnx", "cpu", "model")]
-    assert model.step_graph is None and model.step_graph is model.step_graph  # bidirectional: none, asked once
+    assert (
+        model.step_graph is None and model.step_graph is model.step_graph
+    )  # bidirectional: none, asked once
     with pytest.raises(ValueError, match="backend"):
         session.open_session(exported / "model.onnx", "no-such-backend")
     with pytest.raises(ArtifactError, match="does not match export.json"):
@@ -431,12 +482,15 @@ def test_every_session_goes_through_open_session(exported: Path, monkeypatch: py
 def test_backend_table_takes_a_new_backend(exported: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from cmath_runtime import session
 
-    monkeypatch.setitem(session.BACKENDS, "fancy", session.Backend("fancy", "FancyExecutionProvider",
-                                                                   "pip install fancy-ort"))
+    monkeypatch.setitem(
+        session.BACKENDS, "fancy", session.Backend("fancy", "FancyExecutionProvider", "pip install fancy-ort")
+    )
     assert "fancy" in session.backend_names()
     with pytest.raises(BackendUnavailableError, match="pip install fancy-ort"):
         cmath_runtime.load(exported, backend="fancy")
-    assert session.PRECISIONS["fp16"].artifact_key("tensorrt") == "fp32"  # TensorRT builds fp16 from model.onnx
+    assert (
+        session.PRECISIONS["fp16"].artifact_key("tensorrt") == "fp32"
+    )  # TensorRT builds fp16 from model.onnx
 
 
 def test_comparator_checks_and_nan() -> None:
@@ -447,7 +501,10 @@ def test_comparator_checks_and_nan() -> None:
     masks = [np.array([[True, True]])]
     report = compare(ref, got, {"probs": max_abs(1e-4), "embedding": min_cosine(0.999)}, masks)
     assert report.passed and report.argmax_agreement == 1.0 and report.rows == 2
-    assert report.output("embedding").min_cosine == pytest.approx(1.0) and report.output("embedding").max_abs == 1.0
+    assert (
+        report.output("embedding").min_cosine == pytest.approx(1.0)
+        and report.output("embedding").max_abs == 1.0
+    )
     assert not compare(ref, got, {"embedding": max_abs(1e-3)}, masks).passed  # same data, another check
     bad = [{"probs": got[0]["probs"].copy(), "embedding": got[0]["embedding"]}]
     bad[0]["probs"][0, 1, 0] = np.nan

@@ -58,8 +58,14 @@ def serve_export(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     from cmath_train.train import train
 
     run = tmp_path_factory.mktemp("serve_run")
-    train(request.getfixturevalue("tiny_data"), tiny_model_config(causal=True), LossConfig(),
-          TrainConfig(epochs=1, batch_size=8, lr=3e-3), run, progress=False)
+    train(
+        request.getfixturevalue("tiny_data"),
+        tiny_model_config(causal=True),
+        LossConfig(),
+        TrainConfig(epochs=1, batch_size=8, lr=3e-3),
+        run,
+        progress=False,
+    )
     export_run(run, max_len=MAX_LEN)
     return run / "export"
 
@@ -77,10 +83,30 @@ class Served:
     def __init__(self, export_dir: Path, out: Path, *args: str) -> None:
         self.out = out
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, "-m", "cmath_serve.cli", str(export_dir), "--http-port", "0", "--grpc-port", "0",
-               "--metrics-port", "0", "--threads", "1", "--log-file", str(out.with_suffix(".triton.log")), *args]
-        self.proc = subprocess.Popen(cmd, stdout=open(out, "w"), stderr=subprocess.STDOUT, env=env,  # noqa: SIM115
-                                     start_new_session=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "cmath_serve.cli",
+            str(export_dir),
+            "--http-port",
+            "0",
+            "--grpc-port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--threads",
+            "1",
+            "--log-file",
+            str(out.with_suffix(".triton.log")),
+            *args,
+        ]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=open(out, "w"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
 
     def wait_ready(self, timeout: float = 150) -> None:
         deadline = time.monotonic() + timeout
@@ -118,10 +144,30 @@ def servers(serve_export: Path, tmp_path_factory: pytest.TempPathFactory):
     _triton_or_skip()
     tmp = tmp_path_factory.mktemp("serve")
     started = {
-        "main": Served(serve_export, tmp / "main.out", "--max-conversations", "64", "--idle-timeout-s", "120",
-                       "--queue-delay-us", "5000", "--exit-timeout-s", "5"),
-        "small": Served(serve_export, tmp / "small.out", "--max-conversations", "2", "--idle-timeout-s", "1",
-                        "--stream-mode", "recompute", "--exit-timeout-s", "20"),
+        "main": Served(
+            serve_export,
+            tmp / "main.out",
+            "--max-conversations",
+            "64",
+            "--idle-timeout-s",
+            "120",
+            "--queue-delay-us",
+            "5000",
+            "--exit-timeout-s",
+            "5",
+        ),
+        "small": Served(
+            serve_export,
+            tmp / "small.out",
+            "--max-conversations",
+            "2",
+            "--idle-timeout-s",
+            "1",
+            "--stream-mode",
+            "recompute",
+            "--exit-timeout-s",
+            "20",
+        ),
     }
     try:
         for s in started.values():
@@ -139,8 +185,10 @@ def _batch(model, lengths: list[int], seed: int) -> tuple[dict[str, np.ndarray],
     arrays = {m: rng.standard_normal((b, n, d)).astype(np.float32) for m, d in model.feature_dims.items()}
     arrays["speaker"] = rng.integers(0, model.num_speakers, (b, n)).astype(np.int64)
     arrays["mask"] = np.arange(n)[None, :] < np.array(lengths)[:, None]
-    convs = [{"speakers": arrays["speaker"][i, :k], "features": {m: arrays[m][i, :k] for m in model.modalities}}
-             for i, k in enumerate(lengths)]
+    convs = [
+        {"speakers": arrays["speaker"][i, :k], "features": {m: arrays[m][i, :k] for m in model.modalities}}
+        for i, k in enumerate(lengths)
+    ]
     return arrays, convs
 
 
@@ -160,13 +208,15 @@ def test_http_and_grpc_equal_the_runtime(servers, model, lengths: list[int]) -> 
 
 
 def _utterance(model, feats: dict[str, np.ndarray], speakers: np.ndarray, i: int) -> dict[str, np.ndarray]:
-    return {**{m: feats[m][i:i + 1] for m in model.modalities}, "speaker": speakers[i:i + 1, None]}
+    return {**{m: feats[m][i : i + 1] for m in model.modalities}, "speaker": speakers[i : i + 1, None]}
 
 
 def _conversation(model, n: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
     rng = np.random.default_rng(seed)
-    return ({m: rng.standard_normal((n, d)).astype(np.float32) for m, d in model.feature_dims.items()},
-            rng.integers(0, model.num_speakers, n).astype(np.int64))
+    return (
+        {m: rng.standard_normal((n, d)).astype(np.float32) for m, d in model.feature_dims.items()},
+        rng.integers(0, model.num_speakers, n).astype(np.int64),
+    )
 
 
 def _serial_probs(model, feats: dict[str, np.ndarray], speakers: np.ndarray) -> np.ndarray:
@@ -200,8 +250,13 @@ def test_sixteen_conversations_streamed_concurrently(servers, model) -> None:
                 barrier.wait(timeout=60)
                 if i >= lengths[j]:
                     continue
-                r = client.infer("cmath_stream", infer_inputs(grpcclient, _utterance(model, feats, speakers, i)),
-                                 sequence_id=5000 + j, sequence_start=i == 0, sequence_end=i == lengths[j] - 1)
+                r = client.infer(
+                    "cmath_stream",
+                    infer_inputs(grpcclient, _utterance(model, feats, speakers, i)),
+                    sequence_id=5000 + j,
+                    sequence_start=i == 0,
+                    sequence_end=i == lengths[j] - 1,
+                )
                 got[j].append(r.as_numpy("probs")[0])
         except BaseException as e:  # noqa: BLE001 (reported below)
             errors.append(e)
@@ -272,8 +327,12 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(servers, model) ->
     expected = _serial_probs(model, feats, speakers)
 
     def step(i: int, start: bool = False, sequence_id: int = 7000, **changes):
-        return client.infer("cmath_stream", infer_inputs(grpcclient, {**_utterance(model, feats, speakers, i), **changes}),
-                            sequence_id=sequence_id, sequence_start=start)
+        return client.infer(
+            "cmath_stream",
+            infer_inputs(grpcclient, {**_utterance(model, feats, speakers, i), **changes}),
+            sequence_id=sequence_id,
+            sequence_start=start,
+        )
 
     _expect_error(lambda: step(0, sequence_id=7999), "START")  # a step for a sequence never started
     assert np.abs(step(0, start=True).as_numpy("probs")[0] - expected[0]).max() <= 1e-5
@@ -281,10 +340,16 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(servers, model) ->
     bad[0, 3] = np.nan
     _expect_error(lambda: step(1, t=bad), "features['t']", "NaN")
     _expect_error(lambda: step(1, speaker=np.array([[42]], np.int64)), "speaker", "42")
-    _expect_error(lambda: step(1, speaker=np.array([[0, 1]], np.int64)), "speaker")  # shape: refused by Triton
+    _expect_error(
+        lambda: step(1, speaker=np.array([[0, 1]], np.int64)), "speaker"
+    )  # shape: refused by Triton
     for i in (1, 2, 3):  # the failed steps left the conversation as it was
-        r = client.infer("cmath_stream", infer_inputs(grpcclient, _utterance(model, feats, speakers, i)),
-                         sequence_id=7000, sequence_end=i == 3)
+        r = client.infer(
+            "cmath_stream",
+            infer_inputs(grpcclient, _utterance(model, feats, speakers, i)),
+            sequence_id=7000,
+            sequence_end=i == 3,
+        )
         assert np.abs(r.as_numpy("probs")[0] - expected[i]).max() <= 1e-5
 
 
@@ -294,7 +359,9 @@ def test_a_client_that_disconnects_breaks_nothing(servers, model) -> None:
     with pytest.raises(InferenceServerException):  # gives up long before the answer
         s.grpc_client().infer("cmath", infer_inputs(grpcclient, arrays), client_timeout=0.001)
     with socket.create_connection(("127.0.0.1", s.http)) as sock:  # half a request, then gone
-        sock.sendall(b"POST /v2/models/cmath/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{\"inputs\"")
+        sock.sendall(
+            b'POST /v2/models/cmath/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{"inputs"'
+        )
     r = s.http_client().infer("cmath", infer_inputs(httpclient, arrays))
     assert np.abs(r.as_numpy("probs")[2] - model.predict(convs)[2].probs).max() <= 1e-6
     assert s.http_client().is_server_ready()
@@ -307,12 +374,19 @@ def test_live_conversation_limit_and_idle_expiry(servers, model) -> None:
     expected = _serial_probs(model, feats, speakers)
 
     def step(seq: int, i: int, start: bool = False, end: bool = False):
-        return client.infer("cmath_stream", infer_inputs(grpcclient, _utterance(model, feats, speakers, i)),
-                            sequence_id=seq, sequence_start=start, sequence_end=end)
+        return client.infer(
+            "cmath_stream",
+            infer_inputs(grpcclient, _utterance(model, feats, speakers, i)),
+            sequence_id=seq,
+            sequence_start=start,
+            sequence_end=end,
+        )
 
     step(1, 0, start=True)
     step(2, 0, start=True)
-    message = _expect_error(lambda: step(3, 0, start=True), "--max-conversations", "at most 2 live", "evicted")
+    message = _expect_error(
+        lambda: step(3, 0, start=True), "--max-conversations", "at most 2 live", "evicted"
+    )
     assert "UNAVAILABLE" in message
     assert np.abs(step(1, 1).as_numpy("probs")[0] - expected[1]).max() <= 1e-5  # nobody was evicted
     step(2, 1, end=True)  # ending one makes room
@@ -334,8 +408,11 @@ def test_metrics_and_sigterm_exit_cleanly(servers, model) -> None:
     client = s.grpc_client()
     results: list = []
     done = threading.Event()
-    client.async_infer("cmath", infer_inputs(grpcclient, arrays), lambda result, error: (results.append((result, error)),
-                                                                                    done.set()))
+    client.async_infer(
+        "cmath",
+        infer_inputs(grpcclient, arrays),
+        lambda result, error: (results.append((result, error)), done.set()),
+    )
     time.sleep(0.05)
     s.proc.send_signal(signal.SIGTERM)
     assert done.wait(30)
@@ -367,8 +444,17 @@ def test_cli_refuses_bad_arguments_with_one_clear_sentence(serve_export: Path, t
         port = str(busy.getsockname()[1])
         r = run(str(serve_export), "--grpc-port", port, "--http-port", "0", "--metrics-port", "0")
     assert r.exit_code == 2 and f"--grpc-port: expected a free port on 127.0.0.1, got {port}" in r.output
-    r = run(str(serve_export), "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0",
-            "--tritonserver", str(tmp_path / "tritonserver"))
+    r = run(
+        str(serve_export),
+        "--http-port",
+        "0",
+        "--grpc-port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--tritonserver",
+        str(tmp_path / "tritonserver"),
+    )
     assert r.exit_code == 1 and "pip install 'cmath[serve]'" in r.output
     r = run(str(serve_export), "--host", "my-laptop")
     assert r.exit_code == 2 and "--host: expected an IP address" in r.output
@@ -386,9 +472,14 @@ def test_repository_configs_parse_with_tritons_own_schema(serve_export: Path, tm
     write_repository(serve_export, tmp_path, ServeOptions(max_batch=8, queue_delay_us=250))
     configs = {}
     for name in ("cmath", "cmath_stream"):
-        configs[name] = text_format.Parse((tmp_path / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        configs[name] = text_format.Parse(
+            (tmp_path / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+        )
         assert (tmp_path / name / "1" / "model.py").is_file()
-    assert configs["cmath"].max_batch_size == 8 and configs["cmath"].dynamic_batching.max_queue_delay_microseconds == 250
+    assert (
+        configs["cmath"].max_batch_size == 8
+        and configs["cmath"].dynamic_batching.max_queue_delay_microseconds == 250
+    )
     assert [i.name for i in configs["cmath"].input] == ["t", "a", "v", "speaker", "mask"]
     assert configs["cmath_stream"].sequence_batching.oldest.max_queue_delay_microseconds == 250
 
@@ -424,6 +515,7 @@ def test_store_limit_expiry_and_one_call_per_batch() -> None:
 
             class P:
                 probs = np.array([[0.25, 0.75]], np.float32)
+
             return [P() for _ in convs]
 
     class Conv:
@@ -432,8 +524,9 @@ def test_store_limit_expiry_and_one_call_per_batch() -> None:
                 raise __import__("cmath_runtime").InputError("speaker", ">= 0", speaker)
             return self
 
-    out = step_conversations(Fake(), [Conv(), Conv(), Conv()], [{"speaker": 0}, {"speaker": -1}, {"speaker": 1}],
-                             mode="recompute")
+    out = step_conversations(
+        Fake(), [Conv(), Conv(), Conv()], [{"speaker": 0}, {"speaker": -1}, {"speaker": 1}], mode="recompute"
+    )
     assert Fake.calls == 1 and "speaker" in str(out[1]) and np.allclose(out[2], [0.25, 0.75])
 
 
@@ -441,15 +534,48 @@ def test_serve_load_report(tmp_path: Path) -> None:
     from benchmarks.serve_load import markdown, plot
 
     base = {"p50_ms": 10.0, "p90_ms": 12.0, "p99_ms": 20.0, "mean_ms": 11.0, "min_ms": 9.0}
-    records = [{"benchmark": "direct_predict", "batch": 1, "utterances": 20, "conversations_per_s": 100.0, **base},
-               *({"benchmark": "serve_cmath", "concurrency": c, "utterances": 20, "conversations_per_s": 50.0 + c,
-                  "answered": 200, "sent": 200, "errors": 0, "mean_batch": c / 2, **base} for c in (1, 4, 16, 64)),
-               *({"benchmark": "serve_stream", "mode": m, "path": "step", "conversations": 64, "utterances": 50,
-                  "utterances_per_s": 80.0, "answered": 3200, "sent_planned": 3200, "errors": 0, "mean_batch": 20.0,
-                  "rss_idle_mib": 300.0, "rss_peak_mib": 460.0, "rss_per_conversation_mib": 2.5, **base}
-                 for m in ("batched", "serial", "recompute"))]
+    records = [
+        {"benchmark": "direct_predict", "batch": 1, "utterances": 20, "conversations_per_s": 100.0, **base},
+        *(
+            {
+                "benchmark": "serve_cmath",
+                "concurrency": c,
+                "utterances": 20,
+                "conversations_per_s": 50.0 + c,
+                "answered": 200,
+                "sent": 200,
+                "errors": 0,
+                "mean_batch": c / 2,
+                **base,
+            }
+            for c in (1, 4, 16, 64)
+        ),
+        *(
+            {
+                "benchmark": "serve_stream",
+                "mode": m,
+                "path": "step",
+                "conversations": 64,
+                "utterances": 50,
+                "utterances_per_s": 80.0,
+                "answered": 3200,
+                "sent_planned": 3200,
+                "errors": 0,
+                "mean_batch": 20.0,
+                "rss_idle_mib": 300.0,
+                "rss_peak_mib": 460.0,
+                "rss_per_conversation_mib": 2.5,
+                **base,
+            }
+            for m in ("batched", "serial", "recompute")
+        ),
+    ]
     text = markdown(records, {"machine": "x86_64", "cores": 2, "loadavg_start": 1.0, "loadavg_end": 2.0})
-    assert "| 64 | 20 | 114.0 |" in text and "| serial | step | 64 x 50 | 80.0 |" in text and "batch 1: 100.0" in text
+    assert (
+        "| 64 | 20 | 114.0 |" in text
+        and "| serial | step | 64 x 50 | 80.0 |" in text
+        and "batch 1: 100.0" in text
+    )
     plot(records, tmp_path / "serve_load.png")
     assert (tmp_path / "serve_load.png").stat().st_size > 1000
 
@@ -469,8 +595,12 @@ def test_cmath_serve_uses_only_the_runtimes_public_api() -> None:
                 names |= {a.name for a in node.names}
             elif isinstance(node, ast.ImportFrom) and not node.level:
                 names.add(node.module or "")
-        hits = sorted(n for n in names if n.split(".")[0] in ("torch", "cmath_train", "cmath_export", "benchmarks")
-                      or (n.startswith("cmath_runtime") and n not in allowed))
+        hits = sorted(
+            n
+            for n in names
+            if n.split(".")[0] in ("torch", "cmath_train", "cmath_export", "benchmarks")
+            or (n.startswith("cmath_runtime") and n not in allowed)
+        )
         if hits:
             bad[path.name] = hits
     assert not bad, bad
@@ -530,14 +660,24 @@ def text_server(tmp_path_factory: pytest.TempPathFactory):
 
     if int(np.__version__.split(".")[0]) >= 2:
         pytest.skip("raw text needs numpy<2 in the server's Python (nvidia-pytriton's stub)")
-    data = make_synthetic(SyntheticConfig(feature_dims={"t": 384, "a": 4, "v": 4},
-                                          conversations={"train": 8, "test": 4}, max_len=8, seed=3))
+    data = make_synthetic(
+        SyntheticConfig(
+            feature_dims={"t": 384, "a": 4, "v": 4}, conversations={"train": 8, "test": 4}, max_len=8, seed=3
+        )
+    )
     run = tmp_path_factory.mktemp("serve_text_run")
-    train(data, tiny_model_config(modalities=("t",), feature_dims={"t": 384}, causal=True), LossConfig(),
-          TrainConfig(epochs=1, batch_size=4), run, progress=False)
+    train(
+        data,
+        tiny_model_config(modalities=("t",), feature_dims={"t": 384}, causal=True),
+        LossConfig(),
+        TrainConfig(epochs=1, batch_size=4),
+        run,
+        progress=False,
+    )
     cfg = json.loads((run / "config.json").read_text())
-    cfg.setdefault("data", {}).update(text_encoder=SentenceTransformerEncoder.load().describe(),
-                                      text_normalisation=TEXT_NORMALISATION)
+    cfg.setdefault("data", {}).update(
+        text_encoder=SentenceTransformerEncoder.load().describe(), text_normalisation=TEXT_NORMALISATION
+    )
     (run / "config.json").write_text(json.dumps(cfg))
     export_run(run, max_len=MAX_LEN)
     model = cmath_runtime.load(run / "export", backend="cpu", threads=1)
@@ -573,13 +713,25 @@ def test_raw_text_streamed_and_whole_equals_the_runtime(text_server) -> None:
         expected.append(conv.probs()[-1])
     client = s.grpc_client()
     for i, text in enumerate(TEXTS):
-        r = client.infer("cmath_stream", [*infer_inputs(grpcclient, {"speaker": speakers[i:i + 1, None]}),
-                                          _text_input(grpcclient, np.array([[text]], object))],
-                         sequence_id=9100, sequence_start=i == 0, sequence_end=i == len(TEXTS) - 1)
+        r = client.infer(
+            "cmath_stream",
+            [
+                *infer_inputs(grpcclient, {"speaker": speakers[i : i + 1, None]}),
+                _text_input(grpcclient, np.array([[text]], object)),
+            ],
+            sequence_id=9100,
+            sequence_start=i == 0,
+            sequence_end=i == len(TEXTS) - 1,
+        )
         assert np.abs(r.as_numpy("probs")[0] - expected[i]).max() <= 1e-5, i
-    whole = model.predict([{"speakers": speakers, "texts": TEXTS}, {"speakers": speakers[:2], "texts": TEXTS[:2]}])
+    whole = model.predict(
+        [{"speakers": speakers, "texts": TEXTS}, {"speakers": speakers[:2], "texts": TEXTS[:2]}]
+    )
     texts = np.array([TEXTS, [*TEXTS[:2], "", ""]], object)
-    arrays = {"speaker": np.stack([speakers, speakers]), "mask": np.array([[True] * 4, [True, True, False, False]])}
+    arrays = {
+        "speaker": np.stack([speakers, speakers]),
+        "mask": np.array([[True] * 4, [True, True, False, False]]),
+    }
     for module, c in ((httpclient, s.http_client()), (grpcclient, client)):
         r = c.infer("cmath", [*infer_inputs(module, arrays), _text_input(module, texts)])
         assert np.abs(r.as_numpy("probs")[0] - whole[0].probs).max() <= 1e-5
@@ -616,12 +768,21 @@ def test_raw_text_over_the_wire_is_read_with_its_past_turns(context_text_server)
     client = s.grpc_client()
     for i, text in enumerate(lines):
         conv.add(int(speakers[i]), text=text)
-        r = client.infer("cmath_stream", [*infer_inputs(grpcclient, {"speaker": speakers[i:i + 1, None]}),
-                                          _text_input(grpcclient, np.array([[text]], object))],
-                         sequence_id=9300, sequence_start=i == 0, sequence_end=i == len(lines) - 1)
+        r = client.infer(
+            "cmath_stream",
+            [
+                *infer_inputs(grpcclient, {"speaker": speakers[i : i + 1, None]}),
+                _text_input(grpcclient, np.array([[text]], object)),
+            ],
+            sequence_id=9300,
+            sequence_start=i == 0,
+            sequence_end=i == len(lines) - 1,
+        )
         assert np.abs(r.as_numpy("probs")[0] - conv.probs()[-1]).max() <= 1e-5, i
     arrays = {"speaker": speakers[None], "mask": np.ones((1, len(lines)), bool)}
-    r = client.infer("cmath", [*infer_inputs(grpcclient, arrays), _text_input(grpcclient, np.array([lines], object))])
+    r = client.infer(
+        "cmath", [*infer_inputs(grpcclient, arrays), _text_input(grpcclient, np.array([lines], object))]
+    )
     assert np.abs(r.as_numpy("probs")[0] - conv.probs()).max() <= 1e-5
     alone = model.text_encoder.encode(lines[-1:])[0]
     assert not np.allclose(alone, conv.features["t"][-1], atol=1e-3)
@@ -633,15 +794,44 @@ def test_raw_text_mixed_with_features_or_missing_is_a_clear_error(text_server) -
     spk = {"speaker": np.array([[0]], np.int64)}
     t = {"t": np.zeros((1, 384), np.float32)}
     text = _text_input(grpcclient, np.array([["hello"]], object))
-    _expect_error(lambda: client.infer("cmath_stream", [*infer_inputs(grpcclient, {**spk, **t}), text],
-                                       sequence_id=9200, sequence_start=True), "'t'", "'text'", "not both")
-    _expect_error(lambda: client.infer("cmath_stream", infer_inputs(grpcclient, spk), sequence_id=9201,
-                                       sequence_start=True), "'t'", "'text'", "neither")
-    arrays = {"speaker": np.zeros((1, 2), np.int64), "mask": np.ones((1, 2), bool), "t": np.zeros((1, 2, 384), np.float32)}
-    _expect_error(lambda: client.infer("cmath", [*infer_inputs(grpcclient, arrays),
-                                                 _text_input(grpcclient, np.array([["a", "b"]], object))]), "not both")
-    r = client.infer("cmath_stream", [*infer_inputs(grpcclient, spk), text], sequence_id=9202, sequence_start=True,
-                     sequence_end=True)  # and the next good one is answered
+    _expect_error(
+        lambda: client.infer(
+            "cmath_stream",
+            [*infer_inputs(grpcclient, {**spk, **t}), text],
+            sequence_id=9200,
+            sequence_start=True,
+        ),
+        "'t'",
+        "'text'",
+        "not both",
+    )
+    _expect_error(
+        lambda: client.infer(
+            "cmath_stream", infer_inputs(grpcclient, spk), sequence_id=9201, sequence_start=True
+        ),
+        "'t'",
+        "'text'",
+        "neither",
+    )
+    arrays = {
+        "speaker": np.zeros((1, 2), np.int64),
+        "mask": np.ones((1, 2), bool),
+        "t": np.zeros((1, 2, 384), np.float32),
+    }
+    _expect_error(
+        lambda: client.infer(
+            "cmath",
+            [*infer_inputs(grpcclient, arrays), _text_input(grpcclient, np.array([["a", "b"]], object))],
+        ),
+        "not both",
+    )
+    r = client.infer(
+        "cmath_stream",
+        [*infer_inputs(grpcclient, spk), text],
+        sequence_id=9202,
+        sequence_start=True,
+        sequence_end=True,
+    )  # and the next good one is answered
     assert r.as_numpy("probs").shape == (1, model.manifest.num_classes)
 
 

@@ -20,8 +20,10 @@ MAX_LEN = CAUSAL_MAX_LEN
 
 def _conversation(n: int, dims: dict[str, int], seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
     rng = np.random.default_rng(seed)
-    return ({m: rng.standard_normal((n, d)).astype(np.float32) for m, d in dims.items()},
-            rng.integers(0, 9, n).astype(np.int64))
+    return (
+        {m: rng.standard_normal((n, d)).astype(np.float32) for m, d in dims.items()},
+        rng.integers(0, 9, n).astype(np.int64),
+    )
 
 
 @pytest.mark.parametrize("mods", SUBSETS)
@@ -32,15 +34,20 @@ def test_torch_step_equals_full_forward(mods: str) -> None:
     torch.manual_seed(len(mods))
     net = CMATH(tiny_model_config(modalities=tuple(mods), causal=True)).eval()
     module = StepModule(net, MAX_LEN)
-    for n in ((1, 200) if mods == "tav" else (1, 23)):
+    for n in (1, 200) if mods == "tav" else (1, 23):
         feats, spk = _conversation(n, {m: TINY_DIMS[m] for m in net.cfg.modalities}, n)
         with torch.no_grad():
-            out = net({m: torch.from_numpy(x)[None] for m, x in feats.items()}, torch.from_numpy(spk)[None],
-                      torch.ones(1, n, dtype=torch.bool))
+            out = net(
+                {m: torch.from_numpy(x)[None] for m, x in feats.items()},
+                torch.from_numpy(spk)[None],
+                torch.ones(1, n, dtype=torch.bool),
+            )
         full = torch.softmax(out.logits, -1)[0]
         state = StreamState.empty(module)
         for i in range(n):
-            probs, emb, state = step(module, state, {m: torch.from_numpy(x[i]) for m, x in feats.items()}, int(spk[i]))
+            probs, emb, state = step(
+                module, state, {m: torch.from_numpy(x[i]) for m, x in feats.items()}, int(spk[i])
+            )
             assert (probs - full[i]).abs().max() < 1e-4, (mods, n, i)
             assert (emb - out.embedding[0, i]).abs().max() < 1e-4
         assert state.position == n
@@ -55,11 +62,19 @@ def test_torch_step_ablations(overrides: dict) -> None:
     module, state = StepModule(net, 16), None
     feats, spk = _conversation(9, TINY_DIMS, 3)
     with torch.no_grad():
-        full = torch.softmax(net({m: torch.from_numpy(x)[None] for m, x in feats.items()}, torch.from_numpy(spk)[None],
-                                 torch.ones(1, 9, dtype=torch.bool)).logits, -1)[0]
+        full = torch.softmax(
+            net(
+                {m: torch.from_numpy(x)[None] for m, x in feats.items()},
+                torch.from_numpy(spk)[None],
+                torch.ones(1, 9, dtype=torch.bool),
+            ).logits,
+            -1,
+        )[0]
     state = StreamState.empty(module)
     for i in range(9):
-        probs, _, state = step(module, state, {m: torch.from_numpy(x[i]) for m, x in feats.items()}, int(spk[i]))
+        probs, _, state = step(
+            module, state, {m: torch.from_numpy(x[i]) for m, x in feats.items()}, int(spk[i])
+        )
         assert (probs - full[i]).abs().max() < 1e-4
 
 
@@ -75,11 +90,16 @@ def test_torch_step_every_conv_kernel(kernel: int) -> None:
     assert module.tail == kernel - 1
     feats, spk = _conversation(9, TINY_DIMS, kernel)
     with torch.no_grad():
-        out = net({m: torch.from_numpy(x)[None] for m, x in feats.items()}, torch.from_numpy(spk)[None],
-                  torch.ones(1, 9, dtype=torch.bool))
+        out = net(
+            {m: torch.from_numpy(x)[None] for m, x in feats.items()},
+            torch.from_numpy(spk)[None],
+            torch.ones(1, 9, dtype=torch.bool),
+        )
     state = StreamState.empty(module)
     for i in range(9):
-        probs, emb, state = step(module, state, {m: torch.from_numpy(x[i]) for m, x in feats.items()}, int(spk[i]))
+        probs, emb, state = step(
+            module, state, {m: torch.from_numpy(x[i]) for m, x in feats.items()}, int(spk[i])
+        )
         assert (probs - out.logits[0, i].softmax(-1)).abs().max() < 1e-5
         assert (emb - out.embedding[0, i]).abs().max() < 1e-5
 
@@ -94,7 +114,9 @@ def test_step_graph_export_with_conv_kernel_1(tmp_path: Path) -> None:
     from cmath_train.models.cmath import CMATH
 
     torch.manual_seed(1)
-    net = CMATH(tiny_model_config(causal=True, conv_kernel=1, modalities=("t",))).eval()  # one modality: a quicker trace
+    net = CMATH(
+        tiny_model_config(causal=True, conv_kernel=1, modalities=("t",))
+    ).eval()  # one modality: a quicker trace
     onnx.save(export_onnx(net, DEFAULT_OPSET, 32), str(tmp_path / "model.onnx"))
     entry = export_step(net, DEFAULT_OPSET, 32, tmp_path, say=lambda _: None)
     assert entry["tail"] == 0 and not any(s["input"].startswith("tail_") for s in entry["state"])
@@ -128,8 +150,14 @@ def test_export_records_step_graph(causal_export: Path) -> None:
     import onnx
 
     ops = {n.op_type for n in onnx.load(str(causal_export / step["file"])).graph.node}
-    assert step["rewrites"]["convs_as_matmul"] == len(TINY_DIMS) and step["tail"] > 0  # one Conv1D' per modality
-    assert "Conv" not in ops and "Split" in ops and step["rewrites"]["matmuls_fused"] >= 2 * len(step["attention"])
+    assert (
+        step["rewrites"]["convs_as_matmul"] == len(TINY_DIMS) and step["tail"] > 0
+    )  # one Conv1D' per modality
+    assert (
+        "Conv" not in ops
+        and "Split" in ops
+        and step["rewrites"]["matmuls_fused"] >= 2 * len(step["attention"])
+    )
 
 
 def test_step_graph_parity_200(causal_export: Path) -> None:
@@ -142,8 +170,10 @@ def test_step_graph_parity_200(causal_export: Path) -> None:
     graph = StepGraph(session, step)
     feats, spk = _conversation(MAX_LEN, TINY_DIMS, 7)
     full = ort.InferenceSession(str(causal_export / "model.onnx"), providers=["CPUExecutionProvider"])
-    ref_probs, ref_emb = full.run(["probs", "embedding"], {**{m: x[None] for m, x in feats.items()},
-                                                            "speaker": spk[None], "mask": np.ones((1, MAX_LEN), bool)})
+    ref_probs, ref_emb = full.run(
+        ["probs", "embedding"],
+        {**{m: x[None] for m, x in feats.items()}, "speaker": spk[None], "mask": np.ones((1, MAX_LEN), bool)},
+    )
     state = graph.empty_state()
     out = [graph.run(state, i, int(spk[i]), {m: x[i] for m, x in feats.items()}) for i in range(MAX_LEN)]
     probs, emb = np.stack([p for p, _ in out]), np.stack([e for _, e in out])
@@ -227,15 +257,18 @@ def test_step_batch_equals_each_alone_and_full_graph(causal_model) -> None:
     lengths = [1, 2, 3, 5, 8, 13, 21, 34, 4, 9, 17, 30, 6, 11, 25, 40]
     data = [_conversation(n, TINY_DIMS, 100 + k) for k, n in enumerate(lengths)]
     together = [Conversation(causal_model) for _ in lengths]
-    for k, (feats, spk) in enumerate(data):  # different histories before the batched steps (some left pending)
+    for k, (feats, spk) in enumerate(
+        data
+    ):  # different histories before the batched steps (some left pending)
         _add_all(together[k], feats, spk, 0, lengths[k] // 2)
     for i in range(max(lengths)):
         live = [k for k, n in enumerate(lengths) if lengths[k] // 2 <= i < n]
         if not live:
             continue
-        emotions = Conversation.step_batch([together[k] for k in live],
-                                            [{"speaker": int(data[k][1][i]), **{m: x[i] for m, x in data[k][0].items()}}
-                                             for k in live])
+        emotions = Conversation.step_batch(
+            [together[k] for k in live],
+            [{"speaker": int(data[k][1][i]), **{m: x[i] for m, x in data[k][0].items()}} for k in live],
+        )
         for k, emotion in zip(live, emotions):
             latest = together[k].latest
             assert emotion.label == latest.label and np.array_equal(emotion.probs, latest.probs)
@@ -253,10 +286,12 @@ def test_step_batch_validation_names_the_utterance(causal_model) -> None:
     feats, _ = _conversation(1, TINY_DIMS, 0)
     good = {"speaker": 0, **{m: x[0] for m, x in feats.items()}}
     convs = [Conversation(causal_model), Conversation(causal_model)]
-    for bad, field in (({**good, "speaker": 99}, "utterances[1].speaker"),
-                       ({k: v for k, v in good.items() if k != "a"}, "utterances[1].features"),
-                       ({**good, "t": np.full(TINY_DIMS["t"], np.nan, np.float32)}, "utterances[1].features['t']"),
-                       ({**good, "v": np.zeros(3, np.float32)}, "utterances[1].features['v']")):
+    for bad, field in (
+        ({**good, "speaker": 99}, "utterances[1].speaker"),
+        ({k: v for k, v in good.items() if k != "a"}, "utterances[1].features"),
+        ({**good, "t": np.full(TINY_DIMS["t"], np.nan, np.float32)}, "utterances[1].features['t']"),
+        ({**good, "v": np.zeros(3, np.float32)}, "utterances[1].features['v']"),
+    ):
         with pytest.raises(InputError) as e:
             Conversation.step_batch(convs, [good, bad])
         assert e.value.field == field

@@ -38,11 +38,23 @@ def text_export(encoder, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from cmath_train.train import train
     from tests.conftest import tiny_model_config
 
-    data = make_synthetic(SyntheticConfig(feature_dims={"t": TEXT_DIM, "a": 4, "v": 4}, conversations={"train": 8, "test": 4},
-                                          max_len=8, seed=3))
+    data = make_synthetic(
+        SyntheticConfig(
+            feature_dims={"t": TEXT_DIM, "a": 4, "v": 4},
+            conversations={"train": 8, "test": 4},
+            max_len=8,
+            seed=3,
+        )
+    )
     run = tmp_path_factory.mktemp("text_run")
-    train(data, tiny_model_config(modalities=("t",), feature_dims={"t": TEXT_DIM}), LossConfig(), TrainConfig(epochs=1, batch_size=4),
-          run, progress=False)
+    train(
+        data,
+        tiny_model_config(modalities=("t",), feature_dims={"t": TEXT_DIM}),
+        LossConfig(),
+        TrainConfig(epochs=1, batch_size=4),
+        run,
+        progress=False,
+    )
     cfg = json.loads((run / "config.json").read_text())
     cfg.setdefault("data", {}).update(text_encoder=encoder.describe(), text_normalisation=TEXT_NORMALISATION)
     (run / "config.json").write_text(json.dumps(cfg))
@@ -67,7 +79,10 @@ def test_manifest_entry_and_files(text_export: Path) -> None:
     assert entry["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
     for f in entry["files"].values():
         assert sha256_file(text_export / f["file"]) == f["sha256"]
-    assert entry["files"]["onnx"]["file"] == "text_encoder.onnx" and entry["files"]["tokenizer"]["file"] == "tokenizer.json"
+    assert (
+        entry["files"]["onnx"]["file"] == "text_encoder.onnx"
+        and entry["files"]["tokenizer"]["file"] == "tokenizer.json"
+    )
     assert entry["parity"]["min_cosine"] >= 0.9999
 
 
@@ -111,7 +126,9 @@ def test_no_text_encoder_artifact(text_export: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.meld
-@pytest.mark.skipif(not (MELD_DIR / "test_sent_emo.csv").is_file(), reason=f"MELD CSVs not found in {MELD_DIR}")
+@pytest.mark.skipif(
+    not (MELD_DIR / "test_sent_emo.csv").is_file(), reason=f"MELD CSVs not found in {MELD_DIR}"
+)
 def test_meld_parity_100(model: cmath_runtime.EmotionModel, encoder) -> None:
     """100 MELD texts (the longest, non-ASCII ones, the shortest, edge cases) through model.text_encoder: the same
     token ids and embeddings as sentence-transformers on the cleaned texts."""
@@ -119,15 +136,23 @@ def test_meld_parity_100(model: cmath_runtime.EmotionModel, encoder) -> None:
     from cmath_train.prepare.csv_source import read_conversations
 
     texts = [t for d in read_conversations(MELD_DIR / "test_sent_emo.csv").dialogues for t in d.texts]
-    picked = [*EDGE, *sorted(set(texts), key=len)[-40:], *[t for t in texts if any(ord(c) > 0x7F for c in t)][:40]]
+    picked = [
+        *EDGE,
+        *sorted(set(texts), key=len)[-40:],
+        *[t for t in texts if any(ord(c) > 0x7F for c in t)][:40],
+    ]
     picked = (picked + [t for t in texts if len(t) <= 2] + texts)[:100]
     enc = model.text_encoder
     cleaned = [enc.normalise(t) for t in picked]
     cos = cosines(enc.encode(picked), encoder.encode(cleaned))
     assert len(picked) == 100 and cos.min() >= 0.9999, cos.min()
     for c in cleaned:
-        assert enc.tokenize([c])["input_ids"][0].tolist() == encoder.model.tokenize([c])["input_ids"][0].tolist(), c
-    assert any(len(enc.tokenizer.encode(c).ids) >= enc.spec.max_seq_length for c in cleaned) and not all(cleaned)
+        assert (
+            enc.tokenize([c])["input_ids"][0].tolist() == encoder.model.tokenize([c])["input_ids"][0].tolist()
+        ), c
+    assert any(len(enc.tokenizer.encode(c).ids) >= enc.spec.max_seq_length for c in cleaned) and not all(
+        cleaned
+    )
 
 
 @pytest.mark.slow
@@ -139,14 +164,28 @@ def test_agent_in_fresh_venv_without_torch(text_export: Path, tmp_path: Path) ->
     env.pop("PYTHONPATH", None)
     env.pop("VIRTUAL_ENV", None)
     pip = [py, "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, "numpy", "onnxruntime", "tokenizers", "click", "setuptools", "wheel"], check=True, env=env)
+    subprocess.run(
+        [*pip, "numpy", "onnxruntime", "tokenizers", "click", "setuptools", "wheel"], check=True, env=env
+    )
     subprocess.run([*pip, "--no-deps", "--no-build-isolation", "-e", str(REPO)], check=True, env=env)
-    probe = subprocess.run([py, "-c", "import importlib.util as u; print(u.find_spec('torch'), u.find_spec('transformers'))"],
-                           capture_output=True, text=True, env=env, check=True)
+    probe = subprocess.run(
+        [py, "-c", "import importlib.util as u; print(u.find_spec('torch'), u.find_spec('transformers'))"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     assert probe.stdout.split() == ["None", "None"]
     transcript = "Joey: How you doin'?\nRachel: Oh my God 😂\nJoey: What?\nRoss: We were on a break!\n"
-    res = subprocess.run([py, str(REPO / "examples" / "agent_from_text.py"), str(text_export)], input=transcript,
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    res = subprocess.run(
+        [py, str(REPO / "examples" / "agent_from_text.py"), str(text_export)],
+        input=transcript,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     lines = res.stdout.strip().splitlines()
     labels = json.loads((text_export / "export.json").read_text())["label_names"]

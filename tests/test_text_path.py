@@ -40,17 +40,35 @@ def test_live_conversations_are_20_turns_of_real_texts(dev: list[Dialogue]) -> N
     assert convs[0].texts[:6] == dev[0].texts  # consecutive utterances of the dialogues
 
 
-def test_text_path_report(context_run: tuple[Path, Path], tiny_encoder: Path, dev: list[Dialogue],
-                          tmp_path: Path) -> None:
+def test_text_path_report(
+    context_run: tuple[Path, Path], tiny_encoder: Path, dev: list[Dialogue], tmp_path: Path
+) -> None:
     _, export = context_run
-    machine = Machine(bandwidth_gb_s=5.0, fp32_gflop_s=50.0, threads=1)  # cmath-bench's, before: reported only
-    report = run_text_path(export.parent, export, threads=1, budget=TEST_BUDGET, live=2, dialogues=dev,
-                           frozen_dir=tiny_encoder, machine=machine, read_mib=8, peak_n=128, log=lambda _m: None)
+    machine = Machine(
+        bandwidth_gb_s=5.0, fp32_gflop_s=50.0, threads=1
+    )  # cmath-bench's, before: reported only
+    report = run_text_path(
+        export.parent,
+        export,
+        threads=1,
+        budget=TEST_BUDGET,
+        live=2,
+        dialogues=dev,
+        frozen_dir=tiny_encoder,
+        machine=machine,
+        read_mib=8,
+        peak_n=128,
+        log=lambda _m: None,
+    )
     recs = {r["contender"]: r for r in report["records"]}
     assert set(recs) == {FP32, INT8, TORCH, FROZEN}, report["skipped"]
     m = report["machine"]  # measured in the same rounds as the contenders
     assert m["read_gb_s"] == max(m["read_sum_gb_s"], m["read_gemv_gb_s"]) > 0 and m["copy_gb_s"] > 0
-    assert m["fp32_gflop_s"] > 0 and m["int8_gop_s"] > 0 and report["machine_start_of_run"]["bandwidth_gb_s"] == 5.0
+    assert (
+        m["fp32_gflop_s"] > 0
+        and m["int8_gop_s"] > 0
+        and report["machine_start_of_run"]["bandwidth_gb_s"] == 5.0
+    )
     for r in recs.values():
         assert r["p50_ms"] > 0 and r["p90_ms"] >= r["p50_ms"] and r["iterations"] >= 2 and r["history"] == 20
         # the floor: weights read / the READ bandwidth (not the copy rate), FLOPs / the peak of its arithmetic
@@ -69,8 +87,12 @@ def test_text_path_report(context_run: tuple[Path, Path], tiny_encoder: Path, de
     ratios = report["ratios"]
     assert ratios["int8_vs_fp32"]["ratio"] == pytest.approx(recs[FP32]["p50_ms"] / recs[INT8]["p50_ms"])
     assert ratios["int8_vs_fp32"]["passed"] == (ratios["int8_vs_fp32"]["ratio"] >= 1.6)
-    assert ratios["runtime_vs_pytorch"]["ratio"] == pytest.approx(recs[TORCH]["p50_ms"] / recs[FP32]["p50_ms"])
-    assert ratios["context_vs_frozen"]["ratio"] == pytest.approx(recs[FP32]["p50_ms"] / recs[FROZEN]["p50_ms"])
+    assert ratios["runtime_vs_pytorch"]["ratio"] == pytest.approx(
+        recs[TORCH]["p50_ms"] / recs[FP32]["p50_ms"]
+    )
+    assert ratios["context_vs_frozen"]["ratio"] == pytest.approx(
+        recs[FP32]["p50_ms"] / recs[FROZEN]["p50_ms"]
+    )
     md = write_report(report, tmp_path)
     assert "| contender | encoder | tokens | p50 ms |" in md and "int8_vs_fp32" in md and "x floor" in md
     assert (tmp_path / "bench_text.json").is_file()
@@ -94,9 +116,17 @@ def test_weight_reads_count_gathered_rows(tmp_path: Path) -> None:
 
     table = numpy_helper.from_array(np.ones((100, 8), np.float32), "table")
     w = numpy_helper.from_array(np.ones((8, 4), np.float32), "w")
-    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"]), helper.make_node("MatMul", ["e", "w"], ["y"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N"])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [table, w])
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["e"]),
+        helper.make_node("MatMul", ["e", "w"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [table, w],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     onnx.save(model, str(tmp_path / "g.onnx"))

@@ -20,7 +20,13 @@ from tests.conftest import tiny_model_config
 
 def test_run_directory_contents(tiny_run):
     names = {p.name for p in tiny_run.iterdir()}
-    assert {"model.safetensors", "config.json", "metrics.json", "training_curves.png", "confusion_matrix.png"} <= names
+    assert {
+        "model.safetensors",
+        "config.json",
+        "metrics.json",
+        "training_curves.png",
+        "confusion_matrix.png",
+    } <= names
     assert not [n for n in names if n.endswith(".tmp")]  # atomic writes leave no temp files
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     for split in ("validation", "test"):
@@ -56,11 +62,15 @@ def test_corrupt_truncated_foreign_and_mismatched_checkpoints(run_copy):
     weights = run_copy / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ArtifactError, match=r"model.safetensors: does not match config.json's weights_sha256"):
+    with pytest.raises(
+        ArtifactError, match=r"model.safetensors: does not match config.json's weights_sha256"
+    ):
         load_checkpoint(run_copy)
     cfg_path = run_copy / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg_path.write_text(json.dumps({k: v for k, v in cfg.items() if k != "weights_sha256"}))  # an older checkpoint
+    cfg_path.write_text(
+        json.dumps({k: v for k, v in cfg.items() if k != "weights_sha256"})
+    )  # an older checkpoint
     with pytest.raises(ArtifactError, match=r"model.safetensors: corrupt or truncated safetensors"):
         load_checkpoint(run_copy)
     weights.write_bytes(data)
@@ -82,31 +92,71 @@ def test_corrupt_truncated_foreign_and_mismatched_checkpoints(run_copy):
 
 def test_training_is_reproducible_and_resumable(tiny_data, tmp_path):
     cfg, loss = tiny_model_config(), LossConfig()
-    full = train(tiny_data, cfg, loss, TrainConfig(epochs=3, batch_size=8, lr=3e-3), tmp_path / "full", progress=False)
-    again = train(tiny_data, cfg, loss, TrainConfig(epochs=3, batch_size=8, lr=3e-3), tmp_path / "again", progress=False)
+    full = train(
+        tiny_data, cfg, loss, TrainConfig(epochs=3, batch_size=8, lr=3e-3), tmp_path / "full", progress=False
+    )
+    again = train(
+        tiny_data, cfg, loss, TrainConfig(epochs=3, batch_size=8, lr=3e-3), tmp_path / "again", progress=False
+    )
     assert [h["train_loss"] for h in full["history"]] == [h["train_loss"] for h in again["history"]]
     # interrupted after 2 epochs, then resumed to 3: the same history as the uninterrupted run
-    train(tiny_data, cfg, loss, TrainConfig(epochs=2, batch_size=8, lr=3e-3), tmp_path / "part", progress=False)
-    resumed = train(tiny_data, cfg, loss, TrainConfig(epochs=3, batch_size=8, lr=3e-3), tmp_path / "part",
-                    resume=True, progress=False)
+    train(
+        tiny_data, cfg, loss, TrainConfig(epochs=2, batch_size=8, lr=3e-3), tmp_path / "part", progress=False
+    )
+    resumed = train(
+        tiny_data,
+        cfg,
+        loss,
+        TrainConfig(epochs=3, batch_size=8, lr=3e-3),
+        tmp_path / "part",
+        resume=True,
+        progress=False,
+    )
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
     assert resumed["history"][2]["train_loss"] == pytest.approx(full["history"][2]["train_loss"], rel=1e-6)
     # resuming with another recipe would mix two runs: refused, naming the option (epochs may change)
     with pytest.raises(InputError, match=r"train\.distill: expected 0\.0 .*got 1\.0"):
-        train(tiny_data, cfg, loss, TrainConfig(epochs=4, batch_size=8, lr=3e-3, distill=1.0), tmp_path / "part",
-              resume=True, progress=False)
+        train(
+            tiny_data,
+            cfg,
+            loss,
+            TrainConfig(epochs=4, batch_size=8, lr=3e-3, distill=1.0),
+            tmp_path / "part",
+            resume=True,
+            progress=False,
+        )
     with pytest.raises(InputError, match=r"train\.lr"):
-        train(tiny_data, cfg, loss, TrainConfig(epochs=4, batch_size=8, lr=1e-3), tmp_path / "part", resume=True,
-              progress=False)
+        train(
+            tiny_data,
+            cfg,
+            loss,
+            TrainConfig(epochs=4, batch_size=8, lr=1e-3),
+            tmp_path / "part",
+            resume=True,
+            progress=False,
+        )
     # another architecture is named too, before its weights could fail to load into the new model
     with pytest.raises(InputError, match=r"model\.d: expected 32 .*got 16"):
-        train(tiny_data, tiny_model_config(d=16), loss, TrainConfig(epochs=4, batch_size=8, lr=3e-3),
-              tmp_path / "part", resume=True, progress=False)
+        train(
+            tiny_data,
+            tiny_model_config(d=16),
+            loss,
+            TrainConfig(epochs=4, batch_size=8, lr=3e-3),
+            tmp_path / "part",
+            resume=True,
+            progress=False,
+        )
 
 
 def test_early_stopping_with_patience(tiny_data, tmp_path):
-    m = train(tiny_data, tiny_model_config(), LossConfig(), TrainConfig(epochs=30, batch_size=8, lr=0.0, patience=2),
-              tmp_path, progress=False)
+    m = train(
+        tiny_data,
+        tiny_model_config(),
+        LossConfig(),
+        TrainConfig(epochs=30, batch_size=8, lr=0.0, patience=2),
+        tmp_path,
+        progress=False,
+    )
     assert len(m["history"]) == 3  # lr 0 never improves after epoch 1: stops after patience=2 more epochs
 
 
@@ -114,18 +164,41 @@ def test_cli_trains_with_options_and_seeds(tmp_path, monkeypatch):
     import cmath_train.data as data_mod
     from cmath_train.data.synthetic import SyntheticConfig, make_synthetic
 
-    small = make_synthetic(SyntheticConfig(feature_dims={"t": 8, "a": 6, "v": 4}, conversations={"train": 20, "test": 6}, max_len=10))
+    small = make_synthetic(
+        SyntheticConfig(
+            feature_dims={"t": 8, "a": 6, "v": 4}, conversations={"train": 20, "test": 6}, max_len=10
+        )
+    )
     monkeypatch.setattr(data_mod, "load_data", lambda spec: small)
     out = tmp_path / "cli"
-    res = CliRunner().invoke(train_cli, ["--modalities", "ta", "--epochs", "1", "--d", "16", "--seeds", "2",
-                                         "--batch-size", "4", "--out", str(out), "--quiet"])
+    res = CliRunner().invoke(
+        train_cli,
+        [
+            "--modalities",
+            "ta",
+            "--epochs",
+            "1",
+            "--d",
+            "16",
+            "--seeds",
+            "2",
+            "--batch-size",
+            "4",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "validation accuracy" in res.output and "+-" in res.output
     metrics = json.loads((out / "metrics.json").read_text())
     spread = metrics["over_seeds"]
     assert spread["seeds"] == [0, 1] and set(spread["test"]["weighted_f1"]) == {"mean", "std"}
     # the top level is the selected seed's model, the one in the run folder
-    assert metrics["test"] == json.loads((out / f"seed_{spread['selected']}" / "metrics.json").read_text())["test"]
+    assert (
+        metrics["test"]
+        == json.loads((out / f"seed_{spread['selected']}" / "metrics.json").read_text())["test"]
+    )
     assert load_checkpoint(out).model_cfg.modalities == ("t", "a")
     bad = CliRunner().invoke(train_cli, ["--modalities", "tx", "--out", str(tmp_path / "x")])
     assert bad.exit_code != 0 and "expected letters from 'tav'" in bad.output
@@ -142,10 +215,18 @@ def test_ema_weights_are_validated_kept_and_resumed(tiny_data, tmp_path):
     tc = TrainConfig(epochs=3, batch_size=8, lr=3e-3, ema_decay=0.9)
     full = train(tiny_data, cfg, loss, tc, tmp_path / "full", progress=False)
     # interrupted after 2 epochs, then resumed: the averaged weights come back too, so validation is identical
-    train(tiny_data, cfg, loss, TrainConfig(epochs=2, batch_size=8, lr=3e-3, ema_decay=0.9), tmp_path / "part",
-          progress=False)
+    train(
+        tiny_data,
+        cfg,
+        loss,
+        TrainConfig(epochs=2, batch_size=8, lr=3e-3, ema_decay=0.9),
+        tmp_path / "part",
+        progress=False,
+    )
     resumed = train(tiny_data, cfg, loss, tc, tmp_path / "part", resume=True, progress=False)
-    assert [h["val_weighted_f1"] for h in resumed["history"]] == pytest.approx([h["val_weighted_f1"] for h in full["history"]])
+    assert [h["val_weighted_f1"] for h in resumed["history"]] == pytest.approx(
+        [h["val_weighted_f1"] for h in full["history"]]
+    )
     assert json.loads((tmp_path / "full" / "config.json").read_text())["train"]["ema_decay"] == 0.9
     # the warm-up: the first call copies; the next keeps (1 + 1) / (10 + 1) of the average, whatever the decay
     model = torch.nn.Linear(2, 1)
@@ -180,7 +261,10 @@ def test_metrics_json_has_one_schema(tiny_run, tmp_path):
     write_metrics(tmp_path, metrics)
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
     with pytest.raises(ValueError, match=r"validation\.accuracy: expected a number"):
-        write_metrics(tmp_path, {**metrics, "validation": {**metrics["validation"], "accuracy": {"mean": 0.5, "std": 0}}})
+        write_metrics(
+            tmp_path,
+            {**metrics, "validation": {**metrics["validation"], "accuracy": {"mean": 0.5, "std": 0}}},
+        )
     with pytest.raises(ValueError, match="missing \\['history'\\]"):
         write_metrics(tmp_path, {k: v for k, v in metrics.items() if k != "history"})
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics  # a rejected write leaves the file

@@ -47,7 +47,9 @@ def test_truncation_keeps_the_utterance_and_cuts_the_oldest_turn() -> None:
 def test_plain_format_is_the_sentence_pipeline() -> None:
     fmt = TurnFormat(window=0, max_tokens=256, speaker_prefix=False)
     [(ids, types)] = encode_turns(fmt, words, CLS, SEP, ["  hello\u0085 world "], [3])
-    assert ids == [CLS, 1006, 1005, SEP] and types == [0] * 4  # cleaned ("hello\x85" -> "hello\u2026"), no prefix
+    assert (
+        ids == [CLS, 1006, 1005, SEP] and types == [0] * 4
+    )  # cleaned ("hello\x85" -> "hello\u2026"), no prefix
 
 
 def test_format_round_trips_and_refuses_bad_values() -> None:

@@ -65,7 +65,9 @@ def load_features(path: str | Path) -> FeatureSet:
     meta = read_tagged_json(meta_path, FORMAT, VERSION, "features meta")
     dims = {m: int(v) for m, v in meta["feature_dims"].items()}
     splits = {name: _read_split(path / f"{name}.npz", dims) for name in meta["splits"]}
-    return FeatureSet(list(meta["label_names"]), dims, int(meta["num_speakers"]), splits, meta.get("meta", {}))
+    return FeatureSet(
+        list(meta["label_names"]), dims, int(meta["num_speakers"]), splits, meta.get("meta", {})
+    )
 
 
 def load_encoder_classifier(fs: FeatureSet) -> dict[str, np.ndarray] | None:
@@ -83,7 +85,9 @@ def load_encoder_classifier(fs: FeatureSet) -> dict[str, np.ndarray] | None:
     for split, p in probs.items():
         rows = sum(len(d) for d in fs.splits.get(split, []))
         if p.shape != (rows, len(fs.label_names)):
-            raise ArtifactError(file, f"{split}_probs: expected shape ({rows}, {len(fs.label_names)}), got {p.shape}")
+            raise ArtifactError(
+                file, f"{split}_probs: expected shape ({rows}, {len(fs.label_names)}), got {p.shape}"
+            )
     return probs
 
 

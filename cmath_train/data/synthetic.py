@@ -42,10 +42,14 @@ class SyntheticConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.misaligned_fraction <= 1.0:
-            raise ValueError(f"misaligned_fraction: expected a number in [0, 1], got {self.misaligned_fraction}")
+            raise ValueError(
+                f"misaligned_fraction: expected a number in [0, 1], got {self.misaligned_fraction}"
+            )
         if self.misaligned_modality not in self.feature_dims:
-            raise ValueError(f"misaligned_modality: expected one of {sorted(self.feature_dims)}, "
-                             f"got {self.misaligned_modality!r}")
+            raise ValueError(
+                f"misaligned_modality: expected one of {sorted(self.feature_dims)}, "
+                f"got {self.misaligned_modality!r}"
+            )
 
 
 def make_synthetic(cfg: SyntheticConfig | None = None) -> FeatureSet:
@@ -69,7 +73,10 @@ def make_synthetic(cfg: SyntheticConfig | None = None) -> FeatureSet:
             feats = _features(rng, labels, cfg, proto, _shown(shown_rng, labels, cfg.misaligned_fraction))
             dialogues.append(Dialogue(f"{split}_{c:04d}", feats, speakers, labels))
         splits[split] = dialogues
-    meta = {"source": "synthetic", "config": asdict(cfg)}  # all of it: make_synthetic(SyntheticConfig(**config)) rebuilds it
+    meta = {
+        "source": "synthetic",
+        "config": asdict(cfg),
+    }  # all of it: make_synthetic(SyntheticConfig(**config)) rebuilds it
     return FeatureSet(list(LABELS), dict(dims), cfg.num_speakers, splits, meta)
 
 
@@ -109,7 +116,10 @@ def _shown(rng: np.random.Generator, labels: np.ndarray, fraction: float) -> np.
 
 
 def _features(
-    rng: np.random.Generator, labels: np.ndarray, cfg: SyntheticConfig, proto: dict[str, np.ndarray],
+    rng: np.random.Generator,
+    labels: np.ndarray,
+    cfg: SyntheticConfig,
+    proto: dict[str, np.ndarray],
     shown: np.ndarray,
 ) -> dict[str, np.ndarray]:
     n, dims, sig = len(labels), cfg.feature_dims, cfg.signal

@@ -43,7 +43,10 @@ class FeatureSet:
             raise ValueError(f"modalities: expected a subset of {self.modalities}, got {modalities}")
         keep = {m: self.feature_dims[m] for m in modalities}
         splits = {
-            name: [Dialogue(d.id, {m: d.features[m] for m in keep}, d.speakers, d.labels, d.texts) for d in dialogues]
+            name: [
+                Dialogue(d.id, {m: d.features[m] for m in keep}, d.speakers, d.labels, d.texts)
+                for d in dialogues
+            ]
             for name, dialogues in self.splits.items()
         }
         return FeatureSet(self.label_names, keep, self.num_speakers, splits, dict(self.meta))
@@ -58,4 +61,6 @@ def split_validation(
     order = np.random.default_rng(seed).permutation(len(train))
     n_val = max(1, round(len(train) * fraction))
     val_idx = set(order[:n_val].tolist())
-    return [d for i, d in enumerate(train) if i not in val_idx], [d for i, d in enumerate(train) if i in val_idx]
+    return [d for i, d in enumerate(train) if i not in val_idx], [
+        d for i, d in enumerate(train) if i in val_idx
+    ]

@@ -38,7 +38,9 @@ from .common import Standardize, check_inputs, set_standardize_stats
 class CMATHConfig(ModelConfig):
     """CMATH's own fields (the shared ones are in config.ModelConfig)."""
 
-    conv_kernel: int = 3  # k_m of Conv1D' / Conv1D'' (1-2), 'same' padding (left-only when causal) over utterances
+    conv_kernel: int = (
+        3  # k_m of Conv1D' / Conv1D'' (1-2), 'same' padding (left-only when causal) over utterances
+    )
     vf_hidden_mult: int = 1  # hidden width of MLP_mu / MLP_sigma (15) = vf_hidden_mult * d
     sigma_eps: float = 1e-4  # sigma_m = softplus(.) + eps keeps the variance positive (15)
     # Ablations of the paper's table 4.
@@ -99,7 +101,9 @@ class StepCache:
         """(B, 1, 1, P + 1): the real past keys of each conversation, then the new utterance's own key."""
         past = next(iter(self.attention.values())).keys.shape[1]
         real = torch.arange(past, device=self.position.device)[None, :] < self.position[:, None]  # (B, P)
-        return torch.cat([real, torch.ones_like(self.position[:, None], dtype=torch.bool)], dim=1)[:, None, None, :]
+        return torch.cat([real, torch.ones_like(self.position[:, None], dtype=torch.bool)], dim=1)[
+            :, None, None, :
+        ]
 
 
 class CMATransformer(nn.Module):
@@ -109,13 +113,18 @@ class CMATransformer(nn.Module):
         super().__init__()
         d = cfg.d
         self.self_attn = Attention(d, cfg.heads, cfg.dropout, cfg.attn_mask_value)
-        self.cross_attn = nn.ModuleList(Attention(d, cfg.heads, cfg.dropout, cfg.attn_mask_value) for _ in range(n_aux))
+        self.cross_attn = nn.ModuleList(
+            Attention(d, cfg.heads, cfg.dropout, cfg.attn_mask_value) for _ in range(n_aux)
+        )
         self.center_tail = AddNormFFN(d, cfg.ffn_mult, cfg.dropout, cfg.norm_eps)
-        self.cross_tail = nn.ModuleList(AddNormFFN(d, cfg.ffn_mult, cfg.dropout, cfg.norm_eps) for _ in range(n_aux))
+        self.cross_tail = nn.ModuleList(
+            AddNormFFN(d, cfg.ffn_mult, cfg.dropout, cfg.norm_eps) for _ in range(n_aux)
+        )
         self.gate = GatedFusion(d, 1 + n_aux) if n_aux else None
 
-    def forward(self, h_m: Tensor, h_aux: list[Tensor], allowed: Tensor,
-                cache: list[KVCache] | None = None) -> Tensor:
+    def forward(
+        self, h_m: Tensor, h_aux: list[Tensor], allowed: Tensor, cache: list[KVCache] | None = None
+    ) -> Tensor:
         """`cache`: the past of [self-attention, *cross-attentions] in that order (streaming), else None."""
         past = cache or [None] * (1 + len(self.cross_attn))
         # (9-10) H~_{a->m} = CA(H_m, H_a, H_a) for every auxiliary modality a
@@ -155,20 +164,24 @@ class CMATH(nn.Module):
         self.classify_x = nn.Linear(d, cfg.num_classes)
 
     def attention_names(self) -> list[str]:
-        """"{centre}{source}" of every attention module, in a fixed order: per centre its SA, then its CAs."""
+        """ "{centre}{source}" of every attention module, in a fixed order: per centre its SA, then its CAs."""
         return [m + a for m in self.cfg.modalities for a in self._sources(m)]
 
     def _sources(self, m: str) -> tuple[str, ...]:
         """The modalities centre m attends to: itself (SA), then its auxiliaries (CA) when cross-modal."""
         aux = [a for a in self.cfg.modalities if a != m]
-        return (m, *aux[:len(self.cma[m].cross_attn)])
+        return (m, *aux[: len(self.cma[m].cross_attn)])
 
     def tail_length(self) -> int:
         """How many past standardised input rows the Conv1D' reads (0 for the "w/o MR" linear projection)."""
         return self.cfg.conv_kernel - 1 if self.cfg.modality_reconstruction else 0
 
     def forward(
-        self, features: dict[str, Tensor], speaker: Tensor, mask: Tensor, reconstruct: bool | None = None,
+        self,
+        features: dict[str, Tensor],
+        speaker: Tensor,
+        mask: Tensor,
+        reconstruct: bool | None = None,
         cache: StepCache | None = None,
     ) -> CMATHOutput:
         """features m -> (B, N, d_m), speaker (B, N) int, mask (B, N) bool (True = real utterance).
@@ -189,7 +202,9 @@ class CMATH(nn.Module):
             allowed = cache.allowed()  # (B, 1, 1, P + 1)
             p = self.positions(cache.position)[:, None]  # (B, 1, d)
 
-        speaker = torch.where(mask, speaker, 0)  # padded rows may hold any id; they must not index out of range
+        speaker = torch.where(
+            mask, speaker, 0
+        )  # padded rows may hold any id; they must not index out of range
         s = self.speaker_embedding(speaker)  # S (5): (B, N, d)
 
         inputs, recons, h = {}, {}, {}
@@ -198,8 +213,10 @@ class CMATH(nn.Module):
             past = None
             if cache is not None and self.tail_length():
                 window = torch.cat([cache.tails[m], inputs[m]], dim=1)  # rows i-k+1..i
-                past, cache.new_tails[m] = cache.tails[m], window[:, window.shape[1] - self.tail_length():]
-            u_prime, u_rec = self.reconstruction[m](inputs[m], row_weight, reconstruct, past)  # U'_m, U''_m (1-2)
+                past, cache.new_tails[m] = cache.tails[m], window[:, window.shape[1] - self.tail_length() :]
+            u_prime, u_rec = self.reconstruction[m](
+                inputs[m], row_weight, reconstruct, past
+            )  # U'_m, U''_m (1-2)
             if u_rec is not None:
                 recons[m] = u_rec
             h[m] = self.dropout(u_prime + s + p)  # H_m = U'_m + S + P (8)
@@ -227,11 +244,16 @@ class CMATH(nn.Module):
             reconstructions=recons,
         )
 
-    def loss(self, out: CMATHOutput, labels: Tensor, mask: Tensor, cfg: LossConfig,
-             class_weight: Tensor | None = None) -> dict[str, Tensor]:
+    def loss(
+        self,
+        out: CMATHOutput,
+        labels: Tensor,
+        mask: Tensor,
+        cfg: LossConfig,
+        class_weight: Tensor | None = None,
+    ) -> dict[str, Tensor]:
         """L_all (24) and its terms; every registered model offers `loss` so training stays model-agnostic."""
         return cmath_loss(out, labels, mask, coerce(CMATHLossConfig, cfg), class_weight)
 
     def set_input_stats(self, mean: dict[str, Tensor], std: dict[str, Tensor]) -> None:
         set_standardize_stats(self.standardize, self.cfg, mean, std)
-

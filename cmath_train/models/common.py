@@ -33,8 +33,9 @@ def safe_std(mean: Tensor, std: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def set_standardize_stats(standardize: nn.ModuleDict, cfg: ModelConfig, mean: dict[str, Tensor],
-                          std: dict[str, Tensor]) -> None:
+def set_standardize_stats(
+    standardize: nn.ModuleDict, cfg: ModelConfig, mean: dict[str, Tensor], std: dict[str, Tensor]
+) -> None:
     """Store the train split's per-feature mean/std in each modality's Standardize (only when cfg.standardize)."""
     if not cfg.standardize:
         return
@@ -116,13 +117,17 @@ class BaselineInputs(nn.Module):
         self.speaker_embedding = nn.Embedding(cfg.num_speakers, cfg.d)
         self.positions = SinusoidalPositions(cfg.d, cfg.pos_max_period)  # P (6-7)
 
-    def forward(self, features: dict[str, Tensor], speaker: Tensor, mask: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    def forward(
+        self, features: dict[str, Tensor], speaker: Tensor, mask: Tensor
+    ) -> tuple[dict[str, Tensor], Tensor]:
         """-> (m -> (B, N, d_m) standardised features, 0 in padded rows; (B, N, d) context S + P)."""
         if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
             check_inputs(self.cfg, features, speaker, mask)
         rows = mask[..., None]
         inputs = {m: torch.where(rows, self.standardize[m](features[m]), 0.0) for m in self.cfg.modalities}
-        speaker = torch.where(mask, speaker, 0)  # padded rows may hold any id; they must not index out of range
+        speaker = torch.where(
+            mask, speaker, 0
+        )  # padded rows may hold any id; they must not index out of range
         p = self.positions.first(mask.shape[1], mask.device)  # P (6-7): (N, d)
         context = self.speaker_embedding(speaker) + p  # S + P
         return inputs, context

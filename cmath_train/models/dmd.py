@@ -82,7 +82,9 @@ class DMDLossConfig(LossConfig):
     dmd_gamma_margin_ort: float = 0.1  # g_mo inside L_dec
     dmd_margin: float = 0.15  # hinge margin of the margin (triplet-like) loss on the common features
     dmd_gamma_gd: float = 0.05  # each graph distillation unit
-    dmd_gd_repr: float = 10.0  # weight of the representation term in the heterogeneous unit (DMD: w_losses[1])
+    dmd_gd_repr: float = (
+        10.0  # weight of the representation term in the heterogeneous unit (DMD: w_losses[1])
+    )
     dmd_gd_reg: float = 10.0  # pull of the mean learned edge weights towards their prior (DMD: gd_reg)
 
 
@@ -105,8 +107,12 @@ class DMDOutput:
     specific: dict[str, Tensor]  # m -> (B, N, d) s_m
     common: dict[str, Tensor]  # m -> (B, N, d) c_m
     reconstructions: dict[str, Tensor] = field(default_factory=dict)  # m -> D_m([s_m, c_m]) (training only)
-    specific_cycle: dict[str, Tensor] = field(default_factory=dict)  # m -> E_m(D_m([s_m, c_m])) (training only)
-    common_aligned: dict[str, Tensor] = field(default_factory=dict)  # m -> projection of c_m for the margin loss
+    specific_cycle: dict[str, Tensor] = field(
+        default_factory=dict
+    )  # m -> E_m(D_m([s_m, c_m])) (training only)
+    common_aligned: dict[str, Tensor] = field(
+        default_factory=dict
+    )  # m -> projection of c_m for the margin loss
 
 
 def edge_pairs(mods: tuple[str, ...]) -> list[tuple[str, str]]:
@@ -138,8 +144,9 @@ class GraphDistillation(nn.Module):
         scores = torch.cat([self.edge(torch.cat([z[n], z[m]], dim=-1)) for n, m in self.pairs], dim=-1)
         return torch.softmax(scores * EDGE_ALPHA, dim=-1)
 
-    def losses(self, logits: dict[str, Tensor], reprs: dict[str, Tensor], rows: Tensor,
-               reg_weight: float) -> dict[str, Tensor]:
+    def losses(
+        self, logits: dict[str, Tensor], reprs: dict[str, Tensor], rows: Tensor, reg_weight: float
+    ) -> dict[str, Tensor]:
         """logit: sum_e mean_i w_e,i |Y_n - Y_m (detached)|_1; repr: sum_e mean_i w_e,i relu(cos(R_n, R_m (detached)));
         reg: reg_weight * sum_e (mean_i e_e,i - prior_e)^2;  w = e + prior."""
         edges = self.edges(logits, reprs)  # (B, N, E)
@@ -161,7 +168,9 @@ class DMD(nn.Module):
         mods, d, c = cfg.modalities, cfg.d, cfg.num_classes
         self.inputs = BaselineInputs(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.project = nn.ModuleDict({m: UtteranceConv(cfg.feature_dims[m], d, cfg.conv_kernel, cfg.causal) for m in mods})
+        self.project = nn.ModuleDict(
+            {m: UtteranceConv(cfg.feature_dims[m], d, cfg.conv_kernel, cfg.causal) for m in mods}
+        )
         # decoupling: private encoders, one shared encoder, decoders, and the margin loss' projections
         self.encode_specific = nn.ModuleDict({m: nn.Linear(d, d, bias=False) for m in mods})
         self.encode_common = nn.Linear(d, d, bias=False)
@@ -173,8 +182,12 @@ class DMD(nn.Module):
         self.homo_classify = nn.ModuleDict({m: nn.Linear(d, c) for m in mods})
         self.common_proj, self.common_classify = ResidualMLP(d), nn.Linear(d, c)
         # heterogeneous (specific) branch: cross-modal attention, then a self-attention "memory" layer
-        self.cross = nn.ModuleDict({m: nn.ModuleDict({a: TransformerLayer(cfg) for a in mods if a != m}) for m in mods})
-        self.merge = nn.ModuleDict({m: nn.Linear((len(mods) - 1) * d, d) for m in mods}) if len(mods) > 1 else None
+        self.cross = nn.ModuleDict(
+            {m: nn.ModuleDict({a: TransformerLayer(cfg) for a in mods if a != m}) for m in mods}
+        )
+        self.merge = (
+            nn.ModuleDict({m: nn.Linear((len(mods) - 1) * d, d) for m in mods}) if len(mods) > 1 else None
+        )
         self.specific_context = nn.ModuleDict({m: TransformerLayer(cfg) for m in mods})
         self.hetero_proj = nn.ModuleDict({m: ResidualMLP(d) for m in mods})
         self.hetero_classify = nn.ModuleDict({m: nn.Linear(d, c) for m in mods})
@@ -191,8 +204,9 @@ class DMD(nn.Module):
         else:
             self.homo_gd = self.hetero_gd = None
 
-    def forward(self, features: dict[str, Tensor], speaker: Tensor, mask: Tensor,
-                reconstruct: bool | None = None) -> DMDOutput:
+    def forward(
+        self, features: dict[str, Tensor], speaker: Tensor, mask: Tensor, reconstruct: bool | None = None
+    ) -> DMDOutput:
         mods = self.cfg.modalities
         reconstruct = self.training if reconstruct is None else reconstruct
         inputs, context = self.inputs(features, speaker, mask)
@@ -230,17 +244,34 @@ class DMD(nn.Module):
             h_spec[m] = self.specific_context[m](h, h, allowed)
         hetero_repr = {m: self.hetero_proj[m](h_spec[m]) for m in mods}
 
-        gated = [torch.sigmoid(self.gate[m](h_spec[m])) for m in mods] + [torch.sigmoid(self.gate_common(c_x))]
+        gated = [torch.sigmoid(self.gate[m](h_spec[m])) for m in mods] + [
+            torch.sigmoid(self.gate_common(c_x))
+        ]
         h_x = self.fuse_proj(self.fuse(torch.cat(gated, dim=-1)))
         return DMDOutput(
-            logits=self.classify_x(h_x), embedding=h_x,
-            modality_logits={m: self.homo_classify[m](homo_repr[m]) for m in mods}, modality_embeddings=homo_repr,
-            hetero_logits={m: self.hetero_classify[m](hetero_repr[m]) for m in mods}, hetero_embeddings=hetero_repr,
-            common_logits=common_logits, projected=proj, specific=s, common=c,
-            reconstructions=recon, specific_cycle=cycle, common_aligned=aligned)
+            logits=self.classify_x(h_x),
+            embedding=h_x,
+            modality_logits={m: self.homo_classify[m](homo_repr[m]) for m in mods},
+            modality_embeddings=homo_repr,
+            hetero_logits={m: self.hetero_classify[m](hetero_repr[m]) for m in mods},
+            hetero_embeddings=hetero_repr,
+            common_logits=common_logits,
+            projected=proj,
+            specific=s,
+            common=c,
+            reconstructions=recon,
+            specific_cycle=cycle,
+            common_aligned=aligned,
+        )
 
-    def loss(self, out: DMDOutput, labels: Tensor, mask: Tensor, cfg: LossConfig,
-             class_weight: Tensor | None = None) -> dict[str, Tensor]:
+    def loss(
+        self,
+        out: DMDOutput,
+        labels: Tensor,
+        mask: Tensor,
+        cfg: LossConfig,
+        class_weight: Tensor | None = None,
+    ) -> dict[str, Tensor]:
         return dmd_loss(self, out, labels, mask, coerce(DMDLossConfig, cfg), class_weight)
 
     def set_input_stats(self, mean: dict[str, Tensor], std: dict[str, Tensor]) -> None:
@@ -263,8 +294,12 @@ def margin_loss(points: Tensor, ids: Tensor, margin: float) -> Tensor:
     diff = ids[:, None] != ids[None, :]
     fill = -(abs(margin) + 3.0)  # below every threshold cos - margin >= -1 - margin: never counted
     neg_sorted, _ = torch.where(diff, cos, fill).sort(dim=1)
-    suffix = torch.cat([neg_sorted.flip(1).cumsum(1).flip(1), neg_sorted.new_zeros(k, 1)], dim=1)  # (K, K + 1)
-    first = torch.searchsorted(neg_sorted.detach().contiguous(), (cos - margin).detach().contiguous(), right=True)
+    suffix = torch.cat(
+        [neg_sorted.flip(1).cumsum(1).flip(1), neg_sorted.new_zeros(k, 1)], dim=1
+    )  # (K, K + 1)
+    first = torch.searchsorted(
+        neg_sorted.detach().contiguous(), (cos - margin).detach().contiguous(), right=True
+    )
     per_pair = (k - first) * (margin - cos) + suffix.gather(1, first)  # sum over negatives, for each (i, p)
     n_pos, n_neg = same.sum(1), diff.sum(1)
     valid = (n_pos > 0) & (n_neg > 0)
@@ -274,21 +309,37 @@ def margin_loss(points: Tensor, ids: Tensor, margin: float) -> Tensor:
     return per_anchor[valid].mean()
 
 
-def dmd_loss(model: DMD, out: DMDOutput, labels: Tensor, mask: Tensor, cfg: DMDLossConfig,
-             class_weight: Tensor | None = None) -> dict[str, Tensor]:
+def dmd_loss(
+    model: DMD,
+    out: DMDOutput,
+    labels: Tensor,
+    mask: Tensor,
+    cfg: DMDLossConfig,
+    class_weight: Tensor | None = None,
+) -> dict[str, Tensor]:
     rows = mask & (labels >= 0)
     zero = out.logits.sum() * 0
     # task: every head DMD supervises
     ce_x = cross_entropy(out.logits, labels, rows, class_weight)
-    ce_m = sum(cross_entropy(lg, labels, rows, class_weight)
-               for heads in (out.modality_logits, out.hetero_logits) for lg in heads.values())
+    ce_m = sum(
+        cross_entropy(lg, labels, rows, class_weight)
+        for heads in (out.modality_logits, out.hetero_logits)
+        for lg in heads.values()
+    )
     ce_c = cross_entropy(out.common_logits, labels, rows, class_weight)
     # decoupling
     mods = list(out.projected)
-    re = sum((masked_mean((out.reconstructions[m] - out.projected[m]) ** 2, mask) for m in out.reconstructions), zero)
-    cycle = sum((masked_mean((out.specific_cycle[m] - out.specific[m]) ** 2, mask) for m in out.specific_cycle), zero)
-    ort = sum(masked_mean(F.relu(F.cosine_similarity(out.specific[m], out.common[m], dim=-1, eps=1e-8)), mask)
-              for m in mods)
+    re = sum(
+        (masked_mean((out.reconstructions[m] - out.projected[m]) ** 2, mask) for m in out.reconstructions),
+        zero,
+    )
+    cycle = sum(
+        (masked_mean((out.specific_cycle[m] - out.specific[m]) ** 2, mask) for m in out.specific_cycle), zero
+    )
+    ort = sum(
+        masked_mean(F.relu(F.cosine_similarity(out.specific[m], out.common[m], dim=-1, eps=1e-8)), mask)
+        for m in mods
+    )
     if out.common_aligned:
         points = torch.cat([out.common_aligned[m][rows] for m in mods])
         margin = margin_loss(points, labels[rows].repeat(len(mods)), cfg.dmd_margin)
@@ -300,10 +351,23 @@ def dmd_loss(model: DMD, out: DMDOutput, labels: Tensor, mask: Tensor, cfg: DMDL
     if model.homo_gd is not None:
         homo = model.homo_gd.losses(out.modality_logits, out.modality_embeddings, rows, cfg.dmd_gd_reg)
         hetero = model.hetero_gd.losses(out.hetero_logits, out.hetero_embeddings, rows, cfg.dmd_gd_reg)
-        terms = {"gd_homo": homo["logit"], "gd_hetero": hetero["logit"], "gd_hetero_repr": hetero["repr"],
-                 "gd_reg": homo["reg"] + hetero["reg"]}
+        terms = {
+            "gd_homo": homo["logit"],
+            "gd_hetero": hetero["logit"],
+            "gd_hetero_repr": hetero["repr"],
+            "gd_reg": homo["reg"] + hetero["reg"],
+        }
     gd = terms["gd_homo"] + terms["gd_hetero"] + cfg.dmd_gd_repr * terms["gd_hetero_repr"] + terms["gd_reg"]
     total = ce_x + ce_m + ce_c + cfg.dmd_gamma_dec * dec + cfg.dmd_gamma_gd * gd
-    out_terms = {"total": total, "ce_x": ce_x, "ce_m": ce_m, "ce_c": ce_c, "re": re, "cycle": cycle, "ort": ort,
-                 "margin": margin, **terms}
+    out_terms = {
+        "total": total,
+        "ce_x": ce_x,
+        "ce_m": ce_m,
+        "ce_c": ce_c,
+        "re": re,
+        "cycle": cycle,
+        "ort": ort,
+        "margin": margin,
+        **terms,
+    }
     return add_confidence_kd(out_terms, out, labels, mask, cfg)

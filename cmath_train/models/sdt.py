@@ -48,9 +48,13 @@ class SDTLossConfig(LossConfig):
 
     detach_teacher: bool = True  # the fused prediction teaches without receiving gradient (SDT lets it learn)
     sdt_gamma_ce_m: float = 1.0  # hard labels teach each modality (SDT code: gamma_2 = 1)
-    sdt_gamma_kl: float = 1.0  # soft labels: KL(softmax(Y^_x / T) || softmax(Y^_m / T)) (SDT code: gamma_3 = 1)
+    sdt_gamma_kl: float = (
+        1.0  # soft labels: KL(softmax(Y^_x / T) || softmax(Y^_m / T)) (SDT code: gamma_3 = 1)
+    )
     sdt_temperature: float = 1.0  # T (SDT code: 1 on IEMOCAP, 8 on MELD)
-    sdt_gamma_feat: float = 0.0  # feature-level term ||H_x - H_m||^2; not in SDT's paper or public code, so off
+    sdt_gamma_feat: float = (
+        0.0  # feature-level term ||H_x - H_m||^2; not in SDT's paper or public code, so off
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -64,12 +68,16 @@ class SDTLossConfig(LossConfig):
 # no early stopping (it reports its best *test* epoch); we keep every epoch too (patience = epochs) but select on
 # validation. `registry.preset("sdt", name)` returns these in place of CMATH's presets of the same name.
 PRESETS: dict[str, Preset] = {
-    "meld": Preset(model={"d": 1024, "heads": 8, "dropout": 0.5},
-                   loss={"sdt_temperature": 8.0, "sdt_gamma_ce_m": 1.0, "sdt_gamma_kl": 1.0},
-                   train={"lr": 5e-6, "batch_size": 8, "epochs": 50, "patience": 50, "weight_decay": 1e-5}),
-    "iemocap": Preset(model={"d": 1024, "heads": 8, "dropout": 0.5},
-                      loss={"sdt_temperature": 1.0, "sdt_gamma_ce_m": 1.0, "sdt_gamma_kl": 1.0, "class_weighted": True},
-                      train={"lr": 1e-4, "batch_size": 16, "epochs": 150, "patience": 150, "weight_decay": 1e-5}),
+    "meld": Preset(
+        model={"d": 1024, "heads": 8, "dropout": 0.5},
+        loss={"sdt_temperature": 8.0, "sdt_gamma_ce_m": 1.0, "sdt_gamma_kl": 1.0},
+        train={"lr": 5e-6, "batch_size": 8, "epochs": 50, "patience": 50, "weight_decay": 1e-5},
+    ),
+    "iemocap": Preset(
+        model={"d": 1024, "heads": 8, "dropout": 0.5},
+        loss={"sdt_temperature": 1.0, "sdt_gamma_ce_m": 1.0, "sdt_gamma_kl": 1.0, "class_weighted": True},
+        train={"lr": 1e-4, "batch_size": 16, "epochs": 150, "patience": 150, "weight_decay": 1e-5},
+    ),
 }
 
 
@@ -98,19 +106,30 @@ class SDT(nn.Module):
         self.cfg = cfg = coerce(SDTConfig, cfg)
         mods, d = cfg.modalities, cfg.d
         self.inputs = BaselineInputs(cfg)
-        self.project = nn.ModuleDict({m: nn.Linear(cfg.feature_dims[m], d, bias=False) for m in mods})  # Conv1D k=1
+        self.project = nn.ModuleDict(
+            {m: nn.Linear(cfg.feature_dims[m], d, bias=False) for m in mods}
+        )  # Conv1D k=1
         self.dropout = nn.Dropout(cfg.dropout)
         # transformer[m][a]: target m attends to source a (intra-modal when a == m)
-        self.transformer = nn.ModuleDict({m: nn.ModuleDict({a: TransformerLayer(cfg) for a in mods}) for m in mods})
-        self.unimodal_gate = nn.ModuleDict({m: nn.ModuleDict({a: UnimodalGate(d) for a in mods}) for m in mods})
+        self.transformer = nn.ModuleDict(
+            {m: nn.ModuleDict({a: TransformerLayer(cfg) for a in mods}) for m in mods}
+        )
+        self.unimodal_gate = nn.ModuleDict(
+            {m: nn.ModuleDict({a: UnimodalGate(d) for a in mods}) for m in mods}
+        )
         self.reduce = nn.ModuleDict({m: nn.Linear(len(mods) * d, d) for m in mods})
         self.multimodal_gate = GatedFusion(d, len(mods)) if len(mods) > 1 else None
         self.classify_m = nn.ModuleDict(
-            {m: nn.Sequential(nn.ReLU(), nn.Dropout(cfg.dropout), nn.Linear(d, cfg.num_classes)) for m in mods})
+            {
+                m: nn.Sequential(nn.ReLU(), nn.Dropout(cfg.dropout), nn.Linear(d, cfg.num_classes))
+                for m in mods
+            }
+        )
         self.classify_x = nn.Linear(d, cfg.num_classes)
 
-    def forward(self, features: dict[str, Tensor], speaker: Tensor, mask: Tensor,
-                reconstruct: bool | None = None) -> SDTOutput:
+    def forward(
+        self, features: dict[str, Tensor], speaker: Tensor, mask: Tensor, reconstruct: bool | None = None
+    ) -> SDTOutput:
         """`reconstruct` is accepted for interface parity with CMATH (export passes it); SDT has no decoder."""
         mods = self.cfg.modalities
         inputs, context = self.inputs(features, speaker, mask)
@@ -121,11 +140,21 @@ class SDT(nn.Module):
             branches = [self.unimodal_gate[m][a](self.transformer[m][a](x[m], x[a], allowed)) for a in mods]
             h[m] = self.reduce[m](torch.cat(branches, dim=-1))  # (B, N, d)
         h_x = self.multimodal_gate([h[m] for m in mods]) if self.multimodal_gate is not None else h[mods[0]]
-        return SDTOutput(logits=self.classify_x(h_x), embedding=h_x,
-                         modality_logits={m: self.classify_m[m](h[m]) for m in mods}, modality_embeddings=h)
+        return SDTOutput(
+            logits=self.classify_x(h_x),
+            embedding=h_x,
+            modality_logits={m: self.classify_m[m](h[m]) for m in mods},
+            modality_embeddings=h,
+        )
 
-    def loss(self, out: SDTOutput, labels: Tensor, mask: Tensor, cfg: LossConfig,
-             class_weight: Tensor | None = None) -> dict[str, Tensor]:
+    def loss(
+        self,
+        out: SDTOutput,
+        labels: Tensor,
+        mask: Tensor,
+        cfg: LossConfig,
+        class_weight: Tensor | None = None,
+    ) -> dict[str, Tensor]:
         return sdt_loss(out, labels, mask, coerce(SDTLossConfig, cfg), class_weight)
 
     def set_input_stats(self, mean: dict[str, Tensor], std: dict[str, Tensor]) -> None:
@@ -143,14 +172,16 @@ def feature_distillation(out: SDTOutput, rows: Tensor, detach_teacher: bool) -> 
     return sum(masked_mean((teacher - h_m) ** 2, rows) for h_m in out.modality_embeddings.values())
 
 
-def sdt_loss(out: SDTOutput, labels: Tensor, mask: Tensor, cfg: SDTLossConfig,
-             class_weight: Tensor | None = None) -> dict[str, Tensor]:
+def sdt_loss(
+    out: SDTOutput, labels: Tensor, mask: Tensor, cfg: SDTLossConfig, class_weight: Tensor | None = None
+) -> dict[str, Tensor]:
     rows = mask & (labels >= 0)
     ce_x = cross_entropy(out.logits, labels, rows, class_weight)  # task loss on the fused prediction
-    ce_m = sum(cross_entropy(lg, labels, rows, class_weight) for lg in out.modality_logits.values())  # hard labels
+    ce_m = sum(
+        cross_entropy(lg, labels, rows, class_weight) for lg in out.modality_logits.values()
+    )  # hard labels
     kl = soft_label_distillation(out, rows, cfg.sdt_temperature, cfg.detach_teacher)  # soft labels
     feat = feature_distillation(out, rows, cfg.detach_teacher)
     total = ce_x + cfg.sdt_gamma_ce_m * ce_m + cfg.sdt_gamma_kl * kl + cfg.sdt_gamma_feat * feat
     terms = {"total": total, "ce_x": ce_x, "ce_m": ce_m, "kl": kl, "feat": feat}
     return add_confidence_kd(terms, out, labels, mask, cfg)
-

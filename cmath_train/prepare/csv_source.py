@@ -99,17 +99,25 @@ def read_conversations(path: str | Path, columns: CsvColumns = CsvColumns()) -> 
         num_rows += 1
         where = f"{path}: data row {num_rows} (line {line})"
         if len(record) != len(header):
-            raise InputError(where, f"{len(header)} fields like the header", f"{len(record)} fields",
-                             hint="Is a text cell with a comma missing its quotes?")
+            raise InputError(
+                where,
+                f"{len(header)} fields like the header",
+                f"{len(record)} fields",
+                hint="Is a text cell with a comma missing its quotes?",
+            )
         order = _parse_order(record[index[columns.order]], f"{where}, column {columns.order!r}")
         dialogue_id = "/".join(record[index[c]].strip() for c in columns.dialogue)
         groups.setdefault(dialogue_id, []).append((order, num_rows, line, record))
     if num_rows == 0:
-        raise InputError(str(path), "at least one data row after the header", f"only a header (columns: {header})")
+        raise InputError(
+            str(path), "at least one data row after the header", f"only a header (columns: {header})"
+        )
 
     dialogues = []
     for dialogue_id, rows in groups.items():
-        rows.sort(key=lambda r: r[0])  # stable: equal orders would keep file order, but they are refused below
+        rows.sort(
+            key=lambda r: r[0]
+        )  # stable: equal orders would keep file order, but they are refused below
         for a, b in zip(rows, rows[1:], strict=False):
             if a[0] == b[0]:
                 raise InputError(
@@ -121,7 +129,11 @@ def read_conversations(path: str | Path, columns: CsvColumns = CsvColumns()) -> 
         for _, row, line, record in rows:
             label = clean_text(record[index[columns.label]])
             if not label:
-                raise InputError(f"{path}: data row {row} (line {line}), column {columns.label!r}", "a label", "an empty cell")
+                raise InputError(
+                    f"{path}: data row {row} (line {line}), column {columns.label!r}",
+                    "a label",
+                    "an empty cell",
+                )
             dialogue.texts.append(clean_text(record[index[columns.text]]))
             dialogue.speakers.append(clean_text(record[index[columns.speaker]]))
             dialogue.labels.append(label)

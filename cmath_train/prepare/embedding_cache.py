@@ -48,7 +48,9 @@ class EmbeddingCache:
                 warnings.warn(f"{shard}: unreadable cache shard ignored ({e})", stacklevel=2)
                 continue
             if emb.ndim != 2 or emb.shape != (len(keys), self.dim):
-                warnings.warn(f"{shard}: cache shard of shape {emb.shape} ignored (dim {self.dim})", stacklevel=2)
+                warnings.warn(
+                    f"{shard}: cache shard of shape {emb.shape} ignored (dim {self.dim})", stacklevel=2
+                )
                 continue
             found.update(zip(keys.tolist(), emb.astype(np.float32), strict=True))
         return found
@@ -77,7 +79,9 @@ def encode_texts(
     unique = list(dict.fromkeys(texts))
     known = cache.load() if cache is not None else {}
     keys = {t: cache.key(t) for t in unique} if cache is not None else {}
-    vectors: dict[str, np.ndarray] = {t: known[keys[t]] for t in unique if cache is not None and keys[t] in known}
+    vectors: dict[str, np.ndarray] = {
+        t: known[keys[t]] for t in unique if cache is not None and keys[t] in known
+    }
     todo = sorted((t for t in unique if t not in vectors), key=len)
     pending: list[str] = []
     with tqdm(total=len(todo), desc=desc, unit="text", disable=not todo) as bar:
@@ -85,7 +89,9 @@ def encode_texts(
             part = todo[start : start + chunk]
             emb = np.asarray(encoder.encode(part), np.float32)
             if emb.shape != (len(part), encoder.dim):
-                raise RuntimeError(f"text encoder returned shape {emb.shape} for {len(part)} texts of dim {encoder.dim}")
+                raise RuntimeError(
+                    f"text encoder returned shape {emb.shape} for {len(part)} texts of dim {encoder.dim}"
+                )
             vectors.update(zip(part, emb, strict=True))
             pending += part
             bar.update(len(part))

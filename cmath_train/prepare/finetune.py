@@ -11,6 +11,7 @@ type embeddings and every transformer layer are trained.
 After every epoch the dev split (never test) is scored by weighted-F1 of the head; the best epoch's encoder and
 head are kept. Without a dev split every epoch is run and the last one is kept.
 """
+
 from __future__ import annotations
 
 import copy
@@ -113,12 +114,19 @@ def finetune_encoder(
 
     # linear warm-up over the first warmup_fraction of the steps, then linear decay to 0 (sentence-transformers'
     # own "WarmupLinear")
-    scheduler = get_linear_schedule_with_warmup(optimizer, max(1, round(total * options.warmup_fraction)), total)
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, max(1, round(total * options.warmup_fraction)), total
+    )
     labels = torch.as_tensor(np.asarray(train_labels, np.int64))
     lengths = np.array([len(ids) for ids, _ in train])
     has_dev = dev is not None and dev_labels is not None and len(dev) > 0
-    result = FinetuneResult(options, "dev weighted-F1" if has_dev else "last epoch (no dev split)", 0,
-                            num_train=len(train), num_dev=len(dev) if has_dev else 0)
+    result = FinetuneResult(
+        options,
+        "dev weighted-F1" if has_dev else "last epoch (no dev split)",
+        0,
+        num_train=len(train),
+        num_dev=len(dev) if has_dev else 0,
+    )
     best_f1, best_state, stale = -1.0, None, 0
     bar = tqdm(total=total, desc=desc, unit="batch")
     for epoch in range(1, options.epochs + 1):
@@ -147,8 +155,12 @@ def finetune_encoder(
         result.history.append(entry)
         log(
             f"{desc} epoch {epoch}: train loss {entry.train_loss:.4f}, {entry.train_seconds:.1f} s"
-            + (f"; dev weighted-F1 {100 * entry.dev_weighted_f1:.2f}, acc {100 * entry.dev_accuracy:.2f}, "
-               f"eval {entry.eval_seconds:.1f} s" if has_dev else "")
+            + (
+                f"; dev weighted-F1 {100 * entry.dev_weighted_f1:.2f}, acc {100 * entry.dev_accuracy:.2f}, "
+                f"eval {entry.eval_seconds:.1f} s"
+                if has_dev
+                else ""
+            )
         )
         if not has_dev:
             result.best_epoch = epoch
@@ -171,7 +183,9 @@ def finetune_encoder(
     return result, head
 
 
-def classify(encoder: PooledEncoder, head: nn.Linear, examples: Sequence[Example], batch_size: int = 64) -> np.ndarray:
+def classify(
+    encoder: PooledEncoder, head: nn.Linear, examples: Sequence[Example], batch_size: int = 64
+) -> np.ndarray:
     """(n, classes) probabilities of the encoder's own classifier (the fine-tuning head)."""
     scale = math.sqrt(head.in_features) if encoder.normalize else 1.0
     emb = torch.from_numpy(embed(encoder, examples, batch_size))
@@ -179,7 +193,9 @@ def classify(encoder: PooledEncoder, head: nn.Linear, examples: Sequence[Example
         return torch.softmax(head(emb.to(head.weight.device) * scale), -1).cpu().numpy()
 
 
-def _length_bucketed_batches(lengths: np.ndarray, batch_size: int, pool: int, rng: np.random.Generator) -> list[np.ndarray]:
+def _length_bucketed_batches(
+    lengths: np.ndarray, batch_size: int, pool: int, rng: np.random.Generator
+) -> list[np.ndarray]:
     """Shuffled batches of similar-length texts (less padding): sort shuffled pools by length, cut, shuffle batches."""
     order = rng.permutation(len(lengths))
     batches = []

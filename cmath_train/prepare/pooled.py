@@ -18,15 +18,29 @@ INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 class PooledEncoder(nn.Module):
-    def __init__(self, transformer: nn.Module, pooling: str = "mean", normalize: bool = True,
-                 first_segment: bool = False) -> None:
+    def __init__(
+        self,
+        transformer: nn.Module,
+        pooling: str = "mean",
+        normalize: bool = True,
+        first_segment: bool = False,
+    ) -> None:
         super().__init__()
         if pooling not in ("mean", "cls", "max"):
             raise ValueError(f"pooling: expected mean, cls or max, got {pooling!r}")
-        self.transformer, self.pooling, self.normalize, self.first_segment = transformer, pooling, normalize, first_segment
+        self.transformer, self.pooling, self.normalize, self.first_segment = (
+            transformer,
+            pooling,
+            normalize,
+            first_segment,
+        )
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
         h = self.transformer(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         keep = attention_mask
@@ -44,21 +58,26 @@ class PooledEncoder(nn.Module):
         return out
 
 
-def collate(examples: Sequence[tuple[Sequence[int], Sequence[int]]], device: torch.device | str = "cpu"
-            ) -> dict[str, torch.Tensor]:
+def collate(
+    examples: Sequence[tuple[Sequence[int], Sequence[int]]], device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
     """(input_ids, token_type_ids) pairs -> right-padded int64 tensors with the attention mask."""
     width = max(len(ids) for ids, _ in examples)
     out = {k: np.zeros((len(examples), width), np.int64) for k in INPUTS}
     for i, (ids, types) in enumerate(examples):
-        out["input_ids"][i, :len(ids)] = ids
-        out["attention_mask"][i, :len(ids)] = 1
-        out["token_type_ids"][i, :len(types)] = types
+        out["input_ids"][i, : len(ids)] = ids
+        out["attention_mask"][i, : len(ids)] = 1
+        out["token_type_ids"][i, : len(types)] = types
     return {k: torch.from_numpy(v).to(device) for k, v in out.items()}
 
 
 @torch.no_grad()
-def embed(encoder: PooledEncoder, examples: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 64,
-          progress: str | None = None) -> np.ndarray:
+def embed(
+    encoder: PooledEncoder,
+    examples: Sequence[tuple[Sequence[int], Sequence[int]]],
+    batch_size: int = 64,
+    progress: str | None = None,
+) -> np.ndarray:
     """(n, d) float32 embeddings; examples of similar length are batched together."""
     from tqdm import tqdm
 
@@ -68,7 +87,7 @@ def embed(encoder: PooledEncoder, examples: Sequence[tuple[Sequence[int], Sequen
     out: np.ndarray | None = None
     starts = range(0, len(order), batch_size)
     for k in tqdm(starts, desc=progress, unit="batch", disable=progress is None):
-        idx = order[k:k + batch_size]
+        idx = order[k : k + batch_size]
         emb = encoder(**collate([examples[i] for i in idx], device)).float().cpu().numpy()
         if out is None:
             out = np.zeros((len(examples), emb.shape[1]), np.float32)

@@ -30,8 +30,13 @@ class ProbeResult:
     by_c: dict[float, float] = field(default_factory=dict)  # C -> selection weighted-F1
 
 
-def linear_probe(fs: FeatureSet, modality: str = "t", cs: tuple[float, ...] = DEFAULT_CS, seed: int = 0,
-                 val_fraction: float = 0.2) -> ProbeResult:
+def linear_probe(
+    fs: FeatureSet,
+    modality: str = "t",
+    cs: tuple[float, ...] = DEFAULT_CS,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+) -> ProbeResult:
     train = fs.splits["train"]
     if "dev" in fs.splits:
         fit_on, select_on, selection = train, fs.splits["dev"], "dev"
@@ -57,7 +62,9 @@ def linear_probe(fs: FeatureSet, modality: str = "t", cs: tuple[float, ...] = DE
 
 
 def _flat(dialogues: list[Dialogue], modality: str) -> tuple[np.ndarray, np.ndarray]:
-    return np.concatenate([d.features[modality] for d in dialogues]), np.concatenate([d.labels for d in dialogues])
+    return np.concatenate([d.features[modality] for d in dialogues]), np.concatenate(
+        [d.labels for d in dialogues]
+    )
 
 
 def _fit(x: np.ndarray, y: np.ndarray, c: float) -> LogisticRegression:

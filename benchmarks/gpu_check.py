@@ -432,10 +432,11 @@ def streaming(check: GpuCheck, export: Path, threads: int, ort_why: str | None) 
     import cmath_runtime
     from cmath_runtime.streaming import Stream
 
+    from .backends import ORT, ORT_CUDA, RUNTIME
     from .streaming import BUDGET as STEP_BUDGET
     from .streaming import QUICK_BUDGET, run_streaming
 
-    engines = (("cuda", "fp32"), ("cpu", "fp32")) if ort_why is None else (("cpu", "fp32"),)
+    engines = ((ORT_CUDA, "fp32"), (ORT, "fp32")) if ort_why is None else ((ORT, "fp32"),)
     if ort_why:
         check.skip("step graph on onnxruntime-cuda", ort_why)
     check.records += run_streaming(
@@ -450,7 +451,8 @@ def streaming(check: GpuCheck, export: Path, threads: int, ort_why: str | None) 
     spec = InputSpec(tuple(full.modalities), full.feature_dims, full.num_speakers)
     [conv] = conversations(spec, 1, max(STEP_LENGTHS), seed=1)
     [ref] = full.predict([conv])
-    for backend, precision in engines:
+    for contender, precision in engines:
+        backend = RUNTIME[contender][0]
         try:
             model = cmath_runtime.load(export, backend=backend, threads=threads)
             graph = model.step_graph

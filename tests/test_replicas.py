@@ -246,7 +246,8 @@ def test_batches_and_bad_input_through_the_balancer(cluster: Cluster, model) -> 
     assert conv.replays == 1 and client.stats.replayed_utterances == 2
     expected = _serial_probs(model, feats, speakers)
     assert np.abs(conv.probs() - expected).max() <= 1e-5
-    assert emotion.label == model.label_names[int(expected[-1].argmax())] and conv.latest == emotion
+    assert emotion.label == model.label_names[int(expected[-1].argmax())] == conv.latest.label
+    assert np.array_equal(conv.latest.probs, emotion.probs)
     assert conv.speakers.tolist() == speakers.tolist() and conv.texts == [None] * 4
     assert np.abs(client.predict([conv])[0].probs - expected).max() <= 1e-5  # causal: whole == streamed
 

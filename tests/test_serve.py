@@ -582,11 +582,18 @@ def test_serve_load_report(tmp_path: Path) -> None:
 
 def test_cmath_serve_uses_only_the_runtimes_public_api() -> None:
     """cmath_serve runs inside Triton's stub with the runtime only: no torch, no training or export code, and
-    from cmath_runtime only the public surface (the package, its errors and its manifest) and its input
-    validation (the conversation client checks utterances exactly as a local Conversation does)."""
+    from cmath_runtime only the public surface (the package, its errors and its manifest), the one Triton config
+    writer and its input validation (the conversation client checks utterances exactly as a local Conversation
+    does)."""
     import ast
 
-    allowed = {"cmath_runtime", "cmath_runtime.errors", "cmath_runtime.manifest", "cmath_runtime.validation"}
+    allowed = {
+        "cmath_runtime",
+        "cmath_runtime.errors",
+        "cmath_runtime.manifest",
+        "cmath_runtime.validation",
+        "cmath_runtime.triton_config",
+    }
     bad = {}
     for path in sorted((ROOT / "cmath_serve").glob("*.py")):
         names = set()

@@ -381,7 +381,7 @@ def test_cli_has_no_confidence_kd_option(tmp_path):
     from cmath_train.cli import main as train_cli
 
     res = CliRunner().invoke(train_cli, ["--model", "dmd", "--confidence-kd", "--out", str(tmp_path / "run")])
-    assert res.exit_code == 2 and "No such option: --confidence-kd" in res.output
+    assert res.exit_code == 2 and "No such option" in res.output and "--confidence-kd" in res.output
     assert not (tmp_path / "run").exists()
 
 

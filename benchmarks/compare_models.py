@@ -2,14 +2,14 @@
 
     python -m benchmarks.compare_models [--data synthetic|FEATURES_DIR|PICKLE] [--modalities tav] [--seeds 3]
                                        [--epochs N] [--preset default] [--recipes cmath=auto,sdt=meld]
-                                       [--models cmath,sdt,dmd,cmath+ckd] [--out runs/compare]
+                                       [--models cmath,sdt,dmd] [--out runs/compare]
 
 Recipes: every model gets `--preset` unless `--recipes` names its own: `MODEL=PRESET` (a model's published recipe,
 e.g. SDT's `meld`, see registry.preset) or `cmath=auto` (the recipe `cmath-train` chooses from the data).
 `--epochs` caps every model when given; otherwise each recipe's own epoch budget applies.
 
-Each entry is a registered model name, optionally with "+ckd" (the confidence-gated KD of losses.py on top; CDaT itself: cdat_study.py).
-Every entry is trained with cmath_train.seeds.train_seeds: seeds seed..seed+N-1, each seed selecting its epoch
+Each entry of --models is a registered model name (the CDaT add-on has its own study: cmath_train/cdat_study.py).
+Every model is trained with cmath_train.seeds.train_seeds: seeds seed..seed+N-1, each seed selecting its epoch
 on validation (the official dev split, else the same seeded train fraction for every model), test evaluated once
 per seed. Writes OUT/compare.json and OUT/compare.md: test accuracy and weighted-F1 (mean +- std over seeds),
 parameters, and latency for one conversation of 50 utterances (batch 1). Latency is measured through the
@@ -19,7 +19,6 @@ with --latency-backend eager it is PyTorch eager latency, and the table says so.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import platform
 import shlex
@@ -35,18 +34,17 @@ import click
 LATENCY_SHAPE = (1, 50)  # (batch, utterances)
 
 
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    key: str  # "cmath", "cmath+ckd", ...
-    model: str
-    ckd: bool
-
-    @classmethod
-    def parse(cls, key: str, known: list[str]) -> Entry:
-        name, _, extra = key.partition("+")
-        if name not in known or extra not in ("", "ckd"):
-            raise click.BadParameter(f"expected NAME or NAME+ckd with NAME one of {known}, got {key!r}")
-        return cls(key, name, extra == "ckd")
+def parse_models(text: str, known: list[str]) -> list[str]:
+    """`cmath,sdt` -> ["cmath", "sdt"]: distinct registered model names."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    for name in names:
+        if name not in known:
+            raise click.BadParameter(
+                f"expected registered model names {known}, got {name!r}", param_hint="--models"
+            )
+    if len(set(names)) != len(names):
+        raise click.BadParameter(f"expected each model once, got {text!r}", param_hint="--models")
+    return names
 
 
 def parse_recipes(text: str | None, known: list[str]) -> dict[str, str]:
@@ -77,32 +75,30 @@ def recipe_for(model: str, name: str, fs: Any) -> tuple[str, Any]:
         raise click.BadParameter(str(e), param_hint="--recipes/--preset") from None
 
 
-def train_entries(
+def train_models(
     fs: Any,
-    entries: list[Entry],
+    names: list[str],
     configs: dict[str, tuple[dict, dict, dict]],
     seeds: int,
     out: Path,
     resume: bool,
     progress: bool,
 ) -> dict[str, Any]:
-    """configs: entry key -> (model, loss, train) config fields."""
+    """configs: model name -> (model, loss, train) config fields."""
     from cmath_train.config import TrainConfig
     from cmath_train.registry import loss_config, model_config
     from cmath_train.seeds import train_seeds
 
     results = {}
-    for entry in entries:
-        model_kw, loss_kw, train_kw = configs[entry.key]
-        model_cfg = model_config(entry.model, **model_kw)
-        loss_cfg = loss_config(entry.model, **{**loss_kw, "confidence_kd": entry.ckd})
+    for name in names:
+        model_kw, loss_kw, train_kw = configs[name]
+        model_cfg = model_config(name, **model_kw)
+        loss_cfg = loss_config(name, **loss_kw)
         train_cfg = TrainConfig(**train_kw)
-        click.echo(f"=== {entry.key}: {seeds} seed(s) -> {out / entry.key}")
+        click.echo(f"=== {name}: {seeds} seed(s) -> {out / name}")
         start = time.perf_counter()
-        summary = train_seeds(
-            fs, model_cfg, loss_cfg, train_cfg, out / entry.key, seeds, entry.model, resume, progress
-        )
-        results[entry.key] = {"summary": summary, "train_seconds": time.perf_counter() - start}
+        summary = train_seeds(fs, model_cfg, loss_cfg, train_cfg, out / name, seeds, name, resume, progress)
+        results[name] = {"summary": summary, "train_seconds": time.perf_counter() - start}
     return results
 
 
@@ -202,32 +198,31 @@ def _pm(block: dict[str, float]) -> str:
 
 
 def build_report(
-    entries: list[Entry],
+    names: list[str],
     trained: dict[str, Any],
     latency: tuple[str, dict[str, dict[str, float]]],
     context: dict[str, Any],
 ) -> dict[str, Any]:
     backend, lat = latency
     models = {}
-    for entry in entries:
-        summary = trained[entry.key]["summary"][
+    for name in names:
+        summary = trained[name]["summary"][
             "over_seeds"
         ]  # mean +- std over the seeds (cmath_train/metrics.py)
         per_seed = summary["per_seed"]
-        models[entry.key] = {
-            "model": entry.model,
-            "confidence_kd": entry.ckd,
-            "recipe": context["recipes"][entry.key],
+        models[name] = {
+            "model": name,
+            "recipe": context["recipes"][name],
             "test": {k: summary["test"][k] for k in ("accuracy", "weighted_f1", "macro_f1")}
             if "test" in summary
             else None,
             "validation": {k: summary["validation"][k] for k in ("accuracy", "weighted_f1", "macro_f1")},
-            "parameters": context["parameters"][entry.key],
-            "latency": lat[entry.key],
+            "parameters": context["parameters"][name],
+            "latency": lat[name],
             "selected_epochs": {s: per_seed[s]["selected_epoch"] for s in per_seed},
             "per_seed": per_seed,
-            "train_seconds": trained[entry.key]["train_seconds"],
-            "run_dir": str(context["out"] / entry.key),
+            "train_seconds": trained[name]["train_seconds"],
+            "run_dir": str(context["out"] / name),
         }
     return {
         "format": "cmath-compare",
@@ -269,8 +264,6 @@ def markdown(report: dict[str, Any]) -> str:
             row += f" {par['probs_max_abs']:.1e} {'passed' if par['passed'] else 'FAILED'} |"
         lines.append(row)
     lines += ["", f"Reproduce: `{report['command']}`", ""]
-    if report.get("notes"):
-        lines += [f"- {note}" for note in report["notes"]] + [""]
     return "\n".join(lines)
 
 
@@ -297,9 +290,9 @@ def markdown(report: dict[str, Any]) -> str:
 @click.option(
     "--models",
     "model_list",
-    default="cmath,sdt,dmd,cmath+ckd",
+    default="cmath,sdt,dmd",
     show_default=True,
-    help="Comma-separated registered names, each optionally with +ckd.",
+    help="Comma-separated registered model names.",
 )
 @click.option("--seeds", type=int, default=3, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="First seed.")
@@ -347,8 +340,8 @@ def main(
     from cmath_train.registry import model_names
 
     torch.set_num_threads(1)  # tiny models; spinning intra-op threads only slow a shared CPU down
-    entries = [Entry.parse(k.strip(), model_names()) for k in model_list.split(",") if k.strip()]
-    if seeds < 1 or (epochs is not None and epochs < 1) or not entries:
+    names = parse_models(model_list, model_names())
+    if seeds < 1 or (epochs is not None and epochs < 1) or not names:
         raise click.BadParameter("expected --seeds >= 1, --epochs >= 1 and at least one model")
     own = parse_recipes(recipes, model_names())
     fs = load_data(data)
@@ -364,28 +357,23 @@ def main(
         k: v for k, v in {"batch_size": batch_size, "lr": lr, "epochs": epochs}.items() if v is not None
     }
     configs, recipe_names = {}, {}
-    for entry in entries:
-        recipe_names[entry.key], p = recipe_for(entry.model, own.get(entry.model, preset), fs)
-        configs[entry.key] = (
+    for name in names:
+        recipe_names[name], p = recipe_for(name, own.get(name, preset), fs)
+        configs[name] = (
             {**data_kw, **p.model, **({"d": hidden} if hidden is not None else {})},
             dict(p.loss),
             {**p.train, **given_train, "seed": seed},
         )
     out = Path(out_dir)
     start = time.perf_counter()
-    trained = train_entries(fs, entries, configs, seeds, out, resume, not quiet)
-    run_dirs = {e.key: out / e.key for e in entries}
+    trained = train_models(fs, names, configs, seeds, out, resume, not quiet)
+    run_dirs = {name: out / name for name in names}
     params = {
         key: sum(t.numel() for t in load_checkpoint(run).model.parameters()) for key, run in run_dirs.items()
     }
     click.echo("measuring latency ...")
     latency = measure_latency(run_dirs, latency_calls, latency_backend)
-    notes = []
-    if len(mods) == 1 and any(e.ckd for e in entries):
-        notes.append(
-            "Confidence-KD transfers between modalities: with a single modality it adds nothing (+ckd = plain)."
-        )
-    first = trained[entries[0].key]["summary"]["over_seeds"]
+    first = trained[names[0]]["summary"]["over_seeds"]
     context = {
         "data": data,
         "modalities": "".join(mods),
@@ -393,7 +381,7 @@ def main(
         "recipes": recipe_names,
         "epochs": epochs,
         "seeds": first["seeds"],
-        "validation": _validation_source(out / entries[0].key),
+        "validation": _validation_source(out / names[0]),
         "configs": {
             k: {"model": m | {"modalities": list(mods)}, "loss": lo, "train": t}
             for k, (m, lo, t) in configs.items()
@@ -406,11 +394,10 @@ def main(
             "cpu_count": os.cpu_count(),
         },
         "total_seconds": time.perf_counter() - start,
-        "notes": notes,
         "parameters": params,
         "out": out,
     }
-    report = build_report(entries, trained, latency, context)
+    report = build_report(names, trained, latency, context)
     atomic_write_json(out / "compare.json", report)
     text = markdown(report)
     atomic_write_bytes(out / "compare.md", text.encode())

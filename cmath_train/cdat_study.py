@@ -7,7 +7,6 @@ misaligned utterances; writes the markdown page and its JSON.
 Protocol (every choice on the validation split, test read once per run for the table):
 1. alpha per (model, confidence) from `--alphas`, by the validation weighted-F1 of seed 0 on the misaligned data;
 2. every (condition, model, variant) trained with seeds 0..N-1; the table gives test weighted-F1 mean +- std.
-"confidence-KD" (LossConfig.confidence_kd, losses.py) runs beside them at its default weight, on the misaligned data.
 Each finished run is cached as JSON under --work, so an interrupted study resumes where it stopped.
 """
 
@@ -35,17 +34,12 @@ from .train import train
 
 MODELS = ("cmath", "sdt", "dmd")
 CONFIDENCES = ("const", "ce", "confidnet")
-VARIANTS = ("none", *CONFIDENCES, "confidence-kd")
-
-
-def cells_of(fraction: float) -> tuple[str, ...]:
-    """The variants trained at a misalignment fraction: confidence-KD, the simpler rival, only where it could help."""
-    return VARIANTS if fraction > 0 else VARIANTS[:-1]
+VARIANTS = ("none", *CONFIDENCES)
 
 
 @dataclass
 class StudyConfig:
-    """The small recipe every run of the study uses: sized so the whole grid (159 runs) trains in under an hour on
+    """The small recipe every run of the study uses: sized so the whole grid (129 runs) trains in under an hour on
     a 2-core CPU shared with other work, two runs at a time."""
 
     feature_dims: dict[str, int] = field(default_factory=lambda: {"t": 48, "a": 24, "v": 24})
@@ -87,7 +81,7 @@ def run_one(
         d=study.d,
         heads=study.heads,
     )
-    lcfg = loss_config(model, confidence_kd=variant == "confidence-kd")
+    lcfg = loss_config(model)
     tcfg = TrainConfig(
         epochs=study.epochs, lr=study.lr, batch_size=study.batch_size, patience=study.epochs, seed=seed
     )
@@ -145,7 +139,7 @@ def run_study(
                 chosen_on[model][conf] = {f"{a:g}": round(v, 4) for a, v in scores.items()}
                 log(f"alpha {model} {conf}: {alpha[model][conf]:g} (validation wF1 {chosen_on[model][conf]})")
         # step 2: every cell with every seed
-        keys = [(f, m, v) for f in study.misaligned for m in MODELS for v in cells_of(f)]
+        keys = [(f, m, v) for f in study.misaligned for m in MODELS for v in VARIANTS]
         cells = [(f, m, v, alpha[m].get(v, 1.0), s) for f, m, v in keys for s in range(seeds)]
         done = dict(zip(cells, run_all(cells)))
     finally:
@@ -193,20 +187,6 @@ def claim(report: dict[str, Any], fraction: float) -> list[str]:
     return lines
 
 
-def ckd_verdict(report: dict[str, Any], fraction: float) -> list[str]:
-    """Per model under misalignment: confidence-KD against the base model and the best CDaT confidence."""
-    lines = []
-    for model in MODELS:
-        r = {v: report["results"][f"{fraction:g}/{model}/{v}"] for v in VARIANTS}
-        best = max(CONFIDENCES, key=lambda v: r[v]["test_mean"])
-        ckd, base, top = (100 * r[v]["test_mean"] for v in ("confidence-kd", "none", best))
-        lines.append(
-            f"- {model.upper()}: confidence-kd {ckd:.2f} vs none {base:.2f} ({ckd - base:+.2f}) and vs the "
-            f"best CDaT ({best}) {top:.2f} ({ckd - top:+.2f})"
-        )
-    return lines
-
-
 def markdown(report: dict[str, Any], command: str) -> str:
     study = report["study"]
     fractions = study["misaligned"]
@@ -216,8 +196,11 @@ def markdown(report: dict[str, Any], command: str) -> str:
         + " |"
     )
     rows = [head, "|" + "---|" * (3 + len(fractions))]
+    variants = dict.fromkeys(
+        key.split("/")[-1] for key in report["results"]
+    )  # those in the data, in run order
     for model in MODELS:
-        for variant in VARIANTS:
+        for variant in variants:
             cells = [report["results"].get(f"{f:g}/{model}/{variant}") for f in fractions]
             a = next(c for c in cells if c)["alpha"]
             rows.append(
@@ -254,10 +237,6 @@ def markdown(report: dict[str, Any], command: str) -> str:
             f"The paper's claim (dynamic CE / ConfidNet beat both the base model and the constant one under "
             f"misalignment), at {100 * worst:g}% misaligned:",
             *claim(report, worst),
-            "",
-            '"confidence-kd" is the confidence-gated prediction-level KD of losses.py (not CDaT), weight 1, trained '
-            f"at {100 * worst:g}% misaligned only (where it could help); test weighted-F1 (%) means:",
-            *ckd_verdict(report, worst),
             "",
             f"CPU time of the grid: {cpu / 60:.1f} min.",
             "",

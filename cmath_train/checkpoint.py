@@ -130,24 +130,13 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
     return read_tagged_json(path, FORMAT, VERSION, "checkpoint config")
 
 
-# loss fields of the confidence-gated KD under their former names -> the current ones
-FORMER_LOSS_FIELDS = {
-    "cdat": "confidence_kd",
-    "cdat_weight": "ckd_weight",
-    "cdat_confidence": "ckd_confidence",
-    "cdat_temperature": "ckd_temperature",
-}
-
-
 def load_checkpoint(run_dir: str | Path, map_location: str = "cpu") -> Checkpoint:
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
     try:
         name = cfg.get("model_name", "cmath")
         model_cfg = model_config(name, **cfg["model"])
-        loss_cfg = loss_config(
-            name, **{FORMER_LOSS_FIELDS.get(k, k): v for k, v in cfg.get("loss", {}).items()}
-        )
+        loss_cfg = loss_config(name, **cfg.get("loss", {}))
         train_cfg = from_dict(TrainConfig, cfg.get("train", {}))
         model = create_model(name, model_cfg)
         cdat = from_dict(CDaTConfig, cfg["cdat"]) if cfg.get("cdat") else None

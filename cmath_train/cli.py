@@ -86,13 +86,6 @@ def parse_modalities(text: str | None, available: tuple[str, ...]) -> tuple[str,
     "--class-weighted/--no-class-weighted", default=None, help="Inverse-frequency class weights in CE."
 )
 @click.option(
-    "--confidence-kd",
-    "confidence_kd",
-    is_flag=True,
-    help="Confidence-gated prediction-level KD: per utterance, the more confident modality's prediction "
-    "teaches the less confident one (any model; LossConfig.confidence_kd, ckd_*). Not CDaT: see --cdat.",
-)
-@click.option(
     "--cdat",
     "cdat",
     type=click.Choice(["const", "ce", "confidnet"]),
@@ -184,7 +177,6 @@ def run(
     out_dir: str | None,
     resume: bool,
     quiet: bool,
-    confidence_kd: bool = False,
     tune_trials: int = 0,
     tune_timeout: float | None = None,
     distill: float | None = None,
@@ -239,7 +231,7 @@ def run(
         **{
             **p.loss,
             **loss_over,
-            **_given(class_weighted=class_weighted, confidence_kd=confidence_kd or None),
+            **_given(class_weighted=class_weighted),
         },
     )
     train_cfg = TrainConfig(
@@ -271,9 +263,7 @@ def run(
             {"chosen_from_data": False, "name": preset, "reasons": [f"--preset {preset} given"]},
         )
     if not quiet:
-        extras = (" + confidence-KD" if confidence_kd else "") + (
-            f" + CDaT ({add_on.confidence}, alpha {add_on.alpha:g})" if add_on else ""
-        )
+        extras = f" + CDaT ({add_on.confidence}, alpha {add_on.alpha:g})" if add_on else ""
         click.echo(
             f"cmath-train: {model_name}{extras} on {data} ({''.join(mods)}), "
             f"recipe {recipe_name}, ablation {ablation}, {sum(len(v) for v in fs.splits.values())} conversations -> {out}"

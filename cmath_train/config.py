@@ -1,7 +1,7 @@
 """The configs every model shares, training's config, and presets with the paper's settings (section 5.3).
 
-`ModelConfig` / `LossConfig` hold what every model reads (data shape, width, masking, causality; class weights
-and the confidence-gated KD option; the CDaT add-on has its own config, cdat.py); each model extends them beside itself (models/cmath.py `CMATHConfig`,
+`ModelConfig` / `LossConfig` hold what every model reads (data shape, width, masking, causality; class weights;
+the CDaT add-on has its own config, cdat.py); each model extends them beside itself (models/cmath.py `CMATHConfig`,
 `CMATHLossConfig`, models/sdt.py, models/dmd.py) and the registry builds the right one from flat fields
 (`registry.model_config(name, **fields)`). Every choice a paper leaves open is a field with our default (see
 ../shared/docs/cmath-model.md). A checkpoint stores these dataclasses as JSON, and everything downstream rebuilds
@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cmath_runtime.base import MODALITY_ORDER
-
-CKD_CONFIDENCES = ("true_class", "max_prob")
 
 
 @dataclass
@@ -63,20 +61,6 @@ class LossConfig:
     """What every model's loss reads. A model's own loss config extends it (CMATHLossConfig, ...)."""
 
     class_weighted: bool = False  # inverse-frequency class weights in every cross-entropy
-    # Confidence-gated prediction-level KD (losses.py, any model): per utterance, the more confident modality's
-    # prediction teaches the less confident one's. Not CDaT (the add-on in cdat.py).
-    confidence_kd: bool = False
-    ckd_weight: float = 1.0  # alpha: weight of the transfer term in the total
-    ckd_confidence: str = "true_class"  # "true_class": p_m(y) (ConfidNet's target); "max_prob": max_c p_m(c)
-    ckd_temperature: float = 1.0  # softening of the teacher and student distributions in the KL
-
-    def __post_init__(self) -> None:
-        if self.ckd_confidence not in CKD_CONFIDENCES:
-            raise ValueError(
-                f"ckd_confidence: expected one of {CKD_CONFIDENCES}, got {self.ckd_confidence!r}"
-            )
-        if self.ckd_temperature <= 0:
-            raise ValueError(f"ckd_temperature: expected > 0, got {self.ckd_temperature}")
 
 
 @dataclass

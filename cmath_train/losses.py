@@ -1,8 +1,7 @@
-"""Loss terms shared by every model (masked mean, cross-entropy, KL), CMATH's training objective (3-4, 18,
-20-24), and the confidence-gated prediction-level KD every model can add. Real (unpadded, labelled) rows only.
+"""Loss terms shared by every model (masked mean, cross-entropy, KL) and CMATH's training objective (3-4, 18,
+20-24). Real (unpadded, labelled) rows only.
 
 L_all = L_ce + L_re + g1 * L_mse + g2 * L_kl   (24)
-With LossConfig.confidence_kd (any model): + ckd_weight * L_ckd, the confidence-gated prediction-level KD below.
 CDaT (cross-modal dynamic transfer) is a separate add-on that wraps a model: cdat.py.
 Imports no model: models import this module (models/cmath.py, sdt.py, dmd.py), never the other way round.
 """
@@ -29,15 +28,13 @@ def cross_entropy(logits: Tensor, labels: Tensor, rows: Tensor, weight: Tensor |
     return F.cross_entropy(logits[rows], labels[rows], weight=weight) if rows.any() else logits.sum() * 0
 
 
-def kl_divergence(
-    teacher: Tensor, student: Tensor, rows: Tensor, temperature: float = 1.0, weight: Tensor | None = None
-) -> Tensor:
-    """1/n sum_i w_i KL(softmax(teacher_i / T) || softmax(student_i / T)) over the real rows (B, N) of logits
-    (B, N, C); w_i = 1 without `weight`. The teacher receives gradient unless the caller detaches it."""
+def kl_divergence(teacher: Tensor, student: Tensor, rows: Tensor, temperature: float = 1.0) -> Tensor:
+    """1/n sum_i KL(softmax(teacher_i / T) || softmax(student_i / T)) over the real rows (B, N) of logits
+    (B, N, C). The teacher receives gradient unless the caller detaches it."""
     log_p = F.log_softmax(teacher / temperature, dim=-1)
     log_q = F.log_softmax(student / temperature, dim=-1)
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (B, N)
-    return masked_mean(kl if weight is None else weight * kl, rows)
+    return masked_mean(kl, rows)
 
 
 def reconstruction_loss(out: Any, rows: Tensor) -> Tensor:
@@ -84,56 +81,4 @@ def cmath_loss(
     mse = low_level_distillation(out, rows, cfg.detach_mse_teacher)
     kl = high_level_distillation(out, rows, cfg.detach_teacher)
     total = ce + re + cfg.gamma_mse * mse + cfg.gamma_kl * kl  # (24)
-    terms = {"total": total, "ce_x": ce_x, "ce_m": ce_m, "re": re, "mse": mse, "kl": kl}
-    return add_confidence_kd(terms, out, labels, mask, cfg)
-
-
-# --- Confidence-gated prediction-level KD, a training option for any model ----------------------------------
-#
-# Not CDaT (cdat.py), which weighs modalities by masking them and transfers low-level *features* with PKT.
-# This is confidence-gated knowledge distillation
-# between the modalities' *predictions*. Model-agnostic: it needs only `modality_logits` (m -> (B, N, C)), which
-# every registered model outputs. Per utterance i and ordered pair m -> n:
-#   c_m,i = p_m,i(y_i)  (true-class probability, ConfidNet's target C*)   or   max_c p_m,i(c)  ("max_prob")
-#   w_{m->n},i = c_m,i * 1[c_m,i > c_n,i]                                 (direction and weight; no gradient)
-#   L_ckd = sum_{m != n} 1/|rows| sum_i w_{m->n},i * KL(p_m,i^T (detached) || p_n,i^T)
-# No extra network, nothing changes at inference. CLI: `cmath-train --confidence-kd`; LossConfig.confidence_kd,
-# ckd_*; the loss term "ckd". Checkpoints written under the former names (cdat, cdat_*) load (checkpoint.py).
-
-
-def modality_confidence(out: Any, labels: Tensor, cfg: LossConfig) -> dict[str, Tensor]:
-    """m -> (B, N) confidence of modality m's own classifier in each utterance (no gradient)."""
-    conf = {}
-    for m, logits in out.modality_logits.items():
-        p = torch.softmax(logits.detach().float(), dim=-1)
-        if cfg.ckd_confidence == "true_class":
-            conf[m] = p.gather(-1, labels.clamp_min(0)[..., None])[..., 0]
-        else:  # "max_prob"
-            conf[m] = p.amax(dim=-1)
-    return conf
-
-
-def confidence_kd_weights(out: Any, labels: Tensor, cfg: LossConfig) -> dict[tuple[str, str], Tensor]:
-    """(teacher, student) -> (B, N) transfer weight w_{m->n}: the teacher's confidence where it is the more confident."""
-    conf = modality_confidence(out, labels, cfg)
-    return {(m, n): conf[m] * (conf[m] > conf[n]) for m in conf for n in conf if m != n}
-
-
-def confidence_kd_loss(out: Any, labels: Tensor, mask: Tensor, cfg: LossConfig) -> Tensor:
-    """L_ckd over real rows (labelled rows when the confidence needs the label); 0 with a single modality."""
-    rows = mask & (labels >= 0) if cfg.ckd_confidence == "true_class" else mask
-    logits = out.modality_logits
-    total = torch.zeros((), device=labels.device)
-    for (m, n), w in confidence_kd_weights(out, labels, cfg).items():  # KL(p_m (detached) || p_n), weighted
-        total = total + kl_divergence(logits[m].detach(), logits[n], rows, cfg.ckd_temperature, w)
-    return total
-
-
-def add_confidence_kd(
-    terms: dict[str, Tensor], out: Any, labels: Tensor, mask: Tensor, cfg: LossConfig
-) -> dict[str, Tensor]:
-    """Every model's `loss` ends with this: with cfg.confidence_kd, add the "ckd" term and ckd_weight * L_ckd."""
-    if cfg.confidence_kd:
-        terms["ckd"] = confidence_kd_loss(out, labels, mask, cfg)
-        terms["total"] = terms["total"] + cfg.ckd_weight * terms["ckd"]
-    return terms
+    return {"total": total, "ce_x": ce_x, "ce_m": ce_m, "re": re, "mse": mse, "kl": kl}

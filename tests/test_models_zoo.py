@@ -1,14 +1,13 @@
-"""The registered baselines (SDT, DMD) beside CMATH, and confidence-gated KD as a training option for any model.
+"""The registered baselines (SDT, DMD) beside CMATH.
 
 Per model: every modality subset, padding invariance, no NaN, eval determinism, clear input errors, each loss
-term by hand, gradients to every parameter, overfitting, training + checkpoint round trip. Confidence-KD: direction and
-weight of the transfer on hand-made logits.
+term by hand, gradients to every parameter, overfitting, training + checkpoint round trip, export, the training
+CLI and the comparison harness.
 """
 
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,8 +17,6 @@ from click.testing import CliRunner
 from cmath_runtime.errors import InputError
 from cmath_train.checkpoint import load_checkpoint
 from cmath_train.config import LossConfig, TrainConfig
-from cmath_train.losses import add_confidence_kd, cmath_loss, confidence_kd_loss, confidence_kd_weights
-from cmath_train.models.cmath import CMATHLossConfig
 from cmath_train.models.dmd import DMDLossConfig, edge_prior, margin_loss
 from cmath_train.models.sdt import SDTLossConfig
 from cmath_train.registry import create_model, entry, model_names
@@ -66,10 +63,8 @@ def test_every_modality_subset(name, mods):
     assert out.logits.shape == (2, 5, 6) and out.embedding.shape == (2, 5, 32)
     assert set(out.modality_logits) == set(mods)
     assert all(lg.shape == (2, 5, 6) for lg in out.modality_logits.values())
-    terms = net.loss(out, labels, mask, LossConfig(confidence_kd=True))
+    terms = net.loss(out, labels, mask, LossConfig())
     assert all(torch.isfinite(v) for v in terms.values())
-    if len(mods) == 1:
-        assert terms["ckd"].item() == 0.0  # nobody to learn from
 
 
 @pytest.mark.parametrize("name", ZOO)
@@ -97,9 +92,7 @@ def test_fully_padded_batch_member_has_no_nan(name):
     out = net(feats, speaker, mask)
     tensors = [out.logits, out.embedding, *out.modality_logits.values(), *out.modality_embeddings.values()]
     assert all(torch.isfinite(t).all() for t in tensors)
-    assert all(
-        torch.isfinite(v) for v in net.loss(out, labels, mask, LossConfig(confidence_kd=True)).values()
-    )
+    assert all(torch.isfinite(v) for v in net.loss(out, labels, mask, LossConfig()).values())
     net.eval()
     assert torch.isfinite(net(feats, speaker, mask).logits).all()
 
@@ -150,7 +143,7 @@ def test_sdt_loss_terms_match_their_definitions():
         assert t[key].item() == pytest.approx(ref.item(), rel=1e-5), key
         assert t[key].item() > 0, key
     assert t["total"].item() == pytest.approx((ce_x + 0.5 * ce_m + 1.5 * kl + 0.3 * feat).item(), rel=1e-5)
-    assert set(t) == {"total", "ce_x", "ce_m", "kl", "feat"}  # no "ckd" unless asked for
+    assert set(t) == {"total", "ce_x", "ce_m", "kl", "feat"}
 
 
 def _brute_margin(points, ids, margin):
@@ -259,7 +252,7 @@ def test_dmd_edge_prior_lets_text_teach():
 def test_gradients_reach_every_parameter(name):
     net = build(name).train()
     feats, speaker, mask, labels = labelled(net.cfg, [6, 4])
-    net.loss(net(feats, speaker, mask), labels, mask, LossConfig(confidence_kd=True))["total"].backward()
+    net.loss(net(feats, speaker, mask), labels, mask, LossConfig())["total"].backward()
     dead = [n for n, p in net.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert dead == []
 
@@ -279,26 +272,19 @@ def test_overfits_a_tiny_batch(name):
     assert (pred[mask] == labels[mask]).float().mean().item() == 1.0
 
 
-CKD_IN_RUN = {
-    "cmath": False,
-    "sdt": True,
-    "dmd": False,
-}  # one trained run per model; confidence-KD rides along in one
-
-
 @pytest.fixture(scope="module")
 def zoo_runs(tiny_data, tiny_run, tmp_path_factory):
     """name -> (run dir, metrics) of a 2-epoch d=32 training run through cmath_train.train.train (CMATH: the
     session's tiny_run, trained once for the whole suite)."""
     runs = {"cmath": (tiny_run, json.loads((tiny_run / "metrics.json").read_text()))}
-    for name, ckd in CKD_IN_RUN.items():
+    for name in ZOO:
         if name in runs:
             continue
         out = tmp_path_factory.mktemp(f"run_{name}")
         metrics = train(
             tiny_data,
             tiny_model_config(),
-            LossConfig(confidence_kd=ckd),
+            LossConfig(),
             TrainConfig(epochs=2, batch_size=8, lr=3e-3),
             out,
             model_name=name,
@@ -311,10 +297,10 @@ def zoo_runs(tiny_data, tiny_run, tmp_path_factory):
 @pytest.mark.parametrize("name", ZOO)
 def test_training_and_checkpoint_round_trip(name, zoo_runs, tiny_data):
     run, metrics = zoo_runs[name]
-    cfg, ckd = tiny_model_config(name), CKD_IN_RUN[name]
-    assert metrics["model"] == name and ("train_ckd" in metrics["history"][0]) == ckd
+    cfg = tiny_model_config(name)
+    assert metrics["model"] == name
     saved = json.loads((run / "config.json").read_text())
-    assert saved["model_name"] == name and saved["loss"]["confidence_kd"] == ckd
+    assert saved["model_name"] == name
     ckpt = load_checkpoint(run)
     assert isinstance(ckpt.model, CLASSES[name]) and ckpt.model_name == name and ckpt.model_cfg == cfg
     assert not ckpt.model.training
@@ -356,7 +342,7 @@ def test_exports_and_serves_through_the_runtime_with_fp32_parity(name, zoo_runs,
     assert np.abs(pred.probs - ref.logits.softmax(-1)[0].numpy()).max() <= 1e-4
 
 
-def test_cli_trains_a_baseline_with_confidence_kd(tmp_path, monkeypatch):
+def test_cli_trains_a_baseline(tmp_path, monkeypatch):
     import cmath_train.data as data_mod
     from cmath_train.cli import main as train_cli
     from cmath_train.data.synthetic import SyntheticConfig, make_synthetic
@@ -373,7 +359,6 @@ def test_cli_trains_a_baseline_with_confidence_kd(tmp_path, monkeypatch):
         [
             "--model",
             "dmd",
-            "--confidence-kd",
             "--modalities",
             "ta",
             "--epochs",
@@ -389,78 +374,15 @@ def test_cli_trains_a_baseline_with_confidence_kd(tmp_path, monkeypatch):
     )
     assert res.exit_code == 0, res.output
     saved = json.loads((out / "config.json").read_text())
-    assert saved["model_name"] == "dmd" and saved["loss"]["confidence_kd"] is True
+    assert saved["model_name"] == "dmd"
 
 
-# --- confidence-gated KD ---------------------------------------------------------------------------------------------------
+def test_cli_has_no_confidence_kd_option(tmp_path):
+    from cmath_train.cli import main as train_cli
 
-
-def _kl(p_logits, q_logits, t=1.0):
-    p = (p_logits / t).softmax(-1)
-    return (p * (p.log() - (q_logits / t).log_softmax(-1))).sum(-1)
-
-
-def test_confidence_kd_more_confident_modality_teaches_weighted_by_its_confidence():
-    # utterance 0: text sure of the true class, audio unsure -> t teaches a; 1: the reverse; 2: a tie -> nothing
-    t_logits = torch.tensor([[[4.0, 0, 0], [0, 0, 0], [0, 0, 0]]], requires_grad=True)
-    a_logits = torch.tensor([[[0.0, 0, 0], [0, 4, 0], [0, 0, 0]]], requires_grad=True)
-    out = SimpleNamespace(modality_logits={"t": t_logits, "a": a_logits})
-    labels, mask = torch.tensor([[0, 1, 2]]), torch.ones(1, 3, dtype=torch.bool)
-    cfg = LossConfig(confidence_kd=True, ckd_temperature=2.0)
-    w = confidence_kd_weights(out, labels, cfg)
-    sure = torch.e**4 / (torch.e**4 + 2)
-    assert torch.allclose(w[("t", "a")], torch.tensor([[sure, 0, 0]]))
-    assert torch.allclose(w[("a", "t")], torch.tensor([[0, sure, 0]]))
-    loss = confidence_kd_loss(out, labels, mask, cfg)
-    ref = (
-        sure * _kl(t_logits[0, 0], a_logits[0, 0], 2.0) + sure * _kl(a_logits[0, 1], t_logits[0, 1], 2.0)
-    ) / 3
-    assert loss.item() == pytest.approx(ref.item(), rel=1e-6) and loss.item() > 0
-    loss.backward()
-    # the teacher receives no gradient from its own lesson; the student does; the tie moves nobody
-    assert t_logits.grad[0, 0].abs().sum() == 0 and a_logits.grad[0, 0].abs().sum() > 0
-    assert a_logits.grad[0, 1].abs().sum() == 0 and t_logits.grad[0, 1].abs().sum() > 0
-    assert t_logits.grad[0, 2].abs().sum() == 0 and a_logits.grad[0, 2].abs().sum() == 0
-
-
-def test_ckd_confidence_true_class_or_max_prob():
-    # text is confidently wrong (class 1), audio mildly right (class 0)
-    out = SimpleNamespace(
-        modality_logits={"t": torch.tensor([[[0.0, 3, 0]]]), "a": torch.tensor([[[1.0, 0, 0]]])}
-    )
-    labels = torch.tensor([[0]])
-    w_true = confidence_kd_weights(out, labels, LossConfig(ckd_confidence="true_class"))
-    w_max = confidence_kd_weights(out, labels, LossConfig(ckd_confidence="max_prob"))
-    assert (
-        w_true[("a", "t")].item() == pytest.approx(torch.e / (torch.e + 2)) and w_true[("t", "a")].item() == 0
-    )
-    assert (
-        w_max[("t", "a")].item() == pytest.approx(torch.e**3 / (torch.e**3 + 2))
-        and w_max[("a", "t")].item() == 0
-    )
-    with pytest.raises(ValueError, match="ckd_confidence: expected one of"):
-        LossConfig(ckd_confidence="confidnet")
-
-
-def test_confidence_kd_is_added_to_any_models_total_with_its_weight():
-    torch.manual_seed(0)
-    net = create_model("cmath", tiny_model_config(dropout=0.0)).eval()  # eval: the same H'_x in both calls
-    feats, speaker, mask, labels = labelled(net.cfg, [6, 4])
-    out = net(feats, speaker, mask)
-    plain = cmath_loss(out, labels, mask, CMATHLossConfig())
-    with_ckd = cmath_loss(out, labels, mask, CMATHLossConfig(confidence_kd=True, ckd_weight=0.7))
-    assert "ckd" not in plain and with_ckd["ckd"].item() > 0
-    assert with_ckd["total"].item() == pytest.approx(
-        plain["total"].item() + 0.7 * with_ckd["ckd"].item(), rel=1e-6
-    )
-    padded = labels.clone()
-    padded[0, 5] = -1  # an unlabelled row never teaches nor learns
-    terms = add_confidence_kd({"total": torch.zeros(())}, out, padded, mask, LossConfig(confidence_kd=True))
-    rows = mask & (padded >= 0)
-    w = confidence_kd_weights(out, padded, LossConfig())
-    lp = {m: lg.log_softmax(-1) for m, lg in out.modality_logits.items()}
-    ref = sum((w[(m, n)] * (lp[m].exp() * (lp[m] - lp[n])).sum(-1))[rows].mean() for (m, n) in w)
-    assert terms["ckd"].item() == pytest.approx(ref.item(), rel=1e-5)
+    res = CliRunner().invoke(train_cli, ["--model", "dmd", "--confidence-kd", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 2 and "No such option" in res.output and "--confidence-kd" in res.output
+    assert not (tmp_path / "run").exists()
 
 
 # --- comparison ---------------------------------------------------------------------------------------------
@@ -482,7 +404,7 @@ def test_compare_models_writes_the_table(tmp_path, monkeypatch):
         compare_cli,
         [
             "--models",
-            "cmath,sdt,dmd+ckd",
+            "cmath,sdt,dmd",
             "--recipes",
             "cmath=auto,sdt=meld",
             "--seeds",
@@ -504,7 +426,7 @@ def test_compare_models_writes_the_table(tmp_path, monkeypatch):
     )
     assert res.exit_code == 0, res.output
     report = json.loads((out / "compare.json").read_text())
-    assert list(report["models"]) == ["cmath", "sdt", "dmd+ckd"] and report["seeds"] == [0, 1]
+    assert list(report["models"]) == ["cmath", "sdt", "dmd"] and report["seeds"] == [0, 1]
     # each model's own recipe: CMATH's chosen from the data, SDT's published MELD one, DMD the shared preset
     assert [m["recipe"] for m in report["models"].values()] == ["auto:multimodal", "meld", "default"]
     sdt_cfg = json.loads((out / "sdt" / "seed_0" / "config.json").read_text())
@@ -514,17 +436,19 @@ def test_compare_models_writes_the_table(tmp_path, monkeypatch):
         and sdt_cfg["loss"]["sdt_temperature"] == 8
     )
     assert json.loads((out / "cmath" / "seed_0" / "config.json").read_text())["train"]["ema_decay"] > 0
-    dmd = report["models"]["dmd+ckd"]
-    assert dmd["model"] == "dmd" and dmd["confidence_kd"] and set(dmd["test"]["accuracy"]) == {"mean", "std"}
+    dmd = report["models"]["dmd"]
+    assert dmd["model"] == "dmd" and set(dmd["test"]["accuracy"]) == {"mean", "std"}
     assert dmd["parameters"] > 0 and dmd["latency"]["p50_ms"] > 0
-    assert (
-        json.loads((out / "dmd+ckd" / "seed_1" / "config.json").read_text())["loss"]["confidence_kd"] is True
-    )
+    assert json.loads((out / "dmd" / "seed_1" / "config.json").read_text())["model_name"] == "dmd"
     table = (out / "compare.md").read_text()
-    assert "| dmd+ckd | `default` |" in table and "| sdt | `meld` |" in table
+    assert "| dmd | `default` |" in table and "| sdt | `meld` |" in table
     assert report["latency"]["backend"] in table and "NOT the exported runtime" in table
     bad = CliRunner().invoke(compare_cli, ["--models", "mult", "--out", str(tmp_path / "x")])
-    assert bad.exit_code != 0 and "expected NAME or NAME+ckd" in bad.output
+    assert bad.exit_code != 0 and "expected registered model names" in bad.output and "'mult'" in bad.output
+    bad = CliRunner().invoke(compare_cli, ["--models", "dmd+ckd", "--out", str(tmp_path / "z")])
+    assert bad.exit_code != 0 and "got 'dmd+ckd'" in bad.output
+    bad = CliRunner().invoke(compare_cli, ["--models", "sdt,sdt", "--out", str(tmp_path / "w")])
+    assert bad.exit_code != 0 and "expected each model once" in bad.output
     bad = CliRunner().invoke(compare_cli, ["--recipes", "sdt=auto", "--out", str(tmp_path / "y")])
     assert bad.exit_code != 0 and "auto: cmath only" in bad.output
 

@@ -4,8 +4,7 @@
     sdt    SDT (Ma et al., 2023): intra-/inter-modal transformers, hierarchical gated fusion, self-distillation.
     dmd    DMD (Li et al., CVPR 2023) adapted to conversations: decoupled common/specific spaces, graph distillation.
 
-Confidence-gated prediction-level KD (LossConfig.confidence_kd) is a training option for every model: losses.py;
-the CDaT add-on (cdat.py) wraps any of them.
+The CDaT add-on (cdat.py) wraps any of them.
 Each model is built from the shared blocks in layers.py (and models/common.py), outputs at least `logits`,
 `embedding` and `modality_logits`, offers `loss(out, labels, mask, cfg, class_weight)` and `set_input_stats`,
 and has a deterministic eval path that cmath-export turns into the same ONNX graph interface.

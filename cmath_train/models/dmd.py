@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from ..config import LossConfig, ModelConfig, Preset, coerce
 from ..layers import UtteranceConv, attention_mask
-from ..losses import add_confidence_kd, cross_entropy, masked_mean
+from ..losses import cross_entropy, masked_mean
 from .common import BaselineInputs, ResidualMLP, TransformerLayer
 
 EDGE_ALPHA = 1 / 8  # softmax sharpness of the edge scores (DMD: alpha)
@@ -359,7 +359,7 @@ def dmd_loss(
         }
     gd = terms["gd_homo"] + terms["gd_hetero"] + cfg.dmd_gd_repr * terms["gd_hetero_repr"] + terms["gd_reg"]
     total = ce_x + ce_m + ce_c + cfg.dmd_gamma_dec * dec + cfg.dmd_gamma_gd * gd
-    out_terms = {
+    return {
         "total": total,
         "ce_x": ce_x,
         "ce_m": ce_m,
@@ -370,4 +370,3 @@ def dmd_loss(
         "margin": margin,
         **terms,
     }
-    return add_confidence_kd(out_terms, out, labels, mask, cfg)

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..config import LossConfig, ModelConfig, Preset, coerce
 from ..layers import GatedFusion, attention_mask
-from ..losses import add_confidence_kd, cross_entropy, high_level_distillation, masked_mean
+from ..losses import cross_entropy, high_level_distillation, masked_mean
 from .common import BaselineInputs, TransformerLayer
 
 
@@ -57,7 +57,6 @@ class SDTLossConfig(LossConfig):
     )
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if self.sdt_temperature <= 0:
             raise ValueError(f"sdt_temperature: expected > 0, got {self.sdt_temperature}")
 
@@ -183,5 +182,4 @@ def sdt_loss(
     kl = soft_label_distillation(out, rows, cfg.sdt_temperature, cfg.detach_teacher)  # soft labels
     feat = feature_distillation(out, rows, cfg.detach_teacher)
     total = ce_x + cfg.sdt_gamma_ce_m * ce_m + cfg.sdt_gamma_kl * kl + cfg.sdt_gamma_feat * feat
-    terms = {"total": total, "ce_x": ce_x, "ce_m": ce_m, "kl": kl, "feat": feat}
-    return add_confidence_kd(terms, out, labels, mask, cfg)
+    return {"total": total, "ce_x": ce_x, "ce_m": ce_m, "kl": kl, "feat": feat}

@@ -164,8 +164,11 @@ def test_agent_in_fresh_venv_without_torch(text_export: Path, tmp_path: Path) ->
     env.pop("PYTHONPATH", None)
     env.pop("VIRTUAL_ENV", None)
     pip = [py, "-m", "pip", "install", "-q"]
+    # --upgrade: the venv's bundled setuptools is older than pyproject's build-system requires
     subprocess.run(
-        [*pip, "numpy", "onnxruntime", "tokenizers", "click", "setuptools", "wheel"], check=True, env=env
+        [*pip, "--upgrade", "numpy", "onnxruntime", "tokenizers", "click", "setuptools", "wheel"],
+        check=True,
+        env=env,
     )
     subprocess.run([*pip, "--no-deps", "--no-build-isolation", "-e", str(REPO)], check=True, env=env)
     probe = subprocess.run(

@@ -239,6 +239,26 @@ def test_near_constant_features_are_not_blown_up():
     assert net.standardize["t"](x)[..., :3].abs().max() < 0.02
 
 
+def test_near_dead_features_get_the_std_floor():
+    """A feature that barely moves in train (std 1e-5 against a median of 0.04, as a fine-tuned encoder's dead
+    dimensions do) is divided by STD_FLOOR x the median std, so encoder rounding at inference stays small; the
+    others keep their std."""
+    from cmath_train.models.common import STD_FLOOR
+
+    net = CMATH(tiny_model_config())
+    d = TINY_DIMS["t"]
+    mean = {m: torch.zeros(n) for m, n in TINY_DIMS.items()}
+    std = {m: torch.full((n,), 0.04) for m, n in TINY_DIMS.items()}
+    std["t"][0], std["t"][1] = 1e-5, 0.03
+    net.set_input_stats(mean, std)
+    got = net.standardize["t"].std
+    assert got[0].item() == pytest.approx(STD_FLOOR * 0.04) and got[1].item() == pytest.approx(0.03)
+    assert torch.equal(got[2:], torch.full((d - 2,), 0.04))
+    x = torch.zeros(1, 1, d)
+    x[..., 0] = 1e-3  # an int8 encoder's rounding on the dead dimension: 0.25 std, not 100
+    assert net.standardize["t"](x)[..., 0].abs().item() == pytest.approx(1e-3 / (STD_FLOOR * 0.04))
+
+
 def test_padded_speaker_ids_are_ignored():
     """Padded rows may hold any speaker id (-1, 99): CMATH reads them as 0 under the mask, as the baselines do."""
     torch.manual_seed(0)

@@ -23,13 +23,22 @@ class Standardize(nn.Module):
         return (x - self.mean) / self.std
 
 
+STD_FLOOR = 0.1  # no feature's std below this share of its modality's median std (safe_std)
+
+
 def safe_std(mean: Tensor, std: Tensor) -> Tensor:
-    """The train std with 1 for (near-)constant features, as scikit-learn's StandardScaler does: a feature whose
-    std is within float32 rounding of its mean (std < 10 * eps * max(1, |mean|)) carries no information in train,
-    and dividing by that tiny std would multiply any difference at test time by ~1e6."""
+    """The train std, made safe to divide by. A feature whose std is within float32 rounding of its mean (std < 10
+    * eps * max(1, |mean|)) carries no information in train: it gets 1, as scikit-learn's StandardScaler does. Any
+    other std is at least STD_FLOOR x the median std of the modality's features: a feature that barely moves in train
+    (a fine-tuned encoder leaves a few dimensions all but dead, std ~1e-5 against a median of ~0.04) would otherwise
+    multiply the smallest difference at inference (fp16 or int8 rounding in the encoder) into hundreds of train
+    standard deviations and flip the prediction."""
     eps = torch.finfo(torch.float32).eps
     constant = std < 10 * eps * mean.abs().clamp_min(1.0)
-    return torch.where(constant, torch.ones_like(std), std)
+    if bool(constant.all()):
+        return torch.ones_like(std)
+    floor = STD_FLOOR * std[~constant].median()
+    return torch.where(constant, torch.ones_like(std), std.clamp_min(floor))
 
 
 @torch.no_grad()

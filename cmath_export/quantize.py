@@ -10,11 +10,14 @@ weight bytes is where the speed comes from. What is quantized, and why:
   (rewrites.fuse_shared_matmuls): fewer, larger MatMuls are faster, at the price of one scale for several
   projections;
 - the reconstruction convolutions (Conv1D along the utterance axis) are rewritten as the same arithmetic in MatMul
-  form (rewrites.conv1d_to_matmul) and run as MatMulNBits with one scale per block of `conv_block` input rows:
+  form (rewrites.conv1d_to_matmul) and run as MatMulNBits with one scale per block of `block` input rows:
   their input is the raw standardised features, whose outliers one per-call activation scale cannot hold, and
   onnxruntime's int8 Conv is slower than fp32;
 - the attention MatMuls between two activations (Q K^T, A V) stay fp32: they have no weight to shrink;
 - everything else (LayerNorm, softmax, input standardisation, embeddings) stays fp32;
+- method "blockwise" runs every constant-weight MatMul as MatMulNBits (8-bit weights and activations, one scale per
+  `block` input rows of each weight column and of each activation row): far closer to fp32 than one activation
+  scale per call, but without VNNI (AVX2 only) onnxruntime's blockwise int8 kernels are slower than fp32 ones;
 - the int8 step graph's attentions run as one com.microsoft.MultiHeadAttention op each (rewrites.attention_to_mha,
   exact; only onnxruntime runs int8 graphs, so no other engine must read it).
 
@@ -40,12 +43,16 @@ from .step_graph import STEP_PLAIN_FILE
 class Scheme:
     """The quantization recipe (recorded in export.json so an artifact says how it was made)."""
 
-    method: str = "dynamic"  # onnxruntime.quantization.quantize_dynamic
+    method: str = (
+        "dynamic"  # onnxruntime.quantization.quantize_dynamic; "blockwise": every MatMul as MatMulNBits
+    )
     op_types: tuple[str, ...] = ("MatMul",)  # Gemms with a constant weight are rewritten to MatMul first
     conv_as_matmul: bool = (
         True  # 1-D Convs with a constant weight rewritten to MatMul first (conv1d_to_matmul)
     )
-    conv_block: int = 16  # ... and run as MatMulNBits, one scale per block of this many input rows
+    block: int = (
+        16  # MatMulNBits (the convs, every MatMul with "blockwise"): one scale per this many input rows
+    )
     fuse_shared: bool = True  # MatMuls reading the same activation fused first (rewrites.fuse_shared_matmuls)
     weight_type: str = "QInt8"
     per_channel: bool = False
@@ -92,9 +99,11 @@ def _quantize(
     model = gemm_to_matmul(model)
     if scheme.conv_as_matmul:
         model, conv_matmuls = conv1d_to_matmul(model)
-        model = blockwise_int8(model, conv_matmuls, scheme.conv_block)
+        model = blockwise_int8(model, conv_matmuls, scheme.block)
     if scheme.fuse_shared:
         model, _ = fuse_shared_matmuls(model)
+    if scheme.method == "blockwise":
+        return blockwise_int8(model, weight_matmuls(model.graph, scheme.op_types), scheme.block)
     nodes = weight_matmuls(model.graph, scheme.op_types) if scheme.weights_only else None
     with tempfile.TemporaryDirectory(prefix="cmath-int8-") as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 import cmath_runtime
@@ -34,6 +35,56 @@ def test_export_carries_the_turns_encoder_and_its_twins(context_run: tuple[Path,
         assert record["data"] == "4 validation conversations" and record["utterances"] == 24
         assert record["agreement"] is not None and record["passed"] == (f"onnx_{precision}" in entry["files"])
         assert record["passed"] and (export / record["file"]).is_file()
+
+
+def test_int8_encoder_falls_back_to_the_blockwise_scheme(
+    context_run: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the fast int8 scheme misses the twin's bounds the next one is tried, and the record says which scheme
+    the written twin is and what was tried before it; when none passes nothing is written."""
+    import shutil
+
+    from cmath_export import text_encoder as te
+    from cmath_export.parity_data import validation_texts
+    from cmath_train.checkpoint import load_checkpoint
+
+    _, export = context_run
+    staging = tmp_path / "staging"
+    shutil.copytree(export, staging)
+    entry = json.loads((staging / "export.json").read_text())["text_encoder"]
+    conversations = validation_texts(load_checkpoint(export.parent))
+    fast = entry["variants"]["int8"]
+    assert fast["scheme"]["method"] == "dynamic" and fast["tried"] == []
+    real = te.twin_agreement
+    calls: list[int] = []
+
+    def first_misses(
+        *a: object,
+    ) -> dict:  # the tiny encoder's dynamic twin is within 1e-7 of fp32: make it miss
+        record = real(*a)
+        calls.append(1)
+        return {**record, "passed": False} if len(calls) == 1 else record
+
+    monkeypatch.setattr(te, "twin_agreement", first_misses)
+    said: list[str] = []
+    args = (entry, staging, "int8", conversations, staging / "model.onnx", said.append)
+    record = te.write_twin(*args)
+    assert record["passed"] and record["scheme"]["method"] == "blockwise" and record["scheme"]["block"] == 32
+    assert (
+        len(record["tried"]) == 1
+        and "scheme dynamic" in record["tried"][0]
+        and "missed its bounds" in said[0]
+    )
+    twin = onnx.load_model(str(staging / "text_encoder.int8.onnx"))
+    assert sum(n.op_type == "MatMulNBits" for n in twin.graph.node) >= 4 and record["min_cosine"] > 0.999
+    monkeypatch.setitem(te.TWIN_BOUNDS, "int8", {"min_cosine": 1.5, "agreement": 0.99})
+    calls.clear()
+    record = te.write_twin(*args)
+    assert (
+        not record["passed"]
+        and len(record["tried"]) == 2
+        and not (staging / "text_encoder.int8.onnx").exists()
+    )
 
 
 def test_replayed_conversations_match_the_training_features(context_run: tuple[Path, Path]) -> None:

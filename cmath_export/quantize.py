@@ -43,16 +43,14 @@ from .step_graph import STEP_PLAIN_FILE
 class Scheme:
     """The quantization recipe (recorded in export.json so an artifact says how it was made)."""
 
-    method: str = (
-        "dynamic"  # onnxruntime.quantization.quantize_dynamic; "blockwise": every MatMul as MatMulNBits
-    )
+    # "dynamic": onnxruntime.quantization.quantize_dynamic; "blockwise": every MatMul as MatMulNBits
+    method: str = "dynamic"
     op_types: tuple[str, ...] = ("MatMul",)  # Gemms with a constant weight are rewritten to MatMul first
     conv_as_matmul: bool = (
         True  # 1-D Convs with a constant weight rewritten to MatMul first (conv1d_to_matmul)
     )
-    block: int = (
-        16  # MatMulNBits (the convs, every MatMul with "blockwise"): one scale per this many input rows
-    )
+    # MatMulNBits (the convs, every MatMul with "blockwise"): one scale per this many input rows
+    block: int = 16
     fuse_shared: bool = True  # MatMuls reading the same activation fused first (rewrites.fuse_shared_matmuls)
     weight_type: str = "QInt8"
     per_channel: bool = False

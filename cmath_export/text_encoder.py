@@ -154,6 +154,7 @@ def export_text_encoder(
         "weights_sha256": meta.get("weights_sha256"),
         "opset": opset,
     }
+    items = twin_items(conversations)
     if turns:
         entry.update(
             turns=turns,
@@ -161,7 +162,6 @@ def export_text_encoder(
             truncation="cmath_runtime.turns: the utterance first (cut on the right past max_tokens), then "
             "past turns most recent first while they fit",
         )
-        items = _turn_items(conversations) if conversations else [([], [], 0, t) for t in PROBE_TEXTS]
         entry["parity"] = check_turns_parity(graph, entry, staging, items)
         where = f"{len(items)} validation utterances with their past" if conversations else "probe texts"
     else:
@@ -173,10 +173,13 @@ def export_text_encoder(
     if not entry["parity"]["passed"]:
         raise ArtifactError(onnx_path, f"text encoder parity failed: {entry['parity']}")
     variants = {}
-    for precision in twins:
-        variants[precision] = record = write_twin(entry, staging, precision, conversations, model_file, say)
-        if record["passed"]:
-            files[f"onnx_{precision}"] = staging / TWIN_FILES[precision]
+    if twins:
+        ref = _runtime_encoder(entry, staging).encode_turns(items)  # every twin's reference
+        for precision in twins:
+            record = write_twin(entry, staging, precision, items, ref, conversations, model_file, say)
+            variants[precision] = record
+            if record["passed"]:
+                files[f"onnx_{precision}"] = staging / TWIN_FILES[precision]
     entry["files"] = _files(files)
     if variants:
         entry["variants"] = variants
@@ -221,12 +224,15 @@ def write_twin(
     entry: dict[str, Any],
     staging: Path,
     precision: str,
+    items: list[tuple[list[str], list[int], int, str]],
+    ref: np.ndarray,
     conversations: list[tuple[list[str], list[int], dict[str, np.ndarray]]] | None,
     model_file: Path | None,
     say: Any,
 ) -> dict[str, Any]:
     """The fp16 or int8 copy of the staged encoder graph, written to staging when its agreement record passes
-    (int8: each of INT8_SCHEMES in turn); -> the record, with the scheme and what was tried before it."""
+    (int8: each of INT8_SCHEMES in turn) against `ref`, the fp32 encoder's embeddings of `items` (twin_items);
+    -> the record, with the scheme and what was tried before it."""
     fp32 = onnx.load_model(str(staging / ONNX_FILE))
     twin = staging / TWIN_FILES[precision]
     tried: list[str] = []
@@ -237,7 +243,7 @@ def write_twin(
             onnx.save_model(convert_fp16(fp32), str(twin))
         else:
             onnx.save_model(quantize_int8(fp32, scheme), str(twin))
-        record = twin_agreement(entry, staging, precision, conversations, model_file)
+        record = twin_agreement(entry, staging, precision, items, ref, conversations, model_file)
         say(
             f"{twin.name}: min cosine {record['min_cosine']:.4f}, argmax agreement {_pct(record.get('agreement'))} "
             f"on {record['data']}"
@@ -325,22 +331,27 @@ def _cosine_parity(ref: np.ndarray, ours: np.ndarray, reference_name: str, data:
     }
 
 
+def twin_items(
+    conversations: list[tuple[list[str], list[int], dict[str, np.ndarray]]] | None,
+) -> list[tuple[list[str], list[int], int, str]]:
+    """What the twins are checked on: each validation utterance with its past, or the probe texts without them."""
+    return _turn_items(conversations) if conversations else [([], [], 0, t) for t in PROBE_TEXTS]
+
+
 def twin_agreement(
     entry: dict[str, Any],
     staging: Path,
     precision: str,
+    items: list[tuple[list[str], list[int], int, str]],
+    ref: np.ndarray,
     conversations: list[tuple[list[str], list[int], dict[str, np.ndarray]]] | None,
     model_file: Path | None,
 ) -> dict[str, Any]:
-    """The twin against the fp32 encoder: embedding cosine, and (with validation conversations and the model) the
-    model's argmax agreement with each encoder's features; passed when both meet TWIN_BOUNDS[precision]."""
+    """The staged twin against `ref` (the fp32 encoder's embeddings of `items`): embedding cosine, and (with
+    validation conversations and the model) the model's argmax agreement with each encoder's features; passed when
+    both meet TWIN_BOUNDS[precision]."""
     bounds = TWIN_BOUNDS[precision]
-    ref_enc, twin_enc = (
-        _runtime_encoder(entry, staging),
-        _runtime_encoder(entry, staging, TWIN_FILES[precision]),
-    )
-    items = _turn_items(conversations) if conversations else [([], [], 0, t) for t in PROBE_TEXTS]
-    ref, got = ref_enc.encode_turns(items), twin_enc.encode_turns(items)
+    got = _runtime_encoder(entry, staging, TWIN_FILES[precision]).encode_turns(items)
     cos = np.sum(ref * got, 1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1), 1e-12)
     record: dict[str, Any] = {
         "file": TWIN_FILES[precision],

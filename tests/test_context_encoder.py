@@ -67,7 +67,9 @@ def test_int8_encoder_falls_back_to_the_blockwise_scheme(
 
     monkeypatch.setattr(te, "twin_agreement", first_misses)
     said: list[str] = []
-    args = (entry, staging, "int8", conversations, staging / "model.onnx", said.append)
+    items = te.twin_items(conversations)
+    ref = te._runtime_encoder(entry, staging).encode_turns(items)
+    args = (entry, staging, "int8", items, ref, conversations, staging / "model.onnx", said.append)
     record = te.write_twin(*args)
     assert record["passed"] and record["scheme"]["method"] == "blockwise" and record["scheme"]["block"] == 32
     assert (

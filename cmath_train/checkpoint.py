@@ -91,6 +91,9 @@ def save_checkpoint(
     atomic_write_json(
         run_dir / CONFIG,
         {
+            **(
+                extra or {}
+            ),  # first: what this save writes below always wins over a reloaded checkpoint's extra
             "weights_sha256": hashlib.sha256(data).hexdigest(),
             "format": FORMAT,
             "version": VERSION,
@@ -101,7 +104,6 @@ def save_checkpoint(
             "label_names": list(label_names),
             **({"cdat": to_dict(model.cdat_cfg)} if isinstance(model, CDaT) else {}),
             "versions": versions(),
-            **(extra or {}),
         },
     )
     prev.unlink(missing_ok=True)

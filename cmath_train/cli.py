@@ -189,7 +189,8 @@ def run(
     from .recipe import choose_recipe
     from .registry import loss_config, model_config, model_names
     from .registry import preset as model_preset
-    from .seeds import context_free_baseline, encoder_classifier, shipped_model, train_seeds
+    from .seeds import context_free_baseline, train_seeds
+    from .shipped import encoder_classifier, ship_encoder_classifier, shipped_model
     from .train import train
 
     try:
@@ -297,6 +298,8 @@ def run(
     if enc is not None:
         metrics["encoder_classifier"] = enc
     metrics["shipped"] = shipped_model(metrics)
+    if metrics["shipped"] == "encoder_classifier":
+        ship_encoder_classifier(fs, out, metrics["encoder_classifier"]["validation_weighted_f1"])
     write_metrics(out, metrics)
     click.echo(summary_text(metrics, out, time.perf_counter() - t0))
     return metrics
@@ -362,6 +365,8 @@ def summary_text(metrics: dict, out: Path, seconds: float) -> str:
         )
     enc = metrics.get("encoder_classifier")
     if enc:
+        from .shipped import CONTEXT_MODEL_DIR
+
         parts = [
             f"{split} weighted-F1 {100 * enc[f'{split}_weighted_f1']:.2f}"
             for split in ("validation", "test")
@@ -371,8 +376,9 @@ def summary_text(metrics: dict, out: Path, seconds: float) -> str:
         lines.append(
             "shipped: the trained model (it beats the encoder's classifier on validation)"
             if metrics.get("shipped") == "cmath"
-            else "shipped: NOT the trained model: the encoder's own classifier is better on validation; "
-            "context adds nothing here as trained"
+            else "shipped: the encoder's own classifier, better on validation than the trained model (context adds "
+            f"nothing here as trained): {out.resolve()} holds it (model encoder_head), the trained model is in "
+            f"{(out / CONTEXT_MODEL_DIR).resolve()}"
         )
     lines.extend(baseline_warnings(metrics))
     return "\n".join(lines)

@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from .config import LossConfig, ModelConfig, Preset, field_names, get_preset
-from .models import cmath, dmd, sdt
+from .models import cmath, dmd, encoder_head, sdt
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class ModelEntry:
     config: type[ModelConfig]
     loss: type[LossConfig]
     presets: dict[str, Preset]  # the model's own published recipes; override config.PRESETS of the same name
+    trainable: bool = True  # False: built from weights trained elsewhere (encoder_head), never by cmath-train
 
 
 _MODELS: dict[str, ModelEntry] = {}
@@ -39,8 +40,9 @@ def register(
     config: type[ModelConfig],
     loss: type[LossConfig],
     presets: dict[str, Preset] | None = None,
+    trainable: bool = True,
 ) -> None:
-    _MODELS[name] = ModelEntry(model, config, loss, dict(presets or {}))
+    _MODELS[name] = ModelEntry(model, config, loss, dict(presets or {}), trainable)
 
 
 register(
@@ -48,15 +50,23 @@ register(
 )  # its presets: config.PRESETS (paper)
 register("sdt", sdt.SDT, sdt.SDTConfig, sdt.SDTLossConfig, sdt.PRESETS)
 register("dmd", dmd.DMD, dmd.DMDConfig, dmd.DMDLossConfig, dmd.PRESETS)
+register(
+    "encoder_head",
+    encoder_head.EncoderHead,
+    encoder_head.EncoderHeadConfig,
+    encoder_head.EncoderHeadLossConfig,
+    trainable=False,  # the fine-tuned encoder's head, shipped by cmath_train/shipped.py
+)
 
 
 def model_names() -> list[str]:
-    return sorted(_MODELS)
+    """The models cmath-train can train."""
+    return sorted(name for name, e in _MODELS.items() if e.trainable)
 
 
 def entry(name: str) -> ModelEntry:
     if name not in _MODELS:
-        raise ValueError(f"model: expected one of {sorted(_MODELS)}, got {name!r}")
+        raise ValueError(f"model: expected one of {model_names()}, got {name!r}")
     return _MODELS[name]
 
 

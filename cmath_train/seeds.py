@@ -209,38 +209,6 @@ def context_free_baseline(fs: FeatureSet, val_fraction: float = 0.2, seed: int =
     return out
 
 
-def encoder_classifier(fs: FeatureSet) -> dict[str, Any] | None:
-    """The fine-tuned text encoder's own classifier (its fine-tuning head, cmath-prepare) scored on the same
-    validation (dev) and test utterances; None when the features come from a frozen encoder."""
-    from sklearn.metrics import accuracy_score, f1_score
-
-    from .data.features_dir import load_encoder_classifier
-
-    probs = load_encoder_classifier(fs)
-    if probs is None:
-        return None
-    out: dict[str, Any] = {
-        "source": "the fine-tuned encoder's head (cmath-prepare), no conversation context model"
-    }
-    for split, name in (("dev", "validation"), ("test", "test")):
-        if split in probs and split in fs.splits:
-            y = np.concatenate([d.labels for d in fs.splits[split]])
-            pred = probs[split].argmax(-1)
-            out[f"{name}_weighted_f1"] = float(f1_score(y, pred, average="weighted"))
-            out[f"{name}_accuracy"] = float(accuracy_score(y, pred))
-    return out
-
-
-def shipped_model(metrics: dict[str, Any]) -> str:
-    """ "cmath" when the run's model beats the encoder's own classifier on validation (or there is none to beat),
-    else "encoder_classifier": context did not earn its place on this data."""
-    enc = (metrics.get("encoder_classifier") or {}).get("validation_weighted_f1")
-    val = metrics.get("validation", {}).get("weighted_f1")
-    if enc is None or val is None:
-        return "cmath"
-    return "cmath" if val > enc else "encoder_classifier"
-
-
 def summarize(runs: list[tuple[int, dict[str, Any]]], label_names: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {"seeds": [s for s, _ in runs], "per_seed": {str(s): _brief(m) for s, m in runs}}
     for split in ("validation", "test"):

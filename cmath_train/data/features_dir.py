@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -70,25 +71,45 @@ def load_features(path: str | Path) -> FeatureSet:
     )
 
 
-def load_encoder_classifier(fs: FeatureSet) -> dict[str, np.ndarray] | None:
-    """{split: (U, classes) probabilities} of the fine-tuned encoder's own classifier, written by cmath-prepare
-    beside the features (meta "encoder_classifier"); None when there is none."""
+@dataclass
+class EncoderClassifier:
+    """The fine-tuned encoder's own classifier, written by cmath-prepare beside the features."""
+
+    probs: dict[str, np.ndarray]  # split -> (U, classes) probabilities (dev, test)
+    weight: np.ndarray | None  # (classes, d) the head; None when the file holds the probabilities only
+    bias: np.ndarray | None  # (classes,)
+    input_scale: float  # the head reads input_scale * embedding
+
+
+def load_encoder_classifier(fs: FeatureSet) -> EncoderClassifier | None:
+    """The fine-tuned encoder's own classifier beside the features (meta "encoder_classifier"); None when there is
+    none (a frozen encoder)."""
     name, folder = fs.meta.get("encoder_classifier"), fs.meta.get("path")
     if not name or not folder:
         return None
     file = confined_path(folder, name, "meta.encoder_classifier", Path(folder) / "meta.json")
     try:
         with np.load(file, allow_pickle=False) as z:
-            probs = {k.removesuffix("_probs"): z[k] for k in z.files if k.endswith("_probs")}
+            arrays = {k: z[k] for k in z.files}
     except (FileNotFoundError, zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
         raise ArtifactError(file, f"unreadable encoder classifier outputs ({e})") from None
+    classes = len(fs.label_names)
+    probs = {k.removesuffix("_probs"): v for k, v in arrays.items() if k.endswith("_probs")}
     for split, p in probs.items():
         rows = sum(len(d) for d in fs.splits.get(split, []))
-        if p.shape != (rows, len(fs.label_names)):
+        if p.shape != (rows, classes):
+            raise ArtifactError(file, f"{split}_probs: expected shape ({rows}, {classes}), got {p.shape}")
+    weight, bias = arrays.get("head_weight"), arrays.get("head_bias")
+    if weight is not None:
+        dims = [d for d in fs.feature_dims.values()]
+        if weight.ndim != 2 or weight.shape[0] != classes or weight.shape[1] not in dims:
+            raise ArtifactError(file, f"head_weight: expected shape ({classes}, d), got {weight.shape}")
+        if bias is None or bias.shape != (classes,):
             raise ArtifactError(
-                file, f"{split}_probs: expected shape ({rows}, {len(fs.label_names)}), got {p.shape}"
+                file, f"head_bias: expected shape ({classes},), got {None if bias is None else bias.shape}"
             )
-    return probs
+    scale = float(arrays["head_input_scale"]) if "head_input_scale" in arrays else 1.0
+    return EncoderClassifier(probs, weight, bias, scale)
 
 
 def _read_split(file: Path, dims: dict[str, int]) -> list[Dialogue]:

@@ -3,6 +3,8 @@
     cmath  CMATH (Zhu et al., 2024): the paper's model, cmath.py.
     sdt    SDT (Ma et al., 2023): intra-/inter-modal transformers, hierarchical gated fusion, self-distillation.
     dmd    DMD (Li et al., CVPR 2023) adapted to conversations: decoupled common/specific spaces, graph distillation.
+    encoder_head  a per-utterance linear classifier, no context: the fine-tuned text encoder's own classifier when
+           a run ships it (cmath_train/shipped.py), or a context-free baseline.
 
 The CDaT add-on (cdat.py) wraps any of them.
 Each model is built from the shared blocks in layers.py (and models/common.py), outputs at least `logits`,
@@ -10,4 +12,4 @@ Each model is built from the shared blocks in layers.py (and models/common.py), 
 and has a deterministic eval path that cmath-export turns into the same ONNX graph interface.
 """
 
-from . import cmath, dmd, sdt  # noqa: F401  (register "cmath", "dmd" and "sdt")
+from . import cmath, dmd, encoder_head, sdt  # noqa: F401  (imported by the registry)

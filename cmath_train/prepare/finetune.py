@@ -97,7 +97,7 @@ def finetune_encoder(
     rng = np.random.default_rng(options.seed)
     device = next(encoder.parameters()).device
     dim = int(encoder.transformer.config.hidden_size)
-    scale = math.sqrt(dim) if encoder.normalize else 1.0
+    scale = head_input_scale(encoder, dim)
     head = nn.Linear(dim, num_classes).to(device)
     if options.freeze_word_embeddings:
         for module in encoder.modules():
@@ -183,11 +183,16 @@ def finetune_encoder(
     return result, head
 
 
+def head_input_scale(encoder: PooledEncoder, dim: int) -> float:
+    """What the head's input is multiplied by: sqrt(d) for an L2-normalised embedding (unit RMS), else 1."""
+    return math.sqrt(dim) if encoder.normalize else 1.0
+
+
 def classify(
     encoder: PooledEncoder, head: nn.Linear, examples: Sequence[Example], batch_size: int = 64
 ) -> np.ndarray:
     """(n, classes) probabilities of the encoder's own classifier (the fine-tuning head)."""
-    scale = math.sqrt(head.in_features) if encoder.normalize else 1.0
+    scale = head_input_scale(encoder, head.in_features)
     emb = torch.from_numpy(embed(encoder, examples, batch_size))
     with torch.no_grad():
         return torch.softmax(head(emb.to(head.weight.device) * scale), -1).cpu().numpy()

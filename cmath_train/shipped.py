@@ -9,7 +9,6 @@ model moves to RUN/context_model/, and metrics.json["shipped"] says which one RU
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from cmath_runtime.errors import ArtifactError
+from cmath_runtime.files import atomic_write_bytes
 
 from .data.types import FeatureSet
 
@@ -96,8 +96,8 @@ def ship_encoder_classifier(
         model.classify.bias.copy_(torch.from_numpy(head.bias))
     keep = run / CONTEXT_MODEL_DIR
     keep.mkdir(exist_ok=True)
-    for name in CHECKPOINT_FILES:  # the weights first, config.json (the commit point) last
-        shutil.copy2(run / name, keep / name)
+    for name in CHECKPOINT_FILES:  # the weights first, config.json (the commit point) last; each write atomic
+        atomic_write_bytes(keep / name, (run / name).read_bytes())
     selected = {
         "epoch": None,
         "metric": "validation weighted_f1 of the encoder's classifier (cmath-prepare's fine-tuning head)",

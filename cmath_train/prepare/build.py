@@ -26,6 +26,7 @@ from .csv_source import CsvColumns, CsvTable, read_conversations
 from .embedding_cache import DEFAULT_CACHE_DIR, EmbeddingCache, encode_texts
 from .finetune import FinetuneOptions, finetune_encoder
 from .labels import LABEL_ORDER, label_indices, label_names
+from .pooled import PooledEncoder
 from .speakers import make_speaker_mapping
 from .text_encoder import SentenceTransformerEncoder, TextEncoder
 
@@ -190,7 +191,7 @@ def _finetuned_features(
     by default.
     """
     from .finetune import classify, head_input_scale
-    from .pooled import PooledEncoder, embed
+    from .pooled import embed
 
     if encoder is not None and not isinstance(encoder, SentenceTransformerEncoder):
         raise InputError(
@@ -201,36 +202,10 @@ def _finetuned_features(
     base_dir = encoder.model_dir if encoder is not None else options.encoder_dir
     base = (encoder or SentenceTransformerEncoder.load(base_dir, device=options.device)).describe()
     fmt, ft = options.turns, options.finetune
-    tokenizer = _turn_tokenizer(Path(base["path"]))
-    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-    if cls_id is None or sep_id is None:
-        raise InputError("encoder", "a BERT-style tokenizer with [CLS] and [SEP] tokens", base["name"])
-
-    def tokenize(texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
-
-    examples = {
-        s: [
-            encode_turns(fmt, tokenize, cls_id, sep_id, d.texts, ids)
-            for d, ids in zip(t.dialogues, speaker_ids[s], strict=True)
-        ]
-        for s, t in tables.items()
-    }
+    examples = turn_examples(tables, speaker_ids, fmt, Path(base["path"]))
     flat = {s: [x for conv in convs for x in conv] for s, convs in examples.items()}
     ys = {s: np.concatenate(v) for s, v in labels.items()}
     dev, dev_y = (flat["dev"], ys["dev"]) if "dev" in flat else (None, None)
-
-    def fresh() -> tuple[SentenceTransformerEncoder, PooledEncoder]:
-        st = SentenceTransformerEncoder.load(base_dir, device=options.device)
-        hf = st.model[0].auto_model
-        positions = int(getattr(hf.config, "max_position_embeddings", fmt.max_tokens))
-        if fmt.max_tokens > positions:
-            raise InputError(
-                "context_max_tokens", f"at most {positions} (the encoder's positions)", fmt.max_tokens
-            )
-        return st, PooledEncoder(
-            hf, base.get("pooling", "mean"), bool(base.get("normalized")), first_segment=True
-        )
 
     folds = max(1, options.crossfit_folds)
     n_train = len(tables["train"].dialogues)
@@ -252,7 +227,7 @@ def _finetuned_features(
     fold_meta = []
     if folds > 1:
         for k in range(folds):
-            _, enc = fresh()
+            _, enc = trainable_encoder(base_dir, options.device, fmt)
             fit = np.sort(np.concatenate([rows[j] for j in range(folds) if j != k]))
             result, _ = finetune_encoder(
                 enc,
@@ -279,7 +254,7 @@ def _finetuned_features(
                 }
             )
             del enc
-    st, enc = fresh()
+    st, enc = trainable_encoder(base_dir, options.device, fmt)
     result, head = finetune_encoder(
         enc,
         flat["train"],
@@ -345,6 +320,46 @@ def _finetuned_features(
         "finetune": finetune_meta,
     }
     return tuned, emb, {"text_encoder": extra, "encoder_classifier": CLASSIFIER_FILE}
+
+
+def turn_examples(
+    tables: dict[str, CsvTable], speaker_ids: dict[str, list[np.ndarray]], fmt: TurnFormat, model_dir: Path
+) -> dict[str, list[list[tuple[list[int], list[int]]]]]:
+    """Per split, per conversation: each utterance's (input_ids, token_type_ids) as `cmath_runtime.turns` builds it
+    (the runtime builds the same from the same tokenizer.json)."""
+    tokenizer = _turn_tokenizer(model_dir)
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    if cls_id is None or sep_id is None:
+        raise InputError("encoder", "a BERT-style tokenizer with [CLS] and [SEP] tokens", str(model_dir))
+
+    def tokenize(texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    return {
+        s: [
+            encode_turns(fmt, tokenize, cls_id, sep_id, d.texts, ids)
+            for d, ids in zip(t.dialogues, speaker_ids[s], strict=True)
+        ]
+        for s, t in tables.items()
+    }
+
+
+def trainable_encoder(
+    model_dir: Path | None, device: str, fmt: TurnFormat
+) -> tuple[SentenceTransformerEncoder, PooledEncoder]:
+    """A fresh copy of the base encoder (None: the bundled MiniLM) and the torch module fine-tuning trains (it shares
+    the sentence-transformers model's weights, so saving the one saves the other)."""
+    st = SentenceTransformerEncoder.load(model_dir, device=device)
+    base = st.describe()
+    hf = st.model[0].auto_model
+    positions = int(getattr(hf.config, "max_position_embeddings", fmt.max_tokens))
+    if fmt.max_tokens > positions:
+        raise InputError(
+            "context_max_tokens", f"at most {positions} (the encoder's positions)", fmt.max_tokens
+        )
+    return st, PooledEncoder(
+        hf, base.get("pooling", "mean"), bool(base.get("normalized")), first_segment=True
+    )
 
 
 def carve_dev(train: CsvTable, fraction: float, seed: int) -> dict[str, CsvTable]:

@@ -65,10 +65,10 @@ def check_speakers(speakers: Any, spec: Manifest, field: str) -> np.ndarray:
     check_max_len(
         len(arr), spec.max_len, field, hint="Split the conversation or re-export with a larger max_len."
     )
-    if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
-        arr = arr.astype(np.int64)  # 1.0, 2.0, ... are ids too
-    if arr.dtype.kind not in "iu":
+    whole_floats = arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr))
+    if arr.dtype.kind not in "iu" and not whole_floats:  # 1.0, 2.0, ... are ids too
         raise InputError(field, "integer speaker ids", f"dtype {arr.dtype}")
+    # the range is checked before any cast: 1e300 is an id out of range, not a wrapped integer
     bad = np.flatnonzero((arr < 0) | (arr >= spec.num_speakers))
     if len(bad):
         j = int(bad[0])

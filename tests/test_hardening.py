@@ -128,6 +128,21 @@ def test_symlink_out_of_the_folder_is_refused(hard_export: Path, tmp_path: Path)
 # --- extreme numbers never come back as NaN ----------------------------------------------------------------------
 
 
+def test_whole_float_speaker_ids_are_ids_and_huge_ones_out_of_range(
+    hard_model: cmath_runtime.EmotionModel,
+) -> None:
+    """1.0 is speaker 1; 1e300 is a speaker id out of range (checked before any cast, so never wrapped garbage)."""
+    feats = _feats(2)
+    as_float = hard_model.predict([{"speakers": [0.0, 1.0], "features": feats}])[0]
+    as_int = hard_model.predict([{"speakers": [0, 1], "features": feats}])[0]
+    np.testing.assert_array_equal(as_float.probs, as_int.probs)
+    with pytest.raises(InputError) as e:
+        hard_model.predict([{"speakers": [0.0, 1e300], "features": feats}])
+    assert e.value.field == "conversations[0].speakers[1]" and e.value.actual == int(1e300)
+    with pytest.raises(InputError, match="integer speaker ids"):
+        hard_model.predict([{"speakers": [0.0, 0.5], "features": feats}])
+
+
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("value", [1e30, 3e38])
 def test_extreme_features_are_refused_not_returned(hard_export: Path, precision: str, value: float) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -49,8 +50,6 @@ _DATA: dict[str, Any] = {}  # per worker process: the dev/train tables and the t
 
 
 def _init(train: str, dev: str, encoder: str | None, device: str, bars: bool) -> None:
-    import os
-
     if not bars:  # several workers: one line per finished run from the parent instead of interleaved bars
         os.environ["TQDM_DISABLE"] = "1"
     import numpy as np

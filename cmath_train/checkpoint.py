@@ -91,9 +91,8 @@ def save_checkpoint(
     atomic_write_json(
         run_dir / CONFIG,
         {
-            **(
-                extra or {}
-            ),  # first: what this save writes below always wins over a reloaded checkpoint's extra
+            # extra first: what this save writes below always wins over a reloaded checkpoint's extra
+            **(extra or {}),
             "weights_sha256": hashlib.sha256(data).hexdigest(),
             "format": FORMAT,
             "version": VERSION,

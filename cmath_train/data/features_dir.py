@@ -101,8 +101,7 @@ def load_encoder_classifier(fs: FeatureSet) -> EncoderClassifier | None:
             raise ArtifactError(file, f"{split}_probs: expected shape ({rows}, {classes}), got {p.shape}")
     weight, bias = arrays.get("head_weight"), arrays.get("head_bias")
     if weight is not None:
-        dims = [d for d in fs.feature_dims.values()]
-        if weight.ndim != 2 or weight.shape[0] != classes or weight.shape[1] not in dims:
+        if weight.ndim != 2 or weight.shape[0] != classes or weight.shape[1] not in fs.feature_dims.values():
             raise ArtifactError(file, f"head_weight: expected shape ({classes}, d), got {weight.shape}")
         if bias is None or bias.shape != (classes,):
             raise ArtifactError(

@@ -200,6 +200,8 @@ def _settings(turns: str, lrs: str, epochs: str) -> list[Setting]:
             raise click.BadParameter(
                 f"expected WINDOW:TOKENS pairs like 4:96, got {t!r}", param_hint="--turns"
             )
+        if int(tokens) < 4:
+            raise click.BadParameter(f"expected at least 4 tokens, got {t!r}", param_hint="--turns")
         shapes.append((int(window), int(tokens)))
     try:
         rates = [float(x) for x in lrs.split(",") if x.strip()]
@@ -207,7 +209,12 @@ def _settings(turns: str, lrs: str, epochs: str) -> list[Setting]:
         raise click.BadParameter(
             f"expected comma-separated numbers, got {lrs!r}", param_hint="--lrs"
         ) from None
-    return [Setting(w, t, lr, e) for w, t in shapes for lr in rates for e in _ints(epochs, "--epochs")]
+    if not all(r > 0 for r in rates):
+        raise click.BadParameter(f"expected learning rates > 0, got {lrs!r}", param_hint="--lrs")
+    counts = _ints(epochs, "--epochs")
+    if not all(e >= 1 for e in counts):
+        raise click.BadParameter(f"expected epoch counts >= 1, got {epochs!r}", param_hint="--epochs")
+    return [Setting(w, t, lr, e) for w, t in shapes for lr in rates for e in counts]
 
 
 @click.command()

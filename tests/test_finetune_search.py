@@ -53,3 +53,12 @@ def test_search_refuses_bad_settings(tmp_path: Path) -> None:
         main, ["--csv-dir", str(tmp_path), "--out", str(tmp_path / "x"), "--turns", "4-96"]
     )
     assert bad.exit_code == 2 and "expected WINDOW:TOKENS pairs like 4:96, got '4-96'" in bad.output
+    for flag, value, says in (
+        ("--turns", "4:2", "expected at least 4 tokens, got '4:2'"),
+        ("--lrs", "0,1e-4", "expected learning rates > 0, got '0,1e-4'"),
+        ("--epochs", "0", "expected epoch counts >= 1, got '0'"),
+    ):
+        bad = CliRunner().invoke(
+            main, ["--csv-dir", str(tmp_path), "--out", str(tmp_path / "x"), flag, value]
+        )
+        assert bad.exit_code == 2 and says in bad.output, bad.output

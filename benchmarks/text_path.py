@@ -137,7 +137,7 @@ class TurnTokens:
     def __call__(
         self, texts: Sequence[str], speakers: Sequence[int], speaker: int, text: str
     ) -> tuple[list[int], list[int]]:
-        return self.encoder.inputs([(texts, speakers, speaker, text)])[0]
+        return self.encoder.inputs([([*texts, text], [*speakers, speaker], len(texts))])[0]
 
     def feeds(self, pair: tuple[list[int], list[int]]) -> dict[str, np.ndarray]:
         """The encoder graph's feeds for one input (batch 1, no padding)."""

@@ -30,6 +30,7 @@ import torch
 from cmath_runtime.compare import compare, min_cosine
 from cmath_runtime.errors import ArtifactError
 from cmath_runtime.files import sha256_file, sha256_problem
+from cmath_runtime.text import TurnItem
 from cmath_train.prepare.pooled import PooledEncoder
 
 from .quantize import Scheme, quantize_int8
@@ -125,9 +126,8 @@ def export_text_encoder(
     turns = meta.get("turns")
     hf = st.model[0].auto_model.eval()
     tok_inputs = tuple(st.model.tokenizer.model_input_names)
-    inputs = tuple(n for n in ("input_ids", "attention_mask", "token_type_ids") if n in tok_inputs)
-    if turns and "token_type_ids" not in inputs:
-        raise ArtifactError(model_dir, "an encoder reading turns needs token_type_ids (a BERT-style model)")
+    # an encoder reading turns always takes token_type_ids: they mark the utterance's tokens for pooling
+    inputs = tuple(n for n in ("input_ids", "attention_mask", "token_type_ids") if n in tok_inputs or turns)
     graph = PooledEncoder(hf, meta["pooling"], bool(meta.get("normalized")), first_segment=bool(turns)).eval()
     onnx_path = staging / ONNX_FILE
     _export(graph, inputs, onnx_path, opset)
@@ -198,12 +198,8 @@ def _pct(x: float | None) -> str:
 
 def _turn_items(
     conversations: list[tuple[list[str], list[int], dict[str, np.ndarray]]],
-) -> list[tuple[list[str], list[int], int, str]]:
-    return [
-        (texts[:i], list(speakers[:i]), int(speakers[i]), texts[i])
-        for texts, speakers, _ in conversations
-        for i in range(len(texts))
-    ]
+) -> list[TurnItem]:
+    return [(texts, list(speakers), i) for texts, speakers, _ in conversations for i in range(len(texts))]
 
 
 # int8 encoder schemes, fastest first; the first whose twin meets TWIN_BOUNDS["int8"] is written. Dynamic 8-bit
@@ -224,7 +220,7 @@ def write_twin(
     entry: dict[str, Any],
     staging: Path,
     precision: str,
-    items: list[tuple[list[str], list[int], int, str]],
+    items: list[TurnItem],
     ref: np.ndarray,
     conversations: list[tuple[list[str], list[int], dict[str, np.ndarray]]] | None,
     model_file: Path | None,
@@ -294,7 +290,7 @@ def check_turns_parity(
     graph: PooledEncoder,
     entry: dict[str, Any],
     staging: Path,
-    items: list[tuple[list[str], list[int], int, str]],
+    items: list[TurnItem],
 ) -> dict[str, Any]:
     """Cosine between the torch module and the staged ONNX encoder, both fed the runtime's turns inputs."""
     from cmath_train.prepare.pooled import embed
@@ -333,16 +329,16 @@ def _cosine_parity(ref: np.ndarray, ours: np.ndarray, reference_name: str, data:
 
 def twin_items(
     conversations: list[tuple[list[str], list[int], dict[str, np.ndarray]]] | None,
-) -> list[tuple[list[str], list[int], int, str]]:
+) -> list[TurnItem]:
     """What the twins are checked on: each validation utterance with its past, or the probe texts without them."""
-    return _turn_items(conversations) if conversations else [([], [], 0, t) for t in PROBE_TEXTS]
+    return _turn_items(conversations) if conversations else [([t], [0], 0) for t in PROBE_TEXTS]
 
 
 def twin_agreement(
     entry: dict[str, Any],
     staging: Path,
     precision: str,
-    items: list[tuple[list[str], list[int], int, str]],
+    items: list[TurnItem],
     ref: np.ndarray,
     conversations: list[tuple[list[str], list[int], dict[str, np.ndarray]]] | None,
     model_file: Path | None,

@@ -213,6 +213,14 @@ class Conversation:
     def past_turns(self, field: str) -> tuple[list[str], list[int]]:
         """The texts and speakers the text encoder reads with this conversation's next utterance."""
         turns = self.model.text_encoder.spec.turns
+        if turns is not None and not turns.streams:
+            raise InputError(
+                field,
+                "an export whose text encoder reads past turns only, to add one utterance at a time",
+                f"a text encoder that reads {turns.future} future turn(s)",
+                "Classify whole conversations with model.predict([{'speakers': ..., 'texts': ...}]), or export "
+                "the causal run (cmath-train --causal) for live conversations.",
+            )
         return past_turns(self._texts, self._speakers, turns.window if turns is not None else 0, field)
 
     def __len__(self) -> int:

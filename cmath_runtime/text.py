@@ -3,7 +3,8 @@
 The export's `text_encoder` entry (docs/artifact-format.md) names the ONNX graph (tokens -> pooled, normalised
 embedding), its fp16/int8 twins when exported, and the tokenizer files. Texts are first normalised as
 cmath-prepare did (cmath-clean-text-v1). A fine-tuned encoder (`turns` in the entry) reads each utterance with
-its speaker and its conversation's past turns, built by `cmath_runtime.turns` exactly as in training; the plain
+its speaker and the turns around it (past ones; future ones too when its format says so), built by
+`cmath_runtime.turns` exactly as in training; the plain
 sentence encoder reads [CLS] text [SEP], cut on the right to max_seq_length tokens. Inputs are padded to the
 longest of the batch.
 """
@@ -22,10 +23,13 @@ from .files import verified_file
 from .manifest import Manifest, check_agreement
 from .session import open_session
 from .text_clean import TEXT_NORMALISATION, clean_text
-from .turns import TurnFormat, encode_turns
+from .turns import SPECIAL_TOKENS, TurnFormat, encode_turns, special_ids
 
 TEXT_MODALITY = "t"
 DEFAULT_BATCH = 32
+# One utterance in its conversation: (texts, speakers, index), the turns the caller has (at least the encoder's
+# window around `index`) and which of them to embed.
+TurnItem = tuple[Sequence[str], Sequence[int], int]
 
 
 @dataclass(frozen=True)
@@ -101,11 +105,12 @@ class TextEncoder:
             )
         else:  # cmath_runtime.turns adds the special tokens and cuts
             self.tokenizer.no_truncation()
-            cls_id, sep_id = (self.tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]"))
-            if cls_id is None or sep_id is None:
-                missing = [t for t, i in (("[CLS]", cls_id), ("[SEP]", sep_id)) if i is None]
-                raise ArtifactError(spec.tokenizer_file, f"the tokenizer has no {missing}")
-            self._cls, self._sep = cls_id, sep_id
+            ids = special_ids(self.tokenizer.token_to_id)
+            if ids is None:
+                raise ArtifactError(
+                    spec.tokenizer_file, f"the tokenizer has none of the token pairs {SPECIAL_TOKENS}"
+                )
+            self._cls, self._sep = ids
         self.session = open_session(
             spec.onnx_file, "cpu", threads=threads, inputs=spec.inputs, spinning=spinning, what="text encoder"
         ).session
@@ -119,50 +124,39 @@ class TextEncoder:
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """The encoder's feeds for single texts (input_ids / attention_mask / token_type_ids, right-padded)."""
-        return self.feeds(self.inputs([([], [], 0, t) for t in texts]))
+        return self.feeds(self.inputs([([t], [0], 0) for t in texts]))
 
     def encode(self, texts: Sequence[str], batch_size: int = DEFAULT_BATCH) -> np.ndarray:
         """(n, dim) float32 embeddings of single texts (an encoder with turns reads each as a conversation's first
         turn of speaker 0); texts of similar length are batched together."""
         texts = [_check_text(t, f"texts[{i}]") for i, t in enumerate(texts)]
-        return self._run(self.inputs([([], [], 0, t) for t in texts]), batch_size)
+        return self._run(self.inputs([([t], [0], 0) for t in texts]), batch_size)
 
-    def encode_turns(
-        self, items: Sequence[tuple[Sequence[str], Sequence[int], int, str]], batch_size: int = DEFAULT_BATCH
-    ) -> np.ndarray:
-        """(n, dim) embeddings of new utterances, each given as (past texts, past speakers, speaker, text) of its
-        conversation: read with the encoder's `turns` window, exactly as cmath-prepare read the training data."""
+    def encode_turns(self, items: Sequence[TurnItem], batch_size: int = DEFAULT_BATCH) -> np.ndarray:
+        """(n, dim) embeddings of utterances, each given as (texts, speakers, index) of its conversation: read with
+        the encoder's `turns` window, exactly as cmath-prepare read the training data."""
         return self._run(self.inputs(items), batch_size)
 
-    def inputs(
-        self, items: Sequence[tuple[Sequence[str], Sequence[int], int, str]]
-    ) -> list[tuple[list[int], list[int]]]:
+    def inputs(self, items: Sequence[TurnItem]) -> list[tuple[list[int], list[int]]]:
         """(input_ids, token_type_ids) the encoder reads for each item of `encode_turns` (a plain encoder: the text
-        alone)."""
+        alone). The one place the encoder's window is applied at run time."""
         fmt, inputs = self.spec.turns, []
         if fmt is None:
             return [
-                self._single(e) for e in self.tokenizer.encode_batch([self.normalise(t) for *_, t in items])
+                self._single(e)
+                for e in self.tokenizer.encode_batch([self.normalise(texts[i]) for texts, _, i in items])
             ]
-        for texts, speakers, speaker, text in items:
-            keep = len(texts) - min(len(texts), fmt.window)
+        for texts, speakers, i in items:
+            lo, hi = max(0, i - fmt.window), min(len(texts), i + 1 + fmt.future)
             (pair,) = encode_turns(
-                fmt,
-                self._pieces,
-                self._cls,
-                self._sep,
-                [*texts[keep:], text],
-                [*speakers[keep:], speaker],
-                start=len(texts) - keep,
+                fmt, self._pieces, self._cls, self._sep, texts[lo:hi], speakers[lo:hi], i - lo, i - lo + 1
             )
             inputs.append(pair)
         return inputs
 
     def encode_conversation(self, texts: Sequence[str], speakers: Sequence[int]) -> np.ndarray:
-        """(n, dim) embeddings of every utterance of one conversation, each read with its own past."""
-        return self.encode_turns(
-            [(texts[:i], speakers[:i], speakers[i], texts[i]) for i in range(len(texts))]
-        )
+        """(n, dim) embeddings of every utterance of one conversation, each read with the turns around it."""
+        return self.encode_turns([(texts, speakers, i) for i in range(len(texts))])
 
     def _pieces(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
@@ -213,7 +207,7 @@ def embed_utterances(
     in one call of `encoder()` (the model's text encoder, loaded once the texts are checked): features[i] gets
     "t" in place. Returns the checked texts."""
     checked = [check_text_features(t, f, field) for t, f, field in zip(texts, features, fields, strict=True)]
-    items = [(*past, s, t) for past, s, t in zip(pasts, speakers, checked, strict=True)]
+    items = [([*pt, t], [*ps, s], len(pt)) for (pt, ps), s, t in zip(pasts, speakers, checked, strict=True)]
     for f, row in zip(features, encoder().encode_turns(items), strict=True):
         f[TEXT_MODALITY] = row
     return checked
@@ -246,7 +240,7 @@ def resolve_texts(conversations: Any, encoder: Callable[[], TextEncoder]) -> Any
     if not todo:
         return conversations
     out = list(conversations)
-    items: list[tuple[list[str], list[int], int, str]] = []
+    items: list[TurnItem] = []
     for i in todo:
         conv = out[i]
         if isinstance(conv["texts"], (str, bytes)) or not hasattr(conv["texts"], "__len__"):
@@ -259,7 +253,7 @@ def resolve_texts(conversations: Any, encoder: Callable[[], TextEncoder]) -> Any
             raise InputError(f"conversations[{i}]", "either texts or features['t'], not both", "both")
         texts = [_check_text(t, f"conversations[{i}].texts[{j}]") for j, t in enumerate(conv["texts"])]
         speakers = _speakers_for(conv.get("speakers"), len(texts), f"conversations[{i}].speakers")
-        items += [(texts[:j], speakers[:j], speakers[j], texts[j]) for j in range(len(texts))]
+        items += [(texts, speakers, j) for j in range(len(texts))]
     emb = encoder().encode_turns(items) if items else np.zeros((0, 0), np.float32)  # only empty texts lists
     start = 0
     for i in todo:

@@ -63,3 +63,28 @@ def test_format_round_trips_and_refuses_bad_values() -> None:
         TurnFormat.from_json({**fmt.to_json(), "format": "other"})
     with pytest.raises(ValueError, match="same length"):
         encode_turns(fmt, words, CLS, SEP, ["a"], [0, 1])
+
+
+def test_future_turns_follow_the_past_in_their_own_segment_nearest_first() -> None:
+    fmt = TurnFormat(window=2, max_tokens=64, future=1)
+    texts, speakers = ["a", "bb", "ccc", "dddd", "eeeee"], [0, 1, 0, 1, 0]
+    out = encode_turns(fmt, words, CLS, SEP, texts, speakers)
+    ids, types = out[2]
+    # [CLS] "0:" ccc [SEP] | "1:" bb "0:" a [SEP] "1:" dddd [SEP]
+    assert ids == [CLS, 1002, 1003, SEP, 1002, 1002, 1002, 1001, SEP, 1002, 1004, SEP]
+    assert types == [0] * 4 + [1] * 8
+    assert out[0][0] == [CLS, 1002, 1001, SEP, SEP, 1002, 1002, SEP]  # no past: an empty past segment
+    assert out[4][0] == [CLS, 1002, 1005, SEP, 1002, 1004, 1002, 1003, SEP]  # no future: past only
+    assert encode_turns(fmt, words, CLS, SEP, texts, speakers, start=2, stop=3) == out[2:3]
+    assert not fmt.streams and TurnFormat(window=2).streams
+    assert TurnFormat.from_json(fmt.to_json()) == fmt
+
+
+def test_the_budget_goes_to_the_nearest_turns_alternating_past_and_future() -> None:
+    fmt = TurnFormat(window=3, max_tokens=12, future=3)
+    texts, speakers = ["x x x", "y y y", "t", "z z z", "w w w"], [0] * 5
+    ids, _ = encode_turns(fmt, words, CLS, SEP, texts, speakers)[2]
+    # budget 12 - 2 (target) - 4 = 6: turn 1 (4 tokens), then turn 3 cut to 2; turns 0 and 4 do not fit
+    assert ids == [CLS, 1002, 1001, SEP, 1002, 1001, 1001, 1001, SEP, 1002, 1001, SEP]
+    with pytest.raises(ValueError, match="future"):
+        TurnFormat(future=-1)

@@ -106,6 +106,13 @@ def parse_modalities(text: str | None, available: tuple[str, ...]) -> tuple[str,
     show_default=True,
     help="Online variant: each utterance sees only the past.",
 )
+@click.option(
+    "--decision-rule/--no-decision-rule",
+    default=True,
+    show_default=True,
+    help="Per-class logit offsets for weighted-F1, chosen on validation and folded into the shipped model when "
+    "they earn it on validation halves (cmath_train/decision.py).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--seeds",
@@ -182,9 +189,10 @@ def run(
     distill: float | None = None,
     cdat: str | None = None,
     cdat_alpha: float | None = None,
+    decision_rule: bool = True,
 ) -> dict:
     from .cdat import CDaTConfig
-    from .data import load_data
+    from .data import CAUSAL_SUBDIR, load_data
     from .metrics import write_metrics
     from .recipe import choose_recipe
     from .registry import loss_config, model_config, model_names
@@ -211,7 +219,12 @@ def run(
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     t0 = time.perf_counter()
-    fs = load_data(data)
+    try:
+        fs = load_data(data, causal)
+    except CmathError as e:
+        raise click.ClickException(str(e)) from None
+    if fs.meta.get("path") and Path(fs.meta["path"]).name == CAUSAL_SUBDIR:
+        click.echo(f"cmath-train: --causal reads the causal twin's features in {fs.meta['path']}")
     mods = parse_modalities(modalities, fs.modalities)
     fs = fs.select(mods)
     recipe = None
@@ -300,6 +313,12 @@ def run(
     metrics["shipped"] = shipped_model(metrics)
     if metrics["shipped"] == "encoder_classifier":
         ship_encoder_classifier(fs, out, metrics["encoder_classifier"]["validation_weighted_f1"])
+    if decision_rule:
+        from .decision import apply_decision_rule
+
+        metrics["decision_rule"] = apply_decision_rule(
+            out, fs, train_cfg.val_fraction, train_cfg.seed
+        ).to_json()
     write_metrics(out, metrics)
     click.echo(summary_text(metrics, out, time.perf_counter() - t0))
     return metrics
@@ -379,6 +398,24 @@ def summary_text(metrics: dict, out: Path, seconds: float) -> str:
             else "shipped: the encoder's own classifier, better on validation than the trained model (context adds "
             f"nothing here as trained): {out.resolve()} holds it (model encoder_head), the trained model is in "
             f"{(out / CONTEXT_MODEL_DIR).resolve()}"
+        )
+    rule = metrics.get("decision_rule")
+    if rule:
+        test = (
+            f"; test {100 * rule['test_weighted_f1_before']:.2f} -> {100 * rule['test_weighted_f1_after']:.2f}"
+            if rule.get("test_weighted_f1_after") is not None
+            else ""
+        )
+        cross = rule.get("cross_fitted") or {}
+        lines.append(
+            f"decision rule: {'offsets folded into the shipped model' if rule['applied'] else 'none'} ("
+            + (
+                f"validation halves {100 * cross['before']:.2f} -> {100 * cross['after']:.2f}"
+                if cross
+                else "validation too small to cut in halves"
+            )
+            + f"); the shipped model's weighted-F1: validation {100 * rule['validation_weighted_f1_before']:.2f} -> "
+            f"{100 * rule['validation_weighted_f1_after']:.2f}{test}"
         )
     lines.extend(baseline_warnings(metrics))
     return "\n".join(lines)

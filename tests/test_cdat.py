@@ -204,7 +204,7 @@ def test_cli_trains_exports_and_serves_within_the_parity_bounds(
     from cmath_train.cli import main as train_cli
 
     run = tmp_path / "run"
-    monkeypatch.setattr(data_mod, "load_data", lambda spec: small_data)
+    monkeypatch.setattr(data_mod, "load_data", lambda spec, causal=False: small_data)
     res = CliRunner().invoke(
         train_cli,
         [

@@ -149,3 +149,63 @@ def test_int8_encoder_is_used_and_mixed_history_is_refused(context_run: tuple[Pa
     with pytest.raises(InputError, match=r"utterances\[1\]\.text: expected text for the last 2 utterances"):
         conv.add(1, text="hello")
     assert len(conv) == 1
+
+
+def test_future_turns_whole_conversations_and_the_causal_twin_streams(
+    tiny_encoder: Path, tmp_path: Path
+) -> None:
+    """cmath-prepare with future turns -> the whole-conversation model's export reads texts as training did and
+    refuses to stream; the causal twin (--causal reads it) streams utterance by utterance, as training did."""
+    from cmath_export import export_run
+    from cmath_runtime.turns import TurnFormat
+    from cmath_train.config import LossConfig, TrainConfig
+    from cmath_train.data import load_data
+    from cmath_train.prepare.build import PrepareOptions, prepare_features
+    from cmath_train.prepare.finetune import FinetuneOptions
+    from cmath_train.train import train
+    from tests.conftest import context_rows, tiny_model_config
+    from tests.test_prepare import MELD_HEADER, meld_rows, write_csv
+
+    files = {
+        s: write_csv(tmp_path / f"{s}.csv", MELD_HEADER, meld_rows(context_rows(n, k)))
+        for k, (s, n) in enumerate((("train", 36), ("dev", 18), ("test", 12)))
+    }
+    feats = tmp_path / "feat"
+    prepare_features(
+        files,
+        feats,
+        PrepareOptions(
+            cache_dir=None,
+            encoder_dir=tiny_encoder,
+            turns=TurnFormat(window=2, max_tokens=56, future=1),
+            causal_turns=TurnFormat(window=2, max_tokens=48),
+            finetune=FinetuneOptions(epochs=1, batch_size=8, lr=1e-3),
+        ),
+        log=lambda _: None,
+    )
+    exports = {}
+    for causal in (False, True):
+        fs = load_data(str(feats), causal=causal)
+        run = tmp_path / f"run-{causal}"
+        cfg = tiny_model_config(modalities=("t",), feature_dims={"t": 32}, num_classes=3, causal=causal)
+        train(fs, cfg, LossConfig(), TrainConfig(epochs=1, batch_size=4), run, progress=False)
+        export_run(run)
+        exports[causal] = (fs, run / "export")
+    fs, export = exports[False]
+    manifest = json.loads((export / "export.json").read_text())
+    assert manifest["text_encoder"]["turns"]["future"] == 1
+    model = cmath_runtime.load(export, backend="cpu", threads=1)
+    for d in fs.splits["dev"]:
+        [got] = model.predict([{"speakers": d.speakers, "texts": d.texts}])
+        [ref] = model.predict([{"speakers": d.speakers, "features": {"t": d.features["t"]}}])
+        np.testing.assert_allclose(got.probs, ref.probs, atol=1e-5)  # texts read with past and future turns
+    with pytest.raises(InputError, match="future turn") as err:
+        cmath_runtime.Conversation(model).add(0, text="hello there")
+    assert "utterances[0].text" in str(err.value)
+    fs, export = exports[True]
+    model = cmath_runtime.load(export, backend="cpu", threads=1)
+    d = fs.splits["dev"][0]
+    conv = cmath_runtime.Conversation(model)
+    for s, text in zip(d.speakers, d.texts, strict=True):
+        conv.add(int(s), text=text)
+    np.testing.assert_allclose(conv.features["t"], d.features["t"], atol=1e-5)

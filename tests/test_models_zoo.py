@@ -352,7 +352,7 @@ def test_cli_trains_a_baseline(tmp_path, monkeypatch):
             feature_dims={"t": 8, "a": 6, "v": 4}, conversations={"train": 12, "test": 4}, max_len=8
         )
     )
-    monkeypatch.setattr(data_mod, "load_data", lambda spec: small)
+    monkeypatch.setattr(data_mod, "load_data", lambda spec, causal=False: small)
     out = tmp_path / "run"
     res = CliRunner().invoke(
         train_cli,
@@ -398,7 +398,7 @@ def test_compare_models_writes_the_table(tmp_path, monkeypatch):
             feature_dims={"t": 8, "a": 6, "v": 4}, conversations={"train": 12, "test": 4}, max_len=8
         )
     )
-    monkeypatch.setattr(data_mod, "load_data", lambda spec: small)
+    monkeypatch.setattr(data_mod, "load_data", lambda spec, causal=False: small)
     out = tmp_path / "cmp"
     res = CliRunner().invoke(
         compare_cli,

@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -325,7 +326,6 @@ def test_finetune_saves_a_reloadable_changed_encoder(tmp_path: Path, tiny_encode
         encoder_dir=tiny_encoder,
         finetune=FinetuneOptions(epochs=1, batch_size=8, lr=1e-3),
         turns=TurnFormat(window=2, max_tokens=48),
-        crossfit_folds=2,
     )
     fs = prepare_features(
         {"train": train, "dev": dev, "test": dev},
@@ -346,8 +346,6 @@ def test_finetune_saves_a_reloadable_changed_encoder(tmp_path: Path, tiny_encode
     assert before.keys() == after.keys() and changed and "embeddings.word_embeddings.weight" not in changed
     reloaded = SentenceTransformerEncoder.load(out / "encoder")
     assert reloaded.dim == 32 and info["turns"] == TurnFormat(window=2, max_tokens=48).to_json()
-    assert ft["crossfit"]["folds"] == 2 and len(ft["crossfit"]["fold_encoders"]) == 2
-    assert sum(f["embedded_utterances"] for f in ft["crossfit"]["fold_encoders"]) == len(rows)
     probs = np.load(out / "encoder_classifier.npz")
     assert probs["dev_probs"].shape == (10, 3) and np.allclose(probs["dev_probs"].sum(1), 1, atol=1e-5)
     feats = load_features(out)
@@ -381,3 +379,46 @@ def test_linear_probe_tunes_c_on_dev_and_scores_test() -> None:
         fs.label_names, fs.feature_dims, 2, {"train": fs.splits["train"], "test": fs.splits["test"]}
     )
     assert linear_probe(no_dev, cs=(1.0,)).selection == "20% of train conversations (seed 0)"
+
+
+def test_future_turns_give_a_whole_conversation_encoder_and_a_distilled_causal_twin(
+    tmp_path: Path, tiny_encoder: Path
+) -> None:
+    from cmath_runtime.errors import InputError
+    from cmath_train.data import load_data
+
+    words = {"joy": "great lovely fun", "anger": "stupid awful hate", "neutral": "the table is here"}
+    rows, labels = [], list(words)
+    for i in range(30):
+        label = labels[i % 3]
+        rows.append((f"{words[label]} {i}", "AB"[i % 2], label, i // 5, i % 5))
+    train = write_csv(tmp_path / "train.csv", MELD_HEADER, meld_rows(rows))
+    dev = write_csv(tmp_path / "dev.csv", MELD_HEADER, meld_rows(rows[:10]))
+    out = tmp_path / "feat"
+    whole_fmt = TurnFormat(window=2, max_tokens=48, future=1)
+    fs = prepare_features(
+        {"train": train, "dev": dev, "test": dev},
+        out,
+        PrepareOptions(
+            cache_dir=None,
+            encoder_dir=tiny_encoder,
+            finetune=FinetuneOptions(epochs=1, batch_size=8, lr=1e-3),
+            turns=whole_fmt,
+            causal_turns=TurnFormat(window=2, max_tokens=40),
+        ),
+        log=lambda _: None,
+    )
+    assert fs.meta["text_encoder"]["turns"] == whole_fmt.to_json() and fs.meta["causal_twin"] == "causal"
+    twin = load_data(str(out), causal=True)
+    info = twin.meta["text_encoder"]
+    assert info["turns"]["future"] == 0 and info["turns"]["max_tokens"] == 40
+    assert info["finetune"]["distilled_from"] and info["path"] == str((out / "causal/encoder").resolve())
+    assert (out / "causal/encoder_classifier.npz").is_file() and (out / "encoder_classifier.npz").is_file()
+    whole = load_data(str(out))
+    assert whole.meta["text_encoder"]["turns"]["future"] == 1
+    # the twin's features are its own encoder's, not the whole-conversation encoder's
+    a, b = (np.concatenate([d.features["t"] for d in f.splits["dev"]]) for f in (whole, twin))
+    assert a.shape == b.shape and not np.allclose(a, b)
+    shutil.rmtree(out / "causal")
+    with pytest.raises(InputError, match="future turn"):
+        load_data(str(out), causal=True)

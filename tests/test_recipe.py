@@ -51,7 +51,7 @@ def test_recipe_depends_on_modalities_and_size(small_data, tiny_data):
 def fake_data(small_data, monkeypatch):
     import cmath_train.data as data_mod
 
-    monkeypatch.setattr(data_mod, "load_data", lambda spec: small_data)
+    monkeypatch.setattr(data_mod, "load_data", lambda spec, causal=False: small_data)
     return small_data
 
 

@@ -169,7 +169,7 @@ def test_cli_trains_with_options_and_seeds(tmp_path, monkeypatch):
             feature_dims={"t": 8, "a": 6, "v": 4}, conversations={"train": 20, "test": 6}, max_len=10
         )
     )
-    monkeypatch.setattr(data_mod, "load_data", lambda spec: small)
+    monkeypatch.setattr(data_mod, "load_data", lambda spec, causal=False: small)
     out = tmp_path / "cli"
     res = CliRunner().invoke(
         train_cli,

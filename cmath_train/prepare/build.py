@@ -18,7 +18,8 @@ import numpy as np
 from cmath_runtime.errors import InputError
 from cmath_runtime.files import atomic_write_bytes
 from cmath_runtime.text_clean import TEXT_NORMALISATION
-from cmath_runtime.turns import TurnFormat, encode_turns
+from cmath_runtime.turns import SPECIAL_TOKENS, TurnFormat, encode_turns, special_ids
+from cmath_train.data import CAUSAL_SUBDIR
 from cmath_train.data.features_dir import save_features
 from cmath_train.data.types import SPLITS, Dialogue, FeatureSet
 
@@ -31,23 +32,19 @@ from .speakers import make_speaker_mapping
 from .text_encoder import SentenceTransformerEncoder, TextEncoder
 
 ENCODER_SUBDIR = "encoder"
-DEFAULT_TURNS = TurnFormat(window=4, max_tokens=96, speaker_prefix=True)
+DEFAULT_TURNS = TurnFormat(window=4, max_tokens=128, speaker_prefix=True, future=2)
+CAUSAL_TURNS = TurnFormat(window=4, max_tokens=96, speaker_prefix=True)
 # Why the defaults are what they are; written beside the features (meta text_encoder.finetune.defaults_chosen).
 DEFAULTS_CHOSEN = {
-    "window": "4 past turns: the best MELD dev weighted-F1 of the encoder's classifier among windows 0, 2 and 4 "
-    "(1 epoch on 40% of MELD train: 52.23, 51.55, 53.58); fully fine-tuned, 6 and 8 turns (128, 160 tokens) are no "
-    "better (3 epochs, window 8: 60.29, 59.93, 58.57 over 3 seeds; window 4: 59.69, 59.64 over 2)",
-    "max_tokens": "96: holds the utterance and 4 past turns for 95% of MELD inputs (mean 58 tokens)",
-    "epochs": "2, the better epoch chosen on dev (MELD dev weighted-F1 57.61, 58.62); 3 epochs raise the encoder's "
-    "own dev score (57.53, 59.48, 59.57) but CMATH on those features scores 59.68 +- 0.36 dev weighted-F1 against "
-    "60.04 +- 0.43 (5 seeds each)",
-    "lr": "5e-5 (encoder), 1e-3 (head): sentence-transformers' usual rates; on MELD dev (the encoder's classifier, "
-    "window 4, 3 epochs) 3e-5, 5e-5, 1e-4 and 2e-4 score 59.55, 59.69, 59.70, 59.01, within the spread between "
-    "seeds of one setting (up to 1.7)",
-    "crossfit_folds": "off: on MELD dev, CMATH (5 seeds) trained on 2-fold cross-fitted train features scored 56.85 "
-    "+- 0.52 weighted-F1, on the final encoder's own train features 60.01 +- 0.62; aligned to the final encoder's "
-    "space (orthogonal Procrustes per fold, mean cosine 0.89 -> 0.95) still 58.92, 58.84 against 59.68, 59.74 "
-    "(2 seeds): encoders fine-tuned on part of the data give weaker features, which costs more than the leak",
+    "window": "4 past turns: the best dev weighted-F1 of the encoder's classifier among windows 0, 2 and 4 on MELD; "
+    "6 and 8 turns are within the spread between seeds",
+    "future": "2 future turns for the whole-conversation encoder (past + future context is the published gain over "
+    "past only); the causal twin reads past turns only and learns from the whole-conversation encoder",
+    "max_tokens": "128 with future turns, 96 past only: hold the utterance and its context for ~95% of MELD inputs",
+    "epochs": "2, the better epoch chosen on dev: 3 raise the encoder's own dev score but not the context model's",
+    "lr": "5e-5 (encoder), 1e-3 (head): sentence-transformers' usual rates; 3e-5 to 2e-4 lie within the spread "
+    "between seeds on MELD dev",
+    "distillation": "kd_weight 0.5, temperature 2 (Hinton et al.'s usual values)",
 }
 DEV_FRACTION = 0.1  # of the train conversations, carved as the dev split when fine-tuning without one
 # the fine-tuned encoder's own classifier: its head (head_weight (classes, d), head_bias, head_input_scale) and its
@@ -67,9 +64,9 @@ class PrepareOptions:
     threads: int = 0  # torch intra-op threads; 0 = torch's default (1 is fastest on an oversubscribed CPU)
     finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
     turns: TurnFormat = DEFAULT_TURNS  # what the fine-tuned encoder reads per utterance
-    crossfit_folds: int = (
-        0  # >= 2: train features from encoders that did not train on them; else the final one
-    )
+    # the past-only twin written to out/causal when `turns` reads future turns, distilled from the whole-conversation
+    # encoder (None: no twin)
+    causal_turns: TurnFormat | None = CAUSAL_TURNS
     source: str = "csv"  # what produced the files, recorded in meta ("csv", "meld")
 
 
@@ -112,11 +109,53 @@ def prepare_features(
     timings: dict[str, float] = {"read_seconds": time.perf_counter() - t_start}
 
     speaker_ids = {s: [mapping.ids(d.speakers) for d in t.dialogues] for s, t in tables.items()}
-    meta_extra: dict[str, Any] = {}
+    context = dict(
+        tables=tables,
+        labels=labels,
+        mapping=mapping,
+        names=names,
+        options=options,
+        timings=timings,
+        started=t_start,
+    )
     if options.finetune.epochs > 0:
-        encoder, emb, meta_extra = _finetuned_features(
-            tables, labels, speaker_ids, names, out, options, encoder, log, timings
-        )
+        if encoder is not None and not isinstance(encoder, SentenceTransformerEncoder):
+            raise InputError(
+                "finetune_epochs",
+                "0 with an encoder that is not a sentence-transformers model",
+                options.finetune.epochs,
+            )
+        base_dir = encoder.model_dir if encoder is not None else options.encoder_dir
+        examples = turn_examples(tables, speaker_ids, options.turns, _base_path(base_dir, options.device))
+        whole = _finetuned(examples, labels, names, out, options, options.turns, base_dir, log, timings)
+        if not options.turns.streams and options.causal_turns is not None:
+            causal_examples = turn_examples(
+                tables, speaker_ids, options.causal_turns, _base_path(base_dir, options.device)
+            )
+            log(
+                f"the causal twin (past turns only) in {out / CAUSAL_SUBDIR}, distilled from the encoder above"
+            )
+            twin = _finetuned(
+                causal_examples,
+                labels,
+                names,
+                out / CAUSAL_SUBDIR,
+                options,
+                options.causal_turns,
+                base_dir,
+                log,
+                timings,
+                teacher=whole,
+            )
+            _save(
+                twin.encoder,
+                twin.embeddings,
+                {**twin.meta, "causal_twin_of": ".."},
+                out / CAUSAL_SUBDIR,
+                **context,
+            )
+            whole.meta["causal_twin"] = CAUSAL_SUBDIR
+        encoder, emb, meta_extra = whole.encoder, whole.embeddings, whole.meta
     else:
         if encoder is None:
             encoder = SentenceTransformerEncoder.load(
@@ -131,8 +170,26 @@ def prepare_features(
         )
         emb = encode_texts(encoder, texts, cache, desc=f"embedding {len(texts)} utterances")
         timings["embed_seconds"] = time.perf_counter() - t0
-        meta_extra["cache"] = str(cache.dir) if cache is not None else None
+        meta_extra = {"cache": str(cache.dir) if cache is not None else None}
+    fs = _save(encoder, emb, meta_extra, out, **context)
+    log(f"wrote {out} in {timings['total_seconds']:.1f} s")
+    return fs
 
+
+def _save(
+    encoder: TextEncoder,
+    emb: np.ndarray,
+    meta_extra: dict[str, Any],
+    out: Path,
+    tables: dict[str, CsvTable],
+    labels: dict[str, list[np.ndarray]],
+    mapping: Any,
+    names: list[str],
+    options: PrepareOptions,
+    timings: dict[str, float],
+    started: float,
+) -> FeatureSet:
+    """The features directory `out` from the embeddings of every split (rows in file order)."""
     splits: dict[str, list[Dialogue]] = {}
     offset = 0
     for split, table in tables.items():
@@ -149,7 +206,8 @@ def prepare_features(
                 )
             )
             offset += n
-    timings["total_seconds"] = time.perf_counter() - t_start
+    timings["total_seconds"] = time.perf_counter() - started
+    meta_extra = dict(meta_extra)
     text_encoder = {**encoder.describe(), **meta_extra.pop("text_encoder", {})}
     meta: dict[str, Any] = {
         "created_by": "cmath-prepare",
@@ -168,94 +226,56 @@ def prepare_features(
     }
     fs = FeatureSet(names, {"t": encoder.dim}, mapping.num_speakers, splits, meta)
     save_features(fs, out)
-    log(f"wrote {out} in {timings['total_seconds']:.1f} s")
     return fs
 
 
-def _finetuned_features(
-    tables: dict[str, CsvTable],
+@dataclass
+class _Finetuned:
+    encoder: SentenceTransformerEncoder  # the selected epoch's encoder, reloaded from out/encoder
+    embeddings: np.ndarray  # every split's features, in file order
+    train_probs: (
+        np.ndarray
+    )  # its own classifier's probabilities on the train utterances (a student's teacher)
+    meta: dict[str, Any]  # what to record in the features' meta
+
+
+def _base_path(base_dir: Path | None, device: str) -> Path:
+    return Path(SentenceTransformerEncoder.load(base_dir, device=device).describe()["path"])
+
+
+def _finetuned(
+    examples: dict[str, list[list[tuple[list[int], list[int]]]]],
     labels: dict[str, list[np.ndarray]],
-    speaker_ids: dict[str, list[np.ndarray]],
     names: list[str],
     out: Path,
     options: PrepareOptions,
-    encoder: TextEncoder | None,
+    fmt: TurnFormat,
+    base_dir: Path | None,
     log: Callable[[str], None],
     timings: dict[str, float],
-) -> tuple[SentenceTransformerEncoder, np.ndarray, dict[str, Any]]:
-    """Fine-tune with turns inputs; features of every split in file order, the final encoder (saved in out/encoder,
-    with its classifier's dev/test probabilities beside the features) and what to record in meta.
-
-    The final encoder, fine-tuned on all of train, embeds every split and is the one exported. With
-    `crossfit_folds` >= 2 the train split is embedded instead by encoders fine-tuned on the other folds of the
-    train conversations (features of utterances an encoder did not train on); DEFAULTS_CHOSEN says why that is off
-    by default.
-    """
-    from .finetune import classify, head_input_scale
+    teacher: _Finetuned | None = None,
+) -> _Finetuned:
+    """Fine-tune the base encoder on `examples` (turns inputs, per split, per conversation; `teacher`: distil its
+    train probabilities), save it in out/encoder with its classifier (head + dev/test probabilities) beside it."""
+    from .finetune import classify_embeddings
     from .pooled import embed
 
-    if encoder is not None and not isinstance(encoder, SentenceTransformerEncoder):
-        raise InputError(
-            "finetune_epochs",
-            "0 with an encoder that is not a sentence-transformers model",
-            options.finetune.epochs,
-        )
-    base_dir = encoder.model_dir if encoder is not None else options.encoder_dir
-    base = (encoder or SentenceTransformerEncoder.load(base_dir, device=options.device)).describe()
-    fmt, ft = options.turns, options.finetune
-    examples = turn_examples(tables, speaker_ids, fmt, Path(base["path"]))
     flat = {s: [x for conv in convs for x in conv] for s, convs in examples.items()}
     ys = {s: np.concatenate(v) for s, v in labels.items()}
     dev, dev_y = (flat["dev"], ys["dev"]) if "dev" in flat else (None, None)
-
-    folds = max(1, options.crossfit_folds)
-    n_train = len(tables["train"].dialogues)
-    if folds > 1 and n_train < 2 * folds:
-        raise InputError("crossfit_folds", f"at most {n_train // 2} for {n_train} train conversations", folds)
-    fold_of = np.random.default_rng(ft.seed).permutation(n_train) % folds
-    starts = np.concatenate([[0], np.cumsum([len(c) for c in examples["train"]])])
-    rows = {
-        k: np.concatenate([np.arange(starts[i], starts[i + 1]) for i in np.flatnonzero(fold_of == k)])
-        for k in range(folds)
-    }
+    ft, what = options.finetune, "causal twin" if teacher is not None else "encoder"
     log(
-        f"fine-tuning {folds + (folds > 1)} encoder(s) x {ft.epochs} epoch(s) on {len(flat['train'])} train utterances "
-        f"(turns: window {fmt.window}, max {fmt.max_tokens} tokens, speaker prefix {fmt.speaker_prefix}; "
-        f"cross-fitting folds {folds if folds > 1 else 'off'})"
+        f"fine-tuning the {what} x {ft.epochs} epoch(s) on {len(flat['train'])} train utterances (turns: window "
+        f"{fmt.window}, future {fmt.future}, max {fmt.max_tokens} tokens, speaker prefix {fmt.speaker_prefix}"
+        + (
+            f"; distilling the teacher, weight {ft.kd_weight}, temperature {ft.kd_temperature})"
+            if teacher
+            else ")"
+        )
     )
     t0 = time.perf_counter()
-    train_emb: np.ndarray | None = None
-    fold_meta = []
-    if folds > 1:
-        for k in range(folds):
-            _, enc = trainable_encoder(base_dir, options.device, fmt)
-            fit = np.sort(np.concatenate([rows[j] for j in range(folds) if j != k]))
-            result, _ = finetune_encoder(
-                enc,
-                [flat["train"][i] for i in fit],
-                ys["train"][fit],
-                len(names),
-                ft,
-                dev,
-                dev_y,
-                log,
-                desc=f"fold {k + 1}/{folds}",
-            )
-            part = embed(enc, [flat["train"][i] for i in rows[k]], options.batch_size)
-            train_emb = (
-                np.zeros((len(flat["train"]), part.shape[1]), np.float32) if train_emb is None else train_emb
-            )
-            train_emb[rows[k]] = part
-            fold_meta.append(
-                {
-                    "train_utterances": len(fit),
-                    "embedded_utterances": len(rows[k]),
-                    "best_epoch": result.best_epoch,
-                    "history": result.to_meta()["history"],
-                }
-            )
-            del enc
     st, enc = trainable_encoder(base_dir, options.device, fmt)
+    base = st.describe()
     result, head = finetune_encoder(
         enc,
         flat["train"],
@@ -265,17 +285,53 @@ def _finetuned_features(
         dev,
         dev_y,
         log,
-        desc="final encoder" if folds > 1 else "fine-tune",
+        desc=f"fine-tune ({what})",
+        teacher_probs=teacher.train_probs if teacher is not None else None,
     )
-    timings["finetune_seconds"] = time.perf_counter() - t0
+    timings[f"finetune_{what.replace(' ', '_')}_seconds"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    parts = {
-        s: embed(enc, flat[s], options.batch_size, progress=f"embedding {s}") for s in flat if s != "train"
+    parts = {s: embed(enc, flat[s], options.batch_size, progress=f"embedding {s}") for s in flat}
+    emb = np.concatenate([parts[s] for s in examples])
+    probs = {s: classify_embeddings(enc, head, parts[s]) for s in flat}
+    timings[f"embed_{what.replace(' ', '_')}_seconds"] = time.perf_counter() - t0
+    _save_encoder(st, head, enc, probs, names, out)
+    tuned = SentenceTransformerEncoder.load(
+        out / ENCODER_SUBDIR,
+        name=f"{base['name']} (fine-tuned)",
+        batch_size=options.batch_size,
+        device=options.device,
+    )
+    log(f"fine-tuned {what} saved in {out / ENCODER_SUBDIR}")
+    finetune_meta = {
+        **result.to_meta(),
+        "defaults_chosen": DEFAULTS_CHOSEN,
+        "base_encoder": base,
+        "features_relative_path": ENCODER_SUBDIR,
+        "distilled_from": "the whole-conversation encoder's classifier (..)" if teacher is not None else None,
     }
-    parts["train"] = train_emb if train_emb is not None else embed(enc, flat["train"], options.batch_size)
-    emb = np.concatenate([parts[s] for s in tables])
-    probs = {f"{s}_probs": classify(enc, head, flat[s], options.batch_size) for s in flat if s != "train"}
-    timings["embed_seconds"] = time.perf_counter() - t0
+    extra = {
+        "pooling": base.get("pooling", "mean"),
+        "pooling_rule": "mean over the tokens of the utterance "
+        "(token type 0: [CLS] speaker: utterance [SEP]), context turns excluded",
+        "turns": fmt.to_json(),
+        "finetune": finetune_meta,
+    }
+    return _Finetuned(
+        tuned, emb, probs["train"], {"text_encoder": extra, "encoder_classifier": CLASSIFIER_FILE}
+    )
+
+
+def _save_encoder(
+    st: SentenceTransformerEncoder,
+    head: Any,
+    enc: PooledEncoder,
+    probs: dict[str, np.ndarray],
+    names: list[str],
+    out: Path,
+) -> None:
+    """out/encoder (the sentence-transformers model, replaced whole) and out/encoder_classifier.npz (its head and
+    its dev/test probabilities)."""
+    from .finetune import head_input_scale
 
     target = out / ENCODER_SUBDIR
     tmp = out / f".{ENCODER_SUBDIR}.tmp-{os.getpid()}"
@@ -287,40 +343,13 @@ def _finetuned_features(
     buf = io.BytesIO()
     np.savez(
         buf,
-        **probs,
+        **{f"{s}_probs": p for s, p in probs.items() if s != "train"},
         label_names=np.array(names, dtype=str),
         head_weight=head.weight.detach().cpu().numpy().astype(np.float32),
         head_bias=head.bias.detach().cpu().numpy().astype(np.float32),
         head_input_scale=np.float32(head_input_scale(enc, head.in_features)),
     )
     atomic_write_bytes(out / CLASSIFIER_FILE, buf.getvalue())
-    tuned = SentenceTransformerEncoder.load(
-        target, name=f"{base['name']} (fine-tuned)", batch_size=options.batch_size, device=options.device
-    )
-    log(f"fine-tuned encoder saved in {target}")
-    finetune_meta = {
-        **result.to_meta(),
-        "defaults_chosen": DEFAULTS_CHOSEN,
-        "base_encoder": base,
-        "features_relative_path": ENCODER_SUBDIR,
-        "crossfit": {
-            "folds": folds if folds > 1 else 0,
-            "seed": ft.seed,
-            "fold_encoders": fold_meta,
-            "rule": "train conversations in seeded folds; each fold embedded by an encoder "
-            "fine-tuned on the other folds; dev/test by the final encoder"
-            if folds > 1
-            else "off: train features from the final encoder",
-        },
-    }
-    extra = {
-        "pooling": base.get("pooling", "mean"),
-        "pooling_rule": "mean over the tokens of the utterance "
-        "(token type 0: [CLS] speaker: utterance [SEP]), past turns excluded",
-        "turns": fmt.to_json(),
-        "finetune": finetune_meta,
-    }
-    return tuned, emb, {"text_encoder": extra, "encoder_classifier": CLASSIFIER_FILE}
 
 
 def turn_examples(
@@ -329,9 +358,12 @@ def turn_examples(
     """Per split, per conversation: each utterance's (input_ids, token_type_ids) as `cmath_runtime.turns` builds it
     (the runtime builds the same from the same tokenizer.json)."""
     tokenizer = _turn_tokenizer(model_dir)
-    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-    if cls_id is None or sep_id is None:
-        raise InputError("encoder", "a BERT-style tokenizer with [CLS] and [SEP] tokens", str(model_dir))
+    ids = special_ids(tokenizer.token_to_id)
+    if ids is None:
+        raise InputError(
+            "encoder", f"a tokenizer with one of the token pairs {SPECIAL_TOKENS}", str(model_dir)
+        )
+    cls_id, sep_id = ids
 
     def tokenize(texts: list[str]) -> list[list[int]]:
         return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
@@ -353,10 +385,12 @@ def trainable_encoder(
     st = SentenceTransformerEncoder.load(model_dir, device=device)
     base = st.describe()
     hf = st.model[0].auto_model
-    positions = int(getattr(hf.config, "max_position_embeddings", fmt.max_tokens))
+    positions = min(
+        int(getattr(hf.config, "max_position_embeddings", fmt.max_tokens)), st.model.max_seq_length
+    )
     if fmt.max_tokens > positions:
         raise InputError(
-            "context_max_tokens", f"at most {positions} (the encoder's positions)", fmt.max_tokens
+            "context_max_tokens", f"at most {positions} (the encoder's max_seq_length)", fmt.max_tokens
         )
     return st, PooledEncoder(
         hf, base.get("pooling", "mean"), bool(base.get("normalized")), first_segment=True

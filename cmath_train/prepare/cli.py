@@ -7,6 +7,7 @@ cmath-prepare probe FEATURES_DIR      (context-free logistic-regression sanity n
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ import click
 from cmath_runtime.errors import CmathError
 from cmath_runtime.turns import TurnFormat
 
-from .build import DEFAULT_TURNS, PrepareOptions, prepare_features
+from .build import CAUSAL_TURNS, DEFAULT_TURNS, PrepareOptions, prepare_features
 from .csv_source import CsvColumns
 from .embedding_cache import DEFAULT_CACHE_DIR
 from .finetune import FinetuneOptions
@@ -113,11 +114,38 @@ def _common_options(f: Callable[..., Any]) -> Callable[..., Any]:
             help="Each turn read as 'speaker-id: text'.",
         ),
         click.option(
-            "--crossfit-folds",
+            "--future-turns",
             type=click.IntRange(min=0),
-            default=PrepareOptions.crossfit_folds,
+            default=DEFAULT_TURNS.future,
             show_default=True,
-            help="Train features from encoders fine-tuned on the other folds (< 2: off).",
+            help="Future turns the fine-tuned encoder reads too (> 0: a whole-conversation encoder, and a causal "
+            "twin reading past turns only in OUT/causal for live conversations).",
+        ),
+        click.option(
+            "--causal-max-tokens",
+            type=click.IntRange(min=4, max=512),
+            default=CAUSAL_TURNS.max_tokens,
+            show_default=True,
+            help="Tokens of the causal twin's input.",
+        ),
+        click.option(
+            "--causal-twin/--no-causal-twin",
+            default=True,
+            show_default=True,
+            help="With future turns: also fine-tune the causal twin, distilled from the whole-conversation encoder.",
+        ),
+        click.option(
+            "--kd-weight",
+            type=click.FloatRange(0, 1),
+            default=FinetuneOptions.kd_weight,
+            show_default=True,
+            help="Share of the distillation loss when the causal twin learns from the whole-conversation encoder.",
+        ),
+        click.option(
+            "--kd-temperature",
+            type=click.FloatRange(min=0, min_open=True),
+            default=FinetuneOptions.kd_temperature,
+            show_default=True,
         ),
         click.option("--finetune-lr", type=float, default=FinetuneOptions.lr, show_default=True),
         click.option(
@@ -145,6 +173,9 @@ def _common_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _options(source: str, columns: CsvColumns, kw: dict[str, Any]) -> PrepareOptions:
+    turns = TurnFormat(
+        kw["context_window"], kw["context_max_tokens"], kw["speaker_prefix"], kw["future_turns"]
+    )
     return PrepareOptions(
         columns=columns,
         speakers=kw["speakers"],
@@ -161,9 +192,13 @@ def _options(source: str, columns: CsvColumns, kw: dict[str, Any]) -> PrepareOpt
             patience=kw["finetune_patience"],
             seed=kw["seed"],
             freeze_word_embeddings=kw["finetune_freeze_embeddings"],
+            kd_weight=kw["kd_weight"],
+            kd_temperature=kw["kd_temperature"],
         ),
-        turns=TurnFormat(kw["context_window"], kw["context_max_tokens"], kw["speaker_prefix"]),
-        crossfit_folds=kw["crossfit_folds"],
+        turns=turns,
+        causal_turns=dataclasses.replace(turns, future=0, max_tokens=kw["causal_max_tokens"])
+        if kw["causal_twin"]
+        else None,
         source=source,
     )
 

@@ -10,6 +10,10 @@ never occur in the train split, and skipping its dense AdamW update makes a CPU 
 type embeddings and every transformer layer are trained.
 After every epoch the dev split (never test) is scored by weighted-F1 of the head; the best epoch's encoder and
 head are kept. Without a dev split every epoch is run and the last one is kept.
+
+With a teacher's probabilities for the train utterances (knowledge distillation, Hinton et al. 2015) the loss is
+(1 - kd_weight) * cross-entropy + kd_weight * T^2 * KL(teacher_T || student_T), both distributions softened by
+the temperature T: the student learns which emotions the teacher finds close, not only the gold one.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ class FinetuneOptions:
     eval_batch_size: int = 64
     bucket_batches: int = 50  # batches are formed within shuffled pools of this many batches sorted by length
     freeze_word_embeddings: bool = True  # keep the (vocab x d) token embedding table fixed (see module doc)
+    kd_weight: float = 0.5  # share of the distillation term when a teacher's probabilities are given
+    kd_temperature: float = 2.0
 
 
 @dataclass
@@ -89,8 +95,10 @@ def finetune_encoder(
     dev_labels: np.ndarray | None = None,
     log: Callable[[str], None] = print,
     desc: str = "fine-tune",
+    teacher_probs: np.ndarray | None = None,
 ) -> tuple[FinetuneResult, nn.Linear]:
-    """Fine-tune `encoder` in place; on return it and the returned head hold the selected epoch's weights."""
+    """Fine-tune `encoder` in place; on return it and the returned head hold the selected epoch's weights.
+    `teacher_probs` (n_train, classes): a teacher's probabilities to distil (module doc)."""
     if options.epochs < 1:
         raise ValueError(f"epochs: expected >= 1, got {options.epochs}")
     torch.manual_seed(options.seed)
@@ -118,6 +126,19 @@ def finetune_encoder(
         optimizer, max(1, round(total * options.warmup_fraction)), total
     )
     labels = torch.as_tensor(np.asarray(train_labels, np.int64))
+    if teacher_probs is not None and np.shape(teacher_probs) != (len(train), num_classes):
+        raise ValueError(
+            f"teacher_probs: expected shape {(len(train), num_classes)}, got {np.shape(teacher_probs)}"
+        )
+    teacher = (
+        None
+        if teacher_probs is None
+        else torch.softmax(
+            torch.log(torch.as_tensor(teacher_probs, dtype=torch.float32).clamp_min(1e-8))
+            / options.kd_temperature,
+            -1,
+        )
+    )
     lengths = np.array([len(ids) for ids, _ in train])
     has_dev = dev is not None and dev_labels is not None and len(dev) > 0
     result = FinetuneResult(
@@ -137,6 +158,10 @@ def finetune_encoder(
         for idx in batches:
             logits = head(encoder(**collate([train[j] for j in idx], device)) * scale)
             loss = nn.functional.cross_entropy(logits, labels[idx].to(device))
+            if teacher is not None:
+                loss = (1 - options.kd_weight) * loss + options.kd_weight * _distillation(
+                    logits, teacher[idx].to(device), options.kd_temperature
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_([*trainable, *head.parameters()], options.grad_clip)
@@ -183,6 +208,12 @@ def finetune_encoder(
     return result, head
 
 
+def _distillation(logits: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(teacher || softmax(logits / T)), batch mean (`teacher` already softened by T)."""
+    log_student = torch.log_softmax(logits / temperature, -1)
+    return nn.functional.kl_div(log_student, teacher, reduction="batchmean") * temperature**2
+
+
 def head_input_scale(encoder: PooledEncoder, dim: int) -> float:
     """What the head's input is multiplied by: sqrt(d) for an L2-normalised embedding (unit RMS), else 1."""
     return math.sqrt(dim) if encoder.normalize else 1.0
@@ -192,10 +223,15 @@ def classify(
     encoder: PooledEncoder, head: nn.Linear, examples: Sequence[Example], batch_size: int = 64
 ) -> np.ndarray:
     """(n, classes) probabilities of the encoder's own classifier (the fine-tuning head)."""
+    return classify_embeddings(encoder, head, embed(encoder, examples, batch_size))
+
+
+def classify_embeddings(encoder: PooledEncoder, head: nn.Linear, emb: np.ndarray) -> np.ndarray:
+    """(n, classes) probabilities of the encoder's own classifier on its (n, d) embeddings."""
     scale = head_input_scale(encoder, head.in_features)
-    emb = torch.from_numpy(embed(encoder, examples, batch_size))
     with torch.no_grad():
-        return torch.softmax(head(emb.to(head.weight.device) * scale), -1).cpu().numpy()
+        x = torch.from_numpy(emb).to(head.weight.device) * scale
+        return torch.softmax(head(x), -1).cpu().numpy()
 
 
 def _length_bucketed_batches(

@@ -92,8 +92,8 @@ def ship_encoder_classifier(
     )
     model = EncoderHead(cfg)
     with torch.no_grad():
-        model.classify.weight.copy_(torch.from_numpy(head.weight))
-        model.classify.bias.copy_(torch.from_numpy(head.bias))
+        model.classify_x.weight.copy_(torch.from_numpy(head.weight))
+        model.classify_x.bias.copy_(torch.from_numpy(head.bias))
     keep = run / CONTEXT_MODEL_DIR
     keep.mkdir(exist_ok=True)
     for name in CHECKPOINT_FILES:  # the weights first, config.json (the commit point) last; each write atomic

@@ -54,7 +54,7 @@ class EncoderHead(nn.Module):
         super().__init__()
         self.cfg = cfg = coerce(EncoderHeadConfig, cfg)
         (self.modality,) = cfg.modalities
-        self.classify = nn.Linear(cfg.d, cfg.num_classes)
+        self.classify_x = nn.Linear(cfg.d, cfg.num_classes)
 
     def forward(
         self,
@@ -70,5 +70,5 @@ class EncoderHead(nn.Module):
             check_inputs(self.cfg, features, speaker, mask)
         m = self.modality
         x = torch.where(mask[..., None], features[m], 0.0) * self.cfg.input_scale
-        logits = self.classify(x)
+        logits = self.classify_x(x)
         return EncoderHeadOutput(logits, x, {m: logits})

@@ -3,7 +3,8 @@
 The same module is fine-tuned (finetune.py), embeds the features (build.py) and is traced to text_encoder.onnx
 (cmath_export/text_encoder.py), so the three cannot drift apart. `first_segment` pools over the tokens of type 0
 only (the utterance of a `cmath_runtime.turns` input; its past turns are type 1): with a single segment it is
-the sentence-transformers pipeline's mean pooling.
+the sentence-transformers pipeline's mean pooling. A transformer without segment embeddings (RoBERTa's single
+token type) is not given the token types: they only choose the tokens to pool.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ class PooledEncoder(nn.Module):
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        segments = int(getattr(getattr(self.transformer, "config", None), "type_vocab_size", 2))
+        kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None and segments >= 2 else {}
         h = self.transformer(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         keep = attention_mask
         if self.first_segment and token_type_ids is not None:

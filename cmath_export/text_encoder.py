@@ -163,7 +163,11 @@ def export_text_encoder(
             "past turns most recent first while they fit",
         )
         entry["parity"] = check_turns_parity(graph, entry, staging, items)
-        where = f"{len(items)} validation utterances with their past" if conversations else "probe texts"
+        where = (
+            f"{len(items)} validation utterances with the turns around them"
+            if conversations
+            else "probe texts"
+        )
     else:
         entry["parity"] = check_parity(st, entry, staging)
         where = f"{entry['parity']['texts']} probe texts"
@@ -300,7 +304,7 @@ def check_turns_parity(
         embed(graph, enc.inputs(items)),
         enc.encode_turns(items),
         "torch",
-        "validation utterances with their past turns",
+        "validation utterances with the turns around them",
     )
 
 

@@ -209,3 +209,27 @@ def test_future_turns_whole_conversations_and_the_causal_twin_streams(
     for s, text in zip(d.speakers, d.texts, strict=True):
         conv.add(int(s), text=text)
     np.testing.assert_allclose(conv.features["t"], d.features["t"], atol=1e-5)
+    # the levers page reads the same records: both encoders, what each reads, the twin distilled
+    from click.testing import CliRunner
+
+    from studies.levers import main as levers
+
+    out = tmp_path / "levers"
+    args = [
+        "--features",
+        str(feats),
+        "--run",
+        f"causal={tmp_path / 'run-True'}",
+        "--title",
+        "tiny",
+        "--out",
+        str(out),
+    ]
+    result = CliRunner().invoke(levers, args)
+    assert result.exit_code == 0, result.output
+    page = json.loads(out.with_suffix(".json").read_text())
+    assert [(e["encoder"], e["distilled"]) for e in page["encoders"]] == [
+        ("whole conversation", False),
+        ("causal twin", True),
+    ]
+    assert page["encoders"][0]["reads"].startswith("2 past + 1 future") and page["runs"][0]["seeds"] == 1

@@ -86,5 +86,11 @@ def test_accuracy_page_is_written_from_run_metrics(tiny_run: Path, tmp_path: Pat
     [row, *_baselines] = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert row["model"] == "tiny" and row["test_wf1"] == 100 * metrics["test"]["weighted_f1"]
     assert "| tiny | 1 |" in out.with_suffix(".md").read_text()
+    two = ["--run", f"a={tiny_run}", "--run", f"b={tiny_run}", "--title", "t", "--out", str(out)]
+    assert CliRunner().invoke(main, two).exit_code == 0
+    names = [r["model"] for r in json.loads(out.with_suffix(".json").read_text())["rows"]]
+    assert names[:2] == ["a", "b"] and all(
+        n.endswith(("(beside a)", "(beside b)")) for n in names[2:]
+    )  # each run's baselines
     bad = CliRunner().invoke(main, ["--run", f"x={tmp_path}", "--title", "t", "--out", str(out)])
     assert bad.exit_code != 0 and "metrics.json" in bad.output

@@ -84,6 +84,8 @@ def prepare_features(
     unknown = [s for s in files if s not in SPLITS]
     if "train" not in files or unknown:
         raise InputError("splits", f"a train file and optionally {SPLITS[1:]}", sorted(files))
+    if options.causal_turns is not None and not options.causal_turns.streams:
+        raise InputError("causal_turns", "a format that reads past turns only", options.causal_turns)
     t_start = time.perf_counter()
     if options.threads > 0:
         import torch
@@ -126,12 +128,11 @@ def prepare_features(
                 options.finetune.epochs,
             )
         base_dir = encoder.model_dir if encoder is not None else options.encoder_dir
-        examples = turn_examples(tables, speaker_ids, options.turns, _base_path(base_dir, options.device))
+        base_path = _base_path(base_dir, options.device)
+        examples = turn_examples(tables, speaker_ids, options.turns, base_path)
         whole = _finetuned(examples, labels, names, out, options, options.turns, base_dir, log, timings)
         if not options.turns.streams and options.causal_turns is not None:
-            causal_examples = turn_examples(
-                tables, speaker_ids, options.causal_turns, _base_path(base_dir, options.device)
-            )
+            causal_examples = turn_examples(tables, speaker_ids, options.causal_turns, base_path)
             log(
                 f"the causal twin (past turns only) in {out / CAUSAL_SUBDIR}, distilled from the encoder above"
             )

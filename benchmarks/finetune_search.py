@@ -1,6 +1,6 @@
 """Search the text encoder's fine-tune settings on the dev split: past turns, input length, learning rate, epochs.
 
-    python -m benchmarks.finetune_search --csv-dir ../shared/data/meld --out docs/results/finetune_search \\
+    python -m benchmarks.finetune_search --csv-dir path/to/MELD --out docs/results/finetune_search \\
         --turns 4:96,6:128,8:160 --lrs 3e-5,5e-5,1e-4,2e-4 --epochs 2,3,4 --seeds 0,1 --device cuda --parallel 14
 
 Each setting fine-tunes the encoder exactly as cmath-prepare does (prepare/finetune.py on prepare/build.py's turn

@@ -92,11 +92,11 @@ def test_accuracy_page_is_written_from_run_metrics(tiny_run: Path, tmp_path: Pat
 
 def test_the_product_speaks_only_of_itself() -> None:
     """No absolute path of a machine, no `../shared` citation and no word of how GPU machines are reached, in the
-    installed packages, the docs, the scripts or the project file (tests may read local data; they are not here)."""
+    packages, the studies, the docs, the scripts or the project file (tests may read local data; they are not here)."""
     banned = re.compile(
         r"/work/|/home/\w|\.\./shared|\bshared/(data|papers|docs)\b|\blent\b|\blending\b|device call|\bcarry:"
     )
-    packages = ("cmath_train", "cmath_export", "cmath_runtime", "cmath_serve", "benchmarks")
+    packages = ("cmath_train", "cmath_export", "cmath_runtime", "cmath_serve", "benchmarks", "studies")
     files = [README, ROOT / "pyproject.toml", *DOCS.rglob("*.md"), *DOCS.rglob("*.json")]
     files += [*(ROOT / "scripts").glob("*.sh"), *(p for pkg in packages for p in (ROOT / pkg).rglob("*.py"))]
     found = [

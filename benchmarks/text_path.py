@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from . import roofline
+from . import host, roofline
 from .timing import Budget, interleaved, percentiles_ms, quiesce
 
 DEV_CSV = "dev_sent_emo.csv"
@@ -520,6 +520,7 @@ def run_text_path(
         "history": history,
         "conversations": len(convs),
         "texts": source,
+        "host": host.describe(),
         "threads": threads,
         "budget": {"iterations": budget.iterations, "seconds": budget.seconds, "rounds": budget.rounds},
         "machine": limits,
@@ -660,7 +661,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"# Raw text -> emotion: one new utterance into a live {report['history']}-turn conversation",
         "",
         f"Each call: {report['call']}; {report['conversations']} conversations from {report['texts']}; "
-        f"{report['threads']} threads for every contender; interleaved rounds, p50 of the timed calls.",
+        f"{report['threads']} threads for every contender on {report['host']['cpu']} "
+        f"({report['host']['cores']} cores); interleaved rounds, p50 of the timed calls.",
         "",
         f"Machine, in the same rounds (medians): read bandwidth **{m['read_gb_s']:.2f} GB/s** (the floor's: "
         f"the faster of numpy sum {m.get('read_sum_gb_s', 0):.2f} and onnxruntime GEMV "

@@ -48,9 +48,8 @@ BUDGET = Budget(warmup=10, iterations=200, seconds=2.0, min_iterations=20, round
 QUICK = Budget(warmup=2, iterations=8, seconds=0.3, min_iterations=3, rounds=2)
 CUDA_EP = "CUDAExecutionProvider"
 TENSORRT = (
-    "not installable in this workplace: tensorrt-cu13-libs is on PyPI only as a source package whose install "
-    "downloads the libraries from NVIDIA's own index, which neither machine can reach; so onnxruntime's "
-    "TensorRT EP and `cmath-export --tensorrt` are not measured here"
+    "not measured by this check: the tensorrt package installs its libraries from NVIDIA's own package index, "
+    "not PyPI, so onnxruntime's TensorRT EP and `cmath-export --tensorrt` are left out"
 )
 
 
@@ -68,7 +67,7 @@ class GpuCheck:
 
     out: Path
     quick: bool = False
-    deadline: float | None = None  # time.perf_counter() after which no step starts (the device call's limit)
+    deadline: float | None = None  # time.perf_counter() after which no step starts (CMATH_GPU_CHECK_BUDGET_S)
     environment: dict[str, Any] = field(default_factory=dict)
     steps: list[Step] = field(default_factory=list)
     records: list[dict[str, Any]] = field(

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import signal
 import sys
 import threading
@@ -32,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from . import host
 from .timing import percentiles_ms as _percentiles
 
 REPLICA_COUNTS = (1, 2, 3)
@@ -274,7 +274,7 @@ def run(
 
 def markdown(result: dict[str, Any], env: dict[str, Any]) -> str:
     lines = [
-        f"# Replicas behind HAProxy ({env['machine']}, {env['cores']} cores shared by replicas, balancer and "
+        f"# Replicas behind HAProxy ({env['cpu']}, {env['cores']} cores shared by replicas, balancer and "
         f"client; load average {env['loadavg_start']:.1f} at start, {env['loadavg_end']:.1f} at end)",
         "",
         f"`{env['command']}`",
@@ -394,8 +394,7 @@ def main(argv: list[str] | None = None) -> None:
         args.failover_conversations,
     )
     env = {
-        "machine": platform.processor() or platform.machine(),
-        "cores": len(os.sched_getaffinity(0)),
+        **host.describe(),
         "export": str(export),
         "threads": args.threads,
         "queue_delay_us": args.queue_delay_us,

@@ -20,7 +20,7 @@ import numpy as np
 from cmath_runtime.compare import compare, max_abs
 from cmath_runtime.manifest import read_manifest
 
-from . import backends
+from . import backends, host
 from .timing import Budget, interleaved, percentiles_ms, quiesce
 from .worker import REPLY
 
@@ -134,8 +134,7 @@ def environment(threads: int) -> dict[str, Any]:
         "torch": torch_version,
         "onnxruntime": onnxruntime.__version__,
         "numpy": numpy.__version__,
-        "cpu": _cpu_name(),
-        "cores": os.cpu_count(),
+        **host.describe(),
         "threads": threads,
         "load_average": [round(x, 2) for x in load] if load else None,
         "platform": platform.platform(),
@@ -327,13 +326,3 @@ def _record(
         **common,
         **extra,
     }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"

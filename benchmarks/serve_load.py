@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import sys
 import threading
 import time
@@ -32,6 +31,7 @@ import numpy as np
 
 from cmath_serve.client import infer_inputs
 
+from . import host
 from .timing import percentiles_ms as _percentiles
 
 
@@ -320,7 +320,7 @@ def run(
 
 def markdown(records: list[dict], env: dict) -> str:
     lines = [
-        f"# cmath-serve load ({env['machine']}, {env['cores']} cores shared by server and client; load average "
+        f"# cmath-serve load ({env['cpu']}, {env['cores']} cores shared by server and client; load average "
         f"{env['loadavg_start']:.1f} at start, {env['loadavg_end']:.1f} at end)",
         "",
         "Without a server, `model.predict` in one process (same time, same machine): "
@@ -438,8 +438,7 @@ def main() -> None:
         tuple(args.modes.split(",")),
     )
     env = {
-        "machine": platform.processor() or platform.machine(),
-        "cores": len(os.sched_getaffinity(0)),
+        **host.describe(),
         "export": str(export),
         "threads": args.threads,
         "queue_delay_us": args.queue_delay_us,

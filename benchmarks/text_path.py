@@ -1,6 +1,6 @@
 """Raw text -> emotion for one new utterance in a live conversation: each engine against the text path's floor.
 
-    python -m benchmarks.text_path RUN_DIR [--export DIR] [--csv-dir DIR] [--threads N] [--quick] [--parity]
+    python -m benchmarks.text_path RUN_DIR --csv-dir DIR [--export DIR] [--threads N] [--quick] [--parity]
                                    [--frozen-encoder DIR] [--out DIR]
 
 One timed call (batch 1) is what an agent does when a line arrives: `conv.add(speaker, text=...)` on a conversation
@@ -49,10 +49,9 @@ from typing import Any
 
 import numpy as np
 
-from . import roofline
+from . import host, roofline
 from .timing import Budget, interleaved, percentiles_ms, quiesce
 
-MELD_CSV_DIR = Path("/work/shared/data/meld")
 DEV_CSV = "dev_sent_emo.csv"
 HISTORY = 20  # turns a live conversation holds before the timed utterance
 BUDGET = Budget(warmup=3, iterations=60, seconds=4.0, min_iterations=10, rounds=6)
@@ -96,13 +95,13 @@ def probe_dialogue() -> Dialogue:
 
 
 def text_source(csv_dir: Path | None, num_speakers: int) -> tuple[list[Dialogue], str]:
-    """MELD dev dialogues from `csv_dir` (default: MELD_CSV_DIR when it is there), else the probe texts."""
-    csv_file = (csv_dir or MELD_CSV_DIR) / DEV_CSV
-    if csv_file.is_file():
-        return dev_dialogues(csv_file, num_speakers), f"MELD dev ({csv_file})"
-    if csv_dir is not None:
-        raise FileNotFoundError(f"{csv_file}: no MELD dev CSV there")
-    return [probe_dialogue()], "the export's probe texts (no MELD dev CSV)"
+    """MELD dev dialogues from `csv_dir`, or the export's probe texts when no folder is given."""
+    if csv_dir is None:
+        return [probe_dialogue()], "the export's probe texts (no MELD dev CSV given)"
+    csv_file = csv_dir / DEV_CSV
+    if not csv_file.is_file():
+        raise FileNotFoundError(f"--csv-dir: expected a folder holding {DEV_CSV}, got {csv_dir}")
+    return dev_dialogues(csv_file, num_speakers), f"MELD dev ({DEV_CSV})"
 
 
 def live_conversations(
@@ -464,8 +463,8 @@ def run_text_path(
         contenders[INT8] = runtime_contender(INT8, int8, f"{int8.text_encoder.spec.onnx_file.name} ({reads})")
     except cmath_runtime.CmathError as e:
         skipped[INT8] = str(e)
-    source = read_manifest(export_dir).to_json()["text_encoder"]["source"]
-    torch_path = TorchPipeline(run_dir, source, spec, fp32.feature_dims)
+    encoder_source = read_manifest(export_dir).to_json()["text_encoder"]["source"]
+    torch_path = TorchPipeline(run_dir, encoder_source, spec, fp32.feature_dims)
     contenders[TORCH] = Contender(
         TORCH,
         "PooledEncoder (torch twin of the encoder) + checkpoint, eager",
@@ -521,6 +520,7 @@ def run_text_path(
         "history": history,
         "conversations": len(convs),
         "texts": source,
+        "host": host.describe(),
         "threads": threads,
         "budget": {"iterations": budget.iterations, "seconds": budget.seconds, "rounds": budget.rounds},
         "machine": limits,
@@ -661,7 +661,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"# Raw text -> emotion: one new utterance into a live {report['history']}-turn conversation",
         "",
         f"Each call: {report['call']}; {report['conversations']} conversations from {report['texts']}; "
-        f"{report['threads']} threads for every contender; interleaved rounds, p50 of the timed calls.",
+        f"{report['threads']} threads for every contender on {report['host']['cpu']} "
+        f"({report['host']['cores']} cores); interleaved rounds, p50 of the timed calls.",
         "",
         f"Machine, in the same rounds (medians): read bandwidth **{m['read_gb_s']:.2f} GB/s** (the floor's: "
         f"the faster of numpy sum {m.get('read_sum_gb_s', 0):.2f} and onnxruntime GEMV "
@@ -920,9 +921,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dir", type=Path)
     p.add_argument("--export", type=Path, default=None, help="export folder (default: RUN_DIR/export)")
-    p.add_argument(
-        "--csv-dir", type=Path, default=None, help=f"folder with {DEV_CSV} (default: {MELD_CSV_DIR})"
-    )
+    p.add_argument("--csv-dir", type=Path, required=True, help=f"folder with MELD's {DEV_CSV}")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="few conversations and calls")
     p.add_argument(
@@ -941,6 +940,8 @@ def main() -> None:
     )
     p.add_argument("--out", type=Path, default=None, help="where bench_text.* go (default: RUN_DIR)")
     args = p.parse_args()
+    if not (args.csv_dir / DEV_CSV).is_file():
+        p.error(f"--csv-dir: expected a folder holding {DEV_CSV}, got {args.csv_dir}")
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     export_dir = args.export or args.run_dir / "export"
     report: dict[str, Any] = {"records": [], "ratios": {}, "skipped": {}}
@@ -958,8 +959,9 @@ def main() -> None:
     if args.parity:
         from cmath_runtime.manifest import read_manifest
 
-        csv_file = (args.csv_dir or MELD_CSV_DIR) / DEV_CSV
-        dialogues = dev_dialogues(csv_file, read_manifest(export_dir).num_speakers, args.parity_dialogues)
+        dialogues = dev_dialogues(
+            args.csv_dir / DEV_CSV, read_manifest(export_dir).num_speakers, args.parity_dialogues
+        )
         report["parity"] = replay_parity(args.run_dir, export_dir, dialogues, args.threads)
         print("\n".join(parity_lines(report["parity"])), flush=True)
     out = args.out or args.run_dir

@@ -223,7 +223,7 @@ def _bias_add(
     return None
 
 
-def attention_to_mha(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+def attention_to_mha(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:  # noqa: C901  (to split; pyproject's [tool.ruff.lint.mccabe])
     """(a copy, how many attentions were rewritten) where each attention of a step graph as our models export it
 
         q (B, 1, D), k, v (B, P+1, D) -> Reshape + Transpose to heads -> MatMul(q, k^T) -> Mul(scale)

@@ -230,7 +230,7 @@ def check_agreement(record: Any, where: Path | None, what: str, flag: str) -> No
 _KNOWN = {f.name for f in dataclasses.fields(Manifest)} | {"format", "version"}
 
 
-def _parse(file: Path, raw: dict[str, Any]) -> Manifest:
+def _parse(file: Path, raw: dict[str, Any]) -> Manifest:  # noqa: C901  (to split; pyproject's [tool.ruff.lint.mccabe])
     def need(key: str, kind: type | tuple[type, ...]) -> Any:
         if key not in raw:
             raise ArtifactError(file, f"invalid manifest: field {key!r} is missing")

@@ -78,7 +78,7 @@ def load_state(path: str | Path) -> dict[str, np.ndarray]:
     return out
 
 
-def check_state(model: EmotionModel, state: Any, source: str | Path = "state") -> None:
+def check_state(model: EmotionModel, state: Any, source: str | Path = "state") -> None:  # noqa: C901  (to split; pyproject's [tool.ruff.lint.mccabe])
     """Everything Conversation.from_state relies on; ArtifactError(source, "state['key']: ...") otherwise."""
 
     def fail(key: str, problem: str) -> ArtifactError:

@@ -1,4 +1,4 @@
-"""CDaT, cross-modal dynamic transfer (../shared/papers/002, section III): a training add-on for any registered model.
+"""CDaT, cross-modal dynamic transfer (the CDaT paper, section III): a training add-on for any registered model.
 
 `CDaT(model, CDaTConfig)` wraps a fusion model F (CMATH, SDT, DMD): per modality a transfer encoder G_m refines the
 standardised low-level features h_m before F; training adds a dynamic probabilistic knowledge transfer (PKT) loss

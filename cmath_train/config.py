@@ -3,8 +3,7 @@
 `ModelConfig` / `LossConfig` hold what every model reads (data shape, width, masking, causality; class weights;
 the CDaT add-on has its own config, cdat.py); each model extends them beside itself (models/cmath.py `CMATHConfig`,
 `CMATHLossConfig`, models/sdt.py, models/dmd.py) and the registry builds the right one from flat fields
-(`registry.model_config(name, **fields)`). Every choice a paper leaves open is a field with our default (see
-../shared/docs/cmath-model.md). A checkpoint stores these dataclasses as JSON, and everything downstream rebuilds
+(`registry.model_config(name, **fields)`). Every choice a paper leaves open is a field with our default. A checkpoint stores these dataclasses as JSON, and everything downstream rebuilds
 the model from them.
 """
 

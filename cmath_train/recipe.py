@@ -29,7 +29,7 @@ class Recipe:
         return asdict(self)
 
     def preset(self) -> Preset:
-        """The recipe as a config.Preset (model / loss / train fields), what cmath-train and benchmarks.compare_models apply."""
+        """The recipe as a config.Preset (model / loss / train fields), what cmath-train and studies.compare_models apply."""
         return Preset(self.model, self.loss, self.train)
 
     def describe(self) -> str:

@@ -1,46 +1,60 @@
 #!/usr/bin/env bash
-# Downloads the onnxruntime-gpu wheel for the lent GPU machine, splits it into parts that each fit in one device
-# call, and writes their sha256 list. Run it here (it needs PyPI); nothing it writes is committed (gpu_parts/ is
-# ignored). scripts/gpu_check.sh, on the GPU machine, reassembles the parts, checks the sums and installs the wheel.
+# Maintainer script: splits a wheel into checked parts, and joins them back.
 #
-# Which wheel: onnxruntime-gpu targets CUDA 13 / cuDNN 9 from 1.27.0 on (its "cuda"/"cudnn" extras require
-# nvidia-cuda-runtime ~=13.0 and nvidia-cudnn-cu13 ~=9.0; 1.18-1.26 require the -cu12 packages). 1.28+ name the
-# un-suffixed nvidia-* packages that the GPU machine's image holds (nvidia-cuda-runtime, nvidia-cufft,
-# nvidia-curand, nvidia-cuda-nvrtc, nvidia-cudnn-cu13, next to torch cu130). 1.30.0 is also the version of the CPU
-# onnxruntime in that image. The image's python3 is 3.12 (docs/gpu.md); PY_VERSION overrides it.
+#   bash scripts/gpu_wheel_parts.sh split [DIR]          downloads onnxruntime-gpu (ORT_GPU_VERSION, default 1.30.0;
+#                                                      PY_VERSION, default 3.12; manylinux_2_28 x86_64) into DIR
+#                                                      (default gpu_parts/, ignored by git), splits it into parts of
+#                                                      PART_MIB MiB (default 59) and writes SHA256SUMS (the wheel's
+#                                                      sum and each part's)
+#   bash scripts/gpu_wheel_parts.sh join DIR TARGET     checks every part against DIR/SHA256SUMS, reassembles the
+#                                                      wheel, checks its sum and installs it with
+#                                                      `pip install --no-index --no-deps --target TARGET`
 #
-# The device call sequence (each call carries at most 64 MiB: the work tree plus what `carry` names; a machine
-# stays warm ~30 s after a call, and files written outside the work tree survive between warm calls):
-#   1. bash scripts/gpu_wheel_parts.sh                       (here)
-#   2. one `run` per part, back to back, each carrying that part and the sum list, e.g.
-#        carry: ["gpu_parts/SHA256SUMS", "gpu_parts/<wheel>.part-00"]
-#        command: mkdir -p /tmp/cmath_gpu_parts && cp gpu_parts/* /tmp/cmath_gpu_parts/
-#   3. in the last part's call, the check too (timeout_s 560): ... && bash scripts/gpu_check.sh "$OUT"
-#      (it finds the parts in /tmp/cmath_gpu_parts, checks them against SHA256SUMS, reassembles the wheel and
-#      installs it with pip --no-index --no-deps). Run this script in the checkout the device calls send.
-# Usage: bash scripts/gpu_wheel_parts.sh [DIR]   (default gpu_parts/; ORT_GPU_VERSION, PY_VERSION, PART_MIB)
+# onnxruntime-gpu 1.27.0 and later target CUDA 13 / cuDNN 9 (their "cuda"/"cudnn" extras require
+# nvidia-cuda-runtime ~=13.0 and nvidia-cudnn-cu13 ~=9.0; 1.18-1.26 require the -cu12 packages); 1.28 and later name
+# the un-suffixed nvidia-* packages that PyTorch's cu130 wheels bring.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DIR=${1:-gpu_parts}
-VERSION=${ORT_GPU_VERSION:-1.30.0}
-PY_VERSION=${PY_VERSION:-3.12}
-# Parts of 59 MiB (4 for the 235 MiB wheel) leave room for the work tree (~2 MiB) under the 64 MiB a call carries.
-PART_MIB=${PART_MIB:-59}
 PYTHON=${PYTHON:-python3}
 
-mkdir -p "$DIR"
-rm -f "$DIR"/*.part-* "$DIR"/SHA256SUMS
-"$PYTHON" -m pip download -q --no-deps onnxruntime-gpu=="$VERSION" --python-version "$PY_VERSION" \
-    --implementation cp --only-binary=:all: --platform manylinux_2_28_x86_64 -d "$DIR"
-tag="cp${PY_VERSION/./}"
-wheel=$(cd "$DIR" && ls onnxruntime_gpu-"$VERSION"-"$tag"-*.whl)
-echo "requires (from the wheel's METADATA):"
-unzip -p "$DIR/$wheel" '*.dist-info/METADATA' | grep '^Requires-Dist: nvidia' | sed 's/^/  /'
-(
-    cd "$DIR"
-    split -b "${PART_MIB}M" -d -a 2 "$wheel" "$wheel.part-"
-    sha256sum "$wheel" "$wheel".part-* > SHA256SUMS
-    rm "$wheel"  # the parts are what travels; gpu_check.sh rebuilds the wheel from them
-)
-echo "$wheel: $(awk 'NR==1' "$DIR/SHA256SUMS" | cut -c1-16)..., $(ls "$DIR"/*.part-* | wc -l) parts in $DIR:"
-ls -l "$DIR"
+split_wheel() {
+    local dir=${1:-gpu_parts} version=${ORT_GPU_VERSION:-1.30.0} py=${PY_VERSION:-3.12} wheel tag
+    mkdir -p "$dir"
+    rm -f "$dir"/*.part-* "$dir"/SHA256SUMS
+    "$PYTHON" -m pip download -q --no-deps onnxruntime-gpu=="$version" --python-version "$py" \
+        --implementation cp --only-binary=:all: --platform manylinux_2_28_x86_64 -d "$dir"
+    tag="cp${py/./}"
+    wheel=$(cd "$dir" && ls onnxruntime_gpu-"$version"-"$tag"-*.whl)
+    echo "requires (from the wheel's METADATA):"
+    unzip -p "$dir/$wheel" '*.dist-info/METADATA' | grep '^Requires-Dist: nvidia' | sed 's/^/  /'
+    (
+        cd "$dir"
+        split -b "${PART_MIB:-59}M" -d -a 2 "$wheel" "$wheel.part-"
+        sha256sum "$wheel" "$wheel".part-* > SHA256SUMS
+        rm "$wheel"
+    )
+    echo "$wheel: $(awk 'NR==1' "$dir/SHA256SUMS" | cut -c1-16)..., $(ls "$dir"/*.part-* | wc -l) parts in $dir:"
+    ls -l "$dir"
+}
+
+join_wheel() {
+    local dir=$1 target=$2 wheel
+    wheel=$(awk 'NR == 1 {print $2}' "$dir/SHA256SUMS")
+    if ! (cd "$dir" && grep '\.part-' SHA256SUMS | sha256sum -c --quiet -); then
+        echo "gpu_wheel_parts: parts in $dir missing or not matching SHA256SUMS" >&2
+        return 1
+    fi
+    cat "$dir/$wheel".part-* > "$dir/$wheel"
+    if ! (cd "$dir" && grep " $wheel\$" SHA256SUMS | sha256sum -c --quiet -); then
+        echo "gpu_wheel_parts: the reassembled $wheel does not match SHA256SUMS" >&2
+        return 1
+    fi
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$target" "$dir/$wheel"
+    echo "installed $wheel (sha256 checked) into $target"
+}
+
+case "${1:-}" in
+    split) shift; split_wheel "$@" ;;
+    join) [ $# -eq 3 ] || { echo "usage: $0 join DIR TARGET" >&2; exit 2; }; join_wheel "$2" "$3" ;;
+    *) echo "usage: $0 split [DIR] | join DIR TARGET" >&2; exit 2 ;;
+esac

@@ -1,18 +1,54 @@
 #!/usr/bin/env bash
-# The main job: install, train CMATH on the embedded synthetic data, export (fp32 + fp16 + int8 ONNX), benchmark.
-# The benchmark pages land in docs/bench/ and the README's generated tables are refreshed from them.
+# The main job: install, then train -> export (with parity checks) -> benchmark on the embedded synthetic data.
+# It writes only under runs/ (RUN, default runs/main, and RUN-causal) and prints each stage's time and where its
+# outputs are. Speed does not depend on how long a model trained, so the demo trains briefly (EPOCHS, default 1,
+# like the causal twin). Refreshing the docs' benchmark pages and the README's tables from these runs is a separate
+# maintainer command: scripts/refresh_docs.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install.sh
 RUN=${RUN:-runs/main}
-BENCH=${BENCH:-docs/bench}
-# Streaming: a causal twin (speed does not depend on training, one epoch will do): step graph vs full recompute.
-.venv/bin/cmath-train --preset meld --causal --epochs 1 --quiet --out "$RUN-causal"
-.venv/bin/cmath-export "$RUN-causal" --int8 --quiet
-.venv/bin/cmath-bench "$RUN-causal" --backends onnxruntime:fp32,onnxruntime-spin,onnxruntime:int8,openvino:fp32 --out "$BENCH/causal"
-# The main model: train, export fp32 + fp16 + int8 with parity checks, benchmark every contender against PyTorch
-# and against this machine's roofline (ends with the table).
-.venv/bin/cmath-train --preset meld --epochs "${EPOCHS:-8}" --out "$RUN"
-.venv/bin/cmath-export "$RUN" --fp16 --int8
-.venv/bin/cmath-bench "$RUN" --out "$BENCH"
-if [ "$BENCH" = docs/bench ]; then .venv/bin/python -m benchmarks.readme; fi
+START=$SECONDS
+TIMES=()
+CPU_FILE=$(mktemp)
+trap 'rm -f "$CPU_FILE"' EXIT
+children_cpu() {  # CPU: seconds (user + system) of this shell's finished children so far (`times` in this shell)
+    times > "$CPU_FILE"
+    CPU=$(awk 'NR == 2 { split($1, u, /[ms]/); split($2, s, /[ms]/); printf "%d", u[1] * 60 + u[2] + s[1] * 60 + s[2] }' "$CPU_FILE")
+}
+stage() {  # stage NAME COMMAND...: runs it and records its wall time and CPU time
+    local name=$1 t0=$SECONDS c0 line
+    shift
+    echo "== main.sh: $name"
+    children_cpu
+    c0=$CPU
+    "$@"
+    children_cpu
+    line=$(printf '%-28s %5d s wall %6d s CPU' "$name" $((SECONDS - t0)) $((CPU - c0)))
+    TIMES+=("$line")
+    echo "== main.sh: $line"
+}
+
+stage "install" bash scripts/install.sh
+# Streaming: a causal twin: the step graph vs the full recompute per new utterance.
+stage "train (causal, 1 epoch)" .venv/bin/cmath-train --preset meld --causal --epochs 1 --quiet --out "$RUN-causal"
+stage "export (causal, int8)" .venv/bin/cmath-export "$RUN-causal" --int8 --quiet
+stage "benchmark (causal)" .venv/bin/cmath-bench "$RUN-causal" \
+    --backends onnxruntime:fp32,onnxruntime-spin,onnxruntime:int8,openvino:fp32 --out "$RUN-causal/bench"
+# The main model: train, export fp32 + fp16 + int8 (each artifact checked against PyTorch, or not written), then
+# every contender against PyTorch and this machine's floor.
+stage "train (${EPOCHS:-1} epoch(s))" .venv/bin/cmath-train --preset meld --epochs "${EPOCHS:-1}" --out "$RUN"
+stage "export + parity" .venv/bin/cmath-export "$RUN" --fp16 --int8
+stage "benchmark" .venv/bin/cmath-bench "$RUN" --out "$RUN/bench"
+
+echo
+children_cpu
+echo "main.sh: done in $((SECONDS - START)) s wall, $CPU s CPU"
+printf '  %s\n' "${TIMES[@]}"
+cat <<DONE
+Outputs:
+  $RUN/                   checkpoint, metrics.json (validation and test scores)
+  $RUN/export/            model.onnx, model.fp16.onnx, model.int8.onnx, export.json (parity records)
+  $RUN/bench/bench.md     every engine against PyTorch and this machine's floor (bench.json, plots beside)
+  $RUN-causal/export/     the streaming model and its step graph
+  $RUN-causal/bench/      the step graph against the full recompute
+DONE

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs cmath (CPU) and runs the whole test suite.
+# Installs cmath (CPU; nothing when .venv is already complete, see install.sh) and runs ruff, mypy and the whole
+# test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh

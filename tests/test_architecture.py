@@ -241,3 +241,16 @@ def test_modules_keep_to_their_own_state() -> None:
         _module_name(p): hits for pkg in PACKAGES for p in _files(pkg) if (hits := _foreign_private_uses(p))
     }
     assert not bad, bad
+
+
+def test_studies_are_not_installed_and_no_installed_package_imports_them() -> None:
+    """studies/ (research drivers that train models) runs from a checkout only: pyproject's package list holds
+    exactly the installed packages, and none of them imports a study."""
+    import tomllib
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    assert sorted(p.rstrip("*") for p in include["include"]) == sorted(PACKAGES)
+    assert (ROOT / "studies" / "__init__.py").is_file()
+    for path in (p for pkg in PACKAGES for p in _files(pkg)):
+        studies = sorted(m for m in _imports(path) if m.split(".")[0] == "studies")
+        assert not studies, f"{_module_name(path)} imports {studies}"

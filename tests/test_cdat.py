@@ -287,7 +287,7 @@ def test_synthetic_misalignment_changes_only_the_chosen_modality():
 
 
 def test_study_page_is_written_from_the_results_with_the_verdict(tmp_path):
-    from cmath_train.cdat_study import MODELS, VARIANTS, StudyConfig, markdown, run_study
+    from studies.cdat_study import MODELS, VARIANTS, StudyConfig, markdown, run_study
 
     study = {**StudyConfig().__dict__, "seeds": 2}
     scores = {"none": 0.60, "const": 0.62, "ce": 0.70, "confidnet": 0.61}

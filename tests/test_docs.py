@@ -94,3 +94,21 @@ def test_accuracy_page_is_written_from_run_metrics(tiny_run: Path, tmp_path: Pat
     )  # each run's baselines
     bad = CliRunner().invoke(main, ["--run", f"x={tmp_path}", "--title", "t", "--out", str(out)])
     assert bad.exit_code != 0 and "metrics.json" in bad.output
+
+
+def test_the_product_speaks_only_of_itself() -> None:
+    """No absolute path of a machine, no `../shared` citation and no word of how GPU machines are reached, in the
+    packages, the studies, the docs, the scripts or the project file (tests may read local data; they are not here)."""
+    banned = re.compile(
+        r"/work/|/home/\w|\.\./shared|\bshared/(data|papers|docs)\b|\blent\b|\blending\b|device call|\bcarry:"
+    )
+    packages = ("cmath_train", "cmath_export", "cmath_runtime", "cmath_serve", "benchmarks", "studies")
+    files = [README, ROOT / "pyproject.toml", *DOCS.rglob("*.md"), *DOCS.rglob("*.json")]
+    files += [*(ROOT / "scripts").glob("*.sh"), *(p for pkg in packages for p in (ROOT / pkg).rglob("*.py"))]
+    found = [
+        f"{f.relative_to(ROOT)}:{n}: {line.strip()}"
+        for f in files
+        for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1)
+        if banned.search(line)
+    ]
+    assert not found, "\n".join(found)

@@ -1,4 +1,4 @@
-"""benchmarks/finetune_search.py: fine-tune settings scored on dev, in worker processes, as cmath-prepare trains."""
+"""studies/finetune_search.py: fine-tune settings scored on dev, in worker processes, as cmath-prepare trains."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from benchmarks.finetune_search import main
+from studies.finetune_search import main
 from tests.conftest import context_rows
 from tests.test_prepare import MELD_HEADER, meld_rows, write_csv
 

@@ -71,7 +71,7 @@ def test_bars_and_report_on_made_up_gpu_numbers(tmp_path: Path) -> None:
     md = (tmp_path / "gpu_check.md").read_text()
     assert "**PASS**" in md and "**FAIL**" in md and "**not measured**" in md
     assert "## Latency, batch 1 (p50 ms; speed-up vs pytorch-eager-cuda fp32)" in md and "| 10 |" in md
-    assert "## Batch 16 x 10" in md and "## Parity" in md and "- TensorRT: not installable" in md
+    assert "## Batch 16 x 10" in md and "## Parity" in md and "- TensorRT: not measured by this check" in md
     data = json.loads((tmp_path / "gpu_check.json").read_text())
     assert set(data) == {"quick", "environment", "steps", "records", "parity", "not_run", "bars"}
 

@@ -390,8 +390,8 @@ def test_cli_has_no_confidence_kd_option(tmp_path):
 
 def test_compare_models_writes_the_table(tmp_path, monkeypatch):
     import cmath_train.data as data_mod
-    from benchmarks.compare_models import main as compare_cli
     from cmath_train.data.synthetic import SyntheticConfig, make_synthetic
+    from studies.compare_models import main as compare_cli
 
     small = make_synthetic(
         SyntheticConfig(

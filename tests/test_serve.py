@@ -570,7 +570,7 @@ def test_serve_load_report(tmp_path: Path) -> None:
             for m in ("batched", "serial", "recompute")
         ),
     ]
-    text = markdown(records, {"machine": "x86_64", "cores": 2, "loadavg_start": 1.0, "loadavg_end": 2.0})
+    text = markdown(records, {"cpu": "AMD EPYC", "cores": 2, "loadavg_start": 1.0, "loadavg_end": 2.0})
     assert (
         "| 64 | 20 | 114.0 |" in text
         and "| serial | step | 64 x 50 | 80.0 |" in text

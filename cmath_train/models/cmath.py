@@ -1,7 +1,7 @@
 """CMATH: Cross-Modality Augmented Transformer with Hierarchical Variational Distillation (Zhu et al., 2024).
 
-Reads top to bottom like the paper; numbers in (parentheses) are its equations, see
-../shared/docs/cmath-model.md. Shapes: B conversations, N utterances, d hidden size, C classes.
+Reads top to bottom like the paper; numbers in (parentheses) are its equations (public code:
+github.com/cjw-MER/CMATH). Shapes: B conversations, N utterances, d hidden size, C classes.
 
     U_m --(1-2) Conv1D'--> U'_m --(5-8) + S + P--> H_m --(9-14) CMA-Transformer_m--> H'_m
     H'_m --(15) MLPs--> mu_m, sigma_m --(16) mean over m--> mu_x, sigma_x --(17)--> H'_x

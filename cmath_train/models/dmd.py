@@ -1,6 +1,6 @@
 """DMD: Decoupled Multimodal Distilling for emotion recognition (Li et al., CVPR 2023), adapted to conversations.
 
-Paper: ../shared/papers/004 (review); public code: github.com/mdswyz/DMD (trains/singleTask/model/dmd.py, DMD.py,
+Paper: Decoupled Multimodal Distilling for Emotion Recognition (CVPR 2023, arXiv 2303.13802); public code: github.com/mdswyz/DMD (trains/singleTask/model/dmd.py, DMD.py,
 distillnets/). Built from our blocks; shapes B conversations, N utterances, d hidden size, C classes, M modalities.
 
     U_m --Conv1D--> X~_m;   s_m = E_m(X~_m) (private, per modality),   c_m = E_c(X~_m) (shared by all modalities)

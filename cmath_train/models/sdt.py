@@ -1,6 +1,7 @@
 """SDT: a transformer-based model with self-distillation for multimodal ERC (Ma et al., IEEE TMM 2024).
 
-Paper: ../shared/papers/001 (summary); public code: github.com/butterfliesss/SDT (model.py, train.py).
+Paper: A Transformer-Based Model With Self-Distillation for Multimodal Emotion Recognition in Conversations
+(arXiv 2310.20494); public code: github.com/butterfliesss/SDT (model.py, train.py).
 Built from our blocks; shapes B conversations, N utterances, d hidden size, C classes.
 
     U_m --Conv1D(k=1)--> X_m --+ S + P--> X_m

@@ -1,6 +1,6 @@
 """Compare the registered models on one dataset: same data, splits, dev-based selection and seeds for each.
 
-    python -m benchmarks.compare_models [--data synthetic|FEATURES_DIR|PICKLE] [--modalities tav] [--seeds 3]
+    python -m studies.compare_models [--data synthetic|FEATURES_DIR|PICKLE] [--modalities tav] [--seeds 3]
                                        [--epochs N] [--preset default] [--recipes cmath=auto,sdt=meld]
                                        [--models cmath,sdt,dmd] [--out runs/compare]
 
@@ -386,7 +386,7 @@ def main(
             k: {"model": m | {"modalities": list(mods)}, "loss": lo, "train": t}
             for k, (m, lo, t) in configs.items()
         },
-        "command": "python -m benchmarks.compare_models "
+        "command": "python -m studies.compare_models "
         + shlex.join(a for a in sys.argv[1:] if a not in ("--resume", "--quiet")),  # neither changes a number
         "host": {
             "python": platform.python_version(),

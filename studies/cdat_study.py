@@ -1,7 +1,7 @@
 """The CDaT study: CMATH, SDT and DMD without CDaT and with each confidence, on synthetic data with and without
 misaligned utterances; writes the markdown page and its JSON.
 
-    python -m cmath_train.cdat_study --seeds 5 --workers 4 --out docs/results/cdat_study.md \
+    python -m studies.cdat_study --seeds 5 --workers 4 --out docs/results/cdat_study.md \
         --json docs/results/cdat_study.json
 
 Protocol (every choice on the validation split, test read once per run for the table):
@@ -25,12 +25,11 @@ import numpy as np
 import torch
 
 from cmath_runtime.files import atomic_write_bytes, atomic_write_json
-
-from .cdat import CDaTConfig
-from .config import TrainConfig
-from .data.synthetic import SyntheticConfig, make_synthetic
-from .registry import loss_config, model_config
-from .train import train
+from cmath_train.cdat import CDaTConfig
+from cmath_train.config import TrainConfig
+from cmath_train.data.synthetic import SyntheticConfig, make_synthetic
+from cmath_train.registry import loss_config, model_config
+from cmath_train.train import train
 
 MODELS = ("cmath", "sdt", "dmd")
 CONFIDENCES = ("const", "ce", "confidnet")
@@ -215,7 +214,7 @@ def markdown(report: dict[str, Any], command: str) -> str:
     worst = max(fractions)
     return "\n".join(
         [
-            "# CDaT study (written by `cmath_train.cdat_study`)",
+            "# CDaT study (written by `studies.cdat_study`)",
             "",
             f"Reproduce: `{command}`",
             "",
@@ -275,7 +274,7 @@ def main(seeds: int, work: str, out: str, json_out: str, workers: int) -> None:
     torch.set_num_threads(1)
     report = run_study(StudyConfig(), seeds, Path(work), workers)
     command = (
-        f"python -m cmath_train.cdat_study --seeds {seeds} --workers {workers} --out {out} --json {json_out}"
+        f"python -m studies.cdat_study --seeds {seeds} --workers {workers} --out {out} --json {json_out}"
     )
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(json_out).parent.mkdir(parents=True, exist_ok=True)

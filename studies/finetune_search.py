@@ -1,6 +1,6 @@
 """Search the text encoder's fine-tune settings on the dev split: past turns, input length, learning rate, epochs.
 
-    python -m benchmarks.finetune_search --csv-dir ../shared/data/meld --out docs/results/finetune_search \\
+    python -m studies.finetune_search --csv-dir path/to/MELD --out docs/results/finetune_search \\
         --turns 4:96,6:128,8:160 --lrs 3e-5,5e-5,1e-4,2e-4 --epochs 2,3,4 --seeds 0,1 --device cuda --parallel 14
 
 Each setting fine-tunes the encoder exactly as cmath-prepare does (prepare/finetune.py on prepare/build.py's turn
@@ -168,7 +168,7 @@ def _write(rows: list[dict[str, Any]], out: Path) -> None:
     lines = [
         "# Text encoder fine-tune search (dev split only)",
         "",
-        "Written by `python -m benchmarks.finetune_search`. Score: the fine-tuned encoder's own classifier, dev "
+        "Written by `python -m studies.finetune_search`. Score: the fine-tuned encoder's own classifier, dev "
         "weighted-F1 (%) of the selected epoch; the test split is not read.",
         "",
         "| past turns | tokens | lr | epochs | seeds | mean | per seed |",

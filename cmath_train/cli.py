@@ -197,8 +197,8 @@ def run(
     from .recipe import choose_recipe
     from .registry import loss_config, model_config, model_names
     from .registry import preset as model_preset
-    from .seeds import context_free_baseline, train_seeds
-    from .shipped import encoder_classifier, ship_encoder_classifier, shipped_model
+    from .seeds import train_seeds
+    from .shipped import finish_run
     from .train import train
 
     try:
@@ -305,20 +305,7 @@ def run(
     else:
         metrics = train(fs, model_cfg, loss_cfg, train_cfg, out, model_name, resume, not quiet, cdat=add_on)
     metrics["recipe"] = recipe_name
-    if "baseline_context_free" not in metrics:
-        metrics["baseline_context_free"] = context_free_baseline(fs, train_cfg.val_fraction, train_cfg.seed)
-    enc = encoder_classifier(fs)
-    if enc is not None:
-        metrics["encoder_classifier"] = enc
-    metrics["shipped"] = shipped_model(metrics)
-    if metrics["shipped"] == "encoder_classifier":
-        ship_encoder_classifier(fs, out, metrics["encoder_classifier"]["validation_weighted_f1"])
-    if decision_rule:
-        from .decision import apply_decision_rule
-
-        metrics["decision_rule"] = apply_decision_rule(
-            out, fs, train_cfg.val_fraction, train_cfg.seed
-        ).to_json()
+    finish_run(fs, out, metrics, train_cfg.val_fraction, train_cfg.seed, decision_rule)
     write_metrics(out, metrics)
     click.echo(summary_text(metrics, out, time.perf_counter() - t0))
     return metrics

@@ -114,3 +114,28 @@ def ship_encoder_classifier(
         {**trained.extra, "selected": selected, "context_model": CONTEXT_MODEL_DIR},
     )
     return run
+
+
+def finish_run(
+    fs: FeatureSet,
+    run_dir: Path,
+    metrics: dict[str, Any],
+    val_fraction: float,
+    seed: int,
+    decision_rule: bool,
+) -> None:
+    """After training: the baselines on the same features, which model the run ships, and (`decision_rule`) the
+    weighted-F1 decision rule folded into it; all recorded in `metrics`."""
+    from .decision import apply_decision_rule
+    from .seeds import context_free_baseline
+
+    if "baseline_context_free" not in metrics:
+        metrics["baseline_context_free"] = context_free_baseline(fs, val_fraction, seed)
+    enc = encoder_classifier(fs)
+    if enc is not None:
+        metrics["encoder_classifier"] = enc
+    metrics["shipped"] = shipped_model(metrics)
+    if metrics["shipped"] == "encoder_classifier":
+        ship_encoder_classifier(fs, run_dir, metrics["encoder_classifier"]["validation_weighted_f1"])
+    if decision_rule:
+        metrics["decision_rule"] = apply_decision_rule(run_dir, fs, val_fraction, seed).to_json()

@@ -152,7 +152,7 @@ def _transfer(url: str, part: Path, expected: int, bar: _Progress) -> bool:
                 out.write(chunk)
                 received += len(chunk)
                 bar.update(len(chunk))
-                if (have if resumed else 0) + received > expected:  # stop past the expected size: it fails the check
+                if received + (have if resumed else 0) > expected:  # past the expected size: fails the check
                     return True
     return declared is None or received == int(declared)
 

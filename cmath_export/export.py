@@ -4,6 +4,8 @@ The artifacts come from formats.FORMATS (the table: model formats, then the step
 Triton repository) and are built by their builders (builders.py) in table order; nothing here branches on an
 artifact.
 
+MODEL_CARD.md (model_card.py) is written from the run's records and this export's manifest beside export.json.
+
 Everything is written into a staging folder inside the output folder; only when every artifact passed its
 parity bounds are the files moved into place (each by one rename, export.json last, after the old one was
 removed), so a failed export leaves the previous export as it was and never a manifest describing other files.
@@ -23,7 +25,7 @@ from cmath_runtime.errors import ArtifactError, CmathError
 from cmath_runtime.manifest import MANIFEST, Manifest
 from cmath_train.checkpoint import Checkpoint, load_checkpoint
 
-from . import formats, parity
+from . import formats, model_card, parity
 from .builders import BuildContext
 from .formats import ExportOptions
 from .graph import io_specs
@@ -82,6 +84,7 @@ def export_run(
     staging = _staging_dir(out, "--out")
     try:
         manifest = _export(ckpt, run_dir, opts, staging, say)
+        (staging / model_card.CARD).write_text(model_card.render(run_dir, manifest), encoding="utf-8")
         _promote(staging, out, manifest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -142,8 +145,8 @@ def _require(report: parity.ParityReport, say: Callable[[str], None]) -> None:
 
 
 def _promote(staging: Path, out: Path, manifest: Manifest) -> None:
-    """Move the staged files into OUT: old export.json first out of the way, the new one last. A file a row of the
-    table may write that this export did not make (an earlier export's) is removed."""
+    """Move the staged files into OUT: old export.json first out of the way, the new one last (the model card just
+    before it). A file a row of the table may write that this export did not make (an earlier export's) is removed."""
     table_files = {name for fmt in formats.FORMATS for name in fmt.out_files}
     unknown = sorted(set(manifest_files(manifest)) - table_files)
     if unknown:  # a builder wrote a file its row does not list: it would be neither promoted nor cleaned up
@@ -158,6 +161,8 @@ def _promote(staging: Path, out: Path, manifest: Manifest) -> None:
         else:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(out / name)
+    os.replace(staging / model_card.CARD, out / model_card.CARD)
+    promoted.append(model_card.CARD)
     manifest.write(out)
     mode = (
         0o666 & ~_umask()

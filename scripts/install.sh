@@ -13,6 +13,13 @@ if ! command -v haproxy >/dev/null && [ ! -x /usr/sbin/haproxy ] && command -v a
     { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq haproxy >/dev/null; } \
         || echo "install.sh: could not install haproxy with apt-get; the replica tests will skip" >&2
 fi
+# Chromium and its driver: the headless browser of the demo page's test (tests/test_demo.py, marker `browser`), from
+# the distribution's packages, the same way; that test skips without them.
+if ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null; then
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo -n"
+    { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+        || echo "install.sh: could not install chromium with apt-get; the browser test will skip" >&2
+fi
 STAMP=.venv/.cmath-install
 WANT="$(cat pyproject.toml scripts/install.sh | sha256sum | cut -d' ' -f1) $PWD"
 if [ -x .venv/bin/python ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$WANT" ]; then

@@ -13,7 +13,7 @@ from pathlib import Path
 from cmath_runtime.base import BASE_MODULES
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("cmath_runtime", "cmath_export", "cmath_train", "cmath_serve", "benchmarks")
+PACKAGES = ("cmath_runtime", "cmath_export", "cmath_train", "cmath_serve", "cmath_demo", "benchmarks")
 BASE = {f"cmath_runtime.{m}" for m in BASE_MODULES} | {"cmath_runtime"}
 
 
@@ -121,7 +121,7 @@ def _module_graph() -> dict[str, set[str]]:
 
 
 def test_no_import_cycles() -> None:
-    """No module of the five packages reaches itself through imports, counting those inside functions: each
+    """No module of the six packages reaches itself through imports, counting those inside functions: each
     strongly connected group of modules is reported with one cycle through it."""
     graph = _module_graph()
     cycles = [" -> ".join(_cycle_in(graph, group)) for group in _strongly_connected(graph) if len(group) > 1]
@@ -254,3 +254,17 @@ def test_studies_are_not_installed_and_no_installed_package_imports_them() -> No
     for path in (p for pkg in PACKAGES for p in _files(pkg)):
         studies = sorted(m for m in _imports(path) if m.split(".")[0] == "studies")
         assert not studies, f"{_module_name(path)} imports {studies}"
+
+
+def test_the_demo_imports_only_the_runtime() -> None:
+    """cmath_demo is a client of the runtime, like an agent: no torch, nothing of training, export or serving."""
+    bad = {}
+    for path in _files("cmath_demo"):
+        hits = sorted(
+            m
+            for m in _imports(path)
+            if m.split(".")[0] in ("cmath_train", "cmath_export", "cmath_serve", "benchmarks", "torch")
+        )
+        if hits:
+            bad[_module_name(path)] = hits
+    assert not bad, bad

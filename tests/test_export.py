@@ -75,6 +75,7 @@ def test_manifest_describes_every_artifact(exported: tuple[Path, dict], tiny_run
         path = out / entry["file"]
         assert entry["sha256"] == sha256_file(path) and entry["bytes"] == path.stat().st_size
     assert sorted(p.name for p in out.iterdir()) == [
+        "MODEL_CARD.md",
         "export.json",
         "model.fp16.onnx",
         "model.onnx",
@@ -359,7 +360,7 @@ def test_the_table_covers_every_file_an_export_names(
         manifest = read_manifest(folder)
         names = manifest_files(manifest)
         assert set(names) <= table
-        assert set(names) | {"export.json"} == {p.name for p in folder.iterdir()}
+        assert set(names) | {"export.json", "MODEL_CARD.md"} == {p.name for p in folder.iterdir()}
         assert {k for k in ("step", "text_encoder", "triton") if manifest.to_json().get(k)} == companions
     for row in ("step", "text_encoder", "triton"):
         assert get_format(row).name in format_table()

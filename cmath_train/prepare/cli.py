@@ -1,7 +1,7 @@
 """`cmath-prepare`: conversation CSVs -> cmath's feature format (text modality).
 
 cmath-prepare csv --train F [--dev F] --test F --out FEATURES_DIR [column options]
-cmath-prepare meld --csv-dir DIR --out FEATURES_DIR
+cmath-prepare meld --csv-dir DIR | --download DIR --out FEATURES_DIR
 cmath-prepare probe FEATURES_DIR      (context-free logistic-regression sanity number)
 """
 
@@ -267,13 +267,32 @@ def csv_command(
 @main.command("meld")
 @click.option(
     "--csv-dir",
-    required=True,
     type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
     help=f"Folder with {', '.join(MELD_FILES.values())}.",
 )
+@click.option(
+    "--download",
+    "download_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Fetch MELD's CSVs into this folder first (SHA-256 checked, resumed; $CMATH_MELD_URL: a mirror).",
+)
 @_common_options
-def meld_command(csv_dir: Path, out: Path, **kw: Any) -> None:
+def meld_command(csv_dir: Path | None, download_dir: Path | None, out: Path, **kw: Any) -> None:
     """MELD's train/dev/test_sent_emo.csv with MELD's columns."""
+    if (csv_dir is None) == (download_dir is None):
+        raise click.UsageError(
+            "give one of --csv-dir DIR (the CSVs are there) or --download DIR (fetch them)"
+        )
+    if download_dir is not None:
+        from .download import download, meld_source
+
+        try:
+            download(meld_source(), download_dir)
+        except CmathError as e:
+            raise click.ClickException(str(e)) from None
+        csv_dir = download_dir
     files = {split: csv_dir / name for split, name in MELD_FILES.items()}
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:

@@ -3,7 +3,8 @@
 POST /api/turn {"session", "speaker", "text", "precision"}: one more utterance in that session's conversation;
 POST /api/transcript {"transcript", "precision"}: a new session from `speaker: text` lines. Both answer the whole
 conversation's emotions so far (a causal export streams: each utterance is computed once, by its step graph; a
-bidirectional one recomputes, so later turns may revise earlier emotions). Bad input is answered with status 400
+bidirectional one recomputes, so later turns may revise earlier emotions; one whose text encoder reads future
+turns is read whole by `predict` after every turn). Bad input is answered with status 400
 and {"error": "..."} naming the field, which the page shows.
 """
 
@@ -32,9 +33,17 @@ MAX_TEXT = 2000  # characters of one utterance
 
 @dataclass
 class Session:
-    conversation: cmath_runtime.Conversation
+    model: cmath_runtime.EmotionModel
+    # None when the text encoder reads future turns: the whole conversation is read again after each turn
+    conversation: cmath_runtime.Conversation | None
     speakers: dict[str, int] = field(default_factory=dict)  # name -> id, in order of first appearance
     names: list[str] = field(default_factory=list)  # each utterance's speaker name
+    texts: list[str] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    probs: Any = None  # (n, classes) of the whole conversation so far (predict), when conversation is None
+
+    def __len__(self) -> int:
+        return len(self.texts)
 
     def speaker_id(self, name: str, num_speakers: int) -> int:
         """Ids by first appearance, as cmath-prepare numbers a conversation's speakers (capped at the last id)."""
@@ -97,7 +106,9 @@ class Demo:
         if self.problem:
             raise CmathError(self.problem)
         key = secrets.token_hex(8)
-        session = Session(cmath_runtime.Conversation(self.model(precision)))
+        model = self.model(precision)
+        turns = (self.manifest.text_encoder or {}).get("turns") or {}
+        session = Session(model, None if turns.get("future") else cmath_runtime.Conversation(model))
         self.sessions[key] = session
         while len(self.sessions) > MAX_SESSIONS:
             self.sessions.popitem(last=False)
@@ -111,26 +122,31 @@ class Demo:
             raise InputError(f"{field}.text", "the utterance's text (not empty)", repr(text))
         if len(text) > MAX_TEXT:
             raise InputError(f"{field}.text", f"at most {MAX_TEXT} characters", f"{len(text)} characters")
-        conv = session.conversation
-        if len(conv) >= self.manifest.max_len:
+        if len(session) >= self.manifest.max_len:
             raise InputError(
-                field, f"at most {self.manifest.max_len} utterances (the export's max_len)", len(conv) + 1
+                field, f"at most {self.manifest.max_len} utterances (the export's max_len)", len(session) + 1
             )
-        sid = session.speaker_id(speaker, conv.model.num_speakers)
-        conv.add(sid, text=text.strip())
+        sid = session.speaker_id(speaker, session.model.num_speakers)
+        if session.conversation is not None:
+            session.conversation.add(sid, text=text.strip())
+        else:  # nothing changes unless the whole conversation with the new turn is read
+            [pred] = session.model.predict(
+                [{"speakers": [*session.ids, sid], "texts": [*session.texts, text.strip()]}]
+            )
+            session.probs = pred.probs
+        session.texts.append(text.strip())
+        session.ids.append(sid)
         session.names.append(speaker)
 
     def turn(self, body: dict[str, Any]) -> dict[str, Any]:
         with self.lock:
             key = body.get("session")
             session = self.sessions.get(key) if isinstance(key, str) else None
-            if session is None or session.conversation.model.precision != body.get("precision", "fp32"):
+            if session is None or session.model.precision != body.get("precision", "fp32"):
                 key, session = self.new_session(body.get("precision", "fp32"))
             else:
                 self.sessions.move_to_end(key)
-            self.add(
-                session, body.get("speaker"), body.get("text"), f"utterances[{len(session.conversation)}]"
-            )
+            self.add(session, body.get("speaker"), body.get("text"), f"utterances[{len(session)}]")
             return self.state(key, session)
 
     def transcript(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -148,25 +164,29 @@ class Demo:
         with self.lock:
             key, session = self.new_session(body.get("precision", "fp32"))
             for name, said in turns:
-                self.add(session, name, said, f"utterances[{len(session.conversation)}]")
+                self.add(session, name, said, f"utterances[{len(session)}]")
             return self.state(key, session)
 
     def state(self, key: str, session: Session) -> dict[str, Any]:
-        conv = session.conversation
-        emotions = conv.emotions()
+        labels = session.model.label_names
+        if session.conversation is not None:
+            probs = [e.probs for e in session.conversation.emotions()]
+            path = session.conversation.path
+        else:
+            probs, path = list(session.probs if session.texts else []), "whole conversation"
         return {
             "session": key,
-            "precision": conv.model.precision,
-            "path": conv.path,
+            "precision": session.model.precision,
+            "path": path,
             "utterances": [
                 {
                     "speaker": name,
                     "text": text,
-                    "label": e.label,
-                    "confidence": e.confidence,
-                    "probs": [float(p) for p in e.probs],
+                    "label": labels[int(p.argmax())],
+                    "confidence": float(p.max()),
+                    "probs": [float(x) for x in p],
                 }
-                for name, text, e in zip(session.names, conv.texts, emotions, strict=True)
+                for name, text, p in zip(session.names, session.texts, probs, strict=True)
             ],
         }
 

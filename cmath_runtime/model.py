@@ -30,7 +30,7 @@ from .engine_choice import AUTO, CPU_ENGINES, ChoiceCache, EngineChoice, choose
 from .errors import InputError
 from .files import verified_file
 from .manifest import Manifest, check_agreement, read_manifest
-from .session import SessionInfo, auto_order, available_providers, check_combination, open_session
+from .session import SessionInfo, check_combination, open_session
 from .streaming import StepGraph
 from .text import TEXT_MODALITY, TextEncoder, TextEncoderSpec, open_text_encoder, resolve_texts
 from .validation import CheckedConversation, check_conversations, nonfinite_output_error, nonfinite_rows
@@ -356,4 +356,7 @@ def load(
 
 def _gpu_listed() -> bool:
     """Whether this onnxruntime lists a GPU provider that backend="auto" tries first."""
-    return any(b.provider in available_providers() for b in auto_order() if b.name not in CPU_ENGINES)
+    from . import session  # read at call time: what onnxruntime lists may change (tests replace it)
+
+    listed = session.available_providers()
+    return any(b.provider in listed for b in session.auto_order() if b.name not in CPU_ENGINES)

@@ -16,12 +16,23 @@ from typing import Any
 import numpy as np
 
 from .batching import pad_conversations
-from .errors import ArtifactError, InputError
+from .candidates import (
+    EngineRequest,
+    encode_all,
+    encode_one,
+    encoder_candidates,
+    model_call,
+    model_candidates,
+    open_model,
+)
+from .cpu import CpuInfo
+from .engine_choice import AUTO, CPU_ENGINES, ChoiceCache, EngineChoice, choose
+from .errors import InputError
 from .files import verified_file
 from .manifest import Manifest, check_agreement, read_manifest
-from .session import PRECISIONS, SessionInfo, check_combination, create_session, open_session
+from .session import SessionInfo, check_combination, open_session
 from .streaming import StepGraph
-from .text import TEXT_MODALITY, TextEncoder, TextEncoderSpec, resolve_texts
+from .text import TEXT_MODALITY, TextEncoder, TextEncoderSpec, open_text_encoder, resolve_texts
 from .validation import CheckedConversation, check_conversations, nonfinite_output_error, nonfinite_rows
 
 DEFAULT_BATCH_SIZE = 16
@@ -47,24 +58,43 @@ class Prediction:
 
 
 class EmotionModel:
-    """An exported CMATH model on one onnxruntime session. Build it with `cmath_runtime.load()`.
+    """An exported CMATH model on one engine session. Build it with `cmath_runtime.load()`.
 
     The model owns every graph of its artifact: the model itself (loaded now), and, loaded on first use, its
     text encoder (`text_encoder`, for raw text) and its step graph (`step_graph`, for Conversation's step path).
+    `engine_choice` says what runs each loaded graph and why.
     """
 
     def __init__(
-        self, manifest: Manifest, info: SessionInfo, precision: str, load_seconds: float, verify: bool = True
+        self,
+        manifest: Manifest,
+        info: SessionInfo,
+        precision: str,
+        load_seconds: float,
+        verify: bool = True,
+        request: EngineRequest | None = None,
+        choice: EngineChoice | None = None,
     ) -> None:
         self.manifest = manifest
         self.precision = precision
         self.load_seconds = load_seconds
         self.verify = verify
         self._info = info
+        self._request = request or EngineRequest(info.backend, precision, info.threads, info.spinning, verify)
+        self._choices = {
+            "model": choice
+            or EngineChoice("model", info.backend, precision, "requested", "load() was asked for it")
+        }
         self._parts_lock = threading.Lock()
         self._text_encoder: TextEncoder | None = None
         self._step_graph: StepGraph | None = None
         self._step_loaded = False
+
+    @property
+    def engine_choice(self) -> dict[str, EngineChoice]:
+        """What runs each graph loaded so far ("model"; "text_encoder" once raw text was encoded) and why: for
+        backend="auto" / precision="auto", the calibration's medians of every candidate, or that it was cached."""
+        return dict(self._choices)
 
     @property
     def text_encoder(self) -> TextEncoder:
@@ -86,16 +116,38 @@ class EmotionModel:
         return self._step_graph
 
     def _open_text_encoder(self) -> TextEncoder:
-        """The text encoder in the model's precision when the export made that twin, else fp32."""
-        spec = TextEncoderSpec.from_manifest(self.manifest, self.precision)
-        if spec is None or TEXT_MODALITY not in self.modalities:
+        """The text encoder: chosen by calibration like the model (backend or precision "auto", on the CPU), else on
+        the model's engine (a GPU model's encoder on onnxruntime's CPU) in the model's precision when the export made
+        that twin (fp16, int8), else fp32."""
+        if TextEncoderSpec.from_manifest(self.manifest) is None or TEXT_MODALITY not in self.modalities:
             raise InputError(
                 "text",
                 "feature vectors: this artifact has no text encoder",
                 "raw text",
                 "Re-export the run with cmath-export (without --no-text-encoder).",
             )
-        return TextEncoder(spec, threads=self.threads, verify=self.verify, spinning=self.spinning)
+        req = self._request
+        if req.measured and self.backend in CPU_ENGINES:
+            choice, encoder = choose(
+                "text_encoder",
+                req.key("text_encoder", self.manifest),
+                ChoiceCache(req.choice_cache),
+                encoder_candidates(self.manifest, req),
+                encode_one,
+                req.machine,
+                req.threads,
+                probe=encode_all,
+            )
+        else:
+            backend = self.backend if self.backend in CPU_ENGINES else "cpu"
+            encoder = open_text_encoder(
+                self.manifest, backend, self.precision, req.threads, self.verify, req.spinning
+            )
+            choice = EngineChoice(
+                "text_encoder", backend, encoder.label, "requested", "the model's engine and precision"
+            )
+        self._choices["text_encoder"] = choice
+        return encoder
 
     def _open_step_graph(self) -> StepGraph | None:
         """The step graph on the model's engine: CPU stays CPU, OpenVINO stays OpenVINO (same precision), a
@@ -231,51 +283,80 @@ def load(
     cache_dir: str | Path | None = None,
     spinning: bool = False,
     static_shapes: int | None = None,
+    choice_cache: str | Path | None = None,
+    cpu: CpuInfo | None = None,
 ) -> EmotionModel:
     """Load an exported model: `path` is export.json, its folder, or a run directory with export/.
 
-    backend: "auto" (CUDA if it really works here, else CPU, with a warning), "cpu", "cuda" or "tensorrt"
-    (TensorRT EP with an engine cache in `cache_dir`, default <export>/trt_cache; fp16 when precision="fp16").
+    backend: "auto", "cpu" (onnxruntime), "openvino", "cuda" or "tensorrt". "auto" is CUDA where a GPU provider
+    is installed (falling back to the CPU with a warning when it cannot start), else the fastest CPU engine for
+    this machine and export: onnxruntime and OpenVINO (when installed) are timed once, quiet and beside a busy
+    core, and the choice is cached (cmath_runtime.engine_choice; `model.engine_choice` says what and why).
     An explicit backend that cannot run here raises BackendUnavailableError instead of falling back.
-    precision: "fp32" (model.onnx), "fp16" (model.fp16.onnx; on the CPU provider this only rounds weights),
-    "int8" (model.int8.onnx, int8 weights, onnxruntime CPU; refused unless its recorded agreement with PyTorch
-    passed) or "bf16" (backend="openvino" only: model.onnx compiled with bf16 inference precision).
-    backend "openvino" (optional extra `cmath[openvino]`): model.onnx compiled by OpenVINO on the CPU in f32 (bf16
-    when asked); the precision and device that really run are read back at load and checked. "auto" never picks
-    it: on a busy CPU it runs slower than onnxruntime (docs: the benchmarks).
-    threads: intra-op threads of the CPU provider (None: onnxruntime's default, one per physical core).
+    precision: "fp32" (default: model.onnx, or OpenVINO f32; with backend="auto" only exact engines, within 1e-4
+    of onnxruntime fp32), "auto" (on the CPU: also the reduced precisions below whose agreement records pass, the
+    fastest chosen as for backend="auto"), "fp16" (model.fp16.onnx; on the CPU provider this only rounds
+    weights), "int8" (model.int8.onnx, int8 weights, onnxruntime CPU; refused unless its recorded agreement with
+    PyTorch passed) or "bf16" (backend="openvino" only: model.onnx compiled with bf16 inference precision).
+    The text encoder (raw text) is chosen the same way on its first use, on its own.
+    threads: intra-op threads of the CPU engines (None: the engine's default, one per physical core).
     verify: check each file's sha256 against export.json before loading it.
+    cache_dir: TensorRT's engine cache (default <export>/trt_cache).
     spinning: let idle onnxruntime threads spin (a little faster on an idle machine, much slower on a busy one).
     static_shapes: backend "openvino" only (default 2): the second call with a (batch, utterances) shape among the
     last 64 compiles model.onnx for that exact shape (once; later calls of that shape run faster); at most
     `static_shapes` are kept (each a copy of the weights), the busiest of the recent calls; 0 = one dynamic
-    model.
-    Shapes seen once, such as a conversation recomputed as it grows, never compile.
+    model. Shapes seen once, such as a conversation recomputed as it grows, never compile.
+    choice_cache: the folder of the engine choice cache (default $CMATH_CACHE_DIR, else ~/.cache/cmath).
+    cpu: the machine the choice is cached for (default: this one, read from the OS).
     """
     start = time.perf_counter()
-    check_combination(backend, precision)
-    if static_shapes is None:
-        static_shapes = OPENVINO_STATIC_SHAPES if backend == "openvino" else 0
+    if precision == AUTO:
+        if backend not in (AUTO, *CPU_ENGINES):
+            raise ValueError(
+                f"precision 'auto' chooses among the CPU engines (backend 'auto', 'cpu' or 'openvino'), got "
+                f"backend={backend!r}"
+            )
+    else:
+        check_combination(backend, precision)
     manifest = read_manifest(path)
-    key = PRECISIONS[precision].artifact_key(
-        backend
-    )  # e.g. TensorRT builds its fp16 engine from the fp32 ONNX
-    if key not in manifest.artifacts:
-        raise ArtifactError(
-            manifest.path, f"no {key} artifact listed (re-export with `cmath-export RUN_DIR --{key}`)"
-        )
-    if PRECISIONS[precision].needs_agreement:
-        check_agreement(manifest.parity.get(key), manifest.path, f"{key} artifact", f"--{key}")
-    artifact = manifest.artifacts[key]
-    verified_file(artifact.path, artifact.sha256, f"{key} model", verify)
-    info = create_session(
-        artifact.path,
-        manifest,
-        backend,
-        precision,
-        threads,
-        Path(cache_dir) if cache_dir is not None else None,
-        spinning,
-        static_shapes,
+    request = EngineRequest(
+        backend, precision, threads, spinning, verify, Path(choice_cache) if choice_cache else None, cpu
     )
-    return EmotionModel(manifest, info, precision, time.perf_counter() - start, verify)
+    if request.measured and not (backend == AUTO and _gpu_listed()):
+        choice, info = choose(
+            "model",
+            request.key("model", manifest),
+            ChoiceCache(request.choice_cache),
+            model_candidates(manifest, request),
+            model_call(manifest),
+            request.machine,
+            threads,
+        )
+        shapes = OPENVINO_STATIC_SHAPES if static_shapes is None else static_shapes
+        if choice.backend == "openvino" and shapes:  # calibrated on the dynamic model
+            info = open_model(manifest, request, choice.backend, choice.precision, None, shapes)
+    else:
+        if static_shapes is None:
+            static_shapes = OPENVINO_STATIC_SHAPES if backend == "openvino" else 0
+        precision = "fp32" if precision == AUTO else precision
+        info = open_model(
+            manifest,
+            request,
+            backend,
+            precision,
+            Path(cache_dir) if cache_dir is not None else None,
+            static_shapes,
+        )
+        choice = EngineChoice("model", info.backend, precision, "requested", "load() was asked for it")
+    return EmotionModel(
+        manifest, info, choice.precision, time.perf_counter() - start, verify, request, choice
+    )
+
+
+def _gpu_listed() -> bool:
+    """Whether this onnxruntime lists a GPU provider that backend="auto" tries first."""
+    from . import session  # read at call time: what onnxruntime lists may change (tests replace it)
+
+    listed = session.available_providers()
+    return any(b.provider in listed for b in session.auto_order() if b.name not in CPU_ENGINES)

@@ -87,10 +87,20 @@ class TextEncoderSpec:
 
 
 class TextEncoder:
-    """Tokenizer + onnxruntime session: `encode(texts)` -> (n, dim) float32, like the training features."""
+    """Tokenizer + the encoder graph on an engine: `encode(texts)` -> (n, dim) float32, like the training features.
+
+    The engine is any CPU backend of `cmath_runtime.session` ("cpu": onnxruntime, "openvino"), opened by the one
+    session loader; `precision` is the engine's ("bf16": OpenVINO compiles the graph in bf16), the graph's own
+    precision is the spec's."""
 
     def __init__(
-        self, spec: TextEncoderSpec, threads: int | None = None, verify: bool = True, spinning: bool = False
+        self,
+        spec: TextEncoderSpec,
+        threads: int | None = None,
+        verify: bool = True,
+        spinning: bool = False,
+        backend: str = "cpu",
+        precision: str = "fp32",
     ) -> None:
         from tokenizers import Tokenizer
 
@@ -111,13 +121,25 @@ class TextEncoder:
                     spec.tokenizer_file, f"the tokenizer has none of the token pairs {SPECIAL_TOKENS}"
                 )
             self._cls, self._sep = ids
+        self.backend, self.precision = backend, precision
         self.session = open_session(
-            spec.onnx_file, "cpu", threads=threads, inputs=spec.inputs, spinning=spinning, what="text encoder"
+            spec.onnx_file,
+            backend,
+            precision=precision,
+            threads=threads,
+            inputs=spec.inputs,
+            spinning=spinning,
+            what="text encoder",
         ).session
 
     @property
     def dim(self) -> int:
         return self.spec.dim
+
+    @property
+    def label(self) -> str:
+        """The precision it runs in: its graph's (fp32, fp16, int8), or bf16 when OpenVINO computes in bf16."""
+        return "bf16" if self.precision == "bf16" else self.spec.precision
 
     def normalise(self, text: str) -> str:
         return clean_text(text) if self.spec.text_normalisation == TEXT_NORMALISATION else text.strip()
@@ -186,6 +208,24 @@ class TextEncoder:
             out["attention_mask"][i, : len(ids)] = 1
             out["token_type_ids"][i, : len(types)] = types
         return {k: v for k, v in out.items() if k in self.spec.inputs}
+
+
+def open_text_encoder(
+    manifest: Manifest,
+    backend: str = "cpu",
+    precision: str = "fp32",
+    threads: int | None = None,
+    verify: bool = True,
+    spinning: bool = False,
+) -> TextEncoder:
+    """The artifact's text encoder on `backend` ("cpu": onnxruntime, "openvino") in `precision`: "fp16" / "int8"
+    read the twin graph the export made for it (refused without a passed agreement record; the fp32 graph when
+    there is none), "bf16" (OpenVINO) compiles the fp32 graph in bf16."""
+    spec = TextEncoderSpec.from_manifest(manifest, precision if precision in ("fp16", "int8") else "fp32")
+    if spec is None:
+        raise ArtifactError(manifest.path, "this export has no text encoder")
+    engine = ("bf16" if precision == "bf16" else "fp32") if backend == "openvino" else spec.precision
+    return TextEncoder(spec, threads, verify, spinning, backend, engine)
 
 
 def check_text_features(text: Any, features: dict[str, Any], field: str) -> str:

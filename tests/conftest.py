@@ -53,6 +53,14 @@ def built_once(factory: pytest.TempPathFactory, name: str, build: Callable[[Path
 
 
 @pytest.fixture(scope="session", autouse=True)
+def engine_choice_cache(tmp_path_factory: pytest.TempPathFactory):
+    """backend="auto" caches its engine choice; the suite keeps it in its own temp folder, never the user's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CMATH_CACHE_DIR", str(tmp_path_factory.mktemp("engine_choices")))
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def one_trace_per_model():
     """torch.onnx's trace is ~10 s even for a tiny model, and several tests export the same trained run (the CLI,
     crash safety, the benchmark, the bounds): trace each distinct model (weights, config, opset, max_len) once per

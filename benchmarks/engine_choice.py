@@ -1,0 +1,201 @@
+"""What backend="auto" / precision="auto" choose on this machine, timed against the engines it chose among.
+
+    python -m benchmarks.engine_choice EXPORT [--threads N] [--quick] [--csv-dir DIR] [--out FILE]
+
+Contenders, each a cmath_runtime.load of the same export (its text encoder on the same engine and precision, or
+chosen on its own for "auto"): auto (backend="auto", exact), auto+auto (backend and precision "auto"),
+onnxruntime fp32, OpenVINO fp32, onnxruntime int8 (when exported with a passed record). The auto contenders
+calibrate in this run (a fresh choice cache); their choices and medians go in the report.
+
+Two calls, timed in interleaved rounds (benchmarks.timing), p50:
+- text path: conv.add(speaker, text=...) + conv.latest on a live conversation of 20 turns, batch 1, raw text
+  (benchmarks.text_path's live conversations and contender);
+- model: model.predict on one conversation of 50 utterances of features (fixed seed), batch 1.
+Both twice: on the machine as it is, then beside a CPU-bound process (a bounded `python -c` busy loop, one core)
+for the whole second phase. Every record names the CPU and its ISA class (cmath_runtime.cpu).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .text_path import HISTORY, _timer, live_conversations, runtime_contender, text_source
+from .timing import Budget, interleaved, percentiles_ms, quiesce
+
+BUDGET = Budget(warmup=3, iterations=60, seconds=6.0, min_iterations=10, rounds=6)
+QUICK_BUDGET = Budget(warmup=2, iterations=16, seconds=2.0, min_iterations=5, rounds=4)
+UTTERANCES = 50
+LIVE = 8  # live conversations the text-path calls cycle through
+AUTO, AUTO_AUTO = "auto", "auto+auto"
+ENGINES = {  # contender -> load() arguments
+    AUTO: {"backend": "auto"},
+    AUTO_AUTO: {"backend": "auto", "precision": "auto"},
+    "onnxruntime fp32": {"backend": "cpu"},
+    "openvino fp32": {"backend": "openvino"},
+    "onnxruntime int8": {"backend": "cpu", "precision": "int8"},
+}
+
+
+@contextlib.contextmanager
+def busy_core(seconds: float) -> Iterator[None]:
+    """A CPU-bound process on one core for at most `seconds` (ended when the block ends)."""
+    code = f"import time\nend = time.monotonic() + {seconds:.0f}\nwhile time.monotonic() < end:\n    pass\n"
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def load_contenders(export: Path, threads: int, cache: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    import cmath_runtime
+
+    models, skipped = {}, {}
+    for name, kw in ENGINES.items():
+        try:
+            models[name] = cmath_runtime.load(export, threads=threads, choice_cache=cache, **kw)
+        except cmath_runtime.CmathError as e:
+            skipped[name] = str(e)
+    return models, skipped
+
+
+def model_feeds(model: Any, n: int) -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+    n = min(n, model.max_len)
+    feats = {m: rng.standard_normal((n, d)).astype(np.float32) for m, d in model.feature_dims.items()}
+    return {"speakers": [i % min(2, model.num_speakers) for i in range(n)], "features": feats}
+
+
+def run(
+    export: Path, threads: int, budget: Budget, csv_dir: Path | None = None, log: Any = print
+) -> dict[str, Any]:
+    from cmath_runtime.cpu import cpu_info
+
+    cpu = cpu_info()
+    with tempfile.TemporaryDirectory(prefix="cmath-choice-") as cache:
+        models, skipped = load_contenders(export, threads, Path(cache))
+        first = next(iter(models.values()))
+        has_text = first.manifest.text_encoder is not None and "t" in first.modalities
+        timers: dict[str, Any] = {}
+        if has_text:
+            dialogues, source = text_source(csv_dir, first.num_speakers)
+            convs = live_conversations(dialogues, LIVE, first.num_speakers, min(HISTORY, first.max_len - 1))
+            for name, model in models.items():
+                c = runtime_contender(name, model, "")
+                timers[f"text path | {name}"] = _timer(c, [c.start(d) for d in convs], convs)
+            log(
+                f"text path: {len(convs)} live conversations of {len(convs[0].texts) - 1} turns from {source}"
+            )
+        conv = model_feeds(first, UTTERANCES)
+        for name, model in models.items():
+            timers[f"model {len(conv['speakers'])} utt. | {name}"] = _predict_timer(model, conv)
+        records = []
+        for phase in ("quiet", "beside a busy core"):
+            seconds = 4 * budget.seconds * len(timers) + 60
+            with busy_core(seconds) if phase != "quiet" else contextlib.nullcontext():
+                timings = interleaved(timers, budget, settle=lambda _name: quiesce())
+            for key, times in timings.times.items():
+                call, name = key.split(" | ")
+                if times:
+                    records.append(
+                        {
+                            "call": call,
+                            "contender": name,
+                            "phase": phase,
+                            "cpu": cpu.model,
+                            "isa": cpu.isa,
+                            "threads": threads,
+                            "engine": engine_of(models[name]),
+                            **percentiles_ms(times),
+                        }
+                    )
+            for key, err in timings.errors.items():
+                skipped[key] = err
+        choices = {
+            name: {part: c.summary() for part, c in models[name].engine_choice.items()}
+            for name in (AUTO, AUTO_AUTO)
+            if name in models
+        }
+    return {
+        "benchmark": "engine_choice",
+        "cpu": cpu.to_json(),
+        "threads": threads,
+        "records": records,
+        "choices": choices,
+        "skipped": skipped,
+    }
+
+
+def engine_of(model: Any) -> str:
+    return ", ".join(f"{part} {c.backend} {c.precision}" for part, c in model.engine_choice.items())
+
+
+def _predict_timer(model: Any, conv: dict[str, Any]) -> Any:
+    def timer(count: int, seconds: float | None) -> list[float]:
+        deadline = None if seconds is None else time.perf_counter() + seconds
+        out = []
+        for _ in range(count):
+            start = time.perf_counter()
+            model.predict([conv], batch_size=1)
+            out.append(time.perf_counter() - start)
+            if deadline is not None and time.perf_counter() > deadline:
+                break
+        return out
+
+    return timer
+
+
+def table(report: dict[str, Any]) -> str:
+    """p50 per call, contender and phase, and each contender's ratio to onnxruntime fp32 (same call, phase)."""
+    cpu = report["cpu"]
+    lines = [
+        f"CPU: {cpu['model']} (ISA class {cpu['isa']}), {report['threads']} threads; p50 ms, and onnxruntime fp32 p50 / this p50",
+        "",
+        "| call | phase | contender | engine | p50 ms | speed vs ort fp32 |",
+        "|---|---|---|---|---:|---:|",
+    ]
+    base = {
+        (r["call"], r["phase"]): r["p50_ms"]
+        for r in report["records"]
+        if r["contender"] == "onnxruntime fp32"
+    }
+    for r in report["records"]:
+        ref = base.get((r["call"], r["phase"]))
+        ratio = f"{ref / r['p50_ms']:.2f}x" if ref else "n/a"
+        lines.append(
+            f"| {r['call']} | {r['phase']} | {r['contender']} | {r['engine']} | {r['p50_ms']:.2f} | {ratio} |"
+        )
+    lines += ["", *(f"- {name}: {c}" for name, cs in report["choices"].items() for c in cs.values())]
+    lines += [f"- skipped {k}: {v}" for k, v in report["skipped"].items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("export", type=Path)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--csv-dir", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="write the report (JSON) here")
+    args = parser.parse_args(argv)
+    report = run(args.export, args.threads, QUICK_BUDGET if args.quick else BUDGET, args.csv_dir)
+    print(table(report))
+    if args.out is not None:
+        from cmath_runtime.files import atomic_write_json
+
+        atomic_write_json(args.out, report)
+
+
+if __name__ == "__main__":
+    main()

@@ -298,6 +298,14 @@ def _recipe(recipe: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
         "",
         f"`{name}`" + (": " + "; ".join(recipe["reasons"]) if recipe.get("reasons") else ""),
     ]
+    rule = metrics.get("decision_rule")
+    if rule:
+        offsets = ", ".join(f"{x:+.2f}" for x in rule["offsets"])
+        lines += [
+            "",
+            f"Decision rule for weighted-F1: {'per-label logit offsets ' + offsets if rule['applied'] else 'none'}"
+            f" ({rule['reason']}; chosen on validation).",
+        ]
     return [*lines, ""]
 
 
@@ -311,8 +319,16 @@ def _encoder(manifest: Manifest) -> list[str]:
             "",
         ]
     turns = enc.get("turns")
+    future = int(turns.get("future", 0)) if isinstance(turns, dict) else 0
     reads = (
-        f"each utterance with up to {turns.get('window')} past turns, {turns.get('max_tokens')} tokens in all"
+        f"each utterance with up to {turns.get('window')} past"
+        + (f" and {future} future" if future else "")
+        + f" turns, {turns.get('max_tokens')} tokens in all"
+        + (
+            " (so it classifies whole conversations; it cannot stream one utterance at a time)"
+            if future
+            else ""
+        )
         if isinstance(turns, dict)
         else "each utterance on its own"
     )
@@ -393,7 +409,12 @@ def _artifacts(manifest: Manifest) -> list[str]:
 
 def _how_to_load(manifest: Manifest) -> list[str]:
     precisions = [a.precision for a in manifest.artifacts.values() if a.format == "onnx"]
-    if manifest.text_encoder:
+    if manifest.text_encoder and ((manifest.text_encoder.get("turns") or {}).get("future") or 0) > 0:
+        use = [
+            'texts = ["Hi! How are you?", "Terrible, I lost my keys."]',
+            'print(model.predict([{"speakers": [0, 1], "texts": texts}])[0].labels)  # one label per utterance',
+        ]
+    elif manifest.text_encoder:
         use = [
             "conv = cmath_runtime.Conversation(model)",
             'print(conv.add(0, text="Hi! How are you?").latest)  # label, confidence, probabilities',

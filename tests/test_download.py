@@ -154,11 +154,9 @@ def test_download_then_prepare_train_export_and_the_card(
     assert front["language"] == ["en"] and "English multi-party TV dialogue" in body
     assert "differ from MELD's as published" in body  # the test's files, not MELD's
     model = cmath_runtime.load(run / "export", backend="cpu", threads=1)
-    conv = cmath_runtime.Conversation(model)
-    conv.add(0, text="great lovely fun").add(1, text="stupid awful hate")
-    assert [e.label for e in conv.emotions()] == [
-        model.label_names[i] for i in conv.probs().argmax(-1)
-    ] and len(conv) == 2
+    texts = ["great lovely fun", "stupid awful hate"]  # the default encoder reads whole conversations
+    [pred] = model.predict([{"speakers": [0, 1], "texts": texts}])
+    assert pred.labels == [model.label_names[i] for i in pred.probs.argmax(-1)] and len(pred) == 2
 
 
 def test_a_part_left_by_a_broken_run_is_resumed_by_the_next(files: dict[str, bytes], tmp_path: Path) -> None:

@@ -164,7 +164,7 @@ def context_export(context_run: tuple[Path, Path]) -> Path:
 def test_openvino_text_encoder_matches_onnxruntime(context_export: Path) -> None:
     pytest.importorskip("openvino")
     manifest = read_manifest(context_export)
-    items = [(TEXTS[:i], [k % 2 for k in range(i)], i % 2, TEXTS[i]) for i in range(len(TEXTS))]
+    items = [(TEXTS, [k % 2 for k in range(len(TEXTS))], i) for i in range(len(TEXTS))]
     ref = open_text_encoder(manifest, "cpu", "fp32", threads=1).encode_turns(items)
     ov = open_text_encoder(manifest, "openvino", "fp32", threads=1)
     assert ov.backend == "openvino" and ov.label == "fp32"

@@ -422,3 +422,20 @@ def test_future_turns_give_a_whole_conversation_encoder_and_a_distilled_causal_t
     shutil.rmtree(out / "causal")
     with pytest.raises(InputError, match="future turn"):
         load_data(str(out), causal=True)
+
+
+def test_a_twin_longer_than_the_encoder_reads_is_refused_before_fine_tuning(
+    splits: dict[str, Path], tmp_path: Path, tiny_encoder: Path
+) -> None:
+    from cmath_runtime.errors import InputError
+
+    options = PrepareOptions(
+        cache_dir=None,
+        encoder_dir=tiny_encoder,
+        finetune=FinetuneOptions(epochs=1, batch_size=8),
+        turns=TurnFormat(window=2, max_tokens=48, future=1),
+        causal_turns=TurnFormat(window=2, max_tokens=96),  # the tiny encoder reads 64
+    )
+    with pytest.raises(InputError, match="causal_max_tokens.*at most 64"):
+        prepare_features(splits, tmp_path / "feat", options, log=lambda _: None)
+    assert not (tmp_path / "feat").exists()  # nothing fine-tuned, nothing written

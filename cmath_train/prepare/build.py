@@ -128,7 +128,7 @@ def prepare_features(
                 options.finetune.epochs,
             )
         base_dir = encoder.model_dir if encoder is not None else options.encoder_dir
-        base_path = _base_path(base_dir, options.device)
+        base_path = _base_path(base_dir, options.device, options)
         examples = turn_examples(tables, speaker_ids, options.turns, base_path)
         whole = _finetuned(examples, labels, names, out, options, options.turns, base_dir, log, timings)
         if not options.turns.streams and options.causal_turns is not None:
@@ -240,8 +240,13 @@ class _Finetuned:
     meta: dict[str, Any]  # what to record in the features' meta
 
 
-def _base_path(base_dir: Path | None, device: str) -> Path:
-    return Path(SentenceTransformerEncoder.load(base_dir, device=device).describe()["path"])
+def _base_path(base_dir: Path | None, device: str, options: PrepareOptions) -> Path:
+    """The base encoder's directory, once every format to fine-tune is known to fit it (before any fine-tuning)."""
+    st = SentenceTransformerEncoder.load(base_dir, device=device)
+    check_token_limit(st, options.turns, "context_max_tokens")
+    if not options.turns.streams and options.causal_turns is not None:
+        check_token_limit(st, options.causal_turns, "causal_max_tokens")
+    return Path(st.describe()["path"])
 
 
 def _finetuned(
@@ -385,17 +390,18 @@ def trainable_encoder(
     the sentence-transformers model's weights, so saving the one saves the other)."""
     st = SentenceTransformerEncoder.load(model_dir, device=device)
     base = st.describe()
-    hf = st.model[0].auto_model
-    positions = min(
-        int(getattr(hf.config, "max_position_embeddings", fmt.max_tokens)), st.model.max_seq_length
-    )
-    if fmt.max_tokens > positions:
-        raise InputError(
-            "context_max_tokens", f"at most {positions} (the encoder's max_seq_length)", fmt.max_tokens
-        )
+    check_token_limit(st, fmt, "context_max_tokens")
     return st, PooledEncoder(
-        hf, base.get("pooling", "mean"), bool(base.get("normalized")), first_segment=True
+        st.model[0].auto_model, base.get("pooling", "mean"), bool(base.get("normalized")), first_segment=True
     )
+
+
+def check_token_limit(st: SentenceTransformerEncoder, fmt: TurnFormat, field: str) -> None:
+    """`fmt.max_tokens` within what the encoder reads (its positions and max_seq_length), else InputError."""
+    config = st.model[0].auto_model.config
+    limit = min(int(getattr(config, "max_position_embeddings", fmt.max_tokens)), st.model.max_seq_length)
+    if fmt.max_tokens > limit:
+        raise InputError(field, f"at most {limit} (the encoder's max_seq_length)", fmt.max_tokens)
 
 
 def carve_dev(train: CsvTable, fraction: float, seed: int) -> dict[str, CsvTable]:

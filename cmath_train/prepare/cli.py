@@ -124,9 +124,9 @@ def _common_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--causal-max-tokens",
             type=click.IntRange(min=4, max=512),
-            default=CAUSAL_TURNS.max_tokens,
-            show_default=True,
-            help="Tokens of the causal twin's input.",
+            default=None,
+            help=f"Tokens of the causal twin's input (default: {CAUSAL_TURNS.max_tokens}, or --context-max-tokens "
+            "when that is smaller).",
         ),
         click.option(
             "--causal-twin/--no-causal-twin",
@@ -196,7 +196,11 @@ def _options(source: str, columns: CsvColumns, kw: dict[str, Any]) -> PrepareOpt
             kd_temperature=kw["kd_temperature"],
         ),
         turns=turns,
-        causal_turns=dataclasses.replace(turns, future=0, max_tokens=kw["causal_max_tokens"])
+        causal_turns=dataclasses.replace(
+            turns,
+            future=0,
+            max_tokens=kw["causal_max_tokens"] or min(CAUSAL_TURNS.max_tokens, turns.max_tokens),
+        )
         if kw["causal_twin"]
         else None,
         source=source,

@@ -59,9 +59,10 @@ def _resolve(name: str, own: set[str]) -> str:
     return m or name
 
 
-def test_runtime_imports_nothing_from_train_export_or_torch() -> None:
+def _imports_nothing_beyond_the_runtime(package: str) -> None:
+    """No module of `package` imports training, export, serving, the benchmarks or torch."""
     bad = {}
-    for path in _files("cmath_runtime"):
+    for path in _files(package):
         hits = sorted(
             m
             for m in _imports(path)
@@ -70,6 +71,10 @@ def test_runtime_imports_nothing_from_train_export_or_torch() -> None:
         if hits:
             bad[_module_name(path)] = hits
     assert not bad, bad
+
+
+def test_runtime_imports_nothing_from_train_export_or_torch() -> None:
+    _imports_nothing_beyond_the_runtime("cmath_runtime")
 
 
 def test_base_layer_imports_only_itself() -> None:
@@ -258,13 +263,4 @@ def test_studies_are_not_installed_and_no_installed_package_imports_them() -> No
 
 def test_the_demo_imports_only_the_runtime() -> None:
     """cmath_demo is a client of the runtime, like an agent: no torch, nothing of training, export or serving."""
-    bad = {}
-    for path in _files("cmath_demo"):
-        hits = sorted(
-            m
-            for m in _imports(path)
-            if m.split(".")[0] in ("cmath_train", "cmath_export", "cmath_serve", "benchmarks", "torch")
-        )
-        if hits:
-            bad[_module_name(path)] = hits
-    assert not bad, bad
+    _imports_nothing_beyond_the_runtime("cmath_demo")

@@ -48,7 +48,7 @@ class ExportFormat:
     builder: str
     preflight: str | None = None  # "module:function" checking the machine before anything is written
     serve_rank: int = 0  # Triton serves the built artifact of highest rank
-    # (contender, precision) pairs the benchmark runs it with; contender names: benchmarks/backends.py RUNTIME
+    # (contender, precision) pairs the benchmark runs it with; contender names: cmath_bench/backends.py RUNTIME
     bench: tuple[tuple[str, str], ...] = ()
     # "module:function" building this format's twin of the step graph (causal runs): (ctx, step entry) ->
     # (entry stored as export.json["step"][key], parity report); None: the format has no step twin

@@ -1,7 +1,7 @@
 """Weight-int8 ONNX graphs: onnxruntime's dynamic quantization of the MatMuls whose weight is a constant.
 
 Graph-agnostic: it rewrites any fp32 ONNX graph (model.onnx, model.step.onnx), so batch axes and cache layouts do
-not matter. A batch-1 call of this model is bound by reading its weights (benchmarks/roofline.py), so 4x fewer
+not matter. A batch-1 call of this model is bound by reading its weights (cmath_bench/roofline.py), so 4x fewer
 weight bytes is where the speed comes from. What is quantized, and why:
 
 - every MatMul whose second input is an initializer (the linear layers) gets int8 weights, one scale per tensor,

@@ -13,10 +13,10 @@ else from cmath, except each other):
 Import rules (tests/test_architecture.py checks them on every run):
 
 * `cmath_train` may import the base layer of `cmath_runtime` and nothing else of it;
-* `cmath_runtime` imports nothing from `cmath_train`, `cmath_export` or `benchmarks` (and never torch);
-* `cmath_export` and `benchmarks` may import all of `cmath_runtime` (the exporter reads back what it wrote
+* `cmath_runtime` imports nothing from `cmath_train`, `cmath_export` or `cmath_bench` (and never torch);
+* `cmath_export` and `cmath_bench` may import all of `cmath_runtime` (the exporter reads back what it wrote
   with the runtime's own `Manifest`, session loader and comparator);
-* `cmath_train` imports nothing from `cmath_export`, `cmath_serve` or `benchmarks`;
+* `cmath_train` imports nothing from `cmath_export`, `cmath_serve` or `cmath_bench`;
 * no module reaches itself through imports, counting those inside functions.
 
 See docs/architecture.md for the whole map.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check: on a machine with an NVIDIA GPU, after `pip install -e '.[gpu]'` (onnxruntime-gpu beside PyTorch for
-# CUDA), runs `python -m benchmarks.gpu_check`, which trains and exports the meld model on this machine, times and
+# CUDA), runs `python -m cmath_bench.gpu_check`, which trains and exports the meld model on this machine, times and
 # compares PyTorch (eager fp32 / fp16 autocast, torch.compile) and the runtime (onnxruntime CUDA EP fp32 / fp16,
 # CPU) on CUDA, and writes gpu_check.json and gpu_check.md to OUT, rewritten after every step; this script adds
 # gpu_check.log (everything printed). docs/gpu.md says what it measures.
@@ -21,7 +21,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 main() {
     echo "gpu_check: $("$PYTHON" --version 2>&1) at $(command -v "$PYTHON"), tree $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
-    "$PYTHON" -m benchmarks.gpu_check "$OUT_DIR" "$@"
+    "$PYTHON" -m cmath_bench.gpu_check "$OUT_DIR" "$@"
 }
 
 mkdir -p "$OUT_DIR"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Maintainer command: refreshes the docs' benchmark pages and the README's generated tables from the main job's runs
 # (run `bash scripts/main.sh` first). Copies RUN/bench to docs/bench and RUN-causal/bench to docs/bench/causal, then
-# rewrites README.md's generated blocks (python -m benchmarks.readme). Review the diff before committing it.
+# rewrites README.md's generated blocks (python -m studies.readme). Review the diff before committing it.
 #
 # Usage: bash scripts/refresh_docs.sh [RUN]      (default runs/main)
 set -euo pipefail
@@ -20,5 +20,5 @@ copy_pages() {  # copy_pages SRC DST: bench.json, bench.md and the plots
 }
 copy_pages "$RUN/bench" docs/bench
 copy_pages "$RUN-causal/bench" docs/bench/causal
-.venv/bin/python -m benchmarks.readme
+.venv/bin/python -m studies.readme
 echo "refreshed docs/bench, docs/bench/causal and README.md's tables from $RUN; see git diff"

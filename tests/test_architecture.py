@@ -13,7 +13,7 @@ from pathlib import Path
 from cmath_runtime.base import BASE_MODULES
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("cmath_runtime", "cmath_export", "cmath_train", "cmath_serve", "cmath_demo", "benchmarks")
+PACKAGES = ("cmath_runtime", "cmath_export", "cmath_train", "cmath_serve", "cmath_demo", "cmath_bench")
 BASE = {f"cmath_runtime.{m}" for m in BASE_MODULES} | {"cmath_runtime"}
 
 
@@ -66,7 +66,7 @@ def _imports_nothing_beyond_the_runtime(package: str) -> None:
         hits = sorted(
             m
             for m in _imports(path)
-            if m.split(".")[0] in ("cmath_train", "cmath_export", "cmath_serve", "benchmarks", "torch")
+            if m.split(".")[0] in ("cmath_train", "cmath_export", "cmath_serve", "cmath_bench", "torch")
         )
         if hits:
             bad[_module_name(path)] = hits
@@ -147,7 +147,7 @@ def test_training_imports_nothing_from_export_serve_or_benchmarks() -> None:
     bad = {}
     for path in _files("cmath_train"):
         hits = sorted(
-            m for m in _imports(path) if m.split(".")[0] in ("cmath_export", "cmath_serve", "benchmarks")
+            m for m in _imports(path) if m.split(".")[0] in ("cmath_export", "cmath_serve", "cmath_bench")
         )
         if hits:
             bad[_module_name(path)] = hits

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from benchmarks import backends, report
-from benchmarks.cli import main
-from benchmarks.timing import Budget, interleaved, percentiles_ms
+from cmath_bench import backends, report
+from cmath_bench.cli import main
+from cmath_bench.timing import Budget, interleaved, percentiles_ms
 
 REQUIRED = (
     "kind",
@@ -126,7 +126,7 @@ def test_settle_runs_after_every_block_and_quiesce_waits_for_a_busy_process(
     import subprocess
     import sys
 
-    from benchmarks import timing
+    from cmath_bench import timing
 
     settled: list[str] = []
     t = interleaved(
@@ -158,7 +158,7 @@ def test_settle_runs_after_every_block_and_quiesce_waits_for_a_busy_process(
 
 def test_compile_failure_is_recorded_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
     """A torch.compile that fails on the first call makes a 'failed' record with the error (the run goes on)."""
-    from benchmarks import runner
+    from cmath_bench import runner
 
     class FakeWorker:
         def __init__(self, key: str, fail: bool) -> None:
@@ -231,7 +231,7 @@ def test_unknown_backend_name(tmp_path: Path) -> None:
 
 def test_every_contender_has_one_name() -> None:
     """Each runtime contender is one name in backends.RUNTIME, used as is by the format table and the records."""
-    from benchmarks.cli import _contender_keys
+    from cmath_bench.cli import _contender_keys
     from cmath_export.formats import bench_contenders
 
     assert {name for _, name, _ in bench_contenders()} <= set(backends.RUNTIME)
@@ -245,7 +245,7 @@ def test_roofline_flops_and_floor(tmp_path: Path) -> None:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from benchmarks.roofline import FlopCounter, Machine, measure_bandwidth, weight_bytes
+    from cmath_bench.roofline import FlopCounter, Machine, measure_bandwidth, weight_bytes
 
     w = numpy_helper.from_array(np.ones((8, 4), np.float32), "w")
     nodes = [
@@ -278,7 +278,7 @@ def test_roofline_flops_and_floor(tmp_path: Path) -> None:
 def test_read_probe_reads_the_whole_buffer() -> None:
     """The read bandwidth (a floor's rate): numpy sums and an onnxruntime GEMV over the same bytes, median of passes;
     the default buffer is at least 4x the last-level cache."""
-    from benchmarks.roofline import (
+    from cmath_bench.roofline import (
         READ_MIB,
         ReadProbe,
         last_level_cache_bytes,
@@ -301,7 +301,7 @@ def test_read_probe_reads_the_whole_buffer() -> None:
 
 def test_peak_probes() -> None:
     """The fp32 (measure_matmul_peak's) and int8 (MatMulInteger) matmul peaks: 2 n^3 operations per call."""
-    from benchmarks.roofline import PeakProbe
+    from cmath_bench.roofline import PeakProbe
 
     for kind in PeakProbe.KINDS:
         probe = PeakProbe(kind, threads=1, n=64)
@@ -310,7 +310,7 @@ def test_peak_probes() -> None:
 
 
 def test_int8_bars() -> None:
-    from benchmarks.report import int8_bars
+    from cmath_bench.report import int8_bars
 
     def lat(backend: str, precision: str, n: int, ms: float, diff: float = 0.0) -> dict:
         return {
@@ -388,7 +388,7 @@ def test_matmul_twin_holds_the_step_graphs_weight_matmuls(causal_export: Path) -
     import onnxruntime as ort
     from onnx import numpy_helper
 
-    from benchmarks.roofline import matmul_twin, time_matmul_twin
+    from cmath_bench.roofline import matmul_twin, time_matmul_twin
 
     graph, feeds, nbytes = matmul_twin(causal_export / "model.step.onnx")
     twin = onnx.load_from_string(graph)
@@ -415,8 +415,8 @@ def test_matmul_twin_holds_the_step_graphs_weight_matmuls(causal_export: Path) -
 def test_streaming_records_carry_floor_and_matmul_twin(causal_export: Path) -> None:
     """The streaming benchmark on a causal export: step records per engine (sleeping and spinning onnxruntime) with
     their roofline floor and MatMul twin, and the full-recompute records beside them."""
-    from benchmarks.roofline import Machine
-    from benchmarks.streaming import QUICK_BUDGET, run_streaming
+    from cmath_bench.roofline import Machine
+    from cmath_bench.streaming import QUICK_BUDGET, run_streaming
 
     records = run_streaming(
         causal_export,

@@ -41,7 +41,7 @@ def test_every_docs_page_is_linked_and_every_link_resolves() -> None:
 
 def test_generated_readme_tables_are_current() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.readme", "--check"],
+        [sys.executable, "-m", "studies.readme", "--check"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -72,12 +72,12 @@ def test_readme_quick_start_runs_as_written(tiny_export, tmp_path: Path) -> None
 
 
 def test_accuracy_page_is_written_from_run_metrics(tiny_run: Path, tmp_path: Path) -> None:
-    """`benchmarks.accuracy` turns runs' metrics.json into the results table; a folder without one is named."""
+    """`studies.accuracy` turns runs' metrics.json into the results table; a folder without one is named."""
     import json
 
     from click.testing import CliRunner
 
-    from benchmarks.accuracy import main
+    from studies.accuracy import main
 
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     out = tmp_path / "page"
@@ -102,7 +102,7 @@ def test_the_product_speaks_only_of_itself() -> None:
     banned = re.compile(
         r"/work/|/home/\w|\.\./shared|\bshared/(data|papers|docs)\b|\blent\b|\blending\b|device call|\bcarry:"
     )
-    packages = ("cmath_train", "cmath_export", "cmath_runtime", "cmath_serve", "benchmarks", "studies")
+    packages = ("cmath_train", "cmath_export", "cmath_runtime", "cmath_serve", "cmath_bench", "studies")
     files = [README, ROOT / "pyproject.toml", *DOCS.rglob("*.md"), *DOCS.rglob("*.json")]
     files += [*(ROOT / "scripts").glob("*.sh"), *(p for pkg in packages for p in (ROOT / pkg).rglob("*.py"))]
     found = [

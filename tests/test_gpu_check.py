@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.py: the report writer and its bars on made-up GPU numbers, and the whole check on the shared
+"""cmath_bench/gpu_check.py: the report writer and its bars on made-up GPU numbers, and the whole check on the shared
 tiny runs with CUDA hidden (the CPU dry run: CUDA parts listed as not run with the reason, exit code 3)."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import gpu_check
-from benchmarks.backends import Skipped
-from benchmarks.gpu_check import GpuCheck
+from cmath_bench import gpu_check
+from cmath_bench.backends import Skipped
+from cmath_bench.gpu_check import GpuCheck
 
 
 def _rec(backend: str, precision: str, batch: int, n: int, p50: float, provider: str) -> dict:

@@ -531,7 +531,7 @@ def test_store_limit_expiry_and_one_call_per_batch() -> None:
 
 
 def test_serve_load_report(tmp_path: Path) -> None:
-    from benchmarks.serve_load import markdown, plot
+    from cmath_bench.serve_load import markdown, plot
 
     base = {"p50_ms": 10.0, "p90_ms": 12.0, "p99_ms": 20.0, "mean_ms": 11.0, "min_ms": 9.0}
     records = [
@@ -605,7 +605,7 @@ def test_cmath_serve_uses_only_the_runtimes_public_api() -> None:
         hits = sorted(
             n
             for n in names
-            if n.split(".")[0] in ("torch", "cmath_train", "cmath_export", "benchmarks")
+            if n.split(".")[0] in ("torch", "cmath_train", "cmath_export", "cmath_bench")
             or (n.startswith("cmath_runtime") and n not in allowed)
         )
         if hits:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.roofline import Machine, WeightReads, weight_bytes
-from benchmarks.text_path import (
+from cmath_bench.roofline import Machine, WeightReads, weight_bytes
+from cmath_bench.text_path import (
     FP32,
     FROZEN,
     INT8,
@@ -21,7 +21,7 @@ from benchmarks.text_path import (
     run_text_path,
     write_report,
 )
-from benchmarks.timing import Budget
+from cmath_bench.timing import Budget
 
 TEST_BUDGET = Budget(warmup=1, iterations=4, seconds=0.3, min_iterations=2, rounds=2)
 

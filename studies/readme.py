@@ -1,11 +1,11 @@
 """Writes the README's generated tables from their one source each, between marker comments:
 
 - `formats`: the export format table (`cmath_export.formats.format_table`, also `cmath-export --list-formats`);
-- `accuracy`: `docs/results/meld_text.json` (written by `python -m benchmarks.accuracy`);
+- `accuracy`: `docs/results/meld_text.json` (written by `python -m studies.accuracy`);
 - `speed`: `docs/bench/bench.json` (written by `cmath-bench`), batch 1 at 1, 10 and 50 utterances.
 
-    python -m benchmarks.readme            # rewrite README.md's blocks
-    python -m benchmarks.readme --check    # exit 1 if a block is not what its source says (the tests run this)
+    python -m studies.readme            # rewrite README.md's blocks
+    python -m studies.readme --check    # exit 1 if a block is not what its source says (the tests run this)
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Any
 
 import click
 
-from benchmarks.accuracy import table as accuracy_table
 from cmath_export.formats import format_table
 from cmath_runtime.files import atomic_open
+from studies.accuracy import table as accuracy_table
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEED_LENGTHS = (1, 10, 50)
@@ -107,7 +107,7 @@ def main(check: bool, readme: Path) -> None:
     if check:
         if new != old:
             raise click.ClickException(
-                f"{readme}: generated tables are out of date; run `python -m benchmarks.readme`"
+                f"{readme}: generated tables are out of date; run `python -m studies.readme`"
             )
         click.echo(f"{readme}: generated tables up to date")
         return

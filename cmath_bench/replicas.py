@@ -1,6 +1,6 @@
 """Replicas behind HAProxy: throughput and latency with 1, 2, 3 replicas, CPU per utterance, and failover cost.
 
-    python -m benchmarks.replicas EXPORT_DIR [--out DIR] [--quick]
+    python -m cmath_bench.replicas EXPORT_DIR [--out DIR] [--quick]
 
 For each replica count: `cmath_serve.balancer.ReplicaSet` (N tritonservers on free 127.0.0.1 ports + HAProxy),
 then --conversations concurrent conversations (one thread each, `cmath_serve.conversation_client`) of
@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> None:
         "export": str(export),
         "threads": args.threads,
         "queue_delay_us": args.queue_delay_us,
-        "command": "python -m benchmarks.replicas " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m cmath_bench.replicas " + " ".join(sys.argv[1:] if argv is None else argv),
         "loadavg_start": load_start,
         "loadavg_end": os.getloadavg()[0],
     }

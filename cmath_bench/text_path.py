@@ -1,6 +1,6 @@
 """Raw text -> emotion for one new utterance in a live conversation: each engine against the text path's floor.
 
-    python -m benchmarks.text_path RUN_DIR --csv-dir DIR [--export DIR] [--threads N] [--quick] [--parity]
+    python -m cmath_bench.text_path RUN_DIR --csv-dir DIR [--export DIR] [--threads N] [--quick] [--parity]
                                    [--frozen-encoder DIR] [--out DIR]
 
 One timed call (batch 1) is what an agent does when a line arrives: `conv.add(speaker, text=...)` on a conversation
@@ -9,7 +9,7 @@ speaker and past turns (cmath_runtime.turns), the model gives its emotion. The 2
 any timing from real texts (MELD dev, consecutive utterances; else the export's probe texts) and every timed call
 adds to a copy of one of them (Conversation.copy(), made untimed before each block of calls).
 
-Contenders, timed in interleaved rounds (benchmarks.timing; the machine is let go quiet after every block):
+Contenders, timed in interleaved rounds (cmath_bench.timing; the machine is let go quiet after every block):
 - runtime fp32 / runtime int8: cmath_runtime.load(precision=...); int8 reads text_encoder.int8.onnx + model.int8.onnx;
 - pytorch: the same pipeline in PyTorch: the same token ids (tokenizer.json through `tokenizers` + cmath_runtime.turns,
   as cmath-prepare builds them), the encoder's torch twin (PooledEncoder on the fine-tuned HF model) and the run's
@@ -384,7 +384,7 @@ def _median_call(
 def _timer(
     c: Contender, states: list[Any], live: list[Dialogue]
 ) -> Callable[[int, float | None], list[float]]:
-    """benchmarks.timing's Timer for a contender: forks `count` live conversations (untimed), then times one call on
+    """cmath_bench.timing's Timer for a contender: forks `count` live conversations (untimed), then times one call on
     each, cycling through them, stopping early at the block's deadline."""
     turn = itertools.count()
 

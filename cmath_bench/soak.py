@@ -1,7 +1,7 @@
 """Concurrency soak (not CI): one EmotionModel shared by N threads for a fixed time; every answer is compared with
 the answer the same request got serially before the soak. Reports answers checked and mismatches (must be 0).
 
-    python -m benchmarks.soak EXPORT_DIR --threads 8 --seconds 60 [--precision fp32] [--out soak.json]
+    python -m cmath_bench.soak EXPORT_DIR --threads 8 --seconds 60 [--precision fp32] [--out soak.json]
 
 Requests are drawn from a fixed, seeded list: `predict` on batches of 1-4 conversations (1-40 utterances), and,
 for an artifact with a step graph, a `Conversation` fed utterance by utterance (step path, `.latest` after each

@@ -1,6 +1,6 @@
 """Load on a real Triton (cmath-serve): a bounded asyncio + tritonclient load generator.
 
-    python -m benchmarks.serve_load EXPORT_DIR [--out DIR] [--quick]
+    python -m cmath_bench.serve_load EXPORT_DIR [--out DIR] [--quick]
 
 * `cmath`: whole conversations of --utterances utterances, one per request, at concurrency 1, 4, 16, 64
   (closed loop: each client sends its next conversation when the last one is answered): conversations/s,
@@ -442,7 +442,7 @@ def main() -> None:
         "export": str(export),
         "threads": args.threads,
         "queue_delay_us": args.queue_delay_us,
-        "command": "python -m benchmarks.serve_load " + " ".join(sys.argv[1:]),
+        "command": "python -m cmath_bench.serve_load " + " ".join(sys.argv[1:]),
         "loadavg_start": load_start,
         "loadavg_end": os.getloadavg()[0],
     }

@@ -5,7 +5,7 @@ workers on a 2-core machine), shows what each costs to import and load in a fres
 native allocations (onnxruntime arenas, torch tensors) are invisible to tracemalloc, so it reads VmHWM (peak
 resident set) from /proc/self/status. The runtime's worker never imports torch.
 
-    python -m benchmarks.worker '{"backend": ..., "precision": ..., "threads": ..., "run_dir": ..., "export_dir": ...}'
+    python -m cmath_bench.worker '{"backend": ..., "precision": ..., "threads": ..., "run_dir": ..., "export_dir": ...}'
     requests:  {"op": "warmup" | "time", "batch": B, "length": N, "count": k, "seconds": s}  ->  {"times": [...]}
                {"op": "probs", "batch": B, "length": N}  ->  {"probs": [...]}
                {"op": "stats"}  ->  {"peak_rss_mb": ..., "torch_imported": ...}

@@ -1,15 +1,15 @@
 """What backend="auto" / precision="auto" choose on this machine, timed against the engines it chose among.
 
-    python -m benchmarks.engine_choice EXPORT [--threads N] [--quick] [--csv-dir DIR] [--out FILE]
+    python -m cmath_bench.engine_choice EXPORT [--threads N] [--quick] [--csv-dir DIR] [--out FILE]
 
 Contenders, each a cmath_runtime.load of the same export (its text encoder on the same engine and precision, or
 chosen on its own for "auto"): auto (backend="auto", exact), auto+auto (backend and precision "auto"),
 onnxruntime fp32, OpenVINO fp32, onnxruntime int8 (when exported with a passed record). The auto contenders
 calibrate in this run (a fresh choice cache); their choices and medians go in the report.
 
-Two calls, timed in interleaved rounds (benchmarks.timing), p50:
+Two calls, timed in interleaved rounds (cmath_bench.timing), p50:
 - text path: conv.add(speaker, text=...) + conv.latest on a live conversation of 20 turns, batch 1, raw text
-  (benchmarks.text_path's live conversations and contender);
+  (cmath_bench.text_path's live conversations and contender);
 - model: model.predict on one conversation of 50 utterances of features (fixed seed), batch 1.
 Both twice: on the machine as it is, then beside a CPU-bound process (a bounded `python -c` busy loop, one core)
 for the whole second phase. Every record names the CPU and its ISA class (cmath_runtime.cpu).

@@ -1,6 +1,6 @@
 """The GPU check: the CUDA and fp16 paths of the meld model run for real, measured against PyTorch on the same GPU.
 
-    python -m benchmarks.gpu_check OUT [--work DIR] [--quick]     (scripts/gpu_check.sh runs it; docs/gpu.md)
+    python -m cmath_bench.gpu_check OUT [--work DIR] [--quick]     (scripts/gpu_check.sh runs it; docs/gpu.md)
 
 One run, in order: the environment (GPU, driver, CUDA, torch.cuda, onnxruntime and the providers a session it
 creates really got); `cmath-train --preset meld --epochs 1` + `cmath-export --fp16`; p50 latency at batch 1 x
@@ -72,7 +72,7 @@ class GpuCheck:
     steps: list[Step] = field(default_factory=list)
     records: list[dict[str, Any]] = field(
         default_factory=list
-    )  # benchmarks.report's keys (kind, backend, ...)
+    )  # cmath_bench.report's keys (kind, backend, ...)
     parity: list[dict[str, Any]] = field(default_factory=list)
     not_run: list[dict[str, str]] = field(default_factory=list)  # {"what", "why"}
     bars: list[dict[str, Any]] = field(default_factory=list)
@@ -582,7 +582,7 @@ def markdown(check: GpuCheck) -> str:
             "PyTorch: inputs made on the device once; each call ends with the probabilities copied to numpy "
             "and torch.cuda.synchronize(). cmath_runtime: EmotionModel.predict on numpy conversations "
             "(validation, padding and copies included). Contenders interleaved round by round "
-            "(benchmarks/timing.py), first calls (compilation) not timed.",
+            "(cmath_bench/timing.py), first calls (compilation) not timed.",
             "",
             report.latency_table(timed),
             "",

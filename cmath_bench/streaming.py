@@ -1,6 +1,6 @@
 """Streaming benchmark: latency of one new utterance at history n, step graph vs full recompute (same runtime).
 
-    python -m benchmarks.streaming RUN_OR_EXPORT_DIR [--out DIR] [--threads N] [--quick]
+    python -m cmath_bench.streaming RUN_OR_EXPORT_DIR [--out DIR] [--threads N] [--quick]
 
 "full" is what a Conversation without a step graph does for each new utterance: model.predict on the whole
 conversation of n utterances. "step" is one call of model.step.onnx at position n-1 with a cache of n-1 rows.
@@ -29,7 +29,7 @@ QUICK_BUDGET = Budget(warmup=1, iterations=10, seconds=0.2, min_iterations=3, ro
 
 # (contender, precision); contender names: backends.RUNTIME
 STEP_CONTENDERS = ((ORT, "fp32"), (ORT_SPIN, "fp32"), (ORT, "int8"), (OPENVINO, "fp32"), (OPENVINO, "bf16"))
-PROBE = "probe/bandwidth"  # benchmarks.roofline.BandwidthProbe, timed among the step contenders
+PROBE = "probe/bandwidth"  # cmath_bench.roofline.BandwidthProbe, timed among the step contenders
 
 
 def _load_step_models(
@@ -67,7 +67,7 @@ def run_streaming(
 ) -> list[dict[str, Any]]:
     """Records {"benchmark": "streaming", "path", "n", "threads", p50_ms, ...} for every n (capped at max_len):
     the step graph on every (backend, precision) that loads here, and the full recompute (onnxruntime fp32).
-    With `machine` (benchmarks.roofline.Machine), each step record carries its floor and latency_x_floor, its bytes
+    With `machine` (cmath_bench.roofline.Machine), each step record carries its floor and latency_x_floor, its bytes
     term from the median copy bandwidth measured at that history length in the same interleaved rounds as the steps
     (and latency_x_best_bytes_floor against the fastest copy of those rounds)."""
     from cmath_runtime.streaming import Stream

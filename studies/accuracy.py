@@ -1,12 +1,12 @@
 """The accuracy results page: runs of `cmath-train` side by side, written from their `metrics.json` files.
 
-    python -m benchmarks.accuracy --run "CMATH=runs/meld" --run "CMATH, causal (--causal)=runs/meld_causal" \\
+    python -m studies.accuracy --run "CMATH=runs/meld" --run "CMATH, causal (--causal)=runs/meld_causal" \\
         --title "MELD text, official splits" --out docs/results/meld_text
 
 writes `meld_text.json` (the rows) and `meld_text.md` (the table). Each run gives its validation and test
 weighted-F1 (mean +- std over seeds); after them come the baselines it measured on the same features: the
 fine-tuned encoder's own classifier and the context-free logistic regression (each run's). The README's accuracy table is
-rendered from the JSON (`python -m benchmarks.readme`).
+rendered from the JSON (`python -m studies.readme`).
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def main(runs: tuple[str, ...], title: str, out: Path) -> None:
     atomic_write_json(out.with_suffix(".json"), data)
     with atomic_open(out.with_suffix(".md"), "w") as f:
         f.write(
-            f"# {title}\n\nWritten by `python -m benchmarks.accuracy` from the runs' metrics.json.\n\n"
+            f"# {title}\n\nWritten by `python -m studies.accuracy` from the runs' metrics.json.\n\n"
             f"{table(data['rows'])}\n"
         )
     click.echo(table(data["rows"]))

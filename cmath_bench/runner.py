@@ -55,7 +55,7 @@ class WorkerError(Exception):
 
 @dataclass
 class Worker:
-    """A contender's process (benchmarks.worker): one JSON request line in, one reply line out."""
+    """A contender's process (cmath_bench.worker): one JSON request line in, one reply line out."""
 
     key: str  # "backend:precision"
     proc: subprocess.Popen
@@ -66,7 +66,7 @@ class Worker:
     def start(cls, key: str, job: dict[str, Any], env: dict[str, str]) -> Worker:
         stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115  (lives as long as the worker; closed in stop())
         proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.worker", json.dumps(job)],
+            [sys.executable, "-m", "cmath_bench.worker", json.dumps(job)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=stderr,

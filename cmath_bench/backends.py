@@ -1,4 +1,4 @@
-"""The contenders, each behind one small interface: `prepare(conversations)` returns a zero-argument call that
+"""The full model's contenders, each a `Contender`: `prepare(conversations)` returns a zero-argument call that
 computes that batch the way a caller would, and `probs(result)` turns its result into a (B, N, C) array.
 
 PyTorch eager and torch.compile run the original checkpoint (`load_checkpoint(run_dir).model`, eval mode =
@@ -55,10 +55,15 @@ class Skipped(Exception):
 
 @dataclass
 class Contender:
+    """The one contender type of every benchmark: `prepare(inputs)` (untimed) returns the zero-argument call that
+    computes those inputs as a caller would (conversations for the full model, a live dialogue for the text path);
+    `probs(result)` turns its result into probabilities; `provider` names what runs it; `info` what the benchmark
+    learns of it (load time, the work of one call)."""
+
     backend: str
     precision: str
     provider: str
-    prepare: Callable[[list[dict]], Callable[[], Any]]
+    prepare: Callable[[Any], Callable[[], Any]]
     probs: Callable[[Any], np.ndarray]
     note: str = ""
     info: dict[str, Any] = field(default_factory=dict)

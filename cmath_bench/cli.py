@@ -131,10 +131,6 @@ def main(
     env["load_average_end"] = environment(threads)["load_average"]
     out = out_dir or run_dir
     text = write(records, env, out, f"cmath-bench: {run_dir.name}{' (quick)' if quick else ''}")
-    if any(r.get("benchmark") == "streaming" for r in records):
-        from .streaming import plot_streaming
-
-        plot_streaming(records, out / "bench_streaming.png")
 
     # artifacts with a text encoder: raw text -> emotion for one new utterance into a live 20-turn conversation,
     # runtime fp32 / int8 vs the PyTorch pipeline vs the frozen sentence encoder, against the text path's floor

@@ -22,15 +22,14 @@ import contextlib
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .text_path import HISTORY, _timer, live_conversations, runtime_contender, text_source
-from .timing import Budget, interleaved, percentiles_ms, quiesce
+from .text_path import HISTORY, live_conversations, live_timer, runtime_contender, text_source
+from .timing import Budget, interleaved, percentiles_ms, quiesce, timer
 
 BUDGET = Budget(warmup=3, iterations=60, seconds=6.0, min_iterations=10, rounds=6)
 QUICK_BUDGET = Budget(warmup=2, iterations=16, seconds=2.0, min_iterations=5, rounds=4)
@@ -92,14 +91,15 @@ def run(
             dialogues, source = text_source(csv_dir, first.num_speakers)
             convs = live_conversations(dialogues, LIVE, first.num_speakers, min(HISTORY, first.max_len - 1))
             for name, model in models.items():
-                c = runtime_contender(name, model, "")
-                timers[f"text path | {name}"] = _timer(c, [c.start(d) for d in convs], convs)
+                timers[f"text path | {name}"] = live_timer(runtime_contender(name, model, ""), convs)
             log(
                 f"text path: {len(convs)} live conversations of {len(convs[0].texts) - 1} turns from {source}"
             )
         conv = model_feeds(first, UTTERANCES)
         for name, model in models.items():
-            timers[f"model {len(conv['speakers'])} utt. | {name}"] = _predict_timer(model, conv)
+            timers[f"model {len(conv['speakers'])} utt. | {name}"] = timer(
+                lambda model=model: lambda: model.predict([conv], batch_size=1)
+            )
         records = []
         for phase in ("quiet", "beside a busy core"):
             seconds = 4 * budget.seconds * len(timers) + 60
@@ -139,21 +139,6 @@ def run(
 
 def engine_of(model: Any) -> str:
     return ", ".join(f"{part} {c.backend} {c.precision}" for part, c in model.engine_choice.items())
-
-
-def _predict_timer(model: Any, conv: dict[str, Any]) -> Any:
-    def timer(count: int, seconds: float | None) -> list[float]:
-        deadline = None if seconds is None else time.perf_counter() + seconds
-        out = []
-        for _ in range(count):
-            start = time.perf_counter()
-            model.predict([conv], batch_size=1)
-            out.append(time.perf_counter() - start)
-            if deadline is not None and time.perf_counter() > deadline:
-                break
-        return out
-
-    return timer
 
 
 def table(report: dict[str, Any]) -> str:

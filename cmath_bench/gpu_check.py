@@ -37,7 +37,7 @@ from cmath_runtime.files import atomic_open, atomic_write_json
 from . import report
 from .backends import Contender, Skipped
 from .inputs import InputSpec, conversations
-from .timing import Budget, interleaved, percentiles_ms, timed_calls
+from .timing import Budget, interleaved, percentiles_ms, timer
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ((1, 1), (1, 10), (1, 50), (16, 10))  # (conversations, utterances each), timed
@@ -330,14 +330,7 @@ def measure(
                 calls.pop(name, None)
         if shape == PARITY_ONLY:
             break
-        timers = {
-            name: (
-                lambda count, seconds, call=call: timed_calls(
-                    call, count, None if seconds is None else time.perf_counter() + seconds
-                )
-            )
-            for name, call in calls.items()
-        }
+        timers = {name: timer(lambda call=call: call) for name, call in calls.items()}
         timings = interleaved(timers, budget)
         for name, err in timings.errors.items():
             check.skip(f"{name} from {batch} x {n} on", err)

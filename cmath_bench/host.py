@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from pathlib import Path
+from typing import Any
 
 
 def describe() -> dict[str, str | int]:
@@ -27,3 +29,29 @@ def _cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def export_of(path: Path) -> Path:
+    """An export folder, given it or the run folder holding it (RUN/export)."""
+    return path / "export" if (path / "export" / "export.json").is_file() else path
+
+
+def server_env(
+    export: Path,
+    threads: int,
+    queue_delay_us: int,
+    load_start: float,
+    module: str,
+    argv: list[str] | None = None,
+) -> dict[str, Any]:
+    """What a server benchmark's report says of its run: the machine, the export, the server settings, the command
+    and the load average at its start and end."""
+    return {
+        **describe(),
+        "export": str(export),
+        "threads": threads,
+        "queue_delay_us": queue_delay_us,
+        "command": f"python -m cmath_bench.{module} " + " ".join(sys.argv[1:] if argv is None else argv),
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg()[0],
+    }

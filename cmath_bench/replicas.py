@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -32,19 +31,12 @@ from typing import Any
 import numpy as np
 
 from . import host
-from .timing import percentiles_ms as _percentiles
+from .report import write_pages
+from .timing import percentiles_ms
 
 REPLICA_COUNTS = (1, 2, 3)
 FAILOVER_UTTERANCES = 30
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def percentiles_ms(seconds: list[float]) -> dict[str, float]:
-    return (
-        _percentiles(seconds)
-        if seconds
-        else {k: float("nan") for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms")}
-    )
 
 
 def _descendants(pid: int) -> list[int]:
@@ -356,9 +348,6 @@ def plot(result: dict[str, Any], path: Path) -> None:
         )
     b.set(xlabel="replicas", ylabel="CPU ms per utterance", xticks=n, title="where the CPU goes")
     b.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -374,13 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--replicas", default="1,2,3", help="replica counts, comma-separated")
     parser.add_argument("--failover-conversations", type=int, default=12)
     args = parser.parse_args(argv)
-    export = (
-        args.export_dir / "export"
-        if (args.export_dir / "export" / "export.json").is_file()
-        else args.export_dir
-    )
-    out = args.out or export
-    out.mkdir(parents=True, exist_ok=True)
+    export = host.export_of(args.export_dir)
     load_start = os.getloadavg()[0]
     result = run(
         export,
@@ -393,22 +376,16 @@ def main(argv: list[str] | None = None) -> None:
         tuple(int(x) for x in args.replicas.split(",")),
         args.failover_conversations,
     )
-    env = {
-        **host.describe(),
-        "export": str(export),
-        "threads": args.threads,
-        "queue_delay_us": args.queue_delay_us,
-        "command": "python -m cmath_bench.replicas " + " ".join(sys.argv[1:] if argv is None else argv),
-        "loadavg_start": load_start,
-        "loadavg_end": os.getloadavg()[0],
-    }
-    from cmath_runtime.files import atomic_write_json
-
-    atomic_write_json(out / "replicas.json", {"environment": env, **result})
-    (out / "replicas.md").write_text(markdown(result, env))
-    plot(result, out / "replicas.png")
-    print(markdown(result, env))
-    print(f"wrote {out / 'replicas.json'}, replicas.md and replicas.png")
+    env = host.server_env(export, args.threads, args.queue_delay_us, load_start, "replicas", argv)
+    print(
+        write_pages(
+            args.out or export,
+            "replicas",
+            {"environment": env, **result},
+            markdown(result, env),
+            {"replicas.png": lambda path: plot(result, path)},
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -3,13 +3,12 @@ bench_latency.png (p50 latency vs conversation length, one line per contender)."
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from cmath_runtime.files import atomic_open, atomic_write_json
-
-# The speed bar, checked on the onnxruntime fp32 path at batch 1: minimum speed-up vs PyTorch eager.
-BAR = {1: 2.5, 2: 2.5, 5: 2.5, 10: 2.5, 50: 1.5}
 
 
 def label(rec: dict[str, Any]) -> str:
@@ -105,31 +104,6 @@ def _num(rec: dict[str, Any], key: str, digits: int) -> str:
     return "-" if rec.get(key) is None else f"{rec[key]:.{digits}f}"
 
 
-def bar_check(records: list[dict]) -> list[str]:
-    """The speed bar on this run: onnxruntime fp32 vs eager (>= BAR[n]) and vs torch.compile (faster), batch 1."""
-    lat = {(r["backend"], r["precision"], r["utterances"]): r for r in records if r["kind"] == "latency"}
-    out = []
-    for n, need in BAR.items():
-        ort, eager = lat.get(("onnxruntime", "fp32", n)), lat.get(("pytorch-eager", "fp32", n))
-        if not ort or not eager:
-            continue
-        comp = lat.get(("torch-compile", "fp32", n))
-        ratio = eager["p50_ms"] / ort["p50_ms"]
-        vs_compile = comp["p50_ms"] / ort["p50_ms"] if comp else None
-        ok = ratio >= need and (vs_compile is None or vs_compile > 1)
-        out.append(
-            f"- {n} utterances: onnxruntime fp32 {ort['p50_ms']:.2f} ms vs eager {eager['p50_ms']:.2f} ms = "
-            f"**{ratio:.2f}x** (bar {need}x)"
-            + (
-                f", vs torch.compile {comp['p50_ms']:.2f} ms = {vs_compile:.2f}x"
-                if comp
-                else ", torch.compile not measured"
-            )
-            + f": {'PASS' if ok else 'FAIL'}"
-        )
-    return out
-
-
 def roofline_table(records: list[dict], env: dict[str, Any]) -> str:
     """Every timed record's distance to this machine's limit: floor = max(weight bytes / bandwidth, FLOPs / peak)."""
     m = env.get("machine") or {}
@@ -153,135 +127,6 @@ def roofline_table(records: list[dict], env: dict[str, Any]) -> str:
             f"| {r['flops_floor_ms']:.2f} | {r['bound']} | {r['latency_x_floor']:.2f} |"
         )
     return "\n".join(lines)
-
-
-def _lat(records: list[dict], backend: str, precision: str, n: int) -> dict | None:
-    return next(
-        (
-            r
-            for r in records
-            if r["kind"] == "latency"
-            and r["backend"] == backend
-            and r["precision"] == precision
-            and r["utterances"] == n
-        ),
-        None,
-    )
-
-
-def _step(records: list[dict], backend: str, precision: str, n: int) -> dict | None:
-    return next(
-        (
-            r
-            for r in records
-            if r["kind"] == "streaming"
-            and r["path"] == "step"
-            and r["backend"] == backend
-            and r["precision"] == precision
-            and r["n"] == n
-        ),
-        None,
-    )
-
-
-EXACT = 1e-4  # max |dp| vs PyTorch eager for an "exact" (fp32-parity) path
-
-
-def int8_bars(records: list[dict], env: dict[str, Any]) -> list[str]:
-    """The int8 and step-path bars on this run (batch 1, p50, same run)."""
-    out = []
-    int8 = (env.get("parity") or {}).get("int8")
-    agree = (
-        (
-            f"agreement {100 * int8['argmax_agreement']:.2f}% / max |dp| {int8['probs_max_abs']:.3g} on "
-            f"{int8['rows']} validation rows ({'met' if int8['passed'] else 'NOT met'})"
-        )
-        if int8
-        else "no int8 record"
-    )
-    for n in (1, 50):
-        q, f = _lat(records, "onnxruntime", "int8", n), _lat(records, "onnxruntime", "fp32", n)
-        if q and f:
-            ratio = f["p50_ms"] / q["p50_ms"]
-            ok = ratio >= 1.6 and bool(int8 and int8["passed"])
-            out.append(
-                f"- int8 vs fp32 runtime at {n} utterances: {f['p50_ms']:.2f} / {q['p50_ms']:.2f} ms = "
-                f"**{ratio:.2f}x** (bar 1.6x), {agree}: {'PASS' if ok else 'FAIL'}"
-            )
-    exact = {
-        (r["backend"], r["precision"])
-        for r in records
-        if r["kind"] == "latency"
-        and r.get("max_abs_diff_vs_eager") is not None
-        and r["max_abs_diff_vs_eager"] <= EXACT
-        and r["backend"] not in ("pytorch-eager", "torch-compile")
-    }
-    for n in (10, 50):
-        f = _lat(records, "onnxruntime", "fp32", n)
-        cands = [r for r in (_lat(records, b, p, n) for b, p in exact) if r]
-        if f and cands:
-            best = min(cands, key=lambda r: r["p50_ms"])
-            ratio = f["p50_ms"] / best["p50_ms"]
-            out.append(
-                f"- best exact path (max |dp| vs eager <= {EXACT:g}) at {n} utterances: {label(best)} "
-                f"{best['p50_ms']:.2f} ms vs onnxruntime fp32 (today's settings) {f['p50_ms']:.2f} ms = "
-                f"**{ratio:.2f}x** (bar 1.2x): {'PASS' if ratio >= 1.2 else 'FAIL'}"
-            )
-    s32, s8 = _step(records, "onnxruntime", "fp32", 50), _step(records, "onnxruntime", "int8", 50)
-    steps = [
-        r
-        for r in records
-        if r["kind"] == "streaming"
-        and r["path"] == "step"
-        and r["precision"] == "fp32"
-        and r["n"] == 50
-        and r.get("bytes_floor_ms")
-    ]
-    for i, r in enumerate(
-        sorted(steps, key=lambda r: r["p50_ms"])
-    ):  # the best fp32 step engine first: its bar
-        x = r["p50_ms"] / r["bytes_floor_ms"]
-        verdict = "PASS" if 1 <= x <= 1.5 else "FAIL" if x > 1.5 else "UNRELIABLE"
-        out.append(
-            f"- {'best ' if i == 0 else ''}fp32 step at history 50, {r['backend']}: {r['p50_ms']:.3f} ms vs its weight-bytes floor "
-            f"{r['bytes_floor_ms']:.3f} ms ({r['weight_bytes'] / 1e6:.1f} MB / "
-            + (
-                f"{r['bandwidth_gb_s']:.1f} GB/s, the median copy bandwidth of the same rounds"
-                if r.get("bandwidth_gb_s")
-                else "bandwidth"
-            )
-            + f") = **{x:.2f}x** "
-            f"(bar 1.5x): {verdict}"
-            + (
-                " (faster than its floor: this run measured the bandwidth too low, the machine was busy)"
-                if x < 1
-                else ""
-            )
-            + (
-                f" [against the fastest copy of those rounds, {r['bandwidth_best_gb_s']:.1f} GB/s: "
-                f"{r['latency_x_best_bytes_floor']:.2f}x]"
-                if r.get("bandwidth_best_gb_s")
-                else ""
-            )
-            + (
-                f"; its MatMul twin (the same {r['twin_weight_bytes'] / 1e6:.1f} MB of weights as GEMVs and "
-                f"nothing else, same engine) takes {r['twin_ms']:.3f} ms here ({r['twin_read_gb_s']:.1f} GB/s "
-                f"read) = {r['twin_ms'] / r['bytes_floor_ms']:.2f}x the floor: the step is "
-                f"{r['latency_x_twin']:.2f}x its twin"
-                if r.get("twin_ms")
-                else ""
-            )
-        )
-    if s32 and s8:
-        ratio = s32["p50_ms"] / s8["p50_ms"]
-        st = (env.get("parity") or {}).get("step_int8")
-        out.append(
-            f"- int8 step vs fp32 step at history 50: {s32['p50_ms']:.3f} / {s8['p50_ms']:.3f} ms = "
-            f"**{ratio:.2f}x** (bar 1.6x)"
-            + (f", step int8 agreement {100 * st['argmax_agreement']:.2f}%" if st else "")
-            + f": {'PASS' if ratio >= 1.6 else 'FAIL'}"
-        )
-    return out
 
 
 def streaming_table(records: list[dict]) -> str:
@@ -314,17 +159,6 @@ def markdown(records: list[dict], env: dict[str, Any], title: str) -> str:
         latency_table(records),
         "",
     ]
-    bar = bar_check(records)
-    if bar:
-        parts += [
-            "## The bar (onnxruntime fp32 vs PyTorch eager and torch.compile, batch 1, p50)",
-            "",
-            *bar,
-            "",
-        ]
-    bars = int8_bars(records, env)
-    if bars:
-        parts += ["## int8, best exact path, step path vs its floor", "", *bars, ""]
     if env.get("machine"):
         parts += [
             "## Roofline: each record against this machine's limits",
@@ -358,12 +192,11 @@ def markdown(records: list[dict], env: dict[str, Any], title: str) -> str:
 
 
 def plot(records: list[dict], path: Path, title: str) -> None:
-    import matplotlib
+    with figure(path) as ax:
+        _latency_lines(ax, records, title)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+def _latency_lines(ax: Any, records: list[dict], title: str) -> None:
     for name in _contenders(records):
         pts = sorted(
             (r["utterances"], r["p50_ms"], r["p90_ms"])
@@ -396,17 +229,44 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
 
 
 def write(records: list[dict], env: dict[str, Any], out_dir: Path, title: str) -> str:
+    plots = {"bench_latency.png": lambda path: plot(records, path, title)}
+    if any(r.get("benchmark") == "streaming" for r in records):
+        from .streaming import plot_streaming
+
+        plots["bench_streaming.png"] = lambda path: plot_streaming(records, path)
+    return write_pages(out_dir, "bench", records, markdown(records, env, title), plots)
+
+
+def write_pages(
+    out_dir: Path, stem: str, data: Any, text: str, plots: dict[str, Callable[[Path], None]] | None = None
+) -> str:
+    """The one report writer: STEM.json (the data), STEM.md (the text) and each plot (file name -> what draws it)
+    in out_dir, every file written atomically; returns the text."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / "bench.json", records)
-    text = markdown(records, env, title)
-    with atomic_open(out_dir / "bench.md", "w") as f:
+    atomic_write_json(out_dir / f"{stem}.json", data)
+    with atomic_open(out_dir / f"{stem}.md", "w") as f:
         f.write(text)
-    plot(records, out_dir / "bench_latency.png", title)
+    for name, draw in (plots or {}).items():
+        draw(out_dir / name)
     return text
+
+
+@contextlib.contextmanager
+def figure(path: Path, size: tuple[float, float] = (7, 4.5), cols: int = 1) -> Iterator[Any]:
+    """A matplotlib figure (yields its Axes, or `cols` of them), saved atomically to `path` as PNG on leaving."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, cols, figsize=size)
+    try:
+        yield axes
+        fig.tight_layout()
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=110)
+    finally:
+        plt.close(fig)

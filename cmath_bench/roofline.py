@@ -21,10 +21,6 @@ guessed), weight bytes are the artifact's initializer bytes (what one call must 
 The floor is a lower bound for an engine that reads every weight once and runs at the fp32 matmul peak; int8
 arithmetic can run above the fp32 peak (VNNI), so for int8 records the FLOPs term is only indicative.
 
-A second, engine-level floor for the step graph (one row per call, so every weight matrix is a GEMV): its
-"MatMul twin", a graph holding nothing but the same 2-D weight MatMuls fed one row each, timed on the same engine
-with the same threads and idle policy. What the step costs above its twin is the rest of the graph (attention,
-layer norms, small ops); what the twin costs above weight bytes / bandwidth is the engine's GEMV kernel.
 """
 
 from __future__ import annotations
@@ -42,6 +38,7 @@ from cmath_runtime.session import open_probe_session
 COPY_MIB = 256
 READ_MIB = 256  # at least; read_buffer_mib() makes it 4x the last-level cache where that is larger
 MATMUL_N = 2048
+PROBE_N = 1024  # the peak probes' MatMul size timed among contenders (2.1 GFLOP a call)
 COUNTED_OPS = ("MatMul", "Gemm", "Conv", "MatMulInteger")
 
 
@@ -156,49 +153,6 @@ class PeakProbe:
         """GFLOP/s (int8: giga integer multiply-adds x 2 per second) of the median call ("p50") or the fastest."""
         t = min(seconds) if statistic == "best" else float(np.median(seconds))
         return self.flops / t / 1e9
-
-
-def matmul_twin(path: str | Path) -> tuple[bytes, dict[str, np.ndarray], int]:
-    """(graph, feeds, weight bytes): every 2-D weight MatMul/Gemm of the ONNX file at `path`, each fed one row."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    model = onnx.load_model(str(path))
-    inits = {t.name: t for t in model.graph.initializer}
-    weights = [
-        numpy_helper.to_array(inits[x])
-        for n in model.graph.node
-        if n.op_type in ("MatMul", "Gemm")
-        for x in n.input[1:2]
-        if x in inits and len(inits[x].dims) == 2
-    ]
-    rows = sorted({w.shape[0] for w in weights})
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", [f"x{w.shape[0]}", f"w{i}"], [f"y{i}"]) for i, w in enumerate(weights)],
-        "twin",
-        [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, k]) for k in rows],
-        [
-            helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, w.shape[1]])
-            for i, w in enumerate(weights)
-        ],
-        [numpy_helper.from_array(w.astype(np.float32), f"w{i}") for i, w in enumerate(weights)],
-    )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    feeds = {f"x{k}": np.random.default_rng(k).standard_normal((1, k)).astype(np.float32) for k in rows}
-    return proto.SerializeToString(), feeds, int(sum(w.nbytes for w in weights))
-
-
-def time_matmul_twin(
-    path: str | Path, threads: int, spinning: bool, iterations: int = 200
-) -> dict[str, float]:
-    """p50 ms of the MatMul twin of an fp32 graph on onnxruntime CPU (same threads and idle policy)."""
-    from .timing import percentiles_ms, timed_calls
-
-    graph, feeds, nbytes = matmul_twin(path)
-    session = open_probe_session(graph, threads, spinning=spinning)
-    timed_calls(lambda: session.run(None, feeds), 10)  # warm-up
-    p50 = percentiles_ms(timed_calls(lambda: session.run(None, feeds), iterations))["p50_ms"]
-    return {"twin_ms": p50, "twin_weight_bytes": nbytes, "twin_read_gb_s": nbytes / p50 / 1e6}
 
 
 def measure(threads: int) -> Machine:
@@ -479,3 +433,67 @@ def _timed_threads(workers: list[threading.Thread]) -> float:
     for w in workers:
         w.join()
     return time.perf_counter() - start
+
+
+def record_floor(rec: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
+    """A record's floor at the probes' median rates (like for like with its p50) and its p50 against the floor at
+    their best rates (the machine unloaded). int8 calls' FLOPs are held to the faster of the int8 and fp32 peaks
+    (their attention products stay fp32; either way the floor stays a lower bound)."""
+
+    def peak(stat: str) -> float:
+        fp32 = limits[f"fp32_{stat}gflop_s"]
+        return max(fp32, limits.get(f"int8_{stat}gop_s", 0.0)) if rec["precision"] == "int8" else fp32
+
+    out = {
+        **floor_ms(rec["weight_bytes"], rec["flops"], limits["read_gb_s"], peak("")),
+        "read_gb_s": limits["read_gb_s"],
+        "peak_gflop_s": peak(""),
+    }
+    out["latency_x_floor"] = rec["p50_ms"] / out["floor_ms"]
+    best = floor_ms(rec["weight_bytes"], rec["flops"], limits["read_best_gb_s"], peak("best_"))
+    out.update(best_floor_ms=best["floor_ms"], latency_x_best_floor=rec["p50_ms"] / best["floor_ms"])
+    return out
+
+
+def make_probes(threads: int, read_mib: int | None = None, peak_n: int = PROBE_N) -> dict[str, Any]:
+    """The machine's limits as contenders of the same rounds: copy (reported), read (sum, GEMV), fp32 / int8 peak."""
+    mib = read_mib or read_buffer_mib()
+    return {
+        "probe/copy": BandwidthProbe(threads, mib),
+        "probe/read-sum": ReadProbe("sum", threads, mib),
+        "probe/read-gemv": ReadProbe("gemv", threads, mib),
+        "probe/peak-fp32": PeakProbe("fp32", threads, peak_n),
+        "probe/peak-int8": PeakProbe("int8", threads, peak_n),
+    }
+
+
+def probe_limits(probes: dict[str, Any], times: dict[str, list[float]]) -> dict[str, Any]:
+    """The probes' medians (the floor's rates, like for like with the contenders' p50) and their best calls. The
+    floor's read bandwidth is the faster of the two read probes; the copy rate (read + write) is reported only."""
+
+    def rate(name: str, statistic: str) -> float:
+        probe, t = probes[name], times[name]
+        return probe.gflop_s(t, statistic) if isinstance(probe, PeakProbe) else probe.gb_s(t, statistic)
+
+    keys = {
+        "probe/copy": ("copy", "gb_s"),
+        "probe/read-sum": ("read_sum", "gb_s"),
+        "probe/read-gemv": ("read_gemv", "gb_s"),
+        "probe/peak-fp32": ("fp32", "gflop_s"),
+        "probe/peak-int8": ("int8", "gop_s"),
+    }
+    out: dict[str, Any] = {}
+    for name, (what, unit) in keys.items():
+        if times.get(name):
+            out[f"{what}_{unit}"] = rate(name, "p50")
+            out[f"{what}_best_{unit}"] = rate(name, "best")
+    out["read_gb_s"] = max(out.get("read_sum_gb_s", 0.0), out.get("read_gemv_gb_s", 0.0))
+    out["read_best_gb_s"] = max(out.get("read_sum_best_gb_s", 0.0), out.get("read_gemv_best_gb_s", 0.0))
+    out.update(
+        read_buffer_mib=probes["probe/read-sum"].nbytes / 2**20,
+        peak_n=round((probes["probe/peak-fp32"].flops / 2) ** (1 / 3)),
+        rule="medians of probes timed in the same rounds as the "
+        "contenders; read = the faster of numpy sum and onnxruntime GEMV; int8 calls' FLOPs held to the faster "
+        "of the int8 (MatMulInteger) and fp32 peaks",
+    )
+    return out

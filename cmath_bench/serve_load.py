@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import sys
 import threading
 import time
 from pathlib import Path
@@ -32,16 +31,8 @@ import numpy as np
 from cmath_serve.client import infer_inputs
 
 from . import host
-from .timing import percentiles_ms as _percentiles
-
-
-def percentiles_ms(seconds: list[float]) -> dict[str, float]:
-    return (
-        _percentiles(seconds)
-        if seconds
-        else {k: float("nan") for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms")}
-    )
-
+from .report import figure, write_pages
+from .timing import percentiles_ms
 
 CONCURRENCY = (1, 4, 16, 64)
 
@@ -362,12 +353,11 @@ def markdown(records: list[dict], env: dict) -> str:
 
 
 def plot(records: list[dict], path: Path) -> None:
-    import matplotlib
+    with figure(path, (11, 4), cols=2) as (a, b):
+        _draw(a, b, records)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+def _draw(a: Any, b: Any, records: list[dict]) -> None:
     rows = [r for r in records if r["benchmark"] == "serve_cmath"]
     if rows:
         c = [r["concurrency"] for r in rows]
@@ -395,9 +385,6 @@ def plot(records: list[dict], path: Path) -> None:
             title=f"cmath_stream: {rows[0]['conversations']} conversations x "
             f"{rows[0]['utterances']} utterances",
         )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main() -> None:
@@ -418,13 +405,7 @@ def main() -> None:
     )
     parser.add_argument("--modes", default="batched,serial,recompute")
     args = parser.parse_args()
-    export = (
-        args.export_dir / "export"
-        if (args.export_dir / "export" / "export.json").is_file()
-        else args.export_dir
-    )
-    out = args.out or export
-    out.mkdir(parents=True, exist_ok=True)
+    export = host.export_of(args.export_dir)
     load_start = os.getloadavg()[0]
     records = run(
         export,
@@ -437,22 +418,16 @@ def main() -> None:
         args.seconds,
         tuple(args.modes.split(",")),
     )
-    env = {
-        **host.describe(),
-        "export": str(export),
-        "threads": args.threads,
-        "queue_delay_us": args.queue_delay_us,
-        "command": "python -m cmath_bench.serve_load " + " ".join(sys.argv[1:]),
-        "loadavg_start": load_start,
-        "loadavg_end": os.getloadavg()[0],
-    }
-    from cmath_runtime.files import atomic_write_json
-
-    atomic_write_json(out / "serve_load.json", {"environment": env, "records": records})
-    (out / "serve_load.md").write_text(markdown(records, env))
-    plot(records, out / "serve_load.png")
-    print(markdown(records, env))
-    print(f"wrote {out / 'serve_load.json'}, serve_load.md and serve_load.png")
+    env = host.server_env(export, args.threads, args.queue_delay_us, load_start, "serve_load")
+    print(
+        write_pages(
+            args.out or export,
+            "serve_load",
+            {"environment": env, "records": records},
+            markdown(records, env),
+            {"serve_load.png": lambda path: plot(records, path)},
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Streaming benchmark: latency of one new utterance at history n, step graph vs full recompute (same runtime).
 
-    python -m cmath_bench.streaming RUN_OR_EXPORT_DIR [--out DIR] [--threads N] [--quick]
+cmath-bench runs it on every export with a step graph (a causal run).
 
 "full" is what a Conversation without a step graph does for each new utterance: model.predict on the whole
 conversation of n utterances. "step" is one call of model.step.onnx at position n-1 with a cache of n-1 rows.
@@ -10,14 +10,14 @@ engine that loads, with its roofline floor).
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .backends import OPENVINO, ORT, ORT_SPIN, RUNTIME
-from .timing import Budget, interleaved, percentiles_ms, quiesce
+from .report import figure
+from .timing import Budget, interleaved, percentiles_ms, quiesce, timer
 
 LENGTHS = (1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 200)
 QUICK_LENGTHS = (1, 10, 50)
@@ -86,11 +86,6 @@ def run_streaming(
     for k, f in step_files.items():
         wbytes[k] = roofline.weight_bytes(f) // (2 if k[1] == "bf16" else 1)
     counter = roofline.FlopCounter(step_files[(ORT, "fp32")]) if machine else None
-    twins = {
-        key: roofline.time_matmul_twin(step_files[key], threads, spinning=RUNTIME[key[0]][1])
-        for key in step_files
-        if machine is not None and RUNTIME[key[0]][0] == "cpu" and key[1] == "fp32"
-    }
     probe = roofline.BandwidthProbe(threads) if machine is not None else None
     records = []
     for n in sorted({min(n, n_max) for n in lengths}):
@@ -112,12 +107,9 @@ def run_streaming(
             timers[("step", *key)] = step_call
         conv = {"speakers": speakers[:n], "features": {m: x[:n] for m, x in feats.items()}}
         timers[("full", ORT, "fp32")] = lambda conv=conv: base.predict([conv])
-        named = {
-            "/".join(k): (lambda count, seconds, fn=fn: _timed(fn, count, seconds))
-            for k, fn in timers.items()
-        }
+        named = {"/".join(k): timer(lambda fn=fn: fn) for k, fn in timers.items()}
         if probe is not None:  # the steps' bandwidth floor, measured in the same rounds as they are
-            named[PROBE] = lambda count, seconds: _timed(probe, count, seconds)
+            named[PROBE] = timer(lambda: probe)
         timings = interleaved(named, budget, settle=lambda _name: quiesce())
         probed = timings.times.get(PROBE) if probe is not None else None
         # p50 against p50: the steps' median call against the median copy of the same rounds (the fastest copy of a
@@ -155,11 +147,6 @@ def run_streaming(
                     rec.update(bandwidth_gb_s=bandwidth, bandwidth_best_gb_s=best)
                 if best:  # the same against the fastest copy of those rounds (a stricter floor)
                     rec["latency_x_best_bytes_floor"] = rec["p50_ms"] * best * 1e6 / rec["weight_bytes"]
-                twin = twins.get(
-                    (backend, precision)
-                )  # the same weights as bare GEMVs, same engine (roofline.py)
-                if twin:
-                    rec.update(twin, latency_x_twin=rec["p50_ms"] / twin["twin_ms"])
             records.append(rec)
             line.append(f"{path} {rec['backend']} {precision} {rec['p50_ms']:.3f} ms")
         log(
@@ -193,24 +180,14 @@ def _step_feeds(
     return capture.feeds
 
 
-def _timed(fn: Any, count: int, seconds: float | None) -> list[float]:
-    import time
-
-    from .timing import timed_calls
-
-    return timed_calls(fn, count, None if seconds is None else time.perf_counter() + seconds)
-
-
 def plot_streaming(records: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
     """p50 per new utterance vs history: the full recompute, the step graph per engine and precision, and the
     step graph's floor (fp32 weight bytes / bandwidth or FLOPs / peak) where the run measured it."""
-    import matplotlib
+    with figure(Path(path)) as ax:
+        _stream_lines(ax, [r for r in records if r.get("benchmark") == "streaming"], title)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    rows = [r for r in records if r.get("benchmark") == "streaming"]
+def _stream_lines(ax: Any, rows: list[dict[str, Any]], title: str) -> None:
     for key in dict.fromkeys((r["path"], r["backend"], r["precision"]) for r in rows):
         pts = sorted((r["n"], r["p50_ms"]) for r in rows if (r["path"], r["backend"], r["precision"]) == key)
         ax.plot(
@@ -239,9 +216,6 @@ def plot_streaming(records: list[dict[str, Any]], path: str | Path, title: str =
     )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def stream_records(
@@ -265,31 +239,3 @@ def stream_records(
         log,
         machine=machine,
     )
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("export_dir", type=Path)
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    export = (
-        args.export_dir / "export"
-        if (args.export_dir / "export" / "export.json").is_file()
-        else args.export_dir
-    )
-    out = args.out or export
-    out.mkdir(parents=True, exist_ok=True)
-    records = run_streaming(
-        export, args.threads, QUICK_LENGTHS if args.quick else LENGTHS, QUICK_BUDGET if args.quick else BUDGET
-    )
-    from cmath_runtime.files import atomic_write_json
-
-    atomic_write_json(out / "bench_streaming.json", records)
-    plot_streaming(records, out / "bench_streaming.png")
-    print(f"wrote {out / 'bench_streaming.json'} and bench_streaming.png")
-
-
-if __name__ == "__main__":
-    main()

@@ -24,6 +24,9 @@ class Budget:
     )
 
 
+Timer = Callable[[int, "float | None"], list[float]]  # (calls, seconds budget or None) -> each call's seconds
+
+
 def timed_calls(fn: Callable[[], object], count: int, deadline: float | None = None) -> list[float]:
     """Call fn up to `count` times (stopping at `deadline`, a perf_counter time); return each call's seconds."""
     times = []
@@ -36,7 +39,23 @@ def timed_calls(fn: Callable[[], object], count: int, deadline: float | None = N
     return times
 
 
+def timer(make_call: Callable[[], Callable[[], object]], cap: int | None = None) -> Timer:
+    """The Timer of a contender: each block first makes its calls (untimed: `make_call()` may copy a live
+    conversation, or return the same prepared call), then times them one by one until the block's budget is spent.
+    `cap`: at most that many calls a block (probes that each read hundreds of MiB)."""
+
+    def run(count: int, seconds: float | None) -> list[float]:
+        calls = iter([make_call() for _ in range(min(count, cap or count))])
+        deadline = None if seconds is None else time.perf_counter() + seconds
+        return timed_calls(lambda: next(calls)(), min(count, cap or count), deadline)
+
+    return run
+
+
 def percentiles_ms(seconds: list[float]) -> dict[str, float]:
+    """p50/p90/p99/mean/min in ms; NaN for each when nothing was timed (a load level that got no answer)."""
+    if not seconds:
+        return {k: float("nan") for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms")}
     ms = np.asarray(seconds) * 1e3
     p50, p90, p99 = np.percentile(ms, [50, 90, 99])
     return {
@@ -90,11 +109,6 @@ def quiesce(pid: int | str = "self", window_s: float = 0.005, limit_s: float = 0
             break
         before = now
     return time.perf_counter() - start
-
-
-Timer = Callable[
-    [int, "float | None"], list[float]
-]  # (calls, seconds budget or None) -> seconds of each call
 
 
 @dataclass

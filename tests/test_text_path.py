@@ -86,7 +86,6 @@ def test_text_path_report(
     assert recs[FROZEN]["tokens"] < recs[FP32]["tokens"]  # the utterance alone vs with its past turns
     ratios = report["ratios"]
     assert ratios["int8_vs_fp32"]["ratio"] == pytest.approx(recs[FP32]["p50_ms"] / recs[INT8]["p50_ms"])
-    assert ratios["int8_vs_fp32"]["passed"] == (ratios["int8_vs_fp32"]["ratio"] >= 1.6)
     assert ratios["runtime_vs_pytorch"]["ratio"] == pytest.approx(
         recs[TORCH]["p50_ms"] / recs[FP32]["p50_ms"]
     )

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -77,92 +75,40 @@ def main(
     CUDA, TensorRT), each against this machine's measured limits (roofline); causal runs also time the step graph."""
     from cmath_runtime.session import default_threads
 
-    from .report import write
-    from .runner import Plan, environment, run_benchmark
+    from .runner import BenchRequest, bench
 
-    start = time.perf_counter()
-    contenders = backends.ALL
-    if only:
-        contenders = tuple(
-            dict.fromkeys(
-                k for name in only.split(",") if name.strip() for k in _contender_keys(name.strip())
-            )
-        )
-    threads = threads or default_threads()
-    options = {"contenders": contenders, "threads": threads, "spinning": spin}
-    plan = Plan.quick(**options) if quick else Plan(**options)
-    sizes = None
-    if lengths:
-        try:
-            sizes = tuple(sorted({int(x) for x in lengths.split(",") if x.strip()}))
-        except ValueError:
-            raise click.BadParameter(
-                f"expected comma-separated integers such as 1,10,50, got {lengths!r}", param_hint="--lengths"
-            ) from None
-        if not sizes or min(sizes) < 1:
-            raise click.BadParameter(f"expected lengths >= 1, got {lengths!r}", param_hint="--lengths")
-        plan = dataclasses.replace(plan, lengths=sizes)
+    request = BenchRequest(
+        run_dir,
+        out_dir or run_dir,
+        quick=quick,
+        threads=threads or default_threads(),
+        contenders=_contenders(only) if only else backends.ALL,
+        spinning=spin,
+        lengths=_lengths(lengths) if lengths else None,
+    )
     try:
-        export_dir = ensure_export(run_dir)
-        env = environment(threads)
-        click.echo(
-            f"cmath-bench {run_dir}: {threads} threads ({'spinning' if spin else 'sleeping'} when idle), "
-            f"load average {env['load_average']}"
-        )
-        from . import roofline
-
-        machine = roofline.measure(
-            threads
-        )  # before any contender runs: the machine's limits at these threads
-        env["machine"] = machine.to_json()
-        env["parity"] = _parity_records(export_dir)
-        click.echo(
-            f"machine limits ({threads} threads): copy bandwidth {machine.bandwidth_gb_s:.1f} GB/s, float32 "
-            f"matmul peak {machine.fp32_gflop_s:.0f} GFLOP/s"
-        )
-        records = run_benchmark(run_dir, export_dir, plan, log=click.echo)
-        roofline.annotate(records, machine, export_dir)
-        from .streaming import stream_records  # causal runs with a step graph: step vs full per new utterance
-
-        records += stream_records(export_dir, threads, quick, log=click.echo, machine=machine, lengths=sizes)
+        click.echo(bench(request, ensure_export(run_dir), log=click.echo))
     except CmathError as e:
         click.echo(f"cmath-bench: error: {e}", err=True)
         sys.exit(2)
-    env["load_average_end"] = environment(threads)["load_average"]
-    out = out_dir or run_dir
-    text = write(records, env, out, f"cmath-bench: {run_dir.name}{' (quick)' if quick else ''}")
 
-    # artifacts with a text encoder: raw text -> emotion for one new utterance into a live 20-turn conversation,
-    # runtime fp32 / int8 vs the PyTorch pipeline vs the frozen sentence encoder, against the text path's floor
-    from .text_path import report_text_path, summary
 
-    text_path = report_text_path(
-        run_dir, export_dir, threads, quick, out_dir=out, machine=machine, log=click.echo
+def _contenders(only: str) -> tuple[str, ...]:
+    return tuple(
+        dict.fromkeys(k for name in only.split(",") if name.strip() for k in _contender_keys(name.strip()))
     )
-    if text_path:
-        click.echo(summary(text_path))
-    written = ", bench_text.json/.md/.png" if text_path else ""
-    click.echo(
-        f"\nwrote {out / 'bench.json'}, bench.md, bench_latency.png{written} in {time.perf_counter() - start:.0f} s\n"
-    )
-    click.echo(text)
 
 
-def _parity_records(export_dir: Path) -> dict:
-    """export.json's agreement records (argmax agreement, max |dp|, passed) per artifact, for the bars."""
-    import json
-
-    manifest = json.loads((export_dir / "export.json").read_text())
-    out = {}
-    for key, rep in (manifest.get("parity") or {}).items():
-        probs = next((o for o in rep.get("outputs", []) if o.get("name") == "probs"), {})
-        out[key] = {
-            "argmax_agreement": rep.get("argmax_agreement"),
-            "probs_max_abs": probs.get("max_abs"),
-            "passed": rep.get("passed"),
-            "rows": rep.get("rows"),
-        }
-    return out
+def _lengths(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+    except ValueError:
+        raise click.BadParameter(
+            f"expected comma-separated integers such as 1,10,50, got {text!r}", param_hint="--lengths"
+        ) from None
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter(f"expected lengths >= 1, got {text!r}", param_hint="--lengths")
+    return sizes
 
 
 def _contender_keys(name: str) -> list[str]:

@@ -32,7 +32,6 @@ import numpy as np
 
 from cmath_runtime.compare import compare, max_abs
 from cmath_runtime.errors import first_line
-from cmath_runtime.files import atomic_open, atomic_write_json
 
 from . import report
 from .backends import Contender, Skipped
@@ -107,9 +106,7 @@ class GpuCheck:
         return {k: v for k, v in asdict(self).items() if k not in ("out", "deadline")}
 
     def write(self) -> None:
-        atomic_write_json(self.out / "gpu_check.json", self.to_json())
-        with atomic_open(self.out / "gpu_check.md", "w") as f:
-            f.write(markdown(self))
+        report.write_pages(self.out, "gpu_check", self.to_json(), markdown(self))
 
 
 # --- environment ------------------------------------------------------------------------------------------------
@@ -528,15 +525,38 @@ def verdict(passed: bool | None) -> str:
 
 
 def markdown(check: GpuCheck) -> str:
-    env = check.environment
-    gpu, tor, ort = env.get("gpu", {}), env.get("torch", {}), env.get("onnxruntime", {})
     lines = ["# GPU check: the meld model's CUDA and fp16 paths against PyTorch on the same GPU", ""]
     if check.quick:
         lines += ["**Quick run** (few repetitions): the numbers show that each path runs, not its speed.", ""]
     lines += ["## Bars", ""] + [
         f"- {b['bar']}: {b['value'] or '-'}: **{verdict(b['passed'])}**" for b in check.bars
     ]
+    lines += environment_lines(check.environment)
+    lines += ["## Steps", "", "| step | status | s | detail |", "|---|---|---:|---|"]
     lines += [
+        f"| {s.name} | {s.status} | {s.seconds:.1f} | {s.detail.replace('|', '/')} |" for s in check.steps
+    ]
+    timed = [r for r in check.records if r["kind"] in ("latency", "throughput")]
+    if timed:
+        lines += timing_lines(timed)
+    if check.parity:
+        lines += parity_lines(check.parity)
+    if any(r["kind"] == "streaming" for r in check.records):
+        lines += [
+            "",
+            "## Streaming: one new utterance at history n (step graph; full = whole conversation on CPU)",
+            "",
+            report.streaming_table(check.records),
+        ]
+    lines += ["", "## Not run", ""] + [f"- {x['what']}: {x['why']}" for x in check.not_run]
+    if timed:
+        lines += ["", "## Latency detail", "", report.detail_table(timed, "latency")]
+    return "\n".join(lines) + "\n"
+
+
+def environment_lines(env: dict[str, Any]) -> list[str]:
+    gpu, tor, ort = env.get("gpu", {}), env.get("torch", {}), env.get("onnxruntime", {})
+    return [
         "",
         "## Environment",
         "",
@@ -562,57 +582,44 @@ def markdown(check: GpuCheck) -> str:
         f"python {env.get('host', {}).get('python', '-')}, load {env.get('host', {}).get('load_average')} |",
         "",
     ]
-    lines += ["## Steps", "", "| step | status | s | detail |", "|---|---|---:|---|"]
-    lines += [
-        f"| {s.name} | {s.status} | {s.seconds:.1f} | {s.detail.replace('|', '/')} |" for s in check.steps
+
+
+def timing_lines(timed: list[dict[str, Any]]) -> list[str]:
+    return [
+        "",
+        f"## Latency, batch 1 (p50 ms; speed-up vs {reference_of(timed)})",
+        "",
+        "PyTorch: inputs made on the device once; each call ends with the probabilities copied to numpy "
+        "and torch.cuda.synchronize(). cmath_runtime: EmotionModel.predict on numpy conversations "
+        "(validation, padding and copies included). Contenders interleaved round by round "
+        "(cmath_bench/timing.py), first calls (compilation) not timed.",
+        "",
+        report.latency_table(timed),
+        "",
+        "## Batch 16 x 10",
+        "",
+        report.detail_table(timed, "throughput"),
+        "",
+        "## First call at each shape (ms; torch.compile compiles here; not in the timings above)",
+        "",
+        first_calls_table(timed),
     ]
-    timed = [r for r in check.records if r["kind"] in ("latency", "throughput")]
-    if timed:
-        lines += [
-            "",
-            f"## Latency, batch 1 (p50 ms; speed-up vs {reference_of(timed)})",
-            "",
-            "PyTorch: inputs made on the device once; each call ends with the probabilities copied to numpy "
-            "and torch.cuda.synchronize(). cmath_runtime: EmotionModel.predict on numpy conversations "
-            "(validation, padding and copies included). Contenders interleaved round by round "
-            "(cmath_bench/timing.py), first calls (compilation) not timed.",
-            "",
-            report.latency_table(timed),
-            "",
-            "## Batch 16 x 10",
-            "",
-            report.detail_table(timed, "throughput"),
-            "",
-            "## First call at each shape (ms; torch.compile compiles here; not in the timings above)",
-            "",
-            first_calls_table(timed),
-        ]
-    if check.parity:
-        lines += [
-            "",
-            "## Parity",
-            "",
-            "| contender | reference | shapes | rows | max abs dp | mean abs dp "
-            "| argmax agreement | reference rows with top-2 margin < 1e-3 | verdict |",
-            "|---|---|---|---:|---:|---:|---:|---:|---|",
-        ]
-        lines += [
-            f"| {p['contender']} | {p['reference']} | {', '.join(p['shapes'])} | {p['rows']} | "
-            f"{p['max_abs']:.2e} | {p['mean_abs']:.2e} | {100 * p['argmax_agreement']:.2f}% | "
-            f"{p.get('near_ties', '-')} | {'PASS' if p['passed'] else 'FAIL'} |"
-            for p in check.parity
-        ]
-    if any(r["kind"] == "streaming" for r in check.records):
-        lines += [
-            "",
-            "## Streaming: one new utterance at history n (step graph; full = whole conversation on CPU)",
-            "",
-            report.streaming_table(check.records),
-        ]
-    lines += ["", "## Not run", ""] + [f"- {x['what']}: {x['why']}" for x in check.not_run]
-    if timed:
-        lines += ["", "## Latency detail", "", report.detail_table(timed, "latency")]
-    return "\n".join(lines) + "\n"
+
+
+def parity_lines(parity: list[dict[str, Any]]) -> list[str]:
+    return [
+        "",
+        "## Parity",
+        "",
+        "| contender | reference | shapes | rows | max abs dp | mean abs dp "
+        "| argmax agreement | reference rows with top-2 margin < 1e-3 | verdict |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
+    ] + [
+        f"| {p['contender']} | {p['reference']} | {', '.join(p['shapes'])} | {p['rows']} | "
+        f"{p['max_abs']:.2e} | {p['mean_abs']:.2e} | {100 * p['argmax_agreement']:.2f}% | "
+        f"{p.get('near_ties', '-')} | {'PASS' if p['passed'] else 'FAIL'} |"
+        for p in parity
+    ]
 
 
 def first_calls_table(records: list[dict[str, Any]]) -> str:

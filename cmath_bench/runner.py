@@ -4,12 +4,14 @@ batch 1 and throughput at batch 16 on the same seeded inputs, interleaved shape 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import platform
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +49,63 @@ class Plan:
     def quick(cls, **kw: Any) -> Plan:
         fast = Budget(warmup=1, iterations=6, seconds=0.3, min_iterations=3, rounds=2)
         return cls(lengths=QUICK_LENGTHS, throughput_lengths=(5,), latency=fast, throughput=fast, **kw)
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    """What `cmath-bench` was asked: the run, where the pages go, and how to measure."""
+
+    run_dir: Path
+    out_dir: Path
+    quick: bool = False
+    threads: int = 2
+    contenders: tuple[str, ...] = backends.ALL
+    spinning: bool = False
+    lengths: tuple[int, ...] | None = None  # latency and streaming lengths (default: the plan's)
+
+
+def bench(request: BenchRequest, export_dir: Path, log: Callable[[str], None] = print) -> str:
+    """The whole cmath-bench run on an exported run: the machine's limits, every contender in its own process
+    (latency, throughput, load, memory, agreement), each record against the floor, the step graph where the export
+    has one, the raw-text path where it has a text encoder; writes bench.json / bench.md / the plots (and
+    bench_text.*) in request.out_dir and returns bench.md's text."""
+    from . import roofline
+    from .report import write
+    from .streaming import stream_records
+    from .text_path import report_text_path, summary
+
+    start = time.perf_counter()
+    r = request
+    options = {"contenders": r.contenders, "threads": r.threads, "spinning": r.spinning}
+    plan = Plan.quick(**options) if r.quick else Plan(**options)
+    if r.lengths:
+        plan = dataclasses.replace(plan, lengths=r.lengths)
+    env = environment(r.threads)
+    log(
+        f"cmath-bench {r.run_dir}: {r.threads} threads ({'spinning' if r.spinning else 'sleeping'} when idle), "
+        f"load average {env['load_average']}"
+    )
+    machine = roofline.measure(r.threads)  # before any contender runs: the machine's limits at these threads
+    env["machine"] = machine.to_json()
+    log(
+        f"machine limits ({r.threads} threads): copy bandwidth {machine.bandwidth_gb_s:.1f} GB/s, float32 "
+        f"matmul peak {machine.fp32_gflop_s:.0f} GFLOP/s"
+    )
+    records = run_benchmark(r.run_dir, export_dir, plan, log=log)
+    roofline.annotate(records, machine, export_dir)
+    records += stream_records(export_dir, r.threads, r.quick, log=log, machine=machine, lengths=r.lengths)
+    env["load_average_end"] = environment(r.threads)["load_average"]
+    text = write(records, env, r.out_dir, f"cmath-bench: {r.run_dir.name}{' (quick)' if r.quick else ''}")
+    text_path = report_text_path(
+        r.run_dir, export_dir, r.threads, r.quick, out_dir=r.out_dir, machine=machine, log=log
+    )
+    if text_path:
+        log(summary(text_path))
+    written = ", bench_text.json/.md/.png" if text_path else ""
+    log(
+        f"\nwrote {r.out_dir / 'bench.json'}, bench.md, bench_latency.png{written} in {time.perf_counter() - start:.0f} s\n"
+    )
+    return text
 
 
 class WorkerError(Exception):

@@ -259,54 +259,69 @@ def run(
         server = start_server(export_dir, mode, threads, queue_delay_us, max(1024, stream_conversations))
         try:
             if mode == modes[0]:
-                for c in levels:
-                    before = _stats(server, "cmath")
-                    rec = asyncio.run(
-                        _classify_level(server.grpc_url, pool, c, max(per_level, 4 * c), seconds)
-                    )
-                    inf, ex = (a - b for a, b in zip(_stats(server, "cmath"), before))
-                    rec.update(
-                        benchmark="serve_cmath",
-                        concurrency=c,
-                        utterances=utterances,
-                        mean_batch=(inf - 4) / max(ex - 4, 1),
-                    )
-                    records.append(rec)
-                    log(
-                        f"cmath  concurrency {c:>2}: {rec['conversations_per_s']:.1f} conversations/s, p50 "
-                        f"{rec['p50_ms']:.1f} ms, p99 {rec['p99_ms']:.1f} ms, answered {rec['answered']}/{rec['sent']}, "
-                        f"errors {rec['errors']}, mean batch {rec['mean_batch']:.1f}"
-                    )
-            pid = _stream_pid(server)
-            asyncio.run(_stream_run(server.grpc_url, streams[:2], seconds, base_id=900_000))  # warm-up
-            idle_rss = _rss_mib(pid)
-            before = _stats(server, "cmath_stream")
-            sampler = _PeakRss(pid)
-            sampler.start()
-            rec = asyncio.run(_stream_run(server.grpc_url, streams, 3 * seconds, base_id=1))
-            peak = sampler.stop()
-            inf, ex = (a - b for a, b in zip(_stats(server, "cmath_stream"), before))
-            rec.update(
-                benchmark="serve_stream",
-                mode=mode,
-                path=server.description["stream_path"],
-                conversations=stream_conversations,
-                utterances=stream_utterances,
-                mean_batch=inf / max(ex, 1),
-                rss_idle_mib=idle_rss,
-                rss_peak_mib=peak,
-                rss_per_conversation_mib=(peak - idle_rss) / stream_conversations,
-            )
-            records.append(rec)
-            log(
-                f"stream {mode:>9}: {rec['utterances_per_s']:.1f} utterances/s, p50 {rec['p50_ms']:.1f} ms, p99 "
-                f"{rec['p99_ms']:.1f} ms, answered {rec['answered']}/{rec['sent_planned']}, errors {rec['errors']}, "
-                f"mean batch {rec['mean_batch']:.1f}, stub RSS {idle_rss:.0f} -> {peak:.0f} MiB"
-            )
+                records += [
+                    _classify(server, pool, c, max(per_level, 4 * c), seconds, utterances, log)
+                    for c in levels
+                ]
+            records.append(_stream(server, streams, mode, seconds, stream_utterances, log))
         finally:
             server.stop()
             server.cleanup()
     return records
+
+
+def _classify(
+    server: Any, pool: list[dict], concurrency: int, requests: int, seconds: float, utterances: int, log: Any
+) -> dict[str, Any]:
+    """One closed-loop level of whole-conversation requests to `cmath`."""
+    before = _stats(server, "cmath")
+    rec = asyncio.run(_classify_level(server.grpc_url, pool, concurrency, requests, seconds))
+    inf, ex = (a - b for a, b in zip(_stats(server, "cmath"), before))
+    rec.update(
+        benchmark="serve_cmath",
+        concurrency=concurrency,
+        utterances=utterances,
+        mean_batch=(inf - 4) / max(ex - 4, 1),
+    )
+    log(
+        f"cmath  concurrency {concurrency:>2}: {rec['conversations_per_s']:.1f} conversations/s, p50 "
+        f"{rec['p50_ms']:.1f} ms, p99 {rec['p99_ms']:.1f} ms, answered {rec['answered']}/{rec['sent']}, "
+        f"errors {rec['errors']}, mean batch {rec['mean_batch']:.1f}"
+    )
+    return rec
+
+
+def _stream(
+    server: Any, streams: list[dict], mode: str, seconds: float, utterances: int, log: Any
+) -> dict[str, Any]:
+    """The concurrent conversations streamed through `cmath_stream`, utterance by utterance, with the memory of
+    its process sampled meanwhile."""
+    pid = _stream_pid(server)
+    asyncio.run(_stream_run(server.grpc_url, streams[:2], seconds, base_id=900_000))  # warm-up
+    idle_rss = _rss_mib(pid)
+    before = _stats(server, "cmath_stream")
+    sampler = _PeakRss(pid)
+    sampler.start()
+    rec = asyncio.run(_stream_run(server.grpc_url, streams, 3 * seconds, base_id=1))
+    peak = sampler.stop()
+    inf, ex = (a - b for a, b in zip(_stats(server, "cmath_stream"), before))
+    rec.update(
+        benchmark="serve_stream",
+        mode=mode,
+        path=server.description["stream_path"],
+        conversations=len(streams),
+        utterances=utterances,
+        mean_batch=inf / max(ex, 1),
+        rss_idle_mib=idle_rss,
+        rss_peak_mib=peak,
+        rss_per_conversation_mib=(peak - idle_rss) / len(streams),
+    )
+    log(
+        f"stream {mode:>9}: {rec['utterances_per_s']:.1f} utterances/s, p50 {rec['p50_ms']:.1f} ms, p99 "
+        f"{rec['p99_ms']:.1f} ms, answered {rec['answered']}/{rec['sent_planned']}, errors {rec['errors']}, "
+        f"mean batch {rec['mean_batch']:.1f}, stub RSS {idle_rss:.0f} -> {peak:.0f} MiB"
+    )
+    return rec
 
 
 def markdown(records: list[dict], env: dict) -> str:

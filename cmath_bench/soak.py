@@ -15,6 +15,7 @@ import argparse
 import json
 import threading
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,48 @@ def answer(model: cmath_runtime.EmotionModel, request: dict[str, Any]) -> list[n
     return [np.stack(out), conv.probs()]
 
 
+@dataclass
+class Tally:
+    """What the threads found: answers checked, mismatches with the serial answer, errors, the largest difference."""
+
+    answers: int = 0
+    mismatches: int = 0
+    errors: int = 0
+    max_abs_diff: float = 0.0
+    by_kind: dict[str, int] = field(default_factory=lambda: {"predict": 0, "stream": 0})
+    first_problem: str | None = None
+
+    def check(
+        self, model: cmath_runtime.EmotionModel, request: dict[str, Any], serial: list[np.ndarray]
+    ) -> None:
+        """Answer `request` once and compare with its serial answer (bit for bit)."""
+        try:
+            got = answer(model, request)
+        except Exception as e:  # noqa: BLE001 - counted and reported, the soak goes on
+            self.errors += 1
+            self.first_problem = self.first_problem or f"{request['kind']} request: {type(e).__name__}: {e}"
+            return
+        self.answers += 1
+        self.by_kind[request["kind"]] += 1
+        if len(got) == len(serial) and all(np.array_equal(a, b) for a, b in zip(got, serial)):
+            return
+        self.mismatches += 1
+        diff = max(
+            float(np.abs(a - b).max()) if a.shape == b.shape else float("inf") for a, b in zip(got, serial)
+        )
+        self.max_abs_diff = max(self.max_abs_diff, diff)
+        self.first_problem = self.first_problem or f"{request['kind']} request: max |diff| {diff:g}"
+
+    def merge(self, other: Tally) -> None:
+        self.answers += other.answers
+        self.mismatches += other.mismatches
+        self.errors += other.errors
+        self.max_abs_diff = max(self.max_abs_diff, other.max_abs_diff)
+        for kind, n in other.by_kind.items():
+            self.by_kind[kind] += n
+        self.first_problem = self.first_problem or other.first_problem
+
+
 def soak(
     export_dir: str | Path,
     threads: int = 8,
@@ -69,47 +112,16 @@ def soak(
     t0 = time.perf_counter()
     serial = [answer(model, r) for r in reqs]
     serial_s = time.perf_counter() - t0
-    lock = threading.Lock()
-    stats = {
-        "answers": 0,
-        "mismatches": 0,
-        "errors": 0,
-        "max_abs_diff": 0.0,
-        "by_kind": {"predict": 0, "stream": 0},
-    }
-    first_problem: list[str] = []
+    lock, total = threading.Lock(), Tally()
     stop = time.monotonic() + seconds
 
     def worker(seed: int) -> None:
-        rng = np.random.default_rng(1000 + seed)
-        local = {"answers": 0, "mismatches": 0, "errors": 0, "max_abs_diff": 0.0, "predict": 0, "stream": 0}
+        rng, local = np.random.default_rng(1000 + seed), Tally()
         while time.monotonic() < stop:
             k = int(rng.integers(len(reqs)))
-            try:
-                got = answer(model, reqs[k])
-            except Exception as e:  # noqa: BLE001 - counted and reported, the soak goes on
-                local["errors"] += 1
-                if not first_problem:
-                    first_problem.append(f"request {k}: {type(e).__name__}: {e}")
-                continue
-            local["answers"] += 1
-            local[reqs[k]["kind"]] += 1
-            same = len(got) == len(serial[k]) and all(np.array_equal(a, b) for a, b in zip(got, serial[k]))
-            if not same:
-                local["mismatches"] += 1
-                diff = max(
-                    float(np.abs(a - b).max()) if a.shape == b.shape else float("inf")
-                    for a, b in zip(got, serial[k])
-                )
-                local["max_abs_diff"] = max(local["max_abs_diff"], diff)
-                if not first_problem:
-                    first_problem.append(f"request {k}: max |diff| {diff:g}")
+            local.check(model, reqs[k], serial[k])
         with lock:
-            for key in ("answers", "mismatches", "errors"):
-                stats[key] += local[key]
-            stats["max_abs_diff"] = max(stats["max_abs_diff"], local["max_abs_diff"])
-            for kind in ("predict", "stream"):
-                stats["by_kind"][kind] += local[kind]
+            total.merge(local)
 
     pool = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(threads)]
     start = time.perf_counter()
@@ -117,7 +129,6 @@ def soak(
         t.start()
     for t in pool:
         t.join(seconds + 120)
-    hung = sum(t.is_alive() for t in pool)
     return {
         "export": str(export_dir),
         "precision": precision,
@@ -127,9 +138,8 @@ def soak(
         "requests": len(reqs),
         "step_path": model.step_graph is not None,
         "serial_reference_s": round(serial_s, 2),
-        **stats,
-        "hung_threads": hung,
-        "first_problem": first_problem[0] if first_problem else None,
+        **asdict(total),
+        "hung_threads": sum(t.is_alive() for t in pool),
     }
 
 

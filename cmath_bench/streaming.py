@@ -10,6 +10,7 @@ engine that loads, with its roofline floor).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -89,22 +90,8 @@ def run_streaming(
     probe = roofline.BandwidthProbe(threads) if machine is not None else None
     records = []
     for n in sorted({min(n, n_max) for n in lengths}):
-        tails, timers = {}, {}
         new_row = {m: x[n - 1] for m, x in feats.items()}
-        for key, stream in streams.items():
-            if n > 1:
-                stream.catch_up(
-                    speakers[: n - 1], {m: list(x[: n - 1]) for m, x in feats.items()}
-                )  # history n-1
-            tails[key] = {k: v for k, v in stream.buffers.items() if not k.startswith("past_")}
-
-            def step_call(
-                stream: Any = stream, tail: dict = tails[key], n: int = n, row: dict = new_row
-            ) -> None:
-                stream.buffers.update(tail)  # the same step each time: position n-1 on a history of n-1
-                stream.graph.run(stream.buffers, n - 1, speakers[n - 1], row)
-
-            timers[("step", *key)] = step_call
+        tails, timers = _step_calls(streams, n, speakers, feats)
         conv = {"speakers": speakers[:n], "features": {m: x[:n] for m, x in feats.items()}}
         timers[("full", ORT, "fp32")] = lambda conv=conv: base.predict([conv])
         named = {"/".join(k): timer(lambda fn=fn: fn) for k, fn in timers.items()}
@@ -119,42 +106,88 @@ def run_streaming(
         flops = counter(_step_feeds(streams[(ORT, "fp32")], n, speakers, new_row)) if counter else None
         for key, stream in streams.items():
             stream.buffers.update(tails[key])
-        line = []
-        for k in timers:
-            path, backend, precision = k
-            rec = {
-                "kind": "streaming",
-                "benchmark": "streaming",
-                "path": path,
-                "n": n,
-                "batch": 1,
-                "threads": threads,
-                "precision": precision,
-                "backend": backend,
-                **percentiles_ms(timings.times["/".join(k)]),
-            }
-            if path == "step" and machine is not None:
-                rec.update(
-                    weight_bytes=wbytes[(backend, precision)],
-                    flops=flops,
-                    cache_bytes=4 * (n - 1) * base.manifest.d * len(base_graph.state_spec),
-                    **machine.floor_ms(wbytes[(backend, precision)], flops, bandwidth),
-                )
-                rec["latency_x_floor"] = rec["p50_ms"] / rec["floor_ms"]
-                if (
-                    bandwidth
-                ):  # else the floor used the run's once-measured bandwidth (the report says "bandwidth")
-                    rec.update(bandwidth_gb_s=bandwidth, bandwidth_best_gb_s=best)
-                if best:  # the same against the fastest copy of those rounds (a stricter floor)
-                    rec["latency_x_best_bytes_floor"] = rec["p50_ms"] * best * 1e6 / rec["weight_bytes"]
-            records.append(rec)
-            line.append(f"{path} {rec['backend']} {precision} {rec['p50_ms']:.3f} ms")
+        cache = 4 * (n - 1) * base.manifest.d * len(base_graph.state_spec)
+
+        floor = functools.partial(
+            _step_floor, machine=machine, flops=flops, cache_bytes=cache, bandwidth=bandwidth, best=best
+        )
+        rows = _records(
+            list(timers), timings.times, n, threads, wbytes, floor if machine is not None else None
+        )
+        records += rows
+        bw = f"; copy bandwidth p50 {bandwidth:.1f} GB/s, best {best:.1f}" if bandwidth else ""
         log(
             f"streaming n={n:>3}: "
-            + ", ".join(line)
-            + (f"; copy bandwidth p50 {bandwidth:.1f} GB/s, best {best:.1f}" if bandwidth else "")
+            + ", ".join(f"{r['path']} {r['backend']} {r['precision']} {r['p50_ms']:.3f} ms" for r in rows)
+            + bw
         )
     return records
+
+
+def _records(
+    keys: list[tuple[str, ...]],
+    times: dict[str, list[float]],
+    n: int,
+    threads: int,
+    weight_bytes: dict[tuple[str, str], int],
+    floor: Any,
+) -> list[dict[str, Any]]:
+    """One record per (path, backend, precision) at history n; step records with `floor(rec, weight bytes)`."""
+    rows = []
+    for path, backend, precision in keys:
+        rec = {"kind": "streaming", "benchmark": "streaming", "path": path, "n": n, "batch": 1}
+        rec.update(threads=threads, precision=precision, backend=backend)
+        rec.update(percentiles_ms(times[f"{path}/{backend}/{precision}"]))
+        if path == "step" and floor is not None:
+            rec.update(floor(rec, weight_bytes[(backend, precision)]))
+        rows.append(rec)
+    return rows
+
+
+def _step_calls(
+    streams: dict[tuple[str, str], Any], n: int, speakers: list[int], feats: dict[str, np.ndarray]
+) -> tuple[dict[tuple[str, str], dict], dict[tuple[str, ...], Any]]:
+    """Each stream brought to a history of n-1, and the timed call of each: the step at position n-1 on it, the
+    same step every time (its tail buffers restored first). -> (tail buffers, calls by ("step", backend, precision))."""
+    tails, calls = {}, {}
+    row = {m: x[n - 1] for m, x in feats.items()}
+    for key, stream in streams.items():
+        if n > 1:
+            stream.catch_up(speakers[: n - 1], {m: list(x[: n - 1]) for m, x in feats.items()})
+        tails[key] = {k: v for k, v in stream.buffers.items() if not k.startswith("past_")}
+
+        def step_call(stream: Any = stream, tail: dict = tails[key]) -> None:
+            stream.buffers.update(tail)
+            stream.graph.run(stream.buffers, n - 1, speakers[n - 1], row)
+
+        calls[("step", *key)] = step_call
+    return tails, calls
+
+
+def _step_floor(
+    rec: dict[str, Any],
+    weight_bytes: int,
+    *,
+    machine: Any,
+    flops: float | None,
+    cache_bytes: int,
+    bandwidth: float | None,
+    best: float | None,
+) -> dict[str, Any]:
+    """A step record's floor fields: its bytes term from the median copy bandwidth of the same rounds (else the run's
+    once-measured one) and, against the fastest copy of those rounds, the stricter latency_x_best_bytes_floor."""
+    out = {
+        "weight_bytes": weight_bytes,
+        "flops": flops,
+        "cache_bytes": cache_bytes,
+        **machine.floor_ms(weight_bytes, flops, bandwidth),
+    }
+    out["latency_x_floor"] = rec["p50_ms"] / out["floor_ms"]
+    if bandwidth:
+        out.update(bandwidth_gb_s=bandwidth, bandwidth_best_gb_s=best)
+    if best:
+        out["latency_x_best_bytes_floor"] = rec["p50_ms"] * best * 1e6 / weight_bytes
+    return out
 
 
 class _Capture:

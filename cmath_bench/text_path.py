@@ -404,25 +404,91 @@ def run_text_path(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """The text-path report (JSON-able): one record per contender (p50/p90, tokens, weight bytes, FLOPs, floor,
-    x floor), the machine's limits measured in the same rounds (make_probes) and the ratios. `dialogues` (default:
-    text_source(csv_dir)) give the live conversations' texts; `frozen_dir` the plain encoder (default: the bundled
-    all-MiniLM-L6-v2); `machine` the limits cmath-bench measured before any contender (reported beside, not used);
-    `read_mib` / `peak_n` the probes' sizes (tests make them small)."""
+    x floor), the machine's limits measured in the same rounds (roofline.make_probes) and the ratios. `dialogues`
+    (default: text_source(csv_dir)) give the live conversations' texts; `frozen_dir` the plain encoder (default: the
+    bundled all-MiniLM-L6-v2); `machine` the limits cmath-bench measured before any contender (reported beside, not
+    used); `read_mib` / `peak_n` the probes' sizes (tests make them small)."""
     import cmath_runtime
-    from cmath_runtime.manifest import read_manifest
-    from cmath_runtime.text import TextEncoder
 
     from .backends import set_torch_threads
 
     set_torch_threads(threads)
     fp32 = cmath_runtime.load(export_dir, backend="cpu", threads=threads)
-    spec = fp32.text_encoder.spec
-    source = f"{len(dialogues)} given dialogues" if dialogues is not None else ""
-    if dialogues is None:
-        dialogues, source = text_source(csv_dir, fp32.num_speakers)
+    dialogues, source = (
+        (dialogues, f"{len(dialogues)} given dialogues")
+        if dialogues
+        else text_source(csv_dir, fp32.num_speakers)
+    )
     convs = live_conversations(dialogues, live, fp32.num_speakers, min(HISTORY, fp32.max_len - 1))
     history = len(convs[0].texts) - 1
     log(f"text path: {len(convs)} live conversations of {history} turns from {source}, {threads} threads")
+    with contextlib.ExitStack() as stack:
+        contenders, skipped, frozen = load_contenders(run_dir, export_dir, fp32, threads, frozen_dir, stack)
+        for name, why in skipped.items():
+            log(f"text path: skipped {name}: {why}")
+        count_costs(contenders, fp32, convs, frozen)
+        timers = {name: live_timer(c, convs) for name, c in contenders.items()}
+        probes = roofline.make_probes(threads, read_mib, peak_n)
+        timers.update({name: timer(lambda p=p: p, cap=PROBE_CALLS) for name, p in probes.items()})
+        timings = interleaved(timers, budget, settle=lambda _name: quiesce())
+    limits = roofline.probe_limits(probes, timings.times)
+    records = timed_records(contenders, timings, limits, skipped, history=history, threads=threads)
+    return {
+        "benchmark": "text_path",
+        "call": f"conv.add(speaker, text=...) + conv.latest, batch 1, on a live conversation of {history} turns",
+        "history": history,
+        "conversations": len(convs),
+        "texts": source,
+        "host": host.describe(),
+        "threads": threads,
+        "budget": {"iterations": budget.iterations, "seconds": budget.seconds, "rounds": budget.rounds},
+        "machine": limits,
+        "machine_start_of_run": machine.to_json() if machine is not None else None,
+        "records": records,
+        "ratios": ratios(records),
+        "skipped": skipped,
+        "settle_s": timings.settle_s,
+        "floor_reliable": all(r["latency_x_floor"] >= 1 for r in records),
+    }
+
+
+def timed_records(
+    contenders: dict[str, Contender],
+    timings: Any,
+    limits: dict[str, Any],
+    skipped: dict[str, str],
+    **common: Any,
+) -> list[dict[str, Any]]:
+    """One record per contender that was timed (p50/p90, the work of its call, its floor); the others go to
+    `skipped` with why."""
+    records = []
+    for name, c in contenders.items():
+        if not timings.times.get(name):
+            skipped[name] = timings.errors.get(name, "no timed call")
+            continue
+        rec = {"contender": name, "encoder": c.provider, "precision": c.precision, "batch": 1, **common}
+        rec.update(
+            iterations=len(timings.times[name]), **percentiles_ms(timings.times[name]), **c.info["cost"]
+        )
+        records.append({**rec, **roofline.record_floor(rec, limits)})
+    return records
+
+
+def load_contenders(
+    run_dir: Path,
+    export_dir: Path,
+    fp32: Any,
+    threads: int,
+    frozen_dir: Path | None,
+    stack: contextlib.ExitStack,
+) -> tuple[dict[str, Contender], dict[str, str], Any]:
+    """(contenders by name, skipped ones and why, the frozen TextEncoder or None): runtime fp32 and int8, the
+    PyTorch pipeline and the frozen plain encoder (its temporary export kept open on `stack`)."""
+    import cmath_runtime
+    from cmath_runtime.manifest import read_manifest
+    from cmath_runtime.text import TextEncoder
+
+    spec = fp32.text_encoder.spec
     reads = "fine-tuned, reads speaker + past turns" if spec.turns else "reads the utterance alone"
     contenders = {FP32: runtime_contender(FP32, fp32, f"{spec.onnx_file.name} ({reads})")}
     skipped: dict[str, str] = {}
@@ -440,65 +506,20 @@ def run_text_path(
         torch_path.start,
         torch_path.call,
     )
-    with contextlib.ExitStack() as stack:
-        frozen = None
-        try:
-            frozen_spec, frozen_name = stack.enter_context(
-                frozen_encoder(frozen_dir, spec.text_normalisation)
+    frozen = None
+    try:
+        frozen_spec, frozen_name = stack.enter_context(frozen_encoder(frozen_dir, spec.text_normalisation))
+        if frozen_spec.dim != fp32.feature_dims["t"]:
+            raise ValueError(
+                f"it gives {frozen_spec.dim}-d features, the model reads {fp32.feature_dims['t']}-d"
             )
-            if frozen_spec.dim != fp32.feature_dims["t"]:
-                raise ValueError(
-                    f"it gives {frozen_spec.dim}-d features, the model reads {fp32.feature_dims['t']}-d"
-                )
-            frozen = TextEncoder(frozen_spec, threads=threads, verify=False)
-            contenders[FROZEN] = runtime_contender(
-                FROZEN, fp32, f"{frozen_name} (frozen), the utterance alone", frozen
-            )
-        except (cmath_runtime.CmathError, ValueError, OSError) as e:
-            skipped[FROZEN] = f"{type(e).__name__}: {e}"
-        for name, why in skipped.items():
-            log(f"text path: skipped {name}: {why}")
-        count_costs(contenders, fp32, convs, frozen)
-        timers = {name: live_timer(c, convs) for name, c in contenders.items()}
-        probes = roofline.make_probes(threads, read_mib, peak_n)
-        timers.update({name: timer(lambda p=p: p, cap=PROBE_CALLS) for name, p in probes.items()})
-        timings = interleaved(timers, budget, settle=lambda _name: quiesce())
-    limits = roofline.probe_limits(probes, timings.times)
-    records = []
-    for name, c in contenders.items():
-        if not timings.times.get(name):
-            skipped[name] = timings.errors.get(name, "no timed call")
-            continue
-        rec = {
-            "contender": name,
-            "encoder": c.provider,
-            "precision": c.precision,
-            "batch": 1,
-            "history": history,
-            "threads": threads,
-            "iterations": len(timings.times[name]),
-            **percentiles_ms(timings.times[name]),
-            **c.info["cost"],
-        }
-        records.append({**rec, **roofline.record_floor(rec, limits)})
-    return {
-        "benchmark": "text_path",
-        "call": "conv.add(speaker, text=...) + conv.latest, batch 1, on a live conversation "
-        f"of {history} turns",
-        "history": history,
-        "conversations": len(convs),
-        "texts": source,
-        "host": host.describe(),
-        "threads": threads,
-        "budget": {"iterations": budget.iterations, "seconds": budget.seconds, "rounds": budget.rounds},
-        "machine": limits,
-        "machine_start_of_run": machine.to_json() if machine is not None else None,
-        "records": records,
-        "ratios": ratios(records),
-        "skipped": skipped,
-        "settle_s": timings.settle_s,
-        "floor_reliable": all(r["latency_x_floor"] >= 1 for r in records),
-    }
+        frozen = TextEncoder(frozen_spec, threads=threads, verify=False)
+        contenders[FROZEN] = runtime_contender(
+            FROZEN, fp32, f"{frozen_name} (frozen), the utterance alone", frozen
+        )
+    except (cmath_runtime.CmathError, ValueError, OSError) as e:
+        skipped[FROZEN] = f"{type(e).__name__}: {e}"
+    return contenders, skipped, frozen
 
 
 def count_costs(

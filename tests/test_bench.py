@@ -343,3 +343,22 @@ def test_streaming_records_carry_their_floor(causal_export: Path) -> None:
             r["p50_ms"] * r["bandwidth_best_gb_s"] * 1e6 / r["weight_bytes"]
         )
         assert r["bandwidth_gb_s"] == next(s["bandwidth_gb_s"] for s in steps if s["n"] == r["n"])
+
+
+def test_soak_answers_from_many_threads_equal_the_serial_ones(causal_export: Path, tmp_path: Path) -> None:
+    """`python -m cmath_bench.soak`: a model shared by 3 threads for 2 s (predict and the step path) gives every
+    answer bit for bit as serially, and the report says so."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "soak.json"
+    cmd = [sys.executable, "-m", "cmath_bench.soak", str(causal_export), "--threads", "3", "--seconds", "2"]
+    proc = subprocess.run(
+        [*cmd, "--requests", "8", "--out", str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert report["answers"] > 0 and report["by_kind"]["stream"] > 0 and report["by_kind"]["predict"] > 0
+    assert report["mismatches"] == report["errors"] == report["hung_threads"] == 0
+    assert report["first_problem"] is None and report["step_path"] is True

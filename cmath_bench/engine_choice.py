@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import subprocess
 import sys
 import tempfile
@@ -29,14 +30,14 @@ from typing import Any
 import numpy as np
 
 from .text_path import HISTORY, live_conversations, live_timer, runtime_contender, text_source
-from .timing import Budget, interleaved, percentiles_ms, quiesce, timer
+from .timing import Budget, interleaved, percentiles_ms, quiesce, repeating
 
 BUDGET = Budget(warmup=3, iterations=60, seconds=6.0, min_iterations=10, rounds=6)
 QUICK_BUDGET = Budget(warmup=2, iterations=16, seconds=2.0, min_iterations=5, rounds=4)
 UTTERANCES = 50
 LIVE = 8  # live conversations the text-path calls cycle through
 AUTO, AUTO_AUTO = "auto", "auto+auto"
-ENGINES = {  # contender -> load() arguments
+ENGINES: dict[str, dict[str, Any]] = {  # contender -> load() arguments
     AUTO: {"backend": "auto"},
     AUTO_AUTO: {"backend": "auto", "precision": "auto"},
     "onnxruntime fp32": {"backend": "cpu"},
@@ -97,8 +98,8 @@ def run(
             )
         conv = model_feeds(first, UTTERANCES)
         for name, model in models.items():
-            timers[f"model {len(conv['speakers'])} utt. | {name}"] = timer(
-                lambda model=model: lambda: model.predict([conv], batch_size=1)
+            timers[f"model {len(conv['speakers'])} utt. | {name}"] = repeating(
+                functools.partial(model.predict, [conv], batch_size=1)
             )
         records = []
         for phase in ("quiet", "beside a busy core"):

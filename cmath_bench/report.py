@@ -29,7 +29,7 @@ def _ms(x: float | None) -> str:
 
 def latency_table(records: list[dict]) -> str:
     names = _contenders(records)
-    rows = {}
+    rows: dict[int, dict[str, str]] = {}
     for r in records:
         if r["kind"] == "latency":
             speed = (
@@ -132,7 +132,7 @@ def roofline_table(records: list[dict], env: dict[str, Any]) -> str:
 def streaming_table(records: list[dict]) -> str:
     rows = [r for r in records if r["kind"] == "streaming"]
     names = list(dict.fromkeys(f"{r['path']} {r['backend']} {r['precision']}" for r in rows))
-    table = {}
+    table: dict[int, dict[str, str]] = {}
     for r in rows:
         table.setdefault(r["n"], {})[f"{r['path']} {r['backend']} {r['precision']}"] = _ms(r["p50_ms"])
     lines = [

@@ -125,6 +125,7 @@ class PeakProbe:
             raise ValueError(f"kind: expected one of {self.KINDS}, got {kind!r}")
         self.kind, self.flops = kind, 2.0 * n**3
         rng = np.random.default_rng(0)
+        self.feeds: dict[str, np.ndarray]
         if kind == "fp32":
             names = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in ("a", "b")]
             node, inits = helper.make_node("MatMul", ["a", "b"], ["c"]), []

@@ -76,8 +76,7 @@ def bench(request: BenchRequest, export_dir: Path, log: Callable[[str], None] = 
 
     start = time.perf_counter()
     r = request
-    options = {"contenders": r.contenders, "threads": r.threads, "spinning": r.spinning}
-    plan = Plan.quick(**options) if r.quick else Plan(**options)
+    plan = (Plan.quick if r.quick else Plan)(contenders=r.contenders, threads=r.threads, spinning=r.spinning)
     if r.lengths:
         plan = dataclasses.replace(plan, lengths=r.lengths)
     env = environment(r.threads)
@@ -221,8 +220,9 @@ def run_benchmark(
         for w in workers:
             w.stop()
     for rec in records:  # load time, memory and threads of each contender, on every one of its records
-        w = next((w for w in workers if w.key == f"{rec['backend']}:{rec['precision']}"), None)
-        if w:
+        owner = next((w for w in workers if w.key == f"{rec['backend']}:{rec['precision']}"), None)
+        if owner:
+            w = owner
             rec.update(
                 {
                     k: w.info[k]
@@ -291,7 +291,7 @@ def _measure(
             {w.key: w.timer(batch, n) for w in live},
             budget,
             warmups=warm,
-            settle=lambda key, by_key=by_key: by_key[key].settle(),
+            settle=_settle(by_key),
         )
         failed.update(timings.errors)
         for key, err in timings.errors.items():
@@ -332,6 +332,11 @@ def _measure(
         )
     _parity(workers, failed, log)
     return records
+
+
+def _settle(workers: dict[str, Worker]) -> Callable[[str], float]:
+    """timing.interleaved's `settle`: wait until that contender's process stops using the CPU."""
+    return lambda key: workers[key].settle()
 
 
 def _parity(workers: list[Worker], failed: dict[str, str], log: Callable[[str], None]) -> None:

@@ -39,7 +39,7 @@ CONCURRENCY = (1, 4, 16, 64)
 
 def start_server(
     export_dir: Path, stream_mode: str, threads: int, queue_delay_us: int, max_conversations: int
-):
+) -> Any:
     from cmath_serve.launcher import Ports, TritonServer, check_port
     from cmath_serve.repository import ServeOptions
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from .backends import OPENVINO, ORT, ORT_SPIN, RUNTIME
 from .report import figure
-from .timing import Budget, interleaved, percentiles_ms, quiesce, timer
+from .timing import Budget, interleaved, percentiles_ms, quiesce, repeating
 
 LENGTHS = (1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 200)
 QUICK_LENGTHS = (1, 10, 50)
@@ -94,15 +94,15 @@ def run_streaming(
         tails, timers = _step_calls(streams, n, speakers, feats)
         conv = {"speakers": speakers[:n], "features": {m: x[:n] for m, x in feats.items()}}
         timers[("full", ORT, "fp32")] = lambda conv=conv: base.predict([conv])
-        named = {"/".join(k): timer(lambda fn=fn: fn) for k, fn in timers.items()}
+        named = {"/".join(k): repeating(fn) for k, fn in timers.items()}
         if probe is not None:  # the steps' bandwidth floor, measured in the same rounds as they are
-            named[PROBE] = timer(lambda: probe)
+            named[PROBE] = repeating(probe)
         timings = interleaved(named, budget, settle=lambda _name: quiesce())
         probed = timings.times.get(PROBE) if probe is not None else None
         # p50 against p50: the steps' median call against the median copy of the same rounds (the fastest copy of a
         # run moved 27 -> 42 GB/s between history lengths on this shared host; the median is what a step sees)
-        bandwidth = probe.gb_s(probed, "p50") if probed else None
-        best = probe.gb_s(probed, "best") if probed else None
+        bandwidth = probe.gb_s(probed, "p50") if probe and probed else None
+        best = probe.gb_s(probed, "best") if probe and probed else None
         flops = counter(_step_feeds(streams[(ORT, "fp32")], n, speakers, new_row)) if counter else None
         for key, stream in streams.items():
             stream.buffers.update(tails[key])
@@ -149,7 +149,8 @@ def _step_calls(
 ) -> tuple[dict[tuple[str, str], dict], dict[tuple[str, ...], Any]]:
     """Each stream brought to a history of n-1, and the timed call of each: the step at position n-1 on it, the
     same step every time (its tail buffers restored first). -> (tail buffers, calls by ("step", backend, precision))."""
-    tails, calls = {}, {}
+    tails: dict[tuple[str, str], dict] = {}
+    calls: dict[tuple[str, ...], Any] = {}
     row = {m: x[n - 1] for m, x in feats.items()}
     for key, stream in streams.items():
         if n > 1:
@@ -160,7 +161,7 @@ def _step_calls(
             stream.buffers.update(tail)
             stream.graph.run(stream.buffers, n - 1, speakers[n - 1], row)
 
-        calls[("step", *key)] = step_call
+        calls[("step", key[0], key[1])] = step_call
     return tails, calls
 
 
@@ -194,7 +195,8 @@ class _Capture:
     """Stands in for a step graph's session for one call: records the feeds the runtime builds, then runs them."""
 
     def __init__(self, session: Any) -> None:
-        self.session, self.feeds = session, {}
+        self.session = session
+        self.feeds: dict[str, np.ndarray] = {}
 
     def run(self, names: Any, feeds: dict[str, np.ndarray]) -> Any:
         self.feeds = dict(feeds)

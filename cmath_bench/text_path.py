@@ -51,7 +51,7 @@ import numpy as np
 from . import host, roofline
 from .backends import Contender
 from .report import figure, write_pages
-from .timing import Budget, Timer, interleaved, percentiles_ms, quiesce, timer
+from .timing import Budget, Timer, interleaved, percentiles_ms, quiesce, repeating, timer
 
 DEV_CSV = "dev_sent_emo.csv"
 HISTORY = 20  # turns a live conversation holds before the timed utterance
@@ -152,8 +152,9 @@ class TorchPipeline:
         from cmath_train.prepare.text_encoder import SentenceTransformerEncoder
 
         st = SentenceTransformerEncoder.load(source)
+        transformer: Any = st.model[0].auto_model
         self.encoder = PooledEncoder(
-            st.model[0].auto_model, spec.pooling, spec.normalize, first_segment=spec.turns is not None
+            transformer, spec.pooling, spec.normalize, first_segment=spec.turns is not None
         ).eval()
         self.net = load_checkpoint(run_dir).model.eval()
         self.tokens = TurnTokens(spec)
@@ -297,7 +298,7 @@ def frozen_encoder(model_dir: Path | None, text_normalisation: str | None) -> It
 def recording(holder: Any) -> Iterator[dict[str, np.ndarray]]:
     """While inside, `holder.session.run` records its last feeds into the yielded dict (for counting FLOPs and bytes
     of a real call)."""
-    session, feeds = holder.session, {}
+    session, feeds = holder.session, dict[str, np.ndarray]()
 
     class Recorder:
         def run(self, names: Any, inputs: dict[str, np.ndarray]) -> Any:
@@ -429,7 +430,7 @@ def run_text_path(
         count_costs(contenders, fp32, convs, frozen)
         timers = {name: live_timer(c, convs) for name, c in contenders.items()}
         probes = roofline.make_probes(threads, read_mib, peak_n)
-        timers.update({name: timer(lambda p=p: p, cap=PROBE_CALLS) for name, p in probes.items()})
+        timers.update({name: repeating(p, cap=PROBE_CALLS) for name, p in probes.items()})
         timings = interleaved(timers, budget, settle=lambda _name: quiesce())
     limits = roofline.probe_limits(probes, timings.times)
     records = timed_records(contenders, timings, limits, skipped, history=history, threads=threads)

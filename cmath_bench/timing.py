@@ -52,6 +52,11 @@ def timer(make_call: Callable[[], Callable[[], object]], cap: int | None = None)
     return run
 
 
+def repeating(call: Callable[[], object], cap: int | None = None) -> Timer:
+    """The Timer of one prepared call, timed again and again (the full model on the same batch, a probe)."""
+    return timer(lambda: call, cap)
+
+
 def percentiles_ms(seconds: list[float]) -> dict[str, float]:
     """p50/p90/p99/mean/min in ms; NaN for each when nothing was timed (a load level that got no answer)."""
     if not seconds:

@@ -3,8 +3,10 @@
 # It writes only under runs/ (RUN, default runs/main, and RUN-causal) and prints each stage's time and where its
 # outputs are. Speed does not depend on how long a model trained, so the demo trains briefly (EPOCHS, default 1,
 # like the causal twin), without the weighted-F1 decision rule: on a barely trained model its offsets move many
-# utterances next to a decision boundary, where the int8 artifact's rounding flips more of them than its bound allows. Refreshing the docs' benchmark pages and the README's tables from these runs is a separate
-# maintainer command: scripts/refresh_docs.sh.
+# utterances next to a decision boundary, where the int8 artifact's rounding flips more of them than its bound
+# allows. The benchmarks run with --quick (three conversation lengths, short budgets), which shows every engine
+# against PyTorch and the floor in minutes; BENCH_ARGS= (empty) runs the full sweep, which the docs' pages are made
+# from (then scripts/refresh_docs.sh, a separate maintainer command).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/main}
@@ -34,14 +36,17 @@ stage "install" bash scripts/install.sh
 stage "train (causal, 1 epoch)" .venv/bin/cmath-train --preset meld --causal --epochs 1 --no-decision-rule --quiet \
     --out "$RUN-causal"
 stage "export (causal, int8)" .venv/bin/cmath-export "$RUN-causal" --int8 --quiet
-stage "benchmark (causal)" .venv/bin/cmath-bench "$RUN-causal" \
+BENCH_ARGS=${BENCH_ARGS---quick}
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of options
+stage "benchmark (causal)" .venv/bin/cmath-bench "$RUN-causal" $BENCH_ARGS \
     --backends onnxruntime:fp32,onnxruntime-spin,onnxruntime:int8,openvino:fp32 --out "$RUN-causal/bench"
 # The main model: train, export fp32 + fp16 + int8 (each artifact checked against PyTorch, or not written), then
 # every contender against PyTorch and this machine's floor.
 stage "train (${EPOCHS:-1} epoch(s))" .venv/bin/cmath-train --preset meld --epochs "${EPOCHS:-1}" --no-decision-rule \
     --out "$RUN"
 stage "export + parity" .venv/bin/cmath-export "$RUN" --fp16 --int8
-stage "benchmark" .venv/bin/cmath-bench "$RUN" --out "$RUN/bench"
+# shellcheck disable=SC2086
+stage "benchmark" .venv/bin/cmath-bench "$RUN" $BENCH_ARGS --out "$RUN/bench"
 
 echo
 children_cpu

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Maintainer command: refreshes the docs' benchmark pages and the README's generated tables from the main job's runs
-# (run `bash scripts/main.sh` first). Copies RUN/bench to docs/bench and RUN-causal/bench to docs/bench/causal, then
+# (run `BENCH_ARGS= bash scripts/main.sh` first: the full benchmark sweep). Copies RUN/bench to docs/bench and RUN-causal/bench to docs/bench/causal, then
 # rewrites README.md's generated blocks (python -m studies.readme). Review the diff before committing it.
 #
 # Usage: bash scripts/refresh_docs.sh [RUN]      (default runs/main)
@@ -9,7 +9,12 @@ cd "$(dirname "$0")/.."
 RUN=${1:-runs/main}
 for src in "$RUN/bench" "$RUN-causal/bench"; do
     if [ ! -f "$src/bench.json" ]; then
-        echo "refresh_docs.sh: $src/bench.json not found; run bash scripts/main.sh first" >&2
+        echo "refresh_docs.sh: $src/bench.json not found; run BENCH_ARGS= bash scripts/main.sh first" >&2
+        exit 1
+    fi
+    if head -1 "$src/bench.md" | grep -q "(quick)"; then
+        echo "refresh_docs.sh: $src is a --quick benchmark; the docs' pages come from the full sweep:" \
+            "BENCH_ARGS= bash scripts/main.sh" >&2
         exit 1
     fi
 done

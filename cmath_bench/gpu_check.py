@@ -581,7 +581,7 @@ def environment_lines(env: dict[str, Any]) -> list[str]:
         f"| a session, backend auto | {', '.join(ort.get('auto_session', {}).get('providers', []))} "
         f"{ort.get('auto_session', {}).get('note', '')} |",
         f"| a session, backend cuda | {_cell(ort.get('cuda_session', {}))} |",
-        f"| host | {env.get('host', {}).get('cpu', '-')}, {env.get('host', {}).get('cores', '-')} cores, "
+        f"| host | {env.get('host', {}).get('cpu', '-')} ({env.get('host', {}).get('isa', '-')}), {env.get('host', {}).get('cores', '-')} cores, "
         f"python {env.get('host', {}).get('python', '-')}, load {env.get('host', {}).get('load_average')} |",
         "",
     ]

@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 import os
-import platform
 import sys
 from pathlib import Path
 from typing import Any
 
 
 def describe() -> dict[str, str | int]:
-    """{"cpu": the CPU's model name (/proc/cpuinfo, else the platform's), "cores": the cores this process may run
-    on}: what cmath-bench, the server load and the replica benchmarks record as their machine."""
-    return {"cpu": _cpu_name(), "cores": _cores()}
+    """{"cpu": the CPU's model name, "isa": its ISA class (cmath_runtime.cpu: avx2, avx512, avx512_vnni, amx, ...),
+    "cores": the cores this process may run on}: what every benchmark records as its machine, beside its figures."""
+    from cmath_runtime.cpu import cpu_info
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
+    cpu = cpu_info()
+    return {"cpu": cpu.model, "isa": cpu.isa, "cores": _cores()}
 
 
 def _cores() -> int:

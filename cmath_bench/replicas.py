@@ -266,7 +266,7 @@ def run(
 
 def markdown(result: dict[str, Any], env: dict[str, Any]) -> str:
     lines = [
-        f"# Replicas behind HAProxy ({env['cpu']}, {env['cores']} cores shared by replicas, balancer and "
+        f"# Replicas behind HAProxy ({env['cpu']}, ISA class {env.get('isa', '-')}, {env['cores']} cores shared by replicas, balancer and "
         f"client; load average {env['loadavg_start']:.1f} at start, {env['loadavg_end']:.1f} at end)",
         "",
         f"`{env['command']}`",

@@ -148,7 +148,7 @@ def markdown(records: list[dict], env: dict[str, Any], title: str) -> str:
     parts = [
         f"# {title}",
         "",
-        f"{env['cpu']}, {env['cores']} cores, {env['threads']} threads for every contender (torch.set_num_threads "
+        f"{env['cpu']} (ISA class {env.get('isa', '-')}), {env['cores']} cores, {env['threads']} threads for every contender (torch.set_num_threads "
         f"and onnxruntime intra_op_num_threads); python {env['python']}, torch {env['torch']}, onnxruntime "
         f"{env['onnxruntime']}; load average at start {env['load_average']}"
         + (f", at the end {env['load_average_end']}" if env.get("load_average_end") else "")

@@ -94,6 +94,8 @@ def bench(request: BenchRequest, export_dir: Path, log: Callable[[str], None] = 
     roofline.annotate(records, machine, export_dir)
     records += stream_records(export_dir, r.threads, r.quick, log=log, machine=machine, lengths=r.lengths)
     env["load_average_end"] = environment(r.threads)["load_average"]
+    for rec in records:  # every record names its machine
+        rec.update(cpu=env["cpu"], isa=env["isa"], cores=env["cores"])
     text = write(records, env, r.out_dir, f"cmath-bench: {r.run_dir.name}{' (quick)' if r.quick else ''}")
     text_path = report_text_path(
         r.run_dir, export_dir, r.threads, r.quick, out_dir=r.out_dir, machine=machine, log=log

@@ -326,7 +326,7 @@ def _stream(
 
 def markdown(records: list[dict], env: dict) -> str:
     lines = [
-        f"# cmath-serve load ({env['cpu']}, {env['cores']} cores shared by server and client; load average "
+        f"# cmath-serve load ({env['cpu']}, ISA class {env.get('isa', '-')}, {env['cores']} cores shared by server and client; load average "
         f"{env['loadavg_start']:.1f} at start, {env['loadavg_end']:.1f} at end)",
         "",
         "Without a server, `model.predict` in one process (same time, same machine): "

@@ -583,7 +583,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"# Raw text -> emotion: one new utterance into a live {report['history']}-turn conversation",
         "",
         f"Each call: {report['call']}; {report['conversations']} conversations from {report['texts']}; "
-        f"{report['threads']} threads for every contender on {report['host']['cpu']} "
+        f"{report['threads']} threads for every contender on {report['host']['cpu']} (ISA class {report['host'].get('isa', '-')}) "
         f"({report['host']['cores']} cores); interleaved rounds, p50 of the timed calls.",
         "",
         f"Machine, in the same rounds (medians): read bandwidth **{m['read_gb_s']:.2f} GB/s** (the floor's: "

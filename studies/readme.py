@@ -42,7 +42,11 @@ def speed_table(records: list[dict[str, Any]]) -> str:
         if r.get("kind") == "latency" and r.get("batch") == 1
     }
     head = " | ".join(f"{n} utt. p50 ms" for n in SPEED_LENGTHS)
+    machine = latency.get(("onnxruntime", "fp32", SPEED_LENGTHS[0]), {})
     lines = [
+        f"Measured on {machine.get('cpu', 'an unrecorded CPU')} (ISA class {machine.get('isa', 'unrecorded')}), "
+        f"{machine.get('cores', '?')} cores, {(machine.get('threads') or {}).get('ort_intra_op', '?')} threads.",
+        "",
         f"| engine | precision | {head} | x floor at {SPEED_LENGTHS[-1]} |",
         "|---|---|" + "---:|" * (len(SPEED_LENGTHS) + 1),
     ]

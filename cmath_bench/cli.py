@@ -61,6 +61,25 @@ def ensure_export(run_dir: Path) -> Path:
     help="Comma-separated conversation lengths for latency and streaming, "
     "e.g. 1,10,50 (default: the full sweep; --quick: 1,5,20).",
 )
+@click.option(
+    "--texts",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Folder with MELD's dev_sent_emo.csv: real dialogues for the raw-text benchmark of an export with a text "
+    "encoder (default: the export's probe texts).",
+)
+@click.option(
+    "--text-parity",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Also replay N dev dialogues of --texts utterance by utterance against the PyTorch pipeline.",
+)
+@click.option(
+    "--frozen-encoder",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Plain sentence-transformers folder timed beside the fine-tuned encoder (default: the bundled one).",
+)
 def main(
     run_dir: Path,
     out_dir: Path | None,
@@ -69,6 +88,9 @@ def main(
     only: str | None,
     spin: bool,
     lengths: str | None,
+    texts: Path | None,
+    text_parity: int,
+    frozen_encoder: Path | None,
 ) -> None:
     """Benchmark a trained run: latency at batch 1 over conversation lengths, throughput at batch 16, load time and
     peak memory, for PyTorch eager, torch.compile and cmath_runtime (onnxruntime fp32/fp16/int8, OpenVINO f32/bf16,
@@ -85,7 +107,16 @@ def main(
         contenders=_contenders(only) if only else backends.ALL,
         spinning=spin,
         lengths=_lengths(lengths) if lengths else None,
+        texts=texts,
+        text_parity=text_parity,
+        frozen_encoder=frozen_encoder,
     )
+    if text_parity and texts is None:
+        raise click.BadParameter("needs --texts (the dev dialogues to replay)", param_hint="--text-parity")
+    if texts is not None and not (texts / "dev_sent_emo.csv").is_file():
+        raise click.BadParameter(
+            f"expected a folder holding dev_sent_emo.csv, got {texts}", param_hint="--texts"
+        )
     try:
         click.echo(bench(request, ensure_export(run_dir), log=click.echo))
     except CmathError as e:

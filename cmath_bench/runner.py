@@ -62,6 +62,13 @@ class BenchRequest:
     contenders: tuple[str, ...] = backends.ALL
     spinning: bool = False
     lengths: tuple[int, ...] | None = None  # latency and streaming lengths (default: the plan's)
+    texts: Path | None = (
+        None  # MELD-style CSV folder: the raw-text benchmark's dialogues (default: probe texts)
+    )
+    text_parity: int = 0  # dev dialogues replayed against the PyTorch pipeline (needs texts)
+    frozen_encoder: Path | None = (
+        None  # the plain encoder beside the fine-tuned one (default: the bundled one)
+    )
 
 
 def bench(request: BenchRequest, export_dir: Path, log: Callable[[str], None] = print) -> str:
@@ -98,7 +105,16 @@ def bench(request: BenchRequest, export_dir: Path, log: Callable[[str], None] = 
         rec.update(cpu=env["cpu"], isa=env["isa"], cores=env["cores"])
     text = write(records, env, r.out_dir, f"cmath-bench: {r.run_dir.name}{' (quick)' if r.quick else ''}")
     text_path = report_text_path(
-        r.run_dir, export_dir, r.threads, r.quick, out_dir=r.out_dir, machine=machine, log=log
+        r.run_dir,
+        export_dir,
+        r.threads,
+        r.quick,
+        r.out_dir,
+        machine,
+        r.texts,
+        r.text_parity,
+        r.frozen_encoder,
+        log=log,
     )
     if text_path:
         log(summary(text_path))

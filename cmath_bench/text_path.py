@@ -1,7 +1,6 @@
 """Raw text -> emotion for one new utterance in a live conversation: each engine against the text path's floor.
 
-    python -m cmath_bench.text_path RUN_DIR --csv-dir DIR [--export DIR] [--threads N] [--quick] [--parity]
-                                   [--frozen-encoder DIR] [--out DIR]
+    cmath-bench RUN_DIR [--texts DIR [--text-parity N]] [--frozen-encoder DIR]   (an export with a text encoder)
 
 One timed call (batch 1) is what an agent does when a line arrives: `conv.add(speaker, text=...)` on a conversation
 that already holds HISTORY (20) turns, then reading `conv.latest`. The text encoder reads the new utterance with its
@@ -26,7 +25,7 @@ the model graph's (roofline.FlopCounter), the read bandwidth the faster of the t
 Every record carries p50 / floor; the report gives int8 vs fp32, runtime fp32 vs PyTorch and context vs
 frozen, all from the same run.
 
-Parity (`replay_parity`, --parity): MELD dev dialogues replayed utterance by utterance through
+Parity (`replay_parity`, cmath-bench --text-parity N): MELD dev dialogues replayed utterance by utterance through
 Conversation.add(text=) against the PyTorch pipeline on each whole dialogue, max |dp| of the final probabilities
 (bar 1e-4, fp32), and the int8 path's argmax agreement with fp32 (bar 99%).
 
@@ -39,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -784,10 +782,13 @@ def report_text_path(
     out_dir: Path | None = None,
     machine: roofline.Machine | None = None,
     csv_dir: Path | None = None,
+    parity_dialogues: int = 0,
+    frozen_dir: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any] | None:
     """cmath-bench's text-path section: the report, written to out_dir (bench_text.json/.md/.png); None when the
-    export has no text encoder."""
+    export has no text encoder. `csv_dir`: a folder with MELD's dev CSV, whose dialogues make the live
+    conversations and, with `parity_dialogues`, are replayed against the PyTorch pipeline (replay_parity)."""
     raw = json.loads((export_dir / "export.json").read_text())
     if not raw.get("text_encoder"):
         return None
@@ -798,9 +799,13 @@ def report_text_path(
         QUICK_BUDGET if quick else BUDGET,
         QUICK_LIVE if quick else LIVE,
         csv_dir=csv_dir,
+        frozen_dir=frozen_dir,
         machine=machine,
         log=log,
     )
+    if parity_dialogues and csv_dir is not None:
+        dialogues = dev_dialogues(csv_dir / DEV_CSV, int(raw["num_speakers"]), parity_dialogues)
+        report["parity"] = replay_parity(run_dir, export_dir, dialogues, threads or 1, log)
     if out_dir is not None:
         write_report(report, out_dir)
     return report
@@ -818,67 +823,3 @@ def summary(report: dict[str, Any]) -> str:
         + "; ".join(parts)
         + (f" | {ratio}" if ratio else "")
     )
-
-
-def main() -> None:
-    import argparse
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("run_dir", type=Path)
-    p.add_argument("--export", type=Path, default=None, help="export folder (default: RUN_DIR/export)")
-    p.add_argument("--csv-dir", type=Path, required=True, help=f"folder with MELD's {DEV_CSV}")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--quick", action="store_true", help="few conversations and calls")
-    p.add_argument(
-        "--parity",
-        action="store_true",
-        help=f"also replay {PARITY_DIALOGUES} MELD dev dialogues against "
-        "the PyTorch pipeline (raw-text parity)",
-    )
-    p.add_argument("--parity-dialogues", type=int, default=PARITY_DIALOGUES)
-    p.add_argument("--no-latency", action="store_true", help="only the parity replay")
-    p.add_argument(
-        "--frozen-encoder",
-        type=Path,
-        default=None,
-        help="plain sentence-transformers dir for the frozen contender (default: bundled all-MiniLM-L6-v2)",
-    )
-    p.add_argument("--out", type=Path, default=None, help="where bench_text.* go (default: RUN_DIR)")
-    args = p.parse_args()
-    if not (args.csv_dir / DEV_CSV).is_file():
-        p.error(f"--csv-dir: expected a folder holding {DEV_CSV}, got {args.csv_dir}")
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    export_dir = args.export or args.run_dir / "export"
-    report: dict[str, Any] = {"records": [], "ratios": {}, "skipped": {}}
-    if not args.no_latency:
-        report = run_text_path(
-            args.run_dir,
-            export_dir,
-            args.threads,
-            QUICK_BUDGET if args.quick else BUDGET,
-            QUICK_LIVE if args.quick else LIVE,
-            csv_dir=args.csv_dir,
-            frozen_dir=args.frozen_encoder,
-        )
-        print(summary(report), flush=True)
-    if args.parity:
-        from cmath_runtime.manifest import read_manifest
-
-        dialogues = dev_dialogues(
-            args.csv_dir / DEV_CSV, read_manifest(export_dir).num_speakers, args.parity_dialogues
-        )
-        report["parity"] = replay_parity(args.run_dir, export_dir, dialogues, args.threads)
-        print("\n".join(parity_lines(report["parity"])), flush=True)
-    out = args.out or args.run_dir
-    if args.no_latency:
-        from cmath_runtime.files import atomic_write_json
-
-        atomic_write_json(out / "bench_text_parity.json", report["parity"] if args.parity else {})
-        print(f"wrote {out / 'bench_text_parity.json'}")
-        return
-    print(write_report(report, out))
-    print(f"wrote {out / 'bench_text.json'}, bench_text.md, bench_text.png")
-
-
-if __name__ == "__main__":
-    main()

@@ -132,3 +132,56 @@ def test_weight_reads_count_gathered_rows(tmp_path: Path) -> None:
     reads = WeightReads(tmp_path / "g.onnx")
     assert reads({"ids": np.array([3, 3, 7, -1])}) == 3 * 8 * 4 + 8 * 4 * 4  # rows 3, 7, 99
     assert weight_bytes(tmp_path / "g.onnx") == 100 * 8 * 4 + 8 * 4 * 4
+
+
+def test_cmath_bench_runs_the_text_path_on_real_dialogues(
+    context_run: tuple[Path, Path], tiny_encoder: Path, tmp_path: Path
+) -> None:
+    """`cmath-bench RUN --texts DIR --text-parity N` on a text run: the full model's pages and the text path's, its
+    live conversations from the folder's dev CSV, the replay parity in its report; --text-parity alone is refused."""
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from cmath_bench.cli import main
+
+    _, export = context_run
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    shutil.copy(export.parents[1] / "dev.csv", texts / "dev_sent_emo.csv")
+    out = tmp_path / "bench"
+    args = [
+        str(export.parent),
+        "--quick",
+        "--threads",
+        "1",
+        "--backends",
+        "onnxruntime:fp32",
+        "--lengths",
+        "1",
+    ]
+    refused = CliRunner().invoke(main, [*args, "--text-parity", "2"])
+    assert refused.exit_code == 2 and "--text-parity" in refused.output and "needs --texts" in refused.output
+    result = CliRunner().invoke(
+        main,
+        [
+            *args,
+            "--out",
+            str(out),
+            "--texts",
+            str(texts),
+            "--text-parity",
+            "2",
+            "--frozen-encoder",
+            str(tiny_encoder),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in out.iterdir()} >= {"bench.json", "bench.md", "bench_text.json", "bench_text.md"}
+    report = json.loads((out / "bench_text.json").read_text())
+    assert report["texts"] == "MELD dev (dev_sent_emo.csv)" and report["host"]["isa"]
+    assert report["parity"]["fp32"]["conversations"] == 2 and report["parity"]["fp32"]["passed"]
+    assert {r["contender"] for r in report["records"]} >= {FP32, TORCH, FROZEN}
+    records = json.loads((out / "bench.json").read_text())
+    assert all(r["isa"] and r["cpu"] for r in records)

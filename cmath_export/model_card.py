@@ -45,7 +45,12 @@ def _read_json(path: Path) -> dict[str, Any]:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
-    return doc if isinstance(doc, dict) else {}
+    return _mapping(doc)
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    """A recorded field that should hold a mapping: itself when it does, else {} (older runs record less)."""
+    return value if isinstance(value, dict) else {}
 
 
 def _yaml(value: Any) -> str:
@@ -62,7 +67,7 @@ def _data_facts(data: dict[str, Any]) -> dict[str, Any]:
             "language": None,
             "kind": "synthetic",
         }
-    source = data.get("source") if isinstance(data.get("source"), dict) else {}
+    source = _mapping(data.get("source"))
     kind = source.get("kind")
     if kind == "meld":
         from cmath_train.prepare.sources import MELD
@@ -184,7 +189,7 @@ def _training_data(data: dict[str, Any], facts: dict[str, Any]) -> list[str]:
             f"MELD ({facts['home']}), English dialogue from the TV series Friends, license {facts['license']}.",
             "",
         ]
-    source = data.get("source") if isinstance(data.get("source"), dict) else {}
+    source = _mapping(data.get("source"))
     files = source.get("files") or {}
     if files:
         lines += ["| split | file | sha256 | utterances | conversations |", "|---|---|---|---|---|"]
@@ -382,7 +387,7 @@ def _artifacts(manifest: Manifest) -> list[str]:
     ]
     for key, art in manifest.artifacts.items():
         report = manifest.parity.get(key) or {}
-        probs = next((o for o in report.get("outputs", []) if o.get("name") == "probs"), {})
+        probs: dict[str, Any] = next((o for o in report.get("outputs", []) if o.get("name") == "probs"), {})
         agree = report.get("argmax_agreement")
         lines.append(
             f"| {art.file} | {art.precision} | {art.bytes / 2**20:.2f} | "

@@ -174,12 +174,13 @@ def fuse_shared_matmuls(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         weights = [numpy_helper.to_array(inits[n.input[1]]) for n in matmuls]
         if len(matmuls) < 2 or len({w.shape[0] for w in weights}) != 1:
             continue
-        biases = [_bias_add(n, consumers, inits, graph_outputs) for n in matmuls]
+        found = [_bias_add(n, consumers, inits, graph_outputs) for n in matmuls]
+        biases = [b for b in found if b is not None]
         p = f"{matmuls[0].output[0]}__fused"  # value names are unique; node names need not be
         graph.initializer.append(numpy_helper.from_array(np.concatenate(weights, axis=1), f"{p}_w"))
         nodes = [helper.make_node("MatMul", [x, f"{p}_w"], [f"{p}_y"], name=f"{p}_matmul")]
         outputs, y = [n.output[0] for n in matmuls], f"{p}_y"
-        if all(b is not None for b in biases):
+        if len(biases) == len(matmuls):
             graph.initializer.append(
                 numpy_helper.from_array(
                     np.concatenate([numpy_helper.to_array(inits[bias]) for _, bias in biases]), f"{p}_b"

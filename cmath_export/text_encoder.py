@@ -124,7 +124,13 @@ def export_text_encoder(
             f" (supported: {list(SUPPORTED_MODULES)}, mean/cls/max)",
         )
     turns = meta.get("turns")
-    hf = st.model[0].auto_model.eval()
+    hf = getattr(st.model[0], "auto_model", None)  # the Transformer module's transformers model
+    if not isinstance(hf, torch.nn.Module):
+        raise ArtifactError(model_dir, f"its first module ({modules[0]}) holds no transformers model")
+    max_seq_length = st.model.max_seq_length
+    if max_seq_length is None:
+        raise ArtifactError(model_dir, "no max_seq_length: the runtime truncates to it and needs it")
+    hf.eval()
     tok_inputs = tuple(st.model.tokenizer.model_input_names)
     # an encoder reading turns always takes token_type_ids: they mark the utterance's tokens for pooling
     inputs = tuple(n for n in ("input_ids", "attention_mask", "token_type_ids") if n in tok_inputs or turns)
@@ -145,7 +151,7 @@ def export_text_encoder(
         "files": _files(files),
         "inputs": list(inputs),
         "output": "embedding",
-        "max_seq_length": int(st.model.max_seq_length),
+        "max_seq_length": int(max_seq_length),
         "pooling": meta["pooling"],
         "normalize": bool(meta.get("normalized")),
         "dim": int(st.dim),

@@ -142,7 +142,11 @@ class Demo:
         with self.lock:
             key = body.get("session")
             session = self.sessions.get(key) if isinstance(key, str) else None
-            if session is None or session.model.precision != body.get("precision", "fp32"):
+            if (
+                not isinstance(key, str)
+                or session is None
+                or session.model.precision != body.get("precision", "fp32")
+            ):
                 key, session = self.new_session(body.get("precision", "fp32"))
             else:
                 self.sessions.move_to_end(key)

@@ -69,6 +69,20 @@ class BuildContext:
     def reference(self) -> list[parity.Outputs]:
         return parity.torch_outputs(self.ckpt.model, self.data.batches)
 
+    @property
+    def opset(self) -> int:
+        """The options' opset (formats.validate fills in the default before any builder runs)."""
+        if self.opts.opset is None:
+            raise ValueError("BuildContext: the export options were not validated (opset is None)")
+        return self.opts.opset
+
+    def proto(self, key: str) -> onnx.ModelProto:
+        """The ONNX model the builder of `key` made (fp32, fp16, int8), for the builders that start from it."""
+        proto = self.built[key].proto
+        if proto is None:
+            raise ValueError(f"BuildContext: the {key} builder kept no ONNX model")
+        return proto
+
     def path(self, key: str) -> Path:
         return self.staging / get_format(key).file
 
@@ -78,7 +92,7 @@ class BuildContext:
 
 def build_fp32(ctx: BuildContext) -> Built:
     t0 = time.perf_counter()
-    proto = export_onnx(ctx.ckpt.model, ctx.opts.opset, ctx.opts.max_len)
+    proto = export_onnx(ctx.ckpt.model, ctx.opset, ctx.opts.max_len)
     onnx.checker.check_model(proto, full_check=True)
     path = ctx.path("fp32")
     atomic_write_bytes(path, proto.SerializeToString())
@@ -90,7 +104,7 @@ def build_fp32(ctx: BuildContext) -> Built:
 def build_fp16(ctx: BuildContext) -> Built:
     from .fp16 import convert_fp16
 
-    half = convert_fp16(ctx.built["fp32"].proto)
+    half = convert_fp16(ctx.proto("fp32"))
     onnx.checker.check_model(half, full_check=True)
     check_io(half, ctx.inputs, ctx.outputs, "model.fp16.onnx")
     path = ctx.path("fp16")
@@ -128,7 +142,7 @@ def build_step(ctx: BuildContext) -> Companion:
     """model.step.onnx (causal runs), then each built format's step twin (formats' step_builder, e.g. int8)."""
     from .step_graph import export_step
 
-    entry = export_step(ctx.ckpt.model, ctx.opts.opset, ctx.opts.max_len, ctx.staging, ctx.say)
+    entry = export_step(ctx.ckpt.model, ctx.opset, ctx.opts.max_len, ctx.staging, ctx.say)
     reports = {}
     for fmt in (get_format(key) for key in ctx.built):
         build_twin = fmt.step_build_function()
@@ -162,6 +176,8 @@ def build_triton(ctx: BuildContext) -> Companion:
     """The Triton repository (--triton DIR) serving the best model built (formats' serve_rank: engine > fp16 > fp32)."""
     from .triton import PLATFORMS, write_repository
 
+    if ctx.opts.triton is None:
+        raise ValueError("build_triton: no --triton folder (formats: the row applies only with one)")
     key = max(
         (get_format(k) for k in ctx.artifacts if get_format(k).format in PLATFORMS),
         key=lambda f: f.serve_rank,
@@ -181,7 +197,7 @@ def build_int8(ctx: BuildContext) -> Built:
     t0 = time.perf_counter()
     path = ctx.path("int8")
     q, scheme, report = quantize_within_bounds(
-        ctx, "int8", ctx.built["fp32"].proto, path, lambda b: parity.onnx_outputs(str(path), b)
+        ctx, "int8", ctx.proto("fp32"), path, lambda b: parity.onnx_outputs(str(path), b)
     )
     check_io(q, ctx.inputs, ctx.outputs, "model.int8.onnx")
     ctx.say(f"model.int8.onnx: quantized and checked in {time.perf_counter() - t0:.1f} s")

@@ -20,14 +20,18 @@ import logging
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 import onnx
 import torch
 from torch import Tensor, nn
 
-from cmath_runtime.errors import ArtifactError
+from cmath_runtime.errors import ArtifactError, InputError
 from cmath_train.config import ModelConfig
 from cmath_train.layers import SinusoidalPositions
+
+if TYPE_CHECKING:
+    import onnx_ir
 
 BATCH, UTTERANCES = "batch", "utterances"
 TRACE_SHAPE = (2, 16)  # (batch, utterances) of the example inputs: both >= 2, so neither axis specialises
@@ -50,6 +54,14 @@ class TensorSpec:
         return {**asdict(self), "shape": list(self.shape)}
 
 
+def model_config(model: nn.Module) -> ModelConfig:
+    """The config a model was built with: every registered model, and the CDaT wrapper, carry it as `cfg`."""
+    cfg = getattr(model, "cfg", None)
+    if not isinstance(cfg, ModelConfig):
+        raise InputError("model.cfg", "a ModelConfig (a model built by cmath_train)", type(cfg).__name__)
+    return cfg
+
+
 def io_specs(cfg: ModelConfig) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """The graph's inputs and outputs, in order (docs/artifact-format.md)."""
     inputs = [TensorSpec(m, "float32", (BATCH, UTTERANCES, cfg.feature_dims[m])) for m in cfg.modalities]
@@ -70,7 +82,7 @@ class MeanPathGraph(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model.eval()
-        self.modalities: tuple[str, ...] = tuple(model.cfg.modalities)
+        self.modalities: tuple[str, ...] = tuple(model_config(model).modalities)
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, Tensor]:
         *features, speaker, mask = inputs  # (B, N, d_m) per modality, (B, N) int64, (B, N) bool
@@ -118,17 +130,19 @@ def position_rows(model: nn.Module, max_len: int) -> Iterator[None]:
             t.set_rows(rows)
 
 
-def export_onnx(model: nn.Module, opset: int, max_len: int) -> onnx.ModelProto:
-    """Export the mean path of a CMATH model; inputs and outputs named and typed as io_specs(model.cfg) says."""
-    cfg: ModelConfig = model.cfg
-    inputs, outputs = io_specs(cfg)
-    graph = MeanPathGraph(model).eval()
-    batch, utterances = torch.export.Dim(BATCH), torch.export.Dim(UTTERANCES)
-    dynamic = tuple({0: batch, 1: utterances} for _ in inputs)
-    with _quiet_exporter(), torch.no_grad(), position_rows(model, max_len):
+def dynamo_export(
+    module: nn.Module,
+    example: tuple[Tensor, ...],
+    dynamic: tuple[dict[int, Any], ...],
+    opset: int,
+    max_len: int,
+) -> onnx_ir.Model:
+    """`module` (a graph around a model) through the dynamo exporter: optimised, weights inside, quietly, with its
+    position tables sized to max_len (position_rows)."""
+    with _quiet_exporter(), torch.no_grad(), position_rows(module, max_len):
         program = torch.onnx.export(
-            graph,
-            example_inputs(cfg),
+            module,
+            example,
             dynamo=True,
             dynamic_shapes=(dynamic,),
             opset_version=opset,
@@ -136,7 +150,19 @@ def export_onnx(model: nn.Module, opset: int, max_len: int) -> onnx.ModelProto:
             external_data=False,
             verbose=False,
         )
-    ir_model = program.model
+    if program is None:  # only the legacy TorchScript exporter (dynamo=False) returns None
+        raise ArtifactError(type(module).__name__, "the dynamo exporter returned no ONNX program")
+    return program.model
+
+
+def export_onnx(model: nn.Module, opset: int, max_len: int) -> onnx.ModelProto:
+    """Export the mean path of a CMATH model; inputs and outputs named and typed as io_specs(model.cfg) says."""
+    cfg = model_config(model)
+    inputs, outputs = io_specs(cfg)
+    graph = MeanPathGraph(model).eval()
+    batch, utterances = torch.export.Dim(BATCH), torch.export.Dim(UTTERANCES)
+    dynamic = tuple({0: batch, 1: utterances} for _ in inputs)
+    ir_model = dynamo_export(graph, example_inputs(cfg), dynamic, opset, max_len)
     _rename_io(ir_model.graph, [s.name for s in inputs], [s.name for s in outputs])
     size = sum(
         v.const_value.nbytes for v in ir_model.graph.initializers.values() if v.const_value is not None
@@ -154,7 +180,7 @@ def export_onnx(model: nn.Module, opset: int, max_len: int) -> onnx.ModelProto:
     return proto
 
 
-def _rename_io(graph, inputs: list[str], outputs: list[str]) -> None:  # noqa: ANN001 (onnx_ir.Graph)
+def _rename_io(graph: onnx_ir.Graph, inputs: list[str], outputs: list[str]) -> None:
     """Give graph inputs/outputs the contract's names; internal values that already carry one (the speaker
     lookup is called 'embedding' by the exporter) are renamed first, so every name stays unique."""
     io_values = {id(v) for v in [*graph.inputs, *graph.outputs]}

@@ -45,7 +45,12 @@ def _read_json(path: Path) -> dict[str, Any]:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
-    return doc if isinstance(doc, dict) else {}
+    return _mapping(doc)
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    """A recorded field that should hold a mapping: itself when it does, else {} (older runs record less)."""
+    return value if isinstance(value, dict) else {}
 
 
 def _yaml(value: Any) -> str:
@@ -62,7 +67,7 @@ def _data_facts(data: dict[str, Any]) -> dict[str, Any]:
             "language": None,
             "kind": "synthetic",
         }
-    source = data.get("source") if isinstance(data.get("source"), dict) else {}
+    source = _mapping(data.get("source"))
     kind = source.get("kind")
     if kind == "meld":
         from cmath_train.prepare.sources import MELD
@@ -184,7 +189,7 @@ def _training_data(data: dict[str, Any], facts: dict[str, Any]) -> list[str]:
             f"MELD ({facts['home']}), English dialogue from the TV series Friends, license {facts['license']}.",
             "",
         ]
-    source = data.get("source") if isinstance(data.get("source"), dict) else {}
+    source = _mapping(data.get("source"))
     files = source.get("files") or {}
     if files:
         lines += ["| split | file | sha256 | utterances | conversations |", "|---|---|---|---|---|"]
@@ -215,77 +220,74 @@ def _training_data(data: dict[str, Any], facts: dict[str, Any]) -> list[str]:
 
 def _scores(metrics: dict[str, Any], shipped: dict[str, dict[str, float]], seed: Any) -> list[str]:
     """Every score metrics.json holds for this run, in percent; the shipped model's row first."""
-    lines = [
+    return [
         "## Scores",
         "",
         "Percent, from the run's metrics.json; validation selected the model, test was scored once.",
         "",
         "| model | split | accuracy | weighted-F1 | macro-F1 |",
         "|---|---|---|---|---|",
+        *_score_rows(metrics, shipped),
+        "",
+        *_over_seeds(metrics.get("over_seeds") or {}, seed),
     ]
 
-    def row(name: str, split: str, scores: dict[str, Any]) -> str:
-        return f"| {name} | {split} | " + " | ".join(_pct(scores.get(k)) for k, _ in SCORES) + " |"
 
-    for split, scores in shipped.items():
-        lines.append(row("shipped", split, scores))
+def _score_row(name: str, split: str, scores: dict[str, Any]) -> str:
+    return f"| {name} | {split} | " + " | ".join(_pct(scores.get(k)) for k, _ in SCORES) + " |"
+
+
+def _score_rows(metrics: dict[str, Any], shipped: dict[str, dict[str, float]]) -> list[str]:
+    """The score table's rows: the shipped model, then the trained model when the encoder's classifier was
+    shipped instead, the seed ensemble, and the baselines (the encoder's own classifier, context-free ones)."""
+    rows = [_score_row("shipped", split, scores) for split, scores in shipped.items()]
+    splits = ("validation", "test")
     if metrics.get("shipped") == "encoder_classifier":
-        for split in ("validation", "test"):
-            if isinstance(metrics.get(split), dict):
-                lines.append(row(f"trained {metrics.get('model')} (not shipped)", split, metrics[split]))
-    spread = metrics.get("over_seeds") or {}
-    ensemble = spread.get("ensemble") or {}
-    for split in ("validation", "test"):
-        if isinstance(ensemble.get(split), dict):
-            lines.append(row("seed ensemble (reference, not exported)", split, ensemble[split]))
+        name = f"trained {metrics.get('model')} (not shipped)"
+        rows += [_score_row(name, s, metrics[s]) for s in splits if isinstance(metrics.get(s), dict)]
+    ensemble = (metrics.get("over_seeds") or {}).get("ensemble") or {}
+    name = "seed ensemble (reference, not exported)"
+    rows += [_score_row(name, s, ensemble[s]) for s in splits if isinstance(ensemble.get(s), dict)]
     enc = metrics.get("encoder_classifier") or {}
     if enc and metrics.get("shipped") != "encoder_classifier":
-        for split in ("validation", "test"):
-            lines.append(
-                row(
-                    "encoder's own classifier (baseline)",
-                    split,
-                    {k: enc.get(f"{split}_{k}") for k, _ in SCORES},
-                )
-            )
+        name = "encoder's own classifier (baseline)"
+        rows += [_score_row(name, s, {k: enc.get(f"{s}_{k}") for k, _ in SCORES}) for s in splits]
     for mod, base in sorted((metrics.get("baseline_context_free") or {}).items()):
-        lines.append(
-            row(
-                f"context-free logistic regression, {mod} (baseline)",
-                "validation",
-                {"weighted_f1": base.get("validation_weighted_f1")},
-            )
-        )
-        lines.append(
-            row(
-                f"context-free logistic regression, {mod} (baseline)",
+        name = f"context-free logistic regression, {mod} (baseline)"
+        rows += [
+            _score_row(name, "validation", {"weighted_f1": base.get("validation_weighted_f1")}),
+            _score_row(
+                name,
                 "test",
                 {"accuracy": base.get("test_accuracy"), "weighted_f1": base.get("test_weighted_f1")},
-            )
-        )
-    lines.append("")
-    if spread:
-        lines += [
-            f"Seeds: {spread.get('seeds')}; the export holds seed {spread.get('selected')}, the best on "
-            "validation. Over the seeds (mean +- std):",
-            "",
-            "| split | accuracy | weighted-F1 | macro-F1 |",
-            "|---|---|---|---|",
+            ),
         ]
-        for split in ("validation", "test"):
-            block = spread.get(split) or {}
-            if block:
-                lines.append(
-                    f"| {split} | "
-                    + " | ".join(
-                        f"{_pct(block[k]['mean'])} +- {_pct(block[k]['std'])}" if k in block else "n/a"
-                        for k, _ in SCORES
-                    )
-                    + " |"
+    return rows
+
+
+def _over_seeds(spread: dict[str, Any], seed: Any) -> list[str]:
+    """The scores' mean and spread over the seeds a recipe trained (metrics.json "over_seeds"), or the one seed."""
+    if not spread:
+        return [f"Seeds: one training run, seed {seed if seed is not None else 'not recorded'}.", ""]
+    lines = [
+        f"Seeds: {spread.get('seeds')}; the export holds seed {spread.get('selected')}, the best on "
+        "validation. Over the seeds (mean +- std):",
+        "",
+        "| split | accuracy | weighted-F1 | macro-F1 |",
+        "|---|---|---|---|",
+    ]
+    for split in ("validation", "test"):
+        block = spread.get(split) or {}
+        if block:
+            lines.append(
+                f"| {split} | "
+                + " | ".join(
+                    f"{_pct(block[k]['mean'])} +- {_pct(block[k]['std'])}" if k in block else "n/a"
+                    for k, _ in SCORES
                 )
-        lines.append("")
-    else:
-        lines += [f"Seeds: one training run, seed {seed if seed is not None else 'not recorded'}.", ""]
+                + " |"
+            )
+    lines.append("")
     return lines
 
 
@@ -382,7 +384,7 @@ def _artifacts(manifest: Manifest) -> list[str]:
     ]
     for key, art in manifest.artifacts.items():
         report = manifest.parity.get(key) or {}
-        probs = next((o for o in report.get("outputs", []) if o.get("name") == "probs"), {})
+        probs: dict[str, Any] = next((o for o in report.get("outputs", []) if o.get("name") == "probs"), {})
         agree = report.get("argmax_agreement")
         lines.append(
             f"| {art.file} | {art.precision} | {art.bytes / 2**20:.2f} | "

@@ -16,6 +16,7 @@ import torch
 from cmath_runtime.compare import OutputComparison, ParityReport, max_abs
 from cmath_runtime.compare import compare as compare_outputs
 
+from .graph import model_config
 from .parity_data import Feeds, ParityData
 
 Outputs = dict[str, np.ndarray]  # "probs" (B, N, C), "embedding" (B, N, d)
@@ -54,7 +55,7 @@ def torch_outputs(model: torch.nn.Module, batches: Sequence[Feeds], threads: int
     """PyTorch eval (the mean path) on each batch: the reference. One thread by default: the batches are small,
     and on a shared machine two spinning OpenMP threads measured 7x slower than one (10 s vs 1.4 s CPU)."""
     model.eval()
-    mods = model.cfg.modalities
+    mods = model_config(model).modalities
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

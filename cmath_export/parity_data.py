@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from cmath_runtime.batching import pad_conversations
 from cmath_train.checkpoint import Checkpoint
+from cmath_train.config import ModelConfig
 
 Feeds = dict[
     str, np.ndarray
@@ -122,13 +124,23 @@ def generated_conversations(ckpt: Checkpoint, count: int, seed: int = 0) -> list
     out = []
     for _ in range(count):
         n = int(rng.integers(1, 41))
-        feats = {}
-        for m in cfg.modalities:
-            mean = _buffer(state, f"standardize.{m}.mean", np.zeros(cfg.feature_dims[m]))
-            std = _buffer(state, f"standardize.{m}.std", np.ones(cfg.feature_dims[m]))
-            feats[m] = (mean + std * rng.standard_normal((n, cfg.feature_dims[m]))).astype(np.float32)
+        feats = drawn_features(state, cfg, n, rng)
         out.append((feats, rng.integers(0, cfg.num_speakers, n).astype(np.int64)))
     return out
+
+
+def drawn_features(
+    state: dict[str, Any], cfg: ModelConfig, n: int, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """n utterances of each modality drawn as train mean + train std * N(0, 1), from the model's standardisation
+    buffers (its state_dict): in distribution, where plain N(0, 1) would put a feature that was near-constant in
+    training far out."""
+    feats = {}
+    for m in cfg.modalities:
+        mean = _buffer(state, f"standardize.{m}.mean", np.zeros(cfg.feature_dims[m]))
+        std = _buffer(state, f"standardize.{m}.std", np.ones(cfg.feature_dims[m]))
+        feats[m] = (mean + std * rng.standard_normal((n, cfg.feature_dims[m]))).astype(np.float32)
+    return feats
 
 
 def _buffer(state: dict, suffix: str, default: np.ndarray) -> np.ndarray:

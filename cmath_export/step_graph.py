@@ -28,7 +28,7 @@ Parity against the full graph (model.onnx) is measured at export time with the r
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -39,8 +39,12 @@ from cmath_runtime.errors import ArtifactError
 from cmath_runtime.files import atomic_write_bytes, sha256_file
 from cmath_train.streaming import StepModule
 
-from .graph import BATCH, TRACE_SHAPE, TensorSpec, _quiet_exporter, _rename_io, check_io, position_rows
+from .graph import BATCH, TRACE_SHAPE, TensorSpec, _rename_io, check_io, dynamo_export, model_config
+from .parity_data import drawn_features
 from .rewrites import conv1d_to_matmul, fuse_shared_matmuls
+
+if TYPE_CHECKING:
+    from cmath_runtime.streaming import StepGraph
 
 STEP_FILE = "model.step.onnx"
 STEP_PLAIN_FILE = ".model.step.plain.onnx"  # the graph as exported, before the rewrites (staging only)
@@ -118,38 +122,21 @@ def export_step_onnx(model: nn.Module, opset: int, max_len: int) -> tuple[onnx.M
     inputs, outputs, _ = step_specs(step)
     batch, past = torch.export.Dim(BATCH), torch.export.Dim(PAST, min=0, max=max(max_len, TRACE_SHAPE[1]))
     dynamic = tuple({0: batch, 1: past} if s.name.startswith("past_") else {0: batch} for s in inputs)
-    with _quiet_exporter(), torch.no_grad(), position_rows(model, max_len):
-        program = torch.onnx.export(
-            step,
-            _example(step, min(TRACE_PAST, max_len - 1)),
-            dynamo=True,
-            dynamic_shapes=(dynamic,),
-            opset_version=opset,
-            optimize=True,
-            external_data=False,
-            verbose=False,
-        )
-    _rename_io(program.model.graph, [s.name for s in inputs], [s.name for s in outputs])
+    ir_model = dynamo_export(step, _example(step, min(TRACE_PAST, max_len - 1)), dynamic, opset, max_len)
+    _rename_io(ir_model.graph, [s.name for s in inputs], [s.name for s in outputs])
     import onnx_ir
 
-    proto = onnx_ir.serde.serialize_model(program.model)
+    proto = onnx_ir.serde.serialize_model(ir_model)
     check_io(proto, inputs, outputs, STEP_FILE)
     return proto, step
 
 
 def _conversations(model: nn.Module, max_len: int) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
-    """Parity conversations: features drawn as train mean + train std * N(0, 1) (the model's Standardize
-    buffers), in distribution; plain N(0, 1) would put a feature that was near-constant in training far out."""
-    cfg, rng = model.cfg, np.random.default_rng(0)
+    """Parity conversations of PARITY_LENGTHS utterances, features drawn around the model's train mean/std."""
+    cfg, rng, state = model_config(model), np.random.default_rng(0), model.state_dict()
     out = []
     for n in sorted({min(n, max_len) for n in PARITY_LENGTHS}):
-        feats = {
-            m: (
-                model.standardize[m].mean.numpy()
-                + model.standardize[m].std.numpy() * rng.standard_normal((n, cfg.feature_dims[m]))
-            ).astype(np.float32)
-            for m in cfg.modalities
-        }
+        feats = drawn_features(state, cfg, n, rng)
         out.append((feats, rng.integers(0, cfg.num_speakers, n).astype(np.int64)))
     return out
 
@@ -167,6 +154,43 @@ def step_parity(step_path: Path, full_path: Path, entry: dict[str, Any], model: 
     graph = StepGraph(session, entry, step_path)
     full_sess = open_session(full_path, "cpu", threads=1, what="model").session
     conversations = _conversations(model, graph.max_len)
+    reference = _full_graph_rows(full_sess, conversations)
+    checks = {"probs": max_abs(PARITY_BOUND), "embedding": max_abs(None)}
+    reference_name, data = "model.onnx (onnxruntime CPU)", "train mean + std * N(0, 1)"
+    single, together = (
+        compare(
+            reference,
+            got,
+            checks,
+            artifact=artifact,
+            reference_name=reference_name,
+            runtime="model.step.onnx (onnxruntime CPU)",
+            data=data,
+        )
+        for artifact, got in (
+            ("step", _stepped_alone(graph, conversations)),
+            ("step (batched)", _stepped_together(graph, conversations)),
+        )
+    )
+    return {
+        "reference": reference_name,
+        "data": data,
+        "lengths": [len(s) for _, s in conversations],
+        "probs_max_abs": single.output("probs").max_abs,
+        "embedding_max_abs": single.output("embedding").max_abs,
+        "batched_probs_max_abs": together.output("probs").max_abs,
+        "tolerance": PARITY_BOUND,
+        "passed": single.passed and together.passed,
+        "report": single.to_json(),
+        "batched_report": together.to_json(),
+        "summary": f"{single.summary()}\n{together.summary()}",
+    }
+
+
+def _full_graph_rows(
+    full_sess: Any, conversations: list[tuple[dict[str, np.ndarray], np.ndarray]]
+) -> list[dict[str, np.ndarray]]:
+    """probs and embedding of every utterance of each conversation, from the full graph (one conversation a run)."""
     reference = []
     for feats, speakers in conversations:
         probs, emb = full_sess.run(
@@ -178,6 +202,13 @@ def step_parity(step_path: Path, full_path: Path, entry: dict[str, Any], model: 
             },
         )
         reference.append({"probs": probs[0], "embedding": emb[0]})
+    return reference
+
+
+def _stepped_alone(
+    graph: StepGraph, conversations: list[tuple[dict[str, np.ndarray], np.ndarray]]
+) -> list[dict[str, np.ndarray]]:
+    """The same rows from the step graph, each conversation stepped on its own, one utterance a run."""
     alone = []
     for feats, speakers in conversations:
         state = graph.empty_state()
@@ -186,10 +217,16 @@ def step_parity(step_path: Path, full_path: Path, entry: dict[str, Any], model: 
             for i in range(len(speakers))
         ]
         alone.append({"probs": np.stack([p for p, _ in rows]), "embedding": np.stack([e for _, e in rows])})
-    batched = [
-        {"probs": np.zeros_like(r["probs"]), "embedding": np.zeros_like(r["embedding"])} for r in reference
-    ]
-    states = [graph.empty_state() for _ in conversations]  # all together: different positions in one call
+    return alone
+
+
+def _stepped_together(
+    graph: StepGraph, conversations: list[tuple[dict[str, np.ndarray], np.ndarray]]
+) -> list[dict[str, np.ndarray]]:
+    """The same rows from the step graph, all conversations stepped in one batch: utterance i of every
+    conversation that has one in the same run, so the batch holds different positions and history lengths."""
+    rows: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in conversations]
+    states = [graph.empty_state() for _ in conversations]
     for i in range(max(len(s) for _, s in conversations)):
         live = [b for b, (_, s) in enumerate(conversations) if i < len(s)]
         probs, emb = graph.run_batch(
@@ -199,28 +236,8 @@ def step_parity(step_path: Path, full_path: Path, entry: dict[str, Any], model: 
             [{m: x[i] for m, x in conversations[b][0].items()} for b in live],
         )
         for row, b in enumerate(live):
-            batched[b]["probs"][i], batched[b]["embedding"][i] = probs[row], emb[row]
-    checks = {"probs": max_abs(PARITY_BOUND), "embedding": max_abs(None)}
-    common = {
-        "reference_name": "model.onnx (onnxruntime CPU)",
-        "runtime": "model.step.onnx (onnxruntime CPU)",
-        "data": "train mean + std * N(0, 1)",
-    }
-    single = compare(reference, alone, checks, artifact="step", **common)
-    together = compare(reference, batched, checks, artifact="step (batched)", **common)
-    return {
-        "reference": common["reference_name"],
-        "data": common["data"],
-        "lengths": [len(s) for _, s in conversations],
-        "probs_max_abs": single.output("probs").max_abs,
-        "embedding_max_abs": single.output("embedding").max_abs,
-        "batched_probs_max_abs": together.output("probs").max_abs,
-        "tolerance": PARITY_BOUND,
-        "passed": single.passed and together.passed,
-        "report": single.to_json(),
-        "batched_report": together.to_json(),
-        "summary": f"{single.summary()}\n{together.summary()}",
-    }
+            rows[b].append((probs[row], emb[row]))
+    return [{"probs": np.stack([p for p, _ in r]), "embedding": np.stack([e for _, e in r])} for r in rows]
 
 
 def export_step(

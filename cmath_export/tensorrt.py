@@ -13,6 +13,7 @@ import ctypes
 import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -94,7 +95,7 @@ def build_engine(
     return bytes(plan)
 
 
-def _keep_fp32(trt, network, config) -> None:  # noqa: ANN001 (tensorrt objects)
+def _keep_fp32(trt: Any, network: Any, config: Any) -> None:  # tensorrt and its objects: no type information
     """Norms and softmax stay fp32 in an FP16 engine (TensorRT #2564/#3101: fp16 LayerNorm overflow); a
     preference, not a constraint, so a build never fails over it. Parity is still measured on the engine."""
     kinds = {getattr(trt.LayerType, k) for k in ("NORMALIZATION", "SOFTMAX") if hasattr(trt.LayerType, k)}

@@ -111,33 +111,45 @@ def export_text_encoder(
     meta = run_encoder_meta(extra, modalities)
     if meta is None:
         return None
-    from cmath_train.prepare.text_encoder import SentenceTransformerEncoder
-
     say = say or (lambda _msg: None)
     model_dir = resolve_model_dir(meta)
-    st = SentenceTransformerEncoder.load(model_dir, name=meta.get("name"))
-    modules = [type(m).__name__ for m in st.model]
-    if any(m not in SUPPORTED_MODULES for m in modules) or meta.get("pooling") not in ("mean", "cls", "max"):
-        raise ArtifactError(
-            model_dir,
-            f"cannot export text encoder modules {modules} / pooling {meta.get('pooling')!r}"
-            f" (supported: {list(SUPPORTED_MODULES)}, mean/cls/max)",
-        )
+    st, hf, max_seq_length = _load_encoder(model_dir, meta)
     turns = meta.get("turns")
-    hf = st.model[0].auto_model.eval()
     tok_inputs = tuple(st.model.tokenizer.model_input_names)
     # an encoder reading turns always takes token_type_ids: they mark the utterance's tokens for pooling
     inputs = tuple(n for n in ("input_ids", "attention_mask", "token_type_ids") if n in tok_inputs or turns)
     graph = PooledEncoder(hf, meta["pooling"], bool(meta.get("normalized")), first_segment=bool(turns)).eval()
     onnx_path = staging / ONNX_FILE
     _export(graph, inputs, onnx_path, opset)
-    files = {"onnx": onnx_path}
-    for name in TOKENIZER_FILES:
-        if (model_dir / name).is_file():
-            shutil.copyfile(model_dir / name, staging / name)
-            files[name.split(".")[0] if name == "tokenizer.json" else name] = staging / name
-    if "tokenizer" not in files:
-        raise ArtifactError(model_dir, "no tokenizer.json (a fast tokenizer is needed by the runtime)")
+    files = {"onnx": onnx_path, **_copy_tokenizer(model_dir, staging)}
+    entry = _describe(meta, st, model_dir, inputs, files, max_seq_length, opset, extra)
+    items = twin_items(conversations)
+    entry["parity"], where = _parity(graph, st, entry, staging, items, bool(conversations))
+    say(
+        f"text_encoder.onnx: {entry['name']}, parity min cosine {entry['parity']['min_cosine']:.6f} on {where}"
+    )
+    if not entry["parity"]["passed"]:
+        raise ArtifactError(onnx_path, f"text encoder parity failed: {entry['parity']}")
+    variants = _write_twins(entry, staging, twins, items, conversations, model_file, say)
+    files.update({f"onnx_{p}": staging / TWIN_FILES[p] for p, record in variants.items() if record["passed"]})
+    entry["files"] = _files(files)
+    if variants:
+        entry["variants"] = variants
+    return entry
+
+
+def _describe(
+    meta: dict[str, Any],
+    st: Any,
+    model_dir: Path,
+    inputs: tuple[str, ...],
+    files: dict[str, Path],
+    max_seq_length: int,
+    opset: int,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """The encoder's export.json entry before its parity and twins: what it is, its files and how the runtime
+    feeds it (turns: the TurnFormat of an encoder that reads the turns around each utterance)."""
     entry = {
         "name": meta.get("name"),
         "source": str(model_dir),
@@ -145,7 +157,7 @@ def export_text_encoder(
         "files": _files(files),
         "inputs": list(inputs),
         "output": "embedding",
-        "max_seq_length": int(st.model.max_seq_length),
+        "max_seq_length": max_seq_length,
         "pooling": meta["pooling"],
         "normalize": bool(meta.get("normalized")),
         "dim": int(st.dim),
@@ -154,40 +166,85 @@ def export_text_encoder(
         "weights_sha256": meta.get("weights_sha256"),
         "opset": opset,
     }
-    items = twin_items(conversations)
-    if turns:
+    if meta.get("turns"):
         entry.update(
-            turns=turns,
+            turns=meta["turns"],
             pooling_rule=meta.get("pooling_rule"),
             truncation="cmath_runtime.turns: the utterance first (cut on the right past max_tokens), then "
             "past turns most recent first while they fit",
         )
-        entry["parity"] = check_turns_parity(graph, entry, staging, items)
-        where = (
-            f"{len(items)} validation utterances with the turns around them"
-            if conversations
-            else "probe texts"
-        )
-    else:
-        entry["parity"] = check_parity(st, entry, staging)
-        where = f"{entry['parity']['texts']} probe texts"
-    say(
-        f"text_encoder.onnx: {entry['name']}, parity min cosine {entry['parity']['min_cosine']:.6f} on {where}"
-    )
-    if not entry["parity"]["passed"]:
-        raise ArtifactError(onnx_path, f"text encoder parity failed: {entry['parity']}")
-    variants = {}
-    if twins:
-        ref = _runtime_encoder(entry, staging).encode_turns(items)  # every twin's reference
-        for precision in twins:
-            record = write_twin(entry, staging, precision, items, ref, conversations, model_file, say)
-            variants[precision] = record
-            if record["passed"]:
-                files[f"onnx_{precision}"] = staging / TWIN_FILES[precision]
-    entry["files"] = _files(files)
-    if variants:
-        entry["variants"] = variants
     return entry
+
+
+def _write_twins(
+    entry: dict[str, Any],
+    staging: Path,
+    twins: tuple[str, ...],
+    items: list[TurnItem],
+    conversations: list[tuple[list[str], list[int], dict[str, np.ndarray]]] | None,
+    model_file: Path | None,
+    say: Any,
+) -> dict[str, dict[str, Any]]:
+    """The asked twins (fp16, int8) of the staged encoder, each checked against the fp32 encoder's embeddings of
+    `items` (write_twin); precision -> its agreement record (the twin's file exists only when it passed)."""
+    if not twins:
+        return {}
+    ref = _runtime_encoder(entry, staging).encode_turns(items)  # every twin's reference
+    return {p: write_twin(entry, staging, p, items, ref, conversations, model_file, say) for p in twins}
+
+
+def _load_encoder(model_dir: Path, meta: dict[str, Any]) -> tuple[Any, torch.nn.Module, int]:
+    """The run's sentence-transformers encoder, checked to be one this exporter writes: (the loaded encoder, its
+    transformers model, its max_seq_length)."""
+    from cmath_train.prepare.text_encoder import SentenceTransformerEncoder
+
+    st = SentenceTransformerEncoder.load(model_dir, name=meta.get("name"))
+    modules = [type(m).__name__ for m in st.model]
+    if any(m not in SUPPORTED_MODULES for m in modules) or meta.get("pooling") not in ("mean", "cls", "max"):
+        raise ArtifactError(
+            model_dir,
+            f"cannot export text encoder modules {modules} / pooling {meta.get('pooling')!r}"
+            f" (supported: {list(SUPPORTED_MODULES)}, mean/cls/max)",
+        )
+    hf = getattr(st.model[0], "auto_model", None)  # the Transformer module's transformers model
+    if not isinstance(hf, torch.nn.Module):
+        raise ArtifactError(model_dir, f"its first module ({modules[0]}) holds no transformers model")
+    max_seq_length = st.model.max_seq_length
+    if max_seq_length is None:
+        raise ArtifactError(model_dir, "no max_seq_length: the runtime truncates to it and needs it")
+    return st, hf.eval(), int(max_seq_length)
+
+
+def _copy_tokenizer(model_dir: Path, staging: Path) -> dict[str, Path]:
+    """The encoder's tokenizer files copied into `staging`: files-entry key -> staged path."""
+    files = {}
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).is_file():
+            shutil.copyfile(model_dir / name, staging / name)
+            files[name.split(".")[0] if name == "tokenizer.json" else name] = staging / name
+    if "tokenizer" not in files:
+        raise ArtifactError(model_dir, "no tokenizer.json (a fast tokenizer is needed by the runtime)")
+    return files
+
+
+def _parity(
+    graph: PooledEncoder,
+    st: Any,
+    entry: dict[str, Any],
+    staging: Path,
+    items: list[TurnItem],
+    validation: bool,
+) -> tuple[dict[str, Any], str]:
+    """text_encoder.onnx through the runtime vs PyTorch: an encoder reading turns against its torch module on
+    `items` (validation utterances with their turns when `validation`, else the probe texts), any other against
+    sentence-transformers on the probe texts; (the parity record, what it was measured on, in words)."""
+    if entry.get("turns"):
+        where = (
+            f"{len(items)} validation utterances with the turns around them" if validation else "probe texts"
+        )
+        return check_turns_parity(graph, entry, staging, items), where
+    parity = check_parity(st, entry, staging)
+    return parity, f"{parity['texts']} probe texts"
 
 
 def _files(files: dict[str, Path]) -> dict[str, dict[str, Any]]:

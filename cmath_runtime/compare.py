@@ -145,17 +145,8 @@ def compare(
         ref_rows = _rows([r[name] for r in reference], masks)
         got_rows = _rows([g[name] for g in got], masks)
         outputs.append(check(name, ref_rows, got_rows, nonfinite))
-    agreement = 1.0
-    if argmax is not None:
-        ref_cls = _rows([r[argmax] for r in reference], masks).argmax(-1)
-        got_cls = _rows([g[argmax] for g in got], masks).argmax(-1)
-        agreement = float((ref_cls == got_cls).mean()) if len(ref_cls) else 1.0
-    padded_finite = all(
-        np.isfinite(np.asarray(g[k])[~m]).all()
-        for g, m in zip(got, masks)
-        for k in g
-        if np.asarray(g[k]).shape[: m.ndim] == m.shape
-    )
+    agreement = 1.0 if argmax is None else _argmax_agreement(reference, got, masks, argmax)
+    padded_finite = _padded_rows_finite(got, masks)
     passed = (
         all(o.passed for o in outputs)
         and padded_finite
@@ -179,6 +170,25 @@ def compare(
         min_argmax_agreement,
         padded_finite,
         passed,
+    )
+
+
+def _argmax_agreement(
+    reference: Sequence[Outputs], got: Sequence[Outputs], masks: Sequence[np.ndarray], name: str
+) -> float:
+    """The share of real rows whose argmax of output `name` is the reference's (1.0 when there are none)."""
+    ref_cls = _rows([r[name] for r in reference], masks).argmax(-1)
+    got_cls = _rows([g[name] for g in got], masks).argmax(-1)
+    return float((ref_cls == got_cls).mean()) if len(ref_cls) else 1.0
+
+
+def _padded_rows_finite(got: Sequence[Outputs], masks: Sequence[np.ndarray]) -> bool:
+    """Whether every padded row (outside its batch's mask) of every output shaped like the mask is finite."""
+    return all(
+        np.isfinite(np.asarray(g[k])[~m]).all()
+        for g, m in zip(got, masks)
+        for k in g
+        if np.asarray(g[k]).shape[: m.ndim] == m.shape
     )
 
 

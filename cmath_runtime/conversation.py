@@ -28,7 +28,8 @@ from .errors import InputError
 from .model import EmotionModel, Prediction
 from .state import check_state, load_state, save_state, state_meta
 from .streaming import Stream
-from .text import embed_utterances, past_turns
+from .text import TEXT_MODALITY, check_text_features
+from .utterance import Utterance
 from .validation import (
     CheckedConversation,
     check_max_len,
@@ -65,9 +66,7 @@ class Conversation:
 
     def __init__(self, model: EmotionModel) -> None:
         self.model = model
-        self._speakers: list[int] = []
-        self._texts: list[str | None] = []  # None: added as features (t=...)
-        self._features: dict[str, list[np.ndarray]] = {m: [] for m in model.modalities}
+        self._utterances: list[Utterance] = []
         self._result: Prediction | None = None
         self._lock = threading.Lock()
         self._computed = 0  # utterances whose outputs were computed and finite
@@ -82,21 +81,9 @@ class Conversation:
     def add(self, speaker: int, **features: Any) -> Conversation:
         """Append one utterance: a speaker id and one feature vector per modality, e.g. add(0, t=..., a=...,
         v=...), or its raw text (text="...") in place of t= when the artifact has a text encoder."""
-        field = f"utterances[{len(self)}]"
-        speaker = self._check_room_and_speaker(speaker, field)
-        text = None
-        if "text" in features:  # the artifact's text encoder reads it with its past turns
-            (text,) = embed_utterances(
-                lambda: self.model.text_encoder,
-                [self.past_turns(f"{field}.text")],
-                [speaker],
-                [features.pop("text")],
-                [features],
-                [f"{field}.text"],
-            )
-        rows = check_utterance(features, self.model.manifest, f"{field}.features")
+        [utterance] = self._checked([self], [{"speaker": speaker, **features}], [f"utterances[{len(self)}]"])
         with self._lock:
-            self._append(speaker, text, {m: x[0] for m, x in rows.items()})
+            self._append(utterance)
         return self
 
     @classmethod
@@ -114,45 +101,59 @@ class Conversation:
         model = cls._check_batch(conversations, utterances)
         if model is None:
             return []
-        speakers, feats = [], []
-        for i, (conv, utt) in enumerate(zip(conversations, utterances)):
-            if not isinstance(utt, Mapping):
-                raise InputError(
-                    f"utterances[{i}]",
-                    "a dict with 'speaker' and one feature vector per modality (or 'text')",
-                    type(utt).__name__,
-                )
-            if "speaker" not in utt:
-                raise InputError(
-                    f"utterances[{i}].speaker", f"an integer id in [0, {model.num_speakers})", "missing"
-                )
-            speakers.append(conv._check_room_and_speaker(utt["speaker"], f"utterances[{i}]"))
-            feats.append({k: v for k, v in utt.items() if k != "speaker"})
-        texts: list[str | None] = [None] * len(feats)
-        given = [i for i, f in enumerate(feats) if "text" in f]
-        if given:  # one text-encoder call for every utterance given as text
-            fields = [f"utterances[{i}].text" for i in given]
-            embedded = embed_utterances(
-                lambda: model.text_encoder,
-                [conversations[i].past_turns(f) for i, f in zip(given, fields)],
-                [speakers[i] for i in given],
-                [feats[i].pop("text") for i in given],
-                [feats[i] for i in given],
-                fields,
-            )
-            for i, checked in zip(given, embedded):
-                texts[i] = checked
-        rows = [
-            {m: x[0] for m, x in check_utterance(f, model.manifest, f"utterances[{i}].features").items()}
-            for i, f in enumerate(feats)
-        ]
+        checked = cls._checked(
+            conversations, utterances, [f"utterances[{i}]" for i in range(len(utterances))]
+        )
         if model.step_graph is None:
             out = []
-            for conv, speaker, text, row in zip(conversations, speakers, texts, rows):
+            for conv, utterance in zip(conversations, checked):
                 with conv._lock:
-                    conv._append(speaker, text, row)
+                    conv._append(utterance)
                 out.append(conv.latest)
             return out
+        return cls._step_all(conversations, checked)
+
+    @staticmethod
+    def _checked(
+        conversations: Sequence[Conversation], given: Sequence[Any], fields: Sequence[str]
+    ) -> list[Utterance]:
+        """One new utterance for each conversation ({"speaker": ..., modality: vector, or "text": ...}), checked
+        against its conversation; those given as text are embedded in one text-encoder call, each read with its
+        conversation's past turns. Errors name `fields[i].speaker`, `.text` or `.features`."""
+        model = conversations[0].model
+        speakers, texts, features = [], [], []
+        for conv, raw, field in zip(conversations, given, fields, strict=True):
+            if not isinstance(raw, Mapping):
+                want = "a dict with 'speaker' and one feature vector per modality (or 'text')"
+                raise InputError(field, want, type(raw).__name__)
+            if "speaker" not in raw:
+                raise InputError(f"{field}.speaker", f"an integer id in [0, {model.num_speakers})", "missing")
+            speakers.append(conv._check_room_and_speaker(raw["speaker"], field))
+            feats = {k: v for k, v in raw.items() if k not in ("speaker", "text")}
+            texts.append(check_text_features(raw["text"], feats, f"{field}.text") if "text" in raw else None)
+            features.append(feats)
+        given_text = [i for i, t in enumerate(texts) if t is not None]
+        if given_text:
+            contexts = [
+                conversations[i]._context(Utterance(speakers[i], texts[i]), f"{fields[i]}.text")
+                for i in given_text
+            ]
+            embedded = model.text_encoder.encode_utterances(
+                contexts, [f"{fields[i]}.text" for i in given_text]
+            )
+            for i, row in zip(given_text, embedded, strict=True):
+                features[i] = {**features[i], TEXT_MODALITY: row}
+        return [
+            Utterance(
+                s, t, {m: x[0] for m, x in check_utterance(f, model.manifest, f"{field}.features").items()}
+            )
+            for s, t, f, field in zip(speakers, texts, features, fields, strict=True)
+        ]
+
+    @staticmethod
+    def _step_all(conversations: Sequence[Conversation], utterances: Sequence[Utterance]) -> list[Emotion]:
+        """Step every conversation by its checked utterance in one step-graph call, under all their locks."""
+        model = conversations[0].model
         order = sorted(conversations, key=id)  # one lock order: no deadlock between concurrent batches
         for conv in order:
             conv._lock.acquire()
@@ -161,11 +162,13 @@ class Conversation:
             for conv in conversations:  # utterances added with add() but not computed yet go through first
                 assert conv._stream is not None
                 if conv._stream.position < len(conv):
-                    conv._stream.catch_up(conv._speakers, conv._features)
+                    conv._catch_up()
                 streams.append(conv._stream)
-            probs, _ = Stream.step_many(streams, speakers, rows, model.precision)
-            for conv, speaker, text, row in zip(conversations, speakers, texts, rows):
-                conv._append(speaker, text, row)
+            probs, _ = Stream.step_many(
+                streams, [u.speaker for u in utterances], [u.features for u in utterances], model.precision
+            )
+            for conv, utterance in zip(conversations, utterances):
+                conv._append(utterance)
                 conv._computed = len(conv)
             return [Emotion(model.label_names[int(p.argmax())], p.copy()) for p in probs]
         finally:
@@ -202,16 +205,14 @@ class Conversation:
         check_max_len(len(self) + 1, self.model.max_len, field)
         return check_speaker(speaker, self.model.manifest, f"{field}.speaker")
 
-    def _append(self, speaker: int, text: str | None, row: Mapping[str, np.ndarray]) -> None:
-        """Record one checked utterance ({modality: (d_m,)}); the caller holds the lock."""
-        self._speakers.append(speaker)
-        self._texts.append(text)
-        for m in self.model.modalities:
-            self._features[m].append(row[m])
+    def _append(self, utterance: Utterance) -> None:
+        """Record one checked utterance; the caller holds the lock."""
+        self._utterances.append(utterance)
         self._result = None
 
-    def past_turns(self, field: str) -> tuple[list[str], list[int]]:
-        """The texts and speakers the text encoder reads with this conversation's next utterance."""
+    def _context(self, utterance: Utterance, field: str) -> tuple[list[Utterance], range]:
+        """What the text encoder reads `utterance` with as this conversation's next one: the conversation so far
+        (the encoder takes the turns its window reads)."""
         turns = self.model.text_encoder.spec.turns
         if turns is not None and not turns.streams:
             raise InputError(
@@ -221,26 +222,40 @@ class Conversation:
                 "Classify whole conversations with model.predict([{'speakers': ..., 'texts': ...}]), or export "
                 "the causal run (cmath-train --causal) for live conversations.",
             )
-        return past_turns(self._texts, self._speakers, turns.window if turns is not None else 0, field)
+        with self._lock:
+            past = list(self._utterances)
+        return [*past, utterance], range(len(past), len(past) + 1)
+
+    def _catch_up(self) -> tuple[np.ndarray, np.ndarray]:
+        """Step through the utterances the step graph has not seen yet; (probs, embedding) of all so far."""
+        assert self._stream is not None
+        utterances = self._utterances
+        return self._stream.catch_up(
+            [u.speaker for u in utterances],
+            {m: [u.features[m] for u in utterances] for m in self.model.modalities},
+        )
 
     def __len__(self) -> int:
-        return len(self._speakers)
+        return len(self._utterances)
 
     @property
     def texts(self) -> list[str | None]:
         """The utterances' texts (None for one added as feature vectors)."""
-        return list(self._texts)
+        return [u.text for u in self._utterances]
 
     @property
     def speakers(self) -> np.ndarray:
-        return np.asarray(self._speakers, np.int64)
+        return np.asarray([u.speaker for u in self._utterances], np.int64)
 
     @property
     def features(self) -> dict[str, np.ndarray]:
         """{modality: (n, d_m) float32}; the batch API (`model.predict([conversation])`) accepts a Conversation."""
+        utterances = self._utterances
         return {
-            m: np.stack(rows) if rows else np.zeros((0, self.model.feature_dims[m]), np.float32)
-            for m, rows in self._features.items()
+            m: np.stack([u.features[m] for u in utterances])
+            if utterances
+            else np.zeros((0, self.model.feature_dims[m]), np.float32)
+            for m in self.model.modalities
         }
 
     @property
@@ -264,7 +279,7 @@ class Conversation:
     def prediction(self) -> Prediction:
         """The model's output for the whole conversation so far (computed once per change)."""
         with self._lock:
-            if not self._speakers:
+            if not self._utterances:
                 raise InputError(
                     "conversation", "at least one utterance (call add() first)", "an empty conversation"
                 )
@@ -278,7 +293,7 @@ class Conversation:
         Outputs are never non-finite: if the utterances added since the last result make them so (extreme
         features), those utterances are taken back out and an InputError names them."""
         if self._stream is not None:
-            probs, emb = self._stream.catch_up(self._speakers, self._features)
+            probs, emb = self._catch_up()
         else:
             checked = CheckedConversation(self.features, self.speakers)
             batch_probs, batch_emb = self.model.run_padded([checked])
@@ -299,26 +314,24 @@ class Conversation:
 
     def _take_back(self, keep: int) -> None:
         """Drop the utterances from `keep` on (their outputs were not finite); the step state is rebuilt."""
-        del self._speakers[keep:]
-        del self._texts[keep:]
-        for rows in self._features.values():
-            del rows[keep:]
+        del self._utterances[keep:]
         if self._stream is not None:
             self._stream = Stream(self._stream.graph)
             if keep:
-                self._stream.catch_up(self._speakers, self._features)
+                self._catch_up()
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Everything needed to resume (state.py): what it belongs to (meta.*), speakers, texts, features and
         (step path) the cached state; numpy arrays only."""
         with self._lock:
             if self._stream is not None:
-                self._stream.catch_up(self._speakers, self._features)
+                self._catch_up()
+            texts = self.texts
             out = {
                 **state_meta(self.model),
                 "speakers": self.speakers,
-                "texts": np.array([t or "" for t in self._texts], dtype=str).reshape(-1),
-                "texts.known": np.array([t is not None for t in self._texts], dtype=bool).reshape(-1),
+                "texts": np.array([t or "" for t in texts], dtype=str).reshape(-1),
+                "texts.known": np.array([t is not None for t in texts], dtype=bool).reshape(-1),
                 **{f"features.{m}": x for m, x in self.features.items()},
             }
             return {**out, **(self._stream.state_dict() if self._stream is not None else {})}
@@ -334,11 +347,13 @@ class Conversation:
         check_state(model, state, source)
         conv = cls(model)
         speakers = np.asarray(state["speakers"], np.int64).reshape(-1)
-        for m in model.modalities:
-            conv._features[m] = list(np.asarray(state[f"features.{m}"], np.float32))
-        conv._speakers = [int(s) for s in speakers]
-        conv._texts = [
+        features = {m: np.asarray(state[f"features.{m}"], np.float32) for m in model.modalities}
+        texts = [
             str(t) if known else None for t, known in zip(state["texts"], state["texts.known"], strict=True)
+        ]
+        conv._utterances = [
+            Utterance(int(s), t, {m: x[i] for m, x in features.items()})
+            for i, (s, t) in enumerate(zip(speakers, texts, strict=True))
         ]
         if conv._stream is not None and "state.position" in state:
             conv._stream.load(state)

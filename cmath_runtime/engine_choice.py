@@ -34,7 +34,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -297,9 +297,40 @@ def calibrate(
 ) -> tuple[EngineChoice, Any]:
     """Open, check and time the candidates (module doc); -> (the choice, the chosen engine)."""
     start = time.perf_counter()
+    engines, results = _open_and_check(candidates, probe or call)
+    timed = list(engines)
+    medians: dict[str, dict[int, float]] = {}
+    if len(timed) > 1:
+        for engine in engines.values():  # warm-up: first calls allocate
+            call(engine)
+        for phase, busy in (("quiet", False), ("shared", True)):
+            with _busy_core(busy):
+                medians[phase] = _timed_rounds(timed, engines, call, budget / 2)
+    best, reason = (0, "the only candidate that passed") if not medians else _fastest(medians, results)
+    chosen = candidates[best]
+    choice = EngineChoice(
+        part,
+        chosen.backend,
+        chosen.precision,
+        "calibrated",
+        reason,
+        cpu.model,
+        cpu.isa,
+        threads,
+        tuple(results[i] for i in range(len(candidates))),
+        time.perf_counter() - start,
+    )
+    return choice, engines[best]
+
+
+def _open_and_check(
+    candidates: list[Candidate], probe: Callable[[Any], np.ndarray]
+) -> tuple[dict[int, Any], dict[int, Measured]]:
+    """Open the reference (candidates[0]) and every other candidate that is not refused up front; keep those
+    whose outputs on the calibration inputs are within their bound of the reference's. -> (the opened engines
+    that passed, by index; every candidate's record, refusals with their reason)."""
     reference = candidates[0]
     engines: dict[int, Any] = {0: reference.open()}
-    probe = probe or call
     ref_out = probe(engines[0])
     results: dict[int, Measured] = {0: Measured(reference.backend, reference.precision, "the reference", 0.0)}
     for i, c in enumerate(candidates[1:], 1):
@@ -316,49 +347,31 @@ def calibrate(
             except (ArtifactError, BackendUnavailableError) as e:
                 refused = first_line(e)
         results[i] = Measured(c.backend, c.precision, c.bound, value, refused=refused)
-    timed = list(engines)
-    medians: dict[str, dict[int, float]] = {}
-    if len(timed) > 1:
-        for engine in engines.values():  # warm-up: first calls allocate
-            call(engine)
-        for phase, busy in (("quiet", False), ("shared", True)):
-            with _busy_core(busy):
-                medians[phase] = _timed_rounds(timed, engines, call, budget / 2)
-    best, reason = 0, "the only candidate that passed" if len(timed) == 1 else ""
-    if medians:
-        scores = {
-            i: max(medians["quiet"][i] / medians["quiet"][0], medians["shared"][i] / medians["shared"][0])
-            for i in timed
-        }
-        winner = min(timed, key=lambda i: scores[i])
-        if winner != 0 and scores[winner] < MARGIN:
-            best = winner
-            reason = f"fastest: {scores[winner]:.2f}x onnxruntime fp32's time at worst (quiet and beside a busy core)"
-        else:
-            reason = f"no candidate beat onnxruntime fp32 by {100 * (1 - MARGIN):.0f}% both quiet and shared"
-        for i in timed:
-            results[i] = Measured(
-                **{
-                    **asdict(results[i]),
-                    "quiet_ms": 1e3 * medians["quiet"][i],
-                    "shared_ms": 1e3 * medians["shared"][i],
-                    "score": scores[i],
-                }
-            )
-    chosen = candidates[best]
-    choice = EngineChoice(
-        part,
-        chosen.backend,
-        chosen.precision,
-        "calibrated",
-        reason,
-        cpu.model,
-        cpu.isa,
-        threads,
-        tuple(results[i] for i in range(len(candidates))),
-        time.perf_counter() - start,
-    )
-    return choice, engines[best]
+    return engines, results
+
+
+def _fastest(medians: dict[str, dict[int, float]], results: dict[int, Measured]) -> tuple[int, str]:
+    """The timed candidate with the best worst-case ratio to the reference (quiet and shared), if it beats it by
+    the margin, else the reference; and why. Each timed candidate's record gets its times and score."""
+    timed = list(medians["quiet"])
+    scores = {
+        i: max(medians["quiet"][i] / medians["quiet"][0], medians["shared"][i] / medians["shared"][0])
+        for i in timed
+    }
+    for i in timed:
+        results[i] = replace(
+            results[i],
+            quiet_ms=1e3 * medians["quiet"][i],
+            shared_ms=1e3 * medians["shared"][i],
+            score=scores[i],
+        )
+    winner = min(timed, key=lambda i: scores[i])
+    if winner != 0 and scores[winner] < MARGIN:
+        return (
+            winner,
+            f"fastest: {scores[winner]:.2f}x onnxruntime fp32's time at worst (quiet and beside a busy core)",
+        )
+    return 0, f"no candidate beat onnxruntime fp32 by {100 * (1 - MARGIN):.0f}% both quiet and shared"
 
 
 def _timed_rounds(

@@ -230,92 +230,48 @@ def check_agreement(record: Any, where: Path | None, what: str, flag: str) -> No
 _KNOWN = {f.name for f in dataclasses.fields(Manifest)} | {"format", "version"}
 
 
-def _parse(file: Path, raw: dict[str, Any]) -> Manifest:  # noqa: C901  (to split; pyproject's [tool.ruff.lint.mccabe])
-    def need(key: str, kind: type | tuple[type, ...]) -> Any:
-        if key not in raw:
-            raise ArtifactError(file, f"invalid manifest: field {key!r} is missing")
-        value = raw[key]
+@dataclasses.dataclass(frozen=True)
+class _Fields:
+    """export.json's object, read one checked field at a time; errors name the file and the field."""
+
+    file: Path
+    raw: dict[str, Any]
+
+    def fail(self, problem: str) -> ArtifactError:
+        return ArtifactError(self.file, f"invalid manifest: {problem}")
+
+    def need(self, key: str, kind: type | tuple[type, ...]) -> Any:
+        if key not in self.raw:
+            raise self.fail(f"field {key!r} is missing")
+        value = self.raw[key]
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
-            raise ArtifactError(
-                file, f"invalid manifest: field {key!r} should be {_kind_name(kind)}, got {value!r}"
-            )
+            raise self.fail(f"field {key!r} should be {_kind_name(kind)}, got {value!r}")
         return value
 
-    def section(key: str) -> Any:
-        value = raw.get(key)
+    def section(self, key: str) -> Any:
+        value = self.raw.get(key)
         if value is not None and not isinstance(value, dict):
-            raise ArtifactError(
-                file, f"invalid manifest: field {key!r} should be an object or null, got {value!r}"
-            )
+            raise self.fail(f"field {key!r} should be an object or null, got {value!r}")
         return value
 
-    modalities = tuple(need("modalities", list))
-    if (
-        not modalities
-        or len(set(modalities)) != len(modalities)
-        or any(m not in MODALITY_ORDER for m in modalities)
-    ):
-        raise ArtifactError(
-            file,
-            f"invalid manifest: modalities should be distinct names from {MODALITY_ORDER}, "
-            f"got {list(modalities)}",
-        )
-    dims = need("feature_dims", dict)
-    if set(dims) != set(modalities) or not all(
-        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in dims.values()
-    ):
-        raise ArtifactError(
-            file,
-            f"invalid manifest: feature_dims should give a positive size for each of "
-            f"{list(modalities)}, got {dims}",
-        )
-    label_names = tuple(need("label_names", list))
-    num_classes = need("num_classes", int)
-    if len(label_names) != num_classes:
-        raise ArtifactError(
-            file, f"invalid manifest: {num_classes} classes but {len(label_names)} label_names"
-        )
-    positive = {k: need(k, int) for k in ("num_speakers", "d", "max_batch", "max_len")}
+
+def _parse(file: Path, raw: dict[str, Any]) -> Manifest:
+    fields = _Fields(file, raw)
+    modalities, dims = _modalities(fields)
+    label_names, num_classes = _labels(fields)
+    positive = {k: fields.need(k, int) for k in ("num_speakers", "d", "max_batch", "max_len")}
     bad = {k: v for k, v in positive.items() if v < 1}
     if bad:
-        raise ArtifactError(file, f"invalid manifest: expected positive integers, got {bad}")
+        raise fields.fail(f"expected positive integers, got {bad}")
     directory = file.parent
     artifacts = {
         str(key): Artifact.from_json(str(key), entry, directory, file)
-        for key, entry in need("artifacts", dict).items()
+        for key, entry in fields.need("artifacts", dict).items()
     }
     if "fp32" not in artifacts:
-        raise ArtifactError(file, "invalid manifest: no fp32 artifact (model.onnx) listed")
-    step, text, triton = section("step"), section("text_encoder"), section("triton")
-    if step is not None:
-        confined_path(directory, step.get("file"), "step.file", file)
-        _confine_nested(directory, step, "step", file)
-    for (
-        key,
-        value,
-    ) in raw.items():  # sections this cmath does not know (a newer exporter's): any "file" they name
-        if key not in _KNOWN:
-            _confine_nested(directory, value, key, file)
-    if text is not None:
-        files = text.get("files")
-        if not isinstance(files, dict):
-            raise ArtifactError(
-                file, f"invalid manifest: text_encoder.files should be an object, got {files!r}"
-            )
-        for name, entry in files.items():
-            confined_path(
-                directory,
-                entry.get("file") if isinstance(entry, dict) else entry,
-                f"text_encoder.files[{name!r}].file",
-                file,
-            )
-    if triton is not None:  # the Triton repository is its own folder; its files must stay inside it
-        repo = triton.get("repository")
-        if not isinstance(repo, str) or not repo:
-            raise ArtifactError(file, f"invalid manifest: triton.repository should be a folder, got {repo!r}")
-        for key in ("config", "file"):
-            if key in triton:
-                confined_path(repo, triton[key], f"triton.{key}", file)
+        raise fields.fail("no fp32 artifact (model.onnx) listed")
+    step, text, triton = fields.section("step"), fields.section("text_encoder"), fields.section("triton")
+    _confine_files(fields, step, text, triton)
     return Manifest(
         modalities,
         {m: dims[m] for m in modalities},
@@ -332,7 +288,7 @@ def _parse(file: Path, raw: dict[str, Any]) -> Manifest:  # noqa: C901  (to spli
         inputs=list(raw.get("inputs") or []),
         outputs=list(raw.get("outputs") or []),
         parity=dict(raw.get("parity") or {}),
-        checkpoint=section("checkpoint"),
+        checkpoint=fields.section("checkpoint"),
         versions=dict(raw.get("versions") or {}),
         triton=triton,
         text_encoder=text,
@@ -340,6 +296,70 @@ def _parse(file: Path, raw: dict[str, Any]) -> Manifest:  # noqa: C901  (to spli
         path=file,
         extra={k: v for k, v in raw.items() if k not in _KNOWN},
     )
+
+
+def _modalities(fields: _Fields) -> tuple[tuple[str, ...], dict[str, int]]:
+    """The modalities (distinct, known names) and the feature size of each."""
+    modalities = tuple(fields.need("modalities", list))
+    if (
+        not modalities
+        or len(set(modalities)) != len(modalities)
+        or any(m not in MODALITY_ORDER for m in modalities)
+    ):
+        raise fields.fail(
+            f"modalities should be distinct names from {MODALITY_ORDER}, got {list(modalities)}"
+        )
+    dims = fields.need("feature_dims", dict)
+    if set(dims) != set(modalities) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in dims.values()
+    ):
+        raise fields.fail(
+            f"feature_dims should give a positive size for each of {list(modalities)}, got {dims}"
+        )
+    return modalities, dims
+
+
+def _labels(fields: _Fields) -> tuple[tuple[Any, ...], int]:
+    """The label names and their number (they must agree)."""
+    label_names = tuple(fields.need("label_names", list))
+    num_classes = fields.need("num_classes", int)
+    if len(label_names) != num_classes:
+        raise fields.fail(f"{num_classes} classes but {len(label_names)} label_names")
+    return label_names, num_classes
+
+
+def _confine_files(fields: _Fields, step: Any, text: Any, triton: Any) -> None:
+    """Every file the manifest names stays inside the export folder (the Triton repository's inside its own)."""
+    directory, file = fields.file.parent, fields.file
+    if step is not None:
+        confined_path(directory, step.get("file"), "step.file", file)
+        _confine_nested(directory, step, "step", file)
+    for key, value in fields.raw.items():  # sections this cmath does not know (a newer exporter's)
+        if key not in _KNOWN:
+            _confine_nested(directory, value, key, file)
+    if text is not None:
+        files = text.get("files")
+        if not isinstance(files, dict):
+            raise fields.fail(f"text_encoder.files should be an object, got {files!r}")
+        for name, entry in files.items():
+            confined_path(
+                directory,
+                entry.get("file") if isinstance(entry, dict) else entry,
+                f"text_encoder.files[{name!r}].file",
+                file,
+            )
+    if triton is not None:
+        _confine_triton(fields, triton)
+
+
+def _confine_triton(fields: _Fields, triton: dict[str, Any]) -> None:
+    """The Triton repository is its own folder; its files must stay inside it."""
+    repo = triton.get("repository")
+    if not isinstance(repo, str) or not repo:
+        raise fields.fail(f"triton.repository should be a folder, got {repo!r}")
+    for key in ("config", "file"):
+        if key in triton:
+            confined_path(repo, triton[key], f"triton.{key}", fields.file)
 
 
 def _confine_nested(directory: Path, node: Any, entry: str, where: Path) -> None:

@@ -311,6 +311,23 @@ def load(
     cpu: the machine the choice is cached for (default: this one, read from the OS).
     """
     start = time.perf_counter()
+    _check_backend_precision(backend, precision)
+    manifest = read_manifest(path)
+    request = EngineRequest(
+        backend, precision, threads, spinning, verify, Path(choice_cache) if choice_cache else None, cpu
+    )
+    if request.measured and not (backend == AUTO and _gpu_listed()):
+        choice, info = _calibrated(manifest, request, static_shapes)
+    else:
+        choice, info = _requested(
+            manifest, request, Path(cache_dir) if cache_dir is not None else None, static_shapes
+        )
+    return EmotionModel(
+        manifest, info, choice.precision, time.perf_counter() - start, verify, request, choice
+    )
+
+
+def _check_backend_precision(backend: str, precision: str) -> None:
     if precision == AUTO:
         if backend not in (AUTO, *CPU_ENGINES):
             raise ValueError(
@@ -319,39 +336,36 @@ def load(
             )
     else:
         check_combination(backend, precision)
-    manifest = read_manifest(path)
-    request = EngineRequest(
-        backend, precision, threads, spinning, verify, Path(choice_cache) if choice_cache else None, cpu
+
+
+def _calibrated(
+    manifest: Manifest, request: EngineRequest, static_shapes: int | None
+) -> tuple[EngineChoice, SessionInfo]:
+    """The fastest CPU engine (and precision) for this machine and export, timed once and cached."""
+    choice, info = choose(
+        "model",
+        request.key("model", manifest),
+        ChoiceCache(request.choice_cache),
+        model_candidates(manifest, request),
+        model_call(manifest),
+        request.machine,
+        request.threads,
     )
-    if request.measured and not (backend == AUTO and _gpu_listed()):
-        choice, info = choose(
-            "model",
-            request.key("model", manifest),
-            ChoiceCache(request.choice_cache),
-            model_candidates(manifest, request),
-            model_call(manifest),
-            request.machine,
-            threads,
-        )
-        shapes = OPENVINO_STATIC_SHAPES if static_shapes is None else static_shapes
-        if choice.backend == "openvino" and shapes:  # calibrated on the dynamic model
-            info = open_model(manifest, request, choice.backend, choice.precision, None, shapes)
-    else:
-        if static_shapes is None:
-            static_shapes = OPENVINO_STATIC_SHAPES if backend == "openvino" else 0
-        precision = "fp32" if precision == AUTO else precision
-        info = open_model(
-            manifest,
-            request,
-            backend,
-            precision,
-            Path(cache_dir) if cache_dir is not None else None,
-            static_shapes,
-        )
-        choice = EngineChoice("model", info.backend, precision, "requested", "load() was asked for it")
-    return EmotionModel(
-        manifest, info, choice.precision, time.perf_counter() - start, verify, request, choice
-    )
+    shapes = OPENVINO_STATIC_SHAPES if static_shapes is None else static_shapes
+    if choice.backend == "openvino" and shapes:  # calibrated on the dynamic model
+        info = open_model(manifest, request, choice.backend, choice.precision, None, shapes)
+    return choice, info
+
+
+def _requested(
+    manifest: Manifest, request: EngineRequest, cache_dir: Path | None, static_shapes: int | None
+) -> tuple[EngineChoice, SessionInfo]:
+    """The engine and precision load() was asked for (backend "auto" with a GPU provider listed: the GPU first)."""
+    if static_shapes is None:
+        static_shapes = OPENVINO_STATIC_SHAPES if request.backend == "openvino" else 0
+    precision = "fp32" if request.precision == AUTO else request.precision
+    info = open_model(manifest, request, request.backend, precision, cache_dir, static_shapes)
+    return EngineChoice("model", info.backend, precision, "requested", "load() was asked for it"), info
 
 
 def _gpu_listed() -> bool:

@@ -78,6 +78,8 @@ class Precision:
 BACKENDS: dict[str, Backend] = {}
 PRECISIONS: dict[str, Precision] = {}
 AUTO = "auto"
+# (input names in order, output names they must start with) a session must have; None: not checked
+IoCheck = tuple[tuple[str, ...] | None, tuple[str, ...] | None]
 
 
 def register_backend(backend: Backend) -> Backend:
@@ -270,18 +272,9 @@ def open_session(
     static_shapes: backend "openvino" only, how many input shapes get a model compiled for that exact shape.
     """
     model_file = Path(model_file)
-    if backend != AUTO and backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {list(backend_names())}, got {backend!r}")
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-        raise ValueError(f"threads: expected a positive integer or None, got {threads!r}")
-    if static_shapes and backend != "openvino":
-        raise ValueError(
-            f"static_shapes: only backend='openvino' compiles a model per input shape, got "
-            f"static_shapes={static_shapes!r} with backend={backend!r}"
-        )
+    _check_arguments(backend, threads, static_shapes)
     request = SessionRequest(model_file, precision, manifest, cache_dir, static_shapes)
     check = (tuple(inputs) if inputs is not None else None, tuple(outputs) if outputs is not None else None)
-    available = available_providers()
     opener = BACKENDS[backend].opener if backend != AUTO else None
     if opener is not None:  # an engine of its own (OpenVINO)
         session, note = opener(request, threads)
@@ -297,26 +290,54 @@ def open_session(
             spinning,
         )
     if backend != AUTO:
-        wanted = BACKENDS[backend]
-        if wanted.provider not in available:
-            raise BackendUnavailableError(_missing_provider(wanted, available))
-        info = _create(wanted, request, threads, spinning, check, what)
-        if info.backend != backend:
-            raise BackendUnavailableError(
-                f"backend {backend!r} was requested and onnxruntime lists {wanted.provider}, but the session came "
-                f"up on {list(info.providers)}: the provider could not start here (no NVIDIA GPU, or missing "
-                f"CUDA/cuDNN/TensorRT libraries). Use backend='cpu', or backend='auto' to fall back."
-            )
-        return info
+        return _open_provider(backend, request, threads, spinning, check, what)
+    return _open_auto(request, threads, spinning, check, what)
+
+
+def _check_arguments(backend: str, threads: int | None, static_shapes: int) -> None:
+    if backend != AUTO and backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {list(backend_names())}, got {backend!r}")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ValueError(f"threads: expected a positive integer or None, got {threads!r}")
+    if static_shapes and backend != "openvino":
+        raise ValueError(
+            f"static_shapes: only backend='openvino' compiles a model per input shape, got "
+            f"static_shapes={static_shapes!r} with backend={backend!r}"
+        )
+
+
+def _open_provider(
+    backend: str, request: SessionRequest, threads: int | None, spinning: bool, check: IoCheck, what: str
+) -> SessionInfo:
+    """A session on exactly `backend`'s onnxruntime provider; BackendUnavailableError when it is not listed or
+    does not come up (onnxruntime fell back by itself)."""
+    wanted, available = BACKENDS[backend], available_providers()
+    if wanted.provider not in available:
+        raise BackendUnavailableError(_missing_provider(wanted, available))
+    info = _create(wanted, request, threads, spinning, check, what)
+    if info.backend != backend:
+        raise BackendUnavailableError(
+            f"backend {backend!r} was requested and onnxruntime lists {wanted.provider}, but the session came "
+            f"up on {list(info.providers)}: the provider could not start here (no NVIDIA GPU, or missing "
+            f"CUDA/cuDNN/TensorRT libraries). Use backend='cpu', or backend='auto' to fall back."
+        )
+    return info
+
+
+def _open_auto(
+    request: SessionRequest, threads: int | None, spinning: bool, check: IoCheck, what: str
+) -> SessionInfo:
+    """A session on the first listed provider of the auto order; one that onnxruntime moved to another provider
+    by itself (listed but cannot start) is kept, with a warning."""
+    available = available_providers()
     for candidate in auto_order():
         if candidate.provider not in available:
             continue
         info = _create(candidate, request, threads, spinning, check, what)
         if info.backend == candidate.name:
             return info
-        # onnxruntime fell back by itself (a GPU provider that is listed but cannot start): keep that session.
         note = f"auto: {candidate.provider} is listed but could not start here; running on {info.backend}"
-        warnings.warn(note, RuntimeWarning, stacklevel=3)
+        warnings.warn(note, RuntimeWarning, stacklevel=4)  # open_session's caller's caller
         return replace(info, note="; ".join(n for n in (note, info.note) if n))
     raise BackendUnavailableError(f"no usable onnxruntime provider among {available}")
 
@@ -352,7 +373,7 @@ def _create(
     request: SessionRequest,
     threads: int | None,
     spinning: bool,
-    check: tuple[tuple[str, ...] | None, tuple[str, ...] | None],
+    check: IoCheck,
     what: str,
 ) -> SessionInfo:
     import onnxruntime as ort
@@ -379,9 +400,7 @@ def _create(
     )
 
 
-def _check_io(
-    session: Any, model_file: Path, check: tuple[tuple[str, ...] | None, tuple[str, ...] | None], what: str
-) -> None:
+def _check_io(session: Any, model_file: Path, check: IoCheck, what: str) -> None:
     want_in, want_out = check
     inputs = tuple(i.name for i in session.get_inputs())
     outputs = tuple(o.name for o in session.get_outputs())

@@ -17,6 +17,7 @@ from __future__ import annotations
 import zipfile
 import zlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ from .files import atomic_open
 
 if TYPE_CHECKING:
     from .model import EmotionModel
+    from .streaming import StepGraph
 
 STATE_FORMAT = "cmath-conversation-state"
 STATE_VERSION = 2  # the utterances' texts are part of the state (the text encoder reads past turns)
@@ -78,75 +80,98 @@ def load_state(path: str | Path) -> dict[str, np.ndarray]:
     return out
 
 
-def check_state(model: EmotionModel, state: Any, source: str | Path = "state") -> None:  # noqa: C901  (to split; pyproject's [tool.ruff.lint.mccabe])
+def check_state(model: EmotionModel, state: Any, source: str | Path = "state") -> None:
     """Everything Conversation.from_state relies on; ArtifactError(source, "state['key']: ...") otherwise."""
+    if not isinstance(state, Mapping):
+        raise ArtifactError(source, f"a state is a dict of numpy arrays, got {type(state).__name__}")
+    keys = _StateKeys(state, source)
+    _check_meta(keys, model)
+    n = _check_utterances(keys, model)
+    graph = model.step_graph
+    if graph is not None and "state.position" in state:
+        _check_step_state(keys, model, graph, n)
 
-    def fail(key: str, problem: str) -> ArtifactError:
-        return ArtifactError(source, f"state[{key!r}]: {problem}")
+
+@dataclass(frozen=True)
+class _StateKeys:
+    """A state's arrays, read one checked key at a time; errors name the source and the key."""
+
+    state: Mapping[str, Any]
+    source: str | Path
+
+    def fail(self, key: str, problem: str) -> ArtifactError:
+        return ArtifactError(self.source, f"state[{key!r}]: {problem}")
 
     def get(
-        key: str, kinds: str, shape: tuple[int | None, ...] | None = None, finite: bool = False
+        self, key: str, kinds: str, shape: tuple[int | None, ...] | None = None, finite: bool = False
     ) -> np.ndarray:
-        if key not in state:
-            raise fail(key, "missing")
-        arr = state[key]
+        """state[key] as an array of a dtype kind in `kinds`, of `shape` (None: any size on that axis)."""
+        if key not in self.state:
+            raise self.fail(key, "missing")
+        arr = self.state[key]
         if not isinstance(arr, np.ndarray):
             arr = np.asarray(arr) if isinstance(arr, (int, float, str, list, tuple, np.generic)) else None
             if arr is None:
-                raise fail(key, f"expected a numpy array, got {type(state[key]).__name__}")
+                raise self.fail(key, f"expected a numpy array, got {type(self.state[key]).__name__}")
         if arr.dtype.kind not in kinds:
-            raise fail(key, f"expected dtype kind {kinds!r}, got {arr.dtype}")
+            raise self.fail(key, f"expected dtype kind {kinds!r}, got {arr.dtype}")
         if shape is not None and (
             arr.ndim != len(shape) or any(w is not None and w != g for w, g in zip(shape, arr.shape))
         ):
-            raise fail(
-                key, f"expected shape {tuple('any' if w is None else w for w in shape)}, got {arr.shape}"
-            )
+            want = tuple("any" if w is None else w for w in shape)
+            raise self.fail(key, f"expected shape {want}, got {arr.shape}")
         if finite and not np.isfinite(arr).all():
-            raise fail(key, "holds NaN or inf")
+            raise self.fail(key, "holds NaN or inf")
         return arr
 
-    if not isinstance(state, Mapping):
-        raise ArtifactError(source, f"a state is a dict of numpy arrays, got {type(state).__name__}")
-    if str(get("meta.format", "U", ())) != STATE_FORMAT:
-        raise fail("meta.format", f"expected {STATE_FORMAT!r}, got {str(state['meta.format'])!r}")
-    if int(get("meta.version", "iu", ())) != STATE_VERSION:
-        raise fail(
-            "meta.version",
-            f"unsupported version {int(state['meta.version'])} (this cmath reads {STATE_VERSION})",
-        )
+
+def _check_meta(keys: _StateKeys, model: EmotionModel) -> None:
+    """The state's format and version are this cmath's, and it belongs to this model's graph."""
+    if str(keys.get("meta.format", "U", ())) != STATE_FORMAT:
+        raise keys.fail("meta.format", f"expected {STATE_FORMAT!r}, got {str(keys.state['meta.format'])!r}")
+    version = int(keys.get("meta.version", "iu", ()))
+    if version != STATE_VERSION:
+        raise keys.fail("meta.version", f"unsupported version {version} (this cmath reads {STATE_VERSION})")
     want = model.manifest.artifacts["fp32"].sha256
-    got = str(get("meta.model_sha256", "U", ()))
+    got = str(keys.get("meta.model_sha256", "U", ()))
     if got != want:
-        raise fail(
+        raise keys.fail(
             "meta.model_sha256",
             f"the state belongs to another model (graph sha256 {got[:16]}..., this model has {want[:16]}...)",
         )
-    speakers = get("speakers", "iu", (None,))
+
+
+def _check_utterances(keys: _StateKeys, model: EmotionModel) -> int:
+    """The utterances' speakers, features and texts agree with the model and with each other; their number."""
+    speakers = keys.get("speakers", "iu", (None,))
     n = len(speakers)
     if n > model.manifest.max_len:
-        raise fail("speakers", f"at most {model.manifest.max_len} utterances (max_len), got {n}")
+        raise keys.fail("speakers", f"at most {model.manifest.max_len} utterances (max_len), got {n}")
     if n and (speakers.min() < 0 or speakers.max() >= model.num_speakers):
-        raise fail(
+        raise keys.fail(
             "speakers", f"speaker ids in [0, {model.num_speakers}), got {speakers.min()}..{speakers.max()}"
         )
     for m in model.modalities:
-        get(f"features.{m}", "f", (n, model.feature_dims[m]), finite=True)
-    get("texts", "U", (n,))
-    get("texts.known", "b", (n,))
-    graph = model.step_graph
-    if graph is None or "state.position" not in state:
-        return
-    if str(get("state.sha256", "U", ())) != graph.sha256:
-        raise fail("state.sha256", "the cached state belongs to another step graph")
-    position = int(get("state.position", "iu", ()))
+        keys.get(f"features.{m}", "f", (n, model.feature_dims[m]), finite=True)
+    keys.get("texts", "U", (n,))
+    keys.get("texts.known", "b", (n,))
+    return n
+
+
+def _check_step_state(keys: _StateKeys, model: EmotionModel, graph: StepGraph, n: int) -> None:
+    """The step graph's cached state: its graph, a position within the utterances, every buffer's shape and the
+    outputs computed so far."""
+    if str(keys.get("state.sha256", "U", ())) != graph.sha256:
+        raise keys.fail("state.sha256", "the cached state belongs to another step graph")
+    position = int(keys.get("state.position", "iu", ()))
     if not 0 <= position <= min(n, graph.max_len):
-        raise fail("state.position", f"expected 0..{min(n, graph.max_len)}, got {position}")
+        raise keys.fail("state.position", f"expected 0..{min(n, graph.max_len)}, got {position}")
     for spec in graph.state_spec:
         key, shape = spec["input"], tuple(spec["shape"])
-        get(f"state.{key}", "f", (position, *shape[1:]) if spec["update"] == "append" else shape, finite=True)
+        want = (position, *shape[1:]) if spec["update"] == "append" else shape
+        keys.get(f"state.{key}", "f", want, finite=True)
     if position:
-        probs = get("state.probs", "f", (position, model.manifest.num_classes), finite=True)
-        get("state.embedding", "f", (position, model.manifest.d), finite=True)
+        probs = keys.get("state.probs", "f", (position, model.manifest.num_classes), finite=True)
+        keys.get("state.embedding", "f", (position, model.manifest.d), finite=True)
         if not np.allclose(probs.sum(-1), 1.0, atol=1e-3):
-            raise fail("state.probs", "rows do not sum to 1")
+            raise keys.fail("state.probs", "rows do not sum to 1")

@@ -24,6 +24,7 @@ from .manifest import Manifest, check_agreement
 from .session import open_session
 from .text_clean import TEXT_NORMALISATION, clean_text
 from .turns import SPECIAL_TOKENS, TurnFormat, encode_turns, special_ids
+from .utterance import Utterance
 
 TEXT_MODALITY = "t"
 DEFAULT_BATCH = 32
@@ -161,20 +162,44 @@ class TextEncoder:
 
     def inputs(self, items: Sequence[TurnItem]) -> list[tuple[list[int], list[int]]]:
         """(input_ids, token_type_ids) the encoder reads for each item of `encode_turns` (a plain encoder: the text
-        alone). The one place the encoder's window is applied at run time."""
-        fmt, inputs = self.spec.turns, []
+        alone; one with turns: the turns its format reads around the utterance, `TurnFormat.reads`)."""
+        fmt = self.spec.turns
         if fmt is None:
             return [
                 self._single(e)
                 for e in self.tokenizer.encode_batch([self.normalise(texts[i]) for texts, _, i in items])
             ]
-        for texts, speakers, i in items:
-            lo, hi = max(0, i - fmt.window), min(len(texts), i + 1 + fmt.future)
-            (pair,) = encode_turns(
-                fmt, self._pieces, self._cls, self._sep, texts[lo:hi], speakers[lo:hi], i - lo, i - lo + 1
+        return [
+            encode_turns(fmt, self._pieces, self._cls, self._sep, texts, speakers, i, i + 1)[0]
+            for texts, speakers, i in items
+        ]
+
+    def encode_utterances(
+        self, conversations: Sequence[tuple[Sequence[Utterance], range]], fields: Sequence[str]
+    ) -> np.ndarray:
+        """(n, dim) embeddings of utterances[k] for k in `which`, for each (utterances, which) of `conversations`
+        in order, each read with the turns its encoder reads around it. Every turn read must have its text: an
+        InputError names fields[c] (the conversation's) otherwise."""
+        items: list[TurnItem] = []
+        for (utterances, which), field in zip(conversations, fields, strict=True):
+            self._check_known(utterances, which, field)
+            texts = [u.text or "" for u in utterances]
+            speakers = [u.speaker for u in utterances]
+            items += [(texts, speakers, k) for k in which]
+        return self.encode_turns(items)
+
+    def _check_known(self, utterances: Sequence[Utterance], which: range, field: str) -> None:
+        fmt = self.spec.turns
+        read = which if fmt is None else fmt.reads(which.start, which.stop, len(utterances))
+        missing = [k for k in read if utterances[k].text is None]
+        if missing:
+            window = fmt.window if fmt is not None else 0
+            raise InputError(
+                field,
+                f"text for the last {window} utterances (the text encoder reads them with the new one)",
+                f"utterance {missing[0]} added as features",
+                "Add every utterance of a conversation with text= when its model embeds text.",
             )
-            inputs.append(pair)
-        return inputs
 
     def encode_conversation(self, texts: Sequence[str], speakers: Sequence[int]) -> np.ndarray:
         """(n, dim) embeddings of every utterance of one conversation, each read with the turns around it."""
@@ -235,73 +260,42 @@ def check_text_features(text: Any, features: dict[str, Any], field: str) -> str:
     return _check_text(text, field)
 
 
-def embed_utterances(
-    encoder: Callable[[], TextEncoder],
-    pasts: Sequence[tuple[list[str], list[int]]],
-    speakers: Sequence[int],
-    texts: Sequence[Any],
-    features: Sequence[dict[str, Any]],
-    fields: Sequence[str],
-) -> list[str]:
-    """New utterances given as text, each continuing its own conversation (`pasts[i]`: Conversation.past_turns),
-    in one call of `encoder()` (the model's text encoder, loaded once the texts are checked): features[i] gets
-    "t" in place. Returns the checked texts."""
-    checked = [check_text_features(t, f, field) for t, f, field in zip(texts, features, fields, strict=True)]
-    items = [([*pt, t], [*ps, s], len(pt)) for (pt, ps), s, t in zip(pasts, speakers, checked, strict=True)]
-    for f, row in zip(features, encoder().encode_turns(items), strict=True):
-        f[TEXT_MODALITY] = row
-    return checked
-
-
-def past_turns(
-    texts: Sequence[str | None], speakers: Sequence[int], window: int, field: str
-) -> tuple[list[str], list[int]]:
-    """The last `window` turns of a conversation for its next utterance's encoder input; every one of them must
-    have been added as text (the encoder reads them)."""
-    keep = len(texts) - min(len(texts), window)
-    missing = [i for i in range(keep, len(texts)) if texts[i] is None]
-    if missing:
-        raise InputError(
-            field,
-            f"text for the last {window} utterances (the text encoder reads them with the new one)",
-            f"utterance {missing[0]} added as features",
-            "Add every utterance of a conversation with text= when its model embeds text.",
-        )
-    return [str(t) for t in texts[keep:]], [int(s) for s in speakers[keep:]]
-
-
 def resolve_texts(conversations: Any, encoder: Callable[[], TextEncoder]) -> Any:
     """The batch API: conversations given with "texts" (one string per utterance) get features["t"] from them,
-    each utterance read with its own past turns when the encoder reads turns (`encoder()`: the model's text
-    encoder, loaded only when some conversation has texts)."""
+    each utterance read with the turns around it that the encoder reads (`encoder()`: the model's text encoder,
+    loaded only when some conversation has texts). Returns new conversation mappings; the given ones are left as
+    they are."""
     if isinstance(conversations, (Mapping, str, bytes, np.ndarray)) or not hasattr(conversations, "__len__"):
         return conversations  # validation explains what is wrong
     todo = [i for i, c in enumerate(conversations) if isinstance(c, Mapping) and "texts" in c]
     if not todo:
         return conversations
-    out = list(conversations)
-    items: list[TurnItem] = []
-    for i in todo:
-        conv = out[i]
-        if isinstance(conv["texts"], (str, bytes)) or not hasattr(conv["texts"], "__len__"):
-            raise InputError(
-                f"conversations[{i}].texts",
-                "a list of strings, one per utterance",
-                type(conv["texts"]).__name__,
-            )
-        if TEXT_MODALITY in (conv.get("features") or {}):
-            raise InputError(f"conversations[{i}]", "either texts or features['t'], not both", "both")
-        texts = [_check_text(t, f"conversations[{i}].texts[{j}]") for j, t in enumerate(conv["texts"])]
-        speakers = _speakers_for(conv.get("speakers"), len(texts), f"conversations[{i}].speakers")
-        items += [(texts, speakers, j) for j in range(len(texts))]
-    emb = encoder().encode_turns(items) if items else np.zeros((0, 0), np.float32)  # only empty texts lists
-    start = 0
-    for i in todo:
-        conv, n = out[i], len(out[i]["texts"])
+    given = [_text_utterances(conversations[i], f"conversations[{i}]") for i in todo]
+    fields = [f"conversations[{i}].texts" for i in todo]
+    if any(given):
+        emb = encoder().encode_utterances([(u, range(len(u))) for u in given], fields)
+    else:  # only empty texts lists
+        emb = np.zeros((0, 0), np.float32)
+    out, start = list(conversations), 0
+    for i, utterances in zip(todo, given):
+        conv, n = out[i], len(utterances)
         feats = {**(conv.get("features") or {}), TEXT_MODALITY: emb[start : start + n]}
         out[i] = {**{k: v for k, v in conv.items() if k != "texts"}, "features": feats}
         start += n
     return out
+
+
+def _text_utterances(conv: Mapping[str, Any], field: str) -> list[Utterance]:
+    """A batch conversation's texts as utterances (speakers as far as they can be read: validation checks them)."""
+    if isinstance(conv["texts"], (str, bytes)) or not hasattr(conv["texts"], "__len__"):
+        raise InputError(
+            f"{field}.texts", "a list of strings, one per utterance", type(conv["texts"]).__name__
+        )
+    if TEXT_MODALITY in (conv.get("features") or {}):
+        raise InputError(field, "either texts or features['t'], not both", "both")
+    texts = [_check_text(t, f"{field}.texts[{j}]") for j, t in enumerate(conv["texts"])]
+    speakers = _speakers_for(conv.get("speakers"), len(texts), f"{field}.speakers")
+    return [Utterance(s, t) for s, t in zip(speakers, texts, strict=True)]
 
 
 def _speakers_for(raw: Any, n: int, field: str) -> list[int]:

@@ -57,6 +57,11 @@ class TurnFormat:
             int(raw["window"]), int(raw["max_tokens"]), bool(raw["speaker_prefix"]), int(raw.get("future", 0))
         )
 
+    def reads(self, start: int, stop: int, n: int) -> range:
+        """The turns of an n-utterance conversation the encoder reads for utterances start..stop-1: the one place
+        its window is applied."""
+        return range(max(0, start - self.window), min(n, stop + self.future))
+
     @property
     def streams(self) -> bool:
         """True when an utterance's input never depends on later turns (past turns only)."""
@@ -98,7 +103,8 @@ def encode_turns(
             f"texts and speakers: expected the same length, got {len(texts)} and {len(speakers)}"
         )
     stop = len(texts) if stop is None else stop
-    first, last = max(0, start - fmt.window), min(len(texts), stop + fmt.future)
+    read = fmt.reads(start, stop, len(texts))
+    first, last = read.start, read.stop
     pieces = tokenize([fmt.turn(s, t) for s, t in zip(speakers[first:last], texts[first:last], strict=True)])
     out = []
     for i in range(start, stop):

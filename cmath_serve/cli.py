@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import ipaddress
-import signal
 import sys
-import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
 from cmath_runtime.errors import CmathError
 
-from .balancer import BalancerOptions, ReplicaSet, find_haproxy, server_name
 from .errors import ServeError
-from .launcher import Ports, TritonServer, check_port
+from .group import ServeRequest, serve
+from .launcher import Ports
 from .repository import BACKENDS, STREAM_MODES, ServeOptions
+
+if TYPE_CHECKING:
+    from cmath_runtime.manifest import Manifest
 
 PORT = click.IntRange(0, 65535)
 
@@ -176,15 +176,7 @@ def main(
     with sequence_id / sequence_start / sequence_end; conversations held on the server). With --replicas N,
     N servers behind HAProxy (conversations hashed on the x-cmath-conversation header). Ctrl-C or SIGTERM
     finishes in-flight requests and exits. See docs/serving.md and docs/scaling.md."""
-    from cmath_runtime.manifest import read_manifest
-
-    try:
-        manifest = read_manifest(export_dir)
-    except CmathError as e:
-        raise click.BadParameter(
-            f"{e} (expected cmath-export's output folder: run `cmath-export RUN_DIR` first)",
-            param_hint="EXPORT_DIR",
-        ) from None
+    manifest = _read_export(export_dir)
     options = ServeOptions(
         max_batch=max_batch or min(manifest.max_batch, 64),
         queue_delay_us=queue_delay_us,
@@ -196,192 +188,47 @@ def main(
         threads=threads,
         instances=instances,
     )
+    request = ServeRequest(
+        manifest.directory,
+        options,
+        Ports(http_port, grpc_port, metrics_port),
+        host,
+        replicas,
+        repo,
+        binary,
+        log_file,
+        verbose,
+        haproxy,
+        balancer_dir,
+        ready_timeout_s,
+        exit_timeout_s,
+    )
+    _serve(request, manifest)
+
+
+def _read_export(export_dir: Path) -> Manifest:
+    from cmath_runtime.manifest import read_manifest
+
     try:
-        options.check(manifest)
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            raise ServeError(
-                f"--host: expected an IP address (127.0.0.1, 0.0.0.0, ::1), got {host!r}."
-            ) from None
-        chosen = {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port}
-        taken = [p for p in chosen.values() if p]
-        if len(set(taken)) != len(taken):
-            raise ServeError(
-                f"--http-port / --grpc-port / --metrics-port: expected three different ports, got "
-                f"{http_port} / {grpc_port} / {metrics_port}."
-            )
-        ports = Ports(*(check_port(host, p, opt) for opt, p in chosen.items()))
-        if replicas is None and (haproxy is not None or balancer_dir is not None):
-            raise ServeError("--haproxy / --balancer-dir: expected with --replicas N, got them without it.")
-        if replicas is not None:
-            extra = [
-                name
-                for name, value in (("--repo", repo), ("--log-file", log_file), ("--verbose", verbose))
-                if value
-            ]
-            if extra:
-                raise ServeError(
-                    f"{' / '.join(extra)}: not with --replicas (each replica has its own; the "
-                    f"replicas' logs and haproxy.cfg go to --balancer-dir)."
-                )
-            find_haproxy(haproxy)
+        return read_manifest(export_dir)
+    except CmathError as e:
+        raise click.BadParameter(
+            f"{e} (expected cmath-export's output folder: run `cmath-export RUN_DIR` first)",
+            param_hint="EXPORT_DIR",
+        ) from None
+
+
+def _serve(request: ServeRequest, manifest: Manifest) -> NoReturn:
+    """Check the request (a usage error names the option), serve it, exit with its code."""
+    try:
+        request = request.checked(manifest)
     except (ValueError, ServeError) as e:
         raise click.UsageError(str(e)) from None
-    if replicas is not None:
-        serve_replicas(
-            manifest.directory,
-            options,
-            replicas,
-            host,
-            ports,
-            binary,
-            haproxy,
-            balancer_dir,
-            ready_timeout_s,
-            exit_timeout_s,
-        )
-        return
-
-    server = TritonServer(
-        manifest.directory, options, ports, host, repo, binary, log_file, verbose, exit_timeout_s
-    )
-    stopping: list[int] = []
-
-    def on_signal(signum: int, frame: Any) -> None:
-        stopping.append(signum)
-        if len(stopping) == 1:
-            click.echo(
-                f"cmath-serve: {signal.Signals(signum).name}: finishing in-flight requests, then exiting "
-                f"(again to force)",
-                err=True,
-            )
-            server.terminate()
-        elif server.process is not None and server.process.poll() is None:
-            server.process.kill()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     try:
-        server.start(ready_timeout_s)
+        code = serve(request)
     except CmathError as e:
         raise click.ClickException(str(e)) from None
-    try:
-        if stopping:
-            sys.exit(server.wait())
-        d = server.description
-        stream = (
-            "conversation state kept on the server, only the new utterance computed (causal artifact)"
-            if d["stream_path"] == "step"
-            else "each step recomputes the conversation"
-        )
-        click.echo(
-            f"cmath-serve: ready, serving {manifest.directory} on Triton (Python backend, cmath_runtime "
-            f"backend={backend})\n"
-            f"  HTTP     {server.http_url}   (readiness: {server.http_url}/v2/health/ready)\n"
-            f"  gRPC     {server.grpc_url}\n"
-            f"  metrics  {server.metrics_url}\n"
-            f"  models   cmath (max batch {options.max_batch}, queue delay {queue_delay_us} us); "
-            f"cmath_stream ({stream}; at most {max_conversations} live, idle timeout {idle_timeout_s:g} s)\n"
-            f"  text     raw `text` BYTES input {d['text_input']}\n"
-            f"  repo     {d['repository']}\n"
-            f"Ctrl-C or SIGTERM stops it (in-flight requests finish first).",
-        )
-        sys.stdout.flush()
-        code = server.wait()
-        if stopping:
-            click.echo(f"cmath-serve: tritonserver exited with code {code}", err=True)
-            sys.exit(code)
-        raise click.ClickException(f"tritonserver exited unexpectedly with code {code}{server.log_tail()}")
-    finally:
-        server.stop()
-        server.cleanup()
-
-
-def serve_replicas(
-    export_dir: Path,
-    options: ServeOptions,
-    replicas: int,
-    host: str,
-    ports: Ports,
-    binary: Path | None,
-    haproxy: Path | None,
-    balancer_dir: Path | None,
-    ready_timeout_s: float,
-    exit_timeout_s: int,
-) -> None:
-    """N replicas behind HAProxy until SIGTERM/SIGINT; a replica that dies is reported and routed around."""
-    rs = ReplicaSet(
-        export_dir,
-        options,
-        replicas,
-        BalancerOptions(bind=host, grpc_port=ports.grpc, http_port=ports.http, stats_port=ports.metrics),
-        workdir=balancer_dir,
-        tritonserver=binary,
-        haproxy=haproxy,
-        exit_timeout_s=exit_timeout_s,
-    )
-    stopping: list[int] = []
-    started = False
-
-    def on_signal(signum: int, frame: Any) -> None:
-        stopping.append(signum)
-        if not started:  # still starting: unwind start(), which stops whatever it started
-            raise SystemExit(128 + signum)
-        if len(stopping) == 1:
-            click.echo(
-                f"cmath-serve: {signal.Signals(signum).name}: stopping the balancer, then the replicas "
-                f"(in-flight requests finish)",
-                err=True,
-            )
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        rs.start(ready_timeout_s)
-    except CmathError as e:
-        raise click.ClickException(str(e)) from None
-    started = True
-    try:
-        assert rs.front is not None and rs.workdir is not None
-        lines = [
-            f"cmath-serve: ready, {replicas} replica(s) of {export_dir} behind HAProxy",
-            f"  gRPC     {rs.grpc_url}   (x-cmath-conversation hashed: cmath_stream; no header: round robin)",
-            f"  HTTP     {rs.http_url}   (readiness: {rs.http_url}/v2/health/ready)",
-            f"  stats    {rs.front.stats_url}   (Prometheus: /metrics on the same port)",
-        ]
-        for i, s in enumerate(rs.servers):
-            assert s.process is not None
-            lines.append(
-                f"  replica  {server_name(i)} pid {s.process.pid}  gRPC {s.grpc_url}  HTTP {s.http_url}  "
-                f"metrics {s.metrics_url}"
-            )
-        lines += [
-            f"  config   {rs.front.config_path}   (logs: {rs.workdir})",
-            "Ctrl-C or SIGTERM stops it (in-flight requests finish first).",
-        ]
-        click.echo("\n".join(lines))
-        sys.stdout.flush()
-        reported: set[int] = set()
-        while not stopping:
-            time.sleep(0.5)
-            if rs.front.process is not None and rs.front.process.poll() is not None:
-                raise click.ClickException(
-                    f"haproxy exited unexpectedly with code {rs.front.process.returncode}; "
-                    f"its log: {rs.front.log_path}"
-                )
-            for i, s in enumerate(rs.servers):
-                if i not in reported and s.process is not None and s.process.poll() is not None:
-                    reported.add(i)
-                    s.stop()  # what a killed tritonserver leaves: its stubs and shared memory
-                    click.echo(
-                        f"cmath-serve: replica {server_name(i)} exited with code {s.process.returncode}; "
-                        f"the balancer routes around it",
-                        err=True,
-                    )
-    finally:
-        codes = rs.stop()
-    click.echo(f"cmath-serve: stopped ({', '.join(f'{k} {v}' for k, v in codes.items())})", err=True)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -462,6 +462,48 @@ def test_cli_refuses_bad_arguments_with_one_clear_sentence(serve_export: Path, t
     assert r.exit_code == 2 and "--max-batch: expected 1..64" in r.output
 
 
+def test_server_group_serves_without_click_until_sigterm(serve_export: Path, tmp_path: Path) -> None:
+    """The function behind `cmath-serve`: a checked ServeRequest, one real tritonserver that answers, SIGTERM
+    (to this process, once the group serves) stops it; run() returns tritonserver's code and puts the signal
+    handlers back."""
+    _triton_or_skip()
+    import urllib.request
+
+    from cmath_runtime.manifest import read_manifest
+    from cmath_serve.group import ServeRequest, ServerGroup
+    from cmath_serve.launcher import Ports
+    from cmath_serve.repository import ServeOptions
+
+    manifest = read_manifest(serve_export)
+    log = tmp_path / "triton.log"
+    request = ServeRequest(
+        manifest.directory,
+        ServeOptions(max_batch=8, threads=1),
+        Ports(0, 0, 0),
+        log_file=log,
+        exit_timeout_s=5,
+    ).checked(manifest)
+    assert min(request.ports.http, request.ports.grpc, request.ports.metrics) > 0
+    group, answered = ServerGroup(request), []
+
+    def stop_once_serving() -> None:
+        deadline = time.monotonic() + 150
+        while not group.serving and time.monotonic() < deadline:
+            time.sleep(0.1)
+        url = f"http://127.0.0.1:{request.ports.http}/v2/health/ready"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            answered.append(r.status)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=stop_once_serving, daemon=True).start()
+    assert group.run() == 0
+    assert answered == [200]
+    assert group.stop() == {"tritonserver": 0}
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert group.single is not None and group.single.workdir is None  # its temporary folder is gone
+
+
 def test_repository_configs_parse_with_tritons_own_schema(serve_export: Path, tmp_path: Path) -> None:
     pytest.importorskip("tritonclient.grpc.model_config_pb2")
     from google.protobuf import text_format

@@ -234,8 +234,6 @@ def _latency_lines(ax: Any, records: list[dict], title: str) -> None:
 def write(records: list[dict], env: dict[str, Any], out_dir: Path, title: str) -> str:
     plots = {"bench_latency.png": lambda path: plot(records, path, title)}
     if any(r.get("benchmark") == "streaming" for r in records):
-        from .streaming import plot_streaming
-
         plots["bench_streaming.png"] = lambda path: plot_streaming(records, path)
     return write_pages(out_dir, "bench", records, markdown(records, env, title), plots)
 
@@ -270,3 +268,41 @@ def figure(path: Path, size: tuple[float, float] = (7, 4.5), cols: int = 1) -> I
             fig.savefig(f, format="png", dpi=110)
     finally:
         plt.close(fig)
+
+
+def plot_streaming(records: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
+    """p50 per new utterance vs history: the full recompute, the step graph per engine and precision, and the
+    step graph's floor (fp32 weight bytes / bandwidth or FLOPs / peak) where the run measured it."""
+    with figure(Path(path)) as ax:
+        _stream_lines(ax, [r for r in records if r.get("benchmark") == "streaming"], title)
+
+
+def _stream_lines(ax: Any, rows: list[dict[str, Any]], title: str) -> None:
+    for key in dict.fromkeys((r["path"], r["backend"], r["precision"]) for r in rows):
+        pts = sorted((r["n"], r["p50_ms"]) for r in rows if (r["path"], r["backend"], r["precision"]) == key)
+        ax.plot(
+            *zip(*pts),
+            "o-" if key[0] == "full" else "s-",
+            ms=3,
+            label=f"{key[0]} {key[1]} {key[2]}" + (" (whole conversation)" if key[0] == "full" else ""),
+        )
+    for precision, style in (("fp32", "k--"), ("int8", "k:")):
+        floor = sorted(
+            (r["n"], r["floor_ms"])
+            for r in rows
+            if r["path"] == "step"
+            and r["backend"] == "onnxruntime"
+            and r["precision"] == precision
+            and r.get("floor_ms")
+        )
+        if floor:
+            ax.plot(*zip(*floor), style, label=f"step floor {precision} (roofline)")
+    threads = {r["threads"] for r in rows}
+    ax.set(
+        xlabel="history n (utterances, the new one included)",
+        ylabel="latency of one new utterance, p50 (ms)",
+        yscale="log",
+        title=title or f"streaming: step vs full recompute (threads {', '.join(map(str, sorted(threads)))})",
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)

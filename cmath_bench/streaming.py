@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 
 from .backends import OPENVINO, ORT, ORT_SPIN, RUNTIME
-from .report import figure
 from .timing import Budget, interleaved, percentiles_ms, quiesce, repeating
 
 LENGTHS = (1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 200)
@@ -213,44 +212,6 @@ def _step_feeds(
     graph.session = capture = _Capture(stream.graph.session)
     graph.run({k: v.copy() for k, v in stream.buffers.items()}, n - 1, speakers[n - 1], row)
     return capture.feeds
-
-
-def plot_streaming(records: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
-    """p50 per new utterance vs history: the full recompute, the step graph per engine and precision, and the
-    step graph's floor (fp32 weight bytes / bandwidth or FLOPs / peak) where the run measured it."""
-    with figure(Path(path)) as ax:
-        _stream_lines(ax, [r for r in records if r.get("benchmark") == "streaming"], title)
-
-
-def _stream_lines(ax: Any, rows: list[dict[str, Any]], title: str) -> None:
-    for key in dict.fromkeys((r["path"], r["backend"], r["precision"]) for r in rows):
-        pts = sorted((r["n"], r["p50_ms"]) for r in rows if (r["path"], r["backend"], r["precision"]) == key)
-        ax.plot(
-            *zip(*pts),
-            "o-" if key[0] == "full" else "s-",
-            ms=3,
-            label=f"{key[0]} {key[1]} {key[2]}" + (" (whole conversation)" if key[0] == "full" else ""),
-        )
-    for precision, style in (("fp32", "k--"), ("int8", "k:")):
-        floor = sorted(
-            (r["n"], r["floor_ms"])
-            for r in rows
-            if r["path"] == "step"
-            and r["backend"] == "onnxruntime"
-            and r["precision"] == precision
-            and r.get("floor_ms")
-        )
-        if floor:
-            ax.plot(*zip(*floor), style, label=f"step floor {precision} (roofline)")
-    threads = {r["threads"] for r in rows}
-    ax.set(
-        xlabel="history n (utterances, the new one included)",
-        ylabel="latency of one new utterance, p50 (ms)",
-        yscale="log",
-        title=title or f"streaming: step vs full recompute (threads {', '.join(map(str, sorted(threads)))})",
-    )
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
 
 
 def stream_records(

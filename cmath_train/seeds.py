@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from cmath_runtime.errors import InputError
 
@@ -24,6 +23,7 @@ from .cdat import CDaTConfig
 from .config import LossConfig, ModelConfig, TrainConfig
 from .data.types import Dialogue, FeatureSet
 from .metrics import write_metrics
+from .models.common import ConversationModel
 from .train import train
 
 
@@ -148,14 +148,14 @@ def check_unique_ids(dialogues: list[Dialogue]) -> None:
         )
 
 
-def load_seeds(out: Path, seeds: list[int], device: str = "cpu") -> list[torch.nn.Module]:
+def load_seeds(out: Path, seeds: list[int], device: str = "cpu") -> list[ConversationModel]:
     from .checkpoint import load_checkpoint
 
     return [load_checkpoint(out / f"seed_{s}", map_location=device).model.eval() for s in seeds]
 
 
 def ensemble_probabilities(
-    models: list[torch.nn.Module], dialogues: list[Dialogue], device: str = "cpu"
+    models: list[ConversationModel], dialogues: list[Dialogue], device: str = "cpu"
 ) -> list[np.ndarray]:
     """Per dialogue, (n, C): the models' class probabilities (fused prediction) averaged, for every utterance."""
     from .train import dialogue_probs
@@ -165,7 +165,7 @@ def ensemble_probabilities(
 
 
 def seed_ensemble(
-    fs: FeatureSet, models: list[torch.nn.Module], seeds: list[int], train_cfg: TrainConfig
+    fs: FeatureSet, models: list[ConversationModel], seeds: list[int], train_cfg: TrainConfig
 ) -> dict[str, Any]:
     """The seeds' averaged class probabilities, scored on validation and test (a reference number, not a model
     that is exported: the run directory holds the best-validation seed, or student when distilling)."""

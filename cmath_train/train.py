@@ -29,6 +29,7 @@ from .data.batching import Batch, batches, class_weights, feature_stats
 from .data.types import Dialogue, FeatureSet, split_validation
 from .losses import ensemble_distillation
 from .metrics import classification_metrics, plot_confusion, plot_curves, write_metrics
+from .models.common import ConversationModel
 from .registry import create_model
 
 RESUME_DIR = "last"
@@ -101,7 +102,7 @@ def dialogue_probs(
 
 
 def train_step(
-    model: torch.nn.Module,
+    model: ConversationModel,
     batch: Batch,
     loss_cfg: LossConfig,
     optimizer: torch.optim.Optimizer,
@@ -160,7 +161,14 @@ def train(
     soft = [soft_targets[d.id] for d in splits.train] if soft_targets and train_cfg.distill > 0 else None
 
     recipe = _resume_recipe(model_name, model_cfg, loss_cfg, train_cfg, splits, cdat)
-    state = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": [], "recipe": recipe}
+    state: dict[str, Any] = {
+        "epoch": 0,
+        "best": -1.0,
+        "best_epoch": 0,
+        "bad_epochs": 0,
+        "history": [],
+        "recipe": recipe,
+    }
     if resume and (out / RESUME_DIR / "state.json").is_file():
         saved = json.loads((out / RESUME_DIR / "state.json").read_text())
         _check_same_recipe(
@@ -292,7 +300,9 @@ def make_ema(model: torch.nn.Module, decay: float, warmup: float = 10.0) -> Aver
     if not warmup > 1:
         raise ValueError(f"ema_warmup: expected a number > 1, got {warmup}")
 
-    def avg_fn(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+    def avg_fn(
+        averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor | int
+    ) -> torch.Tensor:
         # warm-up (TensorFlow's num_updates rule): early on the average follows the weights, so a short run
         # (a small data set: few steps) is not dominated by the random initialisation
         n = float(num_averaged)
@@ -347,7 +357,7 @@ def _resume_recipe(
     model, the configs and the data (a digest of the train and validation dialogue ids)."""
     ids = [[d.id for d in splits.train], [d.id for d in splits.val]]
     digest = hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
-    flat = {
+    flat: dict[str, Any] = {
         "model_name": model_name,
         "data.dialogues": f"{len(ids[0])} train / {len(ids[1])} validation ({digest})",
     }

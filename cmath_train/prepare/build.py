@@ -8,7 +8,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from .embedding_cache import DEFAULT_CACHE_DIR, EmbeddingCache, encode_texts
 from .finetune import FinetuneOptions, finetune_encoder
 from .labels import LABEL_ORDER, label_indices, label_names
 from .pooled import PooledEncoder
-from .speakers import make_speaker_mapping
+from .speakers import SpeakerMapping, make_speaker_mapping
 from .text_encoder import SentenceTransformerEncoder, TextEncoder
 
 ENCODER_SUBDIR = "encoder"
@@ -71,7 +71,7 @@ class PrepareOptions:
 
 
 def prepare_features(
-    files: dict[str, str | Path],
+    files: Mapping[str, str | Path],
     out: str | Path,
     options: PrepareOptions | None = None,
     encoder: TextEncoder | None = None,
@@ -111,15 +111,7 @@ def prepare_features(
     timings: dict[str, float] = {"read_seconds": time.perf_counter() - t_start}
 
     speaker_ids = {s: [mapping.ids(d.speakers) for d in t.dialogues] for s, t in tables.items()}
-    context = dict(
-        tables=tables,
-        labels=labels,
-        mapping=mapping,
-        names=names,
-        options=options,
-        timings=timings,
-        started=t_start,
-    )
+    context = _Context(tables, labels, mapping, names, options, timings, t_start)
     if options.finetune.epochs > 0:
         if encoder is not None and not isinstance(encoder, SentenceTransformerEncoder):
             raise InputError(
@@ -153,7 +145,7 @@ def prepare_features(
                 twin.embeddings,
                 {**twin.meta, "causal_twin_of": ".."},
                 out / CAUSAL_SUBDIR,
-                **context,
+                context,
             )
             whole.meta["causal_twin"] = CAUSAL_SUBDIR
         encoder, emb, meta_extra = whole.encoder, whole.embeddings, whole.meta
@@ -172,25 +164,30 @@ def prepare_features(
         emb = encode_texts(encoder, texts, cache, desc=f"embedding {len(texts)} utterances")
         timings["embed_seconds"] = time.perf_counter() - t0
         meta_extra = {"cache": str(cache.dir) if cache is not None else None}
-    fs = _save(encoder, emb, meta_extra, out, **context)
+    fs = _save(encoder, emb, meta_extra, out, context)
     log(f"wrote {out} in {timings['total_seconds']:.1f} s")
     return fs
 
 
+@dataclass
+class _Context:
+    """What every features directory of one preparation is written from (beside the embeddings)."""
+
+    tables: dict[str, CsvTable]
+    labels: dict[str, list[np.ndarray]]
+    mapping: SpeakerMapping
+    names: list[str]
+    options: PrepareOptions
+    timings: dict[str, float]
+    started: float
+
+
 def _save(
-    encoder: TextEncoder,
-    emb: np.ndarray,
-    meta_extra: dict[str, Any],
-    out: Path,
-    tables: dict[str, CsvTable],
-    labels: dict[str, list[np.ndarray]],
-    mapping: Any,
-    names: list[str],
-    options: PrepareOptions,
-    timings: dict[str, float],
-    started: float,
+    encoder: TextEncoder, emb: np.ndarray, meta_extra: dict[str, Any], out: Path, context: _Context
 ) -> FeatureSet:
     """The features directory `out` from the embeddings of every split (rows in file order)."""
+    tables, labels, mapping, names = context.tables, context.labels, context.mapping, context.names
+    options, timings, started = context.options, context.timings, context.started
     splits: dict[str, list[Dialogue]] = {}
     offset = 0
     for split, table in tables.items():
@@ -376,7 +373,7 @@ def turn_examples(
 
     return {
         s: [
-            encode_turns(fmt, tokenize, cls_id, sep_id, d.texts, ids)
+            encode_turns(fmt, tokenize, cls_id, sep_id, d.texts, ids.tolist())
             for d, ids in zip(t.dialogues, speaker_ids[s], strict=True)
         ]
         for s, t in tables.items()
@@ -392,14 +389,14 @@ def trainable_encoder(
     base = st.describe()
     check_token_limit(st, fmt, "context_max_tokens")
     return st, PooledEncoder(
-        st.model[0].auto_model, base.get("pooling", "mean"), bool(base.get("normalized")), first_segment=True
+        st.transformer, base.get("pooling", "mean"), bool(base.get("normalized")), first_segment=True
     )
 
 
 def check_token_limit(st: SentenceTransformerEncoder, fmt: TurnFormat, field: str) -> None:
     """`fmt.max_tokens` within what the encoder reads (its positions and max_seq_length), else InputError."""
-    config = st.model[0].auto_model.config
-    limit = min(int(getattr(config, "max_position_embeddings", fmt.max_tokens)), st.model.max_seq_length)
+    config = st.transformer.config
+    limit = min(int(getattr(config, "max_position_embeddings", fmt.max_tokens)), st.max_seq_length)
     if fmt.max_tokens > limit:
         raise InputError(field, f"at most {limit} (the encoder's max_seq_length)", fmt.max_tokens)
 

@@ -354,17 +354,7 @@ def dmd_loss(
     else:
         margin = zero
     dec = re + cycle + cfg.dmd_gamma_margin_ort * (margin + ort)
-    # graph distillation
-    terms = {"gd_homo": zero, "gd_hetero": zero, "gd_hetero_repr": zero, "gd_reg": zero}
-    if model.homo_gd is not None and model.hetero_gd is not None:  # both, or neither (one modality)
-        homo = model.homo_gd.losses(out.modality_logits, out.modality_embeddings, rows, cfg.dmd_gd_reg)
-        hetero = model.hetero_gd.losses(out.hetero_logits, out.hetero_embeddings, rows, cfg.dmd_gd_reg)
-        terms = {
-            "gd_homo": homo["logit"],
-            "gd_hetero": hetero["logit"],
-            "gd_hetero_repr": hetero["repr"],
-            "gd_reg": homo["reg"] + hetero["reg"],
-        }
+    terms = graph_distillation_terms(model, out, rows, cfg.dmd_gd_reg, zero)
     gd = terms["gd_homo"] + terms["gd_hetero"] + cfg.dmd_gd_repr * terms["gd_hetero_repr"] + terms["gd_reg"]
     total = ce_x + ce_m + ce_c + cfg.dmd_gamma_dec * dec + cfg.dmd_gamma_gd * gd
     return {
@@ -377,4 +367,20 @@ def dmd_loss(
         "ort": ort,
         "margin": margin,
         **terms,
+    }
+
+
+def graph_distillation_terms(
+    model: DMD, out: DMDOutput, rows: Tensor, reg_weight: float, zero: Tensor
+) -> dict[str, Tensor]:
+    """The homogeneous and heterogeneous graph distillation units' losses (all `zero` with one modality)."""
+    if model.homo_gd is None or model.hetero_gd is None:  # both, or neither (one modality)
+        return {"gd_homo": zero, "gd_hetero": zero, "gd_hetero_repr": zero, "gd_reg": zero}
+    homo = model.homo_gd.losses(out.modality_logits, out.modality_embeddings, rows, reg_weight)
+    hetero = model.hetero_gd.losses(out.hetero_logits, out.hetero_embeddings, rows, reg_weight)
+    return {
+        "gd_homo": homo["logit"],
+        "gd_hetero": hetero["logit"],
+        "gd_hetero_repr": hetero["repr"],
+        "gd_reg": homo["reg"] + hetero["reg"],
     }

@@ -16,15 +16,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cmath_runtime.errors import CmathError
 from cmath_runtime.files import atomic_write_json
 
-from .cdat import CDaTConfig
 from .config import LossConfig, ModelConfig, Preset, TrainConfig, get_ablation
 from .data.types import FeatureSet
 from .recipe import Recipe
+
+if TYPE_CHECKING:  # torch is imported when a run starts, not for `cmath-train --help`
+    from .cdat import CDaTConfig
 
 
 class RequestError(ValueError):
@@ -122,6 +124,7 @@ def run_training(request: TrainRequest, echo: Callable[[str], None] = print) -> 
 def _check(request: TrainRequest) -> tuple[str | None, Preset | None, CDaTConfig | None]:
     """The preset's name and recipe when the request fixes one (None: CMATH's, chosen from the data) and the CDaT
     add-on's config; RequestError for a request that cannot run."""
+    from .cdat import CDaTConfig
     from .registry import model_names
     from .registry import preset as model_preset
 

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LossConfig, ModelConfig
-from .models.common import Standardize, check_inputs, set_standardize_stats
+from .models.common import ConversationModel, Standardize, check_inputs, set_standardize_stats
 
 CONFIDENCES = ("const", "ce", "confidnet")
 
@@ -135,27 +135,23 @@ class TransferInputs(nn.Module):
         }
 
 
-class CDaT(nn.Module):
+class CDaT(ConversationModel):
     """G_m per modality + the wrapped fusion model F (12). Training mode returns a CDaTOutput, eval mode F's output.
 
     The streaming step of a causal CMATH composes with it (G_m is per utterance): cmath_train/streaming.py runs
     `inputs` before the wrapped model's cached forward."""
 
-    def __init__(self, model: nn.Module, cfg: CDaTConfig) -> None:
+    def __init__(self, model: ConversationModel, cfg: CDaTConfig) -> None:
         super().__init__()
-        mcfg: ModelConfig = model.cfg
+        self.cfg = model.cfg  # the wrapped model's config (the same object)
         self.inputs = TransferInputs(
-            mcfg, cfg.hidden
+            model.cfg, cfg.hidden
         )  # first in state_dict, where the exporter's parity data
         self.model = model  # looks for the standardisation buffers
         self.confidnet = (
-            ConfidNet(mcfg.num_classes, cfg.confidnet_hidden) if cfg.confidence == "confidnet" else None
+            ConfidNet(model.cfg.num_classes, cfg.confidnet_hidden) if cfg.confidence == "confidnet" else None
         )
         self.cdat_cfg = cfg
-
-    @property
-    def cfg(self) -> ModelConfig:
-        return self.model.cfg
 
     @property
     def standardize(self) -> nn.ModuleDict:
@@ -230,6 +226,7 @@ class CDaT(nn.Module):
         z, z_masked = self.masked_logits(refined, speaker, mask)
         if kind == "ce":
             return {m: masking_cross_entropy(z, z_m) for m, z_m in z_masked.items()}, None
+        assert self.confidnet is not None  # built for confidence "confidnet"
         rows = mask & (labels >= 0)
         passes = torch.stack([z, *z_masked.values()])  # (1 + |M|, B, N, C)
         target = true_class_probability(passes, labels)  # C* (4) of each pass

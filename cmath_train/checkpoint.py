@@ -30,6 +30,7 @@ from cmath_runtime.files import atomic_write_bytes, atomic_write_json, read_tagg
 
 from .cdat import CDaT, CDaTConfig
 from .config import LossConfig, ModelConfig, TrainConfig, from_dict, to_dict
+from .models.common import ConversationModel
 from .registry import create_model, loss_config, model_config
 
 FORMAT, VERSION = "cmath-checkpoint", 1
@@ -39,7 +40,7 @@ PREVIOUS = WEIGHTS + ".prev"  # the previous weights while a save is in progress
 
 @dataclass
 class Checkpoint:
-    model: nn.Module
+    model: ConversationModel
     model_name: str
     model_cfg: ModelConfig
     loss_cfg: LossConfig

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from cmath_runtime.base import MODALITY_ORDER
+
+C = TypeVar("C")
 
 
 @dataclass
@@ -141,7 +143,7 @@ def field_names(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
-def coerce(cls: type, cfg: Any) -> Any:
+def coerce(cls: type[C], cfg: Any) -> C:
     """`cfg` as an instance of `cls`: itself when it already is one, else cls built from the fields of cfg that
     cls knows (a plain ModelConfig becomes a CMATHConfig with CMATH's defaults; another model's fields drop)."""
     if isinstance(cfg, cls):
@@ -150,9 +152,9 @@ def coerce(cls: type, cfg: Any) -> Any:
     return cls(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in names})
 
 
-def from_dict(cls: type, data: dict[str, Any]) -> Any:
+def from_dict(cls: type[C], data: dict[str, Any]) -> C:
     """Build a config dataclass from JSON; unknown keys are an error naming them (a foreign config)."""
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = field_names(cls)
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown fields {unknown}; known fields are {sorted(names)}")

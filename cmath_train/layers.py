@@ -40,6 +40,8 @@ class SinusoidalPositions(nn.Module):
     Not saved in checkpoints (it is a pure function of d and max_period).
     """
 
+    table: Tensor
+
     def __init__(self, d: int, max_period: float = 10000.0, rows: int = DEFAULT_POSITION_ROWS) -> None:
         super().__init__()
         self.d, self.max_period = d, max_period
@@ -88,6 +90,12 @@ class KVCache:
     values: Tensor
     new_keys: Tensor | None = None
     new_values: Tensor | None = None
+
+    def new_rows(self) -> tuple[Tensor, Tensor]:
+        """(new keys, new values), once forward has filled them in."""
+        if self.new_keys is None or self.new_values is None:
+            raise RuntimeError("KVCache.new_rows: no forward has run with this cache yet")
+        return self.new_keys, self.new_values
 
 
 class Attention(nn.Module):

@@ -8,13 +8,27 @@ Imports no model: models import this module (models/cmath.py, sdt.py, dmd.py), n
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import LossConfig
+
+class CMATHLossTerms(Protocol):
+    """The fields of CMATH's loss config (models/cmath.py `CMATHLossConfig`) that `cmath_loss` reads."""
+
+    gamma_mse: float
+    gamma_kl: float
+    use_reconstruction: bool
+    detach_teacher: bool
+    detach_mse_teacher: bool
+
+
+def tensor_sum(terms: Iterable[Tensor]) -> Tensor:
+    """The sum of loss terms, a 0-d zero when there are none."""
+    return sum(terms, torch.zeros(()))
 
 
 def masked_mean(x: Tensor, rows: Tensor) -> Tensor:
@@ -39,24 +53,21 @@ def kl_divergence(teacher: Tensor, student: Tensor, rows: Tensor, temperature: f
 
 def reconstruction_loss(out: Any, rows: Tensor) -> Tensor:
     """(3-4) L_re = sum_m ||U_m - U''_m||^2; ours: mean over real rows and features, summed over modalities."""
-    return sum(
-        (masked_mean((out.inputs[m] - rec) ** 2, rows) for m, rec in out.reconstructions.items()),
-        torch.zeros(()),
-    )
+    return tensor_sum(masked_mean((out.inputs[m] - rec) ** 2, rows) for m, rec in out.reconstructions.items())
 
 
 def low_level_distillation(out: Any, rows: Tensor, detach_teacher: bool = False) -> Tensor:
     """(18) L_mse = sum_m ||H'_x - H'_m||^2, teacher H'_x (no gradient when detach_teacher); ours: mean squared
     error over real rows and features."""
     teacher = out.embedding.detach() if detach_teacher else out.embedding
-    return sum(masked_mean((teacher - h_m) ** 2, rows) for h_m in out.modality_embeddings.values())
+    return tensor_sum(masked_mean((teacher - h_m) ** 2, rows) for h_m in out.modality_embeddings.values())
 
 
 def high_level_distillation(out: Any, rows: Tensor, detach_teacher: bool, temperature: float = 1.0) -> Tensor:
     """(23) L_kl = sum_m 1/n sum_i sum_j y^x_ij log(y^x_ij / y^m_ij): the fused prediction teaches each modality
     (SDT's soft labels are the same term at temperature T)."""
     teacher = out.logits.detach() if detach_teacher else out.logits
-    return sum(
+    return tensor_sum(
         kl_divergence(teacher, logits_m, rows, temperature) for logits_m in out.modality_logits.values()
     )
 
@@ -70,12 +81,14 @@ def ensemble_distillation(logits: Tensor, soft: Tensor, rows: Tensor) -> Tensor:
 
 
 def cmath_loss(
-    out: Any, labels: Tensor, mask: Tensor, cfg: LossConfig, class_weight: Tensor | None = None
+    out: Any, labels: Tensor, mask: Tensor, cfg: CMATHLossTerms, class_weight: Tensor | None = None
 ) -> dict[str, Tensor]:
     """All loss terms and their weighted total (24). Rows with label < 0 (padding) are ignored."""
     rows = mask & (labels >= 0)
     ce_x = cross_entropy(out.logits, labels, rows, class_weight)  # (21)
-    ce_m = sum(cross_entropy(lg, labels, rows, class_weight) for lg in out.modality_logits.values())  # (20)
+    ce_m = tensor_sum(
+        cross_entropy(lg, labels, rows, class_weight) for lg in out.modality_logits.values()
+    )  # (20)
     ce = ce_x + ce_m  # (22)
     re = reconstruction_loss(out, mask) if cfg.use_reconstruction else torch.zeros(())
     mse = low_level_distillation(out, rows, cfg.detach_mse_teacher)

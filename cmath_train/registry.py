@@ -16,15 +16,14 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
-
 from .config import LossConfig, ModelConfig, Preset, field_names, get_preset
 from .models import cmath, dmd, encoder_head, sdt
+from .models.common import ConversationModel
 
 
 @dataclass(frozen=True)
 class ModelEntry:
-    model: type[nn.Module]  # built as model(config)
+    model: type[ConversationModel]  # built as model(config)
     config: type[ModelConfig]
     loss: type[LossConfig]
     presets: dict[str, Preset]  # the model's own published recipes; override config.PRESETS of the same name
@@ -36,7 +35,7 @@ _MODELS: dict[str, ModelEntry] = {}
 
 def register(
     name: str,
-    model: type[nn.Module],
+    model: type[ConversationModel],
     config: type[ModelConfig],
     loss: type[LossConfig],
     presets: dict[str, Preset] | None = None,
@@ -97,6 +96,6 @@ def loss_config(name: str, cfg: LossConfig | None = None, **fields: Any) -> Loss
     return _build(entry(name).loss, "loss", cfg, fields)
 
 
-def create_model(name: str, cfg: ModelConfig | None = None, **fields: Any) -> nn.Module:
+def create_model(name: str, cfg: ModelConfig | None = None, **fields: Any) -> ConversationModel:
     """A model by name, from its config (or any model's config, converted) and/or flat fields."""
     return entry(name).model(model_config(name, cfg, **fields))

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from cmath_runtime.errors import InputError
 
@@ -24,7 +23,13 @@ from .cdat import CDaTConfig
 from .config import LossConfig, ModelConfig, TrainConfig
 from .data.types import Dialogue, FeatureSet
 from .metrics import write_metrics
+from .models.common import ConversationModel
 from .train import train
+
+DISTILLED_NOTE = (
+    "students trained on labels + weight * KL(the teachers' averaged probabilities || student) on the train split; "
+    "the students are the result"
+)
 
 
 def train_seeds(
@@ -51,11 +56,8 @@ def train_seeds(
     ensemble = seed_ensemble(fs, teacher_models, [s for s, _ in runs], train_cfg)
     if distil:
         dialogues = fs.splits["train"]
-        soft = dict(
-            zip(
-                (d.id for d in dialogues), ensemble_probabilities(teacher_models, dialogues, train_cfg.device)
-            )
-        )
+        probs = ensemble_probabilities(teacher_models, dialogues, train_cfg.device)
+        soft = {d.id: p for d, p in zip(dialogues, probs)}
         teachers = summarize(runs, fs.label_names)
         runs = _run_seeds(
             fs,
@@ -72,20 +74,15 @@ def train_seeds(
             cdat,
         )
     spread = summarize(runs, fs.label_names)
-    # The run directory itself holds the run with the best *validation* weighted-F1 (never picked on test).
-    best_seed, selected = max(runs, key=lambda r: r[1]["validation"]["weighted_f1"])
-    prefix = "student" if distil else "seed"
-    for name in ("model.safetensors", "config.json", "training_curves.png", "confusion_matrix.png"):
-        shutil.copy2(out / f"{prefix}_{best_seed}" / name, out / name)
+    best_seed, selected = _keep_best(out, runs, "student" if distil else "seed")
     spread["selected"] = best_seed
     spread["ensemble"] = ensemble
     if distil:
         spread["distilled"] = {
             "weight": train_cfg.distill,
-            "students": f"{prefix}_*",
+            "students": "student_*",
             "teachers": "seed_*",
-            "note": "students trained on labels + weight * KL(the teachers' averaged probabilities "
-            "|| student) on the train split; the students are the result",
+            "note": DISTILLED_NOTE,
         }
         spread["teachers"] = teachers
     summary = {
@@ -95,6 +92,15 @@ def train_seeds(
     }
     write_metrics(out, summary)
     return summary
+
+
+def _keep_best(out: Path, runs: list[tuple[int, dict[str, Any]]], prefix: str) -> tuple[int, dict[str, Any]]:
+    """The run directory itself holds the run with the best *validation* weighted-F1 (never picked on test): its
+    seed and metrics."""
+    best_seed, selected = max(runs, key=lambda r: r[1]["validation"]["weighted_f1"])
+    for name in ("model.safetensors", "config.json", "training_curves.png", "confusion_matrix.png"):
+        shutil.copy2(out / f"{prefix}_{best_seed}" / name, out / name)
+    return best_seed, selected
 
 
 def _run_seeds(
@@ -148,14 +154,14 @@ def check_unique_ids(dialogues: list[Dialogue]) -> None:
         )
 
 
-def load_seeds(out: Path, seeds: list[int], device: str = "cpu") -> list[torch.nn.Module]:
+def load_seeds(out: Path, seeds: list[int], device: str = "cpu") -> list[ConversationModel]:
     from .checkpoint import load_checkpoint
 
     return [load_checkpoint(out / f"seed_{s}", map_location=device).model.eval() for s in seeds]
 
 
 def ensemble_probabilities(
-    models: list[torch.nn.Module], dialogues: list[Dialogue], device: str = "cpu"
+    models: list[ConversationModel], dialogues: list[Dialogue], device: str = "cpu"
 ) -> list[np.ndarray]:
     """Per dialogue, (n, C): the models' class probabilities (fused prediction) averaged, for every utterance."""
     from .train import dialogue_probs
@@ -165,7 +171,7 @@ def ensemble_probabilities(
 
 
 def seed_ensemble(
-    fs: FeatureSet, models: list[torch.nn.Module], seeds: list[int], train_cfg: TrainConfig
+    fs: FeatureSet, models: list[ConversationModel], seeds: list[int], train_cfg: TrainConfig
 ) -> dict[str, Any]:
     """The seeds' averaged class probabilities, scored on validation and test (a reference number, not a model
     that is exported: the run directory holds the best-validation seed, or student when distilling)."""

@@ -87,11 +87,7 @@ class StepModule(nn.Module):
             feats = self.inputs(feats, mask)
         out = self.model(feats, speaker[:, None], mask, reconstruct=False, cache=cache)
         new_tails = [cache.new_tails[m] for m in self.modalities] if self.tail else []
-        new_kv = [
-            t[:, 0]
-            for name in self.names
-            for t in (cache.attention[name].new_keys, cache.attention[name].new_values)
-        ]
+        new_kv = [t[:, 0] for name in self.names for t in cache.attention[name].new_rows()]
         return (torch.softmax(out.logits[:, 0], dim=-1), out.embedding[:, 0], *new_tails, *new_kv)
 
 

@@ -29,6 +29,7 @@ from .data.batching import Batch, batches, class_weights, feature_stats
 from .data.types import Dialogue, FeatureSet, split_validation
 from .losses import ensemble_distillation
 from .metrics import classification_metrics, plot_confusion, plot_curves, write_metrics
+from .models.common import ConversationModel
 from .registry import create_model
 
 RESUME_DIR = "last"
@@ -101,7 +102,7 @@ def dialogue_probs(
 
 
 def train_step(
-    model: torch.nn.Module,
+    model: ConversationModel,
     batch: Batch,
     loss_cfg: LossConfig,
     optimizer: torch.optim.Optimizer,
@@ -141,6 +142,69 @@ def train(
     (seeds.py); used with weight train_cfg.distill. `cdat`: wrap the model in the CDaT add-on (cdat.py)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    run = _start(fs, model_name, model_cfg, loss_cfg, train_cfg, out, progress, soft_targets, cdat)
+    state = _initial_state(
+        run, _resume_recipe(model_name, model_cfg, loss_cfg, train_cfg, run.splits, cdat), resume
+    )
+    start = time.perf_counter()
+    for epoch in range(state["epoch"] + 1, train_cfg.epochs + 1):
+        if state["bad_epochs"] >= train_cfg.patience:
+            break
+        record, val = _epoch(run, epoch, start)
+        state["history"].append(record)
+        improved = val["weighted_f1"] > state["best"]
+        if improved:
+            state.update(best=val["weighted_f1"], best_epoch=epoch, bad_epochs=0)
+            _save_selected(run, epoch, val["weighted_f1"])
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch
+        _save_resume(out / RESUME_DIR, run.model, run.optimizer, state, run.ema)
+        if progress:
+            tqdm.write(
+                f"epoch {epoch:3d}  loss {record['train_loss']:.4f}  val acc {100 * val['accuracy']:.2f}  "
+                f"val wF1 {100 * val['weighted_f1']:.2f}{'  *' if improved else ''}"
+            )
+
+    return evaluate_run(out, fs, run.splits, state["history"], train_cfg.device)
+
+
+@dataclass
+class _Training:
+    """What one training run works with."""
+
+    fs: FeatureSet
+    splits: Splits
+    model_name: str
+    model_cfg: ModelConfig
+    loss_cfg: LossConfig
+    train_cfg: TrainConfig
+    out: Path
+    progress: bool
+    model: ConversationModel
+    optimizer: torch.optim.Optimizer
+    ema: AveragedModel | None
+    weight: torch.Tensor | None  # class weights of the cross-entropies
+    soft: list[np.ndarray] | None  # the teachers' probabilities per train dialogue (distillation)
+
+    @property
+    def evaluated(self) -> torch.nn.Module:
+        """The weights validated and kept: with EMA, the averaged ones."""
+        return self.model if self.ema is None else self.ema.module
+
+
+def _start(
+    fs: FeatureSet,
+    model_name: str,
+    model_cfg: ModelConfig,
+    loss_cfg: LossConfig,
+    train_cfg: TrainConfig,
+    out: Path,
+    progress: bool,
+    soft_targets: dict[str, np.ndarray] | None,
+    cdat: CDaTConfig | None,
+) -> _Training:
+    """The splits, the seeded fresh model with the train split's input statistics, its optimizer and EMA."""
     splits = make_splits(fs, train_cfg.val_fraction, train_cfg.seed)
     mods, device = model_cfg.modalities, train_cfg.device
     seed_everything(train_cfg.seed)
@@ -156,94 +220,104 @@ def train(
     weight = (
         class_weights(splits.train, model_cfg.num_classes).to(device) if loss_cfg.class_weighted else None
     )
-    extra = {"data": {**fs.meta, "modalities": list(mods), "validation": splits.val_source}}
     soft = [soft_targets[d.id] for d in splits.train] if soft_targets and train_cfg.distill > 0 else None
+    return _Training(
+        fs,
+        splits,
+        model_name,
+        model_cfg,
+        loss_cfg,
+        train_cfg,
+        out,
+        progress,
+        model,
+        optimizer,
+        ema,
+        weight,
+        soft,
+    )
 
-    recipe = _resume_recipe(model_name, model_cfg, loss_cfg, train_cfg, splits, cdat)
-    state = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": [], "recipe": recipe}
+
+def _initial_state(run: _Training, recipe: dict[str, Any], resume: bool) -> dict[str, Any]:
+    """The training state (epoch, best, history, ...): fresh, or with `resume` the interrupted run's, after its
+    recipe is checked against this one and its weights, optimizer and EMA are loaded."""
+    state: dict[str, Any] = {
+        "epoch": 0,
+        "best": -1.0,
+        "best_epoch": 0,
+        "bad_epochs": 0,
+        "history": [],
+        "recipe": recipe,
+    }
+    out = run.out
     if resume and (out / RESUME_DIR / "state.json").is_file():
         saved = json.loads((out / RESUME_DIR / "state.json").read_text())
         _check_same_recipe(
             out, saved.get("recipe") or {}, recipe
         )  # before any weight is loaded into this model
-        _load_resume(out / RESUME_DIR, model, optimizer, ema)
+        _load_resume(out / RESUME_DIR, run.model, run.optimizer, run.ema)
         state = {**saved, "recipe": recipe}
-        if progress:
+        if run.progress:
             print(f"resuming {out} after epoch {state['epoch']}")
+    return state
 
-    start = time.perf_counter()
-    for epoch in range(state["epoch"] + 1, train_cfg.epochs + 1):
-        if state["bad_epochs"] >= train_cfg.patience:
-            break
-        seed_everything(
-            train_cfg.seed * 1000 + epoch
-        )  # resumable: each epoch's randomness depends on it alone
-        sums: dict[str, float] = {}
-        n_batches = (len(splits.train) + train_cfg.batch_size - 1) // train_cfg.batch_size
-        bar = tqdm(
-            batches(splits.train, mods, train_cfg.batch_size, True, train_cfg.seed * 1000 + epoch, soft),
-            total=n_batches,
-            desc=f"epoch {epoch}/{train_cfg.epochs}",
-            disable=not progress,
-            leave=False,
+
+def _epoch(run: _Training, epoch: int, start: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One pass over the train split, then validation: the epoch's history record and validation metrics."""
+    cfg, mods, device = run.train_cfg, run.model_cfg.modalities, run.train_cfg.device
+    seed_everything(cfg.seed * 1000 + epoch)  # resumable: each epoch's randomness depends on it alone
+    sums: dict[str, float] = {}
+    n_batches = (len(run.splits.train) + cfg.batch_size - 1) // cfg.batch_size
+    bar = tqdm(
+        batches(run.splits.train, mods, cfg.batch_size, True, cfg.seed * 1000 + epoch, run.soft),
+        total=n_batches,
+        desc=f"epoch {epoch}/{cfg.epochs}",
+        disable=not run.progress,
+        leave=False,
+    )
+    for batch in bar:
+        terms = train_step(
+            run.model,
+            batch.to(device),
+            run.loss_cfg,
+            run.optimizer,
+            cfg.grad_clip,
+            run.weight,
+            cfg.distill if run.soft is not None else 0.0,
         )
-        for batch in bar:
-            terms = train_step(
-                model,
-                batch.to(device),
-                loss_cfg,
-                optimizer,
-                train_cfg.grad_clip,
-                weight,
-                train_cfg.distill if soft is not None else 0.0,
-            )
-            if ema is not None:
-                ema.update_parameters(model)
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v
-            bar.set_postfix(loss=f"{terms['total']:.3f}")
-        evaluated = (
-            model if ema is None else ema.module
-        )  # with EMA, the averaged weights are validated and kept
-        y, p = predict(evaluated, splits.val, mods, device=device)
-        val = classification_metrics(y, p, fs.label_names)
-        record = {
-            "epoch": epoch,
-            "train_loss": sums["total"] / n_batches,
-            "train_ce_x": sums["ce_x"] / n_batches,
-            **{f"train_{k}": v / n_batches for k, v in sums.items() if k not in ("total", "ce_x")},
-            "val_accuracy": val["accuracy"],
-            "val_weighted_f1": val["weighted_f1"],
-            "seconds": time.perf_counter() - start,
-        }
-        state["history"].append(record)
-        improved = val["weighted_f1"] > state["best"]
-        if improved:
-            state.update(best=val["weighted_f1"], best_epoch=epoch, bad_epochs=0)
-            selected = {
-                "selected": {"epoch": epoch, "metric": "validation weighted_f1", "value": val["weighted_f1"]}
-            }
-            save_checkpoint(
-                out,
-                evaluated,
-                model_name,
-                model_cfg,
-                loss_cfg,
-                train_cfg,
-                fs.label_names,
-                {**extra, **selected},
-            )
-        else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch
-        _save_resume(out / RESUME_DIR, model, optimizer, state, ema)
-        if progress:
-            tqdm.write(
-                f"epoch {epoch:3d}  loss {record['train_loss']:.4f}  val acc {100 * val['accuracy']:.2f}  "
-                f"val wF1 {100 * val['weighted_f1']:.2f}{'  *' if improved else ''}"
-            )
+        if run.ema is not None:
+            run.ema.update_parameters(run.model)
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v
+        bar.set_postfix(loss=f"{terms['total']:.3f}")
+    y, p = predict(run.evaluated, run.splits.val, mods, device=device)
+    val = classification_metrics(y, p, run.fs.label_names)
+    record = {
+        "epoch": epoch,
+        "train_loss": sums["total"] / n_batches,
+        "train_ce_x": sums["ce_x"] / n_batches,
+        **{f"train_{k}": v / n_batches for k, v in sums.items() if k not in ("total", "ce_x")},
+        "val_accuracy": val["accuracy"],
+        "val_weighted_f1": val["weighted_f1"],
+        "seconds": time.perf_counter() - start,
+    }
+    return record, val
 
-    return evaluate_run(out, fs, splits, state["history"], device)
+
+def _save_selected(run: _Training, epoch: int, weighted_f1: float) -> None:
+    """The checkpoint of the epoch validation selects, in the run folder."""
+    data = {**run.fs.meta, "modalities": list(run.model_cfg.modalities), "validation": run.splits.val_source}
+    selected = {"epoch": epoch, "metric": "validation weighted_f1", "value": weighted_f1}
+    save_checkpoint(
+        run.out,
+        run.evaluated,
+        run.model_name,
+        run.model_cfg,
+        run.loss_cfg,
+        run.train_cfg,
+        run.fs.label_names,
+        {"data": data, "selected": selected},
+    )
 
 
 def evaluate_run(
@@ -292,7 +366,9 @@ def make_ema(model: torch.nn.Module, decay: float, warmup: float = 10.0) -> Aver
     if not warmup > 1:
         raise ValueError(f"ema_warmup: expected a number > 1, got {warmup}")
 
-    def avg_fn(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+    def avg_fn(
+        averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor | int
+    ) -> torch.Tensor:
         # warm-up (TensorFlow's num_updates rule): early on the average follows the weights, so a short run
         # (a small data set: few steps) is not dominated by the random initialisation
         n = float(num_averaged)
@@ -347,7 +423,7 @@ def _resume_recipe(
     model, the configs and the data (a digest of the train and validation dialogue ids)."""
     ids = [[d.id for d in splits.train], [d.id for d in splits.val]]
     digest = hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
-    flat = {
+    flat: dict[str, Any] = {
         "model_name": model_name,
         "data.dialogues": f"{len(ids[0])} train / {len(ids[1])} validation ({digest})",
     }

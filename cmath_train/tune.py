@@ -141,6 +141,11 @@ def tune(
     study.optimize(objective, n_trials=n_trials, timeout=timeout)
     if not records:
         raise RuntimeError("--tune: no trial finished inside the time budget")
+    return apply(model_cfg, loss_cfg, train_cfg, _write_results(out, records))
+
+
+def _write_results(out: Path, records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """OUT/trials.csv and OUT/best.json; the best trial's parameters per config section."""
     best = max(records, key=lambda r: r["validation_weighted_f1"])
     keys = list(records[0])
     with atomic_open(out / "trials.csv", "w") as f:
@@ -162,4 +167,4 @@ def tune(
             "search_space": {k: list(v) for k, v in SEARCH_SPACE.items()},
         },
     )
-    return apply(model_cfg, loss_cfg, train_cfg, best_params)
+    return best_params

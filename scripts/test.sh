@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 .venv/bin/python -m ruff check .
 .venv/bin/python -m ruff format --check .
-.venv/bin/python -m mypy cmath_runtime cmath_serve  # [tool.mypy] in pyproject.toml
+.venv/bin/python -m mypy  # every installed package: [tool.mypy] in pyproject.toml
 # One pytest-xdist worker per core (2 on CI); whole test files per worker, so module fixtures (servers, exports)
 # start once; the session's shared runs and exports are built once for all workers (tests/conftest.py).
 .venv/bin/python -m pytest -q -n "${CMATH_TEST_WORKERS:-2}" --dist loadfile

@@ -335,9 +335,9 @@ def main(
 
     from cmath_runtime.files import atomic_write_bytes, atomic_write_json
     from cmath_train.checkpoint import load_checkpoint
-    from cmath_train.cli import parse_modalities
     from cmath_train.data import load_data
     from cmath_train.registry import model_names
+    from cmath_train.run import RequestError, select_modalities
 
     torch.set_num_threads(1)  # tiny models; spinning intra-op threads only slow a shared CPU down
     names = parse_models(model_list, model_names())
@@ -345,7 +345,10 @@ def main(
         raise click.BadParameter("expected --seeds >= 1, --epochs >= 1 and at least one model")
     own = parse_recipes(recipes, model_names())
     fs = load_data(data)
-    mods = parse_modalities(modalities, fs.modalities)
+    try:
+        mods = select_modalities(modalities, fs.modalities)
+    except RequestError as e:
+        raise click.BadParameter(str(e)) from None
     fs = fs.select(mods)
     data_kw = {
         "modalities": mods,

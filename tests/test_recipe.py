@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cmath_train.cli import baseline_warnings
 from cmath_train.cli import main as train_cli
 from cmath_train.recipe import SMALL_DATA_UTTERANCES, choose_recipe
+from cmath_train.summary import baseline_warnings
 
 
 @pytest.fixture(scope="module")

@@ -208,6 +208,41 @@ def test_cli_trains_with_options_and_seeds(tmp_path, monkeypatch):
     assert bad.exit_code != 0 and "expected one of ['default', 'iemocap', 'meld']" in bad.output
 
 
+def test_run_training_needs_no_command_line(tmp_path, monkeypatch):
+    import cmath_train.data as data_mod
+    from cmath_train.data.synthetic import SyntheticConfig, make_synthetic
+    from cmath_train.run import DataError, RecipeOverrides, RequestError, TrainRequest, run_training
+
+    lines: list[str] = []
+    with pytest.raises(RequestError, match="got 'resnet'"):
+        run_training(TrainRequest(model="resnet", out_dir=tmp_path / "x"), echo=lines.append)
+    with pytest.raises(DataError, match="--data: expected 'synthetic'"):
+        run_training(TrainRequest(data=str(tmp_path / "nowhere"), out_dir=tmp_path / "x"), echo=lines.append)
+    assert not (tmp_path / "x").exists()  # nothing is written for a request that cannot run
+    small = make_synthetic(
+        SyntheticConfig(
+            feature_dims={"t": 8, "a": 6, "v": 4}, conversations={"train": 20, "test": 6}, max_len=10
+        )
+    )
+    monkeypatch.setattr(data_mod, "load_data", lambda spec, causal=False: small)
+    with pytest.raises(RequestError, match="expected letters from 'tav'"):
+        run_training(TrainRequest(modalities="x", out_dir=tmp_path / "x"), echo=lines.append)
+    out = tmp_path / "run"
+    request = TrainRequest(
+        modalities="t",
+        overrides=RecipeOverrides(epochs=1, d=16, batch_size=4),
+        out_dir=out,
+        progress=False,
+    )
+    metrics = run_training(request, echo=lines.append)
+    assert metrics["recipe"].startswith("auto:") and metrics["shipped"] == "cmath"
+    assert json.loads((out / "metrics.json").read_text())["test"] == metrics["test"]
+    assert json.loads((out / "recipe.json").read_text())["chosen_from_data"] is True
+    ckpt = load_checkpoint(out)
+    assert ckpt.model_cfg.modalities == ("t",) and ckpt.model_cfg.d == 16 and ckpt.train_cfg.epochs == 1
+    assert any(line.startswith(f"run: {out.resolve()}") for line in lines), lines
+
+
 def test_ema_weights_are_validated_kept_and_resumed(tiny_data, tmp_path):
     from cmath_train.train import make_ema
 

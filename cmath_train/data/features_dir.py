@@ -38,8 +38,9 @@ def save_features(fs: FeatureSet, out_dir: str | Path) -> Path:
         arrays["label"] = _concat([d.labels for d in dialogues], (0,), np.int64)
         arrays["length"] = np.array([len(d) for d in dialogues], np.int64)
         arrays["id"] = np.array([d.id for d in dialogues], dtype=str)
-        if dialogues and all(d.texts is not None for d in dialogues):
-            arrays["text"] = np.array([t for d in dialogues for t in d.texts], dtype=str).reshape(-1)
+        texts = [d.texts for d in dialogues if d.texts is not None]
+        if dialogues and len(texts) == len(dialogues):
+            arrays["text"] = np.array([t for ts in texts for t in ts], dtype=str).reshape(-1)
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         atomic_write_bytes(out / f"{split}.npz", buf.getvalue())

@@ -12,6 +12,7 @@ Eval mode is the deterministic mean path: H'_x = mu_x.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +32,7 @@ from ..layers import (
     attention_mask,
 )
 from ..losses import cmath_loss
-from .common import Standardize, check_inputs, set_standardize_stats
+from .common import ConversationModel, Standardize, check_inputs, set_standardize_stats
 
 
 @dataclass
@@ -126,7 +127,7 @@ class CMATransformer(nn.Module):
         self, h_m: Tensor, h_aux: list[Tensor], allowed: Tensor, cache: list[KVCache] | None = None
     ) -> Tensor:
         """`cache`: the past of [self-attention, *cross-attentions] in that order (streaming), else None."""
-        past = cache or [None] * (1 + len(self.cross_attn))
+        past: Sequence[KVCache | None] = cache or [None] * (1 + len(self.cross_attn))
         # (9-10) H~_{a->m} = CA(H_m, H_a, H_a) for every auxiliary modality a
         cross = [attn(h_m, h_a, allowed, kv) for attn, h_a, kv in zip(self.cross_attn, h_aux, past[1:])]
         # (11) H~_{m->m} = SA(H_m) + sum_a H~_{a->m};  H_{m->m} = Norm(FFN(Hbar) + Hbar), Hbar = Norm(H~ + H_m)
@@ -138,7 +139,9 @@ class CMATransformer(nn.Module):
         return self.gate([h_mm, *h_am])  # (12) H'_m = Gate(H_{m->m}, H_{a->m}, ...)
 
 
-class CMATH(nn.Module):
+class CMATH(ConversationModel):
+    cfg: CMATHConfig
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg = coerce(CMATHConfig, cfg)
@@ -156,6 +159,7 @@ class CMATH(nn.Module):
         self.speaker_embedding = nn.Embedding(cfg.num_speakers, d)  # V_s . o(s_j)  (5)
         self.positions = SinusoidalPositions(d, cfg.pos_max_period)  # P (6-7)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.n_aux = n_aux  # auxiliary modalities each centre attends to
         self.cma = nn.ModuleDict({m: CMATransformer(cfg, n_aux) for m in mods})
         hidden = cfg.vf_hidden_mult * d
         self.mlp_mu = nn.ModuleDict({m: MLP(d, hidden, d) for m in mods})
@@ -170,7 +174,7 @@ class CMATH(nn.Module):
     def _sources(self, m: str) -> tuple[str, ...]:
         """The modalities centre m attends to: itself (SA), then its auxiliaries (CA) when cross-modal."""
         aux = [a for a in self.cfg.modalities if a != m]
-        return (m, *aux[: len(self.cma[m].cross_attn)])
+        return (m, *aux[: self.n_aux])
 
     def tail_length(self) -> int:
         """How many past standardised input rows the Conv1D' reads (0 for the "w/o MR" linear projection)."""

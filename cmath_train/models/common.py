@@ -2,17 +2,40 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from cmath_runtime.errors import InputError
 
-from ..config import ModelConfig
+from ..config import LossConfig, ModelConfig
 from ..layers import MLP, AddNormFFN, Attention, SinusoidalPositions
+
+
+class ConversationModel(nn.Module):
+    """What training reads of every registered model (and of the CDaT add-on that wraps one): its config, its
+    loss terms and where the train split's input statistics go. `forward(features, speaker, mask, ...)` returns an
+    output with at least `logits`, `embedding` and `modality_logits`."""
+
+    cfg: ModelConfig
+
+    def loss(
+        self, out: Any, labels: Tensor, mask: Tensor, cfg: LossConfig, class_weight: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """The loss terms and their weighted "total"."""
+        raise NotImplementedError(f"{type(self).__name__} is not trained by cmath-train")
+
+    def set_input_stats(self, mean: dict[str, Tensor], std: dict[str, Tensor]) -> None:
+        """Store the train split's per-feature mean/std of each modality."""
+        raise NotImplementedError(f"{type(self).__name__} is not trained by cmath-train")
 
 
 class Standardize(nn.Module):
     """Input normalisation (ours): (x - train mean) / train std, folded into the graph as buffers."""
+
+    mean: Tensor
+    std: Tensor
 
     def __init__(self, d_in: int) -> None:
         super().__init__()
@@ -49,8 +72,10 @@ def set_standardize_stats(
     if not cfg.standardize:
         return
     for m in cfg.modalities:
-        standardize[m].mean.copy_(mean[m])
-        standardize[m].std.copy_(safe_std(mean[m], std[m]))
+        layer = standardize[m]
+        assert isinstance(layer, Standardize), type(layer)
+        layer.mean.copy_(mean[m])
+        layer.std.copy_(safe_std(mean[m], std[m]))
 
 
 def check_inputs(cfg: ModelConfig, features: dict[str, Tensor], speaker: Tensor, mask: Tensor) -> None:

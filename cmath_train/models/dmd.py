@@ -46,6 +46,7 @@ What was adapted for conversations, and why (the README quotes this):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -53,8 +54,8 @@ from torch import Tensor, nn
 
 from ..config import LossConfig, ModelConfig, Preset, coerce
 from ..layers import UtteranceConv, attention_mask
-from ..losses import cross_entropy, masked_mean
-from .common import BaselineInputs, ResidualMLP, TransformerLayer
+from ..losses import cross_entropy, masked_mean, tensor_sum
+from .common import BaselineInputs, ConversationModel, ResidualMLP, TransformerLayer
 
 EDGE_ALPHA = 1 / 8  # softmax sharpness of the edge scores (DMD: alpha)
 PRIOR_TEMPERATURE = 0.25  # the prior's softmax temperature (DMD: softmax([...], 0.25))
@@ -130,6 +131,8 @@ def edge_prior(mods: tuple[str, ...], hetero: bool) -> Tensor:
 class GraphDistillation(nn.Module):
     """A graph distillation unit: modalities are vertices, edge e_{n<-m} (per utterance) how much m teaches n."""
 
+    prior: Tensor
+
     def __init__(self, mods: tuple[str, ...], num_classes: int, d: int, hidden: int, hetero: bool) -> None:
         super().__init__()
         self.pairs = edge_pairs(mods)
@@ -158,10 +161,12 @@ class GraphDistillation(nn.Module):
             rep.append(masked_mean(w[..., k] * F.relu(cos), rows))
         mean_edges = edges[rows].mean(0) if rows.any() else self.prior
         reg = reg_weight * ((mean_edges - self.prior) ** 2).sum()
-        return {"logit": sum(logit), "repr": sum(rep), "reg": reg}
+        return {"logit": tensor_sum(logit), "repr": tensor_sum(rep), "reg": reg}
 
 
-class DMD(nn.Module):
+class DMD(ConversationModel):
+    cfg: DMDConfig
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg = coerce(DMDConfig, cfg)
@@ -198,6 +203,8 @@ class DMD(nn.Module):
         self.fuse_proj = ResidualMLP(d)
         self.classify_x = nn.Linear(d, c)
         # graph distillation units (training only)
+        self.homo_gd: GraphDistillation | None
+        self.hetero_gd: GraphDistillation | None
         if len(mods) > 1:
             self.homo_gd = GraphDistillation(mods, c, d, cfg.dmd_gd_hidden_homo, hetero=False)
             self.hetero_gd = GraphDistillation(mods, c, d, cfg.dmd_gd_hidden_hetero, hetero=True)
@@ -237,7 +244,8 @@ class DMD(nn.Module):
         h_spec = {}
         for m in mods:
             if self.merge is not None:
-                crossed = torch.cat([self.cross[m][a](hs[m], hs[a], allowed) for a in mods if a != m], dim=-1)
+                cross = cast(nn.ModuleDict, self.cross[m])  # ModuleDict's item type is Module
+                crossed = torch.cat([cross[a](hs[m], hs[a], allowed) for a in mods if a != m], dim=-1)
                 h = self.merge[m](crossed)
             else:
                 h = hs[m]
@@ -321,7 +329,7 @@ def dmd_loss(
     zero = out.logits.sum() * 0
     # task: every head DMD supervises
     ce_x = cross_entropy(out.logits, labels, rows, class_weight)
-    ce_m = sum(
+    ce_m = tensor_sum(
         cross_entropy(lg, labels, rows, class_weight)
         for heads in (out.modality_logits, out.hetero_logits)
         for lg in heads.values()
@@ -336,7 +344,7 @@ def dmd_loss(
     cycle = sum(
         (masked_mean((out.specific_cycle[m] - out.specific[m]) ** 2, mask) for m in out.specific_cycle), zero
     )
-    ort = sum(
+    ort = tensor_sum(
         masked_mean(F.relu(F.cosine_similarity(out.specific[m], out.common[m], dim=-1, eps=1e-8)), mask)
         for m in mods
     )
@@ -346,17 +354,7 @@ def dmd_loss(
     else:
         margin = zero
     dec = re + cycle + cfg.dmd_gamma_margin_ort * (margin + ort)
-    # graph distillation
-    terms = {"gd_homo": zero, "gd_hetero": zero, "gd_hetero_repr": zero, "gd_reg": zero}
-    if model.homo_gd is not None:
-        homo = model.homo_gd.losses(out.modality_logits, out.modality_embeddings, rows, cfg.dmd_gd_reg)
-        hetero = model.hetero_gd.losses(out.hetero_logits, out.hetero_embeddings, rows, cfg.dmd_gd_reg)
-        terms = {
-            "gd_homo": homo["logit"],
-            "gd_hetero": hetero["logit"],
-            "gd_hetero_repr": hetero["repr"],
-            "gd_reg": homo["reg"] + hetero["reg"],
-        }
+    terms = graph_distillation_terms(model, out, rows, cfg.dmd_gd_reg, zero)
     gd = terms["gd_homo"] + terms["gd_hetero"] + cfg.dmd_gd_repr * terms["gd_hetero_repr"] + terms["gd_reg"]
     total = ce_x + ce_m + ce_c + cfg.dmd_gamma_dec * dec + cfg.dmd_gamma_gd * gd
     return {
@@ -369,4 +367,20 @@ def dmd_loss(
         "ort": ort,
         "margin": margin,
         **terms,
+    }
+
+
+def graph_distillation_terms(
+    model: DMD, out: DMDOutput, rows: Tensor, reg_weight: float, zero: Tensor
+) -> dict[str, Tensor]:
+    """The homogeneous and heterogeneous graph distillation units' losses (all `zero` with one modality)."""
+    if model.homo_gd is None or model.hetero_gd is None:  # both, or neither (one modality)
+        return {"gd_homo": zero, "gd_hetero": zero, "gd_hetero_repr": zero, "gd_reg": zero}
+    homo = model.homo_gd.losses(out.modality_logits, out.modality_embeddings, rows, reg_weight)
+    hetero = model.hetero_gd.losses(out.hetero_logits, out.hetero_embeddings, rows, reg_weight)
+    return {
+        "gd_homo": homo["logit"],
+        "gd_hetero": hetero["logit"],
+        "gd_hetero_repr": hetero["repr"],
+        "gd_reg": homo["reg"] + hetero["reg"],
     }

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import LossConfig, ModelConfig, coerce
-from .common import check_inputs
+from .common import ConversationModel, check_inputs
 
 
 @dataclass
@@ -49,7 +49,9 @@ class EncoderHeadOutput:
     modality_logits: dict[str, Tensor]  # the one modality -> logits
 
 
-class EncoderHead(nn.Module):
+class EncoderHead(ConversationModel):
+    cfg: EncoderHeadConfig
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg = coerce(EncoderHeadConfig, cfg)

@@ -28,14 +28,15 @@ each modality. What differs from the public code, and why:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 
 from ..config import LossConfig, ModelConfig, Preset, coerce
 from ..layers import GatedFusion, attention_mask
-from ..losses import cross_entropy, high_level_distillation, masked_mean
-from .common import BaselineInputs, TransformerLayer
+from ..losses import cross_entropy, high_level_distillation, masked_mean, tensor_sum
+from .common import BaselineInputs, ConversationModel, TransformerLayer
 
 
 @dataclass
@@ -100,7 +101,9 @@ class UnimodalGate(nn.Module):
         return torch.sigmoid(self.fc(h)) * h
 
 
-class SDT(nn.Module):
+class SDT(ConversationModel):
+    cfg: SDTConfig
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg = coerce(SDTConfig, cfg)
@@ -137,7 +140,12 @@ class SDT(nn.Module):
         x = {m: self.dropout(self.project[m](inputs[m]) + context) for m in mods}
         h = {}
         for m in mods:
-            branches = [self.unimodal_gate[m][a](self.transformer[m][a](x[m], x[a], allowed)) for a in mods]
+            # ModuleDict's item type is Module: these are the inner ModuleDicts of __init__
+            gate, transformer = (
+                cast(nn.ModuleDict, self.unimodal_gate[m]),
+                cast(nn.ModuleDict, self.transformer[m]),
+            )
+            branches = [gate[a](transformer[a](x[m], x[a], allowed)) for a in mods]
             h[m] = self.reduce[m](torch.cat(branches, dim=-1))  # (B, N, d)
         h_x = self.multimodal_gate([h[m] for m in mods]) if self.multimodal_gate is not None else h[mods[0]]
         return SDTOutput(
@@ -169,7 +177,7 @@ def soft_label_distillation(out: SDTOutput, rows: Tensor, temperature: float, de
 def feature_distillation(out: SDTOutput, rows: Tensor, detach_teacher: bool) -> Tensor:
     """sum_m mean ||H_x - H_m||^2 over real rows and features (optional, see the module docstring)."""
     teacher = out.embedding.detach() if detach_teacher else out.embedding
-    return sum(masked_mean((teacher - h_m) ** 2, rows) for h_m in out.modality_embeddings.values())
+    return tensor_sum(masked_mean((teacher - h_m) ** 2, rows) for h_m in out.modality_embeddings.values())
 
 
 def sdt_loss(
@@ -177,7 +185,7 @@ def sdt_loss(
 ) -> dict[str, Tensor]:
     rows = mask & (labels >= 0)
     ce_x = cross_entropy(out.logits, labels, rows, class_weight)  # task loss on the fused prediction
-    ce_m = sum(
+    ce_m = tensor_sum(
         cross_entropy(lg, labels, rows, class_weight) for lg in out.modality_logits.values()
     )  # hard labels
     kl = soft_label_distillation(out, rows, cfg.sdt_temperature, cfg.detach_teacher)  # soft labels

@@ -8,7 +8,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,10 +25,10 @@ from cmath_train.data.types import SPLITS, Dialogue, FeatureSet
 
 from .csv_source import CsvColumns, CsvTable, read_conversations
 from .embedding_cache import DEFAULT_CACHE_DIR, EmbeddingCache, encode_texts
-from .finetune import FinetuneOptions, finetune_encoder
+from .finetune import FinetuneOptions, FinetuneResult, finetune_encoder
 from .labels import LABEL_ORDER, label_indices, label_names
 from .pooled import PooledEncoder
-from .speakers import make_speaker_mapping
+from .speakers import SpeakerMapping, make_speaker_mapping
 from .text_encoder import SentenceTransformerEncoder, TextEncoder
 
 ENCODER_SUBDIR = "encoder"
@@ -71,7 +71,7 @@ class PrepareOptions:
 
 
 def prepare_features(
-    files: dict[str, str | Path],
+    files: Mapping[str, str | Path],
     out: str | Path,
     options: PrepareOptions | None = None,
     encoder: TextEncoder | None = None,
@@ -92,6 +92,38 @@ def prepare_features(
 
         torch.set_num_threads(options.threads)
 
+    context = _read(files, options, log, t_start)
+    if options.finetune.epochs > 0:
+        encoder, emb, meta_extra = _finetuned_features(context, encoder, out)
+    else:
+        encoder, emb, meta_extra = _frozen_features(context, encoder)
+    fs = _save(encoder, emb, meta_extra, out, context)
+    log(f"wrote {out} in {context.timings['total_seconds']:.1f} s")
+    return fs
+
+
+@dataclass
+class _Context:
+    """One preparation's CSVs as read (labels, speakers) and what its steps share."""
+
+    tables: dict[str, CsvTable]
+    labels: dict[str, list[np.ndarray]]
+    mapping: SpeakerMapping
+    names: list[str]
+    options: PrepareOptions
+    timings: dict[str, float]
+    started: float
+    log: Callable[[str], None]
+
+    @property
+    def speaker_ids(self) -> dict[str, list[np.ndarray]]:
+        return {s: [self.mapping.ids(d.speakers) for d in t.dialogues] for s, t in self.tables.items()}
+
+
+def _read(
+    files: Mapping[str, str | Path], options: PrepareOptions, log: Callable[[str], None], started: float
+) -> _Context:
+    """Every split's CSV (a dev split carved from train when fine-tuning has none), its labels and speakers."""
     tables = {split: read_conversations(files[split], options.columns) for split in SPLITS if split in files}
     if options.finetune.epochs > 0 and "dev" not in tables:  # fine-tuning selects its epoch on a dev split
         tables = {
@@ -108,89 +140,65 @@ def prepare_features(
     for split, table in tables.items():
         log(f"{split}: {table.num_rows} utterances in {len(table.dialogues)} conversations ({table.path})")
     log(f"labels ({LABEL_ORDER}): {names}")
-    timings: dict[str, float] = {"read_seconds": time.perf_counter() - t_start}
+    timings: dict[str, float] = {"read_seconds": time.perf_counter() - started}
+    return _Context(tables, labels, mapping, names, options, timings, started, log)
 
-    speaker_ids = {s: [mapping.ids(d.speakers) for d in t.dialogues] for s, t in tables.items()}
-    context = dict(
-        tables=tables,
-        labels=labels,
-        mapping=mapping,
-        names=names,
-        options=options,
-        timings=timings,
-        started=t_start,
-    )
-    if options.finetune.epochs > 0:
-        if encoder is not None and not isinstance(encoder, SentenceTransformerEncoder):
-            raise InputError(
-                "finetune_epochs",
-                "0 with an encoder that is not a sentence-transformers model",
-                options.finetune.epochs,
-            )
-        base_dir = encoder.model_dir if encoder is not None else options.encoder_dir
-        base_path = _base_path(base_dir, options.device, options)
-        examples = turn_examples(tables, speaker_ids, options.turns, base_path)
-        whole = _finetuned(examples, labels, names, out, options, options.turns, base_dir, log, timings)
-        if not options.turns.streams and options.causal_turns is not None:
-            causal_examples = turn_examples(tables, speaker_ids, options.causal_turns, base_path)
-            log(
-                f"the causal twin (past turns only) in {out / CAUSAL_SUBDIR}, distilled from the encoder above"
-            )
-            twin = _finetuned(
-                causal_examples,
-                labels,
-                names,
-                out / CAUSAL_SUBDIR,
-                options,
-                options.causal_turns,
-                base_dir,
-                log,
-                timings,
-                teacher=whole,
-            )
-            _save(
-                twin.encoder,
-                twin.embeddings,
-                {**twin.meta, "causal_twin_of": ".."},
-                out / CAUSAL_SUBDIR,
-                **context,
-            )
-            whole.meta["causal_twin"] = CAUSAL_SUBDIR
-        encoder, emb, meta_extra = whole.encoder, whole.embeddings, whole.meta
-    else:
-        if encoder is None:
-            encoder = SentenceTransformerEncoder.load(
-                options.encoder_dir, batch_size=options.batch_size, device=options.device
-            )
-        t0 = time.perf_counter()
-        texts = [t for table in tables.values() for d in table.dialogues for t in d.texts]
-        cache = (
-            EmbeddingCache(options.cache_dir, encoder.identity, encoder.dim)
-            if options.cache_dir is not None
-            else None
+
+def _finetuned_features(
+    context: _Context, encoder: TextEncoder | None, out: Path
+) -> tuple[TextEncoder, np.ndarray, dict[str, Any]]:
+    """Fine-tune the encoder (and its causal twin, written whole in out/causal); its embeddings and meta."""
+    options, log = context.options, context.log
+    if encoder is not None and not isinstance(encoder, SentenceTransformerEncoder):
+        raise InputError(
+            "finetune_epochs",
+            "0 with an encoder that is not a sentence-transformers model",
+            options.finetune.epochs,
         )
-        emb = encode_texts(encoder, texts, cache, desc=f"embedding {len(texts)} utterances")
-        timings["embed_seconds"] = time.perf_counter() - t0
-        meta_extra = {"cache": str(cache.dir) if cache is not None else None}
-    fs = _save(encoder, emb, meta_extra, out, **context)
-    log(f"wrote {out} in {timings['total_seconds']:.1f} s")
-    return fs
+    base_dir = encoder.model_dir if encoder is not None else options.encoder_dir
+    base_path = _base_path(base_dir, options.device, options)
+    speaker_ids = context.speaker_ids
+    examples = turn_examples(context.tables, speaker_ids, options.turns, base_path)
+    whole = _finetuned(context, examples, out, options.turns, base_dir)
+    if not options.turns.streams and options.causal_turns is not None:
+        causal_examples = turn_examples(context.tables, speaker_ids, options.causal_turns, base_path)
+        log(f"the causal twin (past turns only) in {out / CAUSAL_SUBDIR}, distilled from the encoder above")
+        twin = _finetuned(
+            context, causal_examples, out / CAUSAL_SUBDIR, options.causal_turns, base_dir, whole
+        )
+        meta = {**twin.meta, "causal_twin_of": ".."}
+        _save(twin.encoder, twin.embeddings, meta, out / CAUSAL_SUBDIR, context)
+        whole.meta["causal_twin"] = CAUSAL_SUBDIR
+    return whole.encoder, whole.embeddings, whole.meta
+
+
+def _frozen_features(
+    context: _Context, encoder: TextEncoder | None
+) -> tuple[TextEncoder, np.ndarray, dict[str, Any]]:
+    """The embeddings of every utterance by the frozen encoder (through the embedding cache), and the meta."""
+    options = context.options
+    if encoder is None:
+        encoder = SentenceTransformerEncoder.load(
+            options.encoder_dir, batch_size=options.batch_size, device=options.device
+        )
+    t0 = time.perf_counter()
+    texts = [t for table in context.tables.values() for d in table.dialogues for t in d.texts]
+    cache = (
+        EmbeddingCache(options.cache_dir, encoder.identity, encoder.dim)
+        if options.cache_dir is not None
+        else None
+    )
+    emb = encode_texts(encoder, texts, cache, desc=f"embedding {len(texts)} utterances")
+    context.timings["embed_seconds"] = time.perf_counter() - t0
+    return encoder, emb, {"cache": str(cache.dir) if cache is not None else None}
 
 
 def _save(
-    encoder: TextEncoder,
-    emb: np.ndarray,
-    meta_extra: dict[str, Any],
-    out: Path,
-    tables: dict[str, CsvTable],
-    labels: dict[str, list[np.ndarray]],
-    mapping: Any,
-    names: list[str],
-    options: PrepareOptions,
-    timings: dict[str, float],
-    started: float,
+    encoder: TextEncoder, emb: np.ndarray, meta_extra: dict[str, Any], out: Path, context: _Context
 ) -> FeatureSet:
     """The features directory `out` from the embeddings of every split (rows in file order)."""
+    tables, labels, mapping, names = context.tables, context.labels, context.mapping, context.names
+    options, timings, started = context.options, context.timings, context.started
     splits: dict[str, list[Dialogue]] = {}
     offset = 0
     for split, table in tables.items():
@@ -250,15 +258,11 @@ def _base_path(base_dir: Path | None, device: str, options: PrepareOptions) -> P
 
 
 def _finetuned(
+    context: _Context,
     examples: dict[str, list[list[tuple[list[int], list[int]]]]],
-    labels: dict[str, list[np.ndarray]],
-    names: list[str],
     out: Path,
-    options: PrepareOptions,
     fmt: TurnFormat,
     base_dir: Path | None,
-    log: Callable[[str], None],
-    timings: dict[str, float],
     teacher: _Finetuned | None = None,
 ) -> _Finetuned:
     """Fine-tune the base encoder on `examples` (turns inputs, per split, per conversation; `teacher`: distil its
@@ -266,18 +270,16 @@ def _finetuned(
     from .finetune import classify_embeddings
     from .pooled import embed
 
+    options, log, timings = context.options, context.log, context.timings
     flat = {s: [x for conv in convs for x in conv] for s, convs in examples.items()}
-    ys = {s: np.concatenate(v) for s, v in labels.items()}
+    ys = {s: np.concatenate(v) for s, v in context.labels.items()}
     dev, dev_y = (flat["dev"], ys["dev"]) if "dev" in flat else (None, None)
     ft, what = options.finetune, "causal twin" if teacher is not None else "encoder"
+    distilling = f"; distilling the teacher, weight {ft.kd_weight}, temperature {ft.kd_temperature}"
     log(
         f"fine-tuning the {what} x {ft.epochs} epoch(s) on {len(flat['train'])} train utterances (turns: window "
         f"{fmt.window}, future {fmt.future}, max {fmt.max_tokens} tokens, speaker prefix {fmt.speaker_prefix}"
-        + (
-            f"; distilling the teacher, weight {ft.kd_weight}, temperature {ft.kd_temperature})"
-            if teacher
-            else ")"
-        )
+        f"{distilling if teacher else ''})"
     )
     t0 = time.perf_counter()
     st, enc = trainable_encoder(base_dir, options.device, fmt)
@@ -286,7 +288,7 @@ def _finetuned(
         enc,
         flat["train"],
         ys["train"],
-        len(names),
+        len(context.names),
         ft,
         dev,
         dev_y,
@@ -300,7 +302,7 @@ def _finetuned(
     emb = np.concatenate([parts[s] for s in examples])
     probs = {s: classify_embeddings(enc, head, parts[s]) for s in flat}
     timings[f"embed_{what.replace(' ', '_')}_seconds"] = time.perf_counter() - t0
-    _save_encoder(st, head, enc, probs, names, out)
+    _save_encoder(st, head, enc, probs, context.names, out)
     tuned = SentenceTransformerEncoder.load(
         out / ENCODER_SUBDIR,
         name=f"{base['name']} (fine-tuned)",
@@ -308,6 +310,17 @@ def _finetuned(
         device=options.device,
     )
     log(f"fine-tuned {what} saved in {out / ENCODER_SUBDIR}")
+    meta = {
+        "text_encoder": _finetuned_meta(result, base, fmt, teacher),
+        "encoder_classifier": CLASSIFIER_FILE,
+    }
+    return _Finetuned(tuned, emb, probs["train"], meta)
+
+
+def _finetuned_meta(
+    result: FinetuneResult, base: dict[str, Any], fmt: TurnFormat, teacher: _Finetuned | None
+) -> dict[str, Any]:
+    """What the features' meta records of a fine-tuned encoder (under text_encoder)."""
     finetune_meta = {
         **result.to_meta(),
         "defaults_chosen": DEFAULTS_CHOSEN,
@@ -315,16 +328,13 @@ def _finetuned(
         "features_relative_path": ENCODER_SUBDIR,
         "distilled_from": "the whole-conversation encoder's classifier (..)" if teacher is not None else None,
     }
-    extra = {
+    return {
         "pooling": base.get("pooling", "mean"),
         "pooling_rule": "mean over the tokens of the utterance "
         "(token type 0: [CLS] speaker: utterance [SEP]), context turns excluded",
         "turns": fmt.to_json(),
         "finetune": finetune_meta,
     }
-    return _Finetuned(
-        tuned, emb, probs["train"], {"text_encoder": extra, "encoder_classifier": CLASSIFIER_FILE}
-    )
 
 
 def _save_encoder(
@@ -376,7 +386,7 @@ def turn_examples(
 
     return {
         s: [
-            encode_turns(fmt, tokenize, cls_id, sep_id, d.texts, ids)
+            encode_turns(fmt, tokenize, cls_id, sep_id, d.texts, ids.tolist())
             for d, ids in zip(t.dialogues, speaker_ids[s], strict=True)
         ]
         for s, t in tables.items()
@@ -392,14 +402,14 @@ def trainable_encoder(
     base = st.describe()
     check_token_limit(st, fmt, "context_max_tokens")
     return st, PooledEncoder(
-        st.model[0].auto_model, base.get("pooling", "mean"), bool(base.get("normalized")), first_segment=True
+        st.transformer, base.get("pooling", "mean"), bool(base.get("normalized")), first_segment=True
     )
 
 
 def check_token_limit(st: SentenceTransformerEncoder, fmt: TurnFormat, field: str) -> None:
     """`fmt.max_tokens` within what the encoder reads (its positions and max_seq_length), else InputError."""
-    config = st.model[0].auto_model.config
-    limit = min(int(getattr(config, "max_position_embeddings", fmt.max_tokens)), st.model.max_seq_length)
+    config = st.transformer.config
+    limit = min(int(getattr(config, "max_position_embeddings", fmt.max_tokens)), st.max_seq_length)
     if fmt.max_tokens > limit:
         raise InputError(field, f"at most {limit} (the encoder's max_seq_length)", fmt.max_tokens)
 

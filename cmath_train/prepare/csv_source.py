@@ -14,6 +14,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cmath_runtime.errors import InputError
 from cmath_runtime.files import sha256_file
@@ -72,6 +73,9 @@ class CsvTable:
         }
 
 
+Row = tuple[float, int, int, list[str]]  # (order value, data row number, line number, fields)
+
+
 def read_conversations(path: str | Path, columns: CsvColumns = CsvColumns()) -> CsvTable:
     """Read a conversation CSV into dialogues sorted by the order column."""
     path = Path(path)
@@ -89,8 +93,20 @@ def read_conversations(path: str | Path, columns: CsvColumns = CsvColumns()) -> 
             hint="Choose the columns with --text-col, --speaker-col, --label-col, --dialogue-cols, --order-col.",
         )
     index = {name: header.index(name) for name in columns.required()}
+    groups, num_rows = _grouped_rows(reader, header, index, columns, path)
+    dialogues = [_dialogue(dialogue_id, rows, index, columns, path) for dialogue_id, rows in groups.items()]
+    return CsvTable(path, encoding, sha256_file(path), num_rows, dialogues)
 
-    groups: dict[str, list[tuple[float, int, int, list[str]]]] = {}
+
+def _grouped_rows(
+    reader: Any,  # a csv.reader (its line_num is read)
+    header: list[str],
+    index: dict[str, int],
+    columns: CsvColumns,
+    path: Path,
+) -> tuple[dict[str, list[Row]], int]:
+    """The data rows grouped by conversation, in file order, and how many there are."""
+    groups: dict[str, list[Row]] = {}
     num_rows, prev_line = 0, 1
     for record in reader:
         line, prev_line = prev_line + 1, reader.line_num
@@ -112,35 +128,36 @@ def read_conversations(path: str | Path, columns: CsvColumns = CsvColumns()) -> 
         raise InputError(
             str(path), "at least one data row after the header", f"only a header (columns: {header})"
         )
+    return groups, num_rows
 
-    dialogues = []
-    for dialogue_id, rows in groups.items():
-        rows.sort(
-            key=lambda r: r[0]
-        )  # stable: equal orders would keep file order, but they are refused below
-        for a, b in zip(rows, rows[1:], strict=False):
-            if a[0] == b[0]:
-                raise InputError(
-                    f"{path}: data rows {a[1]} and {b[1]} (lines {a[2]} and {b[2]}), column {columns.order!r}",
-                    f"distinct values within conversation {dialogue_id!r}",
-                    f"{_number(a[0])} twice",
-                )
-        dialogue = RawDialogue(dialogue_id)
-        for _, row, line, record in rows:
-            label = clean_text(record[index[columns.label]])
-            if not label:
-                raise InputError(
-                    f"{path}: data row {row} (line {line}), column {columns.label!r}",
-                    "a label",
-                    "an empty cell",
-                )
-            dialogue.texts.append(clean_text(record[index[columns.text]]))
-            dialogue.speakers.append(clean_text(record[index[columns.speaker]]))
-            dialogue.labels.append(label)
-            dialogue.rows.append(row)
-            dialogue.lines.append(line)
-        dialogues.append(dialogue)
-    return CsvTable(path, encoding, sha256_file(path), num_rows, dialogues)
+
+def _dialogue(
+    dialogue_id: str, rows: list[Row], index: dict[str, int], columns: CsvColumns, path: Path
+) -> RawDialogue:
+    """One conversation's rows sorted by the order column (distinct values), each with a label."""
+    rows.sort(key=lambda r: r[0])  # stable: equal orders would keep file order, but they are refused below
+    for a, b in zip(rows, rows[1:], strict=False):
+        if a[0] == b[0]:
+            raise InputError(
+                f"{path}: data rows {a[1]} and {b[1]} (lines {a[2]} and {b[2]}), column {columns.order!r}",
+                f"distinct values within conversation {dialogue_id!r}",
+                f"{_number(a[0])} twice",
+            )
+    dialogue = RawDialogue(dialogue_id)
+    for _, row, line, record in rows:
+        label = clean_text(record[index[columns.label]])
+        if not label:
+            raise InputError(
+                f"{path}: data row {row} (line {line}), column {columns.label!r}",
+                "a label",
+                "an empty cell",
+            )
+        dialogue.texts.append(clean_text(record[index[columns.text]]))
+        dialogue.speakers.append(clean_text(record[index[columns.speaker]]))
+        dialogue.labels.append(label)
+        dialogue.rows.append(row)
+        dialogue.lines.append(line)
+    return dialogue
 
 
 def _read_header(reader: Iterator[list[str]], path: Path) -> list[str]:

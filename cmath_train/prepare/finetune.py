@@ -103,95 +103,35 @@ def finetune_encoder(
         raise ValueError(f"epochs: expected >= 1, got {options.epochs}")
     torch.manual_seed(options.seed)
     rng = np.random.default_rng(options.seed)
-    device = next(encoder.parameters()).device
-    dim = int(encoder.transformer.config.hidden_size)
-    scale = head_input_scale(encoder, dim)
+    dim, device = int(encoder.transformer.config.hidden_size), next(encoder.parameters()).device
     head = nn.Linear(dim, num_classes).to(device)
-    if options.freeze_word_embeddings:
-        for module in encoder.modules():
-            if isinstance(module, nn.Embedding) and module.num_embeddings > 1000:
-                module.weight.requires_grad_(False)
-    trainable = [p for p in encoder.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [{"params": trainable, "lr": options.lr}, {"params": list(head.parameters()), "lr": options.head_lr}],
-        weight_decay=options.weight_decay,
-    )
-    steps_per_epoch = math.ceil(len(train) / options.batch_size)
-    total = steps_per_epoch * options.epochs
-    from transformers import get_linear_schedule_with_warmup
-
-    # linear warm-up over the first warmup_fraction of the steps, then linear decay to 0 (sentence-transformers'
-    # own "WarmupLinear")
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, max(1, round(total * options.warmup_fraction)), total
-    )
+    steps = _Steps(encoder, head, options, math.ceil(len(train) / options.batch_size) * options.epochs)
     labels = torch.as_tensor(np.asarray(train_labels, np.int64))
-    if teacher_probs is not None and np.shape(teacher_probs) != (len(train), num_classes):
-        raise ValueError(
-            f"teacher_probs: expected shape {(len(train), num_classes)}, got {np.shape(teacher_probs)}"
-        )
-    teacher = (
-        None
-        if teacher_probs is None
-        else torch.softmax(
-            torch.log(torch.as_tensor(teacher_probs, dtype=torch.float32).clamp_min(1e-8))
-            / options.kd_temperature,
-            -1,
-        )
-    )
+    teacher = _softened_teacher(teacher_probs, (len(train), num_classes), options.kd_temperature)
     lengths = np.array([len(ids) for ids, _ in train])
-    has_dev = dev is not None and dev_labels is not None and len(dev) > 0
+    dev_set = (dev, dev_labels) if dev is not None and dev_labels is not None and len(dev) > 0 else None
     result = FinetuneResult(
         options,
-        "dev weighted-F1" if has_dev else "last epoch (no dev split)",
+        "dev weighted-F1" if dev_set else "last epoch (no dev split)",
         0,
         num_train=len(train),
-        num_dev=len(dev) if has_dev else 0,
+        num_dev=len(dev_set[0]) if dev_set else 0,
     )
     best_f1, best_state, stale = -1.0, None, 0
-    bar = tqdm(total=total, desc=desc, unit="batch")
+    bar = tqdm(total=steps.total, desc=desc, unit="batch")
     for epoch in range(1, options.epochs + 1):
-        encoder.train()
-        head.train()
         batches = _length_bucketed_batches(lengths, options.batch_size, options.bucket_batches, rng)
-        start, loss_sum = time.perf_counter(), 0.0
-        for idx in batches:
-            logits = head(encoder(**collate([train[j] for j in idx], device)) * scale)
-            loss = nn.functional.cross_entropy(logits, labels[idx].to(device))
-            if teacher is not None:
-                loss = (1 - options.kd_weight) * loss + options.kd_weight * _distillation(
-                    logits, teacher[idx].to(device), options.kd_temperature
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_([*trainable, *head.parameters()], options.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.item() * len(idx)
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+        start = time.perf_counter()
+        loss_sum = steps.epoch(epoch, batches, train, labels, teacher, bar)
         entry = EpochLog(epoch, loss_sum / len(train), time.perf_counter() - start)
-        if has_dev:
-            t0 = time.perf_counter()
-            pred = classify(encoder, head, dev, options.eval_batch_size).argmax(-1)
-            entry.dev_weighted_f1 = float(f1_score(dev_labels, pred, average="weighted"))
-            entry.dev_accuracy = float(accuracy_score(dev_labels, pred))
-            entry.eval_seconds = time.perf_counter() - t0
+        f1 = _score_dev(encoder, head, dev_set, options.eval_batch_size, entry) if dev_set else None
         result.history.append(entry)
-        log(
-            f"{desc} epoch {epoch}: train loss {entry.train_loss:.4f}, {entry.train_seconds:.1f} s"
-            + (
-                f"; dev weighted-F1 {100 * entry.dev_weighted_f1:.2f}, acc {100 * entry.dev_accuracy:.2f}, "
-                f"eval {entry.eval_seconds:.1f} s"
-                if has_dev
-                else ""
-            )
-        )
-        if not has_dev:
+        log(_epoch_line(desc, entry))
+        if f1 is None:
             result.best_epoch = epoch
             continue
-        if entry.dev_weighted_f1 > best_f1:
-            best_f1, result.best_epoch, stale = entry.dev_weighted_f1, epoch, 0
+        if f1 > best_f1:
+            best_f1, result.best_epoch, stale = f1, epoch, 0
             best_state = copy.deepcopy((encoder.state_dict(), head.state_dict()))
         else:
             stale += 1
@@ -206,6 +146,109 @@ def finetune_encoder(
     head.eval()
     log(f"{desc}: selected epoch {result.best_epoch} ({result.selection})")
     return result, head
+
+
+class _Steps:
+    """The optimisation of one fine-tuning: AdamW over the trainable encoder weights and the head, the linear
+    warm-up/decay schedule over `total` steps, gradient clipping."""
+
+    def __init__(self, encoder: PooledEncoder, head: nn.Linear, options: FinetuneOptions, total: int) -> None:
+        from transformers import get_linear_schedule_with_warmup
+
+        self.encoder, self.head, self.options, self.total = encoder, head, options, total
+        self.scale = head_input_scale(encoder, head.in_features)
+        self.device = head.weight.device
+        if options.freeze_word_embeddings:
+            for module in encoder.modules():
+                if isinstance(module, nn.Embedding) and module.num_embeddings > 1000:
+                    module.weight.requires_grad_(False)
+        self.trainable = [p for p in encoder.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": self.trainable, "lr": options.lr},
+                {"params": list(head.parameters()), "lr": options.head_lr},
+            ],
+            weight_decay=options.weight_decay,
+        )
+        # linear warm-up over the first warmup_fraction of the steps, then linear decay to 0 (sentence-transformers'
+        # own "WarmupLinear")
+        self.scheduler = get_linear_schedule_with_warmup(
+            self.optimizer, max(1, round(total * options.warmup_fraction)), total
+        )
+
+    def epoch(
+        self,
+        epoch: int,
+        batches: list[np.ndarray],
+        train: Sequence[Example],
+        labels: torch.Tensor,
+        teacher: torch.Tensor | None,
+        bar: Any,
+    ) -> float:
+        """One pass over `batches` (indices into train); the summed train loss."""
+        self.encoder.train()
+        self.head.train()
+        kd_weight, temperature = self.options.kd_weight, self.options.kd_temperature
+        loss_sum = 0.0
+        for idx in batches:
+            logits = self.head(self.encoder(**collate([train[j] for j in idx], self.device)) * self.scale)
+            loss = nn.functional.cross_entropy(logits, labels[idx].to(self.device))
+            if teacher is not None:
+                loss = (1 - kd_weight) * loss + kd_weight * _distillation(
+                    logits, teacher[idx].to(self.device), temperature
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_([*self.trainable, *self.head.parameters()], self.options.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            loss_sum += loss.item() * len(idx)
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+        return loss_sum
+
+
+def _softened_teacher(
+    teacher_probs: np.ndarray | None, shape: tuple[int, int], temperature: float
+) -> torch.Tensor | None:
+    """The teacher's probabilities (n_train, classes) softened by the temperature, or None without a teacher."""
+    if teacher_probs is None:
+        return None
+    if np.shape(teacher_probs) != shape:
+        raise ValueError(f"teacher_probs: expected shape {shape}, got {np.shape(teacher_probs)}")
+    logp = torch.log(torch.as_tensor(teacher_probs, dtype=torch.float32).clamp_min(1e-8))
+    return torch.softmax(logp / temperature, -1)
+
+
+def _score_dev(
+    encoder: PooledEncoder,
+    head: nn.Linear,
+    dev_set: tuple[Sequence[Example], np.ndarray],
+    batch_size: int,
+    entry: EpochLog,
+) -> float:
+    """The head's dev weighted-F1 (and accuracy, timing) recorded in `entry`; the weighted-F1."""
+    t0 = time.perf_counter()
+    dev, dev_labels = dev_set
+    pred = classify(encoder, head, dev, batch_size).argmax(-1)
+    f1 = float(f1_score(dev_labels, pred, average="weighted"))
+    entry.dev_weighted_f1, entry.dev_accuracy = f1, float(accuracy_score(dev_labels, pred))
+    entry.eval_seconds = time.perf_counter() - t0
+    return f1
+
+
+def _epoch_line(desc: str, entry: EpochLog) -> str:
+    line = f"{desc} epoch {entry.epoch}: train loss {entry.train_loss:.4f}, {entry.train_seconds:.1f} s"
+    if (
+        entry.dev_weighted_f1 is not None
+        and entry.dev_accuracy is not None
+        and entry.eval_seconds is not None
+    ):
+        line += (
+            f"; dev weighted-F1 {100 * entry.dev_weighted_f1:.2f}, acc {100 * entry.dev_accuracy:.2f}, "
+            f"eval {entry.eval_seconds:.1f} s"
+        )
+    return line
 
 
 def _distillation(logits: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

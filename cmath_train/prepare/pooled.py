@@ -10,6 +10,7 @@ token type) is not given the token types: they only choose the tokens to pool.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,6 +20,8 @@ INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 class PooledEncoder(nn.Module):
+    transformer: Any  # a Hugging Face model: its attributes (`config`, ...) depend on the architecture
+
     def __init__(
         self,
         transformer: nn.Module,

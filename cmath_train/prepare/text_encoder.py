@@ -107,7 +107,12 @@ class SentenceTransformerEncoder:
 
     @property
     def dim(self) -> int:
-        return int(self.model.get_embedding_dimension())
+        dim = self.model.get_embedding_dimension()
+        if dim is None:
+            raise ArtifactError(
+                self.model_dir, "the sentence-transformers model states no embedding dimension"
+            )
+        return int(dim)
 
     @property
     def identity(self) -> str:
@@ -134,6 +139,21 @@ class SentenceTransformerEncoder:
     def describe(self) -> dict[str, Any]:
         return {**self._facts, **self.extra}
 
+    @property
+    def max_seq_length(self) -> int:
+        """The tokens the model reads of a text ([CLS]/[SEP] included)."""
+        length = self.model.max_seq_length
+        if length is None:
+            raise ArtifactError(self.model_dir, "the sentence-transformers model states no max_seq_length")
+        return int(length)
+
+    @property
+    def transformer(self) -> Any:
+        """The Hugging Face model inside the first module (what fine-tuning trains; Any: its attributes, such as
+        `config`, depend on the architecture)."""
+        first: Any = self.model[0]  # sentence-transformers' Transformer module, typed as a plain nn.Module
+        return first.auto_model
+
     @cached_property
     def _facts(self) -> dict[str, Any]:
         import sentence_transformers
@@ -142,7 +162,8 @@ class SentenceTransformerEncoder:
 
         modules = [type(m).__name__ for m in self.model]
         pooling = next((m for m in self.model if type(m).__name__ == "Pooling"), None)
-        pooling_cfg = pooling.get_config_dict() if pooling is not None else {}
+        # type: ignore: iterating a SentenceTransformer yields nn.Module, whose attributes torch types as tensors
+        pooling_cfg = pooling.get_config_dict() if pooling is not None else {}  # type: ignore[operator]
         mode = pooling_cfg.get("pooling_mode", "none")
         transformer = self.model[0]
         tokenizer = self.model.tokenizer
@@ -161,7 +182,7 @@ class SentenceTransformerEncoder:
             "normalized": normalized,
             "normalization": "L2, by the model's Normalize module" if normalized else "none",
             "encode_call": "SentenceTransformer.encode(texts, normalize_embeddings=False, convert_to_numpy=True)",
-            "max_seq_length": int(self.model.max_seq_length),
+            "max_seq_length": self.max_seq_length,
             "truncation": f"right, to max_seq_length tokens including [CLS]/[SEP] (tokenizer: {type(tokenizer).__name__})",
             "do_lower_case": bool(getattr(tokenizer, "do_lower_case", False)),
             "tokenizer_file": "tokenizer.json" if (self.model_dir / "tokenizer.json").is_file() else None,

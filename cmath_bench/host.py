@@ -36,14 +36,19 @@ def server_env(
     module: str,
     argv: list[str] | None = None,
 ) -> dict[str, Any]:
-    """What a server benchmark's report says of its run: the machine, the export, the server settings, the command
-    and the load average at its start and end."""
+    """What a server benchmark's report says of its run: the machine, the export (its folder's name), the server
+    settings, the command (the export written EXPORT_DIR) and the load average at its start and end."""
+    args = sys.argv[1:] if argv is None else argv
+    here = {export.resolve(), export.resolve().parent}
+    args = [
+        "EXPORT_DIR" if Path(a).resolve() in here else a for a in args
+    ]  # no path of this machine in a page
     return {
         **describe(),
-        "export": str(export),
+        "export": export.name,
         "threads": threads,
         "queue_delay_us": queue_delay_us,
-        "command": f"python -m cmath_bench.{module} " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": f"python -m cmath_bench.{module} " + " ".join(args),
         "loadavg_start": load_start,
         "loadavg_end": os.getloadavg()[0],
     }

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from . import host
-from .report import write_pages
+from .report import figure, write_pages
 from .timing import percentiles_ms
 
 REPLICA_COUNTS = (1, 2, 3)
@@ -224,9 +224,9 @@ def run(
     failover_conversations: int = 12,
     log: Any = print,
 ) -> dict[str, Any]:
-    import cmath_runtime
+    from cmath_runtime.manifest import read_manifest
 
-    manifest = cmath_runtime.read_manifest(export_dir)
+    manifest = read_manifest(export_dir)
     if quick:
         conversations, utterances, seconds, counts, failover_conversations = 8, 4, 30, (1, 2), 4
     dims, speakers = dict(manifest.feature_dims), manifest.num_speakers
@@ -317,13 +317,11 @@ def markdown(result: dict[str, Any], env: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    with figure(path, (11, 4), cols=2) as (a, b):
+        _draw(a, b, result["records"])
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    rows = result["records"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+def _draw(a: Any, b: Any, rows: list[dict[str, Any]]) -> None:
     n = [r["replicas"] for r in rows]
     a.bar(n, [r["utterances_per_s"] for r in rows], color="C2")
     a.set(

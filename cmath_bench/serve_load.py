@@ -238,9 +238,9 @@ def run(
     modes: tuple[str, ...] = ("batched", "serial", "recompute"),
     log: Any = print,
 ) -> list[dict]:
-    import cmath_runtime
+    from cmath_runtime.manifest import read_manifest
 
-    manifest = cmath_runtime.read_manifest(export_dir)
+    manifest = read_manifest(export_dir)
     rng = np.random.default_rng(0)
     dims, spk = dict(manifest.feature_dims), manifest.num_speakers
     records: list[dict] = []

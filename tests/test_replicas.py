@@ -386,3 +386,47 @@ def test_cli_refuses_bad_replica_options_before_starting_anything(
     )
     assert "0 is not in the range 1<=x<=64" in run("--replicas", "0")
     assert not (tmp_path / "repo").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["serve_load", "replicas"])
+def test_server_benchmarks_run_for_real(module: str, causal_export: Path, tmp_path: Path) -> None:
+    """`python -m cmath_bench.serve_load` / `cmath_bench.replicas` --quick against real servers (one stream mode;
+    1 and 2 replicas behind HAProxy): every request answered without error, the pages written, the machine named
+    with its ISA class, no path of this machine in them."""
+    import json
+    import sys
+
+    _triton_or_skip()
+    if module == "replicas":
+        _haproxy_or_skip()
+    extra = (
+        ["--modes", "batched"]
+        if module == "serve_load"
+        else ["--replicas", "1,2", "--failover-conversations", "2"]
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        f"cmath_bench.{module}",
+        str(causal_export),
+        "--quick",
+        "--out",
+        str(tmp_path),
+    ]
+    proc = subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    page = json.loads((tmp_path / f"{module}.json").read_text())
+    env = page["environment"]
+    assert env["isa"] and env["command"].startswith(f"python -m cmath_bench.{module} EXPORT_DIR --quick")
+    text = (tmp_path / f"{module}.md").read_text()
+    assert str(causal_export) not in text and str(causal_export) not in json.dumps(page)
+    assert (tmp_path / f"{module}.png").stat().st_size > 1000
+    records = page["records"]
+    if module == "serve_load":
+        served = [r for r in records if r["benchmark"] in ("serve_cmath", "serve_stream")]
+        assert {r["benchmark"] for r in served} == {"serve_cmath", "serve_stream"}
+        assert all(r["errors"] == 0 for r in served)
+        assert all(r["answered"] == r["sent"] for r in served if r["benchmark"] == "serve_cmath")
+    else:
+        assert [r["replicas"] for r in records] == [1, 2] and all(r["errors"] == 0 for r in records)

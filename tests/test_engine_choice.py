@@ -209,3 +209,21 @@ def test_text_encoder_chosen_on_its_own(context_export: Path, tmp_path: Path) ->
     again.predict([conv])
     assert again.engine_choice["text_encoder"].source == "cached"
     assert again.engine_choice["model"].source == "cached"
+
+
+def test_engine_choice_benchmark_times_auto_against_each_engine(causal_export: Path, tmp_path: Path) -> None:
+    """`python -m cmath_bench.engine_choice EXPORT --quick --out FILE`: auto and auto+auto (calibrated in the run)
+    timed beside onnxruntime fp32 and the other engines, quiet and beside a busy core, each record naming the CPU and
+    its ISA class; the report says what auto chose."""
+    import json
+
+    from cmath_bench.engine_choice import main
+
+    out = tmp_path / "choice.json"
+    main([str(causal_export), "--threads", "1", "--quick", "--out", str(out)])
+    report = json.loads(out.read_text())
+    rows = {(r["contender"], r["phase"]) for r in report["records"]}
+    for phase in ("quiet", "beside a busy core"):
+        assert {("auto", phase), ("auto+auto", phase), ("onnxruntime fp32", phase)} <= rows
+    assert all(r["isa"] == report["cpu"]["isa"] and r["p50_ms"] > 0 for r in report["records"])
+    assert report["choices"]["auto"]["model"] and report["choices"]["auto+auto"]["model"]

@@ -210,27 +210,33 @@ def live_contender(
     precision: str,
     start: Callable[[Dialogue], Any],
     call: Callable[..., Any],
+    fork: Callable[[Any], Any] = lambda state: state,
     **info: Any,
 ) -> Contender:
-    """A text-path contender: `prepare(dialogue)` (untimed) copies the live conversation holding the dialogue's past
-    (`start(dialogue)`, built once per dialogue) and returns the timed call: `call(copy, speaker, text)` adds the
-    dialogue's last utterance and returns its probabilities. `provider` names what reads the text."""
+    """A text-path contender: `prepare(dialogue)` (untimed) forks the live state holding the dialogue's past
+    (`start(dialogue)`, built once per dialogue; `fork`: a private copy, or the state itself where calls do not
+    change it) and returns the timed call: `call(fork, speaker, text)` adds the dialogue's last utterance and returns
+    its probabilities. `provider` names what reads the text."""
     started: dict[int, Any] = {}
 
     def prepare(d: Dialogue) -> Callable[[], Any]:
         state = started.get(id(d))
         if state is None:
             state = started[id(d)] = start(d)
-        fork = state.copy() if hasattr(state, "copy") else state
-        return lambda: call(fork, d.speakers[-1], d.texts[-1])
+        own = fork(state)
+        return lambda: call(own, d.speakers[-1], d.texts[-1])
 
     return Contender(name, precision, encoder, prepare, np.asarray, info={"cost": {}, **info})
 
 
-def add_text(conv: Any, speaker: int, text: str, frozen: Any = None) -> Any:
-    """conv.add of one utterance given as text (the other modalities zeros); with `frozen` (a plain
-    cmath_runtime.text.TextEncoder) that encoder reads the utterance alone and the model gets its row."""
-    others = {m: np.zeros(d, np.float32) for m, d in conv.model.feature_dims.items() if m != "t"}
+def zero_rows(model: Any) -> dict[str, np.ndarray]:
+    """A zero row of every modality but text: what the text path gives the model's other inputs."""
+    return {m: np.zeros(d, np.float32) for m, d in model.feature_dims.items() if m != "t"}
+
+
+def add_text(conv: Any, speaker: int, text: str, others: dict[str, np.ndarray], frozen: Any = None) -> Any:
+    """conv.add of one utterance given as text, `others` (zero_rows) for the other modalities; with `frozen` (a
+    plain cmath_runtime.text.TextEncoder) that encoder reads the utterance alone and the model gets its row."""
     if frozen is None:
         return conv.add(speaker, text=text, **others)
     return conv.add(speaker, t=frozen.encode([text])[0], **others)
@@ -240,9 +246,9 @@ def start_conversation(model: Any, d: Dialogue, frozen: Any = None) -> Any:
     """A runtime Conversation holding the dialogue's past (all but its last utterance), its state computed."""
     from cmath_runtime import Conversation
 
-    conv = Conversation(model)
+    conv, others = Conversation(model), zero_rows(model)
     for s, t in zip(d.speakers[:-1], d.texts[:-1], strict=True):
-        add_text(conv, s, t, frozen)
+        add_text(conv, s, t, others, frozen)
     conv.latest  # noqa: B018  computed now (step path: the cached state), not in the timed call
     return conv
 
@@ -250,13 +256,14 @@ def start_conversation(model: Any, d: Dialogue, frozen: Any = None) -> Any:
 def runtime_contender(name: str, model: Any, encoder: str, frozen: Any = None) -> Contender:
     """cmath_runtime: Conversation.add(text=) + .latest on a copy of a conversation holding the past (`frozen`: see
     add_text)."""
-    precision = "fp32" if frozen is not None else model.precision
+    precision, others = "fp32" if frozen is not None else model.precision, zero_rows(model)
     return live_contender(
         name,
         encoder,
         precision,
         lambda d: start_conversation(model, d, frozen),
-        lambda conv, s, t: add_text(conv, s, t, frozen).latest,
+        lambda conv, s, t: add_text(conv, s, t, others, frozen).latest,
+        lambda conv: conv.copy(),
         model=model,
     )
 
@@ -332,11 +339,11 @@ def model_feeds(model: Any, conv: Any, dialogue: Dialogue) -> dict[str, np.ndarr
     conv = conv.copy()
     graph = model.step_graph
     if graph is None:
-        add_text(conv, dialogue.speakers[-1], dialogue.texts[-1])
+        add_text(conv, dialogue.speakers[-1], dialogue.texts[-1], zero_rows(model))
         feats, speaker, mask = pad_conversations([conv.features], [conv.speakers], model.modalities)
         return {**feats, "speaker": speaker, "mask": mask}
     with recording(graph) as feeds:
-        add_text(conv, dialogue.speakers[-1], dialogue.texts[-1]).latest  # noqa: B018
+        add_text(conv, dialogue.speakers[-1], dialogue.texts[-1], zero_rows(model)).latest  # noqa: B018
         return dict(feeds)
 
 
@@ -747,9 +754,9 @@ def replay(model: Any, dialogue: Dialogue) -> np.ndarray:
     """(n, classes) final probabilities of a dialogue added utterance by utterance as raw text."""
     import cmath_runtime
 
-    conv = cmath_runtime.Conversation(model)
+    conv, others = cmath_runtime.Conversation(model), zero_rows(model)
     for s, t in zip(dialogue.speakers, dialogue.texts, strict=True):
-        add_text(conv, s, t).latest  # noqa: B018  as an agent reads it, utterance by utterance
+        add_text(conv, s, t, others).latest  # noqa: B018  as an agent reads it, utterance by utterance
     return conv.probs()
 
 

@@ -47,6 +47,9 @@ ALL = (
     *(f"{name}:{precision}" for _, name, precision in bench_contenders()),
 )
 assert all(key.partition(":")[0] in (EAGER, COMPILE, *RUNTIME) for key in ALL), ALL
+# PyTorch on a GPU: named with --backends (and by the GPU check), not run by default.
+TORCH_CUDA = (f"{EAGER}-cuda:fp32", f"{EAGER}-cuda:fp16", f"{COMPILE}-cuda:fp32")
+KNOWN = (*ALL, *TORCH_CUDA)
 
 
 class Skipped(Exception):
@@ -89,6 +92,29 @@ def torch_model(run_dir: Path) -> tuple[Any, InputSpec, float]:
         InputSpec(tuple(cfg.modalities), dict(cfg.feature_dims), cfg.num_speakers),
         (time.perf_counter() - start),
     )
+
+
+def cuda_missing() -> str | None:
+    """Why PyTorch cannot run on CUDA here; None where it can."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU build"
+    return f"torch {torch.__version__} sees no CUDA device (torch.cuda.is_available() is False; {build})"
+
+
+def torch_contender_named(backend: str, precision: str, run_dir: Path) -> tuple[Contender, InputSpec, float]:
+    """The PyTorch contender `backend` (pytorch-eager or torch-compile, "-cuda" for the GPU) of a run; (contender,
+    its input spec, load seconds); Skipped when it asks for CUDA and there is none."""
+    device = "cuda" if backend.endswith("-cuda") else "cpu"
+    if device == "cuda" and (why := cuda_missing()):
+        raise Skipped(why)
+    model, spec, load_s = torch_model(run_dir)
+    model = model.to(device)
+    if backend.startswith(COMPILE):
+        return compiled(model, spec, device), spec, load_s
+    return eager(model, spec, device, precision), spec, load_s
 
 
 def torch_forward(model: Any) -> Callable[..., Any]:

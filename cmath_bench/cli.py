@@ -46,8 +46,8 @@ def ensure_export(run_dir: Path) -> Path:
     "--backends",
     "only",
     default=None,
-    help=f"Comma-separated NAME or NAME:PRECISION from {', '.join(backends.ALL)} (default: all; GPU ones "
-    "skip with a reason).",
+    help=f"Comma-separated NAME or NAME:PRECISION from {', '.join(backends.KNOWN)} (default: all but PyTorch on "
+    "CUDA; GPU ones skip with a reason where there is none).",
 )
 @click.option(
     "--spin/--no-spin",
@@ -144,10 +144,10 @@ def _lengths(text: str) -> tuple[int, ...]:
 
 def _contender_keys(name: str) -> list[str]:
     """NAME:PRECISION, or NAME for every precision the benchmark runs NAME with."""
-    keys = [k for k in backends.ALL if name in (k, k.partition(":")[0])]
+    keys = [k for k in backends.KNOWN if name in (k, k.partition(":")[0])]
     if not keys:
         raise click.BadParameter(
-            f"expected NAME or NAME:PRECISION from {list(backends.ALL)}, got {name!r}",
+            f"expected NAME or NAME:PRECISION from {list(backends.KNOWN)}, got {name!r}",
             param_hint="--backends",
         )
     return keys

@@ -3,10 +3,10 @@
     python -m cmath_bench.gpu_check OUT [--work DIR] [--quick]     (scripts/gpu_check.sh runs it; docs/gpu.md)
 
 One run, in order: the environment (GPU, driver, CUDA, torch.cuda, onnxruntime and the providers a session it
-creates really got); `cmath-train --preset meld --epochs 1` + `cmath-export --fp16`; p50 latency at batch 1 x
-1/10/50 utterances and batch 16 x 10 of PyTorch eager fp32, fp16 (torch.autocast) and torch.compile on CUDA, the
-runtime on onnxruntime's CUDA EP (fp32, fp16) and, for scale, PyTorch and the runtime on the CPU; the parity of each
-with PyTorch eager fp32 (cmath_runtime.compare); a causal twin's step graph on CUDA; the bars; what could not run,
+creates really got); `cmath-train --preset meld --epochs 1` + `cmath-export --fp16`; the benchmark's runner on the
+GPU contender set (PyTorch eager fp32, fp16 autocast and torch.compile on CUDA, the runtime on onnxruntime's CUDA EP
+fp32 and fp16, and for scale PyTorch and the runtime on the CPU: p50 at batch 1 x 1/10/50 and batch 16 x 10, each
+one's parity with PyTorch eager fp32 on CUDA); a causal twin's step graph on CUDA; the checks; what could not run,
 and why. gpu_check.json and gpu_check.md are rewritten after every step, so a run cut short still leaves its report.
 Without CUDA the CUDA parts are listed as not run and everything else runs (the CPU dry run); exit code 3.
 """
@@ -14,7 +14,6 @@ Without CUDA the CUDA parts are listed as not run and everything else runs (the 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import re
 import shutil
@@ -28,24 +27,26 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from cmath_runtime.compare import compare, max_abs
 from cmath_runtime.errors import first_line
 
-from . import report
-from .backends import Contender, Skipped
+from . import backends, report
+from .backends import Skipped
 from .inputs import InputSpec, conversations
-from .timing import Budget, interleaved, percentiles_ms, repeating
+from .runner import Plan, run_benchmark
+from .timing import Budget
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = ((1, 1), (1, 10), (1, 50), (16, 10))  # (conversations, utterances each), timed
-PARITY_ONLY = (16, 50)  # more rows for the argmax agreement, not timed
+LENGTHS, THROUGHPUT = (1, 10, 50), (16, 10)  # batch 1 x LENGTHS, and THROUGHPUT = (conversations, utterances)
+PARITY_SHAPE = (16, 50)
 STEP_LENGTHS = (1, 10, 50)
-SPEEDUP, MAX_ABS, AGREEMENT = 3.0, 1e-2, 0.995  # the bars: ort CUDA fp16 vs eager fp32 at 1 x 10; parity
+MAX_ABS, AGREEMENT = 1e-2, 0.995  # the parity tolerances of every CUDA path
 BUDGET = Budget(warmup=10, iterations=200, seconds=2.0, min_iterations=20, rounds=5)
 QUICK = Budget(warmup=2, iterations=8, seconds=0.3, min_iterations=3, rounds=2)
 CUDA_EP = "CUDAExecutionProvider"
+REFERENCE, CPU_REFERENCE = "pytorch-eager-cuda:fp32", "pytorch-eager:fp32"
+ORT_CUDA = ("onnxruntime-cuda:fp32", "onnxruntime-cuda:fp16")
+CONTENDERS = (*backends.TORCH_CUDA, *ORT_CUDA, CPU_REFERENCE, "onnxruntime:fp32")
 TENSORRT = (
     "not measured by this check: the tensorrt package installs its libraries from NVIDIA's own package index, "
     "not PyPI, so onnxruntime's TensorRT EP and `cmath-export --tensorrt` are left out"
@@ -69,12 +70,10 @@ class GpuCheck:
     deadline: float | None = None  # time.perf_counter() after which no step starts (CMATH_GPU_CHECK_BUDGET_S)
     environment: dict[str, Any] = field(default_factory=dict)
     steps: list[Step] = field(default_factory=list)
-    records: list[dict[str, Any]] = field(
-        default_factory=list
-    )  # cmath_bench.report's keys (kind, backend, ...)
+    records: list[dict[str, Any]] = field(default_factory=list)  # the runner's records (cmath_bench.report)
     parity: list[dict[str, Any]] = field(default_factory=list)
     not_run: list[dict[str, str]] = field(default_factory=list)  # {"what", "why"}
-    bars: list[dict[str, Any]] = field(default_factory=list)
+    checks: list[dict[str, Any]] = field(default_factory=list)
 
     def skip(self, what: str, why: str) -> None:
         self.not_run.append({"what": what, "why": why})
@@ -213,17 +212,7 @@ def probe_graph(path: Path) -> Path:
 
 def cuda_missing(env: dict[str, Any]) -> tuple[str | None, str | None]:
     """(why PyTorch cannot use CUDA, why onnxruntime cannot); None where it can."""
-    t, o = env["torch"], env["onnxruntime"]
-    torch_why = (
-        None
-        if t["cuda_available"]
-        else (
-            f"torch {t['version']} sees no CUDA device (torch.cuda.is_available() is False"
-            + (f"; built for CUDA {t['cuda_build']})" if t["cuda_build"] else "; a CPU build)")
-        )
-    )
-    ort_why = o["cuda_session"].get("error")
-    return torch_why, ort_why
+    return backends.cuda_missing(), env["onnxruntime"]["cuda_session"].get("error")
 
 
 # --- preparation: train and export on this machine ---------------------------------------------------------------
@@ -255,161 +244,57 @@ def train_and_export(run_dir: Path, train: tuple[str, ...], export: tuple[str, .
     return "ok"
 
 
-# --- the contenders, timed and compared ---------------------------------------------------------------------------
+# --- the contenders, timed and compared: the benchmark's runner --------------------------------------------------
 
 
-def contenders(check: GpuCheck, run_dir: Path, threads: int, torch_why: str | None) -> dict[str, Contender]:
-    """Every contender that loads here, by label ("backend precision"); the others go to check.not_run."""
-    from . import backends
+def measure(check: GpuCheck, run_dir: Path, threads: int, torch_why: str | None, ort_why: str | None) -> None:
+    """Every contender of CONTENDERS that can run here in its own process (runner.run_benchmark): p50 at each
+    shape, interleaved round by round, and its parity with the reference (PyTorch eager fp32 on CUDA, on the CPU
+    without CUDA)."""
+    budget = QUICK if check.quick else BUDGET
+    missing = {**dict.fromkeys(backends.TORCH_CUDA, torch_why), **dict.fromkeys(ORT_CUDA, ort_why)}
+    for key in CONTENDERS:
+        if why := missing.get(key):
+            check.skip(key.replace(":", " "), why)
+    plan = Plan(
+        lengths=LENGTHS,
+        throughput_lengths=(THROUGHPUT[1],),
+        throughput_batch=THROUGHPUT[0],
+        latency=budget,
+        throughput=budget,
+        contenders=tuple(k for k in CONTENDERS if not missing.get(k)),
+        threads=threads,
+        reference=CPU_REFERENCE if torch_why else REFERENCE,
+        parity_shape=PARITY_SHAPE,
+    )
+    records = run_benchmark(
+        run_dir, run_dir / "export", plan, log=lambda line: print("   " + line, flush=True)
+    )
+    for r in records:
+        if r["kind"] in ("skipped", "failed"):
+            at = f" from {r['batch']} x {r['utterances']} on" if r["kind"] == "failed" else ""
+            check.skip(report.label(r) + at, r["note"])
+    check.records += [r for r in records if r["kind"] in ("latency", "throughput")]
+    check.parity += parity(check.records, plan.reference)
 
-    model, spec, _ = backends.torch_model(run_dir)
-    gpu = None if torch_why else copy.deepcopy(model).to("cuda")
-    export = run_dir / "export"
 
-    def on_gpu(make: Callable[[Any], Contender]) -> Callable[[], Contender]:
-        def load() -> Contender:
-            if gpu is None:
-                raise Skipped(torch_why or "no CUDA")
-            return make(gpu)
-
-        return load
-
-    makers: list[tuple[str, str, Callable[[], Contender]]] = [
-        ("pytorch-eager-cuda", "fp32", on_gpu(lambda m: backends.eager(m, spec, "cuda"))),
-        ("pytorch-eager-cuda", "fp16", on_gpu(lambda m: backends.eager(m, spec, "cuda", "fp16"))),
-        ("torch-compile-cuda", "fp32", on_gpu(lambda m: backends.compiled(m, spec, "cuda"))),
-        ("onnxruntime-cuda", "fp32", lambda: backends.runtime(export, backends.ORT_CUDA, "fp32", threads)),
-        ("onnxruntime-cuda", "fp16", lambda: backends.runtime(export, backends.ORT_CUDA, "fp16", threads)),
-        ("pytorch-eager-cpu", "fp32", lambda: backends.eager(model, spec)),
-        ("onnxruntime", "fp32", lambda: backends.runtime(export, backends.ORT, "fp32", threads)),
-    ]
-    out = {}
-    for backend, precision, make in makers:
-        label = f"{backend} {precision}"
-        try:
-            c = make()
-        except Skipped as e:
-            check.skip(label, str(e))
+def parity(records: list[dict[str, Any]], reference: str) -> list[dict[str, Any]]:
+    """One row per contender: max |dp| and argmax agreement with the reference on a PARITY_SHAPE batch."""
+    ref, (batch, n), rows = reference.replace(":", " "), PARITY_SHAPE, {}
+    for r in records:
+        if r.get("max_abs_diff_vs_eager") is None or report.label(r) == ref:
             continue
-        except Exception as e:  # noqa: BLE001
-            check.skip(label, f"failed to load: {type(e).__name__}: {first_line(e)}")
-            continue
-        c.backend = backend
-        c.info["spec"] = spec
-        out[label] = c
-        print(f"   {label}: {c.provider}{f' ({c.note})' if c.note else ''}", flush=True)
-    return out
-
-
-def measure(
-    check: GpuCheck, live: dict[str, Contender], budget: Budget
-) -> dict[str, dict[tuple, np.ndarray]]:
-    """p50 of every contender at every shape, interleaved round by round (timing.interleaved); the probabilities
-    of each at each shape (and PARITY_ONLY) for the parity. Contenders that fail are dropped with the error."""
-    live = dict(live)
-    spec: InputSpec = next(iter(live.values())).info["spec"]
-    probs: dict[str, dict[tuple, np.ndarray]] = {name: {} for name in live}
-    for shape in (*SHAPES, PARITY_ONLY):
-        batch, n = shape
-        convs = conversations(spec, batch, n)
-        calls, first = {}, {}
-        for name, c in list(live.items()):
-            try:
-                calls[name] = c.prepare(convs)
-                start = time.perf_counter()
-                probs[name][shape] = c.probs(
-                    calls[name]()
-                )  # the first call at this shape (torch.compile compiles)
-                first[name] = time.perf_counter() - start
-            except Exception as e:  # noqa: BLE001
-                check.skip(f"{name} from {batch} x {n} on", f"{type(e).__name__}: {first_line(e)}")
-                del live[name]
-                calls.pop(name, None)
-        if shape == PARITY_ONLY:
-            break
-        timers = {name: repeating(call) for name, call in calls.items()}
-        timings = interleaved(timers, budget)
-        for name, err in timings.errors.items():
-            check.skip(f"{name} from {batch} x {n} on", err)
-            del live[name]
-        records = [
-            record(live[name], batch, n, timings.times[name], first[name]) for name in calls if name in live
-        ]
-        ref_label = reference_of(records)
-        ref = next((r["p50_ms"] for r in records if report.label(r) == ref_label), None)
-        for r in records:
-            r["speedup_vs_eager"] = ref / r["p50_ms"] if ref and report.label(r) != ref_label else None
-        check.records += records
-        print(
-            f"   {batch:2d} x {n:2d}: "
-            + ", ".join(f"{report.label(r)} {r['p50_ms']:.2f} ms" for r in records),
-            flush=True,
-        )
-        check.write()
-    return probs
-
-
-def record(c: Contender, batch: int, n: int, times: list[float], first_s: float) -> dict[str, Any]:
-    stats = percentiles_ms(times)
-    rec = {
-        "kind": "latency" if batch == 1 else "throughput",
-        "backend": c.backend,
-        "precision": c.precision,
-        "provider": c.provider,
-        "batch": batch,
-        "utterances": n,
-        **stats,
-        "iterations": len(times),
-        "first_call_ms": first_s * 1e3,
-    }
-    if batch > 1:
-        rec.update(
-            conversations_per_s=batch / (stats["p50_ms"] / 1e3),
-            utterances_per_s=batch * n / (stats["p50_ms"] / 1e3),
-        )
-    return rec
-
-
-def reference_of(rows: list[dict[str, Any]] | dict[str, Any]) -> str:
-    """The label every contender is compared with: PyTorch eager fp32 on CUDA, or on the CPU without CUDA."""
-    labels = set(rows) if isinstance(rows, dict) else {report.label(r) for r in rows}
-    return "pytorch-eager-cuda fp32" if "pytorch-eager-cuda fp32" in labels else "pytorch-eager-cpu fp32"
-
-
-def parity(probs: dict[str, dict[tuple, np.ndarray]]) -> list[dict[str, Any]]:
-    """Max |dp| and argmax agreement of each contender with the reference over every shape both ran."""
-    ref_name = reference_of(probs)
-    ref = probs.get(ref_name, {})
-    rows = []
-    for name, got in probs.items():
-        shapes = [s for s in ref if s in got]
-        if name == ref_name or not shapes:
-            continue
-        rep = compare(
-            [{"probs": ref[s]} for s in shapes],
-            [{"probs": got[s]} for s in shapes],
-            {"probs": max_abs(MAX_ABS)},
-            masks=[np.ones(s, bool) for s in shapes],
-            min_argmax_agreement=AGREEMENT,
-            artifact=name,
-            reference_name=ref_name,
-            runtime=name,
-        )
-        top2 = np.sort(np.concatenate([ref[s].reshape(-1, ref[s].shape[-1]) for s in shapes]), -1)[:, -2:]
-        rows.append(
-            {
-                "contender": name,
-                "reference": ref_name,
-                "rows": rep.rows,
-                "max_abs": rep.output("probs").max_abs,
-                "mean_abs": rep.output("probs").mean_abs,
-                "argmax_agreement": rep.argmax_agreement,
-                "passed": rep.passed,
-                "near_ties": int((top2[:, 1] - top2[:, 0] < 1e-3).sum()),
-                "shapes": [f"{b}x{n}" for b, n in shapes],
-            }
-        )
-    return rows
+        diff, agreement = r["max_abs_diff_vs_eager"], r["argmax_agreement_vs_eager"]
+        rows[report.label(r)] = {
+            "contender": report.label(r),
+            "reference": ref,
+            "rows": batch * n,
+            "max_abs": diff,
+            "argmax_agreement": agreement,
+            "passed": diff <= MAX_ABS and agreement >= AGREEMENT,
+            "shapes": [f"{batch}x{n}"],
+        }
+    return list(rows.values())
 
 
 # --- streaming: the step graph -------------------------------------------------------------------------------------
@@ -463,7 +348,6 @@ def streaming(check: GpuCheck, export: Path, threads: int, ort_why: str | None) 
                 "reference": "full recompute onnxruntime fp32",
                 "rows": rep.rows,
                 "max_abs": rep.output("probs").max_abs,
-                "mean_abs": rep.output("probs").mean_abs,
                 "argmax_agreement": rep.argmax_agreement,
                 "passed": rep.passed,
                 "provider": graph.session.get_providers()[0],
@@ -472,51 +356,35 @@ def streaming(check: GpuCheck, export: Path, threads: int, ort_why: str | None) 
         )
 
 
-# --- the bars ----------------------------------------------------------------------------------------------------
+# --- the checks --------------------------------------------------------------------------------------------------
 
 
-def bars(check: GpuCheck) -> list[dict[str, Any]]:
-    """The bars, each PASS / FAIL, or None (not measured) with the reason."""
-    rec = {
-        (report.label(r), r["batch"], r["utterances"]): r for r in check.records if r["kind"] != "streaming"
-    }
+def checks(check: GpuCheck) -> list[dict[str, Any]]:
+    """Each CUDA path of the runtime within the parity tolerances and on CUDAExecutionProvider (read back from its
+    session): passed True / False, or None where it did not run."""
     par = {p["contender"]: p for p in check.parity}
-    ort16, eager = rec.get(("onnxruntime-cuda fp16", 1, 10)), rec.get(("pytorch-eager-cuda fp32", 1, 10))
-    ratio = eager["p50_ms"] / ort16["p50_ms"] if ort16 and eager else None
-    value = f"{ratio:.2f}x ({eager['p50_ms']:.3f} / {ort16['p50_ms']:.3f} ms)" if ort16 and eager else None
-    out = [
-        {
-            "bar": f"onnxruntime CUDA fp16 >= {SPEEDUP:g}x PyTorch eager fp32 on CUDA, batch 1 x 10, p50",
-            "value": value,
-            "passed": None if ratio is None else ratio >= SPEEDUP,
-        }
-    ]
+    providers = {report.label(r): r["provider"] for r in check.records if "provider" in r}
+    out = []
     for label in ("onnxruntime-cuda fp32", "onnxruntime-cuda fp16", "step cuda fp32"):
         p = par.get(label)
-        out.append(
+        provider = (p or {}).get("provider") or providers.get(label)
+        out += [
             {
-                "bar": f"{label}: max |dp| <= {MAX_ABS:g} vs {p['reference'] if p else 'the reference'}",
+                "check": f"{label}: max |dp| <= {MAX_ABS:g} vs {p['reference'] if p else 'the reference'}",
                 "value": p and f"{p['max_abs']:.2e}",
                 "passed": p and p["max_abs"] <= MAX_ABS,
-            }
-        )
-        out.append(
+            },
             {
-                "bar": f"{label}: argmax agreement >= {100 * AGREEMENT:g}%",
+                "check": f"{label}: argmax agreement >= {100 * AGREEMENT:g}%",
                 "value": p and f"{100 * p['argmax_agreement']:.2f}% of {p['rows']} rows",
                 "passed": p and p["argmax_agreement"] >= AGREEMENT,
-            }
-        )
-        provider = (p or {}).get("provider") or next(
-            (r["provider"] for r in check.records if report.label(r) == label and "provider" in r), None
-        )
-        out.append(
+            },
             {
-                "bar": f"{label}: the runtime reports {CUDA_EP} (session.get_providers(), read back)",
+                "check": f"{label}: runs on {CUDA_EP} (session.get_providers(), read back)",
                 "value": provider,
                 "passed": None if provider is None else provider == CUDA_EP,
-            }
-        )
+            },
+        ]
     return out
 
 
@@ -531,8 +399,8 @@ def markdown(check: GpuCheck) -> str:
     lines = ["# GPU check: the meld model's CUDA and fp16 paths against PyTorch on the same GPU", ""]
     if check.quick:
         lines += ["**Quick run** (few repetitions): the numbers show that each path runs, not its speed.", ""]
-    lines += ["## Bars", ""] + [
-        f"- {b['bar']}: {b['value'] or '-'}: **{verdict(b['passed'])}**" for b in check.bars
+    lines += ["## Checks", ""] + [
+        f"- {c['check']}: {c['value'] or '-'}: **{verdict(c['passed'])}**" for c in check.checks
     ]
     lines += environment_lines(check.environment)
     lines += ["## Steps", "", "| step | status | s | detail |", "|---|---|---:|---|"]
@@ -588,24 +456,28 @@ def environment_lines(env: dict[str, Any]) -> list[str]:
 
 
 def timing_lines(timed: list[dict[str, Any]]) -> list[str]:
+    labels = {report.label(r) for r in timed}
+    ref = next(
+        (x.replace(":", " ") for x in (REFERENCE, CPU_REFERENCE) if x.replace(":", " ") in labels), "-"
+    )
     return [
         "",
-        f"## Latency, batch 1 (p50 ms; speed-up vs {reference_of(timed)})",
+        f"## Latency, batch 1 (p50 ms; speed-up vs {ref})",
         "",
-        "PyTorch: inputs made on the device once; each call ends with the probabilities copied to numpy "
-        "and torch.cuda.synchronize(). cmath_runtime: EmotionModel.predict on numpy conversations "
-        "(validation, padding and copies included). Contenders interleaved round by round "
-        "(cmath_bench/timing.py), first calls (compilation) not timed.",
+        "Each contender in its own process (the benchmark's runner). PyTorch: inputs made on the device once; each "
+        "call ends with the probabilities copied to numpy and torch.cuda.synchronize(). cmath_runtime: "
+        "EmotionModel.predict on numpy conversations (validation, padding and copies included). Contenders "
+        "interleaved round by round (cmath_bench/timing.py), first calls (compilation) not timed.",
         "",
         report.latency_table(timed),
         "",
-        "## Batch 16 x 10",
+        f"## Batch {THROUGHPUT[0]} x {THROUGHPUT[1]}",
         "",
         report.detail_table(timed, "throughput"),
         "",
-        "## First call at each shape (ms; torch.compile compiles here; not in the timings above)",
+        "## Contenders: provider, load, compile (first call), memory",
         "",
-        first_calls_table(timed),
+        report.contender_table(timed),
     ]
 
 
@@ -614,28 +486,13 @@ def parity_lines(parity: list[dict[str, Any]]) -> list[str]:
         "",
         "## Parity",
         "",
-        "| contender | reference | shapes | rows | max abs dp | mean abs dp "
-        "| argmax agreement | reference rows with top-2 margin < 1e-3 | verdict |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|",
+        "| contender | reference | shapes | rows | max abs dp | argmax agreement | verdict |",
+        "|---|---|---|---:|---:|---:|---|",
     ] + [
         f"| {p['contender']} | {p['reference']} | {', '.join(p['shapes'])} | {p['rows']} | "
-        f"{p['max_abs']:.2e} | {p['mean_abs']:.2e} | {100 * p['argmax_agreement']:.2f}% | "
-        f"{p.get('near_ties', '-')} | {'PASS' if p['passed'] else 'FAIL'} |"
+        f"{p['max_abs']:.2e} | {100 * p['argmax_agreement']:.2f}% | {'PASS' if p['passed'] else 'FAIL'} |"
         for p in parity
     ]
-
-
-def first_calls_table(records: list[dict[str, Any]]) -> str:
-    shapes = list(dict.fromkeys((r["batch"], r["utterances"]) for r in records))
-    first = {(report.label(r), r["batch"], r["utterances"]): r.get("first_call_ms") for r in records}
-    lines = [
-        "| contender | " + " | ".join(f"{b} x {n}" for b, n in shapes) + " |",
-        "|---|" + "---:|" * len(shapes),
-    ]
-    for name in dict.fromkeys(report.label(r) for r in records):
-        cells = (first.get((name, *s)) for s in shapes)
-        lines.append(f"| {name} | " + " | ".join("-" if ms is None else f"{ms:.1f}" for ms in cells) + " |")
-    return "\n".join(lines)
 
 
 def _cell(d: dict[str, Any]) -> str:
@@ -668,19 +525,13 @@ def run(
         )
     meld, causal = work / "meld", work / "meld-causal"
     check.step("train + export meld (fp32 + fp16)", lambda: train_and_export(meld, (), ("--fp16",)))
-    live = check.step("load contenders", lambda: contenders(check, meld, threads, torch_why)) or {}
-    probs = (
-        check.step("time + compare", lambda: measure(check, live, QUICK if quick else BUDGET))
-        if live
-        else None
-    )
-    check.parity += parity(probs or {})
+    check.step("time + compare", lambda: measure(check, meld, threads, torch_why, ort_why))
     check.step("train + export causal meld (step graph)", lambda: train_and_export(causal, ("--causal",), ()))
     if (causal / "export" / "export.json").is_file():
         check.step("streaming step", lambda: streaming(check, causal / "export", threads, ort_why))
     else:
         check.skip("streaming step", "no causal export (its step above did not complete)")
-    check.bars = bars(check)
+    check.checks = checks(check)
     check.write()
     code = (
         1 if any(s.status in ("failed", "cut") for s in check.steps) else 3 if (torch_why or ort_why) else 0
@@ -718,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         args.threads,
         float(budget) if budget else None,
     )
-    print("\n".join(f"{verdict(b['passed']):>12}  {b['bar']}: {b['value'] or '-'}" for b in check.bars))
+    print("\n".join(f"{verdict(c['passed']):>12}  {c['check']}: {c['value'] or '-'}" for c in check.checks))
     print(
         f"{len(check.not_run)} things not run (see 'Not run'); wrote {args.out / 'gpu_check.json'} and "
         f"gpu_check.md in {time.perf_counter() - start:.0f} s; exit {code}"

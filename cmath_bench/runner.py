@@ -44,6 +44,8 @@ class Plan:
     spinning: bool = (
         False  # idle threads sleep (torch: OMP_WAIT_POLICY=PASSIVE, onnxruntime: allow_spinning=0)
     )
+    reference: str = f"{backends.EAGER}:fp32"  # every speed-up and the parity are against this contender
+    parity_shape: tuple[int, int] = PARITY_SHAPE
 
     @classmethod
     def quick(cls, **kw: Any) -> Plan:
@@ -238,7 +240,7 @@ def run_benchmark(
         for w in workers:
             w.stop()
     for rec in records:  # load time, memory and threads of each contender, on every one of its records
-        owner = next((w for w in workers if w.key == f"{rec['backend']}:{rec['precision']}"), None)
+        owner = next((w for w in workers if w.key == _key(rec)), None)
         if owner:
             w = owner
             rec.update(
@@ -254,7 +256,13 @@ def run_benchmark(
             rec.update(
                 {
                     k: w.info[k]
-                    for k in ("compile_s", "compiled_graphs", "inductor_cache", "max_abs_diff_vs_eager")
+                    for k in (
+                        "compile_s",
+                        "compiled_graphs",
+                        "inductor_cache",
+                        "max_abs_diff_vs_eager",
+                        "argmax_agreement_vs_eager",
+                    )
                     if k in w.info
                 }
             )
@@ -315,7 +323,6 @@ def _measure(
         for key, err in timings.errors.items():
             log(f"  {key} failed at batch {batch} x {n}: {err}")
             records.append(_record("failed", key, batch, n, {}, common, note=err))
-        eager_p50 = None
         shape_records = []
         for w in live:
             if w.key in timings.errors:
@@ -339,17 +346,21 @@ def _measure(
                 )
             if i == 0 and w.key.startswith(backends.COMPILE):
                 w.info["compile_s"] = timings.first[w.key][0]  # the first call: dynamo + inductor
-            eager_p50 = stats["p50_ms"] if w.key.startswith(backends.EAGER) else eager_p50
             shape_records.append(rec)
+        ref = next((r["p50_ms"] for r in shape_records if _key(r) == plan.reference), None)
         for rec in shape_records:
-            rec["speedup_vs_eager"] = eager_p50 / rec["p50_ms"] if eager_p50 else None
+            rec["speedup_vs_eager"] = ref / rec["p50_ms"] if ref else None
         records += shape_records
         log(
             f"  {kind:10s} batch {batch:2d} x {n:3d}: "
             + "  ".join(f"{r['backend']} {r['precision']} {r['p50_ms']:.2f} ms" for r in shape_records)
         )
-    _parity(workers, failed, log)
+    _parity(workers, failed, plan, log)
     return records
+
+
+def _key(rec: dict[str, Any]) -> str:
+    return f"{rec['backend']}:{rec['precision']}"
 
 
 def _settle(workers: dict[str, Worker]) -> Callable[[str], float]:
@@ -357,13 +368,13 @@ def _settle(workers: dict[str, Worker]) -> Callable[[str], float]:
     return lambda key: workers[key].settle()
 
 
-def _parity(workers: list[Worker], failed: dict[str, str], log: Callable[[str], None]) -> None:
-    """Max |probs - eager probs| of every contender on one shared input (the same inputs really are used)."""
+def _parity(workers: list[Worker], failed: dict[str, str], plan: Plan, log: Callable[[str], None]) -> None:
+    """Max |probs - reference probs| and argmax agreement of every contender on one shared input."""
     live = [w for w in workers if w.key not in failed]
-    eager = next((w for w in live if w.key.startswith(backends.EAGER)), None)
+    eager = next((w for w in live if w.key == plan.reference), None)
     if eager is None:
         return
-    batch, n = PARITY_SHAPE
+    batch, n = plan.parity_shape
     ref = {"probs": np.asarray(eager.ask(op="probs", batch=batch, length=n)["probs"])}
     for w in live:
         try:

@@ -39,16 +39,15 @@ def build(job: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
     backend, precision, threads = job["backend"], job["precision"], job["threads"]
     info: dict[str, Any] = {"base_rss_mb": vm("VmRSS")}
     start = time.perf_counter()
-    if backend in ("pytorch-eager", "torch-compile"):
+    if backend.startswith(("pytorch-eager", "torch-compile")):
         import torch
 
         from . import backends
 
         info["import_s"] = time.perf_counter() - start
         backends.set_torch_threads(threads)
-        model, spec, info["load_s"] = backends.torch_model(Path(job["run_dir"]))
-        contender = (
-            backends.eager(model, spec) if backend == "pytorch-eager" else backends.compiled(model, spec)
+        contender, spec, info["load_s"] = backends.torch_contender_named(
+            backend, precision, Path(job["run_dir"])
         )
         info["threads"] = {
             "torch": torch.get_num_threads(),

@@ -60,7 +60,9 @@ def test_checks_and_report_on_made_up_gpu_numbers(tmp_path: Path) -> None:
     assert ("onnxruntime-cuda fp16: argmax agreement >= 99.5%", False) in by  # 99% < 99.5%
     assert ("onnxruntime-cuda fp16: max |dp| <= 0.01 vs pytorch-eager-cuda fp32", True) in by
     assert (f"onnxruntime-cuda fp32: runs on {cuda} (session.get_providers(), read back)", False) in by
-    assert all(passed is None for c, passed in by if c.startswith("step cuda"))  # no step record: not measured
+    assert all(
+        passed is None for c, passed in by if c.startswith("step cuda")
+    )  # no step record: not measured
     check.write()
     md = (tmp_path / "gpu_check.md").read_text()
     assert "**PASS**" in md and "**FAIL**" in md and "**not measured**" in md

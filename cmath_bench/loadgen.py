@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from cmath_runtime.errors import CmathError
+
 from . import host
 from .report import figure, write_pages
 from .timing import percentiles_ms
@@ -176,7 +178,10 @@ def main(module: str, scenario: ModuleType, argv: list[str] | None) -> None:
     settings = type(defaults)(**{f.name: getattr(args, f.name) for f in dataclasses.fields(defaults)})
     export = host.export_of(args.export_dir)
     load_start = os.getloadavg()[0]
-    result = scenario.run(export, settings)
+    try:
+        result = scenario.run(export, settings)
+    except CmathError as e:  # a bad export, a server that did not start: said, without a traceback
+        p.exit(1, f"{module}: {e}\n")
     env = host.server_env(export, settings.threads, settings.queue_delay_us, load_start, module, argv)
     data, text = {"environment": env, **result}, scenario.markdown(result, env)
     plots: dict[str, Callable[[Path], None]] = {f"{module}.png": partial(plot, scenario.draw, result)}

@@ -454,3 +454,15 @@ def test_server_benchmark_pages_are_what_their_commands_write(module: str, tmp_p
     assert scenario.markdown(page, env) == (ROOT / "docs" / "bench" / f"{module}.md").read_text()
     plot(scenario.draw, page, tmp_path / f"{module}.png")
     assert (tmp_path / f"{module}.png").stat().st_size > 1000
+
+
+def test_server_benchmarks_name_a_bad_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder without an export: each benchmark says so in one line (no traceback) and writes nothing."""
+    from cmath_bench import replicas, serve_load
+
+    for scenario in (serve_load, replicas):
+        with pytest.raises(SystemExit) as exit_:
+            scenario.main([str(tmp_path / "nope"), "--quick", "--out", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 1 and "does not exist" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())

@@ -1,448 +1,225 @@
-"""Load on a real Triton (cmath-serve): a bounded asyncio + tritonclient load generator.
+"""Load on one real cmath-serve (Triton on free 127.0.0.1 ports, sharing this machine's cores with the client).
 
     python -m cmath_bench.serve_load EXPORT_DIR [--out DIR] [--quick]
 
-* `cmath`: whole conversations of --utterances utterances, one per request, at concurrency 1, 4, 16, 64
-  (closed loop: each client sends its next conversation when the last one is answered): conversations/s,
-  p50/p99 latency, errors (must be 0) and requests answered (must be all).
-* `cmath_stream`: --stream-conversations concurrent conversations of --stream-utterances utterances each, one
-  utterance per request with sequence_id/start/end: per-utterance p50/p99 and utterances/s, once per server
-  mode: "batched" (the steps Triton put in one execute go through one step call), "serial" (one step call per
-  conversation) and "recompute" (the whole conversation again, what a bidirectional artifact needs). The
-  memory of the cmath_stream process is sampled meanwhile (what one machine holds).
-
-Every level is bounded in requests and in seconds. The servers run on this machine, started with
-cmath_serve.launcher on free 127.0.0.1 ports, and share its cores with the client.
-Writes serve_load.json, serve_load.md and serve_load.png into --out (default: EXPORT_DIR).
+`cmath`: whole conversations of --utterances utterances, one per request, closed loop (each client sends its next
+conversation when the last is answered) at each of --levels of concurrency, --requests (at least 4 per client):
+conversations/s, p50/p99, errors (must be 0), answered (must be all), Triton's mean batch. `cmath_stream`:
+--stream-conversations conversations of --stream-utterances streamed at once, one utterance per request, once per
+server mode of --modes: "batched" (one step call per Triton execute), "serial" (one per conversation),
+"recompute" (the whole conversation again, what a bidirectional artifact needs): utterances/s, p50/p99, and the
+memory of the cmath_stream process, idle and at its peak (what one machine holds). Beside them, `model.predict`
+in this process at batch 1 and 16: what the server adds. No request is retried (a failure is an error); every
+run is bounded in requests and in --seconds (cmath_stream: 3x that). Writes serve_load.json, serve_load.md and
+serve_load.png into --out (default: EXPORT_DIR).
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import os
-import threading
+import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from cmath_serve.conversation_client import ClientOptions, ServeClient
 
-from cmath_serve.client import infer_inputs
-
-from . import host
-from .report import figure, write_pages
+from . import loadgen
+from .loadgen import Conversation
 from .timing import percentiles_ms
 
-CONCURRENCY = (1, 4, 16, 64)
+NO_RETRY = ClientOptions(attempts=1)
+DIRECT_ROUNDS = 10
+CMATH_ROW = (
+    "| {concurrency} | {utterances} | {conversations_per_s:.1f} | {p50_ms:.1f} | {p99_ms:.1f} | {answered} / {sent} "
+    "| {errors} | {mean_batch:.1f} |"
+)
+STREAM_ROW = (
+    "| {mode} | {path} | {conversations} x {utterances} | {utterances_per_s:.1f} | {p50_ms:.1f} | {p99_ms:.1f} | "
+    "{answered} / {sent_planned} | {errors} | {mean_batch:.1f} | {rss_idle_mib:.0f} -> {rss_peak_mib:.0f} | "
+    "{rss_per_conversation_mib:.2f} |"
+)
+PAGE = """\
+# cmath-serve load ({cpu}, ISA class {isa}, {cores} cores shared by server and client; load average \
+{loadavg_start:.1f} at start, {loadavg_end:.1f} at end)
+
+Without a server, `model.predict` in one process (same time, same machine): {direct}.
+
+## `cmath`: whole conversations, one per request
+
+| concurrency | utterances | conversations/s | p50 ms | p99 ms | answered / sent | errors | mean batch |
+|---|---|---|---|---|---|---|---|
+{serve_cmath}
+
+## `cmath_stream`: concurrent conversations, one utterance per request
+
+| mode | path | conversations x utterances | utterances/s | p50 ms | p99 ms | answered / planned | errors \
+| mean batch | stub RSS idle -> peak MiB | MiB per live conversation |
+|---|---|---|---|---|---|---|---|---|---|---|
+{serve_stream}
+"""
 
 
-def start_server(
-    export_dir: Path, stream_mode: str, threads: int, queue_delay_us: int, max_conversations: int
-) -> Any:
+@dataclass(frozen=True)
+class Settings:
+    """One option each (--utterances, ...; the module's docstring says what they do)."""
+
+    utterances: int = 20
+    levels: str = "1,4,16,64"
+    requests: int = 200
+    stream_conversations: int = 64
+    stream_utterances: int = 50
+    modes: str = "batched,serial,recompute"
+    threads: int = 0  # onnxruntime threads per model (0: its default)
+    queue_delay_us: int = 1000
+    seconds: float = 60.0
+
+    def quick(self) -> Settings:
+        return replace(
+            self, levels="1,4", requests=8, stream_conversations=8, stream_utterances=5, seconds=20
+        )
+
+
+def start_server(export_dir: Path, mode: str, s: Settings) -> Any:
+    """One tritonserver on free 127.0.0.1 ports, its cmath_stream in `mode`."""
     from cmath_serve.launcher import Ports, TritonServer, check_port
     from cmath_serve.repository import ServeOptions
 
     ports = Ports(*(check_port("127.0.0.1", 0, f"port {k}") for k in range(3)))
+    n = max(1024, s.stream_conversations)  # live conversations it holds
     options = ServeOptions(
-        queue_delay_us=queue_delay_us,
-        max_conversations=max_conversations,
-        stream_mode=stream_mode,
+        queue_delay_us=s.queue_delay_us,
+        max_conversations=n,
+        stream_mode=mode,
         backend="cpu",
-        threads=threads,
+        threads=s.threads,
     )
-    server = TritonServer(Path(export_dir), options, ports, exit_timeout_s=5)
+    server = TritonServer(export_dir, options, ports, exit_timeout_s=5)
     server.start()
     return server
 
 
-def _conversation_arrays(dims: dict[str, int], num_speakers: int, n: int, rng: np.random.Generator) -> dict:
-    arrays = {m: rng.standard_normal((1, n, d)).astype(np.float32) for m, d in dims.items()}
-    arrays["speaker"] = rng.integers(0, num_speakers, (1, n)).astype(np.int64)
-    arrays["mask"] = np.ones((1, n), bool)
-    return arrays
-
-
-async def _classify_level(url: str, pool: list[dict], concurrency: int, total: int, seconds: float) -> dict:
-    import tritonclient.grpc.aio as grpc
-
-    client = grpc.InferenceServerClient(url)
-    latencies: list[float] = []
-    errors: list[str] = []
-    sent = 0
-    deadline = time.perf_counter() + seconds
-
-    async def worker() -> None:
-        nonlocal sent
-        while sent < total and time.perf_counter() < deadline:
-            arrays = pool[sent % len(pool)]
-            sent += 1
-            t0 = time.perf_counter()
-            try:
-                await client.infer("cmath", infer_inputs(grpc, arrays), client_timeout=60)
-                latencies.append(time.perf_counter() - t0)
-            except Exception as e:  # noqa: BLE001 (counted; the level must show 0)
-                errors.append(str(e)[:200])
-
-    for arrays in pool[:4]:  # warm-up
-        await client.infer("cmath", infer_inputs(grpc, arrays))
-    start = time.perf_counter()
-    await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), seconds + 120)
-    wall = time.perf_counter() - start
-    await client.close()
-    return {
-        "sent": sent,
-        "answered": len(latencies),
-        "errors": len(errors),
-        "error_samples": errors[:3],
-        "seconds": wall,
-        "conversations_per_s": len(latencies) / wall,
-        **percentiles_ms(latencies),
-    }
-
-
-async def _stream_run(url: str, convs: list[dict], seconds: float, base_id: int) -> dict:
-    """Every conversation at once, each sending its next utterance when the previous one is answered."""
-    import tritonclient.grpc.aio as grpc
-
-    client = grpc.InferenceServerClient(url)
-    latencies: list[float] = []
-    errors: list[str] = []
-    deadline = time.perf_counter() + seconds
-
-    async def conversation(j: int, arrays: dict) -> None:
-        n = arrays["speaker"].shape[1]
-        for i in range(n):
-            if time.perf_counter() > deadline:
-                return
-            step = {
-                **{m: arrays[m][0, i : i + 1] for m in arrays if m not in ("speaker", "mask")},
-                "speaker": arrays["speaker"][:, i : i + 1],
-            }
-            t0 = time.perf_counter()
-            try:
-                await client.infer(
-                    "cmath_stream",
-                    infer_inputs(grpc, step),
-                    sequence_id=base_id + j,
-                    sequence_start=i == 0,
-                    sequence_end=i == n - 1,
-                    client_timeout=120,
-                )
-                latencies.append(time.perf_counter() - t0)
-            except Exception as e:  # noqa: BLE001
-                errors.append(str(e)[:200])
-                return
-
-    start = time.perf_counter()
-    await asyncio.wait_for(asyncio.gather(*(conversation(j, c) for j, c in enumerate(convs))), seconds + 180)
-    wall = time.perf_counter() - start
-    await client.close()
-    total = sum(c["speaker"].shape[1] for c in convs)
-    return {
-        "sent_planned": total,
-        "answered": len(latencies),
-        "errors": len(errors),
-        "error_samples": errors[:3],
-        "seconds": wall,
-        "utterances_per_s": len(latencies) / wall,
-        **percentiles_ms(latencies),
-    }
-
-
-def _stream_pid(server: Any) -> int | None:
-    """The Python-backend stub process of cmath_stream (a child of tritonserver)."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            stat = Path(f"/proc/{pid}/stat").read_text().split()
-        except OSError:
-            continue
-        if int(stat[3]) == server.process.pid and any(b"cmath_stream" in c for c in cmd):
-            return int(pid)
-    return None
-
-
-def _rss_mib(pid: int | None) -> float:
-    if pid is None:
-        return float("nan")
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-class _PeakRss(threading.Thread):
-    def __init__(self, pid: int | None) -> None:
-        super().__init__(daemon=True)
-        self.pid, self.peak, self._halt = pid, 0.0, threading.Event()
-
-    def run(self) -> None:
-        while not self._halt.wait(0.1):
-            try:
-                self.peak = max(self.peak, _rss_mib(self.pid))
-            except OSError:
-                return
-
-    def stop(self) -> float:
-        self._halt.set()
-        self.join(2)
-        return self.peak
-
-
-def _stats(server: Any, model: str) -> tuple[int, int]:
-    import tritonclient.grpc as grpc
-
-    s = grpc.InferenceServerClient(server.grpc_url).get_inference_statistics(model).model_stats[0]
-    return s.inference_count, s.execution_count
-
-
-def direct_baseline(export_dir: Path, pool: list[dict], threads: int, rounds: int, log: Any) -> list[dict]:
+def direct_baseline(export_dir: Path, pool: list[Conversation], threads: int) -> list[dict[str, Any]]:
     """model.predict in this process, no server, at batch 1 and 16: what the server adds, measured alongside."""
     import cmath_runtime
 
     model = cmath_runtime.load(export_dir, backend="cpu", threads=threads or None)
-    convs = [{"speakers": a["speaker"][0], "features": {m: a[m][0] for m in model.modalities}} for a in pool]
     out = []
     for batch in (1, 16):
-        model.predict(convs[:batch], batch_size=batch)
+        model.predict(pool[:batch], batch_size=batch)
         times = []
-        for k in range(rounds):
-            group = [convs[(k * batch + j) % len(convs)] for j in range(batch)]
+        for k in range(DIRECT_ROUNDS):
             t0 = time.perf_counter()
-            model.predict(group, batch_size=batch)
+            model.predict([pool[(k * batch + j) % len(pool)] for j in range(batch)], batch_size=batch)
             times.append(time.perf_counter() - t0)
-        rec = {
-            "benchmark": "direct_predict",
-            "batch": batch,
-            "utterances": len(convs[0]["speakers"]),
-            "conversations_per_s": batch * len(times) / sum(times),
-            **percentiles_ms(times),
-        }
-        out.append(rec)
-        log(f"direct predict batch {batch:>2}: {rec['conversations_per_s']:.1f} conversations/s (no server)")
+        rate = {"conversations_per_s": batch * len(times) / sum(times), **percentiles_ms(times)}
+        out.append(
+            {"benchmark": "direct_predict", "batch": batch, "utterances": len(pool[0]["speakers"]), **rate}
+        )
     return out
 
 
-def run(
-    export_dir: Path,
-    quick: bool = False,
-    utterances: int = 20,
-    stream_conversations: int = 64,
-    stream_utterances: int = 50,
-    threads: int = 0,
-    queue_delay_us: int = 1000,
-    seconds: float = 60.0,
-    modes: tuple[str, ...] = ("batched", "serial", "recompute"),
-    log: Any = print,
-) -> list[dict]:
-    from cmath_runtime.manifest import read_manifest
+def _mean_batch(server: Any, model: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """run()'s record and the mean batch Triton executed of `model` meanwhile (inferences / executions)."""
+    import tritonclient.grpc as grpc
 
-    manifest = read_manifest(export_dir)
-    rng = np.random.default_rng(0)
-    dims, spk = dict(manifest.feature_dims), manifest.num_speakers
-    records: list[dict] = []
-    levels = (1, 4) if quick else CONCURRENCY
-    per_level = 8 if quick else 200
-    if quick:
-        stream_conversations, stream_utterances, seconds = (
-            min(stream_conversations, 8),
-            min(stream_utterances, 5),
-            20,
-        )
-    pool = [_conversation_arrays(dims, spk, utterances, rng) for _ in range(32)]
-    streams = [_conversation_arrays(dims, spk, stream_utterances, rng) for _ in range(stream_conversations)]
-    records += direct_baseline(export_dir, pool, threads, 3 if quick else 10, log)
-    for mode in modes:
-        server = start_server(export_dir, mode, threads, queue_delay_us, max(1024, stream_conversations))
-        try:
-            if mode == modes[0]:
-                records += [
-                    _classify(server, pool, c, max(per_level, 4 * c), seconds, utterances, log)
-                    for c in levels
-                ]
-            records.append(_stream(server, streams, mode, seconds, stream_utterances, log))
-        finally:
-            server.stop()
-            server.cleanup()
-    return records
+    client = grpc.InferenceServerClient(server.grpc_url)
+
+    def counts() -> tuple[int, int]:
+        stats = client.get_inference_statistics(model).model_stats[0]
+        return stats.inference_count, stats.execution_count
+
+    (inf0, ex0), rec, (inf1, ex1) = counts(), run(), counts()
+    client.close()
+    return {**rec, "mean_batch": (inf1 - inf0) / max(ex1 - ex0, 1)}
 
 
-def _classify(
-    server: Any, pool: list[dict], concurrency: int, requests: int, seconds: float, utterances: int, log: Any
-) -> dict[str, Any]:
-    """One closed-loop level of whole-conversation requests to `cmath`."""
-    before = _stats(server, "cmath")
-    rec = asyncio.run(_classify_level(server.grpc_url, pool, concurrency, requests, seconds))
-    inf, ex = (a - b for a, b in zip(_stats(server, "cmath"), before))
-    rec.update(
-        benchmark="serve_cmath",
-        concurrency=concurrency,
-        utterances=utterances,
-        mean_batch=(inf - 4) / max(ex - 4, 1),
-    )
-    log(
-        f"cmath  concurrency {concurrency:>2}: {rec['conversations_per_s']:.1f} conversations/s, p50 "
-        f"{rec['p50_ms']:.1f} ms, p99 {rec['p99_ms']:.1f} ms, answered {rec['answered']}/{rec['sent']}, "
-        f"errors {rec['errors']}, mean batch {rec['mean_batch']:.1f}"
-    )
+def _classify(server: Any, pool: list[Conversation], concurrency: int, s: Settings) -> dict[str, Any]:
+    """One closed-loop level of `cmath`: `concurrency` clients, each sending its next whole conversation when the
+    last is answered, max(--requests, 4 per client) in all."""
+    client = ServeClient(server.grpc_url, NO_RETRY)
+    for conv in pool[:4]:  # warm-up
+        client.predict([conv])
+    load, requests = loadgen.Load(s.seconds), max(s.requests, 4 * concurrency)
+
+    def send(k: int) -> None:
+        for i in range(k, requests, concurrency):
+            load.timed(partial(client.predict, [pool[i % len(pool)]]))
+
+    rec = _mean_batch(server, "cmath", lambda: load.run(send, concurrency, "conversations"))
+    client.close()
+    rec.update(benchmark="serve_cmath", concurrency=concurrency, utterances=len(pool[0]["speakers"]))
     return rec
 
 
-def _stream(
-    server: Any, streams: list[dict], mode: str, seconds: float, utterances: int, log: Any
-) -> dict[str, Any]:
-    """The concurrent conversations streamed through `cmath_stream`, utterance by utterance, with the memory of
-    its process sampled meanwhile."""
-    pid = _stream_pid(server)
-    asyncio.run(_stream_run(server.grpc_url, streams[:2], seconds, base_id=900_000))  # warm-up
-    idle_rss = _rss_mib(pid)
-    before = _stats(server, "cmath_stream")
-    sampler = _PeakRss(pid)
-    sampler.start()
-    rec = asyncio.run(_stream_run(server.grpc_url, streams, 3 * seconds, base_id=1))
-    peak = sampler.stop()
-    inf, ex = (a - b for a, b in zip(_stats(server, "cmath_stream"), before))
+def _stream(server: Any, streams: list[Conversation], mode: str, seconds: float) -> dict[str, Any]:
+    """The conversations streamed through `cmath_stream` at once, utterance by utterance, and the resident
+    memory of its process (the Python-backend stub below tritonserver) before and at its peak."""
+    below = loadgen.processes(server.process.pid)
+    stub = next(p for p, cmd in below.items() if "cmath_stream" in cmd and p != server.process.pid)
+    loadgen.stream(server.grpc_url, streams[:2], seconds, NO_RETRY)  # warm-up
+    idle = loadgen.memory_mib(stub, reset_peak=True)["VmRSS"]
+    run = partial(loadgen.stream, server.grpc_url, streams, 3 * seconds, NO_RETRY)
+    rec, peak = _mean_batch(server, "cmath_stream", run), loadgen.memory_mib(stub)["VmHWM"]
     rec.update(
         benchmark="serve_stream",
         mode=mode,
         path=server.description["stream_path"],
-        conversations=len(streams),
-        utterances=utterances,
-        mean_batch=inf / max(ex, 1),
-        rss_idle_mib=idle_rss,
-        rss_peak_mib=peak,
-        rss_per_conversation_mib=(peak - idle_rss) / len(streams),
+        sent_planned=rec.pop("planned"),
     )
-    log(
-        f"stream {mode:>9}: {rec['utterances_per_s']:.1f} utterances/s, p50 {rec['p50_ms']:.1f} ms, p99 "
-        f"{rec['p99_ms']:.1f} ms, answered {rec['answered']}/{rec['sent_planned']}, errors {rec['errors']}, "
-        f"mean batch {rec['mean_batch']:.1f}, stub RSS {idle_rss:.0f} -> {peak:.0f} MiB"
+    rec.update(conversations=len(streams), utterances=len(streams[0]["speakers"]), rss_idle_mib=idle)
+    return {**rec, "rss_peak_mib": peak, "rss_per_conversation_mib": (peak - idle) / len(streams)}
+
+
+def run(export_dir: Path, s: Settings, log: Any = print) -> dict[str, Any]:
+    """The direct baseline, then a server per mode: the `cmath` levels on the first, `cmath_stream` on each."""
+    pool = loadgen.conversations(export_dir, 32, s.utterances, seed=0)
+    streams = loadgen.conversations(export_dir, s.stream_conversations, s.stream_utterances, seed=1)
+    records = direct_baseline(export_dir, pool, s.threads)
+    log(f"model.predict, no server: {_direct(records)}")
+    modes = s.modes.split(",")
+    for mode in modes:
+        server = start_server(export_dir, mode, s)
+        try:
+            for c in [int(c) for c in s.levels.split(",")] if mode == modes[0] else []:
+                records.append(_classify(server, pool, c, s))
+                log(CMATH_ROW.format_map(records[-1]))
+            records.append(_stream(server, streams, mode, s.seconds))
+            log(STREAM_ROW.format_map(records[-1]))
+        finally:
+            server.stop()
+            server.cleanup()
+    return {"records": records}
+
+
+def _direct(records: list[dict[str, Any]]) -> str:
+    direct = [r for r in records if r["benchmark"] == "direct_predict"]
+    return ", ".join(f"batch {r['batch']}: {r['conversations_per_s']:.1f} conversations/s" for r in direct)
+
+
+def markdown(result: dict[str, Any], env: dict[str, Any]) -> str:
+    rows = {k: [r for r in result["records"] if r["benchmark"] == k] for k in ("serve_cmath", "serve_stream")}
+    tables = {
+        k: "\n".join(fmt.format_map(r) for r in rows[k]) for k, fmt in zip(rows, (CMATH_ROW, STREAM_ROW))
+    }
+    return PAGE.format_map({**env, **tables, "direct": _direct(result["records"])})
+
+
+def draw(a: Any, b: Any, result: dict[str, Any]) -> None:
+    rows = [r for r in result["records"] if r["benchmark"] == "serve_cmath"]
+    labels = [r["concurrency"] for r in rows]
+    loadgen.rate_and_latency(
+        a, labels, rows, "conversations_per_s", "concurrent clients", "cmath (whole conversations)"
     )
-    return rec
+    rows = [r for r in result["records"] if r["benchmark"] == "serve_stream"]
+    title = f"cmath_stream: {rows[0]['conversations']} conversations x {rows[0]['utterances']} utterances"
+    loadgen.rate_and_latency(b, [r["mode"] for r in rows], rows, "utterances_per_s", "server mode", title)
 
 
-def markdown(records: list[dict], env: dict) -> str:
-    lines = [
-        f"# cmath-serve load ({env['cpu']}, ISA class {env.get('isa', '-')}, {env['cores']} cores shared by server and client; load average "
-        f"{env['loadavg_start']:.1f} at start, {env['loadavg_end']:.1f} at end)",
-        "",
-        "Without a server, `model.predict` in one process (same time, same machine): "
-        + ", ".join(
-            f"batch {r['batch']}: {r['conversations_per_s']:.1f} conversations/s"
-            for r in records
-            if r["benchmark"] == "direct_predict"
-        )
-        + ".",
-        "",
-        "## `cmath`: whole conversations, one per request",
-        "",
-        "| concurrency | utterances | conversations/s | p50 ms | p99 ms | answered / sent | errors | mean batch |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in records:
-        if r["benchmark"] == "serve_cmath":
-            lines.append(
-                f"| {r['concurrency']} | {r['utterances']} | {r['conversations_per_s']:.1f} | {r['p50_ms']:.1f} | "
-                f"{r['p99_ms']:.1f} | {r['answered']} / {r['sent']} | {r['errors']} | {r['mean_batch']:.1f} |"
-            )
-    lines += [
-        "",
-        "## `cmath_stream`: concurrent conversations, one utterance per request",
-        "",
-        "| mode | path | conversations x utterances | utterances/s | p50 ms | p99 ms | answered / planned | errors "
-        "| mean batch | stub RSS idle -> peak MiB | MiB per live conversation |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in records:
-        if r["benchmark"] == "serve_stream":
-            lines.append(
-                f"| {r['mode']} | {r['path']} | {r['conversations']} x {r['utterances']} | "
-                f"{r['utterances_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['answered']} / "
-                f"{r['sent_planned']} | {r['errors']} | {r['mean_batch']:.1f} | {r['rss_idle_mib']:.0f} -> "
-                f"{r['rss_peak_mib']:.0f} | {r['rss_per_conversation_mib']:.2f} |"
-            )
-    return "\n".join(lines) + "\n"
-
-
-def plot(records: list[dict], path: Path) -> None:
-    with figure(path, (11, 4), cols=2) as (a, b):
-        _draw(a, b, records)
-
-
-def _draw(a: Any, b: Any, records: list[dict]) -> None:
-    rows = [r for r in records if r["benchmark"] == "serve_cmath"]
-    if rows:
-        c = [r["concurrency"] for r in rows]
-        a.plot(c, [r["conversations_per_s"] for r in rows], "o-", color="C0", label="conversations/s")
-        a.set(
-            xscale="log",
-            xlabel="concurrent clients",
-            ylabel="conversations/s",
-            title="cmath (whole conversations)",
-        )
-        a.set_xticks(c, [str(x) for x in c])
-        t = a.twinx()
-        t.plot(c, [r["p50_ms"] for r in rows], "s--", color="C1", label="p50 ms")
-        t.plot(c, [r["p99_ms"] for r in rows], "^--", color="C3", label="p99 ms")
-        t.set(ylabel="latency (ms)", yscale="log")
-        a.legend(loc="upper left")
-        t.legend(loc="lower right")
-    rows = [r for r in records if r["benchmark"] == "serve_stream"]
-    if rows:
-        x = np.arange(len(rows))
-        b.bar(x, [r["utterances_per_s"] for r in rows], color="C2")
-        b.set_xticks(x, [f"{r['mode']}\np50 {r['p50_ms']:.0f} ms\np99 {r['p99_ms']:.0f} ms" for r in rows])
-        b.set(
-            ylabel="utterances/s",
-            title=f"cmath_stream: {rows[0]['conversations']} conversations x "
-            f"{rows[0]['utterances']} utterances",
-        )
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("export_dir", type=Path)
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--quick", action="store_true", help="2 levels, few requests (tests, CI)")
-    parser.add_argument("--utterances", type=int, default=20, help="utterances per `cmath` conversation")
-    parser.add_argument("--stream-conversations", type=int, default=64)
-    parser.add_argument("--stream-utterances", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads per model (0: default)")
-    parser.add_argument("--queue-delay-us", type=int, default=1000)
-    parser.add_argument(
-        "--seconds",
-        type=float,
-        default=60.0,
-        help="time cap of each cmath level (cmath_stream runs: 3x this)",
-    )
-    parser.add_argument("--modes", default="batched,serial,recompute")
-    args = parser.parse_args()
-    export = host.export_of(args.export_dir)
-    load_start = os.getloadavg()[0]
-    records = run(
-        export,
-        args.quick,
-        args.utterances,
-        args.stream_conversations,
-        args.stream_utterances,
-        args.threads,
-        args.queue_delay_us,
-        args.seconds,
-        tuple(args.modes.split(",")),
-    )
-    env = host.server_env(export, args.threads, args.queue_delay_us, load_start, "serve_load")
-    print(
-        write_pages(
-            args.out or export,
-            "serve_load",
-            {"environment": env, "records": records},
-            markdown(records, env),
-            {"serve_load.png": lambda path: plot(records, path)},
-        )
-    )
+def main(argv: list[str] | None = None) -> None:
+    loadgen.main("serve_load", sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -428,5 +428,41 @@ def test_server_benchmarks_run_for_real(module: str, causal_export: Path, tmp_pa
         assert {r["benchmark"] for r in served} == {"serve_cmath", "serve_stream"}
         assert all(r["errors"] == 0 for r in served)
         assert all(r["answered"] == r["sent"] for r in served if r["benchmark"] == "serve_cmath")
+        streamed = [r for r in served if r["benchmark"] == "serve_stream"]
+        assert all(r["answered"] == r["sent_planned"] == 8 * 5 for r in streamed)
+        assert all(r["rss_peak_mib"] >= r["rss_idle_mib"] > 0 for r in streamed)  # the stub's memory, read
     else:
         assert [r["replicas"] for r in records] == [1, 2] and all(r["errors"] == 0 for r in records)
+        assert all(
+            r["answered"] == r["planned"] and r["cpu_ms_per_utterance"]["replicas"] > 0 for r in records
+        )
+        assert page["failover"]["killed"] in ("r0", "r1") and page["failover"]["conversations"] == 2
+
+
+@pytest.mark.parametrize("module", ["serve_load", "replicas"])
+def test_server_benchmark_pages_are_what_their_commands_write(module: str, tmp_path: Path) -> None:
+    """docs/bench/serve_load.md and replicas.md are the markdown their command writes of the .json beside them
+    (the layout docs/scaling.md and docs/benchmarks.md read), and the plot draws from that .json."""
+    import importlib
+    import json
+
+    from cmath_bench.loadgen import plot
+
+    scenario = importlib.import_module(f"cmath_bench.{module}")
+    page = json.loads((ROOT / "docs" / "bench" / f"{module}.json").read_text())
+    env = page.pop("environment")
+    assert scenario.markdown(page, env) == (ROOT / "docs" / "bench" / f"{module}.md").read_text()
+    plot(scenario.draw, page, tmp_path / f"{module}.png")
+    assert (tmp_path / f"{module}.png").stat().st_size > 1000
+
+
+def test_server_benchmarks_name_a_bad_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder without an export: each benchmark says so in one line (no traceback) and writes nothing."""
+    from cmath_bench import replicas, serve_load
+
+    for scenario in (serve_load, replicas):
+        with pytest.raises(SystemExit) as exit_:
+            scenario.main([str(tmp_path / "nope"), "--quick", "--out", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 1 and "does not exist" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())

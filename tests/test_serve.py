@@ -573,7 +573,8 @@ def test_store_limit_expiry_and_one_call_per_batch() -> None:
 
 
 def test_serve_load_report(tmp_path: Path) -> None:
-    from cmath_bench.serve_load import markdown, plot
+    from cmath_bench.loadgen import plot
+    from cmath_bench.serve_load import draw, markdown
 
     base = {"p50_ms": 10.0, "p90_ms": 12.0, "p99_ms": 20.0, "mean_ms": 11.0, "min_ms": 9.0}
     records = [
@@ -612,13 +613,14 @@ def test_serve_load_report(tmp_path: Path) -> None:
             for m in ("batched", "serial", "recompute")
         ),
     ]
-    text = markdown(records, {"cpu": "AMD EPYC", "cores": 2, "loadavg_start": 1.0, "loadavg_end": 2.0})
+    env = {"cpu": "AMD EPYC", "isa": "avx2", "cores": 2, "loadavg_start": 1.0, "loadavg_end": 2.0}
+    text = markdown({"records": records}, env)
     assert (
         "| 64 | 20 | 114.0 |" in text
         and "| serial | step | 64 x 50 | 80.0 |" in text
         and "batch 1: 100.0" in text
     )
-    plot(records, tmp_path / "serve_load.png")
+    plot(draw, {"records": records}, tmp_path / "serve_load.png")
     assert (tmp_path / "serve_load.png").stat().st_size > 1000
 
 

@@ -2,17 +2,10 @@
 
     python -m cmath_bench.engine_choice EXPORT [--threads N] [--quick] [--csv-dir DIR] [--out FILE]
 
-Contenders, each a cmath_runtime.load of the same export (its text encoder on the same engine and precision, or
-chosen on its own for "auto"): auto (backend="auto", exact), auto+auto (backend and precision "auto"),
-onnxruntime fp32, OpenVINO fp32, onnxruntime int8 (when exported with a passed record). The auto contenders
-calibrate in this run (a fresh choice cache); their choices and medians go in the report.
-
-Two calls, timed in interleaved rounds (cmath_bench.timing), p50:
-- text path: conv.add(speaker, text=...) + conv.latest on a live conversation of 20 turns, batch 1, raw text
-  (cmath_bench.text_path's live conversations and contender);
-- model: model.predict on one conversation of 50 utterances of features (fixed seed), batch 1.
-Both twice: on the machine as it is, then beside a CPU-bound process (a bounded `python -c` busy loop, one core)
-for the whole second phase. Every record names the CPU and its ISA class (cmath_runtime.cpu).
+Contenders (ENGINES), each a cmath_runtime.load of the same export; the auto ones calibrate in this run (a fresh
+choice cache). Two calls, p50 in interleaved rounds: the text path's live call (cmath_bench.text_path) and
+model.predict on one conversation of UTTERANCES utterances, batch 1; both on the machine as it is, then beside a
+CPU-bound process on one core. Every record names the CPU and its ISA class.
 """
 
 from __future__ import annotations
@@ -102,6 +95,7 @@ def run(
                 functools.partial(model.predict, [conv], batch_size=1)
             )
         records = []
+        where = {"cpu": cpu.model, "isa": cpu.isa, "threads": threads}
         for phase in ("quiet", "beside a busy core"):
             seconds = 4 * budget.seconds * len(timers) + 60
             with busy_core(seconds) if phase != "quiet" else contextlib.nullcontext():
@@ -109,20 +103,12 @@ def run(
             for key, times in timings.times.items():
                 call, name = key.split(" | ")
                 if times:
+                    engine = engine_of(models[name])
                     records.append(
-                        {
-                            "call": call,
-                            "contender": name,
-                            "phase": phase,
-                            "cpu": cpu.model,
-                            "isa": cpu.isa,
-                            "threads": threads,
-                            "engine": engine_of(models[name]),
-                            **percentiles_ms(times),
-                        }
+                        {"call": call, "contender": name, "phase": phase, **where, "engine": engine}
+                        | percentiles_ms(times)
                     )
-            for key, err in timings.errors.items():
-                skipped[key] = err
+            skipped.update(timings.errors)
         choices = {
             name: {part: c.summary() for part, c in models[name].engine_choice.items()}
             for name in (AUTO, AUTO_AUTO)

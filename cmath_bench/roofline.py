@@ -1,18 +1,19 @@
 """This machine's limits and each record's distance to them (a roofline per record).
 
-The limits, measured with the run's thread count: copy bandwidth (BandwidthProbe), read bandwidth (ReadProbe: a
-copy rate is not a read rate, so weight-bound calls use this one) and the fp32 / int8 matmul peaks (PeakProbe).
-Per record, FLOPs are counted from the graph at that record's real shapes (FlopCounter) and weight bytes are the
-initializer bytes one call reads (weight_bytes, WeightReads):
+The limits: copy and read bandwidth (BandwidthProbe, ReadProbe: weight-bound calls use the read rate) and the
+fp32 / int8 matmul peaks (PeakProbe). Per record, FLOPs are counted from the graph at its real shapes (FlopCounter)
+and weight bytes are the initializer bytes one call reads (weight_bytes, WeightReads):
 
-    floor = max(weight bytes / bandwidth, FLOPs / peak),   latency_x_floor = p50 / floor.
+    floor = max(weight bytes / bandwidth, FLOPs / peak),   latency_x_floor = p50 / floor,
 
-The floor is a lower bound for an engine that reads every weight once and runs at the matmul peak.
+a lower bound for an engine that reads every weight once and runs at the matmul peak.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +24,8 @@ from typing import Any
 import numpy as np
 
 from cmath_runtime.session import open_probe_session
+
+from .inputs import InputSpec, conversations, padded
 
 COPY_MIB = 256
 READ_MIB = 256  # at least; read_buffer_mib() makes it 4x the last-level cache where that is larger
@@ -41,11 +44,9 @@ class Machine:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
-    def floor_ms(
-        self, weight_bytes: float, flops: float, bandwidth_gb_s: float | None = None
-    ) -> dict[str, Any]:
-        """The floor of a call; `bandwidth_gb_s` (default: this machine's) when it was measured beside the call."""
-        return floor_ms(weight_bytes, flops, bandwidth_gb_s or self.bandwidth_gb_s, self.fp32_gflop_s)
+    def floor_ms(self, weight_bytes: float, flops: float, gb_s: float | None = None) -> dict[str, Any]:
+        """The floor of a call; `gb_s` (default: this machine's bandwidth) when it was measured beside the call."""
+        return floor_ms(weight_bytes, flops, gb_s or self.bandwidth_gb_s, self.fp32_gflop_s)
 
 
 def floor_ms(weight_bytes: float, flops: float, gb_s: float, gflop_s: float) -> dict[str, Any]:
@@ -132,12 +133,8 @@ class PeakProbe:
 
 
 def measure(threads: int) -> Machine:
-    return Machine(
-        measure_bandwidth(threads),
-        measure_matmul_peak(threads),
-        threads,
-        measure_read_bandwidth(threads)["read_gb_s"],
-    )
+    bandwidth, peak = measure_bandwidth(threads), measure_matmul_peak(threads)
+    return Machine(bandwidth, peak, threads, measure_read_bandwidth(threads)["read_gb_s"])
 
 
 def last_level_cache_bytes() -> int | None:
@@ -169,7 +166,7 @@ class ReadProbe:
     def __init__(self, kind: str = "sum", threads: int = 1, mib: int | None = None) -> None:
         if kind not in self.KINDS:
             raise ValueError(f"kind: expected one of {self.KINDS}, got {kind!r}")
-        self.kind, self.threads = kind, threads
+        self.kind = kind
         rows = 4096
         cols = max(1, (mib or read_buffer_mib()) * 2**20 // 4 // rows)
         self.nbytes = rows * cols * 4
@@ -178,7 +175,17 @@ class ReadProbe:
             bounds = np.linspace(0, rows * cols, threads + 1).astype(int)
             self.slices = list(zip(bounds, bounds[1:]))
         else:
-            self.session, self.feeds = _gemv_session(rows, cols, threads)
+            from onnx import TensorProto, helper, numpy_helper
+
+            graph = helper.make_graph(
+                [helper.make_node("MatMul", ["x", "w"], ["y"])],
+                "gemv",
+                [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cols])],
+                [numpy_helper.from_array(np.full((rows, cols), 0.5, np.float32), "w")],
+            )
+            self.session = _one_node_session(graph, threads)
+            self.feeds = {"x": np.ones((1, rows), np.float32)}
 
     def __call__(self) -> float:
         if self.kind == "gemv":
@@ -188,19 +195,6 @@ class ReadProbe:
     def gb_s(self, seconds: list[float], statistic: str = "p50") -> float:
         """Bytes read per second / 1e9 of the median call ("p50") or of the fastest one ("best")."""
         return _per_s(self.nbytes, seconds, statistic)
-
-
-def _gemv_session(rows: int, cols: int, threads: int) -> tuple[Any, dict[str, np.ndarray]]:
-    from onnx import TensorProto, helper, numpy_helper
-
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])],
-        "gemv",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cols])],
-        [numpy_helper.from_array(np.full((rows, cols), 0.5, np.float32), "w")],
-    )
-    return _one_node_session(graph, threads), {"x": np.ones((1, rows), np.float32)}
 
 
 def _one_node_session(graph: Any, threads: int) -> Any:
@@ -387,38 +381,29 @@ def contender_weight_bytes(
 
 def annotate(records: list[dict[str, Any]], machine: Machine, export_dir: Path) -> None:
     """Add flops, weight_bytes, the floor and latency_x_floor to every timed full-graph record (in place)."""
-    import json
-
-    from .inputs import InputSpec, conversations, padded
-
     export_dir = Path(export_dir)
     manifest = json.loads((export_dir / "export.json").read_text())
     spec = InputSpec(
         tuple(manifest["modalities"]), dict(manifest["feature_dims"]), int(manifest["num_speakers"])
     )
     counter = FlopCounter(export_dir / manifest["artifacts"]["fp32"]["file"])
-    per_shape: dict[tuple[int, int], float] = {}
-    per_precision: dict[str, tuple[int | None, str]] = {}
+    weights = functools.cache(functools.partial(contender_weight_bytes, export_dir, manifest))
+
+    @functools.cache
+    def flops_at(batch: int, utterances: int) -> float:
+        feats, speaker, mask = padded(spec, conversations(spec, batch, utterances))
+        return counter({**feats, "speaker": speaker, "mask": mask})
+
     for rec in records:
         if rec.get("kind") not in ("latency", "throughput") or rec.get("p50_ms") is None:
             continue
-        shape = (rec["batch"], rec["utterances"])
-        if shape not in per_shape:
-            feats, speaker, mask = padded(spec, conversations(spec, *shape))
-            per_shape[shape] = counter({**feats, "speaker": speaker, "mask": mask})
-        if rec["precision"] not in per_precision:
-            per_precision[rec["precision"]] = contender_weight_bytes(export_dir, manifest, rec["precision"])
-        wbytes, how = per_precision[rec["precision"]]
+        wbytes, how = weights(rec["precision"])
         if wbytes is None:
             continue
-        floor = machine.floor_ms(wbytes, per_shape[shape])
-        rec.update(
-            flops=per_shape[shape],
-            weight_bytes=wbytes,
-            weight_bytes_from=how,
-            **floor,
-            latency_x_floor=rec["p50_ms"] / floor["floor_ms"],
-        )
+        flops = flops_at(rec["batch"], rec["utterances"])
+        floor = machine.floor_ms(wbytes, flops)
+        rec.update(flops=flops, weight_bytes=wbytes, weight_bytes_from=how, **floor)
+        rec["latency_x_floor"] = rec["p50_ms"] / floor["floor_ms"]
 
 
 def _timed_threads(workers: list[threading.Thread]) -> float:

@@ -14,6 +14,10 @@ from typing import Any
 
 import numpy as np
 
+import cmath_runtime
+from cmath_runtime.manifest import read_manifest
+from cmath_runtime.streaming import Stream
+
 from . import roofline
 from .backends import OPENVINO, ORT, ORT_SPIN, RUNTIME
 from .timing import Budget, interleaved, percentiles_ms, quiesce, repeating
@@ -32,8 +36,6 @@ PROBE = "probe/bandwidth"  # cmath_bench.roofline.BandwidthProbe, timed among th
 def _load_step_models(
     export_dir: str | Path, threads: int, contenders: tuple[tuple[str, str], ...], log: Any
 ) -> dict[tuple[str, str], Any]:
-    import cmath_runtime
-
     models = {}
     for backend, precision in contenders:
         which, spin = RUNTIME[backend]
@@ -66,8 +68,6 @@ def run_streaming(
     the step graph on every (backend, precision) that loads here, and the full recompute (onnxruntime fp32).
     With `machine` (roofline.Machine), each step record carries its floor, its bytes term from the copy bandwidth
     measured at that history length in the same rounds as the steps (_step_floor)."""
-    from cmath_runtime.streaming import Stream
-
     models = _load_step_models(export_dir, threads, contenders, log)
     base, base_graph = models[(ORT, "fp32")]
     rng = np.random.default_rng(0)
@@ -91,10 +91,10 @@ def run_streaming(
         if probe is not None:  # the steps' bandwidth floor, measured in the same rounds as they are
             named[PROBE] = repeating(probe)
         timings = interleaved(named, budget, settle=lambda _name: quiesce())
-        probed = timings.times.get(PROBE) if probe is not None else None
-        # p50 against p50: the steps' median call against the median copy of the same rounds
-        bandwidth = probe.gb_s(probed, "p50") if probe and probed else None
-        best = probe.gb_s(probed, "best") if probe and probed else None
+        bandwidth = best = None
+        if probe is not None and (probed := timings.times.get(PROBE)):
+            # p50 against p50: the steps' median call against the median copy of the same rounds
+            bandwidth, best = probe.gb_s(probed, "p50"), probe.gb_s(probed, "best")
         flops = counter(_step_feeds(streams[(ORT, "fp32")], n, speakers, new_row)) if counter else None
         for key, stream in streams.items():
             stream.buffers.update(tails[key])
@@ -201,8 +201,6 @@ def stream_records(
     lengths: tuple[int, ...] | None = None,
 ) -> list[dict]:
     """cmath-bench hook: streaming records for an artifact with a step graph, [] otherwise."""
-    from cmath_runtime.manifest import read_manifest
-
     if not read_manifest(export_dir).step:
         return []
     return run_streaming(

@@ -1,16 +1,10 @@
 """Raw text -> emotion for one new utterance in a live conversation: each engine against the text path's floor.
 
 One timed call (batch 1) is what an agent does when a line arrives: `conv.add(speaker, text=...)` on a copy of a
-conversation that already holds HISTORY turns of real texts, then reading `conv.latest`. Contenders, timed in
-interleaved rounds with the machine's probes (roofline.make_probes):
-- runtime fp32 / runtime int8: cmath_runtime.load(precision=...);
-- pytorch: the same pipeline in PyTorch (TorchPipeline: the same token ids, the encoder's torch twin, the run's
-  checkpoint in eager mode on the whole conversation);
-- frozen: a plain sentence-transformers encoder reading the utterance alone + the same fp32 model: what reading the
-  context costs.
-A call's floor is max(weight bytes it reads / read bandwidth, FLOPs / matmul peak), rates from the probes of the
-same rounds (roofline.record_floor). `replay_parity` replays dialogues utterance by utterance against the PyTorch
-pipeline. cmath-bench calls `report_text_path` (bench_text.json/.md/.png) when the export has a text encoder.
+conversation that already holds HISTORY turns of real texts, then reading `conv.latest`. Contenders: runtime fp32
+and int8, the same pipeline in PyTorch (TorchPipeline) and a frozen plain encoder reading the utterance alone (what
+reading the context costs), timed in interleaved rounds with the machine's probes, which give each call's floor
+(roofline.record_floor). cmath-bench calls `report_text_path` when the export has a text encoder.
 """
 
 from __future__ import annotations
@@ -26,8 +20,14 @@ from typing import Any
 
 import numpy as np
 
+import cmath_runtime
+from cmath_runtime.batching import pad_conversations
+from cmath_runtime.compare import compare, max_abs
+from cmath_runtime.session import PRECISIONS
+from cmath_runtime.text import TextEncoder, TextEncoderSpec
+
 from . import host, roofline
-from .backends import Contender
+from .backends import Contender, set_torch_threads
 from .report import figure, write_pages
 from .timing import Budget, Timer, interleaved, percentiles_ms, quiesce, repeating, timer
 
@@ -94,56 +94,37 @@ def live_conversations(
     return out
 
 
-class TurnTokens:
-    """(input_ids, token_type_ids) of a new utterance with its past as the encoder reads it (the runtime's own
-    `TextEncoder.inputs`)."""
-
-    def __init__(self, spec: Any) -> None:  # cmath_runtime.text.TextEncoderSpec
-        from cmath_runtime.text import TextEncoder
-
-        self.spec = spec
-        self.encoder = TextEncoder(spec, threads=1, verify=False)
-
-    def __call__(
-        self, texts: Sequence[str], speakers: Sequence[int], speaker: int, text: str
-    ) -> tuple[list[int], list[int]]:
-        return self.encoder.inputs([([*texts, text], [*speakers, speaker], len(texts))])[0]
-
-    def feeds(self, pair: tuple[list[int], list[int]]) -> dict[str, np.ndarray]:
-        """The encoder graph's feeds for one input (batch 1, no padding)."""
-        return self.encoder.feeds([pair])
+def turn_tokens(encoder: TextEncoder, d: Dialogue, i: int) -> tuple[list[int], list[int]]:
+    """(input_ids, token_type_ids) of utterance i of `d` with its past, as `encoder` reads it."""
+    return encoder.inputs([(d.texts[: i + 1], d.speakers[: i + 1], i)])[0]
 
 
 class TorchPipeline:
-    """The runtime's text path in PyTorch: TurnTokens -> PooledEncoder (the encoder's torch twin, on the fine-tuned HF
-    model export.json's `text_encoder.source` names) -> the run's checkpoint, eager, on the whole conversation."""
+    """The runtime's text path in PyTorch: the runtime's token ids -> PooledEncoder (the encoder's torch twin, on the
+    fine-tuned HF model export.json's `text_encoder.source` names) -> the run's checkpoint, eager, on the whole
+    conversation. `model`: the runtime's fp32 model of the run's export."""
 
-    def __init__(self, run_dir: Path, export_dir: Path, spec: Any, feature_dims: dict[str, int]) -> None:
-        from cmath_runtime.manifest import read_manifest
+    def __init__(self, run_dir: Path, model: Any) -> None:
         from cmath_train.checkpoint import load_checkpoint
         from cmath_train.prepare.pooled import PooledEncoder
         from cmath_train.prepare.text_encoder import SentenceTransformerEncoder
 
-        st = SentenceTransformerEncoder.load(read_manifest(export_dir).to_json()["text_encoder"]["source"])
+        spec, feature_dims = model.text_encoder.spec, model.feature_dims
+        st = SentenceTransformerEncoder.load(model.manifest.text_encoder["source"])
         transformer: Any = st.model[0].auto_model
         self.encoder = PooledEncoder(
             transformer, spec.pooling, spec.normalize, first_segment=spec.turns is not None
         ).eval()
         self.net = load_checkpoint(run_dir).model.eval()
-        self.tokens = TurnTokens(spec)
-        self.others = {
-            m: d for m, d in feature_dims.items() if m != "t"
-        }  # zeros: the text path gives only "t"
+        self.text = TextEncoder(spec, threads=1, verify=False)  # its tokenizer
+        # zeros for the other modalities: the text path gives only "t"
+        self.others = {m: d for m, d in feature_dims.items() if m != "t"}
 
-    def embed(self, dialogue: Dialogue) -> np.ndarray:
+    def embed(self, d: Dialogue) -> np.ndarray:
         """(n, dim) features of every utterance, each read with its own past (batched, for set-up and parity)."""
         from cmath_train.prepare.pooled import embed
 
-        d = dialogue
-        pairs = [
-            self.tokens(d.texts[:i], d.speakers[:i], d.speakers[i], d.texts[i]) for i in range(len(d.texts))
-        ]
-        return embed(self.encoder, pairs)
+        return embed(self.encoder, [turn_tokens(self.text, d, i) for i in range(len(d.texts))])
 
     def probs(self, features: Any, speakers: Sequence[int]) -> np.ndarray:
         """(n, classes) probabilities of a whole conversation from its (n, dim) text features."""
@@ -169,9 +150,9 @@ class TorchPipeline:
         from cmath_train.prepare.pooled import collate
 
         past, feats = state
-        batch = collate([self.tokens(past.texts, past.speakers, speaker, text)])
+        batch = collate(self.text.inputs([([*past.texts, text], [*past.speakers, speaker], len(past.texts))]))
         with torch.inference_mode():
-            row = self.encoder(**{k: v for k, v in batch.items() if k in self.tokens.spec.inputs})
+            row = self.encoder(**{k: v for k, v in batch.items() if k in self.text.spec.inputs})
             x = torch.cat([feats, row])
         return self.probs(x, [*past.speakers, speaker])[-1]
 
@@ -215,9 +196,7 @@ def add_text(conv: Any, speaker: int, text: str, others: dict[str, np.ndarray], 
 
 def start_conversation(model: Any, d: Dialogue, frozen: Any = None) -> Any:
     """A runtime Conversation holding the dialogue's past (all but its last utterance), its state computed."""
-    from cmath_runtime import Conversation
-
-    conv, others = Conversation(model), zero_rows(model)
+    conv, others = cmath_runtime.Conversation(model), zero_rows(model)
     for s, t in zip(d.speakers[:-1], d.texts[:-1], strict=True):
         add_text(conv, s, t, others, frozen)
     conv.latest  # noqa: B018  computed now (step path: the cached state), not in the timed call
@@ -243,7 +222,6 @@ def frozen_encoder(model_dir: Path | None, text_normalisation: str | None) -> It
     """(TextEncoderSpec, name) of a plain sentence-transformers encoder (default: the bundled all-MiniLM-L6-v2)
     exported to ONNX in a temp dir by cmath_export's text-encoder export, for as long as the context lasts."""
     from cmath_export.text_encoder import export_text_encoder
-    from cmath_runtime.text import TextEncoderSpec
     from cmath_train.prepare.text_encoder import SentenceTransformerEncoder
 
     meta = SentenceTransformerEncoder.load(model_dir).describe()
@@ -270,8 +248,6 @@ def frozen_encoder(model_dir: Path | None, text_normalisation: str | None) -> It
 
 def model_graph(model: Any) -> Path:
     """The graph a Conversation of `model` runs for a new utterance: its step graph, else its model file."""
-    from cmath_runtime.session import PRECISIONS
-
     graph = model.step_graph
     if graph is not None:
         return Path(graph.file)
@@ -280,8 +256,6 @@ def model_graph(model: Any) -> Path:
 
 def model_feeds(model: Any, conv: Any, dialogue: Dialogue) -> dict[str, np.ndarray]:
     """The model graph's feeds when (a copy of) `conv` gets the dialogue's last utterance."""
-    from cmath_runtime.batching import pad_conversations
-
     conv = conv.copy()
     graph = model.step_graph
     if graph is None:
@@ -314,10 +288,12 @@ def call_cost(
 
 
 def _median_call(
-    tokens: Callable[[Dialogue], tuple[list[int], list[int]]], live: list[Dialogue]
+    encoder: TextEncoder, live: list[Dialogue], alone: bool = False
 ) -> tuple[Dialogue, tuple[list[int], list[int]], float]:
-    """The live conversation whose new utterance has the median token count, its tokens, and the median count."""
-    pairs = [tokens(d) for d in live]
+    """The live conversation whose new utterance has the median token count as `encoder` reads it (with its past,
+    or `alone`), that utterance's tokens, and the median count."""
+    news = [Dialogue(d.texts[-1:], [0]) if alone else d for d in live]
+    pairs = [turn_tokens(encoder, d, len(d.texts) - 1) for d in news]
     counts = [len(ids) for ids, _ in pairs]
     k = int(np.argsort(counts, kind="stable")[len(counts) // 2])
     return live[k], pairs[k], float(np.median(counts))
@@ -349,10 +325,6 @@ def run_text_path(
     and the ratios. `dialogues` (default: text_source(csv_dir)) give the live conversations' texts; `machine` the
     limits cmath-bench measured before any contender (reported beside, not used); `read_mib` / `peak_n` the probes'
     sizes."""
-    import cmath_runtime
-
-    from .backends import set_torch_threads
-
     set_torch_threads(threads)
     fp32 = cmath_runtime.load(export_dir, backend="cpu", threads=threads)
     if dialogues:
@@ -405,10 +377,9 @@ def timed_records(
         if not timings.times.get(name):
             skipped[name] = timings.errors.get(name, "no timed call")
             continue
+        times = timings.times[name]
         rec = {"contender": name, "encoder": c.provider, "precision": c.precision, "batch": 1, **common}
-        rec.update(
-            iterations=len(timings.times[name]), **percentiles_ms(timings.times[name]), **c.info["cost"]
-        )
+        rec.update(iterations=len(times), **percentiles_ms(times), **c.info["cost"])
         records.append({**rec, **roofline.record_floor(rec, limits)})
     return records
 
@@ -423,9 +394,6 @@ def load_contenders(
 ) -> tuple[dict[str, Contender], dict[str, str], Any]:
     """(contenders by name, skipped ones and why, the frozen TextEncoder or None): runtime fp32 and int8, the
     PyTorch pipeline and the frozen plain encoder (its temporary export kept open on `stack`)."""
-    import cmath_runtime
-    from cmath_runtime.text import TextEncoder
-
     spec = fp32.text_encoder.spec
     reads = "fine-tuned, reads speaker + past turns" if spec.turns else "reads the utterance alone"
     contenders = {FP32: runtime_contender(FP32, fp32, f"{spec.onnx_file.name} ({reads})")}
@@ -435,7 +403,7 @@ def load_contenders(
         contenders[INT8] = runtime_contender(INT8, int8, f"{int8.text_encoder.spec.onnx_file.name} ({reads})")
     except cmath_runtime.CmathError as e:
         skipped[INT8] = str(e)
-    torch_path = TorchPipeline(run_dir, export_dir, spec, fp32.feature_dims)
+    torch_path = TorchPipeline(run_dir, fp32)
     twin = "PooledEncoder (torch twin of the encoder) + checkpoint, eager"
     contenders[TORCH] = live_contender(TORCH, twin, "fp32", torch_path.start, torch_path.call)
     frozen = None
@@ -457,17 +425,14 @@ def count_costs(
     """Fill each contender's `cost`: weight bytes read and FLOPs of its call on the live conversation whose new
     utterance has the median token count (pytorch: the fp32 graphs' figures, the same weights and arithmetic)."""
     spec = fp32.text_encoder.spec
-    tokens = TurnTokens(spec)
-    median, pair, tokens_p50 = _median_call(
-        lambda d: tokens(d.texts[:-1], d.speakers[:-1], d.speakers[-1], d.texts[-1]), convs
-    )
+    median, pair, tokens_p50 = _median_call(fp32.text_encoder, convs)
     feeds = model_feeds(fp32, start_conversation(fp32, median), median)
     fp32_graph = model_graph(fp32)
 
     def cost(enc_feeds: dict[str, np.ndarray], p50: float, *graphs: Any) -> dict[str, Any]:
         return {"tokens": int(enc_feeds["input_ids"].shape[1]), "tokens_p50": p50, **call_cost(*graphs)}
 
-    enc_feeds = tokens.feeds(pair)
+    enc_feeds = fp32.text_encoder.feeds([pair])
     for name, c in contenders.items():
         if name != FROZEN:
             model = c.info.get("model") or fp32
@@ -478,9 +443,8 @@ def count_costs(
                 (model_graph(model), fp32_graph, feeds),
             )
     if FROZEN in contenders:
-        plain = TurnTokens(frozen.spec)
-        _, alone, alone_p50 = _median_call(lambda d: plain([], [], 0, d.texts[-1]), convs)
-        f_feeds, f_file = plain.feeds(alone), frozen.spec.onnx_file
+        _, alone, alone_p50 = _median_call(frozen, convs, alone=True)
+        f_feeds, f_file = frozen.feeds([alone]), frozen.spec.onnx_file
         contenders[FROZEN].info["cost"] = cost(
             f_feeds, alone_p50, (f_file, f_file, f_feeds), (fp32_graph, fp32_graph, feeds)
         )
@@ -612,14 +576,9 @@ def replay_parity(
     """Dialogues replayed utterance by utterance through Conversation.add(text=) (runtime fp32, and int8 when the
     export has it) against the PyTorch pipeline on each whole dialogue: the final probabilities, compared by
     cmath_runtime.compare (fp32: max |dp| <= EXACT; int8: argmax agreement with fp32 >= INT8_AGREEMENT)."""
-    import cmath_runtime
-    from cmath_runtime.compare import compare, max_abs
-
-    from .backends import set_torch_threads
-
     set_torch_threads(threads)
     fp32 = cmath_runtime.load(export_dir, backend="cpu", threads=threads)
-    torch_path = TorchPipeline(run_dir, export_dir, fp32.text_encoder.spec, fp32.feature_dims)
+    torch_path = TorchPipeline(run_dir, fp32)
     models = {"fp32": fp32}
     try:
         models["int8"] = cmath_runtime.load(export_dir, backend="cpu", precision="int8", threads=threads)
@@ -658,8 +617,6 @@ def replay_parity(
 
 def replay(model: Any, dialogue: Dialogue) -> np.ndarray:
     """(n, classes) final probabilities of a dialogue added utterance by utterance as raw text."""
-    import cmath_runtime
-
     conv, others = cmath_runtime.Conversation(model), zero_rows(model)
     for s, t in zip(dialogue.speakers, dialogue.texts, strict=True):
         add_text(conv, s, t, others).latest  # noqa: B018  as an agent reads it, utterance by utterance
@@ -668,8 +625,7 @@ def replay(model: Any, dialogue: Dialogue) -> np.ndarray:
 
 def parity_lines(parity: dict[str, Any]) -> list[str]:
     out = []
-    f = parity.get("fp32")
-    if f:
+    if f := parity.get("fp32"):
         probs = f["outputs"][0]
         out.append(
             f"- Raw-text parity: {f['conversations']} dialogues ({f['rows']} utterances) replayed utterance by "
@@ -677,8 +633,7 @@ def parity_lines(parity: dict[str, Any]) -> list[str]:
             f"**{probs['max_abs']:.2g}** (bar {EXACT:g}), argmax agreement {100 * f['argmax_agreement']:.2f}%: "
             f"{'PASS' if f['passed'] else 'FAIL'}"
         )
-    q = parity.get("int8")
-    if q:
+    if q := parity.get("int8"):
         out.append(
             f"- int8 text path argmax agreement with fp32: **{100 * q['argmax_agreement']:.2f}%** (bar "
             f"{100 * INT8_AGREEMENT:g}%), max |dp| {q['outputs'][0]['max_abs']:.3g}: "

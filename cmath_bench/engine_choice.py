@@ -22,6 +22,10 @@ from typing import Any
 
 import numpy as np
 
+import cmath_runtime
+from cmath_runtime.cpu import cpu_info
+from cmath_runtime.files import atomic_write_json
+
 from .text_path import HISTORY, live_conversations, live_timer, runtime_contender, text_source
 from .timing import Budget, interleaved, percentiles_ms, quiesce, repeating
 
@@ -52,8 +56,6 @@ def busy_core(seconds: float) -> Iterator[None]:
 
 
 def load_contenders(export: Path, threads: int, cache: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    import cmath_runtime
-
     models, skipped = {}, {}
     for name, kw in ENGINES.items():
         try:
@@ -73,15 +75,12 @@ def model_feeds(model: Any, n: int) -> dict[str, Any]:
 def run(
     export: Path, threads: int, budget: Budget, csv_dir: Path | None = None, log: Any = print
 ) -> dict[str, Any]:
-    from cmath_runtime.cpu import cpu_info
-
     cpu = cpu_info()
     with tempfile.TemporaryDirectory(prefix="cmath-choice-") as cache:
         models, skipped = load_contenders(export, threads, Path(cache))
         first = next(iter(models.values()))
-        has_text = first.manifest.text_encoder is not None and "t" in first.modalities
         timers: dict[str, Any] = {}
-        if has_text:
+        if first.manifest.text_encoder is not None and "t" in first.modalities:
             dialogues, source = text_source(csv_dir, first.num_speakers)
             convs = live_conversations(dialogues, LIVE, first.num_speakers, min(HISTORY, first.max_len - 1))
             for name, model in models.items():
@@ -90,10 +89,9 @@ def run(
                 f"text path: {len(convs)} live conversations of {len(convs[0].texts) - 1} turns from {source}"
             )
         conv = model_feeds(first, UTTERANCES)
+        predict = f"model {len(conv['speakers'])} utt."
         for name, model in models.items():
-            timers[f"model {len(conv['speakers'])} utt. | {name}"] = repeating(
-                functools.partial(model.predict, [conv], batch_size=1)
-            )
+            timers[f"{predict} | {name}"] = repeating(functools.partial(model.predict, [conv], batch_size=1))
         records = []
         where = {"cpu": cpu.model, "isa": cpu.isa, "threads": threads}
         for phase in ("quiet", "beside a busy core"):
@@ -164,8 +162,6 @@ def main(argv: list[str] | None = None) -> None:
     report = run(args.export, args.threads, QUICK_BUDGET if args.quick else BUDGET, args.csv_dir)
     print(table(report))
     if args.out is not None:
-        from cmath_runtime.files import atomic_write_json
-
         atomic_write_json(args.out, report)
 
 

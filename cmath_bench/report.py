@@ -67,12 +67,9 @@ def contender_table(records: list[dict]) -> str:
         if r["kind"] != "streaming":
             first.setdefault(label(r), r)
     for r in first.values():
-        th = r.get("threads") or {}
-        threads = (
-            f"{th.get('torch', '-')} / {th.get('ort_intra_op', '-')}, idle: {th.get('idle', '-')}"
-            if th
-            else "-"
-        )
+        threads = "-"
+        if th := r.get("threads"):
+            threads = f"{th.get('torch', '-')} / {th.get('ort_intra_op', '-')}, idle: {th.get('idle', '-')}"
         diff = f"{r['max_abs_diff_vs_eager']:.1e}" if r.get("max_abs_diff_vs_eager") is not None else "-"
         imported = "-" if "torch_imported" not in r else ("yes" if r["torch_imported"] else "no")
         note = (r.get("note") or "").replace("|", "/")
@@ -230,11 +227,11 @@ def figure(path: Path, size: tuple[float, float] = (7, 4.5), cols: int = 1) -> I
         plt.close(fig)
 
 
-def plot_streaming(records: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
+def plot_streaming(records: list[dict[str, Any]], path: Path) -> None:
     """p50 per new utterance vs history: the full recompute, the step graph per engine and precision, and the
     step graph's floor where the run measured it."""
     rows = [r for r in records if r.get("benchmark") == "streaming"]
-    with figure(Path(path)) as ax:
+    with figure(path) as ax:
         for key in dict.fromkeys((r["path"], r["backend"], r["precision"]) for r in rows):
             pts = sorted(
                 (r["n"], r["p50_ms"]) for r in rows if (r["path"], r["backend"], r["precision"]) == key
@@ -251,7 +248,7 @@ def plot_streaming(records: list[dict[str, Any]], path: str | Path, title: str =
             xlabel="history n (utterances, the new one included)",
             ylabel="latency of one new utterance, p50 (ms)",
             yscale="log",
-            title=title or f"streaming: step vs full recompute (threads {threads})",
+            title=f"streaming: step vs full recompute (threads {threads})",
         )
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)

@@ -104,7 +104,7 @@ def main(
         out_dir or run_dir,
         quick=quick,
         threads=threads or default_threads(),
-        contenders=_contenders(only) if only else backends.ALL,
+        contenders=tuple(_contender_keys(only)) if only else backends.ALL,
         spinning=spin,
         lengths=_lengths(lengths) if lengths else None,
         texts=texts,
@@ -124,12 +124,6 @@ def main(
         sys.exit(2)
 
 
-def _contenders(only: str) -> tuple[str, ...]:
-    return tuple(
-        dict.fromkeys(k for name in only.split(",") if name.strip() for k in _contender_keys(name.strip()))
-    )
-
-
 def _lengths(text: str) -> tuple[int, ...]:
     try:
         sizes = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
@@ -142,12 +136,15 @@ def _lengths(text: str) -> tuple[int, ...]:
     return sizes
 
 
-def _contender_keys(name: str) -> list[str]:
-    """NAME:PRECISION, or NAME for every precision the benchmark runs NAME with."""
-    keys = [k for k in backends.KNOWN if name in (k, k.partition(":")[0])]
-    if not keys:
-        raise click.BadParameter(
-            f"expected NAME or NAME:PRECISION from {list(backends.KNOWN)}, got {name!r}",
-            param_hint="--backends",
-        )
-    return keys
+def _contender_keys(names: str) -> list[str]:
+    """The contenders of comma-separated NAME:PRECISION or NAME (every precision the benchmark runs NAME with)."""
+    keys: dict[str, None] = {}
+    for name in filter(None, (n.strip() for n in names.split(","))):
+        found = [k for k in backends.KNOWN if name in (k, k.partition(":")[0])]
+        if not found:
+            raise click.BadParameter(
+                f"expected NAME or NAME:PRECISION from {list(backends.KNOWN)}, got {name!r}",
+                param_hint="--backends",
+            )
+        keys.update(dict.fromkeys(found))
+    return list(keys)

@@ -2,17 +2,10 @@
 
     python -m cmath_bench.engine_choice EXPORT [--threads N] [--quick] [--csv-dir DIR] [--out FILE]
 
-Contenders, each a cmath_runtime.load of the same export (its text encoder on the same engine and precision, or
-chosen on its own for "auto"): auto (backend="auto", exact), auto+auto (backend and precision "auto"),
-onnxruntime fp32, OpenVINO fp32, onnxruntime int8 (when exported with a passed record). The auto contenders
-calibrate in this run (a fresh choice cache); their choices and medians go in the report.
-
-Two calls, timed in interleaved rounds (cmath_bench.timing), p50:
-- text path: conv.add(speaker, text=...) + conv.latest on a live conversation of 20 turns, batch 1, raw text
-  (cmath_bench.text_path's live conversations and contender);
-- model: model.predict on one conversation of 50 utterances of features (fixed seed), batch 1.
-Both twice: on the machine as it is, then beside a CPU-bound process (a bounded `python -c` busy loop, one core)
-for the whole second phase. Every record names the CPU and its ISA class (cmath_runtime.cpu).
+Contenders (ENGINES), each a cmath_runtime.load of the same export; the auto ones calibrate in this run (a fresh
+choice cache). Two calls, p50 in interleaved rounds: the text path's live call (cmath_bench.text_path) and
+model.predict on one conversation of UTTERANCES utterances, batch 1; both on the machine as it is, then beside a
+CPU-bound process on one core. Every record names the CPU and its ISA class.
 """
 
 from __future__ import annotations
@@ -28,6 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+import cmath_runtime
+from cmath_runtime.cpu import cpu_info
+from cmath_runtime.files import atomic_write_json
 
 from .text_path import HISTORY, live_conversations, live_timer, runtime_contender, text_source
 from .timing import Budget, interleaved, percentiles_ms, quiesce, repeating
@@ -59,8 +56,6 @@ def busy_core(seconds: float) -> Iterator[None]:
 
 
 def load_contenders(export: Path, threads: int, cache: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    import cmath_runtime
-
     models, skipped = {}, {}
     for name, kw in ENGINES.items():
         try:
@@ -80,15 +75,12 @@ def model_feeds(model: Any, n: int) -> dict[str, Any]:
 def run(
     export: Path, threads: int, budget: Budget, csv_dir: Path | None = None, log: Any = print
 ) -> dict[str, Any]:
-    from cmath_runtime.cpu import cpu_info
-
     cpu = cpu_info()
     with tempfile.TemporaryDirectory(prefix="cmath-choice-") as cache:
         models, skipped = load_contenders(export, threads, Path(cache))
         first = next(iter(models.values()))
-        has_text = first.manifest.text_encoder is not None and "t" in first.modalities
         timers: dict[str, Any] = {}
-        if has_text:
+        if first.manifest.text_encoder is not None and "t" in first.modalities:
             dialogues, source = text_source(csv_dir, first.num_speakers)
             convs = live_conversations(dialogues, LIVE, first.num_speakers, min(HISTORY, first.max_len - 1))
             for name, model in models.items():
@@ -97,11 +89,11 @@ def run(
                 f"text path: {len(convs)} live conversations of {len(convs[0].texts) - 1} turns from {source}"
             )
         conv = model_feeds(first, UTTERANCES)
+        predict = f"model {len(conv['speakers'])} utt."
         for name, model in models.items():
-            timers[f"model {len(conv['speakers'])} utt. | {name}"] = repeating(
-                functools.partial(model.predict, [conv], batch_size=1)
-            )
+            timers[f"{predict} | {name}"] = repeating(functools.partial(model.predict, [conv], batch_size=1))
         records = []
+        where = {"cpu": cpu.model, "isa": cpu.isa, "threads": threads}
         for phase in ("quiet", "beside a busy core"):
             seconds = 4 * budget.seconds * len(timers) + 60
             with busy_core(seconds) if phase != "quiet" else contextlib.nullcontext():
@@ -109,20 +101,12 @@ def run(
             for key, times in timings.times.items():
                 call, name = key.split(" | ")
                 if times:
+                    engine = engine_of(models[name])
                     records.append(
-                        {
-                            "call": call,
-                            "contender": name,
-                            "phase": phase,
-                            "cpu": cpu.model,
-                            "isa": cpu.isa,
-                            "threads": threads,
-                            "engine": engine_of(models[name]),
-                            **percentiles_ms(times),
-                        }
+                        {"call": call, "contender": name, "phase": phase, **where, "engine": engine}
+                        | percentiles_ms(times)
                     )
-            for key, err in timings.errors.items():
-                skipped[key] = err
+            skipped.update(timings.errors)
         choices = {
             name: {part: c.summary() for part, c in models[name].engine_choice.items()}
             for name in (AUTO, AUTO_AUTO)
@@ -178,8 +162,6 @@ def main(argv: list[str] | None = None) -> None:
     report = run(args.export, args.threads, QUICK_BUDGET if args.quick else BUDGET, args.csv_dir)
     print(table(report))
     if args.out is not None:
-        from cmath_runtime.files import atomic_write_json
-
         atomic_write_json(args.out, report)
 
 

@@ -38,11 +38,9 @@ def server_env(
 ) -> dict[str, Any]:
     """What a server benchmark's report says of its run: the machine, the export (its folder's name), the server
     settings, the command (the export written EXPORT_DIR) and the load average at its start and end."""
-    args = sys.argv[1:] if argv is None else argv
-    here = {export.resolve(), export.resolve().parent}
-    args = [
-        "EXPORT_DIR" if Path(a).resolve() in here else a for a in args
-    ]  # no path of this machine in a page
+    given = sys.argv[1:] if argv is None else argv
+    here = {export.resolve(), export.resolve().parent}  # no path of this machine in a page
+    args = ["EXPORT_DIR" if Path(a).resolve() in here else a for a in given]
     return {
         **describe(),
         "export": export.name,

@@ -16,11 +16,7 @@ def label(rec: dict[str, Any]) -> str:
 
 
 def _contenders(records: list[dict]) -> list[str]:
-    seen: dict[str, None] = {}
-    for r in records:
-        if r["kind"] in ("latency", "throughput"):
-            seen[label(r)] = None
-    return list(seen)
+    return list(dict.fromkeys(label(r) for r in records if r["kind"] in ("latency", "throughput")))
 
 
 def _ms(x: float | None) -> str:
@@ -32,11 +28,8 @@ def latency_table(records: list[dict]) -> str:
     rows: dict[int, dict[str, str]] = {}
     for r in records:
         if r["kind"] == "latency":
-            speed = (
-                f" ({r['speedup_vs_eager']:.2f}x)"
-                if r.get("speedup_vs_eager") and r["backend"] != "pytorch-eager"
-                else ""
-            )
+            sp = r.get("speedup_vs_eager") if r["backend"] != "pytorch-eager" else None
+            speed = f" ({sp:.2f}x)" if sp else ""
             rows.setdefault(r["utterances"], {})[label(r)] = f"{_ms(r['p50_ms'])}{speed}"
     head = "| utterances | " + " | ".join(f"{n} p50 ms" for n in names) + " |"
     lines = [head, "|---:|" + "---:|" * len(names)]
@@ -69,20 +62,14 @@ def contender_table(records: list[dict]) -> str:
         "| peak RSS MiB | RSS growth MiB | max abs diff vs eager | torch imported | note |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
-    seen = set()
+    first: dict[str, dict] = {}
     for r in records:
-        if r["kind"] == "streaming":
-            continue
-        key = label(r)
-        if key in seen:
-            continue
-        seen.add(key)
-        th = r.get("threads") or {}
-        threads = (
-            f"{th.get('torch', '-')} / {th.get('ort_intra_op', '-')}, idle: {th.get('idle', '-')}"
-            if th
-            else "-"
-        )
+        if r["kind"] != "streaming":
+            first.setdefault(label(r), r)
+    for r in first.values():
+        threads = "-"
+        if th := r.get("threads"):
+            threads = f"{th.get('torch', '-')} / {th.get('ort_intra_op', '-')}, idle: {th.get('idle', '-')}"
         diff = f"{r['max_abs_diff_vs_eager']:.1e}" if r.get("max_abs_diff_vs_eager") is not None else "-"
         imported = "-" if "torch_imported" not in r else ("yes" if r["torch_imported"] else "no")
         note = (r.get("note") or "").replace("|", "/")
@@ -145,90 +132,60 @@ def streaming_table(records: list[dict]) -> str:
 
 
 def markdown(records: list[dict], env: dict[str, Any], title: str) -> str:
-    parts = [
-        f"# {title}",
-        "",
+    head = (
         f"{env['cpu']} (ISA class {env.get('isa', '-')}), {env['cores']} cores, {env['threads']} threads for every contender (torch.set_num_threads "
         f"and onnxruntime intra_op_num_threads); python {env['python']}, torch {env['torch']}, onnxruntime "
         f"{env['onnxruntime']}; load average at start {env['load_average']}"
         + (f", at the end {env['load_average_end']}" if env.get("load_average_end") else "")
-        + ".",
-        "",
-        "## Latency, batch 1 (p50 ms; speed-up vs PyTorch eager)",
-        "",
-        latency_table(records),
-        "",
-    ]
+        + "."
+    )
+    sections = {"Latency, batch 1 (p50 ms; speed-up vs PyTorch eager)": latency_table(records)}
     if env.get("machine"):
-        parts += [
-            "## Roofline: each record against this machine's limits",
-            "",
-            roofline_table(records, env),
-            "",
-        ]
+        sections["Roofline: each record against this machine's limits"] = roofline_table(records, env)
     if any(r["kind"] == "streaming" for r in records):
-        parts += [
-            "## Streaming: one new utterance at history n (step graph per engine vs full recompute)",
-            "",
-            streaming_table(records),
-            "",
-        ]
-    parts += [
-        "## Throughput",
-        "",
-        detail_table(records, "throughput"),
-        "",
-        "## Contenders (each in its own process): import and load time, peak memory (VmHWM) and its growth "
-        "over the bare interpreter, agreement with eager",
-        "",
-        contender_table(records),
-        "",
-        "## Latency detail",
-        "",
-        detail_table(records, "latency"),
-        "",
-    ]
-    return "\n".join(parts)
+        streaming = "Streaming: one new utterance at history n (step graph per engine vs full recompute)"
+        sections[streaming] = streaming_table(records)
+    sections["Throughput"] = detail_table(records, "throughput")
+    contenders = (
+        "Contenders (each in its own process): import and load time, peak memory (VmHWM) and its growth over the "
+        "bare interpreter, agreement with eager"
+    )
+    sections[contenders] = contender_table(records)
+    sections["Latency detail"] = detail_table(records, "latency")
+    return "\n".join([f"# {title}", "", head, "", *(f"## {h}\n\n{body}\n" for h, body in sections.items())])
 
 
 def plot(records: list[dict], path: Path, title: str) -> None:
+    """p50 latency vs conversation length (band to p90), one line per contender, and the onnxruntime floors."""
+    latency = [r for r in records if r["kind"] == "latency"]
     with figure(path) as ax:
-        _latency_lines(ax, records, title)
-
-
-def _latency_lines(ax: Any, records: list[dict], title: str) -> None:
-    for name in _contenders(records):
-        pts = sorted(
-            (r["utterances"], r["p50_ms"], r["p90_ms"])
-            for r in records
-            if r["kind"] == "latency" and label(r) == name
+        for name in _contenders(records):
+            pts = sorted((r["utterances"], r["p50_ms"], r["p90_ms"]) for r in latency if label(r) == name)
+            if pts:
+                xs, p50, p90 = zip(*pts)
+                (line,) = ax.plot(xs, p50, marker="o", label=name)
+                ax.fill_between(xs, p50, p90, color=line.get_color(), alpha=0.15)
+        _floor_lines(
+            ax, latency, "utterances", "floor {}: max(weight bytes / bandwidth, FLOPs / peak)", lw=1.5
         )
-        if pts:
-            xs, p50, p90 = zip(*pts)
-            (line,) = ax.plot(xs, p50, marker="o", label=name)
-            ax.fill_between(xs, p50, p90, color=line.get_color(), alpha=0.15)
-    for precision, style in (("fp32", "k--"), ("int8", "k:")):
+        ax.set_xlabel("utterances in the conversation (batch 1)")
+        ax.set_ylabel("latency ms (p50, band to p90)")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7)
+
+
+def _floor_lines(ax: Any, rows: list[dict[str, Any]], x: str, text: str, **style: Any) -> None:
+    """The onnxruntime records' floor per precision (fp32 dashed, int8 dotted) against `x`."""
+    for precision, line in (("fp32", "k--"), ("int8", "k:")):
         floor = sorted(
-            (r["utterances"], r["floor_ms"])
-            for r in records
-            if r["kind"] == "latency"
-            and r["backend"] == "onnxruntime"
-            and r["precision"] == precision
-            and r.get("floor_ms")
+            (r[x], r["floor_ms"])
+            for r in rows
+            if r["backend"] == "onnxruntime" and r["precision"] == precision and r.get("floor_ms")
         )
         if floor:
-            ax.plot(
-                *zip(*floor),
-                style,
-                lw=1.5,
-                label=f"floor {precision}: max(weight bytes / bandwidth, FLOPs / peak)",
-            )
-    ax.set_xlabel("utterances in the conversation (batch 1)")
-    ax.set_ylabel("latency ms (p50, band to p90)")
-    ax.set_yscale("log")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7)
+            ax.plot(*zip(*floor), line, label=text.format(precision), **style)
 
 
 def write(records: list[dict], env: dict[str, Any], out_dir: Path, title: str) -> str:
@@ -270,39 +227,28 @@ def figure(path: Path, size: tuple[float, float] = (7, 4.5), cols: int = 1) -> I
         plt.close(fig)
 
 
-def plot_streaming(records: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
+def plot_streaming(records: list[dict[str, Any]], path: Path) -> None:
     """p50 per new utterance vs history: the full recompute, the step graph per engine and precision, and the
-    step graph's floor (fp32 weight bytes / bandwidth or FLOPs / peak) where the run measured it."""
-    with figure(Path(path)) as ax:
-        _stream_lines(ax, [r for r in records if r.get("benchmark") == "streaming"], title)
-
-
-def _stream_lines(ax: Any, rows: list[dict[str, Any]], title: str) -> None:
-    for key in dict.fromkeys((r["path"], r["backend"], r["precision"]) for r in rows):
-        pts = sorted((r["n"], r["p50_ms"]) for r in rows if (r["path"], r["backend"], r["precision"]) == key)
-        ax.plot(
-            *zip(*pts),
-            "o-" if key[0] == "full" else "s-",
-            ms=3,
-            label=f"{key[0]} {key[1]} {key[2]}" + (" (whole conversation)" if key[0] == "full" else ""),
+    step graph's floor where the run measured it."""
+    rows = [r for r in records if r.get("benchmark") == "streaming"]
+    with figure(path) as ax:
+        for key in dict.fromkeys((r["path"], r["backend"], r["precision"]) for r in rows):
+            pts = sorted(
+                (r["n"], r["p50_ms"]) for r in rows if (r["path"], r["backend"], r["precision"]) == key
+            )
+            ax.plot(
+                *zip(*pts),
+                "o-" if key[0] == "full" else "s-",
+                ms=3,
+                label=f"{key[0]} {key[1]} {key[2]}" + (" (whole conversation)" if key[0] == "full" else ""),
+            )
+        _floor_lines(ax, [r for r in rows if r["path"] == "step"], "n", "step floor {} (roofline)")
+        threads = ", ".join(map(str, sorted({r["threads"] for r in rows})))
+        ax.set(
+            xlabel="history n (utterances, the new one included)",
+            ylabel="latency of one new utterance, p50 (ms)",
+            yscale="log",
+            title=f"streaming: step vs full recompute (threads {threads})",
         )
-    for precision, style in (("fp32", "k--"), ("int8", "k:")):
-        floor = sorted(
-            (r["n"], r["floor_ms"])
-            for r in rows
-            if r["path"] == "step"
-            and r["backend"] == "onnxruntime"
-            and r["precision"] == precision
-            and r.get("floor_ms")
-        )
-        if floor:
-            ax.plot(*zip(*floor), style, label=f"step floor {precision} (roofline)")
-    threads = {r["threads"] for r in rows}
-    ax.set(
-        xlabel="history n (utterances, the new one included)",
-        ylabel="latency of one new utterance, p50 (ms)",
-        yscale="log",
-        title=title or f"streaming: step vs full recompute (threads {', '.join(map(str, sorted(threads)))})",
-    )
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)

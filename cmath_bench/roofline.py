@@ -1,32 +1,22 @@
 """This machine's limits and each record's distance to them (a roofline per record).
 
-Measured once per benchmark run, with the run's thread count (the streaming benchmark measures the bandwidth
-again at every history length, interleaved with the step contenders, and uses its median for the step's floor):
-- memory bandwidth: numpy copies of a 256 MiB buffer, split over `threads` Python threads (numpy releases the
-  GIL while copying); bytes read + bytes written per second, best of a few repeats;
-- read bandwidth (what a pass over the weights gets, reading only): `ReadProbe`, a buffer at least 4x the
-  last-level cache read two ways, numpy sums of `threads` slices and an fp32 GEMV in onnxruntime with `threads`
-  intra-op threads; bytes read per second, median of a few passes, the faster of the two. A copy rate (read +
-  write) is not a read rate, so floors of weight-bound calls (the text path's) use this one;
-- float32 matmul peak: one 2048 x 2048 x 2048 MatMul in onnxruntime with `threads` intra-op threads (the engine
-  the runtime uses), 2 * 2048^3 FLOPs per call, best of a few (`PeakProbe`; its int8 kind, MatMulInteger, is the
-  peak an int8 graph's FLOPs are held to).
+The limits: copy and read bandwidth (BandwidthProbe, ReadProbe: weight-bound calls use the read rate) and the
+fp32 / int8 matmul peaks (PeakProbe). Per record, FLOPs are counted from the graph at its real shapes (FlopCounter)
+and weight bytes are the initializer bytes one call reads (weight_bytes, WeightReads):
 
-Per record: FLOPs are counted from the graph itself at that record's shape (every MatMul/Gemm/Conv, attention
-included: the graph is run once with those nodes' inputs and outputs exposed, so their real shapes are read, not
-guessed), weight bytes are the artifact's initializer bytes (what one call must read at least once), and
+    floor = max(weight bytes / bandwidth, FLOPs / peak),   latency_x_floor = p50 / floor,
 
-    floor = max(weight bytes / bandwidth, FLOPs / peak),   latency_x_floor = p50 / floor.
-
-The floor is a lower bound for an engine that reads every weight once and runs at the fp32 matmul peak; int8
-arithmetic can run above the fp32 peak (VNNI), so for int8 records the FLOPs term is only indicative.
-
+a lower bound for an engine that reads every weight once and runs at the matmul peak.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +24,8 @@ from typing import Any
 import numpy as np
 
 from cmath_runtime.session import open_probe_session
+
+from .inputs import InputSpec, conversations, padded
 
 COPY_MIB = 256
 READ_MIB = 256  # at least; read_buffer_mib() makes it 4x the last-level cache where that is larger
@@ -52,11 +44,9 @@ class Machine:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
-    def floor_ms(
-        self, weight_bytes: float, flops: float, bandwidth_gb_s: float | None = None
-    ) -> dict[str, Any]:
-        """The floor of a call; `bandwidth_gb_s` (default: this machine's) when it was measured beside the call."""
-        return floor_ms(weight_bytes, flops, bandwidth_gb_s or self.bandwidth_gb_s, self.fp32_gflop_s)
+    def floor_ms(self, weight_bytes: float, flops: float, gb_s: float | None = None) -> dict[str, Any]:
+        """The floor of a call; `gb_s` (default: this machine's bandwidth) when it was measured beside the call."""
+        return floor_ms(weight_bytes, flops, gb_s or self.bandwidth_gb_s, self.fp32_gflop_s)
 
 
 def floor_ms(weight_bytes: float, flops: float, gb_s: float, gflop_s: float) -> dict[str, Any]:
@@ -73,9 +63,8 @@ def floor_ms(weight_bytes: float, flops: float, gb_s: float, gflop_s: float) -> 
 
 class BandwidthProbe:
     """One call = one numpy copy of a `mib` MiB buffer, split over `threads` Python threads (numpy releases the
-    GIL while copying); returns its seconds. `gb_s` turns the fastest of some calls into copy bandwidth (read +
-    write). The streaming benchmark times it among the step contenders, so their floor is measured in the same
-    rounds, under the same load, as they are (and with the same statistic: their p50 against its p50)."""
+    GIL while copying); returns its seconds. Timed among contenders, it measures their floor's bandwidth in the
+    same rounds, under the same load, as they are."""
 
     def __init__(self, threads: int = 1, mib: int = COPY_MIB) -> None:
         n = mib * 2**20 // 4
@@ -90,10 +79,8 @@ class BandwidthProbe:
         )
 
     def gb_s(self, seconds: list[float], statistic: str = "best") -> float:
-        """Copy bandwidth of the fastest call ("best", the machine's limit) or of the median one ("p50", like for
-        like with a contender's p50 timed in the same rounds)."""
-        t = min(seconds) if statistic == "best" else float(np.median(seconds))
-        return 2 * self.src.nbytes / t / 1e9
+        """Copy bandwidth (read + write) of the fastest call ("best") or the median one ("p50")."""
+        return _per_s(2 * self.src.nbytes, seconds, statistic)
 
 
 def measure_bandwidth(threads: int = 1, mib: int = COPY_MIB, repeats: int = 5) -> float:
@@ -103,18 +90,16 @@ def measure_bandwidth(threads: int = 1, mib: int = COPY_MIB, repeats: int = 5) -
 
 
 def measure_matmul_peak(threads: int = 1, n: int = MATMUL_N, repeats: int = 5) -> float:
-    """GFLOP/s of an n^3 float32 MatMul in onnxruntime's CPU provider with `threads` intra-op threads, best of
-    `repeats` after one untimed call."""
+    """GFLOP/s of an n^3 float32 MatMul (PeakProbe), best of `repeats` after one untimed call."""
     probe = PeakProbe("fp32", threads, n)
     probe()
     return probe.gflop_s([probe() for _ in range(repeats)], "best")
 
 
 class PeakProbe:
-    """One call = one n x n x n MatMul in onnxruntime's CPU provider with `threads` intra-op threads; returns its
-    seconds. kind "fp32": float32 inputs (measure_matmul_peak's graph); kind "int8": MatMulInteger, uint8
-    activations x int8 weights -> int32, the kernel int8 graphs run (it can outrun the fp32 peak: VNNI), so an int8
-    call's FLOPs floor is FLOPs / this peak."""
+    """One call = one n x n x n MatMul in onnxruntime's CPU provider (the runtime's engine) with `threads`
+    intra-op threads; returns its seconds. kind "fp32": float32 inputs; kind "int8": MatMulInteger, uint8
+    activations x int8 weights -> int32, the kernel int8 graphs run (it can outrun the fp32 peak)."""
 
     KINDS = ("fp32", "int8")
 
@@ -130,39 +115,26 @@ class PeakProbe:
             names = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in ("a", "b")]
             node, inits = helper.make_node("MatMul", ["a", "b"], ["c"]), []
             out = helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])
-            self.feeds = {
-                "a": rng.standard_normal((n, n), np.float32),
-                "b": rng.standard_normal((n, n), np.float32),
-            }
+            self.feeds = {x: rng.standard_normal((n, n), np.float32) for x in ("a", "b")}
         else:
             names = [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])]
             inits = [numpy_helper.from_array(rng.integers(-127, 128, (n, n), dtype=np.int8), "b")]
             node = helper.make_node("MatMulInteger", ["a", "b"], ["c"])
             out = helper.make_tensor_value_info("c", TensorProto.INT32, [n, n])
             self.feeds = {"a": rng.integers(0, 256, (n, n), dtype=np.uint8)}
-        graph = helper.make_graph([node], "peak", names, [out], inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        model.ir_version = min(model.ir_version, 9)
-        self.session = open_probe_session(model.SerializeToString(), threads)
+        self.session = _one_node_session(helper.make_graph([node], "peak", names, [out], inits), threads)
 
     def __call__(self) -> float:
-        start = time.perf_counter()
-        self.session.run(None, self.feeds)
-        return time.perf_counter() - start
+        return _timed_run(self.session, self.feeds)
 
     def gflop_s(self, seconds: list[float], statistic: str = "p50") -> float:
         """GFLOP/s (int8: giga integer multiply-adds x 2 per second) of the median call ("p50") or the fastest."""
-        t = min(seconds) if statistic == "best" else float(np.median(seconds))
-        return self.flops / t / 1e9
+        return _per_s(self.flops, seconds, statistic)
 
 
 def measure(threads: int) -> Machine:
-    return Machine(
-        measure_bandwidth(threads),
-        measure_matmul_peak(threads),
-        threads,
-        measure_read_bandwidth(threads)["read_gb_s"],
-    )
+    bandwidth, peak = measure_bandwidth(threads), measure_matmul_peak(threads)
+    return Machine(bandwidth, peak, threads, measure_read_bandwidth(threads)["read_gb_s"])
 
 
 def last_level_cache_bytes() -> int | None:
@@ -186,18 +158,15 @@ def read_buffer_mib() -> int:
 
 class ReadProbe:
     """One call = one pass that reads a `mib` MiB float32 buffer and writes (almost) nothing; returns its seconds.
-
-    kind "sum": numpy sums of `threads` slices, one Python thread each (numpy releases the GIL in reductions);
-    kind "gemv": y = x @ W in onnxruntime's CPU provider, W the buffer as (4096, n) fp32 weights, `threads`
-    intra-op threads: the read rate an fp32 weight pass gets in the runtime's own engine.
-    The text benchmark times both among its contenders, so the floor's bandwidth comes from the same rounds."""
+    kind "sum": numpy sums of `threads` slices, one Python thread each; kind "gemv": y = x @ W in onnxruntime, W the
+    buffer as (4096, n) fp32 weights: the read rate an fp32 weight pass gets in the runtime's own engine."""
 
     KINDS = ("sum", "gemv")
 
     def __init__(self, kind: str = "sum", threads: int = 1, mib: int | None = None) -> None:
         if kind not in self.KINDS:
             raise ValueError(f"kind: expected one of {self.KINDS}, got {kind!r}")
-        self.kind, self.threads = kind, threads
+        self.kind = kind
         rows = 4096
         cols = max(1, (mib or read_buffer_mib()) * 2**20 // 4 // rows)
         self.nbytes = rows * cols * 4
@@ -206,35 +175,47 @@ class ReadProbe:
             bounds = np.linspace(0, rows * cols, threads + 1).astype(int)
             self.slices = list(zip(bounds, bounds[1:]))
         else:
-            self.session, self.feeds = _gemv_session(rows, cols, threads)
+            from onnx import TensorProto, helper, numpy_helper
+
+            graph = helper.make_graph(
+                [helper.make_node("MatMul", ["x", "w"], ["y"])],
+                "gemv",
+                [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cols])],
+                [numpy_helper.from_array(np.full((rows, cols), 0.5, np.float32), "w")],
+            )
+            self.session = _one_node_session(graph, threads)
+            self.feeds = {"x": np.ones((1, rows), np.float32)}
 
     def __call__(self) -> float:
         if self.kind == "gemv":
-            start = time.perf_counter()
-            self.session.run(None, self.feeds)
-            return time.perf_counter() - start
+            return _timed_run(self.session, self.feeds)
         return _timed_threads([threading.Thread(target=self.buffer[a:b].sum) for a, b in self.slices])
 
     def gb_s(self, seconds: list[float], statistic: str = "p50") -> float:
         """Bytes read per second / 1e9 of the median call ("p50") or of the fastest one ("best")."""
-        t = min(seconds) if statistic == "best" else float(np.median(seconds))
-        return self.nbytes / t / 1e9
+        return _per_s(self.nbytes, seconds, statistic)
 
 
-def _gemv_session(rows: int, cols: int, threads: int) -> tuple[Any, dict[str, np.ndarray]]:
-    from onnx import TensorProto, helper, numpy_helper
+def _one_node_session(graph: Any, threads: int) -> Any:
+    """An onnxruntime CPU session on a probe's one-node graph (opset 17)."""
+    from onnx import helper
 
-    weights = numpy_helper.from_array(np.full((rows, cols), 0.5, np.float32), "w")
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])],
-        "gemv",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cols])],
-        [weights],
-    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = min(model.ir_version, 9)
-    return open_probe_session(model.SerializeToString(), threads), {"x": np.ones((1, rows), np.float32)}
+    return open_probe_session(model.SerializeToString(), threads)
+
+
+def _timed_run(session: Any, feeds: dict[str, np.ndarray]) -> float:
+    start = time.perf_counter()
+    session.run(None, feeds)
+    return time.perf_counter() - start
+
+
+def _per_s(amount: float, seconds: list[float], statistic: str) -> float:
+    """amount / 1e9 per second of the fastest call ("best") or the median one (any other statistic: "p50")."""
+    t = min(seconds) if statistic == "best" else float(np.median(seconds))
+    return amount / t / 1e9
 
 
 def measure_read_bandwidth(threads: int = 1, mib: int | None = None, repeats: int = 5) -> dict[str, float]:
@@ -260,8 +241,7 @@ def weight_bytes(path: str | Path) -> int:
 
 class WeightReads:
     """Bytes of an ONNX graph's weights that one call reads: every initializer a node uses, except tables read by a
-    Gather (axis 0) of indices computed at run time (token, position and speaker embeddings), which count only the
-    distinct rows gathered at the given feeds (a 30522-row word-embedding table is not read whole per call)."""
+    Gather (axis 0) of run-time indices (embeddings), which count only the distinct rows gathered at the feeds."""
 
     def __init__(self, path: str | Path) -> None:
         import onnx
@@ -283,9 +263,8 @@ class WeightReads:
             for i, x in enumerate(n.input)
             if x in inits and not (k in gathers and i == 0)
         }
-        self.tables: dict[
-            str, tuple[list[str], int, int]
-        ] = {}  # name -> (index tensors, rows, bytes per row)
+        # table name -> (index tensors, rows, bytes per row)
+        self.tables: dict[str, tuple[list[str], int, int]] = {}
         for n in (nodes[k] for k in sorted(gathers)):
             table = inits[n.input[0]]
             if n.input[0] not in whole and table.dims:
@@ -295,30 +274,55 @@ class WeightReads:
         self.table_bytes = sum(_nbytes(inits[x]) for x in self.tables)
         wanted = {x for names, _, _ in self.tables.values() for x in names}
         graph_inputs = {i.name for i in model.graph.input}
-        for name in sorted(wanted - graph_inputs - {o.name for o in model.graph.output}):
-            model.graph.output.append(onnx.ValueInfoProto(name=name))
-        self.session = (
-            open_probe_session(model.SerializeToString(), 1, optimize=False) if self.tables else None
-        )
+        self.session = _exposing(model, wanted - graph_inputs) if self.tables else None
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> int:
         if self.session is None:
             return self.fixed
-        inputs = {i.name for i in self.session.get_inputs()}
-        got = dict(
-            zip(
-                [o.name for o in self.session.get_outputs()],
-                self.session.run(None, {k: v for k, v in feeds.items() if k in inputs}),
-            )
-        )
-        values = {**feeds, **got}
+        values = {**feeds, **_values(self.session, feeds)}
         total = self.fixed
         for names, rows, row_bytes in self.tables.values():
-            idx = np.concatenate([np.asarray(values[x]).reshape(-1) for x in names]).astype(np.int64) % max(
-                rows, 1
-            )
-            total += len(np.unique(idx)) * row_bytes
+            idx = np.concatenate([np.asarray(values[x]).reshape(-1) for x in names]).astype(np.int64)
+            total += len(np.unique(idx % max(rows, 1))) * row_bytes
         return int(total)
+
+
+def _exposing(model: Any, names: set[str]) -> Any:
+    """A session on `model` with every node kept (no optimization) that also outputs the values `names`."""
+    import onnx
+
+    for name in sorted(names - {o.name for o in model.graph.output}):
+        model.graph.output.append(onnx.ValueInfoProto(name=name))
+    return open_probe_session(model.SerializeToString(), 1, optimize=False)
+
+
+def _values(session: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every output of `session` by name, run on the feeds it takes."""
+    inputs = {i.name for i in session.get_inputs()}
+    got = session.run(None, {k: v for k, v in feeds.items() if k in inputs})
+    return dict(zip([o.name for o in session.get_outputs()], got))
+
+
+@contextlib.contextmanager
+def recording(holder: Any) -> Iterator[dict[str, np.ndarray]]:
+    """While inside, `holder.session.run` records its last feeds into the yielded dict (to count the work of a real
+    call)."""
+    session, feeds = holder.session, dict[str, np.ndarray]()
+
+    class Recorder:
+        def run(self, names: Any, inputs: dict[str, np.ndarray]) -> Any:
+            feeds.clear()
+            feeds.update(inputs)
+            return session.run(names, inputs)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(session, name)
+
+    holder.session = Recorder()
+    try:
+        yield feeds
+    finally:
+        holder.session = session
 
 
 def _nbytes(tensor: Any) -> int:
@@ -337,21 +341,13 @@ class FlopCounter:
 
         model = onnx.load_model(str(path))
         self.nodes = [n for n in model.graph.node if n.op_type in COUNTED_OPS]
-        outputs = {o.name for o in model.graph.output}
         wanted = {x for n in self.nodes for x in (*n.input[:2], n.output[0]) if x}
         inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
         self.const_shapes = {k: v for k, v in inits.items() if k in wanted}
-        for name in sorted(wanted - outputs - set(inits)):
-            model.graph.output.append(onnx.ValueInfoProto(name=name))
-        self.session = open_probe_session(model.SerializeToString(), 1, optimize=False)  # every node visible
-        self.names = [o.name for o in self.session.get_outputs()]
-        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.session = _exposing(model, wanted - set(inits))
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> float:
-        got = dict(
-            zip(self.names, self.session.run(None, {k: v for k, v in feeds.items() if k in self.inputs}))
-        )
-        shapes = {k: v.shape for k, v in got.items()} | self.const_shapes
+        shapes = {k: v.shape for k, v in _values(self.session, feeds).items()} | self.const_shapes
         total = 0.0
         for n in self.nodes:
             out, a = shapes[n.output[0]], shapes[n.input[0]]
@@ -366,12 +362,7 @@ class FlopCounter:
         return float(total)
 
 
-ARTIFACT_OF = {
-    "fp32": "fp32",
-    "fp16": "fp16",
-    "int8": "int8",
-    "bf16": "fp32",
-}  # precision -> export.json artifact
+ARTIFACT_OF = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "bf16": "fp32"}  # precision -> artifact
 
 
 def contender_weight_bytes(
@@ -388,42 +379,31 @@ def contender_weight_bytes(
     return n, f"{art['file']} initializers"
 
 
-def annotate(
-    records: list[dict[str, Any]], machine: Machine, export_dir: Path, flops: Any | None = None
-) -> None:
+def annotate(records: list[dict[str, Any]], machine: Machine, export_dir: Path) -> None:
     """Add flops, weight_bytes, the floor and latency_x_floor to every timed full-graph record (in place)."""
-    import json
-
-    from .inputs import InputSpec, conversations, padded
-
     export_dir = Path(export_dir)
     manifest = json.loads((export_dir / "export.json").read_text())
     spec = InputSpec(
         tuple(manifest["modalities"]), dict(manifest["feature_dims"]), int(manifest["num_speakers"])
     )
-    counter = flops or FlopCounter(export_dir / manifest["artifacts"]["fp32"]["file"])
-    per_shape: dict[tuple[int, int], float] = {}
-    per_precision: dict[str, tuple[int | None, str]] = {}
+    counter = FlopCounter(export_dir / manifest["artifacts"]["fp32"]["file"])
+    weights = functools.cache(functools.partial(contender_weight_bytes, export_dir, manifest))
+
+    @functools.cache
+    def flops_at(batch: int, utterances: int) -> float:
+        feats, speaker, mask = padded(spec, conversations(spec, batch, utterances))
+        return counter({**feats, "speaker": speaker, "mask": mask})
+
     for rec in records:
         if rec.get("kind") not in ("latency", "throughput") or rec.get("p50_ms") is None:
             continue
-        shape = (rec["batch"], rec["utterances"])
-        if shape not in per_shape:
-            feats, speaker, mask = padded(spec, conversations(spec, *shape))
-            per_shape[shape] = counter({**feats, "speaker": speaker, "mask": mask})
-        if rec["precision"] not in per_precision:
-            per_precision[rec["precision"]] = contender_weight_bytes(export_dir, manifest, rec["precision"])
-        wbytes, how = per_precision[rec["precision"]]
+        wbytes, how = weights(rec["precision"])
         if wbytes is None:
             continue
-        floor = machine.floor_ms(wbytes, per_shape[shape])
-        rec.update(
-            flops=per_shape[shape],
-            weight_bytes=wbytes,
-            weight_bytes_from=how,
-            **floor,
-            latency_x_floor=rec["p50_ms"] / floor["floor_ms"],
-        )
+        flops = flops_at(rec["batch"], rec["utterances"])
+        floor = machine.floor_ms(wbytes, flops)
+        rec.update(flops=flops, weight_bytes=wbytes, weight_bytes_from=how, **floor)
+        rec["latency_x_floor"] = rec["p50_ms"] / floor["floor_ms"]
 
 
 def _timed_threads(workers: list[threading.Thread]) -> float:
@@ -438,10 +418,9 @@ def _timed_threads(workers: list[threading.Thread]) -> float:
 
 def record_floor(rec: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
     """A record's floor at the probes' median rates (like for like with its p50) and its p50 against the floor at
-    their best rates (the machine unloaded). int8 calls' FLOPs are held to the faster of the int8 and fp32 peaks
-    (their attention products stay fp32; either way the floor stays a lower bound)."""
+    their best rates. int8 calls' FLOPs are held to the faster of the int8 and fp32 peaks (a bound either way)."""
 
-    def peak(stat: str) -> float:
+    def peak(stat: str) -> float:  # stat: "" (median) or "best_"
         fp32 = limits[f"fp32_{stat}gflop_s"]
         return max(fp32, limits.get(f"int8_{stat}gop_s", 0.0)) if rec["precision"] == "int8" else fp32
 
@@ -469,8 +448,8 @@ def make_probes(threads: int, read_mib: int | None = None, peak_n: int = PROBE_N
 
 
 def probe_limits(probes: dict[str, Any], times: dict[str, list[float]]) -> dict[str, Any]:
-    """The probes' medians (the floor's rates, like for like with the contenders' p50) and their best calls. The
-    floor's read bandwidth is the faster of the two read probes; the copy rate (read + write) is reported only."""
+    """The probes' medians (the floor's rates, like for like with the contenders' p50) and their best calls; the
+    copy rate (read + write) is reported only."""
 
     def rate(name: str, statistic: str) -> float:
         probe, t = probes[name], times[name]

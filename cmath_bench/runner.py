@@ -30,6 +30,10 @@ LENGTHS = (1, 2, 5, 10, 20, 35, 50, 75, 110)  # utterances per conversation: MEL
 QUICK_LENGTHS = (1, 5, 20)
 THROUGHPUT_BATCH = 16
 PARITY_SHAPE = (2, 10)  # where every contender's probabilities are compared with PyTorch eager's
+WORKER_FIELDS = (  # what a contender's process reports that goes on each of its records
+    *("import_s", "load_s", "peak_rss_mb", "torch_imported", "threads", "provider", "compile_s"),
+    *("compiled_graphs", "inductor_cache", "max_abs_diff_vs_eager", "argmax_agreement_vs_eager"),
+)
 
 
 @dataclass(frozen=True)
@@ -239,33 +243,15 @@ def run_benchmark(
     finally:
         for w in workers:
             w.stop()
-    for rec in records:  # load time, memory and threads of each contender, on every one of its records
-        owner = next((w for w in workers if w.key == _key(rec)), None)
-        if owner:
-            w = owner
-            rec.update(
-                {
-                    k: w.info[k]
-                    for k in ("import_s", "load_s", "peak_rss_mb", "torch_imported", "threads", "provider")
-                    if k in w.info
-                }
-            )
-            if w.info.get("peak_rss_mb") and w.info.get("base_rss_mb"):
-                rec["rss_delta_mb"] = w.info["peak_rss_mb"] - w.info["base_rss_mb"]
-            rec["note"] = "; ".join(x for x in (rec.get("note"), w.info.get("note")) if x)
-            rec.update(
-                {
-                    k: w.info[k]
-                    for k in (
-                        "compile_s",
-                        "compiled_graphs",
-                        "inductor_cache",
-                        "max_abs_diff_vs_eager",
-                        "argmax_agreement_vs_eager",
-                    )
-                    if k in w.info
-                }
-            )
+    owners = {w.key: w.info for w in workers}
+    for (
+        rec
+    ) in records:  # load time, memory, threads and parity of each contender, on every one of its records
+        if info := owners.get(_key(rec)):
+            rec.update({k: info[k] for k in WORKER_FIELDS if k in info})
+            if info.get("peak_rss_mb") and info.get("base_rss_mb"):
+                rec["rss_delta_mb"] = info["peak_rss_mb"] - info["base_rss_mb"]
+            rec["note"] = "; ".join(x for x in (rec.get("note"), info.get("note")) if x)
     return records
 
 

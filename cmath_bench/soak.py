@@ -1,12 +1,10 @@
-"""Concurrency soak (not CI): one EmotionModel shared by N threads for a fixed time; every answer is compared with
-the answer the same request got serially before the soak. Reports answers checked and mismatches (must be 0).
+"""Concurrency soak: one EmotionModel shared by N threads for a fixed time; every answer must be bit-identical to
+the answer the same request got serially before the soak (an exception in a thread counts as an error).
 
     python -m cmath_bench.soak EXPORT_DIR --threads 8 --seconds 60 [--precision fp32] [--out soak.json]
 
-Requests are drawn from a fixed, seeded list: `predict` on batches of 1-4 conversations (1-40 utterances), and,
-for an artifact with a step graph, a `Conversation` fed utterance by utterance (step path, `.latest` after each
-add). A mismatch is any answer not bit-identical to the serial one (np.array_equal on probabilities and labels);
-an exception in a thread is counted as an error.
+Requests come from a fixed, seeded list: `predict` on batches of 1-4 conversations and, for an artifact with a step
+graph, a `Conversation` fed utterance by utterance.
 """
 
 from __future__ import annotations
@@ -32,15 +30,9 @@ def make_requests(model: cmath_runtime.EmotionModel, count: int, seed: int = 0) 
         batch = []
         for _ in range(int(rng.integers(1, 5))):
             n = int(rng.integers(1, min(40, model.max_len) + 1))
-            batch.append(
-                {
-                    "speakers": rng.integers(0, min(model.num_speakers, 4), n),
-                    "features": {
-                        m: rng.standard_normal((n, d)).astype(np.float32)
-                        for m, d in model.feature_dims.items()
-                    },
-                }
-            )
+            speakers = rng.integers(0, min(model.num_speakers, 4), n)
+            feats = {m: rng.standard_normal((n, d)).astype(np.float32) for m, d in model.feature_dims.items()}
+            batch.append({"speakers": speakers, "features": feats})
         kind = "stream" if model.step_graph is not None and i % 3 == 0 else "predict"
         requests.append({"kind": kind, "batch": batch if kind == "predict" else batch[:1]})
     return requests

@@ -1,31 +1,32 @@
 """Streaming benchmark: latency of one new utterance at history n, step graph vs full recompute (same runtime).
 
-cmath-bench runs it on every export with a step graph (a causal run).
-
 "full" is what a Conversation without a step graph does for each new utterance: model.predict on the whole
 conversation of n utterances. "step" is one call of model.step.onnx at position n-1 with a cache of n-1 rows.
-Records carry "path": "step" | "full"; `stream_records` is cmath-bench's hook (the step graph in every precision and
-engine that loads, with its roofline floor).
+`stream_records` is cmath-bench's hook for an export with a step graph (a causal run).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+import cmath_runtime
+from cmath_runtime.manifest import read_manifest
+from cmath_runtime.streaming import Stream
+
+from . import roofline
 from .backends import OPENVINO, ORT, ORT_SPIN, RUNTIME
 from .timing import Budget, interleaved, percentiles_ms, quiesce, repeating
 
 LENGTHS = (1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 200)
 QUICK_LENGTHS = (1, 10, 50)
-BUDGET = Budget(
-    warmup=3, iterations=60, seconds=1.0, min_iterations=10, rounds=6
-)  # more, shorter rounds: bursts of load hit all alike
+# more, shorter rounds: bursts of load hit all alike
+BUDGET = Budget(warmup=3, iterations=60, seconds=1.0, min_iterations=10, rounds=6)
 QUICK_BUDGET = Budget(warmup=1, iterations=10, seconds=0.2, min_iterations=3, rounds=2)
-
 
 # (contender, precision); contender names: backends.RUNTIME
 STEP_CONTENDERS = ((ORT, "fp32"), (ORT_SPIN, "fp32"), (ORT, "int8"), (OPENVINO, "fp32"), (OPENVINO, "bf16"))
@@ -35,8 +36,6 @@ PROBE = "probe/bandwidth"  # cmath_bench.roofline.BandwidthProbe, timed among th
 def _load_step_models(
     export_dir: str | Path, threads: int, contenders: tuple[tuple[str, str], ...], log: Any
 ) -> dict[tuple[str, str], Any]:
-    import cmath_runtime
-
     models = {}
     for backend, precision in contenders:
         which, spin = RUNTIME[backend]
@@ -67,13 +66,8 @@ def run_streaming(
 ) -> list[dict[str, Any]]:
     """Records {"benchmark": "streaming", "path", "n", "threads", p50_ms, ...} for every n (capped at max_len):
     the step graph on every (backend, precision) that loads here, and the full recompute (onnxruntime fp32).
-    With `machine` (cmath_bench.roofline.Machine), each step record carries its floor and latency_x_floor, its bytes
-    term from the median copy bandwidth measured at that history length in the same interleaved rounds as the steps
-    (and latency_x_best_bytes_floor against the fastest copy of those rounds)."""
-    from cmath_runtime.streaming import Stream
-
-    from . import roofline
-
+    With `machine` (roofline.Machine), each step record carries its floor, its bytes term from the copy bandwidth
+    measured at that history length in the same rounds as the steps (_step_floor)."""
     models = _load_step_models(export_dir, threads, contenders, log)
     base, base_graph = models[(ORT, "fp32")]
     rng = np.random.default_rng(0)
@@ -81,11 +75,11 @@ def run_streaming(
     feats = {m: rng.standard_normal((n_max, d)).astype(np.float32) for m, d in base.feature_dims.items()}
     speakers = [int(s) for s in rng.integers(0, base.num_speakers, n_max)]
     streams = {k: Stream(g) for k, (_m, g) in models.items()}
-    step_files = {k: g.file for k, (_m, g) in models.items()}
-    wbytes = {}
-    for k, f in step_files.items():
-        wbytes[k] = roofline.weight_bytes(f) // (2 if k[1] == "bf16" else 1)
-    counter = roofline.FlopCounter(step_files[(ORT, "fp32")]) if machine else None
+    # OpenVINO converts the fp32 weights to bf16 when it compiles for bf16
+    wbytes = {
+        k: roofline.weight_bytes(g.file) // (2 if k[1] == "bf16" else 1) for k, (_m, g) in models.items()
+    }
+    counter = roofline.FlopCounter(base_graph.file) if machine else None
     probe = roofline.BandwidthProbe(threads) if machine is not None else None
     records = []
     for n in sorted({min(n, n_max) for n in lengths}):
@@ -97,16 +91,14 @@ def run_streaming(
         if probe is not None:  # the steps' bandwidth floor, measured in the same rounds as they are
             named[PROBE] = repeating(probe)
         timings = interleaved(named, budget, settle=lambda _name: quiesce())
-        probed = timings.times.get(PROBE) if probe is not None else None
-        # p50 against p50: the steps' median call against the median copy of the same rounds (the fastest copy of a
-        # run moved 27 -> 42 GB/s between history lengths on this shared host; the median is what a step sees)
-        bandwidth = probe.gb_s(probed, "p50") if probe and probed else None
-        best = probe.gb_s(probed, "best") if probe and probed else None
+        bandwidth = best = None
+        if probe is not None and (probed := timings.times.get(PROBE)):
+            # p50 against p50: the steps' median call against the median copy of the same rounds
+            bandwidth, best = probe.gb_s(probed, "p50"), probe.gb_s(probed, "best")
         flops = counter(_step_feeds(streams[(ORT, "fp32")], n, speakers, new_row)) if counter else None
         for key, stream in streams.items():
             stream.buffers.update(tails[key])
         cache = 4 * (n - 1) * base.manifest.d * len(base_graph.state_spec)
-
         floor = functools.partial(
             _step_floor, machine=machine, flops=flops, cache_bytes=cache, bandwidth=bandwidth, best=best
         )
@@ -190,28 +182,14 @@ def _step_floor(
     return out
 
 
-class _Capture:
-    """Stands in for a step graph's session for one call: records the feeds the runtime builds, then runs them."""
-
-    def __init__(self, session: Any) -> None:
-        self.session = session
-        self.feeds: dict[str, np.ndarray] = {}
-
-    def run(self, names: Any, feeds: dict[str, np.ndarray]) -> Any:
-        self.feeds = dict(feeds)
-        return self.session.run(names, feeds)
-
-
 def _step_feeds(
     stream: Any, n: int, speakers: list[int], row: dict[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
     """The feeds of the step at position n-1 exactly as StepGraph builds them (for counting its FLOPs)."""
-    import copy
-
     graph = copy.copy(stream.graph)
-    graph.session = capture = _Capture(stream.graph.session)
-    graph.run({k: v.copy() for k, v in stream.buffers.items()}, n - 1, speakers[n - 1], row)
-    return capture.feeds
+    with roofline.recording(graph) as feeds:
+        graph.run({k: v.copy() for k, v in stream.buffers.items()}, n - 1, speakers[n - 1], row)
+    return dict(feeds)
 
 
 def stream_records(
@@ -223,8 +201,6 @@ def stream_records(
     lengths: tuple[int, ...] | None = None,
 ) -> list[dict]:
     """cmath-bench hook: streaming records for an artifact with a step graph, [] otherwise."""
-    from cmath_runtime.manifest import read_manifest
-
     if not read_manifest(export_dir).step:
         return []
     return run_streaming(

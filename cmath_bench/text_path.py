@@ -1,36 +1,10 @@
 """Raw text -> emotion for one new utterance in a live conversation: each engine against the text path's floor.
 
-    cmath-bench RUN_DIR [--texts DIR [--text-parity N]] [--frozen-encoder DIR]   (an export with a text encoder)
-
-One timed call (batch 1) is what an agent does when a line arrives: `conv.add(speaker, text=...)` on a conversation
-that already holds HISTORY (20) turns, then reading `conv.latest`. The text encoder reads the new utterance with its
-speaker and past turns (cmath_runtime.turns), the model gives its emotion. The 20-turn conversations are built before
-any timing from real texts (MELD dev, consecutive utterances; else the export's probe texts) and every timed call
-adds to a copy of one of them (Conversation.copy(), made untimed before each block of calls).
-
-Contenders, timed in interleaved rounds (cmath_bench.timing; the machine is let go quiet after every block):
-- runtime fp32 / runtime int8: cmath_runtime.load(precision=...); int8 reads text_encoder.int8.onnx + model.int8.onnx;
-- pytorch: the same pipeline in PyTorch: the same token ids (tokenizer.json through `tokenizers` + cmath_runtime.turns,
-  as cmath-prepare builds them), the encoder's torch twin (PooledEncoder on the fine-tuned HF model) and the run's
-  checkpoint in eager mode on the whole conversation; torch threads = the runtime's threads;
-- frozen: the plain all-MiniLM-L6-v2 reading the utterance alone (exported to ONNX once, in a temp dir) + the same
-  fp32 model: what reading the context costs.
-Two read-bandwidth probes (roofline.ReadProbe: numpy sums and an onnxruntime GEMV over a buffer 4x the last-level
-cache or more) run in the same rounds.
-
-The floor of a contender's call is max(weight bytes read / read bandwidth, FLOPs / fp32 matmul peak): the bytes are
-the initializers its encoder graph and model graph read in that call (embedding tables: the rows of its tokens only;
-roofline.WeightReads), the FLOPs those of the encoder at the call's token count (the median timed utterance) plus
-the model graph's (roofline.FlopCounter), the read bandwidth the faster of the two probes' medians in the same rounds.
-Every record carries p50 / floor; the report gives int8 vs fp32, runtime fp32 vs PyTorch and context vs
-frozen, all from the same run.
-
-Parity (`replay_parity`, cmath-bench --text-parity N): MELD dev dialogues replayed utterance by utterance through
-Conversation.add(text=) against the PyTorch pipeline on each whole dialogue, max |dp| of the final probabilities
-(bar 1e-4, fp32), and the int8 path's argmax agreement with fp32 (bar 99%).
-
-cmath-bench calls `report_text_path` (bench_text.json, bench_text.md, bench_text.png) when the export has a text
-encoder.
+One timed call (batch 1) is what an agent does when a line arrives: `conv.add(speaker, text=...)` on a copy of a
+conversation that already holds HISTORY turns of real texts, then reading `conv.latest`. Contenders: runtime fp32
+and int8, the same pipeline in PyTorch (TorchPipeline) and a frozen plain encoder reading the utterance alone (what
+reading the context costs), timed in interleaved rounds with the machine's probes, which give each call's floor
+(roofline.record_floor). cmath-bench calls `report_text_path` when the export has a text encoder.
 """
 
 from __future__ import annotations
@@ -46,8 +20,14 @@ from typing import Any
 
 import numpy as np
 
+import cmath_runtime
+from cmath_runtime.batching import pad_conversations
+from cmath_runtime.compare import compare, max_abs
+from cmath_runtime.session import PRECISIONS
+from cmath_runtime.text import TextEncoder, TextEncoderSpec
+
 from . import host, roofline
-from .backends import Contender
+from .backends import Contender, set_torch_threads
 from .report import figure, write_pages
 from .timing import Budget, Timer, interleaved, percentiles_ms, quiesce, repeating, timer
 
@@ -56,7 +36,6 @@ HISTORY = 20  # turns a live conversation holds before the timed utterance
 BUDGET = Budget(warmup=3, iterations=60, seconds=4.0, min_iterations=10, rounds=6)
 QUICK_BUDGET = Budget(warmup=1, iterations=8, seconds=1.0, min_iterations=3, rounds=2)
 LIVE, QUICK_LIVE = 12, 4  # distinct live conversations the timed calls cycle through
-PARITY_DIALOGUES = 100
 EXACT = 1e-4  # max |dp| of the fp32 runtime vs the PyTorch pipeline
 INT8_AGREEMENT = 0.99  # int8 path's argmax agreement with fp32
 FP32, INT8, TORCH, FROZEN = "runtime fp32", "runtime int8", "pytorch", "frozen"
@@ -84,17 +63,13 @@ def dev_dialogues(csv_file: Path, num_speakers: int, limit: int | None = None) -
     ]
 
 
-def probe_dialogue() -> Dialogue:
-    """The export's probe texts (cmath_export.text_encoder.PROBE_TEXTS) as one two-speaker conversation."""
-    from cmath_export.text_encoder import PROBE_TEXTS
-
-    return Dialogue(list(PROBE_TEXTS), [i % 2 for i in range(len(PROBE_TEXTS))])
-
-
 def text_source(csv_dir: Path | None, num_speakers: int) -> tuple[list[Dialogue], str]:
-    """MELD dev dialogues from `csv_dir`, or the export's probe texts when no folder is given."""
+    """MELD dev dialogues from `csv_dir`, or the export's probe texts (one two-speaker conversation) without one."""
     if csv_dir is None:
-        return [probe_dialogue()], "the export's probe texts (no MELD dev CSV given)"
+        from cmath_export.text_encoder import PROBE_TEXTS
+
+        probe = Dialogue(list(PROBE_TEXTS), [i % 2 for i in range(len(PROBE_TEXTS))])
+        return [probe], "the export's probe texts (no MELD dev CSV given)"
     csv_file = csv_dir / DEV_CSV
     if not csv_file.is_file():
         raise FileNotFoundError(f"--csv-dir: expected a folder holding {DEV_CSV}, got {csv_dir}")
@@ -119,59 +94,37 @@ def live_conversations(
     return out
 
 
-class TurnTokens:
-    """(input_ids, token_type_ids) of a new utterance as the encoder reads it: the runtime's own
-    `TextEncoder.inputs` (tokenizer.json through `tokenizers`, then cmath_runtime.turns, as cmath-prepare makes them;
-    a plain encoder: [CLS] text [SEP], cut at max_seq_length)."""
-
-    def __init__(self, spec: Any) -> None:  # cmath_runtime.text.TextEncoderSpec
-        from cmath_runtime.text import TextEncoder
-
-        self.spec = spec
-        self.encoder = TextEncoder(spec, threads=1, verify=False)
-
-    def __call__(
-        self, texts: Sequence[str], speakers: Sequence[int], speaker: int, text: str
-    ) -> tuple[list[int], list[int]]:
-        return self.encoder.inputs([([*texts, text], [*speakers, speaker], len(texts))])[0]
-
-    def feeds(self, pair: tuple[list[int], list[int]]) -> dict[str, np.ndarray]:
-        """The encoder graph's feeds for one input (batch 1, no padding)."""
-        return self.encoder.feeds([pair])
+def turn_tokens(encoder: TextEncoder, d: Dialogue, i: int) -> tuple[list[int], list[int]]:
+    """(input_ids, token_type_ids) of utterance i of `d` with its past, as `encoder` reads it."""
+    return encoder.inputs([(d.texts[: i + 1], d.speakers[: i + 1], i)])[0]
 
 
 class TorchPipeline:
-    """The runtime's text path in PyTorch: TurnTokens -> PooledEncoder (the encoder's torch twin, on the fine-tuned HF
-    model export.json's `text_encoder.source` names) -> the run's checkpoint, eager, on the whole conversation."""
+    """The runtime's text path in PyTorch: the runtime's token ids -> PooledEncoder (the encoder's torch twin, on the
+    fine-tuned HF model export.json's `text_encoder.source` names) -> the run's checkpoint, eager, on the whole
+    conversation. `model`: the runtime's fp32 model of the run's export."""
 
-    def __init__(self, run_dir: Path, source: str | Path, spec: Any, feature_dims: dict[str, int]) -> None:
+    def __init__(self, run_dir: Path, model: Any) -> None:
         from cmath_train.checkpoint import load_checkpoint
         from cmath_train.prepare.pooled import PooledEncoder
         from cmath_train.prepare.text_encoder import SentenceTransformerEncoder
 
-        st = SentenceTransformerEncoder.load(source)
+        spec, feature_dims = model.text_encoder.spec, model.feature_dims
+        st = SentenceTransformerEncoder.load(model.manifest.text_encoder["source"])
         transformer: Any = st.model[0].auto_model
         self.encoder = PooledEncoder(
             transformer, spec.pooling, spec.normalize, first_segment=spec.turns is not None
         ).eval()
         self.net = load_checkpoint(run_dir).model.eval()
-        self.tokens = TurnTokens(spec)
-        self.others = {
-            m: d for m, d in feature_dims.items() if m != "t"
-        }  # zeros: the text path gives only "t"
+        self.text = TextEncoder(spec, threads=1, verify=False)  # its tokenizer
+        # zeros for the other modalities: the text path gives only "t"
+        self.others = {m: d for m, d in feature_dims.items() if m != "t"}
 
-    def embed(self, dialogue: Dialogue) -> np.ndarray:
+    def embed(self, d: Dialogue) -> np.ndarray:
         """(n, dim) features of every utterance, each read with its own past (batched, for set-up and parity)."""
         from cmath_train.prepare.pooled import embed
 
-        d = dialogue
-        return embed(
-            self.encoder,
-            [
-                self.tokens(d.texts[:i], d.speakers[:i], d.speakers[i], d.texts[i])
-                for i in range(len(d.texts))
-            ],
-        )
+        return embed(self.encoder, [turn_tokens(self.text, d, i) for i in range(len(d.texts))])
 
     def probs(self, features: Any, speakers: Sequence[int]) -> np.ndarray:
         """(n, classes) probabilities of a whole conversation from its (n, dim) text features."""
@@ -197,9 +150,9 @@ class TorchPipeline:
         from cmath_train.prepare.pooled import collate
 
         past, feats = state
-        batch = collate([self.tokens(past.texts, past.speakers, speaker, text)])
+        batch = collate(self.text.inputs([([*past.texts, text], [*past.speakers, speaker], len(past.texts))]))
         with torch.inference_mode():
-            row = self.encoder(**{k: v for k, v in batch.items() if k in self.tokens.spec.inputs})
+            row = self.encoder(**{k: v for k, v in batch.items() if k in self.text.spec.inputs})
             x = torch.cat([feats, row])
         return self.probs(x, [*past.speakers, speaker])[-1]
 
@@ -214,9 +167,8 @@ def live_contender(
     **info: Any,
 ) -> Contender:
     """A text-path contender: `prepare(dialogue)` (untimed) forks the live state holding the dialogue's past
-    (`start(dialogue)`, built once per dialogue; `fork`: a private copy, or the state itself where calls do not
-    change it) and returns the timed call: `call(fork, speaker, text)` adds the dialogue's last utterance and returns
-    its probabilities. `provider` names what reads the text."""
+    (`start(dialogue)`, built once per dialogue) and returns the timed call, `call(fork, speaker, text)` with the
+    dialogue's last utterance."""
     started: dict[int, Any] = {}
 
     def prepare(d: Dialogue) -> Callable[[], Any]:
@@ -244,9 +196,7 @@ def add_text(conv: Any, speaker: int, text: str, others: dict[str, np.ndarray], 
 
 def start_conversation(model: Any, d: Dialogue, frozen: Any = None) -> Any:
     """A runtime Conversation holding the dialogue's past (all but its last utterance), its state computed."""
-    from cmath_runtime import Conversation
-
-    conv, others = Conversation(model), zero_rows(model)
+    conv, others = cmath_runtime.Conversation(model), zero_rows(model)
     for s, t in zip(d.speakers[:-1], d.texts[:-1], strict=True):
         add_text(conv, s, t, others, frozen)
     conv.latest  # noqa: B018  computed now (step path: the cached state), not in the timed call
@@ -254,8 +204,7 @@ def start_conversation(model: Any, d: Dialogue, frozen: Any = None) -> Any:
 
 
 def runtime_contender(name: str, model: Any, encoder: str, frozen: Any = None) -> Contender:
-    """cmath_runtime: Conversation.add(text=) + .latest on a copy of a conversation holding the past (`frozen`: see
-    add_text)."""
+    """cmath_runtime: Conversation.add(text=) + .latest on a copy of a conversation holding the past."""
     precision, others = "fp32" if frozen is not None else model.precision, zero_rows(model)
     return live_contender(
         name,
@@ -271,10 +220,8 @@ def runtime_contender(name: str, model: Any, encoder: str, frozen: Any = None) -
 @contextlib.contextmanager
 def frozen_encoder(model_dir: Path | None, text_normalisation: str | None) -> Iterator[tuple[Any, str]]:
     """(TextEncoderSpec, name) of a plain sentence-transformers encoder (default: the bundled all-MiniLM-L6-v2)
-    exported to ONNX in a temp dir by cmath_export's text-encoder export (parity-checked against
-    sentence-transformers there), for as long as the context lasts."""
+    exported to ONNX in a temp dir by cmath_export's text-encoder export, for as long as the context lasts."""
     from cmath_export.text_encoder import export_text_encoder
-    from cmath_runtime.text import TextEncoderSpec
     from cmath_train.prepare.text_encoder import SentenceTransformerEncoder
 
     meta = SentenceTransformerEncoder.load(model_dir).describe()
@@ -299,32 +246,8 @@ def frozen_encoder(model_dir: Path | None, text_normalisation: str | None) -> It
         yield spec, str(entry["name"])
 
 
-@contextlib.contextmanager
-def recording(holder: Any) -> Iterator[dict[str, np.ndarray]]:
-    """While inside, `holder.session.run` records its last feeds into the yielded dict (for counting FLOPs and bytes
-    of a real call)."""
-    session, feeds = holder.session, dict[str, np.ndarray]()
-
-    class Recorder:
-        def run(self, names: Any, inputs: dict[str, np.ndarray]) -> Any:
-            feeds.clear()
-            feeds.update(inputs)
-            return session.run(names, inputs)
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(session, name)
-
-    holder.session = Recorder()
-    try:
-        yield feeds
-    finally:
-        holder.session = session
-
-
 def model_graph(model: Any) -> Path:
     """The graph a Conversation of `model` runs for a new utterance: its step graph, else its model file."""
-    from cmath_runtime.session import PRECISIONS
-
     graph = model.step_graph
     if graph is not None:
         return Path(graph.file)
@@ -332,63 +255,52 @@ def model_graph(model: Any) -> Path:
 
 
 def model_feeds(model: Any, conv: Any, dialogue: Dialogue) -> dict[str, np.ndarray]:
-    """The model graph's feeds when `conv` (a live runtime conversation, copied here) gets the dialogue's last
-    utterance."""
-    from cmath_runtime.batching import pad_conversations
-
+    """The model graph's feeds when (a copy of) `conv` gets the dialogue's last utterance."""
     conv = conv.copy()
     graph = model.step_graph
     if graph is None:
         add_text(conv, dialogue.speakers[-1], dialogue.texts[-1], zero_rows(model))
         feats, speaker, mask = pad_conversations([conv.features], [conv.speakers], model.modalities)
         return {**feats, "speaker": speaker, "mask": mask}
-    with recording(graph) as feeds:
+    with roofline.recording(graph) as feeds:
         add_text(conv, dialogue.speakers[-1], dialogue.texts[-1], zero_rows(model)).latest  # noqa: B018
         return dict(feeds)
 
 
-class CostCounter:
-    """Weight bytes read and FLOPs of one call (roofline.WeightReads / FlopCounter), one counter per graph file."""
-
-    def __init__(self) -> None:
-        self.reads: dict[Path, roofline.WeightReads] = {}
-        self.flops: dict[Path, roofline.FlopCounter] = {}
-
-    def __call__(
-        self,
-        encoder: tuple[Path, Path, dict[str, np.ndarray]],
-        model: tuple[Path, Path, dict[str, np.ndarray]],
-    ) -> dict[str, Any]:
-        """encoder / model: (graph the contender runs, its fp32 twin, feeds); FLOPs are counted on the fp32 twin."""
-        parts = {}
-        for part, (graph, fp32, feeds) in (("encoder", encoder), ("model", model)):
-            reads = self.reads.setdefault(graph, roofline.WeightReads(graph))
-            count = self.flops.setdefault(fp32, roofline.FlopCounter(fp32))
-            parts[part] = (reads(feeds), count(feeds))
-        return {
-            "weight_bytes": parts["encoder"][0] + parts["model"][0],
-            "flops": parts["encoder"][1] + parts["model"][1],
-            "encoder_weight_bytes": parts["encoder"][0],
-            "model_weight_bytes": parts["model"][0],
-            "encoder_flops": parts["encoder"][1],
-            "model_flops": parts["model"][1],
-            "graphs": f"{encoder[0].name} + {model[0].name}",
-        }
+def call_cost(
+    encoder: tuple[Path, Path, dict[str, np.ndarray]], model: tuple[Path, Path, dict[str, np.ndarray]]
+) -> dict[str, Any]:
+    """Weight bytes read (roofline.WeightReads) and FLOPs (roofline.FlopCounter) of one call; encoder / model:
+    (graph the contender runs, its fp32 twin, feeds), FLOPs counted on the fp32 twin."""
+    (enc_bytes, enc_flops), (model_bytes, model_flops) = (
+        (roofline.WeightReads(graph)(feeds), roofline.FlopCounter(fp32)(feeds))
+        for graph, fp32, feeds in (encoder, model)
+    )
+    return {
+        "weight_bytes": enc_bytes + model_bytes,
+        "flops": enc_flops + model_flops,
+        "encoder_weight_bytes": enc_bytes,
+        "model_weight_bytes": model_bytes,
+        "encoder_flops": enc_flops,
+        "model_flops": model_flops,
+        "graphs": f"{encoder[0].name} + {model[0].name}",
+    }
 
 
 def _median_call(
-    tokens: Callable[[Dialogue], tuple[list[int], list[int]]], live: list[Dialogue]
-) -> tuple[int, Dialogue, list[int]]:
-    """(index, dialogue) of the live conversation whose new utterance has the median token count, and all counts."""
-    counts = [len(tokens(d)[0]) for d in live]
-    order = np.argsort(counts, kind="stable")
-    k = int(order[len(order) // 2])
-    return k, live[k], counts
+    encoder: TextEncoder, live: list[Dialogue], alone: bool = False
+) -> tuple[Dialogue, tuple[list[int], list[int]], float]:
+    """The live conversation whose new utterance has the median token count as `encoder` reads it (with its past,
+    or `alone`), that utterance's tokens, and the median count."""
+    news = [Dialogue(d.texts[-1:], [0]) if alone else d for d in live]
+    pairs = [turn_tokens(encoder, d, len(d.texts) - 1) for d in news]
+    counts = [len(ids) for ids, _ in pairs]
+    k = int(np.argsort(counts, kind="stable")[len(counts) // 2])
+    return live[k], pairs[k], float(np.median(counts))
 
 
 def live_timer(c: Contender, live: list[Dialogue]) -> Timer:
-    """The contender's Timer over the live conversations, one call on each in turn (each live conversation's past
-    started before any timing)."""
+    """The contender's Timer, one call on each live conversation in turn (their pasts started before any timing)."""
     for d in live:
         c.prepare(d)
     turn = itertools.count()
@@ -409,22 +321,16 @@ def run_text_path(
     peak_n: int = roofline.PROBE_N,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """The text-path report (JSON-able): one record per contender (p50/p90, tokens, weight bytes, FLOPs, floor,
-    x floor), the machine's limits measured in the same rounds (roofline.make_probes) and the ratios. `dialogues`
-    (default: text_source(csv_dir)) give the live conversations' texts; `frozen_dir` the plain encoder (default: the
-    bundled all-MiniLM-L6-v2); `machine` the limits cmath-bench measured before any contender (reported beside, not
-    used); `read_mib` / `peak_n` the probes' sizes (tests make them small)."""
-    import cmath_runtime
-
-    from .backends import set_torch_threads
-
+    """The text-path report (JSON-able): one record per contender, the machine's limits measured in the same rounds
+    and the ratios. `dialogues` (default: text_source(csv_dir)) give the live conversations' texts; `machine` the
+    limits cmath-bench measured before any contender (reported beside, not used); `read_mib` / `peak_n` the probes'
+    sizes."""
     set_torch_threads(threads)
     fp32 = cmath_runtime.load(export_dir, backend="cpu", threads=threads)
-    dialogues, source = (
-        (dialogues, f"{len(dialogues)} given dialogues")
-        if dialogues
-        else text_source(csv_dir, fp32.num_speakers)
-    )
+    if dialogues:
+        source = f"{len(dialogues)} given dialogues"
+    else:
+        dialogues, source = text_source(csv_dir, fp32.num_speakers)
     convs = live_conversations(dialogues, live, fp32.num_speakers, min(HISTORY, fp32.max_len - 1))
     history = len(convs[0].texts) - 1
     log(f"text path: {len(convs)} live conversations of {history} turns from {source}, {threads} threads")
@@ -465,17 +371,15 @@ def timed_records(
     skipped: dict[str, str],
     **common: Any,
 ) -> list[dict[str, Any]]:
-    """One record per contender that was timed (p50/p90, the work of its call, its floor); the others go to
-    `skipped` with why."""
+    """One record per contender that was timed (p50/p90, its cost, its floor); the others go to `skipped`."""
     records = []
     for name, c in contenders.items():
         if not timings.times.get(name):
             skipped[name] = timings.errors.get(name, "no timed call")
             continue
+        times = timings.times[name]
         rec = {"contender": name, "encoder": c.provider, "precision": c.precision, "batch": 1, **common}
-        rec.update(
-            iterations=len(timings.times[name]), **percentiles_ms(timings.times[name]), **c.info["cost"]
-        )
+        rec.update(iterations=len(times), **percentiles_ms(times), **c.info["cost"])
         records.append({**rec, **roofline.record_floor(rec, limits)})
     return records
 
@@ -490,10 +394,6 @@ def load_contenders(
 ) -> tuple[dict[str, Contender], dict[str, str], Any]:
     """(contenders by name, skipped ones and why, the frozen TextEncoder or None): runtime fp32 and int8, the
     PyTorch pipeline and the frozen plain encoder (its temporary export kept open on `stack`)."""
-    import cmath_runtime
-    from cmath_runtime.manifest import read_manifest
-    from cmath_runtime.text import TextEncoder
-
     spec = fp32.text_encoder.spec
     reads = "fine-tuned, reads speaker + past turns" if spec.turns else "reads the utterance alone"
     contenders = {FP32: runtime_contender(FP32, fp32, f"{spec.onnx_file.name} ({reads})")}
@@ -503,26 +403,17 @@ def load_contenders(
         contenders[INT8] = runtime_contender(INT8, int8, f"{int8.text_encoder.spec.onnx_file.name} ({reads})")
     except cmath_runtime.CmathError as e:
         skipped[INT8] = str(e)
-    encoder_source = read_manifest(export_dir).to_json()["text_encoder"]["source"]
-    torch_path = TorchPipeline(run_dir, encoder_source, spec, fp32.feature_dims)
-    contenders[TORCH] = live_contender(
-        TORCH,
-        "PooledEncoder (torch twin of the encoder) + checkpoint, eager",
-        "fp32",
-        torch_path.start,
-        torch_path.call,
-    )
+    torch_path = TorchPipeline(run_dir, fp32)
+    twin = "PooledEncoder (torch twin of the encoder) + checkpoint, eager"
+    contenders[TORCH] = live_contender(TORCH, twin, "fp32", torch_path.start, torch_path.call)
     frozen = None
     try:
         frozen_spec, frozen_name = stack.enter_context(frozen_encoder(frozen_dir, spec.text_normalisation))
-        if frozen_spec.dim != fp32.feature_dims["t"]:
-            raise ValueError(
-                f"it gives {frozen_spec.dim}-d features, the model reads {fp32.feature_dims['t']}-d"
-            )
+        if frozen_spec.dim != (dim := fp32.feature_dims["t"]):
+            raise ValueError(f"it gives {frozen_spec.dim}-d features, the model reads {dim}-d")
         frozen = TextEncoder(frozen_spec, threads=threads, verify=False)
-        contenders[FROZEN] = runtime_contender(
-            FROZEN, fp32, f"{frozen_name} (frozen), the utterance alone", frozen
-        )
+        alone = f"{frozen_name} (frozen), the utterance alone"
+        contenders[FROZEN] = runtime_contender(FROZEN, fp32, alone, frozen)
     except (cmath_runtime.CmathError, ValueError, OSError) as e:
         skipped[FROZEN] = f"{type(e).__name__}: {e}"
     return contenders, skipped, frozen
@@ -532,40 +423,31 @@ def count_costs(
     contenders: dict[str, Contender], fp32: Any, convs: list[Dialogue], frozen: Any = None
 ) -> None:
     """Fill each contender's `cost`: weight bytes read and FLOPs of its call on the live conversation whose new
-    utterance has the median token count. Runtime and pytorch read the same turns (pytorch: the fp32 graphs'
-    figures, the same weights and arithmetic); the frozen encoder reads the utterance alone."""
+    utterance has the median token count (pytorch: the fp32 graphs' figures, the same weights and arithmetic)."""
     spec = fp32.text_encoder.spec
-    tokens = TurnTokens(spec)
-    _, median, counts = _median_call(
-        lambda d: tokens(d.texts[:-1], d.speakers[:-1], d.speakers[-1], d.texts[-1]), convs
-    )
+    median, pair, tokens_p50 = _median_call(fp32.text_encoder, convs)
     feeds = model_feeds(fp32, start_conversation(fp32, median), median)
-    enc_feeds = tokens.feeds(
-        tokens(median.texts[:-1], median.speakers[:-1], median.speakers[-1], median.texts[-1])
-    )
-    fp32_graph, counter = model_graph(fp32), CostCounter()
+    fp32_graph = model_graph(fp32)
+
+    def cost(enc_feeds: dict[str, np.ndarray], p50: float, *graphs: Any) -> dict[str, Any]:
+        return {"tokens": int(enc_feeds["input_ids"].shape[1]), "tokens_p50": p50, **call_cost(*graphs)}
+
+    enc_feeds = fp32.text_encoder.feeds([pair])
     for name, c in contenders.items():
         if name != FROZEN:
             model = c.info.get("model") or fp32
-            c.info["cost"] = {
-                "tokens": int(enc_feeds["input_ids"].shape[1]),
-                "tokens_p50": float(np.median(counts)),
-                **counter(
-                    (model.text_encoder.spec.onnx_file, spec.onnx_file, enc_feeds),
-                    (model_graph(model), fp32_graph, feeds),
-                ),
-            }
+            c.info["cost"] = cost(
+                enc_feeds,
+                tokens_p50,
+                (model.text_encoder.spec.onnx_file, spec.onnx_file, enc_feeds),
+                (model_graph(model), fp32_graph, feeds),
+            )
     if FROZEN in contenders:
-        plain = TurnTokens(frozen.spec)
-        _, alone, alone_counts = _median_call(lambda d: plain([], [], 0, d.texts[-1]), convs)
-        f_feeds = plain.feeds(plain([], [], 0, alone.texts[-1]))
-        contenders[FROZEN].info["cost"] = {
-            "tokens": int(f_feeds["input_ids"].shape[1]),
-            "tokens_p50": float(np.median(alone_counts)),
-            **counter(
-                (frozen.spec.onnx_file, frozen.spec.onnx_file, f_feeds), (fp32_graph, fp32_graph, feeds)
-            ),
-        }
+        _, alone, alone_p50 = _median_call(frozen, convs, alone=True)
+        f_feeds, f_file = frozen.feeds([alone]), frozen.spec.onnx_file
+        contenders[FROZEN].info["cost"] = cost(
+            f_feeds, alone_p50, (f_file, f_file, f_feeds), (fp32_graph, fp32_graph, feeds)
+        )
 
 
 def ratios(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -634,52 +516,48 @@ def markdown(report: dict[str, Any]) -> str:
 
 def plot(report: dict[str, Any], path: Path) -> None:
     """p50 per contender (bar to p90) with its floor."""
-    with figure(path) as ax:
-        _bars(ax, report)
-
-
-def _bars(ax: Any, report: dict[str, Any]) -> None:
     recs = report["records"]
     xs = np.arange(len(recs))
     p50 = [r["p50_ms"] for r in recs]
-    ax.bar(
-        xs,
-        p50,
-        color="tab:blue",
-        yerr=[[0] * len(recs), [r["p90_ms"] - r["p50_ms"] for r in recs]],
-        capsize=4,
-        label="p50 (whisker to p90)",
-    )
-    ax.scatter(
-        xs,
-        [r["floor_ms"] for r in recs],
-        marker="_",
-        s=900,
-        color="k",
-        zorder=3,
-        label="floor: max(weights read / read bandwidth, FLOPs / peak)",
-    )
-    for x, r in zip(xs, recs, strict=True):
-        ax.annotate(
-            f"{r['p50_ms']:.1f} ms\n{r['latency_x_floor']:.1f}x floor",
-            (x, r["p90_ms"]),
-            ha="center",
-            va="bottom",
-            fontsize=7,
-            xytext=(0, 3),
-            textcoords="offset points",
+    with figure(path) as ax:
+        ax.bar(
+            xs,
+            p50,
+            color="tab:blue",
+            yerr=[[0] * len(recs), [r["p90_ms"] - r["p50_ms"] for r in recs]],
+            capsize=4,
+            label="p50 (whisker to p90)",
         )
-    ax.set_xticks(xs, [f"{r['contender']}\n{r['tokens']} tokens" for r in recs], fontsize=8)
-    ax.set_yscale("log")
-    ax.set_ylim(top=3 * max(r["p90_ms"] for r in recs))
-    ax.set_ylabel("ms per new utterance (raw text -> emotion)")
-    ax.set_title(
-        f"one new utterance into a {report['history']}-turn conversation, batch 1, {report['threads']} "
-        f"threads; read {report['machine']['read_gb_s']:.1f} GB/s",
-        fontsize=9,
-    )
-    ax.grid(True, axis="y", which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+        ax.scatter(
+            xs,
+            [r["floor_ms"] for r in recs],
+            marker="_",
+            s=900,
+            color="k",
+            zorder=3,
+            label="floor: max(weights read / read bandwidth, FLOPs / peak)",
+        )
+        for x, r in zip(xs, recs, strict=True):
+            ax.annotate(
+                f"{r['p50_ms']:.1f} ms\n{r['latency_x_floor']:.1f}x floor",
+                (x, r["p90_ms"]),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                xytext=(0, 3),
+                textcoords="offset points",
+            )
+        ax.set_xticks(xs, [f"{r['contender']}\n{r['tokens']} tokens" for r in recs], fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylim(top=3 * max(r["p90_ms"] for r in recs))
+        ax.set_ylabel("ms per new utterance (raw text -> emotion)")
+        ax.set_title(
+            f"one new utterance into a {report['history']}-turn conversation, batch 1, {report['threads']} "
+            f"threads; read {report['machine']['read_gb_s']:.1f} GB/s",
+            fontsize=9,
+        )
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+        ax.legend(fontsize=7)
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> str:
@@ -696,23 +574,11 @@ def replay_parity(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Dialogues replayed utterance by utterance through Conversation.add(text=) (runtime fp32, and int8 when the
-    export has it) against the PyTorch pipeline on each whole dialogue (TorchPipeline: the same token ids, the
-    encoder's torch twin, the checkpoint eager): the final probabilities of every utterance, compared by
+    export has it) against the PyTorch pipeline on each whole dialogue: the final probabilities, compared by
     cmath_runtime.compare (fp32: max |dp| <= EXACT; int8: argmax agreement with fp32 >= INT8_AGREEMENT)."""
-    import cmath_runtime
-    from cmath_runtime.compare import compare, max_abs
-    from cmath_runtime.manifest import read_manifest
-
-    from .backends import set_torch_threads
-
     set_torch_threads(threads)
     fp32 = cmath_runtime.load(export_dir, backend="cpu", threads=threads)
-    torch_path = TorchPipeline(
-        run_dir,
-        read_manifest(export_dir).to_json()["text_encoder"]["source"],
-        fp32.text_encoder.spec,
-        fp32.feature_dims,
-    )
+    torch_path = TorchPipeline(run_dir, fp32)
     models = {"fp32": fp32}
     try:
         models["int8"] = cmath_runtime.load(export_dir, backend="cpu", precision="int8", threads=threads)
@@ -721,6 +587,7 @@ def replay_parity(
     ref = [{"probs": torch_path.probs(torch_path.embed(d), d.speakers)} for d in dialogues]
     got = {k: [{"probs": replay(m, d)} for d in dialogues] for k, m in models.items()}
     data = f"{len(dialogues)} dialogues replayed utterance by utterance through Conversation.add(text=)"
+    common: dict[str, Any] = {"data": data, "conversations": len(dialogues)}
     reports = {
         "fp32": compare(
             ref,
@@ -729,8 +596,7 @@ def replay_parity(
             artifact="text path fp32",
             reference_name="PyTorch pipeline (torch encoder twin + checkpoint, eager)",
             runtime="cmath_runtime fp32",
-            data=data,
-            conversations=len(dialogues),
+            **common,
         )
     }
     if "int8" in got:
@@ -742,8 +608,7 @@ def replay_parity(
             artifact="text path int8",
             reference_name="cmath_runtime fp32",
             runtime="cmath_runtime int8",
-            data=data,
-            conversations=len(dialogues),
+            **common,
         )
     for r in reports.values():
         log(r.summary())
@@ -752,8 +617,6 @@ def replay_parity(
 
 def replay(model: Any, dialogue: Dialogue) -> np.ndarray:
     """(n, classes) final probabilities of a dialogue added utterance by utterance as raw text."""
-    import cmath_runtime
-
     conv, others = cmath_runtime.Conversation(model), zero_rows(model)
     for s, t in zip(dialogue.speakers, dialogue.texts, strict=True):
         add_text(conv, s, t, others).latest  # noqa: B018  as an agent reads it, utterance by utterance
@@ -762,8 +625,7 @@ def replay(model: Any, dialogue: Dialogue) -> np.ndarray:
 
 def parity_lines(parity: dict[str, Any]) -> list[str]:
     out = []
-    f = parity.get("fp32")
-    if f:
+    if f := parity.get("fp32"):
         probs = f["outputs"][0]
         out.append(
             f"- Raw-text parity: {f['conversations']} dialogues ({f['rows']} utterances) replayed utterance by "
@@ -771,8 +633,7 @@ def parity_lines(parity: dict[str, Any]) -> list[str]:
             f"**{probs['max_abs']:.2g}** (bar {EXACT:g}), argmax agreement {100 * f['argmax_agreement']:.2f}%: "
             f"{'PASS' if f['passed'] else 'FAIL'}"
         )
-    q = parity.get("int8")
-    if q:
+    if q := parity.get("int8"):
         out.append(
             f"- int8 text path argmax agreement with fp32: **{100 * q['argmax_agreement']:.2f}%** (bar "
             f"{100 * INT8_AGREEMENT:g}%), max |dp| {q['outputs'][0]['max_abs']:.3g}: "
@@ -794,8 +655,7 @@ def report_text_path(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any] | None:
     """cmath-bench's text-path section: the report, written to out_dir (bench_text.json/.md/.png); None when the
-    export has no text encoder. `csv_dir`: a folder with MELD's dev CSV, whose dialogues make the live
-    conversations and, with `parity_dialogues`, are replayed against the PyTorch pipeline (replay_parity)."""
+    export has no text encoder. With `parity_dialogues`, that many of csv_dir's dialogues go to replay_parity."""
     raw = json.loads((export_dir / "export.json").read_text())
     if not raw.get("text_encoder"):
         return None

@@ -13,15 +13,14 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Budget:
-    """How long to measure one (backend, shape): `iterations` calls at most, `seconds` at most, at least `min_iterations`."""
+    """How long to measure one (backend, shape): `iterations` calls and `seconds` at most, at least
+    `min_iterations`, split into `rounds` interleaved across contenders (against machine-load drift)."""
 
     warmup: int = 3
     iterations: int = 100
     seconds: float = 1.5
     min_iterations: int = 10
-    rounds: int = (
-        10  # measurement split into rounds, interleaved across contenders against machine-load drift
-    )
+    rounds: int = 10
 
 
 Timer = Callable[[int, "float | None"], list[float]]  # (calls, seconds budget or None) -> each call's seconds
@@ -41,8 +40,7 @@ def timed_calls(fn: Callable[[], object], count: int, deadline: float | None = N
 
 def timer(make_call: Callable[[], Callable[[], object]], cap: int | None = None) -> Timer:
     """The Timer of a contender: each block first makes its calls (untimed: `make_call()` may copy a live
-    conversation, or return the same prepared call), then times them one by one until the block's budget is spent.
-    `cap`: at most that many calls a block (probes that each read hundreds of MiB)."""
+    conversation), then times them one by one until the block's budget is spent; at most `cap` calls a block."""
 
     def run(count: int, seconds: float | None) -> list[float]:
         calls = iter([make_call() for _ in range(min(count, cap or count))])
@@ -59,17 +57,11 @@ def repeating(call: Callable[[], object], cap: int | None = None) -> Timer:
 
 def percentiles_ms(seconds: list[float]) -> dict[str, float]:
     """p50/p90/p99/mean/min in ms; NaN for each when nothing was timed (a load level that got no answer)."""
+    keys = ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms")
     if not seconds:
-        return {k: float("nan") for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms")}
+        return dict.fromkeys(keys, float("nan"))
     ms = np.asarray(seconds) * 1e3
-    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
-    return {
-        "p50_ms": float(p50),
-        "p90_ms": float(p90),
-        "p99_ms": float(p99),
-        "mean_ms": float(ms.mean()),
-        "min_ms": float(ms.min()),
-    }
+    return {k: float(v) for k, v in zip(keys, (*np.percentile(ms, [50, 90, 99]), ms.mean(), ms.min()))}
 
 
 def cpu_seconds(pid: int | str = "self", skip_tid: int | None = None) -> float | None:
@@ -93,10 +85,9 @@ def quiesce(pid: int | str = "self", window_s: float = 0.005, limit_s: float = 0
     """Wait until process `pid`'s threads (the calling one excepted) stop using the CPU; -> seconds waited.
 
     Why: an engine whose idle threads spin (onnxruntime allow_spinning=1, OpenMP ACTIVE, TBB) keeps a core busy
-    for tens of milliseconds after its last call (measured: onnxruntime's spinning pool, ~45 ms of one core after
-    each block of calls). Interleaved with it, the next contender would be timed on a core it does not have,
-    which no deployment running one engine sees. So each contender's block of calls starts on a quiet machine.
-    Two windows in a row with no CPU time (schedstat moves in scheduler ticks) count as quiet; at most `limit_s`."""
+    for a while after its last call; the next contender would be timed on a core it does not have, which no
+    deployment running one engine sees. Two windows in a row with no CPU time (schedstat moves in scheduler ticks)
+    count as quiet; at most `limit_s`."""
     skip = threading.get_native_id() if pid == "self" else None
     start = last_busy = time.perf_counter()
     before = cpu_seconds(pid, skip)
@@ -131,10 +122,9 @@ def interleaved(
     settle: Callable[[str], float] | None = None,
 ) -> Timings:
     """Time several contenders on the same input in rounds (A B C, A B C, ...) so that a change in the machine's
-    load hits all of them alike. Each first gets `budget.warmup` untimed calls, then its share of the budget.
-    `warmups` (default: `timers`) run the untimed calls. A contender that raises is dropped with its error.
-    `settle(name)`, called after each of a contender's blocks (e.g. `quiesce` of its process), returns the seconds
-    it waited, so that no block is timed while the previous contender's threads still spin."""
+    load hits all of them alike. Each first gets `budget.warmup` untimed calls (by `warmups`, default `timers`),
+    then its share of the budget. A contender that raises is dropped with its error. `settle(name)`, called after
+    each of a contender's blocks (e.g. `quiesce` of its process), returns the seconds it waited."""
     out = Timings()
     live = dict(timers)
 

@@ -145,14 +145,13 @@ def torch_contender(backend: str, precision: str, run_dir: Path, threads: int, s
     return Contender(backend, precision, f"{device} (torch)", prepare, np.asarray, info=info)
 
 
-def runtime(export_dir: Path, name: str, precision: str, threads: int, spinning: bool = False) -> Contender:
-    """cmath_runtime as the contender `name` (a key of RUNTIME), idle threads spinning when the contender does or
-    `spinning` asks; Skipped when that backend or artifact is not here."""
+def load_runtime(export_dir: Path, name: str, precision: str, threads: int, spinning: bool = False) -> Any:
+    """cmath_runtime's EmotionModel as the contender `name` (a key of RUNTIME), idle threads spinning when the
+    contender does or `spinning` asks; Skipped when that backend or artifact is not here."""
     import cmath_runtime
     from cmath_runtime.session import BACKENDS, available_providers
 
     backend, spin = RUNTIME[name]
-    spinning = spinning or spin
     if backend == "openvino":
         from cmath_runtime.openvino_backend import available
 
@@ -164,8 +163,8 @@ def runtime(export_dir: Path, name: str, precision: str, threads: int, spinning:
             f"an NVIDIA GPU and onnxruntime-gpu{' with TensorRT' if backend == 'tensorrt' else ''}"
         )
     try:
-        model = cmath_runtime.load(
-            export_dir, backend=backend, precision=precision, threads=threads, spinning=spinning
+        return cmath_runtime.load(
+            export_dir, backend=backend, precision=precision, threads=threads, spinning=spinning or spin
         )
     except cmath_runtime.BackendUnavailableError as e:
         raise Skipped(str(e)) from None
@@ -174,20 +173,22 @@ def runtime(export_dir: Path, name: str, precision: str, threads: int, spinning:
             raise Skipped(f"the export has no {precision} model: {e}") from None
         raise
 
+
+def runtime(export_dir: Path, name: str, precision: str, threads: int, spinning: bool = False) -> Contender:
+    """load_runtime's model as a Contender: `predict` on the conversations themselves, validation and padding
+    included."""
+    model = load_runtime(export_dir, name, precision, threads, spinning)
+
     def prepare(convs: list[dict]) -> Callable[[], Any]:
         return lambda: model.predict(convs, batch_size=len(convs))
 
     def probs(preds: list[Any]) -> np.ndarray:
         return np.stack([p.probs for p in preds])
 
-    m = model.manifest
+    m, idle = model.manifest, "spin" if spinning or RUNTIME[name][1] else "sleep (allow_spinning=0)"
     info = {
         "load_s": model.load_seconds,  # includes importing onnxruntime
         "spec": InputSpec(tuple(m.modalities), dict(m.feature_dims), m.num_speakers),
-        "threads": {
-            "torch": 0,
-            "ort_intra_op": threads,
-            "idle": "spin" if spinning else "sleep (allow_spinning=0)",
-        },
+        "threads": {"torch": 0, "ort_intra_op": threads, "idle": idle},
     }
     return Contender(name, precision, model.providers[0], prepare, probs, model.note, info)

@@ -80,20 +80,6 @@ def set_torch_threads(threads: int) -> None:
         torch.set_num_interop_threads(1)
 
 
-def torch_model(run_dir: Path) -> tuple[Any, InputSpec, float]:
-    """The original PyTorch model of the run and the seconds it took to load."""
-    from cmath_train.checkpoint import load_checkpoint
-
-    start = time.perf_counter()
-    ckpt = load_checkpoint(run_dir)
-    cfg = ckpt.model_cfg
-    return (
-        ckpt.model.eval(),
-        InputSpec(tuple(cfg.modalities), dict(cfg.feature_dims), cfg.num_speakers),
-        (time.perf_counter() - start),
-    )
-
-
 def cuda_missing() -> str | None:
     """Why PyTorch cannot run on CUDA here; None where it can."""
     import torch
@@ -104,48 +90,45 @@ def cuda_missing() -> str | None:
     return f"torch {torch.__version__} sees no CUDA device (torch.cuda.is_available() is False; {build})"
 
 
-def torch_contender_named(backend: str, precision: str, run_dir: Path) -> tuple[Contender, InputSpec, float]:
-    """The PyTorch contender `backend` (pytorch-eager or torch-compile, "-cuda" for the GPU) of a run; (contender,
-    its input spec, load seconds); Skipped when it asks for CUDA and there is none."""
+def torch_contender(backend: str, precision: str, run_dir: Path, threads: int, spinning: bool) -> Contender:
+    """PyTorch `backend` (pytorch-eager or torch-compile, "-cuda" for the GPU) on the run's original model, its
+    inputs made once on the device; Skipped when it asks for CUDA and there is none. torch.compile(dynamic=True)
+    compiles on the first call (and recompiles for shapes it specialised on, such as a length of 1): the benchmark
+    times those first calls separately. On a GPU each call ends with the probabilities copied back to numpy and
+    torch.cuda.synchronize(), so its time is the GPU's; precision "fp16" runs under torch.autocast (fp16 matmuls,
+    fp32 weights)."""
+    import torch
+
+    from cmath_train.checkpoint import load_checkpoint
+
     device = "cuda" if backend.endswith("-cuda") else "cpu"
     if device == "cuda" and (why := cuda_missing()):
         raise Skipped(why)
-    model, spec, load_s = torch_model(run_dir)
-    model = model.to(device)
-    if backend.startswith(COMPILE):
-        return compiled(model, spec, device), spec, load_s
-    return eager(model, spec, device, precision), spec, load_s
-
-
-def torch_forward(model: Any) -> Callable[..., Any]:
-    import torch
+    set_torch_threads(threads)
+    start = time.perf_counter()
+    ckpt = load_checkpoint(run_dir)
+    load_s = time.perf_counter() - start
+    model, cfg = ckpt.model.eval().to(device), ckpt.model_cfg
+    spec = InputSpec(tuple(cfg.modalities), dict(cfg.feature_dims), cfg.num_speakers)
 
     def forward(features: dict[str, Any], speaker: Any, mask: Any) -> Any:
         return torch.softmax(model(features, speaker, mask).logits, dim=-1)
 
-    return forward
+    if backend.startswith(COMPILE):
+        with contextlib.suppress(
+            ImportError, AttributeError
+        ):  # fewer recompiles: batch 1 is not special-cased
+            import torch.fx.experimental._config as fx_config
 
-
-def torch_contender(
-    backend: str, forward: Callable[..., Any], spec: InputSpec, device: str = "cpu", precision: str = "fp32"
-) -> Contender:
-    """A call of `forward` on inputs made once on `device`. On a GPU each call ends with the probabilities copied
-    back to numpy and torch.cuda.synchronize(), so its time is the GPU's; precision "fp16" runs it under
-    torch.autocast (fp16 matmuls, fp32 weights)."""
-    import torch
-
-    def autocast() -> Any:
-        return (
-            torch.autocast(device, dtype=torch.float16) if precision == "fp16" else contextlib.nullcontext()
-        )
+            fx_config.backed_size_oblivious = True
+        forward = torch.compile(forward, dynamic=True)
+    half = precision == "fp16"
+    autocast = (lambda: torch.autocast(device, dtype=torch.float16)) if half else contextlib.nullcontext
 
     def prepare(convs: list[dict]) -> Callable[[], Any]:
         feats, speaker, mask = padded(spec, convs)
-        args = (
-            {m: torch.from_numpy(x).to(device) for m, x in feats.items()},
-            torch.from_numpy(speaker).to(device),
-            torch.from_numpy(mask).to(device),
-        )
+        features = {m: torch.from_numpy(x).to(device) for m, x in feats.items()}
+        args = (features, torch.from_numpy(speaker).to(device), torch.from_numpy(mask).to(device))
 
         def call() -> np.ndarray:
             with torch.inference_mode(), autocast():
@@ -156,33 +139,19 @@ def torch_contender(
 
         return call
 
-    return Contender(backend, precision, f"{device} (torch)", prepare, np.asarray)
+    idle = "spin" if spinning else "sleep (OMP_WAIT_POLICY=PASSIVE)"
+    threads_info = {"torch": torch.get_num_threads(), "ort_intra_op": 0, "idle": idle}
+    info = {"load_s": load_s, "spec": spec, "threads": threads_info}
+    return Contender(backend, precision, f"{device} (torch)", prepare, np.asarray, info=info)
 
 
-def eager(model: Any, spec: InputSpec, device: str = "cpu", precision: str = "fp32") -> Contender:
-    return torch_contender(EAGER, torch_forward(model), spec, device, precision)
-
-
-def compiled(model: Any, spec: InputSpec, device: str = "cpu") -> Contender:
-    """torch.compile(dynamic=True) of the same forward. It compiles on the first call (and recompiles for shapes
-    it specialised on, such as a length of 1): the benchmark times those first calls separately."""
-    import torch
-
-    with contextlib.suppress(ImportError, AttributeError):  # fewer recompiles: batch 1 is not special-cased
-        import torch.fx.experimental._config as fx_config
-
-        fx_config.backed_size_oblivious = True
-    return torch_contender(COMPILE, torch.compile(torch_forward(model), dynamic=True), spec, device)
-
-
-def runtime(export_dir: Path, name: str, precision: str, threads: int, spinning: bool = False) -> Contender:
-    """cmath_runtime as the contender `name` (a key of RUNTIME), idle threads spinning when the contender does or
-    `spinning` asks; Skipped when that backend or artifact is not here."""
+def load_runtime(export_dir: Path, name: str, precision: str, threads: int, spinning: bool = False) -> Any:
+    """cmath_runtime's EmotionModel as the contender `name` (a key of RUNTIME), idle threads spinning when the
+    contender does or `spinning` asks; Skipped when that backend or artifact is not here."""
     import cmath_runtime
     from cmath_runtime.session import BACKENDS, available_providers
 
     backend, spin = RUNTIME[name]
-    spinning = spinning or spin
     if backend == "openvino":
         from cmath_runtime.openvino_backend import available
 
@@ -194,8 +163,8 @@ def runtime(export_dir: Path, name: str, precision: str, threads: int, spinning:
             f"an NVIDIA GPU and onnxruntime-gpu{' with TensorRT' if backend == 'tensorrt' else ''}"
         )
     try:
-        model = cmath_runtime.load(
-            export_dir, backend=backend, precision=precision, threads=threads, spinning=spinning
+        return cmath_runtime.load(
+            export_dir, backend=backend, precision=precision, threads=threads, spinning=spinning or spin
         )
     except cmath_runtime.BackendUnavailableError as e:
         raise Skipped(str(e)) from None
@@ -204,18 +173,22 @@ def runtime(export_dir: Path, name: str, precision: str, threads: int, spinning:
             raise Skipped(f"the export has no {precision} model: {e}") from None
         raise
 
+
+def runtime(export_dir: Path, name: str, precision: str, threads: int, spinning: bool = False) -> Contender:
+    """load_runtime's model as a Contender: `predict` on the conversations themselves, validation and padding
+    included."""
+    model = load_runtime(export_dir, name, precision, threads, spinning)
+
     def prepare(convs: list[dict]) -> Callable[[], Any]:
         return lambda: model.predict(convs, batch_size=len(convs))
 
     def probs(preds: list[Any]) -> np.ndarray:
         return np.stack([p.probs for p in preds])
 
-    return Contender(
-        name,
-        precision,
-        model.providers[0],
-        prepare,
-        probs,
-        model.note,
-        {"load_s": model.load_seconds, "manifest": model.manifest},
-    )
+    m, idle = model.manifest, "spin" if spinning or RUNTIME[name][1] else "sleep (allow_spinning=0)"
+    info = {
+        "load_s": model.load_seconds,  # includes importing onnxruntime
+        "spec": InputSpec(tuple(m.modalities), dict(m.feature_dims), m.num_speakers),
+        "threads": {"torch": 0, "ort_intra_op": threads, "idle": idle},
+    }
+    return Contender(name, precision, model.providers[0], prepare, probs, model.note, info)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -97,19 +98,18 @@ def main(
     CUDA, TensorRT), each against this machine's measured limits (roofline); causal runs also time the step graph."""
     from cmath_runtime.session import default_threads
 
-    from .runner import BenchRequest, bench
+    from .runner import BenchRequest, Plan, bench
 
-    request = BenchRequest(
-        run_dir,
-        out_dir or run_dir,
-        quick=quick,
-        threads=threads or default_threads(),
+    sizes = _lengths(lengths) if lengths else None
+    plan = (Plan.quick if quick else Plan)(
         contenders=tuple(_contender_keys(only)) if only else backends.ALL,
+        threads=threads or default_threads(),
         spinning=spin,
-        lengths=_lengths(lengths) if lengths else None,
-        texts=texts,
-        text_parity=text_parity,
-        frozen_encoder=frozen_encoder,
+    )
+    if sizes:
+        plan = dataclasses.replace(plan, lengths=sizes)
+    request = BenchRequest(
+        run_dir, out_dir or run_dir, plan, quick, sizes, texts, text_parity, frozen_encoder
     )
     if text_parity and texts is None:
         raise click.BadParameter("needs --texts (the dev dialogues to replay)", param_hint="--text-parity")

@@ -20,12 +20,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 import cmath_runtime
 from cmath_runtime.cpu import cpu_info
 from cmath_runtime.files import atomic_write_json
 
+from .inputs import InputSpec, conversations
 from .text_path import HISTORY, live_conversations, live_timer, runtime_contender, text_source
 from .timing import Budget, interleaved, percentiles_ms, quiesce, repeating
 
@@ -65,13 +64,6 @@ def load_contenders(export: Path, threads: int, cache: Path) -> tuple[dict[str, 
     return models, skipped
 
 
-def model_feeds(model: Any, n: int) -> dict[str, Any]:
-    rng = np.random.default_rng(0)
-    n = min(n, model.max_len)
-    feats = {m: rng.standard_normal((n, d)).astype(np.float32) for m, d in model.feature_dims.items()}
-    return {"speakers": [i % min(2, model.num_speakers) for i in range(n)], "features": feats}
-
-
 def run(
     export: Path, threads: int, budget: Budget, csv_dir: Path | None = None, log: Any = print
 ) -> dict[str, Any]:
@@ -88,7 +80,8 @@ def run(
             log(
                 f"text path: {len(convs)} live conversations of {len(convs[0].texts) - 1} turns from {source}"
             )
-        conv = model_feeds(first, UTTERANCES)
+        spec = InputSpec(tuple(first.modalities), dict(first.feature_dims), first.num_speakers)
+        [conv] = conversations(spec, 1, min(UTTERANCES, first.max_len))
         predict = f"model {len(conv['speakers'])} utt."
         for name, model in models.items():
             timers[f"{predict} | {name}"] = repeating(functools.partial(model.predict, [conv], batch_size=1))

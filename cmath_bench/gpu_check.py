@@ -112,7 +112,7 @@ class GpuCheck:
 
 
 def environment(work: Path, threads: int) -> dict[str, Any]:
-    from .runner import environment as host
+    from .host import environment as host
 
     return {
         "gpu": nvidia_smi(),

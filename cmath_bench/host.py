@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import platform
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,28 @@ def describe() -> dict[str, str | int]:
 
     cpu = cpu_info()
     return {"cpu": cpu.model, "isa": cpu.isa, "cores": _cores()}
+
+
+def environment(threads: int) -> dict[str, Any]:
+    """describe() with the software, the threads every contender gets and the load average: cmath-bench's and the
+    GPU check's description of their run."""
+    import numpy
+    import onnxruntime
+
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = "not installed"
+    return {
+        "python": platform.python_version(),
+        "torch": torch_version,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": numpy.__version__,
+        **describe(),
+        "threads": threads,
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "platform": platform.platform(),
+    }
 
 
 def _cores() -> int:

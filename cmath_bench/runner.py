@@ -4,10 +4,8 @@ batch 1 and throughput at batch 16 on the same seeded inputs, interleaved shape 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -45,9 +43,8 @@ class Plan:
     throughput: Budget = Budget(warmup=2, iterations=30, seconds=2.0, min_iterations=5, rounds=5)
     contenders: tuple[str, ...] = backends.ALL
     threads: int = 2
-    spinning: bool = (
-        False  # idle threads sleep (torch: OMP_WAIT_POLICY=PASSIVE, onnxruntime: allow_spinning=0)
-    )
+    # idle threads sleep (torch: OMP_WAIT_POLICY=PASSIVE, onnxruntime: allow_spinning=0)
+    spinning: bool = False
     reference: str = f"{backends.EAGER}:fp32"  # every speed-up and the parity are against this contender
     parity_shape: tuple[int, int] = PARITY_SHAPE
 
@@ -63,18 +60,14 @@ class BenchRequest:
 
     run_dir: Path
     out_dir: Path
+    plan: Plan
     quick: bool = False
-    threads: int = 2
-    contenders: tuple[str, ...] = backends.ALL
-    spinning: bool = False
-    lengths: tuple[int, ...] | None = None  # latency and streaming lengths (default: the plan's)
-    texts: Path | None = (
-        None  # MELD-style CSV folder: the raw-text benchmark's dialogues (default: probe texts)
-    )
+    stream_lengths: tuple[int, ...] | None = None  # the streaming benchmark's lengths (default: its sweep)
+    # MELD-style CSV folder: the raw-text benchmark's dialogues (default: probe texts)
+    texts: Path | None = None
     text_parity: int = 0  # dev dialogues replayed against the PyTorch pipeline (needs texts)
-    frozen_encoder: Path | None = (
-        None  # the plain encoder beside the fine-tuned one (default: the bundled one)
-    )
+    # the plain encoder beside the fine-tuned one (default: the bundled one)
+    frozen_encoder: Path | None = None
 
 
 def bench(request: BenchRequest, export_dir: Path, log: Callable[[str], None] = print) -> str:
@@ -88,39 +81,32 @@ def bench(request: BenchRequest, export_dir: Path, log: Callable[[str], None] = 
     from .text_path import report_text_path, summary
 
     start = time.perf_counter()
-    r = request
-    plan = (Plan.quick if r.quick else Plan)(contenders=r.contenders, threads=r.threads, spinning=r.spinning)
-    if r.lengths:
-        plan = dataclasses.replace(plan, lengths=r.lengths)
-    env = environment(r.threads)
-    log(
-        f"cmath-bench {r.run_dir}: {r.threads} threads ({'spinning' if r.spinning else 'sleeping'} when idle), "
-        f"load average {env['load_average']}"
-    )
-    machine = roofline.measure(r.threads)  # before any contender runs: the machine's limits at these threads
+    r, threads = request, request.plan.threads
+    env = host.environment(threads)
+    idle = "spinning" if r.plan.spinning else "sleeping"
+    log(f"cmath-bench {r.run_dir}: {threads} threads ({idle} when idle), load average {env['load_average']}")
+    machine = roofline.measure(threads)  # before any contender runs: the machine's limits at these threads
     env["machine"] = machine.to_json()
     log(
-        f"machine limits ({r.threads} threads): copy bandwidth {machine.bandwidth_gb_s:.1f} GB/s, float32 "
+        f"machine limits ({threads} threads): copy bandwidth {machine.bandwidth_gb_s:.1f} GB/s, float32 "
         f"matmul peak {machine.fp32_gflop_s:.0f} GFLOP/s"
     )
-    records = run_benchmark(r.run_dir, export_dir, plan, log=log)
+    records = run_benchmark(r.run_dir, export_dir, r.plan, log=log)
     roofline.annotate(records, machine, export_dir)
-    records += stream_records(export_dir, r.threads, r.quick, log=log, machine=machine, lengths=r.lengths)
-    env["load_average_end"] = environment(r.threads)["load_average"]
+    records += stream_records(
+        export_dir, threads, r.quick, log=log, machine=machine, lengths=r.stream_lengths
+    )
+    env["load_average_end"] = host.environment(threads)["load_average"]
     for rec in records:  # every record names its machine
         rec.update(cpu=env["cpu"], isa=env["isa"], cores=env["cores"])
     text = write(records, env, r.out_dir, f"cmath-bench: {r.run_dir.name}{' (quick)' if r.quick else ''}")
+    text_options: dict[str, Any] = {
+        "csv_dir": r.texts,
+        "parity_dialogues": r.text_parity,
+        "frozen_dir": r.frozen_encoder,
+    }
     text_path = report_text_path(
-        r.run_dir,
-        export_dir,
-        r.threads,
-        r.quick,
-        r.out_dir,
-        machine,
-        r.texts,
-        r.text_parity,
-        r.frozen_encoder,
-        log=log,
+        r.run_dir, export_dir, threads, r.quick, r.out_dir, machine, log=log, **text_options
     )
     if text_path:
         log(summary(text_path))
@@ -200,29 +186,6 @@ class Worker:
         self.stderr.close()
 
 
-def environment(threads: int) -> dict[str, Any]:
-    import numpy
-    import onnxruntime
-
-    try:
-        from importlib.metadata import version
-
-        torch_version = version("torch")
-    except Exception:  # noqa: BLE001
-        torch_version = "not installed"
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {
-        "python": platform.python_version(),
-        "torch": torch_version,
-        "onnxruntime": onnxruntime.__version__,
-        "numpy": numpy.__version__,
-        **host.describe(),
-        "threads": threads,
-        "load_average": [round(x, 2) for x in load] if load else None,
-        "platform": platform.platform(),
-    }
-
-
 def run_benchmark(
     run_dir: Path, export_dir: Path, plan: Plan, log: Callable[[str], None] = print
 ) -> list[dict]:
@@ -236,7 +199,7 @@ def run_benchmark(
             if worker:
                 workers.append(worker)
             else:
-                records.append(_record("skipped", key, None, None, {}, common, note=skipped))
+                records.append(_record("skipped", key, None, None, **common, note=skipped))
         records += _measure(workers, plan, common, log)
         for w in workers:
             w.info.update(w.ask(op="stats"))
@@ -244,9 +207,8 @@ def run_benchmark(
         for w in workers:
             w.stop()
     owners = {w.key: w.info for w in workers}
-    for (
-        rec
-    ) in records:  # load time, memory, threads and parity of each contender, on every one of its records
+    # load time, memory, threads and parity of each contender, on every one of its records
+    for rec in records:
         if info := owners.get(_key(rec)):
             rec.update({k: info[k] for k in WORKER_FIELDS if k in info})
             if info.get("peak_rss_mb") and info.get("base_rss_mb"):
@@ -292,46 +254,34 @@ def _measure(
 ) -> list[dict]:
     records: list[dict] = []
     failed: dict[str, str] = {}
+    by_key = {w.key: w for w in workers}
     shapes = [("latency", 1, n, plan.latency) for n in plan.lengths] + [
         ("throughput", plan.throughput_batch, n, plan.throughput) for n in plan.throughput_lengths
     ]
     for i, (kind, batch, n, budget) in enumerate(shapes):
         live = [w for w in workers if w.key not in failed]
         warm = {w.key: w.timer(batch, n, warm=True) for w in live}
-        by_key = {w.key: w for w in live}
+        # each block settles until that contender's process stops using the CPU
         timings = interleaved(
-            {w.key: w.timer(batch, n) for w in live},
-            budget,
-            warmups=warm,
-            settle=_settle(by_key),
+            {w.key: w.timer(batch, n) for w in live}, budget, warm, lambda k: by_key[k].settle()
         )
         failed.update(timings.errors)
         for key, err in timings.errors.items():
             log(f"  {key} failed at batch {batch} x {n}: {err}")
-            records.append(_record("failed", key, batch, n, {}, common, note=err))
+            records.append(_record("failed", key, batch, n, **common, note=err))
         shape_records = []
-        for w in live:
-            if w.key in timings.errors:
-                continue
+        for w in [w for w in live if w.key not in failed]:
             stats = percentiles_ms(timings.times[w.key])
-            rec = _record(
-                kind,
-                w.key,
-                batch,
-                n,
-                stats,
-                common,
-                iterations=len(timings.times[w.key]),
-                first_call_ms=timings.first[w.key][0] * 1e3,
-                warmup_ms=[t * 1e3 for t in timings.first[w.key]],
-            )  # OpenVINO compiles a shape on call 2
+            first = timings.first[w.key]  # the warm-up calls: OpenVINO compiles a shape on call 2
+            rec = _record(kind, w.key, batch, n, **stats, **common, iterations=len(timings.times[w.key]))
+            rec.update(first_call_ms=first[0] * 1e3, warmup_ms=[t * 1e3 for t in first])
             if kind == "throughput":
                 rec.update(
                     conversations_per_s=batch / (stats["p50_ms"] / 1e3),
                     utterances_per_s=batch * n / (stats["p50_ms"] / 1e3),
                 )
             if i == 0 and w.key.startswith(backends.COMPILE):
-                w.info["compile_s"] = timings.first[w.key][0]  # the first call: dynamo + inductor
+                w.info["compile_s"] = first[0]  # the first call: dynamo + inductor
             shape_records.append(rec)
         ref = next((r["p50_ms"] for r in shape_records if _key(r) == plan.reference), None)
         for rec in shape_records:
@@ -347,11 +297,6 @@ def _measure(
 
 def _key(rec: dict[str, Any]) -> str:
     return f"{rec['backend']}:{rec['precision']}"
-
-
-def _settle(workers: dict[str, Worker]) -> Callable[[str], float]:
-    """timing.interleaved's `settle`: wait until that contender's process stops using the CPU."""
-    return lambda key: workers[key].settle()
 
 
 def _parity(workers: list[Worker], failed: dict[str, str], plan: Plan, log: Callable[[str], None]) -> None:
@@ -382,26 +327,7 @@ def _parity(workers: list[Worker], failed: dict[str, str], plan: Plan, log: Call
         w.info["argmax_agreement_vs_eager"] = report.argmax_agreement
 
 
-def _record(
-    kind: str,
-    key: str,
-    batch: int | None,
-    n: int | None,
-    stats: dict[str, float],
-    common: dict[str, Any],
-    **extra: Any,
-) -> dict[str, Any]:
+def _record(kind: str, key: str, batch: int | None, n: int | None, **fields: Any) -> dict[str, Any]:
     backend, precision = key.split(":")
-    return {
-        "kind": kind,
-        "backend": backend,
-        "precision": precision,
-        "batch": batch,
-        "utterances": n,
-        "p50_ms": stats.get("p50_ms"),
-        "p90_ms": stats.get("p90_ms"),
-        "p99_ms": stats.get("p99_ms"),
-        **{k: v for k, v in stats.items() if k not in ("p50_ms", "p90_ms", "p99_ms")},
-        **common,
-        **extra,
-    }
+    head = {"kind": kind, "backend": backend, "precision": precision, "batch": batch, "utterances": n}
+    return {**head, **dict.fromkeys(("p50_ms", "p90_ms", "p99_ms")), **fields}

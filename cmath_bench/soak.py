@@ -61,34 +61,34 @@ class Tally:
     first_problem: str | None = None
 
     def check(
-        self, model: cmath_runtime.EmotionModel, request: dict[str, Any], serial: list[np.ndarray]
+        self,
+        model: cmath_runtime.EmotionModel,
+        request: dict[str, Any],
+        serial: list[np.ndarray],
+        lock: threading.Lock,
     ) -> None:
-        """Answer `request` once and compare with its serial answer (bit for bit)."""
+        """Answer `request` once (outside `lock`) and count how it compares with its serial answer, bit for bit."""
         try:
-            got = answer(model, request)
+            got, error = answer(model, request), None
         except Exception as e:  # noqa: BLE001 - counted and reported, the soak goes on
-            self.errors += 1
-            self.first_problem = self.first_problem or f"{request['kind']} request: {type(e).__name__}: {e}"
-            return
-        self.answers += 1
-        self.by_kind[request["kind"]] += 1
-        if len(got) == len(serial) and all(np.array_equal(a, b) for a, b in zip(got, serial)):
-            return
-        self.mismatches += 1
-        diff = max(
-            float(np.abs(a - b).max()) if a.shape == b.shape else float("inf") for a, b in zip(got, serial)
-        )
-        self.max_abs_diff = max(self.max_abs_diff, diff)
-        self.first_problem = self.first_problem or f"{request['kind']} request: max |diff| {diff:g}"
-
-    def merge(self, other: Tally) -> None:
-        self.answers += other.answers
-        self.mismatches += other.mismatches
-        self.errors += other.errors
-        self.max_abs_diff = max(self.max_abs_diff, other.max_abs_diff)
-        for kind, n in other.by_kind.items():
-            self.by_kind[kind] += n
-        self.first_problem = self.first_problem or other.first_problem
+            got, error = [], f"{type(e).__name__}: {e}"
+        same = len(got) == len(serial) and all(np.array_equal(a, b) for a, b in zip(got, serial))
+        with lock:
+            if error is not None:
+                self.errors += 1
+                self.first_problem = self.first_problem or f"{request['kind']} request: {error}"
+                return
+            self.answers += 1
+            self.by_kind[request["kind"]] += 1
+            if same:
+                return
+            self.mismatches += 1
+            diff = max(
+                float(np.abs(a - b).max()) if a.shape == b.shape else float("inf")
+                for a, b in zip(got, serial)
+            )
+            self.max_abs_diff = max(self.max_abs_diff, diff)
+            self.first_problem = self.first_problem or f"{request['kind']} request: max |diff| {diff:g}"
 
 
 def soak(
@@ -108,12 +108,10 @@ def soak(
     stop = time.monotonic() + seconds
 
     def worker(seed: int) -> None:
-        rng, local = np.random.default_rng(1000 + seed), Tally()
+        rng = np.random.default_rng(1000 + seed)
         while time.monotonic() < stop:
             k = int(rng.integers(len(reqs)))
-            local.check(model, reqs[k], serial[k])
-        with lock:
-            total.merge(local)
+            total.check(model, reqs[k], serial[k], lock)
 
     pool = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(threads)]
     start = time.perf_counter()

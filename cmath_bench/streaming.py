@@ -19,7 +19,7 @@ from cmath_runtime.manifest import read_manifest
 from cmath_runtime.streaming import Stream
 
 from . import roofline
-from .backends import OPENVINO, ORT, ORT_SPIN, RUNTIME
+from .backends import OPENVINO, ORT, ORT_SPIN, Skipped, load_runtime
 from .timing import Budget, interleaved, percentiles_ms, quiesce, repeating
 
 LENGTHS = (1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 200)
@@ -38,13 +38,10 @@ def _load_step_models(
 ) -> dict[tuple[str, str], Any]:
     models = {}
     for backend, precision in contenders:
-        which, spin = RUNTIME[backend]
         try:
-            model = cmath_runtime.load(
-                export_dir, backend=which, precision=precision, threads=threads, spinning=spin
-            )
+            model = load_runtime(Path(export_dir), backend, precision, threads)
             graph = model.step_graph
-        except cmath_runtime.CmathError as e:
+        except (Skipped, cmath_runtime.CmathError) as e:
             log(f"streaming: skipped {backend} {precision}: {e}")
             continue
         if graph is None:

@@ -36,44 +36,28 @@ def vm(field: str) -> float | None:
 
 def build(job: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
     """Import, load (and for torch.compile: wrap) the contender; (contender, input spec, info)."""
-    backend, precision, threads = job["backend"], job["precision"], job["threads"]
+    backend, precision, threads, spinning = job["backend"], job["precision"], job["threads"], job["spinning"]
     info: dict[str, Any] = {"base_rss_mb": vm("VmRSS")}
     start = time.perf_counter()
     if backend.startswith(("pytorch-eager", "torch-compile")):
-        import torch
+        import torch  # noqa: F401  (what a PyTorch caller imports)
 
         from . import backends
 
         info["import_s"] = time.perf_counter() - start
-        backends.set_torch_threads(threads)
-        contender, spec, info["load_s"] = backends.torch_contender_named(
-            backend, precision, Path(job["run_dir"])
-        )
-        info["threads"] = {
-            "torch": torch.get_num_threads(),
-            "ort_intra_op": 0,
-            "idle": "spin" if job["spinning"] else "sleep (OMP_WAIT_POLICY=PASSIVE)",
-        }
+        contender = backends.torch_contender(backend, precision, Path(job["run_dir"]), threads, spinning)
     else:
         import cmath_runtime
 
         from . import backends  # imports torch only inside its torch functions, never here
-        from .inputs import InputSpec
 
         cmath_runtime.load  # noqa: B018  (resolves the lazy attribute: the runtime's modules)
         info["import_s"] = time.perf_counter() - start
-        spin = backends.RUNTIME[backend][1] or job["spinning"]
-        contender = backends.runtime(Path(job["export_dir"]), backend, precision, threads, spin)
-        info["load_s"] = contender.info.pop("load_s")  # includes importing onnxruntime
-        m = contender.info.pop("manifest")
-        spec = InputSpec(tuple(m.modalities), dict(m.feature_dims), m.num_speakers)
-        info["threads"] = {
-            "torch": 0,
-            "ort_intra_op": threads,
-            "idle": "spin" if spin else "sleep (allow_spinning=0)",
-        }
-    info.update(provider=contender.provider, note=contender.note, after_load_rss_mb=vm("VmRSS"))
-    return contender, spec, info
+        contender = backends.runtime(Path(job["export_dir"]), backend, precision, threads, spinning)
+    info.update(
+        contender.info, provider=contender.provider, note=contender.note, after_load_rss_mb=vm("VmRSS")
+    )
+    return contender, info.pop("spec"), info
 
 
 def serve(job: dict[str, Any]) -> None:

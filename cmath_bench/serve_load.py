@@ -17,7 +17,6 @@ serve_load.png into --out (default: EXPORT_DIR).
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -28,7 +27,7 @@ from cmath_serve.conversation_client import ClientOptions, ServeClient
 
 from . import loadgen
 from .loadgen import Conversation
-from .timing import percentiles_ms
+from .timing import percentiles_ms, timed_calls
 
 NO_RETRY = ClientOptions(attempts=1)
 DIRECT_ROUNDS = 10
@@ -108,12 +107,8 @@ def direct_baseline(export_dir: Path, pool: list[Conversation], threads: int) ->
     model = cmath_runtime.load(export_dir, backend="cpu", threads=threads or None)
     out = []
     for batch in (1, 16):
-        model.predict(pool[:batch], batch_size=batch)
-        times = []
-        for k in range(DIRECT_ROUNDS):
-            t0 = time.perf_counter()
-            model.predict([pool[(k * batch + j) % len(pool)] for j in range(batch)], batch_size=batch)
-            times.append(time.perf_counter() - t0)
+        model.predict(pool[:batch], batch_size=batch)  # warm-up
+        times = timed_calls(partial(model.predict, pool[:batch], batch_size=batch), DIRECT_ROUNDS)
         rate = {"conversations_per_s": batch * len(times) / sum(times), **percentiles_ms(times)}
         out.append(
             {"benchmark": "direct_predict", "batch": batch, "utterances": len(pool[0]["speakers"]), **rate}

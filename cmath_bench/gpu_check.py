@@ -36,7 +36,6 @@ from .inputs import InputSpec, conversations
 from .runner import Plan, run_benchmark
 from .timing import Budget
 
-ROOT = Path(__file__).resolve().parents[1]
 LENGTHS, THROUGHPUT = (1, 10, 50), (16, 10)  # batch 1 x LENGTHS, and THROUGHPUT = (conversations, utterances)
 PARITY_SHAPE = (16, 50)
 STEP_LENGTHS = (1, 10, 50)
@@ -218,29 +217,20 @@ def cuda_missing(env: dict[str, Any]) -> tuple[str | None, str | None]:
 # --- preparation: train and export on this machine ---------------------------------------------------------------
 
 
-def cli(module: str, *args: str) -> None:
-    """Run a cmath command-line tool (python -m, this tree's packages); RuntimeError with its last line if it fails."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT, env=env
-    )
-    output = (proc.stdout + proc.stderr).strip()
-    print("\n".join("   | " + line for line in output.splitlines()[-12:]), flush=True)
-    if proc.returncode:
-        last = output.splitlines()[-1] if output else "no output"
-        raise RuntimeError(f"{module} exited {proc.returncode}: {last}")
+def train_and_export(run_dir: Path, causal: bool, fp16: bool) -> str:
+    """`cmath-train --preset meld --epochs 1 [--causal]` then `cmath-export [--fp16]` into run_dir, as the commands
+    do (reused when exported)."""
+    from cmath_export import export_run
+    from cmath_train.run import RecipeOverrides, TrainRequest, run_training
 
-
-def train_and_export(run_dir: Path, train: tuple[str, ...], export: tuple[str, ...]) -> str:
-    """`cmath-train --preset meld --epochs 1 ...` then `cmath-export ...` into run_dir (reused when exported)."""
     if (run_dir / "export" / "export.json").is_file():
         return "reused"
     shutil.rmtree(run_dir, ignore_errors=True)  # what a cut run left
-    cli("cmath_train.cli", "--preset", "meld", "--epochs", "1", "--quiet", "--out", str(run_dir), *train)
-    cli("cmath_export.cli", str(run_dir), *export)
+    overrides = RecipeOverrides(epochs=1)
+    run_training(
+        TrainRequest(preset="meld", overrides=overrides, causal=causal, out_dir=run_dir, progress=False)
+    )
+    export_run(run_dir, fp16=fp16)
     return "ok"
 
 
@@ -524,9 +514,11 @@ def run(
             flush=True,
         )
     meld, causal = work / "meld", work / "meld-causal"
-    check.step("train + export meld (fp32 + fp16)", lambda: train_and_export(meld, (), ("--fp16",)))
+    check.step("train + export meld (fp32 + fp16)", lambda: train_and_export(meld, causal=False, fp16=True))
     check.step("time + compare", lambda: measure(check, meld, threads, torch_why, ort_why))
-    check.step("train + export causal meld (step graph)", lambda: train_and_export(causal, ("--causal",), ()))
+    check.step(
+        "train + export causal meld (step graph)", lambda: train_and_export(causal, causal=True, fp16=False)
+    )
     if (causal / "export" / "export.json").is_file():
         check.step("streaming step", lambda: streaming(check, causal / "export", threads, ort_why))
     else:
@@ -541,7 +533,7 @@ def run(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    out = Path(os.environ.get("OUT") or ROOT / "runs" / "gpu_check" / "report")
+    out = Path(os.environ.get("OUT") or "runs/gpu_check/report")
     parser.add_argument(
         "out",
         type=Path,
@@ -552,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--work",
         type=Path,
-        default=ROOT / "runs" / "gpu_check",
+        default=Path("runs/gpu_check"),
         help="where the trained runs and exports go (reused when already exported)",
     )
     parser.add_argument("--quick", action="store_true", help="few repetitions (a dry run)")

@@ -72,7 +72,7 @@ def test_checks_and_report_on_made_up_gpu_numbers(tmp_path: Path) -> None:
     assert set(data) == {"quick", "environment", "steps", "records", "parity", "not_run", "checks"}
 
 
-def _exported_only(run_dir: Path, *_: object) -> str:
+def _exported_only(run_dir: Path, **_: object) -> str:
     """gpu_check.train_and_export for tests: reuses what is exported, trains nothing."""
     if not (run_dir / "export" / "export.json").is_file():
         raise Skipped("not trained in this test")

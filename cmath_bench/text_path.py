@@ -343,7 +343,13 @@ def run_text_path(
         probes = roofline.make_probes(threads, read_mib, peak_n)
         timers.update({name: repeating(p, cap=PROBE_CALLS) for name, p in probes.items()})
         timings = interleaved(timers, budget, settle=lambda _name: quiesce())
-    limits = roofline.probe_limits(probes, timings.times)
+    limits = {
+        **roofline.rates(probes, timings.times),
+        "read_buffer_mib": probes["read_sum"].amount / 2**20,
+        "peak_n": peak_n,
+        "rule": "medians of probes timed in the same rounds as the contenders; read = the faster of numpy sum and "
+        "onnxruntime GEMV; int8 calls' FLOPs held to the faster of the int8 (MatMulInteger) and fp32 peaks",
+    }
     records = timed_records(contenders, timings, limits, skipped, history=history, threads=threads)
     return {
         "benchmark": "text_path",

@@ -267,26 +267,6 @@ def model_feeds(model: Any, conv: Any, dialogue: Dialogue) -> dict[str, np.ndarr
         return dict(feeds)
 
 
-def call_cost(
-    encoder: tuple[Path, Path, dict[str, np.ndarray]], model: tuple[Path, Path, dict[str, np.ndarray]]
-) -> dict[str, Any]:
-    """Weight bytes read (roofline.WeightReads) and FLOPs (roofline.FlopCounter) of one call; encoder / model:
-    (graph the contender runs, its fp32 twin, feeds), FLOPs counted on the fp32 twin."""
-    (enc_bytes, enc_flops), (model_bytes, model_flops) = (
-        (roofline.WeightReads(graph)(feeds), roofline.FlopCounter(fp32)(feeds))
-        for graph, fp32, feeds in (encoder, model)
-    )
-    return {
-        "weight_bytes": enc_bytes + model_bytes,
-        "flops": enc_flops + model_flops,
-        "encoder_weight_bytes": enc_bytes,
-        "model_weight_bytes": model_bytes,
-        "encoder_flops": enc_flops,
-        "model_flops": model_flops,
-        "graphs": f"{encoder[0].name} + {model[0].name}",
-    }
-
-
 def _median_call(
     encoder: TextEncoder, live: list[Dialogue], alone: bool = False
 ) -> tuple[Dialogue, tuple[list[int], list[int]], float]:
@@ -350,7 +330,20 @@ def run_text_path(
         "rule": "medians of probes timed in the same rounds as the contenders; read = the faster of numpy sum and "
         "onnxruntime GEMV; int8 calls' FLOPs held to the faster of the int8 (MatMulInteger) and fp32 peaks",
     }
-    records = timed_records(contenders, timings, limits, skipped, history=history, threads=threads)
+    records = []  # one per contender that was timed (p50/p90, its cost, its floor); the others go to `skipped`
+    for name, c in contenders.items():
+        if not (times := timings.times.get(name)):
+            skipped[name] = timings.errors.get(name, "no timed call")
+            continue
+        rec = {
+            "contender": name,
+            "encoder": c.provider,
+            "precision": c.precision,
+            "batch": 1,
+            "history": history,
+        }
+        rec.update(threads=threads, iterations=len(times), **percentiles_ms(times), **c.info["cost"])
+        records.append({**rec, **roofline.record_floor(rec, limits)})
     return {
         "benchmark": "text_path",
         "call": f"conv.add(speaker, text=...) + conv.latest, batch 1, on a live conversation of {history} turns",
@@ -368,26 +361,6 @@ def run_text_path(
         "settle_s": timings.settle_s,
         "floor_reliable": all(r["latency_x_floor"] >= 1 for r in records),
     }
-
-
-def timed_records(
-    contenders: dict[str, Contender],
-    timings: Any,
-    limits: dict[str, Any],
-    skipped: dict[str, str],
-    **common: Any,
-) -> list[dict[str, Any]]:
-    """One record per contender that was timed (p50/p90, its cost, its floor); the others go to `skipped`."""
-    records = []
-    for name, c in contenders.items():
-        if not timings.times.get(name):
-            skipped[name] = timings.errors.get(name, "no timed call")
-            continue
-        times = timings.times[name]
-        rec = {"contender": name, "encoder": c.provider, "precision": c.precision, "batch": 1, **common}
-        rec.update(iterations=len(times), **percentiles_ms(times), **c.info["cost"])
-        records.append({**rec, **roofline.record_floor(rec, limits)})
-    return records
 
 
 def load_contenders(
@@ -428,32 +401,40 @@ def load_contenders(
 def count_costs(
     contenders: dict[str, Contender], fp32: Any, convs: list[Dialogue], frozen: Any = None
 ) -> None:
-    """Fill each contender's `cost`: weight bytes read and FLOPs of its call on the live conversation whose new
-    utterance has the median token count (pytorch: the fp32 graphs' figures, the same weights and arithmetic)."""
-    spec = fp32.text_encoder.spec
+    """Fill each contender's `cost`: weight bytes its encoder and model graphs read (roofline.WeightReads) and their
+    FLOPs (roofline.FlopCounter, on the fp32 graphs: the same arithmetic) in its call on the live conversation whose
+    new utterance has the median token count (pytorch: the fp32 graphs' figures, the same weights)."""
     median, pair, tokens_p50 = _median_call(fp32.text_encoder, convs)
     feeds = model_feeds(fp32, start_conversation(fp32, median), median)
     fp32_graph = model_graph(fp32)
+    model_flops = roofline.FlopCounter(fp32_graph)(feeds)
 
-    def cost(enc_feeds: dict[str, np.ndarray], p50: float, *graphs: Any) -> dict[str, Any]:
-        return {"tokens": int(enc_feeds["input_ids"].shape[1]), "tokens_p50": p50, **call_cost(*graphs)}
+    def cost(encoder: Path, enc_fp32: Path, enc_feeds: dict[str, np.ndarray], p50: float, graph: Path) -> Any:
+        enc_bytes, model_bytes = roofline.WeightReads(encoder)(enc_feeds), roofline.WeightReads(graph)(feeds)
+        enc_flops = roofline.FlopCounter(enc_fp32)(enc_feeds)
+        return {
+            "tokens": int(enc_feeds["input_ids"].shape[1]),
+            "tokens_p50": p50,
+            "weight_bytes": enc_bytes + model_bytes,
+            "flops": enc_flops + model_flops,
+            "encoder_weight_bytes": enc_bytes,
+            "model_weight_bytes": model_bytes,
+            "encoder_flops": enc_flops,
+            "model_flops": model_flops,
+            "graphs": f"{encoder.name} + {graph.name}",
+        }
 
-    enc_feeds = fp32.text_encoder.feeds([pair])
+    enc_feeds, enc_fp32 = fp32.text_encoder.feeds([pair]), fp32.text_encoder.spec.onnx_file
     for name, c in contenders.items():
         if name != FROZEN:
             model = c.info.get("model") or fp32
             c.info["cost"] = cost(
-                enc_feeds,
-                tokens_p50,
-                (model.text_encoder.spec.onnx_file, spec.onnx_file, enc_feeds),
-                (model_graph(model), fp32_graph, feeds),
+                model.text_encoder.spec.onnx_file, enc_fp32, enc_feeds, tokens_p50, model_graph(model)
             )
     if FROZEN in contenders:
         _, alone, alone_p50 = _median_call(frozen, convs, alone=True)
-        f_feeds, f_file = frozen.feeds([alone]), frozen.spec.onnx_file
-        contenders[FROZEN].info["cost"] = cost(
-            f_feeds, alone_p50, (f_file, f_file, f_feeds), (fp32_graph, fp32_graph, feeds)
-        )
+        f_file = frozen.spec.onnx_file
+        contenders[FROZEN].info["cost"] = cost(f_file, f_file, frozen.feeds([alone]), alone_p50, fp32_graph)
 
 
 def ratios(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -593,29 +574,26 @@ def replay_parity(
     ref = [{"probs": torch_path.probs(torch_path.embed(d), d.speakers)} for d in dialogues]
     got = {k: [{"probs": replay(m, d)} for d in dialogues] for k, m in models.items()}
     data = f"{len(dialogues)} dialogues replayed utterance by utterance through Conversation.add(text=)"
-    common: dict[str, Any] = {"data": data, "conversations": len(dialogues)}
-    reports = {
-        "fp32": compare(
-            ref,
-            got["fp32"],
-            {"probs": max_abs(EXACT)},
-            artifact="text path fp32",
-            reference_name="PyTorch pipeline (torch encoder twin + checkpoint, eager)",
-            runtime="cmath_runtime fp32",
-            **common,
-        )
+    # precision -> (its reference, the reference's name, its checks, its bar of argmax agreement)
+    checks = {
+        "fp32": (ref, "PyTorch pipeline (torch encoder twin + checkpoint, eager)", max_abs(EXACT), None),
+        "int8": (got["fp32"], "cmath_runtime fp32", max_abs(None), INT8_AGREEMENT),
     }
-    if "int8" in got:
-        reports["int8"] = compare(
-            got["fp32"],
-            got["int8"],
-            {"probs": max_abs(None)},
-            min_argmax_agreement=INT8_AGREEMENT,
-            artifact="text path int8",
-            reference_name="cmath_runtime fp32",
-            runtime="cmath_runtime int8",
-            **common,
+    reports = {
+        k: compare(
+            reference,
+            got[k],
+            {"probs": check},
+            min_argmax_agreement=agreement,
+            artifact=f"text path {k}",
+            reference_name=name,
+            runtime=f"cmath_runtime {k}",
+            data=data,
+            conversations=len(dialogues),
         )
+        for k, (reference, name, check, agreement) in checks.items()
+        if k in got
+    }
     for r in reports.values():
         log(r.summary())
     return {k: r.to_json() for k, r in reports.items()}

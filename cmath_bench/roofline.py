@@ -2,8 +2,8 @@
 
 The limits come from one probe type, one kind per limit (Probe): copy and read bandwidth (weight-bound calls use the
 read rate) and the fp32 / int8 matmul peaks; `rates` turns any probes' timed calls into those rates. Per record,
-FLOPs are counted from the graph at its real shapes (FlopCounter) and weight bytes are the initializer bytes one
-call reads (weight_bytes, WeightReads):
+FLOPs are counted from the graph at its real shapes and weight bytes are the initializer bytes one call reads
+(CallWork; weight_bytes: every initializer of a file):
 
     floor = max(weight bytes / bandwidth, FLOPs / peak),   latency_x_floor = p50 / floor,
 
@@ -204,9 +204,10 @@ def weight_bytes(path: str | Path) -> int:
     return int(sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer))
 
 
-class WeightReads:
-    """Bytes of an ONNX graph's weights that one call reads: every initializer a node uses, except tables read by a
-    Gather (axis 0) of run-time indices (embeddings), which count only the distinct rows gathered at the feeds."""
+class CallWork:
+    """The work of one call of an ONNX graph at given feeds, from the values that call computes: `flops` of its
+    MatMul/Gemm/Conv nodes at their real shapes, and `weight_bytes` it reads: every initializer a node uses, except
+    tables read by a Gather (axis 0) of run-time indices (embeddings), which count only the distinct rows gathered."""
 
     def __init__(self, path: str | Path) -> None:
         import onnx
@@ -214,6 +215,7 @@ class WeightReads:
         model = onnx.load_model(str(path))
         inits = {t.name: t for t in model.graph.initializer}
         nodes = list(model.graph.node)
+        self.matmuls = [n for n in nodes if n.op_type in COUNTED_OPS]
         gathers = {
             k
             for k, n in enumerate(nodes)
@@ -236,36 +238,43 @@ class WeightReads:
                 names, rows, _ = self.tables.get(n.input[0], ([], int(table.dims[0]), 0))
                 self.tables[n.input[0]] = ([*names, n.input[1]], rows, _nbytes(table) // max(rows, 1))
         self.fixed = sum(_nbytes(inits[x]) for x in whole)
-        self.table_bytes = sum(_nbytes(inits[x]) for x in self.tables)
-        wanted = {x for names, _, _ in self.tables.values() for x in names}
-        graph_inputs = {i.name for i in model.graph.input}
-        self.session = _exposing(model, wanted - graph_inputs) if self.tables else None
+        self.shapes = {k: tuple(t.dims) for k, t in inits.items()}
+        wanted = {x for n in self.matmuls for x in (*n.input[:2], n.output[0]) if x}
+        wanted |= {x for names, _, _ in self.tables.values() for x in names}
+        for name in sorted(wanted - set(inits) - {o.name for o in [*model.graph.input, *model.graph.output]}):
+            model.graph.output.append(
+                onnx.ValueInfoProto(name=name)
+            )  # exposed: every node kept (no optimizing)
+        self.session = open_probe_session(model.SerializeToString(), 1, optimize=False)
 
-    def __call__(self, feeds: dict[str, np.ndarray]) -> int:
-        if self.session is None:
-            return self.fixed
-        values = {**feeds, **_values(self.session, feeds)}
+    def values(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The feeds and every output of the call by name."""
+        inputs = {i.name for i in self.session.get_inputs()}
+        got = self.session.run(None, {k: v for k, v in feeds.items() if k in inputs})
+        return {**feeds, **dict(zip([o.name for o in self.session.get_outputs()], got))}
+
+    def weight_bytes(self, feeds: dict[str, np.ndarray]) -> int:
+        values = self.values(feeds) if self.tables else {}
         total = self.fixed
         for names, rows, row_bytes in self.tables.values():
             idx = np.concatenate([np.asarray(values[x]).reshape(-1) for x in names]).astype(np.int64)
             total += len(np.unique(idx % max(rows, 1))) * row_bytes
         return int(total)
 
-
-def _exposing(model: Any, names: set[str]) -> Any:
-    """A session on `model` with every node kept (no optimization) that also outputs the values `names`."""
-    import onnx
-
-    for name in sorted(names - {o.name for o in model.graph.output}):
-        model.graph.output.append(onnx.ValueInfoProto(name=name))
-    return open_probe_session(model.SerializeToString(), 1, optimize=False)
-
-
-def _values(session: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Every output of `session` by name, run on the feeds it takes."""
-    inputs = {i.name for i in session.get_inputs()}
-    got = session.run(None, {k: v for k, v in feeds.items() if k in inputs})
-    return dict(zip([o.name for o in session.get_outputs()], got))
+    def flops(self, feeds: dict[str, np.ndarray]) -> float:
+        shapes = {k: np.shape(v) for k, v in self.values(feeds).items()} | self.shapes
+        total = 0.0
+        for n in self.matmuls:
+            out, a = shapes[n.output[0]], shapes[n.input[0]]
+            if n.op_type in ("MatMul", "MatMulInteger"):
+                total += 2.0 * np.prod(out) * a[-1]
+            elif n.op_type == "Gemm":
+                trans_a = next((at.i for at in n.attribute if at.name == "transA"), 0)
+                total += 2.0 * np.prod(out) * (a[0] if trans_a else a[1])
+            else:  # Conv: out (B, C_out, *spatial), weight (C_out, C_in/group, *kernel)
+                w = shapes[n.input[1]]
+                total += 2.0 * np.prod(out) * np.prod(w[1:])
+        return float(total)
 
 
 @contextlib.contextmanager
@@ -298,35 +307,6 @@ def _nbytes(tensor: Any) -> int:
     )
 
 
-class FlopCounter:
-    """FLOPs of one call of an ONNX graph at given feeds, from the real shapes of its MatMul/Gemm/Conv nodes."""
-
-    def __init__(self, path: str | Path) -> None:
-        import onnx
-
-        model = onnx.load_model(str(path))
-        self.nodes = [n for n in model.graph.node if n.op_type in COUNTED_OPS]
-        wanted = {x for n in self.nodes for x in (*n.input[:2], n.output[0]) if x}
-        inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
-        self.const_shapes = {k: v for k, v in inits.items() if k in wanted}
-        self.session = _exposing(model, wanted - set(inits))
-
-    def __call__(self, feeds: dict[str, np.ndarray]) -> float:
-        shapes = {k: v.shape for k, v in _values(self.session, feeds).items()} | self.const_shapes
-        total = 0.0
-        for n in self.nodes:
-            out, a = shapes[n.output[0]], shapes[n.input[0]]
-            if n.op_type in ("MatMul", "MatMulInteger"):
-                total += 2.0 * np.prod(out) * a[-1]
-            elif n.op_type == "Gemm":
-                trans_a = next((at.i for at in n.attribute if at.name == "transA"), 0)
-                total += 2.0 * np.prod(out) * (a[0] if trans_a else a[1])
-            else:  # Conv: out (B, C_out, *spatial), weight (C_out, C_in/group, *kernel)
-                w = shapes[n.input[1]]
-                total += 2.0 * np.prod(out) * np.prod(w[1:])
-        return float(total)
-
-
 ARTIFACT_OF = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "bf16": "fp32"}  # precision -> artifact
 
 
@@ -351,7 +331,7 @@ def annotate(records: list[dict[str, Any]], machine: Machine, export_dir: Path) 
     spec = InputSpec(
         tuple(manifest["modalities"]), dict(manifest["feature_dims"]), int(manifest["num_speakers"])
     )
-    counter = FlopCounter(export_dir / manifest["artifacts"]["fp32"]["file"])
+    counter = CallWork(export_dir / manifest["artifacts"]["fp32"]["file"]).flops
     weights = functools.cache(functools.partial(contender_weight_bytes, export_dir, manifest))
 
     @functools.cache

@@ -79,7 +79,7 @@ def run_streaming(
     wbytes = {
         k: roofline.weight_bytes(g.file) // (2 if k[1] == "bf16" else 1) for k, (_m, g) in models.items()
     }
-    counter = roofline.FlopCounter(base_graph.file) if machine else None
+    counter = roofline.CallWork(base_graph.file).flops if machine else None
     probe = roofline.Probe("copy", threads) if machine is not None else None
     records = []
     for n in sorted({min(n, n_max) for n in lengths}):

@@ -401,17 +401,18 @@ def load_contenders(
 def count_costs(
     contenders: dict[str, Contender], fp32: Any, convs: list[Dialogue], frozen: Any = None
 ) -> None:
-    """Fill each contender's `cost`: weight bytes its encoder and model graphs read (roofline.WeightReads) and their
-    FLOPs (roofline.FlopCounter, on the fp32 graphs: the same arithmetic) in its call on the live conversation whose
+    """Fill each contender's `cost`: weight bytes its encoder and model graphs read and their FLOPs (roofline.CallWork;
+    FLOPs on the fp32 graphs: the same arithmetic) in its call on the live conversation whose
     new utterance has the median token count (pytorch: the fp32 graphs' figures, the same weights)."""
     median, pair, tokens_p50 = _median_call(fp32.text_encoder, convs)
     feeds = model_feeds(fp32, start_conversation(fp32, median), median)
     fp32_graph = model_graph(fp32)
-    model_flops = roofline.FlopCounter(fp32_graph)(feeds)
+    model_flops = roofline.CallWork(fp32_graph).flops(feeds)
 
     def cost(encoder: Path, enc_fp32: Path, enc_feeds: dict[str, np.ndarray], p50: float, graph: Path) -> Any:
-        enc_bytes, model_bytes = roofline.WeightReads(encoder)(enc_feeds), roofline.WeightReads(graph)(feeds)
-        enc_flops = roofline.FlopCounter(enc_fp32)(enc_feeds)
+        enc_bytes = roofline.CallWork(encoder).weight_bytes(enc_feeds)
+        model_bytes = roofline.CallWork(graph).weight_bytes(feeds)
+        enc_flops = roofline.CallWork(enc_fp32).flops(enc_feeds)
         return {
             "tokens": int(enc_feeds["input_ids"].shape[1]),
             "tokens_p50": p50,

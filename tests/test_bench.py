@@ -242,7 +242,7 @@ def test_roofline_flops_and_floor(tmp_path: Path) -> None:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from cmath_bench.roofline import FlopCounter, Machine, weight_bytes
+    from cmath_bench.roofline import CallWork, Machine, weight_bytes
 
     w = numpy_helper.from_array(np.ones((8, 4), np.float32), "w")
     nodes = [
@@ -264,8 +264,9 @@ def test_roofline_flops_and_floor(tmp_path: Path) -> None:
     model.ir_version = 9
     path = tmp_path / "g.onnx"
     onnx.save(model, str(path))
-    count = FlopCounter(path)
-    assert count({"x": np.zeros((2, 5, 8), np.float32)}) == 2 * 2 * 5 * 8 * 4 + 2 * 2 * 5 * 5 * 8
+    assert (
+        CallWork(path).flops({"x": np.zeros((2, 5, 8), np.float32)}) == 2 * 2 * 5 * 8 * 4 + 2 * 2 * 5 * 5 * 8
+    )
     assert weight_bytes(path) == 8 * 4 * 4
     floor = Machine(bandwidth_gb_s=10, fp32_gflop_s=100, threads=1).floor_ms(1e9, 1e9)
     assert floor == {"bytes_floor_ms": 100.0, "flops_floor_ms": 10.0, "floor_ms": 100.0, "bound": "bandwidth"}

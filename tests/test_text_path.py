@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cmath_bench.roofline import Machine, WeightReads, weight_bytes
+from cmath_bench.roofline import CallWork, Machine, weight_bytes
 from cmath_bench.text_path import (
     FP32,
     FROZEN,
@@ -129,8 +129,9 @@ def test_weight_reads_count_gathered_rows(tmp_path: Path) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     onnx.save(model, str(tmp_path / "g.onnx"))
-    reads = WeightReads(tmp_path / "g.onnx")
-    assert reads({"ids": np.array([3, 3, 7, -1])}) == 3 * 8 * 4 + 8 * 4 * 4  # rows 3, 7, 99
+    assert (
+        CallWork(tmp_path / "g.onnx").weight_bytes({"ids": np.array([3, 3, 7, -1])}) == 3 * 8 * 4 + 8 * 4 * 4
+    )  # rows 3, 7, 99
     assert weight_bytes(tmp_path / "g.onnx") == 100 * 8 * 4 + 8 * 4 * 4
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import numpy as np
 import cmath_runtime
 from cmath_runtime.batching import pad_conversations
 from cmath_runtime.compare import compare, max_abs
+from cmath_runtime.manifest import read_manifest
 from cmath_runtime.session import PRECISIONS
 from cmath_runtime.text import TextEncoder, TextEncoderSpec
 
@@ -48,6 +48,11 @@ class Dialogue:
 
     texts: list[str]
     speakers: list[int]
+
+    @property
+    def past(self) -> Dialogue:
+        """All but its last utterance."""
+        return Dialogue(self.texts[:-1], self.speakers[:-1])
 
 
 def dev_dialogues(csv_file: Path, num_speakers: int, limit: int | None = None) -> list[Dialogue]:
@@ -140,8 +145,7 @@ class TorchPipeline:
     def start(self, dialogue: Dialogue) -> tuple[Dialogue, Any]:
         import torch
 
-        past = Dialogue(dialogue.texts[:-1], dialogue.speakers[:-1])
-        return past, torch.from_numpy(self.embed(past))
+        return dialogue.past, torch.from_numpy(self.embed(dialogue.past))
 
     def call(self, state: tuple[Dialogue, Any], speaker: int, text: str) -> np.ndarray:
         """The timed call: tokens of the new utterance with its past -> encoder -> model on the whole conversation."""
@@ -194,12 +198,12 @@ def add_text(conv: Any, speaker: int, text: str, others: dict[str, np.ndarray], 
     return conv.add(speaker, t=frozen.encode([text])[0], **others)
 
 
-def start_conversation(model: Any, d: Dialogue, frozen: Any = None) -> Any:
-    """A runtime Conversation holding the dialogue's past (all but its last utterance), its state computed."""
+def replay(model: Any, d: Dialogue, frozen: Any = None) -> Any:
+    """A runtime Conversation of the dialogue, added utterance by utterance as raw text (add_text) and read after
+    each one, as an agent reads it."""
     conv, others = cmath_runtime.Conversation(model), zero_rows(model)
-    for s, t in zip(d.speakers[:-1], d.texts[:-1], strict=True):
-        add_text(conv, s, t, others, frozen)
-    conv.latest  # noqa: B018  computed now (step path: the cached state), not in the timed call
+    for s, t in zip(d.speakers, d.texts, strict=True):
+        add_text(conv, s, t, others, frozen).latest  # noqa: B018
     return conv
 
 
@@ -210,7 +214,7 @@ def runtime_contender(name: str, model: Any, encoder: str, frozen: Any = None) -
         name,
         encoder,
         precision,
-        lambda d: start_conversation(model, d, frozen),
+        lambda d: replay(model, d.past, frozen),
         lambda conv, s, t: add_text(conv, s, t, others, frozen).latest,
         lambda conv: conv.copy(),
         model=model,
@@ -287,31 +291,38 @@ def live_timer(c: Contender, live: list[Dialogue]) -> Timer:
     return timer(lambda: c.prepare(live[next(turn) % len(live)]))
 
 
-def run_text_path(
+def report_text_path(
     run_dir: Path,
     export_dir: Path,
-    threads: int = 1,
-    budget: Budget = BUDGET,
-    live: int = LIVE,
-    dialogues: list[Dialogue] | None = None,
-    csv_dir: Path | None = None,
-    frozen_dir: Path | None = None,
+    threads: int | None = 1,
+    quick: bool = False,
+    out_dir: Path | None = None,
     machine: roofline.Machine | None = None,
-    read_mib: int | None = None,
-    peak_n: int = roofline.PROBE_N,
+    csv_dir: Path | None = None,
+    parity_dialogues: int = 0,
+    frozen_dir: Path | None = None,
     log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """The text-path report (JSON-able): one record per contender, the machine's limits measured in the same rounds
-    and the ratios. `dialogues` (default: text_source(csv_dir)) give the live conversations' texts; `machine` the
-    limits cmath-bench measured before any contender (reported beside, not used); `read_mib` / `peak_n` the probes'
-    sizes."""
+    *,
+    budget: Budget | None = None,
+    dialogues: list[Dialogue] | None = None,
+) -> dict[str, Any] | None:
+    """cmath-bench's text-path section (JSON-able), written to out_dir (bench_text.json/.md/.png); None when the
+    export has no text encoder. One record per contender, the machine's limits measured in the same rounds and the
+    ratios; `dialogues` (default: text_source(csv_dir)) give the live conversations' texts; `machine` the limits
+    cmath-bench measured before any contender (reported beside, not used); `budget` (default: by `quick`) the
+    timing's. With `parity_dialogues`, that many of csv_dir's dialogues go to replay_parity."""
+    if not read_manifest(export_dir).text_encoder:
+        return None
+    threads, budget = threads or 1, budget or (QUICK_BUDGET if quick else BUDGET)
     set_torch_threads(threads)
     fp32 = cmath_runtime.load(export_dir, backend="cpu", threads=threads)
     if dialogues:
         source = f"{len(dialogues)} given dialogues"
     else:
         dialogues, source = text_source(csv_dir, fp32.num_speakers)
-    convs = live_conversations(dialogues, live, fp32.num_speakers, min(HISTORY, fp32.max_len - 1))
+    convs = live_conversations(
+        dialogues, QUICK_LIVE if quick else LIVE, fp32.num_speakers, min(HISTORY, fp32.max_len - 1)
+    )
     history = len(convs[0].texts) - 1
     log(f"text path: {len(convs)} live conversations of {history} turns from {source}, {threads} threads")
     with contextlib.ExitStack() as stack:
@@ -320,13 +331,13 @@ def run_text_path(
             log(f"text path: skipped {name}: {why}")
         count_costs(contenders, fp32, convs, frozen)
         timers = {name: live_timer(c, convs) for name, c in contenders.items()}
-        probes = roofline.make_probes(threads, read_mib, peak_n)
+        probes = roofline.make_probes(threads)
         timers.update({name: repeating(p, cap=PROBE_CALLS) for name, p in probes.items()})
         timings = interleaved(timers, budget, settle=lambda _name: quiesce())
     limits = {
         **roofline.rates(probes, timings.times),
         "read_buffer_mib": probes["read_sum"].amount / 2**20,
-        "peak_n": peak_n,
+        "peak_n": roofline.PROBE_N,
         "rule": "medians of probes timed in the same rounds as the contenders; read = the faster of numpy sum and "
         "onnxruntime GEMV; int8 calls' FLOPs held to the faster of the int8 (MatMulInteger) and fp32 peaks",
     }
@@ -344,7 +355,7 @@ def run_text_path(
         }
         rec.update(threads=threads, iterations=len(times), **percentiles_ms(times), **c.info["cost"])
         records.append({**rec, **roofline.record_floor(rec, limits)})
-    return {
+    report = {
         "benchmark": "text_path",
         "call": f"conv.add(speaker, text=...) + conv.latest, batch 1, on a live conversation of {history} turns",
         "history": history,
@@ -361,6 +372,12 @@ def run_text_path(
         "settle_s": timings.settle_s,
         "floor_reliable": all(r["latency_x_floor"] >= 1 for r in records),
     }
+    if parity_dialogues and csv_dir is not None:
+        parity = dev_dialogues(csv_dir / DEV_CSV, fp32.num_speakers, parity_dialogues)
+        report["parity"] = replay_parity(run_dir, export_dir, parity, threads, log)
+    if out_dir is not None:
+        write_report(report, out_dir)
+    return report
 
 
 def load_contenders(
@@ -405,7 +422,7 @@ def count_costs(
     FLOPs on the fp32 graphs: the same arithmetic) in its call on the live conversation whose
     new utterance has the median token count (pytorch: the fp32 graphs' figures, the same weights)."""
     median, pair, tokens_p50 = _median_call(fp32.text_encoder, convs)
-    feeds = model_feeds(fp32, start_conversation(fp32, median), median)
+    feeds = model_feeds(fp32, replay(fp32, median.past), median)
     fp32_graph = model_graph(fp32)
     model_flops = roofline.CallWork(fp32_graph).flops(feeds)
 
@@ -573,7 +590,7 @@ def replay_parity(
     except cmath_runtime.CmathError as e:
         log(f"parity: no int8 path ({e})")
     ref = [{"probs": torch_path.probs(torch_path.embed(d), d.speakers)} for d in dialogues]
-    got = {k: [{"probs": replay(m, d)} for d in dialogues] for k, m in models.items()}
+    got = {k: [{"probs": replay(m, d).probs()} for d in dialogues] for k, m in models.items()}
     data = f"{len(dialogues)} dialogues replayed utterance by utterance through Conversation.add(text=)"
     # precision -> (its reference, the reference's name, its checks, its bar of argmax agreement)
     checks = {
@@ -600,14 +617,6 @@ def replay_parity(
     return {k: r.to_json() for k, r in reports.items()}
 
 
-def replay(model: Any, dialogue: Dialogue) -> np.ndarray:
-    """(n, classes) final probabilities of a dialogue added utterance by utterance as raw text."""
-    conv, others = cmath_runtime.Conversation(model), zero_rows(model)
-    for s, t in zip(dialogue.speakers, dialogue.texts, strict=True):
-        add_text(conv, s, t, others).latest  # noqa: B018  as an agent reads it, utterance by utterance
-    return conv.probs()
-
-
 def parity_lines(parity: dict[str, Any]) -> list[str]:
     out = []
     if f := parity.get("fp32"):
@@ -625,42 +634,6 @@ def parity_lines(parity: dict[str, Any]) -> list[str]:
             f"{'PASS' if q['passed'] else 'FAIL'}"
         )
     return out
-
-
-def report_text_path(
-    run_dir: Path,
-    export_dir: Path,
-    threads: int | None,
-    quick: bool,
-    out_dir: Path | None = None,
-    machine: roofline.Machine | None = None,
-    csv_dir: Path | None = None,
-    parity_dialogues: int = 0,
-    frozen_dir: Path | None = None,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any] | None:
-    """cmath-bench's text-path section: the report, written to out_dir (bench_text.json/.md/.png); None when the
-    export has no text encoder. With `parity_dialogues`, that many of csv_dir's dialogues go to replay_parity."""
-    raw = json.loads((export_dir / "export.json").read_text())
-    if not raw.get("text_encoder"):
-        return None
-    report = run_text_path(
-        run_dir,
-        export_dir,
-        threads or 1,
-        QUICK_BUDGET if quick else BUDGET,
-        QUICK_LIVE if quick else LIVE,
-        csv_dir=csv_dir,
-        frozen_dir=frozen_dir,
-        machine=machine,
-        log=log,
-    )
-    if parity_dialogues and csv_dir is not None:
-        dialogues = dev_dialogues(csv_dir / DEV_CSV, int(raw["num_speakers"]), parity_dialogues)
-        report["parity"] = replay_parity(run_dir, export_dir, dialogues, threads or 1, log)
-    if out_dir is not None:
-        write_report(report, out_dir)
-    return report
 
 
 def summary(report: dict[str, Any]) -> str:

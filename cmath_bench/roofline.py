@@ -1,8 +1,9 @@
 """This machine's limits and each record's distance to them (a roofline per record).
 
-The limits: copy and read bandwidth (BandwidthProbe, ReadProbe: weight-bound calls use the read rate) and the
-fp32 / int8 matmul peaks (PeakProbe). Per record, FLOPs are counted from the graph at its real shapes (FlopCounter)
-and weight bytes are the initializer bytes one call reads (weight_bytes, WeightReads):
+The limits come from one probe type, one kind per limit (Probe): copy and read bandwidth (weight-bound calls use the
+read rate) and the fp32 / int8 matmul peaks; `rates` turns any probes' timed calls into those rates. Per record,
+FLOPs are counted from the graph at its real shapes and weight bytes are the initializer bytes one call reads
+(CallWork; weight_bytes: every initializer of a file):
 
     floor = max(weight bytes / bandwidth, FLOPs / peak),   latency_x_floor = p50 / floor,
 
@@ -15,7 +16,6 @@ import contextlib
 import functools
 import json
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,20 +26,24 @@ import numpy as np
 from cmath_runtime.session import open_probe_session
 
 from .inputs import InputSpec, conversations, padded
+from .timing import timed_calls
 
-COPY_MIB = 256
-READ_MIB = 256  # at least; read_buffer_mib() makes it 4x the last-level cache where that is larger
-MATMUL_N = 2048
+READ_MIB = (
+    256  # the bandwidth probes' buffer at least; read_buffer_mib() makes it 4x the last-level cache if larger
+)
+MATMUL_N = 2048  # the peak probe's MatMul size before any contender runs (measure)
 PROBE_N = 1024  # the peak probes' MatMul size timed among contenders (2.1 GFLOP a call)
 COUNTED_OPS = ("MatMul", "Gemm", "Conv", "MatMulInteger")
+# Probe kind -> its rate's unit: bytes ("copy": read + write) or operations (2 n^3 a MatMul) per second / 1e9
+UNITS = {"copy": "gb_s", "read_sum": "gb_s", "read_gemv": "gb_s", "fp32": "gflop_s", "int8": "gop_s"}
 
 
 @dataclass(frozen=True)
 class Machine:
-    bandwidth_gb_s: float  # copy bandwidth, read + write bytes per second / 1e9
-    fp32_gflop_s: float  # float32 matmul peak
+    bandwidth_gb_s: float  # copy bandwidth, read + write bytes per second / 1e9 (the fastest call)
+    fp32_gflop_s: float  # float32 matmul peak (the fastest call)
     threads: int
-    read_gb_s: float | None = None  # read bandwidth (ReadProbe: the faster median of its two passes)
+    read_gb_s: float | None = None  # read bandwidth (the faster median of the two read kinds)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,80 +65,96 @@ def floor_ms(weight_bytes: float, flops: float, gb_s: float, gflop_s: float) -> 
     }
 
 
-class BandwidthProbe:
-    """One call = one numpy copy of a `mib` MiB buffer, split over `threads` Python threads (numpy releases the
-    GIL while copying); returns its seconds. Timed among contenders, it measures their floor's bandwidth in the
+class Probe:
+    """One call = one pass of the kernel that meets one of this machine's limits; `amount`: the bytes one call moves
+    or the operations it does. Kinds (UNITS): "copy" and "read_sum", numpy copies / sums of a `mib` MiB float32
+    buffer, one Python thread per slice (numpy releases the GIL); "read_gemv", y = x @ W in onnxruntime, W the buffer
+    as (4096, cols) fp32 weights: the read rate a weight pass gets in the runtime's engine; "fp32" and "int8", an
+    n x n x n MatMul in onnxruntime (int8: MatMulInteger, uint8 activations x int8 weights -> int32, the kernel int8
+    graphs run; it can outrun the fp32 peak). Timed among contenders, a probe measures their floor's rates in the
     same rounds, under the same load, as they are."""
 
-    def __init__(self, threads: int = 1, mib: int = COPY_MIB) -> None:
-        n = mib * 2**20 // 4
-        self.src = np.ones(n, np.float32)
-        self.dst = np.empty_like(self.src)
-        bounds = np.linspace(0, n, threads + 1).astype(int)
-        self.slices = list(zip(bounds, bounds[1:]))
-
-    def __call__(self) -> float:
-        return _timed_threads(
-            [threading.Thread(target=np.copyto, args=(self.dst[a:b], self.src[a:b])) for a, b in self.slices]
+    def __init__(self, kind: str, threads: int = 1, mib: int | None = None, n: int = PROBE_N) -> None:
+        if kind not in UNITS:
+            raise ValueError(f"kind: expected one of {tuple(UNITS)}, got {kind!r}")
+        self.kind, self.n, self.session = kind, n, None
+        rows, cols = 4096, (mib or read_buffer_mib()) * 2**20 // 4 // 4096
+        self.amount = (
+            (2.0 * n**3) if kind in ("fp32", "int8") else (2 if kind == "copy" else 1) * rows * cols * 4
         )
-
-    def gb_s(self, seconds: list[float], statistic: str = "best") -> float:
-        """Copy bandwidth (read + write) of the fastest call ("best") or the median one ("p50")."""
-        return _per_s(2 * self.src.nbytes, seconds, statistic)
-
-
-def measure_bandwidth(threads: int = 1, mib: int = COPY_MIB, repeats: int = 5) -> float:
-    """GB/s of numpy copies (read + write), `threads` threads each copying its own slice; best of `repeats`."""
-    probe = BandwidthProbe(threads, mib)
-    return probe.gb_s([probe() for _ in range(repeats)])
-
-
-def measure_matmul_peak(threads: int = 1, n: int = MATMUL_N, repeats: int = 5) -> float:
-    """GFLOP/s of an n^3 float32 MatMul (PeakProbe), best of `repeats` after one untimed call."""
-    probe = PeakProbe("fp32", threads, n)
-    probe()
-    return probe.gflop_s([probe() for _ in range(repeats)], "best")
-
-
-class PeakProbe:
-    """One call = one n x n x n MatMul in onnxruntime's CPU provider (the runtime's engine) with `threads`
-    intra-op threads; returns its seconds. kind "fp32": float32 inputs; kind "int8": MatMulInteger, uint8
-    activations x int8 weights -> int32, the kernel int8 graphs run (it can outrun the fp32 peak)."""
-
-    KINDS = ("fp32", "int8")
-
-    def __init__(self, kind: str = "fp32", threads: int = 1, n: int = MATMUL_N) -> None:
-        from onnx import TensorProto, helper, numpy_helper
-
-        if kind not in self.KINDS:
-            raise ValueError(f"kind: expected one of {self.KINDS}, got {kind!r}")
-        self.kind, self.flops = kind, 2.0 * n**3
+        self.feeds: dict[str, np.ndarray] = {}
         rng = np.random.default_rng(0)
-        self.feeds: dict[str, np.ndarray]
         if kind == "fp32":
-            names = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in ("a", "b")]
-            node, inits = helper.make_node("MatMul", ["a", "b"], ["c"]), []
-            out = helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])
             self.feeds = {x: rng.standard_normal((n, n), np.float32) for x in ("a", "b")}
-        else:
-            names = [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])]
-            inits = [numpy_helper.from_array(rng.integers(-127, 128, (n, n), dtype=np.int8), "b")]
-            node = helper.make_node("MatMulInteger", ["a", "b"], ["c"])
-            out = helper.make_tensor_value_info("c", TensorProto.INT32, [n, n])
+            self.session = _one_node_session("MatMul", self.feeds, {}, threads)
+        elif kind == "int8":
             self.feeds = {"a": rng.integers(0, 256, (n, n), dtype=np.uint8)}
-        self.session = _one_node_session(helper.make_graph([node], "peak", names, [out], inits), threads)
+            b = rng.integers(-127, 128, (n, n), dtype=np.int8)
+            self.session = _one_node_session("MatMulInteger", self.feeds, {"b": b}, threads)
+        elif kind == "read_gemv":
+            self.feeds = {"a": np.ones((1, rows), np.float32)}
+            self.session = _one_node_session(
+                "MatMul", self.feeds, {"b": np.ones((rows, cols), np.float32)}, threads
+            )
+        else:
+            flat, out = (
+                np.ones(rows * cols, np.float32),
+                np.empty(rows * cols if kind == "copy" else 0, np.float32),
+            )
+            bounds = np.linspace(0, flat.size, threads + 1).astype(int)
+            self.jobs = [
+                (np.copyto, (out[a:b], flat[a:b])) if kind == "copy" else (flat[a:b].sum, ())
+                for a, b in zip(bounds, bounds[1:])
+            ]
 
-    def __call__(self) -> float:
-        return _timed_run(self.session, self.feeds)
+    def __call__(self) -> None:
+        if self.session is not None:
+            self.session.run(None, self.feeds)
+            return
+        workers = [threading.Thread(target=f, args=args) for f, args in self.jobs]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
 
-    def gflop_s(self, seconds: list[float], statistic: str = "p50") -> float:
-        """GFLOP/s (int8: giga integer multiply-adds x 2 per second) of the median call ("p50") or the fastest."""
-        return _per_s(self.flops, seconds, statistic)
+    def rate(self, seconds: list[float], statistic: str = "p50") -> float:
+        """amount / 1e9 per second of the median call ("p50") or of the fastest one ("best")."""
+        return self.amount / (min(seconds) if statistic == "best" else float(np.median(seconds))) / 1e9
 
 
-def measure(threads: int) -> Machine:
-    bandwidth, peak = measure_bandwidth(threads), measure_matmul_peak(threads)
-    return Machine(bandwidth, peak, threads, measure_read_bandwidth(threads)["read_gb_s"])
+def make_probes(
+    threads: int, mib: int | None = None, n: int = PROBE_N, kinds: tuple[str, ...] = tuple(UNITS)
+) -> dict[str, Probe]:
+    """One probe of each kind, by kind; the bandwidth kinds over the same `mib` MiB (default read_buffer_mib())."""
+    mib = mib or read_buffer_mib()
+    return {kind: Probe(kind, threads, mib, n) for kind in kinds}
+
+
+def rates(probes: dict[str, Probe], times: dict[str, list[float]]) -> dict[str, float]:
+    """Each timed probe's rate from its median call ("KIND_UNIT") and its fastest ("KIND_best_UNIT"); "read_gb_s" /
+    "read_best_gb_s": the faster read kind."""
+    out: dict[str, float] = {}
+    for kind, probe in probes.items():
+        if times.get(kind):
+            out[f"{kind}_{UNITS[kind]}"] = probe.rate(times[kind], "p50")
+            out[f"{kind}_best_{UNITS[kind]}"] = probe.rate(times[kind], "best")
+    for stat in ("", "best_"):
+        out[f"read_{stat}gb_s"] = max(
+            out.get(f"read_sum_{stat}gb_s", 0.0), out.get(f"read_gemv_{stat}gb_s", 0.0)
+        )
+    return out
+
+
+def measure(threads: int, repeats: int = 5, mib: int | None = None, n: int = MATMUL_N) -> Machine:
+    """The machine's limits before any contender runs: each probe called once untimed, then `repeats` times; the copy
+    bandwidth and the fp32 peak of the fastest call, the read bandwidth of the medians."""
+    probes = make_probes(threads, mib, n, ("copy", "read_sum", "read_gemv", "fp32"))
+    times = {}
+    for kind, probe in probes.items():
+        probe()
+        times[kind] = timed_calls(probe, repeats)
+    r = rates(probes, times)
+    return Machine(r["copy_best_gb_s"], r["fp32_best_gflop_s"], threads, r["read_gb_s"])
 
 
 def last_level_cache_bytes() -> int | None:
@@ -156,78 +176,23 @@ def read_buffer_mib() -> int:
     return max(READ_MIB, -(-4 * llc // 2**20))
 
 
-class ReadProbe:
-    """One call = one pass that reads a `mib` MiB float32 buffer and writes (almost) nothing; returns its seconds.
-    kind "sum": numpy sums of `threads` slices, one Python thread each; kind "gemv": y = x @ W in onnxruntime, W the
-    buffer as (4096, n) fp32 weights: the read rate an fp32 weight pass gets in the runtime's own engine."""
+def _one_node_session(
+    op: str, feeds: dict[str, np.ndarray], weights: dict[str, np.ndarray], threads: int
+) -> Any:
+    """An onnxruntime CPU session on one node c = op(a, b), a and b among `feeds` (graph inputs) and `weights`."""
+    import onnx
+    from onnx import helper, numpy_helper
 
-    KINDS = ("sum", "gemv")
-
-    def __init__(self, kind: str = "sum", threads: int = 1, mib: int | None = None) -> None:
-        if kind not in self.KINDS:
-            raise ValueError(f"kind: expected one of {self.KINDS}, got {kind!r}")
-        self.kind = kind
-        rows = 4096
-        cols = max(1, (mib or read_buffer_mib()) * 2**20 // 4 // rows)
-        self.nbytes = rows * cols * 4
-        if kind == "sum":
-            self.buffer = np.ones(rows * cols, np.float32)
-            bounds = np.linspace(0, rows * cols, threads + 1).astype(int)
-            self.slices = list(zip(bounds, bounds[1:]))
-        else:
-            from onnx import TensorProto, helper, numpy_helper
-
-            graph = helper.make_graph(
-                [helper.make_node("MatMul", ["x", "w"], ["y"])],
-                "gemv",
-                [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows])],
-                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cols])],
-                [numpy_helper.from_array(np.full((rows, cols), 0.5, np.float32), "w")],
-            )
-            self.session = _one_node_session(graph, threads)
-            self.feeds = {"x": np.ones((1, rows), np.float32)}
-
-    def __call__(self) -> float:
-        if self.kind == "gemv":
-            return _timed_run(self.session, self.feeds)
-        return _timed_threads([threading.Thread(target=self.buffer[a:b].sum) for a, b in self.slices])
-
-    def gb_s(self, seconds: list[float], statistic: str = "p50") -> float:
-        """Bytes read per second / 1e9 of the median call ("p50") or of the fastest one ("best")."""
-        return _per_s(self.nbytes, seconds, statistic)
-
-
-def _one_node_session(graph: Any, threads: int) -> Any:
-    """An onnxruntime CPU session on a probe's one-node graph (opset 17)."""
-    from onnx import helper
-
+    inputs = [
+        helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+        for k, v in feeds.items()
+    ]
+    inits = [numpy_helper.from_array(v, k) for k, v in weights.items()]
+    node = helper.make_node(op, ["a", "b"], ["c"])
+    graph = helper.make_graph([node], op, inputs, [onnx.ValueInfoProto(name="c")], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = min(model.ir_version, 9)
     return open_probe_session(model.SerializeToString(), threads)
-
-
-def _timed_run(session: Any, feeds: dict[str, np.ndarray]) -> float:
-    start = time.perf_counter()
-    session.run(None, feeds)
-    return time.perf_counter() - start
-
-
-def _per_s(amount: float, seconds: list[float], statistic: str) -> float:
-    """amount / 1e9 per second of the fastest call ("best") or the median one (any other statistic: "p50")."""
-    t = min(seconds) if statistic == "best" else float(np.median(seconds))
-    return amount / t / 1e9
-
-
-def measure_read_bandwidth(threads: int = 1, mib: int | None = None, repeats: int = 5) -> dict[str, float]:
-    """GB/s read by each ReadProbe kind (median of `repeats` passes after one untimed) and "read_gb_s", the faster."""
-    out = {}
-    for kind in ReadProbe.KINDS:
-        probe = ReadProbe(kind, threads, mib)
-        probe()
-        out[f"read_{kind}_gb_s"] = probe.gb_s([probe() for _ in range(repeats)])
-        del probe
-    out["read_gb_s"] = max(out.values())
-    return out
 
 
 def weight_bytes(path: str | Path) -> int:
@@ -239,9 +204,10 @@ def weight_bytes(path: str | Path) -> int:
     return int(sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer))
 
 
-class WeightReads:
-    """Bytes of an ONNX graph's weights that one call reads: every initializer a node uses, except tables read by a
-    Gather (axis 0) of run-time indices (embeddings), which count only the distinct rows gathered at the feeds."""
+class CallWork:
+    """The work of one call of an ONNX graph at given feeds, from the values that call computes: `flops` of its
+    MatMul/Gemm/Conv nodes at their real shapes, and `weight_bytes` it reads: every initializer a node uses, except
+    tables read by a Gather (axis 0) of run-time indices (embeddings), which count only the distinct rows gathered."""
 
     def __init__(self, path: str | Path) -> None:
         import onnx
@@ -249,6 +215,7 @@ class WeightReads:
         model = onnx.load_model(str(path))
         inits = {t.name: t for t in model.graph.initializer}
         nodes = list(model.graph.node)
+        self.matmuls = [n for n in nodes if n.op_type in COUNTED_OPS]
         gathers = {
             k
             for k, n in enumerate(nodes)
@@ -271,36 +238,43 @@ class WeightReads:
                 names, rows, _ = self.tables.get(n.input[0], ([], int(table.dims[0]), 0))
                 self.tables[n.input[0]] = ([*names, n.input[1]], rows, _nbytes(table) // max(rows, 1))
         self.fixed = sum(_nbytes(inits[x]) for x in whole)
-        self.table_bytes = sum(_nbytes(inits[x]) for x in self.tables)
-        wanted = {x for names, _, _ in self.tables.values() for x in names}
-        graph_inputs = {i.name for i in model.graph.input}
-        self.session = _exposing(model, wanted - graph_inputs) if self.tables else None
+        self.shapes = {k: tuple(t.dims) for k, t in inits.items()}
+        wanted = {x for n in self.matmuls for x in (*n.input[:2], n.output[0]) if x}
+        wanted |= {x for names, _, _ in self.tables.values() for x in names}
+        for name in sorted(wanted - set(inits) - {o.name for o in [*model.graph.input, *model.graph.output]}):
+            model.graph.output.append(
+                onnx.ValueInfoProto(name=name)
+            )  # exposed: every node kept (no optimizing)
+        self.session = open_probe_session(model.SerializeToString(), 1, optimize=False)
 
-    def __call__(self, feeds: dict[str, np.ndarray]) -> int:
-        if self.session is None:
-            return self.fixed
-        values = {**feeds, **_values(self.session, feeds)}
+    def values(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The feeds and every output of the call by name."""
+        inputs = {i.name for i in self.session.get_inputs()}
+        got = self.session.run(None, {k: v for k, v in feeds.items() if k in inputs})
+        return {**feeds, **dict(zip([o.name for o in self.session.get_outputs()], got))}
+
+    def weight_bytes(self, feeds: dict[str, np.ndarray]) -> int:
+        values = self.values(feeds) if self.tables else {}
         total = self.fixed
         for names, rows, row_bytes in self.tables.values():
             idx = np.concatenate([np.asarray(values[x]).reshape(-1) for x in names]).astype(np.int64)
             total += len(np.unique(idx % max(rows, 1))) * row_bytes
         return int(total)
 
-
-def _exposing(model: Any, names: set[str]) -> Any:
-    """A session on `model` with every node kept (no optimization) that also outputs the values `names`."""
-    import onnx
-
-    for name in sorted(names - {o.name for o in model.graph.output}):
-        model.graph.output.append(onnx.ValueInfoProto(name=name))
-    return open_probe_session(model.SerializeToString(), 1, optimize=False)
-
-
-def _values(session: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Every output of `session` by name, run on the feeds it takes."""
-    inputs = {i.name for i in session.get_inputs()}
-    got = session.run(None, {k: v for k, v in feeds.items() if k in inputs})
-    return dict(zip([o.name for o in session.get_outputs()], got))
+    def flops(self, feeds: dict[str, np.ndarray]) -> float:
+        shapes = {k: np.shape(v) for k, v in self.values(feeds).items()} | self.shapes
+        total = 0.0
+        for n in self.matmuls:
+            out, a = shapes[n.output[0]], shapes[n.input[0]]
+            if n.op_type in ("MatMul", "MatMulInteger"):
+                total += 2.0 * np.prod(out) * a[-1]
+            elif n.op_type == "Gemm":
+                trans_a = next((at.i for at in n.attribute if at.name == "transA"), 0)
+                total += 2.0 * np.prod(out) * (a[0] if trans_a else a[1])
+            else:  # Conv: out (B, C_out, *spatial), weight (C_out, C_in/group, *kernel)
+                w = shapes[n.input[1]]
+                total += 2.0 * np.prod(out) * np.prod(w[1:])
+        return float(total)
 
 
 @contextlib.contextmanager
@@ -333,35 +307,6 @@ def _nbytes(tensor: Any) -> int:
     )
 
 
-class FlopCounter:
-    """FLOPs of one call of an ONNX graph at given feeds, from the real shapes of its MatMul/Gemm/Conv nodes."""
-
-    def __init__(self, path: str | Path) -> None:
-        import onnx
-
-        model = onnx.load_model(str(path))
-        self.nodes = [n for n in model.graph.node if n.op_type in COUNTED_OPS]
-        wanted = {x for n in self.nodes for x in (*n.input[:2], n.output[0]) if x}
-        inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
-        self.const_shapes = {k: v for k, v in inits.items() if k in wanted}
-        self.session = _exposing(model, wanted - set(inits))
-
-    def __call__(self, feeds: dict[str, np.ndarray]) -> float:
-        shapes = {k: v.shape for k, v in _values(self.session, feeds).items()} | self.const_shapes
-        total = 0.0
-        for n in self.nodes:
-            out, a = shapes[n.output[0]], shapes[n.input[0]]
-            if n.op_type in ("MatMul", "MatMulInteger"):
-                total += 2.0 * np.prod(out) * a[-1]
-            elif n.op_type == "Gemm":
-                trans_a = next((at.i for at in n.attribute if at.name == "transA"), 0)
-                total += 2.0 * np.prod(out) * (a[0] if trans_a else a[1])
-            else:  # Conv: out (B, C_out, *spatial), weight (C_out, C_in/group, *kernel)
-                w = shapes[n.input[1]]
-                total += 2.0 * np.prod(out) * np.prod(w[1:])
-        return float(total)
-
-
 ARTIFACT_OF = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "bf16": "fp32"}  # precision -> artifact
 
 
@@ -386,7 +331,7 @@ def annotate(records: list[dict[str, Any]], machine: Machine, export_dir: Path) 
     spec = InputSpec(
         tuple(manifest["modalities"]), dict(manifest["feature_dims"]), int(manifest["num_speakers"])
     )
-    counter = FlopCounter(export_dir / manifest["artifacts"]["fp32"]["file"])
+    counter = CallWork(export_dir / manifest["artifacts"]["fp32"]["file"]).flops
     weights = functools.cache(functools.partial(contender_weight_bytes, export_dir, manifest))
 
     @functools.cache
@@ -406,16 +351,6 @@ def annotate(records: list[dict[str, Any]], machine: Machine, export_dir: Path) 
         rec["latency_x_floor"] = rec["p50_ms"] / floor["floor_ms"]
 
 
-def _timed_threads(workers: list[threading.Thread]) -> float:
-    """Seconds from starting `workers` together to the last one's end."""
-    start = time.perf_counter()
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    return time.perf_counter() - start
-
-
 def record_floor(rec: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
     """A record's floor at the probes' median rates (like for like with its p50) and its p50 against the floor at
     their best rates. int8 calls' FLOPs are held to the faster of the int8 and fp32 peaks (a bound either way)."""
@@ -432,48 +367,4 @@ def record_floor(rec: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
     out["latency_x_floor"] = rec["p50_ms"] / out["floor_ms"]
     best = floor_ms(rec["weight_bytes"], rec["flops"], limits["read_best_gb_s"], peak("best_"))
     out.update(best_floor_ms=best["floor_ms"], latency_x_best_floor=rec["p50_ms"] / best["floor_ms"])
-    return out
-
-
-def make_probes(threads: int, read_mib: int | None = None, peak_n: int = PROBE_N) -> dict[str, Any]:
-    """The machine's limits as contenders of the same rounds: copy (reported), read (sum, GEMV), fp32 / int8 peak."""
-    mib = read_mib or read_buffer_mib()
-    return {
-        "probe/copy": BandwidthProbe(threads, mib),
-        "probe/read-sum": ReadProbe("sum", threads, mib),
-        "probe/read-gemv": ReadProbe("gemv", threads, mib),
-        "probe/peak-fp32": PeakProbe("fp32", threads, peak_n),
-        "probe/peak-int8": PeakProbe("int8", threads, peak_n),
-    }
-
-
-def probe_limits(probes: dict[str, Any], times: dict[str, list[float]]) -> dict[str, Any]:
-    """The probes' medians (the floor's rates, like for like with the contenders' p50) and their best calls; the
-    copy rate (read + write) is reported only."""
-
-    def rate(name: str, statistic: str) -> float:
-        probe, t = probes[name], times[name]
-        return probe.gflop_s(t, statistic) if isinstance(probe, PeakProbe) else probe.gb_s(t, statistic)
-
-    keys = {
-        "probe/copy": ("copy", "gb_s"),
-        "probe/read-sum": ("read_sum", "gb_s"),
-        "probe/read-gemv": ("read_gemv", "gb_s"),
-        "probe/peak-fp32": ("fp32", "gflop_s"),
-        "probe/peak-int8": ("int8", "gop_s"),
-    }
-    out: dict[str, Any] = {}
-    for name, (what, unit) in keys.items():
-        if times.get(name):
-            out[f"{what}_{unit}"] = rate(name, "p50")
-            out[f"{what}_best_{unit}"] = rate(name, "best")
-    out["read_gb_s"] = max(out.get("read_sum_gb_s", 0.0), out.get("read_gemv_gb_s", 0.0))
-    out["read_best_gb_s"] = max(out.get("read_sum_best_gb_s", 0.0), out.get("read_gemv_best_gb_s", 0.0))
-    out.update(
-        read_buffer_mib=probes["probe/read-sum"].nbytes / 2**20,
-        peak_n=round((probes["probe/peak-fp32"].flops / 2) ** (1 / 3)),
-        rule="medians of probes timed in the same rounds as the "
-        "contenders; read = the faster of numpy sum and onnxruntime GEMV; int8 calls' FLOPs held to the faster "
-        "of the int8 (MatMulInteger) and fp32 peaks",
-    )
     return out

@@ -30,7 +30,7 @@ QUICK_BUDGET = Budget(warmup=1, iterations=10, seconds=0.2, min_iterations=3, ro
 
 # (contender, precision); contender names: backends.RUNTIME
 STEP_CONTENDERS = ((ORT, "fp32"), (ORT_SPIN, "fp32"), (ORT, "int8"), (OPENVINO, "fp32"), (OPENVINO, "bf16"))
-PROBE = "probe/bandwidth"  # cmath_bench.roofline.BandwidthProbe, timed among the step contenders
+PROBE = "probe/bandwidth"  # cmath_bench.roofline.Probe("copy"), timed among the step contenders
 
 
 def _load_step_models(
@@ -76,8 +76,8 @@ def run_streaming(
     wbytes = {
         k: roofline.weight_bytes(g.file) // (2 if k[1] == "bf16" else 1) for k, (_m, g) in models.items()
     }
-    counter = roofline.FlopCounter(base_graph.file) if machine else None
-    probe = roofline.BandwidthProbe(threads) if machine is not None else None
+    counter = roofline.CallWork(base_graph.file).flops if machine else None
+    probe = roofline.Probe("copy", threads) if machine is not None else None
     records = []
     for n in sorted({min(n, n_max) for n in lengths}):
         new_row = {m: x[n - 1] for m, x in feats.items()}
@@ -91,7 +91,7 @@ def run_streaming(
         bandwidth = best = None
         if probe is not None and (probed := timings.times.get(PROBE)):
             # p50 against p50: the steps' median call against the median copy of the same rounds
-            bandwidth, best = probe.gb_s(probed, "p50"), probe.gb_s(probed, "best")
+            bandwidth, best = probe.rate(probed, "p50"), probe.rate(probed, "best")
         flops = counter(_step_feeds(streams[(ORT, "fp32")], n, speakers, new_row)) if counter else None
         for key, stream in streams.items():
             stream.buffers.update(tails[key])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import numpy as np
 import cmath_runtime
 from cmath_runtime.batching import pad_conversations
 from cmath_runtime.compare import compare, max_abs
+from cmath_runtime.manifest import read_manifest
 from cmath_runtime.session import PRECISIONS
 from cmath_runtime.text import TextEncoder, TextEncoderSpec
 
@@ -48,6 +48,11 @@ class Dialogue:
 
     texts: list[str]
     speakers: list[int]
+
+    @property
+    def past(self) -> Dialogue:
+        """All but its last utterance."""
+        return Dialogue(self.texts[:-1], self.speakers[:-1])
 
 
 def dev_dialogues(csv_file: Path, num_speakers: int, limit: int | None = None) -> list[Dialogue]:
@@ -140,8 +145,7 @@ class TorchPipeline:
     def start(self, dialogue: Dialogue) -> tuple[Dialogue, Any]:
         import torch
 
-        past = Dialogue(dialogue.texts[:-1], dialogue.speakers[:-1])
-        return past, torch.from_numpy(self.embed(past))
+        return dialogue.past, torch.from_numpy(self.embed(dialogue.past))
 
     def call(self, state: tuple[Dialogue, Any], speaker: int, text: str) -> np.ndarray:
         """The timed call: tokens of the new utterance with its past -> encoder -> model on the whole conversation."""
@@ -194,12 +198,12 @@ def add_text(conv: Any, speaker: int, text: str, others: dict[str, np.ndarray], 
     return conv.add(speaker, t=frozen.encode([text])[0], **others)
 
 
-def start_conversation(model: Any, d: Dialogue, frozen: Any = None) -> Any:
-    """A runtime Conversation holding the dialogue's past (all but its last utterance), its state computed."""
+def replay(model: Any, d: Dialogue, frozen: Any = None) -> Any:
+    """A runtime Conversation of the dialogue, added utterance by utterance as raw text (add_text) and read after
+    each one, as an agent reads it."""
     conv, others = cmath_runtime.Conversation(model), zero_rows(model)
-    for s, t in zip(d.speakers[:-1], d.texts[:-1], strict=True):
-        add_text(conv, s, t, others, frozen)
-    conv.latest  # noqa: B018  computed now (step path: the cached state), not in the timed call
+    for s, t in zip(d.speakers, d.texts, strict=True):
+        add_text(conv, s, t, others, frozen).latest  # noqa: B018
     return conv
 
 
@@ -210,7 +214,7 @@ def runtime_contender(name: str, model: Any, encoder: str, frozen: Any = None) -
         name,
         encoder,
         precision,
-        lambda d: start_conversation(model, d, frozen),
+        lambda d: replay(model, d.past, frozen),
         lambda conv, s, t: add_text(conv, s, t, others, frozen).latest,
         lambda conv: conv.copy(),
         model=model,
@@ -267,26 +271,6 @@ def model_feeds(model: Any, conv: Any, dialogue: Dialogue) -> dict[str, np.ndarr
         return dict(feeds)
 
 
-def call_cost(
-    encoder: tuple[Path, Path, dict[str, np.ndarray]], model: tuple[Path, Path, dict[str, np.ndarray]]
-) -> dict[str, Any]:
-    """Weight bytes read (roofline.WeightReads) and FLOPs (roofline.FlopCounter) of one call; encoder / model:
-    (graph the contender runs, its fp32 twin, feeds), FLOPs counted on the fp32 twin."""
-    (enc_bytes, enc_flops), (model_bytes, model_flops) = (
-        (roofline.WeightReads(graph)(feeds), roofline.FlopCounter(fp32)(feeds))
-        for graph, fp32, feeds in (encoder, model)
-    )
-    return {
-        "weight_bytes": enc_bytes + model_bytes,
-        "flops": enc_flops + model_flops,
-        "encoder_weight_bytes": enc_bytes,
-        "model_weight_bytes": model_bytes,
-        "encoder_flops": enc_flops,
-        "model_flops": model_flops,
-        "graphs": f"{encoder[0].name} + {model[0].name}",
-    }
-
-
 def _median_call(
     encoder: TextEncoder, live: list[Dialogue], alone: bool = False
 ) -> tuple[Dialogue, tuple[list[int], list[int]], float]:
@@ -307,31 +291,38 @@ def live_timer(c: Contender, live: list[Dialogue]) -> Timer:
     return timer(lambda: c.prepare(live[next(turn) % len(live)]))
 
 
-def run_text_path(
+def report_text_path(
     run_dir: Path,
     export_dir: Path,
-    threads: int = 1,
-    budget: Budget = BUDGET,
-    live: int = LIVE,
-    dialogues: list[Dialogue] | None = None,
-    csv_dir: Path | None = None,
-    frozen_dir: Path | None = None,
+    threads: int | None = 1,
+    quick: bool = False,
+    out_dir: Path | None = None,
     machine: roofline.Machine | None = None,
-    read_mib: int | None = None,
-    peak_n: int = roofline.PROBE_N,
+    csv_dir: Path | None = None,
+    parity_dialogues: int = 0,
+    frozen_dir: Path | None = None,
     log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """The text-path report (JSON-able): one record per contender, the machine's limits measured in the same rounds
-    and the ratios. `dialogues` (default: text_source(csv_dir)) give the live conversations' texts; `machine` the
-    limits cmath-bench measured before any contender (reported beside, not used); `read_mib` / `peak_n` the probes'
-    sizes."""
+    *,
+    budget: Budget | None = None,
+    dialogues: list[Dialogue] | None = None,
+) -> dict[str, Any] | None:
+    """cmath-bench's text-path section (JSON-able), written to out_dir (bench_text.json/.md/.png); None when the
+    export has no text encoder. One record per contender, the machine's limits measured in the same rounds and the
+    ratios; `dialogues` (default: text_source(csv_dir)) give the live conversations' texts; `machine` the limits
+    cmath-bench measured before any contender (reported beside, not used); `budget` (default: by `quick`) the
+    timing's. With `parity_dialogues`, that many of csv_dir's dialogues go to replay_parity."""
+    if not read_manifest(export_dir).text_encoder:
+        return None
+    threads, budget = threads or 1, budget or (QUICK_BUDGET if quick else BUDGET)
     set_torch_threads(threads)
     fp32 = cmath_runtime.load(export_dir, backend="cpu", threads=threads)
     if dialogues:
         source = f"{len(dialogues)} given dialogues"
     else:
         dialogues, source = text_source(csv_dir, fp32.num_speakers)
-    convs = live_conversations(dialogues, live, fp32.num_speakers, min(HISTORY, fp32.max_len - 1))
+    convs = live_conversations(
+        dialogues, QUICK_LIVE if quick else LIVE, fp32.num_speakers, min(HISTORY, fp32.max_len - 1)
+    )
     history = len(convs[0].texts) - 1
     log(f"text path: {len(convs)} live conversations of {history} turns from {source}, {threads} threads")
     with contextlib.ExitStack() as stack:
@@ -340,12 +331,31 @@ def run_text_path(
             log(f"text path: skipped {name}: {why}")
         count_costs(contenders, fp32, convs, frozen)
         timers = {name: live_timer(c, convs) for name, c in contenders.items()}
-        probes = roofline.make_probes(threads, read_mib, peak_n)
+        probes = roofline.make_probes(threads)
         timers.update({name: repeating(p, cap=PROBE_CALLS) for name, p in probes.items()})
         timings = interleaved(timers, budget, settle=lambda _name: quiesce())
-    limits = roofline.probe_limits(probes, timings.times)
-    records = timed_records(contenders, timings, limits, skipped, history=history, threads=threads)
-    return {
+    limits = {
+        **roofline.rates(probes, timings.times),
+        "read_buffer_mib": probes["read_sum"].amount / 2**20,
+        "peak_n": roofline.PROBE_N,
+        "rule": "medians of probes timed in the same rounds as the contenders; read = the faster of numpy sum and "
+        "onnxruntime GEMV; int8 calls' FLOPs held to the faster of the int8 (MatMulInteger) and fp32 peaks",
+    }
+    records = []  # one per contender that was timed (p50/p90, its cost, its floor); the others go to `skipped`
+    for name, c in contenders.items():
+        if not (times := timings.times.get(name)):
+            skipped[name] = timings.errors.get(name, "no timed call")
+            continue
+        rec = {
+            "contender": name,
+            "encoder": c.provider,
+            "precision": c.precision,
+            "batch": 1,
+            "history": history,
+        }
+        rec.update(threads=threads, iterations=len(times), **percentiles_ms(times), **c.info["cost"])
+        records.append({**rec, **roofline.record_floor(rec, limits)})
+    report = {
         "benchmark": "text_path",
         "call": f"conv.add(speaker, text=...) + conv.latest, batch 1, on a live conversation of {history} turns",
         "history": history,
@@ -362,26 +372,12 @@ def run_text_path(
         "settle_s": timings.settle_s,
         "floor_reliable": all(r["latency_x_floor"] >= 1 for r in records),
     }
-
-
-def timed_records(
-    contenders: dict[str, Contender],
-    timings: Any,
-    limits: dict[str, Any],
-    skipped: dict[str, str],
-    **common: Any,
-) -> list[dict[str, Any]]:
-    """One record per contender that was timed (p50/p90, its cost, its floor); the others go to `skipped`."""
-    records = []
-    for name, c in contenders.items():
-        if not timings.times.get(name):
-            skipped[name] = timings.errors.get(name, "no timed call")
-            continue
-        times = timings.times[name]
-        rec = {"contender": name, "encoder": c.provider, "precision": c.precision, "batch": 1, **common}
-        rec.update(iterations=len(times), **percentiles_ms(times), **c.info["cost"])
-        records.append({**rec, **roofline.record_floor(rec, limits)})
-    return records
+    if parity_dialogues and csv_dir is not None:
+        parity = dev_dialogues(csv_dir / DEV_CSV, fp32.num_speakers, parity_dialogues)
+        report["parity"] = replay_parity(run_dir, export_dir, parity, threads, log)
+    if out_dir is not None:
+        write_report(report, out_dir)
+    return report
 
 
 def load_contenders(
@@ -422,32 +418,41 @@ def load_contenders(
 def count_costs(
     contenders: dict[str, Contender], fp32: Any, convs: list[Dialogue], frozen: Any = None
 ) -> None:
-    """Fill each contender's `cost`: weight bytes read and FLOPs of its call on the live conversation whose new
-    utterance has the median token count (pytorch: the fp32 graphs' figures, the same weights and arithmetic)."""
-    spec = fp32.text_encoder.spec
+    """Fill each contender's `cost`: weight bytes its encoder and model graphs read and their FLOPs (roofline.CallWork;
+    FLOPs on the fp32 graphs: the same arithmetic) in its call on the live conversation whose
+    new utterance has the median token count (pytorch: the fp32 graphs' figures, the same weights)."""
     median, pair, tokens_p50 = _median_call(fp32.text_encoder, convs)
-    feeds = model_feeds(fp32, start_conversation(fp32, median), median)
+    feeds = model_feeds(fp32, replay(fp32, median.past), median)
     fp32_graph = model_graph(fp32)
+    model_flops = roofline.CallWork(fp32_graph).flops(feeds)
 
-    def cost(enc_feeds: dict[str, np.ndarray], p50: float, *graphs: Any) -> dict[str, Any]:
-        return {"tokens": int(enc_feeds["input_ids"].shape[1]), "tokens_p50": p50, **call_cost(*graphs)}
+    def cost(encoder: Path, enc_fp32: Path, enc_feeds: dict[str, np.ndarray], p50: float, graph: Path) -> Any:
+        enc_bytes = roofline.CallWork(encoder).weight_bytes(enc_feeds)
+        model_bytes = roofline.CallWork(graph).weight_bytes(feeds)
+        enc_flops = roofline.CallWork(enc_fp32).flops(enc_feeds)
+        return {
+            "tokens": int(enc_feeds["input_ids"].shape[1]),
+            "tokens_p50": p50,
+            "weight_bytes": enc_bytes + model_bytes,
+            "flops": enc_flops + model_flops,
+            "encoder_weight_bytes": enc_bytes,
+            "model_weight_bytes": model_bytes,
+            "encoder_flops": enc_flops,
+            "model_flops": model_flops,
+            "graphs": f"{encoder.name} + {graph.name}",
+        }
 
-    enc_feeds = fp32.text_encoder.feeds([pair])
+    enc_feeds, enc_fp32 = fp32.text_encoder.feeds([pair]), fp32.text_encoder.spec.onnx_file
     for name, c in contenders.items():
         if name != FROZEN:
             model = c.info.get("model") or fp32
             c.info["cost"] = cost(
-                enc_feeds,
-                tokens_p50,
-                (model.text_encoder.spec.onnx_file, spec.onnx_file, enc_feeds),
-                (model_graph(model), fp32_graph, feeds),
+                model.text_encoder.spec.onnx_file, enc_fp32, enc_feeds, tokens_p50, model_graph(model)
             )
     if FROZEN in contenders:
         _, alone, alone_p50 = _median_call(frozen, convs, alone=True)
-        f_feeds, f_file = frozen.feeds([alone]), frozen.spec.onnx_file
-        contenders[FROZEN].info["cost"] = cost(
-            f_feeds, alone_p50, (f_file, f_file, f_feeds), (fp32_graph, fp32_graph, feeds)
-        )
+        f_file = frozen.spec.onnx_file
+        contenders[FROZEN].info["cost"] = cost(f_file, f_file, frozen.feeds([alone]), alone_p50, fp32_graph)
 
 
 def ratios(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -585,42 +590,31 @@ def replay_parity(
     except cmath_runtime.CmathError as e:
         log(f"parity: no int8 path ({e})")
     ref = [{"probs": torch_path.probs(torch_path.embed(d), d.speakers)} for d in dialogues]
-    got = {k: [{"probs": replay(m, d)} for d in dialogues] for k, m in models.items()}
+    got = {k: [{"probs": replay(m, d).probs()} for d in dialogues] for k, m in models.items()}
     data = f"{len(dialogues)} dialogues replayed utterance by utterance through Conversation.add(text=)"
-    common: dict[str, Any] = {"data": data, "conversations": len(dialogues)}
-    reports = {
-        "fp32": compare(
-            ref,
-            got["fp32"],
-            {"probs": max_abs(EXACT)},
-            artifact="text path fp32",
-            reference_name="PyTorch pipeline (torch encoder twin + checkpoint, eager)",
-            runtime="cmath_runtime fp32",
-            **common,
-        )
+    # precision -> (its reference, the reference's name, its checks, its bar of argmax agreement)
+    checks = {
+        "fp32": (ref, "PyTorch pipeline (torch encoder twin + checkpoint, eager)", max_abs(EXACT), None),
+        "int8": (got["fp32"], "cmath_runtime fp32", max_abs(None), INT8_AGREEMENT),
     }
-    if "int8" in got:
-        reports["int8"] = compare(
-            got["fp32"],
-            got["int8"],
-            {"probs": max_abs(None)},
-            min_argmax_agreement=INT8_AGREEMENT,
-            artifact="text path int8",
-            reference_name="cmath_runtime fp32",
-            runtime="cmath_runtime int8",
-            **common,
+    reports = {
+        k: compare(
+            reference,
+            got[k],
+            {"probs": check},
+            min_argmax_agreement=agreement,
+            artifact=f"text path {k}",
+            reference_name=name,
+            runtime=f"cmath_runtime {k}",
+            data=data,
+            conversations=len(dialogues),
         )
+        for k, (reference, name, check, agreement) in checks.items()
+        if k in got
+    }
     for r in reports.values():
         log(r.summary())
     return {k: r.to_json() for k, r in reports.items()}
-
-
-def replay(model: Any, dialogue: Dialogue) -> np.ndarray:
-    """(n, classes) final probabilities of a dialogue added utterance by utterance as raw text."""
-    conv, others = cmath_runtime.Conversation(model), zero_rows(model)
-    for s, t in zip(dialogue.speakers, dialogue.texts, strict=True):
-        add_text(conv, s, t, others).latest  # noqa: B018  as an agent reads it, utterance by utterance
-    return conv.probs()
 
 
 def parity_lines(parity: dict[str, Any]) -> list[str]:
@@ -640,42 +634,6 @@ def parity_lines(parity: dict[str, Any]) -> list[str]:
             f"{'PASS' if q['passed'] else 'FAIL'}"
         )
     return out
-
-
-def report_text_path(
-    run_dir: Path,
-    export_dir: Path,
-    threads: int | None,
-    quick: bool,
-    out_dir: Path | None = None,
-    machine: roofline.Machine | None = None,
-    csv_dir: Path | None = None,
-    parity_dialogues: int = 0,
-    frozen_dir: Path | None = None,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any] | None:
-    """cmath-bench's text-path section: the report, written to out_dir (bench_text.json/.md/.png); None when the
-    export has no text encoder. With `parity_dialogues`, that many of csv_dir's dialogues go to replay_parity."""
-    raw = json.loads((export_dir / "export.json").read_text())
-    if not raw.get("text_encoder"):
-        return None
-    report = run_text_path(
-        run_dir,
-        export_dir,
-        threads or 1,
-        QUICK_BUDGET if quick else BUDGET,
-        QUICK_LIVE if quick else LIVE,
-        csv_dir=csv_dir,
-        frozen_dir=frozen_dir,
-        machine=machine,
-        log=log,
-    )
-    if parity_dialogues and csv_dir is not None:
-        dialogues = dev_dialogues(csv_dir / DEV_CSV, int(raw["num_speakers"]), parity_dialogues)
-        report["parity"] = replay_parity(run_dir, export_dir, dialogues, threads or 1, log)
-    if out_dir is not None:
-        write_report(report, out_dir)
-    return report
 
 
 def summary(report: dict[str, Any]) -> str:

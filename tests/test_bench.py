@@ -242,7 +242,7 @@ def test_roofline_flops_and_floor(tmp_path: Path) -> None:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from cmath_bench.roofline import FlopCounter, Machine, measure_bandwidth, weight_bytes
+    from cmath_bench.roofline import CallWork, Machine, weight_bytes
 
     w = numpy_helper.from_array(np.ones((8, 4), np.float32), "w")
     nodes = [
@@ -264,46 +264,47 @@ def test_roofline_flops_and_floor(tmp_path: Path) -> None:
     model.ir_version = 9
     path = tmp_path / "g.onnx"
     onnx.save(model, str(path))
-    count = FlopCounter(path)
-    assert count({"x": np.zeros((2, 5, 8), np.float32)}) == 2 * 2 * 5 * 8 * 4 + 2 * 2 * 5 * 5 * 8
+    assert (
+        CallWork(path).flops({"x": np.zeros((2, 5, 8), np.float32)}) == 2 * 2 * 5 * 8 * 4 + 2 * 2 * 5 * 5 * 8
+    )
     assert weight_bytes(path) == 8 * 4 * 4
     floor = Machine(bandwidth_gb_s=10, fp32_gflop_s=100, threads=1).floor_ms(1e9, 1e9)
     assert floor == {"bytes_floor_ms": 100.0, "flops_floor_ms": 10.0, "floor_ms": 100.0, "bound": "bandwidth"}
-    assert measure_bandwidth(1, mib=8, repeats=1) > 0
 
 
-def test_read_probe_reads_the_whole_buffer() -> None:
-    """The read bandwidth (a floor's rate): numpy sums and an onnxruntime GEMV over the same bytes, median of passes;
-    the default buffer is at least 4x the last-level cache."""
+def test_probes_and_measure() -> None:
+    """One probe type, one kind per limit: copy and read bandwidth over the same buffer (at least 4x the last-level
+    cache), the fp32 / int8 matmul peaks (2 n^3 operations a call); rates from the median or the fastest call; measure
+    (the machine's limits before any contender) from the same probes."""
     from cmath_bench.roofline import (
         READ_MIB,
-        ReadProbe,
+        UNITS,
+        Probe,
         last_level_cache_bytes,
-        measure_read_bandwidth,
+        make_probes,
+        measure,
+        rates,
         read_buffer_mib,
     )
 
-    for kind in ReadProbe.KINDS:
-        probe = ReadProbe(kind, threads=2, mib=4)
-        assert probe.nbytes == 4 * 2**20 and probe() > 0
-        times = [0.002, 0.001, 0.004]
-        assert probe.gb_s(times) == pytest.approx(probe.nbytes / 0.002 / 1e9)
-        assert probe.gb_s(times, "best") == pytest.approx(probe.nbytes / 0.001 / 1e9)
+    probes = make_probes(threads=2, mib=4, n=64)
+    assert list(probes) == list(UNITS)
+    assert probes["copy"].amount == 2 * 4 * 2**20
+    assert probes["read_sum"].amount == probes["read_gemv"].amount == 4 * 2**20
+    assert probes["fp32"].amount == probes["int8"].amount == 2 * 64**3
+    times = {kind: [0.002, 0.001, 0.004] for kind in probes}
+    for kind, probe in probes.items():
+        probe()
+        assert probe.rate(times[kind]) == pytest.approx(probe.amount / 0.002 / 1e9)
+        assert probe.rate(times[kind], "best") == pytest.approx(probe.amount / 0.001 / 1e9)
+    got = rates(probes, times)
+    assert got["fp32_gflop_s"] == pytest.approx(2 * 64**3 / 0.002 / 1e9) and "int8_best_gop_s" in got
+    assert got["read_gb_s"] == max(got["read_sum_gb_s"], got["read_gemv_gb_s"])
     assert read_buffer_mib() >= max(READ_MIB, 4 * (last_level_cache_bytes() or 0) / 2**20)
-    got = measure_read_bandwidth(1, mib=4, repeats=1)
-    assert got["read_gb_s"] == max(got["read_sum_gb_s"], got["read_gemv_gb_s"]) > 0
+    machine = measure(1, repeats=1, mib=4, n=64)
+    assert machine.bandwidth_gb_s > 0 and machine.fp32_gflop_s > 0 and machine.read_gb_s
     with pytest.raises(ValueError, match="kind"):
-        ReadProbe("copy")
-
-
-def test_peak_probes() -> None:
-    """The fp32 (measure_matmul_peak's) and int8 (MatMulInteger) matmul peaks: 2 n^3 operations per call."""
-    from cmath_bench.roofline import PeakProbe
-
-    for kind in PeakProbe.KINDS:
-        probe = PeakProbe(kind, threads=1, n=64)
-        assert probe.flops == 2 * 64**3 and probe() > 0
-        assert probe.gflop_s([0.001, 0.002, 0.004]) == pytest.approx(2 * 64**3 / 0.002 / 1e9)
+        Probe("peak")
 
 
 def test_streaming_records_carry_their_floor(causal_export: Path) -> None:

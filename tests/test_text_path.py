@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cmath_bench.roofline import Machine, WeightReads, weight_bytes
+from cmath_bench.roofline import CallWork, Machine, weight_bytes
 from cmath_bench.text_path import (
     FP32,
     FROZEN,
@@ -18,8 +18,7 @@ from cmath_bench.text_path import (
     dev_dialogues,
     live_conversations,
     replay_parity,
-    run_text_path,
-    write_report,
+    report_text_path,
 )
 from cmath_bench.timing import Budget
 
@@ -47,19 +46,19 @@ def test_text_path_report(
     machine = Machine(
         bandwidth_gb_s=5.0, fp32_gflop_s=50.0, threads=1
     )  # cmath-bench's, before: reported only
-    report = run_text_path(
+    report = report_text_path(
         export.parent,
         export,
-        threads=1,
-        budget=TEST_BUDGET,
-        live=2,
-        dialogues=dev,
-        frozen_dir=tiny_encoder,
+        1,
+        quick=True,
+        out_dir=tmp_path,
         machine=machine,
-        read_mib=8,
-        peak_n=128,
+        frozen_dir=tiny_encoder,
         log=lambda _m: None,
+        budget=TEST_BUDGET,
+        dialogues=dev,
     )
+    assert report is not None
     recs = {r["contender"]: r for r in report["records"]}
     assert set(recs) == {FP32, INT8, TORCH, FROZEN}, report["skipped"]
     m = report["machine"]  # measured in the same rounds as the contenders
@@ -92,7 +91,7 @@ def test_text_path_report(
     assert ratios["context_vs_frozen"]["ratio"] == pytest.approx(
         recs[FP32]["p50_ms"] / recs[FROZEN]["p50_ms"]
     )
-    md = write_report(report, tmp_path)
+    md = (tmp_path / "bench_text.md").read_text()
     assert "| contender | encoder | tokens | p50 ms |" in md and "int8_vs_fp32" in md and "x floor" in md
     assert (tmp_path / "bench_text.json").is_file()
     assert (tmp_path / "bench_text.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -129,8 +128,9 @@ def test_weight_reads_count_gathered_rows(tmp_path: Path) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     onnx.save(model, str(tmp_path / "g.onnx"))
-    reads = WeightReads(tmp_path / "g.onnx")
-    assert reads({"ids": np.array([3, 3, 7, -1])}) == 3 * 8 * 4 + 8 * 4 * 4  # rows 3, 7, 99
+    assert (
+        CallWork(tmp_path / "g.onnx").weight_bytes({"ids": np.array([3, 3, 7, -1])}) == 3 * 8 * 4 + 8 * 4 * 4
+    )  # rows 3, 7, 99
     assert weight_bytes(tmp_path / "g.onnx") == 100 * 8 * 4 + 8 * 4 * 4
 
 

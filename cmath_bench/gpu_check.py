@@ -22,7 +22,7 @@ import sys
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -416,33 +416,17 @@ def markdown(check: GpuCheck) -> str:
 
 
 def environment_lines(env: dict[str, Any]) -> list[str]:
-    gpu, tor, ort = env.get("gpu", {}), env.get("torch", {}), env.get("onnxruntime", {})
-    return [
-        "",
-        "## Environment",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| GPU | {gpu.get('name', gpu.get('error', '-'))}, {gpu.get('memory', '-')} |",
-        f"| driver / its CUDA | {gpu.get('driver', '-')} / {gpu.get('driver_cuda', '-')} |",
-        f"| torch | {tor.get('version', '-')}, built for CUDA {tor.get('cuda_build')}, cuDNN {tor.get('cudnn')}, "
-        f"torch.cuda.is_available() {tor.get('cuda_available')}"
-        + (
-            f", {tor.get('device')} (sm {tor.get('capability')}, {tor.get('memory_gib')} GiB, "
-            f"{tor.get('multiprocessors')} SMs)"
-            if tor.get("device")
-            else ""
-        )
-        + " |",
-        f"| onnxruntime | {ort.get('version', '-')} ({ort.get('device', '-')}, CUDA build "
-        f"{ort.get('cuda_build')}), providers listed: {', '.join(ort.get('available_providers', []))} |",
-        f"| a session, backend auto | {', '.join(ort.get('auto_session', {}).get('providers', []))} "
-        f"{ort.get('auto_session', {}).get('note', '')} |",
-        f"| a session, backend cuda | {_cell(ort.get('cuda_session', {}))} |",
-        f"| host | {env.get('host', {}).get('cpu', '-')} ({env.get('host', {}).get('isa', '-')}), {env.get('host', {}).get('cores', '-')} cores, "
-        f"python {env.get('host', {}).get('python', '-')}, load {env.get('host', {}).get('load_average')} |",
-        "",
-    ]
+    """The environment step's findings as a table, one row per value (nested names joined: "torch cuda_build")."""
+
+    def rows(name: str, value: Any) -> Iterator[str]:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                yield from rows(f"{name} {key}".strip(), inner)
+        else:
+            text = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+            yield f"| {name} | {text.replace('|', '/')} |"
+
+    return ["", "## Environment", "", "| | |", "|---|---|", *rows("", env), ""]
 
 
 def timing_lines(timed: list[dict[str, Any]]) -> list[str]:
@@ -483,10 +467,6 @@ def parity_lines(parity: list[dict[str, Any]]) -> list[str]:
         f"{p['max_abs']:.2e} | {100 * p['argmax_agreement']:.2f}% | {'PASS' if p['passed'] else 'FAIL'} |"
         for p in parity
     ]
-
-
-def _cell(d: dict[str, Any]) -> str:
-    return ", ".join(d["providers"]) if "providers" in d else str(d.get("error", "-")).replace("|", "/")
 
 
 # --- the run -----------------------------------------------------------------------------------------------------

@@ -109,7 +109,7 @@ def torch_contender(backend: str, precision: str, run_dir: Path, threads: int, s
     ckpt = load_checkpoint(run_dir)
     load_s = time.perf_counter() - start
     model, cfg = ckpt.model.eval().to(device), ckpt.model_cfg
-    spec = InputSpec(tuple(cfg.modalities), dict(cfg.feature_dims), cfg.num_speakers)
+    spec = InputSpec.of(cfg)
 
     def forward(features: dict[str, Any], speaker: Any, mask: Any) -> Any:
         return torch.softmax(model(features, speaker, mask).logits, dim=-1)
@@ -185,10 +185,10 @@ def runtime(export_dir: Path, name: str, precision: str, threads: int, spinning:
     def probs(preds: list[Any]) -> np.ndarray:
         return np.stack([p.probs for p in preds])
 
-    m, idle = model.manifest, "spin" if spinning or RUNTIME[name][1] else "sleep (allow_spinning=0)"
+    idle = "spin" if spinning or RUNTIME[name][1] else "sleep (allow_spinning=0)"
     info = {
         "load_s": model.load_seconds,  # includes importing onnxruntime
-        "spec": InputSpec(tuple(m.modalities), dict(m.feature_dims), m.num_speakers),
+        "spec": InputSpec.of(model.manifest),
         "threads": {"torch": 0, "ort_intra_op": threads, "idle": idle},
     }
     return Contender(name, precision, model.providers[0], prepare, probs, model.note, info)

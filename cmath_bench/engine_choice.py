@@ -80,8 +80,7 @@ def run(
             log(
                 f"text path: {len(convs)} live conversations of {len(convs[0].texts) - 1} turns from {source}"
             )
-        spec = InputSpec(tuple(first.modalities), dict(first.feature_dims), first.num_speakers)
-        [conv] = conversations(spec, 1, min(UTTERANCES, first.max_len))
+        [conv] = conversations(InputSpec.of(first), 1, min(UTTERANCES, first.max_len))
         predict = f"model {len(conv['speakers'])} utt."
         for name, model in models.items():
             timers[f"{predict} | {name}"] = repeating(functools.partial(model.predict, [conv], batch_size=1))

@@ -27,12 +27,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cmath_runtime.compare import compare, max_abs
 from cmath_runtime.errors import first_line
 
 from . import backends, report
 from .backends import Skipped
-from .inputs import InputSpec, conversations
 from .runner import Plan, run_benchmark
 from .timing import Budget
 
@@ -292,10 +290,7 @@ def parity(records: list[dict[str, Any]], reference: str) -> list[dict[str, Any]
 
 def streaming(check: GpuCheck, export: Path, threads: int, ort_why: str | None) -> None:
     """One new utterance at history 1/10/50 through the step graph, on CUDA and (for scale) the CPU; each engine's
-    step probabilities over 50 utterances against the full recompute (the runtime on the CPU), and its provider."""
-    import cmath_runtime
-    from cmath_runtime.streaming import Stream
-
+    step probabilities over 50 utterances against the full recompute on the CPU (streaming.run_streaming)."""
     from .backends import ORT, ORT_CUDA, RUNTIME
     from .streaming import BUDGET as STEP_BUDGET
     from .streaming import QUICK_BUDGET, run_streaming
@@ -303,47 +298,24 @@ def streaming(check: GpuCheck, export: Path, threads: int, ort_why: str | None) 
     engines = ((ORT_CUDA, "fp32"), (ORT, "fp32")) if ort_why is None else ((ORT, "fp32"),)
     if ort_why:
         check.skip("step graph on onnxruntime-cuda", ort_why)
-    check.records += run_streaming(
-        export,
-        threads,
-        STEP_LENGTHS,
-        QUICK_BUDGET if check.quick else STEP_BUDGET,
-        log=lambda line: print("   " + line, flush=True),
-        contenders=engines,
-    )
-    full = cmath_runtime.load(export, backend="cpu", threads=threads)
-    spec = InputSpec(tuple(full.modalities), full.feature_dims, full.num_speakers)
-    [conv] = conversations(spec, 1, max(STEP_LENGTHS), seed=1)
-    [ref] = full.predict([conv])
-    for contender, precision in engines:
-        backend = RUNTIME[contender][0]
-        try:
-            model = cmath_runtime.load(export, backend=backend, threads=threads)
-            graph = model.step_graph
-            if graph is None:
-                raise cmath_runtime.ArtifactError(export, "the causal export has no step graph")
-            got, _ = Stream(graph).catch_up([int(s) for s in conv["speakers"]], conv["features"])
-        except cmath_runtime.CmathError as e:
-            check.skip(f"step graph parity on {backend}", str(e))
-            continue
-        rep = compare(
-            [{"probs": ref.probs}],
-            [{"probs": got}],
-            {"probs": max_abs(MAX_ABS)},
-            min_argmax_agreement=AGREEMENT,
-        )
-        check.parity.append(
-            {
-                "contender": f"step {model.backend} {precision}",
-                "reference": "full recompute onnxruntime fp32",
-                "rows": rep.rows,
-                "max_abs": rep.output("probs").max_abs,
-                "argmax_agreement": rep.argmax_agreement,
-                "passed": rep.passed,
-                "provider": graph.session.get_providers()[0],
-                "shapes": [f"1x{max(STEP_LENGTHS)}"],
-            }
-        )
+    budget, log = QUICK_BUDGET if check.quick else STEP_BUDGET, lambda line: print("   " + line, flush=True)
+    records = run_streaming(export, threads, STEP_LENGTHS, budget, log=log, contenders=engines)
+    check.records += records
+    for r in records:
+        if r["path"] == "step" and r["n"] == max(STEP_LENGTHS):
+            diff, agreement = r["max_abs_diff_vs_full"], r["argmax_agreement_vs_full"]
+            check.parity.append(
+                {
+                    "contender": f"step {RUNTIME[r['backend']][0]} {r['precision']}",
+                    "reference": "full recompute onnxruntime fp32",
+                    "rows": r["n"],
+                    "max_abs": diff,
+                    "argmax_agreement": agreement,
+                    "passed": diff <= MAX_ABS and agreement >= AGREEMENT,
+                    "provider": r["provider"],
+                    "shapes": [f"1x{r['n']}"],
+                }
+            )
 
 
 # --- the checks --------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -12,6 +13,11 @@ class InputSpec:
     modalities: tuple[str, ...]
     feature_dims: dict[str, int]
     num_speakers: int
+
+    @classmethod
+    def of(cls, model: Any) -> InputSpec:
+        """The inputs of a manifest, a model config or a loaded model (each has these three fields)."""
+        return cls(tuple(model.modalities), dict(model.feature_dims), int(model.num_speakers))
 
 
 def conversations(spec: InputSpec, batch: int, length: int, seed: int = 0) -> list[dict]:

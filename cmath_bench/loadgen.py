@@ -19,29 +19,18 @@ import numpy as np
 
 from cmath_runtime.errors import CmathError
 
-from . import host
+from . import host, inputs
 from .report import figure, write_pages
 from .timing import percentiles_ms
 
-# {"speakers": (n,), "features": {modality: (n, dim)}}: what model.predict and the serve client take
-Conversation = dict[str, Any]
+Conversation = dict[str, Any]  # {"speakers": (n,), "features": {modality: (n, dim)}}
 
 
 def conversations(export_dir: Path, count: int, utterances: int, seed: int) -> list[Conversation]:
-    """`count` seeded conversations of `utterances` random utterances in the export's modalities and speakers."""
+    """`count` seeded conversations of `utterances` utterances in the export's modalities (inputs.conversations)."""
     from cmath_runtime.manifest import read_manifest
 
-    manifest, rng = read_manifest(export_dir), np.random.default_rng(seed)
-    return [
-        {
-            "speakers": rng.integers(0, manifest.num_speakers, utterances),
-            "features": {
-                m: rng.standard_normal((utterances, d)).astype(np.float32)
-                for m, d in manifest.feature_dims.items()
-            },
-        }
-        for _ in range(count)
-    ]
+    return inputs.conversations(inputs.InputSpec.of(read_manifest(export_dir)), count, utterances, seed)
 
 
 def add(conv: Any, data: Conversation, i: int, end: bool = False) -> Any:

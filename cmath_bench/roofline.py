@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from cmath_runtime.manifest import read_manifest
 from cmath_runtime.session import open_probe_session
 
 from .inputs import InputSpec, conversations, padded
@@ -328,9 +329,7 @@ def annotate(records: list[dict[str, Any]], machine: Machine, export_dir: Path) 
     """Add flops, weight_bytes, the floor and latency_x_floor to every timed full-graph record (in place)."""
     export_dir = Path(export_dir)
     manifest = json.loads((export_dir / "export.json").read_text())
-    spec = InputSpec(
-        tuple(manifest["modalities"]), dict(manifest["feature_dims"]), int(manifest["num_speakers"])
-    )
+    spec = InputSpec.of(read_manifest(export_dir))
     counter = CallWork(export_dir / manifest["artifacts"]["fp32"]["file"]).flops
     weights = functools.cache(functools.partial(contender_weight_bytes, export_dir, manifest))
 

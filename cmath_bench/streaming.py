@@ -109,7 +109,27 @@ def run_streaming(
             + ", ".join(f"{r['path']} {r['backend']} {r['precision']} {r['p50_ms']:.3f} ms" for r in rows)
             + bw
         )
+    _parity(records, models, speakers, feats)
     return records
+
+
+def _parity(
+    records: list[dict[str, Any]], models: dict[tuple[str, str], Any], speakers: list[int], feats: dict
+) -> None:
+    """Each engine's step graph fed the whole conversation one utterance at a time, against the full recompute
+    (onnxruntime fp32): its max |dp|, argmax agreement and provider, on each of its step records."""
+    [full] = models[(ORT, "fp32")][0].predict([{"speakers": speakers, "features": feats}])
+    for key, (_model, graph) in models.items():
+        got, _ = Stream(graph).catch_up(speakers, {m: list(x) for m, x in feats.items()})
+        session = graph.session
+        found = {
+            "max_abs_diff_vs_full": float(np.abs(got - full.probs).max()),
+            "argmax_agreement_vs_full": float((got.argmax(-1) == full.probs.argmax(-1)).mean()),
+            "provider": session.get_providers()[0] if hasattr(session, "get_providers") else key[0],
+        }
+        for r in records:
+            if r["path"] == "step" and (r["backend"], r["precision"]) == key:
+                r.update(found)
 
 
 def _records(

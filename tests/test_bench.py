@@ -309,7 +309,7 @@ def test_probes_and_measure() -> None:
 
 def test_streaming_records_carry_their_floor(causal_export: Path) -> None:
     """The streaming benchmark on a causal export: step records per engine (sleeping and spinning onnxruntime) with
-    their roofline floor, and the full-recompute records beside them."""
+    their roofline floor and their agreement with the full recompute, and the full-recompute records beside them."""
     from cmath_bench.roofline import Machine
     from cmath_bench.streaming import QUICK_BUDGET, run_streaming
 
@@ -343,6 +343,12 @@ def test_streaming_records_carry_their_floor(causal_export: Path) -> None:
         assert r["latency_x_best_bytes_floor"] == pytest.approx(
             r["p50_ms"] * r["bandwidth_best_gb_s"] * 1e6 / r["weight_bytes"]
         )
+        # fed the whole conversation one utterance at a time, each engine's step agrees with the full recompute
+        exact = r["precision"] == "fp32"
+        assert (
+            r["max_abs_diff_vs_full"] < (1e-4 if exact else 3e-2) and r["provider"] == "CPUExecutionProvider"
+        )
+        assert r["argmax_agreement_vs_full"] == 1.0 or not exact
         assert r["bandwidth_gb_s"] == next(s["bandwidth_gb_s"] for s in steps if s["n"] == r["n"])
 
 

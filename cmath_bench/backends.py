@@ -90,7 +90,7 @@ def cuda_missing() -> str | None:
     return f"torch {torch.__version__} sees no CUDA device (torch.cuda.is_available() is False; {build})"
 
 
-def torch_contender(backend: str, precision: str, run_dir: Path, threads: int, spinning: bool) -> Contender:
+def torch_contender(backend: str, precision: str, run_dir: Path, threads: int) -> Contender:
     """PyTorch `backend` (pytorch-eager or torch-compile, "-cuda" for the GPU) on the run's original model, its
     inputs made once on the device; Skipped when it asks for CUDA and there is none. torch.compile(dynamic=True)
     compiles on the first call (and recompiles for shapes it specialised on, such as a length of 1): the benchmark
@@ -139,15 +139,15 @@ def torch_contender(backend: str, precision: str, run_dir: Path, threads: int, s
 
         return call
 
-    idle = "spin" if spinning else "sleep (OMP_WAIT_POLICY=PASSIVE)"
+    idle = "sleep (OMP_WAIT_POLICY=PASSIVE)"
     threads_info = {"torch": torch.get_num_threads(), "ort_intra_op": 0, "idle": idle}
     info = {"load_s": load_s, "spec": spec, "threads": threads_info}
     return Contender(backend, precision, f"{device} (torch)", prepare, np.asarray, info=info)
 
 
-def load_runtime(export_dir: Path, name: str, precision: str, threads: int, spinning: bool = False) -> Any:
+def load_runtime(export_dir: Path, name: str, precision: str, threads: int) -> Any:
     """cmath_runtime's EmotionModel as the contender `name` (a key of RUNTIME), idle threads spinning when the
-    contender does or `spinning` asks; Skipped when that backend or artifact is not here."""
+    contender does; Skipped when that backend or artifact is not here."""
     import cmath_runtime
     from cmath_runtime.session import BACKENDS, available_providers
 
@@ -164,7 +164,7 @@ def load_runtime(export_dir: Path, name: str, precision: str, threads: int, spin
         )
     try:
         return cmath_runtime.load(
-            export_dir, backend=backend, precision=precision, threads=threads, spinning=spinning or spin
+            export_dir, backend=backend, precision=precision, threads=threads, spinning=spin
         )
     except cmath_runtime.BackendUnavailableError as e:
         raise Skipped(str(e)) from None
@@ -174,10 +174,10 @@ def load_runtime(export_dir: Path, name: str, precision: str, threads: int, spin
         raise
 
 
-def runtime(export_dir: Path, name: str, precision: str, threads: int, spinning: bool = False) -> Contender:
+def runtime(export_dir: Path, name: str, precision: str, threads: int) -> Contender:
     """load_runtime's model as a Contender: `predict` on the conversations themselves, validation and padding
     included."""
-    model = load_runtime(export_dir, name, precision, threads, spinning)
+    model = load_runtime(export_dir, name, precision, threads)
 
     def prepare(convs: list[dict]) -> Callable[[], Any]:
         return lambda: model.predict(convs, batch_size=len(convs))
@@ -185,7 +185,7 @@ def runtime(export_dir: Path, name: str, precision: str, threads: int, spinning:
     def probs(preds: list[Any]) -> np.ndarray:
         return np.stack([p.probs for p in preds])
 
-    idle = "spin" if spinning or RUNTIME[name][1] else "sleep (allow_spinning=0)"
+    idle = "spin" if RUNTIME[name][1] else "sleep (allow_spinning=0)"
     info = {
         "load_s": model.load_seconds,  # includes importing onnxruntime
         "spec": InputSpec.of(model.manifest),

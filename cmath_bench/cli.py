@@ -51,12 +51,6 @@ def ensure_export(run_dir: Path) -> Path:
     "CUDA; GPU ones skip with a reason where there is none).",
 )
 @click.option(
-    "--spin/--no-spin",
-    default=False,
-    show_default=True,
-    help="Let idle threads spin (torch OpenMP default, onnxruntime allow_spinning=1) instead of sleeping.",
-)
-@click.option(
     "--lengths",
     default=None,
     help="Comma-separated conversation lengths for latency and streaming, "
@@ -87,7 +81,6 @@ def main(
     quick: bool,
     threads: int | None,
     only: str | None,
-    spin: bool,
     lengths: str | None,
     texts: Path | None,
     text_parity: int,
@@ -104,7 +97,6 @@ def main(
     plan = (Plan.quick if quick else Plan)(
         contenders=tuple(_contender_keys(only)) if only else backends.ALL,
         threads=threads or default_threads(),
-        spinning=spin,
     )
     if sizes:
         plan = dataclasses.replace(plan, lengths=sizes)

@@ -43,8 +43,6 @@ class Plan:
     throughput: Budget = Budget(warmup=2, iterations=30, seconds=2.0, min_iterations=5, rounds=5)
     contenders: tuple[str, ...] = backends.ALL
     threads: int = 2
-    # idle threads sleep (torch: OMP_WAIT_POLICY=PASSIVE, onnxruntime: allow_spinning=0)
-    spinning: bool = False
     reference: str = f"{backends.EAGER}:fp32"  # every speed-up and the parity are against this contender
     parity_shape: tuple[int, int] = PARITY_SHAPE
 
@@ -83,8 +81,7 @@ def bench(request: BenchRequest, export_dir: Path, log: Callable[[str], None] = 
     start = time.perf_counter()
     r, threads = request, request.plan.threads
     env = host.environment(threads)
-    idle = "spinning" if r.plan.spinning else "sleeping"
-    log(f"cmath-bench {r.run_dir}: {threads} threads ({idle} when idle), load average {env['load_average']}")
+    log(f"cmath-bench {r.run_dir}: {threads} threads, load average {env['load_average']}")
     machine = roofline.measure(threads)  # before any contender runs: the machine's limits at these threads
     env["machine"] = machine.to_json()
     log(
@@ -225,13 +222,13 @@ def _start(
         "backend": backend,
         "precision": precision,
         "threads": plan.threads,
-        "spinning": plan.spinning,
         "run_dir": str(run_dir),
         "export_dir": str(export_dir),
     }
+    # idle threads sleep in every contender (torch: OMP_WAIT_POLICY=PASSIVE, onnxruntime: allow_spinning=0) but
+    # onnxruntime-spin, whose threads spin: the same policy for torch's OpenMP pool as for onnxruntime's
     env = {**os.environ, "OMP_NUM_THREADS": str(plan.threads), "MKL_NUM_THREADS": str(plan.threads)}
-    if not plan.spinning:  # the same idle-thread policy for torch's OpenMP pool as for onnxruntime's
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
     try:
         worker = Worker.start(key, job, env)
     except WorkerError as e:

@@ -36,7 +36,7 @@ def vm(field: str) -> float | None:
 
 def build(job: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
     """Import, load (and for torch.compile: wrap) the contender; (contender, input spec, info)."""
-    backend, precision, threads, spinning = job["backend"], job["precision"], job["threads"], job["spinning"]
+    backend, precision, threads = job["backend"], job["precision"], job["threads"]
     info: dict[str, Any] = {"base_rss_mb": vm("VmRSS")}
     start = time.perf_counter()
     if backend.startswith(("pytorch-eager", "torch-compile")):
@@ -45,7 +45,7 @@ def build(job: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
         from . import backends
 
         info["import_s"] = time.perf_counter() - start
-        contender = backends.torch_contender(backend, precision, Path(job["run_dir"]), threads, spinning)
+        contender = backends.torch_contender(backend, precision, Path(job["run_dir"]), threads)
     else:
         import cmath_runtime
 
@@ -53,7 +53,7 @@ def build(job: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
 
         cmath_runtime.load  # noqa: B018  (resolves the lazy attribute: the runtime's modules)
         info["import_s"] = time.perf_counter() - start
-        contender = backends.runtime(Path(job["export_dir"]), backend, precision, threads, spinning)
+        contender = backends.runtime(Path(job["export_dir"]), backend, precision, threads)
     info.update(
         contender.info, provider=contender.provider, note=contender.note, after_load_rss_mb=vm("VmRSS")
     )

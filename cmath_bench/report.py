@@ -73,12 +73,6 @@ def contender_table(records: list[dict]) -> str:
         diff = f"{r['max_abs_diff_vs_eager']:.1e}" if r.get("max_abs_diff_vs_eager") is not None else "-"
         imported = "-" if "torch_imported" not in r else ("yes" if r["torch_imported"] else "no")
         note = (r.get("note") or "").replace("|", "/")
-        if r.get("compiled_graphs"):
-            cache = r.get("inductor_cache") or {}
-            note = (
-                f"{r['compiled_graphs']} graphs compiled (inductor cache {cache.get('hit', 0)} hits, "
-                f"{cache.get('miss', 0)} misses); compile s = first call. {note}".strip()
-            )
         lines.append(
             f"| {r['backend']} | {r['precision']} | {r.get('provider', '-')} | {threads} | {_num(r, 'import_s', 2)} "
             f"| {_num(r, 'load_s', 2)} | {_num(r, 'compile_s', 1)} | {_num(r, 'peak_rss_mb', 0)} "

@@ -85,13 +85,7 @@ def serve(job: dict[str, Any]) -> None:
             return
         try:
             if op == "stats":
-                reply(
-                    {
-                        "peak_rss_mb": vm("VmHWM"),
-                        "torch_imported": "torch" in sys.modules,
-                        **compile_counters(),
-                    }
-                )
+                reply({"peak_rss_mb": vm("VmHWM"), "torch_imported": "torch" in sys.modules})
                 continue
             shape = (req["batch"], req["length"])
             if shape not in calls:
@@ -103,24 +97,6 @@ def serve(job: dict[str, Any]) -> None:
                 reply({"times": timed_calls(calls[shape], req["count"], deadline)})
         except Exception as e:  # e.g. torch.compile failing on a new shape
             reply({"error": f"{type(e).__name__}: {e}"[:600]})
-
-
-def compile_counters() -> dict[str, Any]:
-    """torch.compile's graph count and inductor cache hits/misses (a warm on-disk cache compiles much faster)."""
-    if "torch._dynamo" not in sys.modules:
-        return {}
-    from torch._dynamo.utils import counters
-
-    graphs = counters["stats"].get("unique_graphs", 0)
-    if not graphs:
-        return {}
-    return {
-        "compiled_graphs": graphs,
-        "inductor_cache": {
-            "hit": counters["inductor"].get("fxgraph_cache_hit", 0),
-            "miss": counters["inductor"].get("fxgraph_cache_miss", 0),
-        },
-    }
 
 
 def reply(obj: dict[str, Any]) -> None:

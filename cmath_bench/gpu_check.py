@@ -45,8 +45,7 @@ REFERENCE, CPU_REFERENCE = "pytorch-eager-cuda:fp32", "pytorch-eager:fp32"
 ORT_CUDA = ("onnxruntime-cuda:fp32", "onnxruntime-cuda:fp16")
 CONTENDERS = (*backends.TORCH_CUDA, *ORT_CUDA, CPU_REFERENCE, "onnxruntime:fp32")
 TENSORRT = (
-    "not measured by this check: the tensorrt package installs its libraries from NVIDIA's own package index, "
-    "not PyPI, so onnxruntime's TensorRT EP and `cmath-export --tensorrt` are left out"
+    "not measured by this check: the tensorrt package's libraries come from NVIDIA's own index, not PyPI"
 )
 
 
@@ -205,11 +204,6 @@ def probe_graph(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
     return path
-
-
-def cuda_missing(env: dict[str, Any]) -> tuple[str | None, str | None]:
-    """(why PyTorch cannot use CUDA, why onnxruntime cannot); None where it can."""
-    return backends.cuda_missing(), env["onnxruntime"]["cuda_session"].get("error")
 
 
 # --- preparation: train and export on this machine ---------------------------------------------------------------
@@ -455,9 +449,12 @@ def run(
     check = GpuCheck(out, quick, None if budget_s is None else time.perf_counter() + budget_s)
     check.skip("TensorRT", TENSORRT)
     check.environment = check.step("environment", lambda: environment(work, threads)) or {}
-    torch_why, ort_why = (
-        cuda_missing(check.environment) if check.environment else ("the environment step failed",) * 2
-    )
+    env, failed = (
+        check.environment,
+        "the environment step failed",
+    )  # why PyTorch / onnxruntime cannot use CUDA
+    torch_why = backends.cuda_missing() if env else failed
+    ort_why = env["onnxruntime"]["cuda_session"].get("error") if env else failed
     meld, causal = work / "meld", work / "meld-causal"
     check.step("train + export meld (fp32 + fp16)", lambda: train_and_export(meld, causal=False, fp16=True))
     check.step("time + compare", lambda: measure(check, meld, threads, torch_why, ort_why))

@@ -14,9 +14,10 @@ def describe() -> dict[str, str | int]:
     """{"cpu": the CPU's model name, "isa": its ISA class (cmath_runtime.cpu: avx2, avx512, avx512_vnni, amx, ...),
     "cores": the cores this process may run on}: what every benchmark records as its machine, beside its figures."""
     from cmath_runtime.cpu import cpu_info
+    from cmath_runtime.session import default_threads
 
     cpu = cpu_info()
-    return {"cpu": cpu.model, "isa": cpu.isa, "cores": _cores()}
+    return {"cpu": cpu.model, "isa": cpu.isa, "cores": default_threads()}
 
 
 def environment(threads: int) -> dict[str, Any]:
@@ -39,12 +40,6 @@ def environment(threads: int) -> dict[str, Any]:
         "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "platform": platform.platform(),
     }
-
-
-def _cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def export_of(path: Path) -> Path:

@@ -115,7 +115,7 @@ def bench(request: BenchRequest, export_dir: Path, log: Callable[[str], None] = 
 
 
 class WorkerError(Exception):
-    pass
+    """A contender's process failed, or answered a request with an error."""
 
 
 @dataclass

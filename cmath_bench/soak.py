@@ -22,17 +22,17 @@ import numpy as np
 import cmath_runtime
 from cmath_runtime.files import atomic_write_json
 
+from .inputs import InputSpec, conversations
+
 
 def make_requests(model: cmath_runtime.EmotionModel, count: int, seed: int = 0) -> list[dict[str, Any]]:
-    rng = np.random.default_rng(seed)
+    """`count` seeded requests: predict on 1-4 conversations of 1-40 utterances, or (every third, where the
+    artifact has a step graph) the first of them fed utterance by utterance."""
+    rng, spec = np.random.default_rng(seed), InputSpec.of(model)
     requests = []
     for i in range(count):
-        batch = []
-        for _ in range(int(rng.integers(1, 5))):
-            n = int(rng.integers(1, min(40, model.max_len) + 1))
-            speakers = rng.integers(0, min(model.num_speakers, 4), n)
-            feats = {m: rng.standard_normal((n, d)).astype(np.float32) for m, d in model.feature_dims.items()}
-            batch.append({"speakers": speakers, "features": feats})
+        lengths = rng.integers(1, min(40, model.max_len) + 1, int(rng.integers(1, 5)))
+        batch = [conversations(spec, 1, int(n), seed=seed + 100 * i + j)[0] for j, n in enumerate(lengths)]
         kind = "stream" if model.step_graph is not None and i % 3 == 0 else "predict"
         requests.append({"kind": kind, "batch": batch if kind == "predict" else batch[:1]})
     return requests

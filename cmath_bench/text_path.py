@@ -375,8 +375,9 @@ def report_text_path(
     if parity_dialogues and csv_dir is not None:
         parity = dev_dialogues(csv_dir / DEV_CSV, fp32.num_speakers, parity_dialogues)
         report["parity"] = replay_parity(run_dir, export_dir, parity, threads, log)
-    if out_dir is not None:
-        write_report(report, out_dir)
+    if out_dir is not None:  # bench_text.json, bench_text.md and bench_text.png
+        plots = {"bench_text.png": lambda path: plot(report, path)} if records else {}
+        write_pages(out_dir, "bench_text", report, markdown(report), plots)
     return report
 
 
@@ -563,12 +564,6 @@ def plot(report: dict[str, Any], path: Path) -> None:
         )
         ax.grid(True, axis="y", which="both", alpha=0.3)
         ax.legend(fontsize=7)
-
-
-def write_report(report: dict[str, Any], out_dir: Path) -> str:
-    """bench_text.json, bench_text.md and bench_text.png in out_dir; returns the markdown."""
-    plots = {"bench_text.png": lambda path: plot(report, path)} if report["records"] else {}
-    return write_pages(out_dir, "bench_text", report, markdown(report), plots)
 
 
 def replay_parity(

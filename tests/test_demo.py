@@ -33,6 +33,7 @@ pytestmark = [
 selenium = pytest.importorskip("selenium", reason="selenium is not installed (pip install 'cmath[dev]')")
 pytest.importorskip("starlette", reason="the demo extra is not installed (pip install 'cmath[demo]')")
 
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver import Chrome, ChromeOptions  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -95,7 +96,8 @@ def browser() -> Iterator[Chrome]:
 
 def open_page(driver: Chrome, url: str) -> WebDriverWait:
     driver.get(url)
-    wait = WebDriverWait(driver, 60)
+    # the page redraws its rows while a wait reads them: an element gone stale is read again at the next poll
+    wait = WebDriverWait(driver, 60, ignored_exceptions=[StaleElementReferenceException])
     wait.until(lambda d: d.find_element(By.ID, "about").text != "loading…")
     return wait
 

@@ -69,12 +69,8 @@ def serve(job: dict[str, Any]) -> None:
     except Exception as e:  # reported to the parent, which records it and goes on without this contender
         from .backends import Skipped
 
-        reply(
-            {
-                "ready": False,
-                "skipped" if isinstance(e, Skipped) else "error": f"{type(e).__name__}: {e}"[:600],
-            }
-        )
+        said = {"skipped": str(e)} if isinstance(e, Skipped) else {"error": f"{type(e).__name__}: {e}"}
+        reply({"ready": False, **{k: v[:600] for k, v in said.items()}})
         return
     reply({"ready": True, **info})
     calls: dict[tuple[int, int], Any] = {}

@@ -115,9 +115,8 @@ def torch_contender(backend: str, precision: str, run_dir: Path, threads: int) -
         return torch.softmax(model(features, speaker, mask).logits, dim=-1)
 
     if backend.startswith(COMPILE):
-        with contextlib.suppress(
-            ImportError, AttributeError
-        ):  # fewer recompiles: batch 1 is not special-cased
+        # fewer recompiles: batch 1 is not special-cased
+        with contextlib.suppress(ImportError, AttributeError):
             import torch.fx.experimental._config as fx_config
 
             fx_config.backed_size_oblivious = True

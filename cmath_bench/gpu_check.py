@@ -449,10 +449,8 @@ def run(
     check = GpuCheck(out, quick, None if budget_s is None else time.perf_counter() + budget_s)
     check.skip("TensorRT", TENSORRT)
     check.environment = check.step("environment", lambda: environment(work, threads)) or {}
-    env, failed = (
-        check.environment,
-        "the environment step failed",
-    )  # why PyTorch / onnxruntime cannot use CUDA
+    # why PyTorch, and why onnxruntime, cannot use CUDA here (None where it can)
+    env, failed = check.environment, "the environment step failed"
     torch_why = backends.cuda_missing() if env else failed
     ort_why = env["onnxruntime"]["cuda_session"].get("error") if env else failed
     meld, causal = work / "meld", work / "meld-causal"

@@ -242,10 +242,9 @@ class CallWork:
         self.shapes = {k: tuple(t.dims) for k, t in inits.items()}
         wanted = {x for n in self.matmuls for x in (*n.input[:2], n.output[0]) if x}
         wanted |= {x for names, _, _ in self.tables.values() for x in names}
+        # exposed as outputs; the session keeps every node (no optimizing)
         for name in sorted(wanted - set(inits) - {o.name for o in [*model.graph.input, *model.graph.output]}):
-            model.graph.output.append(
-                onnx.ValueInfoProto(name=name)
-            )  # exposed: every node kept (no optimizing)
+            model.graph.output.append(onnx.ValueInfoProto(name=name))
         self.session = open_probe_session(model.SerializeToString(), 1, optimize=False)
 
     def values(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

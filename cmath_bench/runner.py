@@ -299,11 +299,11 @@ def _key(rec: dict[str, Any]) -> str:
 def _parity(workers: list[Worker], failed: dict[str, str], plan: Plan, log: Callable[[str], None]) -> None:
     """Max |probs - reference probs| and argmax agreement of every contender on one shared input."""
     live = [w for w in workers if w.key not in failed]
-    eager = next((w for w in live if w.key == plan.reference), None)
-    if eager is None:
+    reference = next((w for w in live if w.key == plan.reference), None)
+    if reference is None:
         return
     batch, n = plan.parity_shape
-    ref = {"probs": np.asarray(eager.ask(op="probs", batch=batch, length=n)["probs"])}
+    ref = {"probs": np.asarray(reference.ask(op="probs", batch=batch, length=n)["probs"])}
     for w in live:
         try:
             got = {"probs": np.asarray(w.ask(op="probs", batch=batch, length=n)["probs"])}
@@ -316,7 +316,7 @@ def _parity(workers: list[Worker], failed: dict[str, str], plan: Plan, log: Call
             {"probs": max_abs(None)},
             masks=[np.ones(ref["probs"].shape[:-1], bool)],
             artifact=w.key,
-            reference_name=eager.key,
+            reference_name=reference.key,
             runtime=w.key,
             data=f"{batch}x{n} seeded inputs",
         )
